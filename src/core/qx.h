@@ -1,0 +1,181 @@
+/*
+ * qx core: the Lua-agnostic C half of qx.
+ *
+ * Conventions (after nats.c): every function that can fail returns a qx_status and fills its
+ * out-parameters, which come first; objects have a _new/_open and a _free/_close that accepts
+ * NULL; an optional qx_error receives the details of a failure.
+ */
+#ifndef QX_CORE_H
+#define QX_CORE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum qx_status {
+    QX_OK = 0,
+    QX_ERR_CONFLICT,   /* unique violation, serialization failure, deadlock */
+    QX_ERR_NOT_FOUND,
+    QX_ERR_INVALID,    /* bad input: data exceptions, constraint violations, bad arguments */
+    QX_ERR_DB,         /* any other server error */
+    QX_ERR_CONNECTION, /* cannot connect, connection lost */
+    QX_ERR_TIMEOUT,    /* statement timeout, pool acquire timeout */
+    QX_ERR_NATS,
+    QX_ERR_NOMEM,
+    QX_ERR_CLOSED      /* the object was closed */
+} qx_status;
+
+#define QX_ERR_MESSAGE_MAX 1024
+
+typedef struct qx_error {
+    qx_status status;
+    int retryable;                    /* serialization failure / deadlock: run it again */
+    char sqlstate[6];                 /* "" when not from the server */
+    char message[QX_ERR_MESSAGE_MAX];
+} qx_error;
+
+/* The short name of a status: "conflict", "not_found", "invalid", "db", ... */
+const char *qx_status_name(qx_status s);
+/* Fills err (if not NULL) and returns s. */
+qx_status qx_error_set(qx_error *err, qx_status s, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+void qx_error_clear(qx_error *err);
+/* Maps a SQLSTATE to a status; sets *retryable for serialization failures and deadlocks. */
+qx_status qx_status_from_sqlstate(const char *sqlstate, int *retryable);
+
+/* ---- time and ids ------------------------------------------------------------------------ */
+
+#define QX_UUID_STRLEN 36
+#define QX_ISO8601_STRLEN 27 /* 2026-11-22T04:13:56.123456Z */
+
+/* UUID v7 (RFC 9562): 48-bit Unix ms timestamp, then a 12-bit counter seeded at random each
+ * millisecond so ids made within one millisecond by one process still sort in creation order,
+ * then 62 random bits. buf receives 36 characters and a NUL. */
+qx_status qx_uuid7(char buf[QX_UUID_STRLEN + 1], qx_error *err);
+/* Checks the textual 8-4-4-4-12 form; returns 1 when valid. */
+int qx_uuid_valid(const char *s, size_t len);
+/* Current UTC time as ISO-8601 with microseconds. */
+void qx_now_iso8601(char buf[QX_ISO8601_STRLEN + 1]);
+/* Monotonic clock in seconds. */
+double qx_clock(void);
+
+/* ---- results ----------------------------------------------------------------------------- */
+
+typedef struct qx_result qx_result;
+
+int qx_result_nrows(const qx_result *r);
+int qx_result_ncols(const qx_result *r);
+const char *qx_result_colname(const qx_result *r, int col);
+unsigned int qx_result_coltype(const qx_result *r, int col); /* PostgreSQL type OID */
+int qx_result_isnull(const qx_result *r, int row, int col);
+const char *qx_result_value(const qx_result *r, int row, int col);
+int qx_result_length(const qx_result *r, int row, int col);
+long long qx_result_affected(const qx_result *r); /* rows touched by INSERT/UPDATE/DELETE */
+void qx_result_free(qx_result *r);
+
+/* PostgreSQL type OIDs the binding converts. */
+enum {
+    QX_OID_BOOL = 16, QX_OID_BYTEA = 17, QX_OID_INT8 = 20, QX_OID_INT2 = 21, QX_OID_INT4 = 23,
+    QX_OID_OID = 26, QX_OID_JSON = 114, QX_OID_FLOAT4 = 700, QX_OID_FLOAT8 = 701,
+    QX_OID_NUMERIC = 1700, QX_OID_JSONB = 3802
+};
+
+/* Decodes a bytea text value ("\x...") into a new buffer the caller frees with qx_free. */
+qx_status qx_bytea_decode(unsigned char **out, size_t *outlen, const char *text, qx_error *err);
+void qx_free(void *p);
+
+/* ---- connections ------------------------------------------------------------------------- */
+
+typedef struct qx_conn qx_conn;
+
+/* A statement for qx_conn_batch: SQL with $1..$n and n text parameters (NULL = SQL NULL). */
+typedef struct qx_stmt {
+    const char *sql;
+    int nparams;
+    const char *const *values;
+    const int *lengths; /* may be NULL: values are NUL-terminated */
+} qx_stmt;
+
+typedef enum qx_tx_status {
+    QX_TX_IDLE, QX_TX_ACTIVE, QX_TX_INTRANS, QX_TX_INERROR, QX_TX_UNKNOWN, QX_TX_BAD
+} qx_tx_status;
+
+/* Opens a connection from a libpq conninfo string or URL. connect_timeout_ms > 0 bounds the
+ * attempt (libpq counts whole seconds, at least 2). */
+qx_status qx_conn_open(qx_conn **out, const char *conninfo, int connect_timeout_ms,
+                       qx_error *err);
+void qx_conn_close(qx_conn *c);
+
+/* Sends every statement in one pipelined round trip, preparing each distinct SQL text once per
+ * connection, and collects one result per statement into results[0..n-1] (the caller frees each
+ * with qx_result_free). On failure, *failed receives the index of the statement that failed
+ * (or -1 when the failure is not tied to one), the results are all freed and set to NULL, and the
+ * statements after the failed one did not run. */
+qx_status qx_conn_batch(qx_conn *c, qx_result **results, int *failed, const qx_stmt *stmts,
+                        int n, qx_error *err);
+/* One statement (a batch of one). */
+qx_status qx_conn_exec(qx_conn *c, qx_result **result, const char *sql, int nparams,
+                       const char *const *values, const int *lengths, qx_error *err);
+/* Runs SQL text with the simple protocol: several statements, no parameters (migrations). */
+qx_status qx_conn_script(qx_conn *c, const char *sql, qx_error *err);
+
+qx_tx_status qx_conn_tx_status(const qx_conn *c);
+int qx_conn_pid(const qx_conn *c);
+int qx_conn_socket(const qx_conn *c);
+int qx_conn_is_broken(const qx_conn *c);
+/* Cheap health check of an idle connection (no round trip): 1 when it looks usable. */
+int qx_conn_check(qx_conn *c);
+double qx_conn_created_at(const qx_conn *c); /* qx_clock() when it was opened */
+
+/* LISTEN/NOTIFY. qx_conn_listen quotes the channel as an identifier. */
+qx_status qx_conn_listen(qx_conn *c, const char *channel, qx_error *err);
+typedef struct qx_notify {
+    char *channel;
+    char *payload;
+    int pid;
+} qx_notify;
+/* Waits up to timeout_ms (0 = just check, < 0 = forever) for notifications; *out receives an
+ * array of *count notifications to free with qx_notify_free (NULL and 0 on timeout). */
+qx_status qx_conn_notifications(qx_conn *c, qx_notify **out, int *count, int timeout_ms,
+                                qx_error *err);
+void qx_notify_free(qx_notify *n, int count);
+
+/* ---- pool -------------------------------------------------------------------------------- */
+
+typedef struct qx_pool qx_pool;
+
+typedef struct qx_pool_options {
+    const char *conninfo;
+    int size;               /* most connections open at once (>= 1) */
+    int acquire_timeout_ms; /* how long acquire waits for a free connection */
+    int recycle_ms;         /* close connections older than this on acquire; 0 = never */
+    int connect_timeout_ms;
+} qx_pool_options;
+
+void qx_pool_options_init(qx_pool_options *o);
+/* Opens no connection yet; checks the options. */
+qx_status qx_pool_new(qx_pool **out, const qx_pool_options *o, qx_error *err);
+/* Closes idle connections; leased ones are closed when released. Safe to call twice. */
+void qx_pool_close(qx_pool *p);
+/* Frees the pool once it is closed and nothing is leased; call after qx_pool_close. */
+void qx_pool_free(qx_pool *p);
+/* Leases a connection: an idle healthy one, else a new one while under size, else waits up to
+ * acquire_timeout_ms. Broken and over-age connections are replaced. */
+qx_status qx_pool_acquire(qx_pool *p, qx_conn **out, qx_error *err);
+/* Returns a connection. One left inside a transaction is rolled back first; a broken one is
+ * closed. */
+void qx_pool_release(qx_pool *p, qx_conn *c);
+
+typedef struct qx_pool_stats {
+    int size, open, idle, in_use, waiting;
+    long long created, replaced;
+} qx_pool_stats;
+void qx_pool_stats_get(qx_pool *p, qx_pool_stats *s);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

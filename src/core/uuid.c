@@ -1,0 +1,101 @@
+/* UUID v7 (RFC 9562 section 5.7) from the OS random source.
+ *
+ * Layout: 48-bit Unix milliseconds | version 7 | 12-bit rand_a | variant 10 | 62-bit rand_b.
+ * rand_a is used as a counter (RFC 9562 6.2, method 1): seeded at random each new millisecond
+ * with its top bit clear, incremented for each further id in the same millisecond, so ids made
+ * by one process sort in creation order. Should the counter run out, the timestamp is moved one
+ * millisecond ahead rather than breaking the order. */
+#include <pthread.h>
+#include <string.h>
+#include <sys/random.h>
+#include <time.h>
+#include <errno.h>
+
+#include "qx.h"
+
+static pthread_mutex_t uuid_lock = PTHREAD_MUTEX_INITIALIZER;
+static uint64_t last_ms;
+static uint32_t counter;
+
+static int fill_random(unsigned char *buf, size_t n)
+{
+    size_t got = 0;
+    while (got < n) {
+        ssize_t r = getrandom(buf + got, n - got, 0);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            return -1;
+        }
+        got += (size_t)r;
+    }
+    return 0;
+}
+
+qx_status qx_uuid7(char out[QX_UUID_STRLEN + 1], qx_error *err)
+{
+    static const char hex[] = "0123456789abcdef";
+    unsigned char b[16];
+    unsigned char rnd[10];
+    struct timespec ts;
+    uint64_t ms;
+    uint32_t seq;
+    int i, j;
+
+    if (fill_random(rnd, sizeof rnd) != 0)
+        return qx_error_set(err, QX_ERR_DB, "getrandom failed: %s", strerror(errno));
+    clock_gettime(CLOCK_REALTIME, &ts);
+    ms = (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+
+    pthread_mutex_lock(&uuid_lock);
+    if (ms > last_ms) {
+        last_ms = ms;
+        counter = ((uint32_t)rnd[0] << 8 | rnd[1]) & 0x7ff; /* top bit clear: room to count */
+    } else {
+        ms = last_ms; /* same millisecond, or the clock stepped back: keep the order */
+        if (++counter > 0xfff) {
+            last_ms = ++ms;
+            counter = ((uint32_t)rnd[0] << 8 | rnd[1]) & 0x7ff;
+        }
+    }
+    seq = counter;
+    pthread_mutex_unlock(&uuid_lock);
+
+    b[0] = (unsigned char)(ms >> 40);
+    b[1] = (unsigned char)(ms >> 32);
+    b[2] = (unsigned char)(ms >> 24);
+    b[3] = (unsigned char)(ms >> 16);
+    b[4] = (unsigned char)(ms >> 8);
+    b[5] = (unsigned char)ms;
+    b[6] = (unsigned char)(0x70 | ((seq >> 8) & 0x0f));
+    b[7] = (unsigned char)(seq & 0xff);
+    memcpy(b + 8, rnd + 2, 8);
+    b[8] = (unsigned char)(0x80 | (b[8] & 0x3f));
+
+    for (i = 0, j = 0; i < 16; i++) {
+        if (i == 4 || i == 6 || i == 8 || i == 10)
+            out[j++] = '-';
+        out[j++] = hex[b[i] >> 4];
+        out[j++] = hex[b[i] & 0x0f];
+    }
+    out[j] = '\0';
+    return QX_OK;
+}
+
+int qx_uuid_valid(const char *s, size_t len)
+{
+    size_t i;
+    if (len != QX_UUID_STRLEN)
+        return 0;
+    for (i = 0; i < len; i++) {
+        char ch = s[i];
+        if (i == 8 || i == 13 || i == 18 || i == 23) {
+            if (ch != '-')
+                return 0;
+        } else if (!((ch >= '0' && ch <= '9') || (ch >= 'a' && ch <= 'f') ||
+                     (ch >= 'A' && ch <= 'F'))) {
+            return 0;
+        }
+    }
+    return 1;
+}

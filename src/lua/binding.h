@@ -1,0 +1,41 @@
+/* Declarations shared by the binding's files. The binding holds no logic of its own: it turns
+ * core objects into userdata and converts values. */
+#ifndef QX_BINDING_H
+#define QX_BINDING_H
+
+#include "compat.h"
+#include "qx.h"
+
+#define QX_POOL_MT "qx.pool"
+#define QX_CONN_MT "qx.conn"
+#define QX_ERROR_MT "qx.error"
+
+/* Pushes nil and an error table { code, message, sqlstate?, retryable? }; returns 2. */
+int qx_push_error(lua_State *L, const qx_error *err);
+/* Same, for an error made here. */
+int qx_push_error_msg(lua_State *L, const char *code, const char *message);
+
+/* Registry keys for the JSON functions (a private lua-cjson instance). */
+void qx_json_init(lua_State *L);
+
+/* Parameters: converts the values at stack slots first..first+n-1 into text for libpq.
+ * Pushes one anchor userdata/table that keeps the texts alive (pop it when done).
+ * On a value that cannot be sent, returns 0 and pushes nil, err (two values, no anchor). */
+typedef struct qx_params {
+    int n;
+    const char **values;
+    int *lengths;
+} qx_params;
+int qx_params_from_stack(lua_State *L, qx_params *out, int first, int n);
+
+/* Pushes the rows of a result as an array of { column = value } tables. */
+void qx_push_rows(lua_State *L, const qx_result *r);
+
+int qx_open_pool(lua_State *L);
+/* core.pool{ conninfo, size, acquire_timeout_ms, recycle_ms, connect_timeout_ms } */
+int qx_pool_new_lua(lua_State *L);
+int qx_open_conn(lua_State *L);
+/* Pushes a new connection userdata leasing c from the pool userdata at pool_idx. */
+void qx_conn_push(lua_State *L, qx_conn *c, qx_pool *p, int pool_idx);
+
+#endif

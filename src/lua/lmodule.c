@@ -1,0 +1,114 @@
+/* luaopen_qx_core: the module table, the error shape, ids and clocks. */
+#include <string.h>
+
+#include "binding.h"
+
+int qx_push_error_msg(lua_State *L, const char *code, const char *message)
+{
+    lua_pushnil(L);
+    lua_createtable(L, 0, 4);
+    lua_pushstring(L, code);
+    lua_setfield(L, -2, "code");
+    lua_pushstring(L, message);
+    lua_setfield(L, -2, "message");
+    qx_setmetatable(L, QX_ERROR_MT);
+    return 2;
+}
+
+int qx_push_error(lua_State *L, const qx_error *err)
+{
+    qx_push_error_msg(L, qx_status_name(err->status), err->message);
+    if (err->sqlstate[0] != '\0') {
+        lua_pushstring(L, err->sqlstate);
+        lua_setfield(L, -2, "sqlstate");
+    }
+    if (err->retryable) {
+        lua_pushboolean(L, 1);
+        lua_setfield(L, -2, "retryable");
+    }
+    return 2;
+}
+
+static int error_tostring(lua_State *L)
+{
+    luaL_checktype(L, 1, LUA_TTABLE);
+    lua_getfield(L, 1, "code");
+    lua_getfield(L, 1, "message");
+    lua_getfield(L, 1, "sqlstate");
+    if (lua_isstring(L, -1))
+        lua_pushfstring(L, "%s: %s (SQLSTATE %s)", luaL_optstring(L, -3, "error"),
+                        luaL_optstring(L, -2, ""), lua_tostring(L, -1));
+    else
+        lua_pushfstring(L, "%s: %s", luaL_optstring(L, -3, "error"), luaL_optstring(L, -2, ""));
+    return 1;
+}
+
+static int l_uuid(lua_State *L)
+{
+    char buf[QX_UUID_STRLEN + 1];
+    qx_error err;
+    if (qx_uuid7(buf, &err) != QX_OK)
+        return luaL_error(L, "%s", err.message);
+    lua_pushlstring(L, buf, QX_UUID_STRLEN);
+    return 1;
+}
+
+static int l_is_uuid(lua_State *L)
+{
+    size_t len;
+    const char *s = lua_tolstring(L, 1, &len);
+    lua_pushboolean(L, lua_type(L, 1) == LUA_TSTRING && qx_uuid_valid(s, len));
+    return 1;
+}
+
+static int l_now(lua_State *L)
+{
+    char buf[QX_ISO8601_STRLEN + 1];
+    qx_now_iso8601(buf);
+    lua_pushlstring(L, buf, QX_ISO8601_STRLEN);
+    return 1;
+}
+
+static int l_clock(lua_State *L)
+{
+    lua_pushnumber(L, (lua_Number)qx_clock());
+    return 1;
+}
+
+static const luaL_Reg funcs[] = {
+    { "uuid", l_uuid },
+    { "is_uuid", l_is_uuid },
+    { "now", l_now },
+    { "clock", l_clock },
+    { NULL, NULL }
+};
+
+#if defined(_WIN32)
+#define QX_EXPORT __declspec(dllexport)
+#else
+#define QX_EXPORT __attribute__((visibility("default")))
+#endif
+
+QX_EXPORT int luaopen_qx_core(lua_State *L)
+{
+    qx_json_init(L);
+
+    if (luaL_newmetatable(L, QX_ERROR_MT)) {
+        lua_pushcfunction(L, error_tostring);
+        lua_setfield(L, -2, "__tostring");
+    }
+    lua_pop(L, 1);
+    qx_open_pool(L);
+    qx_open_conn(L);
+
+    qx_newlib(L, funcs);
+    lua_pushlightuserdata(L, NULL); /* the same value as cjson.null */
+    lua_setfield(L, -2, "null");
+    luaL_getmetatable(L, QX_ERROR_MT);
+    lua_setfield(L, -2, "error_mt");
+    lua_pushcfunction(L, qx_pool_new_lua);
+    lua_setfield(L, -2, "pool");
+    lua_pushliteral(L, "0.1.0");
+    lua_setfield(L, -2, "_VERSION");
+    return 1;
+}
