@@ -121,6 +121,13 @@ static qx_status conn_error(qx_conn *c, qx_error *err)
     return c->broken ? QX_ERR_CONNECTION : QX_ERR_DB;
 }
 
+/* Server notices (e.g. "already exists, skipping") are not errors; libpq would print them. */
+static void ignore_notice(void *arg, const char *message)
+{
+    (void)arg;
+    (void)message;
+}
+
 /* ---- open / close ------------------------------------------------------------------------ */
 
 qx_status qx_conn_open(qx_conn **out, const char *conninfo, int connect_timeout_ms,
@@ -159,6 +166,7 @@ qx_status qx_conn_open(qx_conn **out, const char *conninfo, int connect_timeout_
         free(c);
         return QX_ERR_CONNECTION;
     }
+    PQsetNoticeProcessor(c->pg, ignore_notice, NULL);
     c->created_at = qx_clock();
     *out = c;
     return QX_OK;

@@ -1,0 +1,93 @@
+-- qx.connect: a pool of PostgreSQL connections and the entry points that use it.
+local core = require "qx.core"
+local settings = require "qx.settings"
+
+local setmetatable = setmetatable
+local type = type
+local pairs = pairs
+local error = error
+
+local _M = { _VERSION = "0.1.0" }
+
+local Db = {}
+Db.__index = Db
+
+-- connect(opts) -> db | nil, err
+-- opts: url, pool_size, pool_timeout_seconds, pool_recycle_seconds, statement_timeout_ms,
+--       connect_timeout_seconds, dispatcher (default for units of work), cursor_key.
+-- Options left out come from QX_DB__* variables, then defaults. The first connection is
+-- opened at once, so a wrong url, refused connection or bad password is reported here.
+function _M.connect(opts)
+    if opts ~= nil and type(opts) ~= "table" then
+        error("qx.connect: options must be a table", 2)
+    end
+    opts = opts or {}
+    local db_opts = {}
+    for k in pairs(settings.DB_OPTIONS) do db_opts[k] = opts[k] end
+    local cfg, e = settings.db(db_opts)
+    if not cfg then return nil, e end
+
+    local pool
+    pool, e = core.pool{
+        conninfo = cfg.url,
+        size = cfg.pool_size,
+        acquire_timeout_ms = cfg.acquire_timeout_ms,
+        recycle_ms = cfg.recycle_ms,
+        connect_timeout_ms = cfg.connect_timeout_ms,
+    }
+    if not pool then return nil, e end
+    local conn
+    conn, e = pool:acquire()
+    if not conn then
+        pool:close()
+        return nil, e
+    end
+    conn:release()
+    return setmetatable({
+        pool = pool,
+        settings = cfg,
+        dispatcher = opts.dispatcher,
+        statement_timeout_ms = cfg.statement_timeout_ms,
+    }, Db)
+end
+
+-- Leases a connection; the caller releases it (conn:release()). For code that needs one
+-- connection for a while: LISTEN, a relay, a migration.
+function Db:acquire()
+    return self.pool:acquire()
+end
+
+-- db:query(sql, ...) -> rows | nil, err (its own connection, autocommit)
+function Db:query(sql, ...)
+    if type(sql) ~= "string" then error("db:query: sql must be a string", 2) end
+    local conn, e = self.pool:acquire()
+    if not conn then return nil, e end
+    local rows, affected = conn:query(sql, ...)
+    conn:release()
+    return rows, affected
+end
+
+-- db:exec(sql, ...) -> affected row count | nil, err
+function Db:exec(sql, ...)
+    if type(sql) ~= "string" then error("db:exec: sql must be a string", 2) end
+    local rows, affected = self:query(sql, ...)
+    if not rows then return nil, affected end
+    return affected
+end
+
+-- db:unit_of_work(fn, opts): see qx.uow
+function Db:unit_of_work(fn, opts)
+    return require("qx.uow").run(self, fn, opts)
+end
+
+function Db:stats()
+    return self.pool:stats()
+end
+
+-- Closes idle connections; connections still leased close when released.
+function Db:close()
+    self.pool:close()
+end
+
+_M.Db = Db
+return _M

@@ -1,0 +1,49 @@
+-- qx: the persistence half of CQRS/DDD for Lua on PostgreSQL and NATS JetStream.
+--
+--   local qx = require "qx"
+--   local db = assert(qx.connect{ url = ... })
+--   assert(qx.migrate(db))
+--   local id, err = db:unit_of_work(function(uow) ... end, { context = { ... } })
+local core = require "qx.core"
+local err = require "qx.error"
+local event = require "qx.event"
+local aggregate = require "qx.aggregate"
+local dispatcher = require "qx.dispatcher"
+local db = require "qx.db"
+
+local _M = { _VERSION = "0.1.0" }
+
+_M.null = core.null       -- SQL NULL inside tables; the same value as cjson.null
+_M.uuid = core.uuid       -- UUID v7, time-ordered
+_M.is_uuid = core.is_uuid
+_M.now = core.now         -- ISO-8601 UTC with microseconds
+
+_M.connect = db.connect
+_M.error = err
+
+function _M.migrate(database, opts)
+    return require("qx.migrate").run(database, opts)
+end
+
+function _M.event(name, opts)
+    local o = {}
+    for k, v in pairs(opts or {}) do o[k] = v end
+    o.integration = false
+    return event.define(name, o)
+end
+
+function _M.integration_event(name, opts)
+    local o = {}
+    for k, v in pairs(opts or {}) do o[k] = v end
+    o.integration = true
+    return event.define(name, o)
+end
+
+_M.aggregate = aggregate.define
+_M.dispatcher = dispatcher.new
+
+function _M.outbox(database)
+    return require("qx.outbox").new(database)
+end
+
+return _M

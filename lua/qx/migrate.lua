@@ -1,0 +1,80 @@
+-- qx.migrate(db): applies the steps of qx.migrations that the database has not seen.
+-- Idempotent, and safe when several processes run it at once: the whole run holds a
+-- transaction-scoped advisory lock, so a second runner waits and then finds nothing to do.
+local steps = require "qx.migrations"
+
+local ipairs = ipairs
+local tostring = tostring
+
+local _M = { _VERSION = "0.1.0" }
+
+local LOCK_KEY = 7211300001 -- "qx" schema lock; any constant unique to qx
+
+local function apply(conn, list)
+    local ok, e = conn:script("BEGIN")
+    if not ok then return nil, e end
+    ok, e = conn:query("SELECT pg_advisory_xact_lock($1)", LOCK_KEY)
+    if not ok then return nil, e end
+    ok, e = conn:script([[
+CREATE TABLE IF NOT EXISTS qx_schema_migrations (
+    version    integer PRIMARY KEY,
+    name       text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+)]])
+    if not ok then return nil, e end
+    local rows
+    rows, e = conn:query("SELECT version FROM qx_schema_migrations")
+    if not rows then return nil, e end
+    local done = {}
+    for _, r in ipairs(rows) do done[r.version] = true end
+
+    local applied = {}
+    for _, step in ipairs(list) do
+        if not done[step.version] then
+            ok, e = conn:script(step.sql)
+            if not ok then
+                e.message = "migration " .. step.version .. " (" .. step.name .. "): " .. e.message
+                return nil, e
+            end
+            ok, e = conn:query("INSERT INTO qx_schema_migrations (version, name) VALUES ($1, $2)",
+                               step.version, step.name)
+            if not ok then return nil, e end
+            applied[#applied + 1] = step.version
+        end
+    end
+    ok, e = conn:script("COMMIT")
+    if not ok then return nil, e end
+    return applied
+end
+
+-- migrate(db[, opts]) -> { applied = { versions... }, current = n } | nil, err
+function _M.run(db, opts)
+    local list = (opts and opts.steps) or steps
+    local current = 0
+    for i, step in ipairs(list) do
+        if step.version ~= i then
+            error("migration steps must be numbered 1.." .. #list .. ", got " .. tostring(step.version), 2)
+        end
+        current = step.version
+    end
+    local conn, e = db:acquire()
+    if not conn then return nil, e end
+    local applied
+    applied, e = apply(conn, list)
+    conn:release() -- rolls back whatever a failed step left open
+    if not applied then return nil, e end
+    return { applied = applied, current = current }
+end
+
+-- The versions applied so far, for `qx migrate --status`.
+function _M.status(db)
+    local rows, e = db:query([[
+SELECT version, name, applied_at::text AS applied_at FROM qx_schema_migrations ORDER BY version]])
+    if not rows then
+        if e.sqlstate == "42P01" then return {} end
+        return nil, e
+    end
+    return rows
+end
+
+return _M

@@ -1,0 +1,38 @@
+-- The schema of qx, as numbered steps. A step is applied once, in order, inside the one
+-- transaction that qx.migrate holds. Steps are never edited once released: add a new one.
+--
+-- The qx_* tables keep every column of the Python qx tables with the same types, so services in
+-- both languages can share a database; qx's own additions are nullable or defaulted.
+return {
+    {
+        version = 1,
+        name = "outbox",
+        sql = [[
+CREATE TABLE IF NOT EXISTS qx_outbox_events (
+    id             uuid PRIMARY KEY,
+    event_name     varchar(255) NOT NULL,
+    event_version  integer NOT NULL DEFAULT 1,
+    payload        jsonb NOT NULL,
+    occurred_at    timestamptz NOT NULL DEFAULT now(),
+    correlation_id uuid,
+    causation_id   uuid,
+    tenant_id      uuid,
+    published_at   timestamptz,
+    attempts       integer NOT NULL DEFAULT 0,
+    last_error     varchar(2048)
+);
+-- qx additions: commit order, per-aggregate ordering, retry schedule, dead letters
+ALTER TABLE qx_outbox_events
+    ADD COLUMN IF NOT EXISTS seq bigserial,
+    ADD COLUMN IF NOT EXISTS partition_key text,
+    ADD COLUMN IF NOT EXISTS next_attempt_at timestamptz,
+    ADD COLUMN IF NOT EXISTS dead_at timestamptz;
+CREATE INDEX IF NOT EXISTS qx_outbox_events_pending
+    ON qx_outbox_events (seq) WHERE published_at IS NULL AND dead_at IS NULL;
+CREATE INDEX IF NOT EXISTS qx_outbox_events_published_at
+    ON qx_outbox_events (published_at) WHERE published_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS qx_outbox_events_dead
+    ON qx_outbox_events (dead_at) WHERE dead_at IS NOT NULL;
+]],
+    },
+}

@@ -1,0 +1,386 @@
+-- The unit of work: one transaction around a command handler.
+--
+--   local result, err = db:unit_of_work(function(uow) ... return result end, {
+--       context = { tenant_id =, user_id =, correlation_id =, causation_id = },
+--       dispatcher = d, statement_timeout_ms = n,
+--       pre_commit = fn(uow), post_commit = fn(uow), pre_rollback = fn(uow, err),
+--       post_rollback = fn(uow, err), on_hook_error = fn(err) })
+--
+-- Statements are queued and sent together: BEGIN, SET LOCAL statement_timeout, the queued writes,
+-- the outbox insert, NOTIFY and COMMIT of a unit of work that only writes travel in one pipelined
+-- round trip. A read (uow:query) or uow:exec sends what is queued along with it.
+--
+-- At commit: events are drained from every tracked aggregate, stamped from the context, and
+-- dispatched to the in-process dispatcher inside the transaction (a handler may write through the
+-- same uow, track more aggregates or record more events; those are drained too); integration
+-- events are written to qx_outbox_events in one insert, with a NOTIFY on the "qx_outbox" channel.
+-- Any error - raised by fn or a handler, or returned by a statement - rolls everything back and
+-- unit_of_work returns nil, err; the connection goes back to the pool clean.
+--
+-- Nesting: db:unit_of_work inside another runs an independent transaction on another pooled
+-- connection. For a nested scope inside the same transaction use uow:savepoint(fn).
+local core = require "qx.core"
+local err = require "qx.error"
+local event = require "qx.event"
+local aggregate = require "qx.aggregate"
+
+local setmetatable = setmetatable
+local type = type
+local pairs = pairs
+local ipairs = ipairs
+local select = select
+local error = error
+local xpcall = xpcall
+local pcall = pcall
+local unpack = table.unpack or unpack
+local tostring = tostring
+local is_uuid = core.is_uuid
+local stderr = io.stderr
+
+local _M = { _VERSION = "0.1.0" }
+
+_M.OUTBOX_CHANNEL = "qx_outbox"
+local MAX_DISPATCH_ROUNDS = 100
+
+local OUTBOX_INSERT = [[
+INSERT INTO qx_outbox_events (id, event_name, event_version, payload, occurred_at,
+                              correlation_id, causation_id, tenant_id, partition_key)
+SELECT (e->'envelope'->>'event_id')::uuid, e->'envelope'->>'event_name',
+       (e->'envelope'->>'event_version')::int, e->'envelope',
+       (e->'envelope'->>'occurred_at')::timestamptz, (e->'envelope'->>'correlation_id')::uuid,
+       (e->'envelope'->>'causation_id')::uuid, (e->'envelope'->>'tenant_id')::uuid,
+       e->>'partition_key'
+FROM jsonb_array_elements($1::jsonb) AS e]]
+
+local Uow = {}
+Uow.__index = Uow
+_M.Uow = Uow
+
+local function pack(...)
+    return { n = select("#", ...), ... }
+end
+
+local function check_context(ctx)
+    if ctx == nil then return {} end
+    if type(ctx) ~= "table" then error("unit_of_work: context must be a table", 3) end
+    for _, k in ipairs({ "tenant_id", "user_id", "actor_id", "correlation_id", "causation_id" }) do
+        local v = ctx[k]
+        if v ~= nil and not (k == "user_id" or k == "actor_id") and not is_uuid(v) then
+            return nil, err.new("invalid", "context." .. k .. " must be a uuid, got " .. tostring(v))
+        end
+    end
+    return ctx
+end
+
+-- ---- statements -------------------------------------------------------------------------------
+
+local function stmt(sql, ...)
+    local s = { sql, n = select("#", ...), ... }
+    return s
+end
+
+-- Sends the queue plus extra statements in one round trip. Returns the results of the extra
+-- statements. Once a statement fails the transaction is lost: the uow remembers the error and
+-- will only roll back.
+function Uow:_send(extra)
+    if self._failed then return nil, self._failed end
+    local q = self._queue
+    local nq = #q
+    local batch = q
+    if not self._begun then
+        -- BEGIN and the timeout go first, still in the same round trip
+        local head = { stmt("BEGIN") }
+        if self._timeout and self._timeout > 0 then
+            head[2] = stmt("SELECT set_config('statement_timeout', $1, true)", tostring(self._timeout))
+        end
+        for i = 1, nq do head[#head + 1] = q[i] end
+        nq = #head
+        batch = head
+        self._begun = true
+    end
+    for i = 1, #extra do batch[nq + i] = extra[i] end
+    self._queue = {}
+    self._sends = self._sends + 1
+    local results, e = self.conn:batch(batch)
+    if not results then
+        self._failed = e
+        return nil, e
+    end
+    local out = {}
+    for i = 1, #extra do out[i] = results[nq + i] end
+    return out
+end
+
+-- uow:query(sql, ...) -> rows | nil, err   (sends the queue first, same round trip)
+function Uow:query(sql, ...)
+    self:_check_open()
+    if type(sql) ~= "string" then error("uow:query: sql must be a string", 2) end
+    local res, e = self:_send({ stmt(sql, ...) })
+    if not res then return nil, e end
+    return res[1].rows, res[1].affected
+end
+
+-- uow:exec(sql, ...) -> affected | nil, err
+function Uow:exec(sql, ...)
+    self:_check_open()
+    if type(sql) ~= "string" then error("uow:exec: sql must be a string", 2) end
+    local res, e = self:_send({ stmt(sql, ...) })
+    if not res then return nil, e end
+    return res[1].affected
+end
+
+-- uow:queue(sql, ...): sent with the next read or at commit; a failure fails the unit of work.
+function Uow:queue(sql, ...)
+    self:_check_open()
+    if type(sql) ~= "string" then error("uow:queue: sql must be a string", 2) end
+    if self._failed then return nil, self._failed end
+    self._queue[#self._queue + 1] = stmt(sql, ...)
+    return true
+end
+
+-- Sends whatever is queued now (e.g. to see a failure before doing more work).
+function Uow:flush()
+    self:_check_open()
+    if #self._queue == 0 and self._begun then return true end
+    local res, e = self:_send({})
+    if not res then return nil, e end
+    return true
+end
+
+function Uow:_check_open()
+    if self._state ~= "active" then
+        error("unit of work is " .. self._state, 3)
+    end
+end
+
+-- ---- aggregates and events ----------------------------------------------------------------
+
+-- uow:track(aggregate): its events are drained and dispatched at commit. Tracking twice is a
+-- no-op. Returns the aggregate.
+function Uow:track(agg)
+    self:_check_open()
+    if not aggregate.is_aggregate(agg) then
+        error("uow:track: expected an aggregate, got " .. type(agg), 2)
+    end
+    if not self._tracked_set[agg] then
+        self._tracked_set[agg] = true
+        self._tracked[#self._tracked + 1] = agg
+    end
+    return agg
+end
+
+-- uow:record(event): an event that belongs to no aggregate, dispatched and (for integration
+-- events) written to the outbox at commit like the others.
+function Uow:record(ev)
+    self:_check_open()
+    if not event.is_event(ev) then error("uow:record: expected an event", 2) end
+    self._loose[#self._loose + 1] = ev
+    return ev
+end
+
+function Uow:_stamp(ev)
+    local ctx = self.context
+    if ev.correlation_id == nil then ev.correlation_id = self.correlation_id end
+    if ev.causation_id == nil and ctx.causation_id ~= nil then ev.causation_id = ctx.causation_id end
+    if ev.tenant_id == nil and ctx.tenant_id ~= nil then ev.tenant_id = ctx.tenant_id end
+    if ev.actor_id == nil then
+        local actor = ctx.actor_id or ctx.user_id
+        if actor ~= nil then ev.actor_id = tostring(actor) end
+    end
+end
+
+-- Drains tracked aggregates and loose events until handlers stop producing more; returns the
+-- integration events in the order they were recorded.
+function Uow:_drain_and_dispatch()
+    local outgoing = {}
+    local d = self.dispatcher
+    for _ = 1, MAX_DISPATCH_ROUNDS do
+        local batch = self._loose
+        self._loose = {}
+        for _, agg in ipairs(self._tracked) do
+            local evs = agg:pull_events()
+            for i = 1, #evs do batch[#batch + 1] = evs[i] end
+        end
+        if #batch == 0 then return outgoing end
+        for _, ev in ipairs(batch) do
+            self:_stamp(ev)
+            if event.class_of(ev).integration then
+                outgoing[#outgoing + 1] = ev
+            end
+        end
+        if d then
+            for _, ev in ipairs(batch) do d:publish(ev, self) end
+        end
+    end
+    error("event handlers kept recording events for " .. MAX_DISPATCH_ROUNDS .. " rounds", 0)
+end
+
+local function partition_key(ev)
+    if ev.aggregate_id ~= nil then
+        return (ev.aggregate_type or "") .. ":" .. tostring(ev.aggregate_id)
+    end
+    return nil
+end
+
+local function outbox_rows(events)
+    local rows = {}
+    for i, ev in ipairs(events) do
+        rows[i] = { envelope = ev:envelope(), partition_key = partition_key(ev) or core.null }
+    end
+    return rows
+end
+
+-- ---- savepoints ---------------------------------------------------------------------------
+
+-- uow:savepoint(fn): runs fn(uow) inside a savepoint. On an error the savepoint is rolled back,
+-- the transaction goes on, and savepoint returns nil, err; otherwise it returns fn's results.
+-- Events recorded through uow:record inside fn are dropped with it (aggregates' own pending
+-- events live in the aggregates and are not rewound).
+function Uow:savepoint(fn)
+    self:_check_open()
+    if type(fn) ~= "function" then error("uow:savepoint: expected a function", 2) end
+    if self._failed then return nil, self._failed end
+    self._sp = self._sp + 1
+    local name = "qx_sp_" .. self._sp
+    local queued_before, sends_before = #self._queue, self._sends
+    self._queue[queued_before + 1] = stmt("SAVEPOINT " .. name)
+    local loose_n, tracked_n = #self._loose, #self._tracked
+    local r = pack(xpcall(fn, err.handler, self))
+    if r[1] and not self._failed then
+        self._queue[#self._queue + 1] = stmt("RELEASE SAVEPOINT " .. name)
+        return unpack(r, 2, r.n)
+    end
+    local cause = r[1] and self._failed or r[2]
+    if self._sends == sends_before then
+        -- nothing since the SAVEPOINT reached the server: forget what fn queued
+        for i = #self._queue, queued_before + 1, -1 do self._queue[i] = nil end
+    else
+        self._failed = nil
+        self._queue = {}
+        local ok, e = self.conn:batch({ stmt("ROLLBACK TO SAVEPOINT " .. name) })
+        if not ok then
+            self._failed = e
+            return nil, e
+        end
+    end
+    for i = #self._loose, loose_n + 1, -1 do self._loose[i] = nil end
+    for i = #self._tracked, tracked_n + 1, -1 do
+        self._tracked_set[self._tracked[i]] = nil
+        self._tracked[i] = nil
+    end
+    return nil, cause
+end
+
+-- ---- the protocol -------------------------------------------------------------------------
+
+local function run_hook(uow, name, ...)
+    local h = uow.hooks[name]
+    if h then h(uow, ...) end
+end
+
+-- Hooks after the outcome cannot change it; their errors go to on_hook_error (or stderr).
+local function run_after_hook(uow, name, ...)
+    local h = uow.hooks[name]
+    if not h then return end
+    local ok, e = xpcall(h, err.handler, uow, ...)
+    if not ok then
+        if uow.hooks.on_hook_error then
+            pcall(uow.hooks.on_hook_error, e, name)
+        else
+            stderr:write("qx: ", name, " hook failed: ", tostring(e), "\n")
+        end
+    end
+end
+
+local function commit(uow)
+    local outgoing = uow:_drain_and_dispatch()
+    run_hook(uow, "pre_commit")
+    -- pre_commit may have recorded more
+    local more = uow:_drain_and_dispatch()
+    for i = 1, #more do outgoing[#outgoing + 1] = more[i] end
+    if uow._failed then error(uow._failed, 0) end
+
+    local tail = {}
+    if #outgoing > 0 then
+        tail[1] = stmt(OUTBOX_INSERT, outbox_rows(outgoing))
+        tail[2] = stmt("NOTIFY " .. _M.OUTBOX_CHANNEL)
+    end
+    if not uow._begun and #uow._queue == 0 and #tail == 0 then
+        return true -- nothing was done: no round trip at all
+    end
+    tail[#tail + 1] = stmt("COMMIT")
+    local res, e = uow:_send(tail)
+    if not res then error(e, 0) end
+    uow.published = outgoing
+    return true
+end
+
+local function rollback(uow)
+    if uow._begun and uow.conn:status() ~= "idle" then
+        uow.conn:batch({ stmt("ROLLBACK") }) -- release() would roll back too; this keeps order
+    end
+end
+
+function _M.run(db, fn, opts)
+    if type(fn) ~= "function" then error("unit_of_work: expected a function", 2) end
+    if opts ~= nil and type(opts) ~= "table" then error("unit_of_work: options must be a table", 2) end
+    opts = opts or {}
+    for _, h in ipairs({ "pre_commit", "post_commit", "pre_rollback", "post_rollback", "on_hook_error" }) do
+        if opts[h] ~= nil and type(opts[h]) ~= "function" then
+            error("unit_of_work: " .. h .. " must be a function", 2)
+        end
+    end
+    local timeout = opts.statement_timeout_ms
+    if timeout == nil then timeout = db.statement_timeout_ms end
+    if timeout ~= nil and (type(timeout) ~= "number" or timeout < 0 or timeout % 1 ~= 0) then
+        error("unit_of_work: statement_timeout_ms must be a non-negative integer", 2)
+    end
+    local ctx, e = check_context(opts.context)
+    if not ctx then return nil, e end
+
+    local conn
+    conn, e = db.pool:acquire()
+    if not conn then return nil, e end
+
+    local uow = setmetatable({
+        db = db,
+        conn = conn,
+        context = ctx,
+        correlation_id = ctx.correlation_id or core.uuid(),
+        dispatcher = opts.dispatcher or db.dispatcher,
+        hooks = opts,
+        _timeout = timeout,
+        _queue = {},
+        _begun = false,
+        _tracked = {},
+        _tracked_set = {},
+        _loose = {},
+        _sp = 0,
+        _sends = 0,
+        _state = "active",
+    }, Uow)
+
+    local r = pack(xpcall(fn, err.handler, uow))
+    local ok, cause = r[1], r[2]
+    if ok then
+        local cok, ce = xpcall(commit, err.handler, uow)
+        if not cok then ok, cause = false, ce end
+    end
+    if ok then
+        uow._state = "committed"
+        conn:release()
+        run_after_hook(uow, "post_commit")
+        return unpack(r, 2, r.n)
+    end
+
+    if not err.is(cause) then cause = err.from_raised(cause) end
+    local hok, he = xpcall(run_hook, err.handler, uow, "pre_rollback", cause)
+    rollback(uow)
+    uow._state = "rolled back"
+    conn:release()
+    run_after_hook(uow, "post_rollback", cause)
+    if not hok then cause.hook_error = he end
+    return nil, cause
+end
+
+return _M
