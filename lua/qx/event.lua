@@ -1,0 +1,464 @@
+-- Event classes and event instances.
+--
+-- An event class is a callable table describing one kind of event:
+--
+--   local Deposited = event.define("account.money_deposited", { version = 1 })
+--   local ev = Deposited{ amount = 10 }
+--
+-- An instance is a plain table. It holds the metadata fields (event_id, event_name,
+-- event_version, occurred_at, correlation_id, causation_id, tenant_id, actor_id) and the
+-- payload fields side by side as ordinary keys, so handlers read `ev.amount` directly.
+--
+-- Two further fields ride on the instance without being part of the payload or of the
+-- envelope: `aggregate_type` and `aggregate_id`. An aggregate stamps them when it records
+-- the event; the event store and the outbox read them to fill their own columns. They are
+-- routing data, not message content, which is why `ev:payload()` and `ev:envelope()` leave
+-- them out.
+--
+-- Keys starting with "_" are never payload: they are free for private scratch data.
+
+local core = require "qx.core"
+local qx_error = require "qx.error"
+
+local type = type
+local pairs = pairs
+local error = error
+local tostring = tostring
+local setmetatable = setmetatable
+local getmetatable = getmetatable
+local rawget = rawget
+local floor = math.floor
+local tointeger = math.tointeger
+local fmt = string.format
+local sub = string.sub
+local find = string.find
+local concat = table.concat
+local sort = table.sort
+
+
+local _M = { _VERSION = "0.1.0" }
+
+
+local MAX_NAME_LEN = 255          -- qx_outbox_events.event_name is varchar(255)
+local MAX_VERSION = 2147483647    -- event_version is a PostgreSQL int
+
+-- metadata carried in the envelope, in envelope order
+local METADATA = {
+    "event_id", "event_name", "event_version", "occurred_at",
+    "correlation_id", "causation_id", "tenant_id", "actor_id",
+}
+-- metadata that are optional ids (absent = JSON null in the envelope)
+local OPTIONAL_IDS = { "correlation_id", "causation_id", "tenant_id", "actor_id" }
+-- instance fields that are neither payload nor envelope
+local ROUTING = { "aggregate_type", "aggregate_id" }
+-- instance methods; a payload field of that name would hide them
+local METHODS = { "payload", "envelope" }
+local METHOD_SET = { payload = true, envelope = true }
+
+local RESERVED = {}
+for _, list in pairs({ METADATA, ROUTING, METHODS }) do
+    for i = 1, #list do
+        RESERVED[list[i]] = true
+    end
+end
+
+_M.METADATA = METADATA
+_M.ROUTING = ROUTING
+
+
+local function as_integer(v)
+    if type(v) ~= "number" or v ~= v or v ~= floor(v) then
+        return nil
+    end
+    if tointeger then
+        return tointeger(v)
+    end
+    return v
+end
+
+
+-- true, or false and the reason: the name is not a valid event name
+local function valid_name(name)
+    if type(name) ~= "string" then
+        return false, "must be a string, got " .. type(name)
+    end
+    if name == "" then
+        return false, "must not be empty"
+    end
+    if #name > MAX_NAME_LEN then
+        return false, "must be at most " .. MAX_NAME_LEN .. " bytes"
+    end
+    if find(name, "[^A-Za-z0-9_%.%-]") then    -- ASCII whatever the C locale
+        return false, "may contain only letters, digits, '_', '-' and '.'"
+    end
+    if sub(name, 1, 1) == "." or sub(name, -1) == "." or find(name, "..", 1, true) then
+        return false, "must not start or end with '.' nor contain an empty segment"
+    end
+    return true
+end
+
+_M.valid_name = valid_name
+
+
+-- The metatable of every event class (assigned below). A class and its instances' metatable
+-- point at each other through plain fields (Class.__instance_mt, mt.__class), so no
+-- registry keeps classes alive.
+local class_mt
+
+
+local function is_class(x)
+    return type(x) == "table" and getmetatable(x) == class_mt
+end
+
+
+local function class_of(x)
+    if type(x) ~= "table" then
+        return nil
+    end
+    local mt = getmetatable(x)
+    if type(mt) ~= "table" then
+        return nil
+    end
+    local class = rawget(mt, "__class")
+    if is_class(class) and rawget(class, "__instance_mt") == mt then
+        return class
+    end
+    return nil
+end
+
+_M.class_of = class_of
+
+
+function _M.is_event(x)
+    return class_of(x) ~= nil
+end
+
+
+_M.is_class = is_class
+
+
+-- instance methods -----------------------------------------------------------
+
+local instance_methods = {}
+
+
+-- a new table with the payload fields only (shallow copy)
+function instance_methods.payload(self)
+    if class_of(self) == nil then
+        error("payload: call as ev:payload()", 2)
+    end
+    local out = {}
+    for k, v in pairs(self) do
+        if type(k) == "string" and not RESERVED[k] and sub(k, 1, 1) ~= "_" then
+            out[k] = v
+        end
+    end
+    return out
+end
+
+
+-- the wire envelope: every metadata key present, absent optional ids as core.null
+function instance_methods.envelope(self)
+    if class_of(self) == nil then
+        error("envelope: call as ev:envelope()", 2)
+    end
+    local null = core.null
+    local env = {
+        event_id = self.event_id,
+        event_name = self.event_name,
+        event_version = self.event_version,
+        occurred_at = self.occurred_at,
+        payload = instance_methods.payload(self),
+    }
+    for i = 1, #OPTIONAL_IDS do
+        local k = OPTIONAL_IDS[i]
+        local v = rawget(self, k)
+        if v == nil then
+            v = null
+        end
+        env[k] = v
+    end
+    return env
+end
+
+
+local function instance_tostring(self)
+    return fmt("event %s v%s %s", tostring(rawget(self, "event_name")),
+               tostring(rawget(self, "event_version")), tostring(rawget(self, "event_id")))
+end
+
+
+-- construction ---------------------------------------------------------------
+
+local function sorted_keys(t)
+    local keys = {}
+    for k in pairs(t) do
+        keys[#keys + 1] = k
+    end
+    sort(keys)
+    return keys
+end
+
+
+-- Build an instance of `class` from `fields`. Returns the instance, or nil and a message
+-- describing what is wrong with `fields`; `define`'s constructor raises that message,
+-- `from_envelope` returns it as an "invalid" error.
+local function build(class, fields)
+    local null = core.null
+    local ev = {}
+
+    for k, v in pairs(fields) do
+        if type(k) ~= "string" then
+            return nil, "field keys must be strings, got " .. type(k) .. " key " .. tostring(k)
+        end
+        if sub(k, 1, 1) == "_" then
+            return nil, "payload field '" .. k .. "' starts with '_' (reserved)"
+        end
+        local tv = type(v)
+        if tv == "function" or tv == "thread" then
+            return nil, "field '" .. k .. "' holds a " .. tv .. ", which cannot be serialised"
+        end
+        if METHOD_SET[k] then
+            return nil, "payload field '" .. k .. "' would hide the method ev:" .. k .. "()"
+        elseif not RESERVED[k] then
+            ev[k] = v
+        end
+    end
+
+    -- event_name: fixed by the class
+    local name = fields.event_name
+    if name ~= nil and name ~= class.event_name then
+        return nil, "event_name '" .. tostring(name) .. "' does not match the class ('"
+                    .. class.event_name .. "')"
+    end
+    ev.event_name = class.event_name
+
+    -- event_version: the class's, unless an older/newer stored version is being rebuilt
+    local version = fields.event_version
+    if version == nil then
+        ev.event_version = class.event_version
+    else
+        local n = as_integer(version)
+        if n == nil or n < 1 or n > MAX_VERSION then
+            return nil, "event_version must be a positive integer, got " .. tostring(version)
+        end
+        ev.event_version = n
+    end
+
+    -- event_id / occurred_at: generated when absent
+    local id = fields.event_id
+    if id == nil or id == null then
+        ev.event_id = core.uuid()
+    elseif type(id) ~= "string" or id == "" then
+        return nil, "event_id must be a non-empty string, got " .. type(id)
+    else
+        ev.event_id = id
+    end
+
+    local at = fields.occurred_at
+    if at == nil or at == null then
+        ev.occurred_at = core.now()
+    elseif type(at) ~= "string" or at == "" then
+        return nil, "occurred_at must be a non-empty string (ISO-8601), got " .. type(at)
+    else
+        ev.occurred_at = at
+    end
+
+    -- optional ids: strings or absent (null means absent)
+    for i = 1, #OPTIONAL_IDS do
+        local k = OPTIONAL_IDS[i]
+        local v = fields[k]
+        if v ~= nil and v ~= null then
+            if type(v) ~= "string" then
+                return nil, k .. " must be a string, got " .. type(v)
+            end
+            ev[k] = v
+        end
+    end
+
+    -- routing fields: aggregate_type a string, aggregate_id a string or a number
+    local at_type = fields.aggregate_type
+    if at_type ~= nil and at_type ~= null then
+        if type(at_type) ~= "string" then
+            return nil, "aggregate_type must be a string, got " .. type(at_type)
+        end
+        ev.aggregate_type = at_type
+    end
+    local agg_id = fields.aggregate_id
+    if agg_id ~= nil and agg_id ~= null then
+        local t = type(agg_id)
+        if t ~= "string" and t ~= "number" then
+            return nil, "aggregate_id must be a string or a number, got " .. t
+        end
+        ev.aggregate_id = agg_id
+    end
+
+    return setmetatable(ev, class.__instance_mt)
+end
+
+
+-- class ----------------------------------------------------------------------
+
+local class_methods = {}
+
+
+-- Class:is(x): x is an instance of exactly this class
+function class_methods.is(class, x)
+    if not is_class(class) then
+        error("is: call as Class:is(ev)", 2)
+    end
+    return class_of(x) == class
+end
+
+
+-- raises at level 3: the caller of Class.new / Class(...)
+local function construct(class, fields)
+    if fields == nil then
+        fields = {}
+    elseif is_class(fields) then
+        error(class.event_name .. ": call as Class{...} or Class.new{...}, not Class:new{...}", 3)
+    elseif type(fields) ~= "table" then
+        error(class.event_name .. ": fields must be a table, got " .. type(fields), 3)
+    end
+    local ev, why = build(class, fields)
+    if ev == nil then
+        error(class.event_name .. ": " .. why, 3)
+    end
+    return ev
+end
+
+
+class_mt = {
+    __index = class_methods,
+    __call = function(class, fields)
+        local ev = construct(class, fields)
+        return ev
+    end,
+    __tostring = function(class)
+        return fmt("%s class %s v%d", class.integration and "integration event" or "event",
+                   class.event_name, class.event_version)
+    end,
+}
+
+
+local DEFINE_OPTS = { version = true, integration = true }
+
+
+function _M.define(name, opts)
+    local ok, why = valid_name(name)
+    if not ok then
+        error("event name " .. (type(name) == "string" and fmt("%q ", name) or "")
+              .. why, 2)
+    end
+    if opts == nil then
+        opts = {}
+    elseif type(opts) ~= "table" then
+        error("event options must be a table, got " .. type(opts), 2)
+    end
+    for k in pairs(opts) do
+        if not DEFINE_OPTS[k] then
+            error("unknown event option '" .. tostring(k) .. "' (known: "
+                  .. concat(sorted_keys(DEFINE_OPTS), ", ") .. ")", 2)
+        end
+    end
+
+    local version = opts.version
+    if version == nil then
+        version = 1
+    else
+        local n = as_integer(version)
+        if n == nil or n < 1 or n > MAX_VERSION then
+            error("event version must be a positive integer, got " .. tostring(version), 2)
+        end
+        version = n
+    end
+
+    local integration = opts.integration
+    if integration == nil then
+        integration = false
+    elseif type(integration) ~= "boolean" then
+        error("event option 'integration' must be a boolean, got " .. type(integration), 2)
+    end
+
+    local class = {
+        event_name = name,
+        event_version = version,
+        integration = integration,
+    }
+
+    local mt = {
+        __index = instance_methods,
+        __tostring = instance_tostring,
+        __class = class,
+    }
+    class.__instance_mt = mt
+
+    -- Class.new{...}: dot call, no self
+    class.new = function(fields)
+        local ev = construct(class, fields)
+        return ev
+    end
+
+    -- Class.from_envelope(env): same as event.from_envelope(Class, env)
+    class.from_envelope = function(env)
+        return _M.from_envelope(class, env)
+    end
+
+    return setmetatable(class, class_mt)
+end
+
+
+-- Rebuild an instance from a decoded envelope (a table as produced by ev:envelope() and
+-- cjson.decode). Bad data is a runtime failure: nil and an "invalid" error. Extra top-level
+-- keys are ignored, except aggregate_type/aggregate_id, which are kept when present.
+function _M.from_envelope(class, env)
+    if not is_class(class) then
+        error("from_envelope: expected an event class, got " .. type(class), 2)
+    end
+    local function invalid(msg)
+        return nil, qx_error.new("invalid", class.event_name .. " envelope: " .. msg)
+    end
+
+    if type(env) ~= "table" then
+        return invalid("expected a table, got " .. type(env))
+    end
+    if env.event_name ~= class.event_name then
+        return invalid("event_name is " .. fmt("%q", tostring(env.event_name)))
+    end
+    if type(env.event_id) ~= "string" then
+        return invalid("event_id missing or not a string")
+    end
+    if type(env.occurred_at) ~= "string" then
+        return invalid("occurred_at missing or not a string")
+    end
+    if env.event_version == nil or env.event_version == core.null then
+        return invalid("event_version missing")
+    end
+    local payload = env.payload
+    if type(payload) ~= "table" then
+        return invalid("payload missing or not an object")
+    end
+
+    local fields = {}
+    for k, v in pairs(payload) do
+        if type(k) == "string" and RESERVED[k] then
+            return invalid("payload field '" .. k .. "' collides with a reserved name")
+        end
+        fields[k] = v
+    end
+    for i = 1, #METADATA do
+        local k = METADATA[i]
+        fields[k] = env[k]
+    end
+    fields.aggregate_type = env.aggregate_type
+    fields.aggregate_id = env.aggregate_id
+
+    local ev, why = build(class, fields)
+    if ev == nil then
+        return invalid(why)
+    end
+    return ev
+end
+
+
+return _M
