@@ -4,6 +4,7 @@
 local steps = require "qx.migrations"
 
 local ipairs = ipairs
+local type = type
 local tostring = tostring
 
 local _M = { _VERSION = "0.1.0" }
@@ -51,9 +52,10 @@ end
 function _M.run(db, opts)
     local list = (opts and opts.steps) or steps
     local current = 0
-    for i, step in ipairs(list) do
-        if step.version ~= i then
-            error("migration steps must be numbered 1.." .. #list .. ", got " .. tostring(step.version), 2)
+    for _, step in ipairs(list) do
+        if type(step.version) ~= "number" or step.version <= current then
+            error("migration steps must have increasing versions, got " .. tostring(step.version)
+                  .. " after " .. current, 2)
         end
         current = step.version
     end

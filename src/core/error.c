@@ -59,6 +59,14 @@ qx_status qx_status_from_sqlstate(const char *st, int *retryable)
     }
     if (strcmp(st, "23505") == 0 || strcmp(st, "23P01") == 0) /* unique, exclusion */
         return QX_ERR_CONFLICT;
+    /* qx's own codes, raised by SQL that qx writes (e.g. a version check that must hold inside
+     * a pipelined batch, so that COMMIT in the same batch is skipped when it does not) */
+    if (strcmp(st, "QX409") == 0)
+        return QX_ERR_CONFLICT;
+    if (strcmp(st, "QX404") == 0)
+        return QX_ERR_NOT_FOUND;
+    if (strcmp(st, "QX422") == 0)
+        return QX_ERR_INVALID;
     if (strcmp(st, "57014") == 0 || strcmp(st, "55P03") == 0 || strcmp(st, "25P03") == 0)
         return QX_ERR_TIMEOUT; /* canceled (statement_timeout), lock timeout, idle-in-tx timeout */
     if (strcmp(st, "08P01") == 0)

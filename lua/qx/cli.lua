@@ -1,0 +1,117 @@
+-- The `qx` command line. Each command is a table { summary, usage, switches?, run(flags,
+-- positional) -> exit code } in COMMANDS; main() parses `qx COMMAND [--flag value |
+-- --flag=value | --switch] ...`. A command that lives in its own module is added here with one
+-- line: COMMANDS.name = require "qx.cli_name".
+local _M = { _VERSION = "0.1.0" }
+
+local ipairs = ipairs
+local pairs = pairs
+local tostring = tostring
+local stdout, stderr = io.stdout, io.stderr
+
+local COMMANDS = {}
+_M.COMMANDS = COMMANDS
+
+local function say(...) stdout:write(...) stdout:write("\n") end
+local function complain(...) stderr:write("qx: ", ...) stderr:write("\n") end
+_M.say, _M.complain = say, complain
+
+-- Parses flags: --name value, --name=value, --switch (true when followed by another flag or
+-- nothing and listed in switches). Returns flags, positional.
+function _M.parse(args, switches)
+    local flags, pos = {}, {}
+    local i = 1
+    while i <= #args do
+        local a = args[i]
+        local name, value = a:match("^%-%-([%w_-]+)=(.*)$")
+        if name then
+            flags[name:gsub("-", "_")] = value
+        else
+            name = a:match("^%-%-([%w_-]+)$")
+            if name then
+                local key = name:gsub("-", "_")
+                if switches and switches[key] then
+                    flags[key] = true
+                else
+                    i = i + 1
+                    if args[i] == nil then return nil, "flag --" .. name .. " needs a value" end
+                    flags[key] = args[i]
+                end
+            else
+                pos[#pos + 1] = a
+            end
+        end
+        i = i + 1
+    end
+    return flags, pos
+end
+
+-- Connects with --url or QX_DB__URL (and the other QX_DB__* settings).
+function _M.connect(flags)
+    local qx = require "qx"
+    local db, e = qx.connect{ url = flags.url, pool_size = 2 }
+    if not db then
+        complain("cannot connect: ", tostring(e))
+        return nil
+    end
+    return db
+end
+
+COMMANDS.migrate = {
+    summary = "create or upgrade the qx_* tables (idempotent)",
+    usage = "qx migrate [--url URL] [--status]",
+    switches = { status = true },
+    run = function(flags)
+        local db = _M.connect(flags)
+        if not db then return 1 end
+        local migrate = require "qx.migrate"
+        if flags.status then
+            local rows, e = migrate.status(db)
+            if not rows then complain(tostring(e)) return 1 end
+            for _, r in ipairs(rows) do say(r.version, "  ", r.name, "  ", r.applied_at) end
+            if #rows == 0 then say("no migrations applied") end
+            return 0
+        end
+        local res, e = migrate.run(db)
+        db:close()
+        if not res then complain("migration failed: ", tostring(e)) return 1 end
+        if #res.applied == 0 then
+            say("schema is up to date (version ", res.current, ")")
+        else
+            say("applied ", #res.applied, " migration(s); schema at version ", res.current)
+        end
+        return 0
+    end,
+}
+
+local function usage()
+    say("usage: qx COMMAND [flags]\n\ncommands:")
+    local names = {}
+    for name in pairs(COMMANDS) do names[#names + 1] = name end
+    table.sort(names)
+    for _, name in ipairs(names) do
+        say(("  %-16s %s"):format(name, COMMANDS[name].summary))
+    end
+    say("\nenvironment: QX_DB__URL and the other QX_DB__* settings; `qx help COMMAND` for flags")
+end
+
+function _M.main(args)
+    local name = args[1]
+    if name == nil or name == "help" or name == "--help" or name == "-h" then
+        local c = args[2] and COMMANDS[args[2]]
+        if c then say("usage: ", c.usage) say(c.summary) else usage() end
+        return name == nil and 2 or 0
+    end
+    local c = COMMANDS[name]
+    if not c then
+        complain("unknown command '", name, "' (try qx help)")
+        return 2
+    end
+    local rest = {}
+    for i = 2, #args do rest[#rest + 1] = args[i] end
+    local flags, pos = _M.parse(rest, c.switches)
+    if not flags then complain(pos) return 2 end
+    return c.run(flags, pos)
+end
+
+return _M
