@@ -230,6 +230,21 @@ local function outbox_rows(events)
     return rows
 end
 
+-- ---- bound views -------------------------------------------------------------------------
+
+-- uow:repo(description): the repository described by qx.repository{...}, bound to this
+-- transaction.
+function Uow:repo(description)
+    self:_check_open()
+    return require("qx.repository").bind(description, self)
+end
+
+-- uow:store(store): the event store made by qx.event_store{...}, bound to this transaction.
+function Uow:store(store)
+    self:_check_open()
+    return require("qx.event_store").bind(store, self)
+end
+
 -- ---- savepoints ---------------------------------------------------------------------------
 
 -- uow:savepoint(fn): runs fn(uow) inside a savepoint. On an error the savepoint is rolled back,
