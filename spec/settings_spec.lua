@@ -59,15 +59,15 @@ describe("qx.settings.db", function()
         url = URL,
         pool_size = 10,
         acquire_timeout_ms = 30000,
-        recycle_ms = 3600000,
-        statement_timeout_ms = 0,
+        recycle_ms = 1800000,
+        statement_timeout_ms = 10000,
         connect_timeout_ms = 10000,
       }, s)
     end)
 
     it("are published", function()
-      assert.same({ pool_size = 10, pool_timeout_seconds = 30, pool_recycle_seconds = 3600,
-                    statement_timeout_ms = 0, connect_timeout_seconds = 10 },
+      assert.same({ pool_size = 10, pool_timeout_seconds = 30, pool_recycle_seconds = 1800,
+                    statement_timeout_ms = 10000, connect_timeout_seconds = 10 },
                   settings.DB_DEFAULTS)
       assert.equal("QX_DB__URL", settings.ENV.url)
     end)
@@ -79,8 +79,8 @@ describe("qx.settings.db", function()
         QX_DB__URL = URL,
         QX_DB__POOL_SIZE = "25",
         QX_DB__POOL_TIMEOUT_SECONDS = "2.5",
-        QX_DB__POOL_RECYCLE_SECONDS = "1800",
-        QX_DB__STATEMENT_TIMEOUT_MS = "10000",
+        QX_DB__POOL_RECYCLE_SECONDS = "900",
+        QX_DB__STATEMENT_TIMEOUT_MS = "2500",
         QX_DB__CONNECT_TIMEOUT_SECONDS = "3",
         QX_CURSOR_KEY = "k3y",
       }))
@@ -88,8 +88,8 @@ describe("qx.settings.db", function()
         url = URL,
         pool_size = 25,
         acquire_timeout_ms = 2500,
-        recycle_ms = 1800000,
-        statement_timeout_ms = 10000,
+        recycle_ms = 900000,
+        statement_timeout_ms = 2500,
         connect_timeout_ms = 3000,
         cursor_key = "k3y",
       }, s)

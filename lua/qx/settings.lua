@@ -7,8 +7,8 @@
 --                                   postgresql+asyncpg:// is dropped), or a libpq conninfo
 --   QX_DB__POOL_SIZE                connections in the pool            (default 10)
 --   QX_DB__POOL_TIMEOUT_SECONDS     wait for a free connection         (default 30; decimals ok)
---   QX_DB__POOL_RECYCLE_SECONDS     replace connections older than     (default 3600; 0/-1 never)
---   QX_DB__STATEMENT_TIMEOUT_MS     server-side statement timeout      (default 0 = no limit)
+--   QX_DB__POOL_RECYCLE_SECONDS     replace connections older than     (default 1800; 0/-1 never)
+--   QX_DB__STATEMENT_TIMEOUT_MS     server-side statement timeout      (default 10000; 0 = none)
 --   QX_DB__CONNECT_TIMEOUT_SECONDS  connection attempt timeout         (default 10; 0 = none)
 --   QX_CURSOR_KEY                   key that signs pagination cursors  (no default)
 --
@@ -64,8 +64,8 @@ _M.ENV = {
 _M.DB_DEFAULTS = {
     pool_size = 10,
     pool_timeout_seconds = 30,
-    pool_recycle_seconds = 3600,
-    statement_timeout_ms = 0,
+    pool_recycle_seconds = 1800,  -- qx-db's defaults
+    statement_timeout_ms = 10000,
     connect_timeout_seconds = 10,
 }
 
