@@ -1,0 +1,21 @@
+-- The demo: every example, end to end, on the throwaway PostgreSQL and NATS that `make demo`
+-- starts (QX_DB__URL and QX_TEST_NATS_URL come from there).
+package.path = "examples/?.lua;" .. package.path
+local qx = require "qx"
+
+local function section(title)
+    print("")
+    print("== " .. title .. " " .. string.rep("=", 72 - #title))
+end
+
+local db = assert(qx.connect())
+section("migrate")
+local m = assert(qx.migrate(db))
+print(("schema at version %d (%d step(s) applied now)"):format(m.current, #m.applied))
+
+section("a command handler as a unit of work (transactional outbox)")
+require("register_user").run(db, print)
+
+db:close()
+print("")
+print("demo finished")
