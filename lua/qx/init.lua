@@ -46,4 +46,14 @@ function _M.outbox(database)
     return require("qx.outbox").new(database)
 end
 
+-- qx.registry{ classes... }: event name + version -> class, for consumers
+function _M.registry(classes)
+    return require("qx.registry").new(classes)
+end
+
+-- qx.consumer{ nats =, stream =, durable =, registry =, db =, ... }: a JetStream pull consumer
+function _M.consumer(opts)
+    return require("qx.consumer").new(opts)
+end
+
 return _M
