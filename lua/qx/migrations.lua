@@ -35,4 +35,45 @@ CREATE INDEX IF NOT EXISTS qx_outbox_events_dead
     ON qx_outbox_events (dead_at) WHERE dead_at IS NOT NULL;
 ]],
     },
+    {
+        version = 6,
+        name = "consumer inbox and dead letters",
+        sql = [[
+-- One row per event a consumer has handled, written in the handler's own transaction: a
+-- redelivered message finds its row and is acknowledged without running the handler again.
+CREATE TABLE IF NOT EXISTS qx_inbox (
+    consumer   text NOT NULL,
+    event_id   uuid NOT NULL,
+    event_name varchar(255),
+    handled_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (consumer, event_id)
+);
+CREATE INDEX IF NOT EXISTS qx_inbox_handled_at ON qx_inbox (handled_at);
+
+-- Messages a consumer gave up on (terminated on the stream): the raw body and headers are kept
+-- so that nothing is lost and a dead letter can be replayed. A message is identified by its
+-- stream, sequence and stream time, so dead-lettering it twice keeps one row.
+CREATE TABLE IF NOT EXISTS qx_dead_letters (
+    id            uuid PRIMARY KEY,
+    consumer      text NOT NULL,
+    stream        text NOT NULL,
+    subject       text NOT NULL,
+    stream_seq    bigint NOT NULL,
+    published_at  timestamptz NOT NULL,
+    event_id      text,
+    event_name    text,
+    event_version integer,
+    headers       jsonb NOT NULL DEFAULT '{}',
+    data          bytea NOT NULL,
+    reason        text NOT NULL,
+    error         text,
+    deliveries    integer NOT NULL,
+    dead_at       timestamptz NOT NULL DEFAULT now(),
+    replayed_at   timestamptz,
+    UNIQUE (consumer, stream, stream_seq, published_at)
+);
+CREATE INDEX IF NOT EXISTS qx_dead_letters_pending
+    ON qx_dead_letters (consumer, dead_at) WHERE replayed_at IS NULL;
+]],
+    },
 }
