@@ -175,6 +175,24 @@ typedef struct qx_pool_stats {
 } qx_pool_stats;
 void qx_pool_stats_get(qx_pool *p, qx_pool_stats *s);
 
+/* ---- signing (crypto.c): cursors and other opaque tokens ------------------------------- */
+
+#define QX_HMAC_SHA256_LEN 32
+
+/* HMAC-SHA256 of data under key (OpenSSL libcrypto); out receives 32 bytes. */
+qx_status qx_hmac_sha256(unsigned char out[QX_HMAC_SHA256_LEN], const void *key, size_t keylen,
+                         const void *data, size_t len, qx_error *err);
+/* 1 when the len bytes at a and b are equal; the time taken does not depend on where they
+ * differ. */
+int qx_equal_consttime(const void *a, const void *b, size_t len);
+/* Unpadded base64url (RFC 4648 section 5). qx_b64url_encode writes qx_b64url_encoded_len(n)
+ * characters and a NUL. qx_b64url_decode is strict (alphabet only, no padding, canonical last
+ * character) and writes at most n * 3 / 4 bytes to out. */
+size_t qx_b64url_encoded_len(size_t n);
+void qx_b64url_encode(char *out, const unsigned char *in, size_t n);
+qx_status qx_b64url_decode(unsigned char *out, size_t *outlen, const char *in, size_t n,
+                           qx_error *err);
+
 #ifdef __cplusplus
 }
 #endif

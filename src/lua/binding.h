@@ -37,5 +37,7 @@ int qx_pool_new_lua(lua_State *L);
 int qx_open_conn(lua_State *L);
 /* Pushes a new connection userdata leasing c from the pool userdata at pool_idx. */
 void qx_conn_push(lua_State *L, qx_conn *c, qx_pool *p, int pool_idx);
+/* Adds hmac_sha256, equal_consttime, b64url_encode, b64url_decode to the table at the top. */
+void qx_open_crypto(lua_State *L);
 
 #endif

@@ -1,0 +1,110 @@
+/*
+ * Signing of opaque tokens (pagination cursors): HMAC-SHA256 from OpenSSL's libcrypto, a
+ * constant-time comparison, and unpadded base64url (RFC 4648 section 5).
+ *
+ * The decoder is strict: only the url-safe alphabet, no padding, no whitespace, and the unused
+ * low bits of the last character must be zero, so every byte string has exactly one encoding and
+ * an edited token cannot decode to the same bytes.
+ */
+#include <limits.h>
+#include <string.h>
+
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+#include <openssl/hmac.h>
+
+#include "qx.h"
+
+qx_status qx_hmac_sha256(unsigned char out[QX_HMAC_SHA256_LEN], const void *key, size_t keylen,
+                         const void *data, size_t len, qx_error *err)
+{
+    static const unsigned char empty[1] = { 0 };
+    unsigned int outlen = 0;
+
+    if (keylen > INT_MAX)
+        return qx_error_set(err, QX_ERR_INVALID, "HMAC key is too long");
+    if (HMAC(EVP_sha256(), keylen > 0 ? key : empty, (int)keylen,
+             len > 0 ? (const unsigned char *)data : empty, len, out, &outlen) == NULL ||
+        outlen != QX_HMAC_SHA256_LEN)
+        return qx_error_set(err, QX_ERR_NOMEM, "HMAC-SHA256 failed");
+    return QX_OK;
+}
+
+int qx_equal_consttime(const void *a, const void *b, size_t len)
+{
+    return CRYPTO_memcmp(a, b, len) == 0;
+}
+
+static const char B64URL[] =
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+
+size_t qx_b64url_encoded_len(size_t n)
+{
+    return n / 3 * 4 + (n % 3 == 0 ? 0 : n % 3 + 1);
+}
+
+void qx_b64url_encode(char *out, const unsigned char *in, size_t n)
+{
+    size_t i = 0;
+    for (; i + 3 <= n; i += 3) {
+        unsigned long v = ((unsigned long)in[i] << 16) | ((unsigned long)in[i + 1] << 8) | in[i + 2];
+        *out++ = B64URL[(v >> 18) & 63];
+        *out++ = B64URL[(v >> 12) & 63];
+        *out++ = B64URL[(v >> 6) & 63];
+        *out++ = B64URL[v & 63];
+    }
+    if (n - i == 1) {
+        unsigned long v = (unsigned long)in[i] << 16;
+        *out++ = B64URL[(v >> 18) & 63];
+        *out++ = B64URL[(v >> 12) & 63];
+    } else if (n - i == 2) {
+        unsigned long v = ((unsigned long)in[i] << 16) | ((unsigned long)in[i + 1] << 8);
+        *out++ = B64URL[(v >> 18) & 63];
+        *out++ = B64URL[(v >> 12) & 63];
+        *out++ = B64URL[(v >> 6) & 63];
+    }
+    *out = '\0';
+}
+
+static int b64url_value(unsigned char c)
+{
+    if (c >= 'A' && c <= 'Z')
+        return c - 'A';
+    if (c >= 'a' && c <= 'z')
+        return c - 'a' + 26;
+    if (c >= '0' && c <= '9')
+        return c - '0' + 52;
+    if (c == '-')
+        return 62;
+    if (c == '_')
+        return 63;
+    return -1;
+}
+
+qx_status qx_b64url_decode(unsigned char *out, size_t *outlen, const char *in, size_t n,
+                           qx_error *err)
+{
+    size_t i, o = 0;
+    unsigned long acc = 0;
+    int bits = 0;
+
+    *outlen = 0;
+    if (n % 4 == 1)
+        return qx_error_set(err, QX_ERR_INVALID, "base64url text has an impossible length");
+    for (i = 0; i < n; i++) {
+        int v = b64url_value((unsigned char)in[i]);
+        if (v < 0)
+            return qx_error_set(err, QX_ERR_INVALID,
+                                "base64url text has a character outside its alphabet");
+        acc = (acc << 6) | (unsigned long)v;
+        bits += 6;
+        if (bits >= 8) {
+            bits -= 8;
+            out[o++] = (unsigned char)((acc >> bits) & 0xff);
+        }
+    }
+    if (bits > 0 && (acc & ((1ul << bits) - 1)) != 0)
+        return qx_error_set(err, QX_ERR_INVALID, "base64url text is not in canonical form");
+    *outlen = o;
+    return QX_OK;
+}
