@@ -33,6 +33,7 @@ struct qx_conn {
     double created_at;
     unsigned int next_id;
     int cached;
+    int tombstones; /* slots freed by a failed prepare; they lengthen probes until a rehash */
     stmt_entry cache[STMT_CACHE_SLOTS];
 };
 
@@ -213,8 +214,8 @@ static unsigned int hash_sql(const char *s)
 
 static stmt_entry *cache_find(qx_conn *c, const char *sql, unsigned int h)
 {
-    unsigned int i = h & (STMT_CACHE_SLOTS - 1);
-    for (;;) {
+    unsigned int i = h & (STMT_CACHE_SLOTS - 1), probes;
+    for (probes = 0; probes < STMT_CACHE_SLOTS; probes++) {
         stmt_entry *e = &c->cache[i];
         if (e->sql == NULL && !e->tombstone)
             return NULL;
@@ -222,18 +223,42 @@ static stmt_entry *cache_find(qx_conn *c, const char *sql, unsigned int h)
             return e;
         i = (i + 1) & (STMT_CACHE_SLOTS - 1);
     }
+    return NULL; /* every slot probed: tombstones everywhere else */
+}
+
+/* Puts the live entries back without tombstones, which failed prepares of distinct texts leave
+ * behind until every lookup probes the whole table. Only between batches: a batch holds
+ * pointers to entries. */
+static void cache_rehash(qx_conn *c)
+{
+    stmt_entry live[STMT_CACHE_MAX];
+    int n = 0, i;
+    for (i = 0; i < STMT_CACHE_SLOTS; i++)
+        if (c->cache[i].sql != NULL && n < STMT_CACHE_MAX)
+            live[n++] = c->cache[i];
+    memset(c->cache, 0, sizeof c->cache);
+    for (i = 0; i < n; i++) {
+        unsigned int k = live[i].hash & (STMT_CACHE_SLOTS - 1);
+        while (c->cache[k].sql != NULL)
+            k = (k + 1) & (STMT_CACHE_SLOTS - 1);
+        c->cache[k] = live[i];
+    }
+    c->tombstones = 0;
 }
 
 static stmt_entry *cache_add(qx_conn *c, const char *sql, unsigned int h)
 {
-    unsigned int i = h & (STMT_CACHE_SLOTS - 1);
+    unsigned int i;
     if (c->cached >= STMT_CACHE_MAX)
         return NULL; /* full: further texts run unnamed */
+    i = h & (STMT_CACHE_SLOTS - 1);
     while (c->cache[i].sql != NULL)
         i = (i + 1) & (STMT_CACHE_SLOTS - 1);
     c->cache[i].sql = strdup(sql);
     if (c->cache[i].sql == NULL)
         return NULL;
+    if (c->cache[i].tombstone)
+        c->tombstones--;
     c->cache[i].hash = h;
     c->cache[i].id = ++c->next_id;
     c->cache[i].prepared = 0;
@@ -248,6 +273,7 @@ static void cache_remove(qx_conn *c, stmt_entry *e)
     e->sql = NULL;
     e->prepared = 0;
     e->tombstone = 1;
+    c->tombstones++;
     c->cached--;
 }
 
@@ -343,6 +369,8 @@ qx_status qx_conn_batch(qx_conn *c, qx_result **results, int *failed, const qx_s
     }
     if (n <= 0)
         return QX_OK;
+    if (c->tombstones > 0 && c->cached + c->tombstones >= STMT_CACHE_MAX)
+        cache_rehash(c);
 
     items = malloc(sizeof *items * (size_t)n * 2);
     if (items == NULL)
@@ -614,12 +642,15 @@ void qx_notify_free(qx_notify *n, int count)
 int qx_conn_check(qx_conn *c)
 {
     /* An idle connection has nothing to read; if the socket is readable the server said
-     * something (a FATAL on termination, or EOF), so read it and see if we are still alive. */
+     * something (a FATAL on termination, then EOF), so read it and see if we are still alive.
+     * libpq takes the FATAL message as a notice and notices EOF only on the next read, so read
+     * while there is something to read (a few rounds: a stream of NOTIFYs must not spin us). */
+    int round;
     if (qx_conn_is_broken(c))
         return 0;
     if (PQtransactionStatus(c->pg) == PQTRANS_ACTIVE)
         return 0;
-    if (wait_socket(c, 0, 0) > 0) {
+    for (round = 0; round < 8 && wait_socket(c, 0, 0) > 0; round++) {
         if (!PQconsumeInput(c->pg) || PQstatus(c->pg) != CONNECTION_OK) {
             c->broken = 1;
             return 0;
