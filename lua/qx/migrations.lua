@@ -36,6 +36,37 @@ CREATE INDEX IF NOT EXISTS qx_outbox_events_dead
 ]],
     },
     {
+        version = 2,
+        name = "repository support",
+        sql = [[
+-- Raises an error with the given SQLSTATE. A repository statement that is sent ahead in a
+-- pipelined batch (a deferred save, a delete) calls it when it touched no row, so the batch fails
+-- before its COMMIT: QX409 reads as "conflict", QX404 as "not_found".
+CREATE OR REPLACE FUNCTION qx_raise(code text, message text) RETURNS bigint
+LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    RAISE EXCEPTION USING ERRCODE = code, MESSAGE = message;
+END
+$$;
+
+-- UUID version 7 (RFC 9562) made by the server: the 48-bit Unix time in milliseconds, then the
+-- version, then random bits, so ids sort by creation time like qx.uuid() ones.
+CREATE OR REPLACE FUNCTION qx_uuid_v7() RETURNS uuid
+LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    ms bigint := floor(extract(epoch FROM clock_timestamp()) * 1000);
+    b  bytea  := uuid_send(gen_random_uuid());
+BEGIN
+    FOR i IN 0..5 LOOP
+        b := set_byte(b, i, ((ms >> (8 * (5 - i))) & 255)::int);
+    END LOOP;
+    b := set_byte(b, 6, (get_byte(b, 6) & 15) | 112); -- version 7; the variant bits stay 10
+    RETURN encode(b, 'hex')::uuid;
+END
+$$;
+]],
+    },
+    {
         version = 6,
         name = "consumer inbox and dead letters",
         sql = [[
