@@ -1,0 +1,323 @@
+-- The connection pool against a real PostgreSQL: size, acquire timeout, broken and old connections
+-- replaced, failures to connect reported within the connect timeout, connections handed back clean.
+local core = require "qx.core"
+local qx = require "qx"
+
+local URL = assert(os.getenv("QX_DB__URL"), "QX_DB__URL is not set: source the servers' env file")
+local PG_DATA = os.getenv("QX_TEST_PG_DATA")
+
+local function suffix()
+  return core.uuid():gsub("-", ""):sub(-12)
+end
+
+local function sleep(s)
+  local t = core.clock() + s
+  while core.clock() < t do end
+end
+
+-- A URL for the same server with another user and password.
+local function url_as(user, password)
+  local rest = URL:match("^postgres[%w+]*://[^@]*@(.*)$") or URL:match("^postgres[%w+]*://(.*)$")
+  assert(rest, "QX_DB__URL must be a postgresql:// URL for this spec")
+  return "postgresql://" .. user .. ":" .. password .. "@" .. rest
+end
+
+-- A TCP port on 127.0.0.1 that accepts connections (the kernel's backlog) but never answers: a
+-- server that hangs. A LuaJIT helper process holds it for `seconds`.
+local function silent_port(seconds)
+  local code = [[
+local ffi = require "ffi"
+ffi.cdef[=[
+int socket(int, int, int);
+int bind(int, const void *, unsigned int);
+int listen(int, int);
+int getsockname(int, void *, unsigned int *);
+unsigned int sleep(unsigned int);
+struct sa_in { unsigned short family; unsigned short port; unsigned int addr; char zero[8]; };
+]=]
+local fd = ffi.C.socket(2, 1, 0)
+local sa = ffi.new("struct sa_in")
+sa.family = 2
+sa.addr = 0x0100007f
+assert(ffi.C.bind(fd, sa, ffi.sizeof(sa)) == 0)
+assert(ffi.C.listen(fd, 16) == 0)
+local len = ffi.new("unsigned int[1]", ffi.sizeof(sa))
+ffi.C.getsockname(fd, sa, len)
+io.write(bit.bor(bit.lshift(bit.band(sa.port, 0xff), 8), bit.rshift(sa.port, 8)), "\n")
+io.stdout:flush()
+io.stdout:close()
+ffi.C.sleep(]] .. seconds .. [[)
+]]
+  local f = assert(io.popen("luajit -e '" .. code:gsub("'", "'\\''") .. "' &"))
+  local port = tonumber(f:read("*l"))
+  f:close()
+  assert(port, "helper did not report a port")
+  return port
+end
+
+describe("qx.core pool", function()
+  local admin
+
+  setup(function()
+    admin = assert(core.pool{ conninfo = URL, size = 1 })
+  end)
+
+  teardown(function()
+    admin:close()
+  end)
+
+  local function sql(q, ...)
+    local c = assert(admin:acquire())
+    local rows, e = c:query(q, ...)
+    c:release()
+    return assert(rows, e)
+  end
+
+  it("opens no more than size connections", function()
+    local p = assert(core.pool{ conninfo = URL, size = 2, acquire_timeout_ms = 100 })
+    local a = assert(p:acquire())
+    local b = assert(p:acquire())
+    assert.are_not.equal(a:pid(), b:pid())
+    local c, e = p:acquire()
+    assert.is_nil(c)
+    assert.equal("timeout", e.code)
+    local s = p:stats()
+    assert.equal(2, s.size)
+    assert.equal(2, s.open)
+    assert.equal(2, s.in_use)
+    assert.equal(2, sql("SELECT count(*) AS n FROM pg_stat_activity WHERE pid IN ($1, $2)", a:pid(), b:pid())[1].n)
+    a:release()
+    b:release()
+    assert.equal(2, p:stats().idle)
+    p:close()
+  end)
+
+  it("reuses an idle connection before opening another", function()
+    local p = assert(core.pool{ conninfo = URL, size = 3 })
+    local a = assert(p:acquire())
+    local pid = a:pid()
+    a:release()
+    a = assert(p:acquire())
+    assert.equal(pid, a:pid())
+    assert.equal(1, p:stats().open)
+    a:release()
+    p:close()
+  end)
+
+  it("times out an acquire on an exhausted pool after about the acquire timeout", function()
+    local p = assert(core.pool{ conninfo = URL, size = 1, acquire_timeout_ms = 400 })
+    local a = assert(p:acquire())
+    local t0 = core.clock()
+    local c, e = p:acquire()
+    local waited = core.clock() - t0
+    assert.is_nil(c)
+    assert.equal("timeout", e.code)
+    assert.truthy(e.message:find("exhausted", 1, true))
+    assert.is_true(waited >= 0.38 and waited < 1.5, "waited " .. waited)
+    a:release()
+    c = assert(p:acquire()) -- usable again once one is back
+    c:release()
+    p:close()
+  end)
+
+  it("detects a connection terminated while idle and replaces it", function()
+    local p = assert(core.pool{ conninfo = URL, size = 1 })
+    local a = assert(p:acquire())
+    local pid = a:pid()
+    a:release()
+    assert.is_true(sql("SELECT pg_terminate_backend($1) AS t", pid)[1].t)
+    local deadline = core.clock() + 5
+    while sql("SELECT count(*) AS n FROM pg_stat_activity WHERE pid = $1", pid)[1].n > 0 and core.clock() < deadline do
+      sleep(0.02)
+    end
+    local b = assert(p:acquire())
+    assert.are_not.equal(pid, b:pid())
+    assert.equal(1, assert(b:query("SELECT 1 AS one"))[1].one)
+    assert.equal(1, p:stats().replaced)
+    b:release()
+    p:close()
+  end)
+
+  it("reports connection loss in use, then replaces the connection", function()
+    local p = assert(core.pool{ conninfo = URL, size = 1 })
+    local a = assert(p:acquire())
+    local pid = a:pid()
+    assert.is_true(sql("SELECT pg_terminate_backend($1) AS t", pid)[1].t)
+    sleep(0.05)
+    local rows, e = a:query("SELECT 1 AS one")
+    assert.is_nil(rows)
+    assert.equal("connection", e.code)
+    assert.equal("bad", a:status())
+    a:release()
+    assert.equal(0, p:stats().open)
+    local b = assert(p:acquire())
+    assert.are_not.equal(pid, b:pid())
+    assert.equal(1, assert(b:query("SELECT 1 AS one"))[1].one)
+    b:release()
+    p:close()
+  end)
+
+  it("replaces connections older than the recycle age", function()
+    local p = assert(core.pool{ conninfo = URL, size = 1, recycle_ms = 150 })
+    local a = assert(p:acquire())
+    local pid = a:pid()
+    a:release()
+    a = assert(p:acquire())
+    assert.equal(pid, a:pid()) -- still young
+    a:release()
+    sleep(0.2)
+    a = assert(p:acquire())
+    assert.are_not.equal(pid, a:pid())
+    assert.equal(1, p:stats().replaced)
+    a:release()
+    p:close()
+  end)
+
+  it("hands back a connection left inside a transaction idle, its writes undone", function()
+    local t = "pool_spec_" .. suffix()
+    sql("CREATE TABLE " .. t .. " (x int)")
+    local p = assert(core.pool{ conninfo = URL, size = 1 })
+    local a = assert(p:acquire())
+    assert(a:query("BEGIN"))
+    assert(a:query("INSERT INTO " .. t .. " VALUES (1)"))
+    assert.equal("intrans", a:status())
+    a:release()
+    a = assert(p:acquire())
+    assert.equal("idle", a:status())
+    assert.equal(0, assert(a:query("SELECT count(*) AS n FROM " .. t))[1].n)
+    -- a failed transaction too
+    assert(a:query("BEGIN"))
+    assert.is_nil(a:query("SELECT 1/0"))
+    assert.equal("inerror", a:status())
+    a:release()
+    a = assert(p:acquire())
+    assert.equal("idle", a:status())
+    a:release()
+    assert.equal(1, p:stats().created)
+    p:close()
+    sql("DROP TABLE " .. t)
+  end)
+
+  it("reports a refused connection as a connection error at once", function()
+    local port = silent_port(0) -- bound, then released when the helper exits: nothing listens
+    sleep(0.1)
+    local p = assert(core.pool{ conninfo = "postgresql://postgres@127.0.0.1:" .. port .. "/postgres",
+                                size = 1, connect_timeout_ms = 2000 })
+    local t0 = core.clock()
+    local c, e = p:acquire()
+    assert.is_nil(c)
+    assert.equal("connection", e.code)
+    assert.is_true(core.clock() - t0 < 2)
+    assert.equal(0, p:stats().open)
+    p:close()
+  end)
+
+  it("gives up on a server that never answers within the connect timeout", function()
+    local port = silent_port(8)
+    local p = assert(core.pool{ conninfo = "postgresql://postgres@127.0.0.1:" .. port .. "/postgres",
+                                size = 1, connect_timeout_ms = 2000 })
+    local t0 = core.clock()
+    local c, e = p:acquire()
+    local waited = core.clock() - t0
+    assert.is_nil(c)
+    assert.equal("connection", e.code)
+    assert.is_true(waited >= 1.5 and waited < 4, "waited " .. waited)
+    p:close()
+  end)
+
+  describe("with a password-protected role", function()
+    local role = "qx_pool_spec_" .. suffix()
+    local hba = PG_DATA and (PG_DATA .. "/pg_hba.conf")
+    local original
+
+    local function reload_and_wait(want_scram)
+      sql("SELECT pg_reload_conf()")
+      local deadline = core.clock() + 5
+      repeat
+        local p = assert(core.pool{ conninfo = url_as(role, "wrong"), size = 1, connect_timeout_ms = 2000 })
+        local c = p:acquire()
+        if c then c:release() end
+        p:close()
+        if (c == nil) == want_scram then return end
+        sleep(0.05)
+      until core.clock() > deadline
+      error("pg_hba.conf reload did not take effect")
+    end
+
+    setup(function()
+      if not hba then return end
+      sql("CREATE ROLE " .. role .. " LOGIN PASSWORD 'right-password'")
+      local f = assert(io.open(hba, "r"))
+      original = f:read("*a")
+      f:close()
+      f = assert(io.open(hba, "w"))
+      f:write("host all ", role, " 127.0.0.1/32 scram-sha-256\n", original)
+      f:close()
+      reload_and_wait(true)
+    end)
+
+    teardown(function()
+      if not original then return end
+      local f = assert(io.open(hba, "w"))
+      f:write(original)
+      f:close()
+      sql("SELECT pg_reload_conf()")
+      sql("DROP ROLE IF EXISTS " .. role)
+    end)
+
+    it("reports a wrong password as a connection error within the connect timeout", function()
+      if not hba then pending("needs QX_TEST_PG_DATA (a cluster of our own)") return end
+      local t0 = core.clock()
+      local p = assert(core.pool{ conninfo = url_as(role, "wrong"), size = 1, connect_timeout_ms = 2000 })
+      local c, e = p:acquire()
+      assert.is_nil(c)
+      assert.equal("connection", e.code)
+      assert.truthy(e.message:find("password", 1, true))
+      assert.is_true(core.clock() - t0 < 2)
+      p:close()
+      -- and the right one works, so it was the password that failed
+      p = assert(core.pool{ conninfo = url_as(role, "right-password"), size = 1 })
+      c = assert(p:acquire())
+      c:release()
+      p:close()
+    end)
+
+    it("makes qx.connect return nil, err for a wrong password", function()
+      if not hba then pending("needs QX_TEST_PG_DATA (a cluster of our own)") return end
+      local db, e = qx.connect{ url = url_as(role, "wrong"), connect_timeout_seconds = 2 }
+      assert.is_nil(db)
+      assert.equal("connection", e.code)
+      assert.is_nil(e.message:find("wrong", 1, true)) -- the password is not repeated
+    end)
+  end)
+
+  it("makes qx.connect return nil, err for a refused connection", function()
+    local port = silent_port(0)
+    sleep(0.1)
+    local t0 = core.clock()
+    local db, e = qx.connect{ url = "postgresql://postgres@127.0.0.1:" .. port .. "/postgres",
+                              connect_timeout_seconds = 2 }
+    assert.is_nil(db)
+    assert.equal("connection", e.code)
+    assert.is_true(core.clock() - t0 < 2)
+  end)
+
+  it("checks its options", function()
+    local p, e = core.pool{ conninfo = URL, size = 0 }
+    assert.is_nil(p)
+    assert.equal("invalid", e.code)
+    assert.has_error(function() core.pool{ conninfo = URL, size = -1 } end)
+    assert.has_error(function() core.pool{ conninfo = URL, acquire_timeout_ms = "soon" } end)
+    assert.has_error(function() core.pool{ size = 1 } end)
+  end)
+
+  it("raises on acquire after close; a connection leased before close is released safely", function()
+    local p = assert(core.pool{ conninfo = URL, size = 1 })
+    local a = assert(p:acquire())
+    p:close()
+    assert.has_error(function() p:acquire() end, "pool is closed")
+    assert.equal(1, assert(a:query("SELECT 1 AS one"))[1].one)
+    a:release()
+    p:close() -- twice is harmless
+  end)
+end)
