@@ -56,4 +56,12 @@ function _M.consumer(opts)
     return require("qx.consumer").new(opts)
 end
 
+-- qx.nats: NATS settings (QX_NATS__*) and connections: qx.nats.connect{ servers = ... }
+_M.nats = require "qx.nats"
+
+-- qx.publisher{ nats = conn }: publishes one event straight to JetStream (no outbox)
+function _M.publisher(opts)
+    return require("qx.publisher").new(opts)
+end
+
 return _M

@@ -193,6 +193,82 @@ void qx_b64url_encode(char *out, const unsigned char *in, size_t n);
 qx_status qx_b64url_decode(unsigned char *out, size_t *outlen, const char *in, size_t n,
                            qx_error *err);
 
+/* ---- NATS (natsconn.c): one connection to NATS with JetStream -------------------------- */
+
+/* A NATS connection and its JetStream context (nats.c underneath). Publishers, relays and
+ * consumers of a process share one. It is reference counted: qx_nats_open returns it with one
+ * reference, qx_nats_retain adds one (a relay or a consumer keeps the connection alive after
+ * its opener closed it), qx_nats_close drops one and closes the connection with the last. */
+typedef struct qx_nats qx_nats;
+
+typedef struct qx_nats_options {
+    const char *servers;      /* comma-separated nats:// urls */
+    const char *name;         /* client name the server shows */
+    const char *user, *password, *token, *creds_file;
+    const char *tls_ca, *tls_cert, *tls_key; /* PEM files; tls_cert and tls_key go together */
+    int tls;                  /* 1: require TLS (implied by tls_ca / tls_cert) */
+    int connect_timeout_ms;   /* per server, > 0 */
+    int reconnect_attempts;   /* after a lost connection; -1 = forever, 0 = never */
+    int reconnect_wait_ms;    /* between two attempts on the same server */
+} qx_nats_options;
+
+/* Defaults: servers nats://127.0.0.1:4222, connect 2000 ms, reconnect forever every 2000 ms. */
+void qx_nats_options_init(qx_nats_options *o);
+/* Connects; an unreachable server is QX_ERR_CONNECTION within the connect timeout. */
+qx_status qx_nats_open(qx_nats **out, const qx_nats_options *o, qx_error *err);
+qx_nats *qx_nats_retain(qx_nats *n);
+void qx_nats_close(qx_nats *n);
+
+typedef enum qx_nats_state {
+    QX_NATS_CONNECTED, QX_NATS_CONNECTING, QX_NATS_RECONNECTING, QX_NATS_DISCONNECTED,
+    QX_NATS_CLOSED
+} qx_nats_state;
+qx_nats_state qx_nats_get_state(qx_nats *n);
+const char *qx_nats_state_name(qx_nats_state s); /* "connected", "reconnecting", ... */
+/* How many times the connection was re-established since it was opened. */
+long long qx_nats_reconnects(qx_nats *n);
+/* The url of the server it is connected to ("" when not connected). */
+void qx_nats_connected_url(qx_nats *n, char *buf, size_t size);
+
+/* 1 when s is a subject a message can be published to: dot-separated non-empty tokens of
+ * printable characters without whitespace, no wildcard tokens. */
+int qx_nats_subject_valid(const char *s);
+
+/* Creates the file-backed stream, or updates its subjects and duplicate window when it exists
+ * with others. duplicate_window_ms <= 0 keeps the server default (2 minutes). For development
+ * and tests: deployments declare their streams. */
+qx_status qx_nats_ensure_stream(qx_nats *n, const char *name, const char *const *subjects,
+                                int nsubjects, int64_t duplicate_window_ms, qx_error *err);
+
+typedef struct qx_nats_stream_info {
+    uint64_t messages, bytes, first_seq, last_seq;
+    int64_t consumers, subjects;
+} qx_nats_stream_info;
+/* QX_ERR_NOT_FOUND when there is no such stream. */
+qx_status qx_nats_stream_info_get(qx_nats *n, qx_nats_stream_info *out, const char *name,
+                                  qx_error *err);
+/* Deletes a stream (tests); QX_ERR_NOT_FOUND when there is none. */
+qx_status qx_nats_delete_stream(qx_nats *n, const char *name, qx_error *err);
+
+typedef struct qx_nats_header {
+    const char *key, *value;
+} qx_nats_header;
+
+#define QX_NATS_STREAM_NAME_MAX 256
+typedef struct qx_nats_ack {
+    char stream[QX_NATS_STREAM_NAME_MAX];
+    uint64_t sequence;
+    int duplicate; /* JetStream already had a message with this msg_id (within its window) */
+} qx_nats_ack;
+
+/* Publishes one message to JetStream and waits for its ack (up to timeout_ms; <= 0: 5000).
+ * msg_id (may be NULL) becomes the Nats-Msg-Id header, JetStream's de-duplication key.
+ * A server that does not ack in time is QX_ERR_TIMEOUT; a rejection (no stream for the subject,
+ * limits) is QX_ERR_NATS. */
+qx_status qx_nats_publish(qx_nats *n, qx_nats_ack *ack, const char *subject, const void *data,
+                          size_t len, const qx_nats_header *headers, int nheaders,
+                          const char *msg_id, int timeout_ms, qx_error *err);
+
 #ifdef __cplusplus
 }
 #endif

@@ -9,6 +9,7 @@
 #define QX_POOL_MT "qx.pool"
 #define QX_CONN_MT "qx.conn"
 #define QX_ERROR_MT "qx.error"
+#define QX_NATS_MT "qx.nats"
 
 /* Pushes nil and an error table { code, message, sqlstate?, retryable? }; returns 2. */
 int qx_push_error(lua_State *L, const qx_error *err);
@@ -39,5 +40,13 @@ int qx_open_conn(lua_State *L);
 void qx_conn_push(lua_State *L, qx_conn *c, qx_pool *p, int pool_idx);
 /* Adds hmac_sha256, equal_consttime, b64url_encode, b64url_decode to the table at the top. */
 void qx_open_crypto(lua_State *L);
+
+/* NATS (lnats.c): the connection userdata. qx_check_nats returns the connection at idx or
+ * raises (not a NATS connection, or closed); a binding that keeps it past the call retains it
+ * (qx_nats_retain) and holds a registry reference to the userdata. */
+qx_nats *qx_check_nats(lua_State *L, int idx);
+int qx_nats_new_lua(lua_State *L);
+/* Registers the metatable and adds nats, nats_subject_valid, is_nats to the table at the top. */
+void qx_open_nats(lua_State *L);
 
 #endif

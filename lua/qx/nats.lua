@@ -1,0 +1,375 @@
+-- NATS settings and connections.
+--
+--   local nats = require "qx.nats"
+--   local conn = assert(nats.connect{ servers = "nats://127.0.0.1:4222" })
+--   assert(conn:ensure_stream())            -- QX_EVENTS on "qx.events.>" (development, tests)
+--   local ack = assert(conn:publish("qx.events.x", body, { ["qx.event_id"] = id }, id))
+--
+-- Settings: explicit options over environment over defaults. The environment names follow
+-- qx-events' NatsSettings (QX_NATS__...), so a Lua and a Python service share one
+-- configuration:
+--
+--   QX_NATS__SERVERS                   comma-separated urls   (default nats://127.0.0.1:4222)
+--   QX_NATS__CLIENT_NAME               client name shown by the server       (default "qx")
+--   QX_NATS__CONNECT_TIMEOUT_SECONDS   per server, decimals ok               (default 2)
+--   QX_NATS__RECONNECT_ATTEMPTS        after a lost connection; -1 = forever (default -1)
+--   QX_NATS__RECONNECT_WAIT_SECONDS    between attempts, decimals ok         (default 2)
+--   QX_NATS__USER / QX_NATS__PASSWORD  user and password
+--   QX_NATS__TOKEN                     token
+--   QX_NATS__CREDS_FILE                a .creds file (JWT and NKey seed)
+--   QX_NATS__TLS                       1/true/yes/on: require TLS
+--   QX_NATS__TLS_CA / QX_NATS__TLS_CERT / QX_NATS__TLS_KEY   PEM files
+--   QX_NATS__STREAM                    stream of integration events   (default QX_EVENTS)
+--   QX_NATS__SUBJECT_PREFIX            subject = prefix .. "." .. event_name (default qx.events)
+--   QX_NATS__PUBLISH_TIMEOUT_SECONDS   wait for a JetStream ack, decimals ok (default 5)
+--
+-- Options: servers (a string or a list), client_name (or name), connect_timeout_seconds or
+-- connect_timeout_ms, reconnect_attempts, reconnect_wait_seconds or reconnect_wait_ms, user,
+-- password, token, creds_file, tls, tls_ca, tls_cert, tls_key, stream, subject_prefix,
+-- publish_timeout_seconds or publish_timeout_ms. An unknown option or two spellings of one
+-- setting raise; a bad value returns nil and an "invalid" error naming the setting. Error
+-- messages never repeat the servers (urls may carry credentials), password or token.
+local core = require "qx.core"
+local qx_error = require "qx.error"
+
+local type = type
+local pairs = pairs
+local ipairs = ipairs
+local error = error
+local tostring = tostring
+local tonumber = tonumber
+local setmetatable = setmetatable
+local getmetatable = getmetatable
+local floor = math.floor
+local fmt = string.format
+local match = string.match
+local find = string.find
+local lower = string.lower
+local concat = table.concat
+local sort = table.sort
+local os_getenv = os.getenv
+
+local _M = { _VERSION = "0.1.0" }
+
+local INT_MAX = 2147483647
+local MAX_SECONDS = 2147483 -- INT_MAX milliseconds
+
+_M.ENV = {
+    servers = "QX_NATS__SERVERS",
+    client_name = "QX_NATS__CLIENT_NAME",
+    connect_timeout_seconds = "QX_NATS__CONNECT_TIMEOUT_SECONDS",
+    reconnect_attempts = "QX_NATS__RECONNECT_ATTEMPTS",
+    reconnect_wait_seconds = "QX_NATS__RECONNECT_WAIT_SECONDS",
+    user = "QX_NATS__USER",
+    password = "QX_NATS__PASSWORD",
+    token = "QX_NATS__TOKEN",
+    creds_file = "QX_NATS__CREDS_FILE",
+    tls = "QX_NATS__TLS",
+    tls_ca = "QX_NATS__TLS_CA",
+    tls_cert = "QX_NATS__TLS_CERT",
+    tls_key = "QX_NATS__TLS_KEY",
+    stream = "QX_NATS__STREAM",
+    subject_prefix = "QX_NATS__SUBJECT_PREFIX",
+    publish_timeout_seconds = "QX_NATS__PUBLISH_TIMEOUT_SECONDS",
+}
+
+_M.DEFAULTS = {
+    servers = "nats://127.0.0.1:4222",
+    client_name = "qx",
+    connect_timeout_seconds = 2,
+    reconnect_attempts = -1,
+    reconnect_wait_seconds = 2,
+    stream = "QX_EVENTS",
+    subject_prefix = "qx.events",
+    publish_timeout_seconds = 5,
+}
+
+-- option name -> true; aliases map to their canonical name
+local OPTIONS = {
+    servers = true, client_name = true, name = "client_name",
+    connect_timeout_seconds = true, connect_timeout_ms = true,
+    reconnect_attempts = true, reconnect_wait_seconds = true, reconnect_wait_ms = true,
+    user = true, password = true, token = true, creds_file = true,
+    tls = true, tls_ca = true, tls_cert = true, tls_key = true,
+    stream = true, subject_prefix = true,
+    publish_timeout_seconds = true, publish_timeout_ms = true,
+}
+_M.OPTIONS = OPTIONS
+
+local function option_list()
+    local names = {}
+    for k in pairs(OPTIONS) do names[#names + 1] = k end
+    sort(names)
+    return concat(names, ", ")
+end
+
+local function bad(setting, msg)
+    return qx_error.new("invalid", "invalid setting " .. setting .. ": " .. msg,
+                        { setting = setting })
+end
+
+-- explicit option, else the variable when set and not empty
+local function pick(opts, getenv, option, env_name)
+    local v = opts[option]
+    if v ~= nil then return { source = option, value = v, from_env = false } end
+    if env_name then
+        local s = getenv(env_name)
+        if s ~= nil and s ~= "" then return { source = env_name, value = s, from_env = true } end
+    end
+    return nil
+end
+
+-- a number from an option (already a number) or a variable (parsed strictly)
+local function number_of(src, integer)
+    local v = src.value
+    local want = integer and "an integer" or "a number"
+    if src.from_env then
+        local s = match(v, "^%s*(.-)%s*$")
+        local ok = integer and find(s, "^[+-]?%d+$")
+            or find(s, "^[+-]?%d+%.?%d*$") or find(s, "^[+-]?%.%d+$")
+        if not ok then return nil, bad(src.source, "expected " .. want .. ", got " .. fmt("%q", v)) end
+        return tonumber(s)
+    end
+    if type(v) ~= "number" or v ~= v or (integer and v ~= floor(v)) then
+        return nil, bad(src.source, "expected " .. want .. ", got " .. tostring(v))
+    end
+    return v
+end
+
+local function ranged(src, integer, lo, hi, scale)
+    local n, e = number_of(src, integer)
+    if not n then return nil, e end
+    if n < lo or n > hi then
+        return nil, bad(src.source, fmt("must be from %s to %s, got %s", tostring(lo), tostring(hi),
+                                        tostring(src.value)))
+    end
+    return floor(n * scale + 0.5)
+end
+
+-- a duration given in seconds (option or variable) or in ms (option only)
+local function duration(opts, getenv, name, dflt_seconds, lo_ms)
+    local src = pick(opts, getenv, name .. "_ms", nil)
+    if src then return ranged(src, true, lo_ms, INT_MAX, 1) end
+    src = pick(opts, getenv, name .. "_seconds", _M.ENV[name .. "_seconds"])
+    if not src then return floor(dflt_seconds * 1000 + 0.5) end
+    return ranged(src, false, lo_ms / 1000, MAX_SECONDS, 1000)
+end
+
+local function text(opts, getenv, name)
+    local src = pick(opts, getenv, name, _M.ENV[name])
+    if not src then return nil end
+    if type(src.value) ~= "string" or src.value == "" then
+        return nil, bad(src.source, "expected a non-empty string")
+    end
+    return src.value
+end
+
+local TRUE = { ["1"] = true, ["true"] = true, yes = true, on = true }
+local FALSE = { ["0"] = true, ["false"] = true, no = true, off = true }
+
+-- settings(opts?, getenv?) -> normalised table | nil, err
+--   { servers, client_name, connect_timeout_ms, reconnect_attempts, reconnect_wait_ms, user,
+--     password, token, creds_file, tls, tls_ca, tls_cert, tls_key, stream, subject_prefix,
+--     publish_timeout_ms }
+function _M.settings(opts, getenv)
+    if opts == nil then
+        opts = {}
+    elseif type(opts) ~= "table" then
+        error("qx.nats: options must be a table, got " .. type(opts), 2)
+    end
+    getenv = getenv or os_getenv
+    local o = {}
+    for k, v in pairs(opts) do
+        local canon = OPTIONS[k]
+        if not canon then
+            error("qx.nats: unknown option '" .. tostring(k) .. "' (known: " .. option_list() .. ")", 2)
+        end
+        canon = canon == true and k or canon
+        if o[canon] ~= nil then error("qx.nats: pass " .. canon .. " once", 2) end
+        o[canon] = v
+    end
+    for _, pair in ipairs({ { "connect_timeout_seconds", "connect_timeout_ms" },
+                            { "reconnect_wait_seconds", "reconnect_wait_ms" },
+                            { "publish_timeout_seconds", "publish_timeout_ms" } }) do
+        if o[pair[1]] ~= nil and o[pair[2]] ~= nil then
+            error("qx.nats: pass " .. pair[1] .. " or " .. pair[2] .. ", not both", 2)
+        end
+    end
+
+    local D, out, v, e, src = _M.DEFAULTS, {}, nil, nil, nil
+
+    -- servers: a list or a comma-separated string
+    src = pick(o, getenv, "servers", _M.ENV.servers)
+    v = src and src.value or D.servers
+    if type(v) == "table" then
+        for i, s in ipairs(v) do
+            if type(s) ~= "string" or s == "" then
+                return nil, bad("servers", "entry " .. i .. " is not a url")
+            end
+        end
+        if #v == 0 then return nil, bad("servers", "the list is empty") end
+        v = concat(v, ",")
+    elseif type(v) ~= "string" or not find(v, "%S") then
+        return nil, bad(src and src.source or "servers", "expected urls")
+    end
+    for url in v:gmatch("[^,]+") do
+        local u = match(url, "^%s*(.-)%s*$")
+        local scheme = match(u, "^([%w+.%-]*)://")
+        if scheme and scheme ~= "nats" and scheme ~= "tls" then
+            return nil, bad(src and src.source or "servers",
+                            "unsupported scheme \"" .. scheme .. "\" (expected nats:// or tls://)")
+        end
+    end
+    out.servers = v
+
+    out.client_name, e = text(o, getenv, "client_name")
+    if e then return nil, e end
+    out.client_name = out.client_name or D.client_name
+
+    out.connect_timeout_ms, e = duration(o, getenv, "connect_timeout", D.connect_timeout_seconds, 1)
+    if not out.connect_timeout_ms then return nil, e end
+    out.reconnect_wait_ms, e = duration(o, getenv, "reconnect_wait", D.reconnect_wait_seconds, 0)
+    if not out.reconnect_wait_ms then return nil, e end
+    out.publish_timeout_ms, e = duration(o, getenv, "publish_timeout", D.publish_timeout_seconds, 1)
+    if not out.publish_timeout_ms then return nil, e end
+
+    src = pick(o, getenv, "reconnect_attempts", _M.ENV.reconnect_attempts)
+    if src then
+        v, e = ranged(src, true, -1, INT_MAX, 1)
+        if not v then return nil, e end
+        out.reconnect_attempts = v
+    else
+        out.reconnect_attempts = D.reconnect_attempts
+    end
+
+    for _, name in ipairs({ "user", "password", "token", "creds_file", "tls_ca", "tls_cert", "tls_key" }) do
+        out[name], e = text(o, getenv, name)
+        if e then return nil, e end
+    end
+    if out.password and not out.user then
+        return nil, bad("password", "a password needs a user")
+    end
+    if (out.tls_cert == nil) ~= (out.tls_key == nil) then
+        return nil, bad("tls_cert", "tls_cert and tls_key go together")
+    end
+
+    src = pick(o, getenv, "tls", _M.ENV.tls)
+    if src then
+        v = src.value
+        if src.from_env then
+            local s = lower(match(v, "^%s*(.-)%s*$"))
+            if TRUE[s] then v = true elseif FALSE[s] then v = false
+            else return nil, bad(src.source, "expected true or false, got " .. fmt("%q", src.value)) end
+        elseif type(v) ~= "boolean" then
+            return nil, bad(src.source, "expected a boolean")
+        end
+        out.tls = v
+    else
+        out.tls = false
+    end
+
+    out.stream, e = text(o, getenv, "stream")
+    if e then return nil, e end
+    out.stream = out.stream or D.stream
+    if find(out.stream, "[%s%.%*>]") then
+        return nil, bad("stream", "a stream name has no spaces, dots, * or >")
+    end
+    out.subject_prefix, e = text(o, getenv, "subject_prefix")
+    if e then return nil, e end
+    out.subject_prefix = out.subject_prefix or D.subject_prefix
+    if not core.nats_subject_valid(out.subject_prefix) then
+        return nil, bad("subject_prefix", "not a valid subject: " .. fmt("%q", out.subject_prefix))
+    end
+    return out
+end
+
+-- the options core.nats takes, from normalised settings
+local function core_options(s)
+    return {
+        servers = s.servers, name = s.client_name,
+        user = s.user, password = s.password, token = s.token, creds_file = s.creds_file,
+        tls = s.tls, tls_ca = s.tls_ca, tls_cert = s.tls_cert, tls_key = s.tls_key,
+        connect_timeout_ms = s.connect_timeout_ms,
+        reconnect_attempts = s.reconnect_attempts,
+        reconnect_wait_ms = s.reconnect_wait_ms,
+    }
+end
+
+-- ---- connection ---------------------------------------------------------------------------
+
+local Conn = {}
+Conn.__index = Conn
+_M.Conn = Conn
+
+-- connect(opts?) -> conn | nil, err. Connects at once: an unreachable server is a
+-- "connection" error within the connect timeout. conn.handle is the core userdata (for
+-- bindings that take a NATS connection), conn.settings the normalised settings.
+function _M.connect(opts)
+    local s, e = _M.settings(opts)
+    if not s then return nil, e end
+    local handle
+    handle, e = core.nats(core_options(s))
+    if not handle then return nil, e end
+    return setmetatable({ handle = handle, settings = s }, Conn)
+end
+
+-- Accepts a Conn, a core NATS userdata or options; returns a Conn and whether it was opened
+-- here (the caller closes what it opened).
+function _M.resolve(x)
+    if getmetatable(x) == Conn then return x, false end
+    if core.is_nats(x) then
+        local s, e = _M.settings({})
+        if not s then return nil, e end
+        return setmetatable({ handle = x, settings = s }, Conn), false
+    end
+    if x ~= nil and type(x) ~= "table" then
+        error("expected a NATS connection (qx.nats.connect) or NATS options", 3)
+    end
+    local c, e = _M.connect(x)
+    if not c then return nil, e end
+    return c, true
+end
+
+-- subject for an event name: prefix .. "." .. name
+function Conn:subject(event_name)
+    return self.settings.subject_prefix .. "." .. event_name
+end
+
+-- ensure_stream{ name = settings.stream, subjects = { prefix .. ".>" },
+--                duplicate_window_ms = server default (2 minutes) } -> true | nil, err
+-- For development and tests; deployments declare their streams.
+function Conn:ensure_stream(opts)
+    if opts ~= nil and type(opts) ~= "table" then error("ensure_stream: expected a table", 2) end
+    opts = opts or {}
+    local subjects = opts.subjects or { self.settings.subject_prefix .. ".>" }
+    if type(subjects) == "string" then subjects = { subjects } end
+    return self.handle:ensure_stream{
+        name = opts.name or self.settings.stream,
+        subjects = subjects,
+        duplicate_window_ms = opts.duplicate_window_ms,
+    }
+end
+
+-- publish(subject, data, headers?, msg_id?) -> { stream, sequence, duplicate } | nil, err
+function Conn:publish(subject, data, headers, msg_id)
+    if type(subject) ~= "string" then error("publish: subject must be a string", 2) end
+    if type(data) ~= "string" then error("publish: data must be a string", 2) end
+    return self.handle:publish(subject, data, headers, msg_id, self.settings.publish_timeout_ms)
+end
+
+-- stream_info(name?) -> { messages, bytes, first_seq, last_seq, consumers, subjects } | nil, err
+function Conn:stream_info(name)
+    return self.handle:stream_info(name or self.settings.stream)
+end
+
+function Conn:delete_stream(name)
+    return self.handle:delete_stream(name or self.settings.stream)
+end
+
+function Conn:state() return self.handle:state() end
+function Conn:stats() return self.handle:stats() end
+
+-- Closes the connection (a relay or consumer still using it keeps it open until it is done).
+function Conn:close() self.handle:close() end
+
+return _M

@@ -1,0 +1,98 @@
+-- qx.publisher{...}: publishes one integration event straight to JetStream and waits for its
+-- ack, without the outbox. For events that need no transaction (or tools and tests); events a
+-- unit of work records go through the outbox and the relay.
+--
+--   local pub = assert(qx.publisher{ nats = conn })        -- or nats = { servers = ... }
+--   local ack, err = pub:publish(UserRegistered{ ... })     -- or a decoded envelope table
+--   -- ack = { stream = "QX_EVENTS", sequence = 42, duplicate = false }
+--
+-- The message is what the relay sends for the same event: subject `<prefix>.<event_name>`, the
+-- envelope as JSON body, headers qx.event_name, qx.event_version, qx.event_id,
+-- qx.correlation_id and qx.tenant_id (when set), and Nats-Msg-Id = event_id, so publishing the
+-- same event twice within the stream's duplicate window stores it once (ack.duplicate = true).
+local core = require "qx.core"
+local qx_error = require "qx.error"
+local nats = require "qx.nats"
+local event = require "qx.event"
+
+local type = type
+local error = error
+local tostring = tostring
+local setmetatable = setmetatable
+local pcall = pcall
+
+local _M = { _VERSION = "0.1.0" }
+
+local json = require("cjson.safe").new()
+if not pcall(json.encode_number_precision, 17) then pcall(json.encode_number_precision, 16) end
+local null = core.null
+
+local Publisher = {}
+Publisher.__index = Publisher
+_M.Publisher = Publisher
+
+-- new{ nats = conn | core handle | options (default: from QX_NATS__*), subject_prefix = } ->
+-- publisher | nil, err
+function _M.new(opts)
+    if opts ~= nil and type(opts) ~= "table" then error("qx.publisher: options must be a table", 2) end
+    opts = opts or {}
+    local conn, owned = nats.resolve(opts.nats)
+    if not conn then return nil, owned end
+    local prefix = opts.subject_prefix or conn.settings.subject_prefix
+    if type(prefix) ~= "string" or not core.nats_subject_valid(prefix) then
+        if owned then conn:close() end
+        error("qx.publisher: subject_prefix must be a valid subject", 2)
+    end
+    return setmetatable({ conn = conn, owned = owned, prefix = prefix }, Publisher)
+end
+
+local function text_or_nil(v)
+    if v == nil or v == null then return nil end
+    return tostring(v)
+end
+
+-- headers_for(envelope) -> the qx.* headers of a message
+function _M.headers(env)
+    return {
+        ["qx.event_name"] = env.event_name,
+        ["qx.event_version"] = tostring(env.event_version),
+        ["qx.event_id"] = env.event_id,
+        ["qx.correlation_id"] = text_or_nil(env.correlation_id),
+        ["qx.tenant_id"] = text_or_nil(env.tenant_id),
+    }
+end
+
+-- publish(event | envelope) -> ack | nil, err
+function Publisher:publish(ev)
+    local env
+    if event.is_event(ev) then
+        env = ev:envelope()
+    elseif type(ev) == "table" then
+        env = ev
+    else
+        error("publisher:publish: expected an event or an envelope table", 2)
+    end
+    if not core.is_uuid(env.event_id) then
+        return nil, qx_error.new("invalid", "envelope: event_id must be a uuid")
+    end
+    if type(env.event_name) ~= "string" or env.event_name == "" then
+        return nil, qx_error.new("invalid", "envelope: event_name must be a non-empty string")
+    end
+    if type(env.event_version) ~= "number" then
+        return nil, qx_error.new("invalid", "envelope: event_version must be a number")
+    end
+    local subject = self.prefix .. "." .. env.event_name
+    if not core.nats_subject_valid(subject) then
+        return nil, qx_error.new("invalid", "event name gives an invalid subject: " .. subject)
+    end
+    local body, e = json.encode(env)
+    if not body then return nil, qx_error.new("invalid", "envelope cannot be encoded: " .. tostring(e)) end
+    return self.conn:publish(subject, body, _M.headers(env), env.event_id)
+end
+
+-- Closes the connection when the publisher opened it.
+function Publisher:close()
+    if self.owned then self.conn:close() end
+end
+
+return _M
