@@ -269,6 +269,85 @@ qx_status qx_nats_publish(qx_nats *n, qx_nats_ack *ack, const char *subject, con
                           size_t len, const qx_nats_header *headers, int nheaders,
                           const char *msg_id, int timeout_ms, qx_error *err);
 
+/* ---- JetStream pull consumer ------------------------------------------------------------- */
+
+/* A durable pull consumer on a stream. Fetching waits on the calling thread (no callbacks);
+ * the messages of the last fetch belong to the consumer until the next fetch or free, and each
+ * gets one final reply: ack, nak (optionally delayed) or term. A message left unanswered is
+ * redelivered by the server once its ack wait has passed. */
+typedef struct qx_consumer qx_consumer;
+
+typedef struct qx_consumer_options {
+    const char *stream;         /* required; the stream must exist */
+    const char *durable;        /* required; the consumer's name (no '.', ' ', '*', '>') */
+    const char *filter_subject; /* NULL or "": every subject of the stream */
+    int64_t max_deliver;        /* server-side delivery limit; <= 0: unlimited (default -1) */
+    int ack_wait_ms;            /* redelivery after this long without a reply (default 30000) */
+    int max_ack_pending;        /* unanswered messages the server lets out (default 1000) */
+    int create;                 /* 1 (default): create the durable, or update it to these
+                                   options; 0: bind to a consumer the deployment declared */
+} qx_consumer_options;
+
+void qx_consumer_options_init(qx_consumer_options *o);
+/* Declares (see create) and binds to the durable consumer. */
+qx_status qx_consumer_new(qx_consumer **out, qx_nats *nats, const qx_consumer_options *o,
+                          qx_error *err);
+/* Drops this client's interest; the durable consumer and its state stay on the server. */
+void qx_consumer_free(qx_consumer *c);
+/* Fetches up to batch messages, waiting up to timeout_ms when none are ready. *count is 0 when
+ * nothing arrived in time (not an error). Replaces the previous batch. */
+qx_status qx_consumer_fetch(qx_consumer *c, int *count, int batch, int timeout_ms,
+                            qx_error *err);
+
+/* One message of the last fetch, index 0..count-1. The strings stay valid until the next
+ * fetch or free. */
+typedef struct qx_consumer_msg {
+    const char *subject;
+    const char *data; /* not NUL-terminated in general: use data_len */
+    int data_len;
+    const char *stream;
+    const char *consumer;
+    uint64_t stream_seq;
+    uint64_t consumer_seq;
+    uint64_t delivered;  /* 1 on the first delivery */
+    uint64_t pending;    /* messages still waiting for this consumer after this one */
+    int64_t timestamp_ns; /* when the stream stored it, ns since the epoch */
+    char published_at[QX_ISO8601_STRLEN + 1]; /* the same as ISO-8601 UTC */
+    int replied;         /* 1 once acked, naked or termed */
+} qx_consumer_msg;
+qx_status qx_consumer_msg_get(qx_consumer *c, int i, qx_consumer_msg *out, qx_error *err);
+/* The headers of message i: *count keys and their (first) values; the strings belong to the
+ * message, the two arrays to the caller (qx_free each; NULL when there are no headers). */
+qx_status qx_consumer_msg_headers(qx_consumer *c, int i, const char ***keys,
+                                  const char ***values, int *count, qx_error *err);
+
+typedef enum qx_reply {
+    QX_REPLY_ACK,         /* done */
+    QX_REPLY_ACK_SYNC,    /* done, and wait for the server to confirm */
+    QX_REPLY_NAK,         /* redeliver after delay_ms (0: at once) */
+    QX_REPLY_TERM,        /* never redeliver */
+    QX_REPLY_IN_PROGRESS  /* still working: restart the ack wait (not a final reply) */
+} qx_reply;
+/* Answers message i; a second final reply is QX_ERR_INVALID. */
+qx_status qx_consumer_reply(qx_consumer *c, int i, qx_reply kind, int64_t delay_ms,
+                            qx_error *err);
+
+typedef struct qx_consumer_info {
+    uint64_t num_pending;        /* messages not yet delivered */
+    int64_t num_ack_pending;     /* delivered, not yet answered */
+    int64_t num_redelivered;
+    int64_t num_waiting;         /* pull requests waiting */
+    uint64_t delivered_stream_seq;
+    uint64_t ack_floor_stream_seq;
+    int64_t max_deliver;
+    int64_t ack_wait_ms;
+    int64_t max_ack_pending;
+} qx_consumer_info;
+/* Asks the server for the consumer's state. */
+qx_status qx_consumer_info_get(qx_consumer *c, qx_consumer_info *out, qx_error *err);
+const char *qx_consumer_stream(const qx_consumer *c);
+const char *qx_consumer_durable(const qx_consumer *c);
+
 #ifdef __cplusplus
 }
 #endif

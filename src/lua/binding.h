@@ -10,6 +10,7 @@
 #define QX_CONN_MT "qx.conn"
 #define QX_ERROR_MT "qx.error"
 #define QX_NATS_MT "qx.nats"
+#define QX_CONSUMER_MT "qx.consumer"
 
 /* Pushes nil and an error table { code, message, sqlstate?, retryable? }; returns 2. */
 int qx_push_error(lua_State *L, const qx_error *err);
@@ -48,5 +49,9 @@ qx_nats *qx_check_nats(lua_State *L, int idx);
 int qx_nats_new_lua(lua_State *L);
 /* Registers the metatable and adds nats, nats_subject_valid, is_nats to the table at the top. */
 void qx_open_nats(lua_State *L);
+
+/* JetStream pull consumer (lconsumer.c): registers the metatable and adds consumer to the table
+ * at the top. */
+void qx_open_consumer(lua_State *L);
 
 #endif

@@ -1,0 +1,403 @@
+/* A JetStream pull consumer: a durable consumer on a stream, fetched in batches on the calling
+ * thread, each message acknowledged, negatively acknowledged with a delay, or terminated.
+ *
+ * Everything here runs on the caller's thread: natsSubscription_Fetch waits on the calling
+ * thread and hands the messages back, so no nats.c callback is involved. The messages of the
+ * last fetch stay owned by the consumer until the next fetch (or free); a message left without
+ * a reply is redelivered by the server once its ack wait has passed. */
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <nats/nats.h>
+
+#include "nats_internal.h"
+#include "qx.h"
+
+struct qx_consumer {
+    qx_nats *nats;           /* one reference, held until free */
+    natsSubscription *sub;
+    jsCtx *js;
+    char *stream;
+    char *durable;
+    natsMsgList batch;       /* the messages of the last fetch */
+    jsMsgMetaData **meta;    /* their metadata, one per message */
+    int *replied;            /* 1 once a final reply (ack, nak, term) went out */
+};
+
+void qx_consumer_options_init(qx_consumer_options *o)
+{
+    memset(o, 0, sizeof *o);
+    o->max_deliver = -1;
+    o->ack_wait_ms = 30000;
+    o->max_ack_pending = 1000;
+    o->create = 1;
+}
+
+static void batch_free(qx_consumer *c)
+{
+    int i;
+    if (c->meta != NULL) {
+        for (i = 0; i < c->batch.Count; i++)
+            jsMsgMetaData_Destroy(c->meta[i]);
+        free(c->meta);
+        c->meta = NULL;
+    }
+    free(c->replied);
+    c->replied = NULL;
+    natsMsgList_Destroy(&c->batch); /* also sets Msgs to NULL and Count to 0 */
+}
+
+static int name_ok(const char *s)
+{
+    if (s == NULL || s[0] == '\0')
+        return 0;
+    return strpbrk(s, ". *>\t\r\n") == NULL;
+}
+
+/* The consumer as the options describe it; the fields qx manages (see qx.h). */
+static void config_from(jsConsumerConfig *cc, const qx_consumer_options *o)
+{
+    jsConsumerConfig_Init(cc);
+    cc->Durable = o->durable;
+    cc->AckPolicy = js_AckExplicit;
+    cc->DeliverPolicy = js_DeliverAll;
+    cc->AckWait = (int64_t)o->ack_wait_ms * 1000000;
+    cc->MaxDeliver = o->max_deliver > 0 ? o->max_deliver : -1;
+    cc->MaxAckPending = o->max_ack_pending;
+    cc->FilterSubject = (o->filter_subject != NULL && o->filter_subject[0] != '\0')
+                            ? o->filter_subject : NULL;
+}
+
+static int str_differ(const char *a, const char *b)
+{
+    if (a == NULL || a[0] == '\0')
+        return !(b == NULL || b[0] == '\0');
+    return b == NULL || strcmp(a, b) != 0;
+}
+
+/* Creates the durable consumer, or brings an existing one in line with the options. */
+static qx_status declare(jsCtx *js, const qx_consumer_options *o, qx_error *err)
+{
+    jsConsumerConfig want;
+    jsConsumerInfo *ci = NULL;
+    jsErrCode jerr = 0;
+    natsStatus s;
+    qx_status st = QX_OK;
+
+    config_from(&want, o);
+    s = js_GetConsumerInfo(&ci, js, o->stream, o->durable, NULL, &jerr);
+    if (s == NATS_NOT_FOUND && jerr == JSConsumerNotFoundErr) {
+        jsConsumerInfo_Destroy(ci);
+        ci = NULL;
+        s = js_AddConsumer(&ci, js, o->stream, &want, NULL, &jerr);
+        if (s != NATS_OK)
+            st = qx_nats_error(err, s, jerr, "creating the JetStream consumer");
+    } else if (s != NATS_OK) {
+        st = qx_nats_error(err, s, jerr, "looking up the JetStream consumer");
+    } else {
+        const jsConsumerConfig *have = ci->Config;
+        if (have == NULL || have->AckWait != want.AckWait || have->MaxDeliver != want.MaxDeliver ||
+            have->MaxAckPending != want.MaxAckPending ||
+            str_differ(have->FilterSubject, want.FilterSubject) ||
+            have->AckPolicy != js_AckExplicit || (have->DeliverSubject != NULL &&
+                                                  have->DeliverSubject[0] != '\0')) {
+            jsConsumerInfo_Destroy(ci);
+            ci = NULL;
+            s = js_UpdateConsumer(&ci, js, o->stream, &want, NULL, &jerr);
+            if (s != NATS_OK)
+                st = qx_nats_error(err, s, jerr, "updating the JetStream consumer to the options given");
+        }
+    }
+    jsConsumerInfo_Destroy(ci);
+    return st;
+}
+
+qx_status qx_consumer_new(qx_consumer **out, qx_nats *nats, const qx_consumer_options *o,
+                          qx_error *err)
+{
+    qx_consumer *c = NULL;
+    jsCtx *js = NULL;
+    jsSubOptions so;
+    jsErrCode jerr = 0;
+    natsStatus s;
+    qx_status st;
+
+    *out = NULL;
+    if (nats == NULL || o == NULL)
+        return qx_error_set(err, QX_ERR_INVALID, "consumer: a NATS connection and options are required");
+    if (!name_ok(o->stream))
+        return qx_error_set(err, QX_ERR_INVALID,
+                            "consumer: stream must be a name without '.', ' ', '*' or '>'");
+    if (!name_ok(o->durable))
+        return qx_error_set(err, QX_ERR_INVALID,
+                            "consumer: durable must be a name without '.', ' ', '*' or '>'");
+    if (o->ack_wait_ms <= 0)
+        return qx_error_set(err, QX_ERR_INVALID, "consumer: ack_wait_ms must be > 0");
+    if (o->max_ack_pending <= 0)
+        return qx_error_set(err, QX_ERR_INVALID, "consumer: max_ack_pending must be > 0");
+    js = qx_nats_js(nats);
+
+    if (o->create) {
+        st = declare(js, o, err);
+        if (st != QX_OK)
+            return st;
+    }
+
+    c = calloc(1, sizeof *c);
+    if (c == NULL)
+        return qx_error_set(err, QX_ERR_NOMEM, "consumer: out of memory");
+    c->nats = qx_nats_retain(nats);
+    c->js = js;
+    c->stream = strdup(o->stream);
+    c->durable = strdup(o->durable);
+    if (c->stream == NULL || c->durable == NULL) {
+        qx_consumer_free(c);
+        return qx_error_set(err, QX_ERR_NOMEM, "consumer: out of memory");
+    }
+
+    /* Bound to the durable by name: the consumer's configuration is whatever declare() or the
+     * deployment made it, and nats.c does not compare it with ours. */
+    jsSubOptions_Init(&so);
+    so.Stream = c->stream;
+    so.Consumer = c->durable;
+    s = js_PullSubscribe(&c->sub, js, o->filter_subject != NULL && o->filter_subject[0] != '\0'
+                                          ? o->filter_subject : NULL,
+                         c->durable, NULL, &so, &jerr);
+    if (s != NATS_OK) {
+        st = qx_nats_error(err, s, jerr, "binding to the JetStream consumer");
+        c->sub = NULL;
+        qx_consumer_free(c);
+        return st;
+    }
+    *out = c;
+    return QX_OK;
+}
+
+void qx_consumer_free(qx_consumer *c)
+{
+    if (c == NULL)
+        return;
+    batch_free(c);
+    if (c->sub != NULL) {
+        /* the durable consumer stays on the server; only this client's interest goes */
+        natsSubscription_Unsubscribe(c->sub);
+        natsSubscription_Destroy(c->sub);
+    }
+    qx_nats_close(c->nats);
+    free(c->stream);
+    free(c->durable);
+    free(c);
+}
+
+qx_status qx_consumer_fetch(qx_consumer *c, int *count, int batch, int timeout_ms, qx_error *err)
+{
+    natsStatus s;
+    jsErrCode jerr = 0;
+    int i, n;
+
+    *count = 0;
+    if (c == NULL || c->sub == NULL)
+        return qx_error_set(err, QX_ERR_CLOSED, "consumer is closed");
+    if (batch < 1)
+        return qx_error_set(err, QX_ERR_INVALID, "fetch: batch must be >= 1");
+    if (timeout_ms < 1)
+        return qx_error_set(err, QX_ERR_INVALID, "fetch: timeout_ms must be >= 1");
+    batch_free(c);
+
+    s = natsSubscription_Fetch(&c->batch, c->sub, batch, timeout_ms, &jerr);
+    if (s == NATS_TIMEOUT)
+        return QX_OK; /* nothing arrived in time */
+    if (s != NATS_OK)
+        return qx_nats_error(err, s, jerr, "fetching from the JetStream consumer");
+
+    n = c->batch.Count;
+    c->meta = calloc((size_t)n, sizeof *c->meta);
+    c->replied = calloc((size_t)n, sizeof *c->replied);
+    if (c->meta == NULL || c->replied == NULL) {
+        batch_free(c); /* unanswered: redelivered after the ack wait */
+        return qx_error_set(err, QX_ERR_NOMEM, "fetch: out of memory");
+    }
+    for (i = 0; i < n; i++) {
+        s = natsMsg_GetMetaData(&c->meta[i], c->batch.Msgs[i]);
+        if (s != NATS_OK) {
+            c->meta[i] = NULL;
+            batch_free(c);
+            return qx_nats_error(err, s, 0, "fetch: reading message metadata");
+        }
+    }
+    *count = n;
+    return QX_OK;
+}
+
+static qx_status check_index(qx_consumer *c, int i, qx_error *err)
+{
+    if (c == NULL || c->sub == NULL)
+        return qx_error_set(err, QX_ERR_CLOSED, "consumer is closed");
+    if (i < 0 || i >= c->batch.Count || c->meta == NULL)
+        return qx_error_set(err, QX_ERR_INVALID,
+                            "message %d is not in the last fetch (%d messages)", i + 1,
+                            c->batch.Count);
+    return QX_OK;
+}
+
+/* ISO-8601 UTC with microseconds from nanoseconds since the epoch (as qx_now_iso8601). */
+static void iso8601_from_ns(char buf[QX_ISO8601_STRLEN + 1], int64_t ns)
+{
+    time_t secs;
+    struct tm tm;
+    if (ns < 0)
+        ns = 0;
+    secs = (time_t)(ns / 1000000000);
+    if (gmtime_r(&secs, &tm) == NULL || tm.tm_year + 1900 > 9999) {
+        secs = 0;
+        ns = 0;
+        gmtime_r(&secs, &tm);
+    }
+    strftime(buf, QX_ISO8601_STRLEN + 1, "%Y-%m-%dT%H:%M:%S", &tm); /* 19 characters */
+    snprintf(buf + 19, QX_ISO8601_STRLEN + 1 - 19, ".%06uZ",
+             (unsigned)((ns % 1000000000) / 1000) % 1000000u);
+}
+
+qx_status qx_consumer_msg_get(qx_consumer *c, int i, qx_consumer_msg *out, qx_error *err)
+{
+    natsMsg *m;
+    const jsMsgMetaData *md;
+    qx_status st = check_index(c, i, err);
+    if (st != QX_OK)
+        return st;
+    m = c->batch.Msgs[i];
+    md = c->meta[i];
+    memset(out, 0, sizeof *out);
+    out->subject = natsMsg_GetSubject(m);
+    out->data = natsMsg_GetData(m);
+    out->data_len = natsMsg_GetDataLength(m);
+    if (out->data == NULL)
+        out->data = "";
+    out->stream = md->Stream;
+    out->consumer = md->Consumer;
+    out->stream_seq = md->Sequence.Stream;
+    out->consumer_seq = md->Sequence.Consumer;
+    out->delivered = md->NumDelivered;
+    out->pending = md->NumPending;
+    out->timestamp_ns = md->Timestamp;
+    iso8601_from_ns(out->published_at, md->Timestamp);
+    out->replied = c->replied[i];
+    return QX_OK;
+}
+
+qx_status qx_consumer_msg_headers(qx_consumer *c, int i, const char ***keys,
+                                  const char ***values, int *count, qx_error *err)
+{
+    const char **k = NULL, **v = NULL;
+    int n = 0, j;
+    natsStatus s;
+    qx_status st = check_index(c, i, err);
+
+    *keys = NULL;
+    *values = NULL;
+    *count = 0;
+    if (st != QX_OK)
+        return st;
+    s = natsMsgHeader_Keys(c->batch.Msgs[i], &k, &n);
+    if (s == NATS_NOT_FOUND)
+        return QX_OK; /* no headers */
+    if (s != NATS_OK)
+        return qx_nats_error(err, s, 0, "reading message headers");
+    v = calloc((size_t)n, sizeof *v);
+    if (v == NULL) {
+        free((void *)k);
+        return qx_error_set(err, QX_ERR_NOMEM, "headers: out of memory");
+    }
+    for (j = 0; j < n; j++) {
+        if (natsMsgHeader_Get(c->batch.Msgs[i], k[j], &v[j]) != NATS_OK || v[j] == NULL)
+            v[j] = ""; /* a key without a value */
+    }
+    *keys = k;
+    *values = v;
+    *count = n;
+    return QX_OK;
+}
+
+qx_status qx_consumer_reply(qx_consumer *c, int i, qx_reply kind, int64_t delay_ms,
+                            qx_error *err)
+{
+    natsMsg *m;
+    natsStatus s;
+    jsErrCode jerr = 0;
+    const char *what;
+    qx_status st = check_index(c, i, err);
+    if (st != QX_OK)
+        return st;
+    if (c->replied[i])
+        return qx_error_set(err, QX_ERR_INVALID, "message %d was already answered", i + 1);
+    m = c->batch.Msgs[i];
+    switch (kind) {
+    case QX_REPLY_ACK:
+        what = "ack";
+        s = natsMsg_Ack(m, NULL);
+        break;
+    case QX_REPLY_ACK_SYNC:
+        what = "ack";
+        s = natsMsg_AckSync(m, NULL, &jerr);
+        break;
+    case QX_REPLY_NAK:
+        what = "nak";
+        s = delay_ms > 0 ? natsMsg_NakWithDelay(m, delay_ms, NULL) : natsMsg_Nak(m, NULL);
+        break;
+    case QX_REPLY_TERM:
+        what = "term";
+        s = natsMsg_Term(m, NULL);
+        break;
+    case QX_REPLY_IN_PROGRESS:
+        what = "in progress";
+        s = natsMsg_InProgress(m, NULL);
+        break;
+    default:
+        return qx_error_set(err, QX_ERR_INVALID, "reply: unknown kind %d", (int)kind);
+    }
+    if (s != NATS_OK)
+        return qx_nats_error(err, s, jerr, what);
+    if (kind != QX_REPLY_IN_PROGRESS)
+        c->replied[i] = 1;
+    return QX_OK;
+}
+
+qx_status qx_consumer_info_get(qx_consumer *c, qx_consumer_info *out, qx_error *err)
+{
+    jsConsumerInfo *ci = NULL;
+    jsErrCode jerr = 0;
+    natsStatus s;
+
+    memset(out, 0, sizeof *out);
+    if (c == NULL || c->sub == NULL)
+        return qx_error_set(err, QX_ERR_CLOSED, "consumer is closed");
+    s = js_GetConsumerInfo(&ci, c->js, c->stream, c->durable, NULL, &jerr);
+    if (s != NATS_OK)
+        return qx_nats_error(err, s, jerr, "consumer info");
+    out->num_pending = ci->NumPending;
+    out->num_ack_pending = ci->NumAckPending;
+    out->num_redelivered = ci->NumRedelivered;
+    out->num_waiting = ci->NumWaiting;
+    out->delivered_stream_seq = ci->Delivered.Stream;
+    out->ack_floor_stream_seq = ci->AckFloor.Stream;
+    if (ci->Config != NULL) {
+        out->max_deliver = ci->Config->MaxDeliver;
+        out->ack_wait_ms = ci->Config->AckWait / 1000000;
+        out->max_ack_pending = ci->Config->MaxAckPending;
+    }
+    jsConsumerInfo_Destroy(ci);
+    return QX_OK;
+}
+
+const char *qx_consumer_stream(const qx_consumer *c)
+{
+    return c != NULL ? c->stream : NULL;
+}
+
+const char *qx_consumer_durable(const qx_consumer *c)
+{
+    return c != NULL ? c->durable : NULL;
+}
