@@ -46,6 +46,12 @@ function _M.outbox(database)
     return require("qx.outbox").new(database)
 end
 
+-- qx.repository{ table =, entity =, filterable =, sortable =, tenanted =, soft_delete =, ... }:
+-- a table described once; uow:repo(description) binds it, description:reader(db, ctx) reads
+_M.repository = require("qx.repository").new
+_M.spec = require "qx.spec"                  -- specifications: where, and_, or_, not_
+_M.schema = require "qx.repository_schema"   -- DDL fragments: id_column(), audit_columns()
+
 -- qx.registry{ classes... }: event name + version -> class, for consumers
 function _M.registry(classes)
     return require("qx.registry").new(classes)
