@@ -302,6 +302,16 @@ describe("qx.core pool", function()
     assert.is_true(core.clock() - t0 < 2)
   end)
 
+  it("makes qx.connect raise on an unknown option name instead of dropping it", function()
+    assert.has_error(function() qx.connect{ url = URL, pool_sise = 50 } end,
+                     "qx.connect: unknown option 'pool_sise'")
+    assert.has_error(function() qx.connect{ url = URL, [1] = "x" } end,
+                     "qx.connect: unknown option '1'")
+    local db = assert(qx.connect{ url = URL, pool_size = 3, dispatcher = qx.dispatcher() })
+    assert.equal(3, db:stats().size)
+    db:close()
+  end)
+
   it("checks its options", function()
     local p, e = core.pool{ conninfo = URL, size = 0 }
     assert.is_nil(p)

@@ -122,11 +122,16 @@ static qx_status conn_error(qx_conn *c, qx_error *err)
     return c->broken ? QX_ERR_CONNECTION : QX_ERR_DB;
 }
 
-/* Server notices (e.g. "already exists, skipping") are not errors; libpq would print them. */
-static void ignore_notice(void *arg, const char *message)
+/* Server notices (e.g. "already exists, skipping") are not errors; libpq would print them.
+ * A FATAL that arrives while the connection is idle (pg_terminate_backend, a server shutdown)
+ * also comes this way, before the server closes the socket: it marks the connection broken so
+ * the pool does not hand it out again. */
+static void on_notice(void *arg, const PGresult *res)
 {
-    (void)arg;
-    (void)message;
+    qx_conn *c = arg;
+    const char *sev = PQresultErrorField(res, PG_DIAG_SEVERITY_NONLOCALIZED);
+    if (sev != NULL && (strcmp(sev, "FATAL") == 0 || strcmp(sev, "PANIC") == 0))
+        c->broken = 1;
 }
 
 /* ---- open / close ------------------------------------------------------------------------ */
@@ -167,7 +172,7 @@ qx_status qx_conn_open(qx_conn **out, const char *conninfo, int connect_timeout_
         free(c);
         return QX_ERR_CONNECTION;
     }
-    PQsetNoticeProcessor(c->pg, ignore_notice, NULL);
+    PQsetNoticeReceiver(c->pg, on_notice, c);
     c->created_at = qx_clock();
     *out = c;
     return QX_OK;
@@ -643,8 +648,9 @@ int qx_conn_check(qx_conn *c)
 {
     /* An idle connection has nothing to read; if the socket is readable the server said
      * something (a FATAL on termination, then EOF), so read it and see if we are still alive.
-     * libpq takes the FATAL message as a notice and notices EOF only on the next read, so read
-     * while there is something to read (a few rounds: a stream of NOTIFYs must not spin us). */
+     * libpq takes the FATAL message as a notice (on_notice marks the connection broken) and
+     * notices EOF only on a later read, so read while there is something to read (a few rounds:
+     * a stream of NOTIFYs must not spin us). */
     int round;
     if (qx_conn_is_broken(c))
         return 0;
@@ -655,6 +661,9 @@ int qx_conn_check(qx_conn *c)
             c->broken = 1;
             return 0;
         }
+        (void)PQisBusy(c->pg); /* parses what was read: a FATAL reaches on_notice */
+        if (c->broken)
+            return 0;
     }
     return 1;
 }
