@@ -1,0 +1,61 @@
+-- The shop's HTTP API, run by nginx's Lua module in the request (content_by_lua). It never
+-- touches the database itself: every command and query goes to a thread of the "qx" thread
+-- pool through qx.openresty.run, so the worker's event loop keeps serving other requests
+-- while PostgreSQL works.
+local openresty = require "qx.openresty"
+
+local ngx = ngx
+
+local POOL = "qx"               -- thread_pool qx ... in nginx.conf
+local HANDLERS = "shop.commands"
+
+local _M = {}
+
+-- The unit of work's context from the request headers; a malformed id is a 422.
+local function context()
+    local h = ngx.req.get_headers()
+    return {
+        correlation_id = h["x-correlation-id"],
+        tenant_id = h["x-tenant-id"],
+        user_id = h["x-user-id"],
+    }
+end
+
+local function method_not_allowed(allowed)
+    ngx.header["Allow"] = allowed
+    return openresty.respond(nil, { code = "invalid", message = "method not allowed",
+                                    http_status = 405 })
+end
+
+-- POST /orders {"customer": "...", "sku": "...", "quantity": n}  -> 201 {"id", "version"}
+function _M.orders()
+    if ngx.req.get_method() ~= "POST" then return method_not_allowed("POST") end
+    local cmd, err = openresty.read_json()
+    if not cmd then return openresty.respond(nil, err) end
+    local res
+    res, err = openresty.run(POOL, HANDLERS, "place_order", cmd, context())
+    return openresty.respond(res, err, 201)
+end
+
+-- GET /orders/{id}                                  -> 200 the order | 404
+-- POST /orders/{id}/cancel {"version": n}           -> 200 {"id", "version"} | 404 | 409
+function _M.order(id, action)
+    local method = ngx.req.get_method()
+    if action == nil then
+        if method ~= "GET" and method ~= "HEAD" then return method_not_allowed("GET, HEAD") end
+        local res, err = openresty.run(POOL, HANDLERS, "get_order", { id = id })
+        return openresty.respond(res, err)
+    end
+    if action ~= "cancel" then
+        return openresty.respond(nil, { code = "not_found", message = "no such action" })
+    end
+    if method ~= "POST" then return method_not_allowed("POST") end
+    local cmd, err = openresty.read_json()
+    if not cmd then return openresty.respond(nil, err) end
+    cmd.id = id
+    local res
+    res, err = openresty.run(POOL, HANDLERS, "cancel_order", cmd, context())
+    return openresty.respond(res, err)
+end
+
+return _M

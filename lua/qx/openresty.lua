@@ -1,0 +1,522 @@
+-- qx.openresty: command handlers in nginx worker threads.
+--
+-- qx talks to PostgreSQL with blocking libpq calls. Run in an nginx worker's event loop, one
+-- such call stalls every request of that worker. lua-nginx-module's ngx.run_worker_thread runs
+-- a Lua function on a thread of an nginx thread pool, in a separate Lua VM, while the request
+-- that asked for it waits without blocking the event loop. This module is both halves:
+--
+-- In the thread VM, a handler module (found on lua_package_path) wraps its command handlers:
+--
+--   -- app/commands.lua
+--   local openresty = require "qx.openresty"
+--   return openresty.handlers({
+--       place_order = function(db, cmd, context)
+--           return db:unit_of_work(function(uow) ... end, { context = context })
+--       end,
+--   }, { db = { pool_size = 2 } })
+--
+-- Each thread VM requires the module once and keeps it, so the qx.connect pool made on the
+-- first call in that VM lives as long as the VM and serves every later call there. The pool is
+-- made lazily because nginx requires the module on the event loop, before handing the VM to a
+-- thread: nothing blocking may run at require time.
+--
+-- In the request (content_by_lua, access_by_lua, rewrite_by_lua):
+--
+--   local res, err = openresty.run("qx", "app.commands", "place_order", cmd, context)
+--   openresty.respond(res, err, 201)
+--
+-- Only plain data crosses between the VMs: nil, booleans, numbers, strings, qx.null and
+-- tables of those (no functions, userdata, cycles or metatables). run() returns the
+-- handler's result, or nil and an error in the qx shape; misconfiguration (no thread_pool,
+-- unknown pool, missing handler module or function) is an error with code "config" whose
+-- message says what to fix.
+--
+-- Each worker runs at most `concurrency` calls of one pool at a time (default 8, see
+-- thread_pool()); later calls wait, yielding, up to `queue_timeout` seconds. This bounds the
+-- thread VMs nginx creates - one per call in flight - and so the PostgreSQL connections
+-- their pools hold. Set concurrency to the pool's threads= value.
+local core = require "qx.core"
+local qx_error = require "qx.error"
+
+local type = type
+local pairs = pairs
+local tostring = tostring
+local select = select
+local error = error
+local pcall = pcall
+local xpcall = xpcall
+local setmetatable = setmetatable
+local getmetatable = getmetatable
+local floor = math.floor
+local find = string.find
+local fmt = string.format
+local newproxy = newproxy
+local traceback = debug.traceback
+local NULL = core.null
+
+local _M = { _VERSION = "0.1.0" }
+
+-- The first value a wrapped handler returns, so run() can tell wrapped from plain functions.
+local MARK = "qx.openresty/1"
+_M.MARK = MARK
+
+-- lua-nginx-module copies at most 100 levels of nested tables between VMs.
+local MAX_DEPTH = 90
+
+local DEFAULT_CONCURRENCY = 8
+local DEFAULT_QUEUE_TIMEOUT = 30 -- seconds
+
+local function pack(...)
+    return { n = select("#", ...), ... }
+end
+
+-- ---- plain data ------------------------------------------------------------------------------
+
+-- Checks that v can cross between Lua VMs: nil, booleans, numbers, strings, qx.null, and
+-- tables of those with string, number or boolean keys, no cycles, at most MAX_DEPTH deep.
+-- Metatables are not carried across (nginx copies raw fields). Returns true, or nil and why.
+local function check_plain(v, path, on_path, depth)
+    local t = type(v)
+    if t == "nil" or t == "boolean" or t == "number" or t == "string" then
+        return true
+    end
+    if v == NULL then
+        return true
+    end
+    if t ~= "table" then
+        return nil, fmt("%s is a %s", path, t)
+    end
+    if depth >= MAX_DEPTH then
+        return nil, fmt("%s nests deeper than %d tables", path, MAX_DEPTH)
+    end
+    if on_path[v] then
+        return nil, fmt("%s refers back to a table that contains it", path)
+    end
+    on_path[v] = true
+    for k, x in pairs(v) do
+        local kt = type(k)
+        local kpath
+        if kt == "string" then
+            kpath = find(k, "^[%a_][%w_]*$") and (path .. "." .. k) or fmt("%s[%q]", path, k)
+        elseif kt == "number" or kt == "boolean" then
+            kpath = path .. "[" .. tostring(k) .. "]"
+        else
+            on_path[v] = nil
+            return nil, fmt("%s has a %s key", path, kt)
+        end
+        local ok, why = check_plain(x, kpath, on_path, depth + 1)
+        if not ok then
+            on_path[v] = nil
+            return nil, why
+        end
+    end
+    on_path[v] = nil
+    return true
+end
+
+-- is_plain(v[, name]) -> true | nil, why
+function _M.is_plain(v, name)
+    return check_plain(v, name or "value", {}, 0)
+end
+
+-- An error as plain data: the fields of the qx shape whose values are plain, without the raw
+-- raised value. The traceback (a string) travels so the request side can log it.
+local function plain_error(e)
+    if type(e) ~= "table" then
+        e = qx_error.new("error", tostring(e))
+    end
+    local out = {}
+    for k, v in pairs(e) do
+        if type(k) == "string" and k ~= "value" and check_plain(v, k, {}, 1) then
+            out[k] = v
+        end
+    end
+    if type(out.code) ~= "string" then out.code = "error" end
+    if type(out.message) ~= "string" then out.message = tostring(e.message or e.code) end
+    return out
+end
+
+-- xpcall handler: a qx error passes; anything else keeps its traceback. (LuaJIT's
+-- debug.traceback(nil, level) returns nil, so the message argument is a string here.)
+local function on_raise(e)
+    if qx_error.is(e) then return e end
+    return qx_error.from_raised(e, (traceback("", 2):gsub("^\n", "")))
+end
+
+local function as_error(e)
+    if qx_error.is(e) then return e end
+    if type(e) == "table" then
+        if type(e.code) ~= "string" then e.code = "error" end
+        if type(e.message) ~= "string" then e.message = tostring(e.message) end
+        return setmetatable(e, qx_error.mt)
+    end
+    return qx_error.new("error", tostring(e))
+end
+
+-- ---- the thread side ---------------------------------------------------------------------------
+
+-- handlers(fns, opts) -> module table for ngx.run_worker_thread
+--   fns:  { name = function(db, command, context) -> result | nil, err }
+--   opts: db      = qx.connect options (default pool_size 2: a thread VM runs one call at a
+--                   time; the second connection serves a nested unit of work)
+--         connect = function() -> db | nil, err, instead of db (e.g. to set a dispatcher)
+-- The returned table has one function per handler. Each connects on its first call in a VM
+-- (a failed connect is retried by the next call), runs the handler, and returns MARK, true,
+-- result or MARK, false, error. A raised error (a qx error or anything else) becomes an error
+-- return; the result must be plain data.
+function _M.handlers(fns, opts)
+    if type(fns) ~= "table" then
+        error("qx.openresty.handlers: expected a table of functions", 2)
+    end
+    for name, fn in pairs(fns) do
+        if type(name) ~= "string" or type(fn) ~= "function" then
+            error("qx.openresty.handlers: " .. tostring(name) .. " must be a function", 2)
+        end
+    end
+    if opts ~= nil and type(opts) ~= "table" then
+        error("qx.openresty.handlers: options must be a table", 2)
+    end
+    opts = opts or {}
+    if opts.connect ~= nil and type(opts.connect) ~= "function" then
+        error("qx.openresty.handlers: connect must be a function", 2)
+    end
+    if opts.db ~= nil and type(opts.db) ~= "table" then
+        error("qx.openresty.handlers: db must be a table of qx.connect options", 2)
+    end
+    if opts.connect and opts.db then
+        error("qx.openresty.handlers: pass db or connect, not both", 2)
+    end
+
+    local connect = opts.connect
+    if not connect then
+        local db_opts = { pool_size = 2 }
+        for k, v in pairs(opts.db or {}) do db_opts[k] = v end
+        connect = function() return require("qx").connect(db_opts) end
+    end
+
+    local db -- this VM's pool, made by the first call
+    local function get_db()
+        if db then return db end
+        local ok, d, e = pcall(connect)
+        if not ok then return nil, qx_error.from_raised(d) end
+        if not d then
+            return nil, e or qx_error.new("connection", "connect returned nothing")
+        end
+        db = d
+        return db
+    end
+
+    local module = {}
+    for name, fn in pairs(fns) do
+        module[name] = function(command, context)
+            local d, e = get_db()
+            if not d then return MARK, false, plain_error(e) end
+            local r = pack(xpcall(fn, on_raise, d, command, context))
+            if not r[1] then return MARK, false, plain_error(r[2]) end
+            local res, rerr = r[2], r[3]
+            if res == nil and rerr ~= nil then return MARK, false, plain_error(rerr) end
+            local ok, why = check_plain(res, "result", {}, 0)
+            if not ok then
+                return MARK, false, plain_error(qx_error.new("error", "handler '" .. name
+                    .. "' returned data that cannot leave its thread: " .. why
+                    .. " (return plain tables, strings, numbers, booleans)"))
+            end
+            return MARK, true, res
+        end
+    end
+    -- For tests and diagnostics: this VM's pool (nil before the first call).
+    module.__qx_db = function() return db end
+    return module
+end
+
+-- ---- the request side ----------------------------------------------------------------------
+
+local limits = {}  -- pool name -> { concurrency =, queue_timeout = }
+local gates = {}   -- pool name -> ngx.semaphore, per worker, made on first use
+
+-- thread_pool(name, { concurrency = 8, queue_timeout = 30 }): how many calls of this pool one
+-- worker runs at once and how long (seconds) a call waits for its turn. Call it in
+-- init_by_lua (or before the first run of that pool in each worker).
+function _M.thread_pool(name, opts)
+    if type(name) ~= "string" or name == "" then
+        error("qx.openresty.thread_pool: name must be a non-empty string", 2)
+    end
+    if type(opts) ~= "table" then
+        error("qx.openresty.thread_pool: expected { concurrency =, queue_timeout = }", 2)
+    end
+    local c, q = opts.concurrency, opts.queue_timeout
+    if c ~= nil and (type(c) ~= "number" or c < 1 or c ~= floor(c)) then
+        error("qx.openresty.thread_pool: concurrency must be a positive integer", 2)
+    end
+    if q ~= nil and (type(q) ~= "number" or q < 0) then
+        error("qx.openresty.thread_pool: queue_timeout must be a number of seconds >= 0", 2)
+    end
+    if gates[name] then
+        error("qx.openresty.thread_pool: pool '" .. name .. "' is already in use in this worker", 2)
+    end
+    limits[name] = {
+        concurrency = c or DEFAULT_CONCURRENCY,
+        queue_timeout = q or DEFAULT_QUEUE_TIMEOUT,
+    }
+end
+
+local function limit_of(pool)
+    local l = limits[pool]
+    if not l then
+        l = { concurrency = DEFAULT_CONCURRENCY, queue_timeout = DEFAULT_QUEUE_TIMEOUT }
+        limits[pool] = l
+    end
+    return l
+end
+
+-- A finaliser that gives a slot back if the request's coroutine is dropped while its call
+-- runs (lua_check_client_abort, ngx.exit from another light thread): the code after the call
+-- never runs then, and the slot would be lost for the life of the worker.
+local function slot_guard(gate)
+    local slot = { held = true }
+    local function on_gc()
+        if slot.held then
+            slot.held = false
+            gate:post(1)
+        end
+    end
+    if newproxy then
+        local p = newproxy(true)
+        getmetatable(p).__gc = on_gc
+        slot.proxy = p
+    else
+        slot.proxy = setmetatable({}, { __gc = on_gc })
+    end
+    return slot
+end
+
+local function acquire(pool)
+    local gate = gates[pool]
+    local l = limit_of(pool)
+    if not gate then
+        local semaphore = require "ngx.semaphore"
+        local e
+        gate, e = semaphore.new(l.concurrency)
+        if not gate then
+            return nil, qx_error.new("error", "cannot make a semaphore: " .. tostring(e))
+        end
+        gates[pool] = gate
+    end
+    local ok, e = gate:wait(l.queue_timeout)
+    if not ok then
+        if e == "timeout" then
+            return nil, qx_error.new("timeout", fmt("no thread of pool '%s' became free within "
+                .. "%s s (%d calls run at once per worker)", pool, tostring(l.queue_timeout),
+                l.concurrency), { retryable = true })
+        end
+        return nil, qx_error.new("error", "waiting for pool '" .. pool .. "': " .. tostring(e))
+    end
+    return slot_guard(gate), gate
+end
+
+local function release(slot, gate)
+    if slot.held then
+        slot.held = false
+        gate:post(1)
+    end
+end
+
+-- `debug` is logged by respond() but never sent to the client (it may name files).
+local function config_error(message, debug)
+    return qx_error.new("config", message, { debug = debug })
+end
+
+-- Turns ngx.run_worker_thread's `false, message` into the qx shape.
+local function translate(msg, pool, module, func)
+    msg = tostring(msg)
+    local l = limits[pool]
+    if find(msg, "^thread pool .* not found") or msg == "thread_pool not found" then
+        return config_error(fmt("thread pool '%s' not found: declare `thread_pool %s threads=N;` "
+            .. "in the main (top-level) context of nginx.conf", pool, pool))
+    elseif msg == "no available Lua vm" then
+        return config_error(fmt("no free Lua VM for worker threads: raise "
+            .. "lua_worker_thread_vm_pool_size above the calls run at once "
+            .. "(qx.openresty.thread_pool('%s', { concurrency = %d }))", pool,
+            l and l.concurrency or DEFAULT_CONCURRENCY))
+    elseif msg == "ngx_thread_task_post failed" then
+        return config_error(fmt("thread pool '%s' refused the call (its queue is full): raise "
+            .. "max_queue= of `thread_pool %s` or lower the concurrency of "
+            .. "qx.openresty.thread_pool('%s')", pool, pool, pool))
+    elseif msg == "invalid lua module" then
+        return config_error(fmt("handler module '%s' does not return a table", module))
+    elseif msg == "invalid function" then
+        return config_error(fmt("handler module '%s' has no function '%s'", module, func))
+    elseif find(msg, "module '" .. module .. "' not found", 1, true) then
+        return config_error(fmt("handler module '%s' not found on lua_package_path", module),
+            msg)
+    elseif find(msg, "^error loading module") then
+        return config_error(fmt("handler module '%s' does not load (see the error log)", module),
+            msg)
+    elseif find(msg, "in the return value$") then
+        return qx_error.new("error", fmt("handler %s.%s returned data that cannot leave its "
+            .. "thread: %s", module, func, msg))
+    end
+    return qx_error.new("error", fmt("handler %s.%s failed: %s", module, func, msg))
+end
+
+-- run(pool, module, func, command[, context]) -> result | nil, err
+-- Runs module.func(command, context) on a thread of the nginx thread pool `pool`. Call it
+-- where the request may yield (rewrite, access, content phases; ngx.timer callbacks).
+function _M.run(pool, module, func, command, context)
+    if type(pool) ~= "string" or pool == "" then
+        error("qx.openresty.run: pool must be a thread pool name", 2)
+    end
+    if type(module) ~= "string" or module == "" then
+        error("qx.openresty.run: module must be a module name", 2)
+    end
+    if type(func) ~= "string" or func == "" then
+        error("qx.openresty.run: func must be a function name", 2)
+    end
+    local ok, why = check_plain(command, "command", {}, 0)
+    if ok then ok, why = check_plain(context, "context", {}, 0) end
+    if not ok then
+        error("qx.openresty.run: " .. why .. "; only plain data crosses into a thread", 2)
+    end
+    local ngx = ngx
+    if type(ngx) ~= "table" or type(ngx.run_worker_thread) ~= "function" then
+        error("qx.openresty.run: needs nginx with lua-nginx-module 0.10.23 or later "
+            .. "(ngx.run_worker_thread)", 2)
+    end
+
+    local slot, gate = acquire(pool)
+    if not slot then return nil, gate end
+    local r = pack(pcall(ngx.run_worker_thread, pool, module, func, command, context))
+    release(slot, gate)
+    if not r[1] then
+        -- raised: e.g. called from a phase that cannot yield
+        error("qx.openresty.run: " .. tostring(r[2]), 2)
+    end
+    if not r[2] then
+        return nil, translate(r[3], pool, module, func)
+    end
+    if r[3] == MARK then
+        if r[4] then return r[5] end
+        return nil, as_error(r[5])
+    end
+    -- a function not made by handlers(): the usual result | nil, err
+    if r[3] == nil and r[4] ~= nil then return nil, as_error(r[4]) end
+    return r[3]
+end
+
+-- ---- HTTP ------------------------------------------------------------------------------------
+
+-- Error code -> HTTP status; anything else is 500. An error may carry http_status (400..599)
+-- to override it, as read_json does for a malformed body.
+_M.HTTP_STATUS = {
+    conflict = 409,
+    invalid = 422,
+    not_found = 404,
+    timeout = 504,
+}
+
+function _M.http_status(e)
+    if type(e) ~= "table" then return 500 end
+    local s = e.http_status
+    if type(s) == "number" and s >= 400 and s <= 599 and s == floor(s) then return s end
+    return _M.HTTP_STATUS[e.code] or 500
+end
+
+-- The JSON body of an error: { error = { code, message, sqlstate?, details? } }. A raised Lua
+-- error (code "error") says only "internal error": its message may hold file paths and code.
+function _M.error_body(e)
+    e = as_error(e)
+    local body = { code = e.code, message = e.message }
+    if e.code == "error" then
+        body.message = "internal error"
+    else
+        if type(e.sqlstate) == "string" then body.sqlstate = e.sqlstate end
+        if e.details ~= nil and check_plain(e.details, "details", {}, 0) then
+            body.details = e.details
+        end
+        if type(e.setting) == "string" then body.setting = e.setting end
+    end
+    if e.retryable == true then body.retryable = true end
+    return { error = body }
+end
+
+local cjson_safe
+local function json()
+    if not cjson_safe then
+        cjson_safe = require "cjson.safe"
+    end
+    return cjson_safe
+end
+
+local function send(status, body)
+    local ngx = ngx
+    ngx.status = status
+    if body == nil then
+        return ngx.exit(status)
+    end
+    local text, e = json().encode(body)
+    if not text then
+        ngx.log(ngx.ERR, "qx: response is not JSON: ", tostring(e))
+        ngx.status = 500
+        text = '{"error":{"code":"error","message":"internal error"}}'
+    end
+    ngx.header["Content-Type"] = "application/json"
+    ngx.print(text, "\n")
+    return ngx.exit(ngx.status)
+end
+
+-- respond(res, err[, status]): sends res as JSON with status (default 200; 204 when res is
+-- nil), or the error with http_status(err) and error_body(err). 5xx errors are logged with
+-- their full message and traceback.
+function _M.respond(res, e, status)
+    local ngx = ngx
+    if e ~= nil then
+        e = as_error(e)
+        local st = _M.http_status(e)
+        if st >= 500 then
+            ngx.log(ngx.ERR, "qx: ", tostring(e), e.debug and ("\n" .. tostring(e.debug)) or "",
+                e.traceback and ("\n" .. e.traceback) or "")
+        end
+        return send(st, _M.error_body(e))
+    end
+    if res == nil then return send(status or 204, nil) end
+    return send(status or 200, res)
+end
+
+-- read_json() -> table | nil, err: the request body as a JSON object. A missing, oversized
+-- or malformed body is an "invalid" error with http_status 400 (413 when nginx spooled the
+-- body to a file: raise client_body_buffer_size up to client_max_body_size to accept it).
+function _M.read_json()
+    local ngx = ngx
+    ngx.req.read_body()
+    local body = ngx.req.get_body_data()
+    if body == nil then
+        if ngx.req.get_body_file() then
+            return nil, qx_error.new("invalid", "request body too large", { http_status = 413 })
+        end
+        return nil, qx_error.new("invalid", "request body is empty: expected a JSON object",
+            { http_status = 400 })
+    end
+    local v, e = json().decode(body)
+    if type(v) ~= "table" then
+        return nil, qx_error.new("invalid", "request body is not a JSON object"
+            .. (e and (": " .. tostring(e)) or ""), { http_status = 400 })
+    end
+    return v
+end
+
+-- For the request side's own diagnostics: the calls in flight and waiting per pool.
+function _M.stats()
+    local out = {}
+    for name, gate in pairs(gates) do
+        local l = limits[name]
+        local free = gate:count()
+        out[name] = {
+            concurrency = l.concurrency,
+            running = free >= 0 and l.concurrency - free or l.concurrency,
+            waiting = free < 0 and -free or 0,
+        }
+    end
+    return out
+end
+
+return _M
