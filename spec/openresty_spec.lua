@@ -477,7 +477,21 @@ describe("qx.openresty in nginx", function()
     assert.equal(body.id, got.id)
     assert.equal("placed", got.status)
     assert.equal(2, got.quantity)
-    assert.equal(cjson.null, got.cancelled_at)
+    assert.equal(1, got.version)
+  end)
+
+  it("lists orders through the repository's allow-listed filters", function()
+    local customer = support.unique("lister")
+    for i = 1, 3 do
+      assert.equal(201, (post_order({ customer = customer, sku = "L-" .. i, quantity = i })))
+    end
+    local status, page = http(nginx, "GET", "/orders?customer=" .. customer)
+    assert.equal(200, status)
+    assert.equal(3, page.total)
+    assert.same({ "L-3", "L-2", "L-1" }, { page.items[1].sku, page.items[2].sku, page.items[3].sku })
+    status, page = http(nginx, "GET", "/orders?page=0")
+    assert.equal(422, status)
+    assert.equal("invalid", page.error.code)
   end)
 
   it("cancels at the version read; a stale version is a 409 and writes nothing", function()
@@ -486,7 +500,9 @@ describe("qx.openresty in nginx", function()
     local status, body = http(nginx, "POST", path, { version = 7 })
     assert.equal(409, status)
     assert.equal("conflict", body.error.code)
-    assert.matches("is at version 1, not 7", body.error.message, 1, true)
+    assert.matches("stale version 7 (now 1)", body.error.message, 1, true)
+    assert.equal(7, body.error.expected_version)
+    assert.equal(1, body.error.actual_version)
     assert.equal(0, count([[SELECT count(*) AS n FROM qx_outbox_events
       WHERE event_name = 'shop.order.cancelled' AND payload->'payload'->>'order_id' = $1]], placed.id))
 

@@ -421,19 +421,23 @@ function _M.http_status(e)
     return _M.HTTP_STATUS[e.code] or 500
 end
 
--- The JSON body of an error: { error = { code, message, sqlstate?, details? } }. A raised Lua
--- error (code "error") says only "internal error": its message may hold file paths and code.
+-- Fields of an error that its JSON body shows besides code and message.
+local SHOWN = { "sqlstate", "details", "field", "setting", "id", "expected_version",
+                "actual_version" }
+
+-- The JSON body of an error: { error = { code, message, sqlstate?, details?, ... } }. A raised
+-- Lua error (code "error") says only "internal error": its message may hold file paths and code.
 function _M.error_body(e)
     e = as_error(e)
     local body = { code = e.code, message = e.message }
     if e.code == "error" then
         body.message = "internal error"
     else
-        if type(e.sqlstate) == "string" then body.sqlstate = e.sqlstate end
-        if e.details ~= nil and check_plain(e.details, "details", {}, 0) then
-            body.details = e.details
+        for i = 1, #SHOWN do
+            local k = SHOWN[i]
+            local v = e[k]
+            if v ~= nil and check_plain(v, k, {}, 0) then body[k] = v end
         end
-        if type(e.setting) == "string" then body.setting = e.setting end
     end
     if e.retryable == true then body.retryable = true end
     return { error = body }

@@ -28,8 +28,18 @@ local function method_not_allowed(allowed)
 end
 
 -- POST /orders {"customer": "...", "sku": "...", "quantity": n}  -> 201 {"id", "version"}
+-- GET /orders?customer=&status=&page=               -> 200 a page of orders, newest first
 function _M.orders()
-    if ngx.req.get_method() ~= "POST" then return method_not_allowed("POST") end
+    local method = ngx.req.get_method()
+    if method == "GET" or method == "HEAD" then
+        local args = ngx.req.get_uri_args(10)
+        local query = { page = tonumber(args.page) or 1 }
+        if type(args.customer) == "string" then query.customer = args.customer end
+        if type(args.status) == "string" then query.status = args.status end
+        local res, err = openresty.run(POOL, HANDLERS, "list_orders", query)
+        return openresty.respond(res, err)
+    end
+    if method ~= "POST" then return method_not_allowed("GET, HEAD, POST") end
     local cmd, err = openresty.read_json()
     if not cmd then return openresty.respond(nil, err) end
     local res

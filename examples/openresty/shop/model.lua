@@ -1,5 +1,5 @@
--- The shop's domain: an Order aggregate and its integration events. Plain Lua, no I/O; the
--- handlers in shop.commands persist it.
+-- The shop's domain: an Order aggregate, its integration events and the repository that stores
+-- it. Plain Lua, no I/O; the handlers in shop.commands use it inside units of work.
 local qx = require "qx"
 
 local type = type
@@ -16,20 +16,26 @@ _M.Order = Order
 
 _M.SCHEMA = [[
 CREATE TABLE IF NOT EXISTS shop_orders (
-    id           uuid PRIMARY KEY,
-    customer     text NOT NULL,
-    sku          text NOT NULL,
-    quantity     integer NOT NULL CHECK (quantity > 0),
-    status       text NOT NULL,
-    version      integer NOT NULL,
-    placed_at    timestamptz NOT NULL DEFAULT now(),
-    cancelled_at timestamptz
+    id         uuid PRIMARY KEY,
+    customer   text NOT NULL,
+    sku        text NOT NULL,
+    quantity   integer NOT NULL CHECK (quantity > 0),
+    status     text NOT NULL,
+    reason     text,
+    version    integer NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    updated_at timestamptz
 )]]
 
-_M.SELECT_ORDER = [[
-SELECT id::text AS id, customer, sku, quantity, status, version,
-       placed_at::text AS placed_at, cancelled_at::text AS cancelled_at
-FROM shop_orders WHERE id = $1]]
+-- The repository manages id, version, created_at and updated_at; lists may filter on
+-- customer and status only, and sort on created_at.
+_M.orders = qx.repository{
+    table = "shop_orders",
+    entity = Order,
+    filterable = { "customer", "status" },
+    sortable = { "created_at" },
+    default_sort = { { "created_at", "desc" } },
+}
 
 local function invalid(message)
     return nil, qx.error.new("invalid", message)
@@ -53,7 +59,7 @@ function Order.place(cmd)
         return invalid("id must be a uuid when given")
     end
     local order = Order.new{ id = cmd.id, customer = customer, sku = sku, quantity = quantity,
-                             status = "placed", version = 1 }
+                             status = "placed" }
     order:record(_M.OrderPlaced{ order_id = order.id, customer = customer, sku = sku,
                                  quantity = quantity })
     return order
@@ -68,9 +74,18 @@ function Order:cancel(reason)
         return invalid("reason must be a string")
     end
     self.status = "cancelled"
-    self.version = self.version + 1
+    self.reason = reason
     self:record(_M.OrderCancelled{ order_id = self.id, reason = reason })
     return true
+end
+
+-- What the read side shows of an order: plain data, ready for JSON.
+function _M.view(order)
+    return {
+        id = order.id, customer = order.customer, sku = order.sku, quantity = order.quantity,
+        status = order.status, reason = order.reason, version = order.version,
+        created_at = order.created_at, updated_at = order.updated_at,
+    }
 end
 
 return _M
