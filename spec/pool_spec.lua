@@ -48,7 +48,8 @@ io.stdout:flush()
 io.stdout:close()
 ffi.C.sleep(]] .. seconds .. [[)
 ]]
-  local f = assert(io.popen("luajit -e '" .. code:gsub("'", "'\\''") .. "' &"))
+  -- without a sanitizer runtime the specs may have preloaded
+  local f = assert(io.popen("env -u LD_PRELOAD luajit -e '" .. code:gsub("'", "'\\''") .. "' &"))
   local port = tonumber(f:read("*l"))
   f:close()
   assert(port, "helper did not report a port")

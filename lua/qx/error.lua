@@ -45,7 +45,8 @@ end
 -- An xpcall handler that keeps the traceback of a raised Lua error.
 function _M.handler(e)
     if _M.is(e) then return e end
-    return _M.from_raised(e, traceback(nil, 2))
+    -- LuaJIT's debug.traceback(nil, level) returns nil: give it a message, then drop it
+    return _M.from_raised(e, (traceback("", 2):gsub("^\n", "")))
 end
 
 return _M

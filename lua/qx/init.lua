@@ -46,6 +46,14 @@ function _M.outbox(database)
     return require("qx.outbox").new(database)
 end
 
+-- qx.event_sourced(name[, { strict =, snapshot_version = }]): an aggregate whose state is the
+-- fold of its events; qx.event_store{ db =, snapshot_every = }: uow:store(store) appends and
+-- loads them, store:read_all reads them in a gap-safe global order; qx.projection{ name =,
+-- db =, handlers = }: read models from the events, exactly once
+_M.event_sourced = require("qx.event_sourced").define
+_M.event_store = require("qx.event_store").new
+_M.projection = require("qx.projection").new
+
 -- qx.repository{ table =, entity =, filterable =, sortable =, tenanted =, soft_delete =, ... }:
 -- a table described once; uow:repo(description) binds it, description:reader(db, ctx) reads
 _M.repository = require("qx.repository").new

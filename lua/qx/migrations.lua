@@ -67,6 +67,141 @@ $$;
 ]],
     },
     {
+        version = 3,
+        name = "event store",
+        sql = [[
+-- The seed's event and snapshot tables (same names, columns, types and index names), plus
+-- what gap-safe global reads need: global_position (commit-independent order within a
+-- transaction) and tx_id (the id of the writing transaction). See qx/event_store.lua for why
+-- reading below pg_snapshot_xmin(pg_current_snapshot()) in (tx_id, global_position) order never
+-- skips an event that commits late.
+CREATE TABLE IF NOT EXISTS qx_aggregate_events (
+    id             uuid PRIMARY KEY,
+    aggregate_type varchar(255) NOT NULL,
+    aggregate_id   varchar(255) NOT NULL,
+    sequence       integer NOT NULL,
+    event_type     varchar(255) NOT NULL,
+    event_name     varchar(255) NOT NULL,
+    payload        jsonb NOT NULL DEFAULT '{}',
+    occurred_at    timestamptz NOT NULL DEFAULT now(),
+    tenant_id      varchar(255)
+);
+ALTER TABLE qx_aggregate_events
+    ADD COLUMN IF NOT EXISTS global_position bigserial,
+    ADD COLUMN IF NOT EXISTS tx_id xid8 NOT NULL DEFAULT pg_current_xact_id();
+
+-- Rows of a table that existed before (a seed database) all got this transaction's id and
+-- positions in storage order: number them so each stream stays in sequence order (the running
+-- maximum of occurred_at never decreases along a stream), before the unique index exists.
+UPDATE qx_aggregate_events e SET global_position = o.rn
+FROM (SELECT id, row_number() OVER (ORDER BY t, aggregate_type, aggregate_id, sequence) AS rn
+      FROM (SELECT id, aggregate_type, aggregate_id, sequence,
+                   max(occurred_at) OVER (PARTITION BY aggregate_type, aggregate_id
+                                          ORDER BY sequence) AS t
+            FROM qx_aggregate_events) r) o
+WHERE e.id = o.id;
+SELECT setval(pg_get_serial_sequence('qx_aggregate_events', 'global_position'),
+              coalesce(max(global_position), 0) + 1, false)
+FROM qx_aggregate_events;
+
+CREATE UNIQUE INDEX IF NOT EXISTS ix_qx_aggregate_events_aggregate
+    ON qx_aggregate_events (aggregate_type, aggregate_id, sequence);
+CREATE INDEX IF NOT EXISTS ix_qx_aggregate_events_event_name
+    ON qx_aggregate_events (event_name);
+CREATE UNIQUE INDEX IF NOT EXISTS qx_aggregate_events_global
+    ON qx_aggregate_events (tx_id, global_position);
+CREATE INDEX IF NOT EXISTS qx_aggregate_events_category
+    ON qx_aggregate_events (aggregate_type, tx_id, global_position);
+
+-- Every insert, whoever writes it: tx_id is the writing transaction's id (never a value the
+-- client sent), sequences start at 1 and follow a stored event, and event n+1 of a stream is
+-- refused (QX409, a conflict: run the unit of work again) when its transaction id is lower
+-- than event n's. That happens only when the writer took its id before event n committed and
+-- read it afterwards; refusing it keeps (tx_id, global_position) order = sequence order in
+-- every stream. Rows earlier in the same statement are visible here (a VOLATILE trigger
+-- function sees the rows its statement inserted before).
+CREATE OR REPLACE FUNCTION qx_aggregate_events_before_insert() RETURNS trigger
+LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    prev xid8;
+BEGIN
+    NEW.tx_id := pg_current_xact_id();
+    IF NEW.sequence < 1 THEN
+        RAISE EXCEPTION USING ERRCODE = 'QX422', MESSAGE = format(
+            'event store: %s %s: sequence %s is below 1', NEW.aggregate_type, NEW.aggregate_id,
+            NEW.sequence);
+    END IF;
+    IF NEW.sequence > 1 THEN
+        SELECT e.tx_id INTO prev FROM qx_aggregate_events e
+        WHERE e.aggregate_type = NEW.aggregate_type AND e.aggregate_id = NEW.aggregate_id
+          AND e.sequence = NEW.sequence - 1;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION USING ERRCODE = 'QX422', MESSAGE = format(
+                'event store: %s %s: sequence %s does not follow a stored event',
+                NEW.aggregate_type, NEW.aggregate_id, NEW.sequence);
+        END IF;
+        IF prev > NEW.tx_id THEN
+            RAISE EXCEPTION USING ERRCODE = 'QX409', MESSAGE = format(
+                'event store: %s %s: sequence %s was written by a transaction older than the '
+                'one that wrote sequence %s (it took its id before that event committed); '
+                'run it again', NEW.aggregate_type, NEW.aggregate_id, NEW.sequence,
+                NEW.sequence - 1);
+        END IF;
+    END IF;
+    RETURN NEW;
+END
+$$;
+DROP TRIGGER IF EXISTS qx_aggregate_events_before_insert ON qx_aggregate_events;
+CREATE TRIGGER qx_aggregate_events_before_insert BEFORE INSERT ON qx_aggregate_events
+    FOR EACH ROW EXECUTE FUNCTION qx_aggregate_events_before_insert();
+
+CREATE TABLE IF NOT EXISTS qx_aggregate_snapshots (
+    id             uuid PRIMARY KEY,
+    aggregate_type varchar(255) NOT NULL,
+    aggregate_id   varchar(255) NOT NULL,
+    state          jsonb NOT NULL DEFAULT '{}',
+    version        integer NOT NULL,
+    taken_at       timestamptz NOT NULL DEFAULT now(),
+    tenant_id      varchar(255)
+);
+-- qx: the shape of state (a class's snapshot_version); other shapes are ignored on load
+ALTER TABLE qx_aggregate_snapshots ADD COLUMN IF NOT EXISTS state_version integer;
+CREATE UNIQUE INDEX IF NOT EXISTS ix_qx_aggregate_snapshots_aggregate
+    ON qx_aggregate_snapshots (aggregate_type, aggregate_id);
+]],
+    },
+    {
+        version = 4,
+        name = "projection checkpoints",
+        sql = [[
+-- The seed's table (projection_name, last_sequence, updated_at) plus the gap-safe checkpoint:
+-- the (tx_id, global_position) after which the projection reads next. A batch's handlers and
+-- the move of its checkpoint commit in one transaction.
+CREATE TABLE IF NOT EXISTS qx_projection_checkpoints (
+    projection_name varchar(255) PRIMARY KEY,
+    last_sequence   integer NOT NULL DEFAULT 0,
+    updated_at      timestamptz NOT NULL DEFAULT now()
+);
+ALTER TABLE qx_projection_checkpoints
+    ADD COLUMN IF NOT EXISTS tx_id xid8 NOT NULL DEFAULT '0',
+    ADD COLUMN IF NOT EXISTS global_position bigint NOT NULL DEFAULT 0,
+    ADD COLUMN IF NOT EXISTS events_applied bigint NOT NULL DEFAULT 0,
+    ADD COLUMN IF NOT EXISTS rebuilt_at timestamptz;
+]],
+    },
+    {
+        version = 5,
+        name = "outbox relay",
+        sql = [[
+-- The relay holds back the later rows of a partition key while an earlier one is pending (it
+-- failed and waits for its next attempt, or another transaction holds it): this finds the
+-- pending rows of one key without scanning every pending row.
+CREATE INDEX IF NOT EXISTS qx_outbox_events_pending_key
+    ON qx_outbox_events (partition_key, seq)
+    WHERE published_at IS NULL AND dead_at IS NULL AND partition_key IS NOT NULL;
+]],
+    },
+    {
         version = 6,
         name = "consumer inbox and dead letters",
         sql = [[

@@ -15,7 +15,8 @@
 -- same uow, track more aggregates or record more events; those are drained too); integration
 -- events are written to qx_outbox_events in one insert, with a NOTIFY on the "qx_outbox" channel.
 -- Any error - raised by fn or a handler, or returned by a statement - rolls everything back and
--- unit_of_work returns nil, err; the connection goes back to the pool clean.
+-- unit_of_work returns nil, err; the connection goes back to the pool clean. On success it
+-- returns what fn returned, or true when fn returned nothing.
 --
 -- Nesting: db:unit_of_work inside another runs an independent transaction on another pooled
 -- connection. For a nested scope inside the same transaction use uow:savepoint(fn).
@@ -270,12 +271,15 @@ function Uow:savepoint(fn)
         -- nothing since the SAVEPOINT reached the server: forget what fn queued
         for i = #self._queue, queued_before + 1, -1 do self._queue[i] = nil end
     else
+        local failed = self._failed
         self._failed = nil
         self._queue = {}
         local ok, e = self.conn:batch({ stmt("ROLLBACK TO SAVEPOINT " .. name) })
         if not ok then
-            self._failed = e
-            return nil, e
+            -- no savepoint to go back to: what failed was queued before it, or its batch never
+            -- left (a parameter JSON cannot hold); the transaction is lost with that first error
+            self._failed = failed or e
+            return nil, self._failed
         end
     end
     for i = #self._loose, loose_n + 1, -1 do self._loose[i] = nil end
@@ -385,6 +389,7 @@ function _M.run(db, fn, opts)
         uow._state = "committed"
         conn:release()
         run_after_hook(uow, "post_commit")
+        if r.n == 1 then return true end -- fn returned nothing: success must not read as nil
         return unpack(r, 2, r.n)
     end
 

@@ -1,0 +1,531 @@
+-- Projections: read models kept up to date from the event store, exactly once.
+--
+--   local balances = qx.projection{
+--     name = "account_balances", db = db,
+--     handlers = {
+--       [Deposited] = function(ev, uow)
+--         assert(uow:queue("INSERT INTO balances (id, balance) VALUES ($1, $2) ON CONFLICT (id) "
+--                          .. "DO UPDATE SET balance = balances.balance + $2", ev.aggregate_id, ev.amount))
+--       end,
+--     },
+--     reset = function(uow) assert(uow:exec("TRUNCATE balances")) end,   -- for rebuild()
+--   }
+--   balances:catch_up()          -- applies what is there, returns when caught up
+--   balances:run()               -- catch up, then wait for NOTIFY qx_events (or poll), forever
+--   balances:rebuild()           -- reset(uow) and the checkpoint to the start, then catch up
+--
+-- Exactly once: each batch runs in one unit of work that (1) locks the projection's row in
+-- qx_projection_checkpoints, (2) reads the next events after its checkpoint with the event
+-- store's gap-safe read (nothing is skipped, nothing read twice - see qx.event_store), (3) runs
+-- the handlers, which write through the same unit of work, and (4) moves the checkpoint. All of
+-- it commits together or not at all; a failed handler leaves the checkpoint where it was and
+-- catch_up returns nil, err naming the event. Two runners of one projection take turns on the
+-- row lock, so a batch is never applied twice. Handlers must keep their effects inside the
+-- unit of work (anything else - a message, an HTTP call - is at least once).
+--
+-- Handlers receive the event store's records (event fields side by side with the payload,
+-- aggregate_type, aggregate_id, _sequence, _global_position). Only events with a handler are
+-- read (the filter runs in SQL); the checkpoint still moves past the others.
+--
+-- Progress: a catch-up that runs longer than progress_interval_seconds (default 5) reports
+-- every interval through on_progress(info) - by default a line on stderr - with info =
+-- { name, applied, elapsed_seconds, rate, global_position, remaining }.
+local core = require "qx.core"
+local qx_error = require "qx.error"
+local event = require "qx.event"
+local aggregate = require "qx.aggregate"
+local store_mod = require "qx.event_store"
+
+local type = type
+local pairs = pairs
+local ipairs = ipairs
+local error = error
+local tostring = tostring
+local setmetatable = setmetatable
+local getmetatable = getmetatable
+local xpcall = xpcall
+local floor = math.floor
+local min = math.min
+local max = math.max
+local fmt = string.format
+local sort = table.sort
+local clock = core.clock
+local null = core.null
+local stderr = io.stderr
+local to_record = store_mod.to_record
+local encode_checkpoint = store_mod.encode_checkpoint
+local later = store_mod.later
+
+local _M = { _VERSION = "0.1.0" }
+
+local Projection = {}
+Projection.__index = Projection
+_M.Projection = Projection
+
+local MAX_NAME = 255
+local MAX_BATCH = 100000
+
+local function dec(v)
+    if type(v) == "string" then
+        return v
+    end
+    return fmt("%d", v)
+end
+
+local ENSURE = [[
+INSERT INTO qx_projection_checkpoints (projection_name) VALUES ($1)
+ON CONFLICT (projection_name) DO NOTHING]]
+
+-- One batch: lock the checkpoint row, read the events after it below the horizon. One row
+-- always comes back while the checkpoint row exists (event columns NULL when there is none);
+-- withheld says whether committed events wait above the horizon (a transaction holds it).
+local BATCH = [[
+WITH cp AS (
+    SELECT tx_id, global_position FROM qx_projection_checkpoints
+    WHERE projection_name = $1 FOR UPDATE
+), h AS (
+    SELECT pg_snapshot_xmin(pg_current_snapshot()) AS horizon
+)
+SELECT cp.tx_id::text AS cp_tx, cp.global_position AS cp_pos, h.horizon::text AS horizon,
+       EXISTS (SELECT 1 FROM qx_aggregate_events w WHERE w.tx_id >= h.horizon) AS withheld,
+       ]] .. store_mod.RECORD_COLUMNS .. [[
+
+FROM cp CROSS JOIN h
+LEFT JOIN LATERAL (
+    SELECT * FROM qx_aggregate_events e
+    WHERE (e.tx_id, e.global_position) > (cp.tx_id, cp.global_position)
+      AND e.tx_id < h.horizon
+      AND ($2::jsonb IS NULL OR e.event_name IN (SELECT jsonb_array_elements_text($2::jsonb)))
+      AND ($3::jsonb IS NULL OR e.aggregate_type IN (SELECT jsonb_array_elements_text($3::jsonb)))
+    ORDER BY e.tx_id, e.global_position
+    LIMIT $4
+) e ON true
+ORDER BY e.tx_id, e.global_position]]
+
+local ADVANCE = [[
+UPDATE qx_projection_checkpoints
+SET tx_id = $2::xid8, global_position = $3::bigint, events_applied = events_applied + $4,
+    last_sequence = least($3::bigint, 2147483647)::int, updated_at = now()
+WHERE projection_name = $1]]
+
+local RESET = [[
+UPDATE qx_projection_checkpoints
+SET tx_id = '0', global_position = 0, events_applied = 0, last_sequence = 0,
+    rebuilt_at = now(), updated_at = now()
+WHERE projection_name = $1]]
+
+local LOCK = [[
+SELECT 1 AS one FROM qx_projection_checkpoints WHERE projection_name = $1 FOR UPDATE]]
+
+local REMAINING = [[
+SELECT count(*) AS n FROM qx_aggregate_events e, qx_projection_checkpoints c
+WHERE c.projection_name = $1
+  AND (e.tx_id, e.global_position) > (c.tx_id, c.global_position)
+  AND ($2::jsonb IS NULL OR e.event_name IN (SELECT jsonb_array_elements_text($2::jsonb)))
+  AND ($3::jsonb IS NULL OR e.aggregate_type IN (SELECT jsonb_array_elements_text($3::jsonb)))]]
+
+local STATUS = [[
+SELECT tx_id::text AS tx_id, global_position, events_applied, last_sequence,
+       to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS updated_at,
+       to_char(rebuilt_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS rebuilt_at
+FROM qx_projection_checkpoints WHERE projection_name = $1]]
+
+
+local function default_progress(info)
+    stderr:write(fmt("qx projection %s: %d events applied in %.1f s (%.0f/s), at position %s%s\n",
+        info.name, info.applied, info.elapsed_seconds, info.rate, tostring(info.global_position),
+        info.remaining and (", about " .. info.remaining .. " to go") or ""))
+end
+
+
+local OPTS = { name = true, db = true, handlers = true, aggregate_type = true, batch_size = true,
+               reset = true, on_progress = true, progress_interval_seconds = true }
+
+
+-- new{ name, db, handlers, aggregate_type?, batch_size = 500, reset?, on_progress?,
+--      progress_interval_seconds = 5 }
+function _M.new(opts)
+    if type(opts) ~= "table" then
+        error("qx.projection: expected a table of options", 2)
+    end
+    for k in pairs(opts) do
+        if not OPTS[k] then
+            local known = {}
+            for o in pairs(OPTS) do known[#known + 1] = o end
+            sort(known)
+            error("qx.projection: unknown option '" .. tostring(k) .. "' (known: "
+                  .. table.concat(known, ", ") .. ")", 2)
+        end
+    end
+    local name = opts.name
+    if type(name) ~= "string" or name == "" or #name > MAX_NAME then
+        error("qx.projection: name must be a non-empty string of at most " .. MAX_NAME
+              .. " bytes", 2)
+    end
+    if type(opts.db) ~= "table" or not opts.db.pool then
+        error("qx.projection: db must come from qx.connect", 2)
+    end
+    if type(opts.handlers) ~= "table" then
+        error("qx.projection: handlers must be a table { [event name or class] = fn(ev, uow) }", 2)
+    end
+    local handlers, names = {}, {}
+    for k, fn in pairs(opts.handlers) do
+        local ename
+        if event.is_class(k) then
+            ename = k.event_name
+        elseif type(k) == "string" and event.valid_name(k) then
+            ename = k
+        else
+            error("qx.projection: handler keys must be event names or event classes, got "
+                  .. (type(k) == "string" and fmt("%q", k) or type(k)), 2)
+        end
+        if type(fn) ~= "function" then
+            error("qx.projection: the handler for " .. ename .. " must be a function", 2)
+        end
+        if handlers[ename] then
+            error("qx.projection: two handlers for " .. ename, 2)
+        end
+        handlers[ename] = fn
+        names[#names + 1] = ename
+    end
+    if #names == 0 then
+        error("qx.projection: handlers is empty", 2)
+    end
+    sort(names)
+    local cats
+    local at = opts.aggregate_type
+    if at ~= nil then
+        local list = (type(at) == "table" and not aggregate.is_class(at)) and at or { at }
+        cats = {}
+        for i, v in ipairs(list) do
+            if aggregate.is_class(v) then
+                v = v.aggregate_type
+            end
+            if type(v) ~= "string" then
+                error("qx.projection: aggregate_type must be names or aggregate classes", 2)
+            end
+            cats[i] = v
+        end
+        if #cats == 0 then
+            error("qx.projection: aggregate_type is empty", 2)
+        end
+    end
+    local batch = opts.batch_size or 500
+    if type(batch) ~= "number" or batch ~= floor(batch) or batch < 1 or batch > MAX_BATCH then
+        error("qx.projection: batch_size must be an integer between 1 and " .. MAX_BATCH, 2)
+    end
+    if opts.reset ~= nil and type(opts.reset) ~= "function" then
+        error("qx.projection: reset must be a function(uow)", 2)
+    end
+    local progress = opts.on_progress
+    if progress == nil then
+        progress = default_progress
+    elseif progress ~= false and type(progress) ~= "function" then
+        error("qx.projection: on_progress must be a function or false", 2)
+    end
+    local every = opts.progress_interval_seconds or 5
+    if type(every) ~= "number" or every <= 0 then
+        error("qx.projection: progress_interval_seconds must be a positive number", 2)
+    end
+    return setmetatable({
+        name = name,
+        db = opts.db,
+        handlers = handlers,
+        types = names,
+        categories = cats,
+        batch_size = batch,
+        reset = opts.reset,
+        on_progress = progress or nil,
+        progress_interval = every,
+        _ready = false,
+        _stopping = false,
+    }, Projection)
+end
+
+
+local function check(self, method)
+    if getmetatable(self) ~= Projection then
+        error("projection:" .. method .. ": call as p:" .. method .. "(...)", 3)
+    end
+end
+
+
+local function ensure(self)
+    if self._ready then
+        return true
+    end
+    local n, e = self.db:exec(ENSURE, self.name)
+    if not n then
+        return nil, e
+    end
+    self._ready = true
+    return true
+end
+
+
+-- Runs one handler; a raised error or a nil/false, err return fails the batch, annotated with
+-- the event it was handling.
+local function apply(self, fn, rec, uow)
+    local ok, r1, r2 = xpcall(fn, qx_error.handler, rec, uow)
+    local failure
+    if not ok then
+        failure = r1
+    elseif (r1 == nil or r1 == false) and r2 ~= nil then
+        failure = qx_error.is(r2) and r2 or qx_error.new("error", tostring(r2))
+    end
+    if failure then
+        failure.projection = self.name
+        failure.event_id = rec.event_id
+        failure.event_name = rec.event_name
+        failure.global_position = rec._global_position
+        failure.message = fmt("projection %s, %s %s (position %s): %s", self.name,
+            tostring(rec.event_name), tostring(rec.event_id), tostring(rec._global_position),
+            tostring(failure.message))
+        error(failure, 0)
+    end
+end
+
+
+-- One batch in one unit of work -> { n, caught_up, withheld, global_position } | nil, err
+local function run_batch(self)
+    local result
+    local ok, e = self.db:unit_of_work(function(uow)
+        local rows, qe = uow:query(BATCH, self.name, self.types, self.categories, self.batch_size)
+        if not rows then
+            error(qe, 0)
+        end
+        local head = rows[1]
+        if head == nil then
+            result = { missing = true }
+            return true
+        end
+        local tx, pos = head.cp_tx, dec(head.cp_pos)
+        local n = 0
+        local last
+        for i = 1, #rows do
+            local r = rows[i]
+            if r.tx_id ~= null then
+                local rec = to_record(r)
+                apply(self, self.handlers[rec.event_name], rec, uow)
+                n = n + 1
+                last = rec
+            end
+        end
+        local new_tx, new_pos = tx, pos
+        if last then
+            new_tx, new_pos = last._tx_id, dec(last._global_position)
+        end
+        local caught_up = n < self.batch_size
+        if caught_up then
+            new_tx, new_pos = later(new_tx, new_pos, head.horizon, "0")
+        end
+        if new_tx ~= tx or new_pos ~= pos then
+            local qok, ue = uow:queue(ADVANCE, self.name, new_tx, new_pos, n)
+            if not qok then
+                error(ue, 0)
+            end
+        end
+        result = { n = n, caught_up = caught_up, withheld = head.withheld,
+                   global_position = last and last._global_position }
+        return true
+    end)
+    if not ok then
+        return nil, e
+    end
+    return result
+end
+
+
+local function remaining(self)
+    local rows = self.db:query(REMAINING, self.name, self.types, self.categories)
+    return rows and rows[1] and rows[1].n or nil
+end
+
+
+-- p:catch_up() -> events applied, { withheld = bool } | nil, err
+-- Applies batches until one comes back short: everything readable now is applied. withheld
+-- is true when committed events wait behind an open transaction (store:stall() says which).
+function Projection:catch_up()
+    check(self, "catch_up")
+    local ok, e = ensure(self)
+    if not ok then
+        return nil, e
+    end
+    self._stopping = false
+    local total = 0
+    local started = clock()
+    local next_report = started + self.progress_interval
+    local position
+    while true do
+        local r
+        r, e = run_batch(self)
+        if not r then
+            return nil, e
+        end
+        if r.missing then
+            -- the row went away (deleted by hand): create it again, start over
+            self._ready = false
+            ok, e = ensure(self)
+            if not ok then
+                return nil, e
+            end
+        else
+            total = total + r.n
+            position = r.global_position or position
+            local now = clock()
+            if self.on_progress and now >= next_report and not r.caught_up then
+                next_report = now + self.progress_interval
+                local elapsed = now - started
+                self.on_progress({
+                    name = self.name,
+                    applied = total,
+                    elapsed_seconds = elapsed,
+                    rate = elapsed > 0 and total / elapsed or 0,
+                    global_position = position,
+                    remaining = remaining(self),
+                })
+            end
+            if r.caught_up or self._stopping then
+                return total, { withheld = r.withheld }
+            end
+        end
+    end
+end
+
+
+-- p:stop(): a running run() or catch_up() returns after the current batch (call it from a
+-- handler, on_progress, or the stop function given to run)
+function Projection:stop()
+    check(self, "stop")
+    self._stopping = true
+end
+
+
+-- p:run{ poll_ms = 1000, stop = fn() -> bool, max_seconds = n } -> events applied | nil, err
+-- Catches up, then sleeps on LISTEN qx_events until an append commits (or poll_ms passes) and
+-- catches up again, until stop() returns true, p:stop() is called, or max_seconds pass. While
+-- committed events are withheld behind an open transaction it polls sooner (10 ms, doubling
+-- up to poll_ms), since that transaction's end sends no notification when it wrote no events.
+-- A database error ends the run with nil, err; the checkpoint keeps what was applied.
+function Projection:run(opts)
+    check(self, "run")
+    if opts ~= nil and type(opts) ~= "table" then
+        error("projection:run: options must be a table", 2)
+    end
+    opts = opts or {}
+    local poll = opts.poll_ms or 1000
+    if type(poll) ~= "number" or poll < 1 then
+        error("projection:run: poll_ms must be a positive number", 2)
+    end
+    if opts.stop ~= nil and type(opts.stop) ~= "function" then
+        error("projection:run: stop must be a function", 2)
+    end
+    if opts.max_seconds ~= nil and (type(opts.max_seconds) ~= "number" or opts.max_seconds < 0) then
+        error("projection:run: max_seconds must be a non-negative number", 2)
+    end
+    local deadline = opts.max_seconds and clock() + opts.max_seconds
+
+    -- listen first, so that an append committing during the first catch-up still wakes us
+    local conn, e = self.db:acquire()
+    if not conn then
+        return nil, e
+    end
+    local ok
+    ok, e = conn:listen(store_mod.CHANNEL)
+    if not ok then
+        conn:release()
+        return nil, e
+    end
+    self._stopping = false
+    local total, soon = 0, nil
+    while true do
+        local n, info = self:catch_up()
+        if not n then
+            conn:release()
+            return nil, info
+        end
+        total = total + n
+        if self._stopping or (opts.stop and opts.stop()) or (deadline and clock() >= deadline) then
+            break
+        end
+        local wait = poll
+        if info.withheld then
+            soon = soon and min(soon * 2, poll) or 10
+            wait = soon
+        else
+            soon = nil
+        end
+        if deadline then
+            wait = max(0, min(wait, (deadline - clock()) * 1000))
+        end
+        local notes, ne = conn:notifications(floor(wait))
+        if not notes then
+            conn:release()
+            return nil, ne
+        end
+    end
+    conn:release()
+    return total
+end
+
+
+-- p:rebuild() -> events applied | nil, err
+-- In one transaction: reset(uow) (when given) and the checkpoint back to the start; then a
+-- catch-up replays every event. Without reset, handlers replay over the read model as it is.
+function Projection:rebuild()
+    check(self, "rebuild")
+    local ok, e = ensure(self)
+    if not ok then
+        return nil, e
+    end
+    ok, e = self.db:unit_of_work(function(uow)
+        local rows, le = uow:query(LOCK, self.name)
+        if not rows then
+            error(le, 0)
+        end
+        if self.reset then
+            self.reset(uow)
+        end
+        local qok, qe = uow:queue(RESET, self.name)
+        if not qok then
+            error(qe, 0)
+        end
+        return true
+    end)
+    if not ok then
+        return nil, e
+    end
+    return self:catch_up()
+end
+
+
+-- p:status() -> { name, checkpoint, global_position, events_applied, updated_at, rebuilt_at,
+--                 behind } | nil, err    (behind: events with a handler not applied yet)
+function Projection:status()
+    check(self, "status")
+    local ok, e = ensure(self)
+    if not ok then
+        return nil, e
+    end
+    local rows
+    rows, e = self.db:query(STATUS, self.name)
+    if not rows then
+        return nil, e
+    end
+    local r = rows[1]
+    if r == nil then
+        return nil, qx_error.new("not_found", "projection " .. self.name .. " has no checkpoint row")
+    end
+    return {
+        name = self.name,
+        checkpoint = encode_checkpoint(r.tx_id, dec(r.global_position)),
+        global_position = r.global_position,
+        events_applied = r.events_applied,
+        updated_at = r.updated_at,
+        rebuilt_at = r.rebuilt_at ~= null and r.rebuilt_at or nil,
+        behind = remaining(self),
+    }
+end
+
+
+return _M
