@@ -563,6 +563,95 @@ os.exit(1)
     end)
   end)
 
+  describe("server outage", function()
+    -- a nats-server of this test's own, so stopping it disturbs no other spec
+    local dir, pid, port
+
+    local function sh(cmd)
+      local p = assert(io.popen(cmd))
+      local out = p:read("*a")
+      p:close()
+      return out
+    end
+
+    local function start_server()
+      pid = tonumber(sh(("nats-server -js -a 127.0.0.1 -p %s -sd %s -l %s/log >/dev/null 2>&1 & echo $!")
+        :format(port or "-1", dir, dir)):match("%d+"))
+      local deadline = clock() + 10
+      repeat
+        local f = io.open(dir .. "/log")
+        local log = f and f:read("*a") or ""
+        if f then f:close() end
+        local p = log:match("Listening for client connections on 127%.0%.0%.1:(%d+)")
+        if p and (port == nil or p == tostring(port)) and log:match("Server is ready") then
+          port = tonumber(p)
+          return
+        end
+        pause(0.05)
+      until clock() > deadline
+      error("private nats-server did not start")
+    end
+
+    local function stop_server()
+      if not pid then return end
+      sh("kill " .. pid .. " 2>/dev/null")
+      local deadline = clock() + 10
+      while sh("kill -0 " .. pid .. " 2>/dev/null && echo alive") ~= "" and clock() < deadline do
+        pause(0.05)
+      end
+      pid = nil
+      os.remove(dir .. "/log") -- the next start writes a fresh log
+    end
+
+    before_each(function()
+      dir = os.tmpname()
+      os.remove(dir)
+      sh("mkdir -p " .. dir)
+      port = nil
+      start_server()
+    end)
+
+    after_each(function()
+      stop_server()
+      sh("rm -rf " .. dir)
+    end)
+
+    it("keeps consuming across a nats-server restart without losing or repeating a message", function()
+      local own = assert(nats.connect{ servers = "nats://127.0.0.1:" .. port, reconnect_wait_ms = 100 })
+      local name = support.unique("OUTAGE"):upper()
+      local prefix = support.unique("outage")
+      assert(own:ensure_stream{ name = name, subjects = { prefix .. ".>" } })
+      local pub = assert(publisher.new{ nats = own, subject_prefix = prefix })
+      local c = assert(qx.consumer{ nats = own, stream = name, durable = "d", db = db,
+                                    registry = qx.registry{ Placed } })
+      local seen = {}
+      local function h(ev) seen[#seen + 1] = ev.n end
+      assert(pub:publish(Placed{ n = 1 }))
+      assert.equal(1, assert(c:run_once(h, { timeout_ms = 5000 })).handled)
+
+      stop_server()
+      -- while the server is away, a round returns (nothing, or an error) instead of raising
+      -- or spinning
+      local t0 = clock()
+      local r = c:run_once(h, { timeout_ms = 300 })
+      assert.is_true(r == nil or r.fetched == 0)
+      assert.is_true(clock() - t0 >= 0.2)
+
+      start_server() -- same port, same store: the stream and the durable come back
+      local deadline = clock() + 15
+      local published = false
+      while #seen < 2 and clock() < deadline do
+        if not published and own:state() == "connected" then
+          published = pub:publish(Placed{ n = 2 }) ~= nil
+        end
+        c:run_once(h, { timeout_ms = 300 })
+      end
+      assert.same({ 1, 2 }, seen)
+      c:close()
+      own:close()
+    end)
+  end)
+
   describe("setup and bad input", function()
     it("raises on misuse: missing or wrong options", function()
       local reg = qx.registry{ Placed }

@@ -192,10 +192,23 @@ void qx_consumer_free(qx_consumer *c)
     free(c);
 }
 
+static void sleep_until(double deadline)
+{
+    double left = deadline - qx_clock();
+    struct timespec ts;
+    if (left <= 0)
+        return;
+    ts.tv_sec = (time_t)left;
+    ts.tv_nsec = (long)((left - (double)ts.tv_sec) * 1e9);
+    while (nanosleep(&ts, &ts) != 0)
+        ; /* interrupted by a signal: sleep the rest */
+}
+
 qx_status qx_consumer_fetch(qx_consumer *c, int *count, int batch, int timeout_ms, qx_error *err)
 {
     natsStatus s;
     jsErrCode jerr = 0;
+    double started;
     int i, n;
 
     *count = 0;
@@ -206,12 +219,22 @@ qx_status qx_consumer_fetch(qx_consumer *c, int *count, int batch, int timeout_m
     if (timeout_ms < 1)
         return qx_error_set(err, QX_ERR_INVALID, "fetch: timeout_ms must be >= 1");
     batch_free(c);
+    if (qx_nats_get_state(c->nats) == QX_NATS_CLOSED)
+        return qx_error_set(err, QX_ERR_CLOSED, "fetch: the NATS connection is closed");
 
+    started = qx_clock();
     s = natsSubscription_Fetch(&c->batch, c->sub, batch, timeout_ms, &jerr);
     if (s == NATS_TIMEOUT)
         return QX_OK; /* nothing arrived in time */
-    if (s != NATS_OK)
-        return qx_nats_error(err, s, jerr, "fetching from the JetStream consumer");
+    if (s != NATS_OK) {
+        qx_status st = qx_nats_error(err, s, jerr, "fetching from the JetStream consumer");
+        if (qx_nats_get_state(c->nats) == QX_NATS_CLOSED)
+            return qx_error_set(err, QX_ERR_CLOSED, "fetch: the NATS connection is closed");
+        /* a failure that may pass (server shutting down, consumer being recreated): report it
+         * only once the timeout is up, so that a loop around fetch does not spin */
+        sleep_until(started + timeout_ms / 1000.0);
+        return st;
+    }
 
     n = c->batch.Count;
     c->meta = calloc((size_t)n, sizeof *c->meta);

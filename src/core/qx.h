@@ -295,7 +295,9 @@ qx_status qx_consumer_new(qx_consumer **out, qx_nats *nats, const qx_consumer_op
 /* Drops this client's interest; the durable consumer and its state stay on the server. */
 void qx_consumer_free(qx_consumer *c);
 /* Fetches up to batch messages, waiting up to timeout_ms when none are ready. *count is 0 when
- * nothing arrived in time (not an error). Replaces the previous batch. */
+ * nothing arrived in time (not an error; also while the connection is being re-established).
+ * Replaces the previous batch. A closed connection is QX_ERR_CLOSED at once; any other failure
+ * is reported when timeout_ms has passed, so a loop around fetch never spins. */
 qx_status qx_consumer_fetch(qx_consumer *c, int *count, int batch, int timeout_ms,
                             qx_error *err);
 
