@@ -39,7 +39,6 @@ local ipairs = ipairs
 local error = error
 local xpcall = xpcall
 local pcall = pcall
-local select = select
 local tostring = tostring
 local tonumber = tonumber
 local setmetatable = setmetatable
@@ -270,27 +269,24 @@ local function msg_info(self, m, i)
     }, MsgInfo)
 end
 
-local function pack(...)
-    return { n = select("#", ...), ... }
-end
-
 -- Runs the handler; true, or false and the error. A handler fails by raising or by returning
 -- nil, err / false[, err].
-local function call_handler(handler, ev, uow, info)
-    local r
-    if type(handler) == "table" and not is_callable(handler) then
-        r = pack(xpcall(handler.publish, err.handler, handler, ev, uow, info))
-    else
-        r = pack(xpcall(handler, err.handler, ev, uow, info))
-    end
-    if not r[1] then return false, r[2] end
-    if r[2] == false or (r[2] == nil and r[3] ~= nil) then
-        local e = r[3]
+local function handler_outcome(ok, r1, r2)
+    if not ok then return false, r1 end
+    if r1 == false or (r1 == nil and r2 ~= nil) then
+        local e = r2
         if e == nil then e = err.new("error", "handler returned false") end
         if not err.is(e) then e = err.from_raised(e) end
         return false, e
     end
     return true
+end
+
+local function call_handler(handler, ev, uow, info)
+    if type(handler) == "table" and not is_callable(handler) then
+        return handler_outcome(xpcall(handler.publish, err.handler, handler, ev, uow, info))
+    end
+    return handler_outcome(xpcall(handler, err.handler, ev, uow, info))
 end
 
 local DUPLICATE = {}
