@@ -84,6 +84,9 @@ COMMANDS.migrate = {
     end,
 }
 
+COMMANDS.relay = require "qx.cli_relay"
+COMMANDS.outbox = require "qx.cli_outbox"
+
 local function usage()
     say("usage: qx COMMAND [flags]\n\ncommands:")
     local names = {}

@@ -78,4 +78,9 @@ function _M.publisher(opts)
     return require("qx.publisher").new(opts)
 end
 
+-- qx.relay{ db = db, nats = conn, shard_id =, shard_count =, ... }: the outbox relay
+function _M.relay(opts)
+    return require("qx.relay").new(opts)
+end
+
 return _M

@@ -362,6 +362,11 @@ function Conn:stream_info(name)
     return self.handle:stream_info(name or self.settings.stream)
 end
 
+-- stream_get(seq, name?) -> { sequence, subject, data, headers } | nil, err (not_found)
+function Conn:stream_get(seq, name)
+    return self.handle:stream_get(name or self.settings.stream, seq)
+end
+
 function Conn:delete_stream(name)
     return self.handle:delete_stream(name or self.settings.stream)
 end

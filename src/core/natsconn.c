@@ -401,6 +401,82 @@ qx_status qx_nats_stream_info_get(qx_nats *n, qx_nats_stream_info *out, const ch
     return QX_OK;
 }
 
+void qx_nats_stored_free(qx_nats_stored *m)
+{
+    int i;
+    if (m == NULL)
+        return;
+    for (i = 0; i < m->nheaders; i++) {
+        free(m->keys[i]);
+        free(m->values[i]);
+    }
+    free(m->keys);
+    free(m->values);
+    free(m->subject);
+    free(m->data);
+    free(m);
+}
+
+qx_status qx_nats_stream_get(qx_nats *n, qx_nats_stored **out, const char *stream,
+                             uint64_t seq, qx_error *err)
+{
+    natsMsg *msg = NULL;
+    jsErrCode jerr = 0;
+    natsStatus s;
+    qx_nats_stored *m;
+    const char **keys = NULL;
+    int count = 0, i, len;
+
+    *out = NULL;
+    if (n == NULL)
+        return qx_error_set(err, QX_ERR_CLOSED, "NATS connection is closed");
+    if (empty(stream))
+        return qx_error_set(err, QX_ERR_INVALID, "invalid stream name");
+    s = js_GetMsg(&msg, n->js, stream, seq, NULL, &jerr);
+    if (s != NATS_OK)
+        return qx_nats_error(err, s, jerr, "stream_get");
+    m = calloc(1, sizeof *m);
+    len = natsMsg_GetDataLength(msg);
+    if (m != NULL) {
+        m->sequence = natsMsg_GetSequence(msg);
+        m->subject = strdup(natsMsg_GetSubject(msg));
+        m->data = malloc((size_t)len + 1);
+        m->len = len;
+        if (m->data != NULL) {
+            memcpy(m->data, natsMsg_GetData(msg), (size_t)len);
+            m->data[len] = '\0';
+        }
+    }
+    if (m != NULL && natsMsgHeader_Keys(msg, &keys, &count) == NATS_OK && count > 0) {
+        m->keys = calloc((size_t)count, sizeof *m->keys);
+        m->values = calloc((size_t)count, sizeof *m->values);
+        if (m->keys != NULL && m->values != NULL) {
+            for (i = 0; i < count; i++) {
+                const char *v = NULL;
+                natsMsgHeader_Get(msg, keys[i], &v);
+                m->keys[i] = strdup(keys[i]);
+                m->values[i] = strdup(v != NULL ? v : "");
+                m->nheaders++;
+            }
+        }
+    }
+    free((void *)keys);
+    natsMsg_Destroy(msg);
+    if (m == NULL || m->subject == NULL || m->data == NULL ||
+        (count > 0 && (m->keys == NULL || m->values == NULL))) {
+        qx_nats_stored_free(m);
+        return qx_error_set(err, QX_ERR_NOMEM, "out of memory");
+    }
+    for (i = 0; i < m->nheaders; i++) {
+        if (m->keys[i] == NULL || m->values[i] == NULL) {
+            qx_nats_stored_free(m);
+            return qx_error_set(err, QX_ERR_NOMEM, "out of memory");
+        }
+    }
+    *out = m;
+    return QX_OK;
+}
+
 qx_status qx_nats_delete_stream(qx_nats *n, const char *name, qx_error *err)
 {
     jsErrCode jerr = 0;

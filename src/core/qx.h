@@ -247,6 +247,19 @@ typedef struct qx_nats_stream_info {
 /* QX_ERR_NOT_FOUND when there is no such stream. */
 qx_status qx_nats_stream_info_get(qx_nats *n, qx_nats_stream_info *out, const char *name,
                                   qx_error *err);
+/* A message stored in a stream, read back by sequence (tests, tools). */
+typedef struct qx_nats_stored {
+    uint64_t sequence;
+    char *subject;
+    char *data;
+    int len;
+    int nheaders;
+    char **keys, **values; /* the first value of each header */
+} qx_nats_stored;
+/* QX_ERR_NOT_FOUND when the stream has no message at seq (deleted, or beyond the last). */
+qx_status qx_nats_stream_get(qx_nats *n, qx_nats_stored **out, const char *stream,
+                             uint64_t seq, qx_error *err);
+void qx_nats_stored_free(qx_nats_stored *m);
 /* Deletes a stream (tests); QX_ERR_NOT_FOUND when there is none. */
 qx_status qx_nats_delete_stream(qx_nats *n, const char *name, qx_error *err);
 

@@ -54,4 +54,7 @@ void qx_open_nats(lua_State *L);
  * at the top. */
 void qx_open_consumer(lua_State *L);
 
+/* The outbox relay (lrelay.c): adds relay to the table at the top. */
+void qx_open_relay(lua_State *L);
+
 #endif

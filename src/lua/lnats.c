@@ -186,6 +186,33 @@ static int l_stream_info(lua_State *L)
     return 1;
 }
 
+/* nats:stream_get(name, seq) -> { sequence, subject, data, headers = { k = v } } | nil, err */
+static int l_stream_get(lua_State *L)
+{
+    qx_nats *n = qx_check_nats(L, 1);
+    const char *name = luaL_checkstring(L, 2);
+    long long seq;
+    qx_nats_stored *m = NULL;
+    qx_error err;
+    int i;
+    if (!qx_isinteger(L, 3, &seq) || seq < 1)
+        return luaL_argerror(L, 3, "sequence must be an integer >= 1");
+    if (qx_nats_stream_get(n, &m, name, (uint64_t)seq, &err) != QX_OK)
+        return qx_push_error(L, &err);
+    lua_createtable(L, 0, 4);
+    qx_pushint64(L, (long long)m->sequence), lua_setfield(L, -2, "sequence");
+    lua_pushstring(L, m->subject), lua_setfield(L, -2, "subject");
+    lua_pushlstring(L, m->data, (size_t)m->len), lua_setfield(L, -2, "data");
+    lua_createtable(L, 0, m->nheaders);
+    for (i = 0; i < m->nheaders; i++) {
+        lua_pushstring(L, m->values[i]);
+        lua_setfield(L, -2, m->keys[i]);
+    }
+    lua_setfield(L, -2, "headers");
+    qx_nats_stored_free(m);
+    return 1;
+}
+
 static int l_delete_stream(lua_State *L)
 {
     qx_nats *n = qx_check_nats(L, 1);
@@ -260,6 +287,7 @@ static const luaL_Reg methods[] = {
     { "ensure_stream", l_ensure_stream },
     { "publish", l_publish },
     { "stream_info", l_stream_info },
+    { "stream_get", l_stream_get },
     { "delete_stream", l_delete_stream },
     { "state", l_state },
     { "stats", l_stats },

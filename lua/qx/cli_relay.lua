@@ -1,0 +1,148 @@
+-- `qx relay`: runs the outbox relay until SIGTERM or SIGINT (the batch in flight is finished).
+--
+--   qx relay [--url URL] [--servers NATS_URLS] [--shard-id N] [--shard-count N]
+--            [--batch-size N] [--max-in-flight N] [--max-attempts N] [--poll-interval S]
+--            [--idle-interval S] [--lock-retry S] [--ack-timeout-ms MS] [--subject-prefix P]
+--            [--metrics-file PATH] [--ensure-stream] [--once] [--verbose]
+--
+-- Flags override the environment (QX_DB__*, QX_NATS__*, QX_RELAY__*). --metrics-file writes the
+-- Prometheus text (outbox figures and relay counters) to PATH at most once a second, for a
+-- textfile collector. --once runs one batch, prints its figures and exits (0 when nothing
+-- failed). --ensure-stream creates the stream first (development).
+local tostring = tostring
+local tonumber = tonumber
+local type = type
+local os_time = os.time
+local stdout, stderr = io.stdout, io.stderr
+
+local function log(...)
+    stderr:write(os.date("!%Y-%m-%dT%H:%M:%SZ"), " qx relay: ", ...)
+    stderr:write("\n")
+    stderr:flush()
+end
+
+local function number_flag(flags, name, integer)
+    local v = flags[name]
+    if v == nil then return nil end
+    local n = tonumber(v)
+    if n == nil or (integer and n % 1 ~= 0) then
+        return nil, "--" .. name:gsub("_", "-") .. " must be " .. (integer and "an integer" or "a number")
+    end
+    return n
+end
+
+local function write_file(path, text)
+    local tmp = path .. ".tmp"
+    local f, e = io.open(tmp, "w")
+    if not f then return nil, e end
+    f:write(text)
+    f:close()
+    return os.rename(tmp, path)
+end
+
+local function summary(r)
+    return ("claimed %d, published %d (%d duplicates), failed %d, dead-lettered %d, held %d")
+        :format(r.claimed, r.published, r.duplicates, r.failed, r.dead_lettered, r.held)
+end
+
+local function run(flags)
+    local cli = require "qx.cli"
+    local qx = require "qx"
+
+    local opts, e = {}, nil
+    for _, f in ipairs({ "shard_id", "shard_count", "batch_size", "max_in_flight", "max_attempts",
+                         "ack_timeout_ms" }) do
+        opts[f], e = number_flag(flags, f, true)
+        if e then cli.complain(e) return 2 end
+    end
+    for _, f in ipairs({ "poll_interval", "idle_interval", "lock_retry" }) do
+        opts[f .. "_seconds"], e = number_flag(flags, f, false)
+        if e then cli.complain(e) return 2 end
+    end
+    opts.subject_prefix = flags.subject_prefix
+    if flags.metrics_file ~= nil and type(flags.metrics_file) ~= "string" then
+        cli.complain("--metrics-file needs a path") return 2
+    end
+
+    local db = cli.connect(flags)
+    if not db then return 1 end
+    local nats_opts = { servers = flags.servers }
+    local conn
+    conn, e = qx.nats.connect(nats_opts)
+    if not conn then
+        cli.complain(tostring(e))
+        db:close()
+        return 1
+    end
+    if flags.ensure_stream then
+        local ok, se = conn:ensure_stream()
+        if not ok then cli.complain("ensure_stream: ", tostring(se)) return 1 end
+    end
+    opts.db, opts.nats = db, conn
+    local relay
+    relay, e = qx.relay(opts)
+    if not relay then
+        cli.complain(tostring(e))
+        conn:close()
+        db:close()
+        return e and e.code == "invalid" and 2 or 1
+    end
+    local s = relay.settings
+
+    if flags.once then
+        local r, re = relay:run_once()
+        relay:close()
+        conn:close()
+        db:close()
+        if not r then cli.complain(tostring(re)) return 1 end
+        cli.say(r.leader and summary(r) or "not the leader of this shard: nothing done")
+        return (r.failed == 0 and r.dead_lettered == 0) and 0 or 1
+    end
+
+    log(("starting: shard %d of %d, batch %d, window %d, stream subjects %s.>")
+        :format(s.shard_id, s.shard_count, s.batch_size, s.max_in_flight, s.subject_prefix))
+    local was_leader, last_error, last_error_at, last_metrics = nil, nil, 0, 0
+    local function on_batch(r, err)
+        if r.leader ~= was_leader then
+            log(r.leader and "leader of its shard: publishing"
+                or "standby: another relay holds this shard; retrying the lock")
+            was_leader = r.leader
+        end
+        if err then
+            local msg = tostring(err)
+            -- the same error again is logged at most every 30 s
+            if msg ~= last_error or os_time() - last_error_at >= 30 then
+                log("batch failed: ", msg)
+                last_error, last_error_at = msg, os_time()
+            end
+        elseif last_error then
+            log("recovered")
+            last_error = nil
+        end
+        if flags.verbose and r.claimed > 0 then log(summary(r)) end
+        if flags.metrics_file and os_time() ~= last_metrics then
+            last_metrics = os_time()
+            local text = relay:metrics()
+            if text then write_file(flags.metrics_file, text) end
+        end
+    end
+    relay:run{ on_batch = on_batch, handle_signals = true }
+    local st = relay:stats()
+    log(("stopped: %d published, %d failed, %d dead-lettered in %d batches")
+        :format(st.published, st.failed, st.dead_lettered, st.batches))
+    relay:close()
+    conn:close()
+    db:close()
+    stdout:flush()
+    return 0
+end
+
+return {
+    summary = "publish the outbox to NATS JetStream until SIGTERM/SIGINT",
+    usage = "qx relay [--url URL] [--servers NATS_URLS] [--shard-id N] [--shard-count N] "
+        .. "[--batch-size N] [--max-in-flight N] [--max-attempts N] [--poll-interval S] "
+        .. "[--idle-interval S] [--lock-retry S] [--ack-timeout-ms MS] [--subject-prefix P] "
+        .. "[--metrics-file PATH] [--ensure-stream] [--once] [--verbose]",
+    switches = { once = true, verbose = true, ensure_stream = true },
+    run = run,
+}

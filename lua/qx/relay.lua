@@ -1,0 +1,316 @@
+-- qx.relay{...}: the outbox relay, publishing committed integration events from
+-- qx_outbox_events to NATS JetStream. The loop runs in C (src/core/relay.c); this module reads
+-- the settings, starts it and formats its figures.
+--
+--   local relay = assert(qx.relay{ db = db, nats = conn, shard_id = 0, shard_count = 1 })
+--   relay:run()                      -- until relay:stop() (e.g. from on_batch) or a signal
+--   relay:run_once()                 -- one batch: { published, failed, dead_lettered, ... }
+--   relay:stats(), relay:metrics()   -- counters; Prometheus text
+--
+-- Guarantees (see README): nothing committed is lost, each event is on the stream once
+-- (Nats-Msg-Id = event id, within the stream's duplicate window), events of one partition key
+-- reach the stream in commit order, also with several relays (shards by partition key, one
+-- leader per shard through a PostgreSQL advisory lock).
+--
+-- Options (explicit options over QX_RELAY__* variables over defaults):
+--   db            a db from qx.connect (its url is used), or url = "postgresql://..."
+--   nats          a connection from qx.nats.connect, a core NATS handle, or NATS options
+--                 (default: connect with the QX_NATS__* settings)
+--   shard_id, shard_count          QX_RELAY__SHARD_ID, QX_RELAY__SHARD_COUNT       (0 of 1)
+--   batch_size                     QX_RELAY__BATCH_SIZE                            (1000)
+--   max_in_flight                  QX_RELAY__MAX_IN_FLIGHT                         (1000)
+--   max_attempts                   QX_RELAY__MAX_ATTEMPTS, 0 = never dead-letter   (10)
+--   poll_interval_seconds          QX_RELAY__POLL_INTERVAL_SECONDS                 (0.5)
+--   idle_interval_seconds          QX_RELAY__IDLE_INTERVAL_SECONDS                 (2)
+--   lock_retry_seconds             QX_RELAY__LOCK_RETRY_SECONDS                    (1)
+--   ack_timeout_ms                 default: QX_NATS__PUBLISH_TIMEOUT_SECONDS       (5000)
+--   base_delay_ms, max_delay_ms    retry backoff: base * 2^attempts, at most max   (500, 60000)
+--   subject_prefix                 default: the NATS settings' (QX_NATS__SUBJECT_PREFIX)
+--   channel                        LISTEN channel                           ("qx_outbox")
+-- *_seconds options may also be given as *_ms. Bad values return nil and an "invalid" error
+-- naming the setting; an unknown option raises.
+local core = require "qx.core"
+local qx_error = require "qx.error"
+local nats = require "qx.nats"
+
+local type = type
+local pairs = pairs
+local ipairs = ipairs
+local error = error
+local tostring = tostring
+local tonumber = tonumber
+local setmetatable = setmetatable
+local floor = math.floor
+local fmt = string.format
+local match = string.match
+local find = string.find
+local concat = table.concat
+local os_getenv = os.getenv
+
+local _M = { _VERSION = "0.1.0" }
+
+_M.ENV = {
+    shard_id = "QX_RELAY__SHARD_ID",
+    shard_count = "QX_RELAY__SHARD_COUNT",
+    batch_size = "QX_RELAY__BATCH_SIZE",
+    max_in_flight = "QX_RELAY__MAX_IN_FLIGHT",
+    max_attempts = "QX_RELAY__MAX_ATTEMPTS",
+    poll_interval_seconds = "QX_RELAY__POLL_INTERVAL_SECONDS",
+    idle_interval_seconds = "QX_RELAY__IDLE_INTERVAL_SECONDS",
+    lock_retry_seconds = "QX_RELAY__LOCK_RETRY_SECONDS",
+}
+
+_M.DEFAULTS = {
+    shard_id = 0, shard_count = 1, batch_size = 1000, max_in_flight = 1000, max_attempts = 10,
+    poll_interval_seconds = 0.5, idle_interval_seconds = 2, lock_retry_seconds = 1,
+    base_delay_ms = 500, max_delay_ms = 60000, channel = "qx_outbox",
+}
+
+local OPTIONS = {
+    db = true, url = true, nats = true, shard_id = true, shard_count = true, batch_size = true,
+    max_in_flight = true, max_attempts = true, poll_interval_seconds = true,
+    poll_interval_ms = true, idle_interval_seconds = true, idle_interval_ms = true,
+    lock_retry_seconds = true, lock_retry_ms = true, ack_timeout_ms = true,
+    base_delay_ms = true, max_delay_ms = true, subject_prefix = true, channel = true,
+    connect_timeout_ms = true,
+}
+
+local function bad(setting, msg)
+    return qx_error.new("invalid", "invalid setting " .. setting .. ": " .. msg, { setting = setting })
+end
+
+local function source(opts, getenv, name)
+    if opts[name] ~= nil then return opts[name], name, false end
+    local env = _M.ENV[name]
+    local s = env and getenv(env)
+    if s ~= nil and s ~= "" then return s, env, true end
+    return nil
+end
+
+-- an integer in lo..hi from an option or a variable
+local function int_setting(opts, getenv, name, lo, hi)
+    local v, src, from_env = source(opts, getenv, name)
+    if v == nil then return _M.DEFAULTS[name] end
+    if from_env then
+        local s = match(v, "^%s*(.-)%s*$")
+        if not find(s, "^[+-]?%d+$") then return nil, bad(src, "expected an integer, got " .. fmt("%q", v)) end
+        v = tonumber(s)
+    elseif type(v) ~= "number" or v ~= floor(v) then
+        return nil, bad(src, "expected an integer, got " .. tostring(v))
+    end
+    if v < lo or (hi and v > hi) then
+        return nil, bad(src, fmt("must be from %d to %s, got %s", lo, hi and tostring(hi) or "any",
+                                 tostring(v)))
+    end
+    return v
+end
+
+-- a duration in ms from name_ms (option) or name_seconds (option or variable)
+local function ms_setting(opts, getenv, name)
+    local ms = opts[name .. "_ms"]
+    if ms ~= nil then
+        if type(ms) ~= "number" or ms ~= floor(ms) or ms < 0 then
+            return nil, bad(name .. "_ms", "expected an integer >= 0")
+        end
+        return ms
+    end
+    local v, src, from_env = source(opts, getenv, name .. "_seconds")
+    if v == nil then return floor(_M.DEFAULTS[name .. "_seconds"] * 1000 + 0.5) end
+    if from_env then
+        local s = match(v, "^%s*(.-)%s*$")
+        if not (find(s, "^%d+%.?%d*$") or find(s, "^%.%d+$")) then
+            return nil, bad(src, "expected seconds, got " .. fmt("%q", v))
+        end
+        v = tonumber(s)
+    elseif type(v) ~= "number" or v < 0 then
+        return nil, bad(src, "expected seconds >= 0")
+    end
+    if v > 86400 then return nil, bad(src, "at most 86400 seconds") end
+    return floor(v * 1000 + 0.5)
+end
+
+-- settings(opts, getenv?) -> the options core.relay takes (without conninfo and nats) | nil, err
+function _M.settings(opts, getenv)
+    getenv = getenv or os_getenv
+    local out, e = {}, nil
+    out.shard_count, e = int_setting(opts, getenv, "shard_count", 1, 100000)
+    if not out.shard_count then return nil, e end
+    out.shard_id, e = int_setting(opts, getenv, "shard_id", 0, out.shard_count - 1)
+    if not out.shard_id then
+        if e.setting and find(e.message, "must be from", 1, true) then
+            e.message = e.message .. " (shard_id must be below shard_count " .. out.shard_count .. ")"
+        end
+        return nil, e
+    end
+    out.batch_size, e = int_setting(opts, getenv, "batch_size", 1, 100000)
+    if not out.batch_size then return nil, e end
+    out.max_in_flight, e = int_setting(opts, getenv, "max_in_flight", 1, 100000)
+    if not out.max_in_flight then return nil, e end
+    out.max_attempts, e = int_setting(opts, getenv, "max_attempts", 0, 1000000)
+    if not out.max_attempts then return nil, e end
+    for _, name in ipairs({ "poll_interval", "idle_interval", "lock_retry" }) do
+        out[name .. "_ms"], e = ms_setting(opts, getenv, name)
+        if not out[name .. "_ms"] then return nil, e end
+    end
+    if out.lock_retry_ms < 1 then return nil, bad("lock_retry", "must be at least 1 ms") end
+    for _, name in ipairs({ "ack_timeout_ms", "base_delay_ms", "max_delay_ms", "connect_timeout_ms" }) do
+        local v = opts[name]
+        if v ~= nil and (type(v) ~= "number" or v ~= floor(v) or v < 0 or v > 2147483647) then
+            return nil, bad(name, "expected an integer >= 0")
+        end
+        out[name] = v
+    end
+    if out.ack_timeout_ms == 0 then return nil, bad("ack_timeout_ms", "must be at least 1") end
+    out.base_delay_ms = out.base_delay_ms or _M.DEFAULTS.base_delay_ms
+    out.max_delay_ms = out.max_delay_ms or _M.DEFAULTS.max_delay_ms
+    if opts.channel ~= nil and (type(opts.channel) ~= "string" or opts.channel == "") then
+        return nil, bad("channel", "expected a non-empty string")
+    end
+    out.channel = opts.channel or _M.DEFAULTS.channel
+    if opts.subject_prefix ~= nil and not core.nats_subject_valid(opts.subject_prefix) then
+        return nil, bad("subject_prefix", "not a valid subject")
+    end
+    out.subject_prefix = opts.subject_prefix
+    return out
+end
+
+local Relay = {}
+Relay.__index = Relay
+_M.Relay = Relay
+
+-- new(opts) -> relay | nil, err
+function _M.new(opts)
+    if type(opts) ~= "table" then error("qx.relay: expected a table of options", 2) end
+    for k in pairs(opts) do
+        if not OPTIONS[k] then error("qx.relay: unknown option '" .. tostring(k) .. "'", 2) end
+    end
+    local url = opts.url
+    if opts.db ~= nil then
+        if type(opts.db) ~= "table" or not opts.db.settings then
+            error("qx.relay: db must come from qx.connect", 2)
+        end
+        url = opts.db.settings.url
+    elseif url == nil then
+        local settings = require "qx.settings"
+        local s, e = settings.db({})
+        if not s then return nil, e end
+        url = s.url
+    end
+    if type(url) ~= "string" then error("qx.relay: url must be a string", 2) end
+
+    local cfg, e = _M.settings(opts)
+    if not cfg then return nil, e end
+    local conn, owned = nats.resolve(opts.nats)
+    if not conn then return nil, owned end
+    cfg.subject_prefix = cfg.subject_prefix or conn.settings.subject_prefix
+    cfg.ack_timeout_ms = cfg.ack_timeout_ms or conn.settings.publish_timeout_ms
+    cfg.conninfo = url
+    cfg.nats = conn.handle
+    local handle
+    handle, e = core.relay(cfg)
+    cfg.nats = nil
+    if owned then conn:close() end -- the relay holds its own reference
+    if not handle then return nil, e end
+    return setmetatable({ handle = handle, settings = cfg, db = opts.db, url = url }, Relay)
+end
+
+-- run{ on_batch = fn(result, err) -> false to stop, handle_signals = false } -> true
+-- Blocks until stop() (call it from on_batch), on_batch returning false, or with
+-- handle_signals SIGTERM/SIGINT; the batch in flight is finished first.
+function Relay:run(opts)
+    if opts ~= nil and type(opts) ~= "table" then error("relay:run: expected a table", 2) end
+    return self.handle:run(opts)
+end
+
+-- run_once() -> { leader, claimed, published, duplicates, failed, dead_lettered, held } | nil, err
+function Relay:run_once() return self.handle:run_once() end
+function Relay:stop() return self.handle:stop() end
+
+-- stats() -> { batches, claimed, published, duplicates, failed, dead_lettered, held, errors,
+--              leader_changes, leader, running, last_batch_at, started_at, last_error?,
+--              shard_id, shard_count, nats = { state, reconnects } }
+function Relay:stats()
+    local s = self.handle:stats()
+    s.shard_id, s.shard_count = self.settings.shard_id, self.settings.shard_count
+    return s
+end
+
+-- ---- Prometheus text ----------------------------------------------------------------------
+
+local function metric(lines, name, kind, help, value, labels)
+    lines[#lines + 1] = "# HELP " .. name .. " " .. help
+    lines[#lines + 1] = "# TYPE " .. name .. " " .. kind
+    local v = value
+    if type(v) == "boolean" then v = v and 1 or 0 end
+    if type(v) == "number" and v == floor(v) and v < 2^53 and v > -2^53 then
+        v = fmt("%d", v)
+    else
+        v = tostring(v)
+    end
+    lines[#lines + 1] = name .. (labels or "") .. " " .. v
+end
+
+-- outbox_metrics(status) -> Prometheus text for the figures of outbox:status()
+function _M.outbox_metrics(st)
+    local l = {}
+    metric(l, "qx_outbox_pending", "gauge", "Outbox rows waiting to be published.", st.pending)
+    metric(l, "qx_outbox_scheduled", "gauge",
+           "Pending outbox rows waiting for their next attempt after a failure.", st.scheduled)
+    metric(l, "qx_outbox_dead", "gauge", "Dead-lettered outbox rows.", st.dead)
+    metric(l, "qx_outbox_published", "gauge", "Published outbox rows not purged yet.", st.published)
+    metric(l, "qx_outbox_oldest_pending_age_seconds", "gauge",
+           "Age of the oldest pending outbox row.", st.oldest_pending_age_seconds)
+    metric(l, "qx_outbox_max_attempts", "gauge",
+           "Most failed attempts of a pending outbox row.", st.max_attempts)
+    return concat(l, "\n") .. "\n"
+end
+
+-- relay_metrics(stats) -> Prometheus text for relay:stats()
+function _M.relay_metrics(s)
+    local l = {}
+    local lb = fmt('{shard="%d",shard_count="%d"}', s.shard_id or 0, s.shard_count or 1)
+    metric(l, "qx_relay_published_total", "counter", "Events acked by JetStream.", s.published, lb)
+    metric(l, "qx_relay_duplicates_total", "counter",
+           "Events JetStream already had (a retried publish).", s.duplicates, lb)
+    metric(l, "qx_relay_failed_total", "counter", "Failed publish attempts (retried later).",
+           s.failed, lb)
+    metric(l, "qx_relay_dead_lettered_total", "counter", "Events dead-lettered.", s.dead_lettered, lb)
+    metric(l, "qx_relay_held_total", "counter",
+           "Claimed events held back behind a failed event of their key.", s.held, lb)
+    metric(l, "qx_relay_batches_total", "counter", "Batches committed.", s.batches, lb)
+    metric(l, "qx_relay_errors_total", "counter", "Batches that failed (database or NATS).",
+           s.errors, lb)
+    metric(l, "qx_relay_leader", "gauge", "1 when this relay holds its shard's lock.", s.leader, lb)
+    metric(l, "qx_relay_last_batch_timestamp_seconds", "gauge", "Unix time of the last batch.",
+           s.last_batch_at, lb)
+    if s.nats then
+        metric(l, "qx_relay_nats_connected", "gauge", "1 when the NATS connection is up.",
+               s.nats.state == "connected", lb)
+        if s.nats.reconnects then
+            metric(l, "qx_relay_nats_reconnects_total", "counter", "NATS reconnections.",
+                   s.nats.reconnects, lb)
+        end
+    end
+    return concat(l, "\n") .. "\n"
+end
+
+-- metrics() -> Prometheus text: the outbox figures and this relay's counters | nil, err
+function Relay:metrics()
+    local db = self.db
+    local opened
+    if not db then
+        local e
+        db, e = require("qx.db").connect{ url = self.url, pool_size = 1 }
+        if not db then return nil, e end
+        opened = true
+    end
+    local st, e = require("qx.outbox").new(db):status()
+    if opened then db:close() end
+    if not st then return nil, e end
+    return _M.outbox_metrics(st) .. _M.relay_metrics(self:stats())
+end
+
+-- Closes the relay: its database session ends (and with it its shard lock).
+function Relay:close() self.handle:close() end
+
+return _M

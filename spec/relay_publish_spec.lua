@@ -1,0 +1,363 @@
+-- The outbox relay against real PostgreSQL and nats-server: what it publishes, order per key,
+-- retries and dead letters, exactly-once through Nats-Msg-Id, shards and leadership, bad input.
+local qx = require "qx"
+local core = require "qx.core"
+local H = require "relay_helper"
+
+local null = core.null
+
+describe("outbox relay", function()
+  describe("publishing", function()
+    local ctx
+    before_each(function() ctx = H.setup() end)
+    after_each(function() H.teardown(ctx) end)
+
+    it("publishes committed events: envelope as body, subject prefix.name, qx headers, Nats-Msg-Id", function()
+      local tenant, corr = qx.uuid(), qx.uuid()
+      local Placed = qx.integration_event("order.placed", { version = 3 })
+      local ev
+      assert(ctx.db:unit_of_work(function(uow)
+        ev = uow:record(Placed{ total = 12.5, lines = { "a", "b" } })
+      end, { context = { tenant_id = tenant, correlation_id = corr, user_id = "u-1" } }))
+      local plain = H.commit(ctx, { { key = "k1" } })[1]
+      local relay = assert(H.relay(ctx))
+      local r = assert(relay:run_once())
+      assert.same({ leader = true, claimed = 2, published = 2, duplicates = 0, failed = 0,
+                    dead_lettered = 0, held = 0 }, r)
+      local msgs = H.check_stream(ctx, { ev, plain })
+      local m = msgs[1]
+      assert.equal(ctx.prefix .. ".order.placed", m.subject)
+      assert.equal("order.placed", m.headers["qx.event_name"])
+      assert.equal("3", m.headers["qx.event_version"])
+      assert.equal(ev.event_id, m.headers["qx.event_id"])
+      assert.equal(ev.event_id, m.headers["Nats-Msg-Id"])
+      assert.equal(corr, m.headers["qx.correlation_id"])
+      assert.equal(tenant, m.headers["qx.tenant_id"])
+      local env = m.env
+      assert.equal(ev.event_id, env.event_id)
+      assert.equal("order.placed", env.event_name)
+      assert.equal(3, env.event_version)
+      assert.equal(ev.occurred_at, env.occurred_at)
+      assert.equal(corr, env.correlation_id)
+      assert.equal(tenant, env.tenant_id)
+      assert.equal("u-1", env.actor_id)
+      assert.same({ total = 12.5, lines = { "a", "b" } }, env.payload)
+      -- without a tenant, no tenant header (the envelope says null)
+      assert.is_nil(msgs[2].headers["qx.tenant_id"])
+      assert.equal(null, msgs[2].env.tenant_id)
+      -- the rows are marked
+      local rows = H.sql(ctx, "SELECT count(*) AS n FROM qx_outbox_events WHERE published_at IS NOT NULL")
+      assert.equal(2, rows[1].n)
+      assert.same({ leader = true, claimed = 0, published = 0, duplicates = 0, failed = 0,
+                    dead_lettered = 0, held = 0 }, assert(relay:run_once()))
+      relay:close()
+    end)
+
+    it("keeps commit order per partition key across many keys and batches", function()
+      local evs = H.commit_many(ctx, 1200, 37, 40)
+      local relay = assert(H.relay(ctx, { batch_size = 250, max_in_flight = 64 }))
+      local total = 0
+      for _ = 1, 10 do
+        local r = assert(relay:run_once())
+        total = total + r.published
+        if r.claimed == 0 then break end
+      end
+      assert.equal(1200, total)
+      H.check_stream(ctx, evs)
+      relay:close()
+    end)
+
+    it("publishes a lone key's events in order with one unacked message at a time", function()
+      local evs = H.commit_many(ctx, 300, 1, 100)
+      local relay = assert(H.relay(ctx, { batch_size = 1000 }))
+      assert.equal(300, assert(relay:run_once()).published)
+      H.check_stream(ctx, evs)
+      relay:close()
+    end)
+
+    it("wakes up on the unit of work's NOTIFY: an event is on the stream long before the idle interval", function()
+      local pid = H.spawn_relay(ctx, "--idle-interval 30 --poll-interval 30")
+      assert(H.wait_until(function() return H.log_of(ctx, pid):find("leader", 1, true) end, 10),
+             H.log_of(ctx, pid))
+      H.sleep(0.3) -- let it settle into its wait
+      local t0 = core.clock()
+      local evs = H.commit(ctx, { { key = "a" } })
+      assert(H.wait_until(function() return assert(ctx.conn:stream_info()).messages == 1 end, 5))
+      local took = core.clock() - t0
+      assert.is_true(took < 1, "took " .. took .. " s")
+      H.check_stream(ctx, evs)
+      local out = H.kill(ctx, pid, "TERM")
+      assert.truthy(out:find("stopped: 1 published", 1, true), out)
+    end)
+
+    it("after a crash between publish and mark, publishes again and the stream keeps each event once", function()
+      local evs = H.commit_many(ctx, 50, 5, 25)
+      local relay = assert(H.relay(ctx))
+      assert.equal(50, assert(relay:run_once()).published)
+      -- the mark is lost, as if the relay had died before COMMIT
+      H.sql(ctx, "UPDATE qx_outbox_events SET published_at = NULL")
+      local r = assert(relay:run_once())
+      assert.equal(50, r.published)
+      assert.equal(50, r.duplicates)
+      H.check_stream(ctx, evs)
+      assert.equal(0, H.pending(ctx))
+      relay:close()
+    end)
+
+    it("reports counters in stats() and Prometheus text in metrics()", function()
+      H.commit_many(ctx, 10, 2, 10)
+      local relay = assert(H.relay(ctx, { shard_id = 0, shard_count = 1 }))
+      assert(relay:run_once())
+      local st = relay:stats()
+      assert.equal(1, st.batches)
+      assert.equal(10, st.published)
+      assert.is_true(st.leader)
+      assert.equal("connected", st.nats.state)
+      local text = assert(relay:metrics())
+      assert.truthy(text:find('\nqx_relay_published_total{shard="0",shard_count="1"} 10\n', 1, true), text)
+      assert.truthy(text:find("\nqx_outbox_pending 0\n", 1, true), text)
+      assert.truthy(text:find("# TYPE qx_relay_published_total counter", 1, true))
+      relay:close()
+    end)
+
+    it("run() stops when on_batch returns false, and re-raises an error from on_batch", function()
+      H.commit_many(ctx, 5, 1, 5)
+      local relay = assert(H.relay(ctx))
+      local batches = {}
+      assert.is_true(relay:run{ on_batch = function(r)
+        batches[#batches + 1] = r
+        return false
+      end })
+      assert.equal(1, #batches)
+      assert.equal(5, batches[1].published)
+      assert.has_error(function()
+        relay:run{ on_batch = function() error("boom") end }
+      end, "boom")
+      local n = 0
+      relay:run{ on_batch = function() n = n + 1 if n == 3 then relay:stop() end end }
+      assert.equal(3, n)
+      relay:close()
+      relay:close()
+      assert.has_error(function() relay:run_once() end)
+    end)
+  end)
+
+  describe("failures", function()
+    local ctx
+    -- the stream takes "ok.>" only: events named bad.* find no stream until it is widened
+    before_each(function() ctx = H.setup{ subjects = { "ok.>" } } end)
+    after_each(function() H.teardown(ctx) end)
+
+    it("holds back later events of a key behind a failed one until it succeeds", function()
+      local e = H.commit(ctx, {
+        { key = "k", name = "ok.a" }, { key = "k", name = "bad.b" }, { key = "k", name = "ok.c" },
+        { key = "l", name = "ok.d" },
+      })
+      local relay = assert(H.relay(ctx, { base_delay_ms = 60000 }))
+      local r = assert(relay:run_once())
+      assert.equal(2, r.published)
+      assert.equal(1, r.failed)
+      assert.equal(1, r.held)
+      local row = H.sql(ctx, "SELECT attempts, last_error, next_attempt_at > now() AS later "
+        .. "FROM qx_outbox_events WHERE id = $1", e[2].event_id)[1]
+      assert.equal(1, row.attempts)
+      assert.truthy(row.last_error:find("no responders", 1, true) or row.last_error:find("nats", 1, true),
+                    row.last_error)
+      assert.is_true(row.later)
+      -- while it waits for its next attempt, nothing of key k moves
+      r = assert(relay:run_once())
+      assert.equal(0, r.claimed)
+      for _, ev in ipairs(H.commit(ctx, { { key = "k", name = "ok.e" }, { key = "l", name = "ok.f" } })) do
+        e[#e + 1] = ev
+      end
+      r = assert(relay:run_once())
+      assert.equal(1, r.published) -- only l's
+      -- the stream takes bad.* now and the retry is due
+      assert(ctx.conn:ensure_stream{ subjects = { ctx.prefix .. ".ok.>", ctx.prefix .. ".bad.>" } })
+      H.sql(ctx, "UPDATE qx_outbox_events SET next_attempt_at = now() WHERE id = $1", e[2].event_id)
+      r = assert(relay:run_once())
+      assert.equal(3, r.published)
+      local msgs = H.check_stream(ctx, e)
+      local order = {}
+      for _, m in ipairs(msgs) do
+        if m.env.payload.key == "k" then order[#order + 1] = m.env.event_name end
+      end
+      assert.same({ "ok.a", "bad.b", "ok.c", "ok.e" }, order)
+      relay:close()
+    end)
+
+    it("dead-letters an event after max_attempts and lets its key go on", function()
+      local e = H.commit(ctx, { { key = "k", name = "bad.x" }, { key = "k", name = "ok.y" } })
+      local relay = assert(H.relay(ctx, { max_attempts = 2, base_delay_ms = 0, max_delay_ms = 0 }))
+      local r = assert(relay:run_once())
+      assert.equal(1, r.failed)
+      assert.equal(1, r.held)
+      r = assert(relay:run_once())
+      assert.equal(1, r.dead_lettered)
+      r = assert(relay:run_once())
+      assert.equal(1, r.published)
+      local dead = assert(qx.outbox(ctx.db):get_dead())
+      assert.equal(1, #dead)
+      assert.equal(e[1].event_id, dead[1].id)
+      assert.equal(2, dead[1].attempts)
+      H.check_stream(ctx, { e[2] })
+      relay:close()
+    end)
+
+    it("dead-letters rows that cannot be sent at once, and publishes the rest", function()
+      local good = H.commit(ctx, { { key = "k", name = "ok.1" } })[1]
+      local function insert(name, payload, key)
+        local id = qx.uuid()
+        H.sql(ctx, "INSERT INTO qx_outbox_events (id, event_name, event_version, payload, partition_key)"
+          .. " VALUES ($1, $2, 1, $3::jsonb, $4)", id, name, payload, key or null)
+        return id
+      end
+      local not_object = insert("ok.list", "[1, 2, 3]", "k")
+      local a_string = insert("ok.text", '"just text"')
+      local empty_name = insert("", '{"event_id": "x"}')
+      local bad_subject = insert("ok.has space", '{"a": 1}')
+      local wildcard = insert("ok.*", '{"a": 1}')
+      local after = H.commit(ctx, { { key = "k", name = "ok.2" } })[1]
+      local relay = assert(H.relay(ctx))
+      local r = assert(relay:run_once())
+      assert.equal(5, r.dead_lettered)
+      assert.equal(2, r.published)
+      assert.equal(0, r.failed)
+      local rows = H.sql(ctx, "SELECT id::text AS id, last_error, dead_at IS NOT NULL AS dead, attempts"
+        .. " FROM qx_outbox_events WHERE published_at IS NULL ORDER BY seq")
+      assert.equal(5, #rows)
+      local by_id = {}
+      for _, row in ipairs(rows) do
+        assert.is_true(row.dead)
+        assert.equal(1, row.attempts)
+        by_id[row.id] = row.last_error
+      end
+      assert.truthy(by_id[not_object]:find("not an envelope", 1, true))
+      assert.truthy(by_id[a_string]:find("not an envelope", 1, true))
+      assert.truthy(by_id[empty_name]:find("empty event name", 1, true))
+      assert.truthy(by_id[bad_subject]:find("valid subject", 1, true))
+      assert.truthy(by_id[wildcard]:find("valid subject", 1, true))
+      H.check_stream(ctx, { good, after })
+      relay:close()
+    end)
+  end)
+
+  describe("settings", function()
+    local ctx
+    setup(function() ctx = H.setup() end)
+    teardown(function() H.teardown(ctx) end)
+
+    it("validates shard settings as the seed does", function()
+      local cases = {
+        { { shard_count = 0 }, "shard_count" },
+        { { shard_count = -1 }, "shard_count" },
+        { { shard_id = -1 }, "shard_id" },
+        { { shard_id = 2, shard_count = 2 }, "shard_id" },
+        { { shard_id = 1 }, "shard_id" },
+        { { shard_id = 0.5, shard_count = 2 }, "shard_id" },
+        { { batch_size = 0 }, "batch_size" },
+        { { max_in_flight = 0 }, "max_in_flight" },
+      }
+      for _, c in ipairs(cases) do
+        local relay, e = H.relay(ctx, c[1])
+        assert.is_nil(relay)
+        assert.equal("invalid", e.code)
+        assert.equal(c[2], e.setting)
+      end
+      assert(H.relay(ctx, { shard_id = 1, shard_count = 2 })):close()
+    end)
+
+    it("reads QX_RELAY__* from the environment", function()
+      local s = assert(require("qx.relay").settings({}, function(name)
+        return ({ QX_RELAY__SHARD_ID = "2", QX_RELAY__SHARD_COUNT = "3", QX_RELAY__BATCH_SIZE = "10",
+                  QX_RELAY__POLL_INTERVAL_SECONDS = "0.25", QX_RELAY__MAX_ATTEMPTS = "0" })[name]
+      end))
+      assert.equal(2, s.shard_id)
+      assert.equal(3, s.shard_count)
+      assert.equal(10, s.batch_size)
+      assert.equal(250, s.poll_interval_ms)
+      assert.equal(0, s.max_attempts)
+      local bad, e = require("qx.relay").settings({}, function(name)
+        return name == "QX_RELAY__SHARD_COUNT" and "two" or nil
+      end)
+      assert.is_nil(bad)
+      assert.equal("QX_RELAY__SHARD_COUNT", e.setting)
+    end)
+
+    it("raises on an unknown option", function()
+      assert.has_error(function() qx.relay{ db = ctx.db, nats = ctx.conn, shards = 2 } end)
+    end)
+
+    it("returns a clear connection error within the connect timeout when NATS is unreachable", function()
+      local t0 = core.clock()
+      local relay, e = qx.relay{ db = ctx.db, nats = { servers = "nats://127.0.0.1:1",
+                                                       connect_timeout_ms = 300 } }
+      assert.is_nil(relay)
+      assert.equal("connection", e.code)
+      assert.truthy(e.message:find("cannot connect to NATS", 1, true))
+      assert.is_true(core.clock() - t0 < 2)
+    end)
+  end)
+
+  describe("shards and leadership", function()
+    local ctx
+    before_each(function() ctx = H.setup() end)
+    after_each(function() H.teardown(ctx) end)
+
+    it("two sharded relays split the rows by partition key, each key whole, no duplicates", function()
+      local evs = H.commit_many(ctx, 400, 23, 50)
+      local r0 = assert(H.relay(ctx, { shard_id = 0, shard_count = 2 }))
+      local r1 = assert(H.relay(ctx, { shard_id = 1, shard_count = 2 }))
+      local a = assert(r0:run_once())
+      -- shard 0 published exactly the rows whose key hashes to 0
+      local rows = H.sql(ctx, [[
+SELECT count(*) FILTER (WHERE published_at IS NOT NULL) AS published,
+       count(*) FILTER (WHERE published_at IS NOT NULL
+                        AND mod(abs(hashtext(partition_key)::bigint), 2) <> 0) AS wrong,
+       count(*) FILTER (WHERE mod(abs(hashtext(partition_key)::bigint), 2) = 0) AS shard0
+FROM qx_outbox_events]])[1]
+      assert.equal(0, rows.wrong)
+      assert.equal(rows.shard0, rows.published)
+      assert.equal(rows.shard0, a.published)
+      local b = assert(r1:run_once())
+      assert.is_true(a.published > 0 and b.published > 0)
+      assert.equal(400, a.published + b.published)
+      H.check_stream(ctx, evs)
+      r0:close()
+      r1:close()
+    end)
+
+    it("rows without a partition key are sharded by id", function()
+      local evs = H.commit(ctx, { {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {} })
+      local r0 = assert(H.relay(ctx, { shard_id = 0, shard_count = 2 }))
+      local r1 = assert(H.relay(ctx, { shard_id = 1, shard_count = 2 }))
+      local a, b = assert(r0:run_once()), assert(r1:run_once())
+      assert.equal(12, a.published + b.published)
+      H.check_stream(ctx, evs)
+      r0:close()
+      r1:close()
+    end)
+
+    it("two relays on one shard: one leads, the other stands by and takes over when the leader goes", function()
+      H.commit_many(ctx, 20, 3, 20)
+      local a = assert(H.relay(ctx))
+      local b = assert(H.relay(ctx))
+      local ra = assert(a:run_once())
+      assert.is_true(ra.leader)
+      assert.equal(20, ra.published)
+      local more = H.commit_many(ctx, 10, 3, 10)
+      local rb = assert(b:run_once())
+      assert.is_false(rb.leader)
+      assert.equal(0, rb.claimed)
+      assert.is_false(b:stats().leader)
+      a:close() -- its session ends, and the lock with it
+      rb = assert(b:run_once())
+      assert.is_true(rb.leader)
+      assert.equal(10, rb.published)
+      assert.equal(1, b:stats().leader_changes)
+      assert.equal(30, assert(ctx.conn:stream_info()).messages)
+      assert.is_true(#more == 10)
+      b:close()
+    end)
+  end)
+end)

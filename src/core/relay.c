@@ -1,0 +1,1108 @@
+/*
+ * The outbox relay: qx_outbox_events -> JetStream.
+ *
+ * A batch is one transaction on the relay's own connection:
+ *
+ *   BEGIN; claim (FOR UPDATE SKIP LOCKED)     one round trip
+ *   publish asynchronously, collect the acks  NATS, windowed
+ *   mark published; mark failed; COMMIT       one round trip
+ *
+ * Acks arrive on nats.c's threads (the JetStream context's ack handler). The handler only
+ * records the outcome under a mutex and signals the relay's thread, which does everything
+ * else; nothing of the caller runs there. At the end of a batch nothing is left pending in the
+ * context (unacked messages are taken back), so a late ack can never reach a finished batch.
+ *
+ * A crash anywhere before COMMIT leaves the rows pending; the next claim publishes them again
+ * with the same Nats-Msg-Id and JetStream drops the copies it already has (within its duplicate
+ * window), so the stream holds each event once.
+ */
+#define _GNU_SOURCE /* pipe2 */
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "nats_internal.h"
+
+/* ---- SQL --------------------------------------------------------------------------------- */
+
+/* Claims pending rows of this shard in commit (seq) order, skipping rows another transaction
+ * holds. The outer filter drops a row when an earlier pending row of its key is not in the
+ * claim: that row waits for its next attempt or is locked elsewhere, and holds its key. */
+static const char CLAIM_SQL[] =
+    "WITH claimed AS ("
+    " SELECT id, seq, partition_key, event_name, event_version, payload, correlation_id,"
+    "        tenant_id, attempts"
+    " FROM qx_outbox_events"
+    " WHERE published_at IS NULL AND dead_at IS NULL"
+    "   AND (next_attempt_at IS NULL OR next_attempt_at <= now())"
+    "   AND ($2::int = 1 OR mod(abs(hashtext(coalesce(partition_key, id::text))::bigint),"
+    "                           $2::int) = $3::int)"
+    " ORDER BY seq LIMIT $1::int"
+    " FOR UPDATE SKIP LOCKED)"
+    " SELECT c.id::text, c.event_name, c.event_version::text, c.payload::text,"
+    "        jsonb_typeof(c.payload), c.correlation_id::text, c.tenant_id::text,"
+    "        c.partition_key, c.attempts::text"
+    " FROM claimed c"
+    " WHERE c.partition_key IS NULL OR NOT EXISTS ("
+    "   SELECT 1 FROM qx_outbox_events p"
+    "   WHERE p.partition_key = c.partition_key AND p.seq < c.seq"
+    "     AND p.published_at IS NULL AND p.dead_at IS NULL"
+    "     AND p.id NOT IN (SELECT id FROM claimed))"
+    " ORDER BY c.seq";
+
+enum { COL_ID, COL_NAME, COL_VERSION, COL_BODY, COL_KIND, COL_CORRELATION, COL_TENANT, COL_KEY,
+       COL_ATTEMPTS };
+
+static const char MARK_PUBLISHED_SQL[] =
+    "UPDATE qx_outbox_events SET published_at = now(), next_attempt_at = NULL"
+    " WHERE id = ANY($1::uuid[]) AND published_at IS NULL";
+
+/* attempts + 1, the error, the next attempt after base * 2^attempts (at most max), and the
+ * dead-letter time when the row cannot be sent or has failed max_attempts times */
+static const char MARK_FAILED_SQL[] =
+    "UPDATE qx_outbox_events o SET attempts = o.attempts + 1, last_error = left(f.error, 2048),"
+    " next_attempt_at = CASE WHEN f.dead OR ($4::int > 0 AND o.attempts + 1 >= $4::int)"
+    "   THEN NULL ELSE now() + make_interval(secs => least($6::float8,"
+    "   $5::float8 * power(2, least(o.attempts, 30))) / 1000.0) END,"
+    " dead_at = CASE WHEN f.dead OR ($4::int > 0 AND o.attempts + 1 >= $4::int)"
+    "   THEN now() END"
+    " FROM unnest($1::uuid[], $2::text[], $3::bool[]) AS f(id, error, dead)"
+    " WHERE o.id = f.id AND o.published_at IS NULL AND o.dead_at IS NULL";
+
+/* one lock per outbox (the schema it lives in) and shard */
+static const char LOCK_SQL[] =
+    "SELECT pg_try_advisory_lock(hashtext('qx_relay'),"
+    "                            hashtext(current_schema() || ' ' || $1))::text";
+
+/* ---- state ------------------------------------------------------------------------------- */
+
+enum row_state { ROW_WAITING, ROW_INFLIGHT, ROW_ACKED, ROW_FAILED, ROW_DEAD, ROW_HELD };
+
+#define ROW_ERROR_MAX 256
+
+typedef struct row {
+    int r;           /* row of the claim result */
+    int attempts;
+    int state;
+    int next;        /* the next row of the same key in this batch, or -1 */
+    int first;       /* no earlier row of its key in this batch */
+    char error[ROW_ERROR_MAX];
+} row;
+
+typedef struct completion {
+    int idx;
+    int ok, duplicate;
+    char error[ROW_ERROR_MAX];
+} completion;
+
+struct qx_relay {
+    qx_relay_options o;
+    char *conninfo, *prefix, *channel;
+    char lock_name[64];
+    qx_nats *nats;
+    jsCtx *js;          /* the relay's own context: its ack handler is on_ack */
+    qx_conn *conn;      /* NULL when not connected */
+    int leader;
+
+    /* the batch (relay thread only) */
+    row *rows;
+    int *ready;         /* indexes of rows that may be sent now */
+    int *keyslots;      /* per-batch key -> last row, open addressing */
+    int keycap;
+    char *subject;
+    size_t subject_cap;
+
+    /* shared with the ack handler */
+    pthread_mutex_t mu;
+    pthread_cond_t cond;
+    completion *done;   /* completions not yet taken by the relay thread */
+    int ndone;
+    natsMsg **map_msg;  /* unacked message -> row index, open addressing */
+    int *map_idx;
+    int map_cap;
+
+    volatile int stop;
+    int wake[2];        /* a byte here cuts a wait short */
+    qx_relay_stats stats;
+};
+
+static double wall_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static void note_error(qx_relay *r, const qx_error *err)
+{
+    r->stats.errors++;
+    snprintf(r->stats.last_error, sizeof r->stats.last_error, "%s: %.990s",
+             qx_status_name(err->status), err->message);
+}
+
+/* ---- the unacked-message map (guarded by mu) --------------------------------------------- */
+
+static unsigned int ptr_hash(const void *p)
+{
+    uintptr_t v = (uintptr_t)p;
+    v ^= v >> 17;
+    v *= 0xed5ad4bbu;
+    v ^= v >> 11;
+    return (unsigned int)v;
+}
+
+static void map_put(qx_relay *r, natsMsg *m, int idx)
+{
+    unsigned int i = ptr_hash(m) & (unsigned int)(r->map_cap - 1);
+    while (r->map_msg[i] != NULL)
+        i = (i + 1) & (unsigned int)(r->map_cap - 1);
+    r->map_msg[i] = m;
+    r->map_idx[i] = idx;
+}
+
+/* Removes m and returns its row index, or -1. Linear probing with backward-shift deletion. */
+static int map_take(qx_relay *r, const natsMsg *m)
+{
+    unsigned int mask = (unsigned int)(r->map_cap - 1);
+    unsigned int i = ptr_hash(m) & mask, j;
+    int idx;
+    for (;;) {
+        if (r->map_msg[i] == NULL)
+            return -1;
+        if (r->map_msg[i] == m)
+            break;
+        i = (i + 1) & mask;
+    }
+    idx = r->map_idx[i];
+    r->map_msg[i] = NULL;
+    for (j = (i + 1) & mask; r->map_msg[j] != NULL; j = (j + 1) & mask) {
+        unsigned int home = ptr_hash(r->map_msg[j]) & mask;
+        /* move j back to i when its home is not in (i, j] (cyclically) */
+        if ((j > i && (home <= i || home > j)) || (j < i && (home <= i && home > j))) {
+            r->map_msg[i] = r->map_msg[j];
+            r->map_idx[i] = r->map_idx[j];
+            r->map_msg[j] = NULL;
+            i = j;
+        }
+    }
+    return idx;
+}
+
+static void map_clear(qx_relay *r)
+{
+    memset(r->map_msg, 0, sizeof *r->map_msg * (size_t)r->map_cap);
+}
+
+/* ---- the ack handler (nats.c thread) ----------------------------------------------------- */
+
+static void on_ack(jsCtx *js, natsMsg *msg, jsPubAck *pa, jsPubAckErr *pae, void *closure)
+{
+    qx_relay *r = closure;
+    int idx;
+    (void)js;
+    pthread_mutex_lock(&r->mu);
+    idx = map_take(r, msg);
+    if (idx >= 0 && r->ndone < r->o.batch_size) {
+        completion *c = &r->done[r->ndone++];
+        c->idx = idx;
+        c->ok = pa != NULL;
+        c->duplicate = pa != NULL && pa->Duplicate;
+        c->error[0] = '\0';
+        if (pa == NULL && pae != NULL) {
+            if (pae->ErrCode != 0)
+                snprintf(c->error, sizeof c->error, "nats: %s (JetStream error %d)",
+                         pae->ErrText != NULL ? pae->ErrText : natsStatus_GetText(pae->Err),
+                         (int)pae->ErrCode);
+            else
+                snprintf(c->error, sizeof c->error, "nats: %s",
+                         pae->ErrText != NULL ? pae->ErrText : natsStatus_GetText(pae->Err));
+        } else if (pa == NULL) {
+            snprintf(c->error, sizeof c->error, "nats: publish failed");
+        }
+        pthread_cond_signal(&r->cond);
+    }
+    pthread_mutex_unlock(&r->mu);
+    natsMsg_Destroy(msg); /* with an ack handler the message is ours to destroy */
+}
+
+/* ---- options, new, free ------------------------------------------------------------------ */
+
+void qx_relay_options_init(qx_relay_options *o)
+{
+    memset(o, 0, sizeof *o);
+    o->connect_timeout_ms = 10000;
+    o->subject_prefix = "qx.events";
+    o->channel = "qx_outbox";
+    o->batch_size = 1000;
+    o->max_in_flight = 1000;
+    o->ack_timeout_ms = 5000;
+    o->max_attempts = 10;
+    o->base_delay_ms = 500;
+    o->max_delay_ms = 60000;
+    o->poll_interval_ms = 500;
+    o->idle_interval_ms = 2000;
+    o->shard_id = 0;
+    o->shard_count = 1;
+    o->lock_retry_ms = 1000;
+    o->statement_timeout_ms = 30000;
+}
+
+static qx_status check_options(const qx_relay_options *o, qx_error *err)
+{
+    if (o->conninfo == NULL || o->conninfo[0] == '\0')
+        return qx_error_set(err, QX_ERR_INVALID, "relay: no database url");
+    if (o->nats == NULL)
+        return qx_error_set(err, QX_ERR_INVALID, "relay: no NATS connection");
+    if (o->shard_count < 1)
+        return qx_error_set(err, QX_ERR_INVALID, "relay: shard_count must be >= 1, got %d",
+                            o->shard_count);
+    if (o->shard_id < 0 || o->shard_id >= o->shard_count)
+        return qx_error_set(err, QX_ERR_INVALID,
+                            "relay: shard_id must be from 0 to shard_count - 1 (%d), got %d",
+                            o->shard_count - 1, o->shard_id);
+    if (o->subject_prefix == NULL || !qx_nats_subject_valid(o->subject_prefix))
+        return qx_error_set(err, QX_ERR_INVALID, "relay: subject_prefix is not a valid subject");
+    if (o->channel == NULL || o->channel[0] == '\0')
+        return qx_error_set(err, QX_ERR_INVALID, "relay: channel must not be empty");
+    if (o->batch_size < 1 || o->batch_size > 100000)
+        return qx_error_set(err, QX_ERR_INVALID, "relay: batch_size must be from 1 to 100000");
+    if (o->max_in_flight < 1 || o->max_in_flight > 100000)
+        return qx_error_set(err, QX_ERR_INVALID,
+                            "relay: max_in_flight must be from 1 to 100000");
+    if (o->ack_timeout_ms < 1 || o->connect_timeout_ms < 0 || o->max_attempts < 0 ||
+        o->base_delay_ms < 0 || o->max_delay_ms < 0 || o->poll_interval_ms < 0 ||
+        o->idle_interval_ms < 0 || o->lock_retry_ms < 1 || o->statement_timeout_ms < 0)
+        return qx_error_set(err, QX_ERR_INVALID,
+                            "relay: timeouts and intervals must be >= 0 (ack and lock >= 1)");
+    return QX_OK;
+}
+
+static int pow2_at_least(int n)
+{
+    int c = 16;
+    while (c < n)
+        c <<= 1;
+    return c;
+}
+
+qx_status qx_relay_new(qx_relay **out, const qx_relay_options *o, qx_error *err)
+{
+    qx_relay *r;
+    jsOptions jo;
+    natsStatus s;
+    qx_status q;
+    int n;
+
+    *out = NULL;
+    if ((q = check_options(o, err)) != QX_OK)
+        return q;
+    r = calloc(1, sizeof *r);
+    if (r == NULL)
+        return qx_error_set(err, QX_ERR_NOMEM, "out of memory");
+    r->o = *o;
+    r->wake[0] = r->wake[1] = -1;
+    pthread_mutex_init(&r->mu, NULL);
+    pthread_cond_init(&r->cond, NULL);
+    n = o->batch_size;
+    r->conninfo = strdup(o->conninfo);
+    r->prefix = strdup(o->subject_prefix);
+    r->channel = strdup(o->channel);
+    r->rows = calloc((size_t)n, sizeof *r->rows);
+    r->ready = calloc((size_t)n, sizeof *r->ready);
+    r->keycap = pow2_at_least(n * 2);
+    r->keyslots = calloc((size_t)r->keycap, sizeof *r->keyslots);
+    r->done = calloc((size_t)n, sizeof *r->done);
+    r->map_cap = pow2_at_least(n * 2);
+    r->map_msg = calloc((size_t)r->map_cap, sizeof *r->map_msg);
+    r->map_idx = calloc((size_t)r->map_cap, sizeof *r->map_idx);
+    r->subject_cap = 512;
+    r->subject = malloc(r->subject_cap);
+    if (r->conninfo == NULL || r->prefix == NULL || r->channel == NULL || r->rows == NULL ||
+        r->ready == NULL || r->keyslots == NULL || r->done == NULL || r->map_msg == NULL ||
+        r->map_idx == NULL || r->subject == NULL) {
+        qx_relay_free(r);
+        return qx_error_set(err, QX_ERR_NOMEM, "out of memory");
+    }
+    r->o.conninfo = r->conninfo;
+    r->o.subject_prefix = r->prefix;
+    r->o.channel = r->channel;
+    snprintf(r->lock_name, sizeof r->lock_name, "shard %d of %d", o->shard_id, o->shard_count);
+    if (pipe2(r->wake, O_NONBLOCK | O_CLOEXEC) != 0) {
+        r->wake[0] = r->wake[1] = -1;
+        qx_relay_free(r);
+        return qx_error_set(err, QX_ERR_NOMEM, "relay: pipe: %s", strerror(errno));
+    }
+
+    r->nats = qx_nats_retain(o->nats);
+    r->o.nats = r->nats;
+    jsOptions_Init(&jo);
+    /* the window is enforced here; nats.c's own limit must never stall a publish */
+    jo.PublishAsync.MaxPending = (int64_t)o->max_in_flight * 2 + 16;
+    jo.PublishAsync.AckHandler = on_ack;
+    jo.PublishAsync.AckHandlerClosure = r;
+    s = natsConnection_JetStream(&r->js, qx_nats_conn(r->nats), &jo);
+    if (s != NATS_OK) {
+        q = qx_nats_error(err, s, 0, "relay: JetStream context");
+        qx_relay_free(r);
+        return q;
+    }
+    r->stats.started_at = wall_now();
+    *out = r;
+    return QX_OK;
+}
+
+void qx_relay_free(qx_relay *r)
+{
+    if (r == NULL)
+        return;
+    /* nothing is pending in the context between batches, so no ack handler runs after this */
+    jsCtx_Destroy(r->js);
+    qx_conn_close(r->conn);
+    qx_nats_close(r->nats);
+    if (r->wake[0] >= 0)
+        close(r->wake[0]);
+    if (r->wake[1] >= 0)
+        close(r->wake[1]);
+    pthread_mutex_destroy(&r->mu);
+    pthread_cond_destroy(&r->cond);
+    free(r->conninfo);
+    free(r->prefix);
+    free(r->channel);
+    free(r->rows);
+    free(r->ready);
+    free(r->keyslots);
+    free(r->done);
+    free(r->map_msg);
+    free(r->map_idx);
+    free(r->subject);
+    free(r);
+}
+
+void qx_relay_stop(qx_relay *r)
+{
+    char c = 1;
+    ssize_t w;
+    __atomic_store_n(&r->stop, 1, __ATOMIC_RELEASE);
+    w = write(r->wake[1], &c, 1);
+    (void)w;
+}
+
+void qx_relay_stats_get(qx_relay *r, qx_relay_stats *s)
+{
+    *s = r->stats;
+    s->leader = r->leader;
+    s->nats_state = qx_nats_get_state(r->nats);
+    s->nats_reconnects = qx_nats_reconnects(r->nats);
+}
+
+/* ---- database ---------------------------------------------------------------------------- */
+
+static void drop_connection(qx_relay *r)
+{
+    if (r->leader)
+        r->stats.leader_changes++;
+    qx_conn_close(r->conn);
+    r->conn = NULL;
+    r->leader = 0;
+}
+
+static qx_status ensure_connection(qx_relay *r, qx_error *err)
+{
+    qx_result *res = NULL;
+    char timeout[16];
+    const char *params[1];
+    qx_status q;
+
+    if (r->conn != NULL && !qx_conn_is_broken(r->conn))
+        return QX_OK;
+    if (r->conn != NULL)
+        drop_connection(r);
+    q = qx_conn_open(&r->conn, r->conninfo, r->o.connect_timeout_ms, err);
+    if (q != QX_OK)
+        return q;
+    snprintf(timeout, sizeof timeout, "%d", r->o.statement_timeout_ms);
+    params[0] = timeout;
+    q = qx_conn_exec(r->conn, &res, "SELECT set_config('statement_timeout', $1, false)", 1,
+                     params, NULL, err);
+    qx_result_free(res);
+    if (q == QX_OK)
+        q = qx_conn_listen(r->conn, r->channel, err);
+    if (q != QX_OK)
+        drop_connection(r);
+    return q;
+}
+
+/* Takes the shard's advisory lock when this relay does not hold it. */
+static qx_status ensure_leader(qx_relay *r, qx_error *err)
+{
+    qx_result *res = NULL;
+    const char *params[1];
+    qx_status q;
+
+    if ((q = ensure_connection(r, err)) != QX_OK)
+        return q;
+    if (r->leader)
+        return QX_OK;
+    params[0] = r->lock_name;
+    q = qx_conn_exec(r->conn, &res, LOCK_SQL, 1, params, NULL, err);
+    if (q != QX_OK) {
+        if (qx_conn_is_broken(r->conn))
+            drop_connection(r);
+        return q;
+    }
+    r->leader = qx_result_nrows(res) == 1 && strcmp(qx_result_value(res, 0, 0), "true") == 0;
+    qx_result_free(res);
+    if (r->leader)
+        r->stats.leader_changes++;
+    return QX_OK;
+}
+
+/* Rolls back after a failed statement; drops a broken connection. */
+static void abort_batch(qx_relay *r)
+{
+    if (r->conn == NULL)
+        return;
+    if (qx_conn_is_broken(r->conn) || qx_conn_script(r->conn, "ROLLBACK", NULL) != QX_OK)
+        drop_connection(r);
+}
+
+/* ---- a growing text buffer for array parameters ------------------------------------------ */
+
+typedef struct buf {
+    char *p;
+    size_t len, cap;
+    int failed;
+} buf;
+
+static void buf_add(buf *b, const char *s, size_t n)
+{
+    if (b->failed)
+        return;
+    if (b->len + n + 1 > b->cap) {
+        size_t cap = b->cap ? b->cap : 256;
+        char *p;
+        while (cap < b->len + n + 1)
+            cap *= 2;
+        p = realloc(b->p, cap);
+        if (p == NULL) {
+            b->failed = 1;
+            return;
+        }
+        b->p = p;
+        b->cap = cap;
+    }
+    memcpy(b->p + b->len, s, n);
+    b->len += n;
+    b->p[b->len] = '\0';
+}
+
+static void buf_str(buf *b, const char *s) { buf_add(b, s, strlen(s)); }
+
+/* a quoted element of a PostgreSQL array literal */
+static void buf_array_text(buf *b, const char *s)
+{
+    buf_add(b, "\"", 1);
+    for (; *s; s++) {
+        if (*s == '"' || *s == '\\')
+            buf_add(b, "\\", 1);
+        buf_add(b, s, 1);
+    }
+    buf_add(b, "\"", 1);
+}
+
+/* ---- batches ----------------------------------------------------------------------------- */
+
+static unsigned int str_hash(const char *s)
+{
+    unsigned int h = 2166136261u;
+    for (; *s; s++)
+        h = (h ^ (unsigned char)*s) * 16777619u;
+    return h;
+}
+
+/* Links each row to the next row of its key, so that only the first row of a key is ready and
+ * each ack releases the next one. */
+static int link_keys(qx_relay *r, const qx_result *res, int n)
+{
+    unsigned int mask = (unsigned int)(r->keycap - 1);
+    int i, nready = 0;
+    for (i = 0; i < r->keycap; i++)
+        r->keyslots[i] = -1;
+    for (i = 0; i < n; i++) {
+        row *w = &r->rows[i];
+        w->next = -1;
+        w->first = 1;
+        if (!qx_result_isnull(res, w->r, COL_KEY)) {
+            const char *key = qx_result_value(res, w->r, COL_KEY);
+            unsigned int k = str_hash(key) & mask;
+            for (;;) {
+                int j = r->keyslots[k];
+                if (j < 0) {
+                    r->keyslots[k] = i;
+                    break;
+                }
+                if (strcmp(qx_result_value(res, r->rows[j].r, COL_KEY), key) == 0) {
+                    r->rows[j].next = i; /* j was the last row of this key so far */
+                    r->keyslots[k] = i;
+                    w->first = 0;
+                    break;
+                }
+                k = (k + 1) & mask;
+            }
+        }
+        if (w->first)
+            r->ready[nready++] = i;
+    }
+    return nready;
+}
+
+static void row_fail(row *w, int state, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static void row_fail(row *w, int state, const char *fmt, ...)
+{
+    va_list ap;
+    w->state = state;
+    va_start(ap, fmt);
+    vsnprintf(w->error, sizeof w->error, fmt, ap);
+    va_end(ap);
+}
+
+/* The later rows of a failed row's key stay where they are: pending, not attempted. */
+static int hold_successors(qx_relay *r, int i)
+{
+    int j, held = 0;
+    for (j = r->rows[i].next; j >= 0; j = r->rows[j].next) {
+        r->rows[j].state = ROW_HELD;
+        held++;
+    }
+    return held;
+}
+
+/* Checks what a row needs to be sent; a row that can never be sent is dead-lettered. */
+static int row_sendable(qx_relay *r, const qx_result *res, row *w, const char **subject)
+{
+    const char *name = qx_result_value(res, w->r, COL_NAME);
+    size_t need = strlen(r->prefix) + 1 + strlen(name) + 1;
+
+    if (qx_result_isnull(res, w->r, COL_NAME) || name[0] == '\0') {
+        row_fail(w, ROW_DEAD, "invalid: empty event name");
+        return 0;
+    }
+    if (qx_result_isnull(res, w->r, COL_KIND) ||
+        strcmp(qx_result_value(res, w->r, COL_KIND), "object") != 0) {
+        row_fail(w, ROW_DEAD, "invalid: payload is not an envelope (a JSON object)");
+        return 0;
+    }
+    if (need > r->subject_cap) {
+        char *p = realloc(r->subject, need);
+        if (p == NULL) {
+            row_fail(w, ROW_FAILED, "nomem: out of memory");
+            return 0;
+        }
+        r->subject = p;
+        r->subject_cap = need;
+    }
+    snprintf(r->subject, r->subject_cap, "%s.%s", r->prefix, name);
+    if (!qx_nats_subject_valid(r->subject)) {
+        row_fail(w, ROW_DEAD, "invalid: event name '%.200s' does not make a valid subject", name);
+        return 0;
+    }
+    *subject = r->subject;
+    return 1;
+}
+
+static natsStatus set_header(natsMsg *m, const qx_result *res, int row, int col, const char *key)
+{
+    if (qx_result_isnull(res, row, col))
+        return NATS_OK;
+    return natsMsgHeader_Set(m, key, qx_result_value(res, row, col));
+}
+
+/* Sends row i; returns 1 when it is in flight, 0 when it failed at once. */
+static int send_row(qx_relay *r, const qx_result *res, int i)
+{
+    row *w = &r->rows[i];
+    const char *subject = NULL;
+    natsMsg *m = NULL;
+    jsPubOptions po;
+    natsStatus s;
+    int rr = w->r;
+
+    if (!row_sendable(r, res, w, &subject))
+        return 0;
+    s = natsMsg_Create(&m, subject, NULL, qx_result_value(res, rr, COL_BODY),
+                       qx_result_length(res, rr, COL_BODY));
+    if (s == NATS_OK)
+        s = set_header(m, res, rr, COL_NAME, "qx.event_name");
+    if (s == NATS_OK)
+        s = set_header(m, res, rr, COL_VERSION, "qx.event_version");
+    if (s == NATS_OK)
+        s = set_header(m, res, rr, COL_ID, "qx.event_id");
+    if (s == NATS_OK)
+        s = set_header(m, res, rr, COL_CORRELATION, "qx.correlation_id");
+    if (s == NATS_OK)
+        s = set_header(m, res, rr, COL_TENANT, "qx.tenant_id");
+    if (s != NATS_OK) {
+        natsMsg_Destroy(m);
+        row_fail(w, ROW_FAILED, "nats: %s", natsStatus_GetText(s));
+        return 0;
+    }
+    jsPubOptions_Init(&po);
+    po.MsgId = qx_result_value(res, rr, COL_ID);
+
+    w->state = ROW_INFLIGHT;
+    pthread_mutex_lock(&r->mu);
+    map_put(r, m, i); /* before publishing: the ack may come back before the call returns */
+    pthread_mutex_unlock(&r->mu);
+    s = js_PublishMsgAsync(r->js, &m, &po);
+    if (s != NATS_OK) {
+        natsStatus last = NATS_OK;
+        const char *detail = nats_GetLastError(&last);
+        pthread_mutex_lock(&r->mu);
+        map_take(r, m);
+        pthread_mutex_unlock(&r->mu);
+        natsMsg_Destroy(m);
+        if (s == NATS_MAX_PAYLOAD)
+            row_fail(w, ROW_DEAD, "invalid: the message is larger than the server's max payload");
+        else
+            row_fail(w, ROW_FAILED, "nats: %s",
+                     last == s && detail != NULL ? detail : natsStatus_GetText(s));
+        return 0;
+    }
+    return 1;
+}
+
+static void timespec_after(struct timespec *ts, int ms)
+{
+    clock_gettime(CLOCK_REALTIME, ts);
+    ts->tv_sec += ms / 1000;
+    ts->tv_nsec += (long)(ms % 1000) * 1000000L;
+    if (ts->tv_nsec >= 1000000000L) {
+        ts->tv_sec++;
+        ts->tv_nsec -= 1000000000L;
+    }
+}
+
+/* Publishes the claimed rows: keeps up to max_in_flight unacked, releases the next row of a key
+ * when the previous one is acked, holds the rest of a key when one fails. */
+static void publish_rows(qx_relay *r, const qx_result *res, int n, qx_relay_result *out)
+{
+    int nready, head = 0, inflight = 0, settled = 0, i, timed_out = 0;
+    completion *local = NULL;
+    struct timespec deadline;
+
+    nready = link_keys(r, res, n);
+    pthread_mutex_lock(&r->mu);
+    r->ndone = 0;
+    map_clear(r);
+    pthread_mutex_unlock(&r->mu);
+    local = malloc(sizeof *local * (size_t)n);
+
+    while (settled < n) {
+        int got = 0;
+        while (head < nready && inflight < r->o.max_in_flight) {
+            i = r->ready[head++];
+            if (send_row(r, res, i)) {
+                inflight++;
+                continue;
+            }
+            settled++;
+            if (r->rows[i].state == ROW_DEAD) {
+                /* dead: the key goes on without it */
+                if (r->rows[i].next >= 0)
+                    r->ready[nready++] = r->rows[i].next;
+            } else {
+                settled += hold_successors(r, i);
+            }
+        }
+        if (inflight == 0)
+            break;
+        /* wait for acks: at most ack_timeout after the last send */
+        timespec_after(&deadline, r->o.ack_timeout_ms);
+        pthread_mutex_lock(&r->mu);
+        while (r->ndone == 0) {
+            if (pthread_cond_timedwait(&r->cond, &r->mu, &deadline) == ETIMEDOUT)
+                break;
+        }
+        if (r->ndone > 0 && local != NULL) {
+            got = r->ndone;
+            memcpy(local, r->done, sizeof *local * (size_t)got);
+            r->ndone = 0;
+        }
+        pthread_mutex_unlock(&r->mu);
+        if (got == 0 && local != NULL) {
+            timed_out = 1;
+            break;
+        }
+        if (local == NULL) { /* no memory to take completions: give up on the batch */
+            timed_out = 1;
+            break;
+        }
+        for (i = 0; i < got; i++) {
+            completion *c = &local[i];
+            row *w = &r->rows[c->idx];
+            inflight--;
+            settled++;
+            if (c->ok) {
+                w->state = ROW_ACKED;
+                if (c->duplicate)
+                    out->duplicates++;
+                if (w->next >= 0)
+                    r->ready[nready++] = w->next;
+            } else {
+                row_fail(w, ROW_FAILED, "%s", c->error);
+                settled += hold_successors(r, c->idx);
+            }
+        }
+    }
+
+    if (timed_out) {
+        /* take the unacked messages back: a late ack then finds nothing to report to */
+        natsMsgList pending = { NULL, 0 };
+        if (js_PublishAsyncGetPendingList(&pending, r->js) == NATS_OK)
+            natsMsgList_Destroy(&pending);
+        pthread_mutex_lock(&r->mu);
+        /* completions that slipped in meanwhile still count */
+        for (i = 0; i < r->ndone; i++) {
+            completion *c = &r->done[i];
+            row *w = &r->rows[c->idx];
+            if (c->ok) {
+                w->state = ROW_ACKED;
+                if (c->duplicate)
+                    out->duplicates++;
+            } else {
+                row_fail(w, ROW_FAILED, "%s", c->error);
+            }
+        }
+        r->ndone = 0;
+        map_clear(r);
+        pthread_mutex_unlock(&r->mu);
+        for (i = 0; i < n; i++) {
+            row *w = &r->rows[i];
+            if (w->state == ROW_INFLIGHT)
+                row_fail(w, ROW_FAILED, "timeout: no ack from JetStream within %d ms",
+                         r->o.ack_timeout_ms);
+        }
+        /* everything after a row that did not make it waits for the next batch */
+        for (i = 0; i < n; i++) {
+            row *w = &r->rows[i];
+            if (w->state == ROW_FAILED)
+                hold_successors(r, i);
+            else if (w->state == ROW_WAITING)
+                w->state = ROW_HELD;
+        }
+    }
+    /* a handler that took its message before the list was taken back finishes first */
+    {
+        jsPubOptions po;
+        jsPubOptions_Init(&po);
+        po.MaxWait = 1000;
+        js_PublishAsyncComplete(r->js, &po);
+    }
+    free(local);
+}
+
+/* Marks the outcome and commits. */
+static qx_status finish_batch(qx_relay *r, const qx_result *res, int n, qx_relay_result *out,
+                              qx_error *err)
+{
+    buf acked = { NULL, 0, 0, 0 }, ids = { NULL, 0, 0, 0 }, errors = { NULL, 0, 0, 0 },
+        dead = { NULL, 0, 0, 0 };
+    qx_stmt stmts[3];
+    qx_result *results[3] = { NULL, NULL, NULL };
+    const char *pub_params[1], *fail_params[6];
+    char max_attempts[16], base[16], maxd[16];
+    int nstmts = 0, nacked = 0, nfailed = 0, failed_idx = -1, i;
+    qx_status q;
+
+    buf_str(&acked, "{");
+    buf_str(&ids, "{");
+    buf_str(&errors, "{");
+    buf_str(&dead, "{");
+    for (i = 0; i < n; i++) {
+        row *w = &r->rows[i];
+        const char *id = qx_result_value(res, w->r, COL_ID);
+        switch (w->state) {
+        case ROW_ACKED:
+            if (nacked++ > 0)
+                buf_str(&acked, ",");
+            buf_str(&acked, id);
+            out->published++;
+            break;
+        case ROW_FAILED:
+        case ROW_DEAD:
+            if (nfailed++ > 0) {
+                buf_str(&ids, ",");
+                buf_str(&errors, ",");
+                buf_str(&dead, ",");
+            }
+            buf_str(&ids, id);
+            buf_array_text(&errors, w->error);
+            buf_str(&dead, w->state == ROW_DEAD ? "t" : "f");
+            if (w->state == ROW_DEAD ||
+                (r->o.max_attempts > 0 && w->attempts + 1 >= r->o.max_attempts))
+                out->dead_lettered++;
+            else
+                out->failed++;
+            break;
+        default:
+            out->held++;
+            break;
+        }
+    }
+    buf_str(&acked, "}");
+    buf_str(&ids, "}");
+    buf_str(&errors, "}");
+    buf_str(&dead, "}");
+    if (acked.failed || ids.failed || errors.failed || dead.failed) {
+        q = qx_error_set(err, QX_ERR_NOMEM, "out of memory");
+        goto done;
+    }
+    if (nacked > 0) {
+        pub_params[0] = acked.p;
+        stmts[nstmts].sql = MARK_PUBLISHED_SQL;
+        stmts[nstmts].nparams = 1;
+        stmts[nstmts].values = pub_params;
+        stmts[nstmts].lengths = NULL;
+        nstmts++;
+    }
+    if (nfailed > 0) {
+        snprintf(max_attempts, sizeof max_attempts, "%d", r->o.max_attempts);
+        snprintf(base, sizeof base, "%d", r->o.base_delay_ms);
+        snprintf(maxd, sizeof maxd, "%d", r->o.max_delay_ms);
+        fail_params[0] = ids.p;
+        fail_params[1] = errors.p;
+        fail_params[2] = dead.p;
+        fail_params[3] = max_attempts;
+        fail_params[4] = base;
+        fail_params[5] = maxd;
+        stmts[nstmts].sql = MARK_FAILED_SQL;
+        stmts[nstmts].nparams = 6;
+        stmts[nstmts].values = fail_params;
+        stmts[nstmts].lengths = NULL;
+        nstmts++;
+    }
+    stmts[nstmts].sql = "COMMIT";
+    stmts[nstmts].nparams = 0;
+    stmts[nstmts].values = NULL;
+    stmts[nstmts].lengths = NULL;
+    nstmts++;
+    q = qx_conn_batch(r->conn, results, &failed_idx, stmts, nstmts, err);
+    for (i = 0; i < nstmts; i++)
+        qx_result_free(results[i]);
+    if (q != QX_OK)
+        abort_batch(r);
+done:
+    free(acked.p);
+    free(ids.p);
+    free(errors.p);
+    free(dead.p);
+    return q;
+}
+
+qx_status qx_relay_run_once(qx_relay *r, qx_relay_result *out, qx_error *err)
+{
+    qx_stmt stmts[2];
+    qx_result *results[2] = { NULL, NULL };
+    const char *params[3];
+    char limit[16], count[16], shard[16];
+    int failed = -1, n, i;
+    qx_result *res;
+    qx_status q;
+
+    memset(out, 0, sizeof *out);
+    qx_error_clear(err);
+    if ((q = ensure_leader(r, err)) != QX_OK)
+        goto fail;
+    out->leader = r->leader;
+    if (!r->leader)
+        return QX_OK;
+    if (qx_nats_get_state(r->nats) != QX_NATS_CONNECTED) {
+        /* claiming now would only record failures: wait for the connection to come back */
+        q = qx_error_set(err, QX_ERR_CONNECTION, "NATS is %s",
+                         qx_nats_state_name(qx_nats_get_state(r->nats)));
+        goto fail;
+    }
+
+    snprintf(limit, sizeof limit, "%d", r->o.batch_size);
+    snprintf(count, sizeof count, "%d", r->o.shard_count);
+    snprintf(shard, sizeof shard, "%d", r->o.shard_id);
+    params[0] = limit;
+    params[1] = count;
+    params[2] = shard;
+    stmts[0].sql = "BEGIN";
+    stmts[0].nparams = 0;
+    stmts[0].values = NULL;
+    stmts[0].lengths = NULL;
+    stmts[1].sql = CLAIM_SQL;
+    stmts[1].nparams = 3;
+    stmts[1].values = params;
+    stmts[1].lengths = NULL;
+    q = qx_conn_batch(r->conn, results, &failed, stmts, 2, err);
+    if (q != QX_OK) {
+        abort_batch(r);
+        goto fail;
+    }
+    qx_result_free(results[0]);
+    res = results[1];
+    n = qx_result_nrows(res);
+    out->claimed = n;
+    for (i = 0; i < n; i++) {
+        row *w = &r->rows[i];
+        w->r = i;
+        w->attempts = atoi(qx_result_value(res, i, COL_ATTEMPTS));
+        w->state = ROW_WAITING;
+        w->error[0] = '\0';
+    }
+    if (n > 0)
+        publish_rows(r, res, n, out);
+    q = finish_batch(r, res, n, out, err);
+    qx_result_free(res);
+    if (q != QX_OK) {
+        /* published rows stay pending and go again: JetStream drops the copies */
+        out->published = out->duplicates = out->failed = out->dead_lettered = out->held = 0;
+        goto fail;
+    }
+    r->stats.batches++;
+    r->stats.claimed += out->claimed;
+    r->stats.published += out->published;
+    r->stats.duplicates += out->duplicates;
+    r->stats.failed += out->failed;
+    r->stats.dead_lettered += out->dead_lettered;
+    r->stats.held += out->held;
+    r->stats.last_batch_at = wall_now();
+    r->stats.last_error[0] = '\0';
+    return QX_OK;
+
+fail:
+    out->leader = r->leader;
+    note_error(r, err);
+    return q;
+}
+
+/* ---- the loop ---------------------------------------------------------------------------- */
+
+static volatile sig_atomic_t signal_stop;
+static volatile sig_atomic_t signal_fd = -1;
+
+static void on_signal(int sig)
+{
+    char c = 1;
+    (void)sig;
+    signal_stop = 1;
+    if (signal_fd >= 0) {
+        ssize_t w = write(signal_fd, &c, 1);
+        (void)w;
+    }
+}
+
+static int stopping(qx_relay *r, int handle_signals)
+{
+    return __atomic_load_n(&r->stop, __ATOMIC_ACQUIRE) || (handle_signals && signal_stop);
+}
+
+static void drain_wake(qx_relay *r)
+{
+    char b[64];
+    while (read(r->wake[0], b, sizeof b) > 0)
+        ;
+}
+
+/* Waits up to timeout_ms for a NOTIFY on the relay's connection (or a stop); returns 1 when
+ * one came. */
+static int wait_for_work(qx_relay *r, int timeout_ms)
+{
+    struct pollfd p[2];
+    qx_notify *ns = NULL;
+    int count = 0, np = 1, rc;
+
+    if (r->conn != NULL) {
+        if (qx_conn_notifications(r->conn, &ns, &count, 0, NULL) == QX_OK && count > 0) {
+            qx_notify_free(ns, count);
+            return 1;
+        }
+        p[1].fd = qx_conn_socket(r->conn);
+        p[1].events = POLLIN;
+        p[1].revents = 0;
+        np = p[1].fd >= 0 ? 2 : 1;
+    }
+    p[0].fd = r->wake[0];
+    p[0].events = POLLIN;
+    p[0].revents = 0;
+    rc = poll(p, (nfds_t)np, timeout_ms);
+    if (rc <= 0)
+        return 0;
+    if (p[0].revents & POLLIN)
+        drain_wake(r);
+    if (np == 2 && p[1].revents != 0 && r->conn != NULL) {
+        count = 0;
+        if (qx_conn_notifications(r->conn, &ns, &count, 0, NULL) == QX_OK && count > 0) {
+            qx_notify_free(ns, count);
+            return 1;
+        }
+        if (qx_conn_is_broken(r->conn))
+            drop_connection(r);
+    }
+    return 0;
+}
+
+qx_status qx_relay_run(qx_relay *r, qx_relay_batch_fn fn, void *ud, int handle_signals,
+                       qx_error *err)
+{
+    struct sigaction sa, old_term, old_int;
+    qx_relay_result res;
+    qx_error e;
+    int stop_asked = 0;
+
+    qx_error_clear(err);
+    __atomic_store_n(&r->stop, 0, __ATOMIC_RELEASE);
+    drain_wake(r);
+    if (handle_signals) {
+        signal_stop = 0;
+        signal_fd = r->wake[1];
+        memset(&sa, 0, sizeof sa);
+        sa.sa_handler = on_signal;
+        sigemptyset(&sa.sa_mask);
+        sigaction(SIGTERM, &sa, &old_term);
+        sigaction(SIGINT, &sa, &old_int);
+    }
+    r->stats.running = 1;
+
+    while (!stopping(r, handle_signals) && !stop_asked) {
+        qx_status q = qx_relay_run_once(r, &res, &e);
+        int wait_ms;
+        if (fn != NULL && fn(ud, &res, q == QX_OK ? NULL : &e))
+            stop_asked = 1;
+        if (stopping(r, handle_signals) || stop_asked)
+            break;
+        if (q != QX_OK) {
+            /* database or NATS trouble: try again shortly (the connection is reopened) */
+            wait_for_work(r, r->o.lock_retry_ms);
+            continue;
+        }
+        if (!res.leader) {
+            /* a standby: the leader's session ending frees the lock */
+            wait_for_work(r, r->o.lock_retry_ms);
+            continue;
+        }
+        if (res.claimed >= r->o.batch_size)
+            continue; /* more is waiting */
+        wait_ms = res.claimed > 0 ? r->o.poll_interval_ms : r->o.idle_interval_ms;
+        wait_for_work(r, wait_ms);
+    }
+
+    r->stats.running = 0;
+    if (handle_signals) {
+        sigaction(SIGTERM, &old_term, NULL);
+        sigaction(SIGINT, &old_int, NULL);
+        signal_fd = -1;
+    }
+    return QX_OK;
+}
