@@ -7,13 +7,17 @@
 #
 #   bash bench/openresty_bench.sh        (needs QX_DB__URL: make bench starts the servers)
 #
-# Environment: QX_BENCH_SECONDS (default 10) per run, QX_BENCH_CONNECTIONS (default 16) wrk
-# connections for the POST load. Each run uses a database of its own, dropped at the end.
+# The four configurations take turns, QX_BENCH_ROUNDS times (default 3, each round in another
+# order), and the medians are reported, so drift on a shared machine hits them alike.
+#
+# Environment: QX_BENCH_SECONDS (default 10) per run, QX_BENCH_ROUNDS, QX_BENCH_CONNECTIONS
+# (default 16) wrk connections for the POST load. A database of its own, dropped at the end.
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 seconds=${QX_BENCH_SECONDS:-10}
 conns=${QX_BENCH_CONNECTIONS:-16}
+rounds=${QX_BENCH_ROUNDS:-3}
 pg_bin=${QX_TEST_PG_BIN:-/usr/lib/postgresql/15/bin}
 
 [ -n "${QX_DB__URL:-}" ] || { echo "openresty bench: set QX_DB__URL (make bench does)" >&2; exit 1; }
@@ -65,64 +69,100 @@ summarise() {
     END { printf "%s %s %s %s\n", rps, p50, p99, (bad == "" ? 0 : bad) }' "$1"
 }
 
-echo "openresty bench: ${seconds}s per run, $conns connections, $(nproc) cores"
-echo "load: $(cut -d' ' -f1-3 /proc/loadavg) at start"
-
-for threads in 2 4; do
-  prefix=$work/nginx-$threads
-  prefixes+=("$prefix")
-  QX_DB__URL=$bench_url QX_NGINX_THREADS=$threads QX_NGINX_WORKERS=1 \
-    bash "$root/examples/openresty/run.sh" start "$prefix" 2>/dev/null
-  # shellcheck disable=SC1091
-  . "$prefix/env"
-  wrk -t1 -c"$conns" -d2s -s "$work/post.lua" "$QX_HTTP_URL/orders" >/dev/null # warm the VMs
-  wrk -t1 -c1 -d"$((seconds + 1))s" --latency -s "$work/paced.lua" "$QX_HTTP_URL/health" >"$work/health-$threads.txt" &
-  health=$!
-  wrk -t1 -c"$conns" -d"${seconds}s" --latency -s "$work/post.lua" "$QX_HTTP_URL/orders" \
-    >"$work/post-$threads.txt"
-  wait "$health"
-  read -r rps p50 p99 bad <<<"$(summarise "$work/post-$threads.txt")"
-  read -r hrps hp50 hp99 hbad <<<"$(summarise "$work/health-$threads.txt")"
-  printf 'nginx, 1 worker, thread pool %d: POST /orders %8s req/s  p50 %7s  p99 %7s  non-2xx %s\n' \
-    "$threads" "$rps" "$p50" "$p99" "$bad"
-  printf '        /health on the same worker meanwhile:      p50 %7s  p99 %7s  (%s req/s, non-2xx %s)\n' \
-    "$hp50" "$hp99" "$hrps" "$hbad"
-  backends=$("$pg_bin/psql" -X -A -t -d "$admin_url" -c \
-    "SELECT count(*) FROM pg_stat_activity WHERE datname = '$dbname' AND application_name = 'qx'")
-  echo "        PostgreSQL connections held by the thread VMs: $backends"
-  bash "$root/examples/openresty/run.sh" stop "$prefix" 2>/dev/null
-done
-
-# The baseline: the same handler called directly in Lua 5.4 (no nginx, no threads), in one
-# process and in two at once (as many as the smaller thread pool).
+# The baseline: the same handler called directly in Lua 5.4 (no nginx, no threads).
 cat >"$work/direct.lua" <<'EOF'
 local clock = require("qx.core").clock
 local commands = require "shop.commands"
 local seconds = tonumber(arg[1])
 local cmd = { customer = "bench", sku = "B-1", quantity = 1 }
-for _ = 1, 200 do assert(select(2, commands.place_order(cmd))) end
+for _ = 1, 100 do assert(select(2, commands.place_order(cmd))) end
 local n, t0 = 0, clock()
 local deadline = t0 + seconds
 while clock() < deadline do
-  for _ = 1, 50 do
+  for _ = 1, 20 do
     local _, ok, e = commands.place_order(cmd)
     if not ok then error(e.message) end
   end
-  n = n + 50
+  n = n + 20
 end
-local dt = clock() - t0
-print(string.format("%d %.6f", n, dt))
+print(string.format("%d %.6f", n, clock() - t0))
 EOF
+
+# direct N: N Lua 5.4 processes at once -> "ops/s mean_ms"
 direct() {
-  QX_DB__URL=$bench_url LUA_PATH="$root/examples/openresty/?.lua;$root/lua/?.lua;$root/lua/?/init.lua;;" \
-    LUA_CPATH="$root/build/lua5.4/?.so;;" lua5.4 "$work/direct.lua" "$seconds"
-}
-for procs in 1 2; do
-  for i in $(seq 1 "$procs"); do direct >"$work/direct-$procs-$i.txt" & done
+  local procs=$1 i
+  for i in $(seq 1 "$procs"); do
+    QX_DB__URL=$bench_url LUA_PATH="$root/examples/openresty/?.lua;$root/lua/?.lua;$root/lua/?/init.lua;;" \
+      LUA_CPATH="$root/build/lua5.4/?.so;;" lua5.4 "$work/direct.lua" "$seconds" >"$work/direct-$i.txt" &
+  done
   wait
-  cat "$work"/direct-"$procs"-*.txt | awk -v p="$procs" '
-    { n += $1; if ($2 > t) t = $2; ms += $2 / $1 * 1000 }
-    END { printf "Lua 5.4 direct, %d process%s:   place_order %8.0f ops/s  mean %.3f ms\n",
-                 p, (p == 1 ? "  " : "es"), n / t, ms / NR }'
+  cat "$work"/direct-*.txt | awk '{ n += $1; if ($2 > t) t = $2; ms += $2 / $1 * 1000 }
+                                  END { printf "%.0f %.3f\n", n / t, ms / NR }'
+  rm -f "$work"/direct-*.txt
+}
+
+# nginx T: POST load on the nginx with a pool of T threads, /health paced beside it
+#   -> "req/s p50 p99 non2xx health_p50 health_p99 health_non2xx"
+nginx_run() {
+  local url=$1 threads=$2 health
+  wrk -t1 -c1 -d"$((seconds + 1))s" --latency -s "$work/paced.lua" "$url/health" \
+    >"$work/health.txt" &
+  health=$!
+  wrk -t1 -c"$conns" -d"${seconds}s" --latency -s "$work/post.lua" "$url/orders" >"$work/post.txt"
+  wait "$health"
+  read -r rps p50 p99 bad <<<"$(summarise "$work/post.txt")"
+  read -r _ hp50 hp99 hbad <<<"$(summarise "$work/health.txt")"
+  echo "$rps $p50 $p99 $bad $hp50 $hp99 $hbad"
+}
+
+declare -A url
+for threads in 2 4; do
+  prefix=$work/nginx-$threads
+  prefixes+=("$prefix")
+  QX_DB__URL=$bench_url QX_NGINX_THREADS=$threads QX_NGINX_WORKERS=1 \
+    bash "$root/examples/openresty/run.sh" start "$prefix" 2>/dev/null
+  url[$threads]=$(sed -n 's/^export QX_HTTP_URL=//p' "$prefix/env")
+  wrk -t1 -c"$conns" -d2s -s "$work/post.lua" "${url[$threads]}/orders" >/dev/null # warm the VMs
 done
-echo "load: $(cut -d' ' -f1-3 /proc/loadavg) at end"
+
+echo "openresty bench: $rounds rounds of ${seconds}s per configuration, $conns wrk connections,"
+echo "  $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg) at start"
+: >"$work/results"
+order=("direct 1" "nginx 2" "nginx 4" "direct 2")
+for round in $(seq 1 "$rounds"); do
+  for k in 0 1 2 3; do
+    set -- ${order[$(((k + round - 1) % 4))]}
+    if [ "$1" = direct ]; then
+      echo "direct$2 $(direct "$2")" >>"$work/results"
+    else
+      echo "nginx$2 $(nginx_run "${url[$2]}" "$2")" >>"$work/results"
+    fi
+  done
+done
+
+# wrk prints latencies with units; medians are taken in milliseconds
+ms_of() { awk '{ v = $1; u = v; sub(/^[0-9.]+/, "", u); v += 0
+                 if (u == "us") v /= 1000; else if (u == "s") v *= 1000; printf "%.3f\n", v }'; }
+median() { sort -n | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }'; }
+col() { awk -v k="$1" -v c="$2" '$1 == k { print $c }' "$work/results"; }
+col_ms() { col "$1" "$2" | ms_of | median; }
+total() { col "$1" "$2" | awk '{ n += $1 } END { print n + 0 }'; }
+
+echo
+echo "medians of $rounds rounds:"
+for p in 1 2; do
+  printf 'Lua 5.4 direct, %d process%s:                 %7s ops/s  (mean %s ms per command)\n' \
+    "$p" "$([ "$p" = 1 ] && echo "  " || echo es)" "$(col "direct$p" 2 | median)" "$(col "direct$p" 3 | median)"
+done
+for t in 2 4; do
+  printf 'nginx, 1 worker, thread pool %d, POST /orders: %7s req/s  p50 %s ms  p99 %s ms  non-2xx %s\n' \
+    "$t" "$(col "nginx$t" 2 | median)" "$(col_ms "nginx$t" 3)" "$(col_ms "nginx$t" 4)" "$(total "nginx$t" 5)"
+  printf '   /health on that worker meanwhile (~100/s):  p50 %s ms  p99 %s ms  non-2xx %s\n' \
+    "$(col_ms "nginx$t" 6)" "$(col_ms "nginx$t" 7)" "$(total "nginx$t" 8)"
+done
+echo "PostgreSQL connections held by the thread VMs of both nginx (pools of 2 and 4): $("$pg_bin/psql" -X -A -t -d "$admin_url" -c \
+  "SELECT count(*) FROM pg_stat_activity WHERE datname = '$dbname' AND application_name = 'qx'")"
+echo "load $(cut -d' ' -f1-3 /proc/loadavg) at end"
+echo
+echo "every run (config req-or-ops/s ...):"
+cat "$work/results"
