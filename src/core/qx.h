@@ -363,6 +363,90 @@ qx_status qx_consumer_info_get(qx_consumer *c, qx_consumer_info *out, qx_error *
 const char *qx_consumer_stream(const qx_consumer *c);
 const char *qx_consumer_durable(const qx_consumer *c);
 
+/* ---- outbox relay (relay.c): qx_outbox_events -> JetStream ------------------------------ */
+
+/* Publishes committed outbox rows to JetStream. Each batch, in one transaction on the relay's
+ * own PostgreSQL connection: claim up to batch_size pending rows of its shard (FOR UPDATE SKIP
+ * LOCKED, commit order), publish them asynchronously within a window of max_in_flight unacked
+ * messages (Nats-Msg-Id = event id), mark the acked rows published in one statement and the
+ * failed ones with attempts + 1, last_error and a backed-off next attempt (dead-lettered after
+ * max_attempts), commit.
+ *
+ * Order: rows of one partition key reach the stream in seq order. Only one row per key is
+ * unacked at a time, and a row that fails (or waits for its next attempt, or is locked
+ * elsewhere) holds back the later rows of its key until it is published or dead-lettered.
+ *
+ * Shards: a row belongs to shard hash(partition_key, or the id without one) mod shard_count.
+ * A session advisory lock per shard makes one relay the leader of a shard; the others wait
+ * and retry the lock every lock_retry_ms, so a standby takes over when the leader's session
+ * ends. */
+typedef struct qx_relay qx_relay;
+
+typedef struct qx_relay_options {
+    const char *conninfo;      /* PostgreSQL url or conninfo */
+    int connect_timeout_ms;    /* PostgreSQL connect timeout (default 10000) */
+    qx_nats *nats;             /* retained by the relay */
+    const char *subject_prefix;/* subject = prefix "." event_name (default "qx.events") */
+    const char *channel;       /* LISTEN channel (default "qx_outbox", what the uow NOTIFYs) */
+    int batch_size;            /* rows claimed per batch (default 1000) */
+    int max_in_flight;         /* unacked messages at a time (default 1000) */
+    int ack_timeout_ms;        /* a message not acked by then failed (default 5000) */
+    int max_attempts;          /* dead-letter after this many failures; 0 = never (default 10) */
+    int base_delay_ms;         /* backoff: base * 2^attempts ... (default 500) */
+    int max_delay_ms;          /* ... at most this (default 60000) */
+    int poll_interval_ms;      /* after a batch that was not full, look again after (500) */
+    int idle_interval_ms;      /* after an empty batch (2000); a NOTIFY cuts both short */
+    int shard_id, shard_count; /* 0 <= shard_id < shard_count (default 0 of 1) */
+    int lock_retry_ms;         /* a standby retries the shard lock this often (default 1000) */
+    int statement_timeout_ms;  /* for the relay's statements (default 30000) */
+} qx_relay_options;
+
+void qx_relay_options_init(qx_relay_options *o);
+/* Checks the options and retains the NATS connection; connects to PostgreSQL on first use. */
+qx_status qx_relay_new(qx_relay **out, const qx_relay_options *o, qx_error *err);
+/* Closes its PostgreSQL connection (ending its leadership) and drops the NATS connection. */
+void qx_relay_free(qx_relay *r);
+
+typedef struct qx_relay_result {
+    int leader;        /* 1 when this relay holds its shard's lock */
+    int claimed;       /* rows the batch claimed */
+    int published;     /* acked by JetStream (duplicates included) */
+    int duplicates;    /* acked as duplicates: a previous attempt had reached the stream */
+    int failed;        /* attempts + 1, retried later */
+    int dead_lettered; /* dead-lettered: max_attempts reached, or a row that cannot be sent */
+    int held;          /* claimed but held back behind an earlier failed row of their key */
+} qx_relay_result;
+
+/* One batch. Takes the shard lock first when it does not hold it (res->leader = 0 and nothing
+ * done when another relay holds it). A database or NATS failure returns an error; the rows of
+ * the batch are then untouched (rolled back) or marked failed. */
+qx_status qx_relay_run_once(qx_relay *r, qx_relay_result *res, qx_error *err);
+
+/* Called after each batch (err set when it failed) and while waiting for leadership; return
+ * non-zero to stop. */
+typedef int (*qx_relay_batch_fn)(void *ud, const qx_relay_result *res, const qx_error *err);
+
+/* Runs batches until qx_relay_stop (or, with handle_signals, SIGTERM/SIGINT): the batch in
+ * flight is finished first. Waits on LISTEN between batches; reconnects to PostgreSQL and
+ * retries leadership by itself. Returns QX_OK when stopped. */
+qx_status qx_relay_run(qx_relay *r, qx_relay_batch_fn fn, void *ud, int handle_signals,
+                       qx_error *err);
+/* Asks run to stop after the batch in flight. Safe from any thread and from a signal handler. */
+void qx_relay_stop(qx_relay *r);
+
+typedef struct qx_relay_stats {
+    long long batches, claimed, published, duplicates, failed, dead_lettered, held, errors;
+    long long leader_changes;
+    int leader;
+    int running;
+    double last_batch_at;  /* Unix time of the last batch, 0 before the first */
+    double started_at;     /* Unix time qx_relay_new ran */
+    qx_nats_state nats_state;
+    long long nats_reconnects;
+    char last_error[QX_ERR_MESSAGE_MAX]; /* "" when none since the last success */
+} qx_relay_stats;
+void qx_relay_stats_get(qx_relay *r, qx_relay_stats *s);
+
 #ifdef __cplusplus
 }
 #endif
