@@ -119,6 +119,28 @@ local function error_log(n)
   return slurp(n.prefix .. "/logs/error.log") or ""
 end
 
+-- Starts `bin/qx relay` as its own process (Lua 5.4, the tree's paths) with env; returns
+-- { pid, log }.
+local function start_relay(env)
+  local logf, pidf = RUN_DIR .. "/relay.log", RUN_DIR .. "/relay.pid"
+  local assign = {
+    "LUA_PATH=" .. sh(ROOT .. "/lua/?.lua;" .. ROOT .. "/lua/?/init.lua;;"),
+    "LUA_CPATH=" .. sh(ROOT .. "/build/lua5.4/?.so;;"),
+  }
+  for k, v in pairs(env) do assign[#assign + 1] = k .. "=" .. sh(v) end
+  assert(os.execute("(unset LD_PRELOAD; exec env " .. table.concat(assign, " ") .. " lua5.4 "
+    .. sh(ROOT .. "/bin/qx") .. " relay --ensure-stream --poll-interval 0.2 --verbose </dev/null >"
+    .. sh(logf) .. " 2>&1) & echo $! >" .. sh(pidf)))
+  local pid = tonumber((slurp(pidf) or ""):match("%d+"))
+  assert(pid, "the relay did not start")
+  return { pid = pid, log = logf }
+end
+
+local function alive(pid)
+  local stat = slurp("/proc/" .. pid .. "/stat")
+  return stat ~= nil and not stat:match("^%d+ %b() [ZX]")
+end
+
 local req_n = 0
 
 -- One HTTP request through curl. Returns status, decoded body (or text), seconds.
@@ -392,6 +414,7 @@ end)
 describe("qx.openresty in nginx", function()
   local admin, db, dbname, app_url
   local nginx, bare -- the example with the spec's locations; one without a thread_pool
+  local relay, stream_conn
 
   local function count(sql, ...)
     return db:query(sql, ...)[1].n
@@ -441,6 +464,11 @@ describe("qx.openresty in nginx", function()
   end)
 
   teardown(function()
+    if relay and alive(relay.pid) then run("kill -KILL " .. relay.pid) end
+    if stream_conn then
+      stream_conn:delete_stream()
+      stream_conn:close()
+    end
     stop_nginx(nginx)
     stop_nginx(bare)
     if db then db:close() end
@@ -680,6 +708,78 @@ describe("qx.openresty in nginx", function()
       assert.matches("handler '" .. func .. "' returned data that cannot leave its thread: "
         .. culprit, error_log(nginx), 1, true)
     end
+  end)
+
+  it("the relay beside nginx puts a POSTed command's event on JetStream", function()
+    local stream = support.unique("QX_OPENRESTY"):upper()
+    local prefix = support.unique("openresty")
+    relay = start_relay({ QX_DB__URL = app_url, QX_NATS__SERVERS = support.nats_url(),
+                          QX_NATS__STREAM = stream, QX_NATS__SUBJECT_PREFIX = prefix })
+    stream_conn = assert(qx.nats.connect{ servers = support.nats_url(), stream = stream,
+                                          subject_prefix = prefix })
+    local function wait_for(what, fn)
+      local deadline = clock() + 20
+      while not fn() do
+        assert(alive(relay.pid), "the relay exited:\n" .. (slurp(relay.log) or ""))
+        assert(clock() < deadline, what .. "\n" .. (slurp(relay.log) or ""))
+        sleep(0.05)
+      end
+    end
+    -- what the earlier examples left in the outbox goes out first
+    wait_for("the relay did not drain the outbox", function()
+      return count([[SELECT count(*) AS n FROM qx_outbox_events
+        WHERE published_at IS NULL AND dead_at IS NULL]]) == 0
+    end)
+
+    local status, body = post_order({ customer = "relayed", sku = "R-1", quantity = 4 })
+    assert.equal(201, status)
+    local event_id = db:query([[SELECT id::text AS id FROM qx_outbox_events
+      WHERE payload->'payload'->>'order_id' = $1]], body.id)[1].id
+    wait_for("the event was not published", function()
+      return count("SELECT count(*) AS n FROM qx_outbox_events WHERE id = $1 "
+        .. "AND published_at IS NOT NULL", event_id) == 1
+    end)
+
+    local info = assert(stream_conn:stream_info())
+    assert.equal(count("SELECT count(*) AS n FROM qx_outbox_events"), info.messages)
+    local msg
+    for seq = info.last_seq, info.first_seq, -1 do
+      local m = assert(stream_conn:stream_get(seq))
+      if m.headers["Nats-Msg-Id"] == event_id then
+        msg = m
+        break
+      end
+    end
+    assert.is_table(msg, "event " .. event_id .. " is not on stream " .. stream)
+    assert.equal(prefix .. ".shop.order.placed", msg.subject)
+    local envelope = cjson.decode(msg.data)
+    assert.equal(event_id, envelope.event_id)
+    assert.equal("shop.order.placed", envelope.event_name)
+    assert.same({ order_id = body.id, customer = "relayed", sku = "R-1", quantity = 4 },
+      envelope.payload)
+
+    -- SIGTERM: the relay finishes its batch and exits
+    run("kill -TERM " .. relay.pid)
+    local deadline = clock() + 15
+    while alive(relay.pid) and clock() < deadline do sleep(0.05) end
+    assert.is_false(alive(relay.pid), "the relay did not stop on SIGTERM")
+    assert.matches("stopped: %d+ published", slurp(relay.log))
+  end)
+
+  it("ships a systemd unit for the relay that systemd accepts", function()
+    local ok = run("command -v systemd-analyze")
+    if not ok then
+      pending("systemd-analyze is not installed: qx-relay.service was not checked")
+      return
+    end
+    local unit = RUN_DIR .. "/qx-relay.service"
+    local text = assert(slurp(ROOT .. "/examples/openresty/qx-relay.service"))
+    assert.matches("ExecStart=/usr/local/bin/qx relay", text, 1, true)
+    -- the same unit, started from this tree's bin/qx instead of an installed one
+    spit(unit, (text:gsub("/usr/local/bin/qx", ROOT .. "/bin/qx")))
+    local verified, out = run("systemd-analyze verify " .. sh(unit))
+    assert.is_true(verified, out)
+    assert.is_nil(out:find("Unknown") or out:find("ignoring"), out)
   end)
 
   describe("reports configuration mistakes as clear errors", function()
