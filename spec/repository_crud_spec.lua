@@ -177,7 +177,9 @@ describe("qx.repository", function()
     it("raises when to_row returns a key that is not a column", function()
       local bad = qx.repository{ table = tbl, tenanted = true,
                                  to_row = function(e) return { email = e.email, bogus = 1 } end }
-      local _, e = H.with(db, bad, T, function(repo) return repo:add({ email = "b@example.com" }) end)
+      local e = H.raised(function()
+        H.with(db, bad, T, function(repo) return repo:add({ email = "b@example.com" }) end)
+      end)
       assert.matches("bogus", tostring(e))
     end)
   end)

@@ -136,7 +136,7 @@ describe("repository queries", function()
       assert.matches("takes no value", (select(2, run{ filters = {{ "name", "is_null", "x" }} })).message)
       assert.matches("finite", (select(2, run{ filters = {{ "score", "gt", 0 / 0 }} })).message)
       assert.matches("asc or desc", (select(2, run{ sort = {{ "email", "sideways" }} })).message)
-      assert.matches("unknown option", tostring(select(2, run{ pagesize = 3 })))
+      assert.matches("unknown option 'pagesize'", tostring(H.raised(function() run{ pagesize = 3 } end)))
     end)
 
     it("returns invalid for page_size 0, negative or above the maximum, and for a bad page", function()

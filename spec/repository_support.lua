@@ -61,9 +61,17 @@ function M.ctx(t, user)
   return { context = { tenant_id = t, user_id = user or "tester" } }
 end
 
--- Runs fn(repo) in a unit of work for tenant t; returns what unit_of_work returns.
+-- Runs fn(repo, uow) in a unit of work for tenant t; returns what unit_of_work returns, except
+-- that a Lua error raised inside fn (a failed assertion) is raised again here, so it fails the
+-- spec instead of being returned as the unit of work's error. qx errors are returned.
 function M.with(db, desc, t, fn, user)
-  return db:unit_of_work(function(uow) return fn(uow:repo(desc), uow) end, M.ctx(t, user))
+  local r = table.pack and table.pack or function(...) return { n = select("#", ...), ... } end
+  local out = r(db:unit_of_work(function(uow) return fn(uow:repo(desc), uow) end, M.ctx(t, user)))
+  local e = out[2]
+  if out[1] == nil and type(e) == "table" and e.code == "error" then
+    error(e.value or (tostring(e.message) .. "\n" .. tostring(e.traceback)), 0)
+  end
+  return (table.unpack or unpack)(out, 1, out.n)
 end
 
 -- The raised error of fn, or nil when it did not raise.

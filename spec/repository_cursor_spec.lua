@@ -1,0 +1,224 @@
+-- Keyset pages and their signed cursors: correct order with mixed directions, NULLs and ties;
+-- tampered, truncated, forged and foreign cursors refused; no key, no cursors. Also the signing
+-- primitives of the binding (HMAC-SHA256 test vectors, strict base64url).
+local qx = require "qx"
+local core = require "qx.core"
+local H = require "repository_support"
+
+local function hex(s)
+  return (s:gsub(".", function(c) return string.format("%02x", c:byte()) end))
+end
+
+describe("signing primitives", function()
+  it("compute HMAC-SHA256 as RFC 4231 says", function()
+    assert.equal("b0344c61d8db38535ca8afceaf0bf12b881dc200c9833da726e9376c2e32cff7",
+                 hex(core.hmac_sha256(string.rep("\11", 20), "Hi There")))
+    assert.equal("5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843",
+                 hex(core.hmac_sha256("Jefe", "what do ya want for nothing?")))
+    -- a key longer than the block size is hashed first
+    assert.equal("60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54",
+                 hex(core.hmac_sha256(string.rep("\170", 131),
+                                      "Test Using Larger Than Block-Size Key - Hash Key First")))
+  end)
+
+  it("round-trip base64url without padding and refuse anything but the canonical form", function()
+    for _, s in ipairs({ "", "f", "fo", "foo", "foob", "fooba", "foobar", "\0\255\254\1" }) do
+      local enc = core.b64url_encode(s)
+      assert.is_nil(enc:find("[=+/]"))
+      assert.equal(s, core.b64url_decode(enc))
+    end
+    assert.equal("Zm9vYmE", core.b64url_encode("fooba"))
+    assert.equal("-_8", core.b64url_encode("\251\255"))
+    for _, bad in ipairs({ "Zm9vYmE=", "Zm9v YmE", "Zm9vY", "Zm9vYh", "Zm+v", "Zm/v", "é" }) do
+      local r, e = core.b64url_decode(bad)
+      assert.is_nil(r, bad)
+      assert.equal("invalid", e.code)
+    end
+  end)
+
+  it("compare in constant time, and strings of other lengths are unequal", function()
+    assert.is_true(core.equal_consttime("abc", "abc"))
+    assert.is_false(core.equal_consttime("abc", "abd"))
+    assert.is_false(core.equal_consttime("abc", "abcd"))
+    assert.is_true(core.equal_consttime("", ""))
+  end)
+end)
+
+describe("keyset pages", function()
+  local db, tbl, users, T
+
+  setup(function()
+    db = H.db()
+    tbl = H.users_table(db)
+    users = H.users(tbl, { max_page_size = 50 })
+    T = qx.uuid()
+    -- 37 rows: scores with many ties and NULLs, names with ties and NULLs
+    H.seed(db, users, T, 37, function(i)
+      return { email = ("k%02d@example.com"):format(i),
+               name = (i % 5 == 0) and nil or ("n" .. (i % 4)),
+               score = (i % 7 == 0) and nil or (i % 3) }
+    end)
+  end)
+
+  teardown(function()
+    if db then db:close() end
+  end)
+
+  local function walk(repo, opts, limit)
+    local got, cursor, pages = {}, nil, 0
+    repeat
+      local o = { limit = limit, after = cursor }
+      for k, v in pairs(opts) do o[k] = v end
+      local p = assert(repo:page(o))
+      pages = pages + 1
+      assert.is_true(#p.items <= limit)
+      for _, u in ipairs(p.items) do got[#got + 1] = u.id end
+      assert.equal(p.next_cursor ~= nil, p.has_next)
+      cursor = p.next_cursor
+      assert(pages <= 100, "paging does not end")
+    until not cursor
+    return got, pages
+  end
+
+  local function expected(order_sql, where)
+    local rows = assert(db:query("SELECT id::text AS id FROM " .. tbl .. " WHERE tenant_id = $1 "
+      .. (where or "") .. " ORDER BY " .. order_sql, T))
+    local out = {}
+    for i, r in ipairs(rows) do out[i] = r.id end
+    return out
+  end
+
+  it("never repeat or skip rows, with mixed directions, NULLs and ties", function()
+    local cases = {
+      { { "score" }, "score ASC NULLS LAST, id" },
+      { { "-score" }, "score DESC NULLS FIRST, id" },
+      { { "score", "-name" }, "score ASC NULLS LAST, name DESC NULLS FIRST, id" },
+      { { "-name", "score" }, "name DESC NULLS FIRST, score ASC NULLS LAST, id" },
+      { { "name", "-score", "-email" }, "name ASC NULLS LAST, score DESC NULLS FIRST, email DESC, id" },
+      { { "-email" }, "email DESC, id" },
+      { {}, "id" },
+    }
+    H.with(db, users, T, function(repo)
+      for _, case in ipairs(cases) do
+        for _, limit in ipairs({ 1, 4, 7, 50 }) do
+          local got = walk(repo, { sort = case[1] }, limit)
+          assert.same(expected(case[2]), got, case[2] .. " limit " .. limit)
+        end
+      end
+      return true
+    end)
+  end)
+
+  it("page with filters, and the last page says so", function()
+    H.with(db, users, T, function(repo)
+      local got, pages = walk(repo, { sort = { "-score" }, filters = {{ "name", "eq", "n1" }} }, 3)
+      assert.same(expected("score DESC NULLS FIRST, id", "AND name = 'n1'"), got)
+      assert.equal(math.ceil(#got / 3), pages)
+      local one = assert(repo:page{ limit = 50 })
+      assert.equal(37, #one.items)
+      assert.is_false(one.has_next)
+      assert.is_nil(one.next_cursor)
+      return true
+    end)
+  end)
+
+  describe("bad cursors", function()
+    local cursor
+    local function page(opts)
+      return H.with(db, users, T, function(repo) return repo:page(opts) end)
+    end
+
+    before_each(function()
+      cursor = assert(page{ limit = 5, sort = { "-score" } }).next_cursor
+      assert.is_string(cursor)
+    end)
+
+    local function refused(opts, why)
+      local r, e = page(opts)
+      assert.is_nil(r, why)
+      assert.equal("invalid", e.code, why)
+      assert.matches("cursor", e.message, nil, true)
+    end
+
+    it("refuse an edited, truncated or garbage cursor", function()
+      local body, sig = cursor:match("^(.-)%.(.*)$")
+      local payload = core.b64url_decode(body)
+      local edited = core.b64url_encode((payload:gsub('"k":%[', '"k":["9",', 1))) .. "." .. sig
+      refused({ limit = 5, sort = { "-score" }, after = edited }, "edited payload")
+      local flipped = cursor:sub(1, 3) .. (cursor:sub(4, 4) == "A" and "B" or "A") .. cursor:sub(5)
+      refused({ limit = 5, sort = { "-score" }, after = flipped }, "one character changed")
+      refused({ limit = 5, sort = { "-score" }, after = cursor:sub(1, -2) }, "truncated")
+      refused({ limit = 5, sort = { "-score" }, after = cursor:sub(1, #cursor - 10) }, "truncated more")
+      refused({ limit = 5, sort = { "-score" }, after = body }, "signature missing")
+      refused({ limit = 5, sort = { "-score" }, after = "" }, "empty")
+      refused({ limit = 5, sort = { "-score" }, after = "..." }, "dots")
+      refused({ limit = 5, sort = { "-score" }, after = string.rep("A", 10000) }, "huge")
+      refused({ limit = 5, sort = { "-score" }, after = 42 }, "not a string")
+    end)
+
+    it("refuse a cursor forged with another key", function()
+      local body = core.b64url_encode('{"v":1,"k":["0","' .. qx.uuid() .. '"]}')
+      local forged = body .. "." .. core.b64url_encode(core.hmac_sha256("not-the-key-0123456", body))
+      refused({ limit = 5, sort = { "-score" }, after = forged }, "forged")
+    end)
+
+    it("refuse a cursor from another listing: sort, filters, tenant or table", function()
+      refused({ limit = 5, sort = { "score" }, after = cursor }, "other direction")
+      refused({ limit = 5, sort = { "-score", "email" }, after = cursor }, "other keys")
+      refused({ limit = 5, sort = { "-score" }, filters = {{ "name", "eq", "n1" }}, after = cursor },
+              "other filters")
+      refused({ limit = 5, sort = { "-score" }, include_deleted = true, after = cursor },
+              "deleted rows included")
+      local r, e = H.with(db, users, qx.uuid(), function(repo)
+        return repo:page{ limit = 5, sort = { "-score" }, after = cursor }
+      end)
+      assert.is_nil(r)
+      assert.equal("invalid", e.code, "other tenant")
+      local twin = H.users(H.users_table(db))
+      r, e = H.with(db, twin, T, function(repo)
+        return repo:page{ limit = 5, sort = { "-score" }, after = cursor }
+      end)
+      assert.is_nil(r)
+      assert.equal("invalid", e.code, "other table")
+      -- while the right listing still accepts it, with another page size too
+      assert(page{ limit = 9, sort = { "-score" }, after = cursor })
+    end)
+
+    it("accept cursors signed by an older key listed after the new one", function()
+      local old_key, new_key = "old-key-0123456789abcdef", "new-key-0123456789abcdef"
+      local before = H.users(tbl, { cursor_key = old_key })
+      local after = H.users(tbl, { cursor_key = { new_key, old_key } })
+      local only_new = H.users(tbl, { cursor_key = new_key })
+      local c = assert(H.with(db, before, T, function(repo) return repo:page{ limit = 3 } end)).next_cursor
+      assert(H.with(db, after, T, function(repo) return repo:page{ limit = 3, after = c } end))
+      local r, e = H.with(db, only_new, T, function(repo) return repo:page{ limit = 3, after = c } end)
+      assert.is_nil(r)
+      assert.equal("invalid", e.code)
+    end)
+
+    it("refuse limit 0, negative or above the maximum", function()
+      for _, bad in ipairs({ 0, -3, 51, 1.5 }) do
+        local r, e = page{ limit = bad }
+        assert.is_nil(r)
+        assert.equal("invalid", e.code)
+        assert.matches("limit", e.message)
+      end
+    end)
+  end)
+
+  it("refuses keyset paging clearly when no cursor key is configured", function()
+    local keyless = assert(qx.connect{ url = os.getenv("QX_DB__URL"), pool_size = 1 })
+    keyless.settings.cursor_key = nil -- as if QX_CURSOR_KEY were unset
+    local r0, e0 = keyless:unit_of_work(function(uow)
+      return uow:repo(users):page{ limit = 5 }
+    end, H.ctx(T))
+    assert.is_nil(r0)
+    assert.matches("QX_CURSOR_KEY", tostring(e0))
+    keyless:close()
+    local weak = assert(qx.connect{ url = os.getenv("QX_DB__URL"), pool_size = 1, cursor_key = "short" })
+    local r, e = weak:unit_of_work(function(uow) return uow:repo(users):page{ limit = 5 } end, H.ctx(T))
+    assert.is_nil(r)
+    assert.matches("16 bytes", tostring(e))
+    weak:close()
+  end)
+end)
