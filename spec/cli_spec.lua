@@ -27,10 +27,11 @@ end
 local function qx_cli(args, env)
   local vars = { LUA_PATH = package.path, LUA_CPATH = package.cpath, QX_DB__URL = false }
   for k, v in pairs(env or {}) do vars[k] = v end
-  local prefix = "env"
+  local unset, set = "", ""
   for k, v in pairs(vars) do
-    prefix = prefix .. (v == false and (" -u " .. k) or (" " .. k .. "=" .. sh(v)))
+    if v == false then unset = unset .. " -u " .. k else set = set .. " " .. k .. "=" .. sh(v) end
   end
+  local prefix = "env" .. unset .. set -- env takes -u before the assignments
   local words = {}
   for i, a in ipairs(args) do words[i] = sh(a) end
   local errf = os.tmpname()
