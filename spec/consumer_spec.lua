@@ -563,6 +563,85 @@ os.exit(1)
     end)
   end)
 
+  describe("end to end", function()
+    -- a schema of its own, so the relay sees only this test's outbox rows
+    local schema, sdb, sconn, stream, prefix
+
+    before_each(function()
+      schema = support.unique("consumer_e2e")
+      support.psql("CREATE SCHEMA " .. schema)
+      sdb = assert(qx.connect{ url = support.db_url() .. "?options=-csearch_path%3D" .. schema,
+                               pool_size = 4 })
+      assert(qx.migrate(sdb))
+      stream = schema:upper()
+      prefix = "spec." .. schema
+      sconn = assert(nats.connect{ servers = support.nats_url(), stream = stream,
+                                   subject_prefix = prefix })
+      assert(sconn:ensure_stream())
+    end)
+
+    after_each(function()
+      sconn:delete_stream()
+      sconn:close()
+      sdb:close()
+      support.psql("DROP SCHEMA " .. schema .. " CASCADE")
+    end)
+
+    it("delivers a committed event through the outbox and the relay, envelope and headers intact", function()
+      local Shipped = qx.integration_event("spec.consumer.order_shipped", { version = 3 })
+      local committed
+      assert(sdb:unit_of_work(function(uow)
+        committed = uow:record(Shipped{ order = "A-9", items = { "x", "y" } })
+      end, { context = { tenant_id = TENANT, correlation_id = CORRELATION, user_id = "clerk-1" } }))
+
+      local relay = assert(qx.relay{ db = sdb, nats = sconn })
+      local r = assert(relay:run_once())
+      assert.equal(1, r.published)
+      relay:close()
+
+      -- the consumer's handler records a follow-up event: it carries the chain on
+      local FollowUp = qx.integration_event("spec.consumer.invoice_sent", { version = 1 })
+      local c = assert(qx.consumer{ nats = sconn, durable = "e2e", db = sdb,
+                                    registry = qx.registry{ Shipped } })
+      local got, msg
+      local counts = assert(c:run_once(function(ev, uow, m)
+        got, msg = ev, m
+        uow:record(FollowUp{ order = ev.order })
+      end, { timeout_ms = 5000 }))
+      assert.same({ fetched = 1, handled = 1, failed = 0, termed = 0, duplicates = 0 }, counts)
+
+      assert.is_true(Shipped:is(got))
+      for _, k in ipairs({ "event_id", "event_name", "event_version", "occurred_at",
+                           "correlation_id", "tenant_id", "actor_id" }) do
+        assert.equal(committed[k], got[k], k)
+      end
+      assert.equal(CORRELATION, got.correlation_id)
+      assert.equal(TENANT, got.tenant_id)
+      assert.equal("clerk-1", got.actor_id)
+      assert.equal(3, got.event_version)
+      assert.equal("A-9", got.order)
+      assert.same({ "x", "y" }, got.items)
+
+      assert.equal(prefix .. ".spec.consumer.order_shipped", msg.subject)
+      assert.equal(stream, msg.stream)
+      assert.equal("spec.consumer.order_shipped", msg.headers["qx.event_name"])
+      assert.equal("3", msg.headers["qx.event_version"])
+      assert.equal(committed.event_id, msg.headers["qx.event_id"])
+      assert.equal(CORRELATION, msg.headers["qx.correlation_id"])
+      assert.equal(TENANT, msg.headers["qx.tenant_id"])
+      assert.equal(committed.event_id, msg.headers["Nats-Msg-Id"])
+
+      local follow = assert(sdb:query([[
+SELECT correlation_id::text AS correlation_id, causation_id::text AS causation_id,
+       tenant_id::text AS tenant_id
+FROM qx_outbox_events WHERE event_name = 'spec.consumer.invoice_sent']]))
+      assert.same({ { correlation_id = CORRELATION, causation_id = committed.event_id,
+                      tenant_id = TENANT } }, follow)
+      assert.equal(1, #assert(sdb:query("SELECT 1 FROM qx_inbox WHERE consumer = 'e2e'")))
+      c:close()
+    end)
+  end)
+
   describe("server outage", function()
     -- a nats-server of this test's own, so stopping it disturbs no other spec
     local dir, pid, port
