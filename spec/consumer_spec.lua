@@ -145,6 +145,17 @@ SELECT reason, event_id, event_name, event_version, headers, data, error, delive
       c:close()
     end)
 
+    it("waits for the server to confirm each ack with ack_sync", function()
+      local s = new_stream()
+      local c = consumer(s, { ack_sync = true })
+      for i = 1, 3 do s.publish(Placed{ n = i }) end
+      assert.equal(3, assert(c:run_once(function() end, { timeout_ms = 5000 })).handled)
+      local info = assert(c:info()) -- no waiting: the acks are confirmed already
+      assert.equal(0, info.num_ack_pending)
+      assert.equal(3, info.ack_floor_stream_seq)
+      c:close()
+    end)
+
     it("hands events to a dispatcher given as the handler", function()
       local s = new_stream()
       local c = consumer(s)
