@@ -31,8 +31,22 @@ describe("outbox", function()
 
   local function row(id)
     return assert(db:query([[SELECT published_at, attempts, last_error, dead_at,
-        extract(epoch FROM next_attempt_at - now())::float8 AS wait_s
+        extract(epoch FROM next_attempt_at)::float8 AS next_at
       FROM qx_outbox_events WHERE id = $1]], id))[1]
+  end
+
+  local function server_now()
+    return assert(db:query("SELECT extract(epoch FROM clock_timestamp())::float8 AS t"))[1].t
+  end
+
+  -- record_failure, and the delay it scheduled as the bounds [lo, hi] of what it can be
+  -- (the server's clock before and after the call; no assumption on how fast the machine is)
+  local function fail_and_delay(id, msg, opts)
+    local before = server_now()
+    assert.equal(1, assert(outbox:record_failure(id, msg, opts)))
+    local after = server_now()
+    local r = row(id)
+    return r, r.next_at - after, r.next_at - before
   end
 
   local function snapshot()
@@ -102,26 +116,23 @@ describe("outbox", function()
 
   it("records a retryable failure: attempts, last error, and an exponential backoff", function()
     local ids = emit(2, "retry")
-    assert.equal(1, assert(outbox:record_failure(ids[1], "nats down", { base_delay_ms = 1000 })))
-    local r = row(ids[1])
+    local r, lo, hi = fail_and_delay(ids[1], "nats down", { base_delay_ms = 1000 })
     assert.equal(1, r.attempts)
     assert.equal("nats down", r.last_error)
-    assert.is_true(r.wait_s > 0.5 and r.wait_s <= 1.0, "waits " .. r.wait_s)
+    assert.is_true(lo <= 1.0 and hi >= 1.0, ("delay between %.3f and %.3f"):format(lo, hi))
     assert.equal(core.null, r.dead_at)
     -- not offered again before its time, but still pending
     assert.same({ ids[2] }, ids_of(assert(outbox:get_unpublished{})))
     assert.same(ids, ids_of(assert(outbox:get_unpublished{ include_scheduled = true })))
     assert.equal(2, assert(outbox:count_unpublished()))
 
-    assert.equal(1, assert(outbox:record_failure(ids[1], "still down", { base_delay_ms = 1000 })))
-    r = row(ids[1])
+    r, lo, hi = fail_and_delay(ids[1], "still down", { base_delay_ms = 1000 })
     assert.equal(2, r.attempts)
     assert.equal("still down", r.last_error)
-    assert.is_true(r.wait_s > 1.5 and r.wait_s <= 2.0, "waits " .. r.wait_s)
+    assert.is_true(lo <= 2.0 and hi >= 2.0, ("delay between %.3f and %.3f"):format(lo, hi))
 
-    assert.equal(1, assert(outbox:record_failure(ids[1], "and again", { base_delay_ms = 1000, max_delay_ms = 1500 })))
-    r = row(ids[1])
-    assert.is_true(r.wait_s > 1.0 and r.wait_s <= 1.5, "capped wait " .. r.wait_s)
+    r, lo, hi = fail_and_delay(ids[1], "and again", { base_delay_ms = 1000, max_delay_ms = 1500 })
+    assert.is_true(lo <= 1.5 and hi >= 1.5, ("capped delay between %.3f and %.3f"):format(lo, hi))
   end)
 
   it("keeps at most 2048 characters of the last error", function()

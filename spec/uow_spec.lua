@@ -451,7 +451,7 @@ describe("unit of work", function()
         if not r then error(e) end
         return true
       end, { statement_timeout_ms = 100 })
-      assert.is_true(core.clock() - t0 < 1.5)
+      assert.is_true(core.clock() - t0 < 1.9) -- cancelled, not slept through
       assert_rolled_back(name, ok, err, "timeout")
       assert.equal("57014", err.sqlstate)
     end)
