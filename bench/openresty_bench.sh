@@ -11,13 +11,16 @@
 # order), and the medians are reported, so drift on a shared machine hits them alike.
 #
 # Environment: QX_BENCH_SECONDS (default 10) per run, QX_BENCH_ROUNDS, QX_BENCH_CONNECTIONS
-# (default 16) wrk connections for the POST load. A database of its own, dropped at the end.
+# (default 16) wrk connections for the POST load, QX_BENCH_SYNC_COMMIT=off to run the bench
+# database with synchronous_commit off (commits then stop waiting for the WAL flush, and what
+# is left is the cost of the path itself). A database of its own, dropped at the end.
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 seconds=${QX_BENCH_SECONDS:-10}
 conns=${QX_BENCH_CONNECTIONS:-16}
 rounds=${QX_BENCH_ROUNDS:-3}
+sync_commit=${QX_BENCH_SYNC_COMMIT:-on}
 pg_bin=${QX_TEST_PG_BIN:-/usr/lib/postgresql/15/bin}
 
 [ -n "${QX_DB__URL:-}" ] || { echo "openresty bench: set QX_DB__URL (make bench does)" >&2; exit 1; }
@@ -46,6 +49,9 @@ cleanup() {
 }
 trap cleanup EXIT
 psql -c "CREATE DATABASE $dbname"
+if [ "$sync_commit" = off ]; then
+  psql -c "ALTER DATABASE $dbname SET synchronous_commit = off"
+fi
 
 # /health is probed at a steady ~100 requests/s (one connection, 10 ms between requests), so
 # the probe measures the worker's responsiveness without competing for the CPU itself.
@@ -115,17 +121,35 @@ nginx_run() {
   echo "$rps $p50 $p99 $bad $hp50 $hp99 $hbad"
 }
 
+# The thread hop alone: a handler that does no I/O, through the same qx.openresty.run.
+mkdir -p "$work/lua"
+cat >"$work/lua/qx_bench_noop.lua" <<'EOF'
+return require("qx.openresty").handlers({ noop = function(_, cmd) return { n = cmd.n } end },
+                                        { db = false })
+EOF
+cat >"$work/bench.conf" <<'EOF'
+location = /bench/noop {
+    content_by_lua_block {
+        local openresty = require "qx.openresty"
+        openresty.respond(openresty.run("qx", "qx_bench_noop", "noop", { n = 1 }))
+    }
+}
+EOF
+chmod 644 "$work/lua/qx_bench_noop.lua" "$work/bench.conf"
+
 declare -A url
 for threads in 2 4; do
   prefix=$work/nginx-$threads
   prefixes+=("$prefix")
   QX_DB__URL=$bench_url QX_NGINX_THREADS=$threads QX_NGINX_WORKERS=1 \
+    QX_NGINX_LUA_PATH="$work/lua/?.lua;" QX_NGINX_INCLUDE="$work/bench.conf" \
     bash "$root/examples/openresty/run.sh" start "$prefix" 2>/dev/null
   url[$threads]=$(sed -n 's/^export QX_HTTP_URL=//p' "$prefix/env")
   wrk -t1 -c"$conns" -d2s -s "$work/post.lua" "${url[$threads]}/orders" >/dev/null # warm the VMs
 done
 
 echo "openresty bench: $rounds rounds of ${seconds}s per configuration, $conns wrk connections,"
+echo "  synchronous_commit $sync_commit,"
 echo "  $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg) at start"
 : >"$work/results"
 order=("direct 1" "nginx 2" "nginx 4" "direct 2")
@@ -159,6 +183,14 @@ for t in 2 4; do
     "$t" "$(col "nginx$t" 2 | median)" "$(col_ms "nginx$t" 3)" "$(col_ms "nginx$t" 4)" "$(total "nginx$t" 5)"
   printf '   /health on that worker meanwhile (~100/s):  p50 %s ms  p99 %s ms  non-2xx %s\n' \
     "$(col_ms "nginx$t" 6)" "$(col_ms "nginx$t" 7)" "$(total "nginx$t" 8)"
+done
+for t in 2 4; do
+  wrk -t1 -c"$conns" -d"${seconds}s" --latency "${url[$t]}/bench/noop" >"$work/noop.txt"
+  wrk -t1 -c"$conns" -d"${seconds}s" --latency "${url[$t]}/health" >"$work/health-only.txt"
+  read -r nrps np50 np99 nbad <<<"$(summarise "$work/noop.txt")"
+  read -r hrps hp50 hp99 hbad <<<"$(summarise "$work/health-only.txt")"
+  printf 'thread hop alone, pool %d: a no-I/O handler %8s req/s (p50 %s, non-2xx %s); /health without a thread %8s req/s (p50 %s)\n' \
+    "$t" "$nrps" "$np50" "$nbad" "$hrps" "$hp50"
 done
 echo "PostgreSQL connections held by the thread VMs of both nginx (pools of 2 and 4): $("$pg_bin/psql" -X -A -t -d "$admin_url" -c \
   "SELECT count(*) FROM pg_stat_activity WHERE datname = '$dbname' AND application_name = 'qx'")"

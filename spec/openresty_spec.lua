@@ -84,7 +84,8 @@ end
 
 -- ---- nginx ------------------------------------------------------------------------------------
 
-local RUN_DIR = (os.getenv("QX_TEST_RUN_DIR") or (ROOT .. "/.run")) .. "/" .. support.unique("openresty")
+local RUN_DIR = (os.getenv("QX_TEST_RUN_DIR") or (ROOT .. "/.run")) .. "/"
+  .. support.unique("openresty")
 local LAUNCHER = ROOT .. "/examples/openresty/run.sh"
 
 -- Starts the example's nginx in RUN_DIR/name with the spec's modules and locations.
@@ -215,7 +216,7 @@ local function quantile(sorted, q)
   return sorted[math.max(1, math.ceil(#sorted * q))]
 end
 
--- ---- what the spec adds to the example -----------------------------------------------------------
+-- ---- what the spec adds to the example ------------------------------------------------------
 
 -- Handler modules, written into RUN_DIR/lua (first on lua_package_path).
 local MODULES = {
@@ -343,7 +344,8 @@ describe("qx.openresty outside nginx", function()
 
   it("raises a clear misuse error when run outside nginx", function()
     assert.has_error(function() openresty.run("qx", "m", "f", {}) end,
-      "qx.openresty.run: needs nginx with lua-nginx-module 0.10.23 or later (ngx.run_worker_thread)")
+      "qx.openresty.run: needs nginx with lua-nginx-module 0.10.23 or later "
+      .. "(ngx.run_worker_thread)")
     assert.has_error(function() openresty.run("qx", "m", "f", { f = print }) end,
       "qx.openresty.run: command.f is a function; only plain data crosses into a thread")
     assert.has_error(function() openresty.run(nil, "m", "f", {}) end,
@@ -384,8 +386,8 @@ describe("qx.openresty outside nginx", function()
     assert.same({ code = "not_found", message = "gone" }, e)
     _, ok2, e = m.leaks()
     assert.is_false(ok2)
-    assert.matches("handler 'leaks' returned data that cannot leave its thread: result.db", e.message,
-      1, true)
+    assert.matches("handler 'leaks' returned data that cannot leave its thread: result.db",
+      e.message, 1, true)
     assert.is_true(openresty.is_plain(e))
     m.__qx_db():close()
   end)
@@ -398,6 +400,16 @@ describe("qx.openresty outside nginx", function()
       assert.is_false(ok)
       assert.equal("connection", e.code)
     end
+    assert.is_nil(m.__qx_db())
+  end)
+
+  it("makes no pool for handlers that use no database", function()
+    local m = openresty.handlers({
+      add = function(db, cmd) return { db = db == nil, sum = cmd.a + cmd.b } end,
+    }, { db = false })
+    local _, ok, res = m.add({ a = 1, b = 2 })
+    assert.is_true(ok)
+    assert.same({ db = true, sum = 3 }, res)
     assert.is_nil(m.__qx_db())
   end)
 
@@ -451,7 +463,8 @@ describe("qx.openresty in nginx", function()
       .. sh(RUN_DIR .. "/lua")))
     for name, text in pairs(MODULES) do spit(RUN_DIR .. "/lua/" .. name .. ".lua", text) end
     spit(RUN_DIR .. "/spec_locations.conf", LOCATIONS)
-    assert(run("chmod 644 " .. sh(RUN_DIR) .. "/lua/*.lua " .. sh(RUN_DIR .. "/spec_locations.conf")))
+    assert(run("chmod 644 " .. sh(RUN_DIR) .. "/lua/*.lua "
+      .. sh(RUN_DIR .. "/spec_locations.conf")))
 
     admin = assert(qx.connect{ url = ADMIN_URL, pool_size = 2 })
     dbname = support.unique("qx_openresty")
@@ -516,7 +529,8 @@ describe("qx.openresty in nginx", function()
     local status, page = http(nginx, "GET", "/orders?customer=" .. customer)
     assert.equal(200, status)
     assert.equal(3, page.total)
-    assert.same({ "L-3", "L-2", "L-1" }, { page.items[1].sku, page.items[2].sku, page.items[3].sku })
+    assert.same({ "L-3", "L-2", "L-1" },
+      { page.items[1].sku, page.items[2].sku, page.items[3].sku })
     status, page = http(nginx, "GET", "/orders?page=0")
     assert.equal(422, status)
     assert.equal("invalid", page.error.code)
@@ -532,7 +546,8 @@ describe("qx.openresty in nginx", function()
     assert.equal(7, body.error.expected_version)
     assert.equal(1, body.error.actual_version)
     assert.equal(0, count([[SELECT count(*) AS n FROM qx_outbox_events
-      WHERE event_name = 'shop.order.cancelled' AND payload->'payload'->>'order_id' = $1]], placed.id))
+      WHERE event_name = 'shop.order.cancelled'
+        AND payload->'payload'->>'order_id' = $1]], placed.id))
 
     status, body = http(nginx, "POST", path, { version = 1, reason = "changed my mind" })
     assert.equal(200, status)
@@ -541,7 +556,8 @@ describe("qx.openresty in nginx", function()
     assert.equal(409, status)
     assert.matches("cancelled already", body.error.message)
     assert.equal(1, count([[SELECT count(*) AS n FROM qx_outbox_events
-      WHERE event_name = 'shop.order.cancelled' AND payload->'payload'->>'order_id' = $1]], placed.id))
+      WHERE event_name = 'shop.order.cancelled'
+        AND payload->'payload'->>'order_id' = $1]], placed.id))
 
     status, body = http(nginx, "POST", "/orders/" .. qx.uuid() .. "/cancel", { version = 1 })
     assert.equal(404, status)
@@ -566,8 +582,8 @@ describe("qx.openresty in nginx", function()
     local orders = count("SELECT count(*) AS n FROM shop_orders")
     local status, body = post_order({ customer = "dee", sku = "E-5", quantity = 0 })
     assert.equal(422, status)
-    assert.same({ error = { code = "invalid", message = "quantity must be an integer from 1 to 1000" } },
-      body)
+    assert.same({ error = { code = "invalid",
+      message = "quantity must be an integer from 1 to 1000" } }, body)
     status, body = post_order({ customer = "dee", sku = "E-5", quantity = 1 },
       { ["X-Tenant-Id"] = "not-a-uuid" })
     assert.equal(422, status)
@@ -668,7 +684,9 @@ describe("qx.openresty in nginx", function()
     local before = nginx_backends()
     assert.is_true(#before >= 1)
     burst(150)
-    for _ = 1, 30 do assert.equal(201, (post_order({ customer = "one", sku = "O-1", quantity = 1 }))) end
+    for _ = 1, 30 do
+      assert.equal(201, (post_order({ customer = "one", sku = "O-1", quantity = 1 })))
+    end
     local after = nginx_backends()
     assert.same(before, after)
     -- one pool per thread VM and handler module, at most THREADS VMs in this worker
@@ -831,7 +849,8 @@ describe("qx.openresty in nginx", function()
 
     it("an nginx.conf without any thread_pool directive", function()
       bare = start_nginx("bare", app_url, { QX_NGINX_THREADS = "0" })
-      local status, body = http(bare, "POST", "/orders", { customer = "f", sku = "F-1", quantity = 1 })
+      local status, body = http(bare, "POST", "/orders",
+        { customer = "f", sku = "F-1", quantity = 1 })
       assert.equal(500, status)
       assert.equal("config", body.error.code)
       assert.matches("thread pool 'qx' not found: declare `thread_pool qx threads=N;`",

@@ -160,6 +160,7 @@ end
 --   opts: db      = qx.connect options (default pool_size 2: a thread VM runs one call at a
 --                   time; the second connection serves a nested unit of work)
 --         connect = function() -> db | nil, err, instead of db (e.g. to set a dispatcher)
+--         db = false: the handlers use no database (they get nil for db)
 -- The returned table has one function per handler. Each connects on its first call in a VM
 -- (a failed connect is retried by the next call), runs the handler, and returns MARK, true,
 -- result or MARK, false, error. A raised error (a qx error or anything else) becomes an error
@@ -180,25 +181,31 @@ function _M.handlers(fns, opts)
     if opts.connect ~= nil and type(opts.connect) ~= "function" then
         error("qx.openresty.handlers: connect must be a function", 2)
     end
-    if opts.db ~= nil and type(opts.db) ~= "table" then
-        error("qx.openresty.handlers: db must be a table of qx.connect options", 2)
+    if opts.db ~= nil and opts.db ~= false and type(opts.db) ~= "table" then
+        error("qx.openresty.handlers: db must be a table of qx.connect options or false", 2)
     end
-    if opts.connect and opts.db then
+    if opts.connect and opts.db ~= nil then
         error("qx.openresty.handlers: pass db or connect, not both", 2)
     end
 
     local connect = opts.connect
-    if not connect then
+    if opts.db == false then
+        connect = function() return false end
+    elseif not connect then
         local db_opts = { pool_size = 2 }
         for k, v in pairs(opts.db or {}) do db_opts[k] = v end
         connect = function() return require("qx").connect(db_opts) end
     end
 
-    local db -- this VM's pool, made by the first call
+    local db -- this VM's pool, made by the first call (false: the handlers use none)
     local function get_db()
-        if db then return db end
+        if db ~= nil then return db end
         local ok, d, e = pcall(connect)
         if not ok then return nil, qx_error.from_raised(d) end
+        if d == false and opts.db == false then
+            db = false
+            return db
+        end
         if not d then
             return nil, e or qx_error.new("connection", "connect returned nothing")
         end
@@ -210,8 +217,8 @@ function _M.handlers(fns, opts)
     for name, fn in pairs(fns) do
         module[name] = function(command, context)
             local d, e = get_db()
-            if not d then return MARK, false, plain_error(e) end
-            local r = pack(xpcall(fn, on_raise, d, command, context))
+            if d == nil then return MARK, false, plain_error(e) end
+            local r = pack(xpcall(fn, on_raise, d or nil, command, context))
             if not r[1] then return MARK, false, plain_error(r[2]) end
             local res, rerr = r[2], r[3]
             if res == nil and rerr ~= nil then return MARK, false, plain_error(rerr) end
@@ -224,8 +231,8 @@ function _M.handlers(fns, opts)
             return MARK, true, res
         end
     end
-    -- For tests and diagnostics: this VM's pool (nil before the first call).
-    module.__qx_db = function() return db end
+    -- For tests and diagnostics: this VM's pool (nil before the first call or without one).
+    module.__qx_db = function() return db or nil end
     return module
 end
 
