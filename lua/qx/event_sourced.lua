@@ -34,7 +34,6 @@ local qx_error = require "qx.error"
 
 local type = type
 local pairs = pairs
-local ipairs = ipairs
 local error = error
 local tostring = tostring
 local setmetatable = setmetatable

@@ -64,16 +64,13 @@ local pairs = pairs
 local ipairs = ipairs
 local error = error
 local tostring = tostring
-local tonumber = tonumber
 local setmetatable = setmetatable
 local getmetatable = getmetatable
 local rawget = rawget
 local floor = math.floor
 local fmt = string.format
-local find = string.find
 local match = string.match
 local sub = string.sub
-local concat = table.concat
 local is_uuid = core.is_uuid
 local null = core.null
 local new_error = qx_error.new
@@ -124,6 +121,8 @@ local function dec(v)
     end
     return fmt("%d", v)
 end
+
+_M.dec = dec
 
 local function encode_checkpoint(tx, pos)
     return core.b64url_encode(CHECKPOINT_VERSION .. "." .. tx .. "." .. pos)
@@ -178,6 +177,7 @@ SELECT (r->>'id')::uuid, r->>'type', r->>'agg', (r->>'seq')::int, r->>'name', r-
        r->'event', (r->>'at')::timestamptz, r->>'tenant'
 FROM jsonb_array_elements($1::jsonb) WITH ORDINALITY AS x(r, i)
 ORDER BY i]]
+_M.APPEND_SQL = APPEND
 
 local SNAPSHOT = [[
 INSERT INTO qx_aggregate_snapshots
@@ -235,31 +235,19 @@ ORDER BY e.sequence
 LIMIT $5]]
 
 -- The global read. One row always comes back (the horizon), with the event columns NULL when
--- there is no event. $3 event names and $4 aggregate types are JSON arrays or NULL.
-local READ_ALL = [[
+-- there is no event. $3 event names and $4 aggregate types are JSON arrays or NULL; with
+-- `category`, $4 is one aggregate type and the (aggregate_type, tx_id, global_position) index
+-- serves the read.
+local function read_sql(category)
+    return [[
 SELECT h.horizon::text AS horizon, ]] .. RECORD_COLUMNS .. [[
 
 FROM (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS horizon) h
 LEFT JOIN LATERAL (
     SELECT * FROM qx_aggregate_events e
-    WHERE (e.tx_id, e.global_position) > ($1::xid8, $2::bigint)
-      AND e.tx_id < h.horizon
-      AND ($3::jsonb IS NULL OR e.event_name IN (SELECT jsonb_array_elements_text($3::jsonb)))
-      AND ($4::jsonb IS NULL OR e.aggregate_type IN (SELECT jsonb_array_elements_text($4::jsonb)))
-      AND ($5::text IS NULL OR e.tenant_id = $5::text)
-    ORDER BY e.tx_id, e.global_position
-    LIMIT $6
-) e ON true
-ORDER BY e.tx_id, e.global_position]]
+    WHERE ]] .. (category and "e.aggregate_type = $4::text" or [[
+($4::jsonb IS NULL OR e.aggregate_type IN (SELECT jsonb_array_elements_text($4::jsonb)))]]) .. [[
 
--- One aggregate type: the (aggregate_type, tx_id, global_position) index serves it.
-local READ_CATEGORY = [[
-SELECT h.horizon::text AS horizon, ]] .. RECORD_COLUMNS .. [[
-
-FROM (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS horizon) h
-LEFT JOIN LATERAL (
-    SELECT * FROM qx_aggregate_events e
-    WHERE e.aggregate_type = $4::text
       AND (e.tx_id, e.global_position) > ($1::xid8, $2::bigint)
       AND e.tx_id < h.horizon
       AND ($3::jsonb IS NULL OR e.event_name IN (SELECT jsonb_array_elements_text($3::jsonb)))
@@ -268,6 +256,10 @@ LEFT JOIN LATERAL (
     LIMIT $6
 ) e ON true
 ORDER BY e.tx_id, e.global_position]]
+end
+
+local READ_ALL = read_sql(false)
+local READ_CATEGORY = read_sql(true)
 
 -- Who holds the horizon: the backend (or prepared transaction) whose transaction id is the
 -- horizon, and how many committed events wait above it.
@@ -804,9 +796,13 @@ local function prepare(store, uow, agg, opts)
                 return nil, new_error("invalid", fmt("%s: event %s has an event_id that is not "
                     .. "a uuid", tostring(agg), tostring(ev.event_name)))
             end
-            local flat = ev:payload()
-            for _, k in ipairs(META) do
-                flat[k] = ev[k]
+            -- metadata and payload side by side, as on the instance; routing and "_" keys out
+            local flat = {}
+            for k, v in pairs(ev) do
+                if type(k) == "string" and k ~= "aggregate_type" and k ~= "aggregate_id"
+                   and sub(k, 1, 1) ~= "_" then
+                    flat[k] = v
+                end
             end
             rows[n] = {
                 id = ev.event_id,

@@ -55,6 +55,7 @@ local stderr = io.stderr
 local to_record = store_mod.to_record
 local encode_checkpoint = store_mod.encode_checkpoint
 local later = store_mod.later
+local dec = store_mod.dec
 
 local _M = { _VERSION = "0.1.0" }
 
@@ -64,13 +65,6 @@ _M.Projection = Projection
 
 local MAX_NAME = 255
 local MAX_BATCH = 100000
-
-local function dec(v)
-    if type(v) == "string" then
-        return v
-    end
-    return fmt("%d", v)
-end
 
 local ENSURE = [[
 INSERT INTO qx_projection_checkpoints (projection_name) VALUES ($1)
