@@ -235,31 +235,14 @@ function _M.new(opts)
         d.cursor_keys = keys
     end
 
-    -- row -> entity
+    -- row -> entity (NULL columns are cleared to nil first, see map_rows)
     local entity = d.entity
     local from = opts.from_row or (entity and type(rawget(entity, "from_row")) == "function"
                                    and rawget(entity, "from_row"))
     if from then
-        d.from_row = function(row)
-            for k, v in pairs(row) do
-                if v == null then row[k] = nil end
-            end
-            return from(row)
-        end
+        d.from_row = from
     elseif entity then
-        d.from_row = function(row)
-            for k, v in pairs(row) do
-                if v == null then row[k] = nil end
-            end
-            return setmetatable(row, entity)
-        end
-    else
-        d.from_row = function(row)
-            for k, v in pairs(row) do
-                if v == null then row[k] = nil end
-            end
-            return row
-        end
+        d.from_row = function(row) return setmetatable(row, entity) end
     end
     d.to_row = opts.to_row or (entity and type(rawget(entity, "to_row")) == "function"
                                and rawget(entity, "to_row")) or nil
@@ -343,8 +326,10 @@ local function build(d, rows)
         if c.columns.deleted_by then c.managed.deleted_by, c.has.deleted_by = true, true end
     end
     local sel = {}
+    c.nullable = {}
     for i, name in ipairs(c.order) do
         sel[i] = c.columns[name].qname
+        if not c.columns[name].notnull then c.nullable[#c.nullable + 1] = name end
         if not c.managed[name] and not c.columns[name].generated and not d.readonly[name] then
             c.writable[#c.writable + 1] = name
         end
@@ -501,13 +486,24 @@ local function sort_of(self, c, opts)
     return parse_sort(opts.sort, self.d.sortable, self.d.pk, c.what)
 end
 
-local function map_rows(d, rows, skip_total)
+-- a row as the binding gives it -> an entity: NULL columns become nil, then the mapping
+local function map_row(d, c, row)
+    local nullable = c.nullable
+    for i = 1, #nullable do
+        local k = nullable[i]
+        if row[k] == null then row[k] = nil end
+    end
     local from = d.from_row
+    if from then return from(row) end
+    return row
+end
+
+local function map_rows(d, c, rows, skip_total)
     local items = {}
     for i = 1, #rows do
         local row = rows[i]
         if skip_total then row.__qx_total = nil end
-        items[i] = from(row)
+        items[i] = map_row(d, c, row)
     end
     return items
 end
@@ -541,7 +537,7 @@ function Repo:get(id, opts)
     if rows[1] == nil then
         return fail("not_found", c.what .. " " .. tostring(id) .. " not found", { id = id })
     end
-    return self.d.from_row(rows[1])
+    return map_row(self.d, c, rows[1])
 end
 
 -- exists(id[, { include_deleted }]) -> boolean | nil, err
@@ -625,7 +621,7 @@ function Repo:list(opts)
         out.has_next = #rows > size
         rows[size + 1] = nil
     end
-    out.items = map_rows(d, rows, with_total)
+    out.items = map_rows(d, c, rows, with_total)
     return out
 end
 
@@ -753,7 +749,7 @@ function Repo:page(opts)
         for i, k in ipairs(keys) do vals[i] = cursor.text(last[k.field]) end
         out.next_cursor = cursor.encode(keyring, context, vals, #keys)
     end
-    out.items = map_rows(d, rows)
+    out.items = map_rows(d, c, rows)
     return out
 end
 
@@ -798,7 +794,7 @@ function Repo:each(opts, fn)
                       unpack(q.params, 1, q.n))
     if not ok then return nil, e end
     local fetch = "FETCH " .. batch .. " FROM " .. name
-    local from, n = self.d.from_row, 0
+    local d, n = self.d, 0
     while true do
         local rows
         rows, e = uow:query(fetch)
@@ -808,7 +804,7 @@ function Repo:each(opts, fn)
             local row = rows[i]
             rows[i] = nil -- the batch is the only thing held
             n = n + 1
-            if fn(from(row)) == false then stop = true break end
+            if fn(map_row(d, c, row)) == false then stop = true break end
         end
         if stop or got < batch then break end
     end

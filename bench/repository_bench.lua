@@ -1,0 +1,394 @@
+-- Repository benchmark: get by id, a list page with a filter and a sort, a keyset page, and
+-- save with the version check, as operations per second through qx (Lua 5.4 and LuaJIT),
+-- beside the same statements replayed by a raw libpq C program (same SQL text, same
+-- parameters, same pipelined round trips, prepared once) and beside LuaSQL (luasql.postgres,
+-- the same SQL with the values inlined, as LuaSQL has no parameters).
+--
+--   QX_DB__URL=postgresql://... lua5.4 bench/repository_bench.lua [SECONDS [ROUNDS]]
+--
+-- Each contender runs each operation for SECONDS (default 2), in ROUNDS (default 5) rounds that
+-- alternate between the contenders; the medians are printed.
+--
+-- Needs `make` (build/lua5.4 and build/luajit) and a C compiler. Every operation of qx runs
+-- in its own unit of work (BEGIN and the statement in one round trip, COMMIT in a second, as a
+-- read must see its result before committing), except "get (reader)", which reads outside a
+-- transaction, and "save (deferred)", which queues the guarded UPDATE with the COMMIT in one
+-- round trip.
+package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
+
+local WORKER = arg[1] == "--worker"
+if not WORKER then
+  package.cpath = "build/lua5.4/?.so;" .. package.cpath
+end
+
+local qx = require "qx"
+local core = require "qx.core"
+local cjson = require "cjson"
+
+local SECONDS = tonumber(WORKER and arg[3] or arg[1]) or 2
+local ROUNDS = tonumber(not WORKER and arg[2] or nil) or 5
+local ROWS = 5000
+local KEY = "bench-cursor-key-0123456789abcdef"
+
+local function env(name)
+  local v = os.getenv(name)
+  assert(v and v ~= "", name .. " is not set")
+  return v
+end
+
+local function describe_users(tbl)
+  return qx.repository{ table = tbl, filterable = { "email", "name", "is_active" },
+                        sortable = { "created_at", "email" }, tenanted = true, soft_delete = true,
+                        max_page_size = 100 }
+end
+
+-- the operations, as closures over a db and a description; each returns true
+local function operations(db, users, o)
+  local ctx = { context = { tenant_id = o.tenant, user_id = "bench" } }
+  local reader = users:reader(db, { tenant_id = o.tenant })
+  local first = assert(reader:page{ limit = 20, sort = { "email" },
+                                    filters = {{ "is_active", "eq", true }} })
+  local cursor = assert(first.next_cursor)
+  local saved = assert(reader:get(o.save_id))
+  local deferred = assert(reader:get(o.defer_id))
+  local function uow(fn) return assert(db:unit_of_work(fn, ctx)) end
+  return {
+    { "get", function()
+        return uow(function(u) return assert(u:repo(users):get(o.get_id)) end) end },
+    { "get (reader)", function() return assert(reader:get(o.get_id)) end },
+    { "list page (filter + sort)", function()
+        return uow(function(u)
+          return assert(u:repo(users):list{ filters = {{ "email", "ends_with", "@example.com" }},
+                                            sort = {{ "email", "desc" }}, page = 3, page_size = 20 })
+        end) end },
+    { "keyset page", function()
+        return uow(function(u)
+          return assert(u:repo(users):page{ limit = 20, after = cursor, sort = { "email" },
+                                            filters = {{ "is_active", "eq", true }} })
+        end) end },
+    { "save", function()
+        return uow(function(u) return assert(u:repo(users):save(saved)) end) end },
+    { "save (deferred)", function()
+        return uow(function(u) return assert(u:repo(users):save(deferred, { defer = true })) end) end },
+  }
+end
+
+local function time_ops(ops)
+  local out = {}
+  for _, op in ipairs(ops) do
+    local fn = op[2]
+    for _ = 1, 50 do fn() end -- warm up: statement cache, JIT
+    local n, t0 = 0, core.clock()
+    local t = t0
+    repeat
+      fn()
+      n = n + 1
+      if n % 16 == 0 then t = core.clock() end
+    until t - t0 >= SECONDS
+    t = core.clock()
+    out[#out + 1] = { op[1], n / (t - t0) }
+  end
+  return out
+end
+
+-- ---- worker: qx under another interpreter, or LuaSQL ----------------------------------------
+if WORKER then
+  local kind = arg[2]
+  local o = { tbl = arg[4], tenant = arg[5], get_id = arg[6], save_id = arg[7], defer_id = arg[8] }
+  local results
+  if kind == "qx" then
+    local db = assert(qx.connect{ pool_size = 1, cursor_key = KEY })
+    results = time_ops(operations(db, describe_users(o.tbl), o))
+    db:close()
+  end
+  for _, r in ipairs(results) do io.write(r[1], "\t", string.format("%.1f", r[2]), "\n") end
+  os.exit(0)
+end
+
+-- ---- driver -----------------------------------------------------------------------------
+
+local db = assert(qx.connect{ pool_size = 2, cursor_key = KEY })
+assert(qx.migrate(db))
+local tbl = "bench_repo_users"
+assert(db:exec("DROP TABLE IF EXISTS " .. tbl))
+assert(db:exec("CREATE TABLE " .. tbl .. " (" .. qx.schema.id_column() .. ", email text NOT NULL, "
+  .. "name text, is_active boolean NOT NULL DEFAULT true, " .. qx.schema.audit_columns() .. ")"))
+assert(db:exec("CREATE INDEX ON " .. tbl .. " (tenant_id, email)"))
+local tenant, other = qx.uuid(), qx.uuid()
+for _, t in ipairs({ tenant, other }) do
+  assert(db:exec("INSERT INTO " .. tbl .. " (id, email, name, is_active, tenant_id, created_by) "
+    .. "SELECT qx_uuid_v7(), 'user' || lpad(g::text, 6, '0') || '@example.com', 'User ' || g, "
+    .. "g % 10 <> 0, $1, 'bench' FROM generate_series(1, $2) g", t, ROWS))
+end
+assert(db:exec("ANALYZE " .. tbl))
+local function id_of(n)
+  return assert(db:query("SELECT id::text AS id FROM " .. tbl .. " WHERE tenant_id = $1 AND "
+    .. "email = $2", tenant, ("user%06d@example.com"):format(n)))[1].id
+end
+local o = { tbl = tbl, tenant = tenant, get_id = id_of(1234), save_id = id_of(11),
+            defer_id = id_of(12) }
+local users = describe_users(tbl)
+
+-- Capture what each operation sends: every batch (round trip) of the unit of work.
+local function text(v)
+  if v == nil or v == core.null then return nil end
+  local t = type(v)
+  if t == "boolean" then return v and "true" or "false" end
+  if t == "number" then
+    if v % 1 == 0 then return string.format("%d", v) end
+    return string.format("%.17g", v)
+  end
+  if t == "table" then return cjson.encode(v) end
+  return v
+end
+
+local function capture(fn)
+  local batches = {}
+  assert(db:unit_of_work(function(uow)
+    local real = uow.conn
+    uow.conn = setmetatable({}, { __index = function(_, k)
+      return function(_, ...)
+        if k == "batch" then
+          local stmts, copy = ..., {}
+          for i, s in ipairs(stmts) do
+            local n = s.n or (#s - 1)
+            local p = {}
+            for j = 1, n do p[j] = text(s[j + 1]) end
+            copy[i] = { sql = s[1], n = n, params = p }
+          end
+          batches[#batches + 1] = copy
+        end
+        return real[k](real, ...)
+      end
+    end })
+    return fn(uow)
+  end, { context = { tenant_id = tenant, user_id = "bench" } }))
+  return batches
+end
+
+-- the C baseline saves rows of its own; so does each interpreter
+local c_save, c_defer = id_of(21), id_of(22)
+local jit_o = { tbl = tbl, tenant = tenant, get_id = o.get_id, save_id = id_of(31), defer_id = id_of(32) }
+
+local reader = users:reader(db, { tenant_id = tenant })
+local cursor = assert(reader:page{ limit = 20, sort = { "email" }, filters = {{ "is_active", "eq", true }} }).next_cursor
+local specs = {
+  { "get", capture(function(uow) return assert(uow:repo(users):get(o.get_id)) end) },
+  { "list page (filter + sort)", capture(function(uow)
+      return assert(uow:repo(users):list{ filters = {{ "email", "ends_with", "@example.com" }},
+                                          sort = {{ "email", "desc" }}, page = 3, page_size = 20 })
+    end) },
+  { "keyset page", capture(function(uow)
+      return assert(uow:repo(users):page{ limit = 20, after = cursor, sort = { "email" },
+                                          filters = {{ "is_active", "eq", true }} })
+    end) },
+}
+do -- the saves, on the baseline's rows
+  local e1, e2 = assert(reader:get(c_save)), assert(reader:get(c_defer))
+  specs[#specs + 1] = { "save", capture(function(uow) return assert(uow:repo(users):save(e1)) end),
+                        version = 1 }
+  specs[#specs + 1] = { "save (deferred)", capture(function(uow)
+    return assert(uow:repo(users):save(e2, { defer = true }))
+  end), version = 1 }
+end
+-- the reader's get: the SELECT alone, one round trip
+local get_stmt
+for _, s in ipairs(specs[1][2][1]) do
+  if s.sql:find("^SELECT") and not s.sql:find("set_config") then get_stmt = s end
+end
+table.insert(specs, 2, { "get (reader)", { { get_stmt } } })
+
+-- where the version parameter is (the UPDATE's parameter equal to the captured version, 1)
+local function version_slot(spec)
+  for b, batch in ipairs(spec[2]) do
+    for i, s in ipairs(batch) do
+      if s.sql:find("UPDATE", 1, true) then
+        for j = s.n, 1, -1 do
+          if s.params[j] == "1" and s.sql:find('"version" = $' .. j, 1, true) then return b, i, j end
+        end
+      end
+    end
+  end
+  error("no version parameter in " .. spec[1])
+end
+
+for _, spec in ipairs(specs) do
+  if spec.version then spec.slot = { version_slot(spec) } end
+end
+
+-- The spec file of the C baseline, with the current versions of its rows.
+local function version_now(id)
+  return assert(db:query("SELECT version FROM " .. tbl .. " WHERE id = $1", id))[1].version
+end
+
+local function write_spec(path)
+  local f = assert(io.open(path, "wb"))
+  for _, spec in ipairs(specs) do
+    local vb, vs, vp = 0, 0, 0
+    if spec.slot then
+      vb, vs, vp = spec.slot[1], spec.slot[2], spec.slot[3]
+      spec[2][vb][vs].params[vp] = tostring(version_now(spec[1] == "save" and c_save or c_defer))
+    end
+    f:write(("op %s %d %d %d %d\n"):format(spec[1]:gsub("[^%w]+", "_"), #spec[2], vb, vs, vp))
+    for _, batch in ipairs(spec[2]) do
+      f:write(("batch %d\n"):format(#batch))
+      for _, st in ipairs(batch) do
+        f:write(("stmt %d\n"):format(st.n), #st.sql, "\n", st.sql, "\n")
+        for j = 1, st.n do
+          local v = st.params[j]
+          if v == nil then f:write("-1\n") else f:write(#v, "\n", v, "\n") end
+        end
+      end
+    end
+  end
+  f:close()
+end
+
+os.execute("mkdir -p build/bench")
+assert(os.execute("cc -O2 -o build/bench/repository_baseline bench/repository_baseline.c "
+  .. "-I/usr/include/postgresql -lpq"), "cannot build the C baseline")
+
+local function run_baseline()
+  local path = os.tmpname()
+  write_spec(path)
+  local out = {}
+  local p = assert(io.popen("build/bench/repository_baseline '" .. env("QX_DB__URL") .. "' "
+    .. path .. " " .. SECONDS))
+  for line in p:lines() do
+    local name, ops = line:match("^(%S+) (%S+)$")
+    if name then out[name] = tonumber(ops) end
+  end
+  p:close()
+  os.remove(path)
+  for _, spec in ipairs(specs) do
+    assert(out[spec[1]:gsub("[^%w]+", "_")], "the C baseline failed on " .. spec[1])
+  end
+  return out
+end
+
+-- LuaSQL: the same statements with the values inlined (it has no parameters); a transaction
+-- per operation where qx has one (LuaSQL sends BEGIN after each COMMIT itself).
+local luasql_ops
+do
+  local ok, driver = pcall(require, "luasql.postgres")
+  if ok then
+    local env_ = assert(driver.postgres())
+    local conn = assert(env_:connect(env("QX_DB__URL")))
+    local function inline(st)
+      return (st.sql:gsub("%$(%d+)", function(j)
+        local v = st.params[tonumber(j)]
+        if v == nil then return "NULL" end
+        return "'" .. conn:escape(v) .. "'"
+      end))
+    end
+    local function run(sql)
+      local cur = assert(conn:execute(sql))
+      if type(cur) == "userdata" then
+        local row = cur:fetch({}, "a")
+        while row do row = cur:fetch(row, "a") end
+        cur:close()
+      end
+    end
+    local rows_of = { save = id_of(41), ["save (deferred)"] = id_of(42) }
+    luasql_ops = {}
+    for _, spec in ipairs(specs) do
+      local stmts, vslot, vp = {}, nil, nil
+      for b, batch in ipairs(spec[2]) do
+        for i, st in ipairs(batch) do
+          if st.sql ~= "BEGIN" and st.sql ~= "COMMIT" then
+            -- a copy on LuaSQL's own row
+            local c = { sql = st.sql, n = st.n, params = {} }
+            for j = 1, st.n do
+              local v = st.params[j]
+              if v == (spec[1] == "save" and c_save or c_defer) then v = rows_of[spec[1]] end
+              c.params[j] = v
+            end
+            stmts[#stmts + 1] = c
+            if spec.slot and b == spec.slot[1] and i == spec.slot[2] then
+              vslot, vp = c, spec.slot[3]
+            end
+          end
+        end
+      end
+      local in_tx = spec[2][1][1].sql == "BEGIN"
+      local version
+      luasql_ops[#luasql_ops + 1] = { spec[1], function()
+        if vslot then
+          version = version or version_now(rows_of[spec[1]])
+          vslot.params[vp] = tostring(version)
+          version = version + 1
+        end
+        for _, st in ipairs(stmts) do run(inline(st)) end
+        if in_tx then conn:commit() end
+        return true
+      end, in_tx, conn }
+    end
+  end
+end
+
+local function run_luasql()
+  local out = {}
+  for _, op in ipairs(luasql_ops or {}) do
+    op[4]:setautocommit(not op[3])
+    local r = time_ops({ op })[1]
+    out[r[1]] = r[2]
+  end
+  return out
+end
+
+local function run_luajit()
+  local out = {}
+  local cmd = ("env LUA_PATH='lua/?.lua;lua/?/init.lua;;' LUA_CPATH='build/luajit/?.so;;' luajit "
+    .. "bench/repository_bench.lua --worker qx %s %s %s %s %s %s"):format(SECONDS, jit_o.tbl,
+    jit_o.tenant, jit_o.get_id, jit_o.save_id, jit_o.defer_id)
+  local p = assert(io.popen(cmd))
+  for line in p:lines() do
+    local name, ops = line:match("^(.-)\t(%S+)$")
+    if name then out[name] = tonumber(ops) end
+  end
+  p:close()
+  return out
+end
+
+local qx_ops = operations(db, users, o)
+local function run_qx()
+  local out = {}
+  for _, r in ipairs(time_ops(qx_ops)) do out[r[1]] = r[2] end
+  return out
+end
+
+-- Interleaved rounds, so that every contender sees the same load on a shared machine; the
+-- median of the rounds is reported.
+local rounds = { base = {}, qx = {}, jit = {}, luasql = {} }
+for round = 1, ROUNDS do
+  io.stderr:write(("round %d of %d\n"):format(round, ROUNDS))
+  rounds.base[round] = run_baseline()
+  rounds.qx[round] = run_qx()
+  rounds.jit[round] = run_luajit()
+  rounds.luasql[round] = run_luasql()
+end
+
+local function median(list, key)
+  local xs = {}
+  for _, r in ipairs(list) do if r[key] then xs[#xs + 1] = r[key] end end
+  if #xs == 0 then return nil end
+  table.sort(xs)
+  if #xs % 2 == 1 then return xs[(#xs + 1) / 2] end
+  return (xs[#xs / 2] + xs[#xs / 2 + 1]) / 2
+end
+
+print(("repository benchmark: %d rows per tenant, 2 tenants; median of %d interleaved rounds "
+  .. "of %.1f s per measurement"):format(ROWS, ROUNDS, SECONDS))
+print(("%-26s %11s %10s %6s %10s %6s %10s %6s"):format("operation", "libpq ops/s", "qx 5.4",
+  "ratio", "qx LuaJIT", "ratio", "LuaSQL", "ratio"))
+for _, spec in ipairs(specs) do
+  local name = spec[1]
+  local base = median(rounds.base, (name:gsub("[^%w]+", "_")))
+  local a, j, l = median(rounds.qx, name), median(rounds.jit, name), median(rounds.luasql, name)
+  local function num(x) return x and ("%.0f"):format(x) or "-" end
+  local function ratio(x) return (x and base) and ("%.2f"):format(x / base) or "-" end
+  print(("%-26s %11s %10s %6s %10s %6s %10s %6s"):format(name, num(base), num(a), ratio(a),
+    num(j), ratio(j), num(l), ratio(l)))
+end
+assert(db:exec("DROP TABLE " .. tbl))
+db:close()
