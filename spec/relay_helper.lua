@@ -9,7 +9,9 @@ local luassert = require "luassert"
 
 local H = { support = support }
 
-H.LUA = jit and "luajit" or "lua5.4"
+-- children run on the interpreter of this run (the ASan run's has the sanitizer runtime in it)
+H.LUA = package.cpath:find("build/asan/", 1, true) and "build/asan/lua5.4"
+  or (jit and "luajit" or "lua5.4")
 
 local function sh(s)
   return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
@@ -29,7 +31,8 @@ function H.setup(opts)
   local prefix = "spec." .. name
   local stream = name:upper()
   local conn = assert(qx.nats.connect{ servers = support.nats_url(), stream = stream,
-                                       subject_prefix = prefix, publish_timeout_ms = 2000 })
+                                       subject_prefix = prefix, publish_timeout_ms = 2000,
+                                       reconnect_wait_ms = 200 })
   local subjects = opts.subjects
   if subjects then
     for i, s in ipairs(subjects) do subjects[i] = prefix .. "." .. s end
@@ -172,7 +175,7 @@ function H.spawn_relay(ctx, args)
     "LUA_PATH=" .. sh(package.path), "LUA_CPATH=" .. sh(package.cpath),
     "QX_DB__URL=" .. sh(ctx.url), "QX_NATS__SERVERS=" .. sh(support.nats_url()),
     "QX_NATS__STREAM=" .. sh(ctx.stream), "QX_NATS__SUBJECT_PREFIX=" .. sh(ctx.prefix),
-    "ASAN_OPTIONS=detect_leaks=0",
+    "QX_NATS__RECONNECT_WAIT_SECONDS=0.2", "ASAN_OPTIONS=detect_leaks=0",
   }
   local cmd = "env " .. table.concat(envs, " ") .. " " .. H.LUA .. " bin/qx relay " .. (args or "")
     .. " >" .. sh(log) .. " 2>&1 & echo $!"
@@ -214,5 +217,66 @@ function H.log_of(ctx, pid)
   f:close()
   return s
 end
+
+-- ---- the test nats-server: stop, freeze, restart ---------------------------------------------
+
+-- The servers' env file (scripts/servers.sh), which names the nats-server to stop; a restart
+-- here writes the new pid into it so that `servers.sh stop` still stops the server.
+local function env_file()
+  local dir = os.getenv("QX_TEST_RUN_DIR")
+  return dir and (dir .. "/env")
+end
+
+function H.nats_pid()
+  local f = env_file() and io.open(env_file())
+  if f then
+    local s = f:read("*a")
+    f:close()
+    local pid = s:match("QX_TEST_NATS_PID=(%d+)")
+    if pid then return tonumber(pid) end
+  end
+  return tonumber(os.getenv("QX_TEST_NATS_PID"))
+end
+
+local function nats_healthy()
+  local r = os.execute("env -u LD_PRELOAD curl -sf --max-time 1 "
+    .. sh(support.nats_monitor_url() .. "/healthz") .. " >/dev/null 2>&1")
+  return r == true or r == 0 -- Lua 5.4 and LuaJIT report success differently
+end
+
+function H.nats_stop()
+  local pid = assert(H.nats_pid(), "no nats-server pid")
+  os.execute("kill -TERM " .. pid)
+  assert(H.wait_until(function() return not H.alive(pid) end, 15), "nats-server did not stop")
+end
+
+-- Starts nats-server again on the same port, monitor port and store; records its pid.
+function H.nats_start()
+  local port, mon = os.getenv("QX_TEST_NATS_PORT"), os.getenv("QX_TEST_NATS_MONITOR_PORT")
+  local store, log = os.getenv("QX_TEST_NATS_STORE"), os.getenv("QX_TEST_NATS_LOG")
+  assert(port and mon and store and log, "the servers' env does not say how nats-server runs")
+  local p = assert(io.popen("env -u LD_PRELOAD setsid nats-server -js -a 127.0.0.1 -p " .. port
+    .. " -m " .. mon .. " -sd " .. sh(store) .. " -l " .. sh(log) .. " </dev/null >>"
+    .. sh(log .. ".out") .. " 2>&1 & echo $!"))
+  local pid = tonumber(p:read("*l"))
+  p:close()
+  local f = env_file() and io.open(env_file())
+  if f then
+    local s = f:read("*a")
+    f:close()
+    s = s:gsub("QX_TEST_NATS_PID=%d*", "QX_TEST_NATS_PID=" .. pid)
+    local tmp = env_file() .. ".tmp"
+    local w = assert(io.open(tmp, "w"))
+    w:write(s)
+    w:close()
+    assert(os.rename(tmp, env_file()))
+  end
+  -- a restart can find the ports still held for a moment: try again if it died
+  assert(H.wait_until(nats_healthy, 15), "nats-server did not come back")
+  return pid
+end
+
+function H.nats_freeze() os.execute("kill -STOP " .. assert(H.nats_pid())) end
+function H.nats_thaw() os.execute("kill -CONT " .. assert(H.nats_pid())) end
 
 return H

@@ -199,6 +199,11 @@ ALTER TABLE qx_projection_checkpoints
 CREATE INDEX IF NOT EXISTS qx_outbox_events_pending_key
     ON qx_outbox_events (partition_key, seq)
     WHERE published_at IS NULL AND dead_at IS NULL AND partition_key IS NOT NULL;
+-- Rows waiting for a retry hold their key; there are few of them, so asking "has this key a
+-- row waiting for a retry before this one?" for every row of a claim stays cheap.
+CREATE INDEX IF NOT EXISTS qx_outbox_events_retry_key
+    ON qx_outbox_events (partition_key, seq)
+    WHERE published_at IS NULL AND dead_at IS NULL AND next_attempt_at IS NOT NULL;
 ]],
     },
     {

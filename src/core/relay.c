@@ -34,17 +34,24 @@
 /* ---- SQL --------------------------------------------------------------------------------- */
 
 /* Claims pending rows of this shard in commit (seq) order, skipping rows another transaction
- * holds. The outer filter drops a row when an earlier pending row of its key is not in the
- * claim: that row waits for its next attempt or is locked elsewhere, and holds its key. */
+ * holds. A row whose key has an earlier row waiting for its next attempt is not claimed (it
+ * is held back, and does not take a place in the batch). The outer filter drops a claimed row
+ * when an earlier pending row of its key is not in the claim: another transaction holds that
+ * one, and it holds its key. */
 static const char CLAIM_SQL[] =
     "WITH claimed AS ("
     " SELECT id, seq, partition_key, event_name, event_version, payload, correlation_id,"
     "        tenant_id, attempts"
-    " FROM qx_outbox_events"
+    " FROM qx_outbox_events o"
     " WHERE published_at IS NULL AND dead_at IS NULL"
     "   AND (next_attempt_at IS NULL OR next_attempt_at <= now())"
     "   AND ($2::int = 1 OR mod(abs(hashtext(coalesce(partition_key, id::text))::bigint),"
     "                           $2::int) = $3::int)"
+    "   AND (partition_key IS NULL OR NOT EXISTS ("
+    "     SELECT 1 FROM qx_outbox_events w"
+    "     WHERE w.partition_key = o.partition_key AND w.seq < o.seq"
+    "       AND w.published_at IS NULL AND w.dead_at IS NULL AND w.next_attempt_at IS NOT NULL"
+    "       AND w.next_attempt_at > now()))"
     " ORDER BY seq LIMIT $1::int"
     " FOR UPDATE SKIP LOCKED)"
     " SELECT c.id::text, c.event_name, c.event_version::text, c.payload::text,"
@@ -61,9 +68,11 @@ static const char CLAIM_SQL[] =
 enum { COL_ID, COL_NAME, COL_VERSION, COL_BODY, COL_KIND, COL_CORRELATION, COL_TENANT, COL_KEY,
        COL_ATTEMPTS };
 
+/* a join on the ids, so the plan looks each row up by primary key whatever the table size */
 static const char MARK_PUBLISHED_SQL[] =
-    "UPDATE qx_outbox_events SET published_at = now(), next_attempt_at = NULL"
-    " WHERE id = ANY($1::uuid[]) AND published_at IS NULL";
+    "UPDATE qx_outbox_events o SET published_at = now(), next_attempt_at = NULL"
+    " FROM unnest($1::uuid[]) AS a(id)"
+    " WHERE o.id = a.id AND o.published_at IS NULL";
 
 /* attempts + 1, the error, the next attempt after base * 2^attempts (at most max), and the
  * dead-letter time when the row cannot be sent or has failed max_attempts times */
@@ -88,12 +97,11 @@ enum row_state { ROW_WAITING, ROW_INFLIGHT, ROW_ACKED, ROW_FAILED, ROW_DEAD, ROW
 
 #define ROW_ERROR_MAX 256
 
+/* Row i of a batch is row i of its claim result. */
 typedef struct row {
-    int r;           /* row of the claim result */
     int attempts;
     int state;
     int next;        /* the next row of the same key in this batch, or -1 */
-    int first;       /* no earlier row of its key in this batch */
     char error[ROW_ERROR_MAX];
 } row;
 
@@ -103,27 +111,36 @@ typedef struct completion {
     char error[ROW_ERROR_MAX];
 } completion;
 
+/* A claimed batch: the rows one transaction holds, on connection `conn` of the relay. */
+typedef struct batch {
+    int conn;
+    qx_result *res;  /* the claim; NULL when the slot is free */
+    int n;
+    row *rows;
+    int *ready;      /* rows that may be sent now: the first of each key, then successors */
+    int nready, head, inflight, settled;
+    qx_relay_result out;
+} batch;
+
 struct qx_relay {
     qx_relay_options o;
     char *conninfo, *prefix, *channel;
     char lock_name[64];
     qx_nats *nats;
     jsCtx *js;          /* the relay's own context: its ack handler is on_ack */
-    qx_conn *conn;      /* NULL when not connected */
+    qx_conn *conn[2];   /* [0] holds the shard lock and LISTENs; [1] claims ahead in run() */
     int leader;
-
-    /* the batch (relay thread only) */
-    row *rows;
-    int *ready;         /* indexes of rows that may be sent now */
+    batch slot[2];      /* slot[k] uses conn[k] */
     int *keyslots;      /* per-batch key -> last row, open addressing */
     int keycap;
     char *subject;
     size_t subject_cap;
+    completion *local;  /* completions taken over from the handler */
 
-    /* shared with the ack handler */
+    /* shared with the ack handler; only one batch publishes at a time */
     pthread_mutex_t mu;
     pthread_cond_t cond;
-    completion *done;   /* completions not yet taken by the relay thread */
+    completion *done;
     int ndone;
     natsMsg **map_msg;  /* unacked message -> row index, open addressing */
     int *map_idx;
@@ -217,13 +234,12 @@ static void on_ack(jsCtx *js, natsMsg *msg, jsPubAck *pa, jsPubAckErr *pae, void
         c->duplicate = pa != NULL && pa->Duplicate;
         c->error[0] = '\0';
         if (pa == NULL && pae != NULL) {
+            const char *text = pae->ErrText != NULL ? pae->ErrText : natsStatus_GetText(pae->Err);
             if (pae->ErrCode != 0)
-                snprintf(c->error, sizeof c->error, "nats: %s (JetStream error %d)",
-                         pae->ErrText != NULL ? pae->ErrText : natsStatus_GetText(pae->Err),
+                snprintf(c->error, sizeof c->error, "nats: %s (JetStream error %d)", text,
                          (int)pae->ErrCode);
             else
-                snprintf(c->error, sizeof c->error, "nats: %s",
-                         pae->ErrText != NULL ? pae->ErrText : natsStatus_GetText(pae->Err));
+                snprintf(c->error, sizeof c->error, "nats: %s", text);
         } else if (pa == NULL) {
             snprintf(c->error, sizeof c->error, "nats: publish failed");
         }
@@ -299,7 +315,7 @@ qx_status qx_relay_new(qx_relay **out, const qx_relay_options *o, qx_error *err)
     jsOptions jo;
     natsStatus s;
     qx_status q;
-    int n;
+    int n, k, ok;
 
     *out = NULL;
     if ((q = check_options(o, err)) != QX_OK)
@@ -315,19 +331,24 @@ qx_status qx_relay_new(qx_relay **out, const qx_relay_options *o, qx_error *err)
     r->conninfo = strdup(o->conninfo);
     r->prefix = strdup(o->subject_prefix);
     r->channel = strdup(o->channel);
-    r->rows = calloc((size_t)n, sizeof *r->rows);
-    r->ready = calloc((size_t)n, sizeof *r->ready);
+    ok = r->conninfo != NULL && r->prefix != NULL && r->channel != NULL;
+    for (k = 0; k < 2; k++) {
+        r->slot[k].conn = k;
+        r->slot[k].rows = calloc((size_t)n, sizeof *r->slot[k].rows);
+        r->slot[k].ready = calloc((size_t)n, sizeof *r->slot[k].ready);
+        ok = ok && r->slot[k].rows != NULL && r->slot[k].ready != NULL;
+    }
     r->keycap = pow2_at_least(n * 2);
     r->keyslots = calloc((size_t)r->keycap, sizeof *r->keyslots);
     r->done = calloc((size_t)n, sizeof *r->done);
+    r->local = calloc((size_t)n, sizeof *r->local);
     r->map_cap = pow2_at_least(n * 2);
     r->map_msg = calloc((size_t)r->map_cap, sizeof *r->map_msg);
     r->map_idx = calloc((size_t)r->map_cap, sizeof *r->map_idx);
     r->subject_cap = 512;
     r->subject = malloc(r->subject_cap);
-    if (r->conninfo == NULL || r->prefix == NULL || r->channel == NULL || r->rows == NULL ||
-        r->ready == NULL || r->keyslots == NULL || r->done == NULL || r->map_msg == NULL ||
-        r->map_idx == NULL || r->subject == NULL) {
+    if (!ok || r->keyslots == NULL || r->done == NULL || r->local == NULL ||
+        r->map_msg == NULL || r->map_idx == NULL || r->subject == NULL) {
         qx_relay_free(r);
         return qx_error_set(err, QX_ERR_NOMEM, "out of memory");
     }
@@ -361,11 +382,17 @@ qx_status qx_relay_new(qx_relay **out, const qx_relay_options *o, qx_error *err)
 
 void qx_relay_free(qx_relay *r)
 {
+    int k;
     if (r == NULL)
         return;
     /* nothing is pending in the context between batches, so no ack handler runs after this */
     jsCtx_Destroy(r->js);
-    qx_conn_close(r->conn);
+    for (k = 0; k < 2; k++) {
+        qx_result_free(r->slot[k].res);
+        qx_conn_close(r->conn[k]); /* an open transaction rolls back */
+        free(r->slot[k].rows);
+        free(r->slot[k].ready);
+    }
     qx_nats_close(r->nats);
     if (r->wake[0] >= 0)
         close(r->wake[0]);
@@ -376,10 +403,9 @@ void qx_relay_free(qx_relay *r)
     free(r->conninfo);
     free(r->prefix);
     free(r->channel);
-    free(r->rows);
-    free(r->ready);
     free(r->keyslots);
     free(r->done);
+    free(r->local);
     free(r->map_msg);
     free(r->map_idx);
     free(r->subject);
@@ -405,38 +431,40 @@ void qx_relay_stats_get(qx_relay *r, qx_relay_stats *s)
 
 /* ---- database ---------------------------------------------------------------------------- */
 
-static void drop_connection(qx_relay *r)
+/* Closes connection k; closing [0] ends the shard lock. */
+static void drop_connection(qx_relay *r, int k)
 {
-    if (r->leader)
+    if (k == 0 && r->leader) {
         r->stats.leader_changes++;
-    qx_conn_close(r->conn);
-    r->conn = NULL;
-    r->leader = 0;
+        r->leader = 0;
+    }
+    qx_conn_close(r->conn[k]);
+    r->conn[k] = NULL;
 }
 
-static qx_status ensure_connection(qx_relay *r, qx_error *err)
+static qx_status ensure_connection(qx_relay *r, int k, qx_error *err)
 {
     qx_result *res = NULL;
     char timeout[16];
     const char *params[1];
     qx_status q;
 
-    if (r->conn != NULL && !qx_conn_is_broken(r->conn))
+    if (r->conn[k] != NULL && !qx_conn_is_broken(r->conn[k]))
         return QX_OK;
-    if (r->conn != NULL)
-        drop_connection(r);
-    q = qx_conn_open(&r->conn, r->conninfo, r->o.connect_timeout_ms, err);
+    if (r->conn[k] != NULL)
+        drop_connection(r, k);
+    q = qx_conn_open(&r->conn[k], r->conninfo, r->o.connect_timeout_ms, err);
     if (q != QX_OK)
         return q;
     snprintf(timeout, sizeof timeout, "%d", r->o.statement_timeout_ms);
     params[0] = timeout;
-    q = qx_conn_exec(r->conn, &res, "SELECT set_config('statement_timeout', $1, false)", 1,
+    q = qx_conn_exec(r->conn[k], &res, "SELECT set_config('statement_timeout', $1, false)", 1,
                      params, NULL, err);
     qx_result_free(res);
-    if (q == QX_OK)
-        q = qx_conn_listen(r->conn, r->channel, err);
+    if (q == QX_OK && k == 0)
+        q = qx_conn_listen(r->conn[k], r->channel, err);
     if (q != QX_OK)
-        drop_connection(r);
+        drop_connection(r, k);
     return q;
 }
 
@@ -447,15 +475,15 @@ static qx_status ensure_leader(qx_relay *r, qx_error *err)
     const char *params[1];
     qx_status q;
 
-    if ((q = ensure_connection(r, err)) != QX_OK)
+    if ((q = ensure_connection(r, 0, err)) != QX_OK)
         return q;
     if (r->leader)
         return QX_OK;
     params[0] = r->lock_name;
-    q = qx_conn_exec(r->conn, &res, LOCK_SQL, 1, params, NULL, err);
+    q = qx_conn_exec(r->conn[0], &res, LOCK_SQL, 1, params, NULL, err);
     if (q != QX_OK) {
-        if (qx_conn_is_broken(r->conn))
-            drop_connection(r);
+        if (qx_conn_is_broken(r->conn[0]))
+            drop_connection(r, 0);
         return q;
     }
     r->leader = qx_result_nrows(res) == 1 && strcmp(qx_result_value(res, 0, 0), "true") == 0;
@@ -465,13 +493,17 @@ static qx_status ensure_leader(qx_relay *r, qx_error *err)
     return QX_OK;
 }
 
-/* Rolls back after a failed statement; drops a broken connection. */
-static void abort_batch(qx_relay *r)
+/* Rolls a batch's transaction back (its rows stay pending) and frees the slot. */
+static void abort_batch(qx_relay *r, batch *b)
 {
-    if (r->conn == NULL)
+    qx_conn *c = r->conn[b->conn];
+    qx_result_free(b->res);
+    b->res = NULL;
+    b->n = 0;
+    if (c == NULL)
         return;
-    if (qx_conn_is_broken(r->conn) || qx_conn_script(r->conn, "ROLLBACK", NULL) != QX_OK)
-        drop_connection(r);
+    if (qx_conn_is_broken(c) || qx_conn_script(c, "ROLLBACK", NULL) != QX_OK)
+        drop_connection(r, b->conn);
 }
 
 /* ---- a growing text buffer for array parameters ------------------------------------------ */
@@ -518,7 +550,58 @@ static void buf_array_text(buf *b, const char *s)
     buf_add(b, "\"", 1);
 }
 
-/* ---- batches ----------------------------------------------------------------------------- */
+/* ---- claiming ---------------------------------------------------------------------------- */
+
+static void set_stmt(qx_stmt *st, const char *sql, int n, const char *const *values)
+{
+    st->sql = sql;
+    st->nparams = n;
+    st->values = values;
+    st->lengths = NULL;
+}
+
+/* BEGIN and claim on the batch's connection, in one round trip. */
+static qx_status claim(qx_relay *r, batch *b, qx_error *err)
+{
+    qx_stmt stmts[2];
+    qx_result *results[2] = { NULL, NULL };
+    const char *params[3];
+    char limit[16], count[16], shard[16];
+    int failed = -1, i;
+    qx_status q;
+
+    memset(&b->out, 0, sizeof b->out);
+    b->n = 0;
+    if ((q = ensure_connection(r, b->conn, err)) != QX_OK)
+        return q;
+    snprintf(limit, sizeof limit, "%d", r->o.batch_size);
+    snprintf(count, sizeof count, "%d", r->o.shard_count);
+    snprintf(shard, sizeof shard, "%d", r->o.shard_id);
+    params[0] = limit;
+    params[1] = count;
+    params[2] = shard;
+    set_stmt(&stmts[0], "BEGIN", 0, NULL);
+    set_stmt(&stmts[1], CLAIM_SQL, 3, params);
+    q = qx_conn_batch(r->conn[b->conn], results, &failed, stmts, 2, err);
+    if (q != QX_OK) {
+        abort_batch(r, b);
+        return q;
+    }
+    qx_result_free(results[0]);
+    b->res = results[1];
+    b->n = qx_result_nrows(b->res);
+    b->out.leader = 1;
+    b->out.claimed = b->n;
+    for (i = 0; i < b->n; i++) {
+        row *w = &b->rows[i];
+        w->attempts = atoi(qx_result_value(b->res, i, COL_ATTEMPTS));
+        w->state = ROW_WAITING;
+        w->error[0] = '\0';
+    }
+    return QX_OK;
+}
+
+/* ---- publishing -------------------------------------------------------------------------- */
 
 static unsigned int str_hash(const char *s)
 {
@@ -528,20 +611,21 @@ static unsigned int str_hash(const char *s)
     return h;
 }
 
-/* Links each row to the next row of its key, so that only the first row of a key is ready and
- * each ack releases the next one. */
-static int link_keys(qx_relay *r, const qx_result *res, int n)
+/* Links each row to the next row of its key: only the first row of a key is ready, and each ack
+ * releases the next one. */
+static void link_keys(qx_relay *r, batch *b)
 {
     unsigned int mask = (unsigned int)(r->keycap - 1);
-    int i, nready = 0;
+    int i;
     for (i = 0; i < r->keycap; i++)
         r->keyslots[i] = -1;
-    for (i = 0; i < n; i++) {
-        row *w = &r->rows[i];
+    b->nready = 0;
+    for (i = 0; i < b->n; i++) {
+        row *w = &b->rows[i];
+        int first = 1;
         w->next = -1;
-        w->first = 1;
-        if (!qx_result_isnull(res, w->r, COL_KEY)) {
-            const char *key = qx_result_value(res, w->r, COL_KEY);
+        if (!qx_result_isnull(b->res, i, COL_KEY)) {
+            const char *key = qx_result_value(b->res, i, COL_KEY);
             unsigned int k = str_hash(key) & mask;
             for (;;) {
                 int j = r->keyslots[k];
@@ -549,19 +633,18 @@ static int link_keys(qx_relay *r, const qx_result *res, int n)
                     r->keyslots[k] = i;
                     break;
                 }
-                if (strcmp(qx_result_value(res, r->rows[j].r, COL_KEY), key) == 0) {
-                    r->rows[j].next = i; /* j was the last row of this key so far */
+                if (strcmp(qx_result_value(b->res, j, COL_KEY), key) == 0) {
+                    b->rows[j].next = i; /* j was the last row of this key so far */
                     r->keyslots[k] = i;
-                    w->first = 0;
+                    first = 0;
                     break;
                 }
                 k = (k + 1) & mask;
             }
         }
-        if (w->first)
-            r->ready[nready++] = i;
+        if (first)
+            b->ready[b->nready++] = i;
     }
-    return nready;
 }
 
 static void row_fail(row *w, int state, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
@@ -574,29 +657,32 @@ static void row_fail(row *w, int state, const char *fmt, ...)
     va_end(ap);
 }
 
-/* The later rows of a failed row's key stay where they are: pending, not attempted. */
-static int hold_successors(qx_relay *r, int i)
+/* The later rows of a failed row's key stay as they are: pending, not attempted. */
+static int hold_successors(batch *b, int i)
 {
     int j, held = 0;
-    for (j = r->rows[i].next; j >= 0; j = r->rows[j].next) {
-        r->rows[j].state = ROW_HELD;
-        held++;
+    for (j = b->rows[i].next; j >= 0; j = b->rows[j].next) {
+        if (b->rows[j].state == ROW_WAITING) {
+            b->rows[j].state = ROW_HELD;
+            held++;
+        }
     }
     return held;
 }
 
 /* Checks what a row needs to be sent; a row that can never be sent is dead-lettered. */
-static int row_sendable(qx_relay *r, const qx_result *res, row *w, const char **subject)
+static int row_sendable(qx_relay *r, batch *b, int i, const char **subject)
 {
-    const char *name = qx_result_value(res, w->r, COL_NAME);
+    row *w = &b->rows[i];
+    const char *name = qx_result_value(b->res, i, COL_NAME);
     size_t need = strlen(r->prefix) + 1 + strlen(name) + 1;
 
-    if (qx_result_isnull(res, w->r, COL_NAME) || name[0] == '\0') {
+    if (qx_result_isnull(b->res, i, COL_NAME) || name[0] == '\0') {
         row_fail(w, ROW_DEAD, "invalid: empty event name");
         return 0;
     }
-    if (qx_result_isnull(res, w->r, COL_KIND) ||
-        strcmp(qx_result_value(res, w->r, COL_KIND), "object") != 0) {
+    if (qx_result_isnull(b->res, i, COL_KIND) ||
+        strcmp(qx_result_value(b->res, i, COL_KIND), "object") != 0) {
         row_fail(w, ROW_DEAD, "invalid: payload is not an envelope (a JSON object)");
         return 0;
     }
@@ -626,36 +712,36 @@ static natsStatus set_header(natsMsg *m, const qx_result *res, int row, int col,
 }
 
 /* Sends row i; returns 1 when it is in flight, 0 when it failed at once. */
-static int send_row(qx_relay *r, const qx_result *res, int i)
+static int send_row(qx_relay *r, batch *b, int i)
 {
-    row *w = &r->rows[i];
+    row *w = &b->rows[i];
+    const qx_result *res = b->res;
     const char *subject = NULL;
     natsMsg *m = NULL;
     jsPubOptions po;
     natsStatus s;
-    int rr = w->r;
 
-    if (!row_sendable(r, res, w, &subject))
+    if (!row_sendable(r, b, i, &subject))
         return 0;
-    s = natsMsg_Create(&m, subject, NULL, qx_result_value(res, rr, COL_BODY),
-                       qx_result_length(res, rr, COL_BODY));
+    s = natsMsg_Create(&m, subject, NULL, qx_result_value(res, i, COL_BODY),
+                       qx_result_length(res, i, COL_BODY));
     if (s == NATS_OK)
-        s = set_header(m, res, rr, COL_NAME, "qx.event_name");
+        s = set_header(m, res, i, COL_NAME, "qx.event_name");
     if (s == NATS_OK)
-        s = set_header(m, res, rr, COL_VERSION, "qx.event_version");
+        s = set_header(m, res, i, COL_VERSION, "qx.event_version");
     if (s == NATS_OK)
-        s = set_header(m, res, rr, COL_ID, "qx.event_id");
+        s = set_header(m, res, i, COL_ID, "qx.event_id");
     if (s == NATS_OK)
-        s = set_header(m, res, rr, COL_CORRELATION, "qx.correlation_id");
+        s = set_header(m, res, i, COL_CORRELATION, "qx.correlation_id");
     if (s == NATS_OK)
-        s = set_header(m, res, rr, COL_TENANT, "qx.tenant_id");
+        s = set_header(m, res, i, COL_TENANT, "qx.tenant_id");
     if (s != NATS_OK) {
         natsMsg_Destroy(m);
         row_fail(w, ROW_FAILED, "nats: %s", natsStatus_GetText(s));
         return 0;
     }
     jsPubOptions_Init(&po);
-    po.MsgId = qx_result_value(res, rr, COL_ID);
+    po.MsgId = qx_result_value(res, i, COL_ID);
 
     w->state = ROW_INFLIGHT;
     pthread_mutex_lock(&r->mu);
@@ -679,6 +765,38 @@ static int send_row(qx_relay *r, const qx_result *res, int i)
     return 1;
 }
 
+/* Sends what is ready, up to the window. */
+static void send_ready(qx_relay *r, batch *b)
+{
+    while (b->head < b->nready && b->inflight < r->o.max_in_flight) {
+        int i = b->ready[b->head++];
+        if (send_row(r, b, i)) {
+            b->inflight++;
+            continue;
+        }
+        b->settled++;
+        if (b->rows[i].state == ROW_DEAD) {
+            /* dead: its key goes on without it */
+            if (b->rows[i].next >= 0)
+                b->ready[b->nready++] = b->rows[i].next;
+        } else {
+            b->settled += hold_successors(b, i);
+        }
+    }
+}
+
+/* Starts publishing a claimed batch; publish_wait collects the acks. */
+static void publish_start(qx_relay *r, batch *b)
+{
+    b->head = b->inflight = b->settled = 0;
+    link_keys(r, b);
+    pthread_mutex_lock(&r->mu);
+    r->ndone = 0;
+    map_clear(r);
+    pthread_mutex_unlock(&r->mu);
+    send_ready(r, b);
+}
+
 static void timespec_after(struct timespec *ts, int ms)
 {
     clock_gettime(CLOCK_REALTIME, ts);
@@ -690,77 +808,50 @@ static void timespec_after(struct timespec *ts, int ms)
     }
 }
 
-/* Publishes the claimed rows: keeps up to max_in_flight unacked, releases the next row of a key
- * when the previous one is acked, holds the rest of a key when one fails. */
-static void publish_rows(qx_relay *r, const qx_result *res, int n, qx_relay_result *out)
+static void apply_completion(batch *b, const completion *c)
 {
-    int nready, head = 0, inflight = 0, settled = 0, i, timed_out = 0;
-    completion *local = NULL;
+    row *w = &b->rows[c->idx];
+    b->inflight--;
+    b->settled++;
+    if (c->ok) {
+        w->state = ROW_ACKED;
+        if (c->duplicate)
+            b->out.duplicates++;
+        if (w->next >= 0)
+            b->ready[b->nready++] = w->next;
+    } else {
+        row_fail(w, ROW_FAILED, "%s", c->error);
+        b->settled += hold_successors(b, c->idx);
+    }
+}
+
+/* Collects the acks of a batch, sending each key's next row as its previous one is acked,
+ * until every row is settled, or until no ack came for ack_timeout_ms: the unacked rows then
+ * failed and the messages are taken back from the context. */
+static void publish_wait(qx_relay *r, batch *b)
+{
     struct timespec deadline;
+    int i, timed_out = 0;
 
-    nready = link_keys(r, res, n);
-    pthread_mutex_lock(&r->mu);
-    r->ndone = 0;
-    map_clear(r);
-    pthread_mutex_unlock(&r->mu);
-    local = malloc(sizeof *local * (size_t)n);
-
-    while (settled < n) {
+    while (b->settled < b->n && b->inflight > 0) {
         int got = 0;
-        while (head < nready && inflight < r->o.max_in_flight) {
-            i = r->ready[head++];
-            if (send_row(r, res, i)) {
-                inflight++;
-                continue;
-            }
-            settled++;
-            if (r->rows[i].state == ROW_DEAD) {
-                /* dead: the key goes on without it */
-                if (r->rows[i].next >= 0)
-                    r->ready[nready++] = r->rows[i].next;
-            } else {
-                settled += hold_successors(r, i);
-            }
-        }
-        if (inflight == 0)
-            break;
-        /* wait for acks: at most ack_timeout after the last send */
         timespec_after(&deadline, r->o.ack_timeout_ms);
         pthread_mutex_lock(&r->mu);
         while (r->ndone == 0) {
             if (pthread_cond_timedwait(&r->cond, &r->mu, &deadline) == ETIMEDOUT)
                 break;
         }
-        if (r->ndone > 0 && local != NULL) {
-            got = r->ndone;
-            memcpy(local, r->done, sizeof *local * (size_t)got);
-            r->ndone = 0;
-        }
+        got = r->ndone;
+        memcpy(r->local, r->done, sizeof *r->local * (size_t)got);
+        r->ndone = 0;
         pthread_mutex_unlock(&r->mu);
-        if (got == 0 && local != NULL) {
+        if (got == 0) {
             timed_out = 1;
             break;
         }
-        if (local == NULL) { /* no memory to take completions: give up on the batch */
-            timed_out = 1;
-            break;
-        }
-        for (i = 0; i < got; i++) {
-            completion *c = &local[i];
-            row *w = &r->rows[c->idx];
-            inflight--;
-            settled++;
-            if (c->ok) {
-                w->state = ROW_ACKED;
-                if (c->duplicate)
-                    out->duplicates++;
-                if (w->next >= 0)
-                    r->ready[nready++] = w->next;
-            } else {
-                row_fail(w, ROW_FAILED, "%s", c->error);
-                settled += hold_successors(r, c->idx);
-            }
-        }
+        for (i = 0; i < got; i++)
+            apply_completion(b, &r->local[i]);
+        send_ready(r, b);
     }
 
     if (timed_out) {
@@ -769,36 +860,23 @@ static void publish_rows(qx_relay *r, const qx_result *res, int n, qx_relay_resu
         if (js_PublishAsyncGetPendingList(&pending, r->js) == NATS_OK)
             natsMsgList_Destroy(&pending);
         pthread_mutex_lock(&r->mu);
-        /* completions that slipped in meanwhile still count */
-        for (i = 0; i < r->ndone; i++) {
-            completion *c = &r->done[i];
-            row *w = &r->rows[c->idx];
-            if (c->ok) {
-                w->state = ROW_ACKED;
-                if (c->duplicate)
-                    out->duplicates++;
-            } else {
-                row_fail(w, ROW_FAILED, "%s", c->error);
-            }
-        }
+        for (i = 0; i < r->ndone; i++) /* acks that slipped in meanwhile still count */
+            apply_completion(b, &r->done[i]);
         r->ndone = 0;
         map_clear(r);
         pthread_mutex_unlock(&r->mu);
-        for (i = 0; i < n; i++) {
-            row *w = &r->rows[i];
-            if (w->state == ROW_INFLIGHT)
-                row_fail(w, ROW_FAILED, "timeout: no ack from JetStream within %d ms",
+        for (i = 0; i < b->n; i++) {
+            if (b->rows[i].state == ROW_INFLIGHT) {
+                row_fail(&b->rows[i], ROW_FAILED, "timeout: no ack from JetStream within %d ms",
                          r->o.ack_timeout_ms);
-        }
-        /* everything after a row that did not make it waits for the next batch */
-        for (i = 0; i < n; i++) {
-            row *w = &r->rows[i];
-            if (w->state == ROW_FAILED)
-                hold_successors(r, i);
-            else if (w->state == ROW_WAITING)
-                w->state = ROW_HELD;
+                hold_successors(b, i);
+            }
         }
     }
+    /* rows never sent (behind a row that did not make it) wait for the next batch */
+    for (i = 0; i < b->n; i++)
+        if (b->rows[i].state == ROW_WAITING)
+            b->rows[i].state = ROW_HELD;
     /* a handler that took its message before the list was taken back finishes first */
     {
         jsPubOptions po;
@@ -806,12 +884,12 @@ static void publish_rows(qx_relay *r, const qx_result *res, int n, qx_relay_resu
         po.MaxWait = 1000;
         js_PublishAsyncComplete(r->js, &po);
     }
-    free(local);
 }
 
-/* Marks the outcome and commits. */
-static qx_status finish_batch(qx_relay *r, const qx_result *res, int n, qx_relay_result *out,
-                              qx_error *err)
+/* ---- marking ----------------------------------------------------------------------------- */
+
+/* Marks the outcome of a published batch and commits; frees the slot. */
+static qx_status finish(qx_relay *r, batch *b, qx_error *err)
 {
     buf acked = { NULL, 0, 0, 0 }, ids = { NULL, 0, 0, 0 }, errors = { NULL, 0, 0, 0 },
         dead = { NULL, 0, 0, 0 };
@@ -820,15 +898,16 @@ static qx_status finish_batch(qx_relay *r, const qx_result *res, int n, qx_relay
     const char *pub_params[1], *fail_params[6];
     char max_attempts[16], base[16], maxd[16];
     int nstmts = 0, nacked = 0, nfailed = 0, failed_idx = -1, i;
+    qx_relay_result *out = &b->out;
     qx_status q;
 
     buf_str(&acked, "{");
     buf_str(&ids, "{");
     buf_str(&errors, "{");
     buf_str(&dead, "{");
-    for (i = 0; i < n; i++) {
-        row *w = &r->rows[i];
-        const char *id = qx_result_value(res, w->r, COL_ID);
+    for (i = 0; i < b->n; i++) {
+        row *w = &b->rows[i];
+        const char *id = qx_result_value(b->res, i, COL_ID);
         switch (w->state) {
         case ROW_ACKED:
             if (nacked++ > 0)
@@ -863,15 +942,12 @@ static qx_status finish_batch(qx_relay *r, const qx_result *res, int n, qx_relay
     buf_str(&dead, "}");
     if (acked.failed || ids.failed || errors.failed || dead.failed) {
         q = qx_error_set(err, QX_ERR_NOMEM, "out of memory");
+        abort_batch(r, b);
         goto done;
     }
     if (nacked > 0) {
         pub_params[0] = acked.p;
-        stmts[nstmts].sql = MARK_PUBLISHED_SQL;
-        stmts[nstmts].nparams = 1;
-        stmts[nstmts].values = pub_params;
-        stmts[nstmts].lengths = NULL;
-        nstmts++;
+        set_stmt(&stmts[nstmts++], MARK_PUBLISHED_SQL, 1, pub_params);
     }
     if (nfailed > 0) {
         snprintf(max_attempts, sizeof max_attempts, "%d", r->o.max_attempts);
@@ -883,108 +959,86 @@ static qx_status finish_batch(qx_relay *r, const qx_result *res, int n, qx_relay
         fail_params[3] = max_attempts;
         fail_params[4] = base;
         fail_params[5] = maxd;
-        stmts[nstmts].sql = MARK_FAILED_SQL;
-        stmts[nstmts].nparams = 6;
-        stmts[nstmts].values = fail_params;
-        stmts[nstmts].lengths = NULL;
-        nstmts++;
+        set_stmt(&stmts[nstmts++], MARK_FAILED_SQL, 6, fail_params);
     }
-    stmts[nstmts].sql = "COMMIT";
-    stmts[nstmts].nparams = 0;
-    stmts[nstmts].values = NULL;
-    stmts[nstmts].lengths = NULL;
-    nstmts++;
-    q = qx_conn_batch(r->conn, results, &failed_idx, stmts, nstmts, err);
+    set_stmt(&stmts[nstmts++], "COMMIT", 0, NULL);
+    q = qx_conn_batch(r->conn[b->conn], results, &failed_idx, stmts, nstmts, err);
     for (i = 0; i < nstmts; i++)
         qx_result_free(results[i]);
-    if (q != QX_OK)
-        abort_batch(r);
+    if (q != QX_OK) {
+        abort_batch(r, b);
+    } else {
+        qx_result_free(b->res);
+        b->res = NULL;
+    }
 done:
     free(acked.p);
     free(ids.p);
     free(errors.p);
     free(dead.p);
+    if (q != QX_OK) {
+        /* the published rows stay pending and go again: JetStream drops the copies */
+        int claimed = out->claimed;
+        memset(out, 0, sizeof *out);
+        out->claimed = claimed;
+        out->leader = r->leader;
+    }
     return q;
+}
+
+static void account(qx_relay *r, const qx_relay_result *o)
+{
+    r->stats.batches++;
+    r->stats.claimed += o->claimed;
+    r->stats.published += o->published;
+    r->stats.duplicates += o->duplicates;
+    r->stats.failed += o->failed;
+    r->stats.dead_lettered += o->dead_lettered;
+    r->stats.held += o->held;
+    r->stats.last_batch_at = wall_now();
+    r->stats.last_error[0] = '\0';
+}
+
+/* Leadership and NATS before a claim: QX_OK with *leader = 0 when another relay leads. */
+static qx_status ready_to_claim(qx_relay *r, qx_error *err)
+{
+    qx_status q = ensure_leader(r, err);
+    if (q != QX_OK || !r->leader)
+        return q;
+    if (qx_nats_get_state(r->nats) != QX_NATS_CONNECTED)
+        /* claiming now would only record failures: wait for the connection to come back */
+        return qx_error_set(err, QX_ERR_CONNECTION, "NATS is %s",
+                            qx_nats_state_name(qx_nats_get_state(r->nats)));
+    return QX_OK;
 }
 
 qx_status qx_relay_run_once(qx_relay *r, qx_relay_result *out, qx_error *err)
 {
-    qx_stmt stmts[2];
-    qx_result *results[2] = { NULL, NULL };
-    const char *params[3];
-    char limit[16], count[16], shard[16];
-    int failed = -1, n, i;
-    qx_result *res;
+    batch *b = &r->slot[0];
     qx_status q;
 
     memset(out, 0, sizeof *out);
     qx_error_clear(err);
-    if ((q = ensure_leader(r, err)) != QX_OK)
-        goto fail;
-    out->leader = r->leader;
-    if (!r->leader)
+    q = ready_to_claim(r, err);
+    if (q == QX_OK && !r->leader)
         return QX_OK;
-    if (qx_nats_get_state(r->nats) != QX_NATS_CONNECTED) {
-        /* claiming now would only record failures: wait for the connection to come back */
-        q = qx_error_set(err, QX_ERR_CONNECTION, "NATS is %s",
-                         qx_nats_state_name(qx_nats_get_state(r->nats)));
-        goto fail;
+    if (q == QX_OK)
+        q = claim(r, b, err);
+    if (q == QX_OK) {
+        if (b->n > 0) {
+            publish_start(r, b);
+            publish_wait(r, b);
+        }
+        q = finish(r, b, err);
+        *out = b->out;
     }
-
-    snprintf(limit, sizeof limit, "%d", r->o.batch_size);
-    snprintf(count, sizeof count, "%d", r->o.shard_count);
-    snprintf(shard, sizeof shard, "%d", r->o.shard_id);
-    params[0] = limit;
-    params[1] = count;
-    params[2] = shard;
-    stmts[0].sql = "BEGIN";
-    stmts[0].nparams = 0;
-    stmts[0].values = NULL;
-    stmts[0].lengths = NULL;
-    stmts[1].sql = CLAIM_SQL;
-    stmts[1].nparams = 3;
-    stmts[1].values = params;
-    stmts[1].lengths = NULL;
-    q = qx_conn_batch(r->conn, results, &failed, stmts, 2, err);
-    if (q != QX_OK) {
-        abort_batch(r);
-        goto fail;
-    }
-    qx_result_free(results[0]);
-    res = results[1];
-    n = qx_result_nrows(res);
-    out->claimed = n;
-    for (i = 0; i < n; i++) {
-        row *w = &r->rows[i];
-        w->r = i;
-        w->attempts = atoi(qx_result_value(res, i, COL_ATTEMPTS));
-        w->state = ROW_WAITING;
-        w->error[0] = '\0';
-    }
-    if (n > 0)
-        publish_rows(r, res, n, out);
-    q = finish_batch(r, res, n, out, err);
-    qx_result_free(res);
-    if (q != QX_OK) {
-        /* published rows stay pending and go again: JetStream drops the copies */
-        out->published = out->duplicates = out->failed = out->dead_lettered = out->held = 0;
-        goto fail;
-    }
-    r->stats.batches++;
-    r->stats.claimed += out->claimed;
-    r->stats.published += out->published;
-    r->stats.duplicates += out->duplicates;
-    r->stats.failed += out->failed;
-    r->stats.dead_lettered += out->dead_lettered;
-    r->stats.held += out->held;
-    r->stats.last_batch_at = wall_now();
-    r->stats.last_error[0] = '\0';
-    return QX_OK;
-
-fail:
     out->leader = r->leader;
-    note_error(r, err);
-    return q;
+    if (q != QX_OK) {
+        note_error(r, err);
+        return q;
+    }
+    account(r, out);
+    return QX_OK;
 }
 
 /* ---- the loop ---------------------------------------------------------------------------- */
@@ -1015,20 +1069,21 @@ static void drain_wake(qx_relay *r)
         ;
 }
 
-/* Waits up to timeout_ms for a NOTIFY on the relay's connection (or a stop); returns 1 when
- * one came. */
+/* Waits up to timeout_ms for a NOTIFY on the lock connection (or a stop); returns 1 when one
+ * came. */
 static int wait_for_work(qx_relay *r, int timeout_ms)
 {
     struct pollfd p[2];
     qx_notify *ns = NULL;
     int count = 0, np = 1, rc;
+    qx_conn *c = r->conn[0];
 
-    if (r->conn != NULL) {
-        if (qx_conn_notifications(r->conn, &ns, &count, 0, NULL) == QX_OK && count > 0) {
+    if (c != NULL) {
+        if (qx_conn_notifications(c, &ns, &count, 0, NULL) == QX_OK && count > 0) {
             qx_notify_free(ns, count);
             return 1;
         }
-        p[1].fd = qx_conn_socket(r->conn);
+        p[1].fd = qx_conn_socket(c);
         p[1].events = POLLIN;
         p[1].revents = 0;
         np = p[1].fd >= 0 ? 2 : 1;
@@ -1041,24 +1096,32 @@ static int wait_for_work(qx_relay *r, int timeout_ms)
         return 0;
     if (p[0].revents & POLLIN)
         drain_wake(r);
-    if (np == 2 && p[1].revents != 0 && r->conn != NULL) {
+    if (np == 2 && p[1].revents != 0) {
         count = 0;
-        if (qx_conn_notifications(r->conn, &ns, &count, 0, NULL) == QX_OK && count > 0) {
+        if (qx_conn_notifications(c, &ns, &count, 0, NULL) == QX_OK && count > 0) {
             qx_notify_free(ns, count);
             return 1;
         }
-        if (qx_conn_is_broken(r->conn))
-            drop_connection(r);
+        if (qx_conn_is_broken(c))
+            drop_connection(r, 0);
     }
     return 0;
 }
 
+/*
+ * The loop keeps the database and NATS busy at the same time. While a batch's acks come in,
+ * the next batch is claimed on the other connection (its rows cannot overlap: the current
+ * batch's rows are locked, and the claim leaves out keys with an earlier pending row it does
+ * not hold); while the next batch's acks come in, the current one is marked and committed.
+ * It claims ahead only while batches come back full.
+ */
 qx_status qx_relay_run(qx_relay *r, qx_relay_batch_fn fn, void *ud, int handle_signals,
                        qx_error *err)
 {
     struct sigaction sa, old_term, old_int;
-    qx_relay_result res;
+    qx_relay_result idle;
     qx_error e;
+    batch *cur = NULL;
     int stop_asked = 0;
 
     qx_error_clear(err);
@@ -1075,27 +1138,72 @@ qx_status qx_relay_run(qx_relay *r, qx_relay_batch_fn fn, void *ud, int handle_s
     }
     r->stats.running = 1;
 
-    while (!stopping(r, handle_signals) && !stop_asked) {
-        qx_status q = qx_relay_run_once(r, &res, &e);
+    for (;;) {
+        batch *next = NULL;
+        qx_status q;
         int wait_ms;
-        if (fn != NULL && fn(ud, &res, q == QX_OK ? NULL : &e))
+
+        if (cur == NULL) {
+            if (stopping(r, handle_signals) || stop_asked)
+                break;
+            memset(&idle, 0, sizeof idle);
+            q = ready_to_claim(r, &e);
+            if (q == QX_OK && r->leader) {
+                cur = &r->slot[0];
+                q = claim(r, cur, &e);
+                if (q != QX_OK)
+                    cur = NULL;
+            }
+            if (cur == NULL) {
+                idle.leader = r->leader;
+                if (q != QX_OK)
+                    note_error(r, &e);
+                if (fn != NULL && fn(ud, &idle, q == QX_OK ? NULL : &e))
+                    stop_asked = 1;
+                if (!stopping(r, handle_signals) && !stop_asked)
+                    wait_for_work(r, r->o.lock_retry_ms);
+                continue;
+            }
+            if (cur->n > 0)
+                publish_start(r, cur);
+        }
+
+        /* claim ahead on the other connection while cur's acks come in */
+        if (cur->n >= r->o.batch_size && r->leader && !stop_asked &&
+            !stopping(r, handle_signals) && qx_nats_get_state(r->nats) == QX_NATS_CONNECTED) {
+            batch *other = &r->slot[1 - cur->conn];
+            if (claim(r, other, &e) == QX_OK) {
+                if (other->n > 0)
+                    next = other;
+                else if (finish(r, other, &e) != QX_OK)
+                    note_error(r, &e);
+            } else {
+                note_error(r, &e);
+            }
+        }
+
+        if (cur->n > 0)
+            publish_wait(r, cur);
+        if (next != NULL)
+            publish_start(r, next);
+        q = finish(r, cur, &e);
+        if (q == QX_OK)
+            account(r, &cur->out);
+        else
+            note_error(r, &e);
+        if (fn != NULL && fn(ud, &cur->out, q == QX_OK ? NULL : &e))
             stop_asked = 1;
-        if (stopping(r, handle_signals) || stop_asked)
-            break;
-        if (q != QX_OK) {
-            /* database or NATS trouble: try again shortly (the connection is reopened) */
-            wait_for_work(r, r->o.lock_retry_ms);
+        if (next != NULL) {
+            cur = next;
             continue;
         }
-        if (!res.leader) {
-            /* a standby: the leader's session ending frees the lock */
-            wait_for_work(r, r->o.lock_retry_ms);
-            continue;
-        }
-        if (res.claimed >= r->o.batch_size)
-            continue; /* more is waiting */
-        wait_ms = res.claimed > 0 ? r->o.poll_interval_ms : r->o.idle_interval_ms;
-        wait_for_work(r, wait_ms);
+        wait_ms = q != QX_OK ? r->o.lock_retry_ms
+                  : cur->out.claimed >= r->o.batch_size ? 0
+                  : cur->out.claimed > 0 ? r->o.poll_interval_ms
+                  : r->o.idle_interval_ms;
+        cur = NULL;
+        if (wait_ms > 0 && !stop_asked && !stopping(r, handle_signals))
+            wait_for_work(r, wait_ms);
     }
 
     r->stats.running = 0;
