@@ -301,8 +301,10 @@ local function context_of(ev)
     return ctx
 end
 
--- true[, DUPLICATE] | false, err
-function Consumer:_handle(handler, ev, info)
+-- Runs the handler for ev: in a unit of work when the consumer has a db, whose first statements
+-- are first(uow) (when given; it may return DUPLICATE) and the inbox row. Returns true and
+-- whether it was a duplicate, or false and the error.
+function Consumer:_handle(handler, ev, info, first)
     if not self.db then
         return call_handler(handler, ev, nil, info)
     end
@@ -314,6 +316,7 @@ function Consumer:_handle(handler, ev, info)
     end
     local name, inbox = self.name, self.inbox
     local r, e = self.db:unit_of_work(function(uow)
+        if first and first(uow) == DUPLICATE then return DUPLICATE end
         if inbox then
             local n, ie = uow:exec(INBOX_INSERT, name, ev.event_id, ev.event_name)
             if not n then error(ie, 0) end
@@ -605,9 +608,13 @@ WHERE consumer = $1 AND replayed_at IS NULL AND id = ANY($2::uuid[]) ORDER BY de
     end
     if not rows then return nil, e end
     local counts = { handled = 0, failed = 0, duplicates = 0 }
+    local function replay_info() return true end
     for _, row in ipairs(rows) do
         local ev, de = self.registry:decode(row.data, self.decode_opts)
-        if not ev or (self.inbox and not is_uuid(ev.event_id)) then
+        if ev and self.inbox and not is_uuid(ev.event_id) then
+            ev, de = nil, err.new("invalid", "event_id is not a uuid (the inbox keys on it)")
+        end
+        if not ev then
             counts.failed = counts.failed + 1
             self.last_error = de
         else
@@ -615,27 +622,19 @@ WHERE consumer = $1 AND replayed_at IS NULL AND id = ANY($2::uuid[]) ORDER BY de
                 subject = row.subject, stream = row.stream, consumer = self.name,
                 stream_seq = row.stream_seq, delivered = row.deliveries,
                 published_at = row.published_at, headers = row.headers, replay = true,
-            }, { __index = { in_progress = function() return true end } })
-            local name, inbox, id = self.name, self.inbox, row.id
-            local r, ue = self.db:unit_of_work(function(uow)
+            }, { __index = { in_progress = replay_info } })
+            local id = row.id
+            local ok, r = self:_handle(handler, ev, info, function(uow)
                 local n, me = uow:exec(
                     "UPDATE qx_dead_letters SET replayed_at = now() WHERE id = $1 AND replayed_at IS NULL",
                     id)
                 if not n then error(me, 0) end
-                if n == 0 then return DUPLICATE end -- replayed meanwhile by someone else
-                if inbox then
-                    local k, ie = uow:exec(INBOX_INSERT, name, ev.event_id, ev.event_name)
-                    if not k then error(ie, 0) end
-                    if k == 0 then return DUPLICATE end
-                end
-                local ok, he = call_handler(handler, ev, uow, info)
-                if not ok then error(he, 0) end
-                return true
-            end, { context = context_of(ev), dispatcher = self.dispatcher })
-            if r == nil then
+                if n == 0 then return DUPLICATE end -- replayed meanwhile elsewhere
+            end)
+            if not ok then
                 counts.failed = counts.failed + 1
-                self.last_error = ue
-            elseif r == DUPLICATE then
+                self.last_error = r
+            elseif r then
                 counts.duplicates = counts.duplicates + 1
             else
                 counts.handled = counts.handled + 1

@@ -209,7 +209,7 @@ qx_status qx_consumer_fetch(qx_consumer *c, int *count, int batch, int timeout_m
     natsStatus s;
     jsErrCode jerr = 0;
     double started;
-    int i, n;
+    int i, n, left;
 
     *count = 0;
     if (c == NULL || c->sub == NULL)
@@ -223,9 +223,17 @@ qx_status qx_consumer_fetch(qx_consumer *c, int *count, int batch, int timeout_m
         return qx_error_set(err, QX_ERR_CLOSED, "fetch: the NATS connection is closed");
 
     started = qx_clock();
-    s = natsSubscription_Fetch(&c->batch, c->sub, batch, timeout_ms, &jerr);
-    if (s == NATS_TIMEOUT)
-        return QX_OK; /* nothing arrived in time */
+    left = timeout_ms;
+    for (;;) {
+        s = natsSubscription_Fetch(&c->batch, c->sub, batch, left, &jerr);
+        if (s != NATS_TIMEOUT)
+            break;
+        /* The pull requests of a subscription share one reply subject, so the expiry notice
+         * (408) of an earlier, empty fetch can end this one early: ask again for the rest. */
+        left = timeout_ms - (int)((qx_clock() - started) * 1000.0);
+        if (left < 5)
+            return QX_OK; /* nothing arrived in time */
+    }
     if (s != NATS_OK) {
         qx_status st = qx_nats_error(err, s, jerr, "fetching from the JetStream consumer");
         if (qx_nats_get_state(c->nats) == QX_NATS_CLOSED)
