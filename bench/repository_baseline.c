@@ -2,7 +2,7 @@
  * The raw libpq baseline of bench/repository_bench.lua: replays, for a few seconds each, the
  * exact statements qx's repository sent for one operation - same SQL text, same parameters,
  * grouped into the same pipelined round trips, each distinct text prepared once - and prints
- * "name ops_per_second" per operation.
+ * "name ops_per_second cpu_microseconds_per_op" per operation.
  *
  *   repository_baseline CONNINFO SPECFILE SECONDS
  *
@@ -174,6 +174,7 @@ int main(int argc, char **argv)
     while (o && read_op(f, o)) {
         long n = 0;
         double t0, t;
+        clock_t c0;
         char vbuf[32];
         long version = 0;
         stmt *vs = NULL;
@@ -183,6 +184,7 @@ int main(int argc, char **argv)
             version = atol(vs->values[o->version_param - 1]);
             snprintf(vbuf, sizeof vbuf, "%ld", version);
         }
+        c0 = clock();
         t0 = now();
         do {
             int b;
@@ -200,7 +202,8 @@ int main(int argc, char **argv)
             n++;
             t = now();
         } while (t - t0 < seconds);
-        printf("%s %.1f\n", o->name, (double)n / (t - t0));
+        printf("%s %.1f %.1f\n", o->name, (double)n / (t - t0),
+               (double)(clock() - c0) / CLOCKS_PER_SEC / (double)n * 1e6);
         fflush(stdout);
         free_op(o);
     }

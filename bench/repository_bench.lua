@@ -14,11 +14,14 @@
 -- read must see its result before committing), except "get (reader)", which reads outside a
 -- transaction, and "save (deferred)", which queues the guarded UPDATE with the COMMIT in one
 -- round trip.
-package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
+-- paths from the tree this script is in, whatever the working directory
+local ROOT = (arg[0]:match("^(.*)bench/[^/]*$") or "./")
+if ROOT == "" then ROOT = "./" end
+package.path = ROOT .. "lua/?.lua;" .. ROOT .. "lua/?/init.lua;" .. package.path
 
 local WORKER = arg[1] == "--worker"
 if not WORKER then
-  package.cpath = "build/lua5.4/?.so;" .. package.cpath
+  package.cpath = ROOT .. "build/lua5.4/?.so;" .. package.cpath
 end
 
 local qx = require "qx"
@@ -78,7 +81,7 @@ local function time_ops(ops)
   for _, op in ipairs(ops) do
     local fn = op[2]
     for _ = 1, 50 do fn() end -- warm up: statement cache, JIT
-    local n, t0 = 0, core.clock()
+    local n, t0, c0 = 0, core.clock(), os.clock()
     local t = t0
     repeat
       fn()
@@ -86,7 +89,7 @@ local function time_ops(ops)
       if n % 16 == 0 then t = core.clock() end
     until t - t0 >= SECONDS
     t = core.clock()
-    out[#out + 1] = { op[1], n / (t - t0) }
+    out[#out + 1] = { op[1], n / (t - t0), (os.clock() - c0) / n * 1e6 }
   end
   return out
 end
@@ -101,7 +104,9 @@ if WORKER then
     results = time_ops(operations(db, describe_users(o.tbl), o))
     db:close()
   end
-  for _, r in ipairs(results) do io.write(r[1], "\t", string.format("%.1f", r[2]), "\n") end
+  for _, r in ipairs(results) do
+    io.write(r[1], "\t", string.format("%.1f", r[2]), "\t", string.format("%.1f", r[3]), "\n")
+  end
   os.exit(0)
 end
 
@@ -244,19 +249,20 @@ local function write_spec(path)
   f:close()
 end
 
-os.execute("mkdir -p build/bench")
-assert(os.execute("cc -O2 -o build/bench/repository_baseline bench/repository_baseline.c "
+local BASELINE = ROOT .. "build/bench/repository_baseline"
+os.execute("mkdir -p '" .. ROOT .. "build/bench'")
+assert(os.execute("cc -O2 -o '" .. BASELINE .. "' '" .. ROOT .. "bench/repository_baseline.c' "
   .. "-I/usr/include/postgresql -lpq"), "cannot build the C baseline")
 
 local function run_baseline()
   local path = os.tmpname()
   write_spec(path)
   local out = {}
-  local p = assert(io.popen("build/bench/repository_baseline '" .. env("QX_DB__URL") .. "' "
+  local p = assert(io.popen("'" .. BASELINE .. "' '" .. env("QX_DB__URL") .. "' "
     .. path .. " " .. SECONDS))
   for line in p:lines() do
-    local name, ops = line:match("^(%S+) (%S+)$")
-    if name then out[name] = tonumber(ops) end
+    local name, ops, cpu = line:match("^(%S+) (%S+) (%S+)$")
+    if name then out[name], out[name .. " cpu"] = tonumber(ops), tonumber(cpu) end
   end
   p:close()
   os.remove(path)
@@ -331,20 +337,21 @@ local function run_luasql()
   for _, op in ipairs(luasql_ops or {}) do
     op[4]:setautocommit(not op[3])
     local r = time_ops({ op })[1]
-    out[r[1]] = r[2]
+    out[r[1]], out[r[1] .. " cpu"] = r[2], r[3]
   end
   return out
 end
 
 local function run_luajit()
   local out = {}
-  local cmd = ("env LUA_PATH='lua/?.lua;lua/?/init.lua;;' LUA_CPATH='build/luajit/?.so;;' luajit "
-    .. "bench/repository_bench.lua --worker qx %s %s %s %s %s %s"):format(SECONDS, jit_o.tbl,
+  local cmd = ("cd '%s' && env LUA_PATH='lua/?.lua;lua/?/init.lua;;' "
+    .. "LUA_CPATH='build/luajit/?.so;;' luajit bench/repository_bench.lua --worker qx %s %s %s %s %s %s"
+    ):format(ROOT, SECONDS, jit_o.tbl,
     jit_o.tenant, jit_o.get_id, jit_o.save_id, jit_o.defer_id)
   local p = assert(io.popen(cmd))
   for line in p:lines() do
-    local name, ops = line:match("^(.-)\t(%S+)$")
-    if name then out[name] = tonumber(ops) end
+    local name, ops, cpu = line:match("^(.-)\t(%S+)\t(%S+)$")
+    if name then out[name], out[name .. " cpu"] = tonumber(ops), tonumber(cpu) end
   end
   p:close()
   return out
@@ -353,7 +360,7 @@ end
 local qx_ops = operations(db, users, o)
 local function run_qx()
   local out = {}
-  for _, r in ipairs(time_ops(qx_ops)) do out[r[1]] = r[2] end
+  for _, r in ipairs(time_ops(qx_ops)) do out[r[1]], out[r[1] .. " cpu"] = r[2], r[3] end
   return out
 end
 
@@ -381,14 +388,25 @@ print(("repository benchmark: %d rows per tenant, 2 tenants; median of %d interl
   .. "of %.1f s per measurement"):format(ROWS, ROUNDS, SECONDS))
 print(("%-26s %11s %10s %6s %10s %6s %10s %6s"):format("operation", "libpq ops/s", "qx 5.4",
   "ratio", "qx LuaJIT", "ratio", "LuaSQL", "ratio"))
+local function key(name) return (name:gsub("[^%w]+", "_")) end
 for _, spec in ipairs(specs) do
   local name = spec[1]
-  local base = median(rounds.base, (name:gsub("[^%w]+", "_")))
+  local base = median(rounds.base, key(name))
   local a, j, l = median(rounds.qx, name), median(rounds.jit, name), median(rounds.luasql, name)
   local function num(x) return x and ("%.0f"):format(x) or "-" end
   local function ratio(x) return (x and base) and ("%.2f"):format(x / base) or "-" end
   print(("%-26s %11s %10s %6s %10s %6s %10s %6s"):format(name, num(base), num(a), ratio(a),
     num(j), ratio(j), num(l), ratio(l)))
+end
+print("")
+print("client CPU per operation (microseconds; the database server's time not included)")
+print(("%-26s %11s %10s %10s %10s"):format("operation", "libpq", "qx 5.4", "qx LuaJIT", "LuaSQL"))
+for _, spec in ipairs(specs) do
+  local name = spec[1]
+  local function num(x) return x and ("%.0f"):format(x) or "-" end
+  print(("%-26s %11s %10s %10s %10s"):format(name, num(median(rounds.base, key(name) .. " cpu")),
+    num(median(rounds.qx, name .. " cpu")), num(median(rounds.jit, name .. " cpu")),
+    num(median(rounds.luasql, name .. " cpu"))))
 end
 assert(db:exec("DROP TABLE " .. tbl))
 db:close()

@@ -56,6 +56,16 @@ describe("qx.repository", function()
       assert.matches("tenant_id", e2.message)
     end)
 
+    it("reads the catalog once, and again after reset()", function()
+      local t = H.users_table(db)
+      local d = H.users(t)
+      local ids = H.seed(db, d, T, 1)
+      assert(db:exec("ALTER TABLE " .. t .. " ADD COLUMN nickname text DEFAULT 'nick'"))
+      assert.is_nil(assert(H.with(db, d, T, function(repo) return repo:get(ids[1]) end)).nickname)
+      d:reset()
+      assert.equal("nick", assert(H.with(db, d, T, function(repo) return repo:get(ids[1]) end)).nickname)
+    end)
+
     it("gives the audit columns and a UUID v7 id column as DDL", function()
       local ddl = qx.schema.audit_columns()
       for _, col in ipairs(qx.schema.AUDIT_COLUMNS) do assert.matches(col, ddl) end

@@ -132,8 +132,10 @@ local function strings(list, what)
     return out, set
 end
 
+local NO_OPTIONS = setmetatable({}, { __newindex = function() error("read-only", 2) end })
+
 local function check_opts(opts, allowed, fname)
-    if opts == nil then return {} end
+    if opts == nil then return NO_OPTIONS end
     if type(opts) ~= "table" then error(fname .. ": options must be a table", 3) end
     for k in pairs(opts) do
         if not allowed[k] then
@@ -265,8 +267,8 @@ ORDER BY a.attnum]]
 local MANAGED = { "version", "created_at", "created_by", "updated_at", "updated_by" }
 
 local function build(d, rows)
-    local c = { what = d.what, sql = {}, columns = {}, order = {}, has = {}, managed = {},
-                writable = {}, has_raise = rows[1].has_raise }
+    local c = { what = d.what, sql = {}, get_sql = {}, columns = {}, order = {}, has = {},
+                managed = {}, writable = {}, has_raise = rows[1].has_raise }
     c.qtable = (d.schema and (quote(d.schema) .. ".") or "") .. quote(d.table)
     for i, r in ipairs(rows) do
         local col = {
@@ -375,6 +377,12 @@ end
 
 function Description:bind(uow)
     return _M.bind(self, uow)
+end
+
+-- description:reset(): forget the columns read from the catalog (on every database), e.g.
+-- after the table was altered while the process runs; the next use reads them again.
+function Description:reset()
+    self._by_db = setmetatable({}, { __mode = "k" })
 end
 
 -- description:reader(db[, context]) -> a repository that reads outside any transaction, one
@@ -520,19 +528,23 @@ function Repo:get(id, opts)
     local ok
     ok, e = check_id(self, c, id)
     if not ok then return nil, e end
-    local key = "get" .. (self.tenant and "t" or "") .. (opts.include_deleted and "d" or "")
-                .. (opts.for_update and "u" or "")
-    local sql = c.sql[key]
-    local q = new_query(self, c)
-    local pkp = q:param(id)
-    local parts = scope(self, c, q, opts.include_deleted, { c.pkq .. " = " .. pkp })
+    -- the statement per variant is built once; its parameters are the id and the tenant
+    local variant = (opts.include_deleted and 1 or 0) + (opts.for_update and 2 or 0)
+    if self.tenant ~= nil then variant = variant + 4 end
+    local sql = c.get_sql[variant]
     if not sql then
+        local q = new_query(self, c)
+        local parts = scope(self, c, q, opts.include_deleted, { c.pkq .. " = " .. q:param(id) })
         sql = "SELECT " .. c.select .. " FROM " .. c.qtable .. " WHERE " .. concat(parts, " AND ")
               .. (opts.for_update and " FOR UPDATE" or "")
-        c.sql[key] = sql
+        c.get_sql[variant] = sql
     end
     local rows
-    rows, e = self.t:query(sql, unpack(q.params, 1, q.n))
+    if self.tenant ~= nil then
+        rows, e = self.t:query(sql, id, self.tenant)
+    else
+        rows, e = self.t:query(sql, id)
+    end
     if not rows then return nil, e end
     if rows[1] == nil then
         return fail("not_found", c.what .. " " .. tostring(id) .. " not found", { id = id })
