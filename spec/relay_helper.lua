@@ -187,6 +187,22 @@ function H.spawn_relay(ctx, args)
   return pid
 end
 
+-- Runs `qx ARGS` against this spec's outbox and stream; returns stdout .. stderr, exit code.
+function H.cli(ctx, args, extra_env)
+  local envs = {
+    "LUA_PATH=" .. sh(package.path), "LUA_CPATH=" .. sh(package.cpath),
+    "QX_DB__URL=" .. sh(ctx.url), "QX_NATS__SERVERS=" .. sh(support.nats_url()),
+    "QX_NATS__STREAM=" .. sh(ctx.stream), "QX_NATS__SUBJECT_PREFIX=" .. sh(ctx.prefix),
+    "ASAN_OPTIONS=detect_leaks=0", extra_env or "",
+  }
+  local p = assert(io.popen("env " .. table.concat(envs, " ") .. " " .. H.LUA .. " bin/qx "
+    .. args .. " 2>&1; echo \"exit=$?\""))
+  local out = p:read("*a")
+  p:close()
+  local code = tonumber(out:match("exit=(%d+)%s*$"))
+  return out:gsub("exit=%d+%s*$", ""), code
+end
+
 function H.alive(pid)
   local f = io.open("/proc/" .. pid .. "/stat")
   if not f then return false end
