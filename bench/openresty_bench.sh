@@ -94,14 +94,23 @@ end
 print(string.format("%d %.6f", n, clock() - t0))
 EOF
 
+# a copy of the module, so that a rebuild in the tree during the bench does not hit it
+mkdir -p "$work/cpath/qx"
+cp "$root/build/lua5.4/qx/core.so" "$work/cpath/qx/core.so"
+
 # direct N: N Lua 5.4 processes at once -> "ops/s mean_ms"
 direct() {
-  local procs=$1 i
+  local procs=$1 i pids=() failed=0
   for i in $(seq 1 "$procs"); do
     QX_DB__URL=$bench_url LUA_PATH="$root/examples/openresty/?.lua;$root/lua/?.lua;$root/lua/?/init.lua;;" \
-      LUA_CPATH="$root/build/lua5.4/?.so;;" lua5.4 "$work/direct.lua" "$seconds" >"$work/direct-$i.txt" &
+      LUA_CPATH="$work/cpath/?.so;;" lua5.4 "$work/direct.lua" "$seconds" >"$work/direct-$i.txt" &
+    pids+=($!)
   done
-  wait
+  for i in "${pids[@]}"; do wait "$i" || failed=1; done
+  if [ "$failed" = 1 ]; then
+    echo "openresty bench: a direct run failed; the figures would mean nothing" >&2
+    exit 1
+  fi
   cat "$work"/direct-*.txt | awk '{ n += $1; if ($2 > t) t = $2; ms += $2 / $1 * 1000 }
                                   END { printf "%.0f %.3f\n", n / t, ms / NR }'
   rm -f "$work"/direct-*.txt
@@ -157,7 +166,8 @@ for round in $(seq 1 "$rounds"); do
   for k in 0 1 2 3; do
     set -- ${order[$(((k + round - 1) % 4))]}
     if [ "$1" = direct ]; then
-      echo "direct$2 $(direct "$2")" >>"$work/results"
+      line=$(direct "$2") || exit 1
+      echo "direct$2 $line" >>"$work/results"
     else
       echo "nginx$2 $(nginx_run "${url[$2]}" "$2")" >>"$work/results"
     fi
