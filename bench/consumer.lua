@@ -7,6 +7,7 @@
 --   uow       qx.consumer with a database, inbox off: one unit of work per message whose handler
 --             queues one INSERT
 --   inbox     the same with the inbox: the (consumer, event id) row first, then the handler
+--   and, for scale, the same unit of work per message without NATS (the database's share)
 --
 -- Environment: QX_DB__URL, QX_TEST_NATS_URL (or QX_NATS__SERVERS); QX_BENCH_CONSUMER_N messages
 -- for raw/consumer (default 20000), QX_BENCH_CONSUMER_DB_N for uow/inbox (default 5000).
@@ -88,6 +89,16 @@ local function handler(ev, uow)
     uow:queue(insert, ev.event_id, ev.n)
 end
 
+-- the database part alone, for scale: the same unit of work per message without NATS
+do
+    local t = clock()
+    for i = 1, DB_N do
+        local ev = { event_id = core.uuid(), n = i }
+        assert(db:unit_of_work(function(uow) handler(ev, uow) end))
+    end
+    report("unit of work alone (no NATS)", DB_N, clock() - t)
+end
+
 -- database, inbox off / on
 for _, mode in ipairs({ { "uow", false }, { "inbox", true } }) do
     local c = consumer(mode[1], { db = db, inbox = mode[2] })
@@ -105,8 +116,9 @@ for _, r in ipairs(results) do
     print(("  %-28s %8.0f msg/s  (%.2fx raw)  %d in %.2f s")
         :format(r.name, r.rate, r.rate / base, r.count, r.seconds))
 end
-local uow_rate, inbox_rate = results[3].rate, results[4].rate
-print(("  inbox cost: %.0f%% of the no-inbox rate"):format(inbox_rate / uow_rate * 100))
+local alone, uow_rate, inbox_rate = results[3].rate, results[4].rate, results[5].rate
+print(("  with a db: %.2fx the unit of work alone; the inbox keeps %.0f%% of the no-inbox rate")
+    :format(uow_rate / alone, inbox_rate / uow_rate * 100))
 
 conn:delete_stream(stream)
 db:exec("DROP TABLE " .. effects)
