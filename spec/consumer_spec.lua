@@ -158,6 +158,27 @@ SELECT reason, event_id, event_name, event_version, headers, data, error, delive
       c:close()
     end)
 
+    it("shares the messages of one durable between several consumers, each message handled once", function()
+      local s = new_stream()
+      local a = consumer(s, { batch = 5 })
+      local b = consumer(s, { batch = 5 })
+      for i = 1, 20 do s.publish(Placed{ n = i }) end
+      local seen, by = {}, { a = 0, b = 0 }
+      local function on(who) return function(ev) seen[#seen + 1] = ev.n; by[who] = by[who] + 1 end end
+      local deadline = clock() + 10
+      while #seen < 20 and clock() < deadline do
+        assert(a:run_once(on("a"), { timeout_ms = 200 }))
+        assert(b:run_once(on("b"), { timeout_ms = 200 }))
+      end
+      table.sort(seen)
+      local want = {}
+      for i = 1, 20 do want[i] = i end
+      assert.same(want, seen)
+      assert.is_true(by.a > 0 and by.b > 0)
+      a:close()
+      b:close()
+    end)
+
     it("hands events to a dispatcher given as the handler", function()
       local s = new_stream()
       local c = consumer(s)
