@@ -16,6 +16,19 @@ print(("schema at version %d (%d step(s) applied now)"):format(m.current, #m.app
 section("a command handler as a unit of work (transactional outbox)")
 require("register_user").run(db, print)
 
+section("the read side through a repository (filters, signed cursors, versions)")
+require("users_read").run(db, print)
+
+section("an event-sourced bank account with a balance projection")
+require("bank_account").run(db, print)
+
+local nats_url = os.getenv("QX_NATS__SERVERS") or os.getenv("QX_TEST_NATS_URL")
+section("the relay: committed outbox events to NATS JetStream")
+require("relay").run(db, nats_url, print)
+
+section("a consumer receives them (inbox: effectively once)")
+require("consumer").run(db, nats_url, print)
+
 db:close()
 print("")
 print("demo finished")
