@@ -29,6 +29,24 @@
 -- qx enforces max_deliver itself and creates the JetStream consumer with no delivery limit: a
 -- message whose last delivery was never answered (the process died) arrives once more and is
 -- dead-lettered, instead of being dropped silently by the server.
+--
+-- Options (registry and durable are required):
+--   nats / servers    a qx.nats connection, a core NATS handle or NATS options; or urls
+--                     (default: connect with the QX_NATS__* settings)
+--   stream            default: the NATS settings' stream (QX_NATS__STREAM, QX_EVENTS)
+--   durable           the JetStream consumer's name; created, or updated to these options
+--   bind = true       bind to a durable the deployment declared: never create or update it
+--   filter_subject    only these subjects of the stream
+--   name              the consumer's name in qx_inbox / qx_dead_letters (default: durable)
+--   db                enables the unit of work per message, the inbox and dead-letter rows
+--   inbox = false     a unit of work per message but no inbox; dead_letters = false: no rows
+--   batch (10), fetch_timeout_ms (1000), max_deliver (5), backoff (ms list, default
+--   1000, 5000, 15000, 30000, 60000), ack_wait (seconds) or ack_wait_ms (30000),
+--   max_ack_pending (1000), ack_sync (false: wait for the server to confirm each ack)
+--   latest_version    rebuild an unregistered version with the latest registered class
+--   on_dead_letter    fn(dead) after a dead letter is recorded; raising keeps the message
+--   unit_of_work      extra options for db:unit_of_work (hooks, statement_timeout_ms)
+--   dispatcher        in-process dispatcher for events the handler records
 local core = require "qx.core"
 local err = require "qx.error"
 local registry_mod = require "qx.registry"
