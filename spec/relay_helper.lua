@@ -9,9 +9,8 @@ local luassert = require "luassert"
 
 local H = { support = support }
 
--- children run on the interpreter of this run (the ASan run's has the sanitizer runtime in it)
-H.LUA = package.cpath:find("build/asan/", 1, true) and "build/asan/lua5.4"
-  or (jit and "luajit" or "lua5.4")
+-- children run on the interpreter of this run (the ASan run puts its own lua5.4 first on PATH)
+H.LUA = jit and "luajit" or "lua5.4"
 
 local function sh(s)
   return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
