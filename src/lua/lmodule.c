@@ -1,4 +1,6 @@
 /* luaopen_qx_core: the module table, the error shape, ids and clocks. */
+#define _GNU_SOURCE /* dladdr */
+#include <dlfcn.h>
 #include <string.h>
 
 #include "binding.h"
@@ -91,6 +93,12 @@ static const luaL_Reg funcs[] = {
 
 QX_EXPORT int luaopen_qx_core(lua_State *L)
 {
+    /* Keep this module (and libnats with it) mapped until the process ends: lua_close unloads C
+     * modules while nats.c's library threads may still be running their code. */
+    Dl_info self;
+    if (dladdr((void *)luaopen_qx_core, &self) != 0 && self.dli_fname != NULL)
+        dlopen(self.dli_fname, RTLD_NOW | RTLD_NOLOAD | RTLD_NODELETE);
+
     qx_json_init(L);
 
     if (luaL_newmetatable(L, QX_ERROR_MT)) {
