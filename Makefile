@@ -1,0 +1,134 @@
+# qx — build, test, demo, bench.
+#
+#   make                 build/lua5.4/qx/core.so and build/luajit/qx/core.so
+#   make asan            build/asan/qx/core.so (Lua 5.4, AddressSanitizer + UBSan)
+#   make test            deps, STRICT build, servers, specs on Lua 5.4, LuaJIT, ASan, valgrind
+#   make demo            deps, build, servers, lua5.4 examples/demo.lua
+#   make bench           deps, build, servers, bench/run.sh
+#   make rock            luarocks make into build/rocks (offline check of the rockspec)
+#   make rockspec        regenerate the module lists of rockspec/qx-scm-1.rockspec
+#   make rockspec-check  fail when the rockspec misses (or lists stale) sources
+#   make deps            apt-get what is missing (root)
+#   make servers-start / servers-stop / servers-status   (RUN_DIR, default .run), then
+#                        . .run/env && busted --lua=lua5.4   (or --lua=luajit --run=luajit)
+#   make clean
+#
+# Variables: STRICT=1 adds -Werror. CFLAGS (default -O2 -g), EXTRA_CFLAGS, LDFLAGS, CC.
+# test: TEST_RUNS, SPECS, VALGRIND_SPECS, BUSTED_ARGS, TEST_DIR, TEST_TIMEOUT, ASAN_LEAKS
+#       (see scripts/test.sh). demo/bench: DEMO_DIR (.run/demo), BENCH_DIR (.run/bench).
+
+CC       ?= gcc
+CFLAGS   ?= -O2 -g
+STRICT   ?= 0
+RUN_DIR  ?= .run
+DEMO_DIR ?= .run/demo
+BENCH_DIR ?= .run/bench
+
+SRCS := $(sort $(wildcard src/core/*.c) $(wildcard src/lua/*.c))
+
+WARN      := -Wall -Wextra$(if $(filter 1,$(STRICT)), -Werror)
+BASEFLAGS := -fPIC -std=gnu11 $(WARN) -I/usr/include/postgresql -Isrc/core
+LIBS      := -lpq -lnats -lcrypto -lpthread
+
+LUA54_INC  := -I/usr/include/lua5.4
+LUAJIT_INC := -I/usr/include/luajit-2.1
+ASAN_FLAGS := -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer \
+              -fno-sanitize-recover=undefined
+
+# Per variant: compile flags and link flags.
+lua5.4_CFLAGS  := $(strip $(CFLAGS) $(BASEFLAGS) $(LUA54_INC) $(EXTRA_CFLAGS))
+lua5.4_LDFLAGS := $(strip $(LDFLAGS))
+luajit_CFLAGS  := $(strip $(CFLAGS) $(BASEFLAGS) $(LUAJIT_INC) $(EXTRA_CFLAGS))
+luajit_LDFLAGS := $(strip $(LDFLAGS))
+asan_CFLAGS    := $(strip $(ASAN_FLAGS) $(BASEFLAGS) $(LUA54_INC) $(EXTRA_CFLAGS))
+asan_LDFLAGS   := $(strip -fsanitize=address,undefined $(LDFLAGS))
+
+VARIANTS := lua5.4 luajit asan
+
+objs = $(patsubst %.c,build/$(1)/obj/%.o,$(SRCS))
+
+.PHONY: all lua5.4 luajit asan deps servers-start servers-stop servers-status test demo bench \
+        rock rockspec rockspec-check clean check-sources FORCE
+
+all: lua5.4 luajit
+
+lua5.4: build/lua5.4/qx/core.so
+luajit: build/luajit/qx/core.so
+asan:   build/asan/qx/core.so build/asan/bin/lua5.4
+
+# The ASan run's interpreter: Lua 5.4 from the static liblua5.4.a with the sanitizer runtime
+# linked in (no LD_PRELOAD to leak into child processes; see spec/lua-asan.c). The asan run
+# puts build/asan/bin first on PATH, so a spec's child `lua5.4` is this one too.
+build/asan/bin/lua5.4: spec/lua-asan.c build/asan/flags
+	@mkdir -p $(@D)
+	$(CC) $(ASAN_FLAGS) -std=gnu11 -Wall -Wextra $(LUA54_INC) $< -o $@ -Wl,-E -l:liblua5.4.a -lm -ldl
+
+check-sources:
+	@test -n "$(SRCS)" || { echo "no C sources in src/core or src/lua" >&2; exit 1; }
+
+# One rule set per variant: objects mirror the source path (src/core/pool.c and
+# src/lua/pool.c may both exist), -MMD -MP dependency files sit next to them, and a flags
+# file rebuilds everything when the flags change (e.g. STRICT=1 after a normal build).
+define variant
+build/$(1)/flags: FORCE
+	@mkdir -p $$(@D)
+	@echo '$$(CC) $$($(1)_CFLAGS) | $$($(1)_LDFLAGS) $$(LIBS)' | cmp -s - $$@ || \
+	  echo '$$(CC) $$($(1)_CFLAGS) | $$($(1)_LDFLAGS) $$(LIBS)' > $$@
+
+build/$(1)/obj/%.o: %.c build/$(1)/flags
+	@mkdir -p $$(@D)
+	$$(CC) $$($(1)_CFLAGS) -MMD -MP -c $$< -o $$@
+
+build/$(1)/qx/core.so: $(call objs,$(1)) build/$(1)/flags | check-sources
+	@mkdir -p $$(@D)
+	$$(CC) -shared -o $$@ $(call objs,$(1)) $$($(1)_LDFLAGS) $$(LIBS)
+
+-include $(patsubst %.o,%.d,$(call objs,$(1)))
+endef
+$(foreach v,$(VARIANTS),$(eval $(call variant,$(v))))
+
+FORCE:
+
+deps:
+	@bash scripts/deps.sh
+
+servers-start:
+	@bash scripts/servers.sh start $(RUN_DIR)
+
+servers-stop:
+	@bash scripts/servers.sh stop $(RUN_DIR)
+
+servers-status:
+	@bash scripts/servers.sh status $(RUN_DIR)
+
+# Everything (deps, build, servers, runs, summary) lives in scripts/test.sh so that the
+# servers are always stopped and the closing "N passed, N failed" line is always printed.
+test:
+	@MAKE='$(MAKE)' bash scripts/test.sh
+
+demo: deps
+	@$(MAKE) --no-print-directory all
+	@bash scripts/with-servers.sh $(DEMO_DIR) \
+	  env LUA_PATH='lua/?.lua;lua/?/init.lua;;' LUA_CPATH='build/lua5.4/?.so;;' \
+	  lua5.4 examples/demo.lua
+
+bench: deps
+	@$(MAKE) --no-print-directory all
+	@bash scripts/with-servers.sh $(BENCH_DIR) bash bench/run.sh
+
+# luarocks' builtin backend compiles next to the sources and links ./qx/core.so; tidy up after.
+rock: check-sources
+	luarocks --lua-version 5.4 make rockspec/qx-scm-1.rockspec --tree build/rocks; \
+	  rc=$$?; rm -f src/core/*.o src/lua/*.o qx/core.so; rmdir qx 2>/dev/null; exit $$rc
+
+rockspec:
+	@bash scripts/rockspec.sh > rockspec/qx-scm-1.rockspec.tmp
+	@mv rockspec/qx-scm-1.rockspec.tmp rockspec/qx-scm-1.rockspec
+	@echo "rockspec/qx-scm-1.rockspec regenerated"
+
+rockspec-check:
+	@bash scripts/rockspec.sh --check
+
+clean:
+	rm -rf build luacov.stats.out luacov.report.out
+	rm -f src/core/*.o src/lua/*.o

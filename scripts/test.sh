@@ -1,0 +1,205 @@
+#!/usr/bin/env bash
+# `make test`: deps, STRICT build, throwaway servers, then the spec suite under
+#   lua5.4    Lua 5.4 with build/lua5.4/qx/core.so
+#   luajit    LuaJIT with build/luajit/qx/core.so
+#   asan      build/asan/bin/lua5.4 (a Lua 5.4 interpreter with the ASan runtime linked in, first
+#             on PATH so child `lua5.4`s are sanitized too) with the ASan+UBSan
+#             build/asan/qx/core.so; LeakSanitizer on (spec/lsan.supp)
+#   valgrind  valgrind memcheck of lua5.4 with build/lua5.4/qx/core.so; definite leaks are errors
+#             (spec/valgrind.supp); specs tagged #novalgrind are skipped in this run
+# The servers are stopped whatever happens. Each run prints one summary line; the last line
+# is "N passed, N failed" (every run added up; a run that fails without a failing spec — a
+# crash, a sanitizer or valgrind report, a timeout — counts as one failure, and so does a
+# failed step: deps, build, rockspec check, server start). The exit code is the first failure's.
+#
+# Environment (all optional):
+#   TEST_RUNS        runs to do, in order          (default "lua5.4 luajit asan valgrind")
+#   SPECS            spec files/folders for busted (default "spec")
+#   VALGRIND_SPECS   the same for the valgrind run (default $SPECS)
+#   BUSTED_ARGS      extra busted arguments, e.g. "--tags=pool" or "--filter=batch"
+#   TEST_DIR         servers' folder               (default .run/test; logs in TEST_DIR/logs)
+#   TEST_TIMEOUT     seconds per run               (default 900; valgrind: VALGRIND_TIMEOUT 1800)
+#   ASAN_LEAKS=0     turn LeakSanitizer off in the asan run
+#   QX_FAST_PG       fsync off for the test cluster (default 1 here)
+#   MAKE             make program (set by the Makefile)
+set -uo pipefail
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root" || exit 1
+
+MAKE=${MAKE:-make}
+TEST_RUNS=${TEST_RUNS:-lua5.4 luajit asan valgrind}
+SPECS=${SPECS:-spec}
+VALGRIND_SPECS=${VALGRIND_SPECS:-$SPECS}
+BUSTED_ARGS=${BUSTED_ARGS:-}
+TEST_DIR=${TEST_DIR:-.run/test}
+TEST_TIMEOUT=${TEST_TIMEOUT:-900}
+VALGRIND_TIMEOUT=${VALGRIND_TIMEOUT:-1800}
+ASAN_LEAKS=${ASAN_LEAKS:-1}
+export QX_FAST_PG=${QX_FAST_PG:-1}
+
+mkdir -p "$TEST_DIR/logs"
+summary_file=$TEST_DIR/summary
+rm -f "$summary_file"
+
+total_passed=0
+total_failed=0
+first_rc=0
+lines=()
+servers_up=0
+
+note_failure() { # rc
+  local rc=$1
+  [ "$rc" -ne 0 ] || rc=1
+  [ "$first_rc" -ne 0 ] || first_rc=$rc
+}
+
+# A step that is not a spec run: one failure when it fails.
+step() { # name command...
+  local name=$1 rc
+  shift
+  echo "=== $name"
+  "$@"
+  rc=$?
+  if [ $rc -ne 0 ]; then
+    total_failed=$((total_failed + 1))
+    note_failure $rc
+    lines+=("$name: FAILED (exit $rc)")
+    return $rc
+  fi
+  return 0
+}
+
+stop_servers() {
+  if [ "$servers_up" = 1 ]; then
+    servers_up=0
+    bash scripts/servers.sh stop "$TEST_DIR" || true
+  fi
+}
+
+finish() {
+  stop_servers
+  echo
+  echo "=== summary"
+  local l
+  for l in "${lines[@]}"; do echo "$l"; done
+  echo "$total_passed passed, $total_failed failed" | tee "$summary_file"
+  [ "$first_rc" -eq 0 ] && [ "$total_failed" -eq 0 ] && exit 0
+  [ "$first_rc" -ne 0 ] && exit "$first_rc"
+  exit 1
+}
+
+trap 'stop_servers' EXIT
+trap 'echo "interrupted" >&2; exit 130' INT
+trap 'echo "terminated" >&2; exit 143' TERM
+
+has_run() { case " $TEST_RUNS " in *" $1 "*) return 0 ;; esac; return 1; }
+
+# One busted run: NAME TIMEOUT SPECS COMMAND...; the summary line of busted's plainTerminal
+# ("N successes / N failures / N errors / N pending : T seconds", printed by
+# spec/qx_output.lua) gives the counts.
+busted_run() {
+  local name=$1 limit=$2 specs=$3 log progress rc line s f e p failed t0 t1 extra=""
+  shift 3
+  log=$TEST_DIR/logs/$name.log
+  progress=$TEST_DIR/logs/$name.progress
+  rm -f "$progress"
+  echo
+  local shown=$*
+  echo "=== $name: ${shown//"$PATH"/\$PATH}"
+  t0=$(date +%s)
+  # shellcheck disable=SC2086
+  QX_TEST_PROGRESS=$progress timeout --foreground -k 10 "$limit" "$@" $BUSTED_ARGS $specs 2>&1 \
+    | tee "$log"
+  rc=${PIPESTATUS[0]}
+  t1=$(date +%s)
+  line=$(grep -aoE '[0-9]+ success(es)? / [0-9]+ failures? / [0-9]+ errors? / [0-9]+ pending' "$log" | tail -n 1)
+  if [ -z "$line" ]; then
+    s=0 f=0 e=0 p=0
+    failed=1
+    extra=" (no busted summary: crashed or did not start)"
+  else
+    read -r s f e p <<<"$(echo "$line" | grep -oE '[0-9]+' | tr '\n' ' ')"
+    failed=$((f + e))
+    if [ $rc -ne 0 ] && [ $failed -eq 0 ]; then
+      failed=1
+      extra=" (exit $rc after the specs: see the sanitizer/valgrind report above)"
+    fi
+  fi
+  if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+    extra=" (timed out after ${limit}s)$extra"
+  fi
+  if [ -z "$line" ] || [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+    local last
+    last=$(grep '^test ' "$progress" 2>/dev/null | tail -n 1 | cut -c6-)
+    if [ -n "$last" ]; then
+      extra="$extra; last test started: $last"
+      echo
+      echo "$name: the last test started was $last"
+    fi
+  fi
+  if [ $failed -ne 0 ]; then note_failure $rc; fi
+  total_passed=$((total_passed + s))
+  total_failed=$((total_failed + failed))
+  lines+=("$name: $s passed, $failed failed, $p pending, exit $rc, $((t1 - t0)) s$extra")
+}
+
+# --- deps and build -----------------------------------------------------------------------
+step deps bash scripts/deps.sh || finish
+
+targets="all"
+has_run asan && targets="$targets asan"
+step "build (STRICT=1 $targets)" $MAKE --no-print-directory -j"$(nproc 2>/dev/null || echo 2)" STRICT=1 $targets \
+  || finish
+
+step "rockspec-check" bash scripts/rockspec.sh --check
+
+# --- servers --------------------------------------------------------------------------------
+servers_up=1
+if ! step "servers" bash scripts/servers.sh start "$TEST_DIR"; then
+  finish
+fi
+set -a
+# shellcheck disable=SC1090,SC1091
+. "$TEST_DIR/env"
+set +a
+
+BUSTED=$(command -v busted) || { echo "busted not found" >&2; note_failure 1; total_failed=$((total_failed + 1)); finish; }
+OUT=$root/spec/qx_output.lua
+
+# --- runs -----------------------------------------------------------------------------------
+for run in $TEST_RUNS; do
+  case "$run" in
+    lua5.4)
+      busted_run lua5.4 "$TEST_TIMEOUT" "$SPECS" \
+        lua5.4 "$BUSTED" -o "$OUT" --cpath='build/lua5.4/?.so'
+      ;;
+    luajit)
+      busted_run luajit "$TEST_TIMEOUT" "$SPECS" \
+        luajit "$BUSTED" -o "$OUT" --cpath='build/luajit/?.so'
+      ;;
+    asan)
+      busted_run asan "$TEST_TIMEOUT" "$SPECS" \
+        env PATH="$root/build/asan/bin:$PATH" \
+            ASAN_OPTIONS="detect_leaks=$ASAN_LEAKS:halt_on_error=1:abort_on_error=0:detect_stack_use_after_return=0" \
+            LSAN_OPTIONS="suppressions=$root/spec/lsan.supp:print_suppressions=0" \
+            UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1" \
+        lua5.4 "$BUSTED" -o "$OUT" --cpath='build/asan/?.so'
+      ;;
+    valgrind)
+      busted_run valgrind "$VALGRIND_TIMEOUT" "$VALGRIND_SPECS" \
+        valgrind -q --error-exitcode=99 --num-callers=30 --keep-debuginfo=yes \
+          --leak-check=full --show-leak-kinds=definite --errors-for-leak-kinds=definite \
+          --suppressions="$root/spec/valgrind.supp" \
+        lua5.4 "$BUSTED" -o "$OUT" --cpath='build/lua5.4/?.so' --exclude-tags=novalgrind
+      ;;
+    *)
+      echo "unknown run '$run' in TEST_RUNS (lua5.4 luajit asan valgrind)" >&2
+      total_failed=$((total_failed + 1))
+      note_failure 2
+      lines+=("$run: unknown run")
+      ;;
+  esac
+done
+
+finish

@@ -1,0 +1,123 @@
+-- Test support for the specs: where the servers are, and a psql of our own to set up and
+-- inspect the database independently of qx. Does not use qx.
+--
+--   local support = require "support"      -- .busted puts spec/?.lua on the path
+--   local url = support.db_url()
+--   support.psql("CREATE TABLE " .. support.unique("t") .. " (id int)")
+--
+-- The servers come from `scripts/servers.sh start DIR`, which writes DIR/env; `make test`
+-- starts them and exports that file into the environment of busted.
+local M = {}
+
+local function env(name)
+  local v = os.getenv(name)
+  if v == nil or v == "" then
+    error(name .. " is not set: run the specs with `make test`, or `scripts/servers.sh start DIR`"
+      .. " and source DIR/env first", 3)
+  end
+  return v
+end
+
+-- Quote one shell word.
+local function sh(s)
+  return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
+end
+
+local function slurp(path)
+  local f = io.open(path, "rb")
+  if not f then return "" end
+  local s = f:read("*a") or ""
+  f:close()
+  return s
+end
+
+local function trim(s)
+  return (s:gsub("^%s+", ""):gsub("%s+$", ""))
+end
+
+-- Run a shell command line without the sanitizer preload (psql hangs with the ASan runtime
+-- preloaded). Returns ok, stdout, stderr. The exit status goes through a file because
+-- LuaJIT's popen:close() does not report it.
+local function run(cmdline)
+  local errf, rcf = os.tmpname(), os.tmpname()
+  local p = assert(io.popen("env -u LD_PRELOAD " .. cmdline .. " 2>" .. sh(errf)
+    .. "; echo $? >" .. sh(rcf), "r"))
+  local out = p:read("*a") or ""
+  p:close()
+  local err, rc = slurp(errf), tonumber((slurp(rcf):match("%d+")))
+  os.remove(errf)
+  os.remove(rcf)
+  return rc == 0, out, err
+end
+
+--- postgresql://postgres@127.0.0.1:PORT/postgres (superuser, trust authentication).
+function M.db_url() return env("QX_DB__URL") end
+
+--- nats://127.0.0.1:PORT (JetStream enabled).
+function M.nats_url() return env("QX_TEST_NATS_URL") end
+
+--- http://127.0.0.1:MONPORT, the nats-server monitoring endpoint (/healthz, /jsz, /varz...).
+function M.nats_monitor_url() return env("QX_TEST_NATS_MONITOR") end
+
+--- PostgreSQL's bin folder (psql, pg_ctl, pgbench), the cluster's data folder, its port.
+function M.pg_bin() return os.getenv("QX_TEST_PG_BIN") or "/usr/lib/postgresql/15/bin" end
+function M.pg_data() return os.getenv("QX_TEST_PG_DATA") end
+function M.pg_port() return tonumber((M.db_url():match(":(%d+)/"))) end
+
+--- Run SQL (one or more statements) through psql in a session of its own, outside qx.
+-- Returns stdout trimmed: unaligned, tuples only, columns separated by "|", rows by "\n".
+-- Raises with psql's message when a statement fails (ON_ERROR_STOP).
+function M.psql(sql)
+  local f = os.tmpname()
+  local h = assert(io.open(f, "wb"))
+  h:write(sql)
+  h:close()
+  local ok, out, err = run(sh(M.pg_bin() .. "/psql") .. " -X -q -A -t -v ON_ERROR_STOP=1 -d "
+    .. sh(M.db_url()) .. " -f " .. sh(f) .. " </dev/null")
+  os.remove(f)
+  if not ok then
+    error("psql failed: " .. trim(err) .. "\nSQL: " .. sql, 2)
+  end
+  return trim(out)
+end
+M.pg_exec = M.psql
+
+--- Rows of a query as arrays of strings (NULL is ""), through psql.
+function M.rows(sql)
+  local rows = {}
+  for line in (M.psql(sql) .. "\n"):gmatch("([^\n]*)\n") do
+    if line ~= "" then
+      local row = {}
+      for col in (line .. "|"):gmatch("([^|]*)|") do row[#row + 1] = col end
+      rows[#rows + 1] = row
+    end
+  end
+  return rows
+end
+
+--- GET a path of the nats-server monitor, e.g. support.nats_monitor("/jsz?streams=true").
+-- Returns the body (JSON text); raises when the request fails.
+function M.nats_monitor(path)
+  path = path or "/healthz"
+  local ok, out, err = run("curl -sf --max-time 5 " .. sh(M.nats_monitor_url() .. path))
+  if not ok then error("nats monitor request failed: " .. path .. " " .. trim(err), 2) end
+  return out
+end
+
+local counter = 0
+local tag
+do
+  local f = io.open("/dev/urandom", "rb")
+  local bytes = f and f:read(6) or tostring(os.time() + os.clock())
+  if f then f:close() end
+  tag = bytes:gsub(".", function(c) return string.format("%02x", c:byte()) end):sub(1, 12)
+end
+
+--- A name unique to this process and call, safe as an SQL identifier and as a NATS subject
+-- token (lower-case letters, digits, "_"): unique("orders") -> "orders_3fa81c09b2d4_1".
+function M.unique(prefix)
+  counter = counter + 1
+  return (prefix or "t") .. "_" .. tag .. "_" .. counter
+end
+
+return M
