@@ -389,6 +389,20 @@ SELECT event_name, partition_key, payload FROM qx_outbox_events WHERE event_name
     end)
     assert.is_nil(got)
     assert.equal("invalid", err.code)
+    -- an object whose metadata is of the wrong kind
+    local id2 = qx.uuid()
+    support.psql(([[INSERT INTO qx_aggregate_events
+      (id, aggregate_type, aggregate_id, sequence, event_type, event_name, payload)
+      VALUES (gen_random_uuid(), '%s', '%s', 1, 'x', '%s', '{"event_id": 5, "amount": 1}')]])
+      :format(m.type, id2, m.Deposited.event_name))
+    got, err = db:unit_of_work(function(uow)
+      local acc, e = uow:store(m.store):load(m.Account, id2)
+      if e then error(e, 0) end
+      return acc
+    end)
+    assert.is_nil(got)
+    assert.equal("invalid", err.code)
+    assert.matches("event 1: " .. m.Deposited.event_name .. ": event_id must be", err.message, 1, true)
   end)
 
   it("a tenant cannot load another tenant's stream, nor append to it", function()

@@ -81,7 +81,6 @@ _M.CHANNEL = "qx_events"          -- NOTIFY channel of every append
 
 local MAX_LIMIT = 100000
 local MAX_VERSION = 2147483647
-local META = event.METADATA       -- event_id, event_name, ... in envelope order
 
 -- JSON for what the store writes: its own lua-cjson instance, so the application's settings
 -- of the shared module do not change what is stored. Encoding here, before anything is
@@ -234,32 +233,76 @@ WHERE e.aggregate_type = $1 AND e.aggregate_id = $2 AND e.sequence > $3
 ORDER BY e.sequence
 LIMIT $5]]
 
--- The global read. One row always comes back (the horizon), with the event columns NULL when
--- there is no event. $3 event names and $4 aggregate types are JSON arrays or NULL; with
--- `category`, $4 is one aggregate type and the (aggregate_type, tx_id, global_position) index
--- serves the read.
-local function read_sql(category)
+-- The events after a position and below the horizon, in (tx_id, global_position) order, at
+-- most `limit` of them, as a subquery with the columns of qx_aggregate_events. `x` gives the SQL
+-- of each input: after (a row value), horizon, names and types (JSON arrays or NULL), tenant
+-- (text or NULL), limit.
+--   "all":   one range scan of the (tx_id, global_position) index
+--   "names": one range scan of the (event_name, tx_id, global_position) index per event name,
+--            each stopping after `limit` rows, merged; so a reader of rare events does not walk
+--            past every other event in the log
+--   "types": the same over (aggregate_type, tx_id, global_position) per aggregate type
+-- The merge is exact: every row of the first `limit` of all matching rows is among the first
+-- `limit` rows of its own name (or type).
+local function candidates(mode, x)
+    local filters = [[
+          AND (e.tx_id, e.global_position) > ]] .. x.after .. [[
+
+          AND e.tx_id < ]] .. x.horizon .. [[
+
+          AND (]] .. x.names .. [[ IS NULL OR e.event_name IN (SELECT jsonb_array_elements_text(]]
+            .. x.names .. [[)))
+          AND (]] .. x.types .. [[ IS NULL OR e.aggregate_type IN (SELECT jsonb_array_elements_text(]]
+            .. x.types .. [[)))
+          AND (]] .. x.tenant .. [[ IS NULL OR e.tenant_id = ]] .. x.tenant .. [[)
+        ORDER BY e.tx_id, e.global_position
+        LIMIT ]] .. x.limit
+    if mode == "all" then
+        return [[
+    SELECT * FROM qx_aggregate_events e
+        WHERE true]] .. filters
+    end
+    local key, list = "event_name", x.names
+    if mode == "types" then
+        key, list = "aggregate_type", x.types
+    end
     return [[
+    SELECT e.* FROM jsonb_array_elements_text(]] .. list .. [[) AS k(v)
+    CROSS JOIN LATERAL (
+        SELECT * FROM qx_aggregate_events e
+        WHERE e.]] .. key .. [[ = k.v]] .. filters .. [[
+
+    ) e
+    ORDER BY e.tx_id, e.global_position
+    LIMIT ]] .. x.limit
+end
+
+_M.candidates = candidates
+
+-- the mode of a read: by event name when names are given, else by aggregate type, else all
+local function read_mode(names, types)
+    return names and "names" or (types and "types" or "all")
+end
+
+_M.read_mode = read_mode
+
+-- The global read. One row always comes back (the horizon), with the event columns NULL when
+-- there is no event. $1, $2 the checkpoint, $3 event names and $4 aggregate types as JSON
+-- arrays or NULL, $5 the tenant or NULL, $6 the limit.
+local READ_SQL = {}
+for _, mode in ipairs({ "all", "names", "types" }) do
+    READ_SQL[mode] = [[
 SELECT h.horizon::text AS horizon, ]] .. RECORD_COLUMNS .. [[
 
 FROM (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS horizon) h
 LEFT JOIN LATERAL (
-    SELECT * FROM qx_aggregate_events e
-    WHERE ]] .. (category and "e.aggregate_type = $4::text" or [[
-($4::jsonb IS NULL OR e.aggregate_type IN (SELECT jsonb_array_elements_text($4::jsonb)))]]) .. [[
+]] .. candidates(mode, { after = "($1::xid8, $2::bigint)", horizon = "h.horizon",
+                           names = "$3::jsonb", types = "$4::jsonb", tenant = "$5::text",
+                           limit = "$6::int" }) .. [[
 
-      AND (e.tx_id, e.global_position) > ($1::xid8, $2::bigint)
-      AND e.tx_id < h.horizon
-      AND ($3::jsonb IS NULL OR e.event_name IN (SELECT jsonb_array_elements_text($3::jsonb)))
-      AND ($5::text IS NULL OR e.tenant_id = $5::text)
-    ORDER BY e.tx_id, e.global_position
-    LIMIT $6
 ) e ON true
 ORDER BY e.tx_id, e.global_position]]
 end
-
-local READ_ALL = read_sql(false)
-local READ_CATEGORY = read_sql(true)
 
 -- Who holds the horizon: the backend (or prepared transaction) whose transaction id is the
 -- horizon, and how many committed events wait above it.
@@ -454,12 +497,8 @@ local function read_all(q, method, opts)
         return nil, pos
     end
 
-    local rows, e
-    if categories and #categories == 1 then
-        rows, e = q:query(READ_CATEGORY, tx, pos, types, categories[1], tenant, limit)
-    else
-        rows, e = q:query(READ_ALL, tx, pos, types, categories, tenant, limit)
-    end
+    local rows, e = q:query(READ_SQL[read_mode(types, categories)], tx, pos, types, categories,
+                            tenant, limit)
     if not rows then
         return nil, e
     end
@@ -729,26 +768,17 @@ function Bound:load(class, id, opts)
         local h = handlers[r.event_name]
         local ev = rec
         if h and h.class then
-            -- rebuild the instance the handler was written for
-            local env = { payload = {} }
-            for k, v in pairs(rec) do
-                env.payload[k] = v
-            end
-            for _, k in ipairs(META) do
-                env[k] = rec[k]
-                env.payload[k] = nil
-            end
-            if env.event_version == nil then
-                env.event_version = h.class.event_version
-            end
-            env.aggregate_type = class.aggregate_type
-            env.aggregate_id = id
-            local why
-            ev, why = h.class.from_envelope(env)
-            if not ev then
+            -- rebuild the instance the handler was written for: the stored object holds the
+            -- metadata and the payload side by side, as the fields of Class{...} do, and the
+            -- constructor checks them (a stored value of the wrong kind is invalid data)
+            rec.aggregate_type = class.aggregate_type
+            rec.aggregate_id = id
+            local built, inst = pcall(h.class.new, rec)
+            if not built then
                 return nil, new_error("invalid", fmt("%s: event %d: %s", tostring(self_),
-                                                     r.sequence, why.message))
+                    r.sequence, (tostring(inst):gsub("^[^:\n]*:%d+: ", ""))))
             end
+            ev = inst
         else
             rec.aggregate_type = class.aggregate_type
             rec.aggregate_id = id

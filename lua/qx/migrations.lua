@@ -106,8 +106,10 @@ FROM qx_aggregate_events;
 
 CREATE UNIQUE INDEX IF NOT EXISTS ix_qx_aggregate_events_aggregate
     ON qx_aggregate_events (aggregate_type, aggregate_id, sequence);
-CREATE INDEX IF NOT EXISTS ix_qx_aggregate_events_event_name
-    ON qx_aggregate_events (event_name);
+-- the seed's index on event_name is replaced by one that also serves reads of some event
+-- names in (tx_id, global_position) order
+CREATE INDEX IF NOT EXISTS qx_aggregate_events_name
+    ON qx_aggregate_events (event_name, tx_id, global_position);
 CREATE UNIQUE INDEX IF NOT EXISTS qx_aggregate_events_global
     ON qx_aggregate_events (tx_id, global_position);
 CREATE INDEX IF NOT EXISTS qx_aggregate_events_category

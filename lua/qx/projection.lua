@@ -73,7 +73,8 @@ ON CONFLICT (projection_name) DO NOTHING]]
 -- One batch: lock the checkpoint row, read the events after it below the horizon. One row
 -- always comes back while the checkpoint row exists (event columns NULL when there is none);
 -- withheld says whether committed events wait above the horizon (a transaction holds it).
-local BATCH = [[
+local function batch_sql(mode)
+    return [[
 WITH cp AS (
     SELECT tx_id, global_position FROM qx_projection_checkpoints
     WHERE projection_name = $1 FOR UPDATE
@@ -86,15 +87,16 @@ SELECT cp.tx_id::text AS cp_tx, cp.global_position AS cp_pos, h.horizon::text AS
 
 FROM cp CROSS JOIN h
 LEFT JOIN LATERAL (
-    SELECT * FROM qx_aggregate_events e
-    WHERE (e.tx_id, e.global_position) > (cp.tx_id, cp.global_position)
-      AND e.tx_id < h.horizon
-      AND ($2::jsonb IS NULL OR e.event_name IN (SELECT jsonb_array_elements_text($2::jsonb)))
-      AND ($3::jsonb IS NULL OR e.aggregate_type IN (SELECT jsonb_array_elements_text($3::jsonb)))
-    ORDER BY e.tx_id, e.global_position
-    LIMIT $4
+]] .. store_mod.candidates(mode, { after = "(cp.tx_id, cp.global_position)", horizon = "h.horizon",
+                                     names = "$2::jsonb", types = "$3::jsonb",
+                                     tenant = "NULL::text", limit = "$4::int" }) .. [[
+
 ) e ON true
 ORDER BY e.tx_id, e.global_position]]
+end
+
+-- handlers always name their events
+local BATCH = batch_sql(store_mod.read_mode(true, nil))
 
 local ADVANCE = [[
 UPDATE qx_projection_checkpoints
