@@ -29,6 +29,7 @@ describe("qx.nats settings", function()
     assert.equal("qx.events", s.subject_prefix)
     assert.equal(5000, s.publish_timeout_ms)
     assert.is_false(s.tls)
+    assert.is_true(s.send_asap)
   end)
 
   it("reads QX_NATS__* variables", function()
@@ -41,7 +42,7 @@ describe("qx.nats settings", function()
       QX_NATS__USER = "u", QX_NATS__PASSWORD = "p",
       QX_NATS__TLS = "yes", QX_NATS__TLS_CA = "/ca.pem",
       QX_NATS__STREAM = "BILLING", QX_NATS__SUBJECT_PREFIX = "billing.events",
-      QX_NATS__PUBLISH_TIMEOUT_SECONDS = "3",
+      QX_NATS__PUBLISH_TIMEOUT_SECONDS = "3", QX_NATS__SEND_ASAP = "off",
     }))
     assert.equal("nats://a:1, nats://b:2", s.servers)
     assert.equal("billing", s.client_name)
@@ -55,6 +56,7 @@ describe("qx.nats settings", function()
     assert.equal("BILLING", s.stream)
     assert.equal("billing.events", s.subject_prefix)
     assert.equal(3000, s.publish_timeout_ms)
+    assert.is_false(s.send_asap)
   end)
 
   it("lets explicit options override the environment", function()
@@ -73,6 +75,7 @@ describe("qx.nats settings", function()
       { {}, { QX_NATS__CONNECT_TIMEOUT_SECONDS = "soon" }, "QX_NATS__CONNECT_TIMEOUT_SECONDS" },
       { {}, { QX_NATS__RECONNECT_ATTEMPTS = "-2" }, "QX_NATS__RECONNECT_ATTEMPTS" },
       { {}, { QX_NATS__TLS = "maybe" }, "QX_NATS__TLS" },
+      { { send_asap = "yes" }, {}, "send_asap" },
       { {}, { QX_NATS__SERVERS = "http://x:1" }, "QX_NATS__SERVERS" },
       { { stream = "a.b" }, {}, "stream" },
       { { subject_prefix = "qx.*" }, {}, "subject_prefix" },

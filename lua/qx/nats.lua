@@ -22,11 +22,13 @@
 --   QX_NATS__STREAM                    stream of integration events   (default QX_EVENTS)
 --   QX_NATS__SUBJECT_PREFIX            subject = prefix .. "." .. event_name (default qx.events)
 --   QX_NATS__PUBLISH_TIMEOUT_SECONDS   wait for a JetStream ack, decimals ok (default 5)
+--   QX_NATS__SEND_ASAP                 true: each message goes out at once (default); false:
+--                                      nats.c gathers writes for up to 1 ms (bulk publishing)
 --
 -- Options: servers (a string or a list), client_name (or name), connect_timeout_seconds or
 -- connect_timeout_ms, reconnect_attempts, reconnect_wait_seconds or reconnect_wait_ms, user,
--- password, token, creds_file, tls, tls_ca, tls_cert, tls_key, stream, subject_prefix,
--- publish_timeout_seconds or publish_timeout_ms. An unknown option or two spellings of one
+-- password, token, creds_file, tls, tls_ca, tls_cert, tls_key, send_asap, stream,
+-- subject_prefix, publish_timeout_seconds or publish_timeout_ms. An unknown option or two spellings of one
 -- setting raise; a bad value returns nil and an "invalid" error naming the setting. Error
 -- messages never repeat the servers (urls may carry credentials), password or token.
 local core = require "qx.core"
@@ -68,6 +70,7 @@ _M.ENV = {
     tls_ca = "QX_NATS__TLS_CA",
     tls_cert = "QX_NATS__TLS_CERT",
     tls_key = "QX_NATS__TLS_KEY",
+    send_asap = "QX_NATS__SEND_ASAP",
     stream = "QX_NATS__STREAM",
     subject_prefix = "QX_NATS__SUBJECT_PREFIX",
     publish_timeout_seconds = "QX_NATS__PUBLISH_TIMEOUT_SECONDS",
@@ -82,6 +85,7 @@ _M.DEFAULTS = {
     stream = "QX_EVENTS",
     subject_prefix = "qx.events",
     publish_timeout_seconds = 5,
+    send_asap = true,
 }
 
 -- option name -> true; aliases map to their canonical name
@@ -90,7 +94,7 @@ local OPTIONS = {
     connect_timeout_seconds = true, connect_timeout_ms = true,
     reconnect_attempts = true, reconnect_wait_seconds = true, reconnect_wait_ms = true,
     user = true, password = true, token = true, creds_file = true,
-    tls = true, tls_ca = true, tls_cert = true, tls_key = true,
+    tls = true, tls_ca = true, tls_cert = true, tls_key = true, send_asap = true,
     stream = true, subject_prefix = true,
     publish_timeout_seconds = true, publish_timeout_ms = true,
 }
@@ -169,8 +173,8 @@ local FALSE = { ["0"] = true, ["false"] = true, no = true, off = true }
 
 -- settings(opts?, getenv?) -> normalised table | nil, err
 --   { servers, client_name, connect_timeout_ms, reconnect_attempts, reconnect_wait_ms, user,
---     password, token, creds_file, tls, tls_ca, tls_cert, tls_key, stream, subject_prefix,
---     publish_timeout_ms }
+--     password, token, creds_file, tls, tls_ca, tls_cert, tls_key, send_asap, stream,
+--     subject_prefix, publish_timeout_ms }
 function _M.settings(opts, getenv)
     if opts == nil then
         opts = {}
@@ -253,19 +257,21 @@ function _M.settings(opts, getenv)
         return nil, bad("tls_cert", "tls_cert and tls_key go together")
     end
 
-    src = pick(o, getenv, "tls", _M.ENV.tls)
-    if src then
-        v = src.value
-        if src.from_env then
-            local s = lower(match(v, "^%s*(.-)%s*$"))
-            if TRUE[s] then v = true elseif FALSE[s] then v = false
-            else return nil, bad(src.source, "expected true or false, got " .. fmt("%q", src.value)) end
-        elseif type(v) ~= "boolean" then
-            return nil, bad(src.source, "expected a boolean")
+    for _, name in ipairs({ "tls", "send_asap" }) do
+        src = pick(o, getenv, name, _M.ENV[name])
+        if src then
+            v = src.value
+            if src.from_env then
+                local s = lower(match(v, "^%s*(.-)%s*$"))
+                if TRUE[s] then v = true elseif FALSE[s] then v = false
+                else return nil, bad(src.source, "expected true or false, got " .. fmt("%q", src.value)) end
+            elseif type(v) ~= "boolean" then
+                return nil, bad(src.source, "expected a boolean")
+            end
+            out[name] = v
+        else
+            out[name] = D[name] or false
         end
-        out.tls = v
-    else
-        out.tls = false
     end
 
     out.stream, e = text(o, getenv, "stream")
@@ -292,6 +298,7 @@ local function core_options(s)
         connect_timeout_ms = s.connect_timeout_ms,
         reconnect_attempts = s.reconnect_attempts,
         reconnect_wait_ms = s.reconnect_wait_ms,
+        send_asap = s.send_asap,
     }
 end
 

@@ -88,6 +88,7 @@ void qx_nats_options_init(qx_nats_options *o)
     o->connect_timeout_ms = 2000;
     o->reconnect_attempts = -1;
     o->reconnect_wait_ms = 2000;
+    o->send_asap = 1;
 }
 
 static int empty(const char *s) { return s == NULL || s[0] == '\0'; }
@@ -176,6 +177,11 @@ static qx_status build_options(natsOptions **out, const qx_nats_options *o, char
         s = natsOptions_SetMaxReconnect(opts, o->reconnect_attempts);
     if (s == NATS_OK)
         s = natsOptions_SetReconnectWait(opts, o->reconnect_wait_ms);
+    /* By default nats.c's flusher waits up to 1 ms to gather writes: a publisher that waits for
+     * each ack (one event of a key at a time, a consumer's acks) would wait that long for every
+     * message. */
+    if (s == NATS_OK)
+        s = natsOptions_SetSendAsap(opts, o->send_asap != 0);
     if (s != NATS_OK) {
         natsOptions_Destroy(opts);
         return qx_nats_error(err, s, 0, "NATS options");

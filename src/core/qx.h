@@ -153,6 +153,7 @@ typedef struct qx_pool_options {
     int acquire_timeout_ms; /* how long acquire waits for a free connection */
     int recycle_ms;         /* close connections older than this on acquire; 0 = never */
     int connect_timeout_ms;
+    const char *init_sql;   /* run once on each new connection (e.g. SET statement_timeout); NULL */
 } qx_pool_options;
 
 void qx_pool_options_init(qx_pool_options *o);
@@ -210,9 +211,12 @@ typedef struct qx_nats_options {
     int connect_timeout_ms;   /* per server, > 0 */
     int reconnect_attempts;   /* after a lost connection; -1 = forever, 0 = never */
     int reconnect_wait_ms;    /* between two attempts on the same server */
+    int send_asap;            /* 1 (default): each message goes out at once; 0: nats.c gathers
+                               * writes for up to 1 ms (bulk throughput, a millisecond later) */
 } qx_nats_options;
 
-/* Defaults: servers nats://127.0.0.1:4222, connect 2000 ms, reconnect forever every 2000 ms. */
+/* Defaults: servers nats://127.0.0.1:4222, connect 2000 ms, reconnect forever every 2000 ms,
+ * send_asap. */
 void qx_nats_options_init(qx_nats_options *o);
 /* Connects; an unreachable server is QX_ERR_CONNECTION within the connect timeout. */
 qx_status qx_nats_open(qx_nats **out, const qx_nats_options *o, qx_error *err);

@@ -5,7 +5,8 @@
  *
  *   BEGIN; claim (FOR UPDATE SKIP LOCKED)     one round trip
  *   publish asynchronously, collect the acks  NATS, windowed
- *   mark published; mark failed; COMMIT       one round trip
+ *   mark published; mark failed; COMMIT       one round trip (with the next BEGIN and claim
+ *                                             while batches come back full)
  *
  * Acks arrive on nats.c's threads (the JetStream context's ack handler). The handler only
  * records the outcome under a mutex and signals the relay's thread, which does everything
@@ -34,12 +35,21 @@
 /* ---- SQL --------------------------------------------------------------------------------- */
 
 /* Claims pending rows of this shard in commit (seq) order, skipping rows another transaction
- * holds. A row whose key has an earlier row waiting for its next attempt is not claimed (it
- * is held back, and does not take a place in the batch). The outer filter drops a claimed row
- * when an earlier pending row of its key is not in the claim: another transaction holds that
- * one, and it holds its key. */
+ * holds.
+ *   held:    keys with a row waiting for its next attempt, and that row's seq: the key's later
+ *            rows are held back and take no place in the batch (few such rows: a small index)
+ *   claimed: the batch, locked
+ *   gaps:    pending rows of this shard up to the batch's last seq that the batch does not hold
+ *            (another transaction locks them, or they wait for a retry), found in one pass
+ * A claimed row with a gap of its key before it is dropped from the batch: that earlier row
+ * holds its key. */
 static const char CLAIM_SQL[] =
-    "WITH claimed AS ("
+    "WITH held AS ("
+    " SELECT partition_key, min(seq) AS seq FROM qx_outbox_events"
+    " WHERE published_at IS NULL AND dead_at IS NULL AND partition_key IS NOT NULL"
+    "   AND next_attempt_at > now()"
+    " GROUP BY partition_key),"
+    " claimed AS ("
     " SELECT id, seq, partition_key, event_name, event_version, payload, correlation_id,"
     "        tenant_id, attempts"
     " FROM qx_outbox_events o"
@@ -47,22 +57,22 @@ static const char CLAIM_SQL[] =
     "   AND (next_attempt_at IS NULL OR next_attempt_at <= now())"
     "   AND ($2::int = 1 OR mod(abs(hashtext(coalesce(partition_key, id::text))::bigint),"
     "                           $2::int) = $3::int)"
-    "   AND (partition_key IS NULL OR NOT EXISTS ("
-    "     SELECT 1 FROM qx_outbox_events w"
-    "     WHERE w.partition_key = o.partition_key AND w.seq < o.seq"
-    "       AND w.published_at IS NULL AND w.dead_at IS NULL AND w.next_attempt_at IS NOT NULL"
-    "       AND w.next_attempt_at > now()))"
+    "   AND NOT EXISTS (SELECT 1 FROM held h"
+    "                   WHERE h.partition_key = o.partition_key AND h.seq < o.seq)"
     " ORDER BY seq LIMIT $1::int"
-    " FOR UPDATE SKIP LOCKED)"
+    " FOR UPDATE SKIP LOCKED),"
+    " gaps AS MATERIALIZED (" /* once for the batch, not once per row */
+    " SELECT p.partition_key, p.seq FROM qx_outbox_events p"
+    " WHERE p.published_at IS NULL AND p.dead_at IS NULL AND p.partition_key IS NOT NULL"
+    "   AND p.seq <= (SELECT max(seq) FROM claimed)"
+    "   AND ($2::int = 1 OR mod(abs(hashtext(p.partition_key)::bigint), $2::int) = $3::int)"
+    "   AND NOT EXISTS (SELECT 1 FROM claimed x WHERE x.id = p.id))"
     " SELECT c.id::text, c.event_name, c.event_version::text, c.payload::text,"
     "        jsonb_typeof(c.payload), c.correlation_id::text, c.tenant_id::text,"
     "        c.partition_key, c.attempts::text"
     " FROM claimed c"
     " WHERE c.partition_key IS NULL OR NOT EXISTS ("
-    "   SELECT 1 FROM qx_outbox_events p"
-    "   WHERE p.partition_key = c.partition_key AND p.seq < c.seq"
-    "     AND p.published_at IS NULL AND p.dead_at IS NULL"
-    "     AND p.id NOT IN (SELECT id FROM claimed))"
+    "   SELECT 1 FROM gaps g WHERE g.partition_key = c.partition_key AND g.seq < c.seq)"
     " ORDER BY c.seq";
 
 enum { COL_ID, COL_NAME, COL_VERSION, COL_BODY, COL_KIND, COL_CORRELATION, COL_TENANT, COL_KEY,
@@ -111,9 +121,8 @@ typedef struct completion {
     char error[ROW_ERROR_MAX];
 } completion;
 
-/* A claimed batch: the rows one transaction holds, on connection `conn` of the relay. */
+/* A claimed batch: the rows one transaction of the relay's connection holds. */
 typedef struct batch {
-    int conn;
     qx_result *res;  /* the claim; NULL when the slot is free */
     int n;
     row *rows;
@@ -128,9 +137,9 @@ struct qx_relay {
     char lock_name[64];
     qx_nats *nats;
     jsCtx *js;          /* the relay's own context: its ack handler is on_ack */
-    qx_conn *conn[2];   /* [0] holds the shard lock and LISTENs; [1] claims ahead in run() */
+    qx_conn *conn;      /* holds the shard lock, LISTENs, runs the batches */
     int leader;
-    batch slot[2];      /* slot[k] uses conn[k] */
+    batch slot[2];      /* the batch being published and the one claimed with its COMMIT */
     int *keyslots;      /* per-batch key -> last row, open addressing */
     int keycap;
     char *subject;
@@ -333,7 +342,6 @@ qx_status qx_relay_new(qx_relay **out, const qx_relay_options *o, qx_error *err)
     r->channel = strdup(o->channel);
     ok = r->conninfo != NULL && r->prefix != NULL && r->channel != NULL;
     for (k = 0; k < 2; k++) {
-        r->slot[k].conn = k;
         r->slot[k].rows = calloc((size_t)n, sizeof *r->slot[k].rows);
         r->slot[k].ready = calloc((size_t)n, sizeof *r->slot[k].ready);
         ok = ok && r->slot[k].rows != NULL && r->slot[k].ready != NULL;
@@ -387,9 +395,9 @@ void qx_relay_free(qx_relay *r)
         return;
     /* nothing is pending in the context between batches, so no ack handler runs after this */
     jsCtx_Destroy(r->js);
+    qx_conn_close(r->conn); /* an open transaction rolls back */
     for (k = 0; k < 2; k++) {
         qx_result_free(r->slot[k].res);
-        qx_conn_close(r->conn[k]); /* an open transaction rolls back */
         free(r->slot[k].rows);
         free(r->slot[k].ready);
     }
@@ -431,40 +439,40 @@ void qx_relay_stats_get(qx_relay *r, qx_relay_stats *s)
 
 /* ---- database ---------------------------------------------------------------------------- */
 
-/* Closes connection k; closing [0] ends the shard lock. */
-static void drop_connection(qx_relay *r, int k)
+/* Closes the connection, which ends the shard lock. */
+static void drop_connection(qx_relay *r)
 {
-    if (k == 0 && r->leader) {
+    if (r->leader) {
         r->stats.leader_changes++;
         r->leader = 0;
     }
-    qx_conn_close(r->conn[k]);
-    r->conn[k] = NULL;
+    qx_conn_close(r->conn);
+    r->conn = NULL;
 }
 
-static qx_status ensure_connection(qx_relay *r, int k, qx_error *err)
+static qx_status ensure_connection(qx_relay *r, qx_error *err)
 {
     qx_result *res = NULL;
     char timeout[16];
     const char *params[1];
     qx_status q;
 
-    if (r->conn[k] != NULL && !qx_conn_is_broken(r->conn[k]))
+    if (r->conn != NULL && !qx_conn_is_broken(r->conn))
         return QX_OK;
-    if (r->conn[k] != NULL)
-        drop_connection(r, k);
-    q = qx_conn_open(&r->conn[k], r->conninfo, r->o.connect_timeout_ms, err);
+    if (r->conn != NULL)
+        drop_connection(r);
+    q = qx_conn_open(&r->conn, r->conninfo, r->o.connect_timeout_ms, err);
     if (q != QX_OK)
         return q;
     snprintf(timeout, sizeof timeout, "%d", r->o.statement_timeout_ms);
     params[0] = timeout;
-    q = qx_conn_exec(r->conn[k], &res, "SELECT set_config('statement_timeout', $1, false)", 1,
+    q = qx_conn_exec(r->conn, &res, "SELECT set_config('statement_timeout', $1, false)", 1,
                      params, NULL, err);
     qx_result_free(res);
-    if (q == QX_OK && k == 0)
-        q = qx_conn_listen(r->conn[k], r->channel, err);
+    if (q == QX_OK)
+        q = qx_conn_listen(r->conn, r->channel, err);
     if (q != QX_OK)
-        drop_connection(r, k);
+        drop_connection(r);
     return q;
 }
 
@@ -475,15 +483,15 @@ static qx_status ensure_leader(qx_relay *r, qx_error *err)
     const char *params[1];
     qx_status q;
 
-    if ((q = ensure_connection(r, 0, err)) != QX_OK)
+    if ((q = ensure_connection(r, err)) != QX_OK)
         return q;
     if (r->leader)
         return QX_OK;
     params[0] = r->lock_name;
-    q = qx_conn_exec(r->conn[0], &res, LOCK_SQL, 1, params, NULL, err);
+    q = qx_conn_exec(r->conn, &res, LOCK_SQL, 1, params, NULL, err);
     if (q != QX_OK) {
-        if (qx_conn_is_broken(r->conn[0]))
-            drop_connection(r, 0);
+        if (qx_conn_is_broken(r->conn))
+            drop_connection(r);
         return q;
     }
     r->leader = qx_result_nrows(res) == 1 && strcmp(qx_result_value(res, 0, 0), "true") == 0;
@@ -493,17 +501,16 @@ static qx_status ensure_leader(qx_relay *r, qx_error *err)
     return QX_OK;
 }
 
-/* Rolls a batch's transaction back (its rows stay pending) and frees the slot. */
+/* Rolls the open transaction back (its rows stay pending) and frees the batch. */
 static void abort_batch(qx_relay *r, batch *b)
 {
-    qx_conn *c = r->conn[b->conn];
     qx_result_free(b->res);
     b->res = NULL;
     b->n = 0;
-    if (c == NULL)
+    if (r->conn == NULL)
         return;
-    if (qx_conn_is_broken(c) || qx_conn_script(c, "ROLLBACK", NULL) != QX_OK)
-        drop_connection(r, b->conn);
+    if (qx_conn_is_broken(r->conn) || qx_conn_script(r->conn, "ROLLBACK", NULL) != QX_OK)
+        drop_connection(r);
 }
 
 /* ---- a growing text buffer for array parameters ------------------------------------------ */
@@ -560,44 +567,61 @@ static void set_stmt(qx_stmt *st, const char *sql, int n, const char *const *val
     st->lengths = NULL;
 }
 
-/* BEGIN and claim on the batch's connection, in one round trip. */
+typedef struct claim_params {
+    char limit[16], count[16], shard[16];
+    const char *values[3];
+} claim_params;
+
+static void claim_params_init(qx_relay *r, claim_params *p)
+{
+    snprintf(p->limit, sizeof p->limit, "%d", r->o.batch_size);
+    snprintf(p->count, sizeof p->count, "%d", r->o.shard_count);
+    snprintf(p->shard, sizeof p->shard, "%d", r->o.shard_id);
+    p->values[0] = p->limit;
+    p->values[1] = p->count;
+    p->values[2] = p->shard;
+}
+
+/* Takes the claim's result into the batch. */
+static void claimed(batch *b, qx_result *res)
+{
+    int i;
+    memset(&b->out, 0, sizeof b->out);
+    b->res = res;
+    b->n = qx_result_nrows(res);
+    b->out.leader = 1;
+    b->out.claimed = b->n;
+    for (i = 0; i < b->n; i++) {
+        row *w = &b->rows[i];
+        w->attempts = atoi(qx_result_value(res, i, COL_ATTEMPTS));
+        w->state = ROW_WAITING;
+        w->error[0] = '\0';
+    }
+}
+
+/* BEGIN and claim, in one round trip. */
 static qx_status claim(qx_relay *r, batch *b, qx_error *err)
 {
     qx_stmt stmts[2];
     qx_result *results[2] = { NULL, NULL };
-    const char *params[3];
-    char limit[16], count[16], shard[16];
-    int failed = -1, i;
+    claim_params p;
+    int failed = -1;
     qx_status q;
 
     memset(&b->out, 0, sizeof b->out);
     b->n = 0;
-    if ((q = ensure_connection(r, b->conn, err)) != QX_OK)
+    if ((q = ensure_connection(r, err)) != QX_OK)
         return q;
-    snprintf(limit, sizeof limit, "%d", r->o.batch_size);
-    snprintf(count, sizeof count, "%d", r->o.shard_count);
-    snprintf(shard, sizeof shard, "%d", r->o.shard_id);
-    params[0] = limit;
-    params[1] = count;
-    params[2] = shard;
+    claim_params_init(r, &p);
     set_stmt(&stmts[0], "BEGIN", 0, NULL);
-    set_stmt(&stmts[1], CLAIM_SQL, 3, params);
-    q = qx_conn_batch(r->conn[b->conn], results, &failed, stmts, 2, err);
+    set_stmt(&stmts[1], CLAIM_SQL, 3, p.values);
+    q = qx_conn_batch(r->conn, results, &failed, stmts, 2, err);
     if (q != QX_OK) {
         abort_batch(r, b);
         return q;
     }
     qx_result_free(results[0]);
-    b->res = results[1];
-    b->n = qx_result_nrows(b->res);
-    b->out.leader = 1;
-    b->out.claimed = b->n;
-    for (i = 0; i < b->n; i++) {
-        row *w = &b->rows[i];
-        w->attempts = atoi(qx_result_value(b->res, i, COL_ATTEMPTS));
-        w->state = ROW_WAITING;
-        w->error[0] = '\0';
-    }
+    claimed(b, results[1]);
     return QX_OK;
 }
 
@@ -888,19 +912,28 @@ static void publish_wait(qx_relay *r, batch *b)
 
 /* ---- marking ----------------------------------------------------------------------------- */
 
-/* Marks the outcome of a published batch and commits; frees the slot. */
-static qx_status finish(qx_relay *r, batch *b, qx_error *err)
+/*
+ * Marks the outcome of a published batch and commits. With `next`, the next batch's BEGIN and
+ * claim travel in the same round trip, after the COMMIT: the claim sees this batch's marks, so
+ * it may take the next rows of the same keys. Returns the batch's status; *next_status tells
+ * whether next was claimed (next->res set) or not.
+ */
+static qx_status finish(qx_relay *r, batch *b, batch *next, qx_status *next_status,
+                        qx_error *err)
 {
     buf acked = { NULL, 0, 0, 0 }, ids = { NULL, 0, 0, 0 }, errors = { NULL, 0, 0, 0 },
         dead = { NULL, 0, 0, 0 };
-    qx_stmt stmts[3];
-    qx_result *results[3] = { NULL, NULL, NULL };
+    qx_stmt stmts[5];
+    qx_result *results[5] = { NULL, NULL, NULL, NULL, NULL };
     const char *pub_params[1], *fail_params[6];
     char max_attempts[16], base[16], maxd[16];
-    int nstmts = 0, nacked = 0, nfailed = 0, failed_idx = -1, i;
+    int nstmts = 0, nacked = 0, nfailed = 0, failed_idx = -1, commit_idx, i;
     qx_relay_result *out = &b->out;
+    claim_params cp;
     qx_status q;
 
+    if (next_status != NULL)
+        *next_status = QX_ERR_CLOSED;
     buf_str(&acked, "{");
     buf_str(&ids, "{");
     buf_str(&errors, "{");
@@ -961,15 +994,35 @@ static qx_status finish(qx_relay *r, batch *b, qx_error *err)
         fail_params[5] = maxd;
         set_stmt(&stmts[nstmts++], MARK_FAILED_SQL, 6, fail_params);
     }
+    commit_idx = nstmts;
     set_stmt(&stmts[nstmts++], "COMMIT", 0, NULL);
-    q = qx_conn_batch(r->conn[b->conn], results, &failed_idx, stmts, nstmts, err);
-    for (i = 0; i < nstmts; i++)
-        qx_result_free(results[i]);
-    if (q != QX_OK) {
-        abort_batch(r, b);
-    } else {
+    if (next != NULL) {
+        claim_params_init(r, &cp);
+        set_stmt(&stmts[nstmts++], "BEGIN", 0, NULL);
+        set_stmt(&stmts[nstmts++], CLAIM_SQL, 3, cp.values);
+    }
+    q = qx_conn_batch(r->conn, results, &failed_idx, stmts, nstmts, err);
+    if (q == QX_OK) {
+        if (next != NULL) {
+            claimed(next, results[nstmts - 1]);
+            results[nstmts - 1] = NULL;
+            *next_status = QX_OK;
+        }
+        for (i = 0; i < nstmts; i++)
+            qx_result_free(results[i]);
         qx_result_free(b->res);
         b->res = NULL;
+    } else if (next != NULL && failed_idx > commit_idx) {
+        /* this batch committed; only the next claim failed */
+        if (next_status != NULL)
+            *next_status = q;
+        qx_result_free(b->res);
+        b->res = NULL;
+        next->res = NULL;
+        abort_batch(r, next);
+        q = QX_OK;
+    } else {
+        abort_batch(r, b);
     }
 done:
     free(acked.p);
@@ -978,9 +1031,9 @@ done:
     free(dead.p);
     if (q != QX_OK) {
         /* the published rows stay pending and go again: JetStream drops the copies */
-        int claimed = out->claimed;
+        int claimed_n = out->claimed;
         memset(out, 0, sizeof *out);
-        out->claimed = claimed;
+        out->claimed = claimed_n;
         out->leader = r->leader;
     }
     return q;
@@ -999,7 +1052,7 @@ static void account(qx_relay *r, const qx_relay_result *o)
     r->stats.last_error[0] = '\0';
 }
 
-/* Leadership and NATS before a claim: QX_OK with *leader = 0 when another relay leads. */
+/* Leadership and NATS before a claim: QX_OK with r->leader = 0 when another relay leads. */
 static qx_status ready_to_claim(qx_relay *r, qx_error *err)
 {
     qx_status q = ensure_leader(r, err);
@@ -1029,7 +1082,7 @@ qx_status qx_relay_run_once(qx_relay *r, qx_relay_result *out, qx_error *err)
             publish_start(r, b);
             publish_wait(r, b);
         }
-        q = finish(r, b, err);
+        q = finish(r, b, NULL, NULL, err);
         *out = b->out;
     }
     out->leader = r->leader;
@@ -1069,21 +1122,20 @@ static void drain_wake(qx_relay *r)
         ;
 }
 
-/* Waits up to timeout_ms for a NOTIFY on the lock connection (or a stop); returns 1 when one
- * came. */
+/* Waits up to timeout_ms for a NOTIFY on the relay's connection (or a stop); returns 1 when
+ * one came. */
 static int wait_for_work(qx_relay *r, int timeout_ms)
 {
     struct pollfd p[2];
     qx_notify *ns = NULL;
     int count = 0, np = 1, rc;
-    qx_conn *c = r->conn[0];
 
-    if (c != NULL) {
-        if (qx_conn_notifications(c, &ns, &count, 0, NULL) == QX_OK && count > 0) {
+    if (r->conn != NULL) {
+        if (qx_conn_notifications(r->conn, &ns, &count, 0, NULL) == QX_OK && count > 0) {
             qx_notify_free(ns, count);
             return 1;
         }
-        p[1].fd = qx_conn_socket(c);
+        p[1].fd = qx_conn_socket(r->conn);
         p[1].events = POLLIN;
         p[1].revents = 0;
         np = p[1].fd >= 0 ? 2 : 1;
@@ -1096,24 +1148,23 @@ static int wait_for_work(qx_relay *r, int timeout_ms)
         return 0;
     if (p[0].revents & POLLIN)
         drain_wake(r);
-    if (np == 2 && p[1].revents != 0) {
+    if (np == 2 && p[1].revents != 0 && r->conn != NULL) {
         count = 0;
-        if (qx_conn_notifications(c, &ns, &count, 0, NULL) == QX_OK && count > 0) {
+        if (qx_conn_notifications(r->conn, &ns, &count, 0, NULL) == QX_OK && count > 0) {
             qx_notify_free(ns, count);
             return 1;
         }
-        if (qx_conn_is_broken(c))
-            drop_connection(r, 0);
+        if (qx_conn_is_broken(r->conn))
+            drop_connection(r);
     }
     return 0;
 }
 
 /*
- * The loop keeps the database and NATS busy at the same time. While a batch's acks come in,
- * the next batch is claimed on the other connection (its rows cannot overlap: the current
- * batch's rows are locked, and the claim leaves out keys with an earlier pending row it does
- * not hold); while the next batch's acks come in, the current one is marked and committed.
- * It claims ahead only while batches come back full.
+ * While batches come back full, each batch's marks, COMMIT and the next batch's BEGIN and
+ * claim go to the server in one round trip; the next claim sees the marks, so a key's next
+ * rows can follow at once. When a batch was not full, the relay waits for a NOTIFY (or the poll
+ * or idle interval) before it looks again.
  */
 qx_status qx_relay_run(qx_relay *r, qx_relay_batch_fn fn, void *ud, int handle_signals,
                        qx_error *err)
@@ -1140,7 +1191,7 @@ qx_status qx_relay_run(qx_relay *r, qx_relay_batch_fn fn, void *ud, int handle_s
 
     for (;;) {
         batch *next = NULL;
-        qx_status q;
+        qx_status q, next_q = QX_ERR_CLOSED;
         int wait_ms;
 
         if (cur == NULL) {
@@ -1164,37 +1215,24 @@ qx_status qx_relay_run(qx_relay *r, qx_relay_batch_fn fn, void *ud, int handle_s
                     wait_for_work(r, r->o.lock_retry_ms);
                 continue;
             }
-            if (cur->n > 0)
-                publish_start(r, cur);
         }
 
-        /* claim ahead on the other connection while cur's acks come in */
-        if (cur->n >= r->o.batch_size && r->leader && !stop_asked &&
-            !stopping(r, handle_signals) && qx_nats_get_state(r->nats) == QX_NATS_CONNECTED) {
-            batch *other = &r->slot[1 - cur->conn];
-            if (claim(r, other, &e) == QX_OK) {
-                if (other->n > 0)
-                    next = other;
-                else if (finish(r, other, &e) != QX_OK)
-                    note_error(r, &e);
-            } else {
-                note_error(r, &e);
-            }
-        }
-
-        if (cur->n > 0)
+        if (cur->n > 0) {
+            publish_start(r, cur);
             publish_wait(r, cur);
-        if (next != NULL)
-            publish_start(r, next);
-        q = finish(r, cur, &e);
+        }
+        if (cur->n >= r->o.batch_size && !stop_asked && !stopping(r, handle_signals) &&
+            qx_nats_get_state(r->nats) == QX_NATS_CONNECTED)
+            next = cur == &r->slot[0] ? &r->slot[1] : &r->slot[0];
+        q = finish(r, cur, next, &next_q, &e);
         if (q == QX_OK)
             account(r, &cur->out);
         else
             note_error(r, &e);
         if (fn != NULL && fn(ud, &cur->out, q == QX_OK ? NULL : &e))
             stop_asked = 1;
-        if (next != NULL) {
-            cur = next;
+        if (next != NULL && next_q == QX_OK) {
+            cur = next; /* claimed: published (or committed when empty) even when stopping */
             continue;
         }
         wait_ms = q != QX_OK ? r->o.lock_retry_ms

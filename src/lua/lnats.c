@@ -43,7 +43,8 @@ static int opt_int_field(lua_State *L, int t, const char *name, int dflt, int mi
 }
 
 /* core.nats{ servers, name, user, password, token, creds_file, tls, tls_ca, tls_cert, tls_key,
- *            connect_timeout_ms, reconnect_attempts, reconnect_wait_ms } -> nats | nil, err */
+ *            connect_timeout_ms, reconnect_attempts, reconnect_wait_ms, send_asap }
+ *   -> nats | nil, err */
 int qx_nats_new_lua(lua_State *L)
 {
     qx_nats_options o;
@@ -66,6 +67,10 @@ int qx_nats_new_lua(lua_State *L)
     o.tls_key = opt_string_field(L, 1, "tls_key");
     lua_getfield(L, 1, "tls");
     o.tls = lua_toboolean(L, -1);
+    lua_pop(L, 1);
+    lua_getfield(L, 1, "send_asap");
+    if (!lua_isnil(L, -1))
+        o.send_asap = lua_toboolean(L, -1);
     lua_pop(L, 1);
     o.connect_timeout_ms = opt_int_field(L, 1, "connect_timeout_ms", o.connect_timeout_ms, 1);
     o.reconnect_attempts = opt_int_field(L, 1, "reconnect_attempts", o.reconnect_attempts, -1);
