@@ -229,6 +229,14 @@ SELECT 7::int2 AS i2, -8::int4 AS i4, 9000000000::int8 AS i8, 1.5::float8 AS f8,
       assert.equal(before, count())
     end)
 
+    it("makes rows only from the index given as second argument", function()
+      local res = assert(conn:batch({ { "SELECT 1 AS a" }, { "SELECT 2 AS b" }, { "SELECT 3 AS c" } }, 3))
+      assert.equal(3, #res)
+      assert.is_true(res[1])
+      assert.is_true(res[2])
+      assert.equal(3, res[3].rows[1].c)
+    end)
+
     it("runs an empty batch without a round trip", function()
       assert.same({}, conn:batch{})
     end)

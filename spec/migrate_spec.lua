@@ -149,6 +149,16 @@ WHERE i.indrelid = 'qx_outbox_events'::regclass AND c.relname = 'qx_outbox_event
     db:close()
   end)
 
+  it("is not cut short by the connection's statement_timeout", function()
+    local db = assert(qx.connect{ url = url_for(fresh_db()), pool_size = 1, statement_timeout_ms = 50 })
+    assert.is_nil(db:query("SELECT pg_sleep(0.2)")) -- the timeout is on
+    local r = assert(qx.migrate(db, { steps = {
+      { version = 1, name = "slow", sql = "SELECT pg_sleep(0.2); CREATE TABLE mig_spec_slow (x int)" },
+    } }))
+    assert.same({ 1 }, r.applied)
+    db:close()
+  end)
+
   it("raises on steps whose versions do not increase (misuse)", function()
     local db = assert(qx.connect{ url = url_for(fresh_db()), pool_size = 1 })
     assert.has_error(function()

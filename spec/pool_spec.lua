@@ -313,6 +313,39 @@ describe("qx.core pool", function()
     db:close()
   end)
 
+  it("runs init_sql once on each new connection", function()
+    local p = assert(core.pool{ conninfo = URL, size = 2, init_sql = "SET statement_timeout = 1234; SET application_name = 'pool-spec'" })
+    local a = assert(p:acquire())
+    local b = assert(p:acquire())
+    for _, c in ipairs({ a, b }) do
+      local r = assert(c:query("SELECT current_setting('statement_timeout') AS t, current_setting('application_name') AS n"))[1]
+      assert.equal("1234ms", r.t)
+      assert.equal("pool-spec", r.n)
+    end
+    a:release()
+    b:release()
+    p:close()
+  end)
+
+  it("fails the acquire when init_sql fails, keeping no connection", function()
+    local p = assert(core.pool{ conninfo = URL, size = 1, init_sql = "SET no_such_setting_at_all = 1" })
+    local c, e = p:acquire()
+    assert.is_nil(c)
+    assert.equal("db", e.code)
+    assert.equal(0, p:stats().open)
+    assert.equal(0, p:stats().in_use)
+    p:close()
+  end)
+
+  it("makes qx.connect set the statement_timeout on every pooled connection", function()
+    local db = assert(qx.connect{ url = URL, pool_size = 2, statement_timeout_ms = 4321 })
+    assert.equal("4321ms", assert(db:query("SHOW statement_timeout"))[1].statement_timeout)
+    db:close()
+    db = assert(qx.connect{ url = URL, pool_size = 1, statement_timeout_ms = 0 })
+    assert.equal("0", assert(db:query("SHOW statement_timeout"))[1].statement_timeout)
+    db:close()
+  end)
+
   it("checks its options", function()
     local p, e = core.pool{ conninfo = URL, size = 0 }
     assert.is_nil(p)

@@ -456,6 +456,30 @@ describe("unit of work", function()
       assert.equal("57014", err.sqlstate)
     end)
 
+    it("sends SET LOCAL statement_timeout only when it differs from the connection's", function()
+      local conn_methods_batch = conn_methods.batch
+      local seen = {}
+      conn_methods.batch = function(c, stmts, ...)
+        for _, s in ipairs(stmts) do seen[#seen + 1] = s[1] end
+        return conn_methods_batch(c, stmts, ...)
+      end
+      local ok, e = pcall(function()
+        assert(db:unit_of_work(function(uow)
+          assert.equal("5s", assert(uow:query("SHOW statement_timeout"))[1].statement_timeout)
+          return true
+        end))
+        for _, sql in ipairs(seen) do assert.is_nil(sql:find("set_config('statement_timeout'", 1, true), sql) end
+        seen = {}
+        assert(db:unit_of_work(function(uow)
+          assert.equal("0", assert(uow:query("SHOW statement_timeout"))[1].statement_timeout)
+          return true
+        end, { statement_timeout_ms = 0 }))
+        assert.truthy(seen[2]:find("set_config('statement_timeout'", 1, true))
+      end)
+      conn_methods.batch = conn_methods_batch
+      assert(ok, e)
+    end)
+
     it("keeps the statement_timeout local to its transaction", function()
       assert(db:unit_of_work(function(uow)
         assert.equal("100ms", assert(uow:query("SHOW statement_timeout"))[1].statement_timeout)

@@ -12,7 +12,9 @@ local _M = { _VERSION = "0.1.0" }
 local LOCK_KEY = 7211300001 -- "qx" schema lock; any constant unique to qx
 
 local function apply(conn, list)
-    local ok, e = conn:script("BEGIN")
+    -- a long step (an index on a big table) or a long wait for the lock is not a runaway query:
+    -- the connection's statement_timeout does not apply here
+    local ok, e = conn:script("BEGIN; SET LOCAL statement_timeout = 0")
     if not ok then return nil, e end
     ok, e = conn:query("SELECT pg_advisory_xact_lock($1)", LOCK_KEY)
     if not ok then return nil, e end

@@ -6,7 +6,8 @@
 --       pre_commit = fn(uow), post_commit = fn(uow), pre_rollback = fn(uow, err),
 --       post_rollback = fn(uow, err), on_hook_error = fn(err) })
 --
--- Statements are queued and sent together: BEGIN, SET LOCAL statement_timeout, the queued writes,
+-- Statements are queued and sent together: BEGIN, SET LOCAL statement_timeout (when the unit of
+-- work asks for another than the one every pooled connection has), the queued writes,
 -- the outbox insert, NOTIFY and COMMIT of a unit of work that only writes travel in one pipelined
 -- round trip. A read (uow:query) or uow:exec sends what is queued along with it.
 --
@@ -61,12 +62,16 @@ local function pack(...)
     return { n = select("#", ...), ... }
 end
 
+local CONTEXT_IDS = { "tenant_id", "correlation_id", "causation_id" } -- user_id/actor_id: any
+local HOOKS = { "pre_commit", "post_commit", "pre_rollback", "post_rollback", "on_hook_error" }
+
 local function check_context(ctx)
     if ctx == nil then return {} end
     if type(ctx) ~= "table" then error("unit_of_work: context must be a table", 3) end
-    for _, k in ipairs({ "tenant_id", "user_id", "actor_id", "correlation_id", "causation_id" }) do
+    for i = 1, #CONTEXT_IDS do
+        local k = CONTEXT_IDS[i]
         local v = ctx[k]
-        if v ~= nil and not (k == "user_id" or k == "actor_id") and not is_uuid(v) then
+        if v ~= nil and not is_uuid(v) then
             return nil, err.new("invalid", "context." .. k .. " must be a uuid, got " .. tostring(v))
         end
     end
@@ -80,6 +85,19 @@ local function stmt(sql, ...)
     return s
 end
 
+-- statements every unit of work sends, made once (conn:batch only reads them)
+local BEGIN, COMMIT, ROLLBACK = stmt("BEGIN"), stmt("COMMIT"), stmt("ROLLBACK")
+local NOTIFY_OUTBOX = stmt("NOTIFY " .. _M.OUTBOX_CHANNEL)
+local timeout_stmts = {}
+local function timeout_stmt(ms)
+    local s = timeout_stmts[ms]
+    if not s then
+        s = stmt("SELECT set_config('statement_timeout', $1, true)", tostring(ms))
+        timeout_stmts[ms] = s
+    end
+    return s
+end
+
 -- Sends the queue plus extra statements in one round trip. Returns the results of the extra
 -- statements. Once a statement fails the transaction is lost: the uow remembers the error and
 -- will only roll back.
@@ -90,9 +108,9 @@ function Uow:_send(extra)
     local batch = q
     if not self._begun then
         -- BEGIN and the timeout go first, still in the same round trip
-        local head = { stmt("BEGIN") }
-        if self._timeout and self._timeout > 0 then
-            head[2] = stmt("SELECT set_config('statement_timeout', $1, true)", tostring(self._timeout))
+        local head = { BEGIN }
+        if self._timeout and self._timeout ~= (self.db.session_timeout_ms or 0) then
+            head[2] = timeout_stmt(self._timeout) -- not the connection's own: SET LOCAL
         end
         for i = 1, nq do head[#head + 1] = q[i] end
         nq = #head
@@ -102,7 +120,8 @@ function Uow:_send(extra)
     for i = 1, #extra do batch[nq + i] = extra[i] end
     self._queue = {}
     self._sends = self._sends + 1
-    local results, e = self.conn:batch(batch)
+    -- rows are made only for the extra statements: the queued ones' results are not used
+    local results, e = self.conn:batch(batch, nq + 1)
     if not results then
         self._failed = e
         return nil, e
@@ -313,21 +332,23 @@ end
 
 local function commit(uow)
     local outgoing = uow:_drain_and_dispatch()
-    run_hook(uow, "pre_commit")
-    -- pre_commit may have recorded more
-    local more = uow:_drain_and_dispatch()
-    for i = 1, #more do outgoing[#outgoing + 1] = more[i] end
+    if uow.hooks.pre_commit then
+        run_hook(uow, "pre_commit")
+        -- pre_commit may have recorded more
+        local more = uow:_drain_and_dispatch()
+        for i = 1, #more do outgoing[#outgoing + 1] = more[i] end
+    end
     if uow._failed then error(uow._failed, 0) end
 
     local tail = {}
     if #outgoing > 0 then
         tail[1] = stmt(OUTBOX_INSERT, outbox_rows(outgoing))
-        tail[2] = stmt("NOTIFY " .. _M.OUTBOX_CHANNEL)
+        tail[2] = NOTIFY_OUTBOX
     end
     if not uow._begun and #uow._queue == 0 and #tail == 0 then
         return true -- nothing was done: no round trip at all
     end
-    tail[#tail + 1] = stmt("COMMIT")
+    tail[#tail + 1] = COMMIT
     local res, e = uow:_send(tail)
     if not res then error(e, 0) end
     uow.published = outgoing
@@ -336,7 +357,7 @@ end
 
 local function rollback(uow)
     if uow._begun and uow.conn:status() ~= "idle" then
-        uow.conn:batch({ stmt("ROLLBACK") }) -- release() would roll back too; this keeps order
+        uow.conn:batch({ ROLLBACK }) -- release() would roll back too; this keeps order
     end
 end
 
@@ -344,7 +365,8 @@ function _M.run(db, fn, opts)
     if type(fn) ~= "function" then error("unit_of_work: expected a function", 2) end
     if opts ~= nil and type(opts) ~= "table" then error("unit_of_work: options must be a table", 2) end
     opts = opts or {}
-    for _, h in ipairs({ "pre_commit", "post_commit", "pre_rollback", "post_rollback", "on_hook_error" }) do
+    for i = 1, #HOOKS do
+        local h = HOOKS[i]
         if opts[h] ~= nil and type(opts[h]) ~= "function" then
             error("unit_of_work: " .. h .. " must be a function", 2)
         end

@@ -22,7 +22,8 @@
 typedef struct stmt_entry {
     char *sql;          /* NULL: empty slot */
     unsigned int hash;
-    unsigned int id;    /* statement name is "qx_<id>" */
+    unsigned int id;
+    char name[16];      /* "qx_<id>", the server-side statement name */
     int prepared;       /* the server has it */
     int tombstone;
 } stmt_entry;
@@ -266,6 +267,7 @@ static stmt_entry *cache_add(qx_conn *c, const char *sql, unsigned int h)
         c->tombstones--;
     c->cache[i].hash = h;
     c->cache[i].id = ++c->next_id;
+    snprintf(c->cache[i].name, sizeof c->cache[i].name, "qx_%u", c->cache[i].id);
     c->cache[i].prepared = 0;
     c->cache[i].tombstone = 0;
     c->cached++;
@@ -358,10 +360,10 @@ static void drain_to_sync(qx_conn *c)
 qx_status qx_conn_batch(qx_conn *c, qx_result **results, int *failed, const qx_stmt *stmts,
                         int n, qx_error *err)
 {
+    sent_item local_items[32]; /* a unit of work's batch fits; larger ones allocate */
     sent_item *items = NULL;
     int nitems = 0, i, k;
     qx_status status = QX_OK;
-    char name[24];
 
     *failed = -1;
     for (i = 0; i < n; i++)
@@ -377,12 +379,15 @@ qx_status qx_conn_batch(qx_conn *c, qx_result **results, int *failed, const qx_s
     if (c->tombstones > 0 && c->cached + c->tombstones >= STMT_CACHE_MAX)
         cache_rehash(c);
 
-    items = malloc(sizeof *items * (size_t)n * 2);
+    items = (size_t)n * 2 <= sizeof local_items / sizeof local_items[0]
+                ? local_items
+                : malloc(sizeof *items * (size_t)n * 2);
     if (items == NULL)
         return qx_error_set(err, QX_ERR_NOMEM, "out of memory");
 
     if (!PQenterPipelineMode(c->pg) || PQsetnonblocking(c->pg, 1) != 0) {
-        free(items);
+        if (items != local_items)
+            free(items);
         return conn_error(c, err);
     }
 
@@ -395,8 +400,7 @@ qx_status qx_conn_batch(qx_conn *c, qx_result **results, int *failed, const qx_s
         if (e == NULL) {
             e = cache_add(c, s->sql, h);
             if (e != NULL) {
-                snprintf(name, sizeof name, "qx_%u", e->id);
-                if (!PQsendPrepare(c->pg, name, s->sql, s->nparams, NULL)) {
+                if (!PQsendPrepare(c->pg, e->name, s->sql, s->nparams, NULL)) {
                     cache_remove(c, e);
                     status = conn_error(c, err);
                     *failed = i;
@@ -408,8 +412,7 @@ qx_status qx_conn_batch(qx_conn *c, qx_result **results, int *failed, const qx_s
             }
         }
         if (e != NULL) {
-            snprintf(name, sizeof name, "qx_%u", e->id);
-            ok = PQsendQueryPrepared(c->pg, name, s->nparams, s->values, s->lengths, NULL, 0);
+            ok = PQsendQueryPrepared(c->pg, e->name, s->nparams, s->values, s->lengths, NULL, 0);
         } else {
             ok = PQsendQueryParams(c->pg, s->sql, s->nparams, NULL, s->values, s->lengths, NULL,
                                    0);
@@ -509,7 +512,8 @@ qx_status qx_conn_batch(qx_conn *c, qx_result **results, int *failed, const qx_s
             results[i] = NULL;
         }
     }
-    free(items);
+    if (items != local_items)
+        free(items);
     return status;
 }
 

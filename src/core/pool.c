@@ -19,6 +19,7 @@ struct qx_pool {
     pthread_mutex_t mu;
     pthread_cond_t cv;
     char *conninfo;
+    char *init_sql; /* NULL: none */
     int size, acquire_timeout_ms, recycle_ms, connect_timeout_ms;
     qx_conn **idle;
     int nidle;
@@ -53,9 +54,12 @@ qx_status qx_pool_new(qx_pool **out, const qx_pool_options *o, qx_error *err)
     if (p == NULL)
         return qx_error_set(err, QX_ERR_NOMEM, "out of memory");
     p->conninfo = strdup(o->conninfo);
+    p->init_sql = o->init_sql != NULL && *o->init_sql != '\0' ? strdup(o->init_sql) : NULL;
     p->idle = calloc((size_t)o->size, sizeof *p->idle);
-    if (p->conninfo == NULL || p->idle == NULL) {
+    if (p->conninfo == NULL || p->idle == NULL ||
+        (p->init_sql == NULL && o->init_sql != NULL && *o->init_sql != '\0')) {
         free(p->conninfo);
+        free(p->init_sql);
         free(p->idle);
         free(p);
         return qx_error_set(err, QX_ERR_NOMEM, "out of memory");
@@ -81,6 +85,7 @@ static void pool_destroy(qx_pool *p)
     pthread_mutex_destroy(&p->mu);
     pthread_cond_destroy(&p->cv);
     free(p->conninfo);
+    free(p->init_sql);
     free(p->idle);
     free(p);
 }
@@ -171,6 +176,13 @@ qx_status qx_pool_acquire(qx_pool *p, qx_conn **out, qx_error *err)
             p->in_use++;
             pthread_mutex_unlock(&p->mu);
             s = qx_conn_open(&c, p->conninfo, p->connect_timeout_ms, err);
+            if (s == QX_OK && p->init_sql != NULL) {
+                s = qx_conn_script(c, p->init_sql, err);
+                if (s != QX_OK) {
+                    qx_conn_close(c);
+                    c = NULL;
+                }
+            }
             pthread_mutex_lock(&p->mu);
             if (s != QX_OK) {
                 p->open--;

@@ -153,6 +153,7 @@ typedef struct qx_pool_options {
     int acquire_timeout_ms; /* how long acquire waits for a free connection */
     int recycle_ms;         /* close connections older than this on acquire; 0 = never */
     int connect_timeout_ms;
+    const char *init_sql;   /* run once on each new connection (e.g. SET statement_timeout); NULL */
 } qx_pool_options;
 
 void qx_pool_options_init(qx_pool_options *o);

@@ -21,7 +21,7 @@ int qx_push_error_msg(lua_State *L, const char *code, const char *message);
 void qx_json_init(lua_State *L);
 
 /* Parameters: converts the values at stack slots first..first+n-1 into text for libpq.
- * Pushes one anchor userdata/table that keeps the texts alive (pop it when done).
+ * Pushes one anchor userdata/table that keeps the texts alive, nil when n is 0 (pop it when done).
  * On a value that cannot be sent, returns 0 and pushes nil, err (two values, no anchor). */
 typedef struct qx_params {
     int n;

@@ -49,17 +49,19 @@ static int l_query(lua_State *L)
     return 2;
 }
 
-/* conn:batch{ { sql, n = k, p1, ..., pk }, ... } -> results | nil, err, failed_index */
+/* conn:batch({ { sql, n = k, p1, ..., pk }, ... }[, first]) -> results | nil, err, failed_index
+ * Rows are made for the results from index first (default 1) on; earlier ones are true. */
 static int l_batch(lua_State *L)
 {
     lconn *lc = check_conn(L);
-    int n, i, base, failed = -1;
+    int n, i, base, failed = -1, first;
     qx_stmt *stmts;
     qx_result **results;
     qx_error err;
     qx_status s;
 
     luaL_checktype(L, 2, LUA_TTABLE);
+    first = (int)luaL_optinteger(L, 3, 1);
     n = (int)qx_rawlen(L, 2);
     if (n == 0) {
         lua_newtable(L);
@@ -115,6 +117,13 @@ static int l_batch(lua_State *L)
     }
     lua_createtable(L, n, 0);
     for (i = 0; i < n; i++) {
+        if (i + 1 < first) {
+            lua_pushboolean(L, 1);
+            lua_rawseti(L, -2, i + 1);
+            qx_result_free(results[i]);
+            results[i] = NULL;
+            continue;
+        }
         lua_createtable(L, 0, 2);
         qx_push_rows(L, results[i]);
         lua_setfield(L, -2, "rows");

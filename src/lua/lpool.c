@@ -44,6 +44,9 @@ int qx_pool_new_lua(lua_State *L)
     o.acquire_timeout_ms = opt_int_field(L, 1, "acquire_timeout_ms", o.acquire_timeout_ms);
     o.recycle_ms = opt_int_field(L, 1, "recycle_ms", o.recycle_ms);
     o.connect_timeout_ms = opt_int_field(L, 1, "connect_timeout_ms", o.connect_timeout_ms);
+    lua_getfield(L, 1, "init_sql");
+    o.init_sql = luaL_optstring(L, -1, NULL); /* stays alive in the options table */
+    lua_pop(L, 1);
 
     /* closed first, then acquired: an error in between leaks nothing */
     lp = lua_newuserdata(L, sizeof *lp);

@@ -46,11 +46,16 @@ int qx_params_from_stack(lua_State *L, qx_params *out, int first, int n)
     char msg[256];
 
     out->n = n;
-    lua_newtable(L); /* the anchor */
+    if (n == 0) { /* BEGIN, COMMIT, ...: nothing to keep alive */
+        out->values = NULL;
+        out->lengths = NULL;
+        lua_pushnil(L);
+        return 1;
+    }
+    /* The anchor is the block of pointers, lengths and number texts; a table parameter turns it
+     * into a table that also holds the JSON texts. */
+    block = lua_newuserdata(L, (size_t)n * (sizeof(char *) + sizeof(int) + NUM_SCRATCH));
     anchor = lua_gettop(L);
-    block = lua_newuserdata(L, (size_t)(n > 0 ? n : 1) *
-                                   (sizeof(char *) + sizeof(int) + NUM_SCRATCH));
-    lua_rawseti(L, anchor, ++nstrings);
     out->values = (const char **)(void *)block;
     out->lengths = (int *)(void *)(block + sizeof(char *) * (size_t)n);
     scratch = block + (sizeof(char *) + sizeof(int)) * (size_t)n;
@@ -102,6 +107,12 @@ int qx_params_from_stack(lua_State *L, qx_params *out, int first, int n)
             out->lengths[i] = (int)len;
             break;
         case LUA_TTABLE:
+            if (nstrings == 0) {
+                lua_createtable(L, 2, 0);
+                lua_pushvalue(L, anchor);
+                lua_rawseti(L, -2, ++nstrings);
+                lua_replace(L, anchor);
+            }
             lua_getfield(L, LUA_REGISTRYINDEX, JSON_ENCODE_KEY);
             lua_pushvalue(L, idx);
             if (lua_pcall(L, 1, 1, 0) != 0) {
