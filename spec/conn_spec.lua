@@ -229,6 +229,23 @@ SELECT 7::int2 AS i2, -8::int4 AS i4, 9000000000::int8 AS i8, 1.5::float8 AS f8,
       assert.equal(before, count())
     end)
 
+    it("reports a failure at the commit of a batch without BEGIN (a deferred constraint)", function()
+      local parent, child = tbl .. "_dparent", tbl .. "_dchild"
+      assert(conn:script("CREATE TABLE " .. parent .. " (id int PRIMARY KEY); CREATE TABLE " .. child
+        .. " (pid int REFERENCES " .. parent .. " DEFERRABLE INITIALLY DEFERRED)"))
+      local rows, e = conn:query("INSERT INTO " .. child .. " VALUES (1)")
+      assert.is_nil(rows)
+      assert.equal("invalid", e.code)
+      assert.equal("23503", e.sqlstate)
+      local res, e2, idx = conn:batch{ { "INSERT INTO " .. child .. " VALUES (1)" }, { "SELECT 1 AS one" } }
+      assert.is_nil(res)
+      assert.equal("23503", e2.sqlstate)
+      assert.is_nil(idx) -- the commit failed, not a statement
+      assert.equal(0, conn:query("SELECT count(*) AS n FROM " .. child)[1].n)
+      assert.equal("idle", conn:status())
+      assert(conn:script("DROP TABLE " .. child .. "; DROP TABLE " .. parent))
+    end)
+
     it("makes rows only from the index given as second argument", function()
       local res = assert(conn:batch({ { "SELECT 1 AS a" }, { "SELECT 2 AS b" }, { "SELECT 3 AS c" } }, 3))
       assert.equal(3, #res)

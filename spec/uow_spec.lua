@@ -406,6 +406,22 @@ describe("unit of work", function()
       assert_rolled_back(name, ok, err, "conflict")
     end)
 
+    it("rolls back when the COMMIT itself fails (a deferred constraint)", function()
+      local name = "deferred-" .. SFX
+      local parent, child = USERS .. "_dparent", USERS .. "_dchild"
+      assert(db:exec("CREATE TABLE " .. parent .. " (id int PRIMARY KEY)"))
+      assert(db:exec("CREATE TABLE " .. child .. " (pid int REFERENCES " .. parent .. " DEFERRABLE INITIALLY DEFERRED)"))
+      local ok, err = db:unit_of_work(function(uow)
+        write(uow, name)
+        assert(uow:queue("INSERT INTO " .. child .. " VALUES (7)"))
+        return true
+      end)
+      assert_rolled_back(name, ok, err, "invalid")
+      assert.equal("23503", err.sqlstate)
+      assert(db:exec("DROP TABLE " .. child))
+      assert(db:exec("DROP TABLE " .. parent))
+    end)
+
     it("rolls back an event whose payload JSON cannot hold", function()
       for what, bad in pairs({ ["a function"] = { f = function() end },
                                ["a userdata"] = { out = io.stdout },

@@ -337,22 +337,26 @@ typedef struct sent_item {
 } sent_item;
 
 /* Reads up to the Sync that ends the batch. A NULL result separates the results of two
- * statements; a NULL on a dead connection ends the wait. */
-static void drain_to_sync(qx_conn *c)
+ * statements; a NULL on a dead connection ends the wait. An error here belongs to no statement:
+ * it is the commit of the implicit transaction that a batch without BEGIN runs in (a deferred
+ * constraint, a serialization failure), so the batch failed although every statement succeeded. */
+static qx_status drain_to_sync(qx_conn *c, qx_status status, qx_error *err)
 {
     for (;;) {
         PGresult *res = next_result(c);
         if (res == NULL) {
             if (c->broken || PQstatus(c->pg) == CONNECTION_BAD) {
                 c->broken = 1;
-                return;
+                return status;
             }
             continue;
         }
         if (PQresultStatus(res) == PGRES_PIPELINE_SYNC) {
             PQclear(res);
-            return;
+            return status;
         }
+        if (PQresultStatus(res) == PGRES_FATAL_ERROR && status == QX_OK)
+            status = result_error(c, res, err);
         PQclear(res);
     }
 }
@@ -484,7 +488,7 @@ qx_status qx_conn_batch(qx_conn *c, qx_result **results, int *failed, const qx_s
         }
     }
     if (!c->broken)
-        drain_to_sync(c);
+        status = drain_to_sync(c, status, err); /* *failed stays -1 for an error at the Sync */
 
     if (!c->broken) {
         PQsetnonblocking(c->pg, 0);
