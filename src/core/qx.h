@@ -398,8 +398,8 @@ typedef struct qx_relay_options {
     int max_attempts;          /* dead-letter after this many failures; 0 = never (default 10) */
     int base_delay_ms;         /* backoff: base * 2^attempts ... (default 500) */
     int max_delay_ms;          /* ... at most this (default 60000) */
-    int poll_interval_ms;      /* after a batch that was not full, look again after (500) */
-    int idle_interval_ms;      /* after an empty batch (2000); a NOTIFY cuts both short */
+    int poll_interval_ms;      /* after work, look again after at most this (500) */
+    int idle_interval_ms;      /* when idle (2000); a NOTIFY cuts both short */
     int shard_id, shard_count; /* 0 <= shard_id < shard_count (default 0 of 1) */
     int lock_retry_ms;         /* a standby retries the shard lock this often (default 1000) */
     int statement_timeout_ms;  /* for the relay's statements (default 30000) */

@@ -6,7 +6,7 @@
  *   BEGIN; claim (FOR UPDATE SKIP LOCKED)     one round trip
  *   publish asynchronously, collect the acks  NATS, windowed
  *   mark published; mark failed; COMMIT       one round trip (with the next BEGIN and claim
- *                                             while batches come back full)
+ *                                             after a batch that found rows)
  *
  * Acks arrive on nats.c's threads (the JetStream context's ack handler). The handler only
  * records the outcome under a mutex and signals the relay's thread, which does everything
@@ -1161,10 +1161,10 @@ static int wait_for_work(qx_relay *r, int timeout_ms)
 }
 
 /*
- * While batches come back full, each batch's marks, COMMIT and the next batch's BEGIN and
- * claim go to the server in one round trip; the next claim sees the marks, so a key's next
- * rows can follow at once. When a batch was not full, the relay waits for a NOTIFY (or the poll
- * or idle interval) before it looks again.
+ * After a batch that found rows, its marks, COMMIT and the next batch's BEGIN and claim go to
+ * the server in one round trip; the next claim sees the marks, so a key's next rows can follow
+ * at once. After a batch that found nothing, the relay waits for a NOTIFY (or the idle
+ * interval); after one that was not full, at most the poll interval.
  */
 qx_status qx_relay_run(qx_relay *r, qx_relay_batch_fn fn, void *ud, int handle_signals,
                        qx_error *err)
@@ -1173,7 +1173,7 @@ qx_status qx_relay_run(qx_relay *r, qx_relay_batch_fn fn, void *ud, int handle_s
     qx_relay_result idle;
     qx_error e;
     batch *cur = NULL;
-    int stop_asked = 0;
+    int stop_asked = 0, chained = 0; /* chained: cur was claimed with the previous COMMIT */
 
     qx_error_clear(err);
     __atomic_store_n(&r->stop, 0, __ATOMIC_RELEASE);
@@ -1201,6 +1201,7 @@ qx_status qx_relay_run(qx_relay *r, qx_relay_batch_fn fn, void *ud, int handle_s
             q = ready_to_claim(r, &e);
             if (q == QX_OK && r->leader) {
                 cur = &r->slot[0];
+                chained = 0;
                 q = claim(r, cur, &e);
                 if (q != QX_OK)
                     cur = NULL;
@@ -1221,7 +1222,9 @@ qx_status qx_relay_run(qx_relay *r, qx_relay_batch_fn fn, void *ud, int handle_s
             publish_start(r, cur);
             publish_wait(r, cur);
         }
-        if (cur->n >= r->o.batch_size && !stop_asked && !stopping(r, handle_signals) &&
+        /* after a batch that found rows, more have likely been committed meanwhile: claim
+         * them with this batch's COMMIT rather than after a wake-up and a round trip more */
+        if (cur->n > 0 && !stop_asked && !stopping(r, handle_signals) &&
             qx_nats_get_state(r->nats) == QX_NATS_CONNECTED)
             next = cur == &r->slot[0] ? &r->slot[1] : &r->slot[0];
         q = finish(r, cur, next, &next_q, &e);
@@ -1232,12 +1235,19 @@ qx_status qx_relay_run(qx_relay *r, qx_relay_batch_fn fn, void *ud, int handle_s
         if (fn != NULL && fn(ud, &cur->out, q == QX_OK ? NULL : &e))
             stop_asked = 1;
         if (next != NULL && next_q == QX_OK) {
-            cur = next; /* claimed: published (or committed when empty) even when stopping */
+            if (stop_asked || stopping(r, handle_signals)) {
+                /* nothing of it was sent yet: give the rows back */
+                abort_batch(r, next);
+                break;
+            }
+            cur = next;
+            chained = 1;
             continue;
         }
+        /* nothing more: soon again right after work (a retry may come due), later when idle;
+         * a NOTIFY cuts both short */
         wait_ms = q != QX_OK ? r->o.lock_retry_ms
-                  : cur->out.claimed >= r->o.batch_size ? 0
-                  : cur->out.claimed > 0 ? r->o.poll_interval_ms
+                  : (cur->out.claimed > 0 || chained) ? r->o.poll_interval_ms
                   : r->o.idle_interval_ms;
         cur = NULL;
         if (wait_ms > 0 && !stop_asked && !stopping(r, handle_signals))
