@@ -726,7 +726,7 @@ describe("unit of work", function()
       assert.equal(0, n)
     end)
 
-    it("costs one for a write-only unit of work: BEGIN, timeout, writes, outbox, NOTIFY, COMMIT", function()
+    it("costs one for a write-only unit of work: timeout, writes, outbox and NOTIFY together", function()
       local name = "one-trip-" .. SFX
       local n = round_trips(function()
         assert(db:unit_of_work(function(uow)
@@ -741,6 +741,54 @@ describe("unit of work", function()
       assert.equal(1, n)
       assert.equal(1, count_users(name))
       assert.equal(2, outbox_count_named(name))
+    end)
+
+    it("sends a write-only unit of work without BEGIN and COMMIT: one implicit transaction", function()
+      local real = conn_methods.batch
+      local sent = {}
+      conn_methods.batch = function(c, stmts, ...)
+        for _, s in ipairs(stmts) do sent[#sent + 1] = s[1] end
+        return real(c, stmts, ...)
+      end
+      local name = "implicit-" .. SFX
+      local ok, e = pcall(function()
+        assert(db:unit_of_work(function(uow)
+          assert(uow:queue("INSERT INTO " .. USERS .. " (id, name) VALUES ($1, $2)", qx.uuid(), name))
+          uow:record(Welcomed{ name = name })
+          return true
+        end))
+      end)
+      conn_methods.batch = real
+      assert(ok, e)
+      for _, sql in ipairs(sent) do
+        assert.is_nil(sql:find("^BEGIN"), sql)
+        assert.is_nil(sql:find("^COMMIT"), sql)
+      end
+      assert.equal(1, count_users(name))
+      assert.equal(1, outbox_count_named(name))
+    end)
+
+    it("uses BEGIN ... COMMIT when a queued statement needs a transaction block", function()
+      local name = "locked-" .. SFX
+      assert(db:unit_of_work(function(uow)
+        assert(uow:queue("  lock table " .. USERS .. " IN SHARE ROW EXCLUSIVE MODE"))
+        assert(uow:queue("INSERT INTO " .. USERS .. " (id, name) VALUES ($1, $2)", qx.uuid(), name))
+        return true
+      end))
+      assert.equal(1, count_users(name))
+    end)
+
+    it("applies its own statement_timeout to a write-only unit of work too", function()
+      local name = "implicit-slow-" .. SFX
+      local ok, err = db:unit_of_work(function(uow)
+        assert(uow:queue("INSERT INTO " .. USERS .. " (id, name) VALUES ($1, $2)", qx.uuid(), name))
+        assert(uow:queue("SELECT pg_sleep(2)"))
+        return true
+      end, { statement_timeout_ms = 100 })
+      assert.is_nil(ok)
+      assert.equal("timeout", err.code)
+      assert.equal(0, count_users(name))
+      assert.is_true(no_open_transaction(db))
     end)
 
     it("costs one per read, with the queued writes riding along, plus one for the commit", function()

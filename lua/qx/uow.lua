@@ -6,10 +6,12 @@
 --       pre_commit = fn(uow), post_commit = fn(uow), pre_rollback = fn(uow, err),
 --       post_rollback = fn(uow, err), on_hook_error = fn(err) })
 --
--- Statements are queued and sent together: BEGIN, SET LOCAL statement_timeout (when the unit of
--- work asks for another than the one every pooled connection has), the queued writes,
--- the outbox insert, NOTIFY and COMMIT of a unit of work that only writes travel in one pipelined
--- round trip. A read (uow:query) or uow:exec sends what is queued along with it.
+-- Statements are queued and sent together: SET LOCAL statement_timeout (when the unit of work
+-- asks for another than the one every pooled connection has), the queued writes, the outbox
+-- insert and NOTIFY of a unit of work that only writes travel in one pipelined round trip, as one
+-- implicit transaction (no BEGIN or COMMIT needed: a batch commits at its end or not at all). A
+-- read (uow:query) or uow:exec sends what is queued along with it, after a BEGIN, and the commit
+-- then ends with COMMIT.
 --
 -- At commit: events are drained from every tracked aggregate, stamped from the context, and
 -- dispatched to the in-process dispatcher inside the transaction (a handler may write through the
@@ -101,16 +103,19 @@ end
 -- Sends the queue plus extra statements in one round trip. Returns the results of the extra
 -- statements. Once a statement fails the transaction is lost: the uow remembers the error and
 -- will only roll back.
-function Uow:_send(extra)
+-- implicit: the batch is the whole transaction (the commit of a unit of work that has sent
+-- nothing yet), so it goes without BEGIN and COMMIT: the statements of one pipelined batch run in
+-- one implicit transaction that commits at its end, or not at all. Two statements less each time.
+function Uow:_send(extra, implicit)
     if self._failed then return nil, self._failed end
     local q = self._queue
     local nq = #q
     local batch = q
     if not self._begun then
         -- BEGIN and the timeout go first, still in the same round trip
-        local head = { BEGIN }
+        local head = implicit and {} or { BEGIN }
         if self._timeout and self._timeout ~= (self.db.session_timeout_ms or 0) then
-            head[2] = timeout_stmt(self._timeout) -- not the connection's own: SET LOCAL
+            head[#head + 1] = timeout_stmt(self._timeout) -- not the connection's own: SET LOCAL
         end
         for i = 1, nq do head[#head + 1] = q[i] end
         nq = #head
@@ -149,11 +154,19 @@ function Uow:exec(sql, ...)
     return res[1].affected
 end
 
+-- Statements PostgreSQL runs only inside BEGIN ... COMMIT (not in the implicit transaction of a
+-- batch without BEGIN); a unit of work that queues one uses an explicit transaction block.
+local NEEDS_BLOCK = { LOCK = true, DECLARE = true, SAVEPOINT = true, RELEASE = true }
+
 -- uow:queue(sql, ...): sent with the next read or at commit; a failure fails the unit of work.
 function Uow:queue(sql, ...)
     self:_check_open()
     if type(sql) ~= "string" then error("uow:queue: sql must be a string", 2) end
     if self._failed then return nil, self._failed end
+    if not self._block then
+        local word = sql:match("^%s*(%a+)")
+        if word and NEEDS_BLOCK[word:upper()] then self._block = true end
+    end
     self._queue[#self._queue + 1] = stmt(sql, ...)
     return true
 end
@@ -348,8 +361,11 @@ local function commit(uow)
     if not uow._begun and #uow._queue == 0 and #tail == 0 then
         return true -- nothing was done: no round trip at all
     end
-    tail[#tail + 1] = COMMIT
-    local res, e = uow:_send(tail)
+    -- savepoints and a few statements need a transaction block; otherwise a unit of work that
+    -- sends everything at commit needs neither BEGIN nor COMMIT
+    local implicit = not uow._begun and uow._sp == 0 and not uow._block
+    if not implicit then tail[#tail + 1] = COMMIT end
+    local res, e = uow:_send(tail, implicit)
     if not res then error(e, 0) end
     uow.published = outgoing
     return true
