@@ -466,8 +466,12 @@ static qx_status ensure_connection(qx_relay *r, qx_error *err)
         return q;
     snprintf(timeout, sizeof timeout, "%d", r->o.statement_timeout_ms);
     params[0] = timeout;
-    q = qx_conn_exec(r->conn, &res, "SELECT set_config('statement_timeout', $1, false)", 1,
-                     params, NULL, err);
+    /* plan_cache_mode: the claim's best plan depends on its parameters (the batch size, one
+     * shard or several); a generic plan can sort every pending row to take the first batch */
+    q = qx_conn_exec(r->conn, &res,
+                     "SELECT set_config('statement_timeout', $1, false),"
+                     " set_config('plan_cache_mode', 'force_custom_plan', false)",
+                     1, params, NULL, err);
     qx_result_free(res);
     if (q == QX_OK)
         q = qx_conn_listen(r->conn, r->channel, err);
