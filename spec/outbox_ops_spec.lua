@@ -145,6 +145,24 @@ describe("outbox operations", function()
     assert.is_true(require("qx.core").clock() - t0 < 5)
   end)
 
+  it("qx relay --metrics-file keeps a Prometheus text file up to date", function()
+    local path = os.tmpname()
+    os.remove(path)
+    local pid = H.spawn_relay(ctx, "--metrics-file " .. path .. " --metrics-interval 0.2"
+      .. " --idle-interval 0.1 --poll-interval 0.05")
+    H.commit(ctx, { { key = "a", name = "ok.one" }, { key = "b", name = "ok.two" } })
+    local text
+    assert(H.wait_until(function()
+      local f = io.open(path)
+      text = f and f:read("*a")
+      if f then f:close() end
+      return text and metric(text, 'qx_relay_published_total{shard="0",shard_count="1"}') == 2
+    end, 10), tostring(text) .. H.log_of(ctx, pid))
+    assert.equal(0, metric(text, "qx_outbox_pending"))
+    H.kill(ctx, pid, "TERM")
+    os.remove(path)
+  end)
+
   it("relay:metrics() adds the relay's counters to the outbox figures", function()
     dead_letter_two()
     H.commit(ctx, { { key = "m", name = "ok.m" } })

@@ -3,11 +3,11 @@
 --   qx relay [--url URL] [--servers NATS_URLS] [--shard-id N] [--shard-count N]
 --            [--batch-size N] [--max-in-flight N] [--max-attempts N] [--poll-interval S]
 --            [--idle-interval S] [--lock-retry S] [--ack-timeout-ms MS] [--subject-prefix P]
---            [--metrics-file PATH] [--ensure-stream] [--once] [--verbose]
+--            [--metrics-file PATH [--metrics-interval S]] [--ensure-stream] [--once] [--verbose]
 --
 -- Flags override the environment (QX_DB__*, QX_NATS__*, QX_RELAY__*). --metrics-file writes the
--- Prometheus text (outbox figures and relay counters) to PATH at most once a second, for a
--- textfile collector. --once runs one batch, prints its figures and exits (0 when nothing
+-- Prometheus text (outbox figures and relay counters) to PATH every --metrics-interval seconds
+-- (default 15; the outbox figures count the table's rows), for a textfile collector. --once runs one batch, prints its figures and exits (0 when nothing
 -- failed). --ensure-stream creates the stream first (development).
 local tostring = tostring
 local tonumber = tonumber
@@ -63,6 +63,12 @@ local function run(flags)
     if flags.metrics_file ~= nil and type(flags.metrics_file) ~= "string" then
         cli.complain("--metrics-file needs a path") return 2
     end
+    local metrics_every
+    metrics_every, e = number_flag(flags, "metrics_interval", false)
+    if e or (metrics_every and metrics_every <= 0) then
+        cli.complain("--metrics-interval must be a number of seconds > 0") return 2
+    end
+    metrics_every = metrics_every or 15
 
     local db = cli.connect(flags)
     if not db then return 1 end
@@ -120,7 +126,7 @@ local function run(flags)
             last_error = nil
         end
         if flags.verbose and r.claimed > 0 then log(summary(r)) end
-        if flags.metrics_file and os_time() ~= last_metrics then
+        if flags.metrics_file and os_time() - last_metrics >= metrics_every then
             last_metrics = os_time()
             local text = relay:metrics()
             if text then write_file(flags.metrics_file, text) end
@@ -142,7 +148,7 @@ return {
     usage = "qx relay [--url URL] [--servers NATS_URLS] [--shard-id N] [--shard-count N] "
         .. "[--batch-size N] [--max-in-flight N] [--max-attempts N] [--poll-interval S] "
         .. "[--idle-interval S] [--lock-retry S] [--ack-timeout-ms MS] [--subject-prefix P] "
-        .. "[--metrics-file PATH] [--ensure-stream] [--once] [--verbose]",
+        .. "[--metrics-file PATH [--metrics-interval S]] [--ensure-stream] [--once] [--verbose]",
     switches = { once = true, verbose = true, ensure_stream = true },
     run = run,
 }

@@ -39,8 +39,9 @@
  *   held:    keys with a row waiting for its next attempt, and that row's seq: the key's later
  *            rows are held back and take no place in the batch (few such rows: a small index)
  *   claimed: the batch, locked
- *   gaps:    pending rows of this shard up to the batch's last seq that the batch does not hold
- *            (another transaction locks them, or they wait for a retry), found in one pass
+ *   gaps:    per key, the first pending row of this shard up to the batch's last seq that the
+ *            batch does not hold (another transaction locks it, or it waits for a retry); found
+ *            with one pass and hashing, whatever the batch size
  * A claimed row with a gap of its key before it is dropped from the batch: that earlier row
  * holds its key. */
 static const char CLAIM_SQL[] =
@@ -61,18 +62,20 @@ static const char CLAIM_SQL[] =
     "                   WHERE h.partition_key = o.partition_key AND h.seq < o.seq)"
     " ORDER BY seq LIMIT $1::int"
     " FOR UPDATE SKIP LOCKED),"
-    " gaps AS MATERIALIZED (" /* once for the batch, not once per row */
-    " SELECT p.partition_key, p.seq FROM qx_outbox_events p"
-    " WHERE p.published_at IS NULL AND p.dead_at IS NULL AND p.partition_key IS NOT NULL"
-    "   AND p.seq <= (SELECT max(seq) FROM claimed)"
-    "   AND ($2::int = 1 OR mod(abs(hashtext(p.partition_key)::bigint), $2::int) = $3::int)"
-    "   AND NOT EXISTS (SELECT 1 FROM claimed x WHERE x.id = p.id))"
+    " gaps AS ("
+    " SELECT partition_key, min(seq) AS seq FROM ("
+    "   SELECT p.partition_key, p.seq FROM qx_outbox_events p"
+    "   WHERE p.published_at IS NULL AND p.dead_at IS NULL AND p.partition_key IS NOT NULL"
+    "     AND p.seq <= (SELECT max(seq) FROM claimed)"
+    "     AND ($2::int = 1 OR mod(abs(hashtext(p.partition_key)::bigint), $2::int) = $3::int)"
+    "   EXCEPT ALL"
+    "   SELECT partition_key, seq FROM claimed WHERE partition_key IS NOT NULL) AS skipped"
+    " GROUP BY partition_key)"
     " SELECT c.id::text, c.event_name, c.event_version::text, c.payload::text,"
     "        jsonb_typeof(c.payload), c.correlation_id::text, c.tenant_id::text,"
     "        c.partition_key, c.attempts::text"
-    " FROM claimed c"
-    " WHERE c.partition_key IS NULL OR NOT EXISTS ("
-    "   SELECT 1 FROM gaps g WHERE g.partition_key = c.partition_key AND g.seq < c.seq)"
+    " FROM claimed c LEFT JOIN gaps g ON g.partition_key = c.partition_key"
+    " WHERE g.seq IS NULL OR g.seq > c.seq"
     " ORDER BY c.seq";
 
 enum { COL_ID, COL_NAME, COL_VERSION, COL_BODY, COL_KIND, COL_CORRELATION, COL_TENANT, COL_KEY,
@@ -467,10 +470,12 @@ static qx_status ensure_connection(qx_relay *r, qx_error *err)
     snprintf(timeout, sizeof timeout, "%d", r->o.statement_timeout_ms);
     params[0] = timeout;
     /* plan_cache_mode: the claim's best plan depends on its parameters (the batch size, one
-     * shard or several); a generic plan can sort every pending row to take the first batch */
+     * shard or several); a generic plan can sort every pending row to take the first batch.
+     * jit: compiling the claim costs seconds and saves nothing on a batch */
     q = qx_conn_exec(r->conn, &res,
                      "SELECT set_config('statement_timeout', $1, false),"
-                     " set_config('plan_cache_mode', 'force_custom_plan', false)",
+                     " set_config('plan_cache_mode', 'force_custom_plan', false),"
+                     " set_config('jit', 'off', false)",
                      1, params, NULL, err);
     qx_result_free(res);
     if (q == QX_OK)
