@@ -4,6 +4,7 @@
 --        - raw nats.c js_PublishAsync of the same messages (bench/relay_bench.c, compiled here)
 --        - qx.relay (windowed async publish, batches, two connections)
 --        - a seed-style relay: one publish and one ack at a time, each row marked on its own
+--        - `qx relay` processes: one, and two shards
 --      taking turns over several rounds (medians reported: the machine may be shared);
 --      also one hot partition key (the relay keeps one event of a key unacked at a time)
 --   2. latency: commit returned -> a core NATS subscriber has the message, p50/p90/p99, at a
@@ -40,6 +41,7 @@ local function interpreter()
 end
 
 local here = (arg[0]:match("^(.*)/[^/]*$") or ".")
+local QX = here .. "/../bin/qx"
 local tmpdir = os.tmpname()
 os.remove(tmpdir)
 assert(os.execute("mkdir -p " .. sh(tmpdir)))
@@ -137,6 +139,34 @@ local function relay_run(n, keys)
     return n / dt, m
 end
 
+-- `shards` relay processes (qx relay --shard-id i --shard-count shards) draining n rows; the
+-- time runs from their start until nothing is pending (it includes starting them).
+local function sharded_run(n, shards)
+    local ctx = fresh("shards")
+    fill(ctx, n, KEYS)
+    local url = DB_URL .. "?options=-csearch_path%3D" .. ctx.name
+    local env = "LUA_PATH=" .. sh(package.path) .. " LUA_CPATH=" .. sh(package.cpath)
+        .. " QX_DB__URL=" .. sh(url) .. " QX_NATS__SERVERS=" .. sh(NATS_URL)
+        .. " QX_NATS__STREAM=" .. sh(ctx.name:upper())
+        .. " QX_NATS__SUBJECT_PREFIX=" .. sh(ctx.conn.settings.subject_prefix)
+    local sleeper = assert(ctx.db:acquire())
+    local pids = {}
+    local t0 = clock()
+    for i = 0, shards - 1 do
+        local p = io.popen(fmt("env %s %s %s relay --shard-id %d --shard-count %d"
+            .. " --idle-interval 0.05 >/dev/null 2>&1 & echo $!", env, interpreter(), sh(QX), i, shards))
+        pids[#pids + 1] = p:read("*l")
+        p:close()
+    end
+    while pending(ctx) > 0 do sleeper:notifications(20) end
+    local dt = clock() - t0
+    for _, pid in ipairs(pids) do os.execute("kill -TERM " .. pid .. " 2>/dev/null") end
+    sleeper:release()
+    assert(ctx.conn:stream_info().messages == n)
+    drop(ctx)
+    return n / dt
+end
+
 -- The seed's way: claim a few rows, then for each one publish, wait for the ack, mark it.
 local function seed_run(n)
     local ctx = fresh("seed")
@@ -169,7 +199,7 @@ end
 local function throughput()
     print(fmt("== throughput: %d events over %d keys (relay, raw), %d (seed-style), %d on one key; %d rounds",
               N, KEYS, SEED_N, HOT_N, ROUNDS))
-    local raw, relay, seed, hot = {}, {}, {}, {}
+    local raw, relay, seed, hot, one, two = {}, {}, {}, {}, {}, {}
     local raw_ctx = fresh("raw")
     local body_file = tmpdir .. "/body.json"
     for round = 1, ROUNDS do
@@ -181,13 +211,19 @@ local function throughput()
         raw[round] = raw_run(body_file, raw_ctx.conn.settings.subject_prefix .. ".bench.thing_happened", N)
         seed[round] = seed_run(SEED_N)
         hot[round] = relay_run(HOT_N, 1)
-        print(fmt("round %d: raw %.0f/s  relay %.0f/s (%.2fx raw)  seed-style %.0f/s  relay, one key %.0f/s",
-                  round, raw[round], relay[round], relay[round] / raw[round], seed[round], hot[round]))
+        one[round] = sharded_run(N, 1)
+        two[round] = sharded_run(N, 2)
+        print(fmt("round %d: raw %.0f/s  relay %.0f/s (%.2fx raw)  seed-style %.0f/s  relay, one key %.0f/s"
+                  .. "  qx relay processes: 1 %.0f/s, 2 shards %.0f/s",
+                  round, raw[round], relay[round], relay[round] / raw[round], seed[round], hot[round],
+                  one[round], two[round]))
     end
     drop(raw_ctx)
     local mr, ml, ms, mh = median(raw), median(relay), median(seed), median(hot)
     print(fmt("median: raw js_PublishAsync %.0f/s | qx relay %.0f/s = %.2fx raw, %.1fx seed-style | seed-style %.0f/s | one hot key %.0f/s",
               mr, ml, ml / mr, ml / ms, ms, mh))
+    print(fmt("median: qx relay processes (from their start): 1 %.0f/s, 2 shards %.0f/s (%.2fx)",
+              median(one), median(two), median(two) / median(one)))
 end
 
 -- ---- 2. latency ------------------------------------------------------------------------------------
@@ -203,7 +239,7 @@ local function latency()
         .. " QX_NATS__STREAM=" .. sh(ctx.name:upper())
         .. " QX_NATS__SUBJECT_PREFIX=" .. sh(ctx.conn.settings.subject_prefix)
     local rlog, llog = tmpdir .. "/relay.log", tmpdir .. "/listen.log"
-    local p = io.popen("env " .. base_env .. " " .. interpreter() .. " bin/qx relay >" .. sh(rlog)
+    local p = io.popen("env " .. base_env .. " " .. interpreter() .. " " .. sh(QX) .. " relay >" .. sh(rlog)
         .. " 2>&1 & echo $!")
     local relay_pid = tonumber(p:read("*l"))
     p:close()

@@ -203,6 +203,9 @@ function _M.new(opts)
     local conn, owned = nats.resolve(opts.nats)
     if not conn then return nil, owned end
     cfg.subject_prefix = cfg.subject_prefix or conn.settings.subject_prefix
+    if cfg.connect_timeout_ms == nil and opts.db then
+        cfg.connect_timeout_ms = opts.db.settings.connect_timeout_ms
+    end
     cfg.ack_timeout_ms = cfg.ack_timeout_ms or conn.settings.publish_timeout_ms
     cfg.conninfo = url
     cfg.nats = conn.handle
