@@ -135,7 +135,7 @@ local qx = require "qx"
 local core = require "qx.core"
 local cjson = require "cjson"
 
-local N = tonumber(arg[1]) or tonumber(os.getenv("UOW_BENCH_N")) or 4000
+local N = tonumber(arg[1]) or tonumber(os.getenv("UOW_BENCH_N")) or 2000
 local ROUNDS = tonumber(arg[2]) or tonumber(os.getenv("UOW_BENCH_ROUNDS")) or 3
 local CLIENTS = {}
 for c in (os.getenv("UOW_BENCH_CLIENTS") or "1,2"):gmatch("%d+") do CLIENTS[#CLIENTS + 1] = tonumber(c) end
