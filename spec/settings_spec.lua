@@ -1,32 +1,3 @@
--- Until the C binding is built, stand-ins for qx.core / qx.error keep this spec runnable.
-if not pcall(require, "qx.core") then
-  package.preload["qx.core"] = function()
-    local ok, cjson = pcall(require, "cjson")
-    local n = 0
-    return {
-      null = ok and cjson.null or setmetatable({}, { __tostring = function() return "null" end }),
-      error_mt = { __tostring = function(e) return e.code .. ": " .. e.message end },
-      uuid = function()
-        n = n + 1
-        return string.format("01900000-0000-7000-8000-%012x", n)
-      end,
-      now = function() return os.date("!%Y-%m-%dT%H:%M:%S") .. ".000000Z" end,
-    }
-  end
-end
-if not pcall(require, "qx.error") then
-  package.preload["qx.error"] = function()
-    local mt = { __tostring = function(e) return e.code .. ": " .. e.message end }
-    return {
-      new = function(code, message, extra)
-        local e = { code = code, message = message }
-        for k, v in pairs(extra or {}) do e[k] = v end
-        return setmetatable(e, mt)
-      end,
-    }
-  end
-end
-
 local settings = require "qx.settings"
 
 local URL = "postgresql://app:secret@127.0.0.1:5432/app"
