@@ -175,6 +175,21 @@ local function ranged(src, kind, lo, hi, scale)
 end
 
 
+-- A duration in milliseconds, from the `ms_option` (an integer), else from `seconds_option`
+-- given as an option or in its environment variable (decimals allowed), else its default.
+local function duration_ms(opts, getenv, ms_option, seconds_option)
+    local src = pick(opts, getenv, ms_option, nil)
+    if src ~= nil then
+        return ranged(src, "int", 0, INT_MAX, 1)
+    end
+    src = pick(opts, getenv, seconds_option, _M.ENV[seconds_option])
+    if src == nil then
+        return to_int(_M.DB_DEFAULTS[seconds_option] * 1000)
+    end
+    return ranged(src, "num", 0, MAX_SECONDS, 1000)
+end
+
+
 -- postgres URL or libpq conninfo; drops a SQLAlchemy "+driver" from the scheme
 local function normalise_url(src)
     local url = src.value
@@ -256,17 +271,7 @@ function _M.db(opts, getenv)
     out.pool_size = v
 
     -- acquire timeout: acquire_timeout_ms, else pool_timeout_seconds (option or variable)
-    src = pick(opts, getenv, "acquire_timeout_ms", nil)
-    if src ~= nil then
-        v, err = ranged(src, "int", 0, INT_MAX, 1)
-    else
-        src = pick(opts, getenv, "pool_timeout_seconds", ENV.pool_timeout_seconds)
-        if src == nil then
-            v = to_int(DEFAULTS.pool_timeout_seconds * 1000)
-        else
-            v, err = ranged(src, "num", 0, MAX_SECONDS, 1000)
-        end
-    end
+    v, err = duration_ms(opts, getenv, "acquire_timeout_ms", "pool_timeout_seconds")
     if v == nil then
         return nil, err
     end
@@ -305,17 +310,7 @@ function _M.db(opts, getenv)
     out.statement_timeout_ms = v
 
     -- connect timeout: connect_timeout_ms, else connect_timeout_seconds (option or variable)
-    src = pick(opts, getenv, "connect_timeout_ms", nil)
-    if src ~= nil then
-        v, err = ranged(src, "int", 0, INT_MAX, 1)
-    else
-        src = pick(opts, getenv, "connect_timeout_seconds", ENV.connect_timeout_seconds)
-        if src == nil then
-            v = to_int(DEFAULTS.connect_timeout_seconds * 1000)
-        else
-            v, err = ranged(src, "num", 0, MAX_SECONDS, 1000)
-        end
-    end
+    v, err = duration_ms(opts, getenv, "connect_timeout_ms", "connect_timeout_seconds")
     if v == nil then
         return nil, err
     end
