@@ -17,6 +17,11 @@ int qx_push_error(lua_State *L, const qx_error *err);
 /* Same, for an error made here. */
 int qx_push_error_msg(lua_State *L, const char *code, const char *message);
 
+/* Registers the metatable tname once per state: methods as __index, close as __gc and __close
+ * (so closing twice must be harmless), and __tostring. */
+void qx_register_type(lua_State *L, const char *tname, const luaL_Reg *methods,
+                      lua_CFunction close, lua_CFunction tostring);
+
 /* Registry keys for the JSON functions (a private lua-cjson instance). */
 void qx_json_init(lua_State *L);
 

@@ -233,16 +233,6 @@ static const luaL_Reg methods[] = {
 
 int qx_open_conn(lua_State *L)
 {
-    if (luaL_newmetatable(L, QX_CONN_MT)) {
-        qx_newlib(L, methods);
-        lua_setfield(L, -2, "__index");
-        lua_pushcfunction(L, l_release);
-        lua_setfield(L, -2, "__gc");
-        lua_pushcfunction(L, l_release);
-        lua_setfield(L, -2, "__close");
-        lua_pushcfunction(L, l_tostring);
-        lua_setfield(L, -2, "__tostring");
-    }
-    lua_pop(L, 1);
+    qx_register_type(L, QX_CONN_MT, methods, l_release, l_tostring);
     return 0;
 }

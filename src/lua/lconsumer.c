@@ -219,17 +219,7 @@ static const luaL_Reg methods[] = {
 /* Registers the metatable and adds consumer to the table at the top (the module). */
 void qx_open_consumer(lua_State *L)
 {
-    if (luaL_newmetatable(L, QX_CONSUMER_MT)) {
-        qx_newlib(L, methods);
-        lua_setfield(L, -2, "__index");
-        lua_pushcfunction(L, l_close);
-        lua_setfield(L, -2, "__gc");
-        lua_pushcfunction(L, l_close);
-        lua_setfield(L, -2, "__close");
-        lua_pushcfunction(L, l_tostring);
-        lua_setfield(L, -2, "__tostring");
-    }
-    lua_pop(L, 1);
+    qx_register_type(L, QX_CONSUMER_MT, methods, l_close, l_tostring);
     lua_pushcfunction(L, l_consumer_new);
     lua_setfield(L, -2, "consumer");
 }

@@ -304,17 +304,7 @@ static const luaL_Reg methods[] = {
  * at the top of the stack. */
 void qx_open_nats(lua_State *L)
 {
-    if (luaL_newmetatable(L, QX_NATS_MT)) {
-        qx_newlib(L, methods);
-        lua_setfield(L, -2, "__index");
-        lua_pushcfunction(L, l_close);
-        lua_setfield(L, -2, "__gc");
-        lua_pushcfunction(L, l_close);
-        lua_setfield(L, -2, "__close");
-        lua_pushcfunction(L, l_tostring);
-        lua_setfield(L, -2, "__tostring");
-    }
-    lua_pop(L, 1);
+    qx_register_type(L, QX_NATS_MT, methods, l_close, l_tostring);
     lua_pushcfunction(L, qx_nats_new_lua);
     lua_setfield(L, -2, "nats");
     lua_pushcfunction(L, l_subject_valid);
