@@ -118,6 +118,30 @@ describe("event store: gap-safe reads", function()
     assert.truthy(tx)
   end)
 
+  it("reads by many event names or aggregate types alike (one scan with a filter past 64)", function()
+    local m = model()
+    local id = qx.uuid()
+    assert(db:unit_of_work(function(uow)
+      local acc = m.Account.new(id)
+      acc:record(m.Deposited{ amount = 1 })
+      acc:record(m.Noted{ text = "a" })
+      acc:record(m.Deposited{ amount = 2 })
+      return uow:store(m.store):append(acc)
+    end))
+    for _, k in ipairs({ 2, 64, 65, 100 }) do
+      local names = { m.Deposited.event_name, m.Noted.event_name }
+      for i = 3, k do names[i] = support.unique("rd.unused") end
+      local recs = assert(m.store:read_all{ types = names, aggregate_type = m.type })
+      assert.equal(3, #recs, k .. " names")
+      assert.same({ 1, 2 }, { recs[1].amount, recs[3].amount })
+      local types = { m.type }
+      for i = 2, k do types[i] = support.unique("RdUnused") end
+      recs = assert(m.store:read_all{ aggregate_type = types, limit = 2 })
+      assert.equal(2, #recs, k .. " types")
+      assert.equal(1, recs[1]._sequence)
+    end
+  end)
+
   it("reads a stream in sequence order from a given sequence", function()
     local m = model()
     local id = qx.uuid()

@@ -73,7 +73,8 @@ ON CONFLICT (projection_name) DO NOTHING]]
 -- One batch: lock the checkpoint row, read the events after it below the horizon. One row
 -- always comes back while the checkpoint row exists (event columns NULL when there is none);
 -- withheld says whether committed events wait above the horizon (a transaction holds it).
-local function batch_sql(mode)
+local function batch_sql(names, types)
+    local mode, k = store_mod.read_mode(names, types)
     return [[
 WITH cp AS (
     SELECT tx_id, global_position FROM qx_projection_checkpoints
@@ -89,14 +90,11 @@ FROM cp CROSS JOIN h
 LEFT JOIN LATERAL (
 ]] .. store_mod.candidates(mode, { after = "(cp.tx_id, cp.global_position)", horizon = "h.horizon",
                                      names = "$2::jsonb", types = "$3::jsonb",
-                                     tenant = "NULL::text", limit = "$4::int" }) .. [[
+                                     tenant = "NULL::text", limit = "$4::int" }, k) .. [[
 
 ) e ON true
 ORDER BY e.tx_id, e.global_position]]
 end
-
--- handlers always name their events
-local BATCH = batch_sql(store_mod.read_mode(true, nil))
 
 local ADVANCE = [[
 UPDATE qx_projection_checkpoints
@@ -231,6 +229,7 @@ function _M.new(opts)
         categories = cats,
         batch_size = batch,
         reset = opts.reset,
+        _batch_sql = batch_sql(names, cats),
         on_progress = progress or nil,
         progress_interval = every,
         _ready = false,
@@ -286,7 +285,8 @@ end
 local function run_batch(self)
     local result
     local ok, e = self.db:unit_of_work(function(uow)
-        local rows, qe = uow:query(BATCH, self.name, self.types, self.categories, self.batch_size)
+        local rows, qe = uow:query(self._batch_sql, self.name, self.types, self.categories,
+                                   self.batch_size)
         if not rows then
             error(qe, 0)
         end
