@@ -95,13 +95,12 @@ end
 -- work sends it: BEGIN, the statement timeout, the insert, NOTIFY, COMMIT in one pipeline.
 local function pgbench_script(transaction)
     local Q = "'"
-    local expr = "(" .. Q .. '[{"id":"' .. Q .. " || gen_random_uuid() || " .. Q
-        .. '","type":"BenchPgbench","agg":"' .. Q .. " || gen_random_uuid() || " .. Q
-        .. '","seq":1,"name":"bench.money_deposited","event":{"event_id":"' .. Q
-        .. " || gen_random_uuid() || " .. Q .. '","event_name":"bench.money_deposited",'
-        .. '"event_version":1,"occurred_at":"2026-11-22T04:13:56.123456Z","correlation_id":"'
-        .. Q .. " || gen_random_uuid() || " .. Q .. '","amount":10,"note":"bench deposit",'
-        .. '"reference":"INV-0001"},"at":"2026-11-22T04:13:56.123456Z"}]' .. Q .. ")::jsonb"
+    local expr = "(" .. Q .. '[{"type":"BenchPgbench","agg":"' .. Q .. " || gen_random_uuid() || "
+        .. Q .. '","seq":1,"event":{"event_id":"' .. Q .. " || gen_random_uuid() || " .. Q
+        .. '","event_name":"bench.money_deposited","event_version":1,'
+        .. '"occurred_at":"2026-11-22T04:13:56.123456Z","correlation_id":"' .. Q
+        .. " || gen_random_uuid() || " .. Q .. '","amount":10,"note":"bench deposit",'
+        .. '"reference":"INV-0001"}}]' .. Q .. ")::jsonb"
     local sql = es_mod.APPEND_SQL:gsub("%$1::jsonb", function() return expr end):gsub("\n", " ")
     if not transaction then
         return sql .. ";\n"
@@ -173,10 +172,17 @@ local function bench_append(db)
             q2[i] = qx_tps(db, clients, false)
             r1[i], r2[i], r3[i] = q1[i] / b1[i], q2[i] / b1[i], q1[i] / b2[i]
         end
+        local function spread(t)
+            local c = {}
+            for i, v in ipairs(t) do c[i] = v end
+            table.sort(c)
+            return fmt("%.2f-%.2f", c[1], c[#c])
+        end
         print(fmt("clients %d  pgbench insert %6.0f tps | pgbench same transaction %6.0f tps | "
-                  .. "qx %6.0f tps (%.2fx insert, %.2fx transaction) | qx notify=false %6.0f tps "
-                  .. "(%.2fx insert)", clients, median(b1), median(b2), median(q1), median(r1),
-                  median(r3), median(q2), median(r2)))
+                  .. "qx %6.0f tps (%.2fx insert [rounds %s], %.2fx transaction) | "
+                  .. "qx notify=false %6.0f tps (%.2fx insert [rounds %s])", clients, median(b1),
+                  median(b2), median(q1), median(r1), spread(r1), median(r3), median(q2),
+                  median(r2), spread(r2)))
     end
 end
 

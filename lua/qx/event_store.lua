@@ -18,7 +18,10 @@
 -- returns true, and a concurrent append of the same version makes db:unit_of_work return
 -- nil, { code = "conflict" } with nothing of the transaction written (the unique key
 -- (aggregate_type, aggregate_id, sequence) refuses the second writer). Call uow:flush() after
--- append to see the conflict at that point instead (it returns nil, err). Bad input - an event
+-- append to see the conflict at that point instead (it returns nil, err). Queued rather than
+-- sent at once on purpose: a failed statement aborts the transaction anyway, so an early
+-- conflict only helps inside a savepoint, and sending it at once would cost every append a
+-- second round trip. Bad input - an event
 -- or snapshot JSON cannot hold, an event_id that is not a uuid - is found before anything is
 -- queued: append returns nil, { code = "invalid" } and the aggregate keeps its events.
 -- Every recorded event is handed to the unit of work (uow:record), which dispatches it
@@ -33,12 +36,19 @@
 -- row. Why this never skips an event that commits late, without serialising writers:
 --   1. xmin of a snapshot is the oldest transaction id still running when the snapshot was
 --      taken; every transaction with a smaller id has committed or aborted, and its committed
---      rows are visible in that snapshot. Transactions that start later get larger ids.
+--      rows are visible in that snapshot (PostgreSQL's documented meaning of
+--      pg_snapshot_xmin). A transaction takes its id at its first write, from a counter that
+--      only grows, and is listed as running before any later id is handed out; so every id
+--      taken after the snapshot is at least xmin.
 --   2. So the set of rows with tx_id < xmin is final when the statement runs: no row can
---      appear below the horizon afterwards, whatever commits later.
+--      appear below the horizon afterwards, whatever commits later. (tx_id is the top-level
+--      transaction's id even for rows written in a savepoint.)
 --   3. The reader returns a prefix of that final set in a total order (tx_id, global_position)
 --      and the next read starts strictly after the last row returned. Everything before the
---      checkpoint was in a final set and was returned; nothing is returned twice.
+--      checkpoint was in a final set and was returned; nothing is returned twice. A read that
+--      comes back short has seen every row below its horizon, matching its filters or not, so
+--      its checkpoint moves on to (xmin, 0) - the horizon never moves back, as the oldest
+--      running id only grows.
 -- A position taken from a sequence (bigserial alone) has no such property: a transaction can
 -- hold position 10 while position 11 commits, and a reader that moves past 11 never sees 10.
 -- Writers never wait for each other; a long transaction that holds an xid holds the horizon
@@ -172,8 +182,9 @@ local APPEND = [[
 INSERT INTO qx_aggregate_events
     (id, aggregate_type, aggregate_id, sequence, event_type, event_name, payload, occurred_at,
      tenant_id)
-SELECT (r->>'id')::uuid, r->>'type', r->>'agg', (r->>'seq')::int, r->>'name', r->>'name',
-       r->'event', (r->>'at')::timestamptz, r->>'tenant'
+SELECT (r->'event'->>'event_id')::uuid, r->>'type', r->>'agg', (r->>'seq')::int,
+       r->'event'->>'event_name', r->'event'->>'event_name', r->'event',
+       (r->'event'->>'occurred_at')::timestamptz, r->'event'->>'tenant_id'
 FROM jsonb_array_elements($1::jsonb) WITH ORDINALITY AS x(r, i)
 ORDER BY i]]
 _M.APPEND_SQL = APPEND
@@ -362,7 +373,9 @@ local STORE_OPTS = { db = true, snapshot_every = true, notify = true }
 
 -- new{ db = db?, snapshot_every = n?, notify = true }
 -- db is needed for reads outside a unit of work (read_all, read_stream, stall).
--- notify = false leaves out NOTIFY qx_events (projections then find events by polling).
+-- notify = false leaves out NOTIFY qx_events: PostgreSQL serialises the commits of notifying
+-- transactions (one lock, held through the commit), which caps many concurrent writers;
+-- projections then find events by polling.
 function _M.new(opts)
     if opts == nil then
         opts = {}
@@ -749,6 +762,11 @@ function Bound:load(class, id, opts)
     if opts ~= nil and type(opts) ~= "table" then
         error("es:load: options must be a table", 2)
     end
+    for k in pairs(opts or {}) do
+        if k ~= "snapshot" then
+            error("es:load: unknown option '" .. tostring(k) .. "' (known: snapshot)", 2)
+        end
+    end
     local use_snapshot = not (opts and opts.snapshot == false)
     local spec = es_class.spec(class)
     local rows, e = self.uow:query(LOAD, class.aggregate_type, tostring(id), use_snapshot,
@@ -854,16 +872,7 @@ local function prepare(store, uow, agg, opts)
                     flat[k] = v
                 end
             end
-            rows[n] = {
-                id = ev.event_id,
-                type = agg_type,
-                agg = sid,
-                seq = version + n,
-                name = ev.event_name,
-                event = flat,
-                at = ev.occurred_at,
-                tenant = ev.tenant_id,
-            }
+            rows[n] = { type = agg_type, agg = sid, seq = version + n, event = flat }
         end
     end
     if version + n > MAX_VERSION then
