@@ -353,9 +353,20 @@ local function report(results, sync)
     { "qx LuaJIT / LuaSQL LuaJIT", "qx_jit", "luasql_jit", "1.5" },
   }
   for _, r in ipairs(ratios) do
-    local line = "| " .. r[1] .. " |"
-    for _, c in ipairs(CLIENTS) do line = line .. string.format(" %.2f |", m(r[2], c) / m(r[3], c)) end
-    print(line .. " >= " .. r[4] .. " |")
+    if results[r[2] .. ":" .. CLIENTS[1]] and results[r[3] .. ":" .. CLIENTS[1]] then
+      local line = "| " .. r[1] .. " |"
+      for _, c in ipairs(CLIENTS) do line = line .. string.format(" %.2f |", m(r[2], c) / m(r[3], c)) end
+      print(line .. " >= " .. r[4] .. " |")
+    end
+  end
+end
+
+-- UOW_BENCH_ONLY="qx_54,pgb_prepared" runs only those contenders (keys above)
+if os.getenv("UOW_BENCH_ONLY") then
+  local keep = {}
+  for k in os.getenv("UOW_BENCH_ONLY"):gmatch("[%w_]+") do keep[k] = true end
+  for i = #CONTENDERS, 1, -1 do
+    if not keep[CONTENDERS[i].key] then table.remove(CONTENDERS, i) end
   end
 end
 

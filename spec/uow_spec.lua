@@ -156,6 +156,28 @@ describe("unit of work", function()
       assert.is_true(same)
     end)
 
+    it("writes every integration event of a unit of work in recording order, few or many", function()
+      for _, count in ipairs({ 3, 40 }) do -- a VALUES row each, or one JSON array
+        local name = "many-" .. count .. "-" .. SFX
+        local ids = {}
+        assert(db:unit_of_work(function(uow)
+          local u = uow:track(User.new{ name = name })
+          for i = 1, count do ids[i] = u:record(Registered{ name = name, i = i }).event_id end
+          return true
+        end, { context = { tenant_id = qx.uuid() } }))
+        local rows = assert(db:query([[SELECT id::text AS id, payload, partition_key, tenant_id::text AS tenant_id
+          FROM qx_outbox_events WHERE payload->'payload'->>'name' = $1 ORDER BY seq]], name))
+        assert.equal(count, #rows)
+        for i, r in ipairs(rows) do
+          assert.equal(ids[i], r.id)
+          assert.equal(ids[i], r.payload.event_id)
+          assert.equal(i, r.payload.payload.i)
+          assert.equal(r.payload.tenant_id, r.tenant_id)
+          assert.truthy(r.partition_key:find("^UowSpecUser:"))
+        end
+      end
+    end)
+
     it("sends NOTIFY qx_outbox on commit", function()
       drain()
       local pid

@@ -16,7 +16,8 @@
 -- At commit: events are drained from every tracked aggregate, stamped from the context, and
 -- dispatched to the in-process dispatcher inside the transaction (a handler may write through the
 -- same uow, track more aggregates or record more events; those are drained too); integration
--- events are written to qx_outbox_events in one insert, with a NOTIFY on the "qx_outbox" channel.
+-- events are written to qx_outbox_events in one (multi-row) insert, with a NOTIFY on the
+-- "qx_outbox" channel.
 -- Any error - raised by fn or a handler, or returned by a statement - rolls everything back and
 -- unit_of_work returns nil, err; the connection goes back to the pool clean. On success it
 -- returns what fn returned, or true when fn returned nothing.
@@ -263,6 +264,48 @@ local function outbox_rows(events)
     return rows
 end
 
+-- Up to OUTBOX_VALUES_MAX events go as INSERT ... VALUES with nine parameters a row: the server
+-- spends about a sixth less than on taking the same rows apart from one JSON array (measured
+-- per transaction of one row and one event). More events go as the JSON array, so that the
+-- number of distinct statement texts stays small.
+local OUTBOX_VALUES_MAX = 32
+local OUTBOX_VALUES_HEAD = "INSERT INTO qx_outbox_events (id, event_name, event_version, payload, "
+    .. "occurred_at, correlation_id, causation_id, tenant_id, partition_key) VALUES "
+local outbox_values_sql = {}
+
+local function outbox_stmt(events)
+    local n = #events
+    if n > OUTBOX_VALUES_MAX then return stmt(OUTBOX_INSERT, outbox_rows(events)) end
+    local sql = outbox_values_sql[n]
+    if not sql then
+        local rows = {}
+        for i = 0, n - 1 do
+            local b = 9 * i
+            rows[i + 1] = string.format("($%d, $%d, $%d, $%d, $%d, $%d, $%d, $%d, $%d)",
+                                        b + 1, b + 2, b + 3, b + 4, b + 5, b + 6, b + 7, b + 8, b + 9)
+        end
+        sql = OUTBOX_VALUES_HEAD .. table.concat(rows, ", ")
+        outbox_values_sql[n] = sql
+    end
+    local s = { sql, n = 9 * n }
+    local null = core.null
+    for i = 1, n do
+        local ev = events[i]
+        local env = ev:envelope()
+        local b = 9 * (i - 1) + 1 -- s[1] is the SQL text
+        s[b + 1] = env.event_id
+        s[b + 2] = env.event_name
+        s[b + 3] = env.event_version
+        s[b + 4] = env -- the whole envelope is the payload (JSON)
+        s[b + 5] = env.occurred_at
+        s[b + 6] = env.correlation_id
+        s[b + 7] = env.causation_id
+        s[b + 8] = env.tenant_id
+        s[b + 9] = partition_key(ev) or null
+    end
+    return s
+end
+
 -- ---- bound views -------------------------------------------------------------------------
 
 -- uow:repo(description): the repository described by qx.repository{...}, bound to this
@@ -355,7 +398,7 @@ local function commit(uow)
 
     local tail = {}
     if #outgoing > 0 then
-        tail[1] = stmt(OUTBOX_INSERT, outbox_rows(outgoing))
+        tail[1] = outbox_stmt(outgoing)
         tail[2] = NOTIFY_OUTBOX
     end
     if not uow._begun and #uow._queue == 0 and #tail == 0 then
