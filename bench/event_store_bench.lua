@@ -6,8 +6,8 @@
 --      vs the same keyset query through the binding without making records
 --
 --   lua5.4 bench/event_store_bench.lua [append|load|read ...]   (QX_DB__URL, PostgreSQL bin
---   from QX_TEST_PG_BIN; QX_BENCH_SECONDS per append run, default 10; QX_BENCH_EVENTS for the
---   read, default 1000000)
+--   from QX_TEST_PG_BIN; QX_BENCH_SECONDS per append run, default 3; QX_BENCH_ROUNDS, default 5;
+--   QX_BENCH_EVENTS for the read, default 1000000, written once and kept for later runs)
 local qx = require "qx"
 local core = require "qx.core"
 local es_mod = require "qx.event_store"
@@ -16,7 +16,7 @@ local clock = core.clock
 local fmt = string.format
 local env = os.getenv
 
-local SECONDS = tonumber(env("QX_BENCH_SECONDS") or "10")
+local SECONDS = tonumber(env("QX_BENCH_SECONDS") or "3")
 local READ_EVENTS = tonumber(env("QX_BENCH_EVENTS") or "1000000")
 local PG_BIN = env("QX_TEST_PG_BIN") or "/usr/lib/postgresql/15/bin"
 
