@@ -209,6 +209,16 @@ describe("qx.projection", function()
     assert.equal(1, assert(p:catch_up()))
   end)
 
+  it("run gives its connection back when the stop function raises", function()
+    local m = model()
+    local p = projection(m)
+    local in_use = db:stats().in_use
+    local ok, e = pcall(p.run, p, { poll_ms = 10, stop = function() error("stop raised") end })
+    assert.is_false(ok)
+    assert.matches("stop raised", tostring(e))
+    assert.equal(in_use, db:stats().in_use)
+  end)
+
   it("reports progress on long catch-ups", function()
     local m = model()
     local reports = {}

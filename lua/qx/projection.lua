@@ -433,35 +433,41 @@ function Projection:run(opts)
         return nil, e
     end
     self._stopping = false
-    local total, soon = 0, nil
-    while true do
-        local n, info = self:catch_up()
-        if not n then
-            conn:release()
-            return nil, info
+    -- the loop runs protected so that the LISTEN connection goes back to the pool whatever
+    -- happens in a handler or the stop function
+    local done, total, failure = pcall(function()
+        local sum, soon = 0, nil
+        while true do
+            local n, info = self:catch_up()
+            if not n then
+                return nil, info
+            end
+            sum = sum + n
+            if self._stopping or (opts.stop and opts.stop())
+               or (deadline and clock() >= deadline) then
+                return sum
+            end
+            local wait = poll
+            if info.withheld then
+                soon = soon and min(soon * 2, poll) or 10
+                wait = soon
+            else
+                soon = nil
+            end
+            if deadline then
+                wait = max(0, min(wait, (deadline - clock()) * 1000))
+            end
+            local notes, ne = conn:notifications(floor(wait))
+            if not notes then
+                return nil, ne
+            end
         end
-        total = total + n
-        if self._stopping or (opts.stop and opts.stop()) or (deadline and clock() >= deadline) then
-            break
-        end
-        local wait = poll
-        if info.withheld then
-            soon = soon and min(soon * 2, poll) or 10
-            wait = soon
-        else
-            soon = nil
-        end
-        if deadline then
-            wait = max(0, min(wait, (deadline - clock()) * 1000))
-        end
-        local notes, ne = conn:notifications(floor(wait))
-        if not notes then
-            conn:release()
-            return nil, ne
-        end
-    end
+    end)
     conn:release()
-    return total
+    if not done then
+        error(total, 0)
+    end
+    return total, failure
 end
 
 
