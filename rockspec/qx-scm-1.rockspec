@@ -49,6 +49,7 @@ build = {
         "src/lua/lconn.c",
         "src/lua/lconsumer.c",
         "src/lua/lcrypto.c",
+        "src/lua/ljson.c",
         "src/lua/lmodule.c",
         "src/lua/lnats.c",
         "src/lua/lpool.c",

@@ -62,7 +62,6 @@
 -- event instance (event_id, event_name, event_version, occurred_at, correlation_id,
 -- causation_id, tenant_id, actor_id and the payload fields), aggregate_type, aggregate_id, and
 -- the store's own fields _sequence, _global_position and _tx_id ("_" keys are never payload).
-local cjson = require "cjson.safe"
 local core = require "qx.core"
 local qx_error = require "qx.error"
 local event = require "qx.event"
@@ -92,12 +91,14 @@ _M.CHANNEL = "qx_events"          -- NOTIFY channel of every append
 local MAX_LIMIT = 100000
 local MAX_VERSION = 2147483647
 
--- JSON for what the store writes: its own lua-cjson instance, so the application's settings
--- of the shared module do not change what is stored. Encoding here, before anything is
--- queued, is what lets append report a value JSON cannot hold while the aggregate keeps its
--- events.
-local json = cjson.new()
-local encode = json.encode
+-- JSON for what the store writes: the binding's encoder, which keeps numbers exact (the
+-- distributions' lua-cjson rounds to 14 digits). Encoding here, before anything is queued, is
+-- what lets append report a value JSON cannot hold while the aggregate keeps its events.
+local function encode(v)
+    local text, e = core.json_encode(v)
+    if not text then return nil, e.message end
+    return text
+end
 
 
 -- ---- checkpoints ------------------------------------------------------------------------

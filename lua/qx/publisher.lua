@@ -23,8 +23,6 @@ local pcall = pcall
 
 local _M = { _VERSION = "0.1.0" }
 
-local json = require("cjson.safe").new()
-if not pcall(json.encode_number_precision, 17) then pcall(json.encode_number_precision, 16) end
 local null = core.null
 
 local Publisher = {}
@@ -85,8 +83,8 @@ function Publisher:publish(ev)
     if not core.nats_subject_valid(subject) then
         return nil, qx_error.new("invalid", "event name gives an invalid subject: " .. subject)
     end
-    local body, e = json.encode(env)
-    if not body then return nil, qx_error.new("invalid", "envelope cannot be encoded: " .. tostring(e)) end
+    local body, e = core.json_encode(env)
+    if not body then return nil, qx_error.new("invalid", "envelope cannot be encoded: " .. e.message) end
     return self.conn:publish(subject, body, _M.headers(env), env.event_id)
 end
 

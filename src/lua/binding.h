@@ -22,7 +22,12 @@ int qx_push_error_msg(lua_State *L, const char *code, const char *message);
 void qx_register_type(lua_State *L, const char *tname, const luaL_Reg *methods,
                       lua_CFunction close, lua_CFunction tostring);
 
-/* Registry keys for the JSON functions (a private lua-cjson instance). */
+/* Pushes the JSON text of the value at idx and returns 1; on a value JSON cannot hold pushes the
+ * reason, points *error at it and returns 0. Numbers are exact (see ljson.c). */
+int qx_json_push(lua_State *L, int idx, const char **error);
+void qx_open_json(lua_State *L);
+
+/* The JSON decoder (a private lua-cjson instance), kept in the registry. */
 void qx_json_init(lua_State *L);
 
 /* Parameters: converts the values at stack slots first..first+n-1 into text for libpq.

@@ -6,13 +6,12 @@
 
 #include "binding.h"
 
-static const char JSON_ENCODE_KEY[] = "qx.json.encode";
 static const char JSON_DECODE_KEY[] = "qx.json.decode";
 
 #define NUM_SCRATCH 32
 
-/* A private lua-cjson instance, so the application's own cjson settings do not change ours.
- * Numbers keep 17 significant digits (cjson's default of 14 rounds large integers). */
+/* Decoding uses a private lua-cjson instance, so the application's own cjson settings do not
+ * change ours. (Encoding is ljson.c's: exact numbers.) */
 void qx_json_init(lua_State *L)
 {
     int top = lua_gettop(L);
@@ -21,19 +20,6 @@ void qx_json_init(lua_State *L)
     lua_call(L, 1, 1);
     lua_getfield(L, -1, "new");
     lua_call(L, 0, 1);
-    lua_getfield(L, -1, "encode_number_precision");
-    lua_pushvalue(L, -2);
-    lua_pushinteger(L, 17);
-    if (lua_pcall(L, 2, 0, 0) != 0) {
-        lua_pop(L, 1);
-        lua_getfield(L, -1, "encode_number_precision"); /* older builds cap precision at 14/16 */
-        lua_pushvalue(L, -2);
-        lua_pushinteger(L, 16);
-        if (lua_pcall(L, 2, 0, 0) != 0)
-            lua_pop(L, 1);
-    }
-    lua_getfield(L, -1, "encode");
-    lua_setfield(L, LUA_REGISTRYINDEX, JSON_ENCODE_KEY);
     lua_getfield(L, -1, "decode");
     lua_setfield(L, LUA_REGISTRYINDEX, JSON_DECODE_KEY);
     lua_settop(L, top);
@@ -113,12 +99,13 @@ int qx_params_from_stack(lua_State *L, qx_params *out, int first, int n)
                 lua_rawseti(L, -2, ++nstrings);
                 lua_replace(L, anchor);
             }
-            lua_getfield(L, LUA_REGISTRYINDEX, JSON_ENCODE_KEY);
-            lua_pushvalue(L, idx);
-            if (lua_pcall(L, 1, 1, 0) != 0) {
-                snprintf(msg, sizeof msg, "parameter $%d cannot be sent as JSON: %s", i + 1,
-                         lua_tostring(L, -1) ? lua_tostring(L, -1) : "?");
-                goto fail;
+            {
+                const char *why = NULL;
+                if (!qx_json_push(L, idx, &why)) {
+                    snprintf(msg, sizeof msg, "parameter $%d cannot be sent as JSON: %s", i + 1,
+                             why);
+                    goto fail;
+                }
             }
             s = lua_tolstring(L, -1, &len);
             out->values[i] = s;

@@ -1,0 +1,50 @@
+-- JSON written by qx keeps numbers exact: the encoder behind every table parameter, envelope,
+-- event and snapshot.
+local core = require "qx.core"
+local cjson = require "cjson"
+local support = require "support"
+local qx = require "qx"
+
+-- Lua 5.4 has 64-bit integers; on LuaJIT every number is a double, exact up to 2^53.
+local BIG, BIG_TEXT = 9007199254740992, "9007199254740992"
+if math.type then BIG, BIG_TEXT = 123456789012345678, "123456789012345678" end
+
+describe("json encoding", function()
+  it("writes integers beyond 14 digits exactly", function()
+    assert.equal("[" .. BIG_TEXT .. ",-" .. BIG_TEXT .. ",100000000000001]",
+                 core.json_encode({ BIG, -BIG, 100000000000001 }))
+  end)
+
+  it("writes floats with the fewest digits that read back the same", function()
+    assert.equal("[0.1,0.30000000000000004,1.5,1e-07]",
+                 core.json_encode({ 0.1, 0.1 + 0.2, 1.5, 1e-7 }))
+    for _, v in ipairs({ 1 / 3, 2 ^ 0.5, 5e-324, 1.7976931348623157e308, -123.456 }) do
+      assert.equal(v, cjson.decode(core.json_encode(v)))
+    end
+  end)
+
+  it("gives arrays, objects, null and escapes the shapes lua-cjson gives", function()
+    assert.equal('[1,"a",true,null]', core.json_encode({ 1, "a", true, core.null }))
+    assert.equal("{}", core.json_encode({}))
+    assert.equal('{"k":"x\\n\\"\\\\\\u0001"}', core.json_encode({ k = 'x\n"\\\1' }))
+    assert.same({ ["1"] = 1, ["3"] = 3 }, cjson.decode(core.json_encode({ [1] = 1, [3] = 3 })))
+  end)
+
+  it("refuses what JSON cannot hold with an invalid error", function()
+    local cyclic = {}
+    cyclic.self = cyclic
+    for _, v in ipairs({ { f = print }, cyclic, { 0 / 0 }, { math.huge }, { [true] = 1 },
+                         { co = coroutine.create(print) } }) do
+      local text, err = core.json_encode(v)
+      assert.is_nil(text)
+      assert.equal("invalid", err.code)
+    end
+  end)
+
+  it("stores a large integer in a jsonb parameter without rounding it", function()
+    local db = assert(qx.connect{ url = support.db_url(), pool_size = 1 })
+    local rows = assert(db:query("SELECT ($1::jsonb ->> 'n') AS n", { n = BIG }))
+    assert.equal(BIG_TEXT, rows[1].n)
+    db:close()
+  end)
+end)

@@ -1,0 +1,259 @@
+/*
+ * JSON text from Lua values, with numbers kept exact.
+ *
+ * Decoding stays with lua-cjson. Encoding is here because the lua-cjson that distributions ship
+ * (2.1.0) writes numbers with at most 14 significant digits: 2^53 becomes 9.007199254741e+15
+ * and 0.1 + 0.2 becomes 0.3, silently, in every payload, envelope and cursor. This encoder writes
+ * integers exactly and floats with the fewest digits that read back to the same double.
+ *
+ * The shapes follow lua-cjson's: a table whose keys are exactly 1..n is an array, any other table
+ * an object (number keys become strings), an empty table is {}; qx.null / cjson.null is null.
+ * Functions, userdata, threads, NaN and infinities cannot be encoded, nor tables nested deeper
+ * than QX_JSON_MAX_DEPTH (which also catches cycles). Nothing here raises a Lua error, so the
+ * malloc'd buffer is always freed.
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "binding.h"
+
+#define QX_JSON_MAX_DEPTH 1000
+
+typedef struct jbuf {
+    char *p;
+    size_t len, cap;
+    const char *error; /* first failure, static text or the msg buffer */
+    char msg[160];
+} jbuf;
+
+static int put(jbuf *b, const char *s, size_t n)
+{
+    if (b->len + n + 1 > b->cap) {
+        size_t cap = b->cap ? b->cap * 2 : 256;
+        char *p;
+        while (cap < b->len + n + 1)
+            cap *= 2;
+        p = realloc(b->p, cap);
+        if (p == NULL) {
+            b->error = "out of memory";
+            return 0;
+        }
+        b->p = p;
+        b->cap = cap;
+    }
+    memcpy(b->p + b->len, s, n);
+    b->len += n;
+    return 1;
+}
+
+#define PUTS(b, lit) put((b), (lit), sizeof(lit) - 1)
+
+static int put_string(jbuf *b, const char *s, size_t n)
+{
+    static const char hex[] = "0123456789abcdef";
+    size_t i, run = 0;
+    if (!PUTS(b, "\""))
+        return 0;
+    for (i = 0; i < n; i++) {
+        unsigned char ch = (unsigned char)s[i];
+        const char *esc = NULL;
+        char u[7];
+        if (ch >= 0x20 && ch != '"' && ch != '\\')
+            continue;
+        switch (ch) {
+        case '"': esc = "\\\""; break;
+        case '\\': esc = "\\\\"; break;
+        case '\n': esc = "\\n"; break;
+        case '\r': esc = "\\r"; break;
+        case '\t': esc = "\\t"; break;
+        case '\b': esc = "\\b"; break;
+        case '\f': esc = "\\f"; break;
+        default:
+            u[0] = '\\', u[1] = 'u', u[2] = '0', u[3] = '0';
+            u[4] = hex[ch >> 4], u[5] = hex[ch & 15], u[6] = '\0';
+            esc = u;
+        }
+        if (!put(b, s + run, i - run) || !put(b, esc, strlen(esc)))
+            return 0;
+        run = i + 1;
+    }
+    return put(b, s + run, n - run) && PUTS(b, "\"");
+}
+
+/* The shortest of %.15g..%.17g that reads back as d. */
+static void format_double(char out[32], double d)
+{
+    int prec;
+    for (prec = 15; prec <= 17; prec++) {
+        snprintf(out, 32, "%.*g", prec, d);
+        if (strtod(out, NULL) == d)
+            return;
+    }
+}
+
+static int put_number(jbuf *b, lua_State *L, int idx)
+{
+    char num[32];
+    long long iv;
+#if LUA_VERSION_NUM >= 503
+    if (lua_isinteger(L, idx)) {
+        snprintf(num, sizeof num, "%lld", (long long)lua_tointeger(L, idx));
+        return put(b, num, strlen(num));
+    }
+#endif
+    {
+        double d = (double)lua_tonumber(L, idx);
+        if (isnan(d) || isinf(d)) {
+            b->error = "cannot encode NaN or infinity as JSON";
+            return 0;
+        }
+        /* an integral double within 2^53 is written as an integer, as LuaJIT users expect */
+        if (d == floor(d) && fabs(d) <= 9007199254740992.0 && qx_isinteger(L, idx, &iv))
+            snprintf(num, sizeof num, "%lld", iv);
+        else
+            format_double(num, d);
+    }
+    return put(b, num, strlen(num));
+}
+
+static int encode(jbuf *b, lua_State *L, int idx, int depth);
+
+/* 1..n with nothing else: an array of n; otherwise -1 (object). */
+static long long array_length(lua_State *L, int idx)
+{
+    long long n = 0, max = 0, k;
+    lua_pushnil(L);
+    while (lua_next(L, idx) != 0) {
+        lua_pop(L, 1);
+        if (lua_type(L, -1) != LUA_TNUMBER || !qx_isinteger(L, -1, &k) || k < 1) {
+            lua_pop(L, 1);
+            return -1;
+        }
+        n++;
+        if (k > max)
+            max = k;
+    }
+    return (n > 0 && max == n) ? n : -1;
+}
+
+static int encode_table(jbuf *b, lua_State *L, int idx, int depth)
+{
+    long long n, i;
+    int first = 1;
+
+    if (depth > QX_JSON_MAX_DEPTH) {
+        b->error = "tables nested too deep for JSON (a cycle?)";
+        return 0;
+    }
+    if (!lua_checkstack(L, 4)) {
+        b->error = "out of Lua stack";
+        return 0;
+    }
+    n = array_length(L, idx);
+    if (n > 0) {
+        if (!PUTS(b, "["))
+            return 0;
+        for (i = 1; i <= n; i++) {
+            int ok;
+            lua_rawgeti(L, idx, (int)i);
+            ok = (i == 1 || PUTS(b, ",")) && encode(b, L, lua_gettop(L), depth + 1);
+            lua_pop(L, 1);
+            if (!ok)
+                return 0;
+        }
+        return PUTS(b, "]");
+    }
+    if (!PUTS(b, "{"))
+        return 0;
+    lua_pushnil(L);
+    while (lua_next(L, idx) != 0) {
+        int ok = first || PUTS(b, ",");
+        first = 0;
+        if (ok) {
+            if (lua_type(L, -2) == LUA_TSTRING) {
+                size_t klen;
+                const char *k = lua_tolstring(L, -2, &klen);
+                ok = put_string(b, k, klen);
+            } else if (lua_type(L, -2) == LUA_TNUMBER) {
+                ok = PUTS(b, "\"") && put_number(b, L, lua_gettop(L) - 1) && PUTS(b, "\"");
+            } else {
+                snprintf(b->msg, sizeof b->msg, "cannot encode a %s key as JSON",
+                         lua_typename(L, lua_type(L, -2)));
+                b->error = b->msg;
+                ok = 0;
+            }
+        }
+        ok = ok && PUTS(b, ":") && encode(b, L, lua_gettop(L), depth + 1);
+        lua_pop(L, 1);
+        if (!ok) {
+            lua_pop(L, 1);
+            return 0;
+        }
+    }
+    return PUTS(b, "}");
+}
+
+static int encode(jbuf *b, lua_State *L, int idx, int depth)
+{
+    switch (lua_type(L, idx)) {
+    case LUA_TNIL:
+        return PUTS(b, "null");
+    case LUA_TBOOLEAN:
+        return lua_toboolean(L, idx) ? PUTS(b, "true") : PUTS(b, "false");
+    case LUA_TNUMBER:
+        return put_number(b, L, idx);
+    case LUA_TSTRING: {
+        size_t n;
+        const char *s = lua_tolstring(L, idx, &n);
+        return put_string(b, s, n);
+    }
+    case LUA_TTABLE:
+        return encode_table(b, L, idx, depth);
+    case LUA_TLIGHTUSERDATA:
+        if (lua_touserdata(L, idx) == NULL)
+            return PUTS(b, "null");
+        /* fall through */
+    default:
+        snprintf(b->msg, sizeof b->msg, "cannot encode a %s as JSON",
+                 lua_typename(L, lua_type(L, idx)));
+        b->error = b->msg;
+        return 0;
+    }
+}
+
+int qx_json_push(lua_State *L, int idx, const char **error)
+{
+    jbuf b;
+    int ok;
+    memset(&b, 0, sizeof b);
+    idx = idx < 0 ? lua_gettop(L) + idx + 1 : idx;
+    ok = encode(&b, L, idx, 0);
+    if (ok) {
+        lua_pushlstring(L, b.p, b.len);
+    } else {
+        /* copy the reason out before the buffer (and b.msg with it) goes */
+        lua_pushstring(L, b.error != NULL ? b.error : "cannot encode as JSON");
+        *error = lua_tostring(L, -1);
+    }
+    free(b.p);
+    return ok;
+}
+
+/* core.json_encode(value) -> text | nil, err */
+static int l_json_encode(lua_State *L)
+{
+    const char *why = NULL;
+    luaL_checkany(L, 1);
+    lua_settop(L, 1);
+    if (qx_json_push(L, 1, &why))
+        return 1;
+    return qx_push_error_msg(L, "invalid", why);
+}
+
+void qx_open_json(lua_State *L)
+{
+    lua_pushcfunction(L, l_json_encode);
+    lua_setfield(L, -2, "json_encode");
+}
