@@ -31,6 +31,7 @@ typedef struct stmt_entry {
 struct qx_conn {
     PGconn *pg;
     int broken;
+    int listening; /* LISTEN was run: UNLISTEN before the next user gets it */
     double created_at;
     unsigned int next_id;
     int cached;
@@ -582,6 +583,22 @@ qx_status qx_conn_listen(qx_conn *c, const char *channel, qx_error *err)
     PQfreemem(ident);
     s = qx_conn_script(c, sql, err);
     free(sql);
+    if (s == QX_OK)
+        c->listening = 1;
+    return s;
+}
+
+qx_status qx_conn_unlisten(qx_conn *c, qx_error *err)
+{
+    PGnotify *n;
+    qx_status s;
+    if (c == NULL || !c->listening)
+        return QX_OK;
+    s = qx_conn_script(c, "UNLISTEN *", err);
+    while ((n = PQnotifies(c->pg)) != NULL) /* read before UNLISTEN took effect */
+        PQfreemem(n);
+    if (s == QX_OK)
+        c->listening = 0;
     return s;
 }
 

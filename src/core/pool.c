@@ -224,6 +224,10 @@ void qx_pool_release(qx_pool *p, qx_conn *c)
     keep = !qx_conn_is_broken(c);
     if (keep && qx_conn_tx_status(c) != QX_TX_IDLE)
         keep = qx_conn_script(c, "ROLLBACK", NULL) == QX_OK && qx_conn_tx_status(c) == QX_TX_IDLE;
+    /* and what it listened to: the next user would get notifications it never asked for, and
+     * they would pile up in memory while the connection sits idle */
+    if (keep)
+        keep = qx_conn_unlisten(c, NULL) == QX_OK;
 
     pthread_mutex_lock(&p->mu);
     p->in_use--;

@@ -142,6 +142,9 @@ typedef struct qx_notify {
 qx_status qx_conn_notifications(qx_conn *c, qx_notify **out, int *count, int timeout_ms,
                                 qx_error *err);
 void qx_notify_free(qx_notify *n, int count);
+/* Stops listening on every channel (UNLISTEN *) and drops notifications not yet read; nothing
+ * when the connection never listened. The pool does it before taking a connection back. */
+qx_status qx_conn_unlisten(qx_conn *c, qx_error *err);
 
 /* ---- pool -------------------------------------------------------------------------------- */
 
