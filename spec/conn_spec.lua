@@ -254,6 +254,44 @@ SELECT 7::int2 AS i2, -8::int4 AS i4, 9000000000::int8 AS i8, 1.5::float8 AS f8,
       assert.equal(3, res[3].rows[1].c)
     end)
 
+    it("takes an empty statement as one that does nothing", function()
+      local before = count()
+      local res = assert(conn:batch{
+        { "INSERT INTO " .. tbl .. " (v) VALUES ('empty-1')" }, { "" }, { "SELECT 1 AS one" },
+      })
+      assert.same({}, res[2].rows)
+      assert.equal(1, res[3].rows[1].one)
+      assert.equal(before + 1, count())
+      assert(conn:query("DELETE FROM " .. tbl .. " WHERE v = 'empty-1'"))
+    end)
+
+    it("does not hang on COPY: TO STDOUT is read and dropped, FROM STDIN fails and writes nothing", function()
+      local c2 = assert(pool:acquire())
+      assert(c2:query("INSERT INTO " .. tbl .. " (v) VALUES ('copy-1')"))
+      local rows, affected = c2:query("COPY (SELECT v FROM " .. tbl .. " WHERE v = 'copy-1') TO STDOUT")
+      assert.same({}, rows)
+      assert.equal(1, affected)
+      assert(c2:script("COPY (SELECT 1) TO STDOUT"))
+      local ok, e = c2:script("COPY " .. tbl .. " (v) FROM STDIN") -- simple protocol: refused cleanly
+      assert.is_nil(ok)
+      assert.equal("invalid", e.code)
+      assert.equal("idle", c2:status())
+      local before = count()
+      local res, e2, idx = c2:batch{
+        { "INSERT INTO " .. tbl .. " (v) VALUES ('copy-2')" },
+        { "COPY " .. tbl .. " (v) FROM STDIN" },
+        { "INSERT INTO " .. tbl .. " (v) VALUES ('copy-3')" },
+      }
+      assert.is_nil(res)
+      assert.equal("invalid", e2.code)
+      assert.truthy(e2.message:find("COPY FROM STDIN", 1, true))
+      assert.equal(2, idx)
+      assert.equal("bad", c2:status()) -- given up: what was sent behind the COPY cannot be taken back
+      c2:release()
+      assert.equal(before, count())
+      assert(conn:query("DELETE FROM " .. tbl .. " WHERE v = 'copy-1'"))
+    end)
+
     it("runs an empty batch without a round trip", function()
       assert.same({}, conn:batch{})
     end)

@@ -330,6 +330,48 @@ static PGresult *next_result(qx_conn *c)
     return PQgetResult(c->pg);
 }
 
+/* COPY has no place in this API (no way to hand data in or out), but a statement may still
+ * start one. COPY TO STDOUT: the rows are read and dropped, and the statement counts as done.
+ * COPY FROM STDIN: ended with an error, so the server fails the statement (in a pipelined batch
+ * the caller gives the connection up instead: the messages already sent behind the COPY cannot
+ * be taken back). Anything else (replication): the connection is given up. Returns the result
+ * that follows the copy, NULL when the connection is lost. Without this, libpq keeps returning
+ * the COPY state and the caller waits forever. */
+static PGresult *finish_copy(qx_conn *c, ExecStatusType st)
+{
+    if (st == PGRES_COPY_OUT) {
+        for (;;) {
+            char *buf = NULL;
+            int r = PQgetCopyData(c->pg, &buf, 1);
+            if (r > 0) {
+                PQfreemem(buf);
+            } else if (r == 0) {
+                if (wait_socket(c, 0, -1) < 0 || !PQconsumeInput(c->pg)) {
+                    c->broken = 1;
+                    return NULL;
+                }
+            } else {
+                break; /* -1: the copy is over; -2: an error, which the next result carries */
+            }
+        }
+    } else if (st == PGRES_COPY_IN) {
+        if (PQputCopyEnd(c->pg, "COPY FROM STDIN is not supported by qx") < 0 ||
+            flush_all(c) != 0) {
+            c->broken = 1;
+            return NULL;
+        }
+    } else {
+        c->broken = 1;
+        return NULL;
+    }
+    return next_result(c);
+}
+
+static int is_copy(ExecStatusType st)
+{
+    return st == PGRES_COPY_OUT || st == PGRES_COPY_IN || st == PGRES_COPY_BOTH;
+}
+
 /* ---- batches ----------------------------------------------------------------------------- */
 
 typedef struct sent_item {
@@ -367,7 +409,7 @@ qx_status qx_conn_batch(qx_conn *c, qx_result **results, int *failed, const qx_s
 {
     sent_item local_items[32]; /* a unit of work's batch fits; larger ones allocate */
     sent_item *items = NULL;
-    int nitems = 0, i, k;
+    int nitems = 0, i, k, copy_refused = 0;
     qx_status status = QX_OK;
 
     *failed = -1;
@@ -457,6 +499,32 @@ qx_status qx_conn_batch(qx_conn *c, qx_result **results, int *failed, const qx_s
             continue;
         }
         st = PQresultStatus(res);
+        if (st == PGRES_COPY_IN) {
+            /* the server now reads the statements sent behind it as COPY data: no way back.
+             * Dropping the connection aborts the transaction, so nothing of the batch is kept. */
+            PQclear(res);
+            if (status == QX_OK) {
+                status = qx_error_set(err, QX_ERR_INVALID,
+                                      "COPY FROM STDIN is not supported (the connection is closed)");
+                *failed = it->stmt;
+            }
+            c->broken = 1;
+            copy_refused = 1;
+            break;
+        }
+        if (is_copy(st)) {
+            PQclear(res);
+            res = finish_copy(c, st);
+            if (res == NULL) {
+                if (status == QX_OK) {
+                    status = conn_error(c, err);
+                    *failed = it->stmt;
+                }
+                c->broken = 1;
+                break;
+            }
+            st = PQresultStatus(res);
+        }
         if (it->prepare != NULL) {
             if (st == PGRES_COMMAND_OK) {
                 it->prepare->prepared = 1;
@@ -472,7 +540,8 @@ qx_status qx_conn_batch(qx_conn *c, qx_result **results, int *failed, const qx_s
                         items[i].prepare = NULL;
             }
             PQclear(res);
-        } else if (st == PGRES_TUPLES_OK || st == PGRES_COMMAND_OK) {
+        } else if (st == PGRES_TUPLES_OK || st == PGRES_COMMAND_OK || st == PGRES_EMPTY_QUERY) {
+            /* an empty statement did nothing, and the server went on with the batch */
             results[it->stmt] = (qx_result *)(void *)res;
         } else {
             if (st != PGRES_PIPELINE_ABORTED && status == QX_OK) {
@@ -505,7 +574,7 @@ qx_status qx_conn_batch(qx_conn *c, qx_result **results, int *failed, const qx_s
         if (err != NULL)
             trim_newline(err->message);
     }
-    if (c->broken && status != QX_OK && status != QX_ERR_CONNECTION) {
+    if (c->broken && status != QX_OK && status != QX_ERR_CONNECTION && !copy_refused) {
         /* a server error that also cost the connection is reported as a connection failure */
         if (err != NULL)
             err->status = QX_ERR_CONNECTION;
@@ -547,16 +616,24 @@ qx_status qx_conn_script(qx_conn *c, const char *sql, qx_error *err)
         return conn_error(c, err);
     while ((res = next_result(c)) != NULL) {
         ExecStatusType st = PQresultStatus(res);
+        if (is_copy(st)) {
+            ExecStatusType copy = st;
+            PQclear(res);
+            if ((res = finish_copy(c, st)) == NULL)
+                break;
+            st = PQresultStatus(res);
+            if (copy == PGRES_COPY_IN && st == PGRES_FATAL_ERROR && status == QX_OK)
+                status = qx_error_set(err, QX_ERR_INVALID, "COPY FROM STDIN is not supported");
+        }
         if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK && st != PGRES_EMPTY_QUERY &&
             status == QX_OK)
             status = result_error(c, res, err);
         PQclear(res);
     }
-    if (PQstatus(c->pg) == CONNECTION_BAD) {
+    if (PQstatus(c->pg) == CONNECTION_BAD)
         c->broken = 1;
-        if (status == QX_OK)
-            status = conn_error(c, err);
-    }
+    if (c->broken && status == QX_OK)
+        status = conn_error(c, err);
     return status;
 }
 
