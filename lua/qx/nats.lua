@@ -32,14 +32,13 @@
 -- setting raise; a bad value returns nil and an "invalid" error naming the setting. Error
 -- messages never repeat the servers (urls may carry credentials), password or token.
 local core = require "qx.core"
-local qx_error = require "qx.error"
+local settings = require "qx.settings"
 
 local type = type
 local pairs = pairs
 local ipairs = ipairs
 local error = error
 local tostring = tostring
-local tonumber = tonumber
 local setmetatable = setmetatable
 local getmetatable = getmetatable
 local floor = math.floor
@@ -107,56 +106,15 @@ local function option_list()
     return concat(names, ", ")
 end
 
-local function bad(setting, msg)
-    return qx_error.new("invalid", "invalid setting " .. setting .. ": " .. msg,
-                        { setting = setting })
-end
-
--- explicit option, else the variable when set and not empty
-local function pick(opts, getenv, option, env_name)
-    local v = opts[option]
-    if v ~= nil then return { source = option, value = v, from_env = false } end
-    if env_name then
-        local s = getenv(env_name)
-        if s ~= nil and s ~= "" then return { source = env_name, value = s, from_env = true } end
-    end
-    return nil
-end
-
--- a number from an option (already a number) or a variable (parsed strictly)
-local function number_of(src, integer)
-    local v = src.value
-    local want = integer and "an integer" or "a number"
-    if src.from_env then
-        local s = match(v, "^%s*(.-)%s*$")
-        local ok = integer and find(s, "^[+-]?%d+$")
-            or find(s, "^[+-]?%d+%.?%d*$") or find(s, "^[+-]?%.%d+$")
-        if not ok then return nil, bad(src.source, "expected " .. want .. ", got " .. fmt("%q", v)) end
-        return tonumber(s)
-    end
-    if type(v) ~= "number" or v ~= v or (integer and v ~= floor(v)) then
-        return nil, bad(src.source, "expected " .. want .. ", got " .. tostring(v))
-    end
-    return v
-end
-
-local function ranged(src, integer, lo, hi, scale)
-    local n, e = number_of(src, integer)
-    if not n then return nil, e end
-    if n < lo or n > hi then
-        return nil, bad(src.source, fmt("must be from %s to %s, got %s", tostring(lo), tostring(hi),
-                                        tostring(src.value)))
-    end
-    return floor(n * scale + 0.5)
-end
+local bad, pick, ranged = settings.bad, settings.pick, settings.ranged
 
 -- a duration given in seconds (option or variable) or in ms (option only)
 local function duration(opts, getenv, name, dflt_seconds, lo_ms)
     local src = pick(opts, getenv, name .. "_ms", nil)
-    if src then return ranged(src, true, lo_ms, INT_MAX, 1) end
+    if src then return ranged(src, "int", lo_ms, INT_MAX, 1) end
     src = pick(opts, getenv, name .. "_seconds", _M.ENV[name .. "_seconds"])
     if not src then return floor(dflt_seconds * 1000 + 0.5) end
-    return ranged(src, false, lo_ms / 1000, MAX_SECONDS, 1000)
+    return ranged(src, "num", lo_ms / 1000, MAX_SECONDS, 1000)
 end
 
 local function text(opts, getenv, name)
@@ -239,7 +197,7 @@ function _M.settings(opts, getenv)
 
     src = pick(o, getenv, "reconnect_attempts", _M.ENV.reconnect_attempts)
     if src then
-        v, e = ranged(src, true, -1, INT_MAX, 1)
+        v, e = ranged(src, "int", -1, INT_MAX, 1)
         if not v then return nil, e end
         out.reconnect_attempts = v
     else

@@ -329,4 +329,12 @@ function _M.db(opts, getenv)
 end
 
 
+
+-- The readers other settings modules share (qx.nats): where a setting comes from, the error
+-- for a bad value, strict numbers and ranges. kind is "int" or "num".
+_M.pick = pick
+_M.bad = bad
+_M.number_of = number_of
+_M.ranged = ranged
+
 return _M
