@@ -144,6 +144,22 @@ function H.sql(ctx, sql, ...)
   return assert(ctx.db:query(sql, ...))
 end
 
+-- Makes every UPDATE of outbox rows named `name` (every UPDATE when name is nil) take `seconds`
+-- more, in the ctx's schema: a relay's marking transaction then surely still runs while the
+-- relay claims its next batch.
+function H.slow_marks(ctx, seconds, name)
+  assert(name == nil or name:match("^[%w.]+$"), "slow_marks: a plain event name")
+  assert(ctx.db:exec(string.format([[
+CREATE FUNCTION slow_mark() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF %s THEN PERFORM pg_sleep(%s); END IF;
+    RETURN NULL;
+END $$]], name and ("EXISTS (SELECT 1 FROM changed WHERE event_name = '" .. name .. "')")
+                  or "true", tostring(seconds))))
+  assert(ctx.db:exec([[CREATE TRIGGER slow_mark AFTER UPDATE ON qx_outbox_events
+    REFERENCING NEW TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION slow_mark()]]))
+end
+
 function H.sleep(seconds)
   local conn = assert(qx.connect{ url = support.db_url(), pool_size = 1 })
   conn:query("SELECT pg_sleep($1)", seconds)

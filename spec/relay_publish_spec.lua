@@ -67,6 +67,28 @@ describe("outbox relay", function()
       relay:close()
     end)
 
+    it("run() claims the next batch while the last one is marked: a key's later rows follow at once, in order", function()
+      local evs = H.commit_many(ctx, 1000, 5, 100)
+      H.slow_marks(ctx, 0.05)
+      local relay = assert(H.relay(ctx, { batch_size = 100 }))
+      local batches = {}
+      assert(relay:run{ on_batch = function(r, e)
+        assert(not e, tostring(e))
+        batches[#batches + 1] = r
+        if r.claimed == 0 then return false end
+      end })
+      -- the rows being marked are locked, yet their keys' next rows are claimed at once
+      local published = 0
+      for i, r in ipairs(batches) do
+        published = published + r.published
+        if published < 1000 then assert.equal(100, r.claimed, "batch " .. i) end
+      end
+      assert.equal(1000, published)
+      assert.equal(0, H.pending(ctx))
+      H.check_stream(ctx, evs)
+      relay:close()
+    end)
+
     it("publishes a lone key's events in order with one unacked message at a time", function()
       local evs = H.commit_many(ctx, 300, 1, 100)
       local relay = assert(H.relay(ctx, { batch_size = 1000 }))
@@ -200,6 +222,26 @@ describe("outbox relay", function()
         if m.env.payload.key == "k" then order[#order + 1] = m.env.event_name end
       end
       assert.same({ "ok.a", "bad.b", "ok.c", "ok.e" }, order)
+      relay:close()
+    end)
+
+    it("run(): a failed row holds its key in the batch claimed while its own batch is marked", function()
+      local e = H.commit(ctx, {
+        { key = "k", name = "ok.a" }, { key = "k", name = "bad.b" }, { key = "l", name = "ok.1" },
+        { key = "k", name = "ok.c" }, { key = "l", name = "ok.2" }, { key = "k", name = "ok.d" },
+        { key = "l", name = "ok.3" }, { key = "l", name = "ok.4" },
+      })
+      H.slow_marks(ctx, 0.3, "bad.b")
+      local relay = assert(H.relay(ctx, { batch_size = 3, base_delay_ms = 60000 }))
+      local failed = 0
+      assert(relay:run{ on_batch = function(r, err)
+        assert(not err, tostring(err))
+        failed = failed + r.failed
+        if r.claimed == 0 then return false end
+      end })
+      assert.equal(1, failed)
+      H.check_stream(ctx, { e[1], e[3], e[5], e[7], e[8] })
+      assert.equal(3, H.pending(ctx)) -- bad.b waits for its retry, ok.c and ok.d behind it
       relay:close()
     end)
 

@@ -372,12 +372,14 @@ const char *qx_consumer_durable(const qx_consumer *c);
 
 /* ---- outbox relay (relay.c): qx_outbox_events -> JetStream ------------------------------ */
 
-/* Publishes committed outbox rows to JetStream. Each batch, in one transaction on the relay's
- * own PostgreSQL connection: claim up to batch_size pending rows of its shard (FOR UPDATE SKIP
- * LOCKED, commit order), publish them asynchronously within a window of max_in_flight unacked
- * messages (Nats-Msg-Id = event id), mark the acked rows published in one statement and the
- * failed ones with attempts + 1, last_error and a backed-off next attempt (dead-lettered after
- * max_attempts), commit.
+/* Publishes committed outbox rows to JetStream. Each batch, in one transaction on one of the
+ * relay's two PostgreSQL connections: claim up to batch_size pending rows of its shard (FOR
+ * UPDATE SKIP LOCKED, commit order), publish them asynchronously within a window of
+ * max_in_flight unacked messages (Nats-Msg-Id = event id), mark the acked rows published in one
+ * statement and the failed ones with attempts + 1, last_error and a backed-off next attempt
+ * (dead-lettered after max_attempts), commit. In qx_relay_run the marking and COMMIT of one
+ * batch run on a thread of the relay's while the next batch is claimed on the other connection
+ * and published.
  *
  * Order: rows of one partition key reach the stream in seq order. Only one row per key is
  * unacked at a time, and a row that fails (or waits for its next attempt, or is locked
@@ -411,7 +413,7 @@ typedef struct qx_relay_options {
 void qx_relay_options_init(qx_relay_options *o);
 /* Checks the options and retains the NATS connection; connects to PostgreSQL on first use. */
 qx_status qx_relay_new(qx_relay **out, const qx_relay_options *o, qx_error *err);
-/* Closes its PostgreSQL connection (ending its leadership) and drops the NATS connection. */
+/* Closes its PostgreSQL connections (ending its leadership) and drops the NATS connection. */
 void qx_relay_free(qx_relay *r);
 
 typedef struct qx_relay_result {

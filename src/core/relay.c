@@ -43,7 +43,9 @@
  *            batch does not hold (another transaction locks it, or it waits for a retry); found
  *            with one pass and hashing, whatever the batch size
  * A claimed row with a gap of its key before it is dropped from the batch: that earlier row
- * holds its key. */
+ * holds its key.
+ *   $4/$5:   keys and seqs of rows this relay has published and is marking in a transaction of
+ *            its other connection right now: locked, so skipped, but no gap (see qx_relay_run) */
 static const char CLAIM_SQL[] =
     "WITH held AS ("
     " SELECT partition_key, min(seq) AS seq FROM qx_outbox_events"
@@ -51,7 +53,7 @@ static const char CLAIM_SQL[] =
     "   AND next_attempt_at > now()"
     " GROUP BY partition_key),"
     " claimed AS ("
-    " SELECT id, seq, partition_key, event_name, event_version, payload, correlation_id,"
+    " SELECT ctid, id, seq, partition_key, event_name, event_version, payload, correlation_id,"
     "        tenant_id, attempts"
     " FROM qx_outbox_events o"
     " WHERE published_at IS NULL AND dead_at IS NULL"
@@ -69,23 +71,24 @@ static const char CLAIM_SQL[] =
     "     AND p.seq <= (SELECT max(seq) FROM claimed)"
     "     AND ($2::int = 1 OR mod(abs(hashtext(p.partition_key)::bigint), $2::int) = $3::int)"
     "   EXCEPT ALL"
-    "   SELECT partition_key, seq FROM claimed WHERE partition_key IS NOT NULL) AS skipped"
+    "   (SELECT partition_key, seq FROM claimed WHERE partition_key IS NOT NULL"
+    "    UNION ALL SELECT * FROM unnest($4::text[], $5::int8[]))) AS skipped"
     " GROUP BY partition_key)"
     " SELECT c.id::text, c.event_name, c.event_version::text, c.payload::text,"
     "        jsonb_typeof(c.payload), c.correlation_id::text, c.tenant_id::text,"
-    "        c.partition_key, c.attempts::text"
+    "        c.partition_key, c.attempts::text, c.seq::text, c.ctid::text"
     " FROM claimed c LEFT JOIN gaps g ON g.partition_key = c.partition_key"
     " WHERE g.seq IS NULL OR g.seq > c.seq"
     " ORDER BY c.seq";
 
 enum { COL_ID, COL_NAME, COL_VERSION, COL_BODY, COL_KIND, COL_CORRELATION, COL_TENANT, COL_KEY,
-       COL_ATTEMPTS };
+       COL_ATTEMPTS, COL_SEQ, COL_CTID };
 
-/* a join on the ids, so the plan looks each row up by primary key whatever the table size */
+/* by the rows' physical addresses (a TID scan, no index lookups): the batch's transaction has
+ * held these rows locked since the claim, so they cannot have moved */
 static const char MARK_PUBLISHED_SQL[] =
-    "UPDATE qx_outbox_events o SET published_at = now(), next_attempt_at = NULL"
-    " FROM unnest($1::uuid[]) AS a(id)"
-    " WHERE o.id = a.id AND o.published_at IS NULL";
+    "UPDATE qx_outbox_events SET published_at = now(), next_attempt_at = NULL"
+    " WHERE ctid = ANY($1::tid[]) AND published_at IS NULL";
 
 /* attempts + 1, the error, the next attempt after base * 2^attempts (at most max), and the
  * dead-letter time when the row cannot be sent or has failed max_attempts times */
@@ -124,14 +127,36 @@ typedef struct completion {
     char error[ROW_ERROR_MAX];
 } completion;
 
-/* A claimed batch: the rows one transaction of the relay's connection holds. */
+/* a growing text buffer for array parameters */
+typedef struct buf {
+    char *p;
+    size_t len, cap;
+    int failed;
+} buf;
+
+/* The statements that mark a batch's outcome and commit it, with what they point into; they may
+ * be sent from another thread while the relay goes on with the next batch. */
+typedef struct marking {
+    buf acked, ids, errors, dead;
+    char max_attempts[16], base[16], maxd[16];
+    const char *pub_params[1], *fail_params[6];
+    qx_stmt stmts[3];
+    qx_result *results[3];
+    int nstmts, failed_idx;
+    qx_status q;
+    qx_error err;
+} marking;
+
+/* A claimed batch: the rows one transaction of one of the relay's connections holds. */
 typedef struct batch {
+    int ci;          /* the connection: slot k always uses conns[k] */
     qx_result *res;  /* the claim; NULL when the slot is free */
     int n;
     row *rows;
     int *ready;      /* rows that may be sent now: the first of each key, then successors */
     int nready, head, inflight, settled;
     qx_relay_result out;
+    marking mk;
 } batch;
 
 struct qx_relay {
@@ -140,9 +165,9 @@ struct qx_relay {
     char lock_name[64];
     qx_nats *nats;
     jsCtx *js;          /* the relay's own context: its ack handler is on_ack */
-    qx_conn *conn;      /* holds the shard lock, LISTENs, runs the batches */
+    qx_conn *conns[2];  /* conns[0] holds the shard lock and LISTENs; both run batches */
     int leader;
-    batch slot[2];      /* the batch being published and the one claimed with its COMMIT */
+    batch slot[2];      /* the batch being published and the one being marked */
     int *keyslots;      /* per-batch key -> last row, open addressing */
     int keycap;
     char *subject;
@@ -345,6 +370,7 @@ qx_status qx_relay_new(qx_relay **out, const qx_relay_options *o, qx_error *err)
     r->channel = strdup(o->channel);
     ok = r->conninfo != NULL && r->prefix != NULL && r->channel != NULL;
     for (k = 0; k < 2; k++) {
+        r->slot[k].ci = k;
         r->slot[k].rows = calloc((size_t)n, sizeof *r->slot[k].rows);
         r->slot[k].ready = calloc((size_t)n, sizeof *r->slot[k].ready);
         ok = ok && r->slot[k].rows != NULL && r->slot[k].ready != NULL;
@@ -398,8 +424,8 @@ void qx_relay_free(qx_relay *r)
         return;
     /* nothing is pending in the context between batches, so no ack handler runs after this */
     jsCtx_Destroy(r->js);
-    qx_conn_close(r->conn); /* an open transaction rolls back */
     for (k = 0; k < 2; k++) {
+        qx_conn_close(r->conns[k]); /* an open transaction rolls back */
         qx_result_free(r->slot[k].res);
         free(r->slot[k].rows);
         free(r->slot[k].ready);
@@ -442,29 +468,29 @@ void qx_relay_stats_get(qx_relay *r, qx_relay_stats *s)
 
 /* ---- database ---------------------------------------------------------------------------- */
 
-/* Closes the connection, which ends the shard lock. */
-static void drop_connection(qx_relay *r)
+/* Closes connection k; closing conns[0] ends the shard lock. */
+static void drop_connection(qx_relay *r, int k)
 {
-    if (r->leader) {
+    if (k == 0 && r->leader) {
         r->stats.leader_changes++;
         r->leader = 0;
     }
-    qx_conn_close(r->conn);
-    r->conn = NULL;
+    qx_conn_close(r->conns[k]);
+    r->conns[k] = NULL;
 }
 
-static qx_status ensure_connection(qx_relay *r, qx_error *err)
+static qx_status ensure_connection(qx_relay *r, int k, qx_error *err)
 {
     qx_result *res = NULL;
     char timeout[16];
     const char *params[1];
     qx_status q;
 
-    if (r->conn != NULL && !qx_conn_is_broken(r->conn))
+    if (r->conns[k] != NULL && !qx_conn_is_broken(r->conns[k]))
         return QX_OK;
-    if (r->conn != NULL)
-        drop_connection(r);
-    q = qx_conn_open(&r->conn, r->conninfo, r->o.connect_timeout_ms, err);
+    if (r->conns[k] != NULL)
+        drop_connection(r, k);
+    q = qx_conn_open(&r->conns[k], r->conninfo, r->o.connect_timeout_ms, err);
     if (q != QX_OK)
         return q;
     snprintf(timeout, sizeof timeout, "%d", r->o.statement_timeout_ms);
@@ -472,16 +498,16 @@ static qx_status ensure_connection(qx_relay *r, qx_error *err)
     /* plan_cache_mode: the claim's best plan depends on its parameters (the batch size, one
      * shard or several); a generic plan can sort every pending row to take the first batch.
      * jit: compiling the claim costs seconds and saves nothing on a batch */
-    q = qx_conn_exec(r->conn, &res,
+    q = qx_conn_exec(r->conns[k], &res,
                      "SELECT set_config('statement_timeout', $1, false),"
                      " set_config('plan_cache_mode', 'force_custom_plan', false),"
                      " set_config('jit', 'off', false)",
                      1, params, NULL, err);
     qx_result_free(res);
-    if (q == QX_OK)
-        q = qx_conn_listen(r->conn, r->channel, err);
+    if (q == QX_OK && k == 0)
+        q = qx_conn_listen(r->conns[0], r->channel, err);
     if (q != QX_OK)
-        drop_connection(r);
+        drop_connection(r, k);
     return q;
 }
 
@@ -492,15 +518,15 @@ static qx_status ensure_leader(qx_relay *r, qx_error *err)
     const char *params[1];
     qx_status q;
 
-    if ((q = ensure_connection(r, err)) != QX_OK)
+    if ((q = ensure_connection(r, 0, err)) != QX_OK)
         return q;
     if (r->leader)
         return QX_OK;
     params[0] = r->lock_name;
-    q = qx_conn_exec(r->conn, &res, LOCK_SQL, 1, params, NULL, err);
+    q = qx_conn_exec(r->conns[0], &res, LOCK_SQL, 1, params, NULL, err);
     if (q != QX_OK) {
-        if (qx_conn_is_broken(r->conn))
-            drop_connection(r);
+        if (qx_conn_is_broken(r->conns[0]))
+            drop_connection(r, 0);
         return q;
     }
     r->leader = qx_result_nrows(res) == 1 && strcmp(qx_result_value(res, 0, 0), "true") == 0;
@@ -516,19 +542,14 @@ static void abort_batch(qx_relay *r, batch *b)
     qx_result_free(b->res);
     b->res = NULL;
     b->n = 0;
-    if (r->conn == NULL)
+    if (r->conns[b->ci] == NULL)
         return;
-    if (qx_conn_is_broken(r->conn) || qx_conn_script(r->conn, "ROLLBACK", NULL) != QX_OK)
-        drop_connection(r);
+    if (qx_conn_is_broken(r->conns[b->ci]) ||
+        qx_conn_script(r->conns[b->ci], "ROLLBACK", NULL) != QX_OK)
+        drop_connection(r, b->ci);
 }
 
 /* ---- a growing text buffer for array parameters ------------------------------------------ */
-
-typedef struct buf {
-    char *p;
-    size_t len, cap;
-    int failed;
-} buf;
 
 static void buf_add(buf *b, const char *s, size_t n)
 {
@@ -578,10 +599,11 @@ static void set_stmt(qx_stmt *st, const char *sql, int n, const char *const *val
 
 typedef struct claim_params {
     char limit[16], count[16], shard[16];
-    const char *values[3];
+    const char *values[5];
 } claim_params;
 
-static void claim_params_init(qx_relay *r, claim_params *p)
+/* keys, seqs: array literals of the rows being marked on the other connection, or NULL */
+static void claim_params_init(qx_relay *r, claim_params *p, const char *keys, const char *seqs)
 {
     snprintf(p->limit, sizeof p->limit, "%d", r->o.batch_size);
     snprintf(p->count, sizeof p->count, "%d", r->o.shard_count);
@@ -589,6 +611,8 @@ static void claim_params_init(qx_relay *r, claim_params *p)
     p->values[0] = p->limit;
     p->values[1] = p->count;
     p->values[2] = p->shard;
+    p->values[3] = keys != NULL ? keys : "{}";
+    p->values[4] = seqs != NULL ? seqs : "{}";
 }
 
 /* Takes the claim's result into the batch. */
@@ -608,8 +632,8 @@ static void claimed(batch *b, qx_result *res)
     }
 }
 
-/* BEGIN and claim, in one round trip. */
-static qx_status claim(qx_relay *r, batch *b, qx_error *err)
+/* BEGIN and claim, in one round trip, on the batch's connection. */
+static qx_status claim(qx_relay *r, batch *b, const char *keys, const char *seqs, qx_error *err)
 {
     qx_stmt stmts[2];
     qx_result *results[2] = { NULL, NULL };
@@ -619,12 +643,12 @@ static qx_status claim(qx_relay *r, batch *b, qx_error *err)
 
     memset(&b->out, 0, sizeof b->out);
     b->n = 0;
-    if ((q = ensure_connection(r, err)) != QX_OK)
+    if ((q = ensure_connection(r, b->ci, err)) != QX_OK)
         return q;
-    claim_params_init(r, &p);
+    claim_params_init(r, &p, keys, seqs);
     set_stmt(&stmts[0], "BEGIN", 0, NULL);
-    set_stmt(&stmts[1], CLAIM_SQL, 3, p.values);
-    q = qx_conn_batch(r->conn, results, &failed, stmts, 2, err);
+    set_stmt(&stmts[1], CLAIM_SQL, 5, p.values);
+    q = qx_conn_batch(r->conns[b->ci], results, &failed, stmts, 2, err);
     if (q != QX_OK) {
         abort_batch(r, b);
         return q;
@@ -921,52 +945,54 @@ static void publish_wait(qx_relay *r, batch *b)
 
 /* ---- marking ----------------------------------------------------------------------------- */
 
-/*
- * Marks the outcome of a published batch and commits. With `next`, the next batch's BEGIN and
- * claim travel in the same round trip, after the COMMIT: the claim sees this batch's marks, so
- * it may take the next rows of the same keys. Returns the batch's status; *next_status tells
- * whether next was claimed (next->res set) or not.
- */
-static qx_status finish(qx_relay *r, batch *b, batch *next, qx_status *next_status,
-                        qx_error *err)
+static void marking_free(marking *mk)
 {
-    buf acked = { NULL, 0, 0, 0 }, ids = { NULL, 0, 0, 0 }, errors = { NULL, 0, 0, 0 },
-        dead = { NULL, 0, 0, 0 };
-    qx_stmt stmts[5];
-    qx_result *results[5] = { NULL, NULL, NULL, NULL, NULL };
-    const char *pub_params[1], *fail_params[6];
-    char max_attempts[16], base[16], maxd[16];
-    int nstmts = 0, nacked = 0, nfailed = 0, failed_idx = -1, commit_idx, i;
-    qx_relay_result *out = &b->out;
-    claim_params cp;
-    qx_status q;
+    int i;
+    for (i = 0; i < mk->nstmts; i++) {
+        qx_result_free(mk->results[i]);
+        mk->results[i] = NULL;
+    }
+    free(mk->acked.p);
+    free(mk->ids.p);
+    free(mk->errors.p);
+    free(mk->dead.p);
+    memset(mk, 0, sizeof *mk);
+}
 
-    if (next_status != NULL)
-        *next_status = QX_ERR_CLOSED;
-    buf_str(&acked, "{");
-    buf_str(&ids, "{");
-    buf_str(&errors, "{");
-    buf_str(&dead, "{");
+/* Builds the statements that mark a published batch's outcome, then COMMIT. Counts the outcome
+ * into b->out. Returns QX_ERR_NOMEM (and frees what it built) when memory ran out. */
+static qx_status mark_prepare(qx_relay *r, batch *b, qx_error *err)
+{
+    marking *mk = &b->mk;
+    qx_relay_result *out = &b->out;
+    int nacked = 0, nfailed = 0, i;
+
+    memset(mk, 0, sizeof *mk);
+    mk->failed_idx = -1;
+    buf_str(&mk->acked, "{");
+    buf_str(&mk->ids, "{");
+    buf_str(&mk->errors, "{");
+    buf_str(&mk->dead, "{");
     for (i = 0; i < b->n; i++) {
         row *w = &b->rows[i];
         const char *id = qx_result_value(b->res, i, COL_ID);
         switch (w->state) {
         case ROW_ACKED:
             if (nacked++ > 0)
-                buf_str(&acked, ",");
-            buf_str(&acked, id);
+                buf_str(&mk->acked, ",");
+            buf_array_text(&mk->acked, qx_result_value(b->res, i, COL_CTID)); /* "(p,i)" */
             out->published++;
             break;
         case ROW_FAILED:
         case ROW_DEAD:
             if (nfailed++ > 0) {
-                buf_str(&ids, ",");
-                buf_str(&errors, ",");
-                buf_str(&dead, ",");
+                buf_str(&mk->ids, ",");
+                buf_str(&mk->errors, ",");
+                buf_str(&mk->dead, ",");
             }
-            buf_str(&ids, id);
-            buf_array_text(&errors, w->error);
-            buf_str(&dead, w->state == ROW_DEAD ? "t" : "f");
+            buf_str(&mk->ids, id);
+            buf_array_text(&mk->errors, w->error);
+            buf_str(&mk->dead, w->state == ROW_DEAD ? "t" : "f");
             if (w->state == ROW_DEAD ||
                 (r->o.max_attempts > 0 && w->attempts + 1 >= r->o.max_attempts))
                 out->dead_lettered++;
@@ -978,74 +1004,83 @@ static qx_status finish(qx_relay *r, batch *b, batch *next, qx_status *next_stat
             break;
         }
     }
-    buf_str(&acked, "}");
-    buf_str(&ids, "}");
-    buf_str(&errors, "}");
-    buf_str(&dead, "}");
-    if (acked.failed || ids.failed || errors.failed || dead.failed) {
-        q = qx_error_set(err, QX_ERR_NOMEM, "out of memory");
-        abort_batch(r, b);
-        goto done;
+    buf_str(&mk->acked, "}");
+    buf_str(&mk->ids, "}");
+    buf_str(&mk->errors, "}");
+    buf_str(&mk->dead, "}");
+    if (mk->acked.failed || mk->ids.failed || mk->errors.failed || mk->dead.failed) {
+        marking_free(mk);
+        return qx_error_set(err, QX_ERR_NOMEM, "out of memory");
     }
     if (nacked > 0) {
-        pub_params[0] = acked.p;
-        set_stmt(&stmts[nstmts++], MARK_PUBLISHED_SQL, 1, pub_params);
+        mk->pub_params[0] = mk->acked.p;
+        set_stmt(&mk->stmts[mk->nstmts++], MARK_PUBLISHED_SQL, 1, mk->pub_params);
     }
     if (nfailed > 0) {
-        snprintf(max_attempts, sizeof max_attempts, "%d", r->o.max_attempts);
-        snprintf(base, sizeof base, "%d", r->o.base_delay_ms);
-        snprintf(maxd, sizeof maxd, "%d", r->o.max_delay_ms);
-        fail_params[0] = ids.p;
-        fail_params[1] = errors.p;
-        fail_params[2] = dead.p;
-        fail_params[3] = max_attempts;
-        fail_params[4] = base;
-        fail_params[5] = maxd;
-        set_stmt(&stmts[nstmts++], MARK_FAILED_SQL, 6, fail_params);
+        snprintf(mk->max_attempts, sizeof mk->max_attempts, "%d", r->o.max_attempts);
+        snprintf(mk->base, sizeof mk->base, "%d", r->o.base_delay_ms);
+        snprintf(mk->maxd, sizeof mk->maxd, "%d", r->o.max_delay_ms);
+        mk->fail_params[0] = mk->ids.p;
+        mk->fail_params[1] = mk->errors.p;
+        mk->fail_params[2] = mk->dead.p;
+        mk->fail_params[3] = mk->max_attempts;
+        mk->fail_params[4] = mk->base;
+        mk->fail_params[5] = mk->maxd;
+        set_stmt(&mk->stmts[mk->nstmts++], MARK_FAILED_SQL, 6, mk->fail_params);
     }
-    commit_idx = nstmts;
-    set_stmt(&stmts[nstmts++], "COMMIT", 0, NULL);
-    if (next != NULL) {
-        claim_params_init(r, &cp);
-        set_stmt(&stmts[nstmts++], "BEGIN", 0, NULL);
-        set_stmt(&stmts[nstmts++], CLAIM_SQL, 3, cp.values);
-    }
-    q = qx_conn_batch(r->conn, results, &failed_idx, stmts, nstmts, err);
+    set_stmt(&mk->stmts[mk->nstmts++], "COMMIT", 0, NULL);
+    return QX_OK;
+}
+
+/* The round trip: touches nothing but the marking and the batch's connection, so it may run on
+ * another thread while that connection is not used elsewhere. */
+static void mark_send(qx_conn *conn, marking *mk)
+{
+    mk->q = qx_conn_batch(conn, mk->results, &mk->failed_idx, mk->stmts, mk->nstmts, &mk->err);
+}
+
+/* Takes the outcome of mark_send: on success the batch's slot is free; on failure the
+ * transaction is rolled back (the published rows stay pending and go again: JetStream drops
+ * the copies) and its error is in err. */
+static qx_status mark_complete(qx_relay *r, batch *b, qx_error *err)
+{
+    marking *mk = &b->mk;
+    qx_status q = mk->q;
+
     if (q == QX_OK) {
-        if (next != NULL) {
-            claimed(next, results[nstmts - 1]);
-            results[nstmts - 1] = NULL;
-            *next_status = QX_OK;
-        }
-        for (i = 0; i < nstmts; i++)
-            qx_result_free(results[i]);
         qx_result_free(b->res);
         b->res = NULL;
-    } else if (next != NULL && failed_idx > commit_idx) {
-        /* this batch committed; only the next claim failed */
-        if (next_status != NULL)
-            *next_status = q;
-        qx_result_free(b->res);
-        b->res = NULL;
-        next->res = NULL;
-        abort_batch(r, next);
-        q = QX_OK;
     } else {
+        *err = mk->err;
         abort_batch(r, b);
     }
-done:
-    free(acked.p);
-    free(ids.p);
-    free(errors.p);
-    free(dead.p);
+    marking_free(mk);
     if (q != QX_OK) {
-        /* the published rows stay pending and go again: JetStream drops the copies */
-        int claimed_n = out->claimed;
-        memset(out, 0, sizeof *out);
-        out->claimed = claimed_n;
-        out->leader = r->leader;
+        int claimed_n = b->out.claimed;
+        memset(&b->out, 0, sizeof b->out);
+        b->out.claimed = claimed_n;
+        b->out.leader = r->leader;
     }
     return q;
+}
+
+/* Marks the outcome of a published batch and commits it, in one round trip. */
+static qx_status finish(qx_relay *r, batch *b, qx_error *err)
+{
+    qx_status q = mark_prepare(r, b, err);
+    if (q != QX_OK) {
+        abort_batch(r, b);
+        memset(&b->out, 0, sizeof b->out);
+        b->out.leader = r->leader;
+        return q;
+    }
+    if (r->conns[b->ci] == NULL) {
+        /* cannot happen while a batch is claimed: its connection holds the transaction */
+        b->mk.q = qx_error_set(&b->mk.err, QX_ERR_CONNECTION, "relay: connection lost");
+    } else {
+        mark_send(r->conns[b->ci], &b->mk);
+    }
+    return mark_complete(r, b, err);
 }
 
 static void account(qx_relay *r, const qx_relay_result *o)
@@ -1085,13 +1120,13 @@ qx_status qx_relay_run_once(qx_relay *r, qx_relay_result *out, qx_error *err)
     if (q == QX_OK && !r->leader)
         return QX_OK;
     if (q == QX_OK)
-        q = claim(r, b, err);
+        q = claim(r, b, NULL, NULL, err);
     if (q == QX_OK) {
         if (b->n > 0) {
             publish_start(r, b);
             publish_wait(r, b);
         }
-        q = finish(r, b, NULL, NULL, err);
+        q = finish(r, b, err);
         *out = b->out;
     }
     out->leader = r->leader;
@@ -1139,12 +1174,12 @@ static int wait_for_work(qx_relay *r, int timeout_ms)
     qx_notify *ns = NULL;
     int count = 0, np = 1, rc;
 
-    if (r->conn != NULL) {
-        if (qx_conn_notifications(r->conn, &ns, &count, 0, NULL) == QX_OK && count > 0) {
+    if (r->conns[0] != NULL) {
+        if (qx_conn_notifications(r->conns[0], &ns, &count, 0, NULL) == QX_OK && count > 0) {
             qx_notify_free(ns, count);
             return 1;
         }
-        p[1].fd = qx_conn_socket(r->conn);
+        p[1].fd = qx_conn_socket(r->conns[0]);
         p[1].events = POLLIN;
         p[1].revents = 0;
         np = p[1].fd >= 0 ? 2 : 1;
@@ -1157,32 +1192,97 @@ static int wait_for_work(qx_relay *r, int timeout_ms)
         return 0;
     if (p[0].revents & POLLIN)
         drain_wake(r);
-    if (np == 2 && p[1].revents != 0 && r->conn != NULL) {
+    if (np == 2 && p[1].revents != 0 && r->conns[0] != NULL) {
         count = 0;
-        if (qx_conn_notifications(r->conn, &ns, &count, 0, NULL) == QX_OK && count > 0) {
+        if (qx_conn_notifications(r->conns[0], &ns, &count, 0, NULL) == QX_OK && count > 0) {
             qx_notify_free(ns, count);
             return 1;
         }
-        if (qx_conn_is_broken(r->conn))
-            drop_connection(r);
+        if (qx_conn_is_broken(r->conns[0]))
+            drop_connection(r, 0);
     }
     return 0;
 }
 
+/* The keys and seqs of a batch's acked rows with a key, as array literals for the next claim.
+ * Returns 0 when memory ran out. */
+static int acked_keys(const batch *b, buf *keys, buf *seqs)
+{
+    int i, n = 0;
+    buf_str(keys, "{");
+    buf_str(seqs, "{");
+    for (i = 0; i < b->n; i++) {
+        if (b->rows[i].state != ROW_ACKED || qx_result_isnull(b->res, i, COL_KEY))
+            continue;
+        if (n++ > 0) {
+            buf_str(keys, ",");
+            buf_str(seqs, ",");
+        }
+        buf_array_text(keys, qx_result_value(b->res, i, COL_KEY));
+        buf_str(seqs, qx_result_value(b->res, i, COL_SEQ));
+    }
+    buf_str(keys, "}");
+    buf_str(seqs, "}");
+    return !keys->failed && !seqs->failed;
+}
+
+typedef struct mark_job {
+    qx_conn *conn;
+    marking *mk;
+} mark_job;
+
+static void *mark_thread(void *p)
+{
+    mark_job *j = p;
+    mark_send(j->conn, j->mk);
+    return NULL;
+}
+
+/* Accounts a finished batch and tells fn; returns 1 when fn asks to stop. */
+static int settle(qx_relay *r, batch *b, qx_status q, const qx_error *e, qx_relay_batch_fn fn,
+                  void *ud)
+{
+    if (q == QX_OK)
+        account(r, &b->out);
+    else
+        note_error(r, e);
+    return fn != NULL && fn(ud, &b->out, q == QX_OK ? NULL : e) != 0;
+}
+
+/* May the next batch be claimed while this one is marked? Only a leader with both connections
+ * of a batch that found rows, with NATS up, when no one asked to stop. */
+static int may_overlap(qx_relay *r, const batch *cur, int stop, int handle_signals)
+{
+    return cur->n > 0 && !stop && !stopping(r, handle_signals) && r->leader &&
+           r->conns[0] != NULL && !qx_conn_is_broken(r->conns[0]) &&
+           qx_nats_get_state(r->nats) == QX_NATS_CONNECTED;
+}
+
 /*
- * After a batch that found rows, its marks, COMMIT and the next batch's BEGIN and claim go to
- * the server in one round trip; the next claim sees the marks, so a key's next rows can follow
- * at once. After a batch that found nothing, the relay waits for a NOTIFY (or the idle
- * interval); after one that was not full, at most the poll interval.
+ * After a batch that found rows, the relay claims the next batch on its other connection while
+ * the first one's marks and COMMIT run on its own (on a thread of the relay's), and starts
+ * publishing it before that COMMIT is back: PostgreSQL marks one batch while the relay claims
+ * and NATS carries the next.
+ *
+ * Why this keeps each key's order: the batch being marked still holds its rows locked, so the
+ * next claim skips them (SKIP LOCKED), and a skipped row is a gap that holds its key back -
+ * except the rows that were acked, whose keys and seqs the claim is told: they are on the
+ * stream already, so the next rows of their keys may follow. Failed, held and dead rows stay
+ * gaps until their batch commits. Should that COMMIT fail, its acked rows go again later, and
+ * JetStream drops the copies by their Nats-Msg-Id, as after a crash between publish and mark.
+ *
+ * After a batch that found nothing, the relay waits for a NOTIFY (or the idle interval); after
+ * one that was not full, at most the poll interval.
  */
 qx_status qx_relay_run(qx_relay *r, qx_relay_batch_fn fn, void *ud, int handle_signals,
                        qx_error *err)
 {
     struct sigaction sa, old_term, old_int;
     qx_relay_result idle;
-    qx_error e;
+    qx_error e, ne;
     batch *cur = NULL;
-    int stop_asked = 0, chained = 0; /* chained: cur was claimed with the previous COMMIT */
+    int stop_asked = 0, chained = 0; /* chained: cur was claimed while the previous was marked */
+    int started = 0;                 /* cur's publishing has begun */
 
     qx_error_clear(err);
     __atomic_store_n(&r->stop, 0, __ATOMIC_RELEASE);
@@ -1199,9 +1299,12 @@ qx_status qx_relay_run(qx_relay *r, qx_relay_batch_fn fn, void *ud, int handle_s
     r->stats.running = 1;
 
     for (;;) {
-        batch *next = NULL;
-        qx_status q, next_q = QX_ERR_CLOSED;
-        int wait_ms;
+        batch *next;
+        buf keys = { NULL, 0, 0, 0 }, seqs = { NULL, 0, 0, 0 };
+        mark_job job;
+        pthread_t th;
+        qx_status q, next_q;
+        int wait_ms, threaded;
 
         if (cur == NULL) {
             if (stopping(r, handle_signals) || stop_asked)
@@ -1210,8 +1313,8 @@ qx_status qx_relay_run(qx_relay *r, qx_relay_batch_fn fn, void *ud, int handle_s
             q = ready_to_claim(r, &e);
             if (q == QX_OK && r->leader) {
                 cur = &r->slot[0];
-                chained = 0;
-                q = claim(r, cur, &e);
+                chained = started = 0;
+                q = claim(r, cur, NULL, NULL, &e);
                 if (q != QX_OK)
                     cur = NULL;
             }
@@ -1228,39 +1331,81 @@ qx_status qx_relay_run(qx_relay *r, qx_relay_batch_fn fn, void *ud, int handle_s
         }
 
         if (cur->n > 0) {
-            publish_start(r, cur);
+            if (!started)
+                publish_start(r, cur);
             publish_wait(r, cur);
         }
-        /* after a batch that found rows, more have likely been committed meanwhile: claim
-         * them with this batch's COMMIT rather than after a wake-up and a round trip more */
-        if (cur->n > 0 && !stop_asked && !stopping(r, handle_signals) &&
-            qx_nats_get_state(r->nats) == QX_NATS_CONNECTED)
-            next = cur == &r->slot[0] ? &r->slot[1] : &r->slot[0];
-        q = finish(r, cur, next, &next_q, &e);
-        if (q == QX_OK)
-            account(r, &cur->out);
-        else
-            note_error(r, &e);
-        if (fn != NULL && fn(ud, &cur->out, q == QX_OK ? NULL : &e))
-            stop_asked = 1;
-        if (next != NULL && next_q == QX_OK) {
-            if (stop_asked || stopping(r, handle_signals)) {
-                /* nothing of it was sent yet: give the rows back */
-                abort_batch(r, next);
-                break;
-            }
-            cur = next;
-            chained = 1;
+        started = 0;
+
+        if (!may_overlap(r, cur, stop_asked, handle_signals)) {
+            q = finish(r, cur, &e);
+            if (settle(r, cur, q, &e, fn, ud))
+                stop_asked = 1;
+            /* nothing more: soon again right after work (a retry may come due), later when
+             * idle; a NOTIFY cuts both short */
+            wait_ms = q != QX_OK ? r->o.lock_retry_ms
+                      : (cur->out.claimed > 0 || chained) ? r->o.poll_interval_ms
+                      : r->o.idle_interval_ms;
+            cur = NULL;
+            if (wait_ms > 0 && !stop_asked && !stopping(r, handle_signals))
+                wait_for_work(r, wait_ms);
             continue;
         }
-        /* nothing more: soon again right after work (a retry may come due), later when idle;
-         * a NOTIFY cuts both short */
-        wait_ms = q != QX_OK ? r->o.lock_retry_ms
-                  : (cur->out.claimed > 0 || chained) ? r->o.poll_interval_ms
-                  : r->o.idle_interval_ms;
-        cur = NULL;
-        if (wait_ms > 0 && !stop_asked && !stopping(r, handle_signals))
-            wait_for_work(r, wait_ms);
+
+        /* mark cur on a thread; meanwhile claim the next batch and start publishing it */
+        next = cur == &r->slot[0] ? &r->slot[1] : &r->slot[0];
+        q = mark_prepare(r, cur, &e);
+        if (q != QX_OK || !acked_keys(cur, &keys, &seqs)) {
+            free(keys.p);
+            free(seqs.p);
+            if (q == QX_OK)
+                marking_free(&cur->mk);
+            q = finish(r, cur, &e); /* again, in turn: the plain way */
+            if (settle(r, cur, q, &e, fn, ud))
+                stop_asked = 1;
+            cur = NULL;
+            continue;
+        }
+        job.conn = r->conns[cur->ci];
+        job.mk = &cur->mk;
+        threaded = pthread_create(&th, NULL, mark_thread, &job) == 0;
+        if (!threaded)
+            mark_send(job.conn, job.mk);
+        next_q = claim(r, next, keys.p, seqs.p, &ne);
+        free(keys.p);
+        free(seqs.p);
+        if (next_q == QX_OK && next->n > 0 && !stopping(r, handle_signals)) {
+            publish_start(r, next);
+            started = 1;
+        }
+        if (threaded)
+            pthread_join(th, NULL);
+        q = mark_complete(r, cur, &e);
+        if (settle(r, cur, q, &e, fn, ud))
+            stop_asked = 1;
+        if (next_q != QX_OK) {
+            note_error(r, &ne); /* claim() has given the rows back */
+            cur = NULL;
+            if (!stop_asked && !stopping(r, handle_signals))
+                wait_for_work(r, r->o.lock_retry_ms);
+            continue;
+        }
+        if (stop_asked || stopping(r, handle_signals)) {
+            if (started) {
+                /* its messages are out: see them acked and marked, then stop */
+                publish_wait(r, next);
+                q = finish(r, next, &e);
+                if (q == QX_OK)
+                    account(r, &next->out);
+                else
+                    note_error(r, &e);
+            } else {
+                abort_batch(r, next); /* nothing of it was sent: give the rows back */
+            }
+            break;
+        }
+        cur = next;
+        chained = 1;
     }
 
     r->stats.running = 0;
