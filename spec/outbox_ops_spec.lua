@@ -126,6 +126,21 @@ describe("outbox operations", function()
     assert.truthy(out:find("claimed 0", 1, true), out)
   end)
 
+  it("qx relay --delete-published deletes what JetStream acked", function()
+    local before = H.sql(ctx, "SELECT count(*) AS n FROM qx_outbox_events")[1].n
+    local evs = H.commit(ctx, { { key = "d", name = "ok.one" }, { key = "d", name = "ok.two" } })
+    local out, code = H.cli(ctx, "relay --once --delete-published")
+    assert.equal(0, code, out)
+    assert.truthy(out:find("published 2", 1, true), out)
+    assert.equal(before, H.sql(ctx, "SELECT count(*) AS n FROM qx_outbox_events")[1].n)
+    for _, ev in ipairs(evs) do
+      assert.equal(0, #H.sql(ctx, "SELECT 1 FROM qx_outbox_events WHERE id = $1", ev.event_id))
+    end
+    out, code = H.cli(ctx, "relay --once", "QX_RELAY__DELETE_PUBLISHED=maybe")
+    assert.equal(2, code, out)
+    assert.truthy(out:find("QX_RELAY__DELETE_PUBLISHED", 1, true), out)
+  end)
+
   it("qx relay rejects bad flags and settings, and says so when NATS is unreachable", function()
     local out, code = H.cli(ctx, "relay --once --shard-id 3 --shard-count 2")
     assert.equal(2, code, out)

@@ -89,6 +89,18 @@ describe("outbox relay", function()
       relay:close()
     end)
 
+    it("with delete_published, deletes each row once JetStream has acked it", function()
+      local evs = H.commit_many(ctx, 600, 7, 50)
+      local relay = assert(H.relay(ctx, { batch_size = 100, delete_published = true }))
+      assert(relay:run{ on_batch = function(r, e)
+        assert(not e, tostring(e))
+        if r.claimed == 0 then return false end
+      end })
+      assert.equal(0, H.sql(ctx, "SELECT count(*) AS n FROM qx_outbox_events")[1].n)
+      H.check_stream(ctx, evs)
+      relay:close()
+    end)
+
     it("publishes a lone key's events in order with one unacked message at a time", function()
       local evs = H.commit_many(ctx, 300, 1, 100)
       local relay = assert(H.relay(ctx, { batch_size = 1000 }))
@@ -278,6 +290,24 @@ describe("outbox relay", function()
       relay:close()
     end)
 
+    it("with delete_published, a failed row stays with its attempts and holds its key", function()
+      local e = H.commit(ctx, {
+        { key = "k", name = "ok.a" }, { key = "k", name = "bad.b" }, { key = "k", name = "ok.c" },
+        { key = "l", name = "ok.d" },
+      })
+      local relay = assert(H.relay(ctx, { base_delay_ms = 60000, delete_published = true }))
+      local r = assert(relay:run_once())
+      assert.equal(2, r.published)
+      assert.equal(1, r.failed)
+      local rows = H.sql(ctx, "SELECT id::text AS id, attempts, published_at IS NULL AS pending"
+        .. " FROM qx_outbox_events ORDER BY seq")
+      assert.equal(2, #rows)
+      assert.same({ e[2].event_id, 1, true }, { rows[1].id, rows[1].attempts, rows[1].pending })
+      assert.same({ e[3].event_id, 0, true }, { rows[2].id, rows[2].attempts, rows[2].pending })
+      H.check_stream(ctx, { e[1], e[4] })
+      relay:close()
+    end)
+
     it("dead-letters rows that cannot be sent at once, and publishes the rest", function()
       local good = H.commit(ctx, { { key = "k", name = "ok.1" } })[1]
       local function insert(name, payload, key)
@@ -344,8 +374,11 @@ describe("outbox relay", function()
     it("reads QX_RELAY__* from the environment", function()
       local s = assert(require("qx.relay").settings({}, function(name)
         return ({ QX_RELAY__SHARD_ID = "2", QX_RELAY__SHARD_COUNT = "3", QX_RELAY__BATCH_SIZE = "10",
-                  QX_RELAY__POLL_INTERVAL_SECONDS = "0.25", QX_RELAY__MAX_ATTEMPTS = "0" })[name]
+                  QX_RELAY__POLL_INTERVAL_SECONDS = "0.25", QX_RELAY__MAX_ATTEMPTS = "0",
+                  QX_RELAY__DELETE_PUBLISHED = " Yes " })[name]
       end))
+      assert.is_true(s.delete_published)
+      assert.is_false(assert(require("qx.relay").settings({}, function() end)).delete_published)
       assert.equal(2, s.shard_id)
       assert.equal(3, s.shard_count)
       assert.equal(10, s.batch_size)
@@ -356,6 +389,14 @@ describe("outbox relay", function()
       end)
       assert.is_nil(bad)
       assert.equal("QX_RELAY__SHARD_COUNT", e.setting)
+      bad, e = require("qx.relay").settings({}, function(name)
+        return name == "QX_RELAY__DELETE_PUBLISHED" and "sometimes" or nil
+      end)
+      assert.is_nil(bad)
+      assert.equal("QX_RELAY__DELETE_PUBLISHED", e.setting)
+      bad, e = require("qx.relay").settings{ delete_published = "true" }
+      assert.is_nil(bad)
+      assert.equal("delete_published", e.setting)
     end)
 
     it("raises on an unknown option", function()

@@ -3,12 +3,15 @@
 --   qx relay [--url URL] [--servers NATS_URLS] [--shard-id N] [--shard-count N]
 --            [--batch-size N] [--max-in-flight N] [--max-attempts N] [--poll-interval S]
 --            [--idle-interval S] [--lock-retry S] [--ack-timeout-ms MS] [--subject-prefix P]
---            [--metrics-file PATH [--metrics-interval S]] [--ensure-stream] [--once] [--verbose]
+--            [--metrics-file PATH [--metrics-interval S]] [--delete-published] [--ensure-stream]
+--            [--once] [--verbose]
 --
 -- Flags override the environment (QX_DB__*, QX_NATS__*, QX_RELAY__*). --metrics-file writes the
 -- Prometheus text (outbox figures and relay counters) to PATH every --metrics-interval seconds
--- (default 15; the outbox figures count the table's rows), for a textfile collector. --once runs one batch, prints its figures and exits (0 when nothing
--- failed). --ensure-stream creates the stream first (development).
+-- (default 15; the outbox figures count the table's rows), for a textfile collector. --once runs
+-- one batch, prints its figures and exits (0 when nothing failed). --delete-published deletes a
+-- row once JetStream has acked it instead of setting published_at. --ensure-stream creates the
+-- stream first (development).
 local tostring = tostring
 local tonumber = tonumber
 local type = type
@@ -60,6 +63,7 @@ local function run(flags)
         if e then cli.complain(e) return 2 end
     end
     opts.subject_prefix = flags.subject_prefix
+    if flags.delete_published then opts.delete_published = true end
     if flags.metrics_file ~= nil and type(flags.metrics_file) ~= "string" then
         cli.complain("--metrics-file needs a path") return 2
     end
@@ -148,7 +152,8 @@ return {
     usage = "qx relay [--url URL] [--servers NATS_URLS] [--shard-id N] [--shard-count N] "
         .. "[--batch-size N] [--max-in-flight N] [--max-attempts N] [--poll-interval S] "
         .. "[--idle-interval S] [--lock-retry S] [--ack-timeout-ms MS] [--subject-prefix P] "
-        .. "[--metrics-file PATH [--metrics-interval S]] [--ensure-stream] [--once] [--verbose]",
-    switches = { once = true, verbose = true, ensure_stream = true },
+        .. "[--metrics-file PATH [--metrics-interval S]] [--delete-published] [--ensure-stream] "
+        .. "[--once] [--verbose]",
+    switches = { once = true, verbose = true, ensure_stream = true, delete_published = true },
     run = run,
 }

@@ -27,6 +27,8 @@
 --   base_delay_ms, max_delay_ms    retry backoff: base * 2^attempts, at most max   (500, 60000)
 --   subject_prefix                 default: the NATS settings' (QX_NATS__SUBJECT_PREFIX)
 --   channel                        LISTEN channel                           ("qx_outbox")
+--   delete_published               QX_RELAY__DELETE_PUBLISHED: delete a row once JetStream has
+--                                  acked it instead of setting published_at   (false)
 -- *_seconds options may also be given as *_ms. Bad values return nil and an "invalid" error
 -- naming the setting; an unknown option raises.
 local core = require "qx.core"
@@ -58,12 +60,13 @@ _M.ENV = {
     poll_interval_seconds = "QX_RELAY__POLL_INTERVAL_SECONDS",
     idle_interval_seconds = "QX_RELAY__IDLE_INTERVAL_SECONDS",
     lock_retry_seconds = "QX_RELAY__LOCK_RETRY_SECONDS",
+    delete_published = "QX_RELAY__DELETE_PUBLISHED",
 }
 
 _M.DEFAULTS = {
     shard_id = 0, shard_count = 1, batch_size = 1000, max_in_flight = 1000, max_attempts = 10,
     poll_interval_seconds = 0.5, idle_interval_seconds = 2, lock_retry_seconds = 1,
-    base_delay_ms = 500, max_delay_ms = 60000, channel = "qx_outbox",
+    base_delay_ms = 500, max_delay_ms = 60000, channel = "qx_outbox", delete_published = false,
 }
 
 local OPTIONS = {
@@ -72,7 +75,7 @@ local OPTIONS = {
     poll_interval_ms = true, idle_interval_seconds = true, idle_interval_ms = true,
     lock_retry_seconds = true, lock_retry_ms = true, ack_timeout_ms = true,
     base_delay_ms = true, max_delay_ms = true, subject_prefix = true, channel = true,
-    connect_timeout_ms = true,
+    connect_timeout_ms = true, delete_published = true,
 }
 
 local function bad(setting, msg)
@@ -102,6 +105,21 @@ local function int_setting(opts, getenv, name, lo, hi)
         return nil, bad(src, fmt("must be from %d to %s, got %s", lo, hi and tostring(hi) or "any",
                                  tostring(v)))
     end
+    return v
+end
+
+-- a boolean from an option or a variable (true/false, 1/0, yes/no, on/off)
+local BOOLEAN_WORDS = { ["true"] = true, ["1"] = true, yes = true, on = true,
+                        ["false"] = false, ["0"] = false, no = false, off = false }
+local function bool_setting(opts, getenv, name)
+    local v, src, from_env = source(opts, getenv, name)
+    if v == nil then return _M.DEFAULTS[name] end
+    if from_env then
+        local b = BOOLEAN_WORDS[match(v, "^%s*(.-)%s*$"):lower()]
+        if b == nil then return nil, bad(src, "expected true or false, got " .. fmt("%q", v)) end
+        return b
+    end
+    if type(v) ~= "boolean" then return nil, bad(src, "expected a boolean, got " .. tostring(v)) end
     return v
 end
 
@@ -171,6 +189,8 @@ function _M.settings(opts, getenv)
         return nil, bad("subject_prefix", "not a valid subject")
     end
     out.subject_prefix = opts.subject_prefix
+    out.delete_published, e = bool_setting(opts, getenv, "delete_published")
+    if out.delete_published == nil then return nil, e end
     return out
 end
 

@@ -408,6 +408,7 @@ typedef struct qx_relay_options {
     int shard_id, shard_count; /* 0 <= shard_id < shard_count (default 0 of 1) */
     int lock_retry_ms;         /* a standby retries the shard lock this often (default 1000) */
     int statement_timeout_ms;  /* for the relay's statements (default 30000) */
+    int delete_published;      /* 1: delete acked rows instead of setting published_at (0) */
 } qx_relay_options;
 
 void qx_relay_options_init(qx_relay_options *o);

@@ -49,7 +49,7 @@ static const char *opt_str(lua_State *L, int t, const char *name, const char *df
 /* core.relay{ conninfo, nats, subject_prefix, channel, batch_size, max_in_flight,
  *             ack_timeout_ms, max_attempts, base_delay_ms, max_delay_ms, poll_interval_ms,
  *             idle_interval_ms, shard_id, shard_count, lock_retry_ms, connect_timeout_ms,
- *             statement_timeout_ms } -> relay | nil, err */
+ *             statement_timeout_ms, delete_published } -> relay | nil, err */
 static int l_new(lua_State *L)
 {
     qx_relay_options o;
@@ -77,6 +77,9 @@ static int l_new(lua_State *L)
     o.lock_retry_ms = opt_int(L, 1, "lock_retry_ms", o.lock_retry_ms);
     o.connect_timeout_ms = opt_int(L, 1, "connect_timeout_ms", o.connect_timeout_ms);
     o.statement_timeout_ms = opt_int(L, 1, "statement_timeout_ms", o.statement_timeout_ms);
+    lua_getfield(L, 1, "delete_published");
+    o.delete_published = lua_toboolean(L, -1);
+    lua_pop(L, 1);
 
     lr = lua_newuserdata(L, sizeof *lr);
     lr->r = NULL;
