@@ -2,7 +2,9 @@
 --   1. throughput: events/s from a pre-filled outbox until every row is published and the stream
 --      holds them all, for
 --        - raw nats.c js_PublishAsync of the same messages (bench/relay_bench.c, compiled here)
---        - qx.relay (windowed async publish, batches, two connections)
+--        - qx.relay (windowed async publish, batches, two connections: one batch is marked
+--          while the next is claimed and published), marking rows published, and with
+--          delete_published (deleting them)
 --        - a seed-style relay: one publish and one ack at a time, each row marked on its own
 --        - `qx relay` processes: one, and two shards
 --      taking turns over several rounds (medians reported: the machine may be shared);
@@ -120,10 +122,10 @@ local function raw_run(body_file, subject, n)
     return tonumber(count) / tonumber(secs)
 end
 
-local function relay_run(n, keys)
+local function relay_run(n, keys, delete_published)
     local ctx = fresh("relay")
     fill(ctx, n, keys)
-    local relay = assert(qx.relay{ db = ctx.db, nats = ctx.conn })
+    local relay = assert(qx.relay{ db = ctx.db, nats = ctx.conn, delete_published = delete_published })
     local t0 = clock()
     relay:run{ on_batch = function(r, e)
         assert(not e, tostring(e))
@@ -199,7 +201,7 @@ end
 local function throughput()
     print(fmt("== throughput: %d events over %d keys (relay, raw), %d (seed-style), %d on one key; %d rounds",
               N, KEYS, SEED_N, HOT_N, ROUNDS))
-    local raw, relay, seed, hot, one, two = {}, {}, {}, {}, {}, {}
+    local raw, relay, del, seed, hot, one, two = {}, {}, {}, {}, {}, {}, {}
     local raw_ctx = fresh("raw")
     local body_file = tmpdir .. "/body.json"
     for round = 1, ROUNDS do
@@ -209,19 +211,21 @@ local function throughput()
         f:write(sample.data)
         f:close()
         raw[round] = raw_run(body_file, raw_ctx.conn.settings.subject_prefix .. ".bench.thing_happened", N)
+        del[round] = relay_run(N, KEYS, true)
         seed[round] = seed_run(SEED_N)
         hot[round] = relay_run(HOT_N, 1)
         one[round] = sharded_run(N, 1)
         two[round] = sharded_run(N, 2)
-        print(fmt("round %d: raw %.0f/s  relay %.0f/s (%.2fx raw)  seed-style %.0f/s  relay, one key %.0f/s"
-                  .. "  qx relay processes: 1 %.0f/s, 2 shards %.0f/s",
-                  round, raw[round], relay[round], relay[round] / raw[round], seed[round], hot[round],
-                  one[round], two[round]))
+        print(fmt("round %d: raw %.0f/s  relay %.0f/s (%.2fx raw)  relay delete_published %.0f/s (%.2fx raw)"
+                  .. "  seed-style %.0f/s  relay, one key %.0f/s  qx relay processes: 1 %.0f/s, 2 shards %.0f/s",
+                  round, raw[round], relay[round], relay[round] / raw[round], del[round],
+                  del[round] / raw[round], seed[round], hot[round], one[round], two[round]))
     end
     drop(raw_ctx)
-    local mr, ml, ms, mh = median(raw), median(relay), median(seed), median(hot)
-    print(fmt("median: raw js_PublishAsync %.0f/s | qx relay %.0f/s = %.2fx raw, %.1fx seed-style | seed-style %.0f/s | one hot key %.0f/s",
-              mr, ml, ml / mr, ml / ms, ms, mh))
+    local mr, ml, md, ms, mh = median(raw), median(relay), median(del), median(seed), median(hot)
+    print(fmt("median: raw js_PublishAsync %.0f/s | qx relay %.0f/s = %.2fx raw, %.1fx seed-style"
+              .. " | delete_published %.0f/s = %.2fx raw, %.1fx seed-style | seed-style %.0f/s | one hot key %.0f/s",
+              mr, ml, ml / mr, ml / ms, md, md / mr, md / ms, ms, mh))
     print(fmt("median: qx relay processes (from their start): 1 %.0f/s, 2 shards %.0f/s (%.2fx)",
               median(one), median(two), median(two) / median(one)))
 end

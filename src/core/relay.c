@@ -184,6 +184,9 @@ struct qx_relay {
     pthread_cond_t cond;
     completion *done;
     int ndone;
+    int want;           /* wake the relay's thread when ndone reaches this ... */
+    const row *pub_rows;/* ... or when an acked row has a successor of its key (rows[i].next) */
+    int urgent;         /* ... or a publish failed: then this is set */
     natsMsg **map_msg;  /* unacked message -> row index, open addressing */
     int *map_idx;
     int map_cap;
@@ -285,7 +288,12 @@ static void on_ack(jsCtx *js, natsMsg *msg, jsPubAck *pa, jsPubAckErr *pae, void
         } else if (pa == NULL) {
             snprintf(c->error, sizeof c->error, "nats: publish failed");
         }
-        pthread_cond_signal(&r->cond);
+        /* one wake-up per ack would cost a context switch each: wake when the relay waits for
+         * this many, or when the row's key has a next row to send (or on failure) */
+        if (!c->ok || r->pub_rows == NULL || r->pub_rows[idx].next >= 0)
+            r->urgent = 1;
+        if (r->urgent || r->ndone >= r->want)
+            pthread_cond_signal(&r->cond);
     }
     pthread_mutex_unlock(&r->mu);
     natsMsg_Destroy(msg); /* with an ack handler the message is ours to destroy */
@@ -854,6 +862,9 @@ static void publish_start(qx_relay *r, batch *b)
     link_keys(r, b);
     pthread_mutex_lock(&r->mu);
     r->ndone = 0;
+    r->want = 1;
+    r->urgent = 0;
+    r->pub_rows = b->rows;
     map_clear(r);
     pthread_mutex_unlock(&r->mu);
     send_ready(r, b);
@@ -899,13 +910,20 @@ static void publish_wait(qx_relay *r, batch *b)
         int got = 0;
         timespec_after(&deadline, r->o.ack_timeout_ms);
         pthread_mutex_lock(&r->mu);
-        while (r->ndone == 0) {
+        /* all in flight, or a quarter of the window when more rows wait for room in it */
+        r->want = b->head < b->nready ? (r->o.max_in_flight + 3) / 4 : b->inflight;
+        if (r->want > b->inflight)
+            r->want = b->inflight;
+        if (r->want < 1)
+            r->want = 1;
+        while (r->ndone < r->want && !r->urgent) {
             if (pthread_cond_timedwait(&r->cond, &r->mu, &deadline) == ETIMEDOUT)
                 break;
         }
         got = r->ndone;
         memcpy(r->local, r->done, sizeof *r->local * (size_t)got);
         r->ndone = 0;
+        r->urgent = 0;
         pthread_mutex_unlock(&r->mu);
         if (got == 0) {
             timed_out = 1;
