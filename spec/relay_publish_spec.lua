@@ -101,6 +101,35 @@ describe("outbox relay", function()
       relay:close()
     end)
 
+    it("sends a batch of many keys over a second connection that gathers writes, closed with the relay", function()
+      local support = require "support"
+      local cjson = require "cjson"
+      local name = "relay-" .. qx.uuid()
+      local function connections()
+        local n = 0
+        for _, c in ipairs(cjson.decode(support.nats_monitor("/connz?limit=4096")).connections or {}) do
+          if c.name == name then n = n + 1 end
+        end
+        return n
+      end
+      local conn = assert(qx.nats.connect{ servers = support.nats_url(), stream = ctx.stream,
+                                           subject_prefix = ctx.prefix, name = name })
+      local evs = H.commit_many(ctx, 300, 100, 100)
+      local few = H.commit(ctx, { { key = "x" }, { key = "y" } })
+      local relay = assert(H.relay(ctx, { nats = conn, batch_size = 300 }))
+      assert.equal(1, connections())
+      local r = assert(relay:run_once()) -- 100 keys ready at once: the gathering connection
+      assert.equal(300, r.published)
+      assert(H.wait_until(function() return connections() == 2 end, 5))
+      r = assert(relay:run_once()) -- two keys: the relay's own connection, at once
+      assert.equal(2, r.published)
+      for _, ev in ipairs(few) do evs[#evs + 1] = ev end
+      H.check_stream(ctx, evs)
+      relay:close()
+      conn:close()
+      assert(H.wait_until(function() return connections() == 0 end, 5))
+    end)
+
     it("publishes a lone key's events in order with one unacked message at a time", function()
       local evs = H.commit_many(ctx, 300, 1, 100)
       local relay = assert(H.relay(ctx, { batch_size = 1000 }))

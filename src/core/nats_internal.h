@@ -12,6 +12,12 @@ natsConnection *qx_nats_conn(qx_nats *n);
  * own context on qx_nats_conn(n), since ack handlers are per context. */
 jsCtx *qx_nats_js(qx_nats *n);
 
+/* A second connection to the same servers with the same options, except that nats.c gathers
+ * its writes (send_asap off): for bulk publishing, where a write per message would cost more
+ * than the millisecond a lone message may wait. A connection opened without send_asap is
+ * simply retained. Release it with qx_nats_close. */
+qx_status qx_nats_open_gathering(qx_nats *like, qx_nats **out, qx_error *err);
+
 /* Fills err from a nats.c status (and the library's last error text for this thread, when it
  * says more); what names the operation. Returns the qx status: QX_ERR_TIMEOUT,
  * QX_ERR_CONNECTION, QX_ERR_NOT_FOUND, QX_ERR_NATS. */

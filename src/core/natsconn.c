@@ -6,6 +6,7 @@
  * its own threads (reading, flushing, reconnecting, callbacks); nothing here calls back into
  * the caller from them.
  */
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -18,6 +19,9 @@ struct qx_nats {
     natsConnection *nc;
     jsCtx *js;
     int refs; /* changed with atomics: a relay may drop its reference from another thread */
+    natsOptions *opts;   /* what it was opened with, for qx_nats_open_gathering */
+    int send_asap;
+    pthread_mutex_t mu;  /* guards opts */
 };
 
 /* ---- errors ------------------------------------------------------------------------------ */
@@ -218,9 +222,9 @@ qx_status qx_nats_open(qx_nats **out, const qx_nats_options *o, qx_error *err)
         natsOptions_Destroy(opts);
         return qx_error_set(err, QX_ERR_NOMEM, "out of memory");
     }
-    s = natsConnection_Connect(&n->nc, opts);
-    natsOptions_Destroy(opts);
+    s = natsConnection_Connect(&n->nc, opts); /* nats.c keeps a copy of the options */
     if (s != NATS_OK) {
+        natsOptions_Destroy(opts);
         q = qx_nats_error(err, s, 0, "cannot connect to NATS");
         natsConnection_Destroy(n->nc);
         free(n);
@@ -233,11 +237,49 @@ qx_status qx_nats_open(qx_nats **out, const qx_nats_options *o, qx_error *err)
     }
     s = natsConnection_JetStream(&n->js, n->nc, NULL);
     if (s != NATS_OK) {
+        natsOptions_Destroy(opts);
         q = qx_nats_error(err, s, 0, "JetStream context");
         natsConnection_Destroy(n->nc);
         free(n);
         return q;
     }
+    n->opts = opts;
+    n->send_asap = o->send_asap != 0;
+    pthread_mutex_init(&n->mu, NULL);
+    n->refs = 1;
+    *out = n;
+    return QX_OK;
+}
+
+qx_status qx_nats_open_gathering(qx_nats *like, qx_nats **out, qx_error *err)
+{
+    qx_nats *n;
+    natsStatus s;
+
+    *out = NULL;
+    if (!like->send_asap) {
+        *out = qx_nats_retain(like);
+        return QX_OK;
+    }
+    n = calloc(1, sizeof *n);
+    if (n == NULL)
+        return qx_error_set(err, QX_ERR_NOMEM, "out of memory");
+    pthread_mutex_lock(&like->mu);
+    s = natsOptions_SetSendAsap(like->opts, false);
+    if (s == NATS_OK)
+        s = natsConnection_Connect(&n->nc, like->opts);
+    natsOptions_SetSendAsap(like->opts, true);
+    pthread_mutex_unlock(&like->mu);
+    if (s == NATS_OK)
+        s = natsConnection_JetStream(&n->js, n->nc, NULL);
+    if (s != NATS_OK) {
+        qx_status q = qx_nats_error(err, s, 0, "cannot open a second NATS connection");
+        natsConnection_Destroy(n->nc);
+        free(n);
+        return q;
+    }
+    pthread_mutex_init(&n->mu, NULL); /* opts stays NULL: it opens no more connections */
+    n->send_asap = 0;
     n->refs = 1;
     *out = n;
     return QX_OK;
@@ -259,6 +301,8 @@ void qx_nats_close(qx_nats *n)
     jsCtx_Destroy(n->js);
     natsConnection_Close(n->nc); /* flushes what is buffered, then closes */
     natsConnection_Destroy(n->nc);
+    natsOptions_Destroy(n->opts);
+    pthread_mutex_destroy(&n->mu);
     free(n);
 }
 

@@ -379,7 +379,8 @@ const char *qx_consumer_durable(const qx_consumer *c);
  * statement and the failed ones with attempts + 1, last_error and a backed-off next attempt
  * (dead-lettered after max_attempts), commit. In qx_relay_run the marking and COMMIT of one
  * batch run on a thread of the relay's while the next batch is claimed on the other connection
- * and published.
+ * and published. Batches of many keys go through a second NATS connection of the relay's own
+ * that gathers writes (send_asap off); the given connection sends everything else at once.
  *
  * Order: rows of one partition key reach the stream in seq order. Only one row per key is
  * unacked at a time, and a row that fails (or waits for its next attempt, or is locked

@@ -162,6 +162,7 @@ typedef struct batch {
     int nready, head, inflight, settled;
     qx_relay_result out;
     marking mk;
+    jsCtx *js;       /* the context its messages go through */
 } batch;
 
 struct qx_relay {
@@ -170,6 +171,9 @@ struct qx_relay {
     char lock_name[64];
     qx_nats *nats;
     jsCtx *js;          /* the relay's own context: its ack handler is on_ack */
+    qx_nats *bulk;      /* a connection that gathers writes, for batches of many keys ... */
+    jsCtx *bulk_js;     /* ... and its context (also on_ack) */
+    double bulk_retry_at; /* after a failed attempt to open it, not before this (wall_now) */
     qx_conn *conns[2];  /* conns[0] holds the shard lock and LISTENs; both run batches */
     int leader;
     batch slot[2];      /* the batch being published and the one being marked */
@@ -435,8 +439,10 @@ void qx_relay_free(qx_relay *r)
     int k;
     if (r == NULL)
         return;
-    /* nothing is pending in the context between batches, so no ack handler runs after this */
+    /* nothing is pending in the contexts between batches, so no ack handler runs after this */
     jsCtx_Destroy(r->js);
+    jsCtx_Destroy(r->bulk_js);
+    qx_nats_close(r->bulk);
     for (k = 0; k < 2; k++) {
         qx_conn_close(r->conns[k]); /* an open transaction rolls back */
         qx_result_free(r->slot[k].res);
@@ -817,7 +823,7 @@ static int send_row(qx_relay *r, batch *b, int i)
     pthread_mutex_lock(&r->mu);
     map_put(r, m, i); /* before publishing: the ack may come back before the call returns */
     pthread_mutex_unlock(&r->mu);
-    s = js_PublishMsgAsync(r->js, &m, &po);
+    s = js_PublishMsgAsync(b->js, &m, &po);
     if (s != NATS_OK) {
         natsStatus last = NATS_OK;
         const char *detail = nats_GetLastError(&last);
@@ -855,11 +861,45 @@ static void send_ready(qx_relay *r, batch *b)
     }
 }
 
+/* A batch whose first round has this many rows (one per key) goes through the connection that
+ * gathers writes: a socket write per message costs the relay and nats-server more than the
+ * millisecond nats.c may hold the last ones. Fewer keys, each waiting for its previous ack,
+ * go out at once over the relay's own connection. */
+#define BULK_MIN_READY 64
+#define BULK_RETRY_SECONDS 30.0
+
+static jsCtx *choose_context(qx_relay *r, const batch *b)
+{
+    if (b->nready < BULK_MIN_READY || r->o.max_in_flight < BULK_MIN_READY)
+        return r->js;
+    if (r->bulk == NULL && wall_now() >= r->bulk_retry_at) {
+        qx_error e;
+        jsOptions jo;
+        if (qx_nats_open_gathering(r->nats, &r->bulk, &e) == QX_OK) {
+            jsOptions_Init(&jo);
+            jo.PublishAsync.MaxPending = (int64_t)r->o.max_in_flight * 2 + 16;
+            jo.PublishAsync.AckHandler = on_ack;
+            jo.PublishAsync.AckHandlerClosure = r;
+            if (natsConnection_JetStream(&r->bulk_js, qx_nats_conn(r->bulk), &jo) != NATS_OK) {
+                r->bulk_js = NULL;
+                qx_nats_close(r->bulk);
+                r->bulk = NULL;
+            }
+        }
+        if (r->bulk == NULL)
+            r->bulk_retry_at = wall_now() + BULK_RETRY_SECONDS;
+    }
+    if (r->bulk != NULL && qx_nats_get_state(r->bulk) == QX_NATS_CONNECTED)
+        return r->bulk_js;
+    return r->js;
+}
+
 /* Starts publishing a claimed batch; publish_wait collects the acks. */
 static void publish_start(qx_relay *r, batch *b)
 {
     b->head = b->inflight = b->settled = 0;
     link_keys(r, b);
+    b->js = choose_context(r, b);
     pthread_mutex_lock(&r->mu);
     r->ndone = 0;
     r->want = 1;
@@ -937,7 +977,7 @@ static void publish_wait(qx_relay *r, batch *b)
     if (timed_out) {
         /* take the unacked messages back: a late ack then finds nothing to report to */
         natsMsgList pending = { NULL, 0 };
-        if (js_PublishAsyncGetPendingList(&pending, r->js) == NATS_OK)
+        if (js_PublishAsyncGetPendingList(&pending, b->js) == NATS_OK)
             natsMsgList_Destroy(&pending);
         pthread_mutex_lock(&r->mu);
         for (i = 0; i < r->ndone; i++) /* acks that slipped in meanwhile still count */
@@ -962,7 +1002,7 @@ static void publish_wait(qx_relay *r, batch *b)
         jsPubOptions po;
         jsPubOptions_Init(&po);
         po.MaxWait = 1000;
-        js_PublishAsyncComplete(r->js, &po);
+        js_PublishAsyncComplete(b->js, &po);
     }
 }
 
