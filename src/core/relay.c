@@ -1032,6 +1032,7 @@ static qx_status mark_prepare(qx_relay *r, batch *b, qx_error *err)
 
     memset(mk, 0, sizeof *mk);
     mk->failed_idx = -1;
+    out->published = out->failed = out->dead_lettered = out->held = 0; /* counted here */
     buf_str(&mk->acked, "{");
     buf_str(&mk->ids, "{");
     buf_str(&mk->errors, "{");
