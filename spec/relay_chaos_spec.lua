@@ -79,6 +79,8 @@ describe("relay processes #novalgrind", function()
 
   it("SIGTERM finishes the batch in flight and exits cleanly", function()
     local r = H.spawn_relay(ctx, FAST)
+    -- a SIGTERM before the relay runs would just end the process (a slow start, under ASan)
+    assert(H.wait_until(function() return H.log_of(ctx, r):find("leader", 1, true) end, 20))
     local evs = H.commit_many(ctx, 500, 7, 50)
     H.sleep(0.05)
     local log = H.kill(ctx, r, "TERM")
