@@ -237,7 +237,7 @@ function _M.new(opts)
         d.cursor_keys = keys
     end
 
-    -- row -> entity (NULL columns are cleared to nil first, see map_rows)
+    -- row -> entity (NULL columns are absent from the row, see map_row)
     local entity = d.entity
     local from = opts.from_row or (entity and type(rawget(entity, "from_row")) == "function"
                                    and rawget(entity, "from_row"))
@@ -349,6 +349,15 @@ local Reader = {}
 Reader.__index = Reader
 function Reader:query(sql, ...)
     return self.db:query(sql, ...)
+end
+
+-- rows without their NULL columns (as Uow:_rows)
+function Reader:_rows(sql, ...)
+    local conn, e = self.db.pool:acquire()
+    if not conn then return nil, e end
+    local rows, affected = conn:send(nil, 1, 0, "sparse", sql, ...)
+    conn:release()
+    return rows, affected
 end
 
 local function new_repo(d, target, db, ctx, uow)
@@ -494,26 +503,22 @@ local function sort_of(self, c, opts)
     return parse_sort(opts.sort, self.d.sortable, self.d.pk, c.what)
 end
 
--- a row as the binding gives it -> an entity: NULL columns become nil, then the mapping
-local function map_row(d, c, row)
-    local nullable = c.nullable
-    for i = 1, #nullable do
-        local k = nullable[i]
-        if row[k] == null then row[k] = nil end
-    end
+-- a row read with _rows (its NULL columns are absent, so they read as nil) -> an entity
+local function map_row(d, row)
     local from = d.from_row
     if from then return from(row) end
     return row
 end
 
-local function map_rows(d, c, rows, skip_total)
-    local items = {}
+-- the rows become the items in place
+local function map_rows(d, rows, skip_total)
+    local from = d.from_row
     for i = 1, #rows do
         local row = rows[i]
         if skip_total then row.__qx_total = nil end
-        items[i] = map_row(d, c, row)
+        if from then rows[i] = from(row) end
     end
-    return items
+    return rows
 end
 
 -- ---- reads --------------------------------------------------------------------------------
@@ -541,15 +546,15 @@ function Repo:get(id, opts)
     end
     local rows
     if self.tenant ~= nil then
-        rows, e = self.t:query(sql, id, self.tenant)
+        rows, e = self.t:_rows(sql, id, self.tenant)
     else
-        rows, e = self.t:query(sql, id)
+        rows, e = self.t:_rows(sql, id)
     end
     if not rows then return nil, e end
     if rows[1] == nil then
         return fail("not_found", c.what .. " " .. tostring(id) .. " not found", { id = id })
     end
-    return map_row(self.d, c, rows[1])
+    return map_row(self.d, rows[1])
 end
 
 -- exists(id[, { include_deleted }]) -> boolean | nil, err
@@ -621,19 +626,19 @@ function Repo:list(opts)
               .. order_by(c, keys, "p.")
     end
     local rows
-    rows, e = self.t:query(sql, unpack(q.params, 1, q.n))
+    rows, e = self.t:_rows(sql, unpack(q.params, 1, q.n))
     if not rows then return nil, e end
     local out = { page = page, page_size = size }
     if with_total then
         out.total = rows[1].__qx_total
-        if rows[1][d.pk] == null then rows = {} end
+        if rows[1][d.pk] == nil then rows = {} end -- the count's row alone: an empty page
         out.pages = ceil(out.total / size)
         out.has_next = page * size < out.total
     else
         out.has_next = #rows > size
         rows[size + 1] = nil
     end
-    out.items = map_rows(d, c, rows, with_total)
+    out.items = map_rows(d, rows, with_total)
     return out
 end
 
@@ -752,7 +757,7 @@ function Repo:page(opts)
     local sql = "SELECT " .. c.select .. " FROM " .. c.qtable .. " WHERE " .. w .. " ORDER BY "
                 .. order_by(c, keys) .. " LIMIT " .. q:param(limit + 1)
     local rows
-    rows, e = self.t:query(sql, unpack(q.params, 1, q.n))
+    rows, e = self.t:_rows(sql, unpack(q.params, 1, q.n))
     if not rows then return nil, e end
     local out = { has_next = #rows > limit }
     if out.has_next then
@@ -761,7 +766,7 @@ function Repo:page(opts)
         for i, k in ipairs(keys) do vals[i] = cursor.text(last[k.field]) end
         out.next_cursor = cursor.encode(keyring, context, vals, #keys)
     end
-    out.items = map_rows(d, c, rows)
+    out.items = map_rows(d, rows)
     return out
 end
 
@@ -809,14 +814,14 @@ function Repo:each(opts, fn)
     local d, n = self.d, 0
     while true do
         local rows
-        rows, e = uow:query(fetch)
+        rows, e = uow:_rows(fetch)
         if not rows then return nil, e end
         local got, stop = #rows, false
         for i = 1, got do
             local row = rows[i]
             rows[i] = nil -- the batch is the only thing held
             n = n + 1
-            if fn(map_row(d, c, row)) == false then stop = true break end
+            if fn(map_row(d, row)) == false then stop = true break end
         end
         if stop or got < batch then break end
     end
