@@ -6,24 +6,56 @@
 typedef struct lconn {
     qx_conn *c;   /* NULL once released */
     qx_pool *p;
-    int pool_ref; /* registry reference that keeps the pool userdata alive */
+    int pool_ref; /* LuaJIT: registry reference that keeps the pool userdata alive (Lua 5.4
+                   * keeps it as the userdata's user value) */
 } lconn;
+
+/* Its address keys the connection metatable in the registry: a lease finds it without
+ * interning the type name. */
+static const char CONN_MT_KEY = 'c';
 
 void qx_conn_push(lua_State *L, qx_conn *c, qx_pool *p, int pool_idx)
 {
-    lconn *lc = lua_newuserdata(L, sizeof *lc);
+    lconn *lc;
+    if (pool_idx < 0 && pool_idx > LUA_REGISTRYINDEX)
+        pool_idx = lua_gettop(L) + pool_idx + 1;
+#if LUA_VERSION_NUM >= 504
+    lc = lua_newuserdatauv(L, sizeof *lc, 1);
+#else
+    lc = lua_newuserdata(L, sizeof *lc);
+#endif
     lc->c = NULL;
     lc->p = p;
     lc->pool_ref = LUA_NOREF;
-    qx_setmetatable(L, QX_CONN_MT);
+    lua_pushlightuserdata(L, (void *)&CONN_MT_KEY);
+    lua_rawget(L, LUA_REGISTRYINDEX);
+    lua_setmetatable(L, -2);
     lua_pushvalue(L, pool_idx);
+#if LUA_VERSION_NUM >= 504
+    lua_setiuservalue(L, -2, 1);
+#else
     lc->pool_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+#endif
     lc->c = c;
+}
+
+/* The connection at index 1. The methods carry the metatable as upvalue 1, so the usual case
+ * is one comparison; __gc and __close have no upvalue and take the named check. */
+static lconn *to_conn(lua_State *L)
+{
+    lconn *lc = lua_touserdata(L, 1);
+    if (lc != NULL && lua_getmetatable(L, 1)) {
+        int same = lua_rawequal(L, -1, lua_upvalueindex(1));
+        lua_pop(L, 1);
+        if (same)
+            return lc;
+    }
+    return luaL_checkudata(L, 1, QX_CONN_MT);
 }
 
 static lconn *check_conn(lua_State *L)
 {
-    lconn *lc = luaL_checkudata(L, 1, QX_CONN_MT);
+    lconn *lc = to_conn(L);
     if (lc->c == NULL)
         luaL_error(L, "connection was released");
     return lc;
@@ -339,11 +371,15 @@ static int l_pid(lua_State *L)
 /* release, __gc and __close: hand the connection back; twice is harmless */
 static int l_release(lua_State *L)
 {
-    lconn *lc = luaL_checkudata(L, 1, QX_CONN_MT);
+    lconn *lc = to_conn(L);
     if (lc->c != NULL) {
         qx_conn *c = lc->c;
         lc->c = NULL;
         qx_pool_release(lc->p, c);
+#if LUA_VERSION_NUM >= 504
+        lua_pushnil(L);
+        lua_setiuservalue(L, 1, 1);
+#endif
     }
     if (lc->pool_ref != LUA_NOREF) {
         luaL_unref(L, LUA_REGISTRYINDEX, lc->pool_ref);
@@ -377,6 +413,20 @@ static const luaL_Reg methods[] = {
 
 int qx_open_conn(lua_State *L)
 {
+    const luaL_Reg *m;
     qx_register_type(L, QX_CONN_MT, methods, l_release, l_tostring);
+    luaL_getmetatable(L, QX_CONN_MT);
+    /* the methods again, as closures over the metatable (see to_conn) */
+    lua_getfield(L, -1, "__index");
+    for (m = methods; m->name != NULL; m++) {
+        lua_pushvalue(L, -2);
+        lua_pushcclosure(L, m->func, 1);
+        lua_setfield(L, -2, m->name);
+    }
+    lua_pop(L, 1);
+    lua_pushlightuserdata(L, (void *)&CONN_MT_KEY);
+    lua_pushvalue(L, -2);
+    lua_rawset(L, LUA_REGISTRYINDEX);
+    lua_pop(L, 1);
     return 0;
 }
