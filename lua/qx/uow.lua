@@ -61,6 +61,12 @@ local Uow = {}
 Uow.__index = Uow
 _M.Uow = Uow
 
+-- Fields most units of work never change live here, in the class, instead of in every
+-- instance: a smaller table to make. _sends > 0 means the transaction has begun.
+Uow._sends = 0
+Uow._sp = 0
+Uow._head = 1
+
 local function pack(...)
     return { n = select("#", ...), ... }
 end
@@ -68,10 +74,12 @@ end
 local CONTEXT_IDS = { "tenant_id", "correlation_id", "causation_id" } -- user_id/actor_id: any
 local HOOKS = { "pre_commit", "post_commit", "pre_rollback", "post_rollback", "on_hook_error" }
 
--- shared by every unit of work run without options, and what published is without events
+-- the hooks of a unit of work that has none, and what published is without events
 local READ_ONLY = { __newindex = function() error("read-only table", 2) end }
-local NO_OPTIONS = setmetatable({}, READ_ONLY)
+local NO_HOOKS = setmetatable({}, READ_ONLY)
 local NO_EVENTS = setmetatable({}, READ_ONLY)
+Uow.hooks = NO_HOOKS
+Uow.published = NO_EVENTS
 
 local function check_context(ctx)
     if ctx == nil then return {} end
@@ -126,13 +134,11 @@ end
 local function send(self, implicit, mode, sql, ...)
     if self._failed then return nil, self._failed end
     local from = 1
-    if not self._begun then
-        if implicit then from = 2 end -- past BEGIN
-        self._begun = true
-    end
+    local sends = self._sends
+    if implicit and sends == 0 then from = 2 end -- past BEGIN
     local n = self._n
     self._n = 0
-    self._sends = self._sends + 1
+    self._sends = sends + 1 -- the transaction has begun
     local r, e = self.conn:send(self._q, from, n, mode, sql, ...)
     if not r then return failed_send(self, e) end
     return r, e
@@ -207,13 +213,13 @@ end
 
 -- how many statements wait for the next send (BEGIN and the timeout not counted)
 function Uow:_queued()
-    return self._begun and self._n or self._n - self._head
+    return self._sends > 0 and self._n or self._n - self._head
 end
 
 -- Sends whatever is queued now (e.g. to see a failure before doing more work).
 function Uow:flush()
     check_open(self, 2)
-    if self._n == 0 and self._begun then return true end
+    if self._n == 0 and self._sends > 0 then return true end
     local ok, e = send(self, false)
     if not ok then return nil, e end
     return true
@@ -464,7 +470,7 @@ local function commit(uow)
     end
     if uow._failed then error(uow._failed, 0) end
 
-    local begun = uow._begun
+    local begun = uow._sends > 0
     if outgoing then
         push(uow, outbox_stmt(outgoing))
         push(uow, NOTIFY_OUTBOX)
@@ -477,12 +483,12 @@ local function commit(uow)
     if not implicit then push(uow, COMMIT) end
     local ok, e = send(uow, implicit)
     if not ok then error(e, 0) end
-    uow.published = outgoing or NO_EVENTS
+    if outgoing then uow.published = outgoing end
     return true
 end
 
 local function rollback(uow)
-    if uow._begun and uow.conn:status() ~= "idle" then
+    if uow._sends > 0 and uow.conn:status() ~= "idle" then
         uow.conn:send({ ROLLBACK }, 1, 1) -- release() would roll back too; this keeps order
     end
 end
@@ -518,17 +524,23 @@ local function finish(uow, ok, ...)
     return nil, cause
 end
 
+local NO_OPTIONS = {}
+
 function _M.run(db, fn, opts)
     if type(fn) ~= "function" then error("unit_of_work: expected a function", 2) end
     local timeout = db.statement_timeout_ms
+    local hooks
     if opts == nil then
         opts = NO_OPTIONS
     else
         if type(opts) ~= "table" then error("unit_of_work: options must be a table", 2) end
         for i = 1, #HOOKS do
-            local h = HOOKS[i]
-            if opts[h] ~= nil and type(opts[h]) ~= "function" then
-                error("unit_of_work: " .. h .. " must be a function", 2)
+            local h = opts[HOOKS[i]]
+            if h ~= nil then
+                if type(h) ~= "function" then
+                    error("unit_of_work: " .. HOOKS[i] .. " must be a function", 2)
+                end
+                hooks = opts
             end
         end
         if opts.statement_timeout_ms ~= nil then timeout = opts.statement_timeout_ms end
@@ -545,25 +557,23 @@ function _M.run(db, fn, opts)
 
     -- BEGIN, and SET LOCAL statement_timeout when the unit of work asks for another timeout
     -- than the one every pooled connection has, lead the queue (see send)
-    local q, head = { BEGIN }, 1
-    if timeout and timeout ~= (db.session_timeout_ms or 0) then
-        q[2], head = timeout_stmt(timeout), 2
-    end
+    local q = { BEGIN }
     local uow = setmetatable({
         db = db,
         conn = conn,
         context = ctx,
         correlation_id = ctx.correlation_id or core.uuid(),
         dispatcher = opts.dispatcher or db.dispatcher,
-        hooks = opts,
+        hooks = hooks, -- else the class's NO_HOOKS
         _q = q,
-        _n = head,
-        _head = head,
-        _begun = false,
-        _sp = 0,
+        _n = 1,
         _sends = 0,
         _state = "active",
     }, Uow)
+    if timeout and timeout ~= (db.session_timeout_ms or 0) then
+        q[2] = timeout_stmt(timeout)
+        uow._n, uow._head = 2, 2
+    end
 
     return finish(uow, xpcall(body, err.handler, uow, fn))
 end
