@@ -267,7 +267,8 @@ ORDER BY a.attnum]]
 local MANAGED = { "version", "created_at", "created_by", "updated_at", "updated_by" }
 
 local function build(d, rows)
-    local c = { what = d.what, sql = {}, get_sql = {}, columns = {}, order = {}, has = {},
+    local c = { what = d.what, get_sql = {}, save_sql = {}, columns = {}, order = {},
+                has = {},
                 managed = {}, writable = {}, has_raise = rows[1].has_raise }
     c.qtable = (d.schema and (quote(d.schema) .. ".") or "") .. quote(d.table)
     for i, r in ipairs(rows) do
@@ -990,30 +991,34 @@ function Repo:save(entity, opts)
         ok, e = need_raise(c)
         if not ok then return nil, e end
     end
-    local key = "save" .. (self.tenant and "t" or "") .. (opts.defer and "d" or "")
-    local sql = c.sql[key]
+    -- The statement per variant (tenant or not, deferred or not) is built once; its parameters,
+    -- in the order the text numbers them: the writable columns, updated_by, the id, the tenant,
+    -- the version, and for a deferred save the guard's two messages.
+    local defer = opts.defer
+    local key = (self.tenant and 2 or 0) + (defer and 1 or 0)
+    local sql = c.save_sql[key]
     local q = new_query(self, c)
     local w = c.writable
-    local sets = {}
-    for i = 1, #w do
-        local v = row[w[i]]
-        sets[i] = c.columns[w[i]].qname .. " = " .. q:param(v == nil and null or v)
-    end
-    local actor = c.has.updated_by and q:param(self.actor)
-    local where = { c.pkq .. " = " .. q:param(id) }
-    if self.tenant ~= nil then
-        where[#where + 1] = c.columns.tenant_id.qname .. " = " .. q:param(self.tenant)
-    end
-    if d.soft_delete then where[#where + 1] = c.columns.deleted_at.qname .. " IS NULL" end
-    local exists_where = concat(where, " AND ")
-    if c.has.version then where[#where + 1] = '"version" = ' .. q:param(version) end
     if not sql then
+        local sets = {}
+        for i = 1, #w do
+            local v = row[w[i]]
+            sets[i] = c.columns[w[i]].qname .. " = " .. q:param(v == nil and null or v)
+        end
+        local actor = c.has.updated_by and q:param(self.actor)
+        local where = { c.pkq .. " = " .. q:param(id) }
+        if self.tenant ~= nil then
+            where[#where + 1] = c.columns.tenant_id.qname .. " = " .. q:param(self.tenant)
+        end
+        if d.soft_delete then where[#where + 1] = c.columns.deleted_at.qname .. " IS NULL" end
+        local exists_where = concat(where, " AND ")
+        if c.has.version then where[#where + 1] = '"version" = ' .. q:param(version) end
         if c.has.version then sets[#sets + 1] = '"version" = "version" + 1' end
         if c.has.updated_at then sets[#sets + 1] = '"updated_at" = now()' end
         if c.has.updated_by then sets[#sets + 1] = '"updated_by" = ' .. actor end
         local dml = "UPDATE " .. c.qtable .. " SET " .. concat(sets, ", ") .. " WHERE "
                     .. concat(where, " AND ")
-        if opts.defer then
+        if defer then
             sql = guarded(c, dml, q, exists_where, c.what .. " " .. tostring(id))
         else
             local ret = { c.pkq }
@@ -1021,10 +1026,35 @@ function Repo:save(entity, opts)
             if c.has.updated_at then ret[#ret + 1] = '"updated_at"' end
             sql = dml .. " RETURNING " .. concat(ret, ", ")
         end
-        c.sql[key] = sql
-    elseif opts.defer then -- the guard's two message parameters, as guarded() adds them
-        q:param(c.what .. " " .. tostring(id) .. ": stale version (someone else saved it first)")
-        q:param(c.what .. " " .. tostring(id) .. " not found")
+        c.save_sql[key] = sql
+    else
+        local params, n = q.params, #w
+        for i = 1, n do
+            local v = row[w[i]]
+            if v == nil then v = null end
+            params[i] = v
+        end
+        if c.has.updated_by then
+            n = n + 1
+            params[n] = self.actor == nil and null or self.actor
+        end
+        n = n + 1
+        params[n] = id
+        if self.tenant ~= nil then
+            n = n + 1
+            params[n] = self.tenant
+        end
+        if c.has.version then
+            n = n + 1
+            params[n] = version
+        end
+        if defer then -- the guard's two messages, as guarded() adds them
+            local what = c.what .. " " .. tostring(id)
+            params[n + 1] = what .. ": stale version (someone else saved it first)"
+            params[n + 2] = what .. " not found"
+            n = n + 2
+        end
+        q.n = n
     end
     if opts.defer then
         ok, e = self.uow:queue(sql, unpack(q.params, 1, q.n))
