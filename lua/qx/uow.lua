@@ -216,6 +216,14 @@ function Uow:_queued()
     return self._sends > 0 and self._n or self._n - self._head
 end
 
+-- Queues a statement table made once by the caller (it is only read), e.g. a NOTIFY.
+function Uow:_push(s)
+    check_open(self, 2)
+    if self._failed then return nil, self._failed end
+    push(self, s)
+    return true
+end
+
 -- Sends whatever is queued now (e.g. to see a failure before doing more work).
 function Uow:flush()
     check_open(self, 2)
