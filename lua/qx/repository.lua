@@ -373,7 +373,7 @@ local function new_repo(d, target, db, ctx, uow)
         end
     end
     local actor = ctx.actor_id or ctx.user_id
-    if actor ~= nil then self.actor = tostring(actor) end
+    if actor ~= nil then self.actor = type(actor) == "string" and actor or tostring(actor) end
     return self
 end
 
@@ -655,10 +655,15 @@ end
 
 -- ---- keyset pages -------------------------------------------------------------------------
 
+-- the keys of a database's cursor_key setting, checked once per setting value
+local setting_keys = setmetatable({}, { __mode = "k" })
+
 local function cursor_keys(self)
     local keys = self.d.cursor_keys
     if keys then return keys end
     local configured = self.db.settings and self.db.settings.cursor_key
+    local known = setting_keys[self.db]
+    if known and known[1] == configured then return known[2] end
     if configured == nil then
         error("repository " .. self.d.what .. ": keyset paging needs a cursor key to sign "
               .. "cursors: set QX_CURSOR_KEY (or cursor_key in qx.connect or the description)", 3)
@@ -666,6 +671,7 @@ local function cursor_keys(self)
     local why
     keys, why = cursor.keys(configured)
     if not keys then error("repository " .. self.d.what .. ": cursor_key setting: " .. why, 3) end
+    setting_keys[self.db] = { configured, keys }
     return keys
 end
 
@@ -709,6 +715,8 @@ local function after_sql(c, q, keys, vals)
     return "(" .. concat(terms, " OR ") .. ")"
 end
 
+local TYPE_TAG = { string = "s", number = "n", boolean = "b", table = "t", userdata = "u" }
+
 -- what a cursor is bound to: the table, the order, the filters with their values
 local function listing_context(c, keys, w, q)
     local parts = { c.what, "" }
@@ -717,13 +725,13 @@ local function listing_context(c, keys, w, q)
     for i = 1, q.n do
         local v = q.params[i]
         local t = type(v)
-        local s = v == null and "" or (t == "number" and S.scalar_text(v))
+        local s = v == null and "" or (t == "string" and v) or (t == "number" and S.scalar_text(v))
                   or (t == "table" and "") or tostring(v)
         if t == "table" then
             local ok, json = pcall(require("cjson").encode, v)
             s = ok and json or tostring(v)
         end
-        parts[#parts + 1] = sub(t, 1, 1) .. #s .. ":" .. s
+        parts[#parts + 1] = (TYPE_TAG[t] or sub(t, 1, 1)) .. #s .. ":" .. s
     end
     return concat(parts, "\n")
 end
