@@ -455,12 +455,19 @@ end
 local Query = {}
 Query.__index = Query
 
+-- "$1", "$2", ...: made once each
+local placeholders = setmetatable({}, { __index = function(t, n)
+    local p = "$" .. n
+    t[n] = p
+    return p
+end })
+
 function Query:param(v)
     local n = self.n + 1
     self.n = n
     if v == nil then v = null end
     self.params[n] = v
-    return "$" .. n
+    return placeholders[n]
 end
 
 local function new_query(self, c)
