@@ -153,15 +153,26 @@ local function capture(fn)
     local real = uow.conn
     uow.conn = setmetatable({}, { __index = function(_, k)
       return function(_, ...)
+        local function copy_of(s)
+          local n = s.n or (#s - 1)
+          local p = {}
+          for j = 1, n do p[j] = text(s[j + 1]) end
+          return { sql = s[1], n = n, params = p }
+        end
         if k == "batch" then
           local stmts, copy = ..., {}
-          for i, s in ipairs(stmts) do
-            local n = s.n or (#s - 1)
-            local p = {}
-            for j = 1, n do p[j] = text(s[j + 1]) end
-            copy[i] = { sql = s[1], n = n, params = p }
-          end
+          for i, s in ipairs(stmts) do copy[i] = copy_of(s) end
           batches[#batches + 1] = copy
+        elseif k == "send" then -- send(stmts, from, to[, mode, sql, ...])
+          local stmts, from, to, mode = ...
+          local copy = {}
+          for i = from, to do copy[#copy + 1] = copy_of(stmts[i]) end
+          if mode ~= nil then
+            local final = { select(5, ...) }
+            final.n = select("#", ...) - 5
+            copy[#copy + 1] = copy_of(final)
+          end
+          if #copy > 0 then batches[#batches + 1] = copy end
         end
         return real[k](real, ...)
       end

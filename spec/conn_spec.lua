@@ -303,6 +303,92 @@ SELECT 7::int2 AS i2, -8::int4 AS i4, 9000000000::int8 AS i8, 1.5::float8 AS f8,
     end)
   end)
 
+  describe("send", function()
+    it("sends stmts[from..to] and then the statement given as arguments, returning its rows", function()
+      local q = { { "SELECT 1 AS skipped" }, { "SELECT $1::int AS a", n = 1, 5 },
+                  { "SELECT $1::int + $2::int AS b", n = 2, 5, 6 } }
+      local rows, affected = conn:send(q, 2, 3, "rows", "SELECT $1::int AS c, $2::text AS d", 7, nil)
+      assert.equal(7, rows[1].c)
+      assert.equal(core.null, rows[1].d)
+      assert.equal(1, affected)
+    end)
+
+    it("runs the queued statements before the final one, in one transaction", function()
+      local v = "send-" .. core.uuid()
+      local q = { { "INSERT INTO " .. tbl .. " (v) VALUES ($1)", n = 1, v } }
+      local rows = assert(conn:send(q, 1, 1, "rows", "SELECT count(*) AS n FROM " .. tbl .. " WHERE v = $1", v))
+      assert.equal(1, rows[1].n)
+      assert(conn:query("DELETE FROM " .. tbl .. " WHERE v = $1", v))
+    end)
+
+    it("leaves NULL columns out of the rows in sparse mode", function()
+      local rows = assert(conn:send(nil, 1, 0, "sparse", "SELECT 1 AS a, NULL::text AS b, 'x' AS c"))
+      assert.same({ a = 1, c = "x" }, rows[1])
+      local only = assert(conn:send(nil, 1, 0, "sparse", "SELECT NULL::int AS only"))
+      assert.equal(1, #only)
+      assert.is_nil(next(only[1]))
+    end)
+
+    it("returns true and the affected count in count mode, and true without a final statement", function()
+      local v = "count-" .. core.uuid()
+      local ok, affected = conn:send(nil, 1, 0, "count", "INSERT INTO " .. tbl .. " (v) VALUES ($1), ($1)", v)
+      assert.is_true(ok)
+      assert.equal(2, affected)
+      assert.is_true(conn:send({ { "DELETE FROM " .. tbl .. " WHERE v = $1", n = 1, v } }, 1, 1))
+      assert.equal(0, conn:query("SELECT count(*) AS n FROM " .. tbl .. " WHERE v = $1", v)[1].n)
+    end)
+
+    it("makes no round trip when there is nothing to send", function()
+      assert.is_true(conn:send(nil, 1, 0))
+      assert.is_true(conn:send({ { "SELECT 1" } }, 2, 1))
+    end)
+
+    it("reports the index of the failing statement: its place in stmts, to + 1 for the final one", function()
+      local before = count()
+      local q = { { "SELECT 1" }, { "INSERT INTO " .. tbl .. " (v) VALUES ($1)", n = 1, "send-a" },
+                  { "INSERT INTO " .. tbl .. " (id) VALUES ($1)", n = 1, "nope" } }
+      local rows, e, idx = conn:send(q, 2, 3, "rows", "SELECT 1 AS one")
+      assert.is_nil(rows)
+      assert.equal("invalid", e.code)
+      assert.equal(3, idx)
+      rows, e, idx = conn:send(q, 2, 2, "rows", "SELECT $1::int AS one", "nope")
+      assert.is_nil(rows)
+      assert.equal(3, idx)
+      rows, e, idx = conn:send(q, 2, 2, "rows", "SELECT $1::jsonb AS j", { f = print })
+      assert.is_nil(rows)
+      assert.equal("invalid", e.code)
+      assert.equal(3, idx)
+      assert.equal(before, count())
+      assert.equal("idle", conn:status())
+    end)
+
+    it("takes many statements and parameters, table parameters as JSON", function()
+      local q, sum = {}, 0
+      for i = 1, 40 do
+        q[i] = { "SELECT $1::jsonb AS j, $2::int AS i", n = 2, { k = i, list = { i, i + 1 } }, i }
+        sum = sum + i
+      end
+      local params = {}
+      for i = 1, 100 do params[i] = i end
+      local sql = {}
+      for i = 1, 100 do sql[i] = "$" .. i .. "::int" end
+      local rows = assert(conn:send(q, 1, 40, "rows", "SELECT " .. table.concat(sql, " + ") .. " AS total",
+        unpack(params)))
+      assert.equal(5050, rows[1].total)
+      rows = assert(conn:send(nil, 1, 0, "rows", "SELECT $1::jsonb AS j, $2::jsonb AS k",
+        { a = { 1, 2 } }, { "x" }))
+      assert.same({ a = { 1, 2 } }, rows[1].j)
+      assert.same({ "x" }, rows[1].k)
+    end)
+
+    it("raises on misuse: a bad mode, a malformed statement", function()
+      assert.has_error(function() conn:send(nil, 1, 0, "all", "SELECT 1") end)
+      assert.has_error(function() conn:send({ { 42 } }, 1, 1) end)
+      assert.has_error(function() conn:send({ "SELECT 1" }, 1, 1) end)
+      assert.has_error(function() conn:send(nil, 1, 1) end)
+    end)
+  end)
+
   describe("prepared-statement cache", function()
     local function prepared(sql)
       return conn:query("SELECT count(*) AS n FROM pg_prepared_statements WHERE statement = $1", sql)[1].n

@@ -93,7 +93,7 @@ SELECT version, state FROM qx_aggregate_snapshots WHERE aggregate_type = $1 AND 
       local a = assert(es:load(m.Account, id))
       local before = uow._sends
       assert.is_true(es:append(a))
-      assert.equal(0, #uow._queue)
+      assert.equal(0, uow:_queued())
       sends = uow._sends - before
       return a
     end))
@@ -278,9 +278,9 @@ SELECT event_name, partition_key, payload FROM qx_outbox_events WHERE event_name
       local a, b = m.Account.new(a_id), m.Account.new(b_id)
       a:deposit(1); a:deposit(2)
       b:deposit(3)
-      local before = #uow._queue
+      local before = uow:_queued()
       assert(es:append_batch({ a, b }))
-      sends = #uow._queue - before
+      sends = uow:_queued() - before
       assert.equal(2, a.version)
       assert.equal(1, b.version)
       return true
@@ -312,7 +312,7 @@ SELECT event_name, partition_key, payload FROM qx_outbox_events WHERE event_name
       assert.matches("JSON", e.message)
       assert.equal(1, #acc:pending_events())
       assert.equal(0, acc.version)
-      assert.equal(0, #uow._queue)
+      assert.equal(0, uow:_queued())
       acc:pull_events()
       acc:record(m.Deposited{ amount = 1, meta = { f = print } })
       ok, e = es:append(acc)

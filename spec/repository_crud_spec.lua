@@ -281,6 +281,33 @@ describe("qx.repository", function()
                                               .. " WHERE id = '" .. id .. "'"))
     end)
 
+    it("writes the same through the statement it keeps as through the one it builds first", function()
+      -- each variant (deferred or not, with a tenant or across tenants) builds its statement on
+      -- first use and then only gathers the parameters: both must write the same columns
+      local t = H.users_table(db)
+      local d = H.users(t, { allow_cross_tenant = true })
+      local ids = H.seed(db, d, T, 4)
+      local function row(id)
+        return support.psql("SELECT coalesce(name, '-') || '|' || coalesce(score::text, '-') || '|' "
+          .. "|| version || '|' || coalesce(updated_by, '-') FROM " .. t .. " WHERE id = '" .. id .. "'")
+      end
+      for round = 1, 2 do
+        for i, variant in ipairs({ { defer = false, tenant = T }, { defer = true, tenant = T },
+                                   { defer = false }, { defer = true } }) do
+          local ctx = { context = { tenant_id = variant.tenant, user_id = "saver" .. round } }
+          assert(db:unit_of_work(function(uow)
+            local repo = uow:repo(d)
+            local u = assert(repo:get(ids[i]))
+            u.name = round == 1 and ("n" .. i) or nil -- NULL the second time
+            u.score = round * 10 + i
+            return repo:save(u, { defer = variant.defer })
+          end, ctx))
+          assert.equal((round == 1 and ("n" .. i) or "-") .. "|" .. (round * 10 + i) .. "|"
+                       .. (round + 1) .. "|saver" .. round, row(ids[i]))
+        end
+      end
+    end)
+
     it("sends the aggregate's events to the outbox with the save, and none on conflict", function()
       local id = add_one("events@example.com")
       assert(H.with(db, users, T, function(repo)

@@ -9,16 +9,41 @@ local SFX = core.uuid():gsub("-", ""):sub(-12)
 local USERS = "uow_spec_users_" .. SFX
 
 -- Every batch is one pipeline ending in one Sync: one round trip. Counting the calls that reach
--- the connection (batch, query, script) counts the round trips a unit of work costs.
+-- the connection (batch, send, query, script) counts the round trips a unit of work costs; a
+-- send with nothing to send makes none.
 local conn_methods = debug.getregistry()["qx.conn"].__index
 local unpack = table.unpack or unpack
-local function round_trips(fn)
+
+-- The SQL texts of what a send or batch call sends, in order.
+local function texts_of(m, stmts, from, to, mode, sql)
+  local out = {}
+  if m == "batch" then
+    for _, s in ipairs(stmts) do out[#out + 1] = s[1] end
+  elseif m == "send" then
+    for i = from, to do out[#out + 1] = stmts[i][1] end
+    if mode ~= nil then out[#out + 1] = sql end
+  else
+    out[1] = stmts
+  end
+  return out
+end
+
+-- Runs fn with every call to the connection watched; on_call(texts) sees the SQL of each round
+-- trip. Returns the number of round trips and fn's results.
+local function watch(on_call, fn)
   local n = 0
   local saved = {}
-  for _, m in ipairs({ "batch", "query", "script" }) do
+  for _, m in ipairs({ "batch", "send", "query", "script" }) do
     local real = conn_methods[m]
     saved[m] = real
-    conn_methods[m] = function(...) n = n + 1 return real(...) end
+    conn_methods[m] = function(c, ...)
+      local texts = texts_of(m, ...)
+      if #texts > 0 then
+        n = n + 1
+        if on_call then on_call(texts) end
+      end
+      return real(c, ...)
+    end
   end
   local r = { n = 0 }
   local function keep(ok, ...)
@@ -30,6 +55,17 @@ local function round_trips(fn)
   for m, real in pairs(saved) do conn_methods[m] = real end
   assert(ok, r[1])
   return n, unpack(r, 1, r.n)
+end
+
+local function round_trips(fn)
+  return watch(nil, fn)
+end
+
+-- the SQL texts fn sends, in order
+local function sent_sql(fn)
+  local seen = {}
+  watch(function(texts) for _, t in ipairs(texts) do seen[#seen + 1] = t end end, fn)
+  return seen
 end
 
 describe("unit of work", function()
@@ -495,27 +531,21 @@ describe("unit of work", function()
     end)
 
     it("sends SET LOCAL statement_timeout only when it differs from the connection's", function()
-      local conn_methods_batch = conn_methods.batch
-      local seen = {}
-      conn_methods.batch = function(c, stmts, ...)
-        for _, s in ipairs(stmts) do seen[#seen + 1] = s[1] end
-        return conn_methods_batch(c, stmts, ...)
-      end
-      local ok, e = pcall(function()
+      local seen = sent_sql(function()
         assert(db:unit_of_work(function(uow)
           assert.equal("5s", assert(uow:query("SHOW statement_timeout"))[1].statement_timeout)
           return true
         end))
-        for _, sql in ipairs(seen) do assert.is_nil(sql:find("set_config('statement_timeout'", 1, true), sql) end
-        seen = {}
+      end)
+      for _, sql in ipairs(seen) do assert.is_nil(sql:find("set_config('statement_timeout'", 1, true), sql) end
+      seen = sent_sql(function()
         assert(db:unit_of_work(function(uow)
           assert.equal("0", assert(uow:query("SHOW statement_timeout"))[1].statement_timeout)
           return true
         end, { statement_timeout_ms = 0 }))
-        assert.truthy(seen[2]:find("set_config('statement_timeout'", 1, true))
       end)
-      conn_methods.batch = conn_methods_batch
-      assert(ok, e)
+      assert.equal("BEGIN", seen[1])
+      assert.truthy(seen[2]:find("set_config('statement_timeout'", 1, true))
     end)
 
     it("keeps the statement_timeout local to its transaction", function()
@@ -766,22 +796,15 @@ describe("unit of work", function()
     end)
 
     it("sends a write-only unit of work without BEGIN and COMMIT: one implicit transaction", function()
-      local real = conn_methods.batch
-      local sent = {}
-      conn_methods.batch = function(c, stmts, ...)
-        for _, s in ipairs(stmts) do sent[#sent + 1] = s[1] end
-        return real(c, stmts, ...)
-      end
       local name = "implicit-" .. SFX
-      local ok, e = pcall(function()
+      local sent = sent_sql(function()
         assert(db:unit_of_work(function(uow)
           assert(uow:queue("INSERT INTO " .. USERS .. " (id, name) VALUES ($1, $2)", qx.uuid(), name))
           uow:record(Welcomed{ name = name })
           return true
         end))
       end)
-      conn_methods.batch = real
-      assert(ok, e)
+      assert.equal(3, #sent) -- the insert, the outbox insert, NOTIFY
       for _, sql in ipairs(sent) do
         assert.is_nil(sql:find("^BEGIN"), sql)
         assert.is_nil(sql:find("^COMMIT"), sql)

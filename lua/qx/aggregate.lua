@@ -153,6 +153,15 @@ function base.pending_events(self)
 end
 
 
+-- The recorded events of an instance as the instance keeps them, not a copy: for the event
+-- store, which only reads them before it pulls them.
+local NONE = setmetatable({}, { __newindex = function() error("read-only table", 2) end })
+
+function _M.pending_list(self)
+    return pending[self] or NONE
+end
+
+
 -- classes ----------------------------------------------------------------------
 
 local function instance_tostring(self)

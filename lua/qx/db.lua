@@ -90,9 +90,12 @@ function Db:exec(sql, ...)
     return affected
 end
 
+local uow_run -- qx.uow, required on first use
+
 -- db:unit_of_work(fn, opts): see qx.uow
 function Db:unit_of_work(fn, opts)
-    return require("qx.uow").run(self, fn, opts)
+    if not uow_run then uow_run = require("qx.uow").run end
+    return uow_run(self, fn, opts)
 end
 
 function Db:stats()

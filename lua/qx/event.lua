@@ -111,19 +111,19 @@ local function is_class(x)
 end
 
 
+-- instance metatable -> its class, filled by define; weak both ways, so that it keeps no class
+-- alive (a class and its instance metatable refer to each other)
+local class_by_instance_mt = setmetatable({}, { __mode = "kv" })
+
 local function class_of(x)
     if type(x) ~= "table" then
         return nil
     end
     local mt = getmetatable(x)
-    if type(mt) ~= "table" then
+    if mt == nil then
         return nil
     end
-    local class = rawget(mt, "__class")
-    if is_class(class) and rawget(class, "__instance_mt") == mt then
-        return class
-    end
-    return nil
+    return class_by_instance_mt[mt]
 end
 
 _M.class_of = class_of
@@ -205,7 +205,9 @@ end
 -- `from_envelope` returns it as an "invalid" error.
 local function build(class, fields)
     local null = core.null
-    local ev = {}
+    -- made with the four fields every event has, so that it is sized for them up front (a
+    -- table that grows from empty is rebuilt at 1, 2, 4 and 8 keys); they are set below
+    local ev = { event_name = false, event_version = false, event_id = false, occurred_at = false }
 
     for k, v in pairs(fields) do
         if type(k) ~= "string" then
@@ -392,6 +394,7 @@ function _M.define(name, opts)
         __class = class,
     }
     class.__instance_mt = mt
+    class_by_instance_mt[mt] = class
 
     -- Class.new{...}: dot call, no self
     class.new = function(fields)

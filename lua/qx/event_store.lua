@@ -833,6 +833,24 @@ function Bound:load(class, id, opts)
 end
 
 
+-- Whether a key of an event instance goes into the stored event: strings but the routing fields
+-- and "_" keys. Remembered per key, as the same few keys come back with every event.
+local stored_keys, stored_keys_n = {}, 0
+
+local function stored_key(k)
+    local ok = stored_keys[k]
+    if ok == nil then
+        ok = type(k) == "string" and k ~= "aggregate_type" and k ~= "aggregate_id"
+             and sub(k, 1, 1) ~= "_"
+        if type(k) == "string" then
+            if stored_keys_n >= 1000 then stored_keys, stored_keys_n = {}, 0 end
+            stored_keys[k] = ok
+            stored_keys_n = stored_keys_n + 1
+        end
+    end
+    return ok
+end
+
 -- Checks one aggregate and builds its rows. Returns { agg =, events =, rows =, snapshot = }
 -- | nil, err. Nothing is drained here.
 local function prepare(store, uow, agg, opts)
@@ -853,7 +871,7 @@ local function prepare(store, uow, agg, opts)
         return nil, new_error("invalid", tostring(agg) .. ": id must be a string or a number")
     end
     local sid = tostring(id)
-    local pending = agg:pending_events()
+    local pending = aggregate.pending_list(agg) -- not a copy: only read here
     local version = rawget(agg, "version")
     local rows = {}
     local n = 0
@@ -865,13 +883,14 @@ local function prepare(store, uow, agg, opts)
                 return nil, new_error("invalid", fmt("%s: event %s has an event_id that is not "
                     .. "a uuid", tostring(agg), tostring(ev.event_name)))
             end
-            -- metadata and payload side by side, as on the instance; routing and "_" keys out
-            local flat = {}
+            -- metadata and payload side by side, as on the instance; routing and "_" keys out.
+            -- Made with the metadata, so that it is sized for them up front.
+            local flat = { event_id = ev.event_id, event_name = ev.event_name,
+                           event_version = ev.event_version, occurred_at = ev.occurred_at,
+                           correlation_id = ev.correlation_id, causation_id = ev.causation_id,
+                           tenant_id = ev.tenant_id, actor_id = ev.actor_id }
             for k, v in pairs(ev) do
-                if type(k) == "string" and k ~= "aggregate_type" and k ~= "aggregate_id"
-                   and sub(k, 1, 1) ~= "_" then
-                    flat[k] = v
-                end
+                if flat[k] == nil and stored_key(k) then flat[k] = v end
             end
             rows[n] = { type = agg_type, agg = sid, seq = version + n, event = flat }
         end
@@ -901,20 +920,31 @@ local function prepare(store, uow, agg, opts)
 end
 
 
+local NOTIFY_EVENTS = { "NOTIFY " .. _M.CHANNEL, n = 0 }
+
 local function append_all(self, list, opts, method)
     local uow, store = self.uow, self.store
     if opts ~= nil and type(opts) ~= "table" then
         error(method .. ": options must be a table", 3)
     end
-    local rows, snaps, prepared = {}, {}, {}
-    for i, agg in ipairs(list) do
-        local p, e = prepare(store, uow, agg, opts)
+    local rows, snaps, prepared
+    if #list == 1 then -- the usual case: its lists are the lists
+        local p, e = prepare(store, uow, list[1], opts)
         if not p then
             return nil, e
         end
-        prepared[i] = p
-        for _, r in ipairs(p.rows) do rows[#rows + 1] = r end
-        if p.snapshot then snaps[#snaps + 1] = p.snapshot end
+        prepared, rows, snaps = { p }, p.rows, { p.snapshot }
+    else
+        rows, snaps, prepared = {}, {}, {}
+        for i, agg in ipairs(list) do
+            local p, e = prepare(store, uow, agg, opts)
+            if not p then
+                return nil, e
+            end
+            prepared[i] = p
+            for _, r in ipairs(p.rows) do rows[#rows + 1] = r end
+            if p.snapshot then snaps[#snaps + 1] = p.snapshot end
+        end
     end
     local rows_json, snaps_json, e
     if #rows > 0 then
@@ -942,7 +972,7 @@ local function append_all(self, list, opts, method)
         -- PostgreSQL delivers one notification per channel and transaction, so a NOTIFY per
         -- append costs nothing more, and one inside a rolled-back savepoint is not the only one
         if store.notify then
-            ok, e = uow:queue("NOTIFY " .. _M.CHANNEL)
+            ok, e = uow:_push(NOTIFY_EVENTS)
             if not ok then return nil, e end
         end
     end

@@ -237,7 +237,7 @@ function _M.new(opts)
         d.cursor_keys = keys
     end
 
-    -- row -> entity (NULL columns are cleared to nil first, see map_rows)
+    -- row -> entity (NULL columns are absent from the row, see map_row)
     local entity = d.entity
     local from = opts.from_row or (entity and type(rawget(entity, "from_row")) == "function"
                                    and rawget(entity, "from_row"))
@@ -267,7 +267,8 @@ ORDER BY a.attnum]]
 local MANAGED = { "version", "created_at", "created_by", "updated_at", "updated_by" }
 
 local function build(d, rows)
-    local c = { what = d.what, sql = {}, get_sql = {}, columns = {}, order = {}, has = {},
+    local c = { what = d.what, get_sql = {}, save_sql = {}, columns = {}, order = {},
+                has = {},
                 managed = {}, writable = {}, has_raise = rows[1].has_raise }
     c.qtable = (d.schema and (quote(d.schema) .. ".") or "") .. quote(d.table)
     for i, r in ipairs(rows) do
@@ -351,6 +352,15 @@ function Reader:query(sql, ...)
     return self.db:query(sql, ...)
 end
 
+-- rows without their NULL columns (as Uow:_rows)
+function Reader:_rows(sql, ...)
+    local conn, e = self.db.pool:acquire()
+    if not conn then return nil, e end
+    local rows, affected = conn:send(nil, 1, 0, "sparse", sql, ...)
+    conn:release()
+    return rows, affected
+end
+
 local function new_repo(d, target, db, ctx, uow)
     local self = setmetatable({ d = d, t = target, db = db, ctx = ctx, uow = uow,
                                 c = d._by_db[db] }, Repo)
@@ -363,7 +373,7 @@ local function new_repo(d, target, db, ctx, uow)
         end
     end
     local actor = ctx.actor_id or ctx.user_id
-    if actor ~= nil then self.actor = tostring(actor) end
+    if actor ~= nil then self.actor = type(actor) == "string" and actor or tostring(actor) end
     return self
 end
 
@@ -445,12 +455,19 @@ end
 local Query = {}
 Query.__index = Query
 
+-- "$1", "$2", ...: made once each
+local placeholders = setmetatable({}, { __index = function(t, n)
+    local p = "$" .. n
+    t[n] = p
+    return p
+end })
+
 function Query:param(v)
     local n = self.n + 1
     self.n = n
     if v == nil then v = null end
     self.params[n] = v
-    return "$" .. n
+    return placeholders[n]
 end
 
 local function new_query(self, c)
@@ -494,26 +511,22 @@ local function sort_of(self, c, opts)
     return parse_sort(opts.sort, self.d.sortable, self.d.pk, c.what)
 end
 
--- a row as the binding gives it -> an entity: NULL columns become nil, then the mapping
-local function map_row(d, c, row)
-    local nullable = c.nullable
-    for i = 1, #nullable do
-        local k = nullable[i]
-        if row[k] == null then row[k] = nil end
-    end
+-- a row read with _rows (its NULL columns are absent, so they read as nil) -> an entity
+local function map_row(d, row)
     local from = d.from_row
     if from then return from(row) end
     return row
 end
 
-local function map_rows(d, c, rows, skip_total)
-    local items = {}
+-- the rows become the items in place
+local function map_rows(d, rows, skip_total)
+    local from = d.from_row
     for i = 1, #rows do
         local row = rows[i]
         if skip_total then row.__qx_total = nil end
-        items[i] = map_row(d, c, row)
+        if from then rows[i] = from(row) end
     end
-    return items
+    return rows
 end
 
 -- ---- reads --------------------------------------------------------------------------------
@@ -541,15 +554,15 @@ function Repo:get(id, opts)
     end
     local rows
     if self.tenant ~= nil then
-        rows, e = self.t:query(sql, id, self.tenant)
+        rows, e = self.t:_rows(sql, id, self.tenant)
     else
-        rows, e = self.t:query(sql, id)
+        rows, e = self.t:_rows(sql, id)
     end
     if not rows then return nil, e end
     if rows[1] == nil then
         return fail("not_found", c.what .. " " .. tostring(id) .. " not found", { id = id })
     end
-    return map_row(self.d, c, rows[1])
+    return map_row(self.d, rows[1])
 end
 
 -- exists(id[, { include_deleted }]) -> boolean | nil, err
@@ -621,19 +634,19 @@ function Repo:list(opts)
               .. order_by(c, keys, "p.")
     end
     local rows
-    rows, e = self.t:query(sql, unpack(q.params, 1, q.n))
+    rows, e = self.t:_rows(sql, unpack(q.params, 1, q.n))
     if not rows then return nil, e end
     local out = { page = page, page_size = size }
     if with_total then
         out.total = rows[1].__qx_total
-        if rows[1][d.pk] == null then rows = {} end
+        if rows[1][d.pk] == nil then rows = {} end -- the count's row alone: an empty page
         out.pages = ceil(out.total / size)
         out.has_next = page * size < out.total
     else
         out.has_next = #rows > size
         rows[size + 1] = nil
     end
-    out.items = map_rows(d, c, rows, with_total)
+    out.items = map_rows(d, rows, with_total)
     return out
 end
 
@@ -649,10 +662,15 @@ end
 
 -- ---- keyset pages -------------------------------------------------------------------------
 
+-- the keys of a database's cursor_key setting, checked once per setting value
+local setting_keys = setmetatable({}, { __mode = "k" })
+
 local function cursor_keys(self)
     local keys = self.d.cursor_keys
     if keys then return keys end
     local configured = self.db.settings and self.db.settings.cursor_key
+    local known = setting_keys[self.db]
+    if known and known[1] == configured then return known[2] end
     if configured == nil then
         error("repository " .. self.d.what .. ": keyset paging needs a cursor key to sign "
               .. "cursors: set QX_CURSOR_KEY (or cursor_key in qx.connect or the description)", 3)
@@ -660,6 +678,7 @@ local function cursor_keys(self)
     local why
     keys, why = cursor.keys(configured)
     if not keys then error("repository " .. self.d.what .. ": cursor_key setting: " .. why, 3) end
+    setting_keys[self.db] = { configured, keys }
     return keys
 end
 
@@ -703,6 +722,8 @@ local function after_sql(c, q, keys, vals)
     return "(" .. concat(terms, " OR ") .. ")"
 end
 
+local TYPE_TAG = { string = "s", number = "n", boolean = "b", table = "t", userdata = "u" }
+
 -- what a cursor is bound to: the table, the order, the filters with their values
 local function listing_context(c, keys, w, q)
     local parts = { c.what, "" }
@@ -711,13 +732,13 @@ local function listing_context(c, keys, w, q)
     for i = 1, q.n do
         local v = q.params[i]
         local t = type(v)
-        local s = v == null and "" or (t == "number" and S.scalar_text(v))
+        local s = v == null and "" or (t == "string" and v) or (t == "number" and S.scalar_text(v))
                   or (t == "table" and "") or tostring(v)
         if t == "table" then
             local ok, json = pcall(require("cjson").encode, v)
             s = ok and json or tostring(v)
         end
-        parts[#parts + 1] = sub(t, 1, 1) .. #s .. ":" .. s
+        parts[#parts + 1] = (TYPE_TAG[t] or sub(t, 1, 1)) .. #s .. ":" .. s
     end
     return concat(parts, "\n")
 end
@@ -752,7 +773,7 @@ function Repo:page(opts)
     local sql = "SELECT " .. c.select .. " FROM " .. c.qtable .. " WHERE " .. w .. " ORDER BY "
                 .. order_by(c, keys) .. " LIMIT " .. q:param(limit + 1)
     local rows
-    rows, e = self.t:query(sql, unpack(q.params, 1, q.n))
+    rows, e = self.t:_rows(sql, unpack(q.params, 1, q.n))
     if not rows then return nil, e end
     local out = { has_next = #rows > limit }
     if out.has_next then
@@ -761,7 +782,7 @@ function Repo:page(opts)
         for i, k in ipairs(keys) do vals[i] = cursor.text(last[k.field]) end
         out.next_cursor = cursor.encode(keyring, context, vals, #keys)
     end
-    out.items = map_rows(d, c, rows)
+    out.items = map_rows(d, rows)
     return out
 end
 
@@ -809,14 +830,14 @@ function Repo:each(opts, fn)
     local d, n = self.d, 0
     while true do
         local rows
-        rows, e = uow:query(fetch)
+        rows, e = uow:_rows(fetch)
         if not rows then return nil, e end
         local got, stop = #rows, false
         for i = 1, got do
             local row = rows[i]
             rows[i] = nil -- the batch is the only thing held
             n = n + 1
-            if fn(map_row(d, c, row)) == false then stop = true break end
+            if fn(map_row(d, row)) == false then stop = true break end
         end
         if stop or got < batch then break end
     end
@@ -985,30 +1006,34 @@ function Repo:save(entity, opts)
         ok, e = need_raise(c)
         if not ok then return nil, e end
     end
-    local key = "save" .. (self.tenant and "t" or "") .. (opts.defer and "d" or "")
-    local sql = c.sql[key]
+    -- The statement per variant (tenant or not, deferred or not) is built once; its parameters,
+    -- in the order the text numbers them: the writable columns, updated_by, the id, the tenant,
+    -- the version, and for a deferred save the guard's two messages.
+    local defer = opts.defer
+    local key = (self.tenant and 2 or 0) + (defer and 1 or 0)
+    local sql = c.save_sql[key]
     local q = new_query(self, c)
     local w = c.writable
-    local sets = {}
-    for i = 1, #w do
-        local v = row[w[i]]
-        sets[i] = c.columns[w[i]].qname .. " = " .. q:param(v == nil and null or v)
-    end
-    local actor = c.has.updated_by and q:param(self.actor)
-    local where = { c.pkq .. " = " .. q:param(id) }
-    if self.tenant ~= nil then
-        where[#where + 1] = c.columns.tenant_id.qname .. " = " .. q:param(self.tenant)
-    end
-    if d.soft_delete then where[#where + 1] = c.columns.deleted_at.qname .. " IS NULL" end
-    local exists_where = concat(where, " AND ")
-    if c.has.version then where[#where + 1] = '"version" = ' .. q:param(version) end
     if not sql then
+        local sets = {}
+        for i = 1, #w do
+            local v = row[w[i]]
+            sets[i] = c.columns[w[i]].qname .. " = " .. q:param(v == nil and null or v)
+        end
+        local actor = c.has.updated_by and q:param(self.actor)
+        local where = { c.pkq .. " = " .. q:param(id) }
+        if self.tenant ~= nil then
+            where[#where + 1] = c.columns.tenant_id.qname .. " = " .. q:param(self.tenant)
+        end
+        if d.soft_delete then where[#where + 1] = c.columns.deleted_at.qname .. " IS NULL" end
+        local exists_where = concat(where, " AND ")
+        if c.has.version then where[#where + 1] = '"version" = ' .. q:param(version) end
         if c.has.version then sets[#sets + 1] = '"version" = "version" + 1' end
         if c.has.updated_at then sets[#sets + 1] = '"updated_at" = now()' end
         if c.has.updated_by then sets[#sets + 1] = '"updated_by" = ' .. actor end
         local dml = "UPDATE " .. c.qtable .. " SET " .. concat(sets, ", ") .. " WHERE "
                     .. concat(where, " AND ")
-        if opts.defer then
+        if defer then
             sql = guarded(c, dml, q, exists_where, c.what .. " " .. tostring(id))
         else
             local ret = { c.pkq }
@@ -1016,10 +1041,35 @@ function Repo:save(entity, opts)
             if c.has.updated_at then ret[#ret + 1] = '"updated_at"' end
             sql = dml .. " RETURNING " .. concat(ret, ", ")
         end
-        c.sql[key] = sql
-    elseif opts.defer then -- the guard's two message parameters, as guarded() adds them
-        q:param(c.what .. " " .. tostring(id) .. ": stale version (someone else saved it first)")
-        q:param(c.what .. " " .. tostring(id) .. " not found")
+        c.save_sql[key] = sql
+    else
+        local params, n = q.params, #w
+        for i = 1, n do
+            local v = row[w[i]]
+            if v == nil then v = null end
+            params[i] = v
+        end
+        if c.has.updated_by then
+            n = n + 1
+            params[n] = self.actor == nil and null or self.actor
+        end
+        n = n + 1
+        params[n] = id
+        if self.tenant ~= nil then
+            n = n + 1
+            params[n] = self.tenant
+        end
+        if c.has.version then
+            n = n + 1
+            params[n] = version
+        end
+        if defer then -- the guard's two messages, as guarded() adds them
+            local what = c.what .. " " .. tostring(id)
+            params[n + 1] = what .. ": stale version (someone else saved it first)"
+            params[n + 2] = what .. " not found"
+            n = n + 2
+        end
+        q.n = n
     end
     if opts.defer then
         ok, e = self.uow:queue(sql, unpack(q.params, 1, q.n))

@@ -61,12 +61,25 @@ local Uow = {}
 Uow.__index = Uow
 _M.Uow = Uow
 
+-- Fields most units of work never change live here, in the class, instead of in every
+-- instance: a smaller table to make. _sends > 0 means the transaction has begun.
+Uow._sends = 0
+Uow._sp = 0
+Uow._head = 1
+
 local function pack(...)
     return { n = select("#", ...), ... }
 end
 
 local CONTEXT_IDS = { "tenant_id", "correlation_id", "causation_id" } -- user_id/actor_id: any
 local HOOKS = { "pre_commit", "post_commit", "pre_rollback", "post_rollback", "on_hook_error" }
+
+-- the hooks of a unit of work that has none, and what published is without events
+local READ_ONLY = { __newindex = function() error("read-only table", 2) end }
+local NO_HOOKS = setmetatable({}, READ_ONLY)
+local NO_EVENTS = setmetatable({}, READ_ONLY)
+Uow.hooks = NO_HOOKS
+Uow.published = NO_EVENTS
 
 local function check_context(ctx)
     if ctx == nil then return {} end
@@ -88,7 +101,7 @@ local function stmt(sql, ...)
     return s
 end
 
--- statements every unit of work sends, made once (conn:batch only reads them)
+-- statements every unit of work sends, made once (the binding only reads them)
 local BEGIN, COMMIT, ROLLBACK = stmt("BEGIN"), stmt("COMMIT"), stmt("ROLLBACK")
 local NOTIFY_OUTBOX = stmt("NOTIFY " .. _M.OUTBOX_CHANNEL)
 local timeout_stmts = {}
@@ -101,90 +114,123 @@ local function timeout_stmt(ms)
     return s
 end
 
--- Sends the queue plus extra statements in one round trip. Returns the results of the extra
--- statements. Once a statement fails the transaction is lost: the uow remembers the error and
--- will only roll back.
--- implicit: the batch is the whole transaction (the commit of a unit of work that has sent
--- nothing yet), so it goes without BEGIN and COMMIT: the statements of one pipelined batch run in
--- one implicit transaction that commits at its end, or not at all. Two statements less each time.
-function Uow:_send(extra, implicit)
+-- The queue is an array of statement tables, self._q[1..self._n]. Until the first send it
+-- starts with BEGIN (and the SET LOCAL of the timeout), self._head statements, so that a send
+-- needs no table of its own: the binding sends q[from..n] and, for a read, the read itself,
+-- given as arguments (conn:send). Entries past _n are left over from earlier sends and are
+-- overwritten as the queue fills again.
+
+local function failed_send(self, e)
+    self._failed = e
+    return nil, e
+end
+
+-- Sends the queue plus (mode ~= nil) one statement in one round trip; returns what conn:send
+-- returns for it. Once a statement fails the transaction is lost: the uow remembers the error
+-- and will only roll back. implicit: the batch is the whole transaction (the commit of a unit of
+-- work that has sent nothing yet), so it goes without BEGIN and COMMIT: the statements of one
+-- pipelined batch run in one implicit transaction that commits at its end, or not at all. Two
+-- statements less each time.
+local function send(self, implicit, mode, sql, ...)
     if self._failed then return nil, self._failed end
-    local q = self._queue
-    local nq = #q
-    local batch = q
-    if not self._begun then
-        -- BEGIN and the timeout go first, still in the same round trip
-        local head = implicit and {} or { BEGIN }
-        if self._timeout and self._timeout ~= (self.db.session_timeout_ms or 0) then
-            head[#head + 1] = timeout_stmt(self._timeout) -- not the connection's own: SET LOCAL
-        end
-        for i = 1, nq do head[#head + 1] = q[i] end
-        nq = #head
-        batch = head
-        self._begun = true
+    local from = 1
+    local sends = self._sends
+    if implicit and sends == 0 then from = 2 end -- past BEGIN
+    local n = self._n
+    self._n = 0
+    self._sends = sends + 1 -- the transaction has begun
+    local r, e = self.conn:send(self._q, from, n, mode, sql, ...)
+    if not r then return failed_send(self, e) end
+    return r, e
+end
+
+local function check_open(self, level)
+    if self._state ~= "active" then
+        error("unit of work is " .. self._state, level + 1)
     end
-    for i = 1, #extra do batch[nq + i] = extra[i] end
-    self._queue = {}
-    self._sends = self._sends + 1
-    -- rows are made only for the extra statements: the queued ones' results are not used
-    local results, e = self.conn:batch(batch, nq + 1)
-    if not results then
-        self._failed = e
-        return nil, e
-    end
-    local out = {}
-    for i = 1, #extra do out[i] = results[nq + i] end
-    return out
+end
+
+function Uow:_check_open()
+    check_open(self, 3)
 end
 
 -- uow:query(sql, ...) -> rows | nil, err   (sends the queue first, same round trip)
 function Uow:query(sql, ...)
-    self:_check_open()
+    check_open(self, 2)
     if type(sql) ~= "string" then error("uow:query: sql must be a string", 2) end
-    local res, e = self:_send({ stmt(sql, ...) })
-    if not res then return nil, e end
-    return res[1].rows, res[1].affected
+    return send(self, false, "rows", sql, ...)
 end
 
 -- uow:exec(sql, ...) -> affected | nil, err
 function Uow:exec(sql, ...)
-    self:_check_open()
+    check_open(self, 2)
     if type(sql) ~= "string" then error("uow:exec: sql must be a string", 2) end
-    local res, e = self:_send({ stmt(sql, ...) })
-    if not res then return nil, e end
-    return res[1].affected
+    local ok, affected = send(self, false, "count", sql, ...)
+    if not ok then return nil, affected end
+    return affected
+end
+
+-- For the repository and the event store: rows whose NULL columns are absent (nil), not
+-- core.null - what an entity wants, and fewer table slots to fill.
+function Uow:_rows(sql, ...)
+    check_open(self, 2)
+    return send(self, false, "sparse", sql, ...)
 end
 
 -- Statements PostgreSQL runs only inside BEGIN ... COMMIT (not in the implicit transaction of a
 -- batch without BEGIN); a unit of work that queues one uses an explicit transaction block.
 local NEEDS_BLOCK = { LOCK = true, DECLARE = true, SAVEPOINT = true, RELEASE = true }
+-- SQL text -> whether it needs a block, so that a text queued again is not matched again
+local needs_block_of, needs_block_n = {}, 0
+
+local function needs_block(sql)
+    local b = needs_block_of[sql]
+    if b == nil then
+        local word = sql:match("^%s*(%a+)")
+        b = word ~= nil and NEEDS_BLOCK[word:upper()] == true
+        if needs_block_n >= 1000 then needs_block_of, needs_block_n = {}, 0 end
+        needs_block_of[sql] = b
+        needs_block_n = needs_block_n + 1
+    end
+    return b
+end
+
+local function push(self, s)
+    local n = self._n + 1
+    self._q[n] = s
+    self._n = n
+end
 
 -- uow:queue(sql, ...): sent with the next read or at commit; a failure fails the unit of work.
 function Uow:queue(sql, ...)
-    self:_check_open()
+    check_open(self, 2)
     if type(sql) ~= "string" then error("uow:queue: sql must be a string", 2) end
     if self._failed then return nil, self._failed end
-    if not self._block then
-        local word = sql:match("^%s*(%a+)")
-        if word and NEEDS_BLOCK[word:upper()] then self._block = true end
-    end
-    self._queue[#self._queue + 1] = stmt(sql, ...)
+    if not self._block and needs_block(sql) then self._block = true end
+    push(self, { sql, n = select("#", ...), ... })
+    return true
+end
+
+-- how many statements wait for the next send (BEGIN and the timeout not counted)
+function Uow:_queued()
+    return self._sends > 0 and self._n or self._n - self._head
+end
+
+-- Queues a statement table made once by the caller (it is only read), e.g. a NOTIFY.
+function Uow:_push(s)
+    check_open(self, 2)
+    if self._failed then return nil, self._failed end
+    push(self, s)
     return true
 end
 
 -- Sends whatever is queued now (e.g. to see a failure before doing more work).
 function Uow:flush()
-    self:_check_open()
-    if #self._queue == 0 and self._begun then return true end
-    local res, e = self:_send({})
-    if not res then return nil, e end
+    check_open(self, 2)
+    if self._n == 0 and self._sends > 0 then return true end
+    local ok, e = send(self, false)
+    if not ok then return nil, e end
     return true
-end
-
-function Uow:_check_open()
-    if self._state ~= "active" then
-        error("unit of work is " .. self._state, 3)
-    end
 end
 
 -- ---- aggregates and events ----------------------------------------------------------------
@@ -192,13 +238,18 @@ end
 -- uow:track(aggregate): its events are drained and dispatched at commit. Tracking twice is a
 -- no-op. Returns the aggregate.
 function Uow:track(agg)
-    self:_check_open()
+    check_open(self, 2)
     if not aggregate.is_aggregate(agg) then
         error("uow:track: expected an aggregate, got " .. type(agg), 2)
     end
+    local tracked = self._tracked
+    if not tracked then
+        tracked = {}
+        self._tracked, self._tracked_set = tracked, {}
+    end
     if not self._tracked_set[agg] then
         self._tracked_set[agg] = true
-        self._tracked[#self._tracked + 1] = agg
+        tracked[#tracked + 1] = agg
     end
     return agg
 end
@@ -206,9 +257,14 @@ end
 -- uow:record(event): an event that belongs to no aggregate, dispatched and (for integration
 -- events) written to the outbox at commit like the others.
 function Uow:record(ev)
-    self:_check_open()
+    check_open(self, 2)
     if not event.is_event(ev) then error("uow:record: expected an event", 2) end
-    self._loose[#self._loose + 1] = ev
+    local loose = self._loose
+    if not loose then
+        loose = {}
+        self._loose = loose
+    end
+    loose[#loose + 1] = ev
     return ev
 end
 
@@ -224,26 +280,34 @@ function Uow:_stamp(ev)
 end
 
 -- Drains tracked aggregates and loose events until handlers stop producing more; returns the
--- integration events in the order they were recorded.
+-- integration events in the order they were recorded (nil when there are none).
 function Uow:_drain_and_dispatch()
-    local outgoing = {}
+    local outgoing
     local d = self.dispatcher
     for _ = 1, MAX_DISPATCH_ROUNDS do
         local batch = self._loose
-        self._loose = {}
-        for _, agg in ipairs(self._tracked) do
-            local evs = agg:pull_events()
-            for i = 1, #evs do batch[#batch + 1] = evs[i] end
+        self._loose = nil
+        local tracked = self._tracked
+        if tracked then
+            for i = 1, #tracked do
+                local evs = tracked[i]:pull_events()
+                if evs[1] ~= nil then
+                    batch = batch or {}
+                    for k = 1, #evs do batch[#batch + 1] = evs[k] end
+                end
+            end
         end
-        if #batch == 0 then return outgoing end
-        for _, ev in ipairs(batch) do
+        if batch == nil or batch[1] == nil then return outgoing end
+        for i = 1, #batch do
+            local ev = batch[i]
             self:_stamp(ev)
             if event.class_of(ev).integration then
+                outgoing = outgoing or {}
                 outgoing[#outgoing + 1] = ev
             end
         end
         if d then
-            for _, ev in ipairs(batch) do d:publish(ev, self) end
+            for i = 1, #batch do d:publish(batch[i], self) end
         end
     end
     error("event handlers kept recording events for " .. MAX_DISPATCH_ROUNDS .. " rounds", 0)
@@ -308,48 +372,59 @@ end
 
 -- ---- bound views -------------------------------------------------------------------------
 
+local repository_bind, event_store_bind -- required on first use: they require this module
+
 -- uow:repo(description): the repository described by qx.repository{...}, bound to this
 -- transaction.
 function Uow:repo(description)
-    self:_check_open()
-    return require("qx.repository").bind(description, self)
+    check_open(self, 2)
+    if not repository_bind then repository_bind = require("qx.repository").bind end
+    return repository_bind(description, self)
 end
 
 -- uow:store(store): the event store made by qx.event_store{...}, bound to this transaction.
 function Uow:store(store)
-    self:_check_open()
-    return require("qx.event_store").bind(store, self)
+    check_open(self, 2)
+    if not event_store_bind then event_store_bind = require("qx.event_store").bind end
+    return event_store_bind(store, self)
 end
 
 -- ---- savepoints ---------------------------------------------------------------------------
+
+local function forget_after(list, n)
+    if list then
+        for i = #list, n + 1, -1 do list[i] = nil end
+    end
+end
 
 -- uow:savepoint(fn): runs fn(uow) inside a savepoint. On an error the savepoint is rolled back,
 -- the transaction goes on, and savepoint returns nil, err; otherwise it returns fn's results.
 -- Events recorded through uow:record inside fn are dropped with it (aggregates' own pending
 -- events live in the aggregates and are not rewound).
 function Uow:savepoint(fn)
-    self:_check_open()
+    check_open(self, 2)
     if type(fn) ~= "function" then error("uow:savepoint: expected a function", 2) end
     if self._failed then return nil, self._failed end
     self._sp = self._sp + 1
     local name = "qx_sp_" .. self._sp
-    local queued_before, sends_before = #self._queue, self._sends
-    self._queue[queued_before + 1] = stmt("SAVEPOINT " .. name)
-    local loose_n, tracked_n = #self._loose, #self._tracked
+    local sends_before = self._sends
+    push(self, stmt("SAVEPOINT " .. name))
+    local queued_before = self._n - 1
+    local loose_n, tracked_n = self._loose and #self._loose or 0, self._tracked and #self._tracked or 0
     local r = pack(xpcall(fn, err.handler, self))
     if r[1] and not self._failed then
-        self._queue[#self._queue + 1] = stmt("RELEASE SAVEPOINT " .. name)
+        push(self, stmt("RELEASE SAVEPOINT " .. name))
         return unpack(r, 2, r.n)
     end
     local cause = r[1] and self._failed or r[2]
     if self._sends == sends_before then
         -- nothing since the SAVEPOINT reached the server: forget what fn queued
-        for i = #self._queue, queued_before + 1, -1 do self._queue[i] = nil end
+        self._n = queued_before
     else
         local failed = self._failed
         self._failed = nil
-        self._queue = {}
-        local ok, e = self.conn:batch({ stmt("ROLLBACK TO SAVEPOINT " .. name) })
+        self._n = 0
+        local ok, e = self.conn:send({ stmt("ROLLBACK TO SAVEPOINT " .. name) }, 1, 1)
         if not ok then
             -- no savepoint to go back to: what failed was queued before it, or its batch never
             -- left (a parameter JSON cannot hold); the transaction is lost with that first error
@@ -357,10 +432,13 @@ function Uow:savepoint(fn)
             return nil, self._failed
         end
     end
-    for i = #self._loose, loose_n + 1, -1 do self._loose[i] = nil end
-    for i = #self._tracked, tracked_n + 1, -1 do
-        self._tracked_set[self._tracked[i]] = nil
-        self._tracked[i] = nil
+    forget_after(self._loose, loose_n)
+    local tracked = self._tracked
+    if tracked then
+        for i = #tracked, tracked_n + 1, -1 do
+            self._tracked_set[tracked[i]] = nil
+            tracked[i] = nil
+        end
     end
     return nil, cause
 end
@@ -387,51 +465,94 @@ local function run_after_hook(uow, name, ...)
 end
 
 local function commit(uow)
-    local outgoing = uow:_drain_and_dispatch()
+    local outgoing
+    if uow._loose or uow._tracked then outgoing = uow:_drain_and_dispatch() end
     if uow.hooks.pre_commit then
         run_hook(uow, "pre_commit")
         -- pre_commit may have recorded more
         local more = uow:_drain_and_dispatch()
-        for i = 1, #more do outgoing[#outgoing + 1] = more[i] end
+        if more then
+            outgoing = outgoing or {}
+            for i = 1, #more do outgoing[#outgoing + 1] = more[i] end
+        end
     end
     if uow._failed then error(uow._failed, 0) end
 
-    local tail = {}
-    if #outgoing > 0 then
-        tail[1] = outbox_stmt(outgoing)
-        tail[2] = NOTIFY_OUTBOX
-    end
-    if not uow._begun and #uow._queue == 0 and #tail == 0 then
+    local begun = uow._sends > 0
+    if outgoing then
+        push(uow, outbox_stmt(outgoing))
+        push(uow, NOTIFY_OUTBOX)
+    elseif not begun and uow._n == uow._head then
         return true -- nothing was done: no round trip at all
     end
     -- savepoints and a few statements need a transaction block; otherwise a unit of work that
     -- sends everything at commit needs neither BEGIN nor COMMIT
-    local implicit = not uow._begun and uow._sp == 0 and not uow._block
-    if not implicit then tail[#tail + 1] = COMMIT end
-    local res, e = uow:_send(tail, implicit)
-    if not res then error(e, 0) end
-    uow.published = outgoing
+    local implicit = not begun and uow._sp == 0 and not uow._block
+    if not implicit then push(uow, COMMIT) end
+    local ok, e = send(uow, implicit)
+    if not ok then error(e, 0) end
+    if outgoing then uow.published = outgoing end
     return true
 end
 
 local function rollback(uow)
-    if uow._begun and uow.conn:status() ~= "idle" then
-        uow.conn:batch({ ROLLBACK }) -- release() would roll back too; this keeps order
+    if uow._sends > 0 and uow.conn:status() ~= "idle" then
+        uow.conn:send({ ROLLBACK }, 1, 1) -- release() would roll back too; this keeps order
     end
 end
 
+local function committed(uow, ...)
+    commit(uow)
+    return ...
+end
+
+-- fn, then the commit, in one protected call; fn's results pass through
+local function body(uow, fn)
+    return committed(uow, fn(uow))
+end
+
+local function finish(uow, ok, ...)
+    local conn = uow.conn
+    if ok then
+        uow._state = "committed"
+        conn:release()
+        if uow.hooks.post_commit then run_after_hook(uow, "post_commit") end
+        if select("#", ...) == 0 then return true end -- fn returned nothing: success must not read as nil
+        return ...
+    end
+    local cause = ...
+    if not err.is(cause) then cause = err.from_raised(cause) end
+    local hok, he = true, nil
+    if uow.hooks.pre_rollback then hok, he = xpcall(run_hook, err.handler, uow, "pre_rollback", cause) end
+    rollback(uow)
+    uow._state = "rolled back"
+    conn:release()
+    run_after_hook(uow, "post_rollback", cause)
+    if not hok then cause.hook_error = he end
+    return nil, cause
+end
+
+local NO_OPTIONS = {}
+
 function _M.run(db, fn, opts)
     if type(fn) ~= "function" then error("unit_of_work: expected a function", 2) end
-    if opts ~= nil and type(opts) ~= "table" then error("unit_of_work: options must be a table", 2) end
-    opts = opts or {}
-    for i = 1, #HOOKS do
-        local h = HOOKS[i]
-        if opts[h] ~= nil and type(opts[h]) ~= "function" then
-            error("unit_of_work: " .. h .. " must be a function", 2)
+    local timeout = db.statement_timeout_ms
+    local hooks
+    if opts == nil then
+        opts = NO_OPTIONS
+    else
+        if type(opts) ~= "table" then error("unit_of_work: options must be a table", 2) end
+        for i = 1, #HOOKS do
+            local h = opts[HOOKS[i]]
+            if h ~= nil then
+                if type(h) ~= "function" then
+                    error("unit_of_work: " .. HOOKS[i] .. " must be a function", 2)
+                end
+                hooks = opts
+            end
         end
+        if opts.statement_timeout_ms ~= nil then timeout = opts.statement_timeout_ms end
     end
-    local timeout = opts.statement_timeout_ms
-    if timeout == nil then timeout = db.statement_timeout_ms end
     if timeout ~= nil and (type(timeout) ~= "number" or timeout < 0 or timeout % 1 ~= 0) then
         error("unit_of_work: statement_timeout_ms must be a non-negative integer", 2)
     end
@@ -442,46 +563,27 @@ function _M.run(db, fn, opts)
     conn, e = db.pool:acquire()
     if not conn then return nil, e end
 
+    -- BEGIN, and SET LOCAL statement_timeout when the unit of work asks for another timeout
+    -- than the one every pooled connection has, lead the queue (see send)
+    local q = { BEGIN }
     local uow = setmetatable({
         db = db,
         conn = conn,
         context = ctx,
         correlation_id = ctx.correlation_id or core.uuid(),
         dispatcher = opts.dispatcher or db.dispatcher,
-        hooks = opts,
-        _timeout = timeout,
-        _queue = {},
-        _begun = false,
-        _tracked = {},
-        _tracked_set = {},
-        _loose = {},
-        _sp = 0,
+        hooks = hooks, -- else the class's NO_HOOKS
+        _q = q,
+        _n = 1,
         _sends = 0,
         _state = "active",
     }, Uow)
-
-    local r = pack(xpcall(fn, err.handler, uow))
-    local ok, cause = r[1], r[2]
-    if ok then
-        local cok, ce = xpcall(commit, err.handler, uow)
-        if not cok then ok, cause = false, ce end
-    end
-    if ok then
-        uow._state = "committed"
-        conn:release()
-        run_after_hook(uow, "post_commit")
-        if r.n == 1 then return true end -- fn returned nothing: success must not read as nil
-        return unpack(r, 2, r.n)
+    if timeout and timeout ~= (db.session_timeout_ms or 0) then
+        q[2] = timeout_stmt(timeout)
+        uow._n, uow._head = 2, 2
     end
 
-    if not err.is(cause) then cause = err.from_raised(cause) end
-    local hok, he = xpcall(run_hook, err.handler, uow, "pre_rollback", cause)
-    rollback(uow)
-    uow._state = "rolled back"
-    conn:release()
-    run_after_hook(uow, "post_rollback", cause)
-    if not hok then cause.hook_error = he end
-    return nil, cause
+    return finish(uow, xpcall(body, err.handler, uow, fn))
 end
 
 return _M

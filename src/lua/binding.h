@@ -40,8 +40,17 @@ typedef struct qx_params {
 } qx_params;
 int qx_params_from_stack(lua_State *L, qx_params *out, int first, int n);
 
-/* Pushes the rows of a result as an array of { column = value } tables. */
-void qx_push_rows(lua_State *L, const qx_result *r);
+/* One parameter: the value at the absolute index idx as the text libpq sends ($pos in
+ * messages). *value is NULL for SQL NULL; a number's text goes to num (QX_NUM_SCRATCH bytes); a
+ * table's JSON text is pushed on the stack (*pushed = 1), where the caller keeps it while the
+ * text is in use. Returns 1, or 0 with the reason in msg (nothing pushed). */
+#define QX_NUM_SCRATCH 32
+int qx_param_text(lua_State *L, int idx, int pos, const char **value, int *length, char *num,
+                  int *pushed, char *msg, size_t msgsize);
+
+/* Pushes the rows of a result as an array of { column = value } tables; NULL is core.null, or
+ * with skip_nulls the column is left out of the row (it reads as nil). */
+void qx_push_rows(lua_State *L, const qx_result *r, int skip_nulls);
 
 int qx_open_pool(lua_State *L);
 /* core.pool{ conninfo, size, acquire_timeout_ms, recycle_ms, connect_timeout_ms } */

@@ -6,24 +6,56 @@
 typedef struct lconn {
     qx_conn *c;   /* NULL once released */
     qx_pool *p;
-    int pool_ref; /* registry reference that keeps the pool userdata alive */
+    int pool_ref; /* LuaJIT: registry reference that keeps the pool userdata alive (Lua 5.4
+                   * keeps it as the userdata's user value) */
 } lconn;
+
+/* Its address keys the connection metatable in the registry: a lease finds it without
+ * interning the type name. */
+static const char CONN_MT_KEY = 'c';
 
 void qx_conn_push(lua_State *L, qx_conn *c, qx_pool *p, int pool_idx)
 {
-    lconn *lc = lua_newuserdata(L, sizeof *lc);
+    lconn *lc;
+    if (pool_idx < 0 && pool_idx > LUA_REGISTRYINDEX)
+        pool_idx = lua_gettop(L) + pool_idx + 1;
+#if LUA_VERSION_NUM >= 504
+    lc = lua_newuserdatauv(L, sizeof *lc, 1);
+#else
+    lc = lua_newuserdata(L, sizeof *lc);
+#endif
     lc->c = NULL;
     lc->p = p;
     lc->pool_ref = LUA_NOREF;
-    qx_setmetatable(L, QX_CONN_MT);
+    lua_pushlightuserdata(L, (void *)&CONN_MT_KEY);
+    lua_rawget(L, LUA_REGISTRYINDEX);
+    lua_setmetatable(L, -2);
     lua_pushvalue(L, pool_idx);
+#if LUA_VERSION_NUM >= 504
+    lua_setiuservalue(L, -2, 1);
+#else
     lc->pool_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+#endif
     lc->c = c;
+}
+
+/* The connection at index 1. The methods carry the metatable as upvalue 1, so the usual case
+ * is one comparison; __gc and __close have no upvalue and take the named check. */
+static lconn *to_conn(lua_State *L)
+{
+    lconn *lc = lua_touserdata(L, 1);
+    if (lc != NULL && lua_getmetatable(L, 1)) {
+        int same = lua_rawequal(L, -1, lua_upvalueindex(1));
+        lua_pop(L, 1);
+        if (same)
+            return lc;
+    }
+    return luaL_checkudata(L, 1, QX_CONN_MT);
 }
 
 static lconn *check_conn(lua_State *L)
 {
-    lconn *lc = luaL_checkudata(L, 1, QX_CONN_MT);
+    lconn *lc = to_conn(L);
     if (lc->c == NULL)
         luaL_error(L, "connection was released");
     return lc;
@@ -43,7 +75,7 @@ static int l_query(lua_State *L)
         return 2;
     if (qx_conn_exec(lc->c, &res, sql, n, params.values, params.lengths, &err) != QX_OK)
         return qx_push_error(L, &err);
-    qx_push_rows(L, res);
+    qx_push_rows(L, res, 0);
     qx_pushint64(L, qx_result_affected(res));
     qx_result_free(res);
     return 2;
@@ -125,7 +157,7 @@ static int l_batch(lua_State *L)
             continue;
         }
         lua_createtable(L, 0, 2);
-        qx_push_rows(L, results[i]);
+        qx_push_rows(L, results[i], 0);
         lua_setfield(L, -2, "rows");
         qx_pushint64(L, qx_result_affected(results[i]));
         lua_setfield(L, -2, "affected");
@@ -135,6 +167,149 @@ static int l_batch(lua_State *L)
     }
     (void)base;
     return 1;
+}
+
+/* What conn:send keeps on the C stack; more statements or parameters take a userdata. */
+#define LOCAL_STMTS 16
+#define LOCAL_PARAMS 64
+
+static const char *const SEND_MODES[] = { "rows", "sparse", "count", NULL };
+
+/* conn:send(stmts, from, to[, mode, sql, ...])
+ *   -> rows, affected | true, affected | true | nil, err, failed_index
+ * Sends stmts[from..to] (statement tables as for batch) and then, when mode is given, sql with
+ * the parameters that follow it, all in one pipelined round trip. The results of stmts are not
+ * made into Lua values. mode says what comes back for sql: "rows" (as conn:query), "sparse"
+ * (rows without their NULL columns) or "count" (true and the affected count only). Without a
+ * final statement it returns true. failed_index is the index in stmts of the statement that
+ * failed, to + 1 for sql, nil when the failure is not tied to one. Nothing to send: true, and no
+ * round trip. It exists so that a unit of work sends its queue and a read without building a
+ * batch table, a statement table for the read or result tables for the statements it queued. */
+static int l_send(lua_State *L)
+{
+    lconn *lc = check_conn(L);
+    int top = lua_gettop(L);
+    int from = (int)luaL_checkinteger(L, 3), to = (int)luaL_checkinteger(L, 4);
+    int nq = to >= from ? to - from + 1 : 0, mode = -1, nfinal = 0, n, np_total = 0, i, k, p;
+    int failed = -1;
+    qx_stmt local_stmts[LOCAL_STMTS], *stmts = local_stmts;
+    qx_result *local_results[LOCAL_STMTS], **results = local_results;
+    const char *local_values[LOCAL_PARAMS], **values = local_values;
+    int local_lengths[LOCAL_PARAMS], *lengths = local_lengths;
+    char local_num[LOCAL_PARAMS * QX_NUM_SCRATCH], *num = local_num;
+    char msg[256];
+    qx_error err;
+
+    if (nq > 0)
+        luaL_checktype(L, 2, LUA_TTABLE);
+    if (!lua_isnoneornil(L, 5)) {
+        mode = luaL_checkoption(L, 5, NULL, SEND_MODES);
+        luaL_checktype(L, 6, LUA_TSTRING);
+        nfinal = top - 6;
+    }
+    n = nq + (mode >= 0);
+    if (n == 0) {
+        lua_pushboolean(L, 1);
+        return 1;
+    }
+    if (n > LOCAL_STMTS) {
+        char *block = lua_newuserdata(L, (size_t)n * (sizeof *stmts + sizeof *results));
+        stmts = (qx_stmt *)(void *)block;
+        results = (qx_result **)(void *)(block + (size_t)n * sizeof *stmts);
+    }
+    /* the statements: their SQL stays alive in the statement tables, which stmts holds */
+    for (i = 0; i < nq; i++) {
+        long long v;
+        int np;
+        lua_rawgeti(L, 2, from + i);
+        if (!lua_istable(L, -1))
+            return luaL_error(L, "statement %d is not a table", from + i);
+        lua_rawgeti(L, -1, 1);
+        if (lua_type(L, -1) != LUA_TSTRING)
+            return luaL_error(L, "statement %d has no SQL text", from + i);
+        stmts[i].sql = lua_tostring(L, -1);
+        lua_getfield(L, -2, "n");
+        if (lua_isnil(L, -1))
+            np = (int)qx_rawlen(L, -3) - 1;
+        else if (qx_isinteger(L, -1, &v) && v >= 0 && v < 65536)
+            np = (int)v;
+        else
+            return luaL_error(L, "statement %d: n must be a parameter count", from + i);
+        lua_pop(L, 3);
+        stmts[i].nparams = np;
+        np_total += np;
+    }
+    if (mode >= 0) {
+        if (nfinal >= 65536)
+            return luaL_error(L, "too many parameters");
+        stmts[nq].sql = lua_tostring(L, 6);
+        stmts[nq].nparams = nfinal;
+        np_total += nfinal;
+    }
+    if (np_total > LOCAL_PARAMS) {
+        char *block = lua_newuserdata(L, (size_t)np_total * (sizeof *values + sizeof *lengths +
+                                                              QX_NUM_SCRATCH));
+        values = (const char **)(void *)block;
+        lengths = (int *)(void *)(block + (size_t)np_total * sizeof *values);
+        num = block + (size_t)np_total * (sizeof *values + sizeof *lengths);
+    }
+    /* the parameters as text; JSON texts stay on the stack until the batch is done */
+    for (i = 0, p = 0; i < n; i++) {
+        int np = stmts[i].nparams, t = 0;
+        stmts[i].values = values + p;
+        stmts[i].lengths = lengths + p;
+        if (np == 0)
+            continue;
+        if (i < nq) {
+            luaL_checkstack(L, 4, "too many statements");
+            lua_rawgeti(L, 2, from + i);
+            t = lua_gettop(L);
+        }
+        for (k = 0; k < np; k++, p++) {
+            int pushed, idx;
+            if (i < nq) {
+                lua_rawgeti(L, t, k + 2); /* anchored by the statement table */
+                idx = lua_gettop(L);
+            } else {
+                idx = 7 + k;
+            }
+            if (!qx_param_text(L, idx, k + 1, &values[p], &lengths[p],
+                               num + (size_t)p * QX_NUM_SCRATCH, &pushed, msg, sizeof msg)) {
+                qx_push_error_msg(L, "invalid", msg);
+                lua_pushinteger(L, i < nq ? from + i : to + 1);
+                return 3;
+            }
+            if (i < nq) {
+                if (pushed)
+                    lua_remove(L, idx); /* keep the JSON text, drop the value */
+                else
+                    lua_pop(L, 1);
+            }
+        }
+        if (i < nq)
+            lua_remove(L, t);
+    }
+    if (qx_conn_batch(lc->c, results, &failed, stmts, n, &err) != QX_OK) {
+        qx_push_error(L, &err);
+        if (failed >= 0)
+            lua_pushinteger(L, failed < nq ? from + failed : to + 1);
+        else
+            lua_pushnil(L);
+        return 3;
+    }
+    for (i = 0; i < nq; i++)
+        qx_result_free(results[i]);
+    if (mode < 0) {
+        lua_pushboolean(L, 1);
+        return 1;
+    }
+    if (mode == 2)
+        lua_pushboolean(L, 1);
+    else
+        qx_push_rows(L, results[nq], mode == 1);
+    qx_pushint64(L, qx_result_affected(results[nq]));
+    qx_result_free(results[nq]);
+    return 2;
 }
 
 static int l_script(lua_State *L)
@@ -196,11 +371,15 @@ static int l_pid(lua_State *L)
 /* release, __gc and __close: hand the connection back; twice is harmless */
 static int l_release(lua_State *L)
 {
-    lconn *lc = luaL_checkudata(L, 1, QX_CONN_MT);
+    lconn *lc = to_conn(L);
     if (lc->c != NULL) {
         qx_conn *c = lc->c;
         lc->c = NULL;
         qx_pool_release(lc->p, c);
+#if LUA_VERSION_NUM >= 504
+        lua_pushnil(L);
+        lua_setiuservalue(L, 1, 1);
+#endif
     }
     if (lc->pool_ref != LUA_NOREF) {
         luaL_unref(L, LUA_REGISTRYINDEX, lc->pool_ref);
@@ -222,6 +401,7 @@ static int l_tostring(lua_State *L)
 static const luaL_Reg methods[] = {
     { "query", l_query },
     { "batch", l_batch },
+    { "send", l_send },
     { "script", l_script },
     { "listen", l_listen },
     { "notifications", l_notifications },
@@ -233,6 +413,20 @@ static const luaL_Reg methods[] = {
 
 int qx_open_conn(lua_State *L)
 {
+    const luaL_Reg *m;
     qx_register_type(L, QX_CONN_MT, methods, l_release, l_tostring);
+    luaL_getmetatable(L, QX_CONN_MT);
+    /* the methods again, as closures over the metatable (see to_conn) */
+    lua_getfield(L, -1, "__index");
+    for (m = methods; m->name != NULL; m++) {
+        lua_pushvalue(L, -2);
+        lua_pushcclosure(L, m->func, 1);
+        lua_setfield(L, -2, m->name);
+    }
+    lua_pop(L, 1);
+    lua_pushlightuserdata(L, (void *)&CONN_MT_KEY);
+    lua_pushvalue(L, -2);
+    lua_rawset(L, LUA_REGISTRYINDEX);
+    lua_pop(L, 1);
     return 0;
 }

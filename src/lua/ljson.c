@@ -93,15 +93,28 @@ static void format_double(char out[32], double d)
     }
 }
 
+/* Writes the decimal text of v; snprintf costs more than the rest of a small object. */
+static int put_int(jbuf *b, long long v)
+{
+    char tmp[24];
+    unsigned long long u = v < 0 ? 0ULL - (unsigned long long)v : (unsigned long long)v;
+    int n = (int)sizeof tmp;
+    do {
+        tmp[--n] = (char)('0' + u % 10);
+        u /= 10;
+    } while (u != 0);
+    if (v < 0)
+        tmp[--n] = '-';
+    return put(b, tmp + n, sizeof tmp - (size_t)n);
+}
+
 static int put_number(jbuf *b, lua_State *L, int idx)
 {
     char num[32];
     long long iv;
 #if LUA_VERSION_NUM >= 503
-    if (lua_isinteger(L, idx)) {
-        snprintf(num, sizeof num, "%lld", (long long)lua_tointeger(L, idx));
-        return put(b, num, strlen(num));
-    }
+    if (lua_isinteger(L, idx))
+        return put_int(b, (long long)lua_tointeger(L, idx));
 #endif
     {
         double d = (double)lua_tonumber(L, idx);
@@ -111,9 +124,8 @@ static int put_number(jbuf *b, lua_State *L, int idx)
         }
         /* an integral double within 2^53 is written as an integer, as LuaJIT users expect */
         if (d == floor(d) && fabs(d) <= 9007199254740992.0 && qx_isinteger(L, idx, &iv))
-            snprintf(num, sizeof num, "%lld", iv);
-        else
-            format_double(num, d);
+            return put_int(b, iv);
+        format_double(num, d);
     }
     return put(b, num, strlen(num));
 }
@@ -124,6 +136,9 @@ static int encode(jbuf *b, lua_State *L, int idx, int depth);
 static long long array_length(lua_State *L, int idx)
 {
     long long n = 0, max = 0, k;
+    /* a border of 0 means t[1] is nil: an object (or {}), without looking at every key */
+    if (qx_rawlen(L, idx) == 0)
+        return -1;
     lua_pushnil(L);
     while (lua_next(L, idx) != 0) {
         lua_pop(L, 1);

@@ -8,8 +8,6 @@
 
 static const char JSON_DECODE_KEY[] = "qx.json.decode";
 
-#define NUM_SCRATCH 32
-
 /* Decoding uses a private lua-cjson instance, so the application's own cjson settings do not
  * change ours. (Encoding is ljson.c's: exact numbers.) */
 void qx_json_init(lua_State *L)
@@ -23,6 +21,95 @@ void qx_json_init(lua_State *L)
     lua_getfield(L, -1, "decode");
     lua_setfield(L, LUA_REGISTRYINDEX, JSON_DECODE_KEY);
     lua_settop(L, top);
+}
+
+/* Decimal text of v into buf (at least 21 bytes); returns the length. */
+static int format_int(char *buf, long long v)
+{
+    char tmp[24];
+    unsigned long long u = v < 0 ? 0ULL - (unsigned long long)v : (unsigned long long)v;
+    int n = 0, len = 0;
+    do {
+        tmp[n++] = (char)('0' + u % 10);
+        u /= 10;
+    } while (u != 0);
+    if (v < 0)
+        buf[len++] = '-';
+    while (n > 0)
+        buf[len++] = tmp[--n];
+    buf[len] = '\0';
+    return len;
+}
+
+int qx_param_text(lua_State *L, int idx, int pos, const char **value, int *length, char *num,
+                  int *pushed, char *msg, size_t msgsize)
+{
+    long long iv;
+    size_t len;
+    const char *s;
+
+    *pushed = 0;
+    switch (lua_type(L, idx)) {
+    case LUA_TNIL:
+        *value = NULL;
+        *length = 0;
+        return 1;
+    case LUA_TLIGHTUSERDATA:
+        if (lua_touserdata(L, idx) != NULL)
+            break;
+        *value = NULL; /* qx.null */
+        *length = 0;
+        return 1;
+    case LUA_TBOOLEAN:
+        if (lua_toboolean(L, idx))
+            *value = "true", *length = 4;
+        else
+            *value = "false", *length = 5;
+        return 1;
+    case LUA_TNUMBER:
+        if (qx_isinteger(L, idx, &iv)) {
+            *length = format_int(num, iv);
+        } else {
+            double d = (double)lua_tonumber(L, idx);
+            if (isnan(d))
+                strcpy(num, "NaN");
+            else if (isinf(d))
+                strcpy(num, d > 0 ? "Infinity" : "-Infinity");
+            else
+                snprintf(num, QX_NUM_SCRATCH, "%.17g", d);
+            *length = (int)strlen(num);
+        }
+        *value = num;
+        return 1;
+    case LUA_TSTRING:
+        s = lua_tolstring(L, idx, &len);
+        if (memchr(s, '\0', len) != NULL) {
+            snprintf(msg, msgsize, "parameter $%d contains a NUL byte", pos);
+            return 0;
+        }
+        *value = s;
+        *length = (int)len;
+        return 1;
+    case LUA_TTABLE: {
+        const char *why = NULL;
+        luaL_checkstack(L, 2, "too many JSON parameters");
+        if (!qx_json_push(L, idx, &why)) {
+            snprintf(msg, msgsize, "parameter $%d cannot be sent as JSON: %s", pos, why);
+            lua_pop(L, 1);
+            return 0;
+        }
+        s = lua_tolstring(L, -1, &len);
+        *value = s;
+        *length = (int)len;
+        *pushed = 1; /* the caller keeps the text on the stack */
+        return 1;
+    }
+    default:
+        break;
+    }
+    snprintf(msg, msgsize, "parameter $%d: cannot send a %s to PostgreSQL", pos,
+             luaL_typename(L, idx));
+    return 0;
 }
 
 int qx_params_from_stack(lua_State *L, qx_params *out, int first, int n)
@@ -40,91 +127,31 @@ int qx_params_from_stack(lua_State *L, qx_params *out, int first, int n)
     }
     /* The anchor is the block of pointers, lengths and number texts; a table parameter turns it
      * into a table that also holds the JSON texts. */
-    block = lua_newuserdata(L, (size_t)n * (sizeof(char *) + sizeof(int) + NUM_SCRATCH));
+    block = lua_newuserdata(L, (size_t)n * (sizeof(char *) + sizeof(int) + QX_NUM_SCRATCH));
     anchor = lua_gettop(L);
     out->values = (const char **)(void *)block;
     out->lengths = (int *)(void *)(block + sizeof(char *) * (size_t)n);
     scratch = block + (sizeof(char *) + sizeof(int)) * (size_t)n;
 
     for (i = 0; i < n; i++) {
-        int idx = first + i;
-        char *num = scratch + (size_t)i * NUM_SCRATCH;
-        long long iv;
-        size_t len;
-        const char *s;
-
-        switch (lua_type(L, idx)) {
-        case LUA_TNIL:
-            out->values[i] = NULL;
-            out->lengths[i] = 0;
-            break;
-        case LUA_TLIGHTUSERDATA:
-            if (lua_touserdata(L, idx) != NULL)
-                goto unsupported;
-            out->values[i] = NULL; /* qx.null */
-            out->lengths[i] = 0;
-            break;
-        case LUA_TBOOLEAN:
-            out->values[i] = lua_toboolean(L, idx) ? "true" : "false";
-            out->lengths[i] = (int)strlen(out->values[i]);
-            break;
-        case LUA_TNUMBER:
-            if (qx_isinteger(L, idx, &iv)) {
-                snprintf(num, NUM_SCRATCH, "%lld", iv);
-            } else {
-                double d = (double)lua_tonumber(L, idx);
-                if (isnan(d))
-                    strcpy(num, "NaN");
-                else if (isinf(d))
-                    strcpy(num, d > 0 ? "Infinity" : "-Infinity");
-                else
-                    snprintf(num, NUM_SCRATCH, "%.17g", d);
-            }
-            out->values[i] = num;
-            out->lengths[i] = (int)strlen(num);
-            break;
-        case LUA_TSTRING:
-            s = lua_tolstring(L, idx, &len);
-            if (memchr(s, '\0', len) != NULL) {
-                snprintf(msg, sizeof msg, "parameter $%d contains a NUL byte", i + 1);
-                goto fail;
-            }
-            out->values[i] = s;
-            out->lengths[i] = (int)len;
-            break;
-        case LUA_TTABLE:
+        int pushed;
+        if (!qx_param_text(L, first + i, i + 1, &out->values[i], &out->lengths[i],
+                           scratch + (size_t)i * QX_NUM_SCRATCH, &pushed, msg, sizeof msg)) {
+            lua_settop(L, anchor - 1);
+            qx_push_error_msg(L, "invalid", msg);
+            return 0;
+        }
+        if (pushed) {
             if (nstrings == 0) {
                 lua_createtable(L, 2, 0);
                 lua_pushvalue(L, anchor);
                 lua_rawseti(L, -2, ++nstrings);
                 lua_replace(L, anchor);
             }
-            {
-                const char *why = NULL;
-                if (!qx_json_push(L, idx, &why)) {
-                    snprintf(msg, sizeof msg, "parameter $%d cannot be sent as JSON: %s", i + 1,
-                             why);
-                    goto fail;
-                }
-            }
-            s = lua_tolstring(L, -1, &len);
-            out->values[i] = s;
-            out->lengths[i] = (int)len;
             lua_rawseti(L, anchor, ++nstrings); /* keeps the text alive */
-            break;
-        default:
-        unsupported:
-            snprintf(msg, sizeof msg, "parameter $%d: cannot send a %s to PostgreSQL", i + 1,
-                     luaL_typename(L, idx));
-            goto fail;
         }
     }
     return 1;
-
-fail:
-    lua_settop(L, anchor - 1);
-    qx_push_error_msg(L, "invalid", msg);
-    return 0;
 }
 
 static void push_value(lua_State *L, const qx_result *r, int row, int col, unsigned int type)
@@ -170,14 +197,15 @@ static void push_value(lua_State *L, const qx_result *r, int row, int col, unsig
     }
 }
 
-void qx_push_rows(lua_State *L, const qx_result *r)
+void qx_push_rows(lua_State *L, const qx_result *r, int skip_nulls)
 {
     int nrows = qx_result_nrows(r), ncols = qx_result_ncols(r), row, col;
     int base = lua_gettop(L), names;
-    unsigned int *typ;
+    unsigned int local_types[64], *typ = local_types;
 
     luaL_checkstack(L, ncols + 8, "too many columns");
-    typ = lua_newuserdata(L, sizeof *typ * (size_t)(ncols > 0 ? ncols : 1));
+    if (ncols > (int)(sizeof local_types / sizeof local_types[0]))
+        typ = lua_newuserdata(L, sizeof *typ * (size_t)ncols);
     names = lua_gettop(L) + 1;
     for (col = 0; col < ncols; col++) {
         lua_pushstring(L, qx_result_colname(r, col));
@@ -187,16 +215,22 @@ void qx_push_rows(lua_State *L, const qx_result *r)
     for (row = 0; row < nrows; row++) {
         lua_createtable(L, 0, ncols);
         for (col = 0; col < ncols; col++) {
-            lua_pushvalue(L, names + col);
-            if (qx_result_isnull(r, row, col))
+            if (qx_result_isnull(r, row, col)) {
+                if (skip_nulls)
+                    continue;
+                lua_pushvalue(L, names + col);
                 lua_pushlightuserdata(L, NULL);
-            else
+            } else {
+                lua_pushvalue(L, names + col);
                 push_value(L, r, row, col, typ[col]);
+            }
             lua_rawset(L, -3);
         }
         lua_rawseti(L, -2, row + 1);
     }
     /* leave only the rows table above base */
-    lua_replace(L, base + 1);
-    lua_settop(L, base + 1);
+    if (lua_gettop(L) > base + 1) {
+        lua_replace(L, base + 1);
+        lua_settop(L, base + 1);
+    }
 }
