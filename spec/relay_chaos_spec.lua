@@ -1,5 +1,6 @@
 -- The relay when things break, with relays as separate `qx relay` processes: kill -9 under
--- load, a standby taking over, sharded processes, nats-server stopped and frozen. Afterwards
+-- load, a standby taking over, sharded processes, nats-server stopped and frozen; and in
+-- process, its PostgreSQL sessions terminated while batches are marked and claimed. Afterwards
 -- every committed event is on the stream exactly once and in order per partition key.
 -- Bounded: a few thousand events, a few kills, seconds of outage.
 local H = require "relay_helper"
@@ -92,6 +93,44 @@ describe("relay processes #novalgrind", function()
     local msgs = H.check_stream(ctx, evs)
     assert.equal(500, #msgs)
     assert.is_nil(log2:match("%(([1-9]%d*) duplicates%)"), log2)
+  end)
+end)
+
+describe("relay and PostgreSQL sessions that die", function()
+  local ctx
+  before_each(function() ctx = H.setup() end)
+  after_each(function() H.teardown(ctx) end)
+
+  it("its sessions terminated under load, again and again: every event once, in order per key", function()
+    local qx = require "qx"
+    local core = require "qx.core"
+    local app = "qx-relay-spec-" .. core.uuid():sub(-12)
+    -- 80 keys: batches start wide enough for the gathering NATS connection too
+    local evs = H.commit_many(ctx, 3000, 80, 150)
+    local relay = assert(qx.relay{ url = ctx.url .. "&application_name=" .. app, nats = ctx.conn,
+                                   batch_size = 100, poll_interval_ms = 20, idle_interval_ms = 100,
+                                   lock_retry_ms = 50, max_attempts = 0 })
+    local admin = assert(qx.connect{ url = require("support").db_url(), pool_size = 1 })
+    local batches, kills, errors = 0, 0, 0
+    local deadline = core.clock() + 90
+    assert(relay:run{ on_batch = function(r, e)
+      batches = batches + 1
+      if e then errors = errors + 1 end
+      -- every third callback, one of the relay's two sessions goes, whichever it is doing
+      if batches % 3 == 0 and kills < 12 then
+        local rows = assert(admin:query([[SELECT pg_terminate_backend(pid) AS done
+          FROM (SELECT pid FROM pg_stat_activity WHERE application_name = $1
+                ORDER BY random() LIMIT 1) s]], app))
+        if rows[1] and rows[1].done then kills = kills + 1 end
+      end
+      if (r.claimed == 0 and H.pending(ctx) == 0) or core.clock() > deadline then return false end
+    end })
+    relay:close()
+    admin:close()
+    assert.is_true(kills >= 5, "only " .. kills .. " sessions were terminated")
+    assert.is_true(errors > 0)
+    assert.equal(0, H.pending(ctx))
+    H.check_stream(ctx, evs)
   end)
 end)
 
