@@ -21,6 +21,18 @@ describe("signing primitives", function()
                                       "Test Using Larger Than Block-Size Key - Hash Key First")))
   end)
 
+  it("give each key and message its own MAC when keys alternate and messages repeat", function()
+    -- the keyed state is kept between calls: a new key replaces it, the same key reuses it
+    local jefe = "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+    local empty = "b613679a0814d9ec772f95d778c35fc5ff1697c493715653c6c712144292c5ad"
+    for _ = 1, 3 do
+      assert.equal(jefe, hex(core.hmac_sha256("Jefe", "what do ya want for nothing?")))
+      assert.equal(jefe, hex(core.hmac_sha256("Jefe", "what do ya want for nothing?")))
+      assert.equal(empty, hex(core.hmac_sha256("", "")))
+      assert.are_not.equal(jefe, hex(core.hmac_sha256("Jeff", "what do ya want for nothing?")))
+    end
+  end)
+
   it("round-trip base64url without padding and refuse anything but the canonical form", function()
     for _, s in ipairs({ "", "f", "fo", "foo", "foob", "fooba", "foobar", "\0\255\254\1" }) do
       local enc = core.b64url_encode(s)

@@ -7,25 +7,79 @@
  * an edited token cannot decode to the same bytes.
  */
 #include <limits.h>
+#include <pthread.h>
+#include <stdlib.h>
 #include <string.h>
 
+#include <openssl/core_names.h>
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
-#include <openssl/hmac.h>
+#include <openssl/params.h>
 
 #include "qx.h"
+
+/*
+ * OpenSSL's one-shot HMAC() looks the MAC and the digest up again on every call, most of its
+ * cost for a short message. Here the HMAC algorithm is fetched once, and a context keyed with
+ * the last key used is kept (a process signs its cursors with one key) and only reset for each
+ * message, under a lock: a MAC of a cursor takes microseconds.
+ */
+static pthread_mutex_t mac_mu = PTHREAD_MUTEX_INITIALIZER;
+static EVP_MAC *mac_alg;        /* HMAC, fetched once */
+static EVP_MAC_CTX *mac_keyed;  /* HMAC-SHA256 initialised with mac_key */
+static unsigned char *mac_key;
+static size_t mac_keylen;
+
+/* The context keyed with key, ready for a message, or NULL. Called with mac_mu held. */
+static EVP_MAC_CTX *keyed(const void *key, size_t keylen)
+{
+    static const unsigned char empty[1] = { 0 };
+    if (mac_alg == NULL && (mac_alg = EVP_MAC_fetch(NULL, "HMAC", NULL)) == NULL)
+        return NULL;
+    if (mac_keyed == NULL || keylen != mac_keylen ||
+        (keylen > 0 && CRYPTO_memcmp(key, mac_key, keylen) != 0)) {
+        char digest[] = "SHA256";
+        OSSL_PARAM params[2];
+        EVP_MAC_CTX *ctx = EVP_MAC_CTX_new(mac_alg);
+        unsigned char *copy = malloc(keylen > 0 ? keylen : 1);
+        params[0] = OSSL_PARAM_construct_utf8_string(OSSL_MAC_PARAM_DIGEST, digest, 0);
+        params[1] = OSSL_PARAM_construct_end();
+        if (ctx == NULL || copy == NULL ||
+            !EVP_MAC_init(ctx, keylen > 0 ? key : empty, keylen, params)) {
+            EVP_MAC_CTX_free(ctx);
+            free(copy);
+            return NULL;
+        }
+        if (keylen > 0)
+            memcpy(copy, key, keylen);
+        if (mac_key != NULL)
+            OPENSSL_cleanse(mac_key, mac_keylen);
+        free(mac_key);
+        EVP_MAC_CTX_free(mac_keyed);
+        mac_keyed = ctx;
+        mac_key = copy;
+        mac_keylen = keylen;
+        return ctx;
+    }
+    /* no key: the same key again, the state after it is restored */
+    return EVP_MAC_init(mac_keyed, NULL, 0, NULL) ? mac_keyed : NULL;
+}
 
 qx_status qx_hmac_sha256(unsigned char out[QX_HMAC_SHA256_LEN], const void *key, size_t keylen,
                          const void *data, size_t len, qx_error *err)
 {
-    static const unsigned char empty[1] = { 0 };
-    unsigned int outlen = 0;
+    EVP_MAC_CTX *ctx;
+    size_t outlen = 0;
+    int ok;
 
     if (keylen > INT_MAX)
         return qx_error_set(err, QX_ERR_INVALID, "HMAC key is too long");
-    if (HMAC(EVP_sha256(), keylen > 0 ? key : empty, (int)keylen,
-             len > 0 ? (const unsigned char *)data : empty, len, out, &outlen) == NULL ||
-        outlen != QX_HMAC_SHA256_LEN)
+    pthread_mutex_lock(&mac_mu);
+    ctx = keyed(key, keylen);
+    ok = ctx != NULL && EVP_MAC_update(ctx, data, len) &&
+         EVP_MAC_final(ctx, out, &outlen, QX_HMAC_SHA256_LEN) && outlen == QX_HMAC_SHA256_LEN;
+    pthread_mutex_unlock(&mac_mu);
+    if (!ok)
         return qx_error_set(err, QX_ERR_NOMEM, "HMAC-SHA256 failed");
     return QX_OK;
 }
