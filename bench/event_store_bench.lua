@@ -1,6 +1,7 @@
 -- Event store benchmarks, each against a baseline taken in the same run:
---   1. append, 1 event per transaction (a unit of work: BEGIN, the append insert, NOTIFY, COMMIT
---      in one round trip) vs pgbench executing the same insert, 1 and 2 clients
+--   1. append, 1 event per transaction (a unit of work that only writes: the append insert and
+--      NOTIFY in one round trip, one implicit transaction) vs pgbench executing the same insert,
+--      1 and 2 clients
 --   2. load of a 10,000-event aggregate without and with a snapshot
 --   3. read_all over 1,000,000 events, batch by batch, with the process's RSS along the way,
 --      vs the same keyset query through the binding without making records
@@ -8,6 +9,8 @@
 --   lua5.4 bench/event_store_bench.lua [append|load|read ...]   (QX_DB__URL, PostgreSQL bin
 --   from QX_TEST_PG_BIN; QX_BENCH_SECONDS per append run, default 3; QX_BENCH_ROUNDS, default 5;
 --   QX_BENCH_EVENTS for the read, default 1000000, written once and kept for later runs)
+package.path = (arg[0]:match("^(.*)/[^/]*$") or ".") .. "/?.lua;" .. package.path
+local B = require "bench_support"
 local qx = require "qx"
 local core = require "qx.core"
 local es_mod = require "qx.event_store"
@@ -20,15 +23,7 @@ local SECONDS = tonumber(env("QX_BENCH_SECONDS") or "3")
 local READ_EVENTS = tonumber(env("QX_BENCH_EVENTS") or "1000000")
 local PG_BIN = env("QX_TEST_PG_BIN") or "/usr/lib/postgresql/15/bin"
 
-local function sh(s)
-    return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
-end
-
-local function interpreter()
-    local i = -1
-    while arg[i - 1] ~= nil do i = i - 1 end
-    return arg[i]
-end
+local sh, interpreter, median = B.sh, B.interpreter, B.median
 
 local function rss_kb()
     local f = io.open("/proc/self/status")
@@ -144,13 +139,6 @@ local function qx_tps(db, clients, notify)
         end
     end
     return n / SECONDS
-end
-
-local function median(t)
-    local c = {}
-    for i, v in ipairs(t) do c[i] = v end
-    table.sort(c)
-    return c[math.floor((#c + 1) / 2)]
 end
 
 -- Rounds alternate the baselines and qx, so that a machine busy with other work weighs on all

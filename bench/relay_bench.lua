@@ -15,6 +15,8 @@
 --   lua5.4 bench/relay_bench.lua [throughput] [latency]    (QX_DB__URL, QX_TEST_NATS_URL;
 --   QX_BENCH_RELAY_EVENTS events per relay run (default 50000), QX_BENCH_ROUNDS (default 3),
 --   QX_BENCH_LATENCY_SECONDS (default 10), QX_BENCH_RATE (default 1000))
+package.path = (arg[0]:match("^(.*)/[^/]*$") or ".") .. "/?.lua;" .. package.path
+local B = require "bench_support"
 local qx = require "qx"
 local core = require "qx.core"
 
@@ -32,15 +34,7 @@ local KEYS = 1000
 local DB_URL = assert(env("QX_DB__URL"), "QX_DB__URL is not set")
 local NATS_URL = assert(env("QX_TEST_NATS_URL") or env("QX_NATS__SERVERS"), "no NATS url")
 
-local function sh(s)
-    return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
-end
-
-local function interpreter()
-    local i = -1
-    while arg[i - 1] ~= nil do i = i - 1 end
-    return arg[i]
-end
+local sh, interpreter, run, median = B.sh, B.interpreter, B.run, B.median
 
 local here = (arg[0]:match("^(.*)/[^/]*$") or ".")
 local QX = here .. "/../bin/qx"
@@ -48,23 +42,6 @@ local tmpdir = os.tmpname()
 os.remove(tmpdir)
 assert(os.execute("mkdir -p " .. sh(tmpdir)))
 local RAW = tmpdir .. "/relay_bench"
-
-local function run(cmd)
-    local p = assert(io.popen(cmd .. " 2>&1"))
-    local out = p:read("*a")
-    p:close()
-    return out
-end
-
-local function median(t)
-    local s = {}
-    for i, v in ipairs(t) do s[i] = v end
-    table.sort(s)
-    local n = #s
-    if n == 0 then return 0 end
-    if n % 2 == 1 then return s[(n + 1) / 2] end
-    return (s[n / 2] + s[n / 2 + 1]) / 2
-end
 
 -- ---- a schema and a stream of their own --------------------------------------------------------
 

@@ -27,6 +27,8 @@ local function root()
   return dir
 end
 local ROOT = root()
+package.path = ROOT .. "/bench/?.lua;" .. package.path
+local B = require "bench_support"
 
 if MODE ~= "client" then
   package.path = ROOT .. "/lua/?.lua;" .. ROOT .. "/lua/?/init.lua;" .. package.path
@@ -145,7 +147,7 @@ for v in (os.getenv("UOW_BENCH_SYNC") or "on,off"):gmatch("%a+") do SYNC[#SYNC +
 
 local URL = assert(os.getenv("QX_DB__URL"), "QX_DB__URL is not set (make bench provides it)")
 
-local function sh(s) return "'" .. tostring(s):gsub("'", "'\\''") .. "'" end
+local sh, median = B.sh, B.median
 
 local function slurp(cmd)
   local p = assert(io.popen(cmd))
@@ -203,16 +205,6 @@ local function cluster_cpu()
     end
   end
   return total / CLK_TCK
-end
-
-local function median(xs)
-  local s = {}
-  for i, x in ipairs(xs) do s[i] = x end
-  table.sort(s)
-  local m = #s
-  if m == 0 then return 0 end
-  if m % 2 == 1 then return s[(m + 1) / 2] end
-  return (s[m / 2] + s[m / 2 + 1]) / 2
 end
 
 -- the bench database
