@@ -30,6 +30,20 @@ describe("json encoding", function()
     assert.same({ ["1"] = 1, ["3"] = 3 }, cjson.decode(core.json_encode({ [1] = 1, [3] = 3 })))
   end)
 
+  it("keeps every byte of long strings with escapes anywhere, first and last included", function()
+    local parts = {}
+    for i = 0, 255 do
+      parts[#parts + 1] = string.char(i) .. string.rep("x", i % 7) .. "é"
+    end
+    for _, s in ipairs({ table.concat(parts), '"' .. string.rep("a", 300) .. "\\",
+                         string.rep("plain text ", 200), "", "\0" }) do
+      local text = assert(core.json_encode({ s = s, [s] = 1 }))
+      local back = cjson.decode(text)
+      assert.equal(s, back.s)
+      assert.equal(1, back[s])
+    end
+  end)
+
   it("refuses what JSON cannot hold with an invalid error", function()
     local cyclic = {}
     cyclic.self = cyclic

@@ -28,7 +28,8 @@ typedef struct jbuf {
     char msg[160];
 } jbuf;
 
-static int put(jbuf *b, const char *s, size_t n)
+/* Room for n more bytes (and a NUL) in the buffer. */
+static int reserve(jbuf *b, size_t n)
 {
     if (b->len + n + 1 > b->cap) {
         size_t cap = b->cap ? b->cap * 2 : 256;
@@ -43,6 +44,13 @@ static int put(jbuf *b, const char *s, size_t n)
         b->p = p;
         b->cap = cap;
     }
+    return 1;
+}
+
+static int put(jbuf *b, const char *s, size_t n)
+{
+    if (!reserve(b, n))
+        return 0;
     memcpy(b->p + b->len, s, n);
     b->len += n;
     return 1;
@@ -50,19 +58,33 @@ static int put(jbuf *b, const char *s, size_t n)
 
 #define PUTS(b, lit) put((b), (lit), sizeof(lit) - 1)
 
+/* 1 for the bytes a JSON string cannot hold as they are: control characters, '"' and '\\' */
+static const unsigned char needs_escape[256] = {
+    1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
+    0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0,
+};
+
+/* Payloads are mostly plain text: the runs between escapes are found with one table look-up a
+ * byte and copied whole, and the buffer grows once for the common case of no escape at all. */
 static int put_string(jbuf *b, const char *s, size_t n)
 {
     static const char hex[] = "0123456789abcdef";
-    size_t i, run = 0;
-    if (!PUTS(b, "\""))
+    const unsigned char *u = (const unsigned char *)s;
+    size_t i = 0, run = 0;
+    if (!reserve(b, n + 2)) /* the text and its quotes, unless something needs escaping */
         return 0;
-    for (i = 0; i < n; i++) {
-        unsigned char ch = (unsigned char)s[i];
-        const char *esc = NULL;
-        char u[7];
-        if (ch >= 0x20 && ch != '"' && ch != '\\')
-            continue;
-        switch (ch) {
+    b->p[b->len++] = '"';
+    for (;;) {
+        const char *esc;
+        char code[7];
+        while (i < n && !needs_escape[u[i]])
+            i++;
+        if (!put(b, s + run, i - run))
+            return 0;
+        if (i == n)
+            break;
+        switch (u[i]) {
         case '"': esc = "\\\""; break;
         case '\\': esc = "\\\\"; break;
         case '\n': esc = "\\n"; break;
@@ -71,15 +93,15 @@ static int put_string(jbuf *b, const char *s, size_t n)
         case '\b': esc = "\\b"; break;
         case '\f': esc = "\\f"; break;
         default:
-            u[0] = '\\', u[1] = 'u', u[2] = '0', u[3] = '0';
-            u[4] = hex[ch >> 4], u[5] = hex[ch & 15], u[6] = '\0';
-            esc = u;
+            code[0] = '\\', code[1] = 'u', code[2] = '0', code[3] = '0';
+            code[4] = hex[u[i] >> 4], code[5] = hex[u[i] & 15], code[6] = '\0';
+            esc = code;
         }
-        if (!put(b, s + run, i - run) || !put(b, esc, strlen(esc)))
+        if (!put(b, esc, strlen(esc)))
             return 0;
-        run = i + 1;
+        run = ++i;
     }
-    return put(b, s + run, n - run) && PUTS(b, "\"");
+    return PUTS(b, "\"");
 }
 
 /* The shortest of %.15g..%.17g that reads back as d. */
