@@ -163,6 +163,23 @@ describe("qx.event", function()
         "account.money_deposited: field 'f' holds a function, which cannot be serialised")
     end)
 
+    it("judge a field name the same way every time, however many names have been seen", function()
+      -- field names are judged once and remembered: the verdict must not change on reuse,
+      -- nor after the memory restarts (more than a thousand distinct names)
+      for round = 1, 3 do
+        assert.has_error(function() Deposited{ _secret = round } end,
+          "account.money_deposited: payload field '_secret' starts with '_' (reserved)")
+        assert.has_error(function() Deposited{ payload = round } end)
+        assert.has_error(function() Deposited{ f = print } end)
+        assert.equal(round, Deposited{ amount = round }.amount)
+        for i = 1, 1500 do
+          local ev = Deposited{ ["field_" .. i] = i }
+          assert.equal(i, ev["field_" .. i])
+        end
+        assert.has_error(function() Deposited{ ["_n" .. round] = 1 } end)
+      end
+    end)
+
     it("reject a non-table argument and a method-style call", function()
       assert.has_error(function() Deposited("x") end,
         "account.money_deposited: fields must be a table, got string")

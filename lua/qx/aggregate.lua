@@ -58,12 +58,10 @@ end
 _M.is_class = is_class
 
 
+-- (getmetatable of a non-table is nil or a metatable that is no aggregate class)
 local function class_of(x)
-    if type(x) ~= "table" then
-        return nil
-    end
     local mt = getmetatable(x)
-    if classes[mt] then
+    if mt ~= nil and classes[mt] then
         return mt
     end
     return nil

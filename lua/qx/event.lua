@@ -115,10 +115,8 @@ end
 -- alive (a class and its instance metatable refer to each other)
 local class_by_instance_mt = setmetatable({}, { __mode = "kv" })
 
+-- (getmetatable of a non-table is nil or a metatable no event class has: no type() needed)
 local function class_of(x)
-    if type(x) ~= "table" then
-        return nil
-    end
     local mt = getmetatable(x)
     if mt == nil then
         return nil
@@ -200,30 +198,55 @@ local function sorted_keys(t)
 end
 
 
+-- What a field key is, decided once per key string (events of one kind repeat their keys):
+-- "payload", "skip" (metadata and routing, set from their own checks below) or the message
+-- that refuses it. Bounded: a flood of distinct keys only restarts it.
+local key_kinds, key_kinds_n = {}, 0
+
+local function key_kind(k)
+    local kind
+    if type(k) ~= "string" then
+        return "field keys must be strings, got " .. type(k) .. " key " .. tostring(k)
+    elseif sub(k, 1, 1) == "_" then
+        kind = "payload field '" .. k .. "' starts with '_' (reserved)"
+    elseif METHOD_SET[k] then
+        kind = "payload field '" .. k .. "' would hide the method ev:" .. k .. "()"
+    elseif RESERVED[k] then
+        kind = "skip"
+    else
+        kind = "payload"
+    end
+    if key_kinds_n >= 1000 then key_kinds, key_kinds_n = {}, 0 end
+    key_kinds[k] = kind
+    key_kinds_n = key_kinds_n + 1
+    return kind
+end
+
+
 -- Build an instance of `class` from `fields`. Returns the instance, or nil and a message
 -- describing what is wrong with `fields`; `define`'s constructor raises that message,
 -- `from_envelope` returns it as an "invalid" error.
 local function build(class, fields)
     local null = core.null
-    -- made with the four fields every event has, so that it is sized for them up front (a
-    -- table that grows from empty is rebuilt at 1, 2, 4 and 8 keys); they are set below
-    local ev = { event_name = false, event_version = false, event_id = false, occurred_at = false }
+    -- Made with room for the fields most events end up with - the four every event has, the
+    -- routing fields record() adds, the correlation id the unit of work stamps - so that it
+    -- is not rebuilt as it grows (at 5 and 9 keys); the placeholders are set or cleared below.
+    local ev = { event_name = false, event_version = false, event_id = false, occurred_at = false,
+                 correlation_id = false, aggregate_type = false, aggregate_id = false,
+                 causation_id = false, tenant_id = false }
+    ev.correlation_id, ev.aggregate_type, ev.aggregate_id = nil, nil, nil
+    ev.causation_id, ev.tenant_id = nil, nil
 
     for k, v in pairs(fields) do
-        if type(k) ~= "string" then
-            return nil, "field keys must be strings, got " .. type(k) .. " key " .. tostring(k)
-        end
-        if sub(k, 1, 1) == "_" then
-            return nil, "payload field '" .. k .. "' starts with '_' (reserved)"
-        end
-        local tv = type(v)
-        if tv == "function" or tv == "thread" then
-            return nil, "field '" .. k .. "' holds a " .. tv .. ", which cannot be serialised"
-        end
-        if METHOD_SET[k] then
-            return nil, "payload field '" .. k .. "' would hide the method ev:" .. k .. "()"
-        elseif not RESERVED[k] then
+        local kind = key_kinds[k] or key_kind(k)
+        if kind == "payload" then
+            local tv = type(v)
+            if tv == "function" or tv == "thread" then
+                return nil, "field '" .. k .. "' holds a " .. tv .. ", which cannot be serialised"
+            end
             ev[k] = v
+        elseif kind ~= "skip" then
+            return nil, kind
         end
     end
 

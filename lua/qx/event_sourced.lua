@@ -239,14 +239,15 @@ end
 
 -- Class.new(id | fields): an id alone (string or number) is the usual way to start a stream.
 -- Returns a function that builds an instance: ok, instance | false, message.
-local function make_builder(construct_new)
+local function make_builder(construct_new, class)
     return function(x)
-        local fields = x
         local tx = type(x)
         if tx == "string" or tx == "number" then
-            fields = { id = x }
+            -- an id alone, the usual start of a stream: nothing to check but its type, so the
+            -- instance is made here rather than through the general constructor
+            return true, setmetatable({ id = x, version = 0 }, class)
         end
-        local ok, inst = pcall(construct_new, fields)
+        local ok, inst = pcall(construct_new, x)
         if not ok then
             return false, strip_position(inst)
         end
@@ -316,7 +317,7 @@ function _M.define(name, opts)
         end
     end
 
-    local build = make_builder(class.new)
+    local build = make_builder(class.new, class)
     class.new = function(x)
         local ok2, inst = build(x)
         if not ok2 then

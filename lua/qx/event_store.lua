@@ -890,7 +890,11 @@ local function prepare(store, uow, agg, opts)
                            correlation_id = ev.correlation_id, causation_id = ev.causation_id,
                            tenant_id = ev.tenant_id, actor_id = ev.actor_id }
             for k, v in pairs(ev) do
-                if flat[k] == nil and stored_key(k) then flat[k] = v end
+                if flat[k] == nil then
+                    local ok = stored_keys[k] -- the memo first: no call for a known key
+                    if ok == nil then ok = stored_key(k) end
+                    if ok then flat[k] = v end
+                end
             end
             rows[n] = { type = agg_type, agg = sid, seq = version + n, event = flat }
         end

@@ -22,21 +22,28 @@
 #define QX_JSON_MAX_DEPTH 1000
 
 typedef struct jbuf {
-    char *p;
+    char *p;            /* inline, or malloc'd once the text outgrows it */
     size_t len, cap;
     const char *error; /* first failure, static text or the msg buffer */
     char msg[160];
+    char inline_buf[1024]; /* most events and envelopes fit: no malloc, realloc and free */
 } jbuf;
 
 /* Room for n more bytes (and a NUL) in the buffer. */
 static int reserve(jbuf *b, size_t n)
 {
     if (b->len + n + 1 > b->cap) {
-        size_t cap = b->cap ? b->cap * 2 : 256;
+        size_t cap = b->cap * 2;
         char *p;
         while (cap < b->len + n + 1)
             cap *= 2;
-        p = realloc(b->p, cap);
+        if (b->p == b->inline_buf) {
+            p = malloc(cap);
+            if (p != NULL)
+                memcpy(p, b->p, b->len);
+        } else {
+            p = realloc(b->p, cap);
+        }
         if (p == NULL) {
             b->error = "out of memory";
             return 0;
@@ -264,7 +271,10 @@ int qx_json_push(lua_State *L, int idx, const char **error)
 {
     jbuf b;
     int ok;
-    memset(&b, 0, sizeof b);
+    b.p = b.inline_buf;
+    b.len = 0;
+    b.cap = sizeof b.inline_buf;
+    b.error = NULL;
     idx = idx < 0 ? lua_gettop(L) + idx + 1 : idx;
     ok = encode(&b, L, idx, 0);
     if (ok) {
@@ -274,7 +284,8 @@ int qx_json_push(lua_State *L, int idx, const char **error)
         lua_pushstring(L, b.error != NULL ? b.error : "cannot encode as JSON");
         *error = lua_tostring(L, -1);
     }
-    free(b.p);
+    if (b.p != b.inline_buf)
+        free(b.p);
     return ok;
 }
 
