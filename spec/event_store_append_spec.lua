@@ -285,7 +285,7 @@ SELECT event_name, partition_key, payload FROM qx_outbox_events WHERE event_name
       assert.equal(1, b.version)
       return true
     end))
-    assert.equal(3, sends) -- the insert, one snapshot upsert, NOTIFY
+    assert.equal(2, sends) -- the insert and one snapshot upsert (the wake-up follows COMMIT)
     assert.equal(2, #stream_rows(m, a_id))
     assert.equal(1, #stream_rows(m, b_id))
     assert.equal(2, snapshot_row(m, a_id).version)
@@ -474,6 +474,56 @@ SELECT event_name, partition_key, payload FROM qx_outbox_events WHERE event_name
     for i = 2, #rows do
       assert.is_true(rows[i].global_position > rows[i - 1].global_position)
     end
+  end)
+
+  it("wakes qx_events listeners once per unit of work, after its commit; not with notify = false", function()
+    local core = require "qx.core"
+    local listener = assert(db.pool:acquire())
+    assert(listener:listen("qx_events"))
+    local function woken_by(pid)
+      local n, deadline = 0, core.clock() + 0.4
+      repeat
+        for _, ev in ipairs(assert(listener:notifications(50))) do
+          if ev.channel == "qx_events" and ev.pid == pid then n = n + 1 end
+        end
+      until core.clock() > deadline
+      return n
+    end
+    local ok, err = pcall(function()
+      local m = model()
+      local pid
+      local a, b = qx.uuid(), qx.uuid()
+      assert(db:unit_of_work(function(uow)
+        pid = uow.conn:pid()
+        local es = uow:store(m.store)
+        local x, y = m.Account.new(a), m.Account.new(b)
+        x:deposit(1); y:deposit(2)
+        assert(es:append(x)); assert(es:append(y))
+        return true
+      end))
+      assert.equal(1, woken_by(pid))
+      local quiet = qx.event_store{ db = db, notify = false }
+      assert(db:unit_of_work(function(uow)
+        pid = uow.conn:pid()
+        local x = m.Account.new(qx.uuid())
+        x:deposit(3)
+        assert(uow:store(quiet):append(x))
+        return true
+      end))
+      assert.equal(0, woken_by(pid))
+      -- a conflicting append commits nothing and wakes no one
+      local ok2 = db:unit_of_work(function(uow)
+        pid = uow.conn:pid()
+        local stale = m.Account.new(a) -- version 0 again: sequence 1 exists
+        stale:deposit(4)
+        assert(uow:store(m.store):append(stale))
+        return true
+      end)
+      assert.is_nil(ok2)
+      assert.equal(0, woken_by(pid))
+    end)
+    listener:release()
+    assert(ok, err)
   end)
 
   it("raises on misuse of the store and its options", function()

@@ -225,6 +225,78 @@ describe("unit of work", function()
       assert.equal(1, notified_by(pid, 500))
     end)
 
+    it("wakes listeners after COMMIT, in a transaction of its own, once per channel", function()
+      -- inside the transaction the NOTIFY would serialise every notifying commit of the
+      -- cluster through its WAL flush; after it, in the same round trip, it does not
+      local name = "after-commit-" .. SFX
+      local sent = sent_sql(function()
+        assert(db:unit_of_work(function(uow)
+          uow:record(Registered{ name = name })
+          uow:record(Welcomed{ name = name })
+          uow:_notify_after("qx_outbox") -- asked twice: still one
+          return true
+        end))
+      end)
+      assert.truthy(sent[1]:find("^BEGIN"), sent[1])
+      assert.truthy(sent[#sent - 1]:find("^COMMIT"), sent[#sent - 1])
+      local wake = sent[#sent]
+      assert.truthy(wake:find("pg_notify", 1, true), wake)
+      assert.truthy(wake:find("synchronous_commit", 1, true), wake)
+      local _, calls = wake:gsub("pg_notify", "")
+      assert.equal(1, calls)
+      assert.equal(2, outbox_count_named(name))
+      assert.is_true(no_open_transaction(db))
+    end)
+
+    it("lets a woken listener see the rows, and a failed COMMIT wakes no one", function()
+      drain()
+      local pid, seen
+      assert(db:unit_of_work(function(uow)
+        pid = uow.conn:pid()
+        uow:record(Registered{ name = "seen-" .. SFX })
+        return true
+      end))
+      local deadline = core.clock() + 2
+      repeat
+        for _, ev in ipairs(assert(listener:notifications(50))) do
+          if ev.channel == "qx_outbox" and ev.pid == pid then
+            -- read at once on another connection: the row is committed
+            seen = assert(db:query("SELECT count(*) AS n FROM qx_outbox_events "
+              .. "WHERE payload->'payload'->>'name' = $1", "seen-" .. SFX))[1].n
+          end
+        end
+      until seen or core.clock() > deadline
+      assert.equal(1, seen)
+      -- a deferred constraint fails at COMMIT: the wake-up behind it is skipped
+      drain()
+      local ok, err = db:unit_of_work(function(uow)
+        pid = uow.conn:pid()
+        assert(uow:queue("CREATE TEMP TABLE defer_spec (id int UNIQUE DEFERRABLE INITIALLY DEFERRED) ON COMMIT DROP"))
+        assert(uow:queue("INSERT INTO defer_spec VALUES (1), (1)"))
+        uow:record(Registered{ name = "failed-commit-" .. SFX })
+        return true
+      end)
+      assert.is_nil(ok)
+      assert.equal("conflict", err.code)
+      assert.equal(0, notified_by(pid, 300))
+      assert.equal(0, outbox_count_named("failed-commit-" .. SFX))
+    end)
+
+    it("keeps a committed unit of work committed when only the wake-up after it fails", function()
+      local name = "wake-fails-" .. SFX
+      local reported
+      local ok, err = db:unit_of_work(function(uow)
+        assert(uow:queue("INSERT INTO " .. USERS .. " (id, name) VALUES ($1, $2)", qx.uuid(), name))
+        uow:_notify_after(string.rep("x", 100)) -- PostgreSQL refuses a channel name this long
+        return "done"
+      end, { on_hook_error = function(e, what) reported = { e = e, what = what } end })
+      assert.equal("done", ok, tostring(err))
+      assert.equal(1, count_users(name))
+      assert.equal("notify", reported.what)
+      assert.truthy(tostring(reported.e):find("channel name too long", 1, true), tostring(reported.e))
+      assert.is_true(no_open_transaction(db))
+    end)
+
     it("sends no NOTIFY when it rolls back, nor when there is no integration event", function()
       drain()
       local pid
@@ -778,7 +850,7 @@ describe("unit of work", function()
       assert.equal(0, n)
     end)
 
-    it("costs one for a write-only unit of work: timeout, writes, outbox and NOTIFY together", function()
+    it("costs one for a write-only unit of work: timeout, writes, outbox, COMMIT and wake-up together", function()
       local name = "one-trip-" .. SFX
       local n = round_trips(function()
         assert(db:unit_of_work(function(uow)
@@ -800,17 +872,17 @@ describe("unit of work", function()
       local sent = sent_sql(function()
         assert(db:unit_of_work(function(uow)
           assert(uow:queue("INSERT INTO " .. USERS .. " (id, name) VALUES ($1, $2)", qx.uuid(), name))
-          uow:record(Welcomed{ name = name })
+          assert(uow:queue("UPDATE " .. USERS .. " SET visits = 1 WHERE name = $1", name))
+          uow:record(Renamed{ name = name }) -- a domain event: nothing to wake
           return true
         end))
       end)
-      assert.equal(3, #sent) -- the insert, the outbox insert, NOTIFY
+      assert.equal(2, #sent) -- the insert and the update
       for _, sql in ipairs(sent) do
         assert.is_nil(sql:find("^BEGIN"), sql)
         assert.is_nil(sql:find("^COMMIT"), sql)
       end
       assert.equal(1, count_users(name))
-      assert.equal(1, outbox_count_named(name))
     end)
 
     it("uses BEGIN ... COMMIT when a queued statement needs a transaction block", function()

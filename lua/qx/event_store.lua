@@ -13,8 +13,9 @@
 -- APPEND. es:append(agg) drains the aggregate's recorded events and queues, in the unit of
 -- work's pipeline, one INSERT ... SELECT FROM jsonb_array_elements($1) for all of them (one for
 -- all aggregates with append_batch), with sequences version+1.., a snapshot upsert when the
--- version crosses a multiple of snapshot_every, and NOTIFY qx_events. Nothing is sent yet: the
--- inserts, the outbox insert and COMMIT go out in the one round trip of the commit. So append
+-- version crosses a multiple of snapshot_every, and asks the unit of work to wake qx_events
+-- listeners after its commit. Nothing is sent yet: the inserts, the outbox insert, COMMIT and the
+-- wake-up go out in the one round trip of the commit. So append
 -- returns true, and a concurrent append of the same version makes db:unit_of_work return
 -- nil, { code = "conflict" } with nothing of the transaction written (the unique key
 -- (aggregate_type, aggregate_id, sequence) refuses the second writer). Call uow:flush() after
@@ -374,9 +375,8 @@ local STORE_OPTS = { db = true, snapshot_every = true, notify = true }
 
 -- new{ db = db?, snapshot_every = n?, notify = true }
 -- db is needed for reads outside a unit of work (read_all, read_stream, stall).
--- notify = false leaves out NOTIFY qx_events: PostgreSQL serialises the commits of notifying
--- transactions (one lock, held through the commit), which caps many concurrent writers;
--- projections then find events by polling.
+-- notify = false leaves out the wake-up of qx_events listeners (sent after the commit, outside
+-- the transaction: see the unit of work); projections then find events by polling.
 function _M.new(opts)
     if opts == nil then
         opts = {}
@@ -924,8 +924,6 @@ local function prepare(store, uow, agg, opts)
 end
 
 
-local NOTIFY_EVENTS = { "NOTIFY " .. _M.CHANNEL, n = 0 }
-
 local function append_all(self, list, opts, method)
     local uow, store = self.uow, self.store
     if opts ~= nil and type(opts) ~= "table" then
@@ -973,12 +971,8 @@ local function append_all(self, list, opts, method)
             ok, e = uow:queue(SNAPSHOT, snaps_json)
             if not ok then return nil, e end
         end
-        -- PostgreSQL delivers one notification per channel and transaction, so a NOTIFY per
-        -- append costs nothing more, and one inside a rolled-back savepoint is not the only one
-        if store.notify then
-            ok, e = uow:_push(NOTIFY_EVENTS)
-            if not ok then return nil, e end
-        end
+        -- sent once per unit of work, after its COMMIT (see the unit of work)
+        if store.notify then uow:_notify_after(_M.CHANNEL) end
     end
     for _, p in ipairs(prepared) do
         local evs = p.agg:pull_events()
