@@ -35,6 +35,18 @@ describe("json encoding", function()
     for i = 0, 255 do
       parts[#parts + 1] = string.char(i) .. string.rep("x", i % 7) .. "é"
     end
+    -- every byte value at every position of a 17-byte string: the encoder scans eight bytes at
+    -- a time and must notice the one that needs escaping wherever it sits
+    for b = 0, 255 do
+      for at = 1, 17 do
+        local s = string.rep("a", at - 1) .. string.char(b) .. string.rep("z", 17 - at)
+        local text = assert(core.json_encode(s))
+        assert.equal(s, cjson.decode(text), ("byte %d at %d"):format(b, at))
+        if b < 0x20 then -- a control character never appears as it is
+          assert.is_nil(text:find(string.char(b), 1, true), ("byte %d at %d"):format(b, at))
+        end
+      end
+    end
     for _, s in ipairs({ table.concat(parts), '"' .. string.rep("a", 300) .. "\\",
                          string.rep("plain text ", 200), "", "\0" }) do
       local text = assert(core.json_encode({ s = s, [s] = 1 }))

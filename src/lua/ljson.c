@@ -13,6 +13,7 @@
  * malloc'd buffer is always freed.
  */
 #include <math.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -29,32 +30,36 @@ typedef struct jbuf {
     char inline_buf[1024]; /* most events and envelopes fit: no malloc, realloc and free */
 } jbuf;
 
-/* Room for n more bytes (and a NUL) in the buffer. */
-static int reserve(jbuf *b, size_t n)
+/* Makes room for n more bytes (and a NUL) by growing the buffer. */
+static int grow(jbuf *b, size_t n)
 {
-    if (b->len + n + 1 > b->cap) {
-        size_t cap = b->cap * 2;
-        char *p;
-        while (cap < b->len + n + 1)
-            cap *= 2;
-        if (b->p == b->inline_buf) {
-            p = malloc(cap);
-            if (p != NULL)
-                memcpy(p, b->p, b->len);
-        } else {
-            p = realloc(b->p, cap);
-        }
-        if (p == NULL) {
-            b->error = "out of memory";
-            return 0;
-        }
-        b->p = p;
-        b->cap = cap;
+    size_t cap = b->cap * 2;
+    char *p;
+    while (cap < b->len + n + 1)
+        cap *= 2;
+    if (b->p == b->inline_buf) {
+        p = malloc(cap);
+        if (p != NULL)
+            memcpy(p, b->p, b->len);
+    } else {
+        p = realloc(b->p, cap);
     }
+    if (p == NULL) {
+        b->error = "out of memory";
+        return 0;
+    }
+    b->p = p;
+    b->cap = cap;
     return 1;
 }
 
-static int put(jbuf *b, const char *s, size_t n)
+/* Room for n more bytes (and a NUL) in the buffer: a compare, inlined, unless it must grow. */
+static inline int reserve(jbuf *b, size_t n)
+{
+    return b->len + n + 1 <= b->cap || grow(b, n);
+}
+
+static inline int put(jbuf *b, const char *s, size_t n)
 {
     if (!reserve(b, n))
         return 0;
@@ -72,6 +77,21 @@ static const unsigned char needs_escape[256] = {
     0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0,
 };
 
+/* Word-at-a-time tests (the classic bit tricks): nonzero when some byte of w is below 0x20, or
+ * equals c. They may report a byte that is not there only after a real one (a borrow travels
+ * upwards), which the byte loop that follows sorts out; they never miss one. */
+#define ONES UINT64_C(0x0101010101010101)
+#define HIGHS UINT64_C(0x8080808080808080)
+static inline uint64_t has_byte_below_space(uint64_t w)
+{
+    return (w - ONES * 0x20) & ~w & HIGHS;
+}
+static inline uint64_t has_byte(uint64_t w, unsigned char c)
+{
+    uint64_t x = w ^ (ONES * c);
+    return (x - ONES) & ~x & HIGHS;
+}
+
 /* Payloads are mostly plain text: the runs between escapes are found with one table look-up a
  * byte and copied whole, and the buffer grows once for the common case of no escape at all. */
 static int put_string(jbuf *b, const char *s, size_t n)
@@ -85,6 +105,14 @@ static int put_string(jbuf *b, const char *s, size_t n)
     for (;;) {
         const char *esc;
         char code[7];
+        /* eight bytes at a time while none of them needs escaping, then byte by byte */
+        while (i + 8 <= n) {
+            uint64_t w;
+            memcpy(&w, u + i, 8);
+            if (has_byte_below_space(w) | has_byte(w, '"') | has_byte(w, '\\'))
+                break;
+            i += 8;
+        }
         while (i < n && !needs_escape[u[i]])
             i++;
         if (!put(b, s + run, i - run))
