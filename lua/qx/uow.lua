@@ -4,7 +4,7 @@
 --       context = { tenant_id =, user_id =, correlation_id =, causation_id = },
 --       dispatcher = d, statement_timeout_ms = n,
 --       pre_commit = fn(uow), post_commit = fn(uow), pre_rollback = fn(uow, err),
---       post_rollback = fn(uow, err), on_hook_error = fn(err) })
+--       post_rollback = fn(uow, err), on_hook_error = fn(err, name) })
 --
 -- Statements are queued and sent together: SET LOCAL statement_timeout (when the unit of work
 -- asks for another than the one every pooled connection has), the queued writes, the outbox
@@ -108,13 +108,15 @@ local BEGIN, COMMIT, ROLLBACK = stmt("BEGIN"), stmt("COMMIT"), stmt("ROLLBACK")
 -- not wait for its commit to reach the disk. A NOTIFY inside the transaction would make
 -- PostgreSQL serialise it with every other notifying transaction of the cluster: notifying
 -- commits take one lock (to keep the notification queue in commit order) and hold it until
--- their commit record is flushed, so concurrent writers stop sharing WAL flushes (measured with
--- pgbench, 4 clients: 0.66x the insert alone with the NOTIFY inside, 0.74x after it; 1 client
--- 0.88x and 0.95x). Sent after the COMMIT, in the same round trip, the lock is held only for an
--- in-memory commit. A listener still sees the rows when it is woken: the notification is only
--- delivered once its own transaction commits, after the COMMIT before it; if that COMMIT
--- fails, the server skips the rest of the pipeline and no one is woken. A wake-up lost in a
--- crash is found by the listener's poll, as a lost NOTIFY always was.
+-- their commit record is flushed, so concurrent writers stop sharing WAL flushes (measured on
+-- the event store's insert, pipelined, 4 clients: 0.66x the insert alone with the NOTIFY inside,
+-- 0.74x after it; 1 client 0.88x and 0.92-0.95x; bench/RESULTS.md). Sent after the COMMIT, in
+-- the same round trip, the lock is held only for an in-memory commit. A listener still sees the
+-- rows when it is woken: the notification is only delivered once its own transaction commits,
+-- after the COMMIT before it; if that COMMIT fails, the server skips the rest of the pipeline
+-- and no one is woken. A wake-up asked for inside a savepoint that was rolled back is still
+-- sent (the listener finds nothing new), and one lost in a crash is found by the listener's
+-- poll, as a lost NOTIFY always was.
 local notify_stmts = {} -- channels joined by "," -> statement
 local function notify_stmt(channels)
     local key = table.concat(channels, ",")

@@ -92,8 +92,9 @@ static inline uint64_t has_byte(uint64_t w, unsigned char c)
     return (x - ONES) & ~x & HIGHS;
 }
 
-/* Payloads are mostly plain text: the runs between escapes are found with one table look-up a
- * byte and copied whole, and the buffer grows once for the common case of no escape at all. */
+/* Payloads are mostly plain text: the runs between escapes are found eight bytes at a time
+ * (then one table look-up a byte) and copied whole, and the buffer grows at most once for the
+ * common case of no escape at all. */
 static int put_string(jbuf *b, const char *s, size_t n)
 {
     static const char hex[] = "0123456789abcdef";
