@@ -477,18 +477,9 @@ SELECT event_name, partition_key, payload FROM qx_outbox_events WHERE event_name
   end)
 
   it("wakes qx_events listeners once per unit of work, after its commit; not with notify = false", function()
-    local core = require "qx.core"
     local listener = assert(db.pool:acquire())
     assert(listener:listen("qx_events"))
-    local function woken_by(pid)
-      local n, deadline = 0, core.clock() + 0.4
-      repeat
-        for _, ev in ipairs(assert(listener:notifications(50))) do
-          if ev.channel == "qx_events" and ev.pid == pid then n = n + 1 end
-        end
-      until core.clock() > deadline
-      return n
-    end
+    local function woken_by(pid) return support.notified_by(listener, "qx_events", pid, 400) end
     local ok, err = pcall(function()
       local m = model()
       local pid

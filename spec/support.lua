@@ -120,4 +120,17 @@ function M.unique(prefix)
   return (prefix or "t") .. "_" .. tag .. "_" .. counter
 end
 
+-- How many notifications on `channel` from backend `pid` a LISTENing connection receives within
+-- wait_ms (it waits the whole time: a test of "none" must not stop early).
+function M.notified_by(listener, channel, pid, wait_ms)
+  local clock = require("qx.core").clock
+  local n, deadline = 0, clock() + wait_ms / 1000
+  repeat
+    for _, ev in ipairs(assert(listener:notifications(50))) do
+      if ev.channel == channel and ev.pid == pid then n = n + 1 end
+    end
+  until clock() > deadline
+  return n
+end
+
 return M

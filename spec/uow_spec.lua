@@ -3,6 +3,7 @@
 -- every kind of failure, hooks, savepoints, and the round trips it costs.
 local qx = require "qx"
 local core = require "qx.core"
+local support = require "support"
 
 local URL = assert(os.getenv("QX_DB__URL"), "QX_DB__URL is not set: source the servers' env file")
 local SFX = core.uuid():gsub("-", ""):sub(-12)
@@ -93,13 +94,7 @@ describe("unit of work", function()
   end
   -- notifications on qx_outbox sent by backend `pid`
   local function notified_by(pid, wait_ms)
-    local n, deadline = 0, core.clock() + wait_ms / 1000
-    repeat
-      for _, ev in ipairs(assert(listener:notifications(50))) do
-        if ev.channel == "qx_outbox" and ev.pid == pid then n = n + 1 end
-      end
-    until core.clock() > deadline
-    return n
+    return support.notified_by(listener, "qx_outbox", pid, wait_ms)
   end
   local function no_open_transaction(pool_db)
     -- the next unit of work on the pool starts on a connection that is idle, not in a transaction
