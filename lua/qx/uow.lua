@@ -119,7 +119,7 @@ local BEGIN, COMMIT, ROLLBACK = stmt("BEGIN"), stmt("COMMIT"), stmt("ROLLBACK")
 -- poll, as a lost NOTIFY always was.
 local notify_stmts = {} -- channels joined by "," -> statement
 local function notify_stmt(channels)
-    local key = table.concat(channels, ",")
+    local key = channels[2] == nil and channels[1] or table.concat(channels, ",")
     local s = notify_stmts[key]
     if not s then
         local calls = {}
@@ -244,14 +244,6 @@ end
 -- how many statements wait for the next send (BEGIN and the timeout not counted)
 function Uow:_queued()
     return self._sends > 0 and self._n or self._n - self._head
-end
-
--- Queues a statement table made once by the caller (it is only read).
-function Uow:_push(s)
-    check_open(self, 2)
-    if self._failed then return nil, self._failed end
-    push(self, s)
-    return true
 end
 
 -- uow:_notify_after(channel): wake the channel's listeners once the transaction has committed
