@@ -41,11 +41,13 @@
  *   claimed: the batch, locked
  *   gaps:    per key, the first pending row of this shard up to the batch's last seq that the
  *            batch does not hold (another transaction locks it, or it waits for a retry); found
- *            with one pass and hashing, whatever the batch size
+ *            with one pass of the pending index, anti-joined with the batch by seq
  * A claimed row with a gap of its key before it is dropped from the batch: that earlier row
  * holds its key.
- *   $4/$5:   keys and seqs of rows this relay has published and is marking in a transaction of
- *            its other connection right now: locked, so skipped, but no gap (see qx_relay_run) */
+ *   $4:      seqs of rows this relay has published and is marking in a transaction of its other
+ *            connection right now: neither claimed nor gaps (see qx_relay_run). They are locked,
+ *            and leaving them out by seq (a hashed <> ALL) before the lock is tried saves
+ *            a failed row-lock attempt for each of them */
 static const char CLAIM_SQL[] =
     "WITH held AS ("
     " SELECT partition_key, min(seq) AS seq FROM qx_outbox_events"
@@ -60,20 +62,19 @@ static const char CLAIM_SQL[] =
     "   AND (next_attempt_at IS NULL OR next_attempt_at <= now())"
     "   AND ($2::int = 1 OR mod(abs(hashtext(coalesce(partition_key, id::text))::bigint),"
     "                           $2::int) = $3::int)"
+    "   AND o.seq <> ALL ($4::int8[])"
     "   AND NOT EXISTS (SELECT 1 FROM held h"
     "                   WHERE h.partition_key = o.partition_key AND h.seq < o.seq)"
     " ORDER BY seq LIMIT $1::int"
     " FOR UPDATE SKIP LOCKED),"
     " gaps AS ("
-    " SELECT partition_key, min(seq) AS seq FROM ("
-    "   SELECT p.partition_key, p.seq FROM qx_outbox_events p"
-    "   WHERE p.published_at IS NULL AND p.dead_at IS NULL AND p.partition_key IS NOT NULL"
-    "     AND p.seq <= (SELECT max(seq) FROM claimed)"
-    "     AND ($2::int = 1 OR mod(abs(hashtext(p.partition_key)::bigint), $2::int) = $3::int)"
-    "   EXCEPT ALL"
-    "   (SELECT partition_key, seq FROM claimed WHERE partition_key IS NOT NULL"
-    "    UNION ALL SELECT * FROM unnest($4::text[], $5::int8[]))) AS skipped"
-    " GROUP BY partition_key)"
+    " SELECT p.partition_key, min(p.seq) AS seq FROM qx_outbox_events p"
+    " WHERE p.published_at IS NULL AND p.dead_at IS NULL AND p.partition_key IS NOT NULL"
+    "   AND p.seq <= (SELECT max(seq) FROM claimed)"
+    "   AND ($2::int = 1 OR mod(abs(hashtext(p.partition_key)::bigint), $2::int) = $3::int)"
+    "   AND p.seq <> ALL ($4::int8[])"
+    "   AND NOT EXISTS (SELECT 1 FROM claimed x WHERE x.seq = p.seq)"
+    " GROUP BY p.partition_key)"
     " SELECT c.id::text, c.event_name, c.event_version::text, c.payload::text,"
     "        jsonb_typeof(c.payload), c.correlation_id::text, c.tenant_id::text,"
     "        c.partition_key, c.attempts::text, c.seq::text, c.ctid::text"
@@ -618,11 +619,11 @@ static void set_stmt(qx_stmt *st, const char *sql, int n, const char *const *val
 
 typedef struct claim_params {
     char limit[16], count[16], shard[16];
-    const char *values[5];
+    const char *values[4];
 } claim_params;
 
-/* keys, seqs: array literals of the rows being marked on the other connection, or NULL */
-static void claim_params_init(qx_relay *r, claim_params *p, const char *keys, const char *seqs)
+/* seqs: an array literal of the rows being marked on the other connection, or NULL */
+static void claim_params_init(qx_relay *r, claim_params *p, const char *seqs)
 {
     snprintf(p->limit, sizeof p->limit, "%d", r->o.batch_size);
     snprintf(p->count, sizeof p->count, "%d", r->o.shard_count);
@@ -630,8 +631,7 @@ static void claim_params_init(qx_relay *r, claim_params *p, const char *keys, co
     p->values[0] = p->limit;
     p->values[1] = p->count;
     p->values[2] = p->shard;
-    p->values[3] = keys != NULL ? keys : "{}";
-    p->values[4] = seqs != NULL ? seqs : "{}";
+    p->values[3] = seqs != NULL ? seqs : "{}";
 }
 
 /* Takes the claim's result into the batch. */
@@ -652,7 +652,7 @@ static void claimed(batch *b, qx_result *res)
 }
 
 /* BEGIN and claim, in one round trip, on the batch's connection. */
-static qx_status claim(qx_relay *r, batch *b, const char *keys, const char *seqs, qx_error *err)
+static qx_status claim(qx_relay *r, batch *b, const char *seqs, qx_error *err)
 {
     qx_stmt stmts[2];
     qx_result *results[2] = { NULL, NULL };
@@ -664,9 +664,9 @@ static qx_status claim(qx_relay *r, batch *b, const char *keys, const char *seqs
     b->n = 0;
     if ((q = ensure_connection(r, b->ci, err)) != QX_OK)
         return q;
-    claim_params_init(r, &p, keys, seqs);
+    claim_params_init(r, &p, seqs);
     set_stmt(&stmts[0], "BEGIN", 0, NULL);
-    set_stmt(&stmts[1], CLAIM_SQL, 5, p.values);
+    set_stmt(&stmts[1], CLAIM_SQL, 4, p.values);
     q = qx_conn_batch(r->conns[b->ci], results, &failed, stmts, 2, err);
     if (q != QX_OK) {
         abort_batch(r, b);
@@ -1186,7 +1186,7 @@ qx_status qx_relay_run_once(qx_relay *r, qx_relay_result *out, qx_error *err)
     if (q == QX_OK && !r->leader)
         return QX_OK;
     if (q == QX_OK)
-        q = claim(r, b, NULL, NULL, err);
+        q = claim(r, b, NULL, err);
     if (q == QX_OK) {
         if (b->n > 0) {
             publish_start(r, b);
@@ -1270,26 +1270,21 @@ static int wait_for_work(qx_relay *r, int timeout_ms)
     return 0;
 }
 
-/* The keys and seqs of a batch's acked rows with a key, as array literals for the next claim.
- * Returns 0 when memory ran out. */
-static int acked_keys(const batch *b, buf *keys, buf *seqs)
+/* The seqs of a batch's acked rows, as an array literal for the next claim. Returns 0 when
+ * memory ran out. */
+static int acked_seqs(const batch *b, buf *seqs)
 {
     int i, n = 0;
-    buf_str(keys, "{");
     buf_str(seqs, "{");
     for (i = 0; i < b->n; i++) {
-        if (b->rows[i].state != ROW_ACKED || qx_result_isnull(b->res, i, COL_KEY))
+        if (b->rows[i].state != ROW_ACKED)
             continue;
-        if (n++ > 0) {
-            buf_str(keys, ",");
+        if (n++ > 0)
             buf_str(seqs, ",");
-        }
-        buf_array_text(keys, qx_result_value(b->res, i, COL_KEY));
         buf_str(seqs, qx_result_value(b->res, i, COL_SEQ));
     }
-    buf_str(keys, "}");
     buf_str(seqs, "}");
-    return !keys->failed && !seqs->failed;
+    return !seqs->failed;
 }
 
 typedef struct mark_job {
@@ -1332,8 +1327,8 @@ static int may_overlap(qx_relay *r, const batch *cur, int stop, int handle_signa
  *
  * Why this keeps each key's order: the batch being marked still holds its rows locked, so the
  * next claim skips them (SKIP LOCKED), and a skipped row is a gap that holds its key back -
- * except the rows that were acked, whose keys and seqs the claim is told: they are on the
- * stream already, so the next rows of their keys may follow. Failed, held and dead rows stay
+ * except the rows that were acked, whose seqs the claim is told: they are on the stream
+ * already, so the next rows of their keys may follow. Failed, held and dead rows stay
  * gaps until their batch commits. Should that COMMIT fail, its acked rows go again later, and
  * JetStream drops the copies by their Nats-Msg-Id, as after a crash between publish and mark.
  *
@@ -1366,7 +1361,7 @@ qx_status qx_relay_run(qx_relay *r, qx_relay_batch_fn fn, void *ud, int handle_s
 
     for (;;) {
         batch *next;
-        buf keys = { NULL, 0, 0, 0 }, seqs = { NULL, 0, 0, 0 };
+        buf seqs = { NULL, 0, 0, 0 };
         mark_job job;
         pthread_t th;
         qx_status q, next_q;
@@ -1380,7 +1375,7 @@ qx_status qx_relay_run(qx_relay *r, qx_relay_batch_fn fn, void *ud, int handle_s
             if (q == QX_OK && r->leader) {
                 cur = &r->slot[0];
                 chained = started = 0;
-                q = claim(r, cur, NULL, NULL, &e);
+                q = claim(r, cur, NULL, &e);
                 if (q != QX_OK)
                     cur = NULL;
             }
@@ -1421,8 +1416,7 @@ qx_status qx_relay_run(qx_relay *r, qx_relay_batch_fn fn, void *ud, int handle_s
         /* mark cur on a thread; meanwhile claim the next batch and start publishing it */
         next = cur == &r->slot[0] ? &r->slot[1] : &r->slot[0];
         q = mark_prepare(r, cur, &e);
-        if (q != QX_OK || !acked_keys(cur, &keys, &seqs)) {
-            free(keys.p);
+        if (q != QX_OK || !acked_seqs(cur, &seqs)) {
             free(seqs.p);
             if (q == QX_OK)
                 marking_free(&cur->mk);
@@ -1437,8 +1431,7 @@ qx_status qx_relay_run(qx_relay *r, qx_relay_batch_fn fn, void *ud, int handle_s
         threaded = pthread_create(&th, NULL, mark_thread, &job) == 0;
         if (!threaded)
             mark_send(job.conn, job.mk);
-        next_q = claim(r, next, keys.p, seqs.p, &ne);
-        free(keys.p);
+        next_q = claim(r, next, seqs.p, &ne);
         free(seqs.p);
         if (next_q == QX_OK && next->n > 0 && !stopping(r, handle_signals)) {
             publish_start(r, next);
