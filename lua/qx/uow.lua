@@ -305,6 +305,20 @@ function Uow:record(ev)
     return ev
 end
 
+-- For the event store: the events an aggregate just gave up (pull_events, a list no one else
+-- holds), recorded as uow:record would, without the checks - record() made sure they are events,
+-- and the store checked that the unit of work is open. The list itself becomes the queue of
+-- loose events when there is none yet.
+function Uow:_record_list(evs)
+    local loose = self._loose
+    if not loose then
+        if evs[1] ~= nil then self._loose = evs end
+        return
+    end
+    local n = #loose
+    for i = 1, #evs do loose[n + i] = evs[i] end
+end
+
 function Uow:_stamp(ev)
     local ctx = self.context
     if ev.correlation_id == nil then ev.correlation_id = self.correlation_id end
