@@ -130,7 +130,8 @@ _M.class_of = class_of
 
 
 function _M.is_event(x)
-    return class_of(x) ~= nil
+    local mt = getmetatable(x) -- class_of(x) ~= nil, without the call
+    return mt ~= nil and class_by_instance_mt[mt] ~= nil
 end
 
 

@@ -327,13 +327,11 @@ function _M.define(name, opts)
     end
     class.from_events = make_from_events(class)
 
-    local index = setmetatable({}, { __index = function(_, k)
-        local m = methods[k]
-        if m ~= nil then
-            return m
-        end
-        return base[k]
-    end })
+    -- the event-sourced methods, then the aggregate's: a chain of tables, so that a method
+    -- call looks it up without calling a function
+    local index = {}
+    for k, m in pairs(methods) do index[k] = m end
+    setmetatable(index, { __index = base })
     local mt = {
         __index = index,
         __call = function(_, x)

@@ -322,12 +322,11 @@ end
 function Uow:_stamp(ev)
     local ctx = self.context
     if ev.correlation_id == nil then ev.correlation_id = self.correlation_id end
-    if ev.causation_id == nil and ctx.causation_id ~= nil then ev.causation_id = ctx.causation_id end
-    if ev.tenant_id == nil and ctx.tenant_id ~= nil then ev.tenant_id = ctx.tenant_id end
-    if ev.actor_id == nil then
-        local actor = ctx.actor_id or ctx.user_id
-        if actor ~= nil then ev.actor_id = tostring(actor) end
-    end
+    -- the context first: a field an event lacks is looked up in its methods too
+    if ctx.causation_id ~= nil and ev.causation_id == nil then ev.causation_id = ctx.causation_id end
+    if ctx.tenant_id ~= nil and ev.tenant_id == nil then ev.tenant_id = ctx.tenant_id end
+    local actor = ctx.actor_id or ctx.user_id
+    if actor ~= nil and ev.actor_id == nil then ev.actor_id = tostring(actor) end
 end
 
 -- Drains tracked aggregates and loose events until handlers stop producing more; returns the
