@@ -915,12 +915,13 @@ local function snaps_json_of(snaps)
     return text
 end
 
--- Queues the insert (and the snapshot upsert) and asks for the wake-up. Nothing failed before.
+-- Queues the insert (and the snapshot upsert) and asks for the wake-up. Nothing failed before;
+-- the unit of work was found open (check_bound).
 local function queue_append(uow, store, rows_json, snaps_json)
-    local ok, e = uow:queue(APPEND, rows_json)
+    local ok, e = uow:_queue1(APPEND, rows_json)
     if not ok then return nil, e end
     if snaps_json then
-        ok, e = uow:queue(SNAPSHOT, snaps_json)
+        ok, e = uow:_queue1(SNAPSHOT, snaps_json)
         if not ok then return nil, e end
     end
     -- sent once per unit of work, after its COMMIT (see the unit of work)

@@ -241,6 +241,16 @@ function Uow:queue(sql, ...)
     return true
 end
 
+-- For the event store: uow:queue of a statement of its own (one that needs no transaction
+-- block) with one parameter, the unit of work known to be open.
+function Uow:_queue1(sql, p1)
+    if self._failed then return nil, self._failed end
+    local n = self._n + 1
+    self._q[n] = { sql, n = 1, p1 }
+    self._n = n
+    return true
+end
+
 -- how many statements wait for the next send (BEGIN and the timeout not counted)
 function Uow:_queued()
     return self._sends > 0 and self._n or self._n - self._head
