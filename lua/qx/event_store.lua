@@ -736,7 +736,8 @@ local function check_bound(self, method)
     if getmetatable(self) ~= Bound then
         error("es:" .. method .. ": call as es:" .. method .. "(...)", 3)
     end
-    self.uow:_check_open()
+    local uow = self.uow
+    if uow._state ~= "active" then uow:_check_open() end -- raises, saying what state it is in
 end
 
 
@@ -852,10 +853,13 @@ local function prepare(store, uow, agg, opts)
         agg_type = opts.aggregate_type
     end
     local id = rawget(agg, "id")
-    if type(id) ~= "string" and type(id) ~= "number" then
-        return nil, new_error("invalid", tostring(agg) .. ": id must be a string or a number")
+    local sid = id
+    if type(id) ~= "string" then
+        if type(id) ~= "number" then
+            return nil, new_error("invalid", tostring(agg) .. ": id must be a string or a number")
+        end
+        sid = tostring(id)
     end
-    local sid = tostring(id)
     local pending = aggregate.pending_list(agg) -- not a copy: only read here
     local version = rawget(agg, "version")
     local stored = pending
