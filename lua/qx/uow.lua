@@ -642,8 +642,10 @@ function _M.run(db, fn, opts)
     if not conn then return nil, e end
 
     -- BEGIN, and SET LOCAL statement_timeout when the unit of work asks for another timeout
-    -- than the one every pooled connection has, lead the queue (see send)
-    local q = { BEGIN }
+    -- than the one every pooled connection has, lead the queue (see send). Made with room for
+    -- what a unit of work that writes once queues - BEGIN, the write, COMMIT, the wake-up - so
+    -- that it does not grow twice on the way (slots past _n are not part of the queue).
+    local q = { BEGIN, false, false, false }
     local uow = setmetatable({
         db = db,
         conn = conn,
