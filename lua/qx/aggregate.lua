@@ -117,10 +117,10 @@ function base.record(self, ev)
 
     local list = pending[self]
     if list == nil then
-        list = {}
-        pending[self] = list
+        pending[self] = { ev } -- made with its first event: no growing from empty
+    else
+        list[#list + 1] = ev
     end
-    list[#list + 1] = ev
     return ev
 end
 
