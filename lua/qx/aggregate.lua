@@ -127,7 +127,8 @@ end
 
 -- the recorded events, oldest first; the instance forgets them
 function base.pull_events(self)
-    if class_of(self) == nil then
+    local class = getmetatable(self) -- class_of(self), inline
+    if class == nil or not classes[class] then
         error("pull_events: call as aggregate:pull_events()", 2)
     end
     local list = pending[self]

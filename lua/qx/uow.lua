@@ -528,7 +528,8 @@ local function run_after_hook(uow, name, ...)
     end
 end
 
-local function commit(uow)
+-- The commit, once fn has returned; fn's results pass through.
+local function committed(uow, ...)
     local outgoing
     if uow._loose or uow._tracked then outgoing = uow:_drain_and_dispatch() end
     if uow.hooks.pre_commit then
@@ -547,7 +548,7 @@ local function commit(uow)
         push(uow, outbox_stmt(outgoing))
         uow:_notify_after(_M.OUTBOX_CHANNEL)
     elseif not begun and uow._n == uow._head then
-        return true -- nothing was done: no round trip at all
+        return ... -- nothing was done: no round trip at all
     end
     local notify = uow._notify
     -- savepoints and a few statements need a transaction block, and so does a wake-up (it goes
@@ -570,18 +571,13 @@ local function commit(uow)
         end
     end
     if outgoing then uow.published = outgoing end
-    return true
+    return ...
 end
 
 local function rollback(uow)
     if uow._sends > 0 and uow.conn:status() ~= "idle" then
         uow.conn:send({ ROLLBACK }, 1, 1) -- release() would roll back too; this keeps order
     end
-end
-
-local function committed(uow, ...)
-    commit(uow)
-    return ...
 end
 
 -- fn, then the commit, in one protected call; fn's results pass through
