@@ -195,46 +195,6 @@ describe("qx.event", function()
       assert.matches("event_spec.lua:%d+: account.money_deposited", err)
     end)
 
-    it("are the same whether made the usual way or the general one", function()
-      -- payload fields only, in a plain table: the binding makes the event in one call;
-      -- a field table with a metatable takes the general way
-      local E = event.define("test.both_ways", { version = 3 })
-      local fields = { amount = 10, note = "n", tags = { "a" } }
-      local plain = E(fields)
-      local general = E(setmetatable({ amount = 10, note = "n", tags = fields.tags }, {}))
-      for _, ev in ipairs({ plain, general }) do
-        assert.is_true(E:is(ev))
-        assert.equal("test.both_ways", ev.event_name)
-        assert.equal(3, ev.event_version)
-        assert.matches(UUID, ev.event_id)
-        assert.matches(ISO, ev.occurred_at)
-        assert.same({ amount = 10, note = "n", tags = { "a" } }, ev:payload())
-        assert.equal(7, count(ev))
-      end
-      assert.are_not.equal(plain.event_id, general.event_id)
-      fields.amount = 11
-      assert.equal(10, plain.amount) -- a copy of the fields, not the table itself
-    end)
-
-    it("are made by the binding only from payload fields it has judged, else left to qx.event", function()
-      local E = event.define("test.binding_new")
-      local mt = getmetatable(E{})
-      local judged = { amount = "payload", note = "payload", event_id = "skip" }
-      local ev = core.event_new({ amount = 1, note = "x" }, judged, "test.binding_new", 1, mt)
-      assert.equal(mt, getmetatable(ev))
-      assert.equal(1, ev.amount)
-      assert.equal("test.binding_new", ev.event_name)
-      assert.matches(UUID, ev.event_id)
-      assert.is_nil(core.event_new({ amount = 1, fresh = 2 }, judged, "n", 1, mt)) -- unjudged key
-      assert.is_nil(core.event_new({ amount = 1, event_id = "e" }, judged, "n", 1, mt)) -- metadata
-      assert.is_nil(core.event_new({ amount = print }, judged, "n", 1, mt))
-      assert.is_nil(core.event_new({ [1] = "x" }, judged, "n", 1, mt))
-      assert.is_nil(core.event_new(setmetatable({ amount = 1 }, {}), judged, "n", 1, mt))
-      -- and the class gives the same answers as before for what the binding leaves to it
-      assert.has_error(function() E{ amount = print } end)
-      assert.equal("e", E{ amount = 1, event_id = "e" }.event_id)
-    end)
-
     it("accept an explicit event_version, e.g. for an older stored event", function()
       assert.equal(1, Deposited{ event_version = 1 }.event_version)
     end)

@@ -36,9 +36,6 @@ local concat = table.concat
 local sort = table.sort
 local new_uuid = core.uuid
 local now = core.now
--- Lua 5.4 makes the usual event in one call to the binding (core.event_new); LuaJIT compiles
--- the constructor below, which does better there than a call through the Lua C API
-local event_new = not jit and core.event_new or nil
 
 
 local _M = { _VERSION = "0.1.0" }
@@ -365,14 +362,7 @@ local function construct(class, fields)
     elseif getmetatable(fields) == class_mt then -- an event class: called with a colon
         error(class.event_name .. ": call as Class{...} or Class.new{...}, not Class:new{...}", 3)
     end
-    -- the usual case, payload fields only, in one call to the binding; nil for anything else
-    local ev = event_new and event_new(fields, key_kinds, class.event_name, class.event_version,
-                                       class.__instance_mt)
-    if ev then
-        return ev
-    end
-    local why
-    ev, why = build(class, fields)
+    local ev, why = build(class, fields)
     if ev == nil then
         error(class.event_name .. ": " .. why, 3)
     end

@@ -87,64 +87,6 @@ static int l_now(lua_State *L)
     return 1;
 }
 
-/* core.event_new(fields, key_kinds, event_name, event_version, instance_mt) -> ev | nil
- * The usual new event, made in one call: fields holds payload fields only - every key marked
- * "payload" in key_kinds (qx.event's memo of what a key is), no function or thread value, no
- * metatable - and the event is a copy of them with the class's name and version, a new id and
- * the time, and the instance metatable. Anything else gives nil and qx.event makes the event
- * itself, with the checks and messages that case needs. Room is made for the fields that
- * recording and the unit of work add (routing fields, correlation id) along with these. */
-static int l_event_new(lua_State *L)
-{
-    int n = 0;
-    char id[QX_UUID_STRLEN + 1], at[QX_ISO8601_STRLEN + 1];
-    qx_error err;
-
-    luaL_checktype(L, 1, LUA_TTABLE);
-    luaL_checktype(L, 2, LUA_TTABLE);
-    luaL_checktype(L, 5, LUA_TTABLE);
-    if (lua_getmetatable(L, 1))
-        return 0;
-    lua_settop(L, 5);
-    lua_pushnil(L);
-    while (lua_next(L, 1) != 0) {
-        int t = lua_type(L, -1);
-        size_t klen = 0;
-        const char *kind;
-        lua_pop(L, 1);
-        if (t == LUA_TFUNCTION || t == LUA_TTHREAD || lua_type(L, -1) != LUA_TSTRING)
-            return 0;
-        lua_pushvalue(L, -1);
-        lua_rawget(L, 2);
-        kind = lua_type(L, -1) == LUA_TSTRING ? lua_tolstring(L, -1, &klen) : NULL;
-        if (kind == NULL || klen != 7 || memcmp(kind, "payload", 7) != 0)
-            return 0;
-        lua_pop(L, 1);
-        n++;
-    }
-    if (qx_uuid7(id, &err) != QX_OK)
-        return luaL_error(L, "%s", err.message);
-    qx_now_iso8601(at);
-    lua_createtable(L, 0, n + 7);
-    lua_pushnil(L);
-    while (lua_next(L, 1) != 0) {
-        lua_pushvalue(L, -2);
-        lua_insert(L, -2);
-        lua_rawset(L, 6);
-    }
-    lua_pushvalue(L, 3);
-    lua_setfield(L, 6, "event_name");
-    lua_pushvalue(L, 4);
-    lua_setfield(L, 6, "event_version");
-    lua_pushlstring(L, id, QX_UUID_STRLEN);
-    lua_setfield(L, 6, "event_id");
-    lua_pushlstring(L, at, QX_ISO8601_STRLEN);
-    lua_setfield(L, 6, "occurred_at");
-    lua_pushvalue(L, 5);
-    lua_setmetatable(L, 6);
-    return 1;
-}
-
 static int l_clock(lua_State *L)
 {
     lua_pushnumber(L, (lua_Number)qx_clock());
@@ -156,7 +98,6 @@ static const luaL_Reg funcs[] = {
     { "is_uuid", l_is_uuid },
     { "now", l_now },
     { "clock", l_clock },
-    { "event_new", l_event_new },
     { NULL, NULL }
 };
 
