@@ -101,7 +101,8 @@ local function pgbench_script(transaction)
         return sql .. ";\n"
     end
     return "\\startpipeline\nBEGIN;\n" .. sql .. ";\nCOMMIT;\n"
-        .. "SELECT set_config('synchronous_commit', 'off', true), pg_notify('qx_events', '');\n"
+        .. "SELECT FROM (SELECT set_config('synchronous_commit', 'off', true), "
+        .. "pg_notify('qx_events', '') OFFSET 1) AS s;\n"
         .. "\\endpipeline\n"
 end
 

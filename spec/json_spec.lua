@@ -73,4 +73,32 @@ describe("json encoding", function()
     assert.equal(BIG_TEXT, rows[1].n)
     db:close()
   end)
+
+  it("writes the event store's append rows: events without routing fields or _ keys, sequences counting up", function()
+    local e1 = { event_id = "a", amount = BIG, aggregate_type = "T", aggregate_id = "x", _scratch = 1,
+                 [1] = "not a field", tags = { "p", "q" } }
+    local e2 = { event_id = "b", note = 'say "hi"' }
+    local text = core.json_event_rows("T", "x", 4, { e1, e2 })
+    assert.matches('"amount":' .. BIG_TEXT, text)
+    local rows = cjson.decode(text)
+    rows[1].event.amount = nil -- decoded as a float; its text is checked above
+    assert.same({ { type = "T", agg = "x", seq = 4, event = { event_id = "a", tags = { "p", "q" } } },
+                  { type = "T", agg = "x", seq = 5, event = { event_id = "b", note = 'say "hi"' } } },
+                rows)
+    -- several aggregates, as arguments or as one list; an aggregate without events adds no row
+    local two = core.json_event_rows("T", "x", 1, { e2 }, "U", "y", 7, {}, "V", "z", 2, { e2 })
+    assert.equal(two, core.json_event_rows({ "T", "x", 1, { e2 }, "U", "y", 7, {}, "V", "z", 2, { e2 } }))
+    local types = {}
+    for i, r in ipairs(cjson.decode(two)) do types[i] = r.type .. math.floor(r.seq) end
+    assert.same({ "T1", "V2" }, types)
+    assert.equal("[]", core.json_event_rows("T", "x", 1, {}))
+  end)
+
+  it("refuses an event row that JSON cannot hold with an invalid error", function()
+    local text, e = core.json_event_rows("T", "x", 1, { { f = function() end } })
+    assert.is_nil(text)
+    assert.equal("invalid", e.code)
+    assert.matches("function", e.message)
+    assert.has_error(function() core.json_event_rows("T", "x", 1) end)
+  end)
 end)

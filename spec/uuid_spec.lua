@@ -54,6 +54,27 @@ describe("qx.uuid", function()
     assert.equal(1000, n)
   end)
 
+  it("gives a forked child random bits of its own, not the ones its parent drew ahead", function()
+    -- spec/uuid_fork.c: one id in the parent, a fork, then 20 ids in each process at once
+    local exe = os.tmpname()
+    local cc = os.getenv("CC") or "cc"
+    assert(os.execute(cc .. " -std=gnu11 -Isrc/core spec/uuid_fork.c src/core/uuid.c "
+                      .. "src/core/error.c -lpthread -o " .. exe))
+    local p = assert(io.popen(exe))
+    local out = p:read("a")
+    local ok = p:close()
+    os.remove(exe)
+    assert.is_true(ok)
+    local tails, n = {}, 0
+    for id in out:gmatch("[^\n]+") do
+      assert.is_true(qx.is_uuid(id), id)
+      assert.is_nil(tails[id:sub(20)], id) -- variant + 62 random bits, in either process
+      tails[id:sub(20)] = true
+      n = n + 1
+    end
+    assert.equal(40, n)
+  end)
+
   it("sorts the same way in PostgreSQL", function()
     local url = os.getenv("QX_DB__URL")
     if not url then pending("needs QX_DB__URL") return end

@@ -91,18 +91,19 @@ local base = {}
 
 
 function base.record(self, ev)
-    local class = class_of(self)
-    if class == nil then
+    local class = getmetatable(self) -- class_of(self), inline
+    if class == nil or not classes[class] then
         error("record: call as aggregate:record(ev)", 2)
     end
     if not is_event(ev) then
         error("record: expected an event made by an event class, got " .. type(ev), 2)
     end
 
-    if rawget(ev, "aggregate_type") == nil then
+    -- (an event's own fields: its metatable's __index holds only its methods)
+    if ev.aggregate_type == nil then
         ev.aggregate_type = class.aggregate_type
     end
-    if rawget(ev, "aggregate_id") == nil then
+    if ev.aggregate_id == nil then
         local id = rawget(self, "id")
         if id ~= nil and id ~= core.null then
             ev.aggregate_id = id
@@ -116,17 +117,18 @@ function base.record(self, ev)
 
     local list = pending[self]
     if list == nil then
-        list = {}
-        pending[self] = list
+        pending[self] = { ev } -- made with its first event: no growing from empty
+    else
+        list[#list + 1] = ev
     end
-    list[#list + 1] = ev
     return ev
 end
 
 
 -- the recorded events, oldest first; the instance forgets them
 function base.pull_events(self)
-    if class_of(self) == nil then
+    local class = getmetatable(self) -- class_of(self), inline
+    if class == nil or not classes[class] then
         error("pull_events: call as aggregate:pull_events()", 2)
     end
     local list = pending[self]

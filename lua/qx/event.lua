@@ -34,6 +34,8 @@ local sub = string.sub
 local find = string.find
 local concat = table.concat
 local sort = table.sort
+local new_uuid = core.uuid
+local now = core.now
 
 
 local _M = { _VERSION = "0.1.0" }
@@ -128,7 +130,8 @@ _M.class_of = class_of
 
 
 function _M.is_event(x)
-    return class_of(x) ~= nil
+    local mt = getmetatable(x) -- class_of(x) ~= nil, without the call
+    return mt ~= nil and class_by_instance_mt[mt] ~= nil
 end
 
 
@@ -227,7 +230,6 @@ end
 -- describing what is wrong with `fields`; `define`'s constructor raises that message,
 -- `from_envelope` returns it as an "invalid" error.
 local function build(class, fields)
-    local null = core.null
     -- Made with room for the fields most events end up with - the four every event has, the
     -- routing fields record() adds, the correlation id the unit of work stamps - so that it
     -- is not rebuilt as it grows (at 5 and 9 keys); the placeholders are set or cleared below.
@@ -237,6 +239,7 @@ local function build(class, fields)
     ev.correlation_id, ev.aggregate_type, ev.aggregate_id = nil, nil, nil
     ev.causation_id, ev.tenant_id = nil, nil
 
+    local metadata = false -- a metadata or routing field among the fields
     for k, v in pairs(fields) do
         local kind = key_kinds[k] or key_kind(k)
         if kind == "payload" then
@@ -245,10 +248,23 @@ local function build(class, fields)
                 return nil, "field '" .. k .. "' holds a " .. tv .. ", which cannot be serialised"
             end
             ev[k] = v
-        elseif kind ~= "skip" then
+        elseif kind == "skip" then
+            metadata = true
+        else
             return nil, kind
         end
     end
+
+    -- payload fields only (a new event, the usual case): nothing below has anything to check
+    if not metadata and getmetatable(fields) == nil then
+        ev.event_name = class.event_name
+        ev.event_version = class.event_version
+        ev.event_id = new_uuid()
+        ev.occurred_at = now()
+        return setmetatable(ev, class.__instance_mt)
+    end
+
+    local null = core.null
 
     -- event_name: fixed by the class
     local name = fields.event_name
@@ -338,12 +354,13 @@ end
 
 -- raises at level 3: the caller of Class.new / Class(...)
 local function construct(class, fields)
-    if fields == nil then
+    if type(fields) ~= "table" then
+        if fields ~= nil then
+            error(class.event_name .. ": fields must be a table, got " .. type(fields), 3)
+        end
         fields = {}
-    elseif is_class(fields) then
+    elseif getmetatable(fields) == class_mt then -- an event class: called with a colon
         error(class.event_name .. ": call as Class{...} or Class.new{...}, not Class:new{...}", 3)
-    elseif type(fields) ~= "table" then
-        error(class.event_name .. ": fields must be a table, got " .. type(fields), 3)
     end
     local ev, why = build(class, fields)
     if ev == nil then

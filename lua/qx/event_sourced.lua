@@ -67,9 +67,10 @@ function _M.class_of(x)
     if specs[x] then
         return x
     end
-    local class = aggregate.class_of(x)
-    if class and specs[class] then
-        return class
+    -- aggregate.class_of(x), inline: every key of specs is an aggregate class
+    local mt = getmetatable(x)
+    if mt ~= nil and specs[mt] then
+        return mt
     end
     return nil
 end
@@ -303,15 +304,24 @@ function _M.define(name, opts)
     local base_mt = getmetatable(class)
     local base = base_mt.__index
 
-    specs[class] = {
+    local spec = {
         handlers = {},
         strict = opts.strict == true,
         snapshot_version = sv or 1,
     }
+    specs[class] = spec
+    local handlers = spec.handlers
     -- record() applies at once; the hook runs before the event is buffered, so a handler that
-    -- raises leaves nothing buffered
+    -- raises leaves nothing buffered. An event with a handler is applied here directly (what
+    -- apply does for it); apply has the rest. (record() passes events only: their event_name is
+    -- their own field, and handlers are keyed by names, so a handler means a string name.)
     class.__record_hook = function(self, ev)
-        local ok2, why = apply(self, specs[class], ev, false)
+        local h = handlers[ev.event_name]
+        if h then
+            h.fn(self, ev)
+            return
+        end
+        local ok2, why = apply(self, spec, ev, false)
         if not ok2 then
             error("record: " .. why, 0)
         end
@@ -319,6 +329,10 @@ function _M.define(name, opts)
 
     local build = make_builder(class.new, class)
     class.new = function(x)
+        local tx = type(x)
+        if tx == "string" or tx == "number" then -- an id alone: what build does, without the call
+            return setmetatable({ id = x, version = 0 }, class)
+        end
         local ok2, inst = build(x)
         if not ok2 then
             error(inst, 2)
@@ -327,13 +341,11 @@ function _M.define(name, opts)
     end
     class.from_events = make_from_events(class)
 
-    local index = setmetatable({}, { __index = function(_, k)
-        local m = methods[k]
-        if m ~= nil then
-            return m
-        end
-        return base[k]
-    end })
+    -- the event-sourced methods, then the aggregate's: a chain of tables, so that a method
+    -- call looks it up without calling a function
+    local index = {}
+    for k, m in pairs(methods) do index[k] = m end
+    setmetatable(index, { __index = base })
     local mt = {
         __index = index,
         __call = function(_, x)

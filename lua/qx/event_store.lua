@@ -736,7 +736,8 @@ local function check_bound(self, method)
     if getmetatable(self) ~= Bound then
         error("es:" .. method .. ": call as es:" .. method .. "(...)", 3)
     end
-    self.uow:_check_open()
+    local uow = self.uow
+    if uow._state ~= "active" then uow:_check_open() end -- raises, saying what state it is in
 end
 
 
@@ -833,26 +834,11 @@ function Bound:load(class, id, opts)
 end
 
 
--- Whether a key of an event instance goes into the stored event: strings but the routing fields
--- and "_" keys. Remembered per key, as the same few keys come back with every event.
-local stored_keys, stored_keys_n = {}, 0
-
-local function stored_key(k)
-    local ok = stored_keys[k]
-    if ok == nil then
-        ok = type(k) == "string" and k ~= "aggregate_type" and k ~= "aggregate_id"
-             and sub(k, 1, 1) ~= "_"
-        if type(k) == "string" then
-            if stored_keys_n >= 1000 then stored_keys, stored_keys_n = {}, 0 end
-            stored_keys[k] = ok
-            stored_keys_n = stored_keys_n + 1
-        end
-    end
-    return ok
-end
-
--- Checks one aggregate and builds its rows. Returns { agg =, events =, rows =, snapshot = }
--- | nil, err. Nothing is drained here.
+-- Checks one aggregate and stamps its events. Returns the aggregate type, the id as text, the
+-- version, the events to store (the pending list itself when none of them is an integration
+-- event), how many they are, and the snapshot row or nil | nil, err. Nothing is drained here.
+-- The rows themselves are written by core.json_event_rows: each stored event is the event's own
+-- fields, metadata and payload side by side, less the routing fields and "_" keys.
 local function prepare(store, uow, agg, opts)
     local class = es_class.class_of(agg)
     if class == nil then
@@ -867,36 +853,32 @@ local function prepare(store, uow, agg, opts)
         agg_type = opts.aggregate_type
     end
     local id = rawget(agg, "id")
-    if type(id) ~= "string" and type(id) ~= "number" then
-        return nil, new_error("invalid", tostring(agg) .. ": id must be a string or a number")
+    local sid = id
+    if type(id) ~= "string" then
+        if type(id) ~= "number" then
+            return nil, new_error("invalid", tostring(agg) .. ": id must be a string or a number")
+        end
+        sid = tostring(id)
     end
-    local sid = tostring(id)
     local pending = aggregate.pending_list(agg) -- not a copy: only read here
     local version = rawget(agg, "version")
-    local rows = {}
+    local stored = pending
     local n = 0
-    for _, ev in ipairs(pending) do
+    for i = 1, #pending do
+        local ev = pending[i]
         uow:_stamp(ev)
-        if not event.class_of(ev).integration then
-            n = n + 1
+        if event.class_of(ev).integration then
+            if stored == pending then -- the first one: from here on the stored events are a list
+                stored = {}
+                for k = 1, n do stored[k] = pending[k] end
+            end
+        else
             if not is_uuid(ev.event_id) then
                 return nil, new_error("invalid", fmt("%s: event %s has an event_id that is not "
                     .. "a uuid", tostring(agg), tostring(ev.event_name)))
             end
-            -- metadata and payload side by side, as on the instance; routing and "_" keys out.
-            -- Made with the metadata, so that it is sized for them up front.
-            local flat = { event_id = ev.event_id, event_name = ev.event_name,
-                           event_version = ev.event_version, occurred_at = ev.occurred_at,
-                           correlation_id = ev.correlation_id, causation_id = ev.causation_id,
-                           tenant_id = ev.tenant_id, actor_id = ev.actor_id }
-            for k, v in pairs(ev) do
-                if flat[k] == nil then
-                    local ok = stored_keys[k] -- the memo first: no call for a known key
-                    if ok == nil then ok = stored_key(k) end
-                    if ok then flat[k] = v end
-                end
-            end
-            rows[n] = { type = agg_type, agg = sid, seq = version + n, event = flat }
+            n = n + 1
+            if stored ~= pending then stored[n] = ev end
         end
     end
     if version + n > MAX_VERSION then
@@ -920,66 +902,83 @@ local function prepare(store, uow, agg, opts)
             state_version = es_class.spec(class).snapshot_version,
         }
     end
-    return { agg = agg, n = n, rows = rows, snapshot = snap, pending = pending }
+    return agg_type, sid, version, stored, n, snap
 end
 
+local event_rows = core.json_event_rows
+
+local function rows_invalid(e)
+    return nil, new_error("invalid", "an event cannot be stored as JSON: " .. tostring(e.message))
+end
+
+local function snaps_json_of(snaps)
+    local text, e = encode(snaps)
+    if not text then
+        return nil, new_error("invalid", "a snapshot cannot be stored as JSON: " .. tostring(e))
+    end
+    return text
+end
+
+-- Queues the insert (and the snapshot upsert) and asks for the wake-up. Nothing failed before;
+-- the unit of work was found open (check_bound).
+local function queue_append(uow, store, rows_json, snaps_json)
+    local ok, e = uow:_queue1(APPEND, rows_json)
+    if not ok then return nil, e end
+    if snaps_json then
+        ok, e = uow:_queue1(SNAPSHOT, snaps_json)
+        if not ok then return nil, e end
+    end
+    -- sent once per unit of work, after its COMMIT (see the unit of work)
+    if store.notify then uow:_notify_after(_M.CHANNEL) end
+    return true
+end
+
+-- The aggregate's events go to the unit of work; its version moves past the stored ones.
+local function drain(uow, agg, n)
+    local evs = agg:pull_events()
+    agg.version = rawget(agg, "version") + n
+    uow:_record_list(evs)
+end
 
 local function append_all(self, list, opts, method)
     local uow, store = self.uow, self.store
     if opts ~= nil and type(opts) ~= "table" then
         error(method .. ": options must be a table", 3)
     end
-    local rows, snaps, prepared
-    if #list == 1 then -- the usual case: its lists are the lists
-        local p, e = prepare(store, uow, list[1], opts)
-        if not p then
-            return nil, e
+    local args, snaps, ns = {}, {}, {} -- args: type, id, first sequence, events, ... per aggregate
+    local nargs, total = 0, 0
+    for i, agg in ipairs(list) do
+        local agg_type, sid, version, stored, n, snap = prepare(store, uow, agg, opts)
+        if not agg_type then
+            return nil, sid
         end
-        prepared, rows, snaps = { p }, p.rows, { p.snapshot }
-    else
-        rows, snaps, prepared = {}, {}, {}
-        for i, agg in ipairs(list) do
-            local p, e = prepare(store, uow, agg, opts)
-            if not p then
-                return nil, e
-            end
-            prepared[i] = p
-            for _, r in ipairs(p.rows) do rows[#rows + 1] = r end
-            if p.snapshot then snaps[#snaps + 1] = p.snapshot end
+        ns[i] = n
+        if n > 0 then
+            args[nargs + 1], args[nargs + 2], args[nargs + 3], args[nargs + 4] =
+                agg_type, sid, version + 1, stored
+            nargs = nargs + 4
+            total = total + n
         end
+        if snap then snaps[#snaps + 1] = snap end
     end
     local rows_json, snaps_json, e
-    if #rows > 0 then
-        rows_json, e = encode(rows)
-        if not rows_json then
-            return nil, new_error("invalid", "an event cannot be stored as JSON: " .. tostring(e))
-        end
+    if total > 0 then
+        rows_json, e = event_rows(args)
+        if not rows_json then return rows_invalid(e) end
     end
     if #snaps > 0 then
-        snaps_json, e = encode(snaps)
-        if not snaps_json then
-            return nil, new_error("invalid", "a snapshot cannot be stored as JSON: " .. tostring(e))
-        end
+        snaps_json, e = snaps_json_of(snaps)
+        if not snaps_json then return nil, e end
     end
 
     -- nothing failed: queue, then drain
-    local ok
     if rows_json then
-        ok, e = uow:queue(APPEND, rows_json)
+        local ok
+        ok, e = queue_append(uow, store, rows_json, snaps_json)
         if not ok then return nil, e end
-        if snaps_json then
-            ok, e = uow:queue(SNAPSHOT, snaps_json)
-            if not ok then return nil, e end
-        end
-        -- sent once per unit of work, after its COMMIT (see the unit of work)
-        if store.notify then uow:_notify_after(_M.CHANNEL) end
     end
-    for _, p in ipairs(prepared) do
-        local evs = p.agg:pull_events()
-        p.agg.version = rawget(p.agg, "version") + p.n
-        for _, ev in ipairs(evs) do
-            uow:record(ev)
-        end
+    for i, agg in ipairs(list) do
+        drain(uow, agg, ns[i])
     end
     return true
 end
@@ -988,7 +987,28 @@ end
 -- es:append(aggregate[, { aggregate_type = name }]) -> true | nil, err
 function Bound:append(agg, opts)
     check_bound(self, "append")
-    return append_all(self, { agg }, opts, "es:append")
+    if opts ~= nil and type(opts) ~= "table" then
+        error("es:append: options must be a table", 2)
+    end
+    local uow, store = self.uow, self.store
+    local agg_type, sid, version, stored, n, snap = prepare(store, uow, agg, opts)
+    if not agg_type then
+        return nil, sid
+    end
+    if n > 0 then
+        local rows_json, e = event_rows(agg_type, sid, version + 1, stored)
+        if not rows_json then return rows_invalid(e) end
+        local snaps_json
+        if snap then
+            snaps_json, e = snaps_json_of({ snap })
+            if not snaps_json then return nil, e end
+        end
+        local ok
+        ok, e = queue_append(uow, store, rows_json, snaps_json)
+        if not ok then return nil, e end
+    end
+    drain(uow, agg, n)
+    return true
 end
 
 

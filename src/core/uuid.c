@@ -4,18 +4,35 @@
  * rand_a is used as a counter (RFC 9562 6.2, method 1): seeded at random each new millisecond
  * with its top bit clear, incremented for each further id in the same millisecond, so ids made
  * by one process sort in creation order. Should the counter run out, the timestamp is moved one
- * millisecond ahead rather than breaking the order. */
+ * millisecond ahead rather than breaking the order.
+ *
+ * The random bytes come from getrandom(2) RANDOM_POOL bytes at a time rather than one system
+ * call per id. The pool lives in a page the kernel zeroes in a child process (MADV_WIPEONFORK,
+ * whatever way the child was forked), and a zeroed pool reads as empty: a child never reuses
+ * the bytes its parent had drawn ahead, which would give both the same ids within a
+ * millisecond. Without MADV_WIPEONFORK (kernels before 4.14) every id makes its own call. */
 #include <pthread.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/random.h>
 #include <time.h>
 #include <errno.h>
 
 #include "qx.h"
 
+#define UUID_RANDOM_BYTES 10
+#define RANDOM_POOL (32 * UUID_RANDOM_BYTES)
+
+typedef struct random_pool {
+    size_t left; /* unused bytes at the end of bytes; 0 (as in a wiped page) means refill */
+    unsigned char bytes[RANDOM_POOL];
+} random_pool;
+
 static pthread_mutex_t uuid_lock = PTHREAD_MUTEX_INITIALIZER;
 static uint64_t last_ms;
 static uint32_t counter;
+static random_pool *pool;  /* NULL until made, or when the kernel cannot wipe it on fork */
+static int pool_tried;
 
 static int fill_random(unsigned char *buf, size_t n)
 {
@@ -32,22 +49,60 @@ static int fill_random(unsigned char *buf, size_t n)
     return 0;
 }
 
+/* The pool's page, made on first use; NULL when it cannot be wiped on fork. Under uuid_lock. */
+static random_pool *pool_page(void)
+{
+    if (!pool_tried) {
+        void *p;
+        pool_tried = 1;
+        p = mmap(NULL, sizeof *pool, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (p == MAP_FAILED)
+            return NULL;
+#ifdef MADV_WIPEONFORK
+        if (madvise(p, sizeof *pool, MADV_WIPEONFORK) == 0) {
+            pool = p;
+            return pool;
+        }
+#endif
+        munmap(p, sizeof *pool);
+    }
+    return pool;
+}
+
+/* UUID_RANDOM_BYTES random bytes into out, from the pool when there is one. Under uuid_lock. */
+static int take_random(unsigned char *out)
+{
+    random_pool *rp = pool_page();
+    if (rp == NULL)
+        return fill_random(out, UUID_RANDOM_BYTES);
+    if (rp->left < UUID_RANDOM_BYTES) {
+        if (fill_random(rp->bytes, sizeof rp->bytes) != 0)
+            return -1;
+        rp->left = sizeof rp->bytes;
+    }
+    memcpy(out, rp->bytes + (sizeof rp->bytes - rp->left), UUID_RANDOM_BYTES);
+    rp->left -= UUID_RANDOM_BYTES;
+    return 0;
+}
+
 qx_status qx_uuid7(char out[QX_UUID_STRLEN + 1], qx_error *err)
 {
     static const char hex[] = "0123456789abcdef";
     unsigned char b[16];
-    unsigned char rnd[10];
+    unsigned char rnd[UUID_RANDOM_BYTES];
     struct timespec ts;
     uint64_t ms;
     uint32_t seq;
     int i, j;
 
-    if (fill_random(rnd, sizeof rnd) != 0)
-        return qx_error_set(err, QX_ERR_DB, "getrandom failed: %s", strerror(errno));
+    pthread_mutex_lock(&uuid_lock);
+    if (take_random(rnd) != 0) {
+        int e = errno;
+        pthread_mutex_unlock(&uuid_lock);
+        return qx_error_set(err, QX_ERR_DB, "getrandom failed: %s", strerror(e));
+    }
     clock_gettime(CLOCK_REALTIME, &ts);
     ms = (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
-
-    pthread_mutex_lock(&uuid_lock);
     if (ms > last_ms) {
         last_ms = ms;
         counter = ((uint32_t)rnd[0] << 8 | rnd[1]) & 0x7ff; /* top bit clear: room to count */

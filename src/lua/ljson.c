@@ -318,6 +318,124 @@ int qx_json_push(lua_State *L, int idx, const char **error)
     return ok;
 }
 
+/* One stored event: the event table's string keys and their values, less the routing fields
+ * (aggregate_type, aggregate_id) and "_" keys, which are not part of the stored event. */
+static int put_stored_event(jbuf *b, lua_State *L, int idx, int depth)
+{
+    int first = 1;
+    if (!lua_checkstack(L, 4)) {
+        b->error = "out of Lua stack";
+        return 0;
+    }
+    if (!PUTS(b, "{"))
+        return 0;
+    lua_pushnil(L);
+    while (lua_next(L, idx) != 0) {
+        size_t klen;
+        const char *k;
+        int ok;
+        if (lua_type(L, -2) != LUA_TSTRING) {
+            lua_pop(L, 1);
+            continue;
+        }
+        k = lua_tolstring(L, -2, &klen);
+        if (k[0] == '_' || (klen == 14 && memcmp(k, "aggregate_type", 14) == 0) ||
+            (klen == 12 && memcmp(k, "aggregate_id", 12) == 0)) {
+            lua_pop(L, 1);
+            continue;
+        }
+        ok = (first || PUTS(b, ",")) && put_string(b, k, klen) && PUTS(b, ":") &&
+             encode(b, L, lua_gettop(L), depth + 1);
+        first = 0;
+        lua_pop(L, 1);
+        if (!ok) {
+            lua_pop(L, 1);
+            return 0;
+        }
+    }
+    return PUTS(b, "}");
+}
+
+/* The rows of one aggregate's events for the event store's append insert: its type and id (text)
+ * at ti and ai, the sequence of its first event at si, the array of events at ei. */
+static int put_event_group(jbuf *b, lua_State *L, int ti, int ai, int si, int ei, int *first)
+{
+    size_t tlen, alen;
+    const char *type, *agg;
+    long long seq, i, n;
+    if (lua_type(L, ti) != LUA_TSTRING || lua_type(L, ai) != LUA_TSTRING ||
+        !qx_isinteger(L, si, &seq) || lua_type(L, ei) != LUA_TTABLE) {
+        b->error = "expected groups of aggregate type, id, first sequence and events";
+        return 0;
+    }
+    type = lua_tolstring(L, ti, &tlen);
+    agg = lua_tolstring(L, ai, &alen);
+    n = (long long)qx_rawlen(L, ei);
+    for (i = 1; i <= n; i++, seq++) {
+        int ok;
+        lua_rawgeti(L, ei, (int)i);
+        if (lua_type(L, -1) != LUA_TTABLE) {
+            lua_pop(L, 1);
+            b->error = "an event is not a table";
+            return 0;
+        }
+        /* the event's values sit as deep as in a table of rows of tables */
+        ok = (*first || PUTS(b, ",")) && PUTS(b, "{\"type\":") && put_string(b, type, tlen) &&
+             PUTS(b, ",\"agg\":") && put_string(b, agg, alen) && PUTS(b, ",\"seq\":") &&
+             put_int(b, seq) && PUTS(b, ",\"event\":") &&
+             put_stored_event(b, L, lua_gettop(L), 2) && PUTS(b, "}");
+        *first = 0;
+        lua_pop(L, 1);
+        if (!ok)
+            return 0;
+    }
+    return 1;
+}
+
+/* core.json_event_rows(type, id, first_seq, events, ...) or core.json_event_rows(list) with the
+ * same values in one array (for many aggregates) -> text | nil, err
+ * The JSON array of the event store's append rows, [{"type":..,"agg":..,"seq":..,"event":{..}},
+ * ...], sequences counting up within each aggregate's events. Written in one pass, so that no
+ * row or event table is made for it in Lua. */
+static int l_json_event_rows(lua_State *L)
+{
+    int nargs = lua_gettop(L), listed = nargs == 1 && lua_type(L, 1) == LUA_TTABLE, first = 1;
+    int ok, g;
+    jbuf b;
+    if (listed)
+        nargs = (int)qx_rawlen(L, 1);
+    if (nargs % 4 != 0)
+        return luaL_error(L, "json_event_rows: expected groups of type, id, sequence, events");
+    b.p = b.inline_buf;
+    b.len = 0;
+    b.cap = sizeof b.inline_buf;
+    b.error = NULL;
+    ok = PUTS(&b, "[");
+    for (g = 1; ok && g + 3 <= nargs; g += 4) {
+        if (listed) {
+            int k, top;
+            luaL_checkstack(L, 8, "json_event_rows");
+            for (k = 0; k < 4; k++)
+                lua_rawgeti(L, 1, g + k);
+            top = lua_gettop(L);
+            ok = put_event_group(&b, L, top - 3, top - 2, top - 1, top, &first);
+            lua_pop(L, 4);
+        } else {
+            ok = put_event_group(&b, L, g, g + 1, g + 2, g + 3, &first);
+        }
+    }
+    ok = ok && PUTS(&b, "]");
+    if (ok)
+        lua_pushlstring(L, b.p, b.len);
+    else
+        lua_pushstring(L, b.error != NULL ? b.error : "cannot encode as JSON");
+    if (b.p != b.inline_buf)
+        free(b.p);
+    if (ok)
+        return 1;
+    return qx_push_error_msg(L, "invalid", lua_tostring(L, -1));
+}
+
 /* core.json_encode(value) -> text | nil, err */
 static int l_json_encode(lua_State *L)
 {
@@ -333,4 +451,6 @@ void qx_open_json(lua_State *L)
 {
     lua_pushcfunction(L, l_json_encode);
     lua_setfield(L, -2, "json_encode");
+    lua_pushcfunction(L, l_json_event_rows);
+    lua_setfield(L, -2, "json_event_rows");
 }
