@@ -268,7 +268,7 @@ ORDER BY a.attnum]]
 local MANAGED = { "version", "created_at", "created_by", "updated_at", "updated_by" }
 
 local function build(d, rows)
-    local c = { what = d.what, get_sql = {}, save_sql = {}, scope_sql = {}, sorts = {}, nsorts = 0,
+    local c = { what = d.what, get_sql = {}, save_sql = {}, save_params = {}, scope_sql = {}, sorts = {}, nsorts = 0,
                 page_plans = setmetatable({}, { __mode = "k" }), nplans = 0, columns = {}, order = {},
                 has = {},
                 managed = {}, writable = {}, has_raise = rows[1].has_raise }
@@ -1125,8 +1125,16 @@ function Repo:save(entity, opts)
     local c, e = ready(self)
     if not c then return nil, e end
     local d = self.d
-    local row = row_of(self, c, entity)
-    local id = id_of(self, c, entity, row)
+    -- with the default mapping the row is the entity's own fields: they are read from it
+    -- directly (rawget, as row_of does), without a copy
+    local row = d.to_row and row_of(self, c, entity)
+    local id
+    if row then
+        id = id_of(self, c, entity, row)
+    else
+        id = rawget(entity, d.pk) -- the key is never a writable column, so never in the row
+        if id == null then id = nil end
+    end
     if id == nil then return fail("invalid", c.what .. ": cannot save an entity without an id") end
     local ok
     ok, e = check_id(self, c, id)
@@ -1146,9 +1154,11 @@ function Repo:save(entity, opts)
     local defer = opts.defer
     local key = (self.tenant and 2 or 0) + (defer and 1 or 0)
     local sql = c.save_sql[key]
-    local q = new_query(self, c)
     local w = c.writable
+    local params, n
     if not sql then
+        local q = new_query(self, c)
+        row = row or row_of(self, c, entity)
         local sets = {}
         for i = 1, #w do
             local v = row[w[i]]
@@ -1176,12 +1186,23 @@ function Repo:save(entity, opts)
             sql = dml .. " RETURNING " .. concat(ret, ", ")
         end
         c.save_sql[key] = sql
+        params, n = q.params, q.n
     else
-        local params, n = q.params, #w
-        for i = 1, n do
-            local v = row[w[i]]
-            if v == nil then v = null end
-            params[i] = v
+        -- the parameters go out through unpack before anything else runs, so one array per
+        -- catalog serves every call
+        params, n = c.save_params, #w
+        if row then
+            for i = 1, n do
+                local v = row[w[i]]
+                if v == nil then v = null end
+                params[i] = v
+            end
+        else
+            for i = 1, n do
+                local v = rawget(entity, w[i])
+                if v == nil then v = null end
+                params[i] = v
+            end
         end
         if c.has.updated_by then
             n = n + 1
@@ -1203,10 +1224,9 @@ function Repo:save(entity, opts)
             params[n + 2] = what .. " not found"
             n = n + 2
         end
-        q.n = n
     end
-    if opts.defer then
-        ok, e = self.uow:queue(sql, unpack(q.params, 1, q.n))
+    if defer then
+        ok, e = self.uow:queue(sql, unpack(params, 1, n))
         if not ok then return nil, e end
         if c.has.version then rawset(entity, "version", version + 1) end
         if c.has.updated_by then rawset(entity, "updated_by", self.actor) end
@@ -1214,7 +1234,7 @@ function Repo:save(entity, opts)
         return entity
     end
     local rows
-    rows, e = self.uow:query(sql, unpack(q.params, 1, q.n))
+    rows, e = self.uow:query(sql, unpack(params, 1, n))
     if not rows then return nil, e end
     local r = rows[1]
     if r == nil then
