@@ -472,9 +472,18 @@ function Query:param(v)
     return placeholders[n]
 end
 
+-- A query holds only its parameters; what it reads of the table (columns, allow-list, names for
+-- messages) comes from the catalog's query class, made once.
 local function new_query(self, c)
-    return setmetatable({ params = {}, n = 0, columns = c.columns, allowed = self.d.filterable,
-                          what = c.what, allowed_hint = self.d.filter_hint }, Query)
+    local class = c.query_class
+    if class == nil then
+        local d = self.d
+        local fields = { columns = c.columns, allowed = d.filterable, what = c.what,
+                         allowed_hint = d.filter_hint, param = Query.param }
+        class = { __index = fields }
+        c.query_class = class
+    end
+    return setmetatable({ params = { nil, nil, nil, nil, nil, nil, nil, nil }, n = 0 }, class)
 end
 
 -- the tenant and soft-delete conditions, as a list of SQL parts
