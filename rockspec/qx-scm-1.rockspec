@@ -40,7 +40,6 @@ build = {
         "src/core/conn.c",
         "src/core/consumer.c",
         "src/core/crypto.c",
-        "src/core/cursor.c",
         "src/core/error.c",
         "src/core/natsconn.c",
         "src/core/pool.c",

@@ -197,43 +197,6 @@ void qx_b64url_encode(char *out, const unsigned char *in, size_t n);
 qx_status qx_b64url_decode(unsigned char *out, size_t *outlen, const char *in, size_t n,
                            qx_error *err);
 
-/* HMAC-SHA256 of the n parts, one after the other, as of their concatenation. */
-qx_status qx_hmac_sha256_parts(unsigned char out[QX_HMAC_SHA256_LEN], const void *key,
-                               size_t keylen, const void *const *parts, const size_t *lens, int n,
-                               qx_error *err);
-
-/* ---- keyset cursor tokens (cursor.c) ---------------------------------------------------- */
-
-/* One value of a cursor: s NULL for null. */
-typedef struct qx_cursor_value {
-    const char *s;
-    size_t len;
-} qx_cursor_value;
-
-/* The token of the values, signed with key over domain || context || "\n" || its payload's text,
- * into work (qx_cursor_encode_space bytes); *token points into work. */
-size_t qx_cursor_encode_space(const qx_cursor_value *vals, int n);
-qx_status qx_cursor_encode(char *work, const char **token, size_t *toklen, const void *key,
-                           size_t keylen, const char *domain, size_t dlen, const char *context,
-                           size_t clen, const qx_cursor_value *vals, int n, qx_error *err);
-
-typedef enum qx_cursor_check {
-    QX_CURSOR_OK,
-    QX_CURSOR_MALFORMED,      /* no "." */
-    QX_CURSOR_BAD_SIGNATURE,  /* the signature is not 32 bytes of base64url */
-    QX_CURSOR_MISMATCH,       /* no key signed it over this context */
-    QX_CURSOR_SHAPE,          /* signed, but not n values */
-    QX_CURSOR_ERROR           /* the MAC could not be computed (err says why) */
-} qx_cursor_check;
-
-/* Checks a token against each of the keys and reads its n values into vals; their texts point
- * into work (qx_cursor_decode_space(toklen) bytes). */
-size_t qx_cursor_decode_space(size_t toklen);
-qx_cursor_check qx_cursor_decode(const char *token, size_t toklen, const void *const *keys,
-                                 const size_t *keylens, int nkeys, const char *domain,
-                                 size_t dlen, const char *context, size_t clen, int n,
-                                 char *work, qx_cursor_value *vals, qx_error *err);
-
 /* ---- NATS (natsconn.c): one connection to NATS with JetStream -------------------------- */
 
 /* A NATS connection and its JetStream context (nats.c underneath). Publishers, relays and
