@@ -234,3 +234,157 @@ describe("keyset pages", function()
     weak:close()
   end)
 end)
+
+describe("keyset pages of one shape", function()
+  -- A page's statement is made once per shape (sort, scope and filter fields and operators)
+  -- and reused; the values are parameters, and the filters are checked on every call.
+  local db, tbl, users, T, U
+
+  setup(function()
+    db = H.db()
+    tbl = H.users_table(db)
+    users = H.users(tbl, { max_page_size = 50 })
+    T, U = qx.uuid(), qx.uuid()
+    H.seed(db, users, T, 12, function(i)
+      return { email = ("s%02d@example.com"):format(i), name = "n" .. (i % 3), score = i,
+               is_active = i % 2 == 0 }
+    end)
+    H.seed(db, users, U, 3, function(i)
+      return { email = ("u%02d@example.com"):format(i), name = "n0", score = i }
+    end)
+  end)
+
+  teardown(function()
+    if db then db:close() end
+  end)
+
+  -- fn(repo) in a unit of work for tenant t; returns fn's result (or nil and the error) and the
+  -- SQL texts of the reads
+  local function sent(t, fn)
+    local texts = {}
+    local r, e = H.with(db, users, t, function(repo, uow)
+      local real = uow.conn
+      uow.conn = setmetatable({}, { __index = function(_, k)
+        return function(_, ...)
+          if k == "send" and select(4, ...) ~= nil then texts[#texts + 1] = select(5, ...) end
+          return real[k](real, ...)
+        end
+      end })
+      local out, err = fn(repo)
+      uow.conn = real
+      if out == nil then error(err, 0) end
+      return out
+    end)
+    if r == nil then return nil, e, texts end
+    return r, texts
+  end
+
+  local function emails(page)
+    local out = {}
+    for i, u in ipairs(page.items) do out[i] = u.email end
+    return out
+  end
+
+  it("send the same text for the same shape, whatever the values and the cursor", function()
+    local got, texts = sent(T, function(repo)
+      local a = assert(repo:page{ limit = 2, sort = { "email" }, filters = {{ "is_active", "eq", true }} })
+      local b = assert(repo:page{ limit = 2, sort = { "email" }, filters = {{ "is_active", "eq", false }} })
+      local a2 = assert(repo:page{ limit = 2, sort = { "email" }, filters = {{ "is_active", "eq", true }},
+                                   after = a.next_cursor })
+      local a3 = assert(repo:page{ limit = 2, sort = { "email" }, filters = {{ "is_active", "eq", true }},
+                                   after = a2.next_cursor })
+      return { a, b, a2, a3 }
+    end)
+    assert.same({ "s02@example.com", "s04@example.com" }, emails(got[1]))
+    assert.same({ "s01@example.com", "s03@example.com" }, emails(got[2]))
+    assert.same({ "s06@example.com", "s08@example.com" }, emails(got[3]))
+    assert.same({ "s10@example.com", "s12@example.com" }, emails(got[4]))
+    assert.equal(4, #texts)
+    assert.equal(texts[1], texts[2])   -- first pages: only the value differs
+    assert.equal(texts[3], texts[4])   -- pages after a cursor
+    assert.are_not.equal(texts[1], texts[3])
+    assert.is_nil(texts[1]:find("true", 1, true)) -- values are never in the text
+    assert.is_nil(texts[3]:find("example.com", 1, true))
+  end)
+
+  it("never share a statement between different shapes", function()
+    local shapes = {
+      { sort = { "email" }, filters = {{ "is_active", "eq", true }} },
+      { sort = { "-email" }, filters = {{ "is_active", "eq", true }} },
+      { sort = { "score" }, filters = {{ "is_active", "eq", true }} },
+      { sort = { "email" }, filters = {{ "is_active", "neq", true }} },
+      { sort = { "email" }, filters = {{ "name", "eq", "n1" }} },
+      { sort = { "email" }, filters = {{ "name", "starts_with", "n1" }} },
+      { sort = { "email" }, filters = {{ "name", "eq", "n1" }, { "is_active", "eq", true }} },
+      { sort = { "email" }, filters = {{ "name", "is_null" }} },
+      { sort = { "email" } },
+      { sort = { "email" }, filters = {{ "is_active", "eq", true }}, include_deleted = true },
+      { sort = { "email", "-score" }, filters = {{ "is_active", "eq", true }} },
+      { sort = { "email", "score" }, filters = {{ "is_active", "eq", true }} },
+    }
+    local want = {
+      { "s02", "s04", "s06" }, { "s12", "s10", "s08" }, { "s02", "s04", "s06" },
+      { "s01", "s03", "s05" }, { "s01", "s04", "s07" }, { "s01", "s04", "s07" },
+      { "s04", "s10" }, {}, { "s01", "s02", "s03" }, { "s02", "s04", "s06" },
+      { "s02", "s04", "s06" }, { "s02", "s04", "s06" },
+    }
+    local got, texts = sent(T, function(repo)
+      local out = {}
+      for i, o in ipairs(shapes) do
+        o.limit = 3
+        local p = assert(repo:page(o))
+        out[i] = {}
+        for j, u in ipairs(p.items) do out[i][j] = u.email:sub(1, 3) end
+      end
+      return out
+    end)
+    assert.same(want, got)
+    local seen = {}
+    for i, text in ipairs(texts) do
+      assert.is_nil(seen[text], "shapes " .. tostring(seen[text]) .. " and " .. i .. " share a text")
+      seen[text] = i
+    end
+    assert.equal(#shapes, #texts)
+  end)
+
+  it("keep tenants apart when they page with the same shape", function()
+    local mine = sent(T, function(repo) return assert(repo:page{ limit = 50, sort = { "email" } }) end)
+    local theirs = sent(U, function(repo) return assert(repo:page{ limit = 50, sort = { "email" } }) end)
+    assert.equal(12, #mine.items)
+    assert.same({ "u01@example.com", "u02@example.com", "u03@example.com" }, emails(theirs))
+    -- a cursor of one tenant's listing does not fit the other's
+    local first = sent(T, function(repo) return assert(repo:page{ limit = 2, sort = { "email" } }) end)
+    local r, e = sent(U, function(repo)
+      return repo:page{ limit = 2, sort = { "email" }, after = first.next_cursor }
+    end)
+    assert.is_nil(r)
+    assert.equal("invalid", e.code)
+  end)
+
+  it("still raise for unlisted fields, operators and directions after a shape was used", function()
+    local function raised(opts)
+      local r, e = sent(T, function(repo)
+        assert(repo:page{ limit = 2, sort = { "email" }, filters = {{ "name", "eq", "n1" }} })
+        return repo:page(opts)
+      end)
+      assert.is_nil(r)
+      assert.equal("invalid", e.code)
+      return e.message
+    end
+    assert.matches("not filterable", raised{ limit = 2, sort = { "email" },
+                                            filters = {{ "tenant_id", "eq", T }} })
+    assert.matches("not filterable", raised{ limit = 2, sort = { "email" },
+                                            filters = {{ "version", "eq", 1 }} })
+    assert.matches("not sortable", raised{ limit = 2, sort = { "version" },
+                                          filters = {{ "name", "eq", "n1" }} })
+    assert.matches("not sortable", raised{ limit = 2, sort = { "email", "tenant_id" },
+                                          filters = {{ "name", "eq", "n1" }} })
+    assert.matches("operator", raised{ limit = 2, sort = { "email" },
+                                      filters = {{ "name", "like", "n1" }} })
+    assert.matches("asc or desc", raised{ limit = 2, sort = {{ "email", "sideways" }},
+                                         filters = {{ "name", "eq", "n1" }} })
+    -- a list of sort fields whose joined text equals another list's is still its own sort
+    assert.matches("not sortable", raised{ limit = 2, sort = { "email,score" } })
+    assert.matches("not sortable", raised{ limit = 2, sort = { "1:email" } })
+  end)
+end)

@@ -60,6 +60,7 @@ local rawget = rawget
 local rawset = rawset
 local setmetatable = setmetatable
 local getmetatable = getmetatable
+local next = next
 local unpack = table.unpack or unpack
 local concat = table.concat
 local fmt = string.format
@@ -267,7 +268,8 @@ ORDER BY a.attnum]]
 local MANAGED = { "version", "created_at", "created_by", "updated_at", "updated_by" }
 
 local function build(d, rows)
-    local c = { what = d.what, get_sql = {}, save_sql = {}, columns = {}, order = {},
+    local c = { what = d.what, get_sql = {}, save_sql = {}, save_params = {}, scope_sql = {}, sorts = {}, nsorts = 0,
+                page_plans = setmetatable({}, { __mode = "k" }), nplans = 0, columns = {}, order = {},
                 has = {},
                 managed = {}, writable = {}, has_raise = rows[1].has_raise }
     c.qtable = (d.schema and (quote(d.schema) .. ".") or "") .. quote(d.table)
@@ -470,9 +472,18 @@ function Query:param(v)
     return placeholders[n]
 end
 
+-- A query holds only its parameters; what it reads of the table (columns, allow-list, names for
+-- messages) comes from the catalog's query class, made once.
 local function new_query(self, c)
-    return setmetatable({ params = {}, n = 0, columns = c.columns, allowed = self.d.filterable,
-                          what = c.what, allowed_hint = self.d.filter_hint }, Query)
+    local class = c.query_class
+    if class == nil then
+        local d = self.d
+        local fields = { columns = c.columns, allowed = d.filterable, what = c.what,
+                         allowed_hint = d.filter_hint, param = Query.param }
+        class = { __index = fields }
+        c.query_class = class
+    end
+    return setmetatable({ params = { nil, nil, nil, nil, nil, nil, nil, nil }, n = 0 }, class)
 end
 
 -- the tenant and soft-delete conditions, as a list of SQL parts
@@ -487,13 +498,37 @@ local function scope(self, c, q, include_deleted, parts)
     return parts
 end
 
+-- The scope of a listing as one text (its first parameter, when tenanted, is the tenant), per
+-- variant made once: with or without a tenant, with or without deleted rows.
+local function listing_scope(self, c, q, include_deleted)
+    if q.n ~= 0 then -- not the first parameters: the text would number them wrong
+        local parts = scope(self, c, q, include_deleted)
+        return concat(parts, " AND ")
+    end
+    local variant = (self.tenant ~= nil and 2 or 0) + (include_deleted and 1 or 0)
+    local text = c.scope_sql[variant]
+    if text == nil then
+        local probe = new_query(self, c)
+        text = concat(scope(self, c, probe, include_deleted), " AND ")
+        c.scope_sql[variant] = text
+    end
+    if self.tenant ~= nil then q:param(self.tenant) end
+    return text
+end
+
 -- WHERE text of a listing: scope, filters and where (a specification)
 local function listing_where(self, c, q, opts)
-    local parts = scope(self, c, q, opts.include_deleted)
-    if opts.filters ~= nil then parts[#parts + 1] = compile_spec(spec_of(opts.filters), q) end
-    if opts.where ~= nil then parts[#parts + 1] = compile_spec(spec_of(opts.where), q) end
-    if #parts == 0 then return "TRUE" end
-    return concat(parts, " AND ")
+    local w = listing_scope(self, c, q, opts.include_deleted)
+    if opts.filters ~= nil then
+        local f = compile_spec(spec_of(opts.filters), q)
+        w = w == "" and f or (w .. " AND " .. f)
+    end
+    if opts.where ~= nil then
+        local f = compile_spec(spec_of(opts.where), q)
+        w = w == "" and f or (w .. " AND " .. f)
+    end
+    if w == "" then return "TRUE" end
+    return w
 end
 
 local function order_by(c, keys, prefix)
@@ -506,9 +541,43 @@ local function order_by(c, keys, prefix)
     return concat(out, ", ")
 end
 
+-- Parsed sorts given as lists of strings are kept per catalog, keyed by the strings (each with
+-- its length, so that no two lists share a key): a listing called again with the same sort
+-- gets the same keys table, and what was built for it (see listing_plan) is found again. A
+-- sort that does not parse raises before anything is kept.
+local SORT_CACHE_LIMIT = 64
+
+local function sort_key(list)
+    local n = #list
+    if n == 1 then
+        local s = list[1]
+        if type(s) == "string" then return s end
+        return nil
+    end
+    local parts = {}
+    for i = 1, n do
+        local s = list[i]
+        if type(s) ~= "string" then return nil end
+        parts[i] = #s .. ":" .. s
+    end
+    return concat(parts)
+end
+
+-- the sort keys of a listing, and whether they are a kept table (the same for the same sort)
 local function sort_of(self, c, opts)
-    if opts.sort == nil then return self.d.default_sort end
-    return parse_sort(opts.sort, self.d.sortable, self.d.pk, c.what)
+    local list = opts.sort
+    if list == nil then return self.d.default_sort, true end
+    local key = type(list) == "table" and next(list) ~= nil and sort_key(list)
+    if key then
+        local keys = c.sorts[key]
+        if keys then return keys, true end
+        keys = parse_sort(list, self.d.sortable, self.d.pk, c.what)
+        if c.nsorts >= SORT_CACHE_LIMIT then c.sorts, c.nsorts = {}, 0 end
+        c.sorts[key] = keys
+        c.nsorts = c.nsorts + 1
+        return keys, true
+    end
+    return parse_sort(list, self.d.sortable, self.d.pk, c.what), false
 end
 
 -- a row read with _rows (its NULL columns are absent, so they read as nil) -> an entity
@@ -521,6 +590,7 @@ end
 -- the rows become the items in place
 local function map_rows(d, rows, skip_total)
     local from = d.from_row
+    if not from and not skip_total then return rows end
     for i = 1, #rows do
         local row = rows[i]
         if skip_total then row.__qx_total = nil end
@@ -682,15 +752,35 @@ local function cursor_keys(self)
     return keys
 end
 
+local after_text
+
 -- The rows after a cursor position in the order of `keys` (mixed directions, NULLs sorting
 -- last ascending and first descending, the primary key breaking ties).
-local function after_sql(c, q, keys, vals)
+-- The plan keeps the text per pattern of NULL values (the second result): the parameters are
+-- numbered the same way whenever the listing before it is the same.
+local function after_sql(c, q, keys, vals, plan)
     local n = #keys
     local ph = {}
+    local nulls, bit = 0, 1
+    for i = 1, n do
+        local v = vals[i]
+        if v ~= null then ph[i] = q:param(v) else nulls = nulls + bit end
+        bit = bit * 2
+    end
+    local text = plan.after[nulls]
+    if text == nil then
+        text = after_text(c, keys, vals, ph)
+        plan.after[nulls] = text
+    end
+    return text, nulls
+end
+
+-- the text of after_sql, given the placeholders of the non-NULL values
+function after_text(c, keys, vals, ph)
+    local n = #keys
     local same_dir, all_notnull = true, true
     for i = 1, n do
         local v = vals[i]
-        if v ~= null then ph[i] = q:param(v) end
         if keys[i].desc ~= keys[1].desc then same_dir = false end
         if v == null or not c.columns[keys[i].field].notnull then all_notnull = false end
     end
@@ -724,23 +814,68 @@ end
 
 local TYPE_TAG = { string = "s", number = "n", boolean = "b", table = "t", userdata = "u" }
 
--- what a cursor is bound to: the table, the order, the filters with their values
-local function listing_context(c, keys, w, q)
+-- what a cursor is bound to: the table, the order, the filters with their values. The part
+-- before the values depends only on the listing's shape (see listing_plan).
+local function context_prefix(c, keys, w)
     local parts = { c.what, "" }
     for i, k in ipairs(keys) do parts[i + 2] = k.field .. (k.desc and ":d" or ":a") end
     parts[#parts + 1] = w
-    for i = 1, q.n do
-        local v = q.params[i]
-        local t = type(v)
-        local s = v == null and "" or (t == "string" and v) or (t == "number" and S.scalar_text(v))
-                  or (t == "table" and "") or tostring(v)
-        if t == "table" then
-            local ok, json = pcall(require("cjson").encode, v)
-            s = ok and json or tostring(v)
-        end
-        parts[#parts + 1] = (TYPE_TAG[t] or sub(t, 1, 1)) .. #s .. ":" .. s
-    end
     return concat(parts, "\n")
+end
+
+local function tagged(v)
+    local t = type(v)
+    if t == "string" then return "s" .. #v .. ":" .. v end
+    local s = v == null and "" or (t == "number" and S.scalar_text(v))
+              or (t == "table" and "") or tostring(v)
+    if t == "table" then
+        local ok, json = pcall(require("cjson").encode, v)
+        s = ok and json or tostring(v)
+    end
+    return (TYPE_TAG[t] or sub(t, 1, 1)) .. #s .. ":" .. s
+end
+
+local function listing_context(prefix, q)
+    local n, params = q.n, q.params
+    if n == 0 then return prefix end
+    if n == 1 then return prefix .. "\n" .. tagged(params[1]) end
+    if n == 2 then return prefix .. "\n" .. tagged(params[1]) .. "\n" .. tagged(params[2]) end
+    local parts = { prefix }
+    for i = 1, n do parts[i + 1] = tagged(params[i]) end
+    return concat(parts, "\n")
+end
+
+-- What a keyset page of one shape needs besides its values, made once per shape: the shape is
+-- the sort (a kept keys table, see sort_of) and the WHERE text of the scope and the filters,
+-- which names every field and operator and numbers the parameters. Different shapes have
+-- different texts, so they never share a plan; the filters are still checked (allow-list,
+-- operators, values) on every call, as the text is compiled from them each time.
+local PLAN_LIMIT = 256
+
+local function new_plan(c, keys, w)
+    return { context = context_prefix(c, keys, w), after = {}, sql = {},
+             head = "SELECT " .. c.select .. " FROM " .. c.qtable .. " WHERE " .. w,
+             order = " ORDER BY " .. order_by(c, keys) .. " LIMIT " }
+end
+
+local function listing_plan(c, keys, w)
+    local by_sort = c.page_plans[keys]
+    if by_sort == nil then
+        by_sort = {}
+        c.page_plans[keys] = by_sort
+    end
+    local plan = by_sort[w]
+    if plan then return plan end
+    if c.nplans >= PLAN_LIMIT then -- many shapes: start again rather than grow without end
+        c.page_plans = setmetatable({}, { __mode = "k" })
+        c.nplans = 0
+        by_sort = {}
+        c.page_plans[keys] = by_sort
+    end
+    plan = new_plan(c, keys, w)
+    by_sort[w] = plan
+    c.nplans = c.nplans + 1
+    return plan
 end
 
 local PAGE_OPTS = { filters = true, where = true, sort = true, limit = true, after = true,
@@ -762,16 +897,24 @@ function Repo:page(opts)
     end
     local q = new_query(self, c)
     local w = listing_where(self, c, q, opts)
-    local keys = sort_of(self, c, opts)
-    local context = listing_context(c, keys, w, q)
+    local keys, kept = sort_of(self, c, opts)
+    -- a sort given otherwise than as strings gets a plan of its own, used once
+    local plan = kept and listing_plan(c, keys, w) or new_plan(c, keys, w)
+    local context = listing_context(plan.context, q)
+    local variant, after = -1, nil
     if opts.after ~= nil then
         local vals
         vals, e = cursor.decode(keyring, context, opts.after, #keys)
         if not vals then return nil, e end
-        w = w .. " AND " .. after_sql(c, q, keys, vals)
+        after, variant = after_sql(c, q, keys, vals, plan)
     end
-    local sql = "SELECT " .. c.select .. " FROM " .. c.qtable .. " WHERE " .. w .. " ORDER BY "
-                .. order_by(c, keys) .. " LIMIT " .. q:param(limit + 1)
+    -- the text is the same for every page of the plan with the same NULL pattern (variant)
+    local limit_ph = q:param(limit + 1)
+    local sql = plan.sql[variant]
+    if sql == nil then
+        sql = plan.head .. (after and (" AND " .. after) or "") .. plan.order .. limit_ph
+        plan.sql[variant] = sql
+    end
     local rows
     rows, e = self.t:_rows(sql, unpack(q.params, 1, q.n))
     if not rows then return nil, e end
@@ -991,8 +1134,16 @@ function Repo:save(entity, opts)
     local c, e = ready(self)
     if not c then return nil, e end
     local d = self.d
-    local row = row_of(self, c, entity)
-    local id = id_of(self, c, entity, row)
+    -- with the default mapping the row is the entity's own fields: they are read from it
+    -- directly (rawget, as row_of does), without a copy
+    local row = d.to_row and row_of(self, c, entity)
+    local id
+    if row then
+        id = id_of(self, c, entity, row)
+    else
+        id = rawget(entity, d.pk) -- the key is never a writable column, so never in the row
+        if id == null then id = nil end
+    end
     if id == nil then return fail("invalid", c.what .. ": cannot save an entity without an id") end
     local ok
     ok, e = check_id(self, c, id)
@@ -1012,9 +1163,11 @@ function Repo:save(entity, opts)
     local defer = opts.defer
     local key = (self.tenant and 2 or 0) + (defer and 1 or 0)
     local sql = c.save_sql[key]
-    local q = new_query(self, c)
     local w = c.writable
+    local params, n
     if not sql then
+        local q = new_query(self, c)
+        row = row or row_of(self, c, entity)
         local sets = {}
         for i = 1, #w do
             local v = row[w[i]]
@@ -1042,12 +1195,23 @@ function Repo:save(entity, opts)
             sql = dml .. " RETURNING " .. concat(ret, ", ")
         end
         c.save_sql[key] = sql
+        params, n = q.params, q.n
     else
-        local params, n = q.params, #w
-        for i = 1, n do
-            local v = row[w[i]]
-            if v == nil then v = null end
-            params[i] = v
+        -- the parameters go out through unpack before anything else runs, so one array per
+        -- catalog serves every call
+        params, n = c.save_params, #w
+        if row then
+            for i = 1, n do
+                local v = row[w[i]]
+                if v == nil then v = null end
+                params[i] = v
+            end
+        else
+            for i = 1, n do
+                local v = rawget(entity, w[i])
+                if v == nil then v = null end
+                params[i] = v
+            end
         end
         if c.has.updated_by then
             n = n + 1
@@ -1069,10 +1233,9 @@ function Repo:save(entity, opts)
             params[n + 2] = what .. " not found"
             n = n + 2
         end
-        q.n = n
     end
-    if opts.defer then
-        ok, e = self.uow:queue(sql, unpack(q.params, 1, q.n))
+    if defer then
+        ok, e = self.uow:queue(sql, unpack(params, 1, n))
         if not ok then return nil, e end
         if c.has.version then rawset(entity, "version", version + 1) end
         if c.has.updated_by then rawset(entity, "updated_by", self.actor) end
@@ -1080,7 +1243,7 @@ function Repo:save(entity, opts)
         return entity
     end
     local rows
-    rows, e = self.uow:query(sql, unpack(q.params, 1, q.n))
+    rows, e = self.uow:query(sql, unpack(params, 1, n))
     if not rows then return nil, e end
     local r = rows[1]
     if r == nil then
