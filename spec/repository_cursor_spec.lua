@@ -386,5 +386,13 @@ describe("keyset pages of one shape", function()
     -- a list of sort fields whose joined text equals another list's is still its own sort
     assert.matches("not sortable", raised{ limit = 2, sort = { "email,score" } })
     assert.matches("not sortable", raised{ limit = 2, sort = { "1:email" } })
+    -- nor does one string that spells a kept longer sort's key find that sort
+    local r, e = sent(T, function(repo)
+      assert(repo:page{ limit = 2, sort = { "email", "score" } })
+      return repo:page{ limit = 2, sort = { "5:email5:score" } }
+    end)
+    assert.is_nil(r)
+    assert.equal("invalid", e.code)
+    assert.matches("not sortable", e.message)
   end)
 end)

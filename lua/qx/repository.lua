@@ -268,7 +268,8 @@ ORDER BY a.attnum]]
 local MANAGED = { "version", "created_at", "created_by", "updated_at", "updated_by" }
 
 local function build(d, rows)
-    local c = { what = d.what, get_sql = {}, save_sql = {}, save_params = {}, scope_sql = {}, sorts = {}, nsorts = 0,
+    local c = { what = d.what, get_sql = {}, save_sql = {}, save_params = {}, scope_sql = {},
+                sorts = {}, multi_sorts = {}, nsorts = 0,
                 page_plans = setmetatable({}, { __mode = "k" }), nplans = 0, columns = {}, order = {},
                 has = {},
                 managed = {}, writable = {}, has_raise = rows[1].has_raise }
@@ -541,17 +542,19 @@ local function order_by(c, keys, prefix)
     return concat(out, ", ")
 end
 
--- Parsed sorts given as lists of strings are kept per catalog, keyed by the strings (each with
--- its length, so that no two lists share a key): a listing called again with the same sort
--- gets the same keys table, and what was built for it (see listing_plan) is found again. A
--- sort that does not parse raises before anything is kept.
+-- Parsed sorts given as lists of strings are kept per catalog: a one-string sort by its string,
+-- a longer one by its strings each with its length (so that no two lists share a key), in a
+-- table of their own (so that no one-string sort shares a key with a longer one). A listing
+-- called again with the same sort gets the same keys table, and what was built for it (see
+-- listing_plan) is found again. A sort that does not parse raises before anything is kept.
 local SORT_CACHE_LIMIT = 64
 
-local function sort_key(list)
+-- the key of a sort list and the table it is kept in, or nil when it is not all strings
+local function sort_key(c, list)
     local n = #list
     if n == 1 then
         local s = list[1]
-        if type(s) == "string" then return s end
+        if type(s) == "string" then return s, c.sorts end
         return nil
     end
     local parts = {}
@@ -560,20 +563,24 @@ local function sort_key(list)
         if type(s) ~= "string" then return nil end
         parts[i] = #s .. ":" .. s
     end
-    return concat(parts)
+    return concat(parts), c.multi_sorts
 end
 
 -- the sort keys of a listing, and whether they are a kept table (the same for the same sort)
 local function sort_of(self, c, opts)
     local list = opts.sort
     if list == nil then return self.d.default_sort, true end
-    local key = type(list) == "table" and next(list) ~= nil and sort_key(list)
+    local key, kept
+    if type(list) == "table" and next(list) ~= nil then key, kept = sort_key(c, list) end
     if key then
-        local keys = c.sorts[key]
+        local keys = kept[key]
         if keys then return keys, true end
         keys = parse_sort(list, self.d.sortable, self.d.pk, c.what)
-        if c.nsorts >= SORT_CACHE_LIMIT then c.sorts, c.nsorts = {}, 0 end
-        c.sorts[key] = keys
+        if c.nsorts >= SORT_CACHE_LIMIT then
+            c.sorts, c.multi_sorts, c.nsorts = {}, {}, 0
+            kept = #list == 1 and c.sorts or c.multi_sorts
+        end
+        kept[key] = keys
         c.nsorts = c.nsorts + 1
         return keys, true
     end
