@@ -310,17 +310,9 @@ function _M.define(name, opts)
         snapshot_version = sv or 1,
     }
     specs[class] = spec
-    local handlers = spec.handlers
     -- record() applies at once; the hook runs before the event is buffered, so a handler that
-    -- raises leaves nothing buffered. An event with a handler is applied here directly (what
-    -- apply does for it); apply has the rest. (record() passes events only: their event_name is
-    -- their own field, and handlers are keyed by names, so a handler means a string name.)
+    -- raises leaves nothing buffered
     class.__record_hook = function(self, ev)
-        local h = handlers[ev.event_name]
-        if h then
-            h.fn(self, ev)
-            return
-        end
         local ok2, why = apply(self, spec, ev, false)
         if not ok2 then
             error("record: " .. why, 0)

@@ -500,12 +500,9 @@ local function scope(self, c, q, include_deleted, parts)
 end
 
 -- The scope of a listing as one text (its first parameter, when tenanted, is the tenant), per
--- variant made once: with or without a tenant, with or without deleted rows.
+-- variant made once: with or without a tenant, with or without deleted rows. q is a new query
+-- (every listing starts with one), so the text's numbering is its own.
 local function listing_scope(self, c, q, include_deleted)
-    if q.n ~= 0 then -- not the first parameters: the text would number them wrong
-        local parts = scope(self, c, q, include_deleted)
-        return concat(parts, " AND ")
-    end
     local variant = (self.tenant ~= nil and 2 or 0) + (include_deleted and 1 or 0)
     local text = c.scope_sql[variant]
     if text == nil then
@@ -759,31 +756,8 @@ local function cursor_keys(self)
     return keys
 end
 
-local after_text
-
--- The rows after a cursor position in the order of `keys` (mixed directions, NULLs sorting
--- last ascending and first descending, the primary key breaking ties).
--- The plan keeps the text per pattern of NULL values (the second result): the parameters are
--- numbered the same way whenever the listing before it is the same.
-local function after_sql(c, q, keys, vals, plan)
-    local n = #keys
-    local ph = {}
-    local nulls, bit = 0, 1
-    for i = 1, n do
-        local v = vals[i]
-        if v ~= null then ph[i] = q:param(v) else nulls = nulls + bit end
-        bit = bit * 2
-    end
-    local text = plan.after[nulls]
-    if text == nil then
-        text = after_text(c, keys, vals, ph)
-        plan.after[nulls] = text
-    end
-    return text, nulls
-end
-
 -- the text of after_sql, given the placeholders of the non-NULL values
-function after_text(c, keys, vals, ph)
+local function after_text(c, keys, vals, ph)
     local n = #keys
     local same_dir, all_notnull = true, true
     for i = 1, n do
@@ -817,6 +791,27 @@ function after_text(c, keys, vals, ph)
     end
     if #terms == 0 then return "FALSE" end
     return "(" .. concat(terms, " OR ") .. ")"
+end
+
+-- The rows after a cursor position in the order of `keys` (mixed directions, NULLs sorting
+-- last ascending and first descending, the primary key breaking ties).
+-- The plan keeps the text per pattern of NULL values (the second result): the parameters are
+-- numbered the same way whenever the listing before it is the same.
+local function after_sql(c, q, keys, vals, plan)
+    local n = #keys
+    local ph = {}
+    local nulls, bit = 0, 1
+    for i = 1, n do
+        local v = vals[i]
+        if v ~= null then ph[i] = q:param(v) else nulls = nulls + bit end
+        bit = bit * 2
+    end
+    local text = plan.after[nulls]
+    if text == nil then
+        text = after_text(c, keys, vals, ph)
+        plan.after[nulls] = text
+    end
+    return text, nulls
 end
 
 local TYPE_TAG = { string = "s", number = "n", boolean = "b", table = "t", userdata = "u" }
@@ -1023,7 +1018,7 @@ local function row_of(self, c, entity)
 end
 
 local function id_of(self, c, entity, row)
-    local id = row[self.d.pk]
+    local id = row and row[self.d.pk]
     if id == nil then id = rawget(entity, self.d.pk) end
     if id == null then id = nil end
     return id
@@ -1144,13 +1139,7 @@ function Repo:save(entity, opts)
     -- with the default mapping the row is the entity's own fields: they are read from it
     -- directly (rawget, as row_of does), without a copy
     local row = d.to_row and row_of(self, c, entity)
-    local id
-    if row then
-        id = id_of(self, c, entity, row)
-    else
-        id = rawget(entity, d.pk) -- the key is never a writable column, so never in the row
-        if id == null then id = nil end
-    end
+    local id = id_of(self, c, entity, row)
     if id == nil then return fail("invalid", c.what .. ": cannot save an entity without an id") end
     local ok
     ok, e = check_id(self, c, id)
@@ -1207,18 +1196,11 @@ function Repo:save(entity, opts)
         -- the parameters go out through unpack before anything else runs, so one array per
         -- catalog serves every call
         params, n = c.save_params, #w
-        if row then
-            for i = 1, n do
-                local v = row[w[i]]
-                if v == nil then v = null end
-                params[i] = v
-            end
-        else
-            for i = 1, n do
-                local v = rawget(entity, w[i])
-                if v == nil then v = null end
-                params[i] = v
-            end
+        local from = row or entity -- to_row's row, or the entity's own fields
+        for i = 1, n do
+            local v = rawget(from, w[i])
+            if v == nil then v = null end
+            params[i] = v
         end
         if c.has.updated_by then
             n = n + 1

@@ -249,9 +249,7 @@ end
 -- block) with one parameter, the unit of work known to be open.
 function Uow:_queue1(sql, p1)
     if self._failed then return nil, self._failed end
-    local n = self._n + 1
-    self._q[n] = { sql, n = 1, p1 }
-    self._n = n
+    push(self, { sql, n = 1, p1 })
     return true
 end
 
