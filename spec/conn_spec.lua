@@ -329,6 +329,24 @@ SELECT 7::int2 AS i2, -8::int4 AS i4, 9000000000::int8 AS i8, 1.5::float8 AS f8,
       assert.is_nil(next(only[1]))
     end)
 
+    it("makes only the first N rows into tables with a row limit, and counts every row", function()
+      local sql = "SELECT g AS n, NULLIF(g, 2) AS m FROM generate_series(1, 5) g"
+      local rows, count = assert(conn:send(nil, 1, 0, 3, sql))
+      assert.equal(5, count)
+      assert.same({ { n = 1, m = 1 }, { n = 2 }, { n = 3, m = 3 } }, rows)
+      rows, count = assert(conn:send(nil, 1, 0, 0, sql))
+      assert.same({}, rows)
+      assert.equal(5, count)
+      rows, count = assert(conn:send(nil, 1, 0, 9, sql))
+      assert.equal(5, #rows)
+      assert.equal(5, count)
+      -- a limit that is not a count is refused before anything is sent
+      for _, bad in ipairs({ -1, 2.5, 2^40 }) do
+        assert.has_error(function() conn:send(nil, 1, 0, bad, sql) end)
+      end
+      assert.equal("idle", conn:status())
+    end)
+
     it("returns true and the affected count in count mode, and true without a final statement", function()
       local v = "count-" .. core.uuid()
       local ok, affected = conn:send(nil, 1, 0, "count", "INSERT INTO " .. tbl .. " (v) VALUES ($1), ($1)", v)

@@ -355,13 +355,22 @@ function Reader:query(sql, ...)
     return self.db:query(sql, ...)
 end
 
--- rows without their NULL columns (as Uow:_rows)
-function Reader:_rows(sql, ...)
+-- rows without their NULL columns (as Uow:_rows); mode "sparse", or a number: only that many
+-- rows made into tables, the second result counting them all (as Uow:_rows_upto)
+local function reader_rows(self, mode, sql, ...)
     local conn, e = self.db.pool:acquire()
     if not conn then return nil, e end
-    local rows, affected = conn:send(nil, 1, 0, "sparse", sql, ...)
+    local rows, affected = conn:send(nil, 1, 0, mode, sql, ...)
     conn:release()
     return rows, affected
+end
+
+function Reader:_rows(sql, ...)
+    return reader_rows(self, "sparse", sql, ...)
+end
+
+function Reader:_rows_upto(max, sql, ...)
+    return reader_rows(self, max, sql, ...)
 end
 
 local function new_repo(d, target, db, ctx, uow)
@@ -917,12 +926,11 @@ function Repo:page(opts)
         sql = plan.head .. (after and (" AND " .. after) or "") .. plan.order .. limit_ph
         plan.sql[variant] = sql
     end
-    local rows
-    rows, e = self.t:_rows(sql, unpack(q.params, 1, q.n))
-    if not rows then return nil, e end
-    local out = { has_next = #rows > limit }
+    -- one row more than the page tells whether another follows; it is not made into a table
+    local rows, count = self.t:_rows_upto(limit, sql, unpack(q.params, 1, q.n))
+    if not rows then return nil, count end
+    local out = { has_next = count > limit }
     if out.has_next then
-        rows[limit + 1] = nil
         local last, vals = rows[limit], {}
         for i, k in ipairs(keys) do vals[i] = cursor.text(last[k.field]) end
         out.next_cursor = cursor.encode(keyring, context, vals, #keys)

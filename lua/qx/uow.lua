@@ -211,6 +211,13 @@ function Uow:_rows(sql, ...)
     return send(self, false, "sparse", sql, ...)
 end
 
+-- Uow:_rows, with only the first max rows made into tables; the second result counts every row
+-- the statement returned (a page reads one more than it shows to know whether another follows).
+function Uow:_rows_upto(max, sql, ...)
+    check_open(self, 2)
+    return send(self, false, max, sql, ...)
+end
+
 -- Statements PostgreSQL runs only inside BEGIN ... COMMIT (not in the implicit transaction of a
 -- batch without BEGIN); a unit of work that queues one uses an explicit transaction block.
 local NEEDS_BLOCK = { LOCK = true, DECLARE = true, SAVEPOINT = true, RELEASE = true }

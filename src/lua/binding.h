@@ -49,8 +49,9 @@ int qx_param_text(lua_State *L, int idx, int pos, const char **value, int *lengt
                   int *pushed, char *msg, size_t msgsize);
 
 /* Pushes the rows of a result as an array of { column = value } tables; NULL is core.null, or
- * with skip_nulls the column is left out of the row (it reads as nil). */
-void qx_push_rows(lua_State *L, const qx_result *r, int skip_nulls);
+ * with skip_nulls the column is left out of the row (it reads as nil). max_rows >= 0: only the
+ * first max_rows rows are made into tables (the rest are left in the result). */
+void qx_push_rows(lua_State *L, const qx_result *r, int skip_nulls, int max_rows);
 
 int qx_open_pool(lua_State *L);
 /* core.pool{ conninfo, size, acquire_timeout_ms, recycle_ms, connect_timeout_ms } */

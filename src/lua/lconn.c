@@ -1,4 +1,5 @@
 /* The leased-connection userdata: query, batch, script, listen, notifications, release. */
+#include <limits.h>
 #include <stdlib.h>
 
 #include "binding.h"
@@ -75,7 +76,7 @@ static int l_query(lua_State *L)
         return 2;
     if (qx_conn_exec(lc->c, &res, sql, n, params.values, params.lengths, &err) != QX_OK)
         return qx_push_error(L, &err);
-    qx_push_rows(L, res, 0);
+    qx_push_rows(L, res, 0, -1);
     qx_pushint64(L, qx_result_affected(res));
     qx_result_free(res);
     return 2;
@@ -157,7 +158,7 @@ static int l_batch(lua_State *L)
             continue;
         }
         lua_createtable(L, 0, 2);
-        qx_push_rows(L, results[i], 0);
+        qx_push_rows(L, results[i], 0, -1);
         lua_setfield(L, -2, "rows");
         qx_pushint64(L, qx_result_affected(results[i]));
         lua_setfield(L, -2, "affected");
@@ -180,7 +181,10 @@ static const char *const SEND_MODES[] = { "rows", "sparse", "count", NULL };
  * Sends stmts[from..to] (statement tables as for batch) and then, when mode is given, sql with
  * the parameters that follow it, all in one pipelined round trip. The results of stmts are not
  * made into Lua values. mode says what comes back for sql: "rows" (as conn:query), "sparse"
- * (rows without their NULL columns) or "count" (true and the affected count only). Without a
+ * (rows without their NULL columns), a number N (sparse, but only the first N rows are made into
+ * tables; affected still counts every row the statement returned: a page asks for one row more
+ * than it shows, to know whether another page follows, and need not build it) or "count" (true
+ * and the affected count only). Without a
  * final statement it returns true. failed_index is the index in stmts of the statement that
  * failed, to + 1 for sql, nil when the failure is not tied to one. Nothing to send: true, and no
  * round trip. It exists so that a unit of work sends its queue and a read without building a
@@ -191,7 +195,7 @@ static int l_send(lua_State *L)
     int top = lua_gettop(L);
     int from = (int)luaL_checkinteger(L, 3), to = (int)luaL_checkinteger(L, 4);
     int nq = to >= from ? to - from + 1 : 0, mode = -1, nfinal = 0, n, np_total = 0, i, k, p;
-    int failed = -1;
+    int failed = -1, max_rows = -1;
     qx_stmt local_stmts[LOCAL_STMTS], *stmts = local_stmts;
     qx_result *local_results[LOCAL_STMTS], **results = local_results;
     const char *local_values[LOCAL_PARAMS], **values = local_values;
@@ -202,7 +206,15 @@ static int l_send(lua_State *L)
 
     if (nq > 0)
         luaL_checktype(L, 2, LUA_TTABLE);
-    if (!lua_isnoneornil(L, 5)) {
+    if (lua_type(L, 5) == LUA_TNUMBER) { /* sparse rows, at most this many made into tables */
+        long long cap;
+        if (!qx_isinteger(L, 5, &cap) || cap < 0 || cap > INT_MAX)
+            return luaL_argerror(L, 5, "a row limit must be a non-negative integer");
+        mode = 1;
+        max_rows = (int)cap;
+        luaL_checktype(L, 6, LUA_TSTRING);
+        nfinal = top - 6;
+    } else if (!lua_isnoneornil(L, 5)) {
         mode = luaL_checkoption(L, 5, NULL, SEND_MODES);
         luaL_checktype(L, 6, LUA_TSTRING);
         nfinal = top - 6;
@@ -306,7 +318,7 @@ static int l_send(lua_State *L)
     if (mode == 2)
         lua_pushboolean(L, 1);
     else
-        qx_push_rows(L, results[nq], mode == 1);
+        qx_push_rows(L, results[nq], mode == 1, max_rows);
     qx_pushint64(L, qx_result_affected(results[nq]));
     qx_result_free(results[nq]);
     return 2;

@@ -197,12 +197,14 @@ static void push_value(lua_State *L, const qx_result *r, int row, int col, unsig
     }
 }
 
-void qx_push_rows(lua_State *L, const qx_result *r, int skip_nulls)
+void qx_push_rows(lua_State *L, const qx_result *r, int skip_nulls, int max_rows)
 {
     int nrows = qx_result_nrows(r), ncols = qx_result_ncols(r), row, col;
     int base = lua_gettop(L), names;
     unsigned int local_types[64], *typ = local_types;
 
+    if (max_rows >= 0 && nrows > max_rows)
+        nrows = max_rows;
     luaL_checkstack(L, ncols + 8, "too many columns");
     if (ncols > (int)(sizeof local_types / sizeof local_types[0]))
         typ = lua_newuserdata(L, sizeof *typ * (size_t)ncols);
