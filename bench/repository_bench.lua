@@ -6,8 +6,11 @@
 --
 --   QX_DB__URL=postgresql://... lua5.4 bench/repository_bench.lua [SECONDS [ROUNDS]]
 --
--- Each contender runs each operation for SECONDS (default 2), in ROUNDS (default 5) rounds that
--- alternate between the contenders; the medians are printed.
+-- Each contender runs each operation for SECONDS (default 2), in ROUNDS (default 5) rounds. In a
+-- round the contenders take turns operation by operation (the order of the turns rotating from
+-- round to round), so that the runs compared are seconds apart on a host whose speed drifts;
+-- a ratio is the median of the rounds' ratios to the C program's run of the same operation in
+-- the same round, and rates are medians of the rounds.
 --
 -- Needs `make` (build/lua5.4 and build/luajit) and a C compiler. Every operation of qx runs
 -- in its own unit of work (BEGIN and the statement in one round trip, COMMIT in a second, as a
@@ -98,10 +101,16 @@ end
 if WORKER then
   local kind = arg[2]
   local o = { tbl = arg[4], tenant = arg[5], get_id = arg[6], save_id = arg[7], defer_id = arg[8] }
+  local only = arg[9]
   local results
   if kind == "qx" then
     local db = assert(qx.connect{ pool_size = 1, cursor_key = KEY })
-    results = time_ops(operations(db, describe_users(o.tbl), o))
+    local ops = {}
+    for _, op in ipairs(operations(db, describe_users(o.tbl), o)) do
+      if op[1] == only then ops[#ops + 1] = op end
+    end
+    assert(#ops == 1, "unknown operation")
+    results = time_ops(ops)
     db:close()
   end
   for _, r in ipairs(results) do
@@ -237,9 +246,10 @@ local function version_now(id)
   return assert(db:query("SELECT version FROM " .. tbl .. " WHERE id = $1", id))[1].version
 end
 
-local function write_spec(path)
+local function write_spec(path, only)
   local f = assert(io.open(path, "wb"))
   for _, spec in ipairs(specs) do
+    if spec[1] ~= only then goto continue end
     local vb, vs, vp = 0, 0, 0
     if spec.slot then
       vb, vs, vp = spec.slot[1], spec.slot[2], spec.slot[3]
@@ -256,6 +266,7 @@ local function write_spec(path)
         end
       end
     end
+    ::continue::
   end
   f:close()
 end
@@ -265,9 +276,9 @@ os.execute("mkdir -p '" .. ROOT .. "build/bench'")
 assert(os.execute("cc -O2 -o '" .. BASELINE .. "' '" .. ROOT .. "bench/repository_baseline.c' "
   .. "-I/usr/include/postgresql -lpq"), "cannot build the C baseline")
 
-local function run_baseline()
+local function run_baseline(only)
   local path = os.tmpname()
-  write_spec(path)
+  write_spec(path, only)
   local out = {}
   local p = assert(io.popen("'" .. BASELINE .. "' '" .. env("QX_DB__URL") .. "' "
     .. path .. " " .. SECONDS))
@@ -277,9 +288,7 @@ local function run_baseline()
   end
   p:close()
   os.remove(path)
-  for _, spec in ipairs(specs) do
-    assert(out[spec[1]:gsub("[^%w]+", "_")], "the C baseline failed on " .. spec[1])
-  end
+  assert(out[only:gsub("[^%w]+", "_")], "the C baseline failed on " .. only)
   return out
 end
 
@@ -343,22 +352,24 @@ do
   end
 end
 
-local function run_luasql()
+local function run_luasql(only)
   local out = {}
   for _, op in ipairs(luasql_ops or {}) do
-    op[4]:setautocommit(not op[3])
-    local r = time_ops({ op })[1]
-    out[r[1]], out[r[1] .. " cpu"] = r[2], r[3]
+    if op[1] == only then
+      op[4]:setautocommit(not op[3])
+      local r = time_ops({ op })[1]
+      out[r[1]], out[r[1] .. " cpu"] = r[2], r[3]
+    end
   end
   return out
 end
 
-local function run_luajit()
+local function run_luajit(only)
   local out = {}
   local cmd = ("cd '%s' && env LUA_PATH='lua/?.lua;lua/?/init.lua;;' "
-    .. "LUA_CPATH='build/luajit/?.so;;' luajit bench/repository_bench.lua --worker qx %s %s %s %s %s %s"
+    .. "LUA_CPATH='build/luajit/?.so;;' luajit bench/repository_bench.lua --worker qx %s %s %s %s %s %s '%s'"
     ):format(ROOT, SECONDS, jit_o.tbl,
-    jit_o.tenant, jit_o.get_id, jit_o.save_id, jit_o.defer_id)
+    jit_o.tenant, jit_o.get_id, jit_o.save_id, jit_o.defer_id, only)
   local p = assert(io.popen(cmd))
   for line in p:lines() do
     local name, ops, cpu = line:match("^(.-)\t(%S+)\t(%S+)$")
@@ -369,21 +380,32 @@ local function run_luajit()
 end
 
 local qx_ops = operations(db, users, o)
-local function run_qx()
+local function run_qx(only)
   local out = {}
-  for _, r in ipairs(time_ops(qx_ops)) do out[r[1]], out[r[1] .. " cpu"] = r[2], r[3] end
+  for _, op in ipairs(qx_ops) do
+    if op[1] == only then
+      local r = time_ops({ op })[1]
+      out[r[1]], out[r[1] .. " cpu"] = r[2], r[3]
+    end
+  end
   return out
 end
 
--- Interleaved rounds, so that every contender sees the same load on a shared machine; the
--- median of the rounds is reported.
+-- Rounds in which the contenders take turns operation by operation, the order of the turns
+-- rotating from round to round: the runs compared are seconds apart, and none always goes first.
+local contenders = { { "base", run_baseline }, { "qx", run_qx }, { "jit", run_luajit },
+                     { "luasql", run_luasql } }
 local rounds = { base = {}, qx = {}, jit = {}, luasql = {} }
 for round = 1, ROUNDS do
   io.stderr:write(("round %d of %d\n"):format(round, ROUNDS))
-  rounds.base[round] = run_baseline()
-  rounds.qx[round] = run_qx()
-  rounds.jit[round] = run_luajit()
-  rounds.luasql[round] = run_luasql()
+  for _, who in ipairs(contenders) do rounds[who[1]][round] = {} end
+  for _, spec in ipairs(specs) do
+    for turn = 0, #contenders - 1 do
+      local who = contenders[(round - 1 + turn) % #contenders + 1]
+      local into = rounds[who[1]][round]
+      for k, v in pairs(who[2](spec[1])) do into[k] = v end
+    end
+  end
 end
 
 local function median(list, key)
@@ -395,19 +417,49 @@ local function median(list, key)
   return (xs[#xs / 2] + xs[#xs / 2 + 1]) / 2
 end
 
-print(("repository benchmark: %d rows per tenant, 2 tenants; median of %d interleaved rounds "
-  .. "of %.1f s per measurement"):format(ROWS, ROUNDS, SECONDS))
+local function key(name) return (name:gsub("[^%w]+", "_")) end
+
+-- a contender's ratio to the C program: the median of the rounds' ratios, and their range
+local function ratios(list, name)
+  local xs = {}
+  for r, res in ipairs(list) do
+    local b = rounds.base[r][key(name)]
+    if res[name] and b then xs[#xs + 1] = res[name] / b end
+  end
+  if #xs == 0 then return nil end
+  table.sort(xs)
+  local m = #xs % 2 == 1 and xs[(#xs + 1) / 2] or (xs[#xs / 2] + xs[#xs / 2 + 1]) / 2
+  return m, xs[1], xs[#xs]
+end
+
+print(("repository benchmark: %d rows per tenant, 2 tenants; %d rounds of %.1f s per "
+  .. "measurement, the contenders taking turns operation by operation"):format(ROWS, ROUNDS, SECONDS))
+print("rates: medians of the rounds; ratios: medians of the rounds' ratios to libpq")
 print(("%-26s %11s %10s %6s %10s %6s %10s %6s"):format("operation", "libpq ops/s", "qx 5.4",
   "ratio", "qx LuaJIT", "ratio", "LuaSQL", "ratio"))
-local function key(name) return (name:gsub("[^%w]+", "_")) end
 for _, spec in ipairs(specs) do
   local name = spec[1]
   local base = median(rounds.base, key(name))
   local a, j, l = median(rounds.qx, name), median(rounds.jit, name), median(rounds.luasql, name)
   local function num(x) return x and ("%.0f"):format(x) or "-" end
-  local function ratio(x) return (x and base) and ("%.2f"):format(x / base) or "-" end
-  print(("%-26s %11s %10s %6s %10s %6s %10s %6s"):format(name, num(base), num(a), ratio(a),
-    num(j), ratio(j), num(l), ratio(l)))
+  local function ratio(list)
+    local m = ratios(list, name)
+    return m and ("%.2f"):format(m) or "-"
+  end
+  print(("%-26s %11s %10s %6s %10s %6s %10s %6s"):format(name, num(base), num(a), ratio(rounds.qx),
+    num(j), ratio(rounds.jit), num(l), ratio(rounds.luasql)))
+end
+print("")
+print("range of the rounds' ratios to libpq")
+print(("%-26s %13s %13s %13s"):format("operation", "qx 5.4", "qx LuaJIT", "LuaSQL"))
+for _, spec in ipairs(specs) do
+  local name = spec[1]
+  local function range(list)
+    local m, lo, hi = ratios(list, name)
+    return m and ("%.2f-%.2f"):format(lo, hi) or "-"
+  end
+  print(("%-26s %13s %13s %13s"):format(name, range(rounds.qx), range(rounds.jit),
+    range(rounds.luasql)))
 end
 print("")
 print("client CPU per operation (microseconds; the database server's time not included)")
