@@ -10,8 +10,7 @@
 -- round the contenders take turns operation by operation (the order of the turns rotating from
 -- round to round), so that the runs compared are seconds apart on a host whose speed drifts;
 -- a ratio is the median of the rounds' ratios to the C program's run of the same operation in
--- the same round, and rates are medians of the rounds. qx also runs on Lua 5.4 with the
--- generational collector, which an application may choose, shown apart from the main table.
+-- the same round, and rates are medians of the rounds.
 --
 -- Needs `make` (build/lua5.4 and build/luajit) and a C compiler. Every operation of qx runs
 -- in its own unit of work (BEGIN and the statement in one round trip, COMMIT in a second, as a
@@ -104,8 +103,6 @@ if WORKER then
   local o = { tbl = arg[4], tenant = arg[5], get_id = arg[6], save_id = arg[7], defer_id = arg[8] }
   local only = arg[9]
   local results
-  -- a Lua 5.4 worker may run with another collector mode (QX_BENCH_GC=generational)
-  if os.getenv("QX_BENCH_GC") then collectgarbage(os.getenv("QX_BENCH_GC")) end
   if kind == "qx" then
     local db = assert(qx.connect{ pool_size = 1, cursor_key = KEY })
     local ops = {}
@@ -367,16 +364,12 @@ local function run_luasql(only)
   return out
 end
 
--- qx in a worker process: LuaJIT, or Lua 5.4 with the generational collector (rows of its own
--- for the saves)
-local gen_o = { tbl = tbl, tenant = tenant, get_id = o.get_id, save_id = id_of(51), defer_id = id_of(52) }
-
-local function run_worker(only, interp, w, gc)
+local function run_luajit(only)
   local out = {}
   local cmd = ("cd '%s' && env LUA_PATH='lua/?.lua;lua/?/init.lua;;' "
-    .. "LUA_CPATH='build/%s/?.so;;' %s %s bench/repository_bench.lua --worker qx %s %s %s %s %s %s '%s'"
-    ):format(ROOT, interp, gc and ("QX_BENCH_GC=" .. gc) or "", interp, SECONDS, w.tbl,
-    w.tenant, w.get_id, w.save_id, w.defer_id, only)
+    .. "LUA_CPATH='build/luajit/?.so;;' luajit bench/repository_bench.lua --worker qx %s %s %s %s %s %s '%s'"
+    ):format(ROOT, SECONDS, jit_o.tbl,
+    jit_o.tenant, jit_o.get_id, jit_o.save_id, jit_o.defer_id, only)
   local p = assert(io.popen(cmd))
   for line in p:lines() do
     local name, ops, cpu = line:match("^(.-)\t(%S+)\t(%S+)$")
@@ -400,13 +393,9 @@ end
 
 -- Rounds in which the contenders take turns operation by operation, the order of the turns
 -- rotating from round to round: the runs compared are seconds apart, and none always goes first.
-local contenders = {
-  { "base", run_baseline }, { "qx", run_qx },
-  { "jit", function(only) return run_worker(only, "luajit", jit_o) end },
-  { "luasql", run_luasql },
-  { "gen", function(only) return run_worker(only, "lua5.4", gen_o, "generational") end },
-}
-local rounds = { base = {}, qx = {}, jit = {}, luasql = {}, gen = {} }
+local contenders = { { "base", run_baseline }, { "qx", run_qx }, { "jit", run_luajit },
+                     { "luasql", run_luasql } }
+local rounds = { base = {}, qx = {}, jit = {}, luasql = {} }
 for round = 1, ROUNDS do
   io.stderr:write(("round %d of %d\n"):format(round, ROUNDS))
   for _, who in ipairs(contenders) do rounds[who[1]][round] = {} end
@@ -481,18 +470,6 @@ for _, spec in ipairs(specs) do
   print(("%-26s %11s %10s %10s %10s"):format(name, num(median(rounds.base, key(name) .. " cpu")),
     num(median(rounds.qx, name .. " cpu")), num(median(rounds.jit, name .. " cpu")),
     num(median(rounds.luasql, name .. " cpu"))))
-end
-print("")
-print("qx on Lua 5.4 with the generational collector (collectgarbage(\"generational\"), which an")
-print("application may choose; the figures above use the default incremental one)")
-print(("%-26s %10s %6s %13s %10s"):format("operation", "ops/s", "ratio", "range", "client CPU"))
-for _, spec in ipairs(specs) do
-  local name = spec[1]
-  local m, lo, hi = ratios(rounds.gen, name)
-  local x, cpu = median(rounds.gen, name), median(rounds.gen, name .. " cpu")
-  print(("%-26s %10s %6s %13s %10s"):format(name, x and ("%.0f"):format(x) or "-",
-    m and ("%.2f"):format(m) or "-", m and ("%.2f-%.2f"):format(lo, hi) or "-",
-    cpu and ("%.0f"):format(cpu) or "-"))
 end
 assert(db:exec("DROP TABLE " .. tbl))
 db:close()
