@@ -55,9 +55,8 @@ function _M.keys(value)
     return value
 end
 
--- the MAC of DOMAIN .. context .. "\n" .. body, taken over the parts
 local function mac(key, context, body)
-    return hmac(key, DOMAIN, context, "\n", body)
+    return hmac(key, DOMAIN .. context .. "\n" .. body)
 end
 
 -- encode(keys, context, values) -> token. values: array of strings or qx.null, n = count.

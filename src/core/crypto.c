@@ -65,35 +65,23 @@ static EVP_MAC_CTX *keyed(const void *key, size_t keylen)
     return EVP_MAC_init(mac_keyed, NULL, 0, NULL) ? mac_keyed : NULL;
 }
 
-qx_status qx_hmac_sha256_parts(unsigned char out[QX_HMAC_SHA256_LEN], const void *key,
-                               size_t keylen, const void *const *parts, const size_t *lens, int n,
-                               qx_error *err)
+qx_status qx_hmac_sha256(unsigned char out[QX_HMAC_SHA256_LEN], const void *key, size_t keylen,
+                         const void *data, size_t len, qx_error *err)
 {
     EVP_MAC_CTX *ctx;
     size_t outlen = 0;
-    int ok, i;
+    int ok;
 
     if (keylen > INT_MAX)
         return qx_error_set(err, QX_ERR_INVALID, "HMAC key is too long");
     pthread_mutex_lock(&mac_mu);
     ctx = keyed(key, keylen);
-    ok = ctx != NULL;
-    for (i = 0; ok && i < n; i++)
-        ok = EVP_MAC_update(ctx, parts[i], lens[i]);
-    ok = ok && EVP_MAC_final(ctx, out, &outlen, QX_HMAC_SHA256_LEN) &&
-         outlen == QX_HMAC_SHA256_LEN;
+    ok = ctx != NULL && EVP_MAC_update(ctx, data, len) &&
+         EVP_MAC_final(ctx, out, &outlen, QX_HMAC_SHA256_LEN) && outlen == QX_HMAC_SHA256_LEN;
     pthread_mutex_unlock(&mac_mu);
     if (!ok)
         return qx_error_set(err, QX_ERR_NOMEM, "HMAC-SHA256 failed");
     return QX_OK;
-}
-
-qx_status qx_hmac_sha256(unsigned char out[QX_HMAC_SHA256_LEN], const void *key, size_t keylen,
-                         const void *data, size_t len, qx_error *err)
-{
-    const void *parts[1];
-    parts[0] = data;
-    return qx_hmac_sha256_parts(out, key, keylen, parts, &len, 1, err);
 }
 
 int qx_equal_consttime(const void *a, const void *b, size_t len)

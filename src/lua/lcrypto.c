@@ -1,23 +1,15 @@
 /* Signing functions of the module table: hmac_sha256, equal_consttime, b64url_encode/decode. */
 #include "binding.h"
 
-#define HMAC_MAX_PARTS 8
-
-/* core.hmac_sha256(key, data[, more, ...]) -> 32 raw bytes: the MAC of data .. more .. ...
- * (up to 8 parts), without the caller making that string */
+/* core.hmac_sha256(key, data) -> 32 raw bytes */
 static int l_hmac_sha256(lua_State *L)
 {
-    size_t klen, lens[HMAC_MAX_PARTS];
-    const void *parts[HMAC_MAX_PARTS];
+    size_t klen, dlen;
     const char *key = luaL_checklstring(L, 1, &klen);
-    int n = lua_gettop(L) - 1, i;
+    const char *data = luaL_checklstring(L, 2, &dlen);
     unsigned char mac[QX_HMAC_SHA256_LEN];
     qx_error err;
-    luaL_argcheck(L, n <= HMAC_MAX_PARTS, HMAC_MAX_PARTS + 2, "too many parts");
-    parts[0] = luaL_checklstring(L, 2, &lens[0]);
-    for (i = 1; i < n; i++)
-        parts[i] = luaL_checklstring(L, i + 2, &lens[i]);
-    if (qx_hmac_sha256_parts(mac, key, klen, parts, lens, n, &err) != QX_OK)
+    if (qx_hmac_sha256(mac, key, klen, data, dlen, &err) != QX_OK)
         return luaL_error(L, "%s", err.message);
     lua_pushlstring(L, (const char *)mac, sizeof mac);
     return 1;
