@@ -184,11 +184,11 @@ static const char *const SEND_MODES[] = { "rows", "sparse", "count", NULL };
  * (rows without their NULL columns), a number N (sparse, but only the first N rows are made into
  * tables; affected still counts every row the statement returned: a page asks for one row more
  * than it shows, to know whether another page follows, and need not build it) or "count" (true
- * and the affected count only). Without a
- * final statement it returns true. failed_index is the index in stmts of the statement that
- * failed, to + 1 for sql, nil when the failure is not tied to one. Nothing to send: true, and no
- * round trip. It exists so that a unit of work sends its queue and a read without building a
- * batch table, a statement table for the read or result tables for the statements it queued. */
+ * and the affected count only). Without a final statement it returns true. failed_index is the
+ * index in stmts of the statement that failed, to + 1 for sql, nil when the failure is not tied
+ * to one. Nothing to send: true, and no round trip. It exists so that a unit of work sends its
+ * queue and a read without building a batch table, a statement table for the read or result
+ * tables for the statements it queued. */
 static int l_send(lua_State *L)
 {
     lconn *lc = check_conn(L);
