@@ -1,38 +1,33 @@
 -- Keyset pagination cursors: opaque, signed tokens.
 --
---   token = base64url(payload) "." base64url(HMAC-SHA256(key, context || payload))
---   payload = {"v":1,"k":[<the sort-key values of the last row, as text or null>]}
+--   token = base64url(frame) "." base64url(HMAC-SHA256(key, "qx.cursor.v2\n" context "\n"
+--                                                            base64url(frame)))
+--   frame = the sort-key values of the last row, each as text or null (the byte 0, or the byte
+--           1, a 4-byte big-endian length and the text)
 --
 -- The signed context names the listing the cursor belongs to (table, sort, filters, tenant,
 -- whether deleted rows are included), so a cursor cannot be edited, forged without the key, or
--- carried over to another listing. The payload is signed, not encrypted: it holds values of the
--- last row the client was already shown.
+-- carried over to another listing. The frame is signed, not encrypted: it holds values of the
+-- last row the client was already shown. Nothing of a token is read before its MAC is checked;
+-- making and checking tokens is the core's (core.cursor_seal, core.cursor_open).
 --
 -- Keys: the first signs; all are tried when checking, so a key can be rotated by putting the
 -- new one first and dropping the old one once its cursors have expired from use.
 local core = require "qx.core"
 local qx_error = require "qx.error"
-local json = require("cjson.safe").new()
 
 local type = type
 local tostring = tostring
 local ipairs = ipairs
-local find = string.find
-local sub = string.sub
-local concat = table.concat
-local hmac = core.hmac_sha256
-local equal = core.equal_consttime
-local b64e = core.b64url_encode
-local b64d = core.b64url_decode
+local seal = core.cursor_seal
+local open = core.cursor_open
 local null = core.null
-
-json.decode_max_depth(3)
 
 local _M = { _VERSION = "0.1.0" }
 
 _M.MAX_LENGTH = 4096   -- longer tokens are refused before any work
 _M.MIN_KEY_LENGTH = 16 -- bytes
-local DOMAIN = "qx.cursor.v1\n"
+_M.MAX_KEYS = 16
 
 local function bad(why)
     return nil, qx_error.new("invalid", "invalid cursor: " .. why)
@@ -44,6 +39,7 @@ function _M.keys(value)
     if type(value) ~= "table" or #value == 0 then
         return nil, "expected a string or a list of strings"
     end
+    if #value > _M.MAX_KEYS then return nil, "at most " .. _M.MAX_KEYS .. " keys" end
     for i, k in ipairs(value) do
         if type(k) ~= "string" then
             return nil, "key " .. i .. " is a " .. type(k) .. ", expected a string"
@@ -55,49 +51,18 @@ function _M.keys(value)
     return value
 end
 
-local function mac(key, context, body)
-    return hmac(key, DOMAIN .. context .. "\n" .. body)
-end
-
--- encode(keys, context, values) -> token. values: array of strings or qx.null, n = count.
+-- encode(keys, context, values, n) -> token. values: array of strings or qx.null, n = count.
 function _M.encode(keys, context, values, n)
-    local k = {}
-    for i = 1, n do
-        local v = values[i]
-        k[i] = (v == nil or v == null) and "null" or json.encode(v)
-    end
-    local body = b64e('{"v":1,"k":[' .. concat(k, ",") .. "]}")
-    return body .. "." .. b64e(mac(keys[1], context, body))
+    return seal(keys[1], context, values, n)
 end
 
 -- decode(keys, context, token, n) -> values (array of strings or qx.null) | nil, err
 function _M.decode(keys, context, token, n)
     if type(token) ~= "string" then return bad("expected a string, got " .. type(token)) end
     if #token > _M.MAX_LENGTH then return bad("too long") end
-    local dot = find(token, ".", 1, true)
-    if not dot then return bad("malformed") end
-    local body, sig = sub(token, 1, dot - 1), sub(token, dot + 1)
-    local given = b64d(sig)
-    if not given or #given ~= 32 then return bad("malformed signature") end
-    local ok = false
-    for _, key in ipairs(keys) do
-        if equal(mac(key, context, body), given) then ok = true break end
-    end
-    if not ok then
-        return bad("signature does not match (edited, forged, or from another listing)")
-    end
-    -- signed by us: the rest can only fail if the listing's shape changed meanwhile
-    local raw = b64d(body)
-    local payload = raw and json.decode(raw)
-    if type(payload) ~= "table" or payload.v ~= 1 or type(payload.k) ~= "table"
-       or #payload.k ~= n then
-        return bad("does not fit this listing")
-    end
-    for i = 1, n do
-        local v = payload.k[i]
-        if v ~= null and type(v) ~= "string" then return bad("does not fit this listing") end
-    end
-    return payload.k
+    local values, why = open(keys, context, token, n)
+    if not values then return bad(why) end
+    return values
 end
 
 -- The text a key value travels as (numbers keep every digit of a double).

@@ -1,6 +1,7 @@
 /*
  * Signing of opaque tokens (pagination cursors): HMAC-SHA256 from OpenSSL's libcrypto, a
- * constant-time comparison, and unpadded base64url (RFC 4648 section 5).
+ * constant-time comparison, unpadded base64url (RFC 4648 section 5), and the cursor token made
+ * of them (qx_cursor_seal / qx_cursor_open).
  *
  * The decoder is strict: only the url-safe alphabet, no padding, no whitespace, and the unused
  * low bits of the last character must be zero, so every byte string has exactly one encoding and
@@ -160,5 +161,134 @@ qx_status qx_b64url_decode(unsigned char *out, size_t *outlen, const char *in, s
     if (bits > 0 && (acc & ((1ul << bits) - 1)) != 0)
         return qx_error_set(err, QX_ERR_INVALID, "base64url text is not in canonical form");
     *outlen = o;
+    return QX_OK;
+}
+
+/* ---- cursors ------------------------------------------------------------------------------ */
+
+static size_t frame_len(const qx_cursor_value *v, int n)
+{
+    size_t len = 0;
+    int i;
+    for (i = 0; i < n; i++)
+        len += v[i].ptr == NULL ? 1 : 5 + v[i].len;
+    return len;
+}
+
+size_t qx_cursor_sealed_len(const qx_cursor_value *v, int n)
+{
+    return qx_b64url_encoded_len(frame_len(v, n)) + 1 +
+           qx_b64url_encoded_len(QX_HMAC_SHA256_LEN);
+}
+
+/* The MAC of QX_CURSOR_DOMAIN context "\n" body: the message is put together in one buffer
+ * (one update of the MAC costs more than copying it). */
+static qx_status cursor_mac(unsigned char mac[QX_HMAC_SHA256_LEN], const void *key,
+                            size_t keylen, const char *context, size_t contextlen,
+                            const char *body, size_t bodylen, qx_error *err)
+{
+    static const char domain[] = QX_CURSOR_DOMAIN;
+    char local[1024], *msg = local;
+    size_t dlen = sizeof domain - 1, len = dlen + contextlen + 1 + bodylen;
+    qx_status s;
+    if (len > sizeof local && (msg = malloc(len)) == NULL)
+        return qx_error_set(err, QX_ERR_NOMEM, "out of memory");
+    memcpy(msg, domain, dlen);
+    memcpy(msg + dlen, context, contextlen);
+    msg[dlen + contextlen] = '\n';
+    memcpy(msg + dlen + contextlen + 1, body, bodylen);
+    s = qx_hmac_sha256(mac, key, keylen, msg, len, err);
+    if (msg != local)
+        free(msg);
+    return s;
+}
+
+qx_status qx_cursor_seal(char *out, const void *key, size_t keylen, const char *context,
+                         size_t contextlen, const qx_cursor_value *v, int n, qx_error *err)
+{
+    size_t flen = frame_len(v, n), blen = qx_b64url_encoded_len(flen), o = 0;
+    unsigned char local[512], *frame = local, mac[QX_HMAC_SHA256_LEN];
+    qx_status s;
+    int i;
+    if (flen > sizeof local && (frame = malloc(flen)) == NULL)
+        return qx_error_set(err, QX_ERR_NOMEM, "out of memory");
+    for (i = 0; i < n; i++) {
+        if (v[i].ptr == NULL) {
+            frame[o++] = 0;
+            continue;
+        }
+        frame[o++] = 1;
+        frame[o++] = (unsigned char)(v[i].len >> 24);
+        frame[o++] = (unsigned char)(v[i].len >> 16);
+        frame[o++] = (unsigned char)(v[i].len >> 8);
+        frame[o++] = (unsigned char)v[i].len;
+        memcpy(frame + o, v[i].ptr, v[i].len);
+        o += v[i].len;
+    }
+    qx_b64url_encode(out, frame, flen);
+    if (frame != local)
+        free(frame);
+    s = cursor_mac(mac, key, keylen, context, contextlen, out, blen, err);
+    if (s != QX_OK)
+        return s;
+    out[blen] = '.';
+    qx_b64url_encode(out + blen + 1, mac, sizeof mac);
+    return QX_OK;
+}
+
+qx_status qx_cursor_open(qx_cursor_value *v, int n, unsigned char *frame, const char *token,
+                         size_t tokenlen, const void *const *keys, const size_t *keylens,
+                         int nkeys, const char *context, size_t contextlen, qx_error *err)
+{
+    const char *dot;
+    unsigned char given[QX_HMAC_SHA256_LEN + 3], mac[QX_HMAC_SHA256_LEN];
+    size_t blen, glen = 0, flen = 0, o = 0;
+    int i, ok = 0;
+    qx_error ignored;
+
+    if (tokenlen > QX_CURSOR_MAX)
+        return qx_error_set(err, QX_ERR_INVALID, "too long");
+    dot = memchr(token, '.', tokenlen);
+    if (dot == NULL)
+        return qx_error_set(err, QX_ERR_INVALID, "malformed");
+    blen = (size_t)(dot - token);
+    if (tokenlen - blen - 1 != qx_b64url_encoded_len(QX_HMAC_SHA256_LEN) ||
+        qx_b64url_decode(given, &glen, dot + 1, tokenlen - blen - 1, &ignored) != QX_OK ||
+        glen != QX_HMAC_SHA256_LEN)
+        return qx_error_set(err, QX_ERR_INVALID, "malformed signature");
+    for (i = 0; i < nkeys && !ok; i++) {
+        qx_status s = cursor_mac(mac, keys[i], keylens[i], context, contextlen, token, blen, err);
+        if (s != QX_OK)
+            return s;
+        ok = qx_equal_consttime(mac, given, sizeof mac);
+    }
+    if (!ok)
+        return qx_error_set(err, QX_ERR_INVALID,
+                            "signature does not match (edited, forged, or from another listing)");
+    /* signed by us: the rest can only fail if the listing's shape changed meanwhile */
+    if (qx_b64url_decode(frame, &flen, token, blen, &ignored) != QX_OK)
+        return qx_error_set(err, QX_ERR_INVALID, "does not fit this listing");
+    for (i = 0; i < n; i++) {
+        size_t len;
+        if (o >= flen || frame[o] > 1)
+            break;
+        if (frame[o++] == 0) {
+            v[i].ptr = NULL;
+            v[i].len = 0;
+            continue;
+        }
+        if (flen - o < 4)
+            break;
+        len = ((size_t)frame[o] << 24) | ((size_t)frame[o + 1] << 16) |
+              ((size_t)frame[o + 2] << 8) | frame[o + 3];
+        o += 4;
+        if (len > flen - o)
+            break;
+        v[i].ptr = (const char *)frame + o;
+        v[i].len = len;
+        o += len;
+    }
+    if (i < n || o != flen)
+        return qx_error_set(err, QX_ERR_INVALID, "does not fit this listing");
     return QX_OK;
 }

@@ -197,6 +197,31 @@ void qx_b64url_encode(char *out, const unsigned char *in, size_t n);
 qx_status qx_b64url_decode(unsigned char *out, size_t *outlen, const char *in, size_t n,
                            qx_error *err);
 
+/* Keyset cursors: token = base64url(frame) "." base64url(HMAC-SHA256(key, QX_CURSOR_DOMAIN
+ * context "\n" base64url(frame))), the frame holding the values one after another, each the
+ * byte 0 (null) or the byte 1, a 4-byte big-endian length and the bytes. The context names the
+ * listing the cursor belongs to; nothing of a token is read before its MAC is checked. */
+#define QX_CURSOR_DOMAIN "qx.cursor.v2\n"
+#define QX_CURSOR_MAX 4096       /* longest token opened */
+#define QX_CURSOR_MAX_VALUES 64
+#define QX_CURSOR_MAX_KEYS 16
+typedef struct qx_cursor_value {
+    const char *ptr; /* NULL: a null value */
+    size_t len;
+} qx_cursor_value;
+/* Length of the token qx_cursor_seal makes of these values (without a NUL). */
+size_t qx_cursor_sealed_len(const qx_cursor_value *v, int n);
+/* Writes the token (qx_cursor_sealed_len bytes and a NUL) to out. */
+qx_status qx_cursor_seal(char *out, const void *key, size_t keylen, const char *context,
+                         size_t contextlen, const qx_cursor_value *v, int n, qx_error *err);
+/* Checks the token's MAC under each of the keys (constant-time comparison), then reads exactly
+ * n values into v, which point into frame (room for tokenlen bytes). QX_ERR_INVALID, with the
+ * reason as the message, for a token that is too long, malformed, not signed by any of the keys
+ * for this context, or does not hold n values. */
+qx_status qx_cursor_open(qx_cursor_value *v, int n, unsigned char *frame, const char *token,
+                         size_t tokenlen, const void *const *keys, const size_t *keylens,
+                         int nkeys, const char *context, size_t contextlen, qx_error *err);
+
 /* ---- NATS (natsconn.c): one connection to NATS with JetStream -------------------------- */
 
 /* A NATS connection and its JetStream context (nats.c underneath). Publishers, relays and

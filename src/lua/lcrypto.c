@@ -1,4 +1,5 @@
-/* Signing functions of the module table: hmac_sha256, equal_consttime, b64url_encode/decode. */
+/* Signing functions of the module table: hmac_sha256, equal_consttime, b64url_encode/decode,
+ * cursor_seal/cursor_open. */
 #include "binding.h"
 
 /* core.hmac_sha256(key, data) -> 32 raw bytes */
@@ -50,7 +51,101 @@ static int l_b64url_decode(lua_State *L)
     return 1;
 }
 
+/* the values[1..n] of a cursor: strings, or nil / core.null for a null */
+static int cursor_values(lua_State *L, int idx, int n, qx_cursor_value *v)
+{
+    int i;
+    for (i = 0; i < n; i++) {
+        int t;
+        lua_rawgeti(L, idx, i + 1);
+        t = lua_type(L, -1);
+        if (t == LUA_TNIL || (t == LUA_TLIGHTUSERDATA && lua_touserdata(L, -1) == NULL)) {
+            v[i].ptr = NULL;
+            v[i].len = 0;
+        } else if (t == LUA_TSTRING) {
+            v[i].ptr = lua_tolstring(L, -1, &v[i].len); /* the table keeps it alive */
+        } else {
+            return luaL_error(L, "cursor value %d is a %s, expected a string or null", i + 1,
+                              lua_typename(L, t));
+        }
+        lua_pop(L, 1);
+    }
+    return 0;
+}
+
+static int cursor_count(lua_State *L, int idx)
+{
+    lua_Integer n = luaL_checkinteger(L, idx);
+    luaL_argcheck(L, n >= 0 && n <= QX_CURSOR_MAX_VALUES, idx, "too many cursor values");
+    return (int)n;
+}
+
+/* core.cursor_seal(key, context, values, n) -> token (values[1..n]: strings or null) */
+static int l_cursor_seal(lua_State *L)
+{
+    size_t klen, clen;
+    const char *key = luaL_checklstring(L, 1, &klen);
+    const char *context = luaL_checklstring(L, 2, &clen);
+    int n = cursor_count(L, 4);
+    qx_cursor_value v[QX_CURSOR_MAX_VALUES];
+    size_t len;
+    char *out;
+    qx_error err;
+    luaL_checktype(L, 3, LUA_TTABLE);
+    cursor_values(L, 3, n, v);
+    len = qx_cursor_sealed_len(v, n);
+    out = lua_newuserdata(L, len + 1);
+    if (qx_cursor_seal(out, key, klen, context, clen, v, n, &err) != QX_OK)
+        return luaL_error(L, "%s", err.message);
+    lua_pushlstring(L, out, len);
+    return 1;
+}
+
+/* core.cursor_open(keys, context, token, n) -> values | nil, why
+ * keys: a list of strings, the first the one cursors are signed with; values[1..n] are strings
+ * or core.null. */
+static int l_cursor_open(lua_State *L)
+{
+    size_t clen, tlen, keylens[QX_CURSOR_MAX_KEYS];
+    const void *keys[QX_CURSOR_MAX_KEYS];
+    const char *context = luaL_checklstring(L, 2, &clen);
+    const char *token = luaL_checklstring(L, 3, &tlen);
+    int n = cursor_count(L, 4), nkeys, i;
+    qx_cursor_value v[QX_CURSOR_MAX_VALUES];
+    unsigned char frame[QX_CURSOR_MAX];
+    qx_error err;
+    luaL_checktype(L, 1, LUA_TTABLE);
+    nkeys = (int)qx_rawlen(L, 1);
+    luaL_argcheck(L, nkeys >= 1 && nkeys <= QX_CURSOR_MAX_KEYS, 1, "expected 1 to 16 keys");
+    for (i = 0; i < nkeys; i++) {
+        lua_rawgeti(L, 1, i + 1);
+        if (lua_type(L, -1) != LUA_TSTRING)
+            return luaL_argerror(L, 1, "keys must be strings");
+        keys[i] = lua_tolstring(L, -1, &keylens[i]); /* the table keeps it alive */
+        lua_pop(L, 1);
+    }
+    if (qx_cursor_open(v, n, frame, token, tlen, keys, keylens, nkeys, context, clen, &err) !=
+        QX_OK) {
+        if (err.status != QX_ERR_INVALID)
+            return luaL_error(L, "%s", err.message);
+        lua_pushnil(L);
+        lua_pushstring(L, err.message);
+        return 2;
+    }
+    lua_createtable(L, n, 0);
+    for (i = 0; i < n; i++) {
+        if (v[i].ptr == NULL)
+            lua_pushlightuserdata(L, NULL);
+        else
+            lua_pushlstring(L, v[i].ptr, v[i].len);
+        lua_rawseti(L, -2, i + 1);
+    }
+    return 1;
+}
+
 static const luaL_Reg funcs[] = {
+    { "cursor_seal", l_cursor_seal },
+    { "cursor_open", l_cursor_open },
     { "hmac_sha256", l_hmac_sha256 },
     { "equal_consttime", l_equal_consttime },
     { "b64url_encode", l_b64url_encode },
