@@ -210,6 +210,9 @@ qx_status qx_cursor_seal(char *out, const void *key, size_t keylen, const char *
     unsigned char local[512], *frame = local, mac[QX_HMAC_SHA256_LEN];
     qx_status s;
     int i;
+    for (i = 0; i < n; i++)
+        if (v[i].ptr != NULL && v[i].len > 0xffffffffu)
+            return qx_error_set(err, QX_ERR_INVALID, "cursor value %d is too long", i + 1);
     if (flen > sizeof local && (frame = malloc(flen)) == NULL)
         return qx_error_set(err, QX_ERR_NOMEM, "out of memory");
     for (i = 0; i < n; i++) {
