@@ -523,17 +523,17 @@ local function listing_scope(self, c, q, include_deleted)
     return text
 end
 
+-- w AND the compiled specification x (filters or where), when there is one
+local function and_spec(w, x, q)
+    if x == nil then return w end
+    local f = compile_spec(spec_of(x), q)
+    return w == "" and f or (w .. " AND " .. f)
+end
+
 -- WHERE text of a listing: scope, filters and where (a specification)
 local function listing_where(self, c, q, opts)
     local w = listing_scope(self, c, q, opts.include_deleted)
-    if opts.filters ~= nil then
-        local f = compile_spec(spec_of(opts.filters), q)
-        w = w == "" and f or (w .. " AND " .. f)
-    end
-    if opts.where ~= nil then
-        local f = compile_spec(spec_of(opts.where), q)
-        w = w == "" and f or (w .. " AND " .. f)
-    end
+    w = and_spec(and_spec(w, opts.filters, q), opts.where, q)
     if w == "" then return "TRUE" end
     return w
 end

@@ -25,9 +25,9 @@ local null = core.null
 
 local _M = { _VERSION = "0.1.0" }
 
-_M.MAX_LENGTH = 4096   -- longer tokens are refused before any work
-_M.MIN_KEY_LENGTH = 16 -- bytes
-_M.MAX_KEYS = 16
+_M.MAX_LENGTH = core.CURSOR_MAX_LENGTH -- longer tokens are refused before any work
+_M.MIN_KEY_LENGTH = 16                 -- bytes
+_M.MAX_KEYS = core.CURSOR_MAX_KEYS
 
 local function bad(why)
     return nil, qx_error.new("invalid", "invalid cursor: " .. why)
@@ -59,7 +59,6 @@ end
 -- decode(keys, context, token, n) -> values (array of strings or qx.null) | nil, err
 function _M.decode(keys, context, token, n)
     if type(token) ~= "string" then return bad("expected a string, got " .. type(token)) end
-    if #token > _M.MAX_LENGTH then return bad("too long") end
     local values, why = open(keys, context, token, n)
     if not values then return bad(why) end
     return values

@@ -116,7 +116,8 @@ static int l_cursor_open(lua_State *L)
     qx_error err;
     luaL_checktype(L, 1, LUA_TTABLE);
     nkeys = (int)qx_rawlen(L, 1);
-    luaL_argcheck(L, nkeys >= 1 && nkeys <= QX_CURSOR_MAX_KEYS, 1, "expected 1 to 16 keys");
+    if (nkeys < 1 || nkeys > QX_CURSOR_MAX_KEYS)
+        return luaL_argerror(L, 1, lua_pushfstring(L, "expected 1 to %d keys", QX_CURSOR_MAX_KEYS));
     for (i = 0; i < nkeys; i++) {
         lua_rawgeti(L, 1, i + 1);
         if (lua_type(L, -1) != LUA_TSTRING)
@@ -156,4 +157,8 @@ static const luaL_Reg funcs[] = {
 void qx_open_crypto(lua_State *L)
 {
     qx_setfuncs(L, funcs, 0);
+    lua_pushinteger(L, QX_CURSOR_MAX);
+    lua_setfield(L, -2, "CURSOR_MAX_LENGTH");
+    lua_pushinteger(L, QX_CURSOR_MAX_KEYS);
+    lua_setfield(L, -2, "CURSOR_MAX_KEYS");
 }
