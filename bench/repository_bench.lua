@@ -14,9 +14,9 @@
 --
 -- Needs `make` (build/lua5.4 and build/luajit) and a C compiler. Every operation of qx runs
 -- in its own unit of work (BEGIN and the statement in one round trip, COMMIT in a second, as a
--- read must see its result before committing), except "get (reader)", which reads outside a
--- transaction, and "save (deferred)", which queues the guarded UPDATE with the COMMIT in one
--- round trip.
+-- read must see its result before committing), except "get (reader)" and "keyset page
+-- (reader)", which read outside a transaction (a description's reader: one statement, one round
+-- trip), and "save (deferred)", which queues the guarded UPDATE with the COMMIT in one round trip.
 -- paths from the tree this script is in, whatever the working directory
 local ROOT = (arg[0]:match("^(.*)bench/[^/]*$") or "./")
 if ROOT == "" then ROOT = "./" end
@@ -72,6 +72,10 @@ local function operations(db, users, o)
           return assert(u:repo(users):page{ limit = 20, after = cursor, sort = { "email" },
                                             filters = {{ "is_active", "eq", true }} })
         end) end },
+    { "keyset page (reader)", function()
+        return assert(reader:page{ limit = 20, after = cursor, sort = { "email" },
+                                   filters = {{ "is_active", "eq", true }} })
+      end },
     { "save", function()
         return uow(function(u) return assert(u:repo(users):save(saved)) end) end },
     { "save (deferred)", function()
@@ -216,12 +220,15 @@ do -- the saves, on the baseline's rows
     return assert(uow:repo(users):save(e2, { defer = true }))
   end), version = 1 }
 end
--- the reader's get: the SELECT alone, one round trip
-local get_stmt
-for _, s in ipairs(specs[1][2][1]) do
-  if s.sql:find("^SELECT") and not s.sql:find("set_config") then get_stmt = s end
+-- the reader's get and keyset page: the SELECT alone, one round trip
+local function select_of(spec)
+  for _, s in ipairs(spec[2][1]) do
+    if s.sql:find("^SELECT") and not s.sql:find("set_config") then return s end
+  end
+  error("no SELECT in " .. spec[1])
 end
-table.insert(specs, 2, { "get (reader)", { { get_stmt } } })
+table.insert(specs, 4, { "keyset page (reader)", { { select_of(specs[3]) } } })
+table.insert(specs, 2, { "get (reader)", { { select_of(specs[1]) } } })
 
 -- where the version parameter is (the UPDATE's parameter equal to the captured version, 1)
 local function version_slot(spec)
