@@ -227,8 +227,16 @@ local function select_of(spec)
   end
   error("no SELECT in " .. spec[1])
 end
-table.insert(specs, 4, { "keyset page (reader)", { { select_of(specs[3]) } } })
-table.insert(specs, 2, { "get (reader)", { { select_of(specs[1]) } } })
+local function after_spec(name, reader_name)
+  for i, spec in ipairs(specs) do
+    if spec[1] == name then
+      return table.insert(specs, i + 1, { reader_name, { { select_of(spec) } } })
+    end
+  end
+  error("no operation " .. name)
+end
+after_spec("get", "get (reader)")
+after_spec("keyset page", "keyset page (reader)")
 
 -- where the version parameter is (the UPDATE's parameter equal to the captured version, 1)
 local function version_slot(spec)
