@@ -230,7 +230,8 @@ end
 local function after_spec(name, reader_name)
   for i, spec in ipairs(specs) do
     if spec[1] == name then
-      return table.insert(specs, i + 1, { reader_name, { { select_of(spec) } } })
+      table.insert(specs, i + 1, { reader_name, { { select_of(spec) } } })
+      return
     end
   end
   error("no operation " .. name)

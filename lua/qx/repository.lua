@@ -1025,7 +1025,8 @@ local function row_of(self, c, entity)
     return row
 end
 
-local function id_of(self, c, entity, row)
+-- the id: to_row's row's (when given), else the entity's own field
+local function id_of(self, entity, row)
     local id = row and row[self.d.pk]
     if id == nil then id = rawget(entity, self.d.pk) end
     if id == null then id = nil end
@@ -1074,7 +1075,7 @@ function Repo:add(entity, opts)
     if not c then return nil, e end
     local d = self.d
     local row = row_of(self, c, entity)
-    local id = id_of(self, c, entity, row)
+    local id = id_of(self, entity, row)
     if id == nil and c.pk_col.uuid then id = core.uuid() end
     if id ~= nil then
         local ok
@@ -1147,7 +1148,7 @@ function Repo:save(entity, opts)
     -- with the default mapping the row is the entity's own fields: they are read from it
     -- directly (rawget, as row_of does), without a copy
     local row = d.to_row and row_of(self, c, entity)
-    local id = id_of(self, c, entity, row)
+    local id = id_of(self, entity, row)
     if id == nil then return fail("invalid", c.what .. ": cannot save an entity without an id") end
     local ok
     ok, e = check_id(self, c, id)
@@ -1271,7 +1272,7 @@ local DELETE_OPTS = { missing_ok = true }
 -- the id and expected version of an id or an entity
 local function target_of(self, c, x, fname)
     if type(x) == "table" then
-        local id = id_of(self, c, x, self.d.to_row and self.d.to_row(x) or {})
+        local id = id_of(self, x, self.d.to_row and self.d.to_row(x))
         local v = rawget(x, "version")
         if c.has.version and not is_int(v, 0, 2147483647) then
             return nil, nil, nil, qx_error.new("invalid", c.what .. " " .. tostring(id)
