@@ -239,7 +239,8 @@ describe("qx.core pool", function()
     local waited = core.clock() - t0
     assert.is_nil(c)
     assert.equal("connection", e.code)
-    assert.is_true(waited >= 1.5 and waited < 5, "waited " .. waited)
+    -- libpq counts the 2 s on a clock of whole seconds: it ends between 1 and 3 s after the start
+    assert.is_true(waited >= 1 and waited < 5, "waited " .. waited)
     p:close()
   end)
 

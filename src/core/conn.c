@@ -156,6 +156,8 @@ qx_status qx_conn_open(qx_conn **out, const char *conninfo, int connect_timeout_
 
     keys[k] = "application_name", vals[k++] = "qx";
     keys[k] = "dbname", vals[k++] = conninfo; /* expanded: a URL or key=value string */
+    /* libpq's connect_timeout: whole seconds (at least 2), counted on a seconds clock, so the
+     * attempt ends within a second either side of it */
     if (connect_timeout_ms > 0) {
         snprintf(timeout, sizeof timeout, "%d", (connect_timeout_ms + 999) / 1000);
         keys[k] = "connect_timeout", vals[k++] = timeout;
