@@ -76,7 +76,7 @@ pick_port() {
 user_line() {
   [ "$(id -u)" -eq 0 ] || { echo "# not root: workers run as the current user"; return; }
   local f ok=1
-  for f in "$root/lua/qx/openresty.lua" "$root/build/luajit/qx/core.so" \
+  for f in "$root/lua/qx/openresty/init.lua" "$root/build/luajit/qx/core.so" \
            "$here/shop/commands.lua" ${QX_NGINX_INCLUDE:+"$QX_NGINX_INCLUDE"}; do
     runuser -u nobody -- test -r "$f" 2>/dev/null || ok=0
   done

@@ -6,10 +6,10 @@
 --   local id, err = db:unit_of_work(function(uow) ... end, { context = { ... } })
 local core = require "qx.core"
 local err = require "qx.error"
-local event = require "qx.event"
-local aggregate = require "qx.aggregate"
-local dispatcher = require "qx.dispatcher"
-local db = require "qx.db"
+local event = require "qx.model.event"
+local aggregate = require "qx.model.aggregate"
+local dispatcher = require "qx.model.dispatcher"
+local db = require "qx.store.db"
 
 local _M = { _VERSION = "0.1.0" }
 
@@ -22,7 +22,7 @@ _M.connect = db.connect
 _M.error = err
 
 function _M.migrate(database, opts)
-    return require("qx.migrate").run(database, opts)
+    return require("qx.store.migrate").run(database, opts)
 end
 
 function _M.event(name, opts)
@@ -43,44 +43,44 @@ _M.aggregate = aggregate.define
 _M.dispatcher = dispatcher.new
 
 function _M.outbox(database)
-    return require("qx.outbox").new(database)
+    return require("qx.store.outbox").new(database)
 end
 
 -- qx.event_sourced(name[, { strict =, snapshot_version = }]): an aggregate whose state is the
 -- fold of its events; qx.event_store{ db =, snapshot_every = }: uow:store(store) appends and
 -- loads them, store:read_all reads them in a gap-safe global order; qx.projection{ name =,
 -- db =, handlers = }: read models from the events, exactly once
-_M.event_sourced = require("qx.event_sourced").define
-_M.event_store = require("qx.event_store").new
-_M.projection = require("qx.projection").new
+_M.event_sourced = require("qx.model.event_sourced").define
+_M.event_store = require("qx.store.event_store").new
+_M.projection = require("qx.store.projection").new
 
 -- qx.repository{ table =, entity =, filterable =, sortable =, tenanted =, soft_delete =, ... }:
 -- a table described once; uow:repo(description) binds it, description:reader(db, ctx) reads
-_M.repository = require("qx.repository").new
-_M.spec = require "qx.spec"                  -- specifications: where, and_, or_, not_
-_M.schema = require "qx.repository_schema"   -- DDL fragments: id_column(), audit_columns()
+_M.repository = require("qx.store.repository").new
+_M.spec = require "qx.store.repository.spec"                  -- specifications: where, and_, or_, not_
+_M.schema = require "qx.store.repository.schema"   -- DDL fragments: id_column(), audit_columns()
 
 -- qx.registry{ classes... }: event name + version -> class, for consumers
 function _M.registry(classes)
-    return require("qx.registry").new(classes)
+    return require("qx.model.registry").new(classes)
 end
 
 -- qx.consumer{ nats =, stream =, durable =, registry =, db =, ... }: a JetStream pull consumer
 function _M.consumer(opts)
-    return require("qx.consumer").new(opts)
+    return require("qx.messaging.consumer").new(opts)
 end
 
 -- qx.nats: NATS settings (QX_NATS__*) and connections: qx.nats.connect{ servers = ... }
-_M.nats = require "qx.nats"
+_M.nats = require "qx.messaging.nats"
 
 -- qx.publisher{ nats = conn }: publishes one event straight to JetStream (no outbox)
 function _M.publisher(opts)
-    return require("qx.publisher").new(opts)
+    return require("qx.messaging.publisher").new(opts)
 end
 
 -- qx.relay{ db = db, nats = conn, shard_id =, shard_count =, ... }: the outbox relay
 function _M.relay(opts)
-    return require("qx.relay").new(opts)
+    return require("qx.messaging.relay").new(opts)
 end
 
 return _M

@@ -47,9 +47,9 @@
 -- its error.
 local core = require "qx.core"
 local qx_error = require "qx.error"
-local aggregate = require "qx.aggregate"
-local S = require "qx.spec"
-local cursor = require "qx.repository_cursor"
+local aggregate = require "qx.model.aggregate"
+local S = require "qx.store.repository.spec"
+local cursor = require "qx.store.repository.cursor"
 
 local type = type
 local pairs = pairs

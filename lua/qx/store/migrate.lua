@@ -1,7 +1,7 @@
 -- qx.migrate(db): applies the steps of qx.migrations that the database has not seen.
 -- Idempotent, and safe when several processes run it at once: the whole run holds a
 -- transaction-scoped advisory lock, so a second runner waits and then finds nothing to do.
-local steps = require "qx.migrations"
+local steps = require "qx.store.migrations"
 
 local ipairs = ipairs
 local type = type

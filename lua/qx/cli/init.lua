@@ -64,7 +64,7 @@ COMMANDS.migrate = {
     run = function(flags)
         local db = _M.connect(flags)
         if not db then return 1 end
-        local migrate = require "qx.migrate"
+        local migrate = require "qx.store.migrate"
         if flags.status then
             local rows, e = migrate.status(db)
             if not rows then complain(tostring(e)) return 1 end
@@ -84,8 +84,8 @@ COMMANDS.migrate = {
     end,
 }
 
-COMMANDS.relay = require "qx.cli_relay"
-COMMANDS.outbox = require "qx.cli_outbox"
+COMMANDS.relay = require "qx.cli.relay"
+COMMANDS.outbox = require "qx.cli.outbox"
 
 local function usage()
     say("usage: qx COMMAND [flags]\n\ncommands:")

@@ -28,8 +28,8 @@
 -- version) and instance:restore(state) puts it back (default: copies the fields). Override both
 -- on the class for state that is not plain JSON-shaped data. Give the class a snapshot_version
 -- and bump it when the shape changes: snapshots of another version are ignored on load.
-local aggregate = require "qx.aggregate"
-local event = require "qx.event"
+local aggregate = require "qx.model.aggregate"
+local event = require "qx.model.event"
 local qx_error = require "qx.error"
 
 local type = type

@@ -25,7 +25,7 @@ local function run(flags, pos)
         local st, e = outbox:status()
         if not st then cli.complain(tostring(e)) return 1 end
         if flags.metrics then
-            io.stdout:write(require("qx.relay").outbox_metrics(st))
+            io.stdout:write(require("qx.messaging.relay").outbox_metrics(st))
             return 0
         end
         cli.say("pending:                ", st.pending)
@@ -98,7 +98,7 @@ local function run(flags, pos)
     end
     local db = cli.connect(flags)
     if not db then return 1 end
-    local code = h(require("qx.outbox").new(db))
+    local code = h(require("qx.store.outbox").new(db))
     db:close()
     return code
 end

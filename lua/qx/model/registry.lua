@@ -16,7 +16,7 @@
 local cjson = require "cjson.safe"
 local core = require "qx.core"
 local err = require "qx.error"
-local event = require "qx.event"
+local event = require "qx.model.event"
 
 local type = type
 local pairs = pairs

@@ -12,8 +12,8 @@
 -- same event twice within the stream's duplicate window stores it once (ack.duplicate = true).
 local core = require "qx.core"
 local qx_error = require "qx.error"
-local nats = require "qx.nats"
-local event = require "qx.event"
+local nats = require "qx.messaging.nats"
+local event = require "qx.model.event"
 
 local type = type
 local error = error

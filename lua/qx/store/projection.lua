@@ -32,9 +32,9 @@
 -- { name, applied, elapsed_seconds, rate, global_position, remaining }.
 local core = require "qx.core"
 local qx_error = require "qx.error"
-local event = require "qx.event"
-local aggregate = require "qx.aggregate"
-local store_mod = require "qx.event_store"
+local event = require "qx.model.event"
+local aggregate = require "qx.model.aggregate"
+local store_mod = require "qx.store.event_store"
 
 local type = type
 local pairs = pairs

@@ -65,9 +65,9 @@
 -- the store's own fields _sequence, _global_position and _tx_id ("_" keys are never payload).
 local core = require "qx.core"
 local qx_error = require "qx.error"
-local event = require "qx.event"
-local aggregate = require "qx.aggregate"
-local es_class = require "qx.event_sourced"
+local event = require "qx.model.event"
+local aggregate = require "qx.model.aggregate"
+local es_class = require "qx.model.event_sourced"
 
 local type = type
 local pairs = pairs

@@ -72,7 +72,7 @@ $$;
         sql = [[
 -- The seed's event and snapshot tables (same names, columns, types and index names), plus
 -- what gap-safe global reads need: global_position (commit-independent order within a
--- transaction) and tx_id (the id of the writing transaction). See qx/event_store.lua for why
+-- transaction) and tx_id (the id of the writing transaction). See qx/store/event_store for why
 -- reading below pg_snapshot_xmin(pg_current_snapshot()) in (tx_id, global_position) order never
 -- skips an event that commits late.
 CREATE TABLE IF NOT EXISTS qx_aggregate_events (

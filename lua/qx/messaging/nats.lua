@@ -1,6 +1,6 @@
 -- NATS settings and connections.
 --
---   local nats = require "qx.nats"
+--   local nats = require "qx.messaging.nats"
 --   local conn = assert(nats.connect{ servers = "nats://127.0.0.1:4222" })
 --   assert(conn:ensure_stream())            -- QX_EVENTS on "qx.events.>" (development, tests)
 --   local ack = assert(conn:publish("qx.events.x", body, { ["qx.event_id"] = id }, id))

@@ -33,7 +33,7 @@
 -- naming the setting; an unknown option raises.
 local core = require "qx.core"
 local qx_error = require "qx.error"
-local nats = require "qx.nats"
+local nats = require "qx.messaging.nats"
 
 local type = type
 local pairs = pairs
@@ -323,11 +323,11 @@ function Relay:metrics()
     local opened
     if not db then
         local e
-        db, e = require("qx.db").connect{ url = self.url, pool_size = 1 }
+        db, e = require("qx.store.db").connect{ url = self.url, pool_size = 1 }
         if not db then return nil, e end
         opened = true
     end
-    local st, e = require("qx.outbox").new(db):status()
+    local st, e = require("qx.store.outbox").new(db):status()
     if opened then db:close() end
     if not st then return nil, e end
     return _M.outbox_metrics(st) .. _M.relay_metrics(self:stats())

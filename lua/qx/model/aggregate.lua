@@ -23,7 +23,7 @@
 -- event and before queueing it, so a hook that raises leaves nothing queued.
 
 local core = require "qx.core"
-local event = require "qx.event"
+local event = require "qx.model.event"
 
 local type = type
 local pairs = pairs

@@ -26,8 +26,8 @@
 -- connection. For a nested scope inside the same transaction use uow:savepoint(fn).
 local core = require "qx.core"
 local err = require "qx.error"
-local event = require "qx.event"
-local aggregate = require "qx.aggregate"
+local event = require "qx.model.event"
+local aggregate = require "qx.model.aggregate"
 
 local setmetatable = setmetatable
 local type = type
@@ -447,14 +447,14 @@ local repository_bind, event_store_bind -- required on first use: they require t
 -- transaction.
 function Uow:repo(description)
     check_open(self, 2)
-    if not repository_bind then repository_bind = require("qx.repository").bind end
+    if not repository_bind then repository_bind = require("qx.store.repository").bind end
     return repository_bind(description, self)
 end
 
 -- uow:store(store): the event store made by qx.event_store{...}, bound to this transaction.
 function Uow:store(store)
     check_open(self, 2)
-    if not event_store_bind then event_store_bind = require("qx.event_store").bind end
+    if not event_store_bind then event_store_bind = require("qx.store.event_store").bind end
     return event_store_bind(store, self)
 end
 

@@ -94,7 +94,7 @@ local uow_run -- qx.uow, required on first use
 
 -- db:unit_of_work(fn, opts): see qx.uow
 function Db:unit_of_work(fn, opts)
-    if not uow_run then uow_run = require("qx.uow").run end
+    if not uow_run then uow_run = require("qx.store.uow").run end
     return uow_run(self, fn, opts)
 end
 

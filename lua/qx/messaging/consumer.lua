@@ -49,7 +49,7 @@
 --   dispatcher        in-process dispatcher for events the handler records
 local core = require "qx.core"
 local err = require "qx.error"
-local registry_mod = require "qx.registry"
+local registry_mod = require "qx.model.registry"
 
 local type = type
 local pairs = pairs
@@ -233,7 +233,7 @@ function _M.new(opts)
     end
     local target = opts.nats
     if target == nil then target = { servers = opts.servers } end
-    local conn, opened = require("qx.nats").resolve(target)
+    local conn, opened = require("qx.messaging.nats").resolve(target)
     if not conn then return nil, opened end
     local owned = opened and conn or nil
     o.stream = o.stream or conn.settings.stream

@@ -15,7 +15,7 @@
 -- unit of work turns that into a rollback. A table error (a qx error object) is raised
 -- unchanged; a string error is prefixed with the event name and the failing handler.
 
-local event = require "qx.event"
+local event = require "qx.model.event"
 
 local type = type
 local error = error
