@@ -13,7 +13,7 @@ package.path = (arg[0]:match("^(.*)/[^/]*$") or ".") .. "/?.lua;" .. package.pat
 local B = require "bench_support"
 local qx = require "qx"
 local core = require "qx.core"
-local es_mod = require "qx.event_store"
+local es_mod = require "qx.store.event_store"
 
 local clock = core.clock
 local fmt = string.format

@@ -10,44 +10,44 @@
 local M = {}
 
 local function env(name)
-  local v = os.getenv(name)
-  if v == nil or v == "" then
-    error(name .. " is not set: run the specs with `make test`, or `scripts/servers.sh start DIR`"
-      .. " and source DIR/env first", 3)
-  end
-  return v
+    local v = os.getenv(name)
+    if v == nil or v == "" then
+        error(name .. " is not set: run the specs with `make test`, or `scripts/servers.sh start DIR`"
+            .. " and source DIR/env first", 3)
+    end
+    return v
 end
 
 -- Quote one shell word.
 local function sh(s)
-  return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
+    return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
 end
 
 local function slurp(path)
-  local f = io.open(path, "rb")
-  if not f then return "" end
-  local s = f:read("*a") or ""
-  f:close()
-  return s
+    local f = io.open(path, "rb")
+    if not f then return "" end
+    local s = f:read("*a") or ""
+    f:close()
+    return s
 end
 
 local function trim(s)
-  return (s:gsub("^%s+", ""):gsub("%s+$", ""))
+    return (s:gsub("^%s+", ""):gsub("%s+$", ""))
 end
 
 -- Run a shell command line without the sanitizer preload (psql hangs with the ASan runtime
 -- preloaded). Returns ok, stdout, stderr. The exit status goes through a file because
 -- LuaJIT's popen:close() does not report it.
 local function run(cmdline)
-  local errf, rcf = os.tmpname(), os.tmpname()
-  local p = assert(io.popen("env -u LD_PRELOAD " .. cmdline .. " 2>" .. sh(errf)
-    .. "; echo $? >" .. sh(rcf), "r"))
-  local out = p:read("*a") or ""
-  p:close()
-  local err, rc = slurp(errf), tonumber((slurp(rcf):match("%d+")))
-  os.remove(errf)
-  os.remove(rcf)
-  return rc == 0, out, err
+    local errf, rcf = os.tmpname(), os.tmpname()
+    local p = assert(io.popen("env -u LD_PRELOAD " .. cmdline .. " 2>" .. sh(errf)
+        .. "; echo $? >" .. sh(rcf), "r"))
+    local out = p:read("*a") or ""
+    p:close()
+    local err, rc = slurp(errf), tonumber((slurp(rcf):match("%d+")))
+    os.remove(errf)
+    os.remove(rcf)
+    return rc == 0, out, err
 end
 
 --- postgresql://postgres@127.0.0.1:PORT/postgres (superuser, trust authentication).
@@ -68,69 +68,69 @@ function M.pg_port() return tonumber((M.db_url():match(":(%d+)/"))) end
 -- Returns stdout trimmed: unaligned, tuples only, columns separated by "|", rows by "\n".
 -- Raises with psql's message when a statement fails (ON_ERROR_STOP).
 function M.psql(sql)
-  local f = os.tmpname()
-  local h = assert(io.open(f, "wb"))
-  h:write(sql)
-  h:close()
-  local ok, out, err = run(sh(M.pg_bin() .. "/psql") .. " -X -q -A -t -v ON_ERROR_STOP=1 -d "
-    .. sh(M.db_url()) .. " -f " .. sh(f) .. " </dev/null")
-  os.remove(f)
-  if not ok then
-    error("psql failed: " .. trim(err) .. "\nSQL: " .. sql, 2)
-  end
-  return trim(out)
+    local f = os.tmpname()
+    local h = assert(io.open(f, "wb"))
+    h:write(sql)
+    h:close()
+    local ok, out, err = run(sh(M.pg_bin() .. "/psql") .. " -X -q -A -t -v ON_ERROR_STOP=1 -d "
+        .. sh(M.db_url()) .. " -f " .. sh(f) .. " </dev/null")
+    os.remove(f)
+    if not ok then
+        error("psql failed: " .. trim(err) .. "\nSQL: " .. sql, 2)
+    end
+    return trim(out)
 end
 M.pg_exec = M.psql
 
 --- Rows of a query as arrays of strings (NULL is ""), through psql.
 function M.rows(sql)
-  local rows = {}
-  for line in (M.psql(sql) .. "\n"):gmatch("([^\n]*)\n") do
-    if line ~= "" then
-      local row = {}
-      for col in (line .. "|"):gmatch("([^|]*)|") do row[#row + 1] = col end
-      rows[#rows + 1] = row
+    local rows = {}
+    for line in (M.psql(sql) .. "\n"):gmatch("([^\n]*)\n") do
+        if line ~= "" then
+            local row = {}
+            for col in (line .. "|"):gmatch("([^|]*)|") do row[#row + 1] = col end
+            rows[#rows + 1] = row
+        end
     end
-  end
-  return rows
+    return rows
 end
 
 --- GET a path of the nats-server monitor, e.g. support.nats_monitor("/jsz?streams=true").
 -- Returns the body (JSON text); raises when the request fails.
 function M.nats_monitor(path)
-  path = path or "/healthz"
-  local ok, out, err = run("curl -sf --max-time 5 " .. sh(M.nats_monitor_url() .. path))
-  if not ok then error("nats monitor request failed: " .. path .. " " .. trim(err), 2) end
-  return out
+    path = path or "/healthz"
+    local ok, out, err = run("curl -sf --max-time 5 " .. sh(M.nats_monitor_url() .. path))
+    if not ok then error("nats monitor request failed: " .. path .. " " .. trim(err), 2) end
+    return out
 end
 
 local counter = 0
 local tag
 do
-  local f = io.open("/dev/urandom", "rb")
-  local bytes = f and f:read(6) or tostring(os.time() + os.clock())
-  if f then f:close() end
-  tag = bytes:gsub(".", function(c) return string.format("%02x", c:byte()) end):sub(1, 12)
+    local f = io.open("/dev/urandom", "rb")
+    local bytes = f and f:read(6) or tostring(os.time() + os.clock())
+    if f then f:close() end
+    tag = bytes:gsub(".", function(c) return string.format("%02x", c:byte()) end):sub(1, 12)
 end
 
 --- A name unique to this process and call, safe as an SQL identifier and as a NATS subject
 -- token (lower-case letters, digits, "_"): unique("orders") -> "orders_3fa81c09b2d4_1".
 function M.unique(prefix)
-  counter = counter + 1
-  return (prefix or "t") .. "_" .. tag .. "_" .. counter
+    counter = counter + 1
+    return (prefix or "t") .. "_" .. tag .. "_" .. counter
 end
 
 -- How many notifications on `channel` from backend `pid` a LISTENing connection receives within
 -- wait_ms (it waits the whole time: a test of "none" must not stop early).
 function M.notified_by(listener, channel, pid, wait_ms)
-  local clock = require("qx.core").clock
-  local n, deadline = 0, clock() + wait_ms / 1000
-  repeat
-    for _, ev in ipairs(assert(listener:notifications(50))) do
-      if ev.channel == channel and ev.pid == pid then n = n + 1 end
-    end
-  until clock() > deadline
-  return n
+    local clock = require("qx.core").clock
+    local n, deadline = 0, clock() + wait_ms / 1000
+    repeat
+        for _, ev in ipairs(assert(listener:notifications(50))) do
+            if ev.channel == channel and ev.pid == pid then n = n + 1 end
+        end
+    until clock() > deadline
+    return n
 end
 
 return M

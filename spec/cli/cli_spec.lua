@@ -8,145 +8,145 @@ local INTERP = jit and "luajit" or "lua5.4"
 local function sh(s) return "'" .. tostring(s):gsub("'", "'\\''") .. "'" end
 
 local function url_for(dbname)
-  local base, query = URL:match("^(.-)(%?.*)$")
-  base, query = base or URL, query or ""
-  return (base:gsub("/[^/]*$", "/" .. dbname)) .. query
+    local base, query = URL:match("^(.-)(%?.*)$")
+    base, query = base or URL, query or ""
+    return (base:gsub("/[^/]*$", "/" .. dbname)) .. query
 end
 
 local function slurp(path)
-  local f = io.open(path, "rb")
-  if not f then return "" end
-  local s = f:read("*a")
-  f:close()
-  return s
+    local f = io.open(path, "rb")
+    if not f then return "" end
+    local s = f:read("*a")
+    f:close()
+    return s
 end
 
 -- Runs bin/qx with the interpreter running the specs and the module paths it uses; env is a
 -- table of variables (false unsets one). Returns exit code, stdout, stderr. The code goes through
 -- the output because LuaJIT's popen:close() does not report it.
 local function qx_cli(args, env)
-  local vars = { LUA_PATH = package.path, LUA_CPATH = package.cpath, QX_DB__URL = false }
-  for k, v in pairs(env or {}) do vars[k] = v end
-  local unset, set = "", ""
-  for k, v in pairs(vars) do
-    if v == false then unset = unset .. " -u " .. k else set = set .. " " .. k .. "=" .. sh(v) end
-  end
-  local prefix = "env" .. unset .. set -- env takes -u before the assignments
-  local words = {}
-  for i, a in ipairs(args) do words[i] = sh(a) end
-  local errf = os.tmpname()
-  local p = assert(io.popen(prefix .. " " .. INTERP .. " bin/qx " .. table.concat(words, " ")
-    .. " 2>" .. sh(errf) .. "; echo \"exit=$?\""))
-  local out = p:read("*a")
-  p:close()
-  local err = slurp(errf)
-  os.remove(errf)
-  local code = tonumber(out:match("exit=(%d+)%s*$"))
-  return code, (out:gsub("exit=%d+%s*$", "")), err
+    local vars = { LUA_PATH = package.path, LUA_CPATH = package.cpath, QX_DB__URL = false }
+    for k, v in pairs(env or {}) do vars[k] = v end
+    local unset, set = "", ""
+    for k, v in pairs(vars) do
+        if v == false then unset = unset .. " -u " .. k else set = set .. " " .. k .. "=" .. sh(v) end
+    end
+    local prefix = "env" .. unset .. set -- env takes -u before the assignments
+    local words = {}
+    for i, a in ipairs(args) do words[i] = sh(a) end
+    local errf = os.tmpname()
+    local p = assert(io.popen(prefix .. " " .. INTERP .. " bin/qx " .. table.concat(words, " ")
+        .. " 2>" .. sh(errf) .. "; echo \"exit=$?\""))
+    local out = p:read("*a")
+    p:close()
+    local err = slurp(errf)
+    os.remove(errf)
+    local code = tonumber(out:match("exit=(%d+)%s*$"))
+    return code, (out:gsub("exit=%d+%s*$", "")), err
 end
 
 describe("bin/qx", function()
-  local admin
-  local made = {}
+    local admin
+    local made = {}
 
-  local function fresh_db()
-    local name = "qx_cli_" .. core.uuid():gsub("-", ""):sub(-12)
-    assert(admin:exec("CREATE DATABASE " .. name))
-    made[#made + 1] = name
-    return name
-  end
-
-  local function versions(name)
-    local db = assert(qx.connect{ url = url_for(name), pool_size = 1 })
-    local rows = db:query("SELECT count(*) AS n FROM qx_schema_migrations")
-    db:close()
-    return rows and rows[1].n or 0
-  end
-
-  setup(function()
-    admin = assert(qx.connect{ url = URL, pool_size = 1 })
-  end)
-
-  teardown(function()
-    for _, name in ipairs(made) do
-      admin:exec("DROP DATABASE IF EXISTS " .. name .. " WITH (FORCE)")
+    local function fresh_db()
+        local name = "qx_cli_" .. core.uuid():gsub("-", ""):sub(-12)
+        assert(admin:exec("CREATE DATABASE " .. name))
+        made[#made + 1] = name
+        return name
     end
-    admin:close()
-  end)
 
-  local n_steps = #require("qx.migrations")
+    local function versions(name)
+        local db = assert(qx.connect{ url = url_for(name), pool_size = 1 })
+        local rows = db:query("SELECT count(*) AS n FROM qx_schema_migrations")
+        db:close()
+        return rows and rows[1].n or 0
+    end
 
-  it("migrates the database given with --url, then finds nothing to do", function()
-    local name = fresh_db()
-    local code, out, err = qx_cli({ "migrate", "--url", url_for(name) })
-    assert.equal(0, code, err)
-    assert.truthy(out:find("applied " .. n_steps .. " migration", 1, true), out)
-    assert.equal(n_steps, versions(name))
-    code, out = qx_cli({ "migrate", "--url=" .. url_for(name) })
-    assert.equal(0, code)
-    assert.truthy(out:find("up to date", 1, true), out)
-  end)
+    setup(function()
+        admin = assert(qx.connect{ url = URL, pool_size = 1 })
+    end)
 
-  it("migrates the database in QX_DB__URL", function()
-    local name = fresh_db()
-    local code, out, err = qx_cli({ "migrate" }, { QX_DB__URL = url_for(name) })
-    assert.equal(0, code, err)
-    assert.truthy(out:find("applied", 1, true), out)
-    assert.equal(n_steps, versions(name))
-  end)
+    teardown(function()
+        for _, name in ipairs(made) do
+            admin:exec("DROP DATABASE IF EXISTS " .. name .. " WITH (FORCE)")
+        end
+        admin:close()
+    end)
 
-  it("prefers --url over QX_DB__URL", function()
-    local name, other = fresh_db(), fresh_db()
-    local code = qx_cli({ "migrate", "--url", url_for(name) }, { QX_DB__URL = url_for(other) })
-    assert.equal(0, code)
-    assert.equal(n_steps, versions(name))
-    assert.equal(0, versions(other))
-  end)
+    local n_steps = #require("qx.store.migrations")
 
-  it("lists the applied versions with --status", function()
-    local name = fresh_db()
-    local code, out = qx_cli({ "migrate", "--status", "--url", url_for(name) })
-    assert.equal(0, code)
-    assert.truthy(out:find("no migrations applied", 1, true), out)
-    assert.equal(0, (qx_cli({ "migrate", "--url", url_for(name) })))
-    code, out = qx_cli({ "migrate", "--status", "--url", url_for(name) })
-    assert.equal(0, code)
-    assert.truthy(out:find("^1  outbox  "), out)
-  end)
+    it("migrates the database given with --url, then finds nothing to do", function()
+        local name = fresh_db()
+        local code, out, err = qx_cli({ "migrate", "--url", url_for(name) })
+        assert.equal(0, code, err)
+        assert.truthy(out:find("applied " .. n_steps .. " migration", 1, true), out)
+        assert.equal(n_steps, versions(name))
+        code, out = qx_cli({ "migrate", "--url=" .. url_for(name) })
+        assert.equal(0, code)
+        assert.truthy(out:find("up to date", 1, true), out)
+    end)
 
-  it("exits non-zero with a clear message for a url that is not one", function()
-    local code, out, err = qx_cli({ "migrate", "--url", "not a url" })
-    assert.are_not.equal(0, code)
-    assert.equal("", out)
-    assert.truthy(err:find("cannot connect", 1, true), err)
-    assert.truthy(err:find("url", 1, true), err)
-  end)
+    it("migrates the database in QX_DB__URL", function()
+        local name = fresh_db()
+        local code, out, err = qx_cli({ "migrate" }, { QX_DB__URL = url_for(name) })
+        assert.equal(0, code, err)
+        assert.truthy(out:find("applied", 1, true), out)
+        assert.equal(n_steps, versions(name))
+    end)
 
-  it("exits non-zero with a clear message when the server refuses, without repeating the password", function()
-    local code, _, err = qx_cli({ "migrate", "--url", "postgresql://postgres:s3cret-pw@127.0.0.1:1/postgres" })
-    assert.are_not.equal(0, code)
-    assert.truthy(err:find("cannot connect: connection", 1, true), err)
-    assert.is_nil(err:find("s3cret-pw", 1, true))
-  end)
+    it("prefers --url over QX_DB__URL", function()
+        local name, other = fresh_db(), fresh_db()
+        local code = qx_cli({ "migrate", "--url", url_for(name) }, { QX_DB__URL = url_for(other) })
+        assert.equal(0, code)
+        assert.equal(n_steps, versions(name))
+        assert.equal(0, versions(other))
+    end)
 
-  it("exits non-zero when no url is given at all", function()
-    local code, _, err = qx_cli({ "migrate" })
-    assert.are_not.equal(0, code)
-    assert.truthy(err:find("QX_DB__URL", 1, true) or err:find("url", 1, true), err)
-  end)
+    it("lists the applied versions with --status", function()
+        local name = fresh_db()
+        local code, out = qx_cli({ "migrate", "--status", "--url", url_for(name) })
+        assert.equal(0, code)
+        assert.truthy(out:find("no migrations applied", 1, true), out)
+        assert.equal(0, (qx_cli({ "migrate", "--url", url_for(name) })))
+        code, out = qx_cli({ "migrate", "--status", "--url", url_for(name) })
+        assert.equal(0, code)
+        assert.truthy(out:find("^1  outbox  "), out)
+    end)
 
-  it("exits 2 on an unknown command or a flag without its value", function()
-    local code, _, err = qx_cli({ "migrat" })
-    assert.equal(2, code)
-    assert.truthy(err:find("unknown command", 1, true), err)
-    code, _, err = qx_cli({ "migrate", "--url" })
-    assert.equal(2, code)
-    assert.truthy(err:find("needs a value", 1, true), err)
-  end)
+    it("exits non-zero with a clear message for a url that is not one", function()
+        local code, out, err = qx_cli({ "migrate", "--url", "not a url" })
+        assert.are_not.equal(0, code)
+        assert.equal("", out)
+        assert.truthy(err:find("cannot connect", 1, true), err)
+        assert.truthy(err:find("url", 1, true), err)
+    end)
 
-  it("prints usage for help", function()
-    local code, out = qx_cli({ "help" })
-    assert.equal(0, code)
-    assert.truthy(out:find("migrate", 1, true), out)
-  end)
+    it("exits non-zero with a clear message when the server refuses, without repeating the password", function()
+        local code, _, err = qx_cli({ "migrate", "--url", "postgresql://postgres:s3cret-pw@127.0.0.1:1/postgres" })
+        assert.are_not.equal(0, code)
+        assert.truthy(err:find("cannot connect: connection", 1, true), err)
+        assert.is_nil(err:find("s3cret-pw", 1, true))
+    end)
+
+    it("exits non-zero when no url is given at all", function()
+        local code, _, err = qx_cli({ "migrate" })
+        assert.are_not.equal(0, code)
+        assert.truthy(err:find("QX_DB__URL", 1, true) or err:find("url", 1, true), err)
+    end)
+
+    it("exits 2 on an unknown command or a flag without its value", function()
+        local code, _, err = qx_cli({ "migrat" })
+        assert.equal(2, code)
+        assert.truthy(err:find("unknown command", 1, true), err)
+        code, _, err = qx_cli({ "migrate", "--url" })
+        assert.equal(2, code)
+        assert.truthy(err:find("needs a value", 1, true), err)
+    end)
+
+    it("prints usage for help", function()
+        local code, out = qx_cli({ "help" })
+        assert.equal(0, code)
+        assert.truthy(out:find("migrate", 1, true), out)
+    end)
 end)

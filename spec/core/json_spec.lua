@@ -10,95 +10,95 @@ local BIG, BIG_TEXT = 9007199254740992, "9007199254740992"
 if math.type then BIG, BIG_TEXT = 123456789012345678, "123456789012345678" end
 
 describe("json encoding", function()
-  it("writes integers beyond 14 digits exactly", function()
-    assert.equal("[" .. BIG_TEXT .. ",-" .. BIG_TEXT .. ",100000000000001]",
-                 core.json_encode({ BIG, -BIG, 100000000000001 }))
-  end)
+    it("writes integers beyond 14 digits exactly", function()
+        assert.equal("[" .. BIG_TEXT .. ",-" .. BIG_TEXT .. ",100000000000001]",
+                     core.json_encode({ BIG, -BIG, 100000000000001 }))
+    end)
 
-  it("writes floats with the fewest digits that read back the same", function()
-    assert.equal("[0.1,0.30000000000000004,1.5,1e-07]",
-                 core.json_encode({ 0.1, 0.1 + 0.2, 1.5, 1e-7 }))
-    for _, v in ipairs({ 1 / 3, 2 ^ 0.5, 5e-324, 1.7976931348623157e308, -123.456 }) do
-      assert.equal(v, cjson.decode(core.json_encode(v)))
-    end
-  end)
-
-  it("gives arrays, objects, null and escapes the shapes lua-cjson gives", function()
-    assert.equal('[1,"a",true,null]', core.json_encode({ 1, "a", true, core.null }))
-    assert.equal("{}", core.json_encode({}))
-    assert.equal('{"k":"x\\n\\"\\\\\\u0001"}', core.json_encode({ k = 'x\n"\\\1' }))
-    assert.same({ ["1"] = 1, ["3"] = 3 }, cjson.decode(core.json_encode({ [1] = 1, [3] = 3 })))
-  end)
-
-  it("keeps every byte of long strings with escapes anywhere, first and last included", function()
-    local parts = {}
-    for i = 0, 255 do
-      parts[#parts + 1] = string.char(i) .. string.rep("x", i % 7) .. "é"
-    end
-    -- every byte value at every position of a 17-byte string: the encoder scans eight bytes at
-    -- a time and must notice the one that needs escaping wherever it sits
-    for b = 0, 255 do
-      for at = 1, 17 do
-        local s = string.rep("a", at - 1) .. string.char(b) .. string.rep("z", 17 - at)
-        local text = assert(core.json_encode(s))
-        assert.equal(s, cjson.decode(text), ("byte %d at %d"):format(b, at))
-        if b < 0x20 then -- a control character never appears as it is
-          assert.is_nil(text:find(string.char(b), 1, true), ("byte %d at %d"):format(b, at))
+    it("writes floats with the fewest digits that read back the same", function()
+        assert.equal("[0.1,0.30000000000000004,1.5,1e-07]",
+                     core.json_encode({ 0.1, 0.1 + 0.2, 1.5, 1e-7 }))
+        for _, v in ipairs({ 1 / 3, 2 ^ 0.5, 5e-324, 1.7976931348623157e308, -123.456 }) do
+            assert.equal(v, cjson.decode(core.json_encode(v)))
         end
-      end
-    end
-    for _, s in ipairs({ table.concat(parts), '"' .. string.rep("a", 300) .. "\\",
-                         string.rep("plain text ", 200), "", "\0" }) do
-      local text = assert(core.json_encode({ s = s, [s] = 1 }))
-      local back = cjson.decode(text)
-      assert.equal(s, back.s)
-      assert.equal(1, back[s])
-    end
-  end)
+    end)
 
-  it("refuses what JSON cannot hold with an invalid error", function()
-    local cyclic = {}
-    cyclic.self = cyclic
-    for _, v in ipairs({ { f = print }, cyclic, { 0 / 0 }, { math.huge }, { [true] = 1 },
-                         { co = coroutine.create(print) } }) do
-      local text, err = core.json_encode(v)
-      assert.is_nil(text)
-      assert.equal("invalid", err.code)
-    end
-  end)
+    it("gives arrays, objects, null and escapes the shapes lua-cjson gives", function()
+        assert.equal('[1,"a",true,null]', core.json_encode({ 1, "a", true, core.null }))
+        assert.equal("{}", core.json_encode({}))
+        assert.equal('{"k":"x\\n\\"\\\\\\u0001"}', core.json_encode({ k = 'x\n"\\\1' }))
+        assert.same({ ["1"] = 1, ["3"] = 3 }, cjson.decode(core.json_encode({ [1] = 1, [3] = 3 })))
+    end)
 
-  it("stores a large integer in a jsonb parameter without rounding it", function()
-    local db = assert(qx.connect{ url = support.db_url(), pool_size = 1 })
-    local rows = assert(db:query("SELECT ($1::jsonb ->> 'n') AS n", { n = BIG }))
-    assert.equal(BIG_TEXT, rows[1].n)
-    db:close()
-  end)
+    it("keeps every byte of long strings with escapes anywhere, first and last included", function()
+        local parts = {}
+        for i = 0, 255 do
+            parts[#parts + 1] = string.char(i) .. string.rep("x", i % 7) .. "é"
+        end
+        -- every byte value at every position of a 17-byte string: the encoder scans eight bytes at
+        -- a time and must notice the one that needs escaping wherever it sits
+        for b = 0, 255 do
+            for at = 1, 17 do
+                local s = string.rep("a", at - 1) .. string.char(b) .. string.rep("z", 17 - at)
+                local text = assert(core.json_encode(s))
+                assert.equal(s, cjson.decode(text), ("byte %d at %d"):format(b, at))
+                if b < 0x20 then -- a control character never appears as it is
+                    assert.is_nil(text:find(string.char(b), 1, true), ("byte %d at %d"):format(b, at))
+                end
+            end
+        end
+        for _, s in ipairs({ table.concat(parts), '"' .. string.rep("a", 300) .. "\\",
+                             string.rep("plain text ", 200), "", "\0" }) do
+            local text = assert(core.json_encode({ s = s, [s] = 1 }))
+            local back = cjson.decode(text)
+            assert.equal(s, back.s)
+            assert.equal(1, back[s])
+        end
+    end)
 
-  it("writes the event store's append rows: events without routing fields or _ keys, sequences counting up", function()
-    local e1 = { event_id = "a", amount = BIG, aggregate_type = "T", aggregate_id = "x", _scratch = 1,
-                 [1] = "not a field", tags = { "p", "q" } }
-    local e2 = { event_id = "b", note = 'say "hi"' }
-    local text = core.json_event_rows("T", "x", 4, { e1, e2 })
-    assert.matches('"amount":' .. BIG_TEXT, text)
-    local rows = cjson.decode(text)
-    rows[1].event.amount = nil -- decoded as a float; its text is checked above
-    assert.same({ { type = "T", agg = "x", seq = 4, event = { event_id = "a", tags = { "p", "q" } } },
-                  { type = "T", agg = "x", seq = 5, event = { event_id = "b", note = 'say "hi"' } } },
-                rows)
-    -- several aggregates, as arguments or as one list; an aggregate without events adds no row
-    local two = core.json_event_rows("T", "x", 1, { e2 }, "U", "y", 7, {}, "V", "z", 2, { e2 })
-    assert.equal(two, core.json_event_rows({ "T", "x", 1, { e2 }, "U", "y", 7, {}, "V", "z", 2, { e2 } }))
-    local types = {}
-    for i, r in ipairs(cjson.decode(two)) do types[i] = r.type .. math.floor(r.seq) end
-    assert.same({ "T1", "V2" }, types)
-    assert.equal("[]", core.json_event_rows("T", "x", 1, {}))
-  end)
+    it("refuses what JSON cannot hold with an invalid error", function()
+        local cyclic = {}
+        cyclic.self = cyclic
+        for _, v in ipairs({ { f = print }, cyclic, { 0 / 0 }, { math.huge }, { [true] = 1 },
+                             { co = coroutine.create(print) } }) do
+            local text, err = core.json_encode(v)
+            assert.is_nil(text)
+            assert.equal("invalid", err.code)
+        end
+    end)
 
-  it("refuses an event row that JSON cannot hold with an invalid error", function()
-    local text, e = core.json_event_rows("T", "x", 1, { { f = function() end } })
-    assert.is_nil(text)
-    assert.equal("invalid", e.code)
-    assert.matches("function", e.message)
-    assert.has_error(function() core.json_event_rows("T", "x", 1) end)
-  end)
+    it("stores a large integer in a jsonb parameter without rounding it", function()
+        local db = assert(qx.connect{ url = support.db_url(), pool_size = 1 })
+        local rows = assert(db:query("SELECT ($1::jsonb ->> 'n') AS n", { n = BIG }))
+        assert.equal(BIG_TEXT, rows[1].n)
+        db:close()
+    end)
+
+    it("writes the event store's append rows: events without routing fields or _ keys, sequences counting up", function()
+        local e1 = { event_id = "a", amount = BIG, aggregate_type = "T", aggregate_id = "x", _scratch = 1,
+                     [1] = "not a field", tags = { "p", "q" } }
+        local e2 = { event_id = "b", note = 'say "hi"' }
+        local text = core.json_event_rows("T", "x", 4, { e1, e2 })
+        assert.matches('"amount":' .. BIG_TEXT, text)
+        local rows = cjson.decode(text)
+        rows[1].event.amount = nil -- decoded as a float; its text is checked above
+        assert.same({ { type = "T", agg = "x", seq = 4, event = { event_id = "a", tags = { "p", "q" } } },
+                      { type = "T", agg = "x", seq = 5, event = { event_id = "b", note = 'say "hi"' } } },
+                    rows)
+        -- several aggregates, as arguments or as one list; an aggregate without events adds no row
+        local two = core.json_event_rows("T", "x", 1, { e2 }, "U", "y", 7, {}, "V", "z", 2, { e2 })
+        assert.equal(two, core.json_event_rows({ "T", "x", 1, { e2 }, "U", "y", 7, {}, "V", "z", 2, { e2 } }))
+        local types = {}
+        for i, r in ipairs(cjson.decode(two)) do types[i] = r.type .. math.floor(r.seq) end
+        assert.same({ "T1", "V2" }, types)
+        assert.equal("[]", core.json_event_rows("T", "x", 1, {}))
+    end)
+
+    it("refuses an event row that JSON cannot hold with an invalid error", function()
+        local text, e = core.json_event_rows("T", "x", 1, { { f = function() end } })
+        assert.is_nil(text)
+        assert.equal("invalid", e.code)
+        assert.matches("function", e.message)
+        assert.has_error(function() core.json_event_rows("T", "x", 1) end)
+    end)
 end)

@@ -7,33 +7,33 @@ local qx = require "qx"
 
 -- the interpreter running this spec (lua5.4, luajit, or the ASan build of lua5.4)
 local function interpreter()
-  local i = -1
-  while arg and arg[i - 1] ~= nil do i = i - 1 end
-  return (arg and arg[i]) or (jit and "luajit" or "lua5.4")
+    local i = -1
+    while arg and arg[i - 1] ~= nil do i = i - 1 end
+    return (arg and arg[i]) or (jit and "luajit" or "lua5.4")
 end
 
 local function sh(s)
-  return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
+    return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
 end
 
 -- Starts `code` in a child process with `env` set; returns a handle to collect its output.
 local function spawn(code, env)
-  local file = os.tmpname()
-  local f = assert(io.open(file, "w"))
-  f:write(("package.path = %q\npackage.cpath = %q\n"):format(package.path, package.cpath))
-  f:write(code)
-  f:close()
-  local parts = { "env ASAN_OPTIONS=detect_leaks=0" }
-  for k, v in pairs(env) do parts[#parts + 1] = k .. "=" .. sh(v) end
-  parts[#parts + 1] = sh(interpreter()) .. " " .. sh(file) .. " 2>&1"
-  return { pipe = assert(io.popen(table.concat(parts, " "), "r")), file = file }
+    local file = os.tmpname()
+    local f = assert(io.open(file, "w"))
+    f:write(("package.path = %q\npackage.cpath = %q\n"):format(package.path, package.cpath))
+    f:write(code)
+    f:close()
+    local parts = { "env ASAN_OPTIONS=detect_leaks=0" }
+    for k, v in pairs(env) do parts[#parts + 1] = k .. "=" .. sh(v) end
+    parts[#parts + 1] = sh(interpreter()) .. " " .. sh(file) .. " 2>&1"
+    return { pipe = assert(io.popen(table.concat(parts, " "), "r")), file = file }
 end
 
 local function collect(child)
-  local out = child.pipe:read("*a") or ""
-  child.pipe:close()
-  os.remove(child.file)
-  return out
+    local out = child.pipe:read("*a") or ""
+    child.pipe:close()
+    os.remove(child.file)
+    return out
 end
 
 -- A writer: N commands, each on a random one of the ids, each a unit of work that loads the
@@ -112,147 +112,147 @@ db:close()
 ]]
 
 describe("event store: concurrent writers #concurrency", function()
-  local db
+    local db
 
-  setup(function()
-    db = assert(qx.connect{ url = support.db_url(), pool_size = 4 })
-    assert(qx.migrate(db))
-  end)
+    setup(function()
+        db = assert(qx.connect{ url = support.db_url(), pool_size = 4 })
+        assert(qx.migrate(db))
+    end)
 
-  teardown(function()
-    if db then db:close() end
-  end)
+    teardown(function()
+        if db then db:close() end
+    end)
 
-  local function start_writers(count, ids, n, sleep_ms, agg_type, event_name, done_table)
-    local children = {}
-    for w = 1, count do
-      children[w] = spawn(WRITER, {
-        QX_DB__URL = support.db_url(), W_TYPE = agg_type, W_EVENT = event_name,
-        W_IDS = table.concat(ids, ","), W_N = n, W_SLEEP_MS = sleep_ms, W_WRITER = w,
-        W_SEED = os.time() * 10 + w, W_DONE = done_table,
-      })
+    local function start_writers(count, ids, n, sleep_ms, agg_type, event_name, done_table)
+        local children = {}
+        for w = 1, count do
+            children[w] = spawn(WRITER, {
+          QX_DB__URL = support.db_url(), W_TYPE = agg_type, W_EVENT = event_name,
+          W_IDS = table.concat(ids, ","), W_N = n, W_SLEEP_MS = sleep_ms, W_WRITER = w,
+          W_SEED = os.time() * 10 + w, W_DONE = done_table,
+            })
+        end
+        return children
     end
-    return children
-  end
 
-  local function results(children)
-    local wins, conflicts, outputs = 0, 0, {}
-    for w, c in ipairs(children) do
-      local out = collect(c)
-      outputs[w] = out
-      local a, b = out:match("OK (%d+) (%d+)")
-      assert(a, "writer " .. w .. " failed:\n" .. out)
-      wins, conflicts = wins + tonumber(a), conflicts + tonumber(b)
+    local function results(children)
+        local wins, conflicts, outputs = 0, 0, {}
+        for w, c in ipairs(children) do
+            local out = collect(c)
+            outputs[w] = out
+            local a, b = out:match("OK (%d+) (%d+)")
+            assert(a, "writer " .. w .. " failed:\n" .. out)
+            wins, conflicts = wins + tonumber(a), conflicts + tonumber(b)
+        end
+        return wins, conflicts
     end
-    return wins, conflicts
-  end
 
-  it("N writers on one aggregate: one winner per version, sequences contiguous", function()
-    local agg_type, event_name = support.unique("Hot"), support.unique("hot.deposited")
-    local done = support.unique("done")
-    support.psql("CREATE TABLE " .. done .. " (writer int, ok boolean)")
-    local id = qx.uuid()
-    local writers, per_writer = 4, 12
-    local children = start_writers(writers, { id }, per_writer, 15, agg_type, event_name, done)
-    local wins, conflicts = results(children)
-    assert.equal(writers * per_writer, wins)
-    assert.is_true(conflicts > 0, "no writer ever lost a race: the test did not overlap them")
+    it("N writers on one aggregate: one winner per version, sequences contiguous", function()
+        local agg_type, event_name = support.unique("Hot"), support.unique("hot.deposited")
+        local done = support.unique("done")
+        support.psql("CREATE TABLE " .. done .. " (writer int, ok boolean)")
+        local id = qx.uuid()
+        local writers, per_writer = 4, 12
+        local children = start_writers(writers, { id }, per_writer, 15, agg_type, event_name, done)
+        local wins, conflicts = results(children)
+        assert.equal(writers * per_writer, wins)
+        assert.is_true(conflicts > 0, "no writer ever lost a race: the test did not overlap them")
 
-    local rows = assert(db:query([[
+        local rows = assert(db:query([[
 SELECT sequence, payload->>'writer' AS writer, payload->>'n' AS n, payload->>'attempt' AS attempt,
        payload->>'j' AS j
 FROM qx_aggregate_events WHERE aggregate_type = $1 AND aggregate_id = $2 ORDER BY sequence]],
-      agg_type, id))
-    -- contiguous: 1..count, one row each (the unique key would refuse a second)
-    for i, r in ipairs(rows) do assert.equal(i, r.sequence) end
-    -- every command stored once, from one attempt only, its events in order
-    local commands, attempt_of = {}, {}
-    for _, r in ipairs(rows) do
-      local key = r.writer .. "/" .. r.n
-      if not commands[key] then commands[key] = 0 end
-      commands[key] = commands[key] + 1
-      assert.equal(tostring(commands[key]), r.j)
-      attempt_of[key] = attempt_of[key] or r.attempt
-      assert.equal(attempt_of[key], r.attempt, "two attempts of " .. key .. " were stored")
-    end
-    local distinct = 0
-    for _ in pairs(commands) do distinct = distinct + 1 end
-    assert.equal(wins, distinct)
-
-    -- the aggregate loads back to the sum of what was stored
-    local Deposited = qx.event(event_name)
-    local Account = qx.event_sourced(agg_type)
-    Account:on(Deposited, function(self, ev) self.balance = (self.balance or 0) + ev.amount end)
-    local acc = assert(db:unit_of_work(function(uow)
-      return uow:store(qx.event_store{}):load(Account, id)
-    end))
-    assert.equal(#rows, acc.version)
-    assert.equal(#rows, acc.balance)
-  end)
-
-  it("gap-safety: a projection running alongside late-committing writers applies every event once, in stream order", function()
-    local agg_type, event_name = support.unique("Gap"), support.unique("gap.deposited")
-    local done, applied = support.unique("done"), support.unique("applied")
-    support.psql("CREATE TABLE " .. done .. " (writer int, ok boolean)")
-    support.psql("CREATE TABLE " .. applied .. " (event_id uuid PRIMARY KEY, agg text NOT NULL, "
-      .. "seq int NOT NULL, runner text NOT NULL, apply_no bigserial)")
-    local name = support.unique("gapproj")
-    local ids = {}
-    for i = 1, 6 do ids[i] = qx.uuid() end
-    local writers, per_writer = 4, 25
-
-    local children = start_writers(writers, ids, per_writer, 40, agg_type, event_name, done)
-    local runner = spawn(RUNNER, { QX_DB__URL = support.db_url(), W_EVENT = event_name,
-      W_DONE = done, P_APPLIED = applied, P_NAME = name, P_WRITERS = writers })
-
-    local p = qx.projection{ name = name, db = db, batch_size = 5, on_progress = false,
-      handlers = { [event_name] = function(ev, uow)
-        assert(uow:queue("INSERT INTO " .. applied
-          .. " (event_id, agg, seq, runner) VALUES ($1, $2, $3, 'parent')",
-          ev.event_id, ev.aggregate_id, ev._sequence))
-      end } }
-    local applied_while_writing
-    local function writers_done()
-      local rows = assert(db:query("SELECT count(*) AS n FROM " .. done))
-      if rows[1].n >= writers then
-        if not applied_while_writing then
-          applied_while_writing = assert(db:query("SELECT count(*) AS n FROM " .. applied))[1].n
+            agg_type, id))
+        -- contiguous: 1..count, one row each (the unique key would refuse a second)
+        for i, r in ipairs(rows) do assert.equal(i, r.sequence) end
+        -- every command stored once, from one attempt only, its events in order
+        local commands, attempt_of = {}, {}
+        for _, r in ipairs(rows) do
+            local key = r.writer .. "/" .. r.n
+            if not commands[key] then commands[key] = 0 end
+            commands[key] = commands[key] + 1
+            assert.equal(tostring(commands[key]), r.j)
+            attempt_of[key] = attempt_of[key] or r.attempt
+            assert.equal(attempt_of[key], r.attempt, "two attempts of " .. key .. " were stored")
         end
-        return true
-      end
-      return false
-    end
-    local n1 = assert(p:run{ poll_ms = 50, max_seconds = 90, stop = writers_done })
-    local n2 = assert(p:catch_up())
-    local wins = results(children)
-    assert.equal(writers * per_writer, wins)
-    local runner_out = collect(runner)
-    local n_child = tonumber(runner_out:match("OK (%d+)"))
-    assert(n_child, "the second runner failed:\n" .. runner_out)
-    -- let the child's last batch be counted: catch up once more after it exited
-    local n3 = assert(p:catch_up())
+        local distinct = 0
+        for _ in pairs(commands) do distinct = distinct + 1 end
+        assert.equal(wins, distinct)
 
-    local stored = assert(db:query([[
+        -- the aggregate loads back to the sum of what was stored
+        local Deposited = qx.event(event_name)
+        local Account = qx.event_sourced(agg_type)
+        Account:on(Deposited, function(self, ev) self.balance = (self.balance or 0) + ev.amount end)
+        local acc = assert(db:unit_of_work(function(uow)
+            return uow:store(qx.event_store{}):load(Account, id)
+        end))
+        assert.equal(#rows, acc.version)
+        assert.equal(#rows, acc.balance)
+    end)
+
+    it("gap-safety: a projection running alongside late-committing writers applies every event once, in stream order", function()
+        local agg_type, event_name = support.unique("Gap"), support.unique("gap.deposited")
+        local done, applied = support.unique("done"), support.unique("applied")
+        support.psql("CREATE TABLE " .. done .. " (writer int, ok boolean)")
+        support.psql("CREATE TABLE " .. applied .. " (event_id uuid PRIMARY KEY, agg text NOT NULL, "
+            .. "seq int NOT NULL, runner text NOT NULL, apply_no bigserial)")
+        local name = support.unique("gapproj")
+        local ids = {}
+        for i = 1, 6 do ids[i] = qx.uuid() end
+        local writers, per_writer = 4, 25
+
+        local children = start_writers(writers, ids, per_writer, 40, agg_type, event_name, done)
+        local runner = spawn(RUNNER, { QX_DB__URL = support.db_url(), W_EVENT = event_name,
+            W_DONE = done, P_APPLIED = applied, P_NAME = name, P_WRITERS = writers })
+
+        local p = qx.projection{ name = name, db = db, batch_size = 5, on_progress = false,
+            handlers = { [event_name] = function(ev, uow)
+          assert(uow:queue("INSERT INTO " .. applied
+                    .. " (event_id, agg, seq, runner) VALUES ($1, $2, $3, 'parent')",
+                    ev.event_id, ev.aggregate_id, ev._sequence))
+            end } }
+        local applied_while_writing
+        local function writers_done()
+            local rows = assert(db:query("SELECT count(*) AS n FROM " .. done))
+            if rows[1].n >= writers then
+          if not applied_while_writing then
+                    applied_while_writing = assert(db:query("SELECT count(*) AS n FROM " .. applied))[1].n
+          end
+          return true
+            end
+            return false
+        end
+        local n1 = assert(p:run{ poll_ms = 50, max_seconds = 90, stop = writers_done })
+        local n2 = assert(p:catch_up())
+        local wins = results(children)
+        assert.equal(writers * per_writer, wins)
+        local runner_out = collect(runner)
+        local n_child = tonumber(runner_out:match("OK (%d+)"))
+        assert(n_child, "the second runner failed:\n" .. runner_out)
+        -- let the child's last batch be counted: catch up once more after it exited
+        local n3 = assert(p:catch_up())
+
+        local stored = assert(db:query([[
 SELECT count(*) AS n FROM qx_aggregate_events WHERE aggregate_type = $1]], agg_type))[1].n
-    local got = assert(db:query("SELECT count(*) AS n, count(DISTINCT event_id) AS d FROM " .. applied))[1]
-    assert.equal(stored, got.n)                         -- every event ...
-    assert.equal(got.n, got.d)                          -- ... once
-    assert.equal(stored, n1 + n2 + n3 + n_child)        -- and the runners agree
-    local missing = assert(db:query(([[
+        local got = assert(db:query("SELECT count(*) AS n, count(DISTINCT event_id) AS d FROM " .. applied))[1]
+        assert.equal(stored, got.n)                         -- every event ...
+        assert.equal(got.n, got.d)                          -- ... once
+        assert.equal(stored, n1 + n2 + n3 + n_child)        -- and the runners agree
+        local missing = assert(db:query(([[
 SELECT count(*) AS n FROM qx_aggregate_events e WHERE e.aggregate_type = $1
   AND NOT EXISTS (SELECT 1 FROM %s a WHERE a.event_id = e.id)]]):format(applied), agg_type))[1].n
-    assert.equal(0, missing)
-    assert.is_true(applied_while_writing > 0, "the projection did not run while writers wrote")
+        assert.equal(0, missing)
+        assert.is_true(applied_while_writing > 0, "the projection did not run while writers wrote")
 
-    -- per-aggregate order: in the order applied, each stream's sequences are 1, 2, 3, ...
-    local order = assert(db:query("SELECT agg, seq FROM " .. applied .. " ORDER BY apply_no"))
-    local last = {}
-    for _, r in ipairs(order) do
-      assert.equal((last[r.agg] or 0) + 1, r.seq, "stream " .. r.agg .. " applied out of order")
-      last[r.agg] = r.seq
-    end
-    local status = assert(p:status())
-    assert.equal(stored, status.events_applied)
-    assert.equal(0, status.behind)
-  end)
+        -- per-aggregate order: in the order applied, each stream's sequences are 1, 2, 3, ...
+        local order = assert(db:query("SELECT agg, seq FROM " .. applied .. " ORDER BY apply_no"))
+        local last = {}
+        for _, r in ipairs(order) do
+            assert.equal((last[r.agg] or 0) + 1, r.seq, "stream " .. r.agg .. " applied out of order")
+            last[r.agg] = r.seq
+        end
+        local status = assert(p:status())
+        assert.equal(stored, status.events_applied)
+        assert.equal(0, status.behind)
+    end)
 end)
