@@ -1,0 +1,111 @@
+-- Internal to qx.store.repository: qx.repository{...}, a table described once (options checked,
+-- no I/O). See docs/repository.md for the options.
+local cursor = require "qx.store.repository.cursor"
+local base = require "qx.store.repository.base"
+local query = require "qx.store.repository.query"
+
+local type = type
+local pairs = pairs
+local ipairs = ipairs
+local error = error
+local tostring = tostring
+local rawget = rawget
+local setmetatable = setmetatable
+local pcall = pcall
+local concat = table.concat
+local find = string.find
+local is_int = base.is_int
+local parse_sort = query.parse_sort
+local Description = base.Description
+local MAX_BATCH_SIZE = base.MAX_BATCH_SIZE
+
+local _M = {}
+
+local OPTIONS = {
+    table = "string", schema = "string", entity = "table", from_row = "function",
+    to_row = "function", filterable = "table", sortable = "table", default_sort = "table",
+    tenanted = "boolean", allow_cross_tenant = "boolean", soft_delete = "boolean",
+    default_page_size = "number", max_page_size = "number", cursor_key = "any",
+    primary_key = "string", readonly = "table",
+}
+
+local function strings(list, what)
+    if type(list) ~= "table" then error("qx.repository: " .. what .. " must be a list", 3) end
+    local set, out = {}, {}
+    for i, v in ipairs(list) do
+        if type(v) ~= "string" or v == "" then
+            error("qx.repository: " .. what .. "[" .. i .. "] must be a column name", 3)
+        end
+        if not set[v] then
+            set[v] = true
+            out[#out + 1] = v
+        end
+    end
+    return out, set
+end
+
+-- new(opts) -> description (raises on a bad description; no I/O)
+function _M.new(opts)
+    if type(opts) ~= "table" then error("qx.repository: expected a table of options", 2) end
+    for k, v in pairs(opts) do
+        local want = OPTIONS[k]
+        if not want then error("qx.repository: unknown option '" .. tostring(k) .. "'", 2) end
+        if want ~= "any" and type(v) ~= want then
+            error("qx.repository: " .. k .. " must be a " .. want .. ", got " .. type(v), 2)
+        end
+    end
+    if type(opts.table) ~= "string" or opts.table == "" or find(opts.table, "%z") then
+        error("qx.repository: table must be a non-empty string", 2)
+    end
+    if opts.schema ~= nil and (opts.schema == "" or find(opts.schema, "%z")) then
+        error("qx.repository: schema must be a non-empty string", 2)
+    end
+    local d = setmetatable({
+        table = opts.table,
+        schema = opts.schema,
+        entity = opts.entity,
+        tenanted = opts.tenanted == true,
+        allow_cross_tenant = opts.allow_cross_tenant == true,
+        soft_delete = opts.soft_delete == true,
+        pk = opts.primary_key or "id",
+        default_page_size = opts.default_page_size or base.DEFAULT_PAGE_SIZE,
+        max_page_size = opts.max_page_size or base.MAX_PAGE_SIZE,
+        _by_db = setmetatable({}, { __mode = "k" }),
+    }, Description)
+    d.what = (d.schema and (d.schema .. ".") or "") .. d.table
+    if not is_int(d.max_page_size, 1, MAX_BATCH_SIZE) then
+        error("qx.repository: max_page_size must be an integer from 1 to " .. MAX_BATCH_SIZE, 2)
+    end
+    if not is_int(d.default_page_size, 1, d.max_page_size) then
+        error("qx.repository: default_page_size must be an integer from 1 to max_page_size", 2)
+    end
+    d.filterable_list, d.filterable = strings(opts.filterable or {}, "filterable")
+    d.sortable_list, d.sortable = strings(opts.sortable or {}, "sortable")
+    d.readonly_list, d.readonly = strings(opts.readonly or {}, "readonly")
+    d.filter_hint = #d.filterable_list > 0
+        and (" (filterable: " .. concat(d.filterable_list, ", ") .. ")")
+        or " (it has no filterable fields)"
+    local ok, e = pcall(parse_sort, opts.default_sort or {}, nil, d.pk, d.what)
+    if not ok then error("qx.repository: default_sort: " .. tostring(e.message or e), 2) end
+    d.default_sort = e
+    if opts.cursor_key ~= nil then
+        local keys, why = cursor.keys(opts.cursor_key)
+        if not keys then error("qx.repository: cursor_key: " .. why, 2) end
+        d.cursor_keys = keys
+    end
+
+    -- row -> entity (NULL columns are absent from the row, see map_row)
+    local entity = d.entity
+    local from = opts.from_row or (entity and type(rawget(entity, "from_row")) == "function"
+                                   and rawget(entity, "from_row"))
+    if from then
+        d.from_row = from
+    elseif entity then
+        d.from_row = function(row) return setmetatable(row, entity) end
+    end
+    d.to_row = opts.to_row or (entity and type(rawget(entity, "to_row")) == "function"
+                               and rawget(entity, "to_row")) or nil
+    return d
+end
+
+return _M
