@@ -1,0 +1,369 @@
+-- Internal to qx.store.event_store: the store bound to a unit of work (uow:store(store)): load,
+-- append, append_batch and the reads inside that transaction. Appends are queued in the unit
+-- of work's pipeline; see docs/event-store.md for why.
+local core = require "qx.core"
+local qx_error = require "qx.error"
+local event = require "qx.model.event"
+local aggregate = require "qx.model.aggregate"
+local es_class = require "qx.model.event_sourced"
+local sql = require "qx.store.event_store.sql"
+local reads = require "qx.store.event_store.reads"
+
+local type = type
+local pairs = pairs
+local ipairs = ipairs
+local error = error
+local tostring = tostring
+local setmetatable = setmetatable
+local getmetatable = getmetatable
+local rawget = rawget
+local floor = math.floor
+local fmt = string.format
+local is_uuid = core.is_uuid
+local null = core.null
+local new_error = qx_error.new
+local APPEND, SNAPSHOT, LOAD = sql.APPEND, sql.SNAPSHOT, sql.LOAD
+local read_all, read_stream = reads.read_all, reads.read_stream
+local Store = reads.Store
+
+local _M = {}
+
+_M.CHANNEL = "qx_events"          -- NOTIFY channel of every append
+
+local MAX_VERSION = 2147483647
+
+-- JSON for what the store writes: the binding's encoder, which keeps numbers exact (the
+-- distributions' lua-cjson rounds to 14 digits). Encoding here, before anything is queued, is
+-- what lets append report a value JSON cannot hold while the aggregate keeps its events.
+local function encode(v)
+    local text, e = core.json_encode(v)
+    if not text then return nil, e.message end
+    return text
+end
+
+local Bound = {}
+Bound.__index = Bound
+_M.Bound = Bound
+
+-- bind(store, uow) -> the store's operations inside that transaction
+function _M.bind(store, uow)
+    if getmetatable(store) ~= Store then
+        error("uow:store: expected a store made by qx.event_store{...}", 3)
+    end
+    return setmetatable({ store = store, uow = uow }, Bound)
+end
+
+
+local function check_bound(self, method)
+    if getmetatable(self) ~= Bound then
+        error("es:" .. method .. ": call as es:" .. method .. "(...)", 3)
+    end
+    local uow = self.uow
+    if uow._state ~= "active" then uow:_check_open() end -- raises, saying what state it is in
+end
+
+
+local function tenant_of(uow)
+    local t = uow.context and uow.context.tenant_id
+    if t ~= nil then
+        return tostring(t)
+    end
+    return nil
+end
+
+
+-- es:load(Class, id[, { snapshot = true }]) -> instance | nil (no events) | nil, err
+function Bound:load(class, id, opts)
+    check_bound(self, "load")
+    if not es_class.is_class(class) then
+        local what = aggregate.is_class(class) and ("aggregate class " .. class.aggregate_type
+            .. ", which is not event-sourced (use qx.event_sourced)") or type(class)
+        error("es:load: expected an event-sourced class, got " .. what, 2)
+    end
+    if type(id) ~= "string" and type(id) ~= "number" then
+        error("es:load: id must be a string or a number, got " .. type(id), 2)
+    end
+    if opts ~= nil and type(opts) ~= "table" then
+        error("es:load: options must be a table", 2)
+    end
+    for k in pairs(opts or {}) do
+        if k ~= "snapshot" then
+            error("es:load: unknown option '" .. tostring(k) .. "' (known: snapshot)", 2)
+        end
+    end
+    local use_snapshot = not (opts and opts.snapshot == false)
+    local spec = es_class.spec(class)
+    local rows, e = self.uow:query(LOAD, class.aggregate_type, tostring(id), use_snapshot,
+                                   spec.snapshot_version, tenant_of(self.uow))
+    if not rows then
+        return nil, e
+    end
+    if #rows == 0 then
+        return nil
+    end
+
+    local self_ = class.new(id)
+    local first = 1
+    if rows[1].kind == 0 then
+        local state = rows[1].payload
+        if type(state) ~= "table" then
+            return nil, new_error("invalid", tostring(self_) .. ": snapshot state is not an object")
+        end
+        self_:restore(state)
+        self_.version = rows[1].sequence
+        first = 2
+    end
+
+    local events, sequences = {}, {}
+    local handlers = spec.handlers
+    for i = first, #rows do
+        local r = rows[i]
+        local rec = r.payload
+        if type(rec) ~= "table" then
+            return nil, new_error("invalid", fmt("%s: event %d is not an object", tostring(self_),
+                                                 r.sequence))
+        end
+        if rec.event_name == nil then rec.event_name = r.event_name end
+        if r.row_id ~= null then rec.event_id = r.row_id end
+        if r.row_occurred_at ~= null then rec.occurred_at = r.row_occurred_at end
+        if r.row_tenant_id ~= null then rec.tenant_id = r.row_tenant_id end
+        local h = handlers[r.event_name]
+        local ev = rec
+        if h and h.class then
+            -- rebuild the instance the handler was written for: the stored object holds the
+            -- metadata and the payload side by side, as the fields of Class{...} do, and the
+            -- constructor checks them (a stored value of the wrong kind is invalid data)
+            rec.aggregate_type = class.aggregate_type
+            rec.aggregate_id = id
+            local built, inst = pcall(h.class.new, rec)
+            if not built then
+                return nil, new_error("invalid", fmt("%s: event %d: %s", tostring(self_),
+                    r.sequence, (tostring(inst):gsub("^[^:\n]*:%d+: ", ""))))
+            end
+            ev = inst
+        else
+            rec.aggregate_type = class.aggregate_type
+            rec.aggregate_id = id
+        end
+        events[#events + 1] = ev
+        sequences[#sequences + 1] = r.sequence
+    end
+    local ok, perr = es_class.replay_stored(self_, events, sequences)
+    if not ok then
+        return nil, perr
+    end
+    return self_
+end
+
+
+-- Checks one aggregate and stamps its events. Returns the aggregate type, the id as text, the
+-- version, the events to store (the pending list itself when none of them is an integration
+-- event), how many they are, and the snapshot row or nil | nil, err. Nothing is drained here.
+-- The rows themselves are written by core.json_event_rows: each stored event is the event's own
+-- fields, metadata and payload side by side, less the routing fields and "_" keys.
+local function prepare(store, uow, agg, opts)
+    local class = es_class.class_of(agg)
+    if class == nil then
+        error("es:append: expected an event-sourced aggregate instance, got "
+              .. (aggregate.is_aggregate(agg) and tostring(agg) or type(agg)), 3)
+    end
+    local agg_type = class.aggregate_type
+    if opts and opts.aggregate_type ~= nil then
+        if type(opts.aggregate_type) ~= "string" or opts.aggregate_type == "" then
+            error("es:append: aggregate_type must be a non-empty string", 3)
+        end
+        agg_type = opts.aggregate_type
+    end
+    local id = rawget(agg, "id")
+    local sid = id
+    if type(id) ~= "string" then
+        if type(id) ~= "number" then
+            return nil, new_error("invalid", tostring(agg) .. ": id must be a string or a number")
+        end
+        sid = tostring(id)
+    end
+    local pending = aggregate.pending_list(agg) -- not a copy: only read here
+    local version = rawget(agg, "version")
+    local stored = pending
+    local n = 0
+    for i = 1, #pending do
+        local ev = pending[i]
+        uow:_stamp(ev)
+        if event.class_of(ev).integration then
+            if stored == pending then -- the first one: from here on the stored events are a list
+                stored = {}
+                for k = 1, n do stored[k] = pending[k] end
+            end
+        else
+            if not is_uuid(ev.event_id) then
+                return nil, new_error("invalid", fmt("%s: event %s has an event_id that is not "
+                    .. "a uuid", tostring(agg), tostring(ev.event_name)))
+            end
+            n = n + 1
+            if stored ~= pending then stored[n] = ev end
+        end
+    end
+    if version + n > MAX_VERSION then
+        return nil, new_error("invalid", tostring(agg) .. ": version would pass " .. MAX_VERSION)
+    end
+    local snap
+    local every = store.snapshot_every
+    if every > 0 and n > 0 and floor((version + n) / every) > floor(version / every) then
+        local state = agg:snapshot()
+        if type(state) ~= "table" then
+            return nil, new_error("invalid", tostring(agg) .. ": snapshot() must return a table")
+        end
+        local tenant = tenant_of(uow)
+        snap = {
+            id = core.uuid(),
+            type = agg_type,
+            agg = sid,
+            state = state,
+            version = version + n,
+            tenant = tenant,
+            state_version = es_class.spec(class).snapshot_version,
+        }
+    end
+    return agg_type, sid, version, stored, n, snap
+end
+
+local event_rows = core.json_event_rows
+
+local function rows_invalid(e)
+    return nil, new_error("invalid", "an event cannot be stored as JSON: " .. tostring(e.message))
+end
+
+local function snaps_json_of(snaps)
+    local text, e = encode(snaps)
+    if not text then
+        return nil, new_error("invalid", "a snapshot cannot be stored as JSON: " .. tostring(e))
+    end
+    return text
+end
+
+-- Queues the insert (and the snapshot upsert) and asks for the wake-up. Nothing failed before;
+-- the unit of work was found open (check_bound).
+local function queue_append(uow, store, rows_json, snaps_json)
+    local ok, e = uow:_queue1(APPEND, rows_json)
+    if not ok then return nil, e end
+    if snaps_json then
+        ok, e = uow:_queue1(SNAPSHOT, snaps_json)
+        if not ok then return nil, e end
+    end
+    -- sent once per unit of work, after its COMMIT (see the unit of work)
+    if store.notify then uow:_notify_after(_M.CHANNEL) end
+    return true
+end
+
+-- The aggregate's events go to the unit of work; its version moves past the stored ones.
+local function drain(uow, agg, n)
+    local evs = agg:pull_events()
+    agg.version = rawget(agg, "version") + n
+    uow:_record_list(evs)
+end
+
+local function append_all(self, list, opts, method)
+    local uow, store = self.uow, self.store
+    if opts ~= nil and type(opts) ~= "table" then
+        error(method .. ": options must be a table", 3)
+    end
+    local args, snaps, ns = {}, {}, {} -- args: type, id, first sequence, events, ... per aggregate
+    local nargs, total = 0, 0
+    for i, agg in ipairs(list) do
+        local agg_type, sid, version, stored, n, snap = prepare(store, uow, agg, opts)
+        if not agg_type then
+            return nil, sid
+        end
+        ns[i] = n
+        if n > 0 then
+            args[nargs + 1], args[nargs + 2], args[nargs + 3], args[nargs + 4] =
+                agg_type, sid, version + 1, stored
+            nargs = nargs + 4
+            total = total + n
+        end
+        if snap then snaps[#snaps + 1] = snap end
+    end
+    local rows_json, snaps_json, e
+    if total > 0 then
+        rows_json, e = event_rows(args)
+        if not rows_json then return rows_invalid(e) end
+    end
+    if #snaps > 0 then
+        snaps_json, e = snaps_json_of(snaps)
+        if not snaps_json then return nil, e end
+    end
+
+    -- nothing failed: queue, then drain
+    if rows_json then
+        local ok
+        ok, e = queue_append(uow, store, rows_json, snaps_json)
+        if not ok then return nil, e end
+    end
+    for i, agg in ipairs(list) do
+        drain(uow, agg, ns[i])
+    end
+    return true
+end
+
+
+-- es:append(aggregate[, { aggregate_type = name }]) -> true | nil, err
+function Bound:append(agg, opts)
+    check_bound(self, "append")
+    if opts ~= nil and type(opts) ~= "table" then
+        error("es:append: options must be a table", 2)
+    end
+    local uow, store = self.uow, self.store
+    local agg_type, sid, version, stored, n, snap = prepare(store, uow, agg, opts)
+    if not agg_type then
+        return nil, sid
+    end
+    if n > 0 then
+        local rows_json, e = event_rows(agg_type, sid, version + 1, stored)
+        if not rows_json then return rows_invalid(e) end
+        local snaps_json
+        if snap then
+            snaps_json, e = snaps_json_of({ snap })
+            if not snaps_json then return nil, e end
+        end
+        local ok
+        ok, e = queue_append(uow, store, rows_json, snaps_json)
+        if not ok then return nil, e end
+    end
+    drain(uow, agg, n)
+    return true
+end
+
+
+-- es:append_batch({ aggregates... }[, opts]) -> true | nil, err: one insert for all
+function Bound:append_batch(list, opts)
+    check_bound(self, "append_batch")
+    if type(list) ~= "table" or aggregate.is_aggregate(list) then
+        error("es:append_batch: expected a list of aggregates", 2)
+    end
+    local seen = {}
+    for i, agg in ipairs(list) do
+        if seen[agg] then
+            error("es:append_batch: aggregate " .. i .. " is in the list twice", 2)
+        end
+        seen[agg] = true
+    end
+    return append_all(self, list, opts, "es:append_batch")
+end
+
+
+-- es:read_stream(aggregate_type, id, { after_sequence, limit }) -> records (in this
+-- transaction; limited to the context's tenant when it has one)
+function Bound:read_stream(agg_type, id, opts)
+    check_bound(self, "read_stream")
+    return read_stream(self.uow, "es:read_stream", agg_type, id, opts, tenant_of(self.uow))
+end
+
+
+-- es:read_all{...}: the global read inside this transaction (same rules as store:read_all)
+function Bound:read_all(opts)
+    check_bound(self, "read_all")
+    return read_all(self.uow, "es:read_all", opts)
+end
+
+
+return _M

@@ -1,0 +1,187 @@
+-- Internal to qx.store.event_store: the statements of the event store, and the builder of the
+-- global read's text (one text per read mode and key count). See docs/event-store.md.
+local _M = {}
+
+local APPEND = [[
+INSERT INTO qx_aggregate_events
+    (id, aggregate_type, aggregate_id, sequence, event_type, event_name, payload, occurred_at,
+     tenant_id)
+SELECT (r->'event'->>'event_id')::uuid, r->>'type', r->>'agg', (r->>'seq')::int,
+       r->'event'->>'event_name', r->'event'->>'event_name', r->'event',
+       (r->'event'->>'occurred_at')::timestamptz, r->'event'->>'tenant_id'
+FROM jsonb_array_elements($1::jsonb) WITH ORDINALITY AS x(r, i)
+ORDER BY i]]
+_M.APPEND_SQL = APPEND
+_M.APPEND = APPEND
+
+local SNAPSHOT = [[
+INSERT INTO qx_aggregate_snapshots
+    (id, aggregate_type, aggregate_id, state, version, taken_at, tenant_id, state_version)
+SELECT (r->>'id')::uuid, r->>'type', r->>'agg', r->'state', (r->>'version')::int, now(),
+       r->>'tenant', (r->>'state_version')::int
+FROM jsonb_array_elements($1::jsonb) AS x(r)
+ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE
+SET state = EXCLUDED.state, version = EXCLUDED.version, taken_at = EXCLUDED.taken_at,
+    tenant_id = EXCLUDED.tenant_id, state_version = EXCLUDED.state_version
+WHERE qx_aggregate_snapshots.version < EXCLUDED.version]]
+
+-- The columns a record is made of. occurred_at/id/tenant come from the row only when the
+-- stored event lacks them (rows written by another writer).
+local RECORD_COLUMNS = [[
+e.tx_id::text AS tx_id, e.global_position, e.aggregate_type, e.aggregate_id, e.sequence,
+e.event_name, e.payload,
+CASE WHEN e.payload ? 'event_id' THEN NULL ELSE e.id::text END AS row_id,
+CASE WHEN e.payload ? 'occurred_at' THEN NULL
+     ELSE to_char(e.occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') END
+     AS row_occurred_at,
+CASE WHEN e.payload ? 'tenant_id' THEN NULL ELSE e.tenant_id END AS row_tenant_id]]
+_M.RECORD_COLUMNS = RECORD_COLUMNS
+
+-- snapshot (when wanted and of the class's state_version) + the events after it, one query
+local LOAD = [[
+WITH s AS (
+    SELECT state, version FROM qx_aggregate_snapshots
+    WHERE $3::boolean AND aggregate_type = $1 AND aggregate_id = $2
+      AND state_version IS NOT DISTINCT FROM $4::int
+      AND ($5::text IS NULL OR tenant_id = $5::text)
+)
+SELECT 0 AS kind, version AS sequence, NULL::text AS event_name, state AS payload,
+       NULL::text AS row_id, NULL::text AS row_occurred_at, NULL::text AS row_tenant_id
+FROM s
+UNION ALL
+SELECT 1, e.sequence, e.event_name, e.payload,
+       CASE WHEN e.payload ? 'event_id' THEN NULL ELSE e.id::text END,
+       CASE WHEN e.payload ? 'occurred_at' THEN NULL
+            ELSE to_char(e.occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') END,
+       CASE WHEN e.payload ? 'tenant_id' THEN NULL ELSE e.tenant_id END
+FROM qx_aggregate_events e
+WHERE e.aggregate_type = $1 AND e.aggregate_id = $2
+  AND e.sequence > coalesce((SELECT version FROM s), 0)
+  AND ($5::text IS NULL OR e.tenant_id = $5::text)
+ORDER BY 1, 2]]
+
+local READ_STREAM = [[
+SELECT ]] .. RECORD_COLUMNS .. [[
+
+FROM qx_aggregate_events e
+WHERE e.aggregate_type = $1 AND e.aggregate_id = $2 AND e.sequence > $3
+  AND ($4::text IS NULL OR e.tenant_id = $4::text)
+ORDER BY e.sequence
+LIMIT $5]]
+
+-- The events after a position and below the horizon, in (tx_id, global_position) order, at most
+-- `limit`, as a subquery: one index range scan, or one per event name (or aggregate type),
+-- merged. See docs/event-store.md ("The global read, by index") for why one branch per name.
+local MAX_KEYS = 64
+
+local function candidates(mode, x, k)
+    local function filters(skip)
+        local f = {
+            "(e.tx_id, e.global_position) > " .. x.after,
+            "e.tx_id < " .. x.horizon,
+            "(" .. x.tenant .. " IS NULL OR e.tenant_id = " .. x.tenant .. ")",
+        }
+        if skip ~= "names" then
+            f[#f + 1] = "(" .. x.names .. " IS NULL OR e.event_name IN "
+                .. "(SELECT jsonb_array_elements_text(" .. x.names .. ")))"
+        end
+        if skip ~= "types" then
+            f[#f + 1] = "(" .. x.types .. " IS NULL OR e.aggregate_type IN "
+                .. "(SELECT jsonb_array_elements_text(" .. x.types .. ")))"
+        end
+        return table.concat(f, "\n      AND ")
+    end
+    local order = "\n    ORDER BY e.tx_id, e.global_position\n    LIMIT " .. x.limit
+    if mode == "all" then
+        return "    SELECT * FROM qx_aggregate_events e\n    WHERE " .. filters() .. order
+    end
+    local key, list = "event_name", x.names
+    if mode == "types" then
+        key, list = "aggregate_type", x.types
+    end
+    local branches = {}
+    for i = 1, k do
+        branches[i] = "    (SELECT * FROM qx_aggregate_events e\n    WHERE e." .. key .. " = ("
+            .. list .. " ->> " .. (i - 1) .. ")\n      AND " .. filters(mode) .. order .. ")"
+    end
+    return "    SELECT * FROM (\n" .. table.concat(branches, "\n    UNION ALL\n")
+        .. "\n    ) e" .. order
+end
+
+_M.candidates = candidates
+_M.MAX_KEYS = MAX_KEYS
+
+-- The mode of a read and its number of keys: by event name when at most MAX_KEYS names are
+-- given, else by aggregate type (at most MAX_KEYS), else all, with the lists as filters.
+local function read_mode(names, types)
+    if names and #names <= MAX_KEYS then
+        return "names", #names
+    elseif types and #types <= MAX_KEYS then
+        return "types", #types
+    end
+    return "all", 0
+end
+
+_M.read_mode = read_mode
+
+-- The global read. One row always comes back (the horizon), with the event columns NULL when
+-- there is no event. $1, $2 the checkpoint, $3 event names and $4 aggregate types as JSON
+-- arrays or NULL, $5 the tenant or NULL, $6 the limit. One text per mode and key count.
+local read_sql_cache = {}
+
+local function read_sql(names, types)
+    local mode, k = read_mode(names, types)
+    local key = mode .. k
+    local sql = read_sql_cache[key]
+    if sql == nil then
+        sql = [[
+SELECT h.horizon::text AS horizon, ]] .. RECORD_COLUMNS .. [[
+
+FROM (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS horizon) h
+LEFT JOIN LATERAL (
+]] .. candidates(mode, { after = "($1::xid8, $2::bigint)", horizon = "h.horizon",
+                           names = "$3::jsonb", types = "$4::jsonb", tenant = "$5::text",
+                           limit = "$6::int" }, k) .. [[
+
+) e ON true
+ORDER BY e.tx_id, e.global_position]]
+        read_sql_cache[key] = sql
+    end
+    return sql
+end
+
+-- Who holds the horizon: the backend (or prepared transaction) whose transaction id is the
+-- horizon, and how many committed events wait above it.
+local STALL = [[
+WITH h AS (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS horizon)
+SELECT h.horizon::text AS horizon,
+       (SELECT count(*) FROM qx_aggregate_events w WHERE w.tx_id >= h.horizon) AS withheld,
+       (SELECT to_char(min(w.occurred_at) AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')
+        FROM qx_aggregate_events w WHERE w.tx_id >= h.horizon) AS oldest_withheld_at,
+       k.kind, k.pid, k.xid, k.gid, k.xact_start, k.age_seconds, k.state, k.wait_event,
+       k.application_name, k.usename, k.client_addr, k.query
+FROM h LEFT JOIN LATERAL (
+    SELECT 'backend' AS kind, a.pid, a.backend_xid::text AS xid, NULL::text AS gid,
+           to_char(a.xact_start AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')
+               AS xact_start,
+           extract(epoch FROM clock_timestamp() - a.xact_start)::float8 AS age_seconds,
+           a.state, a.wait_event_type || ':' || a.wait_event AS wait_event, a.application_name,
+           a.usename::text AS usename, a.client_addr::text AS client_addr,
+           left(a.query, 500) AS query
+    FROM pg_stat_activity a WHERE a.backend_xid = xid(h.horizon)
+    UNION ALL
+    SELECT 'prepared', NULL, p.transaction::text, p.gid,
+           to_char(p.prepared AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
+           extract(epoch FROM clock_timestamp() - p.prepared)::float8, NULL, NULL, NULL,
+           p.owner::text, NULL, NULL
+    FROM pg_prepared_xacts p WHERE p.transaction = xid(h.horizon)
+) k ON true]]
+
+
+_M.SNAPSHOT = SNAPSHOT
+_M.LOAD = LOAD
+_M.READ_STREAM = READ_STREAM
+_M.read_sql = read_sql
+_M.STALL = STALL
+
+return _M
