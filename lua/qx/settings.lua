@@ -190,6 +190,25 @@ local function duration_ms(opts, getenv, ms_option, seconds_option)
 end
 
 
+-- The boolean a source holds: a variable reads true/false, 1/0, yes/no, on/off (any case),
+-- an option must be a boolean. Returns it, or nil and an error.
+local BOOLEAN_WORDS = { ["true"] = true, ["1"] = true, yes = true, on = true,
+                        ["false"] = false, ["0"] = false, no = false, off = false }
+
+local function boolean(src)
+    local v = src.value
+    if src.from_env then
+        local b = BOOLEAN_WORDS[lower(match(v, "^%s*(.-)%s*$"))]
+        if b == nil then
+            return nil, bad(src.source, "expected true or false, got " .. fmt("%q", v))
+        end
+        return b
+    end
+    if type(v) ~= "boolean" then return nil, bad(src.source, "expected a boolean") end
+    return v
+end
+
+
 -- postgres URL or libpq conninfo; drops a SQLAlchemy "+driver" from the scheme
 local function normalise_url(src)
     local url = src.value
@@ -330,11 +349,12 @@ end
 
 
 
--- The readers other settings modules share (qx.nats): where a setting comes from, the error
--- for a bad value, strict numbers and ranges. kind is "int" or "num".
+-- The readers the other settings (qx.nats, qx.relay) use: where a setting comes from, the
+-- error for a bad value, strict numbers and ranges (kind "int" or "num"), booleans.
 _M.pick = pick
 _M.bad = bad
 _M.number_of = number_of
 _M.ranged = ranged
+_M.boolean = boolean
 
 return _M

@@ -45,7 +45,6 @@ local floor = math.floor
 local fmt = string.format
 local match = string.match
 local find = string.find
-local lower = string.lower
 local concat = table.concat
 local sort = table.sort
 local os_getenv = os.getenv
@@ -126,9 +125,6 @@ local function text(opts, getenv, name)
     return src.value
 end
 
-local TRUE = { ["1"] = true, ["true"] = true, yes = true, on = true }
-local FALSE = { ["0"] = true, ["false"] = true, no = true, off = true }
-
 -- settings(opts?, getenv?) -> normalised table | nil, err
 --   { servers, client_name, connect_timeout_ms, reconnect_attempts, reconnect_wait_ms, user,
 --     password, token, creds_file, tls, tls_ca, tls_cert, tls_key, send_asap, stream,
@@ -158,7 +154,8 @@ function _M.settings(opts, getenv)
         end
     end
 
-    local D, out, v, e, src = _M.DEFAULTS, {}, nil, nil, nil
+    local D, out = _M.DEFAULTS, {}
+    local v, e, src
 
     -- servers: a list or a comma-separated string
     src = pick(o, getenv, "servers", _M.ENV.servers)
@@ -218,14 +215,8 @@ function _M.settings(opts, getenv)
     for _, name in ipairs({ "tls", "send_asap" }) do
         src = pick(o, getenv, name, _M.ENV[name])
         if src then
-            v = src.value
-            if src.from_env then
-                local s = lower(match(v, "^%s*(.-)%s*$"))
-                if TRUE[s] then v = true elseif FALSE[s] then v = false
-                else return nil, bad(src.source, "expected true or false, got " .. fmt("%q", src.value)) end
-            elseif type(v) ~= "boolean" then
-                return nil, bad(src.source, "expected a boolean")
-            end
+            v, e = settings.boolean(src)
+            if v == nil then return nil, e end
             out[name] = v
         else
             out[name] = D[name] or false

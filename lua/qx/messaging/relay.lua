@@ -7,46 +7,21 @@
 --   relay:run_once()                 -- one batch: { published, failed, dead_lettered, ... }
 --   relay:stats(), relay:metrics()   -- counters; Prometheus text
 --
--- Guarantees (see README): nothing committed is lost, each event is on the stream once
--- (Nats-Msg-Id = event id, within the stream's duplicate window), events of one partition key
--- reach the stream in commit order, also with several relays (shards by partition key, one
--- leader per shard through a PostgreSQL advisory lock).
---
--- Options (explicit options over QX_RELAY__* variables over defaults):
---   db            a db from qx.connect (its url is used), or url = "postgresql://..."
---   nats          a connection from qx.nats.connect, a core NATS handle, or NATS options
---                 (default: connect with the QX_NATS__* settings)
---   shard_id, shard_count          QX_RELAY__SHARD_ID, QX_RELAY__SHARD_COUNT       (0 of 1)
---   batch_size                     QX_RELAY__BATCH_SIZE                            (1000)
---   max_in_flight                  QX_RELAY__MAX_IN_FLIGHT                         (1000)
---   max_attempts                   QX_RELAY__MAX_ATTEMPTS, 0 = never dead-letter   (10)
---   poll_interval_seconds          QX_RELAY__POLL_INTERVAL_SECONDS                 (0.5)
---   idle_interval_seconds          QX_RELAY__IDLE_INTERVAL_SECONDS                 (2)
---   lock_retry_seconds             QX_RELAY__LOCK_RETRY_SECONDS                    (1)
---   ack_timeout_ms                 default: QX_NATS__PUBLISH_TIMEOUT_SECONDS       (5000)
---   base_delay_ms, max_delay_ms    retry backoff: base * 2^attempts, at most max   (500, 60000)
---   subject_prefix                 default: the NATS settings' (QX_NATS__SUBJECT_PREFIX)
---   channel                        LISTEN channel                           ("qx_outbox")
---   delete_published               QX_RELAY__DELETE_PUBLISHED: delete a row once JetStream has
---                                  acked it instead of setting published_at   (false)
--- *_seconds options may also be given as *_ms. Bad values return nil and an "invalid" error
--- naming the setting; an unknown option raises.
+-- Options, their QX_RELAY__* variables and defaults, and the guarantees (order, shards,
+-- overlapped batches): see docs/relay.md.
 local core = require "qx.core"
-local qx_error = require "qx.error"
 local nats = require "qx.messaging.nats"
+local settings = require "qx.settings"
+local metrics = require "qx.metrics"
 
 local type = type
 local pairs = pairs
 local ipairs = ipairs
 local error = error
 local tostring = tostring
-local tonumber = tonumber
 local setmetatable = setmetatable
 local floor = math.floor
-local fmt = string.format
-local match = string.match
 local find = string.find
-local concat = table.concat
 local os_getenv = os.getenv
 
 local _M = { _VERSION = "0.1.0" }
@@ -78,79 +53,35 @@ local OPTIONS = {
     connect_timeout_ms = true, delete_published = true,
 }
 
-local function bad(setting, msg)
-    return qx_error.new("invalid", "invalid setting " .. setting .. ": " .. msg, { setting = setting })
-end
+local bad, pick, ranged, boolean = settings.bad, settings.pick, settings.ranged, settings.boolean
 
-local function source(opts, getenv, name)
-    if opts[name] ~= nil then return opts[name], name, false end
-    local env = _M.ENV[name]
-    local s = env and getenv(env)
-    if s ~= nil and s ~= "" then return s, env, true end
-    return nil
-end
-
--- an integer in lo..hi from an option or a variable
+-- an integer in lo..hi from an option or its variable, else the default
 local function int_setting(opts, getenv, name, lo, hi)
-    local v, src, from_env = source(opts, getenv, name)
-    if v == nil then return _M.DEFAULTS[name] end
-    if from_env then
-        local s = match(v, "^%s*(.-)%s*$")
-        if not find(s, "^[+-]?%d+$") then return nil, bad(src, "expected an integer, got " .. fmt("%q", v)) end
-        v = tonumber(s)
-    elseif type(v) ~= "number" or v ~= floor(v) then
-        return nil, bad(src, "expected an integer, got " .. tostring(v))
-    end
-    if v < lo or (hi and v > hi) then
-        return nil, bad(src, fmt("must be from %d to %s, got %s", lo, hi and tostring(hi) or "any",
-                                 tostring(v)))
-    end
-    return v
+    local src = pick(opts, getenv, name, _M.ENV[name])
+    if src == nil then return _M.DEFAULTS[name] end
+    return ranged(src, "int", lo, hi, 1)
 end
 
--- a boolean from an option or a variable (true/false, 1/0, yes/no, on/off)
-local BOOLEAN_WORDS = { ["true"] = true, ["1"] = true, yes = true, on = true,
-                        ["false"] = false, ["0"] = false, no = false, off = false }
 local function bool_setting(opts, getenv, name)
-    local v, src, from_env = source(opts, getenv, name)
-    if v == nil then return _M.DEFAULTS[name] end
-    if from_env then
-        local b = BOOLEAN_WORDS[match(v, "^%s*(.-)%s*$"):lower()]
-        if b == nil then return nil, bad(src, "expected true or false, got " .. fmt("%q", v)) end
-        return b
-    end
-    if type(v) ~= "boolean" then return nil, bad(src, "expected a boolean, got " .. tostring(v)) end
-    return v
+    local src = pick(opts, getenv, name, _M.ENV[name])
+    if src == nil then return _M.DEFAULTS[name] end
+    return boolean(src)
 end
 
 -- a duration in ms from name_ms (option) or name_seconds (option or variable)
 local function ms_setting(opts, getenv, name)
-    local ms = opts[name .. "_ms"]
-    if ms ~= nil then
-        if type(ms) ~= "number" or ms ~= floor(ms) or ms < 0 then
-            return nil, bad(name .. "_ms", "expected an integer >= 0")
-        end
-        return ms
-    end
-    local v, src, from_env = source(opts, getenv, name .. "_seconds")
-    if v == nil then return floor(_M.DEFAULTS[name .. "_seconds"] * 1000 + 0.5) end
-    if from_env then
-        local s = match(v, "^%s*(.-)%s*$")
-        if not (find(s, "^%d+%.?%d*$") or find(s, "^%.%d+$")) then
-            return nil, bad(src, "expected seconds, got " .. fmt("%q", v))
-        end
-        v = tonumber(s)
-    elseif type(v) ~= "number" or v < 0 then
-        return nil, bad(src, "expected seconds >= 0")
-    end
-    if v > 86400 then return nil, bad(src, "at most 86400 seconds") end
-    return floor(v * 1000 + 0.5)
+    local src = pick(opts, getenv, name .. "_ms", nil)
+    if src ~= nil then return ranged(src, "int", 0, 2147483647, 1) end
+    src = pick(opts, getenv, name .. "_seconds", _M.ENV[name .. "_seconds"])
+    if src == nil then return floor(_M.DEFAULTS[name .. "_seconds"] * 1000 + 0.5) end
+    return ranged(src, "num", 0, 86400, 1000)
 end
 
 -- settings(opts, getenv?) -> the options core.relay takes (without conninfo and nats) | nil, err
 function _M.settings(opts, getenv)
     getenv = getenv or os_getenv
-    local out, e = {}, nil
+    local out = {}
+    local e
     out.shard_count, e = int_setting(opts, getenv, "shard_count", 1, 100000)
     if not out.shard_count then return nil, e end
     out.shard_id, e = int_setting(opts, getenv, "shard_id", 0, out.shard_count - 1)
@@ -211,7 +142,6 @@ function _M.new(opts)
         end
         url = opts.db.settings.url
     elseif url == nil then
-        local settings = require "qx.settings"
         local s, e = settings.db({})
         if not s then return nil, e end
         url = s.url
@@ -258,63 +188,45 @@ function Relay:stats()
     return s
 end
 
--- ---- Prometheus text ----------------------------------------------------------------------
-
-local function metric(lines, name, kind, help, value, labels)
-    lines[#lines + 1] = "# HELP " .. name .. " " .. help
-    lines[#lines + 1] = "# TYPE " .. name .. " " .. kind
-    local v = value
-    if type(v) == "boolean" then v = v and 1 or 0 end
-    if type(v) == "number" and v == floor(v) and v < 2^53 and v > -2^53 then
-        v = fmt("%d", v)
-    else
-        v = tostring(v)
-    end
-    lines[#lines + 1] = name .. (labels or "") .. " " .. v
-end
-
 -- outbox_metrics(status) -> Prometheus text for the figures of outbox:status()
 function _M.outbox_metrics(st)
-    local l = {}
-    metric(l, "qx_outbox_pending", "gauge", "Outbox rows waiting to be published.", st.pending)
-    metric(l, "qx_outbox_scheduled", "gauge",
-           "Pending outbox rows waiting for their next attempt after a failure.", st.scheduled)
-    metric(l, "qx_outbox_dead", "gauge", "Dead-lettered outbox rows.", st.dead)
-    metric(l, "qx_outbox_published", "gauge", "Published outbox rows not purged yet.", st.published)
-    metric(l, "qx_outbox_oldest_pending_age_seconds", "gauge",
-           "Age of the oldest pending outbox row.", st.oldest_pending_age_seconds)
-    metric(l, "qx_outbox_max_attempts", "gauge",
-           "Most failed attempts of a pending outbox row.", st.max_attempts)
-    return concat(l, "\n") .. "\n"
+    local m = metrics.new()
+    m:add("qx_outbox_pending", "gauge", "Outbox rows waiting to be published.", st.pending)
+    m:add("qx_outbox_scheduled", "gauge",
+          "Pending outbox rows waiting for their next attempt after a failure.", st.scheduled)
+    m:add("qx_outbox_dead", "gauge", "Dead-lettered outbox rows.", st.dead)
+    m:add("qx_outbox_published", "gauge", "Published outbox rows not purged yet.", st.published)
+    m:add("qx_outbox_oldest_pending_age_seconds", "gauge",
+          "Age of the oldest pending outbox row.", st.oldest_pending_age_seconds)
+    m:add("qx_outbox_max_attempts", "gauge",
+          "Most failed attempts of a pending outbox row.", st.max_attempts)
+    return m:text()
 end
 
 -- relay_metrics(stats) -> Prometheus text for relay:stats()
 function _M.relay_metrics(s)
-    local l = {}
-    local lb = fmt('{shard="%d",shard_count="%d"}', s.shard_id or 0, s.shard_count or 1)
-    metric(l, "qx_relay_published_total", "counter", "Events acked by JetStream.", s.published, lb)
-    metric(l, "qx_relay_duplicates_total", "counter",
-           "Events JetStream already had (a retried publish).", s.duplicates, lb)
-    metric(l, "qx_relay_failed_total", "counter", "Failed publish attempts (retried later).",
-           s.failed, lb)
-    metric(l, "qx_relay_dead_lettered_total", "counter", "Events dead-lettered.", s.dead_lettered, lb)
-    metric(l, "qx_relay_held_total", "counter",
-           "Claimed events held back behind a failed event of their key.", s.held, lb)
-    metric(l, "qx_relay_batches_total", "counter", "Batches committed.", s.batches, lb)
-    metric(l, "qx_relay_errors_total", "counter", "Batches that failed (database or NATS).",
-           s.errors, lb)
-    metric(l, "qx_relay_leader", "gauge", "1 when this relay holds its shard's lock.", s.leader, lb)
-    metric(l, "qx_relay_last_batch_timestamp_seconds", "gauge", "Unix time of the last batch.",
-           s.last_batch_at, lb)
+    local m = metrics.new(metrics.labels("shard", s.shard_id or 0, "shard_count", s.shard_count or 1))
+    m:add("qx_relay_published_total", "counter", "Events acked by JetStream.", s.published)
+    m:add("qx_relay_duplicates_total", "counter",
+          "Events JetStream already had (a retried publish).", s.duplicates)
+    m:add("qx_relay_failed_total", "counter", "Failed publish attempts (retried later).", s.failed)
+    m:add("qx_relay_dead_lettered_total", "counter", "Events dead-lettered.", s.dead_lettered)
+    m:add("qx_relay_held_total", "counter",
+          "Claimed events held back behind a failed event of their key.", s.held)
+    m:add("qx_relay_batches_total", "counter", "Batches committed.", s.batches)
+    m:add("qx_relay_errors_total", "counter", "Batches that failed (database or NATS).", s.errors)
+    m:add("qx_relay_leader", "gauge", "1 when this relay holds its shard's lock.", s.leader)
+    m:add("qx_relay_last_batch_timestamp_seconds", "gauge", "Unix time of the last batch.",
+          s.last_batch_at)
     if s.nats then
-        metric(l, "qx_relay_nats_connected", "gauge", "1 when the NATS connection is up.",
-               s.nats.state == "connected", lb)
+        m:add("qx_relay_nats_connected", "gauge", "1 when the NATS connection is up.",
+              s.nats.state == "connected")
         if s.nats.reconnects then
-            metric(l, "qx_relay_nats_reconnects_total", "counter", "NATS reconnections.",
-                   s.nats.reconnects, lb)
+            m:add("qx_relay_nats_reconnects_total", "counter", "NATS reconnections.",
+                  s.nats.reconnects)
         end
     end
-    return concat(l, "\n") .. "\n"
+    return m:text()
 end
 
 -- metrics() -> Prometheus text: the outbox figures and this relay's counters | nil, err

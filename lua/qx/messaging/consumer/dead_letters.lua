@@ -1,0 +1,108 @@
+-- Internal to qx.consumer: the inbox and dead-letter administration of a consumer with a db
+-- (purge_inbox, dead_letters, replay_dead).
+local core = require "qx.core"
+local err = require "qx.error"
+local base = require "qx.messaging.consumer.base"
+
+local type = type
+local ipairs = ipairs
+local error = error
+local tostring = tostring
+local setmetatable = setmetatable
+local concat = table.concat
+local is_uuid = core.is_uuid
+local is_int, check_handler = base.is_int, base.check_handler
+local DEAD_COLUMNS, DUPLICATE = base.DEAD_COLUMNS, base.DUPLICATE
+local Consumer = base.Consumer
+
+local function need_db(self, method)
+    if not self.db then error("consumer:" .. method .. ": the consumer has no db", 3) end
+end
+
+-- consumer:purge_inbox{ older_than_seconds = n } -> rows deleted. An inbox row only has to
+-- outlive the redeliveries of its message (max_deliver x (ack wait + backoff)); keep a margin.
+function Consumer:purge_inbox(opts)
+    need_db(self, "purge_inbox")
+    local s = type(opts) == "table" and opts.older_than_seconds
+    if type(s) ~= "number" or s < 0 then
+        error("consumer:purge_inbox: give { older_than_seconds = n }", 2)
+    end
+    return self.db:exec([[
+DELETE FROM qx_inbox WHERE consumer = $1 AND handled_at < now() - make_interval(secs => $2::float8)]],
+        self.name, s)
+end
+
+-- consumer:dead_letters{ limit = 100, offset = 0, include_replayed = false } -> rows, oldest first
+function Consumer:dead_letters(opts)
+    need_db(self, "dead_letters")
+    opts = opts or {}
+    local limit, offset = opts.limit or 100, opts.offset or 0
+    if not is_int(limit, 0, 10000) or not is_int(offset, 0) then
+        error("consumer:dead_letters: limit must be 0..10000 and offset >= 0", 2)
+    end
+    return self.db:query("SELECT " .. DEAD_COLUMNS .. " FROM qx_dead_letters WHERE consumer = $1"
+        .. (opts.include_replayed and "" or " AND replayed_at IS NULL")
+        .. " ORDER BY dead_at, id LIMIT $2 OFFSET $3", self.name, limit, offset)
+end
+
+-- consumer:replay_dead(handler[, ids]) -> { handled, failed, duplicates } | nil, err
+-- Runs dead letters of this consumer (all, or the ids given) through the handler again, each in
+-- its own unit of work that also marks the row replayed (and, with the inbox, records the
+-- event), so a replay that commits is never repeated. A dead letter whose body is still not an
+-- event stays dead and counts as failed.
+function Consumer:replay_dead(handler, ids)
+    need_db(self, "replay_dead")
+    check_handler(handler)
+    local rows, e
+    if ids == nil then
+        rows, e = self.db:query("SELECT " .. DEAD_COLUMNS .. [[ FROM qx_dead_letters
+WHERE consumer = $1 AND replayed_at IS NULL ORDER BY dead_at, id]], self.name)
+    else
+        if type(ids) == "string" then ids = { ids } end
+        if type(ids) ~= "table" then error("consumer:replay_dead: ids must be a list", 2) end
+        for i, id in ipairs(ids) do
+            if not is_uuid(id) then
+                return nil, err.new("invalid", "id " .. i .. " is not a uuid: " .. tostring(id))
+            end
+        end
+        rows, e = self.db:query("SELECT " .. DEAD_COLUMNS .. [[ FROM qx_dead_letters
+WHERE consumer = $1 AND replayed_at IS NULL AND id = ANY($2::uuid[]) ORDER BY dead_at, id]],
+            self.name, "{" .. concat(ids, ",") .. "}")
+    end
+    if not rows then return nil, e end
+    local counts = { handled = 0, failed = 0, duplicates = 0 }
+    local function replay_info() return true end
+    for _, row in ipairs(rows) do
+        local ev, de = self.registry:decode(row.data, self.decode_opts)
+        if ev and self.inbox and not is_uuid(ev.event_id) then
+            ev, de = nil, err.new("invalid", "event_id is not a uuid (the inbox keys on it)")
+        end
+        if not ev then
+            counts.failed = counts.failed + 1
+            self.last_error = de
+        else
+            local info = setmetatable({
+                subject = row.subject, stream = row.stream, consumer = self.name,
+                stream_seq = row.stream_seq, delivered = row.deliveries,
+                published_at = row.published_at, headers = row.headers, replay = true,
+            }, { __index = { in_progress = replay_info } })
+            local id = row.id
+            local ok, r = self:_handle(handler, ev, info, function(uow)
+                local n, me = uow:exec(
+                    "UPDATE qx_dead_letters SET replayed_at = now() WHERE id = $1 AND replayed_at IS NULL",
+                    id)
+                if not n then error(me, 0) end
+                if n == 0 then return DUPLICATE end -- replayed meanwhile elsewhere
+            end)
+            if not ok then
+                counts.failed = counts.failed + 1
+                self.last_error = r
+            elseif r then
+                counts.duplicates = counts.duplicates + 1
+            else
+                counts.handled = counts.handled + 1
+            end
+        end
+    end
+    return counts
+end
