@@ -1,0 +1,106 @@
+-- Internal to qx.openresty: what may cross between Lua VMs (plain data), and errors made
+-- plain for the crossing and back into the qx shape.
+local core = require "qx.core"
+local qx_error = require "qx.error"
+
+local type = type
+local pairs = pairs
+local tostring = tostring
+local setmetatable = setmetatable
+local find = string.find
+local fmt = string.format
+local traceback = debug.traceback
+local NULL = core.null
+
+local _M = {}
+
+-- lua-nginx-module copies at most 100 levels of nested tables between VMs.
+local MAX_DEPTH = 90
+
+-- Checks that v can cross between Lua VMs: nil, booleans, numbers, strings, qx.null, and
+-- tables of those with string, number or boolean keys, no cycles, at most MAX_DEPTH deep.
+-- Metatables are not carried across (nginx copies raw fields). Returns true, or nil and why.
+local function check_plain(v, path, on_path, depth)
+    local t = type(v)
+    if t == "nil" or t == "boolean" or t == "number" or t == "string" then
+        return true
+    end
+    if v == NULL then
+        return true
+    end
+    if t ~= "table" then
+        return nil, fmt("%s is a %s", path, t)
+    end
+    if depth >= MAX_DEPTH then
+        return nil, fmt("%s nests deeper than %d tables", path, MAX_DEPTH)
+    end
+    if on_path[v] then
+        return nil, fmt("%s refers back to a table that contains it", path)
+    end
+    on_path[v] = true
+    for k, x in pairs(v) do
+        local kt = type(k)
+        local kpath
+        if kt == "string" then
+            kpath = find(k, "^[%a_][%w_]*$") and (path .. "." .. k) or fmt("%s[%q]", path, k)
+        elseif kt == "number" or kt == "boolean" then
+            kpath = path .. "[" .. tostring(k) .. "]"
+        else
+            on_path[v] = nil
+            return nil, fmt("%s has a %s key", path, kt)
+        end
+        local ok, why = check_plain(x, kpath, on_path, depth + 1)
+        if not ok then
+            on_path[v] = nil
+            return nil, why
+        end
+    end
+    on_path[v] = nil
+    return true
+end
+
+-- is_plain(v[, name]) -> true | nil, why
+function _M.is_plain(v, name)
+    return check_plain(v, name or "value", {}, 0)
+end
+
+-- An error as plain data: the fields of the qx shape whose values are plain, without the raw
+-- raised value. The traceback (a string) travels so the request side can log it.
+local function plain_error(e)
+    if type(e) ~= "table" then
+        e = qx_error.new("error", tostring(e))
+    end
+    local out = {}
+    for k, v in pairs(e) do
+        if type(k) == "string" and k ~= "value" and check_plain(v, k, {}, 1) then
+            out[k] = v
+        end
+    end
+    if type(out.code) ~= "string" then out.code = "error" end
+    if type(out.message) ~= "string" then out.message = tostring(e.message or e.code) end
+    return out
+end
+
+-- xpcall handler: a qx error passes; anything else keeps its traceback. (LuaJIT's
+-- debug.traceback(nil, level) returns nil, so the message argument is a string here.)
+local function on_raise(e)
+    if qx_error.is(e) then return e end
+    return qx_error.from_raised(e, (traceback("", 2):gsub("^\n", "")))
+end
+
+local function as_error(e)
+    if qx_error.is(e) then return e end
+    if type(e) == "table" then
+        if type(e.code) ~= "string" then e.code = "error" end
+        if type(e.message) ~= "string" then e.message = tostring(e.message) end
+        return setmetatable(e, qx_error.mt)
+    end
+    return qx_error.new("error", tostring(e))
+end
+
+_M.check_plain = check_plain
+_M.plain_error = plain_error
+_M.on_raise = on_raise
+_M.as_error = as_error
+
+return _M
