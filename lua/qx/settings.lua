@@ -1,30 +1,10 @@
--- Database settings: explicit options over environment over defaults.
+-- Settings: explicit options over environment over defaults. settings.db() reads the database
+-- settings (QX_DB__*, QX_CURSOR_KEY: qx-db's names); the readers below it (pick, number_of,
+-- ranged, boolean, bad) are the one way every other QX_* setting is read (qx.nats, qx.relay).
+-- The variables, defaults and options are listed in docs/settings.md.
 --
--- The environment names are qx-db's, so a Lua service and a Python qx service can share one
--- configuration:
---
---   QX_DB__URL                      postgresql://... (a SQLAlchemy "+driver" suffix such as
---                                   postgresql+asyncpg:// is dropped), or a libpq conninfo
---   QX_DB__POOL_SIZE                connections in the pool            (default 10)
---   QX_DB__POOL_TIMEOUT_SECONDS     wait for a free connection         (default 30; decimals ok)
---   QX_DB__POOL_RECYCLE_SECONDS     replace connections older than     (default 1800; 0/-1 never)
---   QX_DB__STATEMENT_TIMEOUT_MS     server-side statement timeout      (default 10000; 0 = none)
---   QX_DB__CONNECT_TIMEOUT_SECONDS  connection attempt timeout         (default 10; 0 = none)
---   QX_CURSOR_KEY                   key that signs pagination cursors  (no default)
---
--- An empty variable counts as unset. settings.db() returns the normalised table, with every
--- duration in milliseconds:
---
---   { url, pool_size, acquire_timeout_ms, recycle_ms (0 = never), statement_timeout_ms
---     (0 = no limit), connect_timeout_ms (0 = no limit), cursor_key (nil when unset) }
---
--- Options (all optional): url, pool_size, pool_timeout_seconds or acquire_timeout_ms,
--- pool_recycle_seconds, statement_timeout_ms, connect_timeout_seconds or connect_timeout_ms,
--- cursor_key.
---
--- A bad value is a runtime failure (nil and an "invalid" error naming the setting); an
--- unknown option name or conflicting options are misuse and raise. Error messages never
--- repeat the URL or the cursor key, which carry secrets.
+-- A bad value is a runtime failure (nil and an "invalid" error naming the setting); an unknown
+-- option or conflicting options raise. Messages never repeat the URL or the cursor key.
 
 local qx_error = require "qx.error"
 

@@ -1,36 +1,7 @@
--- NATS settings and connections.
---
---   local nats = require "qx.messaging.nats"
---   local conn = assert(nats.connect{ servers = "nats://127.0.0.1:4222" })
---   assert(conn:ensure_stream())            -- QX_EVENTS on "qx.events.>" (development, tests)
---   local ack = assert(conn:publish("qx.events.x", body, { ["qx.event_id"] = id }, id))
---
--- Settings: explicit options over environment over defaults. The environment names follow
--- qx-events' NatsSettings (QX_NATS__...), so a Lua and a Python service share one
--- configuration:
---
---   QX_NATS__SERVERS                   comma-separated urls   (default nats://127.0.0.1:4222)
---   QX_NATS__CLIENT_NAME               client name shown by the server       (default "qx")
---   QX_NATS__CONNECT_TIMEOUT_SECONDS   per server, decimals ok               (default 2)
---   QX_NATS__RECONNECT_ATTEMPTS        after a lost connection; -1 = forever (default -1)
---   QX_NATS__RECONNECT_WAIT_SECONDS    between attempts, decimals ok         (default 2)
---   QX_NATS__USER / QX_NATS__PASSWORD  user and password
---   QX_NATS__TOKEN                     token
---   QX_NATS__CREDS_FILE                a .creds file (JWT and NKey seed)
---   QX_NATS__TLS                       1/true/yes/on: require TLS
---   QX_NATS__TLS_CA / QX_NATS__TLS_CERT / QX_NATS__TLS_KEY   PEM files
---   QX_NATS__STREAM                    stream of integration events   (default QX_EVENTS)
---   QX_NATS__SUBJECT_PREFIX            subject = prefix .. "." .. event_name (default qx.events)
---   QX_NATS__PUBLISH_TIMEOUT_SECONDS   wait for a JetStream ack, decimals ok (default 5)
---   QX_NATS__SEND_ASAP                 true: each message goes out at once (default); false:
---                                      nats.c gathers writes for up to 1 ms (bulk publishing)
---
--- Options: servers (a string or a list), client_name (or name), connect_timeout_seconds or
--- connect_timeout_ms, reconnect_attempts, reconnect_wait_seconds or reconnect_wait_ms, user,
--- password, token, creds_file, tls, tls_ca, tls_cert, tls_key, send_asap, stream,
--- subject_prefix, publish_timeout_seconds or publish_timeout_ms. An unknown option or two spellings of one
--- setting raise; a bad value returns nil and an "invalid" error naming the setting. Error
--- messages never repeat the servers (urls may carry credentials), password or token.
+-- NATS settings: explicit options over QX_NATS__* variables (qx-events' NatsSettings, so a Lua
+-- and a Python service share one configuration) over defaults, read with qx.settings' readers.
+-- The variables and options are listed in docs/settings.md. Error messages never repeat the
+-- servers (urls may carry credentials), password or token.
 local core = require "qx.core"
 local settings = require "qx.settings"
 
@@ -39,8 +10,6 @@ local pairs = pairs
 local ipairs = ipairs
 local error = error
 local tostring = tostring
-local setmetatable = setmetatable
-local getmetatable = getmetatable
 local floor = math.floor
 local fmt = string.format
 local match = string.match
@@ -49,7 +18,9 @@ local concat = table.concat
 local sort = table.sort
 local os_getenv = os.getenv
 
-local _M = { _VERSION = "0.1.0" }
+
+local _M = {}
+
 
 local INT_MAX = 2147483647
 local MAX_SECONDS = 2147483 -- INT_MAX milliseconds
@@ -237,100 +208,5 @@ function _M.settings(opts, getenv)
     end
     return out
 end
-
--- the options core.nats takes, from normalised settings
-local function core_options(s)
-    return {
-        servers = s.servers, name = s.client_name,
-        user = s.user, password = s.password, token = s.token, creds_file = s.creds_file,
-        tls = s.tls, tls_ca = s.tls_ca, tls_cert = s.tls_cert, tls_key = s.tls_key,
-        connect_timeout_ms = s.connect_timeout_ms,
-        reconnect_attempts = s.reconnect_attempts,
-        reconnect_wait_ms = s.reconnect_wait_ms,
-        send_asap = s.send_asap,
-    }
-end
-
--- ---- connection ---------------------------------------------------------------------------
-
-local Conn = {}
-Conn.__index = Conn
-_M.Conn = Conn
-
--- connect(opts?) -> conn | nil, err. Connects at once: an unreachable server is a
--- "connection" error within the connect timeout. conn.handle is the core userdata (for
--- bindings that take a NATS connection), conn.settings the normalised settings.
-function _M.connect(opts)
-    local s, e = _M.settings(opts)
-    if not s then return nil, e end
-    local handle
-    handle, e = core.nats(core_options(s))
-    if not handle then return nil, e end
-    return setmetatable({ handle = handle, settings = s }, Conn)
-end
-
--- Accepts a Conn, a core NATS userdata or options; returns a Conn and whether it was opened
--- here (the caller closes what it opened).
-function _M.resolve(x)
-    if getmetatable(x) == Conn then return x, false end
-    if core.is_nats(x) then
-        local s, e = _M.settings({})
-        if not s then return nil, e end
-        return setmetatable({ handle = x, settings = s }, Conn), false
-    end
-    if x ~= nil and type(x) ~= "table" then
-        error("expected a NATS connection (qx.nats.connect) or NATS options", 3)
-    end
-    local c, e = _M.connect(x)
-    if not c then return nil, e end
-    return c, true
-end
-
--- subject for an event name: prefix .. "." .. name
-function Conn:subject(event_name)
-    return self.settings.subject_prefix .. "." .. event_name
-end
-
--- ensure_stream{ name = settings.stream, subjects = { prefix .. ".>" },
---                duplicate_window_ms = server default (2 minutes) } -> true | nil, err
--- For development and tests; deployments declare their streams.
-function Conn:ensure_stream(opts)
-    if opts ~= nil and type(opts) ~= "table" then error("ensure_stream: expected a table", 2) end
-    opts = opts or {}
-    local subjects = opts.subjects or { self.settings.subject_prefix .. ".>" }
-    if type(subjects) == "string" then subjects = { subjects } end
-    return self.handle:ensure_stream{
-        name = opts.name or self.settings.stream,
-        subjects = subjects,
-        duplicate_window_ms = opts.duplicate_window_ms,
-    }
-end
-
--- publish(subject, data, headers?, msg_id?) -> { stream, sequence, duplicate } | nil, err
-function Conn:publish(subject, data, headers, msg_id)
-    if type(subject) ~= "string" then error("publish: subject must be a string", 2) end
-    if type(data) ~= "string" then error("publish: data must be a string", 2) end
-    return self.handle:publish(subject, data, headers, msg_id, self.settings.publish_timeout_ms)
-end
-
--- stream_info(name?) -> { messages, bytes, first_seq, last_seq, consumers, subjects } | nil, err
-function Conn:stream_info(name)
-    return self.handle:stream_info(name or self.settings.stream)
-end
-
--- stream_get(seq, name?) -> { sequence, subject, data, headers } | nil, err (not_found)
-function Conn:stream_get(seq, name)
-    return self.handle:stream_get(name or self.settings.stream, seq)
-end
-
-function Conn:delete_stream(name)
-    return self.handle:delete_stream(name or self.settings.stream)
-end
-
-function Conn:state() return self.handle:state() end
-function Conn:stats() return self.handle:stats() end
-
--- Closes the connection (a relay or consumer still using it keeps it open until it is done).
-function Conn:close() self.handle:close() end
 
 return _M
