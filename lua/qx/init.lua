@@ -57,7 +57,7 @@ _M.projection = require("qx.store.projection").new
 -- qx.repository{ table =, entity =, filterable =, sortable =, tenanted =, soft_delete =, ... }:
 -- a table described once; uow:repo(description) binds it, description:reader(db, ctx) reads
 _M.repository = require("qx.store.repository").new
-_M.spec = require "qx.store.repository.spec"                  -- specifications: where, and_, or_, not_
+_M.spec = require "qx.store.repository.spec"      -- specifications: where, and_, or_, not_
 _M.schema = require "qx.store.repository.schema"   -- DDL fragments: id_column(), audit_columns()
 
 -- qx.registry{ classes... }: event name + version -> class, for consumers

@@ -9,7 +9,8 @@
 local tostring = tostring
 local tonumber = tonumber
 
-local USAGE = "qx outbox status [--metrics] | dead [--limit N] | retry-dead ID... | retry-dead --all"
+local USAGE = "qx outbox status [--metrics] | dead [--limit N] | retry-dead ID... "
+              .. "| retry-dead --all"
     .. " | purge --older-than SECONDS | purge --before TIMESTAMP   [--url URL]"
 
 local function run(flags, pos)

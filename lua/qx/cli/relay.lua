@@ -29,7 +29,8 @@ local function number_flag(flags, name, integer)
     if v == nil then return nil end
     local n = tonumber(v)
     if n == nil or (integer and n % 1 ~= 0) then
-        return nil, "--" .. name:gsub("_", "-") .. " must be " .. (integer and "an integer" or "a number")
+        return nil, "--" .. name:gsub("_", "-") .. " must be "
+                    .. (integer and "an integer" or "a number")
     end
     return n
 end
@@ -52,7 +53,8 @@ local function run(flags)
     local cli = require "qx.cli"
     local qx = require "qx"
 
-    local opts, e = {}, nil
+    local opts = {}
+    local e
     for _, f in ipairs({ "shard_id", "shard_count", "batch_size", "max_in_flight", "max_attempts",
                          "ack_timeout_ms" }) do
         opts[f], e = number_flag(flags, f, true)

@@ -19,7 +19,6 @@ local type = type
 local error = error
 local tostring = tostring
 local setmetatable = setmetatable
-local pcall = pcall
 
 local _M = { _VERSION = "0.1.0" }
 
@@ -32,7 +31,9 @@ _M.Publisher = Publisher
 -- new{ nats = conn | core handle | options (default: from QX_NATS__*), subject_prefix = } ->
 -- publisher | nil, err
 function _M.new(opts)
-    if opts ~= nil and type(opts) ~= "table" then error("qx.publisher: options must be a table", 2) end
+    if opts ~= nil and type(opts) ~= "table" then
+        error("qx.publisher: options must be a table", 2)
+    end
     opts = opts or {}
     local conn, owned = nats.resolve(opts.nats)
     if not conn then return nil, owned end
@@ -84,7 +85,9 @@ function Publisher:publish(ev)
         return nil, qx_error.new("invalid", "event name gives an invalid subject: " .. subject)
     end
     local body, e = core.json_encode(env)
-    if not body then return nil, qx_error.new("invalid", "envelope cannot be encoded: " .. e.message) end
+    if not body then
+        return nil, qx_error.new("invalid", "envelope cannot be encoded: " .. e.message)
+    end
     return self.conn:publish(subject, body, _M.headers(env), env.event_id)
 end
 

@@ -87,7 +87,8 @@ function _M.settings(opts, getenv)
     out.shard_id, e = int_setting(opts, getenv, "shard_id", 0, out.shard_count - 1)
     if not out.shard_id then
         if e.setting and find(e.message, "must be from", 1, true) then
-            e.message = e.message .. " (shard_id must be below shard_count " .. out.shard_count .. ")"
+            e.message = e.message .. " (shard_id must be below shard_count "
+                        .. out.shard_count .. ")"
         end
         return nil, e
     end
@@ -102,7 +103,8 @@ function _M.settings(opts, getenv)
         if not out[name .. "_ms"] then return nil, e end
     end
     if out.lock_retry_ms < 1 then return nil, bad("lock_retry", "must be at least 1 ms") end
-    for _, name in ipairs({ "ack_timeout_ms", "base_delay_ms", "max_delay_ms", "connect_timeout_ms" }) do
+    for _, name in ipairs({ "ack_timeout_ms", "base_delay_ms", "max_delay_ms",
+                            "connect_timeout_ms" }) do
         local v = opts[name]
         if v ~= nil and (type(v) ~= "number" or v ~= floor(v) or v < 0 or v > 2147483647) then
             return nil, bad(name, "expected an integer >= 0")
@@ -205,7 +207,8 @@ end
 
 -- relay_metrics(stats) -> Prometheus text for relay:stats()
 function _M.relay_metrics(s)
-    local m = metrics.new(metrics.labels("shard", s.shard_id or 0, "shard_count", s.shard_count or 1))
+    local m = metrics.new(metrics.labels("shard", s.shard_id or 0,
+                                         "shard_count", s.shard_count or 1))
     m:add("qx_relay_published_total", "counter", "Events acked by JetStream.", s.published)
     m:add("qx_relay_duplicates_total", "counter",
           "Events JetStream already had (a retried publish).", s.duplicates)

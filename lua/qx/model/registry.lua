@@ -127,8 +127,9 @@ function Registry:get(name, version)
     if v == nil then v = self._latest[name] end
     local class = versions[v]
     if class == nil then
-        return nil, err.new("not_found", fmt("unknown version %d of event %q (registered up to v%d)",
-                                             v, name, self._latest[name]),
+        return nil, err.new("not_found",
+                            fmt("unknown version %d of event %q (registered up to v%d)",
+                                v, name, self._latest[name]),
                             { event_name = name, event_version = v })
     end
     return class

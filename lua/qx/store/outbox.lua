@@ -29,7 +29,9 @@ local ROW_COLUMNS = [[id::text AS id, event_name, event_version, payload,
     next_attempt_at::text AS next_attempt_at, dead_at::text AS dead_at]]
 
 function _M.new(db)
-    if type(db) ~= "table" or not db.pool then error("qx.outbox: expected a db from qx.connect", 2) end
+    if type(db) ~= "table" or not db.pool then
+        error("qx.outbox: expected a db from qx.connect", 2)
+    end
     return setmetatable({ db = db }, Outbox)
 end
 
@@ -44,7 +46,9 @@ end
 -- Ids as a Postgres uuid[] literal parameter, after checking each one.
 local function id_list(ids)
     if type(ids) == "string" then ids = { ids } end
-    if type(ids) ~= "table" then return nil, err.new("invalid", "expected an id or a list of ids") end
+    if type(ids) ~= "table" then
+        return nil, err.new("invalid", "expected an id or a list of ids")
+    end
     for i, id in ipairs(ids) do
         if not is_uuid(id) then
             return nil, err.new("invalid", "id " .. i .. " is not a uuid: " .. tostring(id))
@@ -61,7 +65,8 @@ function Outbox:get_unpublished(opts)
     local offset = check_limit(opts.offset, "offset", 0)
     local sql = "SELECT " .. ROW_COLUMNS .. [[ FROM qx_outbox_events
 WHERE published_at IS NULL AND dead_at IS NULL]] ..
-        (opts.include_scheduled and "" or " AND (next_attempt_at IS NULL OR next_attempt_at <= now())") ..
+        (opts.include_scheduled and ""
+         or " AND (next_attempt_at IS NULL OR next_attempt_at <= now())") ..
         " ORDER BY seq LIMIT $1 OFFSET $2"
     return self.db:query(sql, limit, offset)
 end
@@ -116,7 +121,8 @@ function Outbox:get_dead(opts)
     local limit = check_limit(opts.limit, "limit", 100, MAX_LIMIT)
     local offset = check_limit(opts.offset, "offset", 0)
     return self.db:query("SELECT " .. ROW_COLUMNS ..
-        " FROM qx_outbox_events WHERE dead_at IS NOT NULL ORDER BY seq LIMIT $1 OFFSET $2", limit, offset)
+        " FROM qx_outbox_events WHERE dead_at IS NOT NULL ORDER BY seq LIMIT $1 OFFSET $2",
+        limit, offset)
 end
 
 -- retry_dead(id | { ids } | nil) -> rows made pending again (nil: every dead letter)

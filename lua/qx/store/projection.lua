@@ -4,8 +4,9 @@
 --     name = "account_balances", db = db,
 --     handlers = {
 --       [Deposited] = function(ev, uow)
---         assert(uow:queue("INSERT INTO balances (id, balance) VALUES ($1, $2) ON CONFLICT (id) "
---                          .. "DO UPDATE SET balance = balances.balance + $2", ev.aggregate_id, ev.amount))
+--         assert(uow:queue("INSERT INTO balances (id, balance) VALUES ($1, $2) "
+--                          .. "ON CONFLICT (id) DO UPDATE SET balance = balances.balance + $2",
+--                          ev.aggregate_id, ev.amount))
 --       end,
 --     },
 --     reset = function(uow) assert(uow:exec("TRUNCATE balances")) end,   -- for rebuild()
@@ -516,7 +517,8 @@ function Projection:status()
     end
     local r = rows[1]
     if r == nil then
-        return nil, qx_error.new("not_found", "projection " .. self.name .. " has no checkpoint row")
+        return nil, qx_error.new("not_found", "projection " .. self.name
+                                 .. " has no checkpoint row")
     end
     return {
         name = self.name,

@@ -31,7 +31,6 @@ local aggregate = require "qx.model.aggregate"
 
 local setmetatable = setmetatable
 local type = type
-local pairs = pairs
 local ipairs = ipairs
 local select = select
 local error = error
@@ -88,7 +87,8 @@ local function check_context(ctx)
         local k = CONTEXT_IDS[i]
         local v = ctx[k]
         if v ~= nil and not is_uuid(v) then
-            return nil, err.new("invalid", "context." .. k .. " must be a uuid, got " .. tostring(v))
+            return nil, err.new("invalid", "context." .. k .. " must be a uuid, got "
+                                .. tostring(v))
         end
     end
     return ctx
@@ -342,7 +342,9 @@ function Uow:_stamp(ev)
     local ctx = self.context
     if ev.correlation_id == nil then ev.correlation_id = self.correlation_id end
     -- the context first: a field an event lacks is looked up in its methods too
-    if ctx.causation_id ~= nil and ev.causation_id == nil then ev.causation_id = ctx.causation_id end
+    if ctx.causation_id ~= nil and ev.causation_id == nil then
+        ev.causation_id = ctx.causation_id
+    end
     if ctx.tenant_id ~= nil and ev.tenant_id == nil then ev.tenant_id = ctx.tenant_id end
     local actor = ctx.actor_id or ctx.user_id
     if actor ~= nil and ev.actor_id == nil then ev.actor_id = tostring(actor) end
@@ -415,7 +417,8 @@ local function outbox_stmt(events)
         for i = 0, n - 1 do
             local b = 9 * i
             rows[i + 1] = string.format("($%d, $%d, $%d, $%d, $%d, $%d, $%d, $%d, $%d)",
-                                        b + 1, b + 2, b + 3, b + 4, b + 5, b + 6, b + 7, b + 8, b + 9)
+                                        b + 1, b + 2, b + 3, b + 4, b + 5, b + 6, b + 7, b + 8,
+                                        b + 9)
         end
         sql = OUTBOX_VALUES_HEAD .. table.concat(rows, ", ")
         outbox_values_sql[n] = sql
@@ -479,7 +482,8 @@ function Uow:savepoint(fn)
     local sends_before = self._sends
     push(self, stmt("SAVEPOINT " .. name))
     local queued_before = self._n - 1
-    local loose_n, tracked_n = self._loose and #self._loose or 0, self._tracked and #self._tracked or 0
+    local loose_n = self._loose and #self._loose or 0
+    local tracked_n = self._tracked and #self._tracked or 0
     local r = pack(xpcall(fn, err.handler, self))
     if r[1] and not self._failed then
         push(self, stmt("RELEASE SAVEPOINT " .. name))
@@ -596,13 +600,16 @@ local function finish(uow, ok, ...)
         uow._state = "committed"
         conn:release()
         if uow.hooks.post_commit then run_after_hook(uow, "post_commit") end
-        if select("#", ...) == 0 then return true end -- fn returned nothing: success must not read as nil
+        -- fn returned nothing: success must not read as nil
+        if select("#", ...) == 0 then return true end
         return ...
     end
     local cause = ...
     if not err.is(cause) then cause = err.from_raised(cause) end
     local hok, he = true, nil
-    if uow.hooks.pre_rollback then hok, he = xpcall(run_hook, err.handler, uow, "pre_rollback", cause) end
+    if uow.hooks.pre_rollback then
+        hok, he = xpcall(run_hook, err.handler, uow, "pre_rollback", cause)
+    end
     rollback(uow)
     uow._state = "rolled back"
     conn:release()

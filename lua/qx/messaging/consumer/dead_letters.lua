@@ -28,7 +28,8 @@ function Consumer:purge_inbox(opts)
         error("consumer:purge_inbox: give { older_than_seconds = n }", 2)
     end
     return self.db:exec([[
-DELETE FROM qx_inbox WHERE consumer = $1 AND handled_at < now() - make_interval(secs => $2::float8)]],
+DELETE FROM qx_inbox
+WHERE consumer = $1 AND handled_at < now() - make_interval(secs => $2::float8)]],
         self.name, s)
 end
 
@@ -89,7 +90,8 @@ WHERE consumer = $1 AND replayed_at IS NULL AND id = ANY($2::uuid[]) ORDER BY de
             local id = row.id
             local ok, r = self:_handle(handler, ev, info, function(uow)
                 local n, me = uow:exec(
-                    "UPDATE qx_dead_letters SET replayed_at = now() WHERE id = $1 AND replayed_at IS NULL",
+                    "UPDATE qx_dead_letters SET replayed_at = now() "
+                    .. "WHERE id = $1 AND replayed_at IS NULL",
                     id)
                 if not n then error(me, 0) end
                 if n == 0 then return DUPLICATE end -- replayed meanwhile elsewhere

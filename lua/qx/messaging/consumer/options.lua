@@ -87,7 +87,8 @@ function _M.check(opts)
         error("qx.consumer: registry must be a qx.registry{...}", 3)
     end
     o.registry = opts.registry
-    if opts.db ~= nil and (type(opts.db) ~= "table" or type(opts.db.unit_of_work) ~= "function") then
+    if opts.db ~= nil and (type(opts.db) ~= "table"
+                           or type(opts.db.unit_of_work) ~= "function") then
         error("qx.consumer: db must be a database from qx.connect", 3)
     end
     o.db = opts.db

@@ -309,7 +309,8 @@ function Consumer:metrics()
     metric("messages_failed_total", "counter",
            "Handler failures (message negatively acknowledged or dead-lettered).", t.failed)
     metric("messages_termed_total", "counter", "Messages given up on (terminated).", t.termed)
-    metric("messages_duplicate_total", "counter", "Redelivered messages the inbox had seen.", t.duplicates)
+    metric("messages_duplicate_total", "counter", "Redelivered messages the inbox had seen.",
+           t.duplicates)
     metric("dead_letters_total", "counter", "Dead-letter rows written.", t.dead_lettered)
     local info = self.handle:info()
     if info then

@@ -111,7 +111,8 @@ function _M.settings(opts, getenv)
     for k, v in pairs(opts) do
         local canon = OPTIONS[k]
         if not canon then
-            error("qx.nats: unknown option '" .. tostring(k) .. "' (known: " .. option_list() .. ")", 2)
+            error("qx.nats: unknown option '" .. tostring(k) .. "' (known: " .. option_list()
+                  .. ")", 2)
         end
         canon = canon == true and k or canon
         if o[canon] ~= nil then error("qx.nats: pass " .. canon .. " once", 2) end
@@ -172,7 +173,8 @@ function _M.settings(opts, getenv)
         out.reconnect_attempts = D.reconnect_attempts
     end
 
-    for _, name in ipairs({ "user", "password", "token", "creds_file", "tls_ca", "tls_cert", "tls_key" }) do
+    for _, name in ipairs({ "user", "password", "token", "creds_file", "tls_ca", "tls_cert",
+                            "tls_key" }) do
         out[name], e = text(o, getenv, name)
         if e then return nil, e end
     end

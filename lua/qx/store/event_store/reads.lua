@@ -17,7 +17,8 @@ local floor = math.floor
 local fmt = string.format
 local null = core.null
 local dec, later = checkpoint.dec, checkpoint.later
-local encode_checkpoint, decode_checkpoint = checkpoint.encode_checkpoint, checkpoint.decode_checkpoint
+local encode_checkpoint = checkpoint.encode_checkpoint
+local decode_checkpoint = checkpoint.decode_checkpoint
 local READ_STREAM, STALL, read_sql = sql.READ_STREAM, sql.STALL, sql.read_sql
 
 local _M = {}

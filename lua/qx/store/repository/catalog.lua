@@ -30,7 +30,8 @@ local MANAGED = { "version", "created_at", "created_by", "updated_at", "updated_
 local function build(d, rows)
     local c = { what = d.what, get_sql = {}, save_sql = {}, save_params = {}, scope_sql = {},
                 sorts = {}, multi_sorts = {}, nsorts = 0,
-                page_plans = setmetatable({}, { __mode = "k" }), nplans = 0, columns = {}, order = {},
+                page_plans = setmetatable({}, { __mode = "k" }), nplans = 0,
+                columns = {}, order = {},
                 has = {},
                 managed = {}, writable = {}, has_raise = rows[1].has_raise }
     c.qtable = (d.schema and (quote(d.schema) .. ".") or "") .. quote(d.table)

@@ -42,7 +42,9 @@ local function parse_sort(list, allowed, pk, what)
             invalid("sort key " .. i .. " must be a string or { field, dir }")
         end
         if type(field) ~= "string" then invalid("sort key " .. i .. " has no field name") end
-        if type(dir) ~= "string" then invalid("sort direction of '" .. field .. "' must be a string") end
+        if type(dir) ~= "string" then
+            invalid("sort direction of '" .. field .. "' must be a string")
+        end
         local d = lower(dir)
         if d ~= "asc" and d ~= "desc" then
             invalid("sort direction of '" .. field .. "' must be asc or desc, got "

@@ -134,7 +134,8 @@ function Repo:add(entity, opts)
                 .. concat(vals, ", ") .. ")"
     if id == nil or c.pk_col.generated then
         local rows
-        rows, e = self.uow:query(sql .. " RETURNING " .. c.pkq .. " AS id", unpack(q.params, 1, q.n))
+        rows, e = self.uow:query(sql .. " RETURNING " .. c.pkq .. " AS id",
+                                 unpack(q.params, 1, q.n))
         if not rows then return nil, e end
         id = rows[1].id
     else
