@@ -6,24 +6,10 @@
 --       pre_commit = fn(uow), post_commit = fn(uow), pre_rollback = fn(uow, err),
 --       post_rollback = fn(uow, err), on_hook_error = fn(err, name) })
 --
--- Statements are queued and sent together: SET LOCAL statement_timeout (when the unit of work
--- asks for another than the one every pooled connection has), the queued writes, the outbox
--- insert, COMMIT and the wake-up of listeners (after the COMMIT, see notify_stmt) of a unit of
--- work that only writes travel in one pipelined round trip. With nothing to wake it is one
--- implicit transaction (no BEGIN or COMMIT needed: a batch commits at its end or not at all). A
--- read (uow:query) or uow:exec sends what is queued along with it, after a BEGIN.
---
--- At commit: events are drained from every tracked aggregate, stamped from the context, and
--- dispatched to the in-process dispatcher inside the transaction (a handler may write through the
--- same uow, track more aggregates or record more events; those are drained too); integration
--- events are written to qx_outbox_events in one (multi-row) insert, and the "qx_outbox" channel
--- is woken after the commit.
--- Any error - raised by fn or a handler, or returned by a statement - rolls everything back and
--- unit_of_work returns nil, err; the connection goes back to the pool clean. On success it
--- returns what fn returned, or true when fn returned nothing.
---
--- Nesting: db:unit_of_work inside another runs an independent transaction on another pooled
--- connection. For a nested scope inside the same transaction use uow:savepoint(fn).
+-- Statements are queued and sent in one pipelined round trip with the next read or the commit;
+-- at commit the tracked aggregates' events are dispatched and integration events written to
+-- the outbox. Any error rolls everything back: unit_of_work returns nil, err. On success it
+-- returns what fn returned (true for nothing). See docs/unit-of-work.md.
 local core = require "qx.core"
 local err = require "qx.error"
 local event = require "qx.model.event"
@@ -104,23 +90,9 @@ end
 -- statements every unit of work sends, made once (the binding only reads them)
 local BEGIN, COMMIT, ROLLBACK = stmt("BEGIN"), stmt("COMMIT"), stmt("ROLLBACK")
 
--- Wake-ups (LISTEN/NOTIFY) are sent after the COMMIT, in a transaction of their own that does
--- not wait for its commit to reach the disk. A NOTIFY inside the transaction would make
--- PostgreSQL serialise it with every other notifying transaction of the cluster: notifying
--- commits take one lock (to keep the notification queue in commit order) and hold it until
--- their commit record is flushed, so concurrent writers stop sharing WAL flushes (measured on
--- the event store's insert, pipelined, 4 clients: 0.66x the insert alone with the NOTIFY inside,
--- 0.74x after it; 1 client 0.88x and 0.92-0.95x; bench/RESULTS.md). Sent after the COMMIT, in
--- the same round trip, the lock is held only for an in-memory commit. A listener still sees the
--- rows when it is woken: the notification is only delivered once its own transaction commits,
--- after the COMMIT before it; if that COMMIT fails, the server skips the rest of the pipeline
--- and no one is woken. A wake-up asked for inside a savepoint that was rolled back is still
--- sent (the listener finds nothing new), and one lost in a crash is found by the listener's
--- poll, as a lost NOTIFY always was.
--- The calls are made in a subquery whose one row OFFSET 1 skips: the executor computes the row
--- it skips, and the planner does not drop volatile calls whose results go unread, so the
--- notifications are sent, while the statement returns no row and no column - nothing for the
--- client to parse and keep (about 2,200 of its instructions per unit of work).
+-- Wake-ups go after the COMMIT, in a transaction of their own that does not wait for the disk:
+-- a NOTIFY inside would serialise every notifying commit (docs/unit-of-work.md). OFFSET 1 skips
+-- the one row, so the calls run but the client gets nothing to parse.
 local notify_stmts = {} -- channels joined by "," -> statement
 local function notify_stmt(channels)
     local key = channels[2] == nil and channels[1] or table.concat(channels, ",")
@@ -145,11 +117,8 @@ local function timeout_stmt(ms)
     return s
 end
 
--- The queue is an array of statement tables, self._q[1..self._n]. Until the first send it
--- starts with BEGIN (and the SET LOCAL of the timeout), self._head statements, so that a send
--- needs no table of its own: the binding sends q[from..n] and, for a read, the read itself,
--- given as arguments (conn:send). Entries past _n are left over from earlier sends and are
--- overwritten as the queue fills again.
+-- The queue is self._q[1..self._n], led by self._head statements (BEGIN, the SET LOCAL of the
+-- timeout) until the first send; entries past _n are left over and get overwritten.
 
 local function failed_send(self, e)
     self._failed = e
@@ -157,11 +126,8 @@ local function failed_send(self, e)
 end
 
 -- Sends the queue plus (mode ~= nil) one statement in one round trip; returns what conn:send
--- returns for it. Once a statement fails the transaction is lost: the uow remembers the error
--- and will only roll back. implicit: the batch is the whole transaction (the commit of a unit of
--- work that has sent nothing yet), so it goes without BEGIN and COMMIT: the statements of one
--- pipelined batch run in one implicit transaction that commits at its end, or not at all. Two
--- statements less each time.
+-- returns for it. A failure is remembered: the uow will only roll back. implicit: the batch is
+-- the whole transaction, sent without BEGIN and COMMIT (docs/unit-of-work.md).
 local function send(self, implicit, mode, sql, ...)
     if self._failed then return nil, self._failed end
     local from = 1
@@ -399,10 +365,8 @@ local function outbox_rows(events)
     return rows
 end
 
--- Up to OUTBOX_VALUES_MAX events go as INSERT ... VALUES with nine parameters a row: the server
--- spends about a sixth less than on taking the same rows apart from one JSON array (measured
--- per transaction of one row and one event). More events go as the JSON array, so that the
--- number of distinct statement texts stays small.
+-- Up to OUTBOX_VALUES_MAX events go as INSERT ... VALUES (cheaper for the server than a JSON
+-- array); more as the JSON array, so that the number of distinct statement texts stays small.
 local OUTBOX_VALUES_MAX = 32
 local OUTBOX_VALUES_HEAD = "INSERT INTO qx_outbox_events (id, event_name, event_version, payload, "
     .. "occurred_at, correlation_id, causation_id, tenant_id, partition_key) VALUES "
