@@ -1,27 +1,11 @@
--- Aggregate classes.
+-- Aggregate classes: an instance is a plain table of its own fields whose metatable is its
+-- class; recorded events are kept outside it (a weak-keyed side table), so mapping its fields
+-- to a row never sees bookkeeping.
 --
 --   local User = aggregate.define("User")
+--   function User:rename(name) self.name = name; self:record(Renamed{ name = name }) end
 --
---   function User.register(email)
---     local u = User.new{ email = email }
---     u:record(Registered{ email = email })
---     return u
---   end
---
---   function User:rename(name)
---     self.name = name
---     self:record(Renamed{ name = name })
---   end
---
--- An instance is a plain table of its own fields (`id`, `version` and whatever the domain
--- needs) whose metatable is its class, so `User.__tostring` and other metamethods may be
--- set on the class. Recorded events are kept outside the instance, in a weak-keyed side
--- table, so mapping an instance's fields to a row never sees bookkeeping.
---
--- Variants (event-sourced aggregates) build on a class made here and set
--- `Class.__record_hook = function(self, ev) ... end`: record() calls it after stamping the
--- event and before queueing it, so a hook that raises leaves nothing queued.
-
+-- Variants (event-sourced aggregates) set Class.__record_hook. See docs/model.md.
 local core = require "qx.core"
 local event = require "qx.model.event"
 

@@ -1,20 +1,12 @@
--- In-process event dispatcher.
+-- In-process event dispatcher: handlers run synchronously, in registration order, keyed by
+-- event name ("*": every event).
 --
 --   local d = dispatcher.new()
---   d:on(Deposited, function(ev, uow) ... end)       -- by class
---   d:on("account.money_deposited", handler)         -- by name
---   d:on("*", audit)                                 -- every event
+--   d:on(Deposited, function(ev, uow) ... end)
 --   d:publish(ev, uow)
 --
--- Handlers run synchronously, in the order they were registered (a "*" handler registered
--- between two specific ones runs between them). Handlers are keyed by event name, so every
--- version of an event reaches the same handlers.
---
--- A handler fails by raising, or by returning `nil, err` / `false, err` (the usual Lua
--- failure tuple). Either way publish() raises and the remaining handlers do not run; the
--- unit of work turns that into a rollback. A table error (a qx error object) is raised
--- unchanged; a string error is prefixed with the event name and the failing handler.
-
+-- A failing handler (raise, or nil/false, err) makes publish() raise; the unit of work rolls
+-- back. See docs/model.md.
 local event = require "qx.model.event"
 
 local type = type

@@ -1,22 +1,10 @@
 -- Event classes and event instances.
 --
--- An event class is a callable table describing one kind of event:
---
 --   local Deposited = event.define("account.money_deposited", { version = 1 })
---   local ev = Deposited{ amount = 10 }
+--   local ev = Deposited{ amount = 10 }       -- a plain table: metadata and payload side by side
 --
--- An instance is a plain table. It holds the metadata fields (event_id, event_name,
--- event_version, occurred_at, correlation_id, causation_id, tenant_id, actor_id) and the
--- payload fields side by side as ordinary keys, so handlers read `ev.amount` directly.
---
--- Two further fields ride on the instance without being part of the payload or of the
--- envelope: `aggregate_type` and `aggregate_id`. An aggregate stamps them when it records
--- the event; the event store and the outbox read them to fill their own columns. They are
--- routing data, not message content, which is why `ev:payload()` and `ev:envelope()` leave
--- them out.
---
--- Keys starting with "_" are never payload: they are free for private scratch data.
-
+-- aggregate_type and aggregate_id ride on an instance as routing data, outside payload() and
+-- envelope(); keys starting with "_" are never payload. See docs/model.md.
 local core = require "qx.core"
 local qx_error = require "qx.error"
 

@@ -3,31 +3,10 @@
 --   local Account = qx.event_sourced("Account")             -- or ("Account", { strict = true })
 --   Account:on(Deposited, function(self, ev) self.balance = (self.balance or 0) + ev.amount end)
 --   function Account:deposit(n) self:record(Deposited{ amount = n }) end
+--   local acc = Account.new(id); acc:deposit(10)    -- applied at once, and buffered
 --
---   local acc = Account.new(id)          -- or Account.new{ id = id, ... }, Account(id)
---   acc:deposit(10)                      -- applies at once (balance is 10) and buffers the event
---   acc:pull_events()                    -- the buffered events; the instance forgets them
---   Account.from_events(id, events)      -- a new instance with the events replayed
---   acc:replay(events)                   -- applies without buffering; version + 1 per event
---
--- A class is a qx.aggregate class (record, pull_events, pending_events, version, id) whose
--- record() also applies the event through the handler registered with Class:on, via the
--- aggregate's __record_hook. `version` is the sequence of the last stored event the instance
--- has seen: record() leaves it alone, replay() and the event store's append() move it.
---
--- Handlers are keyed by event name, so every version of an event reaches the same handler (it
--- can look at ev.event_version). An event with no handler:
---   on record  - a domain event is buffered without changing state; in strict mode it raises;
---   on replay  - it is skipped, but still counts as a version (the seed's behaviour); in strict
---                mode replay raises (load returns nil, err).
--- Integration events may be recorded (the event store sends them to the outbox), but cannot
--- have a handler: they are not part of the aggregate's stream, so state they changed could not
--- be rebuilt by replay.
---
--- Snapshots: instance:snapshot() returns the state to store (default: every field but id and
--- version) and instance:restore(state) puts it back (default: copies the fields). Override both
--- on the class for state that is not plain JSON-shaped data. Give the class a snapshot_version
--- and bump it when the shape changes: snapshots of another version are ignored on load.
+-- Handlers are keyed by event name; integration events may be recorded but have no handler
+-- (replay could not rebuild their state). Versions, strict mode, snapshots: docs/model.md.
 local aggregate = require "qx.model.aggregate"
 local event = require "qx.model.event"
 local qx_error = require "qx.error"

@@ -1,18 +1,11 @@
 -- qx.registry: which event class a name and version on the wire stand for.
 --
---   local reg = qx.registry{ Deposited, Withdrawn }   -- or qx.registry() and reg:register(...)
---   reg:register(DepositedV2)                         -- same name, another version: both kept
---   local Class = reg:get("account.money_deposited", 1)   -- nil, err when unknown
---   local Latest = reg:get("account.money_deposited")     -- the highest registered version
---   local ev, err = reg:from_envelope(env)                -- a decoded envelope -> an event
+--   local reg = qx.registry{ Deposited, Withdrawn }
 --   local ev, err = reg:decode(json_text)                 -- a message body -> an event
 --
--- Keys are name + version. Registering the same class again is a no-op; a different class
--- under a key that is taken raises, because two classes for one key would make what a message
--- turns into depend on the order of registration. An unknown name or version at run time (a
--- message from a newer producer, say) is a runtime failure: nil and a "not_found" error.
---
--- A registry is an ordinary object: make one per consumer or per application, not per request.
+-- Keys are name + version: the same class again is a no-op, another class under a taken key
+-- raises (what a message turns into must not depend on registration order); an unknown name
+-- or version at run time is nil, { code = "not_found" }. See docs/model.md.
 local cjson = require "cjson.safe"
 local core = require "qx.core"
 local err = require "qx.error"

@@ -1,36 +1,12 @@
 -- Projections: read models kept up to date from the event store, exactly once.
 --
---   local balances = qx.projection{
---     name = "account_balances", db = db,
---     handlers = {
---       [Deposited] = function(ev, uow)
---         assert(uow:queue("INSERT INTO balances (id, balance) VALUES ($1, $2) "
---                          .. "ON CONFLICT (id) DO UPDATE SET balance = balances.balance + $2",
---                          ev.aggregate_id, ev.amount))
---       end,
---     },
---     reset = function(uow) assert(uow:exec("TRUNCATE balances")) end,   -- for rebuild()
---   }
---   balances:catch_up()          -- applies what is there, returns when caught up
---   balances:run()               -- catch up, then wait for NOTIFY qx_events (or poll), forever
---   balances:rebuild()           -- reset(uow) and the checkpoint to the start, then catch up
+--   local balances = qx.projection{ name = "account_balances", db = db,
+--       handlers = { [Deposited] = function(ev, uow) ... end },
+--       reset = function(uow) assert(uow:exec("TRUNCATE balances")) end }
+--   balances:catch_up()    -- or :run() (then wait for NOTIFY qx_events), :rebuild()
 --
--- Exactly once: each batch runs in one unit of work that (1) locks the projection's row in
--- qx_projection_checkpoints, (2) reads the next events after its checkpoint with the event
--- store's gap-safe read (nothing is skipped, nothing read twice - see qx.event_store), (3) runs
--- the handlers, which write through the same unit of work, and (4) moves the checkpoint. All of
--- it commits together or not at all; a failed handler leaves the checkpoint where it was and
--- catch_up returns nil, err naming the event. Two runners of one projection take turns on the
--- row lock, so a batch is never applied twice. Handlers must keep their effects inside the
--- unit of work (anything else - a message, an HTTP call - is at least once).
---
--- Handlers receive the event store's records (event fields side by side with the payload,
--- aggregate_type, aggregate_id, _sequence, _global_position). Only events with a handler are
--- read (the filter runs in SQL); the checkpoint still moves past the others.
---
--- Progress: a catch-up that runs longer than progress_interval_seconds (default 5) reports
--- every interval through on_progress(info) - by default a line on stderr - with info =
--- { name, applied, elapsed_seconds, rate, global_position, remaining }.
+-- Each batch is one unit of work that locks the checkpoint row, reads with the event store's
+-- gap-safe read, runs the handlers and moves the checkpoint. See docs/projections.md.
 local core = require "qx.core"
 local qx_error = require "qx.error"
 local event = require "qx.model.event"

@@ -1,18 +1,7 @@
--- Keyset pagination cursors: opaque, signed tokens.
---
---   token = base64url(frame) "." base64url(HMAC-SHA256(key, "qx.cursor.v2\n" context "\n"
---                                                            base64url(frame)))
---   frame = the sort-key values of the last row, each as text or null (the byte 0, or the byte
---           1, a 4-byte big-endian length and the text)
---
--- The signed context names the listing the cursor belongs to (table, sort, filters, tenant,
--- whether deleted rows are included), so a cursor cannot be edited, forged without the key, or
--- carried over to another listing. The frame is signed, not encrypted: it holds values of the
--- last row the client was already shown. Nothing of a token is read before its MAC is checked;
--- making and checking tokens is the core's (core.cursor_seal, core.cursor_open).
---
--- Keys: the first signs; all are tried when checking, so a key can be rotated by putting the
--- new one first and dropping the old one once its cursors have expired from use.
+-- Keyset pagination cursors: opaque tokens signed with HMAC-SHA256 over the listing they belong
+-- to (table, sort, filters, tenant) and the last row's sort values; nothing of a token is read
+-- before its MAC is checked (core.cursor_seal, core.cursor_open). The first key signs, all are
+-- tried, so keys rotate. Token layout: docs/repository.md.
 local core = require "qx.core"
 local qx_error = require "qx.error"
 

@@ -2,28 +2,12 @@
 -- can be checked against an entity in memory.
 --
 --   local S = qx.spec
---   local active_example = S.where("email", "ends_with", "@example.com")
---                            :and_(S.where("is_active", "eq", true))
---   local either = S.or_(S.where("name", "starts_with", "Ada"), S.where("name", "eq", "Grace"))
---   repo:search(active_example:and_(S.not_(either)), { sort = { "email" } })
---   active_example:is_satisfied_by(user)  --> true / false
+--   local active = S.where("email", "ends_with", "@example.com")
+--                    :and_(S.where("is_active", "eq", true))
+--   repo:search(active, { sort = { "email" } }); active:is_satisfied_by(user)  --> true / false
 --
--- A plain filter triple { field, op, value } (or { field =, op =, value = }) is accepted
--- wherever a specification is, and a list of them means "all of these".
---
--- Operators (the 13 of qx-db): eq neq in not_in gt gte lt lte contains starts_with ends_with
--- is_null is_not_null.
---   eq / neq with nil or qx.null mean is_null / is_not_null.
---   neq and not_in also match rows whose value is NULL (NULL equals nothing).
---   in / not_in take a list (at most MAX_IN values, none of them NULL); an empty `in` matches
---   nothing, an empty `not_in` everything.
---   contains / starts_with / ends_with take a string, ignore case, and treat % _ \ in it as
---   plain characters.
---
--- Bad filters raise (they are a programming error, or client input that must not be silently
--- dropped): an unknown operator, a field outside the repository's allow-list, a value of the
--- wrong kind. What is raised is a qx error table with code "invalid", so a unit of work that
--- meets it returns nil, { code = "invalid", ... }.
+-- A filter triple { field, op, value } stands for a specification, a list of them for "all of
+-- these". Bad filters raise an "invalid" qx error. Operators: docs/repository.md.
 local core = require "qx.core"
 local qx_error = require "qx.error"
 
