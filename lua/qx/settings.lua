@@ -155,18 +155,21 @@ local function ranged(src, kind, lo, hi, scale)
 end
 
 
--- A duration in milliseconds, from the `ms_option` (an integer), else from `seconds_option`
--- given as an option or in its environment variable (decimals allowed), else its default.
-local function duration_ms(opts, getenv, ms_option, seconds_option)
+-- A duration in milliseconds, from `ms_option` (an integer, lo_ms or more), else from
+-- `seconds_option` given as an option or in `env_name` (decimals allowed, at most max_seconds),
+-- else default_seconds.
+local function duration_ms(opts, getenv, ms_option, seconds_option, env_name, default_seconds,
+                           lo_ms, max_seconds)
+    lo_ms = lo_ms or 0
     local src = pick(opts, getenv, ms_option, nil)
     if src ~= nil then
-        return ranged(src, "int", 0, INT_MAX, 1)
+        return ranged(src, "int", lo_ms, INT_MAX, 1)
     end
-    src = pick(opts, getenv, seconds_option, _M.ENV[seconds_option])
+    src = pick(opts, getenv, seconds_option, env_name)
     if src == nil then
-        return to_int(_M.DB_DEFAULTS[seconds_option] * 1000)
+        return to_int(default_seconds * 1000 + 0.5)
     end
-    return ranged(src, "num", 0, MAX_SECONDS, 1000)
+    return ranged(src, "num", lo_ms / 1000, max_seconds or MAX_SECONDS, 1000)
 end
 
 
@@ -270,7 +273,8 @@ function _M.db(opts, getenv)
     out.pool_size = v
 
     -- acquire timeout: acquire_timeout_ms, else pool_timeout_seconds (option or variable)
-    v, err = duration_ms(opts, getenv, "acquire_timeout_ms", "pool_timeout_seconds")
+    v, err = duration_ms(opts, getenv, "acquire_timeout_ms", "pool_timeout_seconds",
+                         ENV.pool_timeout_seconds, DEFAULTS.pool_timeout_seconds)
     if v == nil then
         return nil, err
     end
@@ -309,7 +313,8 @@ function _M.db(opts, getenv)
     out.statement_timeout_ms = v
 
     -- connect timeout: connect_timeout_ms, else connect_timeout_seconds (option or variable)
-    v, err = duration_ms(opts, getenv, "connect_timeout_ms", "connect_timeout_seconds")
+    v, err = duration_ms(opts, getenv, "connect_timeout_ms", "connect_timeout_seconds",
+                         ENV.connect_timeout_seconds, DEFAULTS.connect_timeout_seconds)
     if v == nil then
         return nil, err
     end
@@ -330,11 +335,12 @@ end
 
 
 -- The readers the other settings (qx.nats, qx.relay) use: where a setting comes from, the
--- error for a bad value, strict numbers and ranges (kind "int" or "num"), booleans.
+-- error for a bad value, strict numbers and ranges (kind "int" or "num"), booleans, durations.
 _M.pick = pick
 _M.bad = bad
 _M.number_of = number_of
 _M.ranged = ranged
 _M.boolean = boolean
+_M.duration_ms = duration_ms
 
 return _M

@@ -70,11 +70,9 @@ end
 
 -- a duration in ms from name_ms (option) or name_seconds (option or variable)
 local function ms_setting(opts, getenv, name)
-    local src = pick(opts, getenv, name .. "_ms", nil)
-    if src ~= nil then return ranged(src, "int", 0, 2147483647, 1) end
-    src = pick(opts, getenv, name .. "_seconds", _M.ENV[name .. "_seconds"])
-    if src == nil then return floor(_M.DEFAULTS[name .. "_seconds"] * 1000 + 0.5) end
-    return ranged(src, "num", 0, 86400, 1000)
+    local seconds = name .. "_seconds"
+    return settings.duration_ms(opts, getenv, name .. "_ms", seconds, _M.ENV[seconds],
+                                _M.DEFAULTS[seconds], 0, 86400)
 end
 
 -- settings(opts, getenv?) -> the options core.relay takes (without conninfo and nats) | nil, err

@@ -155,7 +155,7 @@ local function instance_tostring(self)
 end
 
 
-local function valid_name(name)
+local function valid_aggregate_type(name)
     if type(name) ~= "string" then
         return false, "must be a string, got " .. type(name)
     end
@@ -232,7 +232,7 @@ local class_mt = {
 
 
 function _M.define(name)
-    local ok, why = valid_name(name)
+    local ok, why = valid_aggregate_type(name)
     if not ok then
         error("aggregate name " .. (type(name) == "string" and fmt("%q ", name) or "")
               .. why, 2)

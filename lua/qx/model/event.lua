@@ -68,7 +68,7 @@ end
 
 
 -- true, or false and the reason: the name is not a valid event name
-local function valid_name(name)
+local function valid_event_name(name)
     if type(name) ~= "string" then
         return false, "must be a string, got " .. type(name)
     end
@@ -87,7 +87,7 @@ local function valid_name(name)
     return true
 end
 
-_M.valid_name = valid_name
+_M.valid_name = valid_event_name -- the grammar of event names (dots, dashes)
 
 
 -- The metatable of every event class (assigned below). A class and its instances' metatable
@@ -375,7 +375,7 @@ local DEFINE_OPTS = { version = true, integration = true }
 
 
 function _M.define(name, opts)
-    local ok, why = valid_name(name)
+    local ok, why = valid_event_name(name)
     if not ok then
         error("event name " .. (type(name) == "string" and fmt("%q ", name) or "")
               .. why, 2)

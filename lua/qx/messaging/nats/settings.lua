@@ -10,7 +10,6 @@ local pairs = pairs
 local ipairs = ipairs
 local error = error
 local tostring = tostring
-local floor = math.floor
 local fmt = string.format
 local match = string.match
 local find = string.find
@@ -23,7 +22,6 @@ local _M = {}
 
 
 local INT_MAX = 2147483647
-local MAX_SECONDS = 2147483 -- INT_MAX milliseconds
 
 _M.ENV = {
     servers = "QX_NATS__SERVERS",
@@ -80,11 +78,8 @@ local bad, pick, ranged = settings.bad, settings.pick, settings.ranged
 
 -- a duration given in seconds (option or variable) or in ms (option only)
 local function duration(opts, getenv, name, dflt_seconds, lo_ms)
-    local src = pick(opts, getenv, name .. "_ms", nil)
-    if src then return ranged(src, "int", lo_ms, INT_MAX, 1) end
-    src = pick(opts, getenv, name .. "_seconds", _M.ENV[name .. "_seconds"])
-    if not src then return floor(dflt_seconds * 1000 + 0.5) end
-    return ranged(src, "num", lo_ms / 1000, MAX_SECONDS, 1000)
+    return settings.duration_ms(opts, getenv, name .. "_ms", name .. "_seconds",
+                                _M.ENV[name .. "_seconds"], dflt_seconds, lo_ms)
 end
 
 local function text(opts, getenv, name)
