@@ -1,11 +1,11 @@
 -- Internal to qx.openresty: the HTTP helpers of a request: error code -> status, the JSON
 -- body of an error, respond() and read_json().
 local qx_error = require "qx.error"
+local plain = require "qx.openresty.plain"
 
 local type = type
 local tostring = tostring
 local floor = math.floor
-local plain = require "qx.openresty.plain"
 local check_plain, as_error = plain.check_plain, plain.as_error
 
 local _M = {}

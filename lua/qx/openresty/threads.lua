@@ -2,6 +2,7 @@
 -- VM; run() calls one from a request through ngx.run_worker_thread, at most `concurrency` calls
 -- of one pool at a time per worker. See docs/openresty.md.
 local qx_error = require "qx.error"
+local plain = require "qx.openresty.plain"
 
 local type = type
 local pairs = pairs
@@ -16,7 +17,6 @@ local floor = math.floor
 local find = string.find
 local fmt = string.format
 local newproxy = newproxy
-local plain = require "qx.openresty.plain"
 local check_plain, plain_error = plain.check_plain, plain.plain_error
 local on_raise, as_error = plain.on_raise, plain.as_error
 
@@ -114,7 +114,7 @@ function _M.handlers(fns, opts)
     return module
 end
 
--- ---- the request side ----------------------------------------------------------------------
+-- The request side: at most `concurrency` calls of a pool at once per worker.
 
 local limits = {}  -- pool name -> { concurrency =, queue_timeout = }
 local gates = {}   -- pool name -> ngx.semaphore, per worker, made on first use

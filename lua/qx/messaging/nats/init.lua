@@ -35,7 +35,6 @@ local function core_options(s)
     }
 end
 
--- ---- connection ---------------------------------------------------------------------------
 
 local Conn = {}
 Conn.__index = Conn
