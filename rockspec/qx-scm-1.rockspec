@@ -36,14 +36,19 @@ build = {
   modules = {
     ["qx.core"] = {
       sources = {
+        "src/core/buf.c",
         "src/core/clock.c",
         "src/core/conn.c",
         "src/core/consumer.c",
         "src/core/crypto.c",
         "src/core/error.c",
+        "src/core/hash.c",
         "src/core/natsconn.c",
         "src/core/pool.c",
         "src/core/relay.c",
+        "src/core/relay_claim.c",
+        "src/core/relay_mark.c",
+        "src/core/relay_publish.c",
         "src/core/uuid.c",
         "src/lua/compat.c",
         "src/lua/lconn.c",
