@@ -274,24 +274,6 @@ static qx_status check_index(qx_consumer *c, int i, qx_error *err)
     return QX_OK;
 }
 
-/* ISO-8601 UTC with microseconds from nanoseconds since the epoch (as qx_now_iso8601). */
-static void iso8601_from_ns(char buf[QX_ISO8601_STRLEN + 1], int64_t ns)
-{
-    time_t secs;
-    struct tm tm;
-    if (ns < 0)
-        ns = 0;
-    secs = (time_t)(ns / 1000000000);
-    if (gmtime_r(&secs, &tm) == NULL || tm.tm_year + 1900 > 9999) {
-        secs = 0;
-        ns = 0;
-        gmtime_r(&secs, &tm);
-    }
-    strftime(buf, QX_ISO8601_STRLEN + 1, "%Y-%m-%dT%H:%M:%S", &tm); /* 19 characters */
-    snprintf(buf + 19, QX_ISO8601_STRLEN + 1 - 19, ".%06uZ",
-             (unsigned)((ns % 1000000000) / 1000) % 1000000u);
-}
-
 qx_status qx_consumer_msg_get(qx_consumer *c, int i, qx_consumer_msg *out, qx_error *err)
 {
     natsMsg *m;
@@ -314,7 +296,7 @@ qx_status qx_consumer_msg_get(qx_consumer *c, int i, qx_consumer_msg *out, qx_er
     out->delivered = md->NumDelivered;
     out->pending = md->NumPending;
     out->timestamp_ns = md->Timestamp;
-    iso8601_from_ns(out->published_at, md->Timestamp);
+    qx_iso8601_from_ns(out->published_at, md->Timestamp);
     out->replied = c->replied[i];
     return QX_OK;
 }

@@ -59,6 +59,9 @@ qx_status qx_uuid7(char buf[QX_UUID_STRLEN + 1], qx_error *err);
 int qx_uuid_valid(const char *s, size_t len);
 /* Current UTC time as ISO-8601 with microseconds. */
 void qx_now_iso8601(char buf[QX_ISO8601_STRLEN + 1]);
+/* The same for a time in nanoseconds since the epoch (a time before it, or after year 9999,
+ * is written as the epoch). */
+void qx_iso8601_from_ns(char buf[QX_ISO8601_STRLEN + 1], int64_t ns);
 /* Monotonic clock in seconds. */
 double qx_clock(void);
 
