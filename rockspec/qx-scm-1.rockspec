@@ -59,6 +59,7 @@ build = {
         "src/lua/lnats.c",
         "src/lua/lpool.c",
         "src/lua/lrelay.c",
+        "src/lua/lutil.c",
         "src/lua/lvalue.c",
       },
       incdirs = { "src/core", "src/lua", "$(PQ_INCDIR)", "$(PQ_INCDIR)/postgresql",

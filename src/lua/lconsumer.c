@@ -1,74 +1,84 @@
 /* The JetStream pull consumer userdata: core.consumer(nats, {...}), consumer:fetch(),
  * ack/ack_sync/nak/term/in_progress of a fetched message, consumer:info(), consumer:close(). */
+#include <stdio.h>
+
 #include "binding.h"
 
 typedef struct lconsumer {
     qx_consumer *c; /* NULL once closed */
 } lconsumer;
 
+static int l_fetch(lua_State *L);
+static int l_ack(lua_State *L);
+static int l_ack_sync(lua_State *L);
+static int l_nak(lua_State *L);
+static int l_term(lua_State *L);
+static int l_in_progress(lua_State *L);
+static int l_info(lua_State *L);
+
+static const luaL_Reg methods[] = {
+    { "fetch", l_fetch },
+    { "ack", l_ack },
+    { "ack_sync", l_ack_sync },
+    { "nak", l_nak },
+    { "term", l_term },
+    { "in_progress", l_in_progress },
+    { "info", l_info },
+    { NULL, NULL }
+};
+
+/* close, __gc and __close. Messages of the last fetch that got no reply are redelivered by the
+ * server after their ack wait. */
+static void consumer_close(lua_State *L, void *ud)
+{
+    lconsumer *lc = ud;
+    (void)L;
+    qx_consumer_free(lc->c);
+    lc->c = NULL;
+}
+
+static void consumer_describe(void *ud, char *buf, size_t size)
+{
+    lconsumer *lc = ud;
+    snprintf(buf, size, "%s/%s", qx_consumer_stream(lc->c), qx_consumer_durable(lc->c));
+}
+
+static const qx_type consumer_type = {
+    QX_CONSUMER_MT, methods, "close", consumer_close, consumer_describe, "closed", NULL
+};
+
 static lconsumer *check_consumer(lua_State *L)
 {
-    lconsumer *lc = luaL_checkudata(L, 1, QX_CONSUMER_MT);
-    if (lc->c == NULL)
-        luaL_error(L, "consumer is closed");
-    return lc;
+    return qx_check_open(L, 1, &consumer_type, "consumer is closed");
 }
 
-static int int_field(lua_State *L, int t, const char *name, long long lo, long long hi,
-                     long long dflt)
-{
-    long long v;
-    lua_getfield(L, t, name);
-    if (lua_isnil(L, -1)) {
-        v = dflt;
-    } else if (!qx_isinteger(L, -1, &v) || v < lo || v > hi) {
-        return luaL_error(L, "option '%s' must be an integer between %lld and %lld", name, lo, hi);
-    }
-    lua_pop(L, 1);
-    return (int)v;
-}
-
-static const char *string_field(lua_State *L, int t, const char *name, int required)
-{
-    const char *s;
-    lua_getfield(L, t, name);
-    if (lua_isnil(L, -1) && !required) {
-        lua_pop(L, 1);
-        return NULL;
-    }
-    if (lua_type(L, -1) != LUA_TSTRING)
-        luaL_error(L, "option '%s' must be a string", name);
-    s = lua_tostring(L, -1); /* stays alive in the options table */
-    lua_pop(L, 1);
-    return s;
-}
+static const char *const consumer_options[] = {
+    "stream", "durable", "filter_subject", "max_deliver", "ack_wait_ms", "max_ack_pending",
+    "create", NULL
+};
 
 /* core.consumer(nats, { stream, durable, filter_subject, max_deliver, ack_wait_ms,
  *                       max_ack_pending, create }) -> consumer | nil, err */
 static int l_consumer_new(lua_State *L)
 {
+    static const char what[] = "core.consumer";
     qx_nats *n = qx_check_nats(L, 1);
     qx_consumer_options o;
     qx_error err;
     lconsumer *lc;
 
-    luaL_checktype(L, 2, LUA_TTABLE);
+    qx_opt_check(L, 2, what, consumer_options);
     qx_consumer_options_init(&o);
-    o.stream = string_field(L, 2, "stream", 1);
-    o.durable = string_field(L, 2, "durable", 1);
-    o.filter_subject = string_field(L, 2, "filter_subject", 0);
-    o.max_deliver = int_field(L, 2, "max_deliver", -1, 0x7fffffff, o.max_deliver);
-    o.ack_wait_ms = int_field(L, 2, "ack_wait_ms", 1, 0x7fffffff, o.ack_wait_ms);
-    o.max_ack_pending = int_field(L, 2, "max_ack_pending", 1, 0x7fffffff, o.max_ack_pending);
-    lua_getfield(L, 2, "create");
-    if (!lua_isnil(L, -1))
-        o.create = lua_toboolean(L, -1);
-    lua_pop(L, 1);
+    o.stream = qx_opt_string(L, 2, what, "stream", NULL, 1);
+    o.durable = qx_opt_string(L, 2, what, "durable", NULL, 1);
+    o.filter_subject = qx_opt_string(L, 2, what, "filter_subject", NULL, 0);
+    o.max_deliver = qx_opt_int(L, 2, what, "max_deliver", -1, 0x7fffffff, o.max_deliver);
+    o.ack_wait_ms = (int)qx_opt_int(L, 2, what, "ack_wait_ms", 1, 0x7fffffff, o.ack_wait_ms);
+    o.max_ack_pending = (int)qx_opt_int(L, 2, what, "max_ack_pending", 1, 0x7fffffff,
+                                        o.max_ack_pending);
+    o.create = qx_opt_bool(L, 2, what, "create", o.create);
 
-    /* closed first, then opened: an error in between leaks nothing */
-    lc = lua_newuserdata(L, sizeof *lc);
-    lc->c = NULL;
-    qx_setmetatable(L, QX_CONSUMER_MT);
+    lc = qx_new_closed(L, &consumer_type, sizeof *lc);
     if (qx_consumer_new(&lc->c, n, &o, &err) != QX_OK)
         return qx_push_error(L, &err);
     return 1;
@@ -181,45 +191,10 @@ static int l_info(lua_State *L)
     return 1;
 }
 
-/* __gc, __close and close are the same; closing twice is harmless. Messages of the last fetch
- * that got no reply are redelivered by the server after their ack wait. */
-static int l_close(lua_State *L)
-{
-    lconsumer *lc = luaL_checkudata(L, 1, QX_CONSUMER_MT);
-    if (lc->c != NULL) {
-        qx_consumer_free(lc->c);
-        lc->c = NULL;
-    }
-    return 0;
-}
-
-static int l_tostring(lua_State *L)
-{
-    lconsumer *lc = luaL_checkudata(L, 1, QX_CONSUMER_MT);
-    if (lc->c == NULL)
-        lua_pushfstring(L, "qx.consumer (closed, %p)", (void *)lc);
-    else
-        lua_pushfstring(L, "qx.consumer (%s/%s, %p)", qx_consumer_stream(lc->c),
-                        qx_consumer_durable(lc->c), (void *)lc);
-    return 1;
-}
-
-static const luaL_Reg methods[] = {
-    { "fetch", l_fetch },
-    { "ack", l_ack },
-    { "ack_sync", l_ack_sync },
-    { "nak", l_nak },
-    { "term", l_term },
-    { "in_progress", l_in_progress },
-    { "info", l_info },
-    { "close", l_close },
-    { NULL, NULL }
-};
-
 /* Registers the metatable and adds consumer to the table at the top (the module). */
 void qx_open_consumer(lua_State *L)
 {
-    qx_register_type(L, QX_CONSUMER_MT, methods, l_close, l_tostring);
+    qx_register_type(L, &consumer_type);
     lua_pushcfunction(L, l_consumer_new);
     lua_setfield(L, -2, "consumer");
 }
