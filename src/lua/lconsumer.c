@@ -2,6 +2,7 @@
  * consumer:info(), consumer:close(); and the message userdata fetch hands out: its fields, and
  * ack/ack_sync/nak/term/in_progress. A message stays valid after later fetches. */
 #include <inttypes.h>
+#include <stdio.h>
 #include <string.h>
 
 #include "binding.h"
@@ -160,6 +161,7 @@ static int l_fetch(lua_State *L)
         b->msgs[i] = NULL;
         lua_rawseti(L, -2, i + 1);
     }
+    batch_close(L, b); /* all handed out: only the array is left */
     return 1;
 }
 
