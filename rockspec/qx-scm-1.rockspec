@@ -36,14 +36,19 @@ build = {
   modules = {
     ["qx.core"] = {
       sources = {
+        "src/core/buf.c",
         "src/core/clock.c",
         "src/core/conn.c",
         "src/core/consumer.c",
         "src/core/crypto.c",
         "src/core/error.c",
+        "src/core/hash.c",
         "src/core/natsconn.c",
         "src/core/pool.c",
         "src/core/relay.c",
+        "src/core/relay_claim.c",
+        "src/core/relay_mark.c",
+        "src/core/relay_publish.c",
         "src/core/uuid.c",
         "src/lua/compat.c",
         "src/lua/lconn.c",
@@ -54,6 +59,7 @@ build = {
         "src/lua/lnats.c",
         "src/lua/lpool.c",
         "src/lua/lrelay.c",
+        "src/lua/lutil.c",
         "src/lua/lvalue.c",
       },
       incdirs = { "src/core", "src/lua", "$(PQ_INCDIR)", "$(PQ_INCDIR)/postgresql",

@@ -2,9 +2,14 @@
  * thread, each message acknowledged, negatively acknowledged with a delay, or terminated.
  *
  * Everything here runs on the caller's thread: natsSubscription_Fetch waits on the calling
- * thread and hands the messages back, so no nats.c callback is involved. The messages of the
- * last fetch stay owned by the consumer until the next fetch (or free); a message left without
- * a reply is redelivered by the server once its ack wait has passed. */
+ * thread and hands the messages back, so no nats.c callback is involved. Each fetched message
+ * is an object of its own, freed by its holder whenever it likes, also after later fetches; a
+ * message left without a reply is redelivered by the server once its ack wait has passed.
+ *
+ * A nats.c message points at its subscription without holding it, so a message holds a
+ * reference to its consumer, whose memory stays until the last message is freed; closing the
+ * consumer ends the subscription at once, and a message of a closed consumer can no longer be
+ * answered. A consumer and its messages are used from one thread at a time (no locking). */
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -17,14 +22,19 @@
 #include "qx.h"
 
 struct qx_consumer {
-    qx_nats *nats;           /* one reference, held until free */
-    natsSubscription *sub;
+    int refs;                /* the consumer's own until qx_consumer_free, one per message */
+    qx_nats *nats;           /* one reference, held until free; NULL once closed */
+    natsSubscription *sub;   /* NULL once closed */
     jsCtx *js;
     char *stream;
     char *durable;
-    natsMsgList batch;       /* the messages of the last fetch */
-    jsMsgMetaData **meta;    /* their metadata, one per message */
-    int *replied;            /* 1 once a final reply (ack, nak, term) went out */
+};
+
+struct qx_consumer_msg {
+    qx_consumer *c;          /* one reference */
+    natsMsg *m;
+    jsMsgMetaData *meta;
+    int replied;             /* 1 once a final reply (ack, nak, term) went out */
 };
 
 void qx_consumer_options_init(qx_consumer_options *o)
@@ -36,18 +46,13 @@ void qx_consumer_options_init(qx_consumer_options *o)
     o->create = 1;
 }
 
-static void batch_free(qx_consumer *c)
+static void consumer_unref(qx_consumer *c)
 {
-    int i;
-    if (c->meta != NULL) {
-        for (i = 0; i < c->batch.Count; i++)
-            jsMsgMetaData_Destroy(c->meta[i]);
-        free(c->meta);
-        c->meta = NULL;
-    }
-    free(c->replied);
-    c->replied = NULL;
-    natsMsgList_Destroy(&c->batch); /* also sets Msgs to NULL and Count to 0 */
+    if (--c->refs > 0)
+        return;
+    free(c->stream);
+    free(c->durable);
+    free(c);
 }
 
 static int name_ok(const char *s)
@@ -149,6 +154,7 @@ qx_status qx_consumer_new(qx_consumer **out, qx_nats *nats, const qx_consumer_op
     c = calloc(1, sizeof *c);
     if (c == NULL)
         return qx_error_set(err, QX_ERR_NOMEM, "consumer: out of memory");
+    c->refs = 1;
     c->nats = qx_nats_retain(nats);
     c->js = js;
     c->stream = strdup(o->stream);
@@ -180,16 +186,47 @@ void qx_consumer_free(qx_consumer *c)
 {
     if (c == NULL)
         return;
-    batch_free(c);
     if (c->sub != NULL) {
         /* the durable consumer stays on the server; only this client's interest goes */
         natsSubscription_Unsubscribe(c->sub);
         natsSubscription_Destroy(c->sub);
+        c->sub = NULL;
     }
     qx_nats_close(c->nats);
-    free(c->stream);
-    free(c->durable);
-    free(c);
+    c->nats = NULL;
+    c->js = NULL;
+    consumer_unref(c);
+}
+
+void qx_consumer_msg_free(qx_consumer_msg *m)
+{
+    if (m == NULL)
+        return;
+    jsMsgMetaData_Destroy(m->meta);
+    natsMsg_Destroy(m->m);
+    consumer_unref(m->c);
+    free(m);
+}
+
+/* Takes the nats.c message over (on success *nm is NULL). */
+static qx_status msg_new(qx_consumer_msg **out, qx_consumer *c, natsMsg **nm, qx_error *err)
+{
+    qx_consumer_msg *m = calloc(1, sizeof *m);
+    natsStatus s;
+    *out = NULL;
+    if (m == NULL)
+        return qx_error_set(err, QX_ERR_NOMEM, "fetch: out of memory");
+    s = natsMsg_GetMetaData(&m->meta, *nm);
+    if (s != NATS_OK) {
+        free(m);
+        return qx_nats_error(err, s, 0, "fetch: reading message metadata");
+    }
+    m->m = *nm;
+    *nm = NULL;
+    m->c = c;
+    c->refs++;
+    *out = m;
+    return QX_OK;
 }
 
 static void sleep_until(double deadline)
@@ -204,13 +241,18 @@ static void sleep_until(double deadline)
         ; /* interrupted by a signal: sleep the rest */
 }
 
-qx_status qx_consumer_fetch(qx_consumer *c, int *count, int batch, int timeout_ms, qx_error *err)
+qx_status qx_consumer_fetch(qx_consumer *c, qx_consumer_msg ***msgs, int *count, int batch,
+                            int timeout_ms, qx_error *err)
 {
+    natsMsgList list = { NULL, 0 };
+    qx_consumer_msg **out = NULL;
     natsStatus s;
     jsErrCode jerr = 0;
     double started;
+    qx_status st = QX_OK;
     int i, n, left;
 
+    *msgs = NULL;
     *count = 0;
     if (c == NULL || c->sub == NULL)
         return qx_error_set(err, QX_ERR_CLOSED, "consumer is closed");
@@ -218,16 +260,16 @@ qx_status qx_consumer_fetch(qx_consumer *c, int *count, int batch, int timeout_m
         return qx_error_set(err, QX_ERR_INVALID, "fetch: batch must be >= 1");
     if (timeout_ms < 1)
         return qx_error_set(err, QX_ERR_INVALID, "fetch: timeout_ms must be >= 1");
-    batch_free(c);
     if (qx_nats_get_state(c->nats) == QX_NATS_CLOSED)
         return qx_error_set(err, QX_ERR_CLOSED, "fetch: the NATS connection is closed");
 
     started = qx_clock();
     left = timeout_ms;
     for (;;) {
-        s = natsSubscription_Fetch(&c->batch, c->sub, batch, left, &jerr);
+        s = natsSubscription_Fetch(&list, c->sub, batch, left, &jerr);
         if (s != NATS_TIMEOUT)
             break;
+        natsMsgList_Destroy(&list);
         /* The pull requests of a subscription share one reply subject, so the expiry notice
          * (408) of an earlier, empty fetch can end this one early: ask again for the rest. */
         left = timeout_ms - (int)((qx_clock() - started) * 1000.0);
@@ -235,7 +277,8 @@ qx_status qx_consumer_fetch(qx_consumer *c, int *count, int batch, int timeout_m
             return QX_OK; /* nothing arrived in time */
     }
     if (s != NATS_OK) {
-        qx_status st = qx_nats_error(err, s, jerr, "fetching from the JetStream consumer");
+        natsMsgList_Destroy(&list);
+        st = qx_nats_error(err, s, jerr, "fetching from the JetStream consumer");
         if (qx_nats_get_state(c->nats) == QX_NATS_CLOSED)
             return qx_error_set(err, QX_ERR_CLOSED, "fetch: the NATS connection is closed");
         /* a failure that may pass (server shutting down, consumer being recreated): report it
@@ -244,63 +287,30 @@ qx_status qx_consumer_fetch(qx_consumer *c, int *count, int batch, int timeout_m
         return st;
     }
 
-    n = c->batch.Count;
-    c->meta = calloc((size_t)n, sizeof *c->meta);
-    c->replied = calloc((size_t)n, sizeof *c->replied);
-    if (c->meta == NULL || c->replied == NULL) {
-        batch_free(c); /* unanswered: redelivered after the ack wait */
-        return qx_error_set(err, QX_ERR_NOMEM, "fetch: out of memory");
+    n = list.Count;
+    if (n > 0) {
+        out = calloc((size_t)n, sizeof *out);
+        if (out == NULL)
+            st = qx_error_set(err, QX_ERR_NOMEM, "fetch: out of memory");
     }
-    for (i = 0; i < n; i++) {
-        s = natsMsg_GetMetaData(&c->meta[i], c->batch.Msgs[i]);
-        if (s != NATS_OK) {
-            c->meta[i] = NULL;
-            batch_free(c);
-            return qx_nats_error(err, s, 0, "fetch: reading message metadata");
-        }
+    for (i = 0; st == QX_OK && i < n; i++)
+        st = msg_new(&out[i], c, &list.Msgs[i], err);
+    natsMsgList_Destroy(&list); /* what was not taken over: unanswered, redelivered later */
+    if (st != QX_OK) {
+        for (i = 0; out != NULL && i < n; i++)
+            qx_consumer_msg_free(out[i]);
+        free(out);
+        return st;
     }
+    *msgs = out;
     *count = n;
     return QX_OK;
 }
 
-static qx_status check_index(qx_consumer *c, int i, qx_error *err)
+void qx_consumer_msg_info_get(const qx_consumer_msg *msg, qx_consumer_msg_info *out)
 {
-    if (c == NULL || c->sub == NULL)
-        return qx_error_set(err, QX_ERR_CLOSED, "consumer is closed");
-    if (i < 0 || i >= c->batch.Count || c->meta == NULL)
-        return qx_error_set(err, QX_ERR_INVALID,
-                            "message %d is not in the last fetch (%d messages)", i + 1,
-                            c->batch.Count);
-    return QX_OK;
-}
-
-/* ISO-8601 UTC with microseconds from nanoseconds since the epoch (as qx_now_iso8601). */
-static void iso8601_from_ns(char buf[QX_ISO8601_STRLEN + 1], int64_t ns)
-{
-    time_t secs;
-    struct tm tm;
-    if (ns < 0)
-        ns = 0;
-    secs = (time_t)(ns / 1000000000);
-    if (gmtime_r(&secs, &tm) == NULL || tm.tm_year + 1900 > 9999) {
-        secs = 0;
-        ns = 0;
-        gmtime_r(&secs, &tm);
-    }
-    strftime(buf, QX_ISO8601_STRLEN + 1, "%Y-%m-%dT%H:%M:%S", &tm); /* 19 characters */
-    snprintf(buf + 19, QX_ISO8601_STRLEN + 1 - 19, ".%06uZ",
-             (unsigned)((ns % 1000000000) / 1000) % 1000000u);
-}
-
-qx_status qx_consumer_msg_get(qx_consumer *c, int i, qx_consumer_msg *out, qx_error *err)
-{
-    natsMsg *m;
-    const jsMsgMetaData *md;
-    qx_status st = check_index(c, i, err);
-    if (st != QX_OK)
-        return st;
-    m = c->batch.Msgs[i];
-    md = c->meta[i];
+    natsMsg *m = msg->m;
+    const jsMsgMetaData *md = msg->meta;
     memset(out, 0, sizeof *out);
     out->subject = natsMsg_GetSubject(m);
     out->data = natsMsg_GetData(m);
@@ -314,25 +324,26 @@ qx_status qx_consumer_msg_get(qx_consumer *c, int i, qx_consumer_msg *out, qx_er
     out->delivered = md->NumDelivered;
     out->pending = md->NumPending;
     out->timestamp_ns = md->Timestamp;
-    iso8601_from_ns(out->published_at, md->Timestamp);
-    out->replied = c->replied[i];
-    return QX_OK;
+    qx_iso8601_from_ns(out->published_at, md->Timestamp);
+    out->replied = msg->replied;
 }
 
-qx_status qx_consumer_msg_headers(qx_consumer *c, int i, const char ***keys,
-                                  const char ***values, int *count, qx_error *err)
+int qx_consumer_msg_replied(const qx_consumer_msg *m)
+{
+    return m->replied;
+}
+
+qx_status qx_consumer_msg_headers(qx_consumer_msg *m, const char ***keys, const char ***values,
+                                  int *count, qx_error *err)
 {
     const char **k = NULL, **v = NULL;
     int n = 0, j;
     natsStatus s;
-    qx_status st = check_index(c, i, err);
 
     *keys = NULL;
     *values = NULL;
     *count = 0;
-    if (st != QX_OK)
-        return st;
-    s = natsMsgHeader_Keys(c->batch.Msgs[i], &k, &n);
+    s = natsMsgHeader_Keys(m->m, &k, &n);
     if (s == NATS_NOT_FOUND)
         return QX_OK; /* no headers */
     if (s != NATS_OK)
@@ -343,7 +354,7 @@ qx_status qx_consumer_msg_headers(qx_consumer *c, int i, const char ***keys,
         return qx_error_set(err, QX_ERR_NOMEM, "headers: out of memory");
     }
     for (j = 0; j < n; j++) {
-        if (natsMsgHeader_Get(c->batch.Msgs[i], k[j], &v[j]) != NATS_OK || v[j] == NULL)
+        if (natsMsgHeader_Get(m->m, k[j], &v[j]) != NATS_OK || v[j] == NULL)
             v[j] = ""; /* a key without a value */
     }
     *keys = k;
@@ -352,19 +363,19 @@ qx_status qx_consumer_msg_headers(qx_consumer *c, int i, const char ***keys,
     return QX_OK;
 }
 
-qx_status qx_consumer_reply(qx_consumer *c, int i, qx_reply kind, int64_t delay_ms,
-                            qx_error *err)
+qx_status qx_consumer_msg_reply(qx_consumer_msg *msg, qx_reply kind, int64_t delay_ms,
+                                qx_error *err)
 {
-    natsMsg *m;
+    natsMsg *m = msg->m;
     natsStatus s;
     jsErrCode jerr = 0;
     const char *what;
-    qx_status st = check_index(c, i, err);
-    if (st != QX_OK)
-        return st;
-    if (c->replied[i])
-        return qx_error_set(err, QX_ERR_INVALID, "message %d was already answered", i + 1);
-    m = c->batch.Msgs[i];
+    if (msg->c->sub == NULL)
+        return qx_error_set(err, QX_ERR_CLOSED, "consumer is closed");
+    if (msg->replied)
+        return qx_error_set(err, QX_ERR_INVALID,
+                            "the message (stream sequence %" PRIu64 ") was already answered",
+                            msg->meta->Sequence.Stream);
     switch (kind) {
     case QX_REPLY_ACK:
         what = "ack";
@@ -392,7 +403,7 @@ qx_status qx_consumer_reply(qx_consumer *c, int i, qx_reply kind, int64_t delay_
     if (s != NATS_OK)
         return qx_nats_error(err, s, jerr, what);
     if (kind != QX_REPLY_IN_PROGRESS)
-        c->replied[i] = 1;
+        msg->replied = 1;
     return QX_OK;
 }
 

@@ -59,6 +59,9 @@ qx_status qx_uuid7(char buf[QX_UUID_STRLEN + 1], qx_error *err);
 int qx_uuid_valid(const char *s, size_t len);
 /* Current UTC time as ISO-8601 with microseconds. */
 void qx_now_iso8601(char buf[QX_ISO8601_STRLEN + 1]);
+/* The same for a time in nanoseconds since the epoch (a time before it, or after year 9999,
+ * is written as the epoch). */
+void qx_iso8601_from_ns(char buf[QX_ISO8601_STRLEN + 1], int64_t ns);
 /* Monotonic clock in seconds. */
 double qx_clock(void);
 
@@ -316,11 +319,14 @@ qx_status qx_nats_publish(qx_nats *n, qx_nats_ack *ack, const char *subject, con
 
 /* ---- JetStream pull consumer ------------------------------------------------------------- */
 
-/* A durable pull consumer on a stream. Fetching waits on the calling thread (no callbacks);
- * the messages of the last fetch belong to the consumer until the next fetch or free, and each
- * gets one final reply: ack, nak (optionally delayed) or term. A message left unanswered is
- * redelivered by the server once its ack wait has passed. */
+/* A durable pull consumer on a stream. Fetching waits on the calling thread (no callbacks).
+ * Each fetched message is an object of its own: valid until its holder frees it, also after
+ * later fetches and after the consumer is closed (it then can no longer be answered), and
+ * answered once: ack, nak (optionally delayed) or term. A message left unanswered is
+ * redelivered by the server once its ack wait has passed. A consumer and its messages are used
+ * from one thread at a time. */
 typedef struct qx_consumer qx_consumer;
+typedef struct qx_consumer_msg qx_consumer_msg;
 
 typedef struct qx_consumer_options {
     const char *stream;         /* required; the stream must exist */
@@ -337,18 +343,21 @@ void qx_consumer_options_init(qx_consumer_options *o);
 /* Declares (see create) and binds to the durable consumer. */
 qx_status qx_consumer_new(qx_consumer **out, qx_nats *nats, const qx_consumer_options *o,
                           qx_error *err);
-/* Drops this client's interest; the durable consumer and its state stay on the server. */
+/* Drops this client's interest (the durable consumer and its state stay on the server) and the
+ * NATS connection; the memory goes with the last of its messages. */
 void qx_consumer_free(qx_consumer *c);
-/* Fetches up to batch messages, waiting up to timeout_ms when none are ready. *count is 0 when
- * nothing arrived in time (not an error; also while the connection is being re-established).
- * Replaces the previous batch. A closed connection is QX_ERR_CLOSED at once; any other failure
- * is reported when timeout_ms has passed, so a loop around fetch never spins. */
-qx_status qx_consumer_fetch(qx_consumer *c, int *count, int batch, int timeout_ms,
-                            qx_error *err);
+/* Fetches up to batch messages, waiting up to timeout_ms when none are ready. *msgs receives an
+ * array of *count messages: the caller frees each with qx_consumer_msg_free and the array with
+ * qx_free (NULL and 0 when nothing arrived in time: not an error; also while the connection is
+ * being re-established). A closed connection is QX_ERR_CLOSED at once; any other failure is
+ * reported when timeout_ms has passed, so a loop around fetch never spins. */
+qx_status qx_consumer_fetch(qx_consumer *c, qx_consumer_msg ***msgs, int *count, int batch,
+                            int timeout_ms, qx_error *err);
+/* Frees a message; unanswered, it is redelivered after the ack wait. NULL is fine. */
+void qx_consumer_msg_free(qx_consumer_msg *m);
 
-/* One message of the last fetch, index 0..count-1. The strings stay valid until the next
- * fetch or free. */
-typedef struct qx_consumer_msg {
+/* What a message says about itself. The strings belong to the message. */
+typedef struct qx_consumer_msg_info {
     const char *subject;
     const char *data; /* not NUL-terminated in general: use data_len */
     int data_len;
@@ -361,12 +370,13 @@ typedef struct qx_consumer_msg {
     int64_t timestamp_ns; /* when the stream stored it, ns since the epoch */
     char published_at[QX_ISO8601_STRLEN + 1]; /* the same as ISO-8601 UTC */
     int replied;         /* 1 once acked, naked or termed */
-} qx_consumer_msg;
-qx_status qx_consumer_msg_get(qx_consumer *c, int i, qx_consumer_msg *out, qx_error *err);
-/* The headers of message i: *count keys and their (first) values; the strings belong to the
- * message, the two arrays to the caller (qx_free each; NULL when there are no headers). */
-qx_status qx_consumer_msg_headers(qx_consumer *c, int i, const char ***keys,
-                                  const char ***values, int *count, qx_error *err);
+} qx_consumer_msg_info;
+void qx_consumer_msg_info_get(const qx_consumer_msg *m, qx_consumer_msg_info *out);
+int qx_consumer_msg_replied(const qx_consumer_msg *m);
+/* The headers: *count keys and their (first) values; the strings belong to the message, the
+ * two arrays to the caller (qx_free each; NULL when there are no headers). */
+qx_status qx_consumer_msg_headers(qx_consumer_msg *m, const char ***keys, const char ***values,
+                                  int *count, qx_error *err);
 
 typedef enum qx_reply {
     QX_REPLY_ACK,         /* done */
@@ -375,9 +385,10 @@ typedef enum qx_reply {
     QX_REPLY_TERM,        /* never redeliver */
     QX_REPLY_IN_PROGRESS  /* still working: restart the ack wait (not a final reply) */
 } qx_reply;
-/* Answers message i; a second final reply is QX_ERR_INVALID. */
-qx_status qx_consumer_reply(qx_consumer *c, int i, qx_reply kind, int64_t delay_ms,
-                            qx_error *err);
+/* Answers the message; a second final reply is QX_ERR_INVALID, a reply after the consumer was
+ * closed QX_ERR_CLOSED. */
+qx_status qx_consumer_msg_reply(qx_consumer_msg *m, qx_reply kind, int64_t delay_ms,
+                                qx_error *err);
 
 typedef struct qx_consumer_info {
     uint64_t num_pending;        /* messages not yet delivered */

@@ -11,16 +11,57 @@
 #define QX_ERROR_MT "qx.error"
 #define QX_NATS_MT "qx.nats"
 #define QX_CONSUMER_MT "qx.consumer"
+#define QX_CONSUMER_MSG_MT "qx.consumer_msg"
 
 /* Pushes nil and an error table { code, message, sqlstate?, retryable? }; returns 2. */
 int qx_push_error(lua_State *L, const qx_error *err);
 /* Same, for an error made here. */
 int qx_push_error_msg(lua_State *L, const char *code, const char *message);
 
-/* Registers the metatable tname once per state: methods as __index, close as __gc and __close
- * (so closing twice must be harmless), and __tostring. */
-void qx_register_type(lua_State *L, const char *tname, const luaL_Reg *methods,
-                      lua_CFunction close, lua_CFunction tostring);
+/* ---- option tables (lutil.c) -------------------------------------------------------------
+ * A constructor takes one table of options. Misuse raises at level 2 (at the binding's caller)
+ * with a message naming `what` (e.g. "core.pool") and the option. */
+
+/* Raises unless the value at idx is a table whose keys are all in known (NULL-terminated); the
+ * message lists the known keys. */
+void qx_opt_check(lua_State *L, int idx, const char *what, const char *const *known);
+/* Field name of the table at idx: an integer from lo to hi, or dflt when nil. */
+long long qx_opt_int(lua_State *L, int idx, const char *what, const char *name, long long lo,
+                     long long hi, long long dflt);
+/* A string (it stays alive in the table), or dflt when nil; required: nil raises. */
+const char *qx_opt_string(lua_State *L, int idx, const char *what, const char *name,
+                          const char *dflt, int required);
+/* A boolean, or dflt when nil. */
+int qx_opt_bool(lua_State *L, int idx, const char *what, const char *name, int dflt);
+
+/* ---- userdata types (lutil.c) ------------------------------------------------------------
+ * Every userdata of the binding is a struct whose first field points at its core object, NULL
+ * while closed. It is created closed (qx_new_closed) and only then is the core object made
+ * and stored, so an error in between leaks nothing. One close function is __gc, __close and
+ * the close method: it calls the type's close only while the pointer is set, so closing twice
+ * is harmless. */
+typedef struct qx_type {
+    const char *name;         /* metatable name; tostring prints it */
+    const luaL_Reg *methods;
+    const char *close_method; /* the method that closes it ("close", "release"), or NULL */
+    /* Releases the core object of the open userdata ud (at index 1) and sets the pointer to
+     * NULL (or, for an object busy elsewhere, arranges for that). */
+    void (*close)(lua_State *L, void *ud);
+    /* Writes a short description of the open object for tostring, or NULL: none. */
+    void (*describe)(void *ud, char *buf, size_t size);
+    const char *closed_word;  /* tostring of a closed one: "closed", "released" */
+    /* NULL: __index is the methods table. Else __index is this function, with the methods
+     * table as upvalue 1 (for userdata with fields). */
+    lua_CFunction index;
+} qx_type;
+
+/* Registers the metatable once per state: methods (and the close method) as __index, the
+ * close function as __gc and __close, and __tostring: "name (description, address)". */
+void qx_register_type(lua_State *L, const qx_type *t);
+/* Pushes a new userdata of size bytes, zeroed (closed), with the type's metatable. */
+void *qx_new_closed(lua_State *L, const qx_type *t, size_t size);
+/* The userdata of type t at idx, or raises (wrong type; closed_msg when closed). */
+void *qx_check_open(lua_State *L, int idx, const qx_type *t, const char *closed_msg);
 
 /* Pushes the JSON text of the value at idx and returns 1; on a value JSON cannot hold pushes the
  * reason, points *error at it and returns 0. Numbers are exact (see ljson.c). */

@@ -1,5 +1,6 @@
 /* The leased-connection userdata: query, batch, script, listen, notifications, release. */
 #include <limits.h>
+#include <stdio.h>
 #include <stdlib.h>
 
 #include "binding.h"
@@ -380,34 +381,26 @@ static int l_pid(lua_State *L)
     return 1;
 }
 
-/* release, __gc and __close: hand the connection back; twice is harmless */
-static int l_release(lua_State *L)
+/* release, __gc and __close: hand the connection back (see qx_type) */
+static void conn_release(lua_State *L, void *ud)
 {
-    lconn *lc = to_conn(L);
-    if (lc->c != NULL) {
-        qx_conn *c = lc->c;
-        lc->c = NULL;
-        qx_pool_release(lc->p, c);
+    lconn *lc = ud;
+    qx_conn *c = lc->c;
+    lc->c = NULL;
+    qx_pool_release(lc->p, c);
 #if LUA_VERSION_NUM >= 504
-        lua_pushnil(L);
-        lua_setiuservalue(L, 1, 1);
+    lua_pushnil(L);
+    lua_setiuservalue(L, 1, 1);
 #endif
-    }
     if (lc->pool_ref != LUA_NOREF) {
         luaL_unref(L, LUA_REGISTRYINDEX, lc->pool_ref);
         lc->pool_ref = LUA_NOREF;
     }
-    return 0;
 }
 
-static int l_tostring(lua_State *L)
+static void conn_describe(void *ud, char *buf, size_t size)
 {
-    lconn *lc = luaL_checkudata(L, 1, QX_CONN_MT);
-    if (lc->c == NULL)
-        lua_pushfstring(L, "qx.conn (released, %p)", (void *)lc);
-    else
-        lua_pushfstring(L, "qx.conn (pid %d, %p)", qx_conn_pid(lc->c), (void *)lc);
-    return 1;
+    snprintf(buf, size, "pid %d", qx_conn_pid(((lconn *)ud)->c));
 }
 
 static const luaL_Reg methods[] = {
@@ -419,14 +412,17 @@ static const luaL_Reg methods[] = {
     { "notifications", l_notifications },
     { "status", l_status },
     { "pid", l_pid },
-    { "release", l_release },
     { NULL, NULL }
+};
+
+static const qx_type conn_type = {
+    QX_CONN_MT, methods, "release", conn_release, conn_describe, "released", NULL
 };
 
 int qx_open_conn(lua_State *L)
 {
     const luaL_Reg *m;
-    qx_register_type(L, QX_CONN_MT, methods, l_release, l_tostring);
+    qx_register_type(L, &conn_type);
     luaL_getmetatable(L, QX_CONN_MT);
     /* the methods again, as closures over the metatable (see to_conn) */
     lua_getfield(L, -1, "__index");

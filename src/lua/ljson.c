@@ -19,53 +19,38 @@
 #include <string.h>
 
 #include "binding.h"
+#include "internal.h"
 
 #define QX_JSON_MAX_DEPTH 1000
 
 typedef struct jbuf {
-    char *p;            /* inline, or malloc'd once the text outgrows it */
-    size_t len, cap;
-    const char *error; /* first failure, static text or the msg buffer */
+    qx_buf out;            /* starts in inline_buf: most events and envelopes fit, no malloc */
+    const char *error;     /* first failure, static text or the msg buffer */
     char msg[160];
-    char inline_buf[1024]; /* most events and envelopes fit: no malloc, realloc and free */
+    char inline_buf[1024];
 } jbuf;
 
-/* Makes room for n more bytes (and a NUL) by growing the buffer. */
-static int grow(jbuf *b, size_t n)
+static void jbuf_init(jbuf *b)
 {
-    size_t cap = b->cap * 2;
-    char *p;
-    while (cap < b->len + n + 1)
-        cap *= 2;
-    if (b->p == b->inline_buf) {
-        p = malloc(cap);
-        if (p != NULL)
-            memcpy(p, b->p, b->len);
-    } else {
-        p = realloc(b->p, cap);
-    }
-    if (p == NULL) {
-        b->error = "out of memory";
-        return 0;
-    }
-    b->p = p;
-    b->cap = cap;
-    return 1;
+    qx_buf_init(&b->out, b->inline_buf, sizeof b->inline_buf);
+    b->error = NULL;
 }
 
 /* Room for n more bytes (and a NUL) in the buffer: a compare, inlined, unless it must grow. */
 static inline int reserve(jbuf *b, size_t n)
 {
-    return b->len + n + 1 <= b->cap || grow(b, n);
+    if (qx_buf_reserve(&b->out, n))
+        return 1;
+    b->error = "out of memory";
+    return 0;
 }
 
 static inline int put(jbuf *b, const char *s, size_t n)
 {
-    if (!reserve(b, n))
-        return 0;
-    memcpy(b->p + b->len, s, n);
-    b->len += n;
-    return 1;
+    if (qx_buf_append(&b->out, s, n))
+        return 1;
+    b->error = "out of memory";
+    return 0;
 }
 
 #define PUTS(b, lit) put((b), (lit), sizeof(lit) - 1)
@@ -102,7 +87,7 @@ static int put_string(jbuf *b, const char *s, size_t n)
     size_t i = 0, run = 0;
     if (!reserve(b, n + 2)) /* the text and its quotes, unless something needs escaping */
         return 0;
-    b->p[b->len++] = '"';
+    b->out.p[b->out.len++] = '"';
     for (;;) {
         const char *esc;
         char code[7];
@@ -300,21 +285,17 @@ int qx_json_push(lua_State *L, int idx, const char **error)
 {
     jbuf b;
     int ok;
-    b.p = b.inline_buf;
-    b.len = 0;
-    b.cap = sizeof b.inline_buf;
-    b.error = NULL;
+    jbuf_init(&b);
     idx = idx < 0 ? lua_gettop(L) + idx + 1 : idx;
     ok = encode(&b, L, idx, 0);
     if (ok) {
-        lua_pushlstring(L, b.p, b.len);
+        lua_pushlstring(L, b.out.p, b.out.len);
     } else {
         /* copy the reason out before the buffer (and b.msg with it) goes */
         lua_pushstring(L, b.error != NULL ? b.error : "cannot encode as JSON");
         *error = lua_tostring(L, -1);
     }
-    if (b.p != b.inline_buf)
-        free(b.p);
+    qx_buf_free(&b.out);
     return ok;
 }
 
@@ -406,10 +387,7 @@ static int l_json_event_rows(lua_State *L)
         nargs = (int)qx_rawlen(L, 1);
     if (nargs % 4 != 0)
         return luaL_error(L, "json_event_rows: expected groups of type, id, sequence, events");
-    b.p = b.inline_buf;
-    b.len = 0;
-    b.cap = sizeof b.inline_buf;
-    b.error = NULL;
+    jbuf_init(&b);
     ok = PUTS(&b, "[");
     for (g = 1; ok && g + 3 <= nargs; g += 4) {
         if (listed) {
@@ -426,11 +404,10 @@ static int l_json_event_rows(lua_State *L)
     }
     ok = ok && PUTS(&b, "]");
     if (ok)
-        lua_pushlstring(L, b.p, b.len);
+        lua_pushlstring(L, b.out.p, b.out.len);
     else
         lua_pushstring(L, b.error != NULL ? b.error : "cannot encode as JSON");
-    if (b.p != b.inline_buf)
-        free(b.p);
+    qx_buf_free(&b.out);
     if (ok)
         return 1;
     return qx_push_error_msg(L, "invalid", lua_tostring(L, -1));

@@ -31,22 +31,6 @@ int qx_push_error(lua_State *L, const qx_error *err)
     return 2;
 }
 
-void qx_register_type(lua_State *L, const char *tname, const luaL_Reg *methods,
-                      lua_CFunction close, lua_CFunction tostring)
-{
-    if (luaL_newmetatable(L, tname)) {
-        qx_newlib(L, methods);
-        lua_setfield(L, -2, "__index");
-        lua_pushcfunction(L, close);
-        lua_setfield(L, -2, "__gc");
-        lua_pushcfunction(L, close);
-        lua_setfield(L, -2, "__close");
-        lua_pushcfunction(L, tostring);
-        lua_setfield(L, -2, "__tostring");
-    }
-    lua_pop(L, 1);
-}
-
 static int error_tostring(lua_State *L)
 {
     luaL_checktype(L, 1, LUA_TTABLE);

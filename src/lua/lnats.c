@@ -1,4 +1,5 @@
 /* The NATS connection userdata: core.nats{...}, ensure_stream, publish, stream_info, close. */
+#include <stdio.h>
 #include <string.h>
 
 #include "binding.h"
@@ -7,79 +8,87 @@ typedef struct lnats {
     qx_nats *n; /* NULL once closed */
 } lnats;
 
+static int l_ensure_stream(lua_State *L);
+static int l_publish(lua_State *L);
+static int l_stream_info(lua_State *L);
+static int l_stream_get(lua_State *L);
+static int l_delete_stream(lua_State *L);
+static int l_state(lua_State *L);
+static int l_stats(lua_State *L);
+
+static const luaL_Reg methods[] = {
+    { "ensure_stream", l_ensure_stream },
+    { "publish", l_publish },
+    { "stream_info", l_stream_info },
+    { "stream_get", l_stream_get },
+    { "delete_stream", l_delete_stream },
+    { "state", l_state },
+    { "stats", l_stats },
+    { NULL, NULL }
+};
+
+/* close, __gc and __close. A relay or consumer holding the connection keeps it open until it
+ * is done with it. */
+static void nats_close(lua_State *L, void *ud)
+{
+    lnats *ln = ud;
+    qx_nats *n = ln->n;
+    (void)L;
+    ln->n = NULL;
+    qx_nats_close(n);
+}
+
+static void nats_describe(void *ud, char *buf, size_t size)
+{
+    snprintf(buf, size, "%s", qx_nats_state_name(qx_nats_get_state(((lnats *)ud)->n)));
+}
+
+static const qx_type nats_type = {
+    QX_NATS_MT, methods, "close", nats_close, nats_describe, "closed", NULL
+};
+
 qx_nats *qx_check_nats(lua_State *L, int idx)
 {
-    lnats *ln = luaL_checkudata(L, idx, QX_NATS_MT);
-    if (ln->n == NULL)
-        luaL_error(L, "NATS connection is closed");
+    lnats *ln = qx_check_open(L, idx, &nats_type, "NATS connection is closed");
     return ln->n;
 }
 
-static const char *opt_string_field(lua_State *L, int t, const char *name)
-{
-    const char *s = NULL;
-    lua_getfield(L, t, name);
-    if (!lua_isnil(L, -1)) {
-        if (lua_type(L, -1) != LUA_TSTRING)
-            luaL_error(L, "option '%s' must be a string", name);
-        s = lua_tostring(L, -1); /* stays alive in the options table */
-    }
-    lua_pop(L, 1);
-    return s;
-}
-
-static int opt_int_field(lua_State *L, int t, const char *name, int dflt, int min)
-{
-    long long v;
-    int r = dflt;
-    lua_getfield(L, t, name);
-    if (!lua_isnil(L, -1)) {
-        if (!qx_isinteger(L, -1, &v) || v < min || v > 0x7fffffff)
-            luaL_error(L, "option '%s' must be an integer >= %d", name, min);
-        r = (int)v;
-    }
-    lua_pop(L, 1);
-    return r;
-}
+static const char *const nats_options[] = {
+    "servers", "name", "user", "password", "token", "creds_file", "tls", "tls_ca", "tls_cert",
+    "tls_key", "connect_timeout_ms", "reconnect_attempts", "reconnect_wait_ms", "send_asap", NULL
+};
 
 /* core.nats{ servers, name, user, password, token, creds_file, tls, tls_ca, tls_cert, tls_key,
  *            connect_timeout_ms, reconnect_attempts, reconnect_wait_ms, send_asap }
  *   -> nats | nil, err */
 int qx_nats_new_lua(lua_State *L)
 {
+    static const char what[] = "core.nats";
     qx_nats_options o;
     qx_error err;
     lnats *ln;
-    const char *servers;
 
-    luaL_checktype(L, 1, LUA_TTABLE);
+    qx_opt_check(L, 1, what, nats_options);
     qx_nats_options_init(&o);
-    servers = opt_string_field(L, 1, "servers");
-    if (servers != NULL)
-        o.servers = servers;
-    o.name = opt_string_field(L, 1, "name");
-    o.user = opt_string_field(L, 1, "user");
-    o.password = opt_string_field(L, 1, "password");
-    o.token = opt_string_field(L, 1, "token");
-    o.creds_file = opt_string_field(L, 1, "creds_file");
-    o.tls_ca = opt_string_field(L, 1, "tls_ca");
-    o.tls_cert = opt_string_field(L, 1, "tls_cert");
-    o.tls_key = opt_string_field(L, 1, "tls_key");
-    lua_getfield(L, 1, "tls");
-    o.tls = lua_toboolean(L, -1);
-    lua_pop(L, 1);
-    lua_getfield(L, 1, "send_asap");
-    if (!lua_isnil(L, -1))
-        o.send_asap = lua_toboolean(L, -1);
-    lua_pop(L, 1);
-    o.connect_timeout_ms = opt_int_field(L, 1, "connect_timeout_ms", o.connect_timeout_ms, 1);
-    o.reconnect_attempts = opt_int_field(L, 1, "reconnect_attempts", o.reconnect_attempts, -1);
-    o.reconnect_wait_ms = opt_int_field(L, 1, "reconnect_wait_ms", o.reconnect_wait_ms, 0);
+    o.servers = qx_opt_string(L, 1, what, "servers", o.servers, 0);
+    o.name = qx_opt_string(L, 1, what, "name", NULL, 0);
+    o.user = qx_opt_string(L, 1, what, "user", NULL, 0);
+    o.password = qx_opt_string(L, 1, what, "password", NULL, 0);
+    o.token = qx_opt_string(L, 1, what, "token", NULL, 0);
+    o.creds_file = qx_opt_string(L, 1, what, "creds_file", NULL, 0);
+    o.tls_ca = qx_opt_string(L, 1, what, "tls_ca", NULL, 0);
+    o.tls_cert = qx_opt_string(L, 1, what, "tls_cert", NULL, 0);
+    o.tls_key = qx_opt_string(L, 1, what, "tls_key", NULL, 0);
+    o.tls = qx_opt_bool(L, 1, what, "tls", 0);
+    o.send_asap = qx_opt_bool(L, 1, what, "send_asap", o.send_asap);
+    o.connect_timeout_ms = (int)qx_opt_int(L, 1, what, "connect_timeout_ms", 1, 0x7fffffff,
+                                           o.connect_timeout_ms);
+    o.reconnect_attempts = (int)qx_opt_int(L, 1, what, "reconnect_attempts", -1, 0x7fffffff,
+                                           o.reconnect_attempts);
+    o.reconnect_wait_ms = (int)qx_opt_int(L, 1, what, "reconnect_wait_ms", 0, 0x7fffffff,
+                                          o.reconnect_wait_ms);
 
-    /* closed first, then opened: an error in between leaks nothing */
-    ln = lua_newuserdata(L, sizeof *ln);
-    ln->n = NULL;
-    qx_setmetatable(L, QX_NATS_MT);
+    ln = qx_new_closed(L, &nats_type, sizeof *ln);
     if (qx_nats_open(&ln->n, &o, &err) != QX_OK)
         return qx_push_error(L, &err);
     return 1;
@@ -88,17 +97,19 @@ int qx_nats_new_lua(lua_State *L)
 /* nats:ensure_stream{ name =, subjects = { ... }, duplicate_window_ms = } -> true | nil, err */
 static int l_ensure_stream(lua_State *L)
 {
+    static const char what[] = "nats:ensure_stream";
+    static const char *const stream_options[] = {
+        "name", "subjects", "duplicate_window_ms", NULL
+    };
     qx_nats *n = qx_check_nats(L, 1);
     const char *name, **subjects;
-    long long window = 0;
+    long long window;
     int i, count;
     qx_error err;
 
-    luaL_checktype(L, 2, LUA_TTABLE);
-    lua_getfield(L, 2, "name");
-    name = lua_tostring(L, -1);
-    if (lua_type(L, -1) != LUA_TSTRING)
-        return luaL_error(L, "ensure_stream: name must be a string");
+    qx_opt_check(L, 2, what, stream_options);
+    name = qx_opt_string(L, 2, what, "name", NULL, 1);
+    window = qx_opt_int(L, 2, what, "duplicate_window_ms", 0, 0x7fffffffffffLL, 0);
     lua_getfield(L, 2, "subjects");
     if (!lua_istable(L, -1))
         return luaL_error(L, "ensure_stream: subjects must be a list of strings");
@@ -111,9 +122,6 @@ static int l_ensure_stream(lua_State *L)
         subjects[i] = lua_tostring(L, -1); /* anchored by the subjects table */
         lua_pop(L, 1);
     }
-    lua_getfield(L, 2, "duplicate_window_ms");
-    if (!lua_isnil(L, -1) && (!qx_isinteger(L, -1, &window) || window < 0))
-        return luaL_error(L, "ensure_stream: duplicate_window_ms must be an integer >= 0");
     if (qx_nats_ensure_stream(n, name, subjects, count, (int64_t)window, &err) != QX_OK)
         return qx_push_error(L, &err);
     lua_pushboolean(L, 1);
@@ -264,47 +272,11 @@ static int l_subject_valid(lua_State *L)
     return 1;
 }
 
-/* close, __gc and __close; twice is harmless. A relay or consumer holding the connection keeps
- * it open until it is done with it. */
-static int l_close(lua_State *L)
-{
-    lnats *ln = luaL_checkudata(L, 1, QX_NATS_MT);
-    if (ln->n != NULL) {
-        qx_nats *n = ln->n;
-        ln->n = NULL;
-        qx_nats_close(n);
-    }
-    return 0;
-}
-
-static int l_tostring(lua_State *L)
-{
-    lnats *ln = luaL_checkudata(L, 1, QX_NATS_MT);
-    if (ln->n == NULL)
-        lua_pushfstring(L, "qx.nats (closed, %p)", (void *)ln);
-    else
-        lua_pushfstring(L, "qx.nats (%s, %p)", qx_nats_state_name(qx_nats_get_state(ln->n)),
-                        (void *)ln);
-    return 1;
-}
-
-static const luaL_Reg methods[] = {
-    { "ensure_stream", l_ensure_stream },
-    { "publish", l_publish },
-    { "stream_info", l_stream_info },
-    { "stream_get", l_stream_get },
-    { "delete_stream", l_delete_stream },
-    { "state", l_state },
-    { "stats", l_stats },
-    { "close", l_close },
-    { NULL, NULL }
-};
-
 /* Registers the metatable and adds nats, nats_subject_valid and is_nats to the module table
  * at the top of the stack. */
 void qx_open_nats(lua_State *L)
 {
-    qx_register_type(L, QX_NATS_MT, methods, l_close, l_tostring);
+    qx_register_type(L, &nats_type);
     lua_pushcfunction(L, qx_nats_new_lua);
     lua_setfield(L, -2, "nats");
     lua_pushcfunction(L, l_subject_valid);

@@ -5,6 +5,29 @@ typedef struct lpool {
     qx_pool *p; /* NULL once closed */
 } lpool;
 
+static int l_acquire(lua_State *L);
+static int l_stats(lua_State *L);
+
+static const luaL_Reg methods[] = {
+    { "acquire", l_acquire },
+    { "stats", l_stats },
+    { NULL, NULL }
+};
+
+/* close, __gc and __close. Leased connections keep the core pool alive until they are
+ * released. */
+static void pool_close(lua_State *L, void *ud)
+{
+    lpool *lp = ud;
+    (void)L;
+    qx_pool_free(lp->p);
+    lp->p = NULL;
+}
+
+static const qx_type pool_type = {
+    QX_POOL_MT, methods, "close", pool_close, NULL, "closed", NULL
+};
+
 static lpool *check_pool(lua_State *L)
 {
     lpool *lp = luaL_checkudata(L, 1, QX_POOL_MT);
@@ -13,45 +36,29 @@ static lpool *check_pool(lua_State *L)
     return lp;
 }
 
-static int opt_int_field(lua_State *L, int t, const char *name, int dflt)
-{
-    long long v;
-    int r;
-    lua_getfield(L, t, name);
-    if (lua_isnil(L, -1)) {
-        r = dflt;
-    } else if (qx_isinteger(L, -1, &v) && v >= 0 && v <= 0x7fffffff) {
-        r = (int)v;
-    } else {
-        return luaL_error(L, "option '%s' must be a non-negative integer", name);
-    }
-    lua_pop(L, 1);
-    return r;
-}
+static const char *const pool_options[] = {
+    "conninfo", "size", "acquire_timeout_ms", "recycle_ms", "connect_timeout_ms", "init_sql", NULL
+};
 
 int qx_pool_new_lua(lua_State *L)
 {
+    static const char what[] = "core.pool";
     qx_pool_options o;
     qx_error err;
     lpool *lp;
 
-    luaL_checktype(L, 1, LUA_TTABLE);
+    qx_opt_check(L, 1, what, pool_options);
     qx_pool_options_init(&o);
-    lua_getfield(L, 1, "conninfo");
-    o.conninfo = luaL_checkstring(L, -1); /* stays alive in the options table */
-    lua_pop(L, 1);
-    o.size = opt_int_field(L, 1, "size", o.size);
-    o.acquire_timeout_ms = opt_int_field(L, 1, "acquire_timeout_ms", o.acquire_timeout_ms);
-    o.recycle_ms = opt_int_field(L, 1, "recycle_ms", o.recycle_ms);
-    o.connect_timeout_ms = opt_int_field(L, 1, "connect_timeout_ms", o.connect_timeout_ms);
-    lua_getfield(L, 1, "init_sql");
-    o.init_sql = luaL_optstring(L, -1, NULL); /* stays alive in the options table */
-    lua_pop(L, 1);
+    o.conninfo = qx_opt_string(L, 1, what, "conninfo", NULL, 1);
+    o.size = (int)qx_opt_int(L, 1, what, "size", 0, 0x7fffffff, o.size);
+    o.acquire_timeout_ms = (int)qx_opt_int(L, 1, what, "acquire_timeout_ms", 0, 0x7fffffff,
+                                           o.acquire_timeout_ms);
+    o.recycle_ms = (int)qx_opt_int(L, 1, what, "recycle_ms", 0, 0x7fffffff, o.recycle_ms);
+    o.connect_timeout_ms = (int)qx_opt_int(L, 1, what, "connect_timeout_ms", 0, 0x7fffffff,
+                                           o.connect_timeout_ms);
+    o.init_sql = qx_opt_string(L, 1, what, "init_sql", NULL, 0);
 
-    /* closed first, then acquired: an error in between leaks nothing */
-    lp = lua_newuserdata(L, sizeof *lp);
-    lp->p = NULL;
-    qx_setmetatable(L, QX_POOL_MT);
+    lp = qx_new_closed(L, &pool_type, sizeof *lp);
     if (qx_pool_new(&lp->p, &o, &err) != QX_OK)
         return qx_push_error(L, &err);
     return 1;
@@ -84,34 +91,8 @@ static int l_stats(lua_State *L)
     return 1;
 }
 
-/* __gc and close are the same; closing twice is harmless. Leased connections keep the core pool
- * alive until they are released. */
-static int l_close(lua_State *L)
-{
-    lpool *lp = luaL_checkudata(L, 1, QX_POOL_MT);
-    if (lp->p != NULL) {
-        qx_pool_free(lp->p);
-        lp->p = NULL;
-    }
-    return 0;
-}
-
-static int l_tostring(lua_State *L)
-{
-    lpool *lp = luaL_checkudata(L, 1, QX_POOL_MT);
-    lua_pushfstring(L, "qx.pool (%s%p)", lp->p == NULL ? "closed, " : "", (void *)lp);
-    return 1;
-}
-
-static const luaL_Reg methods[] = {
-    { "acquire", l_acquire },
-    { "stats", l_stats },
-    { "close", l_close },
-    { NULL, NULL }
-};
-
 int qx_open_pool(lua_State *L)
 {
-    qx_register_type(L, QX_POOL_MT, methods, l_close, l_tostring);
+    qx_register_type(L, &pool_type);
     return 0;
 }

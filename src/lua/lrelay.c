@@ -11,39 +11,59 @@ typedef struct lrelay {
     int closing;
 } lrelay;
 
+static int l_run_once(lua_State *L);
+static int l_run(lua_State *L);
+static int l_stop(lua_State *L);
+static int l_stats(lua_State *L);
+
+static const luaL_Reg methods[] = {
+    { "run_once", l_run_once },
+    { "run", l_run },
+    { "stop", l_stop },
+    { "stats", l_stats },
+    { NULL, NULL }
+};
+
+/* close, __gc and __close: ends the relay's session (and its leadership). Inside run() (from
+ * on_batch) it only stops it, and run() frees it on the way out. */
+static void relay_close(lua_State *L, void *ud)
+{
+    lrelay *lr = ud;
+    (void)L;
+    if (lr->closing)
+        return;
+    if (lr->running) {
+        lr->closing = 1;
+        qx_relay_stop(lr->r);
+        return;
+    }
+    qx_relay_free(lr->r);
+    lr->r = NULL;
+}
+
+static const qx_type relay_type = {
+    QX_RELAY_MT, methods, "close", relay_close, NULL, "closed", NULL
+};
+
 static lrelay *check_relay(lua_State *L)
 {
-    lrelay *lr = luaL_checkudata(L, 1, QX_RELAY_MT);
-    if (lr->r == NULL || lr->closing)
+    lrelay *lr = qx_check_open(L, 1, &relay_type, "relay is closed");
+    if (lr->closing)
         luaL_error(L, "relay is closed");
     return lr;
 }
 
-static int opt_int(lua_State *L, int t, const char *name, int dflt)
-{
-    long long v;
-    int r = dflt;
-    lua_getfield(L, t, name);
-    if (!lua_isnil(L, -1)) {
-        if (!qx_isinteger(L, -1, &v) || v < -0x7fffffffLL || v > 0x7fffffff)
-            luaL_error(L, "relay option '%s' must be an integer", name);
-        r = (int)v;
-    }
-    lua_pop(L, 1);
-    return r;
-}
+static const char *const relay_options[] = {
+    "conninfo", "nats", "subject_prefix", "channel", "batch_size", "max_in_flight",
+    "ack_timeout_ms", "max_attempts", "base_delay_ms", "max_delay_ms", "poll_interval_ms",
+    "idle_interval_ms", "shard_id", "shard_count", "lock_retry_ms", "connect_timeout_ms",
+    "statement_timeout_ms", "delete_published", NULL
+};
 
-static const char *opt_str(lua_State *L, int t, const char *name, const char *dflt)
+/* An integer option; the core checks the ranges (and says which). */
+static int opt_int(lua_State *L, const char *name, int dflt)
 {
-    const char *s = dflt;
-    lua_getfield(L, t, name);
-    if (!lua_isnil(L, -1)) {
-        if (lua_type(L, -1) != LUA_TSTRING)
-            luaL_error(L, "relay option '%s' must be a string", name);
-        s = lua_tostring(L, -1); /* anchored by the options table */
-    }
-    lua_pop(L, 1);
-    return s;
+    return (int)qx_opt_int(L, 1, "core.relay", name, -0x7fffffffLL, 0x7fffffff, dflt);
 }
 
 /* core.relay{ conninfo, nats, subject_prefix, channel, batch_size, max_in_flight,
@@ -52,40 +72,35 @@ static const char *opt_str(lua_State *L, int t, const char *name, const char *df
  *             statement_timeout_ms, delete_published } -> relay | nil, err */
 static int l_new(lua_State *L)
 {
+    static const char what[] = "core.relay";
     qx_relay_options o;
     qx_error err;
     lrelay *lr;
 
-    luaL_checktype(L, 1, LUA_TTABLE);
+    qx_opt_check(L, 1, what, relay_options);
     qx_relay_options_init(&o);
-    o.conninfo = opt_str(L, 1, "conninfo", NULL);
+    o.conninfo = qx_opt_string(L, 1, what, "conninfo", NULL, 0);
     lua_getfield(L, 1, "nats");
     o.nats = qx_check_nats(L, -1); /* the relay retains it */
     lua_pop(L, 1);
-    o.subject_prefix = opt_str(L, 1, "subject_prefix", o.subject_prefix);
-    o.channel = opt_str(L, 1, "channel", o.channel);
-    o.batch_size = opt_int(L, 1, "batch_size", o.batch_size);
-    o.max_in_flight = opt_int(L, 1, "max_in_flight", o.max_in_flight);
-    o.ack_timeout_ms = opt_int(L, 1, "ack_timeout_ms", o.ack_timeout_ms);
-    o.max_attempts = opt_int(L, 1, "max_attempts", o.max_attempts);
-    o.base_delay_ms = opt_int(L, 1, "base_delay_ms", o.base_delay_ms);
-    o.max_delay_ms = opt_int(L, 1, "max_delay_ms", o.max_delay_ms);
-    o.poll_interval_ms = opt_int(L, 1, "poll_interval_ms", o.poll_interval_ms);
-    o.idle_interval_ms = opt_int(L, 1, "idle_interval_ms", o.idle_interval_ms);
-    o.shard_id = opt_int(L, 1, "shard_id", o.shard_id);
-    o.shard_count = opt_int(L, 1, "shard_count", o.shard_count);
-    o.lock_retry_ms = opt_int(L, 1, "lock_retry_ms", o.lock_retry_ms);
-    o.connect_timeout_ms = opt_int(L, 1, "connect_timeout_ms", o.connect_timeout_ms);
-    o.statement_timeout_ms = opt_int(L, 1, "statement_timeout_ms", o.statement_timeout_ms);
-    lua_getfield(L, 1, "delete_published");
-    o.delete_published = lua_toboolean(L, -1);
-    lua_pop(L, 1);
+    o.subject_prefix = qx_opt_string(L, 1, what, "subject_prefix", o.subject_prefix, 0);
+    o.channel = qx_opt_string(L, 1, what, "channel", o.channel, 0);
+    o.batch_size = opt_int(L, "batch_size", o.batch_size);
+    o.max_in_flight = opt_int(L, "max_in_flight", o.max_in_flight);
+    o.ack_timeout_ms = opt_int(L, "ack_timeout_ms", o.ack_timeout_ms);
+    o.max_attempts = opt_int(L, "max_attempts", o.max_attempts);
+    o.base_delay_ms = opt_int(L, "base_delay_ms", o.base_delay_ms);
+    o.max_delay_ms = opt_int(L, "max_delay_ms", o.max_delay_ms);
+    o.poll_interval_ms = opt_int(L, "poll_interval_ms", o.poll_interval_ms);
+    o.idle_interval_ms = opt_int(L, "idle_interval_ms", o.idle_interval_ms);
+    o.shard_id = opt_int(L, "shard_id", o.shard_id);
+    o.shard_count = opt_int(L, "shard_count", o.shard_count);
+    o.lock_retry_ms = opt_int(L, "lock_retry_ms", o.lock_retry_ms);
+    o.connect_timeout_ms = opt_int(L, "connect_timeout_ms", o.connect_timeout_ms);
+    o.statement_timeout_ms = opt_int(L, "statement_timeout_ms", o.statement_timeout_ms);
+    o.delete_published = qx_opt_bool(L, 1, what, "delete_published", 0);
 
-    lr = lua_newuserdata(L, sizeof *lr);
-    lr->r = NULL;
-    lr->running = 0;
-    lr->closing = 0;
-    qx_setmetatable(L, QX_RELAY_MT);
+    lr = qx_new_closed(L, &relay_type, sizeof *lr);
     if (qx_relay_new(&lr->r, &o, &err) != QX_OK)
         return qx_push_error(L, &err);
     return 1;
@@ -165,10 +180,9 @@ static int l_run(lua_State *L)
     ctx.fn = 0;
     ctx.raised = 0;
     if (!lua_isnoneornil(L, 2)) {
-        luaL_checktype(L, 2, LUA_TTABLE);
-        lua_getfield(L, 2, "handle_signals");
-        handle_signals = lua_toboolean(L, -1);
-        lua_pop(L, 1);
+        static const char *const run_options[] = { "on_batch", "handle_signals", NULL };
+        qx_opt_check(L, 2, "relay:run", run_options);
+        handle_signals = qx_opt_bool(L, 2, "relay:run", "handle_signals", 0);
         lua_getfield(L, 2, "on_batch");
         if (!lua_isnil(L, -1)) {
             luaL_checktype(L, -1, LUA_TFUNCTION);
@@ -226,41 +240,9 @@ static int l_stats(lua_State *L)
     return 1;
 }
 
-/* close, __gc and __close: ends the relay's session (and its leadership); twice is harmless */
-static int l_close(lua_State *L)
-{
-    lrelay *lr = luaL_checkudata(L, 1, QX_RELAY_MT);
-    if (lr->r == NULL || lr->closing)
-        return 0;
-    if (lr->running) {
-        lr->closing = 1;
-        qx_relay_stop(lr->r);
-        return 0;
-    }
-    qx_relay_free(lr->r);
-    lr->r = NULL;
-    return 0;
-}
-
-static int l_tostring(lua_State *L)
-{
-    lrelay *lr = luaL_checkudata(L, 1, QX_RELAY_MT);
-    lua_pushfstring(L, "qx.relay (%s%p)", lr->r == NULL ? "closed, " : "", (void *)lr);
-    return 1;
-}
-
-static const luaL_Reg methods[] = {
-    { "run_once", l_run_once },
-    { "run", l_run },
-    { "stop", l_stop },
-    { "stats", l_stats },
-    { "close", l_close },
-    { NULL, NULL }
-};
-
 void qx_open_relay(lua_State *L)
 {
-    qx_register_type(L, QX_RELAY_MT, methods, l_close, l_tostring);
+    qx_register_type(L, &relay_type);
     lua_pushcfunction(L, l_new);
     lua_setfield(L, -2, "relay");
 }

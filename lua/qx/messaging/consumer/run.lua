@@ -30,10 +30,10 @@ MsgInfo.__index = MsgInfo
 
 -- msg:in_progress(): tells the server the handler is still at work, restarting the ack wait.
 function MsgInfo:in_progress()
-    return self._handle:in_progress(self._index)
+    return self._msg:in_progress()
 end
 
-local function msg_info(self, m, i)
+local function msg_info(self, m)
     return setmetatable({
         subject = m.subject,
         stream = m.stream,
@@ -44,8 +44,7 @@ local function msg_info(self, m, i)
         pending = m.pending,
         published_at = m.published_at,
         headers = m.headers,
-        _handle = self.handle,
-        _index = i,
+        _msg = m,
     }, MsgInfo)
 end
 
@@ -118,10 +117,10 @@ local function as_int(v)
     return nil
 end
 
--- Dead-letters message i (reason: "invalid_message", "unknown_event", "max_deliver") and
+-- Dead-letters message m (reason: "invalid_message", "unknown_event", "max_deliver") and
 -- terminates it. When the dead letter cannot be written the message is negatively
 -- acknowledged instead (the longest backoff), so it comes back and nothing is lost.
-function Consumer:_dead(m, i, reason, cause, counts, ev)
+function Consumer:_dead(m, reason, cause, counts, ev)
     local h = m.headers or {}
     local event_id = ev and ev.event_id or h["qx.event_id"]
     local event_name = ev and ev.event_name or h["qx.event_name"]
@@ -146,20 +145,20 @@ function Consumer:_dead(m, i, reason, cause, counts, ev)
     if not ok then
         self.last_error = e
         counts.failed = counts.failed + 1
-        self:_reply("nak", i, self.backoff[#self.backoff])
+        self:_reply("nak", m, self.backoff[#self.backoff])
         return
     end
     if self.write_dead_letters then self.totals.dead_lettered = self.totals.dead_lettered + 1 end
     counts.termed = counts.termed + 1
-    self:_reply("term", i)
+    self:_reply("term", m)
 end
 
-function Consumer:_reply(kind, i, delay)
+function Consumer:_reply(kind, m, delay)
     local ok, e
     if kind == "ack" and self.ack_sync then
-        ok, e = self.handle:ack_sync(i)
+        ok, e = m:ack_sync()
     else
-        ok, e = self.handle[kind](self.handle, i, delay)
+        ok, e = m[kind](m, delay)
     end
     if not ok then
         -- the server redelivers after the ack wait; the inbox catches the repeat
@@ -169,40 +168,40 @@ function Consumer:_reply(kind, i, delay)
     return ok
 end
 
-function Consumer:_process(handler, m, i, counts)
+function Consumer:_process(handler, m, counts)
     local ev, e = self.registry:decode(m.data, self.decode_opts)
     if not ev then
-        return self:_dead(m, i, e.code == "not_found" and "unknown_event" or "invalid_message",
+        return self:_dead(m, e.code == "not_found" and "unknown_event" or "invalid_message",
                           e, counts)
     end
     if self.inbox and not is_uuid(ev.event_id) then
-        return self:_dead(m, i, "invalid_message", err.new("invalid",
+        return self:_dead(m, "invalid_message", err.new("invalid",
             "event_id " .. tostring(ev.event_id) .. " is not a uuid (the inbox keys on it)"),
             counts, ev)
     end
     local delivered = tonumber(m.delivered) or 1
     if delivered > self.max_deliver then
         -- the max_deliver-th delivery was never answered (a crash, an ack wait passed)
-        return self:_dead(m, i, "max_deliver", err.new("error", fmt(
+        return self:_dead(m, "max_deliver", err.new("error", fmt(
             "delivery %d: no reply within %d deliveries", delivered, self.max_deliver)), counts, ev)
     end
-    local ok, r = self:_handle(handler, ev, msg_info(self, m, i))
+    local ok, r = self:_handle(handler, ev, msg_info(self, m))
     if ok then
         if r then
             counts.duplicates = counts.duplicates + 1
         else
             counts.handled = counts.handled + 1
         end
-        self:_reply("ack", i)
+        self:_reply("ack", m)
         return
     end
     counts.failed = counts.failed + 1
     self.last_error = r
     if delivered >= self.max_deliver then
-        return self:_dead(m, i, "max_deliver", r, counts, ev)
+        return self:_dead(m, "max_deliver", r, counts, ev)
     end
     local b = self.backoff
-    self:_reply("nak", i, b[min(delivered, #b)])
+    self:_reply("nak", m, b[min(delivered, #b)])
 end
 
 local function add(totals, counts)
@@ -230,7 +229,7 @@ function Consumer:run_once(handler, opts)
     end
     local counts = { fetched = #msgs, handled = 0, failed = 0, termed = 0, duplicates = 0 }
     for i = 1, #msgs do
-        self:_process(handler, msgs[i], i, counts)
+        self:_process(handler, msgs[i], counts)
     end
     add(self.totals, counts)
     return counts
