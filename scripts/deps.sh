@@ -19,7 +19,7 @@ PACKAGES=(
   # under /usr/lib/postgresql/15/bin and provides postgresql-contrib-15)
   postgresql-15 nats-server
   # Lua tooling and libraries
-  lua-busted luarocks lua-cjson lua-sql-postgres
+  lua-busted lua-check luarocks lua-cjson lua-sql-postgres
   # OpenResty stand-in
   nginx libnginx-mod-http-lua
   # checking and measuring (systemd-analyze checks the relay's unit file)

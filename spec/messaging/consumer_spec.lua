@@ -82,7 +82,8 @@ SELECT reason, event_id, event_name, event_version, headers, data, error, delive
     end
 
     describe("delivery", function()
-        it("hands each published event to the handler as an event of its registered class, with envelope and headers", function()
+        it("hands each published event to the handler as an event of its registered class, with envelope and headers",
+           function()
             local s = new_stream()
             local c = consumer(s)
             local sent = Placed{ order = "A-1", total = 12.5, tenant_id = TENANT,
@@ -323,7 +324,8 @@ SELECT reason, event_id, event_name, event_version, headers, data, error, delive
             c:close()
         end)
 
-        it("dead-letters a message whose last delivery was never answered instead of running the handler again", function()
+        it("dead-letters a message whose last delivery was never answered instead of running the handler again",
+           function()
             local s = new_stream()
             local c = consumer(s, { db = db, max_deliver = 1, ack_wait = 1 })
             s.publish(Placed{})
@@ -771,12 +773,25 @@ FROM qx_outbox_events WHERE event_name = 'spec.consumer.invoice_sent']]))
             assert.has_error(function() qx.consumer() end)
             assert.has_error(function() qx.consumer{ nats = conn, stream = "S", registry = reg } end)
             assert.has_error(function() qx.consumer{ nats = conn, stream = "S", durable = "d" } end)
-            assert.has_error(function() qx.consumer{ nats = conn, stream = "S", durable = "d", registry = reg, bogus = 1 } end)
-            assert.has_error(function() qx.consumer{ nats = conn, stream = "S", durable = "d", registry = reg, backoff = {} } end)
-            assert.has_error(function() qx.consumer{ nats = conn, stream = "S", durable = "d", registry = reg, backoff = { -1 } } end)
-            assert.has_error(function() qx.consumer{ nats = conn, stream = "S", durable = "d", registry = reg, max_deliver = 0 } end)
-            assert.has_error(function() qx.consumer{ nats = conn, stream = "S", durable = "d", registry = reg, ack_wait = 1, ack_wait_ms = 1000 } end)
-            assert.has_error(function() qx.consumer{ nats = conn, stream = "S", durable = "d", registry = reg, inbox = true } end)
+            assert.has_error(function()
+                qx.consumer{ nats = conn, stream = "S", durable = "d", registry = reg, bogus = 1 }
+            end)
+            assert.has_error(function()
+                qx.consumer{ nats = conn, stream = "S", durable = "d", registry = reg, backoff = {} }
+            end)
+            assert.has_error(function()
+                qx.consumer{ nats = conn, stream = "S", durable = "d", registry = reg, backoff = { -1 } }
+            end)
+            assert.has_error(function()
+                qx.consumer{ nats = conn, stream = "S", durable = "d", registry = reg, max_deliver = 0 }
+            end)
+            assert.has_error(function()
+                qx.consumer{ nats = conn, stream = "S", durable = "d", registry = reg,
+                             ack_wait = 1, ack_wait_ms = 1000 }
+            end)
+            assert.has_error(function()
+                qx.consumer{ nats = conn, stream = "S", durable = "d", registry = reg, inbox = true }
+            end)
             assert.has_error(function() qx.consumer{ nats = 42, stream = "S", durable = "d", registry = reg } end)
         end)
 

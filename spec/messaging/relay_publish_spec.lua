@@ -67,7 +67,8 @@ describe("outbox relay", function()
             relay:close()
         end)
 
-        it("run() claims the next batch while the last one is marked: a key's later rows follow at once, in order", function()
+        it("run() claims the next batch while the last one is marked: a key's later rows follow at once, in order",
+           function()
             local evs = H.commit_many(ctx, 1000, 5, 100)
             H.slow_marks(ctx, 0.05)
             local relay = assert(H.relay(ctx, { batch_size = 100 }))

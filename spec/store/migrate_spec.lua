@@ -48,7 +48,8 @@ describe("qx.store.migrate", function()
         r = assert(qx.migrate(db))
         assert.same({}, r.applied)
         assert.equal(latest, r.current)
-        local rows = assert(db:query("SELECT version, count(*) AS n FROM qx_schema_migrations GROUP BY version ORDER BY version"))
+        local rows = assert(db:query("SELECT version, count(*) AS n FROM qx_schema_migrations"
+            .. " GROUP BY version ORDER BY version"))
         assert.equal(#steps, #rows)
         for i, row in ipairs(rows) do
             assert.equal(steps[i].version, row.version)
@@ -86,7 +87,8 @@ FROM information_schema.columns WHERE table_schema = current_schema() AND table_
         for name, c in pairs(cols) do
             if not seed[name] then
             local nullable = assert(db:query([[SELECT is_nullable FROM information_schema.columns
-          WHERE table_schema = current_schema() AND table_name = 'qx_outbox_events' AND column_name = $1]], name))[1].is_nullable
+            WHERE table_schema = current_schema() AND table_name = 'qx_outbox_events'
+              AND column_name = $1]], name))[1].is_nullable
             assert.is_true(nullable == "YES" or c.dflt ~= core.null, name .. " is NOT NULL without a default")
             end
         end
@@ -142,7 +144,8 @@ WHERE i.indrelid = 'qx_outbox_events'::regclass AND c.relname = 'qx_outbox_event
         assert.is_nil(r)
         assert.equal("db", e.code)
         assert.truthy(e.message:find("migration 2 (bad)", 1, true))
-        assert.equal(0, assert(db:query("SELECT count(*) AS n FROM pg_tables WHERE tablename IN ('mig_spec_good', 'qx_schema_migrations')"))[1].n)
+        assert.equal(0, assert(db:query("SELECT count(*) AS n FROM pg_tables"
+            .. " WHERE tablename IN ('mig_spec_good', 'qx_schema_migrations')"))[1].n)
         local conn = assert(db.pool:acquire())
         assert.equal("idle", conn:status())
         conn:release()

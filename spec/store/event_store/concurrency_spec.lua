@@ -136,10 +136,9 @@ describe("event store: concurrent writers #concurrency", function()
     end
 
     local function results(children)
-        local wins, conflicts, outputs = 0, 0, {}
+        local wins, conflicts = 0, 0
         for w, c in ipairs(children) do
             local out = collect(c)
-            outputs[w] = out
             local a, b = out:match("OK (%d+) (%d+)")
             assert(a, "writer " .. w .. " failed:\n" .. out)
             wins, conflicts = wins + tonumber(a), conflicts + tonumber(b)
@@ -190,7 +189,8 @@ FROM qx_aggregate_events WHERE aggregate_type = $1 AND aggregate_id = $2 ORDER B
         assert.equal(#rows, acc.balance)
     end)
 
-    it("gap-safety: a projection running alongside late-committing writers applies every event once, in stream order", function()
+    it("gap-safety: a projection running alongside late-committing writers applies every event once, in stream order",
+       function()
         local agg_type, event_name = support.unique("Gap"), support.unique("gap.deposited")
         local done, applied = support.unique("done"), support.unique("applied")
         support.psql("CREATE TABLE " .. done .. " (writer int, ok boolean)")

@@ -12,7 +12,7 @@ local function emails(items)
 end
 
 describe("repository queries", function()
-    local db, users, T, ids
+    local db, users, T
 
     setup(function()
         db = H.db()
@@ -31,7 +31,7 @@ describe("repository queries", function()
             { email = "e1@test.io", name = "underXscore", score = nil, is_active = false },
             { email = "e2@test.io", name = "1000 sure", score = 100, is_active = true },
         }
-        ids = H.seed(db, users, T, #rows, function(i) return rows[i] end)
+        H.seed(db, users, T, #rows, function(i) return rows[i] end)
         -- another tenant's rows never show up
         H.seed(db, users, qx.uuid(), 3, function(i) return { email = "other" .. i .. "@example.com",
                                                              name = "Ada", score = i } end)
