@@ -47,7 +47,7 @@ VARIANTS := lua5.4 luajit asan
 
 objs = $(patsubst %.c,build/$(1)/obj/%.o,$(SRCS))
 
-.PHONY: all lua5.4 luajit asan deps servers-start servers-stop servers-status test demo bench \
+.PHONY: all lua5.4 luajit asan lint deps servers-start servers-stop servers-status test demo bench \
         rock rockspec rockspec-check clean check-sources FORCE
 
 all: lua5.4 luajit
@@ -91,6 +91,10 @@ FORCE:
 
 deps:
 	@bash scripts/deps.sh
+
+# luacheck over the Lua layer, the specs and the benchmarks (.luacheckrc); no warning passes.
+lint:
+	luacheck --no-color -q lua spec bench
 
 servers-start:
 	@bash scripts/servers.sh start $(RUN_DIR)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `make test`: deps, STRICT build, throwaway servers, then the spec suite under
+# `make test`: deps, STRICT build, lint, throwaway servers, then the spec suite under
 #   lua5.4    Lua 5.4 with build/lua5.4/qx/core.so
 #   luajit    LuaJIT with build/luajit/qx/core.so
 #   asan      build/asan/bin/lua5.4 (a Lua 5.4 interpreter with the ASan runtime linked in, first
@@ -10,7 +10,8 @@
 # The servers are stopped whatever happens. Each run prints one summary line; the last line
 # is "N passed, N failed" (every run added up; a run that fails without a failing spec — a
 # crash, a sanitizer or valgrind report, a timeout — counts as one failure, and so does a
-# failed step: deps, build, rockspec check, server start). The exit code is the first failure's.
+# failed step: deps, build, rockspec check, lint (luacheck lua spec bench), server start).
+# The exit code is the first failure's.
 #
 # Environment (all optional):
 #   TEST_RUNS        runs to do, in order          (default "lua5.4 luajit asan valgrind")
@@ -153,6 +154,8 @@ step "build (STRICT=1 $targets)" $MAKE --no-print-directory -j"$(nproc 2>/dev/nu
   || finish
 
 step "rockspec-check" bash scripts/rockspec.sh --check
+
+step "lint (luacheck lua spec bench)" luacheck --no-color -q lua spec bench
 
 # --- servers --------------------------------------------------------------------------------
 servers_up=1
