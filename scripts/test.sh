@@ -7,6 +7,10 @@
 #             build/asan/qx/core.so; LeakSanitizer on (spec/lsan.supp)
 #   valgrind  valgrind memcheck of lua5.4 with build/lua5.4/qx/core.so; definite leaks are errors
 #             (spec/valgrind.supp); specs tagged #novalgrind are skipped in this run
+#   tsan      build/tsan/bin/lua5.4 (Lua 5.4 with the ThreadSanitizer runtime linked in, first on
+#             PATH) with the TSan build/tsan/qx/core.so, on the specs whose C code runs on other
+#             threads (TSAN_SPECS: the relay's ack handler on nats.c's threads, its marking
+#             thread); any report fails the run (suppressions for libnats/libpq: spec/tsan.supp)
 # The servers are stopped whatever happens. Each run prints one summary line; the last line
 # is "N passed, N failed" (every run added up; a run that fails without a failing spec — a
 # crash, a sanitizer or valgrind report, a timeout — counts as one failure, and so does a
@@ -14,9 +18,10 @@
 # The exit code is the first failure's.
 #
 # Environment (all optional):
-#   TEST_RUNS        runs to do, in order          (default "lua5.4 luajit asan valgrind")
+#   TEST_RUNS        runs to do, in order          (default "lua5.4 luajit asan valgrind tsan")
 #   SPECS            spec files/folders for busted (default "spec")
 #   VALGRIND_SPECS   the same for the valgrind run (default $SPECS)
+#   TSAN_SPECS       the same for the tsan run     (default spec/messaging)
 #   BUSTED_ARGS      extra busted arguments, e.g. "--tags=pool" or "--filter=batch"
 #   TEST_DIR         servers' folder               (default .run/test; logs in TEST_DIR/logs)
 #   TEST_TIMEOUT     seconds per run               (default 900; valgrind: VALGRIND_TIMEOUT 1800)
@@ -29,9 +34,10 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root" || exit 1
 
 MAKE=${MAKE:-make}
-TEST_RUNS=${TEST_RUNS:-lua5.4 luajit asan valgrind}
+TEST_RUNS=${TEST_RUNS:-lua5.4 luajit asan valgrind tsan}
 SPECS=${SPECS:-spec}
 VALGRIND_SPECS=${VALGRIND_SPECS:-$SPECS}
+TSAN_SPECS=${TSAN_SPECS:-spec/messaging}
 BUSTED_ARGS=${BUSTED_ARGS:-}
 TEST_DIR=${TEST_DIR:-.run/test}
 TEST_TIMEOUT=${TEST_TIMEOUT:-900}
@@ -150,6 +156,7 @@ step deps bash scripts/deps.sh || finish
 
 targets="all"
 has_run asan && targets="$targets asan"
+has_run tsan && targets="$targets tsan"
 step "build (STRICT=1 $targets)" $MAKE --no-print-directory -j"$(nproc 2>/dev/null || echo 2)" STRICT=1 $targets \
   || finish
 
@@ -196,8 +203,15 @@ for run in $TEST_RUNS; do
           --suppressions="$root/spec/valgrind.supp" \
         lua5.4 "$BUSTED" -o "$OUT" --cpath='build/lua5.4/?.so' --exclude-tags=novalgrind
       ;;
+    tsan)
+      # halt_on_error=0: every report is printed, and the exit code (66) fails the run
+      busted_run tsan "$TEST_TIMEOUT" "$TSAN_SPECS" \
+        env PATH="$root/build/tsan/bin:$PATH" \
+            TSAN_OPTIONS="suppressions=$root/spec/tsan.supp:halt_on_error=0:exitcode=66:second_deadlock_stack=1:print_suppressions=0" \
+        lua5.4 "$BUSTED" -o "$OUT" --cpath='build/tsan/?.so'
+      ;;
     *)
-      echo "unknown run '$run' in TEST_RUNS (lua5.4 luajit asan valgrind)" >&2
+      echo "unknown run '$run' in TEST_RUNS (lua5.4 luajit asan valgrind tsan)" >&2
       total_failed=$((total_failed + 1))
       note_failure 2
       lines+=("$run: unknown run")
