@@ -10,10 +10,7 @@ local function suffix()
     return core.uuid():gsub("-", ""):sub(-12)
 end
 
-local function sleep(s)
-    local t = core.clock() + s
-    while core.clock() < t do end
-end
+local sleep = require("support").spin
 
 -- A URL for the same server with another user and password.
 local function url_as(user, password)

@@ -38,8 +38,7 @@ describe("qx.messaging.consumer", function()
     local db, conn
 
     setup(function()
-        db = assert(qx.connect{ url = support.db_url(), pool_size = 4 })
-        assert(qx.migrate(db))
+        db = support.migrated_db{ pool_size = 4 }
         conn = assert(nats.connect{ servers = support.nats_url() })
     end)
 
@@ -604,11 +603,7 @@ os.exit(1)
         local schema, sdb, sconn, stream, prefix
 
         before_each(function()
-            schema = support.unique("consumer_e2e")
-            support.psql("CREATE SCHEMA " .. schema)
-            sdb = assert(qx.connect{ url = support.db_url() .. "?options=-csearch_path%3D" .. schema,
-                                     pool_size = 4 })
-            assert(qx.migrate(sdb))
+            sdb, schema = support.schema_db("consumer_e2e")
             stream = schema:upper()
             prefix = "spec." .. schema
             sconn = assert(nats.connect{ servers = support.nats_url(), stream = stream,
@@ -620,7 +615,7 @@ os.exit(1)
             sconn:delete_stream()
             sconn:close()
             sdb:close()
-            support.psql("DROP SCHEMA " .. schema .. " CASCADE")
+            support.drop_schema(schema)
         end)
 
         it("delivers a committed event through the outbox and the relay, envelope and headers intact", function()

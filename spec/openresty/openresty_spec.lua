@@ -13,9 +13,7 @@ local SLOW_SECONDS = 2     -- how long a slow command holds its transaction
 
 -- ---- processes and files ---------------------------------------------------------------------
 
-local function sh(s)
-    return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
-end
+local sh = support.sh
 
 local function slurp(path)
     local f = io.open(path, "rb")

@@ -5,37 +5,20 @@ local qx = require "qx"
 local core = require "qx.core"
 local migrate = require "qx.store.migrate"
 local steps = require "qx.store.migrations"
+local support = require "support"
 
-local URL = assert(os.getenv("QX_DB__URL"), "QX_DB__URL is not set: source the servers' env file")
-
-local function url_for(dbname)
-    local base, query = URL:match("^(.-)(%?.*)$")
-    base, query = base or URL, query or ""
-    return (base:gsub("/[^/]*$", "/" .. dbname)) .. query
-end
-
-local function sh(s) return "'" .. tostring(s):gsub("'", "'\\''") .. "'" end
+local sh, url_for = support.sh, support.url_for
 
 describe("qx.store.migrate", function()
-    local admin
-    local made = {}
-
-    local function fresh_db()
-        local name = "qx_mig_" .. core.uuid():gsub("-", ""):sub(-12)
-        assert(admin:exec("CREATE DATABASE " .. name))
-        made[#made + 1] = name
-        return name
-    end
+    local dbs
+    local function fresh_db() return dbs.create() end
 
     setup(function()
-        admin = assert(qx.connect{ url = URL, pool_size = 1 })
+        dbs = support.fresh_databases("qx_mig")
     end)
 
     teardown(function()
-        for _, name in ipairs(made) do
-            admin:exec("DROP DATABASE IF EXISTS " .. name .. " WITH (FORCE)")
-        end
-        admin:close()
+        if dbs then dbs.drop_all() end
     end)
 
     local latest = steps[#steps].version

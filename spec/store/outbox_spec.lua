@@ -4,17 +4,10 @@
 local qx = require "qx"
 local core = require "qx.core"
 
-local URL = assert(os.getenv("QX_DB__URL"), "QX_DB__URL is not set: source the servers' env file")
-local DBNAME = "qx_outbox_spec_" .. core.uuid():gsub("-", ""):sub(-12)
-
-local function url_for(dbname)
-    local base, query = URL:match("^(.-)(%?.*)$")
-    base, query = base or URL, query or ""
-    return (base:gsub("/[^/]*$", "/" .. dbname)) .. query
-end
+local support = require "support"
 
 describe("outbox", function()
-    local admin, db, outbox
+    local dbs, db, outbox
     local Sent = qx.integration_event("outbox_spec.thing.happened")
 
     -- n events, one unit of work each so seq follows creation; returns their ids in order
@@ -54,24 +47,17 @@ describe("outbox", function()
         next_attempt_at::text AS n, dead_at::text AS d FROM qx_outbox_events ORDER BY seq]]))
     end
 
-    local function ids_of(rows)
-        local out = {}
-        for i, r in ipairs(rows) do out[i] = r.id end
-        return out
-    end
+    local function ids_of(rows) return support.field(rows, "id") end
 
     setup(function()
-        admin = assert(qx.connect{ url = URL, pool_size = 1 })
-        assert(admin:exec("CREATE DATABASE " .. DBNAME))
-        db = assert(qx.connect{ url = url_for(DBNAME), pool_size = 2 })
-        assert(qx.migrate(db))
+        dbs = support.fresh_databases("qx_outbox_spec")
+        db = support.migrated_db{ url = support.url_for(dbs.create()), pool_size = 2 }
         outbox = qx.outbox(db)
     end)
 
     teardown(function()
         if db then db:close() end
-        admin:exec("DROP DATABASE IF EXISTS " .. DBNAME .. " WITH (FORCE)")
-        admin:close()
+        if dbs then dbs.drop_all() end
     end)
 
     before_each(function()

@@ -7,8 +7,7 @@ describe("event store: append and load", function()
     local db
 
     setup(function()
-        db = assert(qx.connect{ url = support.db_url(), pool_size = 4 })
-        assert(qx.migrate(db))
+        db = support.migrated_db{ pool_size = 4 }
     end)
 
     teardown(function()

@@ -12,9 +12,7 @@ local function interpreter()
     return (arg and arg[i]) or (jit and "luajit" or "lua5.4")
 end
 
-local function sh(s)
-    return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
-end
+local sh = support.sh
 
 -- Starts `code` in a child process with `env` set; returns a handle to collect its output.
 local function spawn(code, env)
@@ -115,8 +113,7 @@ describe("event store: concurrent writers #concurrency", function()
     local db
 
     setup(function()
-        db = assert(qx.connect{ url = support.db_url(), pool_size = 4 })
-        assert(qx.migrate(db))
+        db = support.migrated_db{ pool_size = 4 }
     end)
 
     teardown(function()

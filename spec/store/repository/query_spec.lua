@@ -2,14 +2,11 @@
 -- specifications (SQL and in memory), and streaming in constant memory.
 local qx = require "qx"
 local H = require "repository_support"
+local support = require "support"
 
 local S = qx.spec
 
-local function emails(items)
-    local out = {}
-    for i, u in ipairs(items) do out[i] = u.email end
-    return out
-end
+local function emails(items) return support.field(items, "email") end
 
 describe("repository queries", function()
     local db, users, T
