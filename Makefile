@@ -3,9 +3,13 @@
 #   make                 build/lua5.4/qx/core.so and build/luajit/qx/core.so
 #   make asan            build/asan/qx/core.so (Lua 5.4, AddressSanitizer + UBSan)
 #   make tsan            build/tsan/qx/core.so and build/tsan/bin/lua5.4 (ThreadSanitizer)
-#   make lint            luacheck lua spec bench (.luacheckrc)
-#   make test            deps, STRICT build, lint, servers, specs on Lua 5.4, LuaJIT, ASan,
-#                        valgrind, and the relay/consumer specs under TSan
+#   make lint            luacheck lua spec bench (.luacheckrc); a second or two
+#   make check           the quick loop: build lua5.4, the specs not tagged #slow on Lua 5.4
+#                        only, on the servers running in .run/dev (CHECK_DIR) or on a pair
+#                        started and stopped for it; about 25 s (30 s on a busy machine)
+#   make test            deps, STRICT build, lint, servers, every spec on Lua 5.4 and LuaJIT
+#                        (~1.5 min each), ASan, valgrind (the longest: many minutes), and the
+#                        relay/consumer specs under TSan (spec/messaging, ~1 min); stops servers
 #   make demo            deps, build, servers, lua5.4 examples/demo.lua
 #   make bench           deps, build, servers, bench/run.sh
 #   make rock            luarocks make into build/rocks (offline check of the rockspec)
@@ -17,6 +21,7 @@
 #   make clean
 #
 # Variables: STRICT=1 adds -Werror. CFLAGS (default -O2 -g), EXTRA_CFLAGS, LDFLAGS, CC.
+# check: CHECK_DIR, SPECS, BUSTED_ARGS (see scripts/check.sh).
 # test: TEST_RUNS, SPECS, VALGRIND_SPECS, TSAN_SPECS, BUSTED_ARGS, TEST_DIR, TEST_TIMEOUT, ASAN_LEAKS
 #       (see scripts/test.sh). demo/bench: DEMO_DIR (.run/demo), BENCH_DIR (.run/bench).
 
@@ -53,7 +58,7 @@ VARIANTS := lua5.4 luajit asan tsan
 
 objs = $(patsubst %.c,build/$(1)/obj/%.o,$(SRCS))
 
-.PHONY: all lua5.4 luajit asan tsan lint deps servers-start servers-stop servers-status test demo bench \
+.PHONY: all lua5.4 luajit asan tsan lint check deps servers-start servers-stop servers-status test demo bench \
         rock rockspec rockspec-check clean check-sources FORCE
 
 all: lua5.4 luajit
@@ -116,6 +121,11 @@ servers-stop:
 
 servers-status:
 	@bash scripts/servers.sh status $(RUN_DIR)
+
+# The quick loop: the specs not tagged #slow on Lua 5.4, on the servers running in CHECK_DIR
+# (default .run/dev) or on a pair started and stopped for it (scripts/check.sh).
+check: lua5.4
+	@bash scripts/check.sh
 
 # Everything (deps, build, servers, runs, summary) lives in scripts/test.sh so that the
 # servers are always stopped and the closing "N passed, N failed" line is always printed.

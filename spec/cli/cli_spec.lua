@@ -30,7 +30,7 @@ local function qx_cli(args, env)
     return code, (out:gsub("exit=%d+%s*$", "")), err
 end
 
-describe("bin/qx", function()
+describe("bin/qx #slow", function()
     local dbs
     local function fresh_db() return dbs.create() end
 

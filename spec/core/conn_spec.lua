@@ -439,7 +439,7 @@ SELECT 7::int2 AS i2, -8::int4 AS i4, 9000000000::int8 AS i8, 1.5::float8 AS f8,
             assert(conn:script("DROP TABLE " .. t2))
         end)
 
-        it("keeps working after thousands of distinct failing texts", function()
+        it("keeps working after thousands of distinct failing texts #slow", function()
             local c2 = assert(pool:acquire())
             for i = 1, 6000 do
           local rows, e = c2:query("SELECT conn_spec_missing_" .. i)

@@ -228,7 +228,7 @@ describe("qx.core pool", function()
         p:close()
     end)
 
-    it("gives up on a server that never answers within the connect timeout", function()
+    it("gives up on a server that never answers within the connect timeout #slow", function()
         local port = silent_port(8)
         local p = assert(core.pool{ conninfo = "postgresql://postgres@127.0.0.1:" .. port .. "/postgres",
                                     size = 1, connect_timeout_ms = 2000 })

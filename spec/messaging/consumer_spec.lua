@@ -121,7 +121,8 @@ SELECT reason, event_id, event_name, event_version, headers, data, error, delive
             c:close()
         end)
 
-        it("returns an empty round only when nothing arrived within the whole timeout, round after round", function()
+        it("returns an empty round only when nothing arrived within the whole timeout, round after round #slow",
+           function()
             local s = new_stream()
             local c = consumer(s)
             for _ = 1, 4 do
@@ -204,7 +205,7 @@ SELECT reason, event_id, event_name, event_version, headers, data, error, delive
             c:close()
         end)
 
-        it("lets a long handler restart the ack wait with msg:in_progress()", function()
+        it("lets a long handler restart the ack wait with msg:in_progress() #slow", function()
             local s = new_stream()
             local c = consumer(s, { ack_wait = 1 })
             s.publish(Placed{})
@@ -250,7 +251,8 @@ SELECT reason, event_id, event_name, event_version, headers, data, error, delive
     end)
 
     describe("failures", function()
-        it("naks a failed message with the backoff delay of its delivery and redelivers it after that delay", function()
+        it("naks a failed message with the backoff delay of its delivery and redelivers it after that delay #slow",
+           function()
             local s = new_stream()
             local c = consumer(s, { backoff = { 300, 900 }, max_deliver = 5 })
             s.publish(Placed{ order = "retry" })
@@ -323,7 +325,7 @@ SELECT reason, event_id, event_name, event_version, headers, data, error, delive
             c:close()
         end)
 
-        it("dead-letters a message whose last delivery was never answered instead of running the handler again",
+        it("dead-letters a message whose last delivery was never answered instead of running the handler again #slow",
            function()
             local s = new_stream()
             local c = consumer(s, { db = db, max_deliver = 1, ack_wait = 1 })
@@ -504,7 +506,8 @@ SELECT reason, event_id, event_name, event_version, headers, data, error, delive
             b:close()
         end)
 
-        it("does not run the handler again for a message redelivered after a crash between commit and ack", function()
+        it("does not run the handler again for a message redelivered after a crash between commit and ack #slow",
+           function()
             local s = new_stream()
             local c = consumer(s, { db = db, ack_wait = 1 })
             local sent = Placed{ n = 42 }
@@ -726,7 +729,7 @@ FROM qx_outbox_events WHERE event_name = 'spec.consumer.invoice_sent']]))
             sh("rm -rf " .. dir)
         end)
 
-        it("keeps consuming across a nats-server restart without losing or repeating a message", function()
+        it("keeps consuming across a nats-server restart without losing or repeating a message #slow", function()
             local own = assert(nats.connect{ servers = "nats://127.0.0.1:" .. port, reconnect_wait_ms = 100 })
             local name = support.unique("OUTAGE"):upper()
             local prefix = support.unique("outage")

@@ -421,7 +421,7 @@ end)
 
 -- ---- in nginx -----------------------------------------------------------------------------------
 
-describe("qx.openresty in nginx", function()
+describe("qx.openresty in nginx #slow", function()
     local admin, db, dbname, app_url
     local nginx, bare -- the example with the spec's locations; one without a thread_pool
     local relay, stream_conn

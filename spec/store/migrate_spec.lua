@@ -156,7 +156,7 @@ WHERE i.indrelid = 'qx_outbox_events'::regclass AND c.relname = 'qx_outbox_event
         db:close()
     end)
 
-    it("lets several processes migrate one fresh database at once", function()
+    it("lets several processes migrate one fresh database at once #slow", function()
         local name = fresh_db()
         local interp = jit and "luajit" or "lua5.4"
         local start_at = core.clock() + 1.0 -- CLOCK_MONOTONIC: the same clock in every process

@@ -109,7 +109,7 @@ print("OK " .. (n + m))
 db:close()
 ]]
 
-describe("event store: concurrent writers #concurrency", function()
+describe("event store: concurrent writers #concurrency #slow", function()
     local db
 
     setup(function()

@@ -246,7 +246,7 @@ describe("repository queries", function()
             end)))
         end)
 
-        it("holds only one batch in memory however many rows there are", function()
+        it("holds only one batch in memory however many rows there are #slow", function()
             local big = H.users_table(db)
             local desc = H.users(big)
             local t = qx.uuid()
