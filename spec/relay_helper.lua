@@ -39,8 +39,8 @@ function H.teardown(ctx)
     for pid in pairs(ctx.children) do H.kill(ctx, pid, "KILL") end
     ctx.conn:delete_stream()
     ctx.conn:close()
+    support.drop_schema(ctx.name, ctx.db)
     ctx.db:close()
-    support.drop_schema(ctx.name)
 end
 
 function H.relay(ctx, opts)

@@ -180,18 +180,24 @@ end
 
 --- A schema of its own in the test database, qx's schema migrated into it, and a db whose
 -- connections use it: for specs that count or drain every outbox row (a relay sees only this
--- schema's rows). Returns db, schema, url; drop_schema(schema) after.
+-- schema's rows). Returns db, schema, url; drop_schema(schema, db) after, then db:close().
+-- Made and dropped through db rather than psql: the relay specs make one per test.
 function M.schema_db(prefix, opts)
     local schema = M.unique(prefix)
-    M.psql("CREATE SCHEMA " .. schema)
     local url = M.db_url() .. "?options=-csearch_path%3D" .. schema
     local db = connect(url, opts, 4)
+    assert(db:exec("CREATE SCHEMA " .. schema))
     assert(require("qx").migrate(db))
     return db, schema, url
 end
 
-function M.drop_schema(schema)
-    M.psql("DROP SCHEMA " .. schema .. " CASCADE")
+--- Drops a schema and all in it, through db (a qx db) when given, else through psql.
+function M.drop_schema(schema, db)
+    if db then
+        assert(db:exec("DROP SCHEMA " .. schema .. " CASCADE"))
+    else
+        M.psql("DROP SCHEMA " .. schema .. " CASCADE")
+    end
 end
 
 --- Empty databases of their own on the test server, for specs that start from nothing (a
