@@ -6,7 +6,7 @@
 #   make lint            luacheck lua spec bench (.luacheckrc); a second or two
 #   make check           the quick loop: build lua5.4, the specs not tagged #slow on Lua 5.4
 #                        only, on the servers running in .run/dev (CHECK_DIR) or on a pair
-#                        started and stopped for it; about 25 s (30 s on a busy machine)
+#                        started and stopped for it; about 30 s on two busy cores
 #   make test            deps, STRICT build, lint, servers, every spec on Lua 5.4 and LuaJIT
 #                        (~1.5 min each), ASan, valgrind (the longest: many minutes), and the
 #                        relay/consumer specs under TSan (spec/messaging, ~1 min); stops servers
