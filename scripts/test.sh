@@ -10,7 +10,9 @@
 #   tsan      build/tsan/bin/lua5.4 (Lua 5.4 with the ThreadSanitizer runtime linked in, first on
 #             PATH) with the TSan build/tsan/qx/core.so, on the specs whose C code runs on other
 #             threads (TSAN_SPECS: the relay's ack handler on nats.c's threads, its marking
-#             thread); any report fails the run (suppressions for libnats/libpq: spec/tsan.supp)
+#             thread); any report fails the run, in busted's process or in a relay process a
+#             spec starts (TEST_DIR/logs/tsan-report.PID; suppressions for libnats/libpq only:
+#             spec/tsan.supp)
 # The servers are stopped whatever happens. Each run prints one summary line; the last line
 # is "N passed, N failed" (every run added up; a run that fails without a failing spec — a
 # crash, a sanitizer or valgrind report, a timeout — counts as one failure, and so does a
@@ -204,11 +206,29 @@ for run in $TEST_RUNS; do
         lua5.4 "$BUSTED" -o "$OUT" --cpath='build/lua5.4/?.so' --exclude-tags=novalgrind
       ;;
     tsan)
-      # halt_on_error=0: every report is printed, and the exit code (66) fails the run
+      # Reports go to files, one per process (log_path adds the pid), so that those of the
+      # relay processes the specs start count too; they are shown after the run. A report in
+      # busted's own process also makes it exit 66.
+      case $TEST_DIR in /*) tsan_log=$TEST_DIR ;; *) tsan_log=$root/$TEST_DIR ;; esac
+      tsan_log=$tsan_log/logs/tsan-report
+      rm -f "$tsan_log".*
       busted_run tsan "$TEST_TIMEOUT" "$TSAN_SPECS" \
         env PATH="$root/build/tsan/bin:$PATH" \
-            TSAN_OPTIONS="suppressions=$root/spec/tsan.supp:halt_on_error=0:exitcode=66:second_deadlock_stack=1:print_suppressions=0" \
+            TSAN_OPTIONS="suppressions=$root/spec/tsan.supp:halt_on_error=0:exitcode=66:second_deadlock_stack=1:print_suppressions=0:log_path=$tsan_log" \
         lua5.4 "$BUSTED" -o "$OUT" --cpath='build/tsan/?.so'
+      tsan_reports=$(ls "$tsan_log".* 2>/dev/null)
+      if [ -n "$tsan_reports" ]; then
+        # shellcheck disable=SC2086
+        cat $tsan_reports
+        n=$(echo "$tsan_reports" | wc -l)
+        case ${lines[${#lines[@]}-1]} in
+          *", exit 0,"*)
+            total_failed=$((total_failed + 1))
+            note_failure 66
+            lines+=("tsan: ThreadSanitizer reports from $n process(es), see $tsan_log.*") ;;
+          *) lines+=("tsan: ThreadSanitizer reports from $n process(es), see $tsan_log.*") ;;
+        esac
+      fi
       ;;
     *)
       echo "unknown run '$run' in TEST_RUNS (lua5.4 luajit asan valgrind tsan)" >&2
