@@ -2,7 +2,14 @@
 #
 #   make                 build/lua5.4/qx/core.so and build/luajit/qx/core.so
 #   make asan            build/asan/qx/core.so (Lua 5.4, AddressSanitizer + UBSan)
-#   make test            deps, STRICT build, servers, specs on Lua 5.4, LuaJIT, ASan, valgrind
+#   make tsan            build/tsan/qx/core.so and build/tsan/bin/lua5.4 (ThreadSanitizer)
+#   make lint            luacheck lua spec bench (.luacheckrc); a second or two
+#   make check           the quick loop: build lua5.4, the specs not tagged #slow on Lua 5.4
+#                        only, on the servers running in .run/dev (CHECK_DIR) or on a pair
+#                        started and stopped for it; about 30 s on two busy cores
+#   make test            deps, STRICT build, lint, servers, every spec on Lua 5.4 and LuaJIT
+#                        (~1.5 min each), ASan, valgrind (the longest: many minutes), and the
+#                        relay/consumer specs under TSan (spec/messaging, ~1 min); stops servers
 #   make demo            deps, build, servers, lua5.4 examples/demo.lua
 #   make bench           deps, build, servers, bench/run.sh
 #   make rock            luarocks make into build/rocks (offline check of the rockspec)
@@ -14,7 +21,8 @@
 #   make clean
 #
 # Variables: STRICT=1 adds -Werror. CFLAGS (default -O2 -g), EXTRA_CFLAGS, LDFLAGS, CC.
-# test: TEST_RUNS, SPECS, VALGRIND_SPECS, BUSTED_ARGS, TEST_DIR, TEST_TIMEOUT, ASAN_LEAKS
+# check: CHECK_DIR, SPECS, BUSTED_ARGS (see scripts/check.sh).
+# test: TEST_RUNS, SPECS, VALGRIND_SPECS, TSAN_SPECS, BUSTED_ARGS, TEST_DIR, TEST_TIMEOUT, ASAN_LEAKS
 #       (see scripts/test.sh). demo/bench: DEMO_DIR (.run/demo), BENCH_DIR (.run/bench).
 
 CC       ?= gcc
@@ -34,6 +42,7 @@ LUA54_INC  := -I/usr/include/lua5.4
 LUAJIT_INC := -I/usr/include/luajit-2.1
 ASAN_FLAGS := -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer \
               -fno-sanitize-recover=undefined
+TSAN_FLAGS := -O1 -g -fsanitize=thread -fno-omit-frame-pointer
 
 # Per variant: compile flags and link flags.
 lua5.4_CFLAGS  := $(strip $(CFLAGS) $(BASEFLAGS) $(LUA54_INC) $(EXTRA_CFLAGS))
@@ -42,12 +51,14 @@ luajit_CFLAGS  := $(strip $(CFLAGS) $(BASEFLAGS) $(LUAJIT_INC) $(EXTRA_CFLAGS))
 luajit_LDFLAGS := $(strip $(LDFLAGS))
 asan_CFLAGS    := $(strip $(ASAN_FLAGS) $(BASEFLAGS) $(LUA54_INC) $(EXTRA_CFLAGS))
 asan_LDFLAGS   := $(strip -fsanitize=address,undefined $(LDFLAGS))
+tsan_CFLAGS    := $(strip $(TSAN_FLAGS) $(BASEFLAGS) $(LUA54_INC) $(EXTRA_CFLAGS))
+tsan_LDFLAGS   := $(strip -fsanitize=thread $(LDFLAGS))
 
-VARIANTS := lua5.4 luajit asan
+VARIANTS := lua5.4 luajit asan tsan
 
 objs = $(patsubst %.c,build/$(1)/obj/%.o,$(SRCS))
 
-.PHONY: all lua5.4 luajit asan deps servers-start servers-stop servers-status test demo bench \
+.PHONY: all lua5.4 luajit asan tsan lint check deps servers-start servers-stop servers-status test demo bench \
         rock rockspec rockspec-check clean check-sources FORCE
 
 all: lua5.4 luajit
@@ -55,13 +66,19 @@ all: lua5.4 luajit
 lua5.4: build/lua5.4/qx/core.so
 luajit: build/luajit/qx/core.so
 asan:   build/asan/qx/core.so build/asan/bin/lua5.4
+tsan:   build/tsan/qx/core.so build/tsan/bin/lua5.4
 
-# The ASan run's interpreter: Lua 5.4 from the static liblua5.4.a with the sanitizer runtime
-# linked in (no LD_PRELOAD to leak into child processes; see spec/lua-asan.c). The asan run
-# puts build/asan/bin first on PATH, so a spec's child `lua5.4` is this one too.
-build/asan/bin/lua5.4: spec/lua-asan.c build/asan/flags
+# The sanitizer runs' interpreters: Lua 5.4 from the static liblua5.4.a with the sanitizer
+# runtime linked in (no LD_PRELOAD to leak into child processes; see spec/lua-sanitized.c).
+# The asan and tsan runs put build/<run>/bin first on PATH, so a spec's child `lua5.4` is
+# the sanitized one too.
+build/asan/bin/lua5.4: spec/lua-sanitized.c build/asan/flags
 	@mkdir -p $(@D)
 	$(CC) $(ASAN_FLAGS) -std=gnu11 -Wall -Wextra $(LUA54_INC) $< -o $@ -Wl,-E -l:liblua5.4.a -lm -ldl
+
+build/tsan/bin/lua5.4: spec/lua-sanitized.c build/tsan/flags
+	@mkdir -p $(@D)
+	$(CC) $(TSAN_FLAGS) -std=gnu11 -Wall -Wextra $(LUA54_INC) $< -o $@ -Wl,-E -l:liblua5.4.a -lm -ldl
 
 check-sources:
 	@test -n "$(SRCS)" || { echo "no C sources in src/core or src/lua" >&2; exit 1; }
@@ -92,6 +109,10 @@ FORCE:
 deps:
 	@bash scripts/deps.sh
 
+# luacheck over the Lua layer, the specs and the benchmarks (.luacheckrc); no warning passes.
+lint:
+	luacheck --no-color -q lua spec bench
+
 servers-start:
 	@bash scripts/servers.sh start $(RUN_DIR)
 
@@ -100,6 +121,11 @@ servers-stop:
 
 servers-status:
 	@bash scripts/servers.sh status $(RUN_DIR)
+
+# The quick loop: the specs not tagged #slow on Lua 5.4, on the servers running in CHECK_DIR
+# (default .run/dev) or on a pair started and stopped for it (scripts/check.sh).
+check: lua5.4
+	@bash scripts/check.sh
 
 # Everything (deps, build, servers, runs, summary) lives in scripts/test.sh so that the
 # servers are always stopped and the closing "N passed, N failed" line is always printed.

@@ -124,7 +124,7 @@ local function sharded_run(n, shards)
     local ctx = fresh("shards")
     fill(ctx, n, KEYS)
     local url = DB_URL .. "?options=-csearch_path%3D" .. ctx.name
-    local env = "LUA_PATH=" .. sh(package.path) .. " LUA_CPATH=" .. sh(package.cpath)
+    local child_env = "LUA_PATH=" .. sh(package.path) .. " LUA_CPATH=" .. sh(package.cpath)
         .. " QX_DB__URL=" .. sh(url) .. " QX_NATS__SERVERS=" .. sh(NATS_URL)
         .. " QX_NATS__STREAM=" .. sh(ctx.name:upper())
         .. " QX_NATS__SUBJECT_PREFIX=" .. sh(ctx.conn.settings.subject_prefix)
@@ -133,7 +133,7 @@ local function sharded_run(n, shards)
     local t0 = clock()
     for i = 0, shards - 1 do
         local p = io.popen(fmt("env %s %s %s relay --shard-id %d --shard-count %d"
-            .. " --idle-interval 0.05 >/dev/null 2>&1 & echo $!", env, interpreter(), sh(QX), i, shards))
+            .. " --idle-interval 0.05 >/dev/null 2>&1 & echo $!", child_env, interpreter(), sh(QX), i, shards))
         pids[#pids + 1] = p:read("*l")
         p:close()
     end
@@ -283,7 +283,7 @@ local function latency()
         if k and committed[k] then lat[#lat + 1] = (tonumber(at) - committed[k]) * 1000 end
     end
     table.sort(lat)
-    local function pct(p) return lat[math.max(1, math.ceil(#lat * p))] or 0 end
+    local function pct(q) return lat[math.max(1, math.ceil(#lat * q))] or 0 end
     print(fmt("produced %d events in %.2f s (%.0f/s, %d per transaction)", total, took, total / took,
               PER_TX))
     print(fmt("commit returned -> subscriber got it: %d of %d received, p50 %.2f ms, p90 %.2f ms, "

@@ -200,7 +200,8 @@ local c_save, c_defer = id_of(21), id_of(22)
 local jit_o = { tbl = tbl, tenant = tenant, get_id = o.get_id, save_id = id_of(31), defer_id = id_of(32) }
 
 local reader = users:reader(db, { tenant_id = tenant })
-local cursor = assert(reader:page{ limit = 20, sort = { "email" }, filters = {{ "is_active", "eq", true }} }).next_cursor
+local cursor = assert(reader:page{ limit = 20, sort = { "email" },
+                                  filters = {{ "is_active", "eq", true }} }).next_cursor
 local specs = {
     { "get", capture(function(uow) return assert(uow:repo(users):get(o.get_id)) end) },
     { "list page (filter + sort)", capture(function(uow)

@@ -282,7 +282,8 @@ local function run_lua(interp, kind, clients)
         last = math.max(last, tonumber(t1))
         cpu = cpu + tonumber(used)
     end
-    local rows = assert(db:query("SELECT (SELECT count(*) FROM uow_bench_users) AS u, (SELECT count(*) FROM qx_outbox_events) AS o"))[1]
+    local rows = assert(db:query("SELECT (SELECT count(*) FROM uow_bench_users) AS u,"
+        .. " (SELECT count(*) FROM qx_outbox_events) AS o"))[1]
     assert(rows.u == total + 50 * clients and rows.o == rows.u, "rows written do not match the transactions")
     return total / (last - first), cpu / total
 end

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `make test`: deps, STRICT build, throwaway servers, then the spec suite under
+# `make test`: deps, STRICT build, lint, throwaway servers, then the spec suite under
 #   lua5.4    Lua 5.4 with build/lua5.4/qx/core.so
 #   luajit    LuaJIT with build/luajit/qx/core.so
 #   asan      build/asan/bin/lua5.4 (a Lua 5.4 interpreter with the ASan runtime linked in, first
@@ -7,15 +7,23 @@
 #             build/asan/qx/core.so; LeakSanitizer on (spec/lsan.supp)
 #   valgrind  valgrind memcheck of lua5.4 with build/lua5.4/qx/core.so; definite leaks are errors
 #             (spec/valgrind.supp); specs tagged #novalgrind are skipped in this run
+#   tsan      build/tsan/bin/lua5.4 (Lua 5.4 with the ThreadSanitizer runtime linked in, first on
+#             PATH) with the TSan build/tsan/qx/core.so, on the specs whose C code runs on other
+#             threads (TSAN_SPECS: the relay's ack handler on nats.c's threads, its marking
+#             thread); any report fails the run, in busted's process or in a relay process a
+#             spec starts (TEST_DIR/logs/tsan-report.PID; suppressions for libnats/libpq only:
+#             spec/tsan.supp)
 # The servers are stopped whatever happens. Each run prints one summary line; the last line
 # is "N passed, N failed" (every run added up; a run that fails without a failing spec — a
 # crash, a sanitizer or valgrind report, a timeout — counts as one failure, and so does a
-# failed step: deps, build, rockspec check, server start). The exit code is the first failure's.
+# failed step: deps, build, rockspec check, lint (luacheck lua spec bench), server start).
+# The exit code is the first failure's.
 #
 # Environment (all optional):
-#   TEST_RUNS        runs to do, in order          (default "lua5.4 luajit asan valgrind")
+#   TEST_RUNS        runs to do, in order          (default "lua5.4 luajit asan valgrind tsan")
 #   SPECS            spec files/folders for busted (default "spec")
 #   VALGRIND_SPECS   the same for the valgrind run (default $SPECS)
+#   TSAN_SPECS       the same for the tsan run     (default spec/messaging)
 #   BUSTED_ARGS      extra busted arguments, e.g. "--tags=pool" or "--filter=batch"
 #   TEST_DIR         servers' folder               (default .run/test; logs in TEST_DIR/logs)
 #   TEST_TIMEOUT     seconds per run               (default 900; valgrind: VALGRIND_TIMEOUT 1800)
@@ -28,9 +36,10 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root" || exit 1
 
 MAKE=${MAKE:-make}
-TEST_RUNS=${TEST_RUNS:-lua5.4 luajit asan valgrind}
+TEST_RUNS=${TEST_RUNS:-lua5.4 luajit asan valgrind tsan}
 SPECS=${SPECS:-spec}
 VALGRIND_SPECS=${VALGRIND_SPECS:-$SPECS}
+TSAN_SPECS=${TSAN_SPECS:-spec/messaging}
 BUSTED_ARGS=${BUSTED_ARGS:-}
 TEST_DIR=${TEST_DIR:-.run/test}
 TEST_TIMEOUT=${TEST_TIMEOUT:-900}
@@ -149,10 +158,13 @@ step deps bash scripts/deps.sh || finish
 
 targets="all"
 has_run asan && targets="$targets asan"
+has_run tsan && targets="$targets tsan"
 step "build (STRICT=1 $targets)" $MAKE --no-print-directory -j"$(nproc 2>/dev/null || echo 2)" STRICT=1 $targets \
   || finish
 
 step "rockspec-check" bash scripts/rockspec.sh --check
+
+step "lint (luacheck lua spec bench)" luacheck --no-color -q lua spec bench
 
 # --- servers --------------------------------------------------------------------------------
 servers_up=1
@@ -193,8 +205,33 @@ for run in $TEST_RUNS; do
           --suppressions="$root/spec/valgrind.supp" \
         lua5.4 "$BUSTED" -o "$OUT" --cpath='build/lua5.4/?.so' --exclude-tags=novalgrind
       ;;
+    tsan)
+      # Reports go to files, one per process (log_path adds the pid), so that those of the
+      # relay processes the specs start count too; they are shown after the run. A report in
+      # busted's own process also makes it exit 66.
+      case $TEST_DIR in /*) tsan_log=$TEST_DIR ;; *) tsan_log=$root/$TEST_DIR ;; esac
+      tsan_log=$tsan_log/logs/tsan-report
+      rm -f "$tsan_log".*
+      busted_run tsan "$TEST_TIMEOUT" "$TSAN_SPECS" \
+        env PATH="$root/build/tsan/bin:$PATH" \
+            TSAN_OPTIONS="suppressions=$root/spec/tsan.supp:halt_on_error=0:exitcode=66:second_deadlock_stack=1:print_suppressions=0:log_path=$tsan_log" \
+        lua5.4 "$BUSTED" -o "$OUT" --cpath='build/tsan/?.so'
+      tsan_reports=$(ls "$tsan_log".* 2>/dev/null)
+      if [ -n "$tsan_reports" ]; then
+        # shellcheck disable=SC2086
+        cat $tsan_reports
+        n=$(echo "$tsan_reports" | wc -l)
+        case ${lines[${#lines[@]}-1]} in
+          *", exit 0,"*)
+            total_failed=$((total_failed + 1))
+            note_failure 66
+            lines+=("tsan: ThreadSanitizer reports from $n process(es), see $tsan_log.*") ;;
+          *) lines+=("tsan: ThreadSanitizer reports from $n process(es), see $tsan_log.*") ;;
+        esac
+      fi
+      ;;
     *)
-      echo "unknown run '$run' in TEST_RUNS (lua5.4 luajit asan valgrind)" >&2
+      echo "unknown run '$run' in TEST_RUNS (lua5.4 luajit asan valgrind tsan)" >&2
       total_failed=$((total_failed + 1))
       note_failure 2
       lines+=("$run: unknown run")

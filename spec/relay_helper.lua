@@ -12,9 +12,7 @@ local H = { support = support }
 -- children run on the interpreter of this run (the ASan run puts its own lua5.4 first on PATH)
 H.LUA = jit and "luajit" or "lua5.4"
 
-local function sh(s)
-    return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
-end
+local sh = support.sh
 H.sh = sh
 
 -- A fresh schema holding the qx tables, a db whose connections use it, a NATS connection with a
@@ -22,11 +20,7 @@ H.sh = sh
 -- prefix's ">"); opts.duplicate_window_ms.
 function H.setup(opts)
     opts = opts or {}
-    local name = support.unique("relay")
-    support.psql("CREATE SCHEMA " .. name)
-    local url = support.db_url() .. "?options=-csearch_path%3D" .. name
-    local db = assert(qx.connect{ url = url, pool_size = 4 })
-    assert(qx.migrate(db))
+    local db, name, url = support.schema_db("relay")
     local prefix = "spec." .. name
     local stream = name:upper()
     local conn = assert(qx.nats.connect{ servers = support.nats_url(), stream = stream,
@@ -45,8 +39,8 @@ function H.teardown(ctx)
     for pid in pairs(ctx.children) do H.kill(ctx, pid, "KILL") end
     ctx.conn:delete_stream()
     ctx.conn:close()
+    support.drop_schema(ctx.name, ctx.db)
     ctx.db:close()
-    support.psql("DROP SCHEMA " .. ctx.name .. " CASCADE")
 end
 
 function H.relay(ctx, opts)

@@ -8,11 +8,9 @@ local M = {}
 M.KEY = "spec-cursor-key-0123456789"
 
 function M.db(opts)
-    local o = { url = support.db_url(), pool_size = 4, cursor_key = M.KEY }
+    local o = { cursor_key = M.KEY }
     for k, v in pairs(opts or {}) do o[k] = v end
-    local db = assert(qx.connect(o))
-    assert(qx.migrate(db))
-    return db
+    return support.migrated_db(o)
 end
 
 -- A fresh table: id, email (unique), name, is_active, score, plus the audit columns.

@@ -1,9 +1,11 @@
--- Test support for the specs: where the servers are, and a psql of our own to set up and
--- inspect the database independently of qx. Does not use qx.
+-- Test support for the specs: where the servers are, a psql of our own to set up and inspect
+-- the database independently of qx, shell quoting, unique names; and, at the end, the
+-- fresh-database set-ups many specs share (those do use qx).
 --
 --   local support = require "support"      -- .busted puts spec/?.lua on the path
 --   local url = support.db_url()
 --   support.psql("CREATE TABLE " .. support.unique("t") .. " (id int)")
+--   local db = support.migrated_db{ pool_size = 6 }   -- in setup; db:close() in teardown
 --
 -- The servers come from `scripts/servers.sh start DIR`, which writes DIR/env; `make test`
 -- starts them and exports that file into the environment of busted.
@@ -18,11 +20,13 @@ local function env(name)
     return v
 end
 
--- Quote one shell word.
+--- Quote one shell word.
 local function sh(s)
     return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
 end
+M.sh = sh
 
+--- A file's contents, "" when it cannot be read.
 local function slurp(path)
     local f = io.open(path, "rb")
     if not f then return "" end
@@ -30,6 +34,7 @@ local function slurp(path)
     f:close()
     return s
 end
+M.slurp = slurp
 
 local function trim(s)
     return (s:gsub("^%s+", ""):gsub("%s+$", ""))
@@ -63,6 +68,14 @@ function M.nats_monitor_url() return env("QX_TEST_NATS_MONITOR") end
 function M.pg_bin() return os.getenv("QX_TEST_PG_BIN") or "/usr/lib/postgresql/15/bin" end
 function M.pg_data() return os.getenv("QX_TEST_PG_DATA") end
 function M.pg_port() return tonumber((M.db_url():match(":(%d+)/"))) end
+
+--- db_url() with another database name (its query part kept).
+function M.url_for(dbname)
+    local url = M.db_url()
+    local base, query = url:match("^(.-)(%?.*)$")
+    base, query = base or url, query or ""
+    return (base:gsub("/[^/]*$", "/" .. dbname)) .. query
+end
 
 --- Run SQL (one or more statements) through psql in a session of its own, outside qx.
 -- Returns stdout trimmed: unaligned, tuples only, columns separated by "|", rows by "\n".
@@ -131,6 +144,86 @@ function M.notified_by(listener, channel, pid, wait_ms)
         end
     until clock() > deadline
     return n
+end
+
+--- The values of one field of each item, in order: field(rows, "id") -> { id1, id2, ... }.
+function M.field(items, key)
+    local out = {}
+    for i, item in ipairs(items) do out[i] = item[key] end
+    return out
+end
+
+--- Waits s seconds on the monotonic clock, spinning: no sleep(1) process, no timer.
+function M.spin(s)
+    local clock = require("qx.core").clock
+    local t = clock() + s
+    while clock() < t do end
+end
+
+-- ---- databases set up through qx ------------------------------------------------------------
+
+local function connect(url, opts, default_size)
+    local qx = require "qx"
+    local o = { url = url, pool_size = default_size }
+    for k, v in pairs(opts or {}) do o[k] = v end
+    return assert(qx.connect(o))
+end
+
+--- The test database through qx, with qx's schema migrated; opts go to qx.connect (pool_size 4
+-- unless given; url = url_for(name) for another database). The specs share the test database:
+-- each names its own tables, types and events with unique(). Close it in teardown.
+function M.migrated_db(opts)
+    local db = connect(M.db_url(), opts, 4)
+    assert(require("qx").migrate(db))
+    return db
+end
+
+--- A schema of its own in the test database, qx's schema migrated into it, and a db whose
+-- connections use it: for specs that count or drain every outbox row (a relay sees only this
+-- schema's rows). Returns db, schema, url; drop_schema(schema, db) after, then db:close().
+-- Made and dropped through db rather than psql: the relay specs make one per test.
+function M.schema_db(prefix, opts)
+    local schema = M.unique(prefix)
+    local url = M.db_url() .. "?options=-csearch_path%3D" .. schema
+    local db = connect(url, opts, 4)
+    assert(db:exec("CREATE SCHEMA " .. schema))
+    assert(require("qx").migrate(db))
+    return db, schema, url
+end
+
+--- Drops a schema and all in it, through db (a qx db) when given, else through psql.
+function M.drop_schema(schema, db)
+    if db then
+        assert(db:exec("DROP SCHEMA " .. schema .. " CASCADE"))
+    else
+        M.psql("DROP SCHEMA " .. schema .. " CASCADE")
+    end
+end
+
+--- Empty databases of their own on the test server, for specs that start from nothing (a
+-- migration of a new database, `qx migrate`) or need exact counts. Make it in setup:
+--   local dbs = support.fresh_databases("qx_mig")
+--   local name = dbs.create()           -- CREATE DATABASE qx_mig_<12 hex>; url_for(name)
+--   dbs.drop_all()                      -- in teardown: every one made, WITH (FORCE)
+function M.fresh_databases(prefix)
+    local core = require "qx.core"
+    local admin = connect(M.db_url(), nil, 1)
+    local made = {}
+    local self = {}
+    function self.create()
+        local name = prefix .. "_" .. core.uuid():gsub("-", ""):sub(-12)
+        assert(admin:exec("CREATE DATABASE " .. name))
+        made[#made + 1] = name
+        return name
+    end
+    function self.drop_all()
+        for _, name in ipairs(made) do
+            admin:exec("DROP DATABASE IF EXISTS " .. name .. " WITH (FORCE)")
+        end
+        made = {}
+        admin:close()
+    end
+    return self
 end
 
 return M

@@ -1,25 +1,10 @@
 -- bin/qx as a user runs it: `qx migrate` with --url or QX_DB__URL, and clear failures.
 local qx = require "qx"
-local core = require "qx.core"
+local support = require "support"
 
-local URL = assert(os.getenv("QX_DB__URL"), "QX_DB__URL is not set: source the servers' env file")
 local INTERP = jit and "luajit" or "lua5.4"
+local sh, slurp, url_for = support.sh, support.slurp, support.url_for
 
-local function sh(s) return "'" .. tostring(s):gsub("'", "'\\''") .. "'" end
-
-local function url_for(dbname)
-    local base, query = URL:match("^(.-)(%?.*)$")
-    base, query = base or URL, query or ""
-    return (base:gsub("/[^/]*$", "/" .. dbname)) .. query
-end
-
-local function slurp(path)
-    local f = io.open(path, "rb")
-    if not f then return "" end
-    local s = f:read("*a")
-    f:close()
-    return s
-end
 
 -- Runs bin/qx with the interpreter running the specs and the module paths it uses; env is a
 -- table of variables (false unsets one). Returns exit code, stdout, stderr. The code goes through
@@ -45,16 +30,9 @@ local function qx_cli(args, env)
     return code, (out:gsub("exit=%d+%s*$", "")), err
 end
 
-describe("bin/qx", function()
-    local admin
-    local made = {}
-
-    local function fresh_db()
-        local name = "qx_cli_" .. core.uuid():gsub("-", ""):sub(-12)
-        assert(admin:exec("CREATE DATABASE " .. name))
-        made[#made + 1] = name
-        return name
-    end
+describe("bin/qx #slow", function()
+    local dbs
+    local function fresh_db() return dbs.create() end
 
     local function versions(name)
         local db = assert(qx.connect{ url = url_for(name), pool_size = 1 })
@@ -64,14 +42,11 @@ describe("bin/qx", function()
     end
 
     setup(function()
-        admin = assert(qx.connect{ url = URL, pool_size = 1 })
+        dbs = support.fresh_databases("qx_cli")
     end)
 
     teardown(function()
-        for _, name in ipairs(made) do
-            admin:exec("DROP DATABASE IF EXISTS " .. name .. " WITH (FORCE)")
-        end
-        admin:close()
+        if dbs then dbs.drop_all() end
     end)
 
     local n_steps = #require("qx.store.migrations")

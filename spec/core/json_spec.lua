@@ -74,7 +74,8 @@ describe("json encoding", function()
         db:close()
     end)
 
-    it("writes the event store's append rows: events without routing fields or _ keys, sequences counting up", function()
+    it("writes the event store's append rows: events without routing fields or _ keys, sequences counting up",
+       function()
         local e1 = { event_id = "a", amount = BIG, aggregate_type = "T", aggregate_id = "x", _scratch = 1,
                      [1] = "not a field", tags = { "p", "q" } }
         local e2 = { event_id = "b", note = 'say "hi"' }

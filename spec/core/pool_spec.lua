@@ -10,10 +10,7 @@ local function suffix()
     return core.uuid():gsub("-", ""):sub(-12)
 end
 
-local function sleep(s)
-    local t = core.clock() + s
-    while core.clock() < t do end
-end
+local sleep = require("support").spin
 
 -- A URL for the same server with another user and password.
 local function url_as(user, password)
@@ -128,7 +125,8 @@ describe("qx.core pool", function()
         a:release()
         assert.is_true(sql("SELECT pg_terminate_backend($1) AS t", pid)[1].t)
         local deadline = core.clock() + 5
-        while sql("SELECT count(*) AS n FROM pg_stat_activity WHERE pid = $1", pid)[1].n > 0 and core.clock() < deadline do
+        while sql("SELECT count(*) AS n FROM pg_stat_activity WHERE pid = $1", pid)[1].n > 0
+              and core.clock() < deadline do
             sleep(0.02)
         end
         local b = assert(p:acquire())
@@ -230,7 +228,7 @@ describe("qx.core pool", function()
         p:close()
     end)
 
-    it("gives up on a server that never answers within the connect timeout", function()
+    it("gives up on a server that never answers within the connect timeout #slow", function()
         local port = silent_port(8)
         local p = assert(core.pool{ conninfo = "postgresql://postgres@127.0.0.1:" .. port .. "/postgres",
                                     size = 1, connect_timeout_ms = 2000 })
@@ -332,11 +330,13 @@ describe("qx.core pool", function()
     end)
 
     it("runs init_sql once on each new connection", function()
-        local p = assert(core.pool{ conninfo = URL, size = 2, init_sql = "SET statement_timeout = 1234; SET application_name = 'pool-spec'" })
+        local p = assert(core.pool{ conninfo = URL, size = 2,
+            init_sql = "SET statement_timeout = 1234; SET application_name = 'pool-spec'" })
         local a = assert(p:acquire())
         local b = assert(p:acquire())
         for _, c in ipairs({ a, b }) do
-            local r = assert(c:query("SELECT current_setting('statement_timeout') AS t, current_setting('application_name') AS n"))[1]
+            local r = assert(c:query("SELECT current_setting('statement_timeout') AS t,"
+                .. " current_setting('application_name') AS n"))[1]
             assert.equal("1234ms", r.t)
             assert.equal("pool-spec", r.n)
         end

@@ -35,7 +35,7 @@ describe("qx.uuid", function()
         assert.is_true(same_ms > 1000, "ids in a shared millisecond: " .. same_ms)
     end)
 
-    it("never repeats", function()
+    it("never repeats #slow", function()
         local seen = {}
         for i = 1, 200000 do
             local id = qx.uuid()

@@ -38,8 +38,7 @@ describe("qx.messaging.consumer", function()
     local db, conn
 
     setup(function()
-        db = assert(qx.connect{ url = support.db_url(), pool_size = 4 })
-        assert(qx.migrate(db))
+        db = support.migrated_db{ pool_size = 4 }
         conn = assert(nats.connect{ servers = support.nats_url() })
     end)
 
@@ -82,7 +81,8 @@ SELECT reason, event_id, event_name, event_version, headers, data, error, delive
     end
 
     describe("delivery", function()
-        it("hands each published event to the handler as an event of its registered class, with envelope and headers", function()
+        it("hands each published event to the handler as an event of its registered class, with envelope and headers",
+           function()
             local s = new_stream()
             local c = consumer(s)
             local sent = Placed{ order = "A-1", total = 12.5, tenant_id = TENANT,
@@ -121,7 +121,8 @@ SELECT reason, event_id, event_name, event_version, headers, data, error, delive
             c:close()
         end)
 
-        it("returns an empty round only when nothing arrived within the whole timeout, round after round", function()
+        it("returns an empty round only when nothing arrived within the whole timeout, round after round #slow",
+           function()
             local s = new_stream()
             local c = consumer(s)
             for _ = 1, 4 do
@@ -204,7 +205,7 @@ SELECT reason, event_id, event_name, event_version, headers, data, error, delive
             c:close()
         end)
 
-        it("lets a long handler restart the ack wait with msg:in_progress()", function()
+        it("lets a long handler restart the ack wait with msg:in_progress() #slow", function()
             local s = new_stream()
             local c = consumer(s, { ack_wait = 1 })
             s.publish(Placed{})
@@ -250,7 +251,8 @@ SELECT reason, event_id, event_name, event_version, headers, data, error, delive
     end)
 
     describe("failures", function()
-        it("naks a failed message with the backoff delay of its delivery and redelivers it after that delay", function()
+        it("naks a failed message with the backoff delay of its delivery and redelivers it after that delay #slow",
+           function()
             local s = new_stream()
             local c = consumer(s, { backoff = { 300, 900 }, max_deliver = 5 })
             s.publish(Placed{ order = "retry" })
@@ -323,7 +325,8 @@ SELECT reason, event_id, event_name, event_version, headers, data, error, delive
             c:close()
         end)
 
-        it("dead-letters a message whose last delivery was never answered instead of running the handler again", function()
+        it("dead-letters a message whose last delivery was never answered instead of running the handler again #slow",
+           function()
             local s = new_stream()
             local c = consumer(s, { db = db, max_deliver = 1, ack_wait = 1 })
             s.publish(Placed{})
@@ -503,7 +506,8 @@ SELECT reason, event_id, event_name, event_version, headers, data, error, delive
             b:close()
         end)
 
-        it("does not run the handler again for a message redelivered after a crash between commit and ack", function()
+        it("does not run the handler again for a message redelivered after a crash between commit and ack #slow",
+           function()
             local s = new_stream()
             local c = consumer(s, { db = db, ack_wait = 1 })
             local sent = Placed{ n = 42 }
@@ -602,11 +606,7 @@ os.exit(1)
         local schema, sdb, sconn, stream, prefix
 
         before_each(function()
-            schema = support.unique("consumer_e2e")
-            support.psql("CREATE SCHEMA " .. schema)
-            sdb = assert(qx.connect{ url = support.db_url() .. "?options=-csearch_path%3D" .. schema,
-                                     pool_size = 4 })
-            assert(qx.migrate(sdb))
+            sdb, schema = support.schema_db("consumer_e2e")
             stream = schema:upper()
             prefix = "spec." .. schema
             sconn = assert(nats.connect{ servers = support.nats_url(), stream = stream,
@@ -617,8 +617,8 @@ os.exit(1)
         after_each(function()
             sconn:delete_stream()
             sconn:close()
+            support.drop_schema(schema, sdb)
             sdb:close()
-            support.psql("DROP SCHEMA " .. schema .. " CASCADE")
         end)
 
         it("delivers a committed event through the outbox and the relay, envelope and headers intact", function()
@@ -729,7 +729,7 @@ FROM qx_outbox_events WHERE event_name = 'spec.consumer.invoice_sent']]))
             sh("rm -rf " .. dir)
         end)
 
-        it("keeps consuming across a nats-server restart without losing or repeating a message", function()
+        it("keeps consuming across a nats-server restart without losing or repeating a message #slow", function()
             local own = assert(nats.connect{ servers = "nats://127.0.0.1:" .. port, reconnect_wait_ms = 100 })
             local name = support.unique("OUTAGE"):upper()
             local prefix = support.unique("outage")
@@ -771,12 +771,25 @@ FROM qx_outbox_events WHERE event_name = 'spec.consumer.invoice_sent']]))
             assert.has_error(function() qx.consumer() end)
             assert.has_error(function() qx.consumer{ nats = conn, stream = "S", registry = reg } end)
             assert.has_error(function() qx.consumer{ nats = conn, stream = "S", durable = "d" } end)
-            assert.has_error(function() qx.consumer{ nats = conn, stream = "S", durable = "d", registry = reg, bogus = 1 } end)
-            assert.has_error(function() qx.consumer{ nats = conn, stream = "S", durable = "d", registry = reg, backoff = {} } end)
-            assert.has_error(function() qx.consumer{ nats = conn, stream = "S", durable = "d", registry = reg, backoff = { -1 } } end)
-            assert.has_error(function() qx.consumer{ nats = conn, stream = "S", durable = "d", registry = reg, max_deliver = 0 } end)
-            assert.has_error(function() qx.consumer{ nats = conn, stream = "S", durable = "d", registry = reg, ack_wait = 1, ack_wait_ms = 1000 } end)
-            assert.has_error(function() qx.consumer{ nats = conn, stream = "S", durable = "d", registry = reg, inbox = true } end)
+            assert.has_error(function()
+                qx.consumer{ nats = conn, stream = "S", durable = "d", registry = reg, bogus = 1 }
+            end)
+            assert.has_error(function()
+                qx.consumer{ nats = conn, stream = "S", durable = "d", registry = reg, backoff = {} }
+            end)
+            assert.has_error(function()
+                qx.consumer{ nats = conn, stream = "S", durable = "d", registry = reg, backoff = { -1 } }
+            end)
+            assert.has_error(function()
+                qx.consumer{ nats = conn, stream = "S", durable = "d", registry = reg, max_deliver = 0 }
+            end)
+            assert.has_error(function()
+                qx.consumer{ nats = conn, stream = "S", durable = "d", registry = reg,
+                             ack_wait = 1, ack_wait_ms = 1000 }
+            end)
+            assert.has_error(function()
+                qx.consumer{ nats = conn, stream = "S", durable = "d", registry = reg, inbox = true }
+            end)
             assert.has_error(function() qx.consumer{ nats = 42, stream = "S", durable = "d", registry = reg } end)
         end)
 

@@ -225,8 +225,8 @@ describe("qx.nats connection", function()
           { event_id = core.uuid(), event_name = "a.*", event_version = 1 },
           { event_id = core.uuid(), event_name = "a b", event_version = 1 },
             }
-            for _, env in ipairs(cases) do
-          local ack, e = pub:publish(env)
+            for _, envelope in ipairs(cases) do
+          local ack, e = pub:publish(envelope)
           assert.is_nil(ack)
           assert.equal("invalid", e.code)
             end
@@ -236,11 +236,11 @@ describe("qx.nats connection", function()
 
         it("publishes a plain envelope table as JSON", function()
             local pub = assert(publisher.new{ nats = conn.handle, subject_prefix = prefix })
-            local env = { event_id = core.uuid(), event_name = "order.placed", event_version = 1,
-                          occurred_at = core.now(), payload = { total = 12.5 }, tenant_id = core.null }
-            local ack = assert(pub:publish(env))
+            local envelope = { event_id = core.uuid(), event_name = "order.placed", event_version = 1,
+                               occurred_at = core.now(), payload = { total = 12.5 }, tenant_id = core.null }
+            local ack = assert(pub:publish(envelope))
             assert.equal(stream, ack.stream)
-            assert.same(env.payload, cjson.decode(cjson.encode(env)).payload)
+            assert.same(envelope.payload, cjson.decode(cjson.encode(envelope)).payload)
         end)
     end)
 end)

@@ -19,7 +19,7 @@ local function published_by(log)
     return n
 end
 
-describe("relay processes #novalgrind", function()
+describe("relay processes #novalgrind #slow", function()
     local ctx
     before_each(function() ctx = H.setup() end)
     after_each(function() H.teardown(ctx) end)
@@ -96,7 +96,7 @@ describe("relay processes #novalgrind", function()
     end)
 end)
 
-describe("relay and PostgreSQL sessions that die", function()
+describe("relay and PostgreSQL sessions that die #slow", function()
     local ctx
     before_each(function() ctx = H.setup() end)
     after_each(function() H.teardown(ctx) end)
@@ -134,7 +134,7 @@ describe("relay and PostgreSQL sessions that die", function()
     end)
 end)
 
-describe("relay and a failing nats-server #novalgrind", function()
+describe("relay and a failing nats-server #novalgrind #slow", function()
     local ctx
     before_each(function() ctx = H.setup() end)
     after_each(function()
@@ -144,7 +144,8 @@ describe("relay and a failing nats-server #novalgrind", function()
         H.teardown(ctx)
     end)
 
-    it("nats-server stopped, then frozen, for seconds under load: attempts recorded, nothing lost, publishing resumes", function()
+    it("nats-server stopped, then frozen, for seconds under load: attempts recorded, nothing lost, publishing resumes",
+       function()
         local r = H.spawn_relay(ctx, FAST)
         assert(H.wait_until(function() return H.log_of(ctx, r):find("leader of its shard", 1, true) end, 10))
         local all = H.commit_many(ctx, 400, 13, 20)

@@ -53,7 +53,7 @@ describe("outbox relay", function()
             relay:close()
         end)
 
-        it("keeps commit order per partition key across many keys and batches", function()
+        it("keeps commit order per partition key across many keys and batches #slow", function()
             local evs = H.commit_many(ctx, 1200, 37, 40)
             local relay = assert(H.relay(ctx, { batch_size = 250, max_in_flight = 64 }))
             local total = 0
@@ -67,7 +67,9 @@ describe("outbox relay", function()
             relay:close()
         end)
 
-        it("run() claims the next batch while the last one is marked: a key's later rows follow at once, in order", function()
+        it("run() claims the next batch while the last one is marked:"
+           .. " a key's later rows follow at once, in order #slow",
+           function()
             local evs = H.commit_many(ctx, 1000, 5, 100)
             H.slow_marks(ctx, 0.05)
             local relay = assert(H.relay(ctx, { batch_size = 100 }))

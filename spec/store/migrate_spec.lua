@@ -5,37 +5,20 @@ local qx = require "qx"
 local core = require "qx.core"
 local migrate = require "qx.store.migrate"
 local steps = require "qx.store.migrations"
+local support = require "support"
 
-local URL = assert(os.getenv("QX_DB__URL"), "QX_DB__URL is not set: source the servers' env file")
-
-local function url_for(dbname)
-    local base, query = URL:match("^(.-)(%?.*)$")
-    base, query = base or URL, query or ""
-    return (base:gsub("/[^/]*$", "/" .. dbname)) .. query
-end
-
-local function sh(s) return "'" .. tostring(s):gsub("'", "'\\''") .. "'" end
+local sh, url_for = support.sh, support.url_for
 
 describe("qx.store.migrate", function()
-    local admin
-    local made = {}
-
-    local function fresh_db()
-        local name = "qx_mig_" .. core.uuid():gsub("-", ""):sub(-12)
-        assert(admin:exec("CREATE DATABASE " .. name))
-        made[#made + 1] = name
-        return name
-    end
+    local dbs
+    local function fresh_db() return dbs.create() end
 
     setup(function()
-        admin = assert(qx.connect{ url = URL, pool_size = 1 })
+        dbs = support.fresh_databases("qx_mig")
     end)
 
     teardown(function()
-        for _, name in ipairs(made) do
-            admin:exec("DROP DATABASE IF EXISTS " .. name .. " WITH (FORCE)")
-        end
-        admin:close()
+        if dbs then dbs.drop_all() end
     end)
 
     local latest = steps[#steps].version
@@ -48,7 +31,8 @@ describe("qx.store.migrate", function()
         r = assert(qx.migrate(db))
         assert.same({}, r.applied)
         assert.equal(latest, r.current)
-        local rows = assert(db:query("SELECT version, count(*) AS n FROM qx_schema_migrations GROUP BY version ORDER BY version"))
+        local rows = assert(db:query("SELECT version, count(*) AS n FROM qx_schema_migrations"
+            .. " GROUP BY version ORDER BY version"))
         assert.equal(#steps, #rows)
         for i, row in ipairs(rows) do
             assert.equal(steps[i].version, row.version)
@@ -86,7 +70,8 @@ FROM information_schema.columns WHERE table_schema = current_schema() AND table_
         for name, c in pairs(cols) do
             if not seed[name] then
             local nullable = assert(db:query([[SELECT is_nullable FROM information_schema.columns
-          WHERE table_schema = current_schema() AND table_name = 'qx_outbox_events' AND column_name = $1]], name))[1].is_nullable
+            WHERE table_schema = current_schema() AND table_name = 'qx_outbox_events'
+              AND column_name = $1]], name))[1].is_nullable
             assert.is_true(nullable == "YES" or c.dflt ~= core.null, name .. " is NOT NULL without a default")
             end
         end
@@ -142,7 +127,8 @@ WHERE i.indrelid = 'qx_outbox_events'::regclass AND c.relname = 'qx_outbox_event
         assert.is_nil(r)
         assert.equal("db", e.code)
         assert.truthy(e.message:find("migration 2 (bad)", 1, true))
-        assert.equal(0, assert(db:query("SELECT count(*) AS n FROM pg_tables WHERE tablename IN ('mig_spec_good', 'qx_schema_migrations')"))[1].n)
+        assert.equal(0, assert(db:query("SELECT count(*) AS n FROM pg_tables"
+            .. " WHERE tablename IN ('mig_spec_good', 'qx_schema_migrations')"))[1].n)
         local conn = assert(db.pool:acquire())
         assert.equal("idle", conn:status())
         conn:release()
@@ -170,7 +156,7 @@ WHERE i.indrelid = 'qx_outbox_events'::regclass AND c.relname = 'qx_outbox_event
         db:close()
     end)
 
-    it("lets several processes migrate one fresh database at once", function()
+    it("lets several processes migrate one fresh database at once #slow", function()
         local name = fresh_db()
         local interp = jit and "luajit" or "lua5.4"
         local start_at = core.clock() + 1.0 -- CLOCK_MONOTONIC: the same clock in every process

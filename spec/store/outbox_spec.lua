@@ -4,17 +4,10 @@
 local qx = require "qx"
 local core = require "qx.core"
 
-local URL = assert(os.getenv("QX_DB__URL"), "QX_DB__URL is not set: source the servers' env file")
-local DBNAME = "qx_outbox_spec_" .. core.uuid():gsub("-", ""):sub(-12)
-
-local function url_for(dbname)
-    local base, query = URL:match("^(.-)(%?.*)$")
-    base, query = base or URL, query or ""
-    return (base:gsub("/[^/]*$", "/" .. dbname)) .. query
-end
+local support = require "support"
 
 describe("outbox", function()
-    local admin, db, outbox
+    local dbs, db, outbox
     local Sent = qx.integration_event("outbox_spec.thing.happened")
 
     -- n events, one unit of work each so seq follows creation; returns their ids in order
@@ -54,24 +47,17 @@ describe("outbox", function()
         next_attempt_at::text AS n, dead_at::text AS d FROM qx_outbox_events ORDER BY seq]]))
     end
 
-    local function ids_of(rows)
-        local out = {}
-        for i, r in ipairs(rows) do out[i] = r.id end
-        return out
-    end
+    local function ids_of(rows) return support.field(rows, "id") end
 
     setup(function()
-        admin = assert(qx.connect{ url = URL, pool_size = 1 })
-        assert(admin:exec("CREATE DATABASE " .. DBNAME))
-        db = assert(qx.connect{ url = url_for(DBNAME), pool_size = 2 })
-        assert(qx.migrate(db))
+        dbs = support.fresh_databases("qx_outbox_spec")
+        db = support.migrated_db{ url = support.url_for(dbs.create()), pool_size = 2 }
         outbox = qx.outbox(db)
     end)
 
     teardown(function()
         if db then db:close() end
-        admin:exec("DROP DATABASE IF EXISTS " .. DBNAME .. " WITH (FORCE)")
-        admin:close()
+        if dbs then dbs.drop_all() end
     end)
 
     before_each(function()
@@ -131,7 +117,7 @@ describe("outbox", function()
         assert.equal("still down", r.last_error)
         assert.is_true(lo <= 2.0 and hi >= 2.0, ("delay between %.3f and %.3f"):format(lo, hi))
 
-        r, lo, hi = fail_and_delay(ids[1], "and again", { base_delay_ms = 1000, max_delay_ms = 1500 })
+        lo, hi = select(2, fail_and_delay(ids[1], "and again", { base_delay_ms = 1000, max_delay_ms = 1500 }))
         assert.is_true(lo <= 1.5 and hi >= 1.5, ("capped delay between %.3f and %.3f"):format(lo, hi))
     end)
 
@@ -181,7 +167,8 @@ describe("outbox", function()
         assert(outbox:mark_published{ ids[1], ids[2] })
         assert(outbox:mark_failed(ids[3], "dead"))
         assert(db:exec("UPDATE qx_outbox_events SET published_at = now() - interval '2 days' WHERE id = $1", ids[1]))
-        local cutoff = assert(db:query("SELECT to_char((now() - interval '1 day') AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') AS t"))[1].t
+        local cutoff = assert(db:query("SELECT to_char((now() - interval '1 day') AT TIME ZONE 'UTC',"
+            .. " 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') AS t"))[1].t
         assert.equal(1, assert(outbox:purge{ published_before = cutoff }))
         local left = ids_of(snapshot())
         assert.same({ ids[2], ids[3], ids[4] }, left)

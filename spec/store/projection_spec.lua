@@ -8,8 +8,7 @@ describe("qx.store.projection", function()
     local db
 
     setup(function()
-        db = assert(qx.connect{ url = support.db_url(), pool_size = 6 })
-        assert(qx.migrate(db))
+        db = support.migrated_db{ pool_size = 6 }
     end)
 
     teardown(function()

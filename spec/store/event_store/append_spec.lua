@@ -7,8 +7,7 @@ describe("event store: append and load", function()
     local db
 
     setup(function()
-        db = assert(qx.connect{ url = support.db_url(), pool_size = 4 })
-        assert(qx.migrate(db))
+        db = support.migrated_db{ pool_size = 4 }
     end)
 
     teardown(function()
@@ -476,7 +475,7 @@ SELECT event_name, partition_key, payload FROM qx_outbox_events WHERE event_name
         end
     end)
 
-    it("wakes qx_events listeners once per unit of work, after its commit; not with notify = false", function()
+    it("wakes qx_events listeners once per unit of work, after its commit; not with notify = false #slow", function()
         local listener = assert(db.pool:acquire())
         assert(listener:listen("qx_events"))
         local function woken_by(pid) return support.notified_by(listener, "qx_events", pid, 400) end

@@ -12,9 +12,7 @@ local function interpreter()
     return (arg and arg[i]) or (jit and "luajit" or "lua5.4")
 end
 
-local function sh(s)
-    return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
-end
+local sh = support.sh
 
 -- Starts `code` in a child process with `env` set; returns a handle to collect its output.
 local function spawn(code, env)
@@ -111,12 +109,11 @@ print("OK " .. (n + m))
 db:close()
 ]]
 
-describe("event store: concurrent writers #concurrency", function()
+describe("event store: concurrent writers #concurrency #slow", function()
     local db
 
     setup(function()
-        db = assert(qx.connect{ url = support.db_url(), pool_size = 4 })
-        assert(qx.migrate(db))
+        db = support.migrated_db{ pool_size = 4 }
     end)
 
     teardown(function()
@@ -136,10 +133,9 @@ describe("event store: concurrent writers #concurrency", function()
     end
 
     local function results(children)
-        local wins, conflicts, outputs = 0, 0, {}
+        local wins, conflicts = 0, 0
         for w, c in ipairs(children) do
             local out = collect(c)
-            outputs[w] = out
             local a, b = out:match("OK (%d+) (%d+)")
             assert(a, "writer " .. w .. " failed:\n" .. out)
             wins, conflicts = wins + tonumber(a), conflicts + tonumber(b)
@@ -190,7 +186,8 @@ FROM qx_aggregate_events WHERE aggregate_type = $1 AND aggregate_id = $2 ORDER B
         assert.equal(#rows, acc.balance)
     end)
 
-    it("gap-safety: a projection running alongside late-committing writers applies every event once, in stream order", function()
+    it("gap-safety: a projection running alongside late-committing writers applies every event once, in stream order",
+       function()
         local agg_type, event_name = support.unique("Gap"), support.unique("gap.deposited")
         local done, applied = support.unique("done"), support.unique("applied")
         support.psql("CREATE TABLE " .. done .. " (writer int, ok boolean)")

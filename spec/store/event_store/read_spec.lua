@@ -8,8 +8,7 @@ describe("event store: gap-safe reads", function()
     local db
 
     setup(function()
-        db = assert(qx.connect{ url = support.db_url(), pool_size = 6 })
-        assert(qx.migrate(db))
+        db = support.migrated_db{ pool_size = 6 }
     end)
 
     teardown(function()
@@ -37,11 +36,7 @@ describe("event store: gap-safe reads", function()
         end, opts)
     end
 
-    local function amounts(records)
-        local out = {}
-        for i, r in ipairs(records) do out[i] = r.amount end
-        return out
-    end
+    local function amounts(records) return support.field(records, "amount") end
 
     it("returns events in order with an opaque checkpoint to resume from", function()
         local m = model()

@@ -9,12 +9,7 @@ local H = require "repository_support"
 local LUA = jit and "luajit" or "lua5.4"
 local CPATH = jit and "build/luajit/?.so" or "build/lua5.4/?.so"
 
-local function sh(s) return "'" .. tostring(s):gsub("'", "'\\''") .. "'" end
-
-local function sleep(s)
-    local t = core.clock() + s
-    while core.clock() < t do end
-end
+local sh, sleep = support.sh, support.spin
 
 -- A child process that loads the row, waits at the barrier (a shared advisory lock the spec
 -- holds exclusively), renames and saves; it prints "ok" or the error code.

@@ -2,17 +2,14 @@
 -- specifications (SQL and in memory), and streaming in constant memory.
 local qx = require "qx"
 local H = require "repository_support"
+local support = require "support"
 
 local S = qx.spec
 
-local function emails(items)
-    local out = {}
-    for i, u in ipairs(items) do out[i] = u.email end
-    return out
-end
+local function emails(items) return support.field(items, "email") end
 
 describe("repository queries", function()
-    local db, users, T, ids
+    local db, users, T
 
     setup(function()
         db = H.db()
@@ -31,7 +28,7 @@ describe("repository queries", function()
             { email = "e1@test.io", name = "underXscore", score = nil, is_active = false },
             { email = "e2@test.io", name = "1000 sure", score = 100, is_active = true },
         }
-        ids = H.seed(db, users, T, #rows, function(i) return rows[i] end)
+        H.seed(db, users, T, #rows, function(i) return rows[i] end)
         -- another tenant's rows never show up
         H.seed(db, users, qx.uuid(), 3, function(i) return { email = "other" .. i .. "@example.com",
                                                              name = "Ada", score = i } end)
@@ -249,7 +246,7 @@ describe("repository queries", function()
             end)))
         end)
 
-        it("holds only one batch in memory however many rows there are", function()
+        it("holds only one batch in memory however many rows there are #slow", function()
             local big = H.users_table(db)
             local desc = H.users(big)
             local t = qx.uuid()

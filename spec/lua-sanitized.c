@@ -1,17 +1,18 @@
 /*
- * A Lua 5.4 interpreter for the AddressSanitizer run of the specs. `make asan` builds it as
- * build/asan/bin/lua5.4 and the asan run puts that folder first on PATH, so busted and every
- * `lua5.4` a spec starts (bin/qx's shebang included) run here:
+ * A Lua 5.4 interpreter for the sanitizer runs of the specs. `make asan` builds it as
+ * build/asan/bin/lua5.4 (AddressSanitizer + UBSan), `make tsan` as build/tsan/bin/lua5.4
+ * (ThreadSanitizer); each run puts its folder first on PATH, so busted and every `lua5.4` a
+ * spec starts (bin/qx's shebang included) run here:
  *
  *   lua5.4 [-e stat] [-l mod] [-l g=mod] [-v] [-E] [-W] [--] [script [args] | -]
  *
- * Built with -fsanitize=address against the static liblua5.4.a, so the ASan runtime comes with
+ * Built with -fsanitize=... against the static liblua5.4.a, so the sanitizer runtime comes with
  * the binary instead of LD_PRELOAD (which every child process would inherit: psql, for one,
- * hangs with the ASan runtime preloaded).
+ * hangs with the ASan runtime preloaded; TSan's runtime must be loaded before any thread starts).
  *
  * dlclose is a no-op here: Lua unloads C modules in lua_close, and LeakSanitizer reports leaks
  * after that; with the module still mapped, leak stacks keep their function names and the
- * suppressions in spec/lsan.supp can match them.
+ * suppressions in spec/lsan.supp can match them (and TSan's reports at exit symbolize too).
  *
  * What lua.c does for scripts, minus the REPL and LUA_INIT: the global `arg`, the script's
  * `...`, a traceback on an error, exit status 1 on an error.
