@@ -12,7 +12,7 @@
 -- own, with the same knobs (environment, defaults in brackets):
 --   QX_CMP_UOW_N          unit-of-work transactions per run (8000)
 --   QX_CMP_SECONDS        seconds of each append and keyset-page run (3)
---   QX_CMP_RELAY_EVENTS   outbox rows per relay run (40000)
+--   QX_CMP_RELAY_EVENTS   outbox rows per relay run (20000; the run also makes its baselines: ~10 s)
 -- The driver needs no qx of its own: it only starts processes and reads what they print.
 local fmt = string.format
 local MODE = arg[1]
@@ -71,7 +71,7 @@ local HERE = arg[0]:match("^(.*)/[^/]*$") or "."
 local ROUNDS = tonumber(arg[4]) or 5
 local UOW_N = tonumber(os.getenv("QX_CMP_UOW_N") or "8000")
 local SECONDS = tonumber(os.getenv("QX_CMP_SECONDS") or "3")
-local RELAY_EVENTS = tonumber(os.getenv("QX_CMP_RELAY_EVENTS") or "40000")
+local RELAY_EVENTS = tonumber(os.getenv("QX_CMP_RELAY_EVENTS") or "20000")
 local BASE_URL = assert(os.getenv("QX_DB__URL"), "QX_DB__URL is not set")
 
 local function first_line(cmd)
