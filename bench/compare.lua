@@ -13,6 +13,7 @@
 --   QX_CMP_UOW_N          unit-of-work transactions per run (8000)
 --   QX_CMP_SECONDS        seconds of each append and keyset-page run (3)
 --   QX_CMP_RELAY_EVENTS   outbox rows per relay run (20000; the run also makes its baselines: ~10 s)
+--   QX_CMP_ONLY           some of the measures, e.g. "uow,relay" (all: uow, append, keyset, relay)
 -- The driver needs no qx of its own: it only starts processes and reads what they print.
 local fmt = string.format
 local MODE = arg[1]
@@ -183,6 +184,18 @@ local MEASURES = {
       end,
       parse = function(out) return out:match("round 1: raw [%d.]+/s%s+relay ([%d.]+)/s") end },
 }
+
+if os.getenv("QX_CMP_ONLY") then
+    local keep = {}
+    for k in os.getenv("QX_CMP_ONLY"):gmatch("%w+") do keep[k] = true end
+    for i = #MEASURES, 1, -1 do
+        if not keep[MEASURES[i].key] then table.remove(MEASURES, i) end
+    end
+    if #MEASURES == 0 then
+        io.stderr:write("compare: QX_CMP_ONLY names none of uow, append, keyset, relay\n")
+        os.exit(2)
+    end
+end
 
 local function measure(m, t)
     local file, why = bench_file(t, m.script)
