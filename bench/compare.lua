@@ -210,6 +210,24 @@ local function measure(m, t)
     return tonumber(rate), tonumber(per_op)
 end
 
+-- Of two runs back to back the second was often the slower (the append's by about a fifth, in
+-- seven pairs of eight): the first leaves work behind in the server (dirty pages,
+-- WAL, autovacuum woken by its writes). So autovacuum is off in this throwaway cluster and every
+-- run starts after a CHECKPOINT, each from the same quiet.
+local PSQL = sh((os.getenv("QX_TEST_PG_BIN") or "/usr/lib/postgresql/15/bin") .. "/psql")
+    .. " -X -q -v ON_ERROR_STOP=1 -d " .. sh(BASE_URL)
+do
+    local out, ok = run(PSQL .. " -c 'ALTER SYSTEM SET autovacuum = off' -c 'SELECT pg_reload_conf()'")
+    if not ok then
+        io.stderr:write("compare: cannot turn autovacuum off:\n" .. tail(out, 10) .. "\n")
+        os.exit(1)
+    end
+end
+local function settle()
+    local out, ok = run(PSQL .. " -c CHECKPOINT")
+    if not ok then io.stderr:write("compare: CHECKPOINT failed:\n" .. tail(out, 10) .. "\n") end
+end
+
 local function loadavg()
     return first_line("cat /proc/loadavg"):match("^(%S+ %S+ %S+)") or "?"
 end
@@ -225,6 +243,7 @@ for round = 1, ROUNDS do
         -- round to round: what a run leaves behind (WAL, autovacuum) weighs on both as often
         local order = round % 2 == 1 and { trees[1], trees[2] } or { trees[2], trees[1] }
         for _, t in ipairs(order) do
+            settle()
             local t0 = os.time()
             local rate, extra = measure(m, t)
             results[m.key][t.key][round] = rate or false
@@ -252,7 +271,8 @@ print(fmt("Machine: %s, %s cores, kernel %s; %s; load average %s before, %s afte
     first_line("nproc"), first_line("uname -r"), os.date("!%Y-%m-%d %H:%M UTC", started), load0,
     loadavg(), (os.time() - started) / 60))
 print(fmt("Knobs: unit of work %d transactions; append and keyset page %g s each; relay %d events "
-    .. "(one throughput round); 1 client, Lua 5.4, synchronous_commit off throughout.", UOW_N, SECONDS,
+    .. "(one throughput round); 1 client, Lua 5.4, synchronous_commit off throughout, autovacuum off, "
+    .. "a CHECKPOINT before each run.", UOW_N, SECONDS,
     RELAY_EVENTS))
 print("")
 -- one table row per measure: both trees' figures by round, the per-round ratio, its median and
