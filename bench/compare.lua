@@ -210,10 +210,8 @@ local function measure(m, t)
     return tonumber(rate), tonumber(per_op)
 end
 
--- Of two runs back to back the second was often the slower (the append's by about a fifth, in
--- seven pairs of eight): the first leaves work behind in the server (dirty pages,
--- WAL, autovacuum woken by its writes). So autovacuum is off in this throwaway cluster and every
--- run starts after a CHECKPOINT, each from the same quiet.
+-- Every run starts after a CHECKPOINT, with autovacuum off in this throwaway cluster, so that
+-- what a run leaves in the server (dirty pages, WAL, vacuum work) is not paid by the next.
 local PSQL = sh((os.getenv("QX_TEST_PG_BIN") or "/usr/lib/postgresql/15/bin") .. "/psql")
     .. " -X -q -v ON_ERROR_STOP=1 -d " .. sh(BASE_URL)
 do
@@ -237,21 +235,31 @@ local results, cpus, failures = {}, {}, {}
 for _, m in ipairs(MEASURES) do
     results[m.key], cpus[m.key] = { old = {}, new = {} }, { old = {}, new = {} }
 end
+local function counted(m, t, round, keep)
+    settle()
+    local t0 = os.time()
+    local rate, extra = measure(m, t)
+    if keep then
+        results[m.key][t.key][round] = rate or false
+        cpus[m.key][t.key][round] = rate and extra or false
+        if not rate then failures[#failures + 1] = fmt("round %d: %s", round, extra) end
+    end
+    io.stderr:write(fmt("round %d/%d  %-24s %s %-18s (%d s)%s\n", round, ROUNDS, m.label, t.key,
+                        rate and fmt("%.0f %s", rate, m.unit) or "failed", os.time() - t0,
+                        keep and "" or "  not counted"))
+end
+
+-- The two trees' runs of a measure come back to back, which goes first alternating from round to
+-- round, after a run of the second one that is not counted: so each counted run follows a run of
+-- the same measure by the other tree. Without it the second of a pair was the slower in 13 append
+-- pairs of 16 and the faster in 14 keyset-page pairs of 16 (the first following another measure),
+-- which an odd number of rounds does not cancel out of the median.
 for round = 1, ROUNDS do
     for _, m in ipairs(MEASURES) do
-        -- the two trees' runs of a measure are back to back, and which goes first alternates from
-        -- round to round: what a run leaves behind (WAL, autovacuum) weighs on both as often
         local order = round % 2 == 1 and { trees[1], trees[2] } or { trees[2], trees[1] }
-        for _, t in ipairs(order) do
-            settle()
-            local t0 = os.time()
-            local rate, extra = measure(m, t)
-            results[m.key][t.key][round] = rate or false
-            cpus[m.key][t.key][round] = rate and extra or false
-            if not rate then failures[#failures + 1] = fmt("round %d: %s", round, extra) end
-            io.stderr:write(fmt("round %d/%d  %-24s %s %-18s (%d s)\n", round, ROUNDS, m.label, t.key,
-                                rate and fmt("%.0f %s", rate, m.unit) or "failed", os.time() - t0))
-        end
+        counted(m, order[2], round, false)
+        counted(m, order[1], round, true)
+        counted(m, order[2], round, true)
     end
 end
 
@@ -265,7 +273,8 @@ end
 
 local cpu = first_line("grep -m1 'model name' /proc/cpuinfo"):gsub("^model name%s*:%s*", "")
 print(fmt("Old tree `%s` against new tree `%s`: %d rounds, the trees taking turns measure by measure "
-    .. "(which goes first alternating by round).", trees[1].ref, trees[2].ref, ROUNDS))
+    .. "(which goes first alternating by round, after an uncounted run of the other).", trees[1].ref,
+    trees[2].ref, ROUNDS))
 print("")
 print(fmt("Machine: %s, %s cores, kernel %s; %s; load average %s before, %s after; %.1f min.", cpu,
     first_line("nproc"), first_line("uname -r"), os.date("!%Y-%m-%d %H:%M UTC", started), load0,
