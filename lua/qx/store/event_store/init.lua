@@ -68,6 +68,7 @@ local qx_error = require "qx.error"
 local event = require "qx.model.event"
 local aggregate = require "qx.model.aggregate"
 local es_class = require "qx.model.event_sourced"
+local internal = require "qx.store.internal"
 
 local type = type
 local pairs = pairs
@@ -737,7 +738,7 @@ local function check_bound(self, method)
         error("es:" .. method .. ": call as es:" .. method .. "(...)", 3)
     end
     local uow = self.uow
-    if uow._state ~= "active" then uow:_check_open() end -- raises, saying what state it is in
+    internal.check_open(uow, 3) -- raises, saying what state it is in
 end
 
 
@@ -866,7 +867,7 @@ local function prepare(store, uow, agg, opts)
     local n = 0
     for i = 1, #pending do
         local ev = pending[i]
-        uow:_stamp(ev)
+        internal.stamp(uow, ev)
         if event.class_of(ev).integration then
             if stored == pending then -- the first one: from here on the stored events are a list
                 stored = {}
@@ -922,14 +923,14 @@ end
 -- Queues the insert (and the snapshot upsert) and asks for the wake-up. Nothing failed before;
 -- the unit of work was found open (check_bound).
 local function queue_append(uow, store, rows_json, snaps_json)
-    local ok, e = uow:_queue1(APPEND, rows_json)
+    local ok, e = internal.queue(uow, APPEND, rows_json)
     if not ok then return nil, e end
     if snaps_json then
-        ok, e = uow:_queue1(SNAPSHOT, snaps_json)
+        ok, e = internal.queue(uow, SNAPSHOT, snaps_json)
         if not ok then return nil, e end
     end
     -- sent once per unit of work, after its COMMIT (see the unit of work)
-    if store.notify then uow:_notify_after(_M.CHANNEL) end
+    if store.notify then internal.notify_after(uow, _M.CHANNEL) end
     return true
 end
 
@@ -937,7 +938,7 @@ end
 local function drain(uow, agg, n)
     local evs = agg:pull_events()
     agg.version = rawget(agg, "version") + n
-    uow:_record_list(evs)
+    internal.record_list(uow, evs)
 end
 
 local function append_all(self, list, opts, method)

@@ -355,22 +355,14 @@ function Reader:query(sql, ...)
     return self.db:query(sql, ...)
 end
 
--- rows without their NULL columns (as Uow:_rows); mode "sparse", or a number: only that many
--- rows made into tables, the second result counting them all (as Uow:_rows_upto)
-local function reader_rows(self, mode, sql, ...)
-    local conn, e = self.db.pool:acquire()
-    if not conn then return nil, e end
-    local rows, affected = conn:send(nil, 1, 0, mode, sql, ...)
-    conn:release()
-    return rows, affected
+-- rows without their NULL columns, all or only the first max made into tables (as uow:rows,
+-- uow:rows_upto)
+function Reader:rows(sql, ...)
+    return self.db:rows(sql, ...)
 end
 
-function Reader:_rows(sql, ...)
-    return reader_rows(self, "sparse", sql, ...)
-end
-
-function Reader:_rows_upto(max, sql, ...)
-    return reader_rows(self, max, sql, ...)
+function Reader:rows_upto(max, sql, ...)
+    return self.db:rows_upto(max, sql, ...)
 end
 
 local function new_repo(d, target, db, ctx, uow)
@@ -593,7 +585,7 @@ local function sort_of(self, c, opts)
     return parse_sort(list, self.d.sortable, self.d.pk, c.what), false
 end
 
--- a row read with _rows (its NULL columns are absent, so they read as nil) -> an entity
+-- a row read with rows (its NULL columns are absent, so they read as nil) -> an entity
 local function map_row(d, row)
     local from = d.from_row
     if from then return from(row) end
@@ -637,9 +629,9 @@ function Repo:get(id, opts)
     end
     local rows
     if self.tenant ~= nil then
-        rows, e = self.t:_rows(sql, id, self.tenant)
+        rows, e = self.t:rows(sql, id, self.tenant)
     else
-        rows, e = self.t:_rows(sql, id)
+        rows, e = self.t:rows(sql, id)
     end
     if not rows then return nil, e end
     if rows[1] == nil then
@@ -717,7 +709,7 @@ function Repo:list(opts)
               .. order_by(c, keys, "p.")
     end
     local rows
-    rows, e = self.t:_rows(sql, unpack(q.params, 1, q.n))
+    rows, e = self.t:rows(sql, unpack(q.params, 1, q.n))
     if not rows then return nil, e end
     local out = { page = page, page_size = size }
     if with_total then
@@ -927,7 +919,7 @@ function Repo:page(opts)
         plan.sql[variant] = sql
     end
     -- one row more than the page tells whether another follows; it is not made into a table
-    local rows, count = self.t:_rows_upto(limit, sql, unpack(q.params, 1, q.n))
+    local rows, count = self.t:rows_upto(limit, sql, unpack(q.params, 1, q.n))
     if not rows then return nil, count end
     local out = { has_next = count > limit }
     if out.has_next then
@@ -983,7 +975,7 @@ function Repo:each(opts, fn)
     local d, n = self.d, 0
     while true do
         local rows
-        rows, e = uow:_rows(fetch)
+        rows, e = uow:rows(fetch)
         if not rows then return nil, e end
         local got, stop = #rows, false
         for i = 1, got do
