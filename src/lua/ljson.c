@@ -318,9 +318,18 @@ int qx_json_push(lua_State *L, int idx, const char **error)
     return ok;
 }
 
-/* One stored event: the event table's string keys and their values, less the routing fields
- * (aggregate_type, aggregate_id) and "_" keys, which are not part of the stored event. */
-static int put_stored_event(jbuf *b, lua_State *L, int idx, int depth)
+/* What core.json_rows is told about the rows it writes (see l_json_rows). */
+typedef struct row_shape {
+    int fields;      /* stack index of the first field name; nfields of them follow */
+    int nfields;
+    int item;        /* stack index of the item's key */
+    int omit;        /* stack index of the table of item keys to leave out, 0 for none */
+    const char *prefix; /* item keys starting with it are left out too; NULL for none */
+    size_t prefix_len;
+} row_shape;
+
+/* One item: the table's string keys and their values, less those the shape leaves out. */
+static int put_item(jbuf *b, lua_State *L, int idx, int depth, const row_shape *sh)
 {
     int first = 1;
     if (!lua_checkstack(L, 4)) {
@@ -339,10 +348,21 @@ static int put_stored_event(jbuf *b, lua_State *L, int idx, int depth)
             continue;
         }
         k = lua_tolstring(L, -2, &klen);
-        if (k[0] == '_' || (klen == 14 && memcmp(k, "aggregate_type", 14) == 0) ||
-            (klen == 12 && memcmp(k, "aggregate_id", 12) == 0)) {
+        if (sh->prefix != NULL && klen >= sh->prefix_len &&
+            memcmp(k, sh->prefix, sh->prefix_len) == 0) {
             lua_pop(L, 1);
             continue;
+        }
+        if (sh->omit != 0) {
+            int skip;
+            lua_pushvalue(L, -2);
+            lua_rawget(L, sh->omit);
+            skip = lua_toboolean(L, -1);
+            lua_pop(L, 1);
+            if (skip) {
+                lua_pop(L, 1);
+                continue;
+            }
         }
         ok = (first || PUTS(b, ",")) && put_string(b, k, klen) && PUTS(b, ":") &&
              encode(b, L, lua_gettop(L), depth + 1);
@@ -356,34 +376,40 @@ static int put_stored_event(jbuf *b, lua_State *L, int idx, int depth)
     return PUTS(b, "}");
 }
 
-/* The rows of one aggregate's events for the event store's append insert: its type and id (text)
- * at ti and ai, the sequence of its first event at si, the array of events at ei. */
-static int put_event_group(jbuf *b, lua_State *L, int ti, int ai, int si, int ei, int *first)
+static int put_key(jbuf *b, lua_State *L, int idx)
 {
-    size_t tlen, alen;
-    const char *type, *agg;
-    long long seq, i, n;
-    if (lua_type(L, ti) != LUA_TSTRING || lua_type(L, ai) != LUA_TSTRING ||
-        !qx_isinteger(L, si, &seq) || lua_type(L, ei) != LUA_TTABLE) {
-        b->error = "expected groups of aggregate type, id, first sequence and events";
+    size_t len;
+    const char *k = lua_tolstring(L, idx, &len);
+    return put_string(b, k, len) && PUTS(b, ":");
+}
+
+/* The rows of one group: its field values at g .. g + nfields - 1 (the last one an integer that
+ * counts up from row to row), its array of items at g + nfields. */
+static int put_group(jbuf *b, lua_State *L, int g, const row_shape *sh, int *first)
+{
+    int items = g + sh->nfields, f;
+    long long count, i, n;
+    if (!qx_isinteger(L, items - 1, &count) || lua_type(L, items) != LUA_TTABLE) {
+        b->error = "expected groups of field values (the last an integer) and a list of items";
         return 0;
     }
-    type = lua_tolstring(L, ti, &tlen);
-    agg = lua_tolstring(L, ai, &alen);
-    n = (long long)qx_rawlen(L, ei);
-    for (i = 1; i <= n; i++, seq++) {
+    n = (long long)qx_rawlen(L, items);
+    for (i = 1; i <= n; i++, count++) {
         int ok;
-        lua_rawgeti(L, ei, (int)i);
+        lua_rawgeti(L, items, (int)i);
         if (lua_type(L, -1) != LUA_TTABLE) {
             lua_pop(L, 1);
-            b->error = "an event is not a table";
+            b->error = "an item is not a table";
             return 0;
         }
-        /* the event's values sit as deep as in a table of rows of tables */
-        ok = (*first || PUTS(b, ",")) && PUTS(b, "{\"type\":") && put_string(b, type, tlen) &&
-             PUTS(b, ",\"agg\":") && put_string(b, agg, alen) && PUTS(b, ",\"seq\":") &&
-             put_int(b, seq) && PUTS(b, ",\"event\":") &&
-             put_stored_event(b, L, lua_gettop(L), 2) && PUTS(b, "}");
+        ok = (*first || PUTS(b, ",")) && PUTS(b, "{");
+        /* the values sit as deep as in a table of rows of tables */
+        for (f = 0; ok && f < sh->nfields - 1; f++)
+            ok = (f == 0 || PUTS(b, ",")) && put_key(b, L, sh->fields + f) &&
+                 encode(b, L, g + f, 2);
+        ok = ok && (sh->nfields == 1 || PUTS(b, ",")) &&
+             put_key(b, L, sh->fields + sh->nfields - 1) && put_int(b, count) && PUTS(b, ",") &&
+             put_key(b, L, sh->item) && put_item(b, L, lua_gettop(L), 2, sh) && PUTS(b, "}");
         *first = 0;
         lua_pop(L, 1);
         if (!ok)
@@ -392,36 +418,67 @@ static int put_event_group(jbuf *b, lua_State *L, int ti, int ai, int si, int ei
     return 1;
 }
 
-/* core.json_event_rows(type, id, first_seq, events, ...) or core.json_event_rows(list) with the
- * same values in one array (for many aggregates) -> text | nil, err
- * The JSON array of the event store's append rows, [{"type":..,"agg":..,"seq":..,"event":{..}},
- * ...], sequences counting up within each aggregate's events. Written in one pass, so that no
- * row or event table is made for it in Lua. */
-static int l_json_event_rows(lua_State *L)
+#define MAX_ROW_FIELDS 16
+
+/* core.json_rows(shape, v1, ..., vk, items, ...) or core.json_rows(shape, list) with the same
+ * values in one array -> text | nil, err
+ * shape = { fields = { name1, ..., namek }, item = name, omit = { key = true, ... }?,
+ *           omit_prefix = "..."? }
+ * The JSON array of one object per item of each group: the group's k fields (the last one an
+ * integer counting up from item to item), then the item itself (its string keys, less those in
+ * omit and those starting with omit_prefix). Written in one pass, so that no row or item table
+ * is made for it in Lua. */
+static int l_json_rows(lua_State *L)
 {
-    int nargs = lua_gettop(L), listed = nargs == 1 && lua_type(L, 1) == LUA_TTABLE, first = 1;
-    int ok, g;
+    int nargs, listed, first = 1, ok, g, group, k;
+    row_shape sh;
     jbuf b;
-    if (listed)
-        nargs = (int)qx_rawlen(L, 1);
-    if (nargs % 4 != 0)
-        return luaL_error(L, "json_event_rows: expected groups of type, id, sequence, events");
+
+    luaL_checktype(L, 1, LUA_TTABLE);
+    listed = lua_gettop(L) == 2 && lua_type(L, 2) == LUA_TTABLE;
+    nargs = listed ? (int)qx_rawlen(L, 2) : lua_gettop(L) - 1;
+    luaL_checkstack(L, 2 * MAX_ROW_FIELDS + 16, "json_rows");
+    lua_getfield(L, 1, "fields");
+    if (!lua_istable(L, -1))
+        return luaL_error(L, "json_rows: shape.fields must be a list of names");
+    sh.nfields = (int)qx_rawlen(L, -1);
+    if (sh.nfields < 1 || sh.nfields > MAX_ROW_FIELDS)
+        return luaL_error(L, "json_rows: shape.fields must hold 1 to %d names", MAX_ROW_FIELDS);
+    sh.fields = lua_gettop(L) + 1;
+    for (k = 1; k <= sh.nfields; k++) {
+        lua_rawgeti(L, sh.fields - 1, k);
+        if (lua_type(L, -1) != LUA_TSTRING)
+            return luaL_error(L, "json_rows: shape.fields must be a list of names");
+    }
+    lua_getfield(L, 1, "item");
+    if (lua_type(L, -1) != LUA_TSTRING)
+        return luaL_error(L, "json_rows: shape.item must be a name");
+    sh.item = lua_gettop(L);
+    lua_getfield(L, 1, "omit");
+    sh.omit = lua_istable(L, -1) ? lua_gettop(L) : 0;
+    lua_getfield(L, 1, "omit_prefix");
+    sh.prefix = lua_tolstring(L, -1, &sh.prefix_len);
+    if (sh.prefix != NULL && sh.prefix_len == 0)
+        sh.prefix = NULL;
+    group = sh.nfields + 1;
+    if (nargs % group != 0)
+        return luaL_error(L, "json_rows: expected groups of %d field values and a list of items",
+                          sh.nfields);
     b.p = b.inline_buf;
     b.len = 0;
     b.cap = sizeof b.inline_buf;
     b.error = NULL;
     ok = PUTS(&b, "[");
-    for (g = 1; ok && g + 3 <= nargs; g += 4) {
+    for (g = 0; ok && g + group <= nargs; g += group) {
         if (listed) {
-            int k, top;
-            luaL_checkstack(L, 8, "json_event_rows");
-            for (k = 0; k < 4; k++)
-                lua_rawgeti(L, 1, g + k);
+            int top; /* room checked above: the buffer must not be left by a raise */
+            for (k = 1; k <= group; k++)
+                lua_rawgeti(L, 2, g + k);
             top = lua_gettop(L);
-            ok = put_event_group(&b, L, top - 3, top - 2, top - 1, top, &first);
-            lua_pop(L, 4);
+            ok = put_group(&b, L, top - group + 1, &sh, &first);
+            lua_pop(L, group);
         } else {
-            ok = put_event_group(&b, L, g, g + 1, g + 2, g + 3, &first);
+            ok = put_group(&b, L, 2 + g, &sh, &first);
         }
     }
     ok = ok && PUTS(&b, "]");
@@ -451,6 +508,6 @@ void qx_open_json(lua_State *L)
 {
     lua_pushcfunction(L, l_json_encode);
     lua_setfield(L, -2, "json_encode");
-    lua_pushcfunction(L, l_json_event_rows);
-    lua_setfield(L, -2, "json_event_rows");
+    lua_pushcfunction(L, l_json_rows);
+    lua_setfield(L, -2, "json_rows");
 }

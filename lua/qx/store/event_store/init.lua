@@ -838,7 +838,7 @@ end
 -- Checks one aggregate and stamps its events. Returns the aggregate type, the id as text, the
 -- version, the events to store (the pending list itself when none of them is an integration
 -- event), how many they are, and the snapshot row or nil | nil, err. Nothing is drained here.
--- The rows themselves are written by core.json_event_rows: each stored event is the event's own
+-- The rows themselves are written by core.json_rows (EVENT_ROW): each stored event is the event's own
 -- fields, metadata and payload side by side, less the routing fields and "_" keys.
 local function prepare(store, uow, agg, opts)
     local class = es_class.class_of(agg)
@@ -906,7 +906,11 @@ local function prepare(store, uow, agg, opts)
     return agg_type, sid, version, stored, n, snap
 end
 
-local event_rows = core.json_event_rows
+-- the append rows: [{"type", "agg", "seq" (counting up), "event": less routing fields, "_" keys}]
+local EVENT_ROW = { fields = { "type", "agg", "seq" }, item = "event", omit_prefix = "_",
+                    omit = { aggregate_type = true, aggregate_id = true } }
+local json_rows = core.json_rows
+local function event_rows(...) return json_rows(EVENT_ROW, ...) end
 
 local function rows_invalid(e)
     return nil, new_error("invalid", "an event cannot be stored as JSON: " .. tostring(e.message))
