@@ -83,14 +83,32 @@ qx_status qx_tx_new(qx_tx **out, qx_conn *c, const qx_tx_options *o, qx_error *e
     *out = NULL;
     if (c == NULL)
         return qx_error_set(err, QX_ERR_CLOSED, "connection is closed");
-    tx = calloc(1, sizeof *tx);
+    /* not calloc: the two error buffers are written only when used (one per transaction) */
+    tx = malloc(sizeof *tx);
     if (tx == NULL)
         return qx_error_set(err, QX_ERR_NOMEM, "out of memory");
     tx->c = c;
     tx->state = QX_TXS_ACTIVE;
-    tx->poison_at = -1;
+    tx->block = 0;
+    tx->sends = tx->round_trips = 0;
+    tx->timeout[0] = '\0';
     if (o != NULL && o->timeout_ms >= 0)
         snprintf(tx->timeout, sizeof tx->timeout, "%d", o->timeout_ms);
+    tx->q = NULL;
+    tx->nq = tx->capq = 0;
+    tx->arena = NULL;
+    tx->used = tx->cap = 0;
+    tx->reset_arena = 0;
+    tx->poison_at = -1;
+    tx->sp = NULL;
+    tx->nsp = tx->capsp = tx->sp_counter = 0;
+    tx->stmts = NULL;
+    tx->results = NULL;
+    tx->values = NULL;
+    tx->lengths = NULL;
+    tx->caps = tx->capv = tx->nlast = 0;
+    tx->notify_sql = NULL;
+    tx->notify_cap = 0;
     *out = tx;
     return QX_OK;
 }

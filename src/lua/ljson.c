@@ -319,9 +319,14 @@ int qx_json_push(lua_State *L, int idx, const char **error)
 }
 
 /* What core.json_rows is told about the rows it writes (see l_json_rows). */
+#define MAX_ROW_FIELDS 16
+#define MAX_ROW_KEY 64 /* the JSON of a field's key ("name":), written once per call */
+
 typedef struct row_shape {
     int fields;      /* stack index of the first field name; nfields of them follow */
     int nfields;
+    char keys[MAX_ROW_FIELDS + 1][MAX_ROW_KEY]; /* "name": of each field, then of the item */
+    size_t keylen[MAX_ROW_FIELDS + 1];
     int item;        /* stack index of the item's key */
     int omit;        /* stack index of the table of item keys to leave out, 0 for none */
     const char *prefix; /* item keys starting with it are left out too; NULL for none */
@@ -376,11 +381,30 @@ static int put_item(jbuf *b, lua_State *L, int idx, int depth, const row_shape *
     return PUTS(b, "}");
 }
 
-static int put_key(jbuf *b, lua_State *L, int idx)
+static int put_key(jbuf *b, const row_shape *sh, int k)
 {
+    return put(b, sh->keys[k], sh->keylen[k]);
+}
+
+/* Writes "name": of the key at idx into slot k of the shape; 0 when it does not fit. */
+static int shape_key(lua_State *L, row_shape *sh, int idx, int k)
+{
+    jbuf kb;
+    int ok;
     size_t len;
-    const char *k = lua_tolstring(L, idx, &len);
-    return put_string(b, k, len) && PUTS(b, ":");
+    const char *name = lua_tolstring(L, idx, &len);
+    kb.p = kb.inline_buf;
+    kb.len = 0;
+    kb.cap = sizeof kb.inline_buf;
+    kb.error = NULL;
+    ok = put_string(&kb, name, len) && PUTS(&kb, ":") && kb.len <= MAX_ROW_KEY;
+    if (ok) {
+        memcpy(sh->keys[k], kb.p, kb.len);
+        sh->keylen[k] = kb.len;
+    }
+    if (kb.p != kb.inline_buf)
+        free(kb.p);
+    return ok;
 }
 
 /* The rows of one group: its field values at g .. g + nfields - 1 (the last one an integer that
@@ -405,11 +429,11 @@ static int put_group(jbuf *b, lua_State *L, int g, const row_shape *sh, int *fir
         ok = (*first || PUTS(b, ",")) && PUTS(b, "{");
         /* the values sit as deep as in a table of rows of tables */
         for (f = 0; ok && f < sh->nfields - 1; f++)
-            ok = (f == 0 || PUTS(b, ",")) && put_key(b, L, sh->fields + f) &&
+            ok = (f == 0 || PUTS(b, ",")) && put_key(b, sh, f) &&
                  encode(b, L, g + f, 2);
         ok = ok && (sh->nfields == 1 || PUTS(b, ",")) &&
-             put_key(b, L, sh->fields + sh->nfields - 1) && put_int(b, count) && PUTS(b, ",") &&
-             put_key(b, L, sh->item) && put_item(b, L, lua_gettop(L), 2, sh) && PUTS(b, "}");
+             put_key(b, sh, sh->nfields - 1) && put_int(b, count) && PUTS(b, ",") &&
+             put_key(b, sh, sh->nfields) && put_item(b, L, lua_gettop(L), 2, sh) && PUTS(b, "}");
         *first = 0;
         lua_pop(L, 1);
         if (!ok)
@@ -417,8 +441,6 @@ static int put_group(jbuf *b, lua_State *L, int g, const row_shape *sh, int *fir
     }
     return 1;
 }
-
-#define MAX_ROW_FIELDS 16
 
 /* core.json_rows(shape, v1, ..., vk, items, ...) or core.json_rows(shape, list) with the same
  * values in one array -> text | nil, err
@@ -447,12 +469,12 @@ static int l_json_rows(lua_State *L)
     sh.fields = lua_gettop(L) + 1;
     for (k = 1; k <= sh.nfields; k++) {
         lua_rawgeti(L, sh.fields - 1, k);
-        if (lua_type(L, -1) != LUA_TSTRING)
-            return luaL_error(L, "json_rows: shape.fields must be a list of names");
+        if (lua_type(L, -1) != LUA_TSTRING || !shape_key(L, &sh, -1, k - 1))
+            return luaL_error(L, "json_rows: shape.fields must be a list of short names");
     }
     lua_getfield(L, 1, "item");
-    if (lua_type(L, -1) != LUA_TSTRING)
-        return luaL_error(L, "json_rows: shape.item must be a name");
+    if (lua_type(L, -1) != LUA_TSTRING || !shape_key(L, &sh, -1, sh.nfields))
+        return luaL_error(L, "json_rows: shape.item must be a short name");
     sh.item = lua_gettop(L);
     lua_getfield(L, 1, "omit");
     sh.omit = lua_istable(L, -1) ? lua_gettop(L) : 0;
