@@ -75,8 +75,8 @@ describe("json encoding", function()
     end)
 
     -- the event store's rows (qx.store.event_store), as an example of a shape
-    local EVENT_ROW = { fields = { "type", "agg", "seq" }, item = "event",
-                        omit = { aggregate_type = true, aggregate_id = true }, omit_prefix = "_" }
+    local EVENT_ROW = core.json_shape{ fields = { "type", "agg", "seq" }, item = "event",
+                                       omit = { "aggregate_type", "aggregate_id" }, omit_prefix = "_" }
     local function json_event_rows(...) return core.json_rows(EVENT_ROW, ...) end
 
     it("writes rows of a shape: items less the keys left out, a counter counting up (the event store's append rows)", function()
@@ -105,13 +105,16 @@ describe("json encoding", function()
         assert.equal("invalid", e.code)
         assert.matches("function", e.message)
         assert.has_error(function() json_event_rows("T", "x", 1) end)
-        assert.has_error(function() core.json_rows({ item = "e" }, "T", {}) end)
-        assert.has_error(function() core.json_rows({ fields = { "n" } }, 1, {}) end)
+        assert.has_error(function() core.json_rows({ fields = { "n" }, item = "e" }, 1, {}) end)
+        assert.has_error(function() core.json_shape{ item = "e" } end)
+        assert.has_error(function() core.json_shape{ fields = { "n" } } end)
+        assert.has_error(function() core.json_shape{ fields = { "n" }, item = "e", omit = { 1 } } end)
     end)
 
     it("writes rows of any shape: one field, no omissions", function()
-        local text = core.json_rows({ fields = { "n" }, item = "it" }, 10, { { a = 1, _b = 2 } })
+        local shape = core.json_shape{ fields = { "n" }, item = "it" }
+        local text = core.json_rows(shape, 10, { { a = 1, _b = 2 } })
         assert.same({ { n = 10, it = { a = 1, _b = 2 } } }, cjson.decode(text))
-        assert.equal("[]", core.json_rows({ fields = { "n" }, item = "it" }))
+        assert.equal("[]", core.json_rows(shape))
     end)
 end)

@@ -44,7 +44,8 @@ struct qx_tx {
     char timeout[16];     /* "" or the statement_timeout parameter */
 
     entry *q;
-    int nq, capq;
+    int nq;
+    size_t capq;
     char *arena;
     size_t used, cap;
     int reset_arena;      /* the arena holds the last pipeline's texts until the next append */
@@ -60,12 +61,41 @@ struct qx_tx {
     qx_result **results;
     const char **values;
     int *lengths;
-    int caps, capv;
+    size_t caps, capv;
     int nlast;            /* statements of the last pipeline (stmts[0..nlast-1]) */
 
     char *notify_sql;
     size_t notify_cap;
+
+    /* what most transactions need, without a malloc of its own */
+    entry q_local[8];
+    qx_stmt stmts_local[8];
+    qx_result *results_local[8];
+    const char *values_local[32];
+    int lengths_local[32];
+    char arena_local[1024];
 };
+
+/* Grows the array *p (n elements of size elem, first held in local) to hold at least need. */
+static int grow(void **p, void *local, size_t elem, size_t n, size_t need, size_t *cap)
+{
+    size_t c = *cap;
+    void *q;
+    while (c < need)
+        c *= 2;
+    if (*p == local) {
+        q = malloc(elem * c);
+        if (q != NULL)
+            memcpy(q, local, elem * n);
+    } else {
+        q = realloc(*p, elem * c);
+    }
+    if (q == NULL)
+        return 0;
+    *p = q;
+    *cap = c;
+    return 1;
+}
 
 static const char BEGIN_SQL[] = "BEGIN";
 static const char COMMIT_SQL[] = "COMMIT";
@@ -94,19 +124,23 @@ qx_status qx_tx_new(qx_tx **out, qx_conn *c, const qx_tx_options *o, qx_error *e
     tx->timeout[0] = '\0';
     if (o != NULL && o->timeout_ms >= 0)
         snprintf(tx->timeout, sizeof tx->timeout, "%d", o->timeout_ms);
-    tx->q = NULL;
-    tx->nq = tx->capq = 0;
-    tx->arena = NULL;
-    tx->used = tx->cap = 0;
+    tx->q = tx->q_local;
+    tx->nq = 0;
+    tx->capq = 8;
+    tx->arena = tx->arena_local;
+    tx->used = 0;
+    tx->cap = sizeof tx->arena_local;
     tx->reset_arena = 0;
     tx->poison_at = -1;
     tx->sp = NULL;
     tx->nsp = tx->capsp = tx->sp_counter = 0;
-    tx->stmts = NULL;
-    tx->results = NULL;
-    tx->values = NULL;
-    tx->lengths = NULL;
-    tx->caps = tx->capv = tx->nlast = 0;
+    tx->stmts = tx->stmts_local;
+    tx->results = tx->results_local;
+    tx->caps = 8;
+    tx->values = tx->values_local;
+    tx->lengths = tx->lengths_local;
+    tx->capv = 32;
+    tx->nlast = 0;
     tx->notify_sql = NULL;
     tx->notify_cap = 0;
     *out = tx;
@@ -117,13 +151,19 @@ void qx_tx_free(qx_tx *tx)
 {
     if (tx == NULL)
         return;
-    free(tx->q);
-    free(tx->arena);
+    if (tx->q != tx->q_local)
+        free(tx->q);
+    if (tx->arena != tx->arena_local)
+        free(tx->arena);
+    if (tx->stmts != tx->stmts_local)
+        free(tx->stmts);
+    if (tx->results != tx->results_local)
+        free(tx->results);
+    if (tx->values != tx->values_local)
+        free(tx->values);
+    if (tx->lengths != tx->lengths_local)
+        free(tx->lengths);
     free(tx->sp);
-    free(tx->stmts);
-    free(tx->results);
-    free(tx->values);
-    free(tx->lengths);
     free(tx->notify_sql);
     free(tx);
 }
@@ -166,17 +206,8 @@ static int arena_reserve(qx_tx *tx, size_t n)
         tx->used = 0;
         tx->reset_arena = 0;
     }
-    if (tx->used + n > tx->cap) {
-        size_t cap = tx->cap ? tx->cap : 1024;
-        char *a;
-        while (cap < tx->used + n)
-            cap *= 2;
-        a = realloc(tx->arena, cap);
-        if (a == NULL)
-            return 0;
-        tx->arena = a;
-        tx->cap = cap;
-    }
+    if (tx->used + n > tx->cap)
+        return grow((void **)&tx->arena, tx->arena_local, 1, tx->used, tx->used + n, &tx->cap);
     return 1;
 }
 
@@ -220,14 +251,10 @@ static qx_status push(qx_tx *tx, const qx_stmt *s, qx_error *err)
         size_t len = v == NULL ? 0 : s->lengths ? (size_t)s->lengths[i] : strlen(v);
         need += sizeof(int) + len + 1;
     }
-    if (tx->nq == tx->capq) {
-        int cap = tx->capq ? tx->capq * 2 : 8;
-        entry *q = realloc(tx->q, sizeof *q * (size_t)cap);
-        if (q == NULL)
-            return qx_error_set(err, QX_ERR_NOMEM, "out of memory");
-        tx->q = q;
-        tx->capq = cap;
-    }
+    if ((size_t)tx->nq == tx->capq &&
+        !grow((void **)&tx->q, tx->q_local, sizeof *tx->q, (size_t)tx->nq, (size_t)tx->nq + 1,
+              &tx->capq))
+        return qx_error_set(err, QX_ERR_NOMEM, "out of memory");
     if (!arena_reserve(tx, need))
         return qx_error_set(err, QX_ERR_NOMEM, "out of memory");
     e = &tx->q[tx->nq];
@@ -270,36 +297,27 @@ qx_status qx_tx_queue_failure(qx_tx *tx, const qx_error *why)
 
 static int room(qx_tx *tx, int nstmts, int nvalues)
 {
-    if (nstmts > tx->caps) {
-        int cap = tx->caps ? tx->caps : 8;
-        qx_stmt *s;
-        qx_result **r;
-        while (cap < nstmts)
-            cap *= 2;
-        s = realloc(tx->stmts, sizeof *s * (size_t)cap);
-        if (s == NULL)
+    if ((size_t)nstmts > tx->caps) {
+        size_t cap = tx->caps;
+        /* nothing in them is kept from one send to the next: no copy needed, but grow copies */
+        if (!grow((void **)&tx->stmts, tx->stmts_local, sizeof *tx->stmts, 0, (size_t)nstmts,
+                  &cap))
             return 0;
-        tx->stmts = s;
-        r = realloc(tx->results, sizeof *r * (size_t)cap);
-        if (r == NULL)
+        cap = tx->caps;
+        if (!grow((void **)&tx->results, tx->results_local, sizeof *tx->results, 0,
+                  (size_t)nstmts, &cap))
             return 0;
-        tx->results = r;
         tx->caps = cap;
     }
-    if (nvalues > tx->capv) {
-        int cap = tx->capv ? tx->capv : 16;
-        const char **v;
-        int *l;
-        while (cap < nvalues)
-            cap *= 2;
-        v = realloc(tx->values, sizeof *v * (size_t)cap);
-        if (v == NULL)
+    if ((size_t)nvalues > tx->capv) {
+        size_t cap = tx->capv;
+        if (!grow((void **)&tx->values, tx->values_local, sizeof *tx->values, 0, (size_t)nvalues,
+                  &cap))
             return 0;
-        tx->values = v;
-        l = realloc(tx->lengths, sizeof *l * (size_t)cap);
-        if (l == NULL)
+        cap = tx->capv;
+        if (!grow((void **)&tx->lengths, tx->lengths_local, sizeof *tx->lengths, 0,
+                  (size_t)nvalues, &cap))
             return 0;
-        tx->lengths = l;
         tx->capv = cap;
     }
     return 1;

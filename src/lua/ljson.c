@@ -320,18 +320,35 @@ int qx_json_push(lua_State *L, int idx, const char **error)
 
 /* What core.json_rows is told about the rows it writes (see l_json_rows). */
 #define MAX_ROW_FIELDS 16
-#define MAX_ROW_KEY 64 /* the JSON of a field's key ("name":), written once per call */
+#define MAX_ROW_OMIT 16
+#define MAX_ROW_KEY 64
 
+/* A shape made by core.json_shape: everything core.json_rows needs, written once. A plain
+ * userdata (nothing to free, nothing referenced). */
 typedef struct row_shape {
-    int fields;      /* stack index of the first field name; nfields of them follow */
     int nfields;
     char keys[MAX_ROW_FIELDS + 1][MAX_ROW_KEY]; /* "name": of each field, then of the item */
     size_t keylen[MAX_ROW_FIELDS + 1];
-    int item;        /* stack index of the item's key */
-    int omit;        /* stack index of the table of item keys to leave out, 0 for none */
-    const char *prefix; /* item keys starting with it are left out too; NULL for none */
+    int nomit;
+    char omit[MAX_ROW_OMIT][MAX_ROW_KEY];       /* item keys left out */
+    size_t omitlen[MAX_ROW_OMIT];
+    char prefix[MAX_ROW_KEY];                   /* item keys starting with it are left out */
     size_t prefix_len;
 } row_shape;
+
+static const char SHAPE_MT_KEY = 's';
+
+static int left_out(const row_shape *sh, const char *k, size_t klen)
+{
+    int i;
+    if (sh->prefix_len > 0 && klen >= sh->prefix_len && k[0] == sh->prefix[0] &&
+        memcmp(k, sh->prefix, sh->prefix_len) == 0)
+        return 1;
+    for (i = 0; i < sh->nomit; i++)
+        if (klen == sh->omitlen[i] && k[0] == sh->omit[i][0] && memcmp(k, sh->omit[i], klen) == 0)
+            return 1;
+    return 0;
+}
 
 /* One item: the table's string keys and their values, less those the shape leaves out. */
 static int put_item(jbuf *b, lua_State *L, int idx, int depth, const row_shape *sh)
@@ -353,21 +370,9 @@ static int put_item(jbuf *b, lua_State *L, int idx, int depth, const row_shape *
             continue;
         }
         k = lua_tolstring(L, -2, &klen);
-        if (sh->prefix != NULL && klen >= sh->prefix_len &&
-            memcmp(k, sh->prefix, sh->prefix_len) == 0) {
+        if (klen > 0 && left_out(sh, k, klen)) {
             lua_pop(L, 1);
             continue;
-        }
-        if (sh->omit != 0) {
-            int skip;
-            lua_pushvalue(L, -2);
-            lua_rawget(L, sh->omit);
-            skip = lua_toboolean(L, -1);
-            lua_pop(L, 1);
-            if (skip) {
-                lua_pop(L, 1);
-                continue;
-            }
         }
         ok = (first || PUTS(b, ",")) && put_string(b, k, klen) && PUTS(b, ":") &&
              encode(b, L, lua_gettop(L), depth + 1);
@@ -379,32 +384,6 @@ static int put_item(jbuf *b, lua_State *L, int idx, int depth, const row_shape *
         }
     }
     return PUTS(b, "}");
-}
-
-static int put_key(jbuf *b, const row_shape *sh, int k)
-{
-    return put(b, sh->keys[k], sh->keylen[k]);
-}
-
-/* Writes "name": of the key at idx into slot k of the shape; 0 when it does not fit. */
-static int shape_key(lua_State *L, row_shape *sh, int idx, int k)
-{
-    jbuf kb;
-    int ok;
-    size_t len;
-    const char *name = lua_tolstring(L, idx, &len);
-    kb.p = kb.inline_buf;
-    kb.len = 0;
-    kb.cap = sizeof kb.inline_buf;
-    kb.error = NULL;
-    ok = put_string(&kb, name, len) && PUTS(&kb, ":") && kb.len <= MAX_ROW_KEY;
-    if (ok) {
-        memcpy(sh->keys[k], kb.p, kb.len);
-        sh->keylen[k] = kb.len;
-    }
-    if (kb.p != kb.inline_buf)
-        free(kb.p);
-    return ok;
 }
 
 /* The rows of one group: its field values at g .. g + nfields - 1 (the last one an integer that
@@ -429,11 +408,13 @@ static int put_group(jbuf *b, lua_State *L, int g, const row_shape *sh, int *fir
         ok = (*first || PUTS(b, ",")) && PUTS(b, "{");
         /* the values sit as deep as in a table of rows of tables */
         for (f = 0; ok && f < sh->nfields - 1; f++)
-            ok = (f == 0 || PUTS(b, ",")) && put_key(b, sh, f) &&
+            ok = (f == 0 || PUTS(b, ",")) && put(b, sh->keys[f], sh->keylen[f]) &&
                  encode(b, L, g + f, 2);
-        ok = ok && (sh->nfields == 1 || PUTS(b, ",")) &&
-             put_key(b, sh, sh->nfields - 1) && put_int(b, count) && PUTS(b, ",") &&
-             put_key(b, sh, sh->nfields) && put_item(b, L, lua_gettop(L), 2, sh) && PUTS(b, "}");
+        f = sh->nfields - 1;
+        ok = ok && (f == 0 || PUTS(b, ",")) && put(b, sh->keys[f], sh->keylen[f]) &&
+             put_int(b, count) && PUTS(b, ",") &&
+             put(b, sh->keys[f + 1], sh->keylen[f + 1]) &&
+             put_item(b, L, lua_gettop(L), 2, sh) && PUTS(b, "}");
         *first = 0;
         lua_pop(L, 1);
         if (!ok)
@@ -442,50 +423,120 @@ static int put_group(jbuf *b, lua_State *L, int g, const row_shape *sh, int *fir
     return 1;
 }
 
-/* core.json_rows(shape, v1, ..., vk, items, ...) or core.json_rows(shape, list) with the same
- * values in one array -> text | nil, err
- * shape = { fields = { name1, ..., namek }, item = name, omit = { key = true, ... }?,
- *           omit_prefix = "..."? }
- * The JSON array of one object per item of each group: the group's k fields (the last one an
- * integer counting up from item to item), then the item itself (its string keys, less those in
- * omit and those starting with omit_prefix). Written in one pass, so that no row or item table
- * is made for it in Lua. */
-static int l_json_rows(lua_State *L)
+/* The key at idx as JSON ("name":) into out; 0 when it is not a string or too long. */
+static int shape_key(lua_State *L, int idx, char *out, size_t *outlen)
 {
-    int nargs, listed, first = 1, ok, g, group, k;
-    row_shape sh;
-    jbuf b;
+    jbuf kb;
+    int ok;
+    size_t len;
+    const char *name;
+    if (lua_type(L, idx) != LUA_TSTRING)
+        return 0;
+    name = lua_tolstring(L, idx, &len);
+    kb.p = kb.inline_buf;
+    kb.len = 0;
+    kb.cap = sizeof kb.inline_buf;
+    kb.error = NULL;
+    ok = len < MAX_ROW_KEY && put_string(&kb, name, len) && PUTS(&kb, ":") &&
+         kb.len <= MAX_ROW_KEY;
+    if (ok) {
+        memcpy(out, kb.p, kb.len);
+        *outlen = kb.len;
+    }
+    if (kb.p != kb.inline_buf)
+        free(kb.p);
+    return ok;
+}
 
+/* core.json_shape{ fields = { name1, ..., namek }, item = name, omit = { key, ... }?,
+ *                  omit_prefix = "..."? } -> shape for core.json_rows */
+static int l_json_shape(lua_State *L)
+{
+    row_shape *sh;
+    int k, n;
     luaL_checktype(L, 1, LUA_TTABLE);
-    listed = lua_gettop(L) == 2 && lua_type(L, 2) == LUA_TTABLE;
-    nargs = listed ? (int)qx_rawlen(L, 2) : lua_gettop(L) - 1;
-    luaL_checkstack(L, 2 * MAX_ROW_FIELDS + 16, "json_rows");
+    sh = lua_newuserdata(L, sizeof *sh);
+    memset(sh, 0, sizeof *sh);
+    lua_pushlightuserdata(L, (void *)&SHAPE_MT_KEY);
+    lua_rawget(L, LUA_REGISTRYINDEX);
+    lua_setmetatable(L, -2);
     lua_getfield(L, 1, "fields");
     if (!lua_istable(L, -1))
-        return luaL_error(L, "json_rows: shape.fields must be a list of names");
-    sh.nfields = (int)qx_rawlen(L, -1);
-    if (sh.nfields < 1 || sh.nfields > MAX_ROW_FIELDS)
-        return luaL_error(L, "json_rows: shape.fields must hold 1 to %d names", MAX_ROW_FIELDS);
-    sh.fields = lua_gettop(L) + 1;
-    for (k = 1; k <= sh.nfields; k++) {
-        lua_rawgeti(L, sh.fields - 1, k);
-        if (lua_type(L, -1) != LUA_TSTRING || !shape_key(L, &sh, -1, k - 1))
-            return luaL_error(L, "json_rows: shape.fields must be a list of short names");
+        return luaL_error(L, "json_shape: fields must be a list of names");
+    n = (int)qx_rawlen(L, -1);
+    if (n < 1 || n > MAX_ROW_FIELDS)
+        return luaL_error(L, "json_shape: fields must hold 1 to %d names", MAX_ROW_FIELDS);
+    sh->nfields = n;
+    for (k = 0; k < n; k++) {
+        lua_rawgeti(L, -1, k + 1);
+        if (!shape_key(L, -1, sh->keys[k], &sh->keylen[k]))
+            return luaL_error(L, "json_shape: fields must be a list of short names");
+        lua_pop(L, 1);
     }
+    lua_pop(L, 1);
     lua_getfield(L, 1, "item");
-    if (lua_type(L, -1) != LUA_TSTRING || !shape_key(L, &sh, -1, sh.nfields))
-        return luaL_error(L, "json_rows: shape.item must be a short name");
-    sh.item = lua_gettop(L);
+    if (!shape_key(L, -1, sh->keys[n], &sh->keylen[n]))
+        return luaL_error(L, "json_shape: item must be a short name");
+    lua_pop(L, 1);
     lua_getfield(L, 1, "omit");
-    sh.omit = lua_istable(L, -1) ? lua_gettop(L) : 0;
+    if (!lua_isnil(L, -1)) {
+        if (!lua_istable(L, -1) || (n = (int)qx_rawlen(L, -1)) > MAX_ROW_OMIT)
+            return luaL_error(L, "json_shape: omit must be a list of at most %d keys",
+                              MAX_ROW_OMIT);
+        for (k = 0; k < n; k++) {
+            size_t len;
+            const char *key;
+            lua_rawgeti(L, -1, k + 1);
+            if (lua_type(L, -1) != LUA_TSTRING)
+                return luaL_error(L, "json_shape: omit must be a list of short keys");
+            key = lua_tolstring(L, -1, &len);
+            if (len == 0 || len >= MAX_ROW_KEY)
+                return luaL_error(L, "json_shape: omit must be a list of short keys");
+            memcpy(sh->omit[k], key, len);
+            sh->omitlen[k] = len;
+            lua_pop(L, 1);
+        }
+        sh->nomit = n;
+    }
+    lua_pop(L, 1);
     lua_getfield(L, 1, "omit_prefix");
-    sh.prefix = lua_tolstring(L, -1, &sh.prefix_len);
-    if (sh.prefix != NULL && sh.prefix_len == 0)
-        sh.prefix = NULL;
-    group = sh.nfields + 1;
+    if (!lua_isnil(L, -1)) {
+        size_t len = 0;
+        const char *p = lua_type(L, -1) == LUA_TSTRING ? lua_tolstring(L, -1, &len) : NULL;
+        if (p == NULL || len >= MAX_ROW_KEY)
+            return luaL_error(L, "json_shape: omit_prefix must be a short string");
+        memcpy(sh->prefix, p, len);
+        sh->prefix_len = len;
+    }
+    lua_pop(L, 1);
+    return 1;
+}
+
+/* core.json_rows(shape, v1, ..., vk, items, ...) or core.json_rows(shape, list) with the same
+ * values in one array -> text | nil, err
+ * The JSON array of one object per item of each group: the group's k fields of the shape (the
+ * last one an integer counting up from item to item), then the item itself (its string keys,
+ * less those the shape leaves out). Written in one pass, so that no row or item table is made
+ * for it in Lua. */
+static int l_json_rows(lua_State *L)
+{
+    int nargs, listed, first = 1, ok, g, group, k, same = 0;
+    const row_shape *sh = lua_touserdata(L, 1);
+    jbuf b;
+
+    if (sh != NULL && lua_getmetatable(L, 1)) {
+        same = lua_rawequal(L, -1, lua_upvalueindex(1));
+        lua_pop(L, 1);
+    }
+    if (!same)
+        return luaL_argerror(L, 1, "a shape made by json_shape expected");
+    listed = lua_gettop(L) == 2 && lua_type(L, 2) == LUA_TTABLE;
+    nargs = listed ? (int)qx_rawlen(L, 2) : lua_gettop(L) - 1;
+    group = sh->nfields + 1;
     if (nargs % group != 0)
         return luaL_error(L, "json_rows: expected groups of %d field values and a list of items",
-                          sh.nfields);
+                          sh->nfields);
+    luaL_checkstack(L, group + 16, "json_rows"); /* before the buffer: it must not be left */
     b.p = b.inline_buf;
     b.len = 0;
     b.cap = sizeof b.inline_buf;
@@ -493,14 +544,14 @@ static int l_json_rows(lua_State *L)
     ok = PUTS(&b, "[");
     for (g = 0; ok && g + group <= nargs; g += group) {
         if (listed) {
-            int top; /* room checked above: the buffer must not be left by a raise */
+            int top;
             for (k = 1; k <= group; k++)
                 lua_rawgeti(L, 2, g + k);
             top = lua_gettop(L);
-            ok = put_group(&b, L, top - group + 1, &sh, &first);
+            ok = put_group(&b, L, top - group + 1, sh, &first);
             lua_pop(L, group);
         } else {
-            ok = put_group(&b, L, 2 + g, &sh, &first);
+            ok = put_group(&b, L, 2 + g, sh, &first);
         }
     }
     ok = ok && PUTS(&b, "]");
@@ -530,6 +581,15 @@ void qx_open_json(lua_State *L)
 {
     lua_pushcfunction(L, l_json_encode);
     lua_setfield(L, -2, "json_encode");
-    lua_pushcfunction(L, l_json_rows);
+    /* the shape metatable: known to json_rows as its upvalue, to json_shape by its key */
+    lua_newtable(L);
+    lua_pushliteral(L, "qx.json_shape");
+    lua_setfield(L, -2, "__name");
+    lua_pushlightuserdata(L, (void *)&SHAPE_MT_KEY);
+    lua_pushvalue(L, -2);
+    lua_rawset(L, LUA_REGISTRYINDEX);
+    lua_pushcclosure(L, l_json_rows, 1);
     lua_setfield(L, -2, "json_rows");
+    lua_pushcfunction(L, l_json_shape);
+    lua_setfield(L, -2, "json_shape");
 }

@@ -907,8 +907,8 @@ local function prepare(store, uow, agg, opts)
 end
 
 -- the append rows: [{"type", "agg", "seq" (counting up), "event": less routing fields, "_" keys}]
-local EVENT_ROW = { fields = { "type", "agg", "seq" }, item = "event", omit_prefix = "_",
-                    omit = { aggregate_type = true, aggregate_id = true } }
+local EVENT_ROW = core.json_shape{ fields = { "type", "agg", "seq" }, item = "event",
+                                  omit = { "aggregate_type", "aggregate_id" }, omit_prefix = "_" }
 local json_rows = core.json_rows
 local function event_rows(...) return json_rows(EVENT_ROW, ...) end
 
