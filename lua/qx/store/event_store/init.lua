@@ -838,7 +838,7 @@ end
 -- Checks one aggregate and stamps its events. Returns the aggregate type, the id as text, the
 -- version, the events to store (the pending list itself when none of them is an integration
 -- event), how many they are, and the snapshot row or nil | nil, err. Nothing is drained here.
--- The rows themselves are written by core.json_rows (EVENT_ROW): each stored event is the event's own
+-- The rows themselves are written by core.json_rows (EVENT_ROW): each stored event is its own
 -- fields, metadata and payload side by side, less the routing fields and "_" keys.
 local function prepare(store, uow, agg, opts)
     local class = es_class.class_of(agg)
