@@ -7,8 +7,8 @@
 typedef struct lconn {
     qx_conn *c;   /* NULL once released (or not yet leased) */
     qx_pool *p;
-    qx_result **held; /* results being turned into Lua values: freed on release should that
-                       * raise (out of memory) */
+    qx_result *held;       /* a result being turned into Lua values, and a batch's: freed on */
+    qx_result **held_list; /* release should that raise (out of memory) */
     int nheld;
     int pool_ref; /* LuaJIT: registry reference that keeps the pool userdata alive (Lua 5.4
                    * keeps it as the userdata's user value) */
@@ -31,6 +31,7 @@ qx_conn **qx_conn_push(lua_State *L, qx_pool *p, int pool_idx)
     lc->c = NULL;
     lc->p = p;
     lc->held = NULL;
+    lc->held_list = NULL;
     lc->nheld = 0;
     lc->pool_ref = LUA_NOREF;
     lua_pushlightuserdata(L, (void *)&CONN_MT_KEY);
@@ -78,11 +79,17 @@ qx_conn **qx_check_conn_slot(lua_State *L, int idx)
 static void free_held(lconn *lc)
 {
     int i;
-    for (i = 0; i < lc->nheld; i++)
-        qx_result_free(lc->held[i]);
-    free(lc->held);
-    lc->held = NULL;
-    lc->nheld = 0;
+    if (lc->held != NULL) {
+        qx_result_free(lc->held);
+        lc->held = NULL;
+    }
+    if (lc->held_list != NULL) {
+        for (i = 0; i < lc->nheld; i++)
+            qx_result_free(lc->held_list[i]);
+        free(lc->held_list);
+        lc->held_list = NULL;
+        lc->nheld = 0;
+    }
 }
 
 /* Runs the statement at sql_idx with the parameters after it; pushes its rows and the affected
@@ -97,18 +104,13 @@ static int run_read(lua_State *L, lconn *lc, int sql_idx, int skip_nulls, int ma
 
     if (!qx_params_from_stack(L, &params, sql_idx + 1, n))
         return 2;
-    free_held(lc);
-    lc->held = malloc(sizeof *lc->held);
-    if (lc->held == NULL)
-        return luaL_error(L, "out of memory");
-    if (qx_conn_exec(lc->c, &res, sql, n, params.values, params.lengths, &err) != QX_OK) {
-        free_held(lc);
+    if (qx_conn_exec(lc->c, &res, sql, n, params.values, params.lengths, &err) != QX_OK)
         return qx_push_error(L, &err);
-    }
-    lc->held[0] = res, lc->nheld = 1; /* freed on release should making the rows raise */
+    lc->held = res; /* freed on release should making the rows raise */
     qx_push_rows(L, res, skip_nulls, max_rows);
     qx_pushint64(L, qx_result_affected(res));
-    free_held(lc);
+    lc->held = NULL;
+    qx_result_free(res);
     return 2;
 }
 
@@ -158,7 +160,7 @@ static int l_batch(lua_State *L)
     results = calloc((size_t)n, sizeof *results);
     if (results == NULL)
         return luaL_error(L, "out of memory");
-    lc->held = results; /* freed on release should making the rows raise */
+    lc->held_list = results; /* freed on release should making the rows raise */
     lc->nheld = n;
     base = lua_gettop(L);
     for (i = 0; i < n; i++) {
