@@ -162,7 +162,8 @@ local MEASURES = {
           return worker .. "0 1 >/dev/null; times; " .. worker .. SECONDS .. " 1"
       end,
       parse = function(out, cpu)
-          local um, us, sm, ss, n = out:match("^%s*%d+m[%d.]+s %d+m[%d.]+s%s*\n(%d+)m([%d.]+)s (%d+)m([%d.]+)s%s*\n(%d+)%s*\n")
+          local um, us, sm, ss, n = out:match("^%s*%d+m[%d.]+s %d+m[%d.]+s%s*\n"
+              .. "(%d+)m([%d.]+)s (%d+)m([%d.]+)s%s*\n(%d+)%s*\n")
           n = tonumber(n)
           if not n or n == 0 then return nil end
           local start = tonumber(um) * 60 + tonumber(us) + tonumber(sm) * 60 + tonumber(ss)

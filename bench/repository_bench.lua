@@ -160,38 +160,59 @@ local function text(v)
     return v
 end
 
+local tx_methods = debug.getregistry()["qx.tx"].__index
+
+local function copy_of(sql, ...)
+    local n = select("#", ...)
+    local p = {}
+    for j = 1, n do p[j] = text((select(j, ...))) end
+    return { sql = sql, n = n, params = p }
+end
+
+-- Watches the unit of work's transaction: the statements queued and read, with their
+-- parameters, and after each round trip its texts in order (tx:sent(): BEGIN and COMMIT too).
 local function capture(fn)
-    local batches = {}
-    assert(db:unit_of_work(function(uow)
-        local real = uow.conn
-        uow.conn = setmetatable({}, { __index = function(_, k)
-            return function(_, ...)
-                local function copy_of(s)
-                    local n = s.n or (#s - 1)
-                    local p = {}
-                    for j = 1, n do p[j] = text(s[j + 1]) end
-                    return { sql = s[1], n = n, params = p }
+    local batches, pending = {}, {}
+    local saved = {}
+    local function after(tx, before, final, ...)
+        if tx:round_trips() > before then
+            if final then pending[#pending + 1] = final end
+            local copy, k = {}, 1
+            for i, sql in ipairs(tx:sent()) do
+                local s = pending[k]
+                if s and s.sql == sql then
+                    copy[i], k = s, k + 1
+                else
+                    copy[i] = { sql = sql, n = 0, params = {} }
                 end
-                if k == "batch" then
-                    local stmts, copy = ..., {}
-                    for i, s in ipairs(stmts) do copy[i] = copy_of(s) end
-                    batches[#batches + 1] = copy
-                elseif k == "send" then -- send(stmts, from, to[, mode, sql, ...])
-                    local stmts, from, to, mode = ...
-                    local copy = {}
-                    for i = from, to do copy[#copy + 1] = copy_of(stmts[i]) end
-                    if mode ~= nil then
-                        local final = { select(5, ...) }
-                        final.n = select("#", ...) - 5
-                        copy[#copy + 1] = copy_of(final)
-                    end
-                    if #copy > 0 then batches[#batches + 1] = copy end
-                end
-                return real[k](real, ...)
             end
-        end })
-        return fn(uow)
-    end, { context = { tenant_id = tenant, user_id = "bench" } }))
+            batches[#batches + 1] = copy
+            pending = {}
+        end
+        return ...
+    end
+    local function wrap(m, make_final)
+        local real = tx_methods[m]
+        saved[m] = real
+        tx_methods[m] = function(tx, ...)
+            local before = tx:round_trips()
+            return after(tx, before, make_final and make_final(...), real(tx, ...))
+        end
+    end
+    local real_queue = tx_methods.queue
+    saved.queue = real_queue
+    tx_methods.queue = function(tx, ...)
+        pending[#pending + 1] = copy_of(...)
+        return real_queue(tx, ...)
+    end
+    for _, m in ipairs({ "query", "rows", "exec" }) do wrap(m, copy_of) end
+    wrap("rows_upto", function(_, ...) return copy_of(...) end)
+    for _, m in ipairs({ "flush", "commit", "rollback", "rollback_to" }) do wrap(m) end
+    local ok, e = pcall(function()
+        assert(db:unit_of_work(fn, { context = { tenant_id = tenant, user_id = "bench" } }))
+    end)
+    for m, real in pairs(saved) do tx_methods[m] = real end
+    assert(ok, e)
     return batches
 end
 

@@ -74,12 +74,17 @@ describe("json encoding", function()
         db:close()
     end)
 
-    it("writes the event store's append rows: events without routing fields or _ keys, sequences counting up",
+    -- the event store's rows (qx.store.event_store), as an example of a shape
+    local EVENT_ROW = core.json_shape{ fields = { "type", "agg", "seq" }, item = "event",
+                                       omit = { "aggregate_type", "aggregate_id" }, omit_prefix = "_" }
+    local function json_event_rows(...) return core.json_rows(EVENT_ROW, ...) end
+
+    it("writes rows of a shape: items less the keys left out, a counter counting up (the event store's append rows)",
        function()
         local e1 = { event_id = "a", amount = BIG, aggregate_type = "T", aggregate_id = "x", _scratch = 1,
                      [1] = "not a field", tags = { "p", "q" } }
         local e2 = { event_id = "b", note = 'say "hi"' }
-        local text = core.json_event_rows("T", "x", 4, { e1, e2 })
+        local text = json_event_rows("T", "x", 4, { e1, e2 })
         assert.matches('"amount":' .. BIG_TEXT, text)
         local rows = cjson.decode(text)
         rows[1].event.amount = nil -- decoded as a float; its text is checked above
@@ -87,19 +92,30 @@ describe("json encoding", function()
                       { type = "T", agg = "x", seq = 5, event = { event_id = "b", note = 'say "hi"' } } },
                     rows)
         -- several aggregates, as arguments or as one list; an aggregate without events adds no row
-        local two = core.json_event_rows("T", "x", 1, { e2 }, "U", "y", 7, {}, "V", "z", 2, { e2 })
-        assert.equal(two, core.json_event_rows({ "T", "x", 1, { e2 }, "U", "y", 7, {}, "V", "z", 2, { e2 } }))
+        local two = json_event_rows("T", "x", 1, { e2 }, "U", "y", 7, {}, "V", "z", 2, { e2 })
+        assert.equal(two, json_event_rows({ "T", "x", 1, { e2 }, "U", "y", 7, {}, "V", "z", 2, { e2 } }))
         local types = {}
         for i, r in ipairs(cjson.decode(two)) do types[i] = r.type .. math.floor(r.seq) end
         assert.same({ "T1", "V2" }, types)
-        assert.equal("[]", core.json_event_rows("T", "x", 1, {}))
+        assert.equal("[]", json_event_rows("T", "x", 1, {}))
     end)
 
     it("refuses an event row that JSON cannot hold with an invalid error", function()
-        local text, e = core.json_event_rows("T", "x", 1, { { f = function() end } })
+        local text, e = json_event_rows("T", "x", 1, { { f = function() end } })
         assert.is_nil(text)
         assert.equal("invalid", e.code)
         assert.matches("function", e.message)
-        assert.has_error(function() core.json_event_rows("T", "x", 1) end)
+        assert.has_error(function() json_event_rows("T", "x", 1) end)
+        assert.has_error(function() core.json_rows({ fields = { "n" }, item = "e" }, 1, {}) end)
+        assert.has_error(function() core.json_shape{ item = "e" } end)
+        assert.has_error(function() core.json_shape{ fields = { "n" } } end)
+        assert.has_error(function() core.json_shape{ fields = { "n" }, item = "e", omit = { 1 } } end)
+    end)
+
+    it("writes rows of any shape: one field, no omissions", function()
+        local shape = core.json_shape{ fields = { "n" }, item = "it" }
+        local text = core.json_rows(shape, 10, { { a = 1, _b = 2 } })
+        assert.same({ { n = 10, it = { a = 1, _b = 2 } } }, cjson.decode(text))
+        assert.equal("[]", core.json_rows(shape))
     end)
 end)

@@ -4,37 +4,37 @@
 local qx = require "qx"
 local core = require "qx.core"
 local support = require "support"
+local internal = require "qx.store.internal"
 
 local URL = assert(os.getenv("QX_DB__URL"), "QX_DB__URL is not set: source the servers' env file")
 local SFX = core.uuid():gsub("-", ""):sub(-12)
 local USERS = "uow_spec_users_" .. SFX
 
 -- Every batch is one pipeline ending in one Sync: one round trip. Counting the calls that reach
--- the connection (batch, send, query, script) counts the round trips a unit of work costs; a
--- send with nothing to send makes none.
+-- the connection (batch, query, script) and the round trips of the unit of work's transaction
+-- (tx:round_trips() moves on each one; tx:sent() lists what it sent) counts the round trips a
+-- unit of work costs; a call with nothing to send makes none.
 local conn_methods = debug.getregistry()["qx.conn"].__index
+local tx_methods = debug.getregistry()["qx.tx"].__index
 local unpack = table.unpack or unpack
 
--- The SQL texts of what a send or batch call sends, in order.
-local function texts_of(m, stmts, from, to, mode, sql)
+-- The SQL texts of what a batch or query call sends, in order.
+local function texts_of(m, stmts)
     local out = {}
     if m == "batch" then
         for _, s in ipairs(stmts) do out[#out + 1] = s[1] end
-    elseif m == "send" then
-        for i = from, to do out[#out + 1] = stmts[i][1] end
-        if mode ~= nil then out[#out + 1] = sql end
     else
         out[1] = stmts
     end
     return out
 end
 
--- Runs fn with every call to the connection watched; on_call(texts) sees the SQL of each round
--- trip. Returns the number of round trips and fn's results.
+-- Runs fn with every call to the connection and the transaction watched; on_call(texts) sees
+-- the SQL of each round trip. Returns the number of round trips and fn's results.
 local function watch(on_call, fn)
     local n = 0
-    local saved = {}
-    for _, m in ipairs({ "batch", "send", "query", "script" }) do
+    local saved, saved_tx = {}, {}
+    for _, m in ipairs({ "batch", "query", "script" }) do
         local real = conn_methods[m]
         saved[m] = real
         conn_methods[m] = function(c, ...)
@@ -46,6 +46,22 @@ local function watch(on_call, fn)
             return real(c, ...)
         end
     end
+    for _, m in ipairs({ "query", "rows", "rows_upto", "exec", "flush", "rollback_to", "commit",
+                         "rollback" }) do
+        local real = tx_methods[m]
+        saved_tx[m] = real
+        tx_methods[m] = function(tx, ...)
+            local before = tx:round_trips()
+            local function after(...)
+                if tx:round_trips() > before then
+                    n = n + 1
+                    if on_call then on_call(tx:sent()) end
+                end
+                return ...
+            end
+            return after(real(tx, ...))
+        end
+    end
     local r = { n = 0 }
     local function keep(ok, ...)
         r.n = select("#", ...)
@@ -54,6 +70,7 @@ local function watch(on_call, fn)
     end
     local ok = keep(pcall(fn))
     for m, real in pairs(saved) do conn_methods[m] = real end
+    for m, real in pairs(saved_tx) do tx_methods[m] = real end
     assert(ok, r[1])
     return n, unpack(r, 1, r.n)
 end
@@ -234,7 +251,7 @@ describe("unit of work", function()
           assert(db:unit_of_work(function(uow)
                     uow:record(Registered{ name = name })
                     uow:record(Welcomed{ name = name })
-                    uow:_notify_after("qx_outbox") -- asked twice: still one
+                    internal.notify_after(uow, "qx_outbox") -- asked twice: still one
                     return true
           end))
             end)
@@ -288,7 +305,7 @@ describe("unit of work", function()
             local reported
             local ok, err = db:unit_of_work(function(uow)
           assert(uow:queue("INSERT INTO " .. USERS .. " (id, name) VALUES ($1, $2)", qx.uuid(), name))
-          uow:_notify_after(string.rep("x", 100)) -- PostgreSQL refuses a channel name this long
+          internal.notify_after(uow, string.rep("x", 100)) -- PostgreSQL refuses a channel name this long
           return "done"
             end, { on_hook_error = function(e, what) reported = { e = e, what = what } end })
             assert.equal("done", ok, tostring(err))

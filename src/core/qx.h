@@ -149,6 +149,63 @@ void qx_notify_free(qx_notify *n, int count);
  * when the connection never listened. The pool does it before taking a connection back. */
 qx_status qx_conn_unlisten(qx_conn *c, qx_error *err);
 
+/* ---- transactions (tx.c) ------------------------------------------------------------------ */
+
+/* One transaction on a leased connection, sent as few round trips as it can be: statements are
+ * queued (their SQL and parameter texts copied, so the caller keeps nothing) and leave with the
+ * next read, flush or the commit, in one pipeline. BEGIN (and the SET LOCAL statement_timeout of
+ * options.timeout_ms) lead the first pipeline. A transaction that has sent nothing and needs no
+ * block commits its whole queue as one implicit transaction, without BEGIN or COMMIT. LOCK,
+ * DECLARE, SAVEPOINT and RELEASE need a block. The first failure poisons the transaction: every
+ * later call returns that error, and only a rollback (or going back to a savepoint that reached
+ * the server) remains. The tx does not own the connection: its owner releases it. */
+typedef struct qx_tx qx_tx;
+
+typedef struct qx_tx_options {
+    int timeout_ms; /* >= 0: SET LOCAL statement_timeout for this transaction; -1 (default):
+                     * the connection's own */
+} qx_tx_options;
+
+typedef enum qx_tx_state {
+    QX_TXS_ACTIVE, QX_TXS_FAILED, QX_TXS_COMMITTED, QX_TXS_ROLLED_BACK
+} qx_tx_state;
+
+void qx_tx_options_init(qx_tx_options *o);
+qx_status qx_tx_new(qx_tx **out, qx_conn *c, const qx_tx_options *o, qx_error *err);
+void qx_tx_free(qx_tx *tx);
+/* Queues a statement (no round trip). */
+qx_status qx_tx_queue(qx_tx *tx, const qx_stmt *s, qx_error *err);
+/* Queues, in place of a statement that could not be made (a parameter that cannot be sent),
+ * its error: the send that would carry it fails with it before any of its statements leaves,
+ * unless a rollback to a savepoint queued before it drops it first. */
+qx_status qx_tx_queue_failure(qx_tx *tx, const qx_error *why);
+/* Sends the queue and s in one round trip; *out receives s's result (free it). */
+qx_status qx_tx_query(qx_tx *tx, qx_result **out, const qx_stmt *s, qx_error *err);
+/* Sends the queue (begins the transaction when nothing was sent yet). */
+qx_status qx_tx_flush(qx_tx *tx, qx_error *err);
+/* Savepoints nest: savepoint queues SAVEPOINT, release queues RELEASE of the innermost one;
+ * rollback_to goes back to the innermost one and forgets it: when nothing was sent since it was
+ * queued, by dropping what was queued since (no round trip), otherwise with ROLLBACK TO, which
+ * also clears a failure that happened after it. */
+qx_status qx_tx_savepoint(qx_tx *tx, qx_error *err);
+qx_status qx_tx_release(qx_tx *tx, qx_error *err);
+qx_status qx_tx_rollback_to(qx_tx *tx, qx_error *err);
+/* Sends the queue and COMMIT, then wakes the listeners of channels (pg_notify in a transaction
+ * of its own, synchronous_commit off), all in one round trip. Nothing queued and nothing sent:
+ * no round trip. When only the wake-up fails, the transaction committed: QX_OK with *wake_failed
+ * = 1 and its error in err. */
+qx_status qx_tx_commit(qx_tx *tx, int *wake_failed, const char *const *channels, int nchannels,
+                       qx_error *err);
+/* Rolls back what was sent (nothing when nothing was); the transaction is finished either way. */
+qx_status qx_tx_rollback(qx_tx *tx, qx_error *err);
+qx_tx_state qx_tx_state_of(const qx_tx *tx);
+/* How many statements wait for the next send (BEGIN and the timeout not counted). */
+int qx_tx_queued(const qx_tx *tx);
+/* Round trips made so far, and the SQL texts of the last one (valid until the next call that
+ * queues or sends): what a test or a trace needs to see of the pipelining. */
+long long qx_tx_round_trips(const qx_tx *tx);
+int qx_tx_last_sent(const qx_tx *tx, const char **texts, int max);
+
 /* ---- pool -------------------------------------------------------------------------------- */
 
 typedef struct qx_pool qx_pool;

@@ -12,6 +12,7 @@
 #define QX_NATS_MT "qx.nats"
 #define QX_CONSUMER_MT "qx.consumer"
 #define QX_CONSUMER_MSG_MT "qx.consumer_msg"
+#define QX_TX_MT "qx.tx"
 
 /* Pushes nil and an error table { code, message, sqlstate?, retryable? }; returns 2. */
 int qx_push_error(lua_State *L, const qx_error *err);
@@ -98,8 +99,17 @@ int qx_open_pool(lua_State *L);
 /* core.pool{ conninfo, size, acquire_timeout_ms, recycle_ms, connect_timeout_ms } */
 int qx_pool_new_lua(lua_State *L);
 int qx_open_conn(lua_State *L);
-/* Pushes a new connection userdata leasing c from the pool userdata at pool_idx. */
-void qx_conn_push(lua_State *L, qx_conn *c, qx_pool *p, int pool_idx);
+/* Pushes a new connection userdata of the pool p (the userdata at pool_idx), not yet leasing
+ * anything, and returns the slot the lease goes into: made first, so that a failed allocation
+ * cannot leak a leased connection. */
+qx_conn **qx_conn_push(lua_State *L, qx_pool *p, int pool_idx);
+/* Undoes what qx_conn_push holds when the lease failed (the userdata at idx stays closed). */
+void qx_conn_unpush(lua_State *L, int idx);
+/* The slot of the connection userdata at idx (NULL there once released); raises when it is not
+ * a connection or was released. */
+qx_conn **qx_check_conn_slot(lua_State *L, int idx);
+/* The transaction (ltx.c): registers the metatable and adds tx to the table at the top. */
+void qx_open_tx(lua_State *L);
 /* Adds hmac_sha256, equal_consttime, b64url_encode, b64url_decode to the table at the top. */
 void qx_open_crypto(lua_State *L);
 

@@ -1,4 +1,4 @@
-/* The leased-connection userdata: query, batch, script, listen, notifications, release. */
+/* The leased-connection userdata: query, rows, batch, script, listen, notifications, release. */
 #include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -6,8 +6,11 @@
 #include "binding.h"
 
 typedef struct lconn {
-    qx_conn *c;   /* NULL once released */
+    qx_conn *c;   /* NULL once released (or not yet leased) */
     qx_pool *p;
+    qx_result *held;       /* a result being turned into Lua values, and a batch's: freed on */
+    qx_result **held_list; /* release should that raise (out of memory) */
+    int nheld;
     int pool_ref; /* LuaJIT: registry reference that keeps the pool userdata alive (Lua 5.4
                    * keeps it as the userdata's user value) */
 } lconn;
@@ -16,7 +19,7 @@ typedef struct lconn {
  * interning the type name. */
 static const char CONN_MT_KEY = 'c';
 
-void qx_conn_push(lua_State *L, qx_conn *c, qx_pool *p, int pool_idx)
+qx_conn **qx_conn_push(lua_State *L, qx_pool *p, int pool_idx)
 {
     lconn *lc;
     if (pool_idx < 0 && pool_idx > LUA_REGISTRYINDEX)
@@ -28,6 +31,9 @@ void qx_conn_push(lua_State *L, qx_conn *c, qx_pool *p, int pool_idx)
 #endif
     lc->c = NULL;
     lc->p = p;
+    lc->held = NULL;
+    lc->held_list = NULL;
+    lc->nheld = 0;
     lc->pool_ref = LUA_NOREF;
     lua_pushlightuserdata(L, (void *)&CONN_MT_KEY);
     lua_rawget(L, LUA_REGISTRYINDEX);
@@ -38,7 +44,18 @@ void qx_conn_push(lua_State *L, qx_conn *c, qx_pool *p, int pool_idx)
 #else
     lc->pool_ref = luaL_ref(L, LUA_REGISTRYINDEX);
 #endif
-    lc->c = c;
+    return &lc->c;
+}
+
+/* After a failed lease: drops the userdata's hold on the pool at once (on LuaJIT a registry
+ * reference, which __gc would not drop for a connection never leased). */
+void qx_conn_unpush(lua_State *L, int idx)
+{
+    lconn *lc = lua_touserdata(L, idx);
+    if (lc->pool_ref != LUA_NOREF) {
+        luaL_unref(L, LUA_REGISTRYINDEX, lc->pool_ref);
+        lc->pool_ref = LUA_NOREF;
+    }
 }
 
 /* The connection at index 1. The methods carry the metatable as upvalue 1, so the usual case
@@ -63,24 +80,73 @@ static lconn *check_conn(lua_State *L)
     return lc;
 }
 
-/* conn:query(sql, ...) -> rows, affected | nil, err */
-static int l_query(lua_State *L)
+qx_conn **qx_check_conn_slot(lua_State *L, int idx)
 {
-    lconn *lc = check_conn(L);
-    const char *sql = luaL_checkstring(L, 2);
-    int n = lua_gettop(L) - 2;
+    lconn *lc = luaL_checkudata(L, idx, QX_CONN_MT);
+    if (lc->c == NULL)
+        luaL_error(L, "connection was released");
+    return &lc->c;
+}
+
+static void free_held(lconn *lc)
+{
+    int i;
+    if (lc->held != NULL) {
+        qx_result_free(lc->held);
+        lc->held = NULL;
+    }
+    if (lc->held_list != NULL) {
+        for (i = 0; i < lc->nheld; i++)
+            qx_result_free(lc->held_list[i]);
+        free(lc->held_list);
+        lc->held_list = NULL;
+        lc->nheld = 0;
+    }
+}
+
+/* Runs the statement at sql_idx with the parameters after it; pushes its rows and the affected
+ * count. skip_nulls and max_rows as for qx_push_rows. */
+static int run_read(lua_State *L, lconn *lc, int sql_idx, int skip_nulls, int max_rows)
+{
+    const char *sql = luaL_checkstring(L, sql_idx);
+    int n = lua_gettop(L) - sql_idx;
     qx_params params;
     qx_result *res = NULL;
     qx_error err;
 
-    if (!qx_params_from_stack(L, &params, 3, n))
+    if (!qx_params_from_stack(L, &params, sql_idx + 1, n))
         return 2;
     if (qx_conn_exec(lc->c, &res, sql, n, params.values, params.lengths, &err) != QX_OK)
         return qx_push_error(L, &err);
-    qx_push_rows(L, res, 0, -1);
+    lc->held = res; /* freed on release should making the rows raise */
+    qx_push_rows(L, res, skip_nulls, max_rows);
     qx_pushint64(L, qx_result_affected(res));
+    lc->held = NULL;
     qx_result_free(res);
     return 2;
+}
+
+/* conn:query(sql, ...) -> rows, affected | nil, err */
+static int l_query(lua_State *L)
+{
+    return run_read(L, check_conn(L), 2, 0, -1);
+}
+
+/* conn:rows(sql, ...) -> rows without their NULL columns (nil, not core.null), affected */
+static int l_rows(lua_State *L)
+{
+    return run_read(L, check_conn(L), 2, 1, -1);
+}
+
+/* conn:rows_upto(max, sql, ...) -> at most max rows (as conn:rows), the count of them all: a
+ * page reads one row more than it shows, to know whether another follows, and need not make it */
+static int l_rows_upto(lua_State *L)
+{
+    lconn *lc = check_conn(L);
+    long long max;
+    if (!qx_isinteger(L, 2, &max) || max < 0 || max > INT_MAX)
+        return luaL_argerror(L, 2, "a row limit must be a non-negative integer");
+    return run_read(L, lc, 3, 1, (int)max);
 }
 
 /* conn:batch({ { sql, n = k, p1, ..., pk }, ... }[, first]) -> results | nil, err, failed_index
@@ -102,7 +168,12 @@ static int l_batch(lua_State *L)
         return 1;
     }
     stmts = lua_newuserdata(L, sizeof *stmts * (size_t)n);
-    results = lua_newuserdata(L, sizeof *results * (size_t)n);
+    free_held(lc);
+    results = calloc((size_t)n, sizeof *results);
+    if (results == NULL)
+        return luaL_error(L, "out of memory");
+    lc->held_list = results; /* freed on release should making the rows raise */
+    lc->nheld = n;
     base = lua_gettop(L);
     for (i = 0; i < n; i++) {
         int k, np, t;
@@ -111,11 +182,15 @@ static int l_batch(lua_State *L)
 
         lua_rawgeti(L, 2, i + 1);
         t = lua_gettop(L);
-        if (!lua_istable(L, t))
+        if (!lua_istable(L, t)) {
+            free_held(lc);
             return luaL_error(L, "batch statement %d is not a table", i + 1);
+        }
         lua_rawgeti(L, t, 1);
-        if (lua_type(L, -1) != LUA_TSTRING)
+        if (lua_type(L, -1) != LUA_TSTRING) {
+            free_held(lc);
             return luaL_error(L, "batch statement %d has no SQL text", i + 1);
+        }
         stmts[i].sql = lua_tostring(L, -1); /* anchored by the statement table */
         lua_pop(L, 1);
         lua_getfield(L, t, "n");
@@ -123,13 +198,16 @@ static int l_batch(lua_State *L)
             np = (int)qx_rawlen(L, t) - 1;
         else if (qx_isinteger(L, -1, &v) && v >= 0 && v < 65536)
             np = (int)v;
-        else
+        else {
+            free_held(lc);
             return luaL_error(L, "batch statement %d: n must be a parameter count", i + 1);
+        }
         lua_pop(L, 1);
         luaL_checkstack(L, np + 4, "too many parameters");
         for (k = 0; k < np; k++)
             lua_rawgeti(L, t, k + 2);
         if (!qx_params_from_stack(L, &params, t + 1, np)) {
+            free_held(lc);
             lua_pushinteger(L, i + 1);
             return 3;
         }
@@ -142,6 +220,7 @@ static int l_batch(lua_State *L)
     }
     s = qx_conn_batch(lc->c, results, &failed, stmts, n, &err);
     if (s != QX_OK) {
+        free_held(lc);
         qx_push_error(L, &err);
         if (failed >= 0)
             lua_pushinteger(L, failed + 1);
@@ -168,161 +247,8 @@ static int l_batch(lua_State *L)
         results[i] = NULL;
     }
     (void)base;
+    free_held(lc);
     return 1;
-}
-
-/* What conn:send keeps on the C stack; more statements or parameters take a userdata. */
-#define LOCAL_STMTS 16
-#define LOCAL_PARAMS 64
-
-static const char *const SEND_MODES[] = { "rows", "sparse", "count", NULL };
-
-/* conn:send(stmts, from, to[, mode, sql, ...])
- *   -> rows, affected | true, affected | true | nil, err, failed_index
- * Sends stmts[from..to] (statement tables as for batch) and then, when mode is given, sql with
- * the parameters that follow it, all in one pipelined round trip. The results of stmts are not
- * made into Lua values. mode says what comes back for sql: "rows" (as conn:query), "sparse"
- * (rows without their NULL columns), a number N (sparse, but only the first N rows are made into
- * tables; affected still counts every row the statement returned: a page asks for one row more
- * than it shows, to know whether another page follows, and need not build it) or "count" (true
- * and the affected count only). Without a final statement it returns true. failed_index is the
- * index in stmts of the statement that failed, to + 1 for sql, nil when the failure is not tied
- * to one. Nothing to send: true, and no round trip. It exists so that a unit of work sends its
- * queue and a read without building a batch table, a statement table for the read or result
- * tables for the statements it queued. */
-static int l_send(lua_State *L)
-{
-    lconn *lc = check_conn(L);
-    int top = lua_gettop(L);
-    int from = (int)luaL_checkinteger(L, 3), to = (int)luaL_checkinteger(L, 4);
-    int nq = to >= from ? to - from + 1 : 0, mode = -1, nfinal = 0, n, np_total = 0, i, k, p;
-    int failed = -1, max_rows = -1;
-    qx_stmt local_stmts[LOCAL_STMTS], *stmts = local_stmts;
-    qx_result *local_results[LOCAL_STMTS], **results = local_results;
-    const char *local_values[LOCAL_PARAMS], **values = local_values;
-    int local_lengths[LOCAL_PARAMS], *lengths = local_lengths;
-    char local_num[LOCAL_PARAMS * QX_NUM_SCRATCH], *num = local_num;
-    char msg[256];
-    qx_error err;
-
-    if (nq > 0)
-        luaL_checktype(L, 2, LUA_TTABLE);
-    if (lua_type(L, 5) == LUA_TNUMBER) { /* sparse rows, at most this many made into tables */
-        long long cap;
-        if (!qx_isinteger(L, 5, &cap) || cap < 0 || cap > INT_MAX)
-            return luaL_argerror(L, 5, "a row limit must be a non-negative integer");
-        mode = 1;
-        max_rows = (int)cap;
-        luaL_checktype(L, 6, LUA_TSTRING);
-        nfinal = top - 6;
-    } else if (!lua_isnoneornil(L, 5)) {
-        mode = luaL_checkoption(L, 5, NULL, SEND_MODES);
-        luaL_checktype(L, 6, LUA_TSTRING);
-        nfinal = top - 6;
-    }
-    n = nq + (mode >= 0);
-    if (n == 0) {
-        lua_pushboolean(L, 1);
-        return 1;
-    }
-    if (n > LOCAL_STMTS) {
-        char *block = lua_newuserdata(L, (size_t)n * (sizeof *stmts + sizeof *results));
-        stmts = (qx_stmt *)(void *)block;
-        results = (qx_result **)(void *)(block + (size_t)n * sizeof *stmts);
-    }
-    /* the statements: their SQL stays alive in the statement tables, which stmts holds */
-    for (i = 0; i < nq; i++) {
-        long long v;
-        int np;
-        lua_rawgeti(L, 2, from + i);
-        if (!lua_istable(L, -1))
-            return luaL_error(L, "statement %d is not a table", from + i);
-        lua_rawgeti(L, -1, 1);
-        if (lua_type(L, -1) != LUA_TSTRING)
-            return luaL_error(L, "statement %d has no SQL text", from + i);
-        stmts[i].sql = lua_tostring(L, -1);
-        lua_getfield(L, -2, "n");
-        if (lua_isnil(L, -1))
-            np = (int)qx_rawlen(L, -3) - 1;
-        else if (qx_isinteger(L, -1, &v) && v >= 0 && v < 65536)
-            np = (int)v;
-        else
-            return luaL_error(L, "statement %d: n must be a parameter count", from + i);
-        lua_pop(L, 3);
-        stmts[i].nparams = np;
-        np_total += np;
-    }
-    if (mode >= 0) {
-        if (nfinal >= 65536)
-            return luaL_error(L, "too many parameters");
-        stmts[nq].sql = lua_tostring(L, 6);
-        stmts[nq].nparams = nfinal;
-        np_total += nfinal;
-    }
-    if (np_total > LOCAL_PARAMS) {
-        char *block = lua_newuserdata(L, (size_t)np_total * (sizeof *values + sizeof *lengths +
-                                                              QX_NUM_SCRATCH));
-        values = (const char **)(void *)block;
-        lengths = (int *)(void *)(block + (size_t)np_total * sizeof *values);
-        num = block + (size_t)np_total * (sizeof *values + sizeof *lengths);
-    }
-    /* the parameters as text; JSON texts stay on the stack until the batch is done */
-    for (i = 0, p = 0; i < n; i++) {
-        int np = stmts[i].nparams, t = 0;
-        stmts[i].values = values + p;
-        stmts[i].lengths = lengths + p;
-        if (np == 0)
-            continue;
-        if (i < nq) {
-            luaL_checkstack(L, 4, "too many statements");
-            lua_rawgeti(L, 2, from + i);
-            t = lua_gettop(L);
-        }
-        for (k = 0; k < np; k++, p++) {
-            int pushed, idx;
-            if (i < nq) {
-                lua_rawgeti(L, t, k + 2); /* anchored by the statement table */
-                idx = lua_gettop(L);
-            } else {
-                idx = 7 + k;
-            }
-            if (!qx_param_text(L, idx, k + 1, &values[p], &lengths[p],
-                               num + (size_t)p * QX_NUM_SCRATCH, &pushed, msg, sizeof msg)) {
-                qx_push_error_msg(L, "invalid", msg);
-                lua_pushinteger(L, i < nq ? from + i : to + 1);
-                return 3;
-            }
-            if (i < nq) {
-                if (pushed)
-                    lua_remove(L, idx); /* keep the JSON text, drop the value */
-                else
-                    lua_pop(L, 1);
-            }
-        }
-        if (i < nq)
-            lua_remove(L, t);
-    }
-    if (qx_conn_batch(lc->c, results, &failed, stmts, n, &err) != QX_OK) {
-        qx_push_error(L, &err);
-        if (failed >= 0)
-            lua_pushinteger(L, failed < nq ? from + failed : to + 1);
-        else
-            lua_pushnil(L);
-        return 3;
-    }
-    for (i = 0; i < nq; i++)
-        qx_result_free(results[i]);
-    if (mode < 0) {
-        lua_pushboolean(L, 1);
-        return 1;
-    }
-    if (mode == 2)
-        lua_pushboolean(L, 1);
-    else
-        qx_push_rows(L, results[nq], mode == 1, max_rows);
-    qx_pushint64(L, qx_result_affected(results[nq]));
-    qx_result_free(results[nq]);
-    return 2;
 }
 
 static int l_script(lua_State *L)
@@ -386,6 +312,7 @@ static void conn_release(lua_State *L, void *ud)
 {
     lconn *lc = ud;
     qx_conn *c = lc->c;
+    free_held(lc);
     lc->c = NULL;
     qx_pool_release(lc->p, c);
 #if LUA_VERSION_NUM >= 504
@@ -406,7 +333,8 @@ static void conn_describe(void *ud, char *buf, size_t size)
 static const luaL_Reg methods[] = {
     { "query", l_query },
     { "batch", l_batch },
-    { "send", l_send },
+    { "rows", l_rows },
+    { "rows_upto", l_rows_upto },
     { "script", l_script },
     { "listen", l_listen },
     { "notifications", l_notifications },

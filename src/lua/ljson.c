@@ -299,9 +299,40 @@ int qx_json_push(lua_State *L, int idx, const char **error)
     return ok;
 }
 
-/* One stored event: the event table's string keys and their values, less the routing fields
- * (aggregate_type, aggregate_id) and "_" keys, which are not part of the stored event. */
-static int put_stored_event(jbuf *b, lua_State *L, int idx, int depth)
+/* What core.json_rows is told about the rows it writes (see l_json_rows). */
+#define MAX_ROW_FIELDS 16
+#define MAX_ROW_OMIT 16
+#define MAX_ROW_KEY 64
+
+/* A shape made by core.json_shape: everything core.json_rows needs, written once. A plain
+ * userdata (nothing to free, nothing referenced). */
+typedef struct row_shape {
+    int nfields;
+    char keys[MAX_ROW_FIELDS + 1][MAX_ROW_KEY]; /* "name": of each field, then of the item */
+    size_t keylen[MAX_ROW_FIELDS + 1];
+    int nomit;
+    char omit[MAX_ROW_OMIT][MAX_ROW_KEY];       /* item keys left out */
+    size_t omitlen[MAX_ROW_OMIT];
+    char prefix[MAX_ROW_KEY];                   /* item keys starting with it are left out */
+    size_t prefix_len;
+} row_shape;
+
+static const char SHAPE_MT_KEY = 's';
+
+static int left_out(const row_shape *sh, const char *k, size_t klen)
+{
+    int i;
+    if (sh->prefix_len > 0 && klen >= sh->prefix_len && k[0] == sh->prefix[0] &&
+        memcmp(k, sh->prefix, sh->prefix_len) == 0)
+        return 1;
+    for (i = 0; i < sh->nomit; i++)
+        if (klen == sh->omitlen[i] && k[0] == sh->omit[i][0] && memcmp(k, sh->omit[i], klen) == 0)
+            return 1;
+    return 0;
+}
+
+/* One item: the table's string keys and their values, less those the shape leaves out. */
+static int put_item(jbuf *b, lua_State *L, int idx, int depth, const row_shape *sh)
 {
     int first = 1;
     if (!lua_checkstack(L, 4)) {
@@ -320,8 +351,7 @@ static int put_stored_event(jbuf *b, lua_State *L, int idx, int depth)
             continue;
         }
         k = lua_tolstring(L, -2, &klen);
-        if (k[0] == '_' || (klen == 14 && memcmp(k, "aggregate_type", 14) == 0) ||
-            (klen == 12 && memcmp(k, "aggregate_id", 12) == 0)) {
+        if (klen > 0 && left_out(sh, k, klen)) {
             lua_pop(L, 1);
             continue;
         }
@@ -337,34 +367,35 @@ static int put_stored_event(jbuf *b, lua_State *L, int idx, int depth)
     return PUTS(b, "}");
 }
 
-/* The rows of one aggregate's events for the event store's append insert: its type and id (text)
- * at ti and ai, the sequence of its first event at si, the array of events at ei. */
-static int put_event_group(jbuf *b, lua_State *L, int ti, int ai, int si, int ei, int *first)
+/* The rows of one group: its field values at g .. g + nfields - 1 (the last one an integer that
+ * counts up from row to row), its array of items at g + nfields. */
+static int put_group(jbuf *b, lua_State *L, int g, const row_shape *sh, int *first)
 {
-    size_t tlen, alen;
-    const char *type, *agg;
-    long long seq, i, n;
-    if (lua_type(L, ti) != LUA_TSTRING || lua_type(L, ai) != LUA_TSTRING ||
-        !qx_isinteger(L, si, &seq) || lua_type(L, ei) != LUA_TTABLE) {
-        b->error = "expected groups of aggregate type, id, first sequence and events";
+    int items = g + sh->nfields, f;
+    long long count, i, n;
+    if (!qx_isinteger(L, items - 1, &count) || lua_type(L, items) != LUA_TTABLE) {
+        b->error = "expected groups of field values (the last an integer) and a list of items";
         return 0;
     }
-    type = lua_tolstring(L, ti, &tlen);
-    agg = lua_tolstring(L, ai, &alen);
-    n = (long long)qx_rawlen(L, ei);
-    for (i = 1; i <= n; i++, seq++) {
+    n = (long long)qx_rawlen(L, items);
+    for (i = 1; i <= n; i++, count++) {
         int ok;
-        lua_rawgeti(L, ei, (int)i);
+        lua_rawgeti(L, items, (int)i);
         if (lua_type(L, -1) != LUA_TTABLE) {
             lua_pop(L, 1);
-            b->error = "an event is not a table";
+            b->error = "an item is not a table";
             return 0;
         }
-        /* the event's values sit as deep as in a table of rows of tables */
-        ok = (*first || PUTS(b, ",")) && PUTS(b, "{\"type\":") && put_string(b, type, tlen) &&
-             PUTS(b, ",\"agg\":") && put_string(b, agg, alen) && PUTS(b, ",\"seq\":") &&
-             put_int(b, seq) && PUTS(b, ",\"event\":") &&
-             put_stored_event(b, L, lua_gettop(L), 2) && PUTS(b, "}");
+        ok = (*first || PUTS(b, ",")) && PUTS(b, "{");
+        /* the values sit as deep as in a table of rows of tables */
+        for (f = 0; ok && f < sh->nfields - 1; f++)
+            ok = (f == 0 || PUTS(b, ",")) && put(b, sh->keys[f], sh->keylen[f]) &&
+                 encode(b, L, g + f, 2);
+        f = sh->nfields - 1;
+        ok = ok && (f == 0 || PUTS(b, ",")) && put(b, sh->keys[f], sh->keylen[f]) &&
+             put_int(b, count) && PUTS(b, ",") &&
+             put(b, sh->keys[f + 1], sh->keylen[f + 1]) &&
+             put_item(b, L, lua_gettop(L), 2, sh) && PUTS(b, "}");
         *first = 0;
         lua_pop(L, 1);
         if (!ok)
@@ -373,33 +404,128 @@ static int put_event_group(jbuf *b, lua_State *L, int ti, int ai, int si, int ei
     return 1;
 }
 
-/* core.json_event_rows(type, id, first_seq, events, ...) or core.json_event_rows(list) with the
- * same values in one array (for many aggregates) -> text | nil, err
- * The JSON array of the event store's append rows, [{"type":..,"agg":..,"seq":..,"event":{..}},
- * ...], sequences counting up within each aggregate's events. Written in one pass, so that no
- * row or event table is made for it in Lua. */
-static int l_json_event_rows(lua_State *L)
+/* The key at idx as JSON ("name":) into out; 0 when it is not a string or too long. */
+static int shape_key(lua_State *L, int idx, char *out, size_t *outlen)
 {
-    int nargs = lua_gettop(L), listed = nargs == 1 && lua_type(L, 1) == LUA_TTABLE, first = 1;
-    int ok, g;
+    jbuf kb;
+    int ok;
+    size_t len;
+    const char *name;
+    if (lua_type(L, idx) != LUA_TSTRING)
+        return 0;
+    name = lua_tolstring(L, idx, &len);
+    jbuf_init(&kb);
+    ok = len < MAX_ROW_KEY && put_string(&kb, name, len) && PUTS(&kb, ":") &&
+         kb.out.len <= MAX_ROW_KEY;
+    if (ok) {
+        memcpy(out, kb.out.p, kb.out.len);
+        *outlen = kb.out.len;
+    }
+    qx_buf_free(&kb.out);
+    return ok;
+}
+
+/* core.json_shape{ fields = { name1, ..., namek }, item = name, omit = { key, ... }?,
+ *                  omit_prefix = "..."? } -> shape for core.json_rows */
+static int l_json_shape(lua_State *L)
+{
+    row_shape *sh;
+    int k, n;
+    luaL_checktype(L, 1, LUA_TTABLE);
+    sh = lua_newuserdata(L, sizeof *sh);
+    memset(sh, 0, sizeof *sh);
+    lua_pushlightuserdata(L, (void *)&SHAPE_MT_KEY);
+    lua_rawget(L, LUA_REGISTRYINDEX);
+    lua_setmetatable(L, -2);
+    lua_getfield(L, 1, "fields");
+    if (!lua_istable(L, -1))
+        return luaL_error(L, "json_shape: fields must be a list of names");
+    n = (int)qx_rawlen(L, -1);
+    if (n < 1 || n > MAX_ROW_FIELDS)
+        return luaL_error(L, "json_shape: fields must hold 1 to %d names", MAX_ROW_FIELDS);
+    sh->nfields = n;
+    for (k = 0; k < n; k++) {
+        lua_rawgeti(L, -1, k + 1);
+        if (!shape_key(L, -1, sh->keys[k], &sh->keylen[k]))
+            return luaL_error(L, "json_shape: fields must be a list of short names");
+        lua_pop(L, 1);
+    }
+    lua_pop(L, 1);
+    lua_getfield(L, 1, "item");
+    if (!shape_key(L, -1, sh->keys[n], &sh->keylen[n]))
+        return luaL_error(L, "json_shape: item must be a short name");
+    lua_pop(L, 1);
+    lua_getfield(L, 1, "omit");
+    if (!lua_isnil(L, -1)) {
+        if (!lua_istable(L, -1) || (n = (int)qx_rawlen(L, -1)) > MAX_ROW_OMIT)
+            return luaL_error(L, "json_shape: omit must be a list of at most %d keys",
+                              MAX_ROW_OMIT);
+        for (k = 0; k < n; k++) {
+            size_t len;
+            const char *key;
+            lua_rawgeti(L, -1, k + 1);
+            if (lua_type(L, -1) != LUA_TSTRING)
+                return luaL_error(L, "json_shape: omit must be a list of short keys");
+            key = lua_tolstring(L, -1, &len);
+            if (len == 0 || len >= MAX_ROW_KEY)
+                return luaL_error(L, "json_shape: omit must be a list of short keys");
+            memcpy(sh->omit[k], key, len);
+            sh->omitlen[k] = len;
+            lua_pop(L, 1);
+        }
+        sh->nomit = n;
+    }
+    lua_pop(L, 1);
+    lua_getfield(L, 1, "omit_prefix");
+    if (!lua_isnil(L, -1)) {
+        size_t len = 0;
+        const char *p = lua_type(L, -1) == LUA_TSTRING ? lua_tolstring(L, -1, &len) : NULL;
+        if (p == NULL || len >= MAX_ROW_KEY)
+            return luaL_error(L, "json_shape: omit_prefix must be a short string");
+        memcpy(sh->prefix, p, len);
+        sh->prefix_len = len;
+    }
+    lua_pop(L, 1);
+    return 1;
+}
+
+/* core.json_rows(shape, v1, ..., vk, items, ...) or core.json_rows(shape, list) with the same
+ * values in one array -> text | nil, err
+ * The JSON array of one object per item of each group: the group's k fields of the shape (the
+ * last one an integer counting up from item to item), then the item itself (its string keys,
+ * less those the shape leaves out). Written in one pass, so that no row or item table is made
+ * for it in Lua. */
+static int l_json_rows(lua_State *L)
+{
+    int nargs, listed, first = 1, ok, g, group, k, same = 0;
+    const row_shape *sh = lua_touserdata(L, 1);
     jbuf b;
-    if (listed)
-        nargs = (int)qx_rawlen(L, 1);
-    if (nargs % 4 != 0)
-        return luaL_error(L, "json_event_rows: expected groups of type, id, sequence, events");
+
+    if (sh != NULL && lua_getmetatable(L, 1)) {
+        same = lua_rawequal(L, -1, lua_upvalueindex(1));
+        lua_pop(L, 1);
+    }
+    if (!same)
+        return luaL_argerror(L, 1, "a shape made by json_shape expected");
+    listed = lua_gettop(L) == 2 && lua_type(L, 2) == LUA_TTABLE;
+    nargs = listed ? (int)qx_rawlen(L, 2) : lua_gettop(L) - 1;
+    group = sh->nfields + 1;
+    if (nargs % group != 0)
+        return luaL_error(L, "json_rows: expected groups of %d field values and a list of items",
+                          sh->nfields);
+    luaL_checkstack(L, group + 16, "json_rows"); /* before the buffer: it must not be left */
     jbuf_init(&b);
     ok = PUTS(&b, "[");
-    for (g = 1; ok && g + 3 <= nargs; g += 4) {
+    for (g = 0; ok && g + group <= nargs; g += group) {
         if (listed) {
-            int k, top;
-            luaL_checkstack(L, 8, "json_event_rows");
-            for (k = 0; k < 4; k++)
-                lua_rawgeti(L, 1, g + k);
+            int top;
+            for (k = 1; k <= group; k++)
+                lua_rawgeti(L, 2, g + k);
             top = lua_gettop(L);
-            ok = put_event_group(&b, L, top - 3, top - 2, top - 1, top, &first);
-            lua_pop(L, 4);
+            ok = put_group(&b, L, top - group + 1, sh, &first);
+            lua_pop(L, group);
         } else {
-            ok = put_event_group(&b, L, g, g + 1, g + 2, g + 3, &first);
+            ok = put_group(&b, L, 2 + g, sh, &first);
         }
     }
     ok = ok && PUTS(&b, "]");
@@ -428,6 +554,15 @@ void qx_open_json(lua_State *L)
 {
     lua_pushcfunction(L, l_json_encode);
     lua_setfield(L, -2, "json_encode");
-    lua_pushcfunction(L, l_json_event_rows);
-    lua_setfield(L, -2, "json_event_rows");
+    /* the shape metatable: known to json_rows as its upvalue, to json_shape by its key */
+    lua_newtable(L);
+    lua_pushliteral(L, "qx.json_shape");
+    lua_setfield(L, -2, "__name");
+    lua_pushlightuserdata(L, (void *)&SHAPE_MT_KEY);
+    lua_pushvalue(L, -2);
+    lua_rawset(L, LUA_REGISTRYINDEX);
+    lua_pushcclosure(L, l_json_rows, 1);
+    lua_setfield(L, -2, "json_rows");
+    lua_pushcfunction(L, l_json_shape);
+    lua_setfield(L, -2, "json_shape");
 }

@@ -115,6 +115,7 @@ QX_EXPORT int luaopen_qx_core(lua_State *L)
     qx_open_nats(L);
     qx_open_relay(L);
     qx_open_consumer(L);
+    qx_open_tx(L);
     lua_pushlightuserdata(L, NULL); /* the same value as cjson.null */
     lua_setfield(L, -2, "null");
     luaL_getmetatable(L, QX_ERROR_MT);

@@ -67,11 +67,14 @@ int qx_pool_new_lua(lua_State *L)
 static int l_acquire(lua_State *L)
 {
     lpool *lp = check_pool(L);
-    qx_conn *c = NULL;
     qx_error err;
-    if (qx_pool_acquire(lp->p, &c, &err) != QX_OK)
+    /* the connection userdata first, then the lease: a failed allocation cannot leak a
+     * pooled connection */
+    qx_conn **slot = qx_conn_push(L, lp->p, 1);
+    if (qx_pool_acquire(lp->p, slot, &err) != QX_OK) {
+        qx_conn_unpush(L, -1);
         return qx_push_error(L, &err);
-    qx_conn_push(L, c, lp->p, 1);
+    }
     return 1;
 }
 

@@ -82,6 +82,29 @@ function Db:query(sql, ...)
     return rows, affected
 end
 
+-- db:rows(sql, ...) -> rows, affected | nil, err: as db:query, with the NULL columns of a row
+-- left out (they read as nil, not core.null)
+function Db:rows(sql, ...)
+    if type(sql) ~= "string" then error("db:rows: sql must be a string", 2) end
+    local conn, e = self.pool:acquire()
+    if not conn then return nil, e end
+    local rows, affected = conn:rows(sql, ...)
+    conn:release()
+    return rows, affected
+end
+
+-- db:rows_upto(max, sql, ...) -> rows, count | nil, err: db:rows with only the first max rows
+-- made into tables; count is every row the statement returned (a page reads one row more than
+-- it shows, to know whether another follows)
+function Db:rows_upto(max, sql, ...)
+    if type(sql) ~= "string" then error("db:rows_upto: sql must be a string", 2) end
+    local conn, e = self.pool:acquire()
+    if not conn then return nil, e end
+    local rows, count = conn:rows_upto(max, sql, ...)
+    conn:release()
+    return rows, count
+end
+
 -- db:exec(sql, ...) -> affected row count | nil, err
 function Db:exec(sql, ...)
     if type(sql) ~= "string" then error("db:exec: sql must be a string", 2) end

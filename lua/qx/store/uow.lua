@@ -6,14 +6,16 @@
 --       pre_commit = fn(uow), post_commit = fn(uow), pre_rollback = fn(uow, err),
 --       post_rollback = fn(uow, err), on_hook_error = fn(err, name) })
 --
--- Statements are queued and sent in one pipelined round trip with the next read or the commit;
--- at commit the tracked aggregates' events are dispatched and integration events written to
--- the outbox. Any error rolls everything back: unit_of_work returns nil, err. On success it
--- returns what fn returned (true for nothing). See docs/unit-of-work.md.
+-- Statements are queued in the core's transaction (core.tx) and sent in one pipelined round
+-- trip with the next read or the commit; at commit the tracked aggregates' events are
+-- dispatched and integration events written to the outbox. Any error rolls everything back:
+-- unit_of_work returns nil, err. On success it returns what fn returned (true for nothing).
+-- See docs/unit-of-work.md.
 local core = require "qx.core"
 local err = require "qx.error"
 local event = require "qx.model.event"
 local aggregate = require "qx.model.aggregate"
+local internal = require "qx.store.internal"
 
 local setmetatable = setmetatable
 local type = type
@@ -46,12 +48,6 @@ local Uow = {}
 Uow.__index = Uow
 _M.Uow = Uow
 
--- Fields most units of work never change live here, in the class, instead of in every
--- instance: a smaller table to make. _sends > 0 means the transaction has begun.
-Uow._sends = 0
-Uow._sp = 0
-Uow._head = 1
-
 local function pack(...)
     return { n = select("#", ...), ... }
 end
@@ -73,8 +69,8 @@ local function check_context(ctx)
         local k = CONTEXT_IDS[i]
         local v = ctx[k]
         if v ~= nil and not is_uuid(v) then
-            return nil, err.new("invalid", "context." .. k .. " must be a uuid, got "
-                                .. tostring(v))
+            return nil, err.new("invalid",
+                                "context." .. k .. " must be a uuid, got " .. tostring(v))
         end
     end
     return ctx
@@ -82,177 +78,49 @@ end
 
 -- ---- statements -------------------------------------------------------------------------------
 
-local function stmt(sql, ...)
-    local s = { sql, n = select("#", ...), ... }
-    return s
-end
+local check_open = internal.check_open
+local stamp = internal.stamp
 
--- statements every unit of work sends, made once (the binding only reads them)
-local BEGIN, COMMIT, ROLLBACK = stmt("BEGIN"), stmt("COMMIT"), stmt("ROLLBACK")
-
--- Wake-ups go after the COMMIT, in a transaction of their own that does not wait for the disk:
--- a NOTIFY inside would serialise every notifying commit (docs/unit-of-work.md). OFFSET 1 skips
--- the one row, so the calls run but the client gets nothing to parse.
-local notify_stmts = {} -- channels joined by "," -> statement
-local function notify_stmt(channels)
-    local key = channels[2] == nil and channels[1] or table.concat(channels, ",")
-    local s = notify_stmts[key]
-    if not s then
-        local calls = {}
-        for i = 1, #channels do calls[i] = "pg_notify($" .. i .. ", '')" end
-        s = { "SELECT FROM (SELECT set_config('synchronous_commit', 'off', true), "
-              .. table.concat(calls, ", ") .. " OFFSET 1) AS s", n = #channels }
-        for i = 1, #channels do s[i + 1] = channels[i] end
-        notify_stmts[key] = s
-    end
-    return s
-end
-local timeout_stmts = {}
-local function timeout_stmt(ms)
-    local s = timeout_stmts[ms]
-    if not s then
-        s = stmt("SELECT set_config('statement_timeout', $1, true)", tostring(ms))
-        timeout_stmts[ms] = s
-    end
-    return s
-end
-
--- The queue is self._q[1..self._n], led by self._head statements (BEGIN, the SET LOCAL of the
--- timeout) until the first send; entries past _n are left over and get overwritten.
-
-local function failed_send(self, e)
-    self._failed = e
-    return nil, e
-end
-
--- Sends the queue plus (mode ~= nil) one statement in one round trip; returns what conn:send
--- returns for it. A failure is remembered: the uow will only roll back. implicit: the batch is
--- the whole transaction, sent without BEGIN and COMMIT (docs/unit-of-work.md).
-local function send(self, implicit, mode, sql, ...)
-    if self._failed then return nil, self._failed end
-    local from = 1
-    local sends = self._sends
-    if implicit and sends == 0 then from = 2 end -- past BEGIN
-    local n = self._n
-    self._n = 0
-    self._sends = sends + 1 -- the transaction has begun
-    local r, e, at = self.conn:send(self._q, from, n, mode, sql, ...)
-    if not r then
-        failed_send(self, e)
-        return nil, e, at
-    end
-    return r, e
-end
-
-local function check_open(self, level)
-    if self._state ~= "active" then
-        error("unit of work is " .. self._state, level + 1)
-    end
-end
-
-function Uow:_check_open()
-    check_open(self, 3)
-end
-
--- uow:query(sql, ...) -> rows | nil, err   (sends the queue first, same round trip)
+-- uow:query(sql, ...) -> rows, affected | nil, err   (sends the queue first, same round trip)
 function Uow:query(sql, ...)
     check_open(self, 2)
     if type(sql) ~= "string" then error("uow:query: sql must be a string", 2) end
-    return send(self, false, "rows", sql, ...)
+    return self._tx:query(sql, ...)
 end
 
 -- uow:exec(sql, ...) -> affected | nil, err
 function Uow:exec(sql, ...)
     check_open(self, 2)
     if type(sql) ~= "string" then error("uow:exec: sql must be a string", 2) end
-    local ok, affected = send(self, false, "count", sql, ...)
-    if not ok then return nil, affected end
-    return affected
+    return self._tx:exec(sql, ...)
 end
 
--- For the repository and the event store: rows whose NULL columns are absent (nil), not
--- core.null - what an entity wants, and fewer table slots to fill.
-function Uow:_rows(sql, ...)
+-- uow:rows(sql, ...) -> rows, affected | nil, err: as uow:query, with the NULL columns of a row
+-- left out (they read as nil, not core.null) - what an entity wants, and fewer slots to fill.
+function Uow:rows(sql, ...)
     check_open(self, 2)
-    return send(self, false, "sparse", sql, ...)
+    return self._tx:rows(sql, ...)
 end
 
--- Uow:_rows, with only the first max rows made into tables; the second result counts every row
--- the statement returned (a page reads one more than it shows to know whether another follows).
-function Uow:_rows_upto(max, sql, ...)
+-- uow:rows_upto(max, sql, ...) -> rows, count | nil, err: uow:rows with only the first max rows
+-- made into tables; count is every row the statement returned (a page reads one more than it
+-- shows to know whether another follows).
+function Uow:rows_upto(max, sql, ...)
     check_open(self, 2)
-    return send(self, false, max, sql, ...)
-end
-
--- Statements PostgreSQL runs only inside BEGIN ... COMMIT (not in the implicit transaction of a
--- batch without BEGIN); a unit of work that queues one uses an explicit transaction block.
-local NEEDS_BLOCK = { LOCK = true, DECLARE = true, SAVEPOINT = true, RELEASE = true }
--- SQL text -> whether it needs a block, so that a text queued again is not matched again
-local needs_block_of, needs_block_n = {}, 0
-
-local function needs_block(sql)
-    local b = needs_block_of[sql]
-    if b == nil then
-        local word = sql:match("^%s*(%a+)")
-        b = word ~= nil and NEEDS_BLOCK[word:upper()] == true
-        if needs_block_n >= 1000 then needs_block_of, needs_block_n = {}, 0 end
-        needs_block_of[sql] = b
-        needs_block_n = needs_block_n + 1
-    end
-    return b
-end
-
-local function push(self, s)
-    local n = self._n + 1
-    self._q[n] = s
-    self._n = n
+    return self._tx:rows_upto(max, sql, ...)
 end
 
 -- uow:queue(sql, ...): sent with the next read or at commit; a failure fails the unit of work.
 function Uow:queue(sql, ...)
     check_open(self, 2)
     if type(sql) ~= "string" then error("uow:queue: sql must be a string", 2) end
-    if self._failed then return nil, self._failed end
-    if not self._block and needs_block(sql) then self._block = true end
-    push(self, { sql, n = select("#", ...), ... })
-    return true
-end
-
--- For the event store: uow:queue of a statement of its own (one that needs no transaction
--- block) with one parameter, the unit of work known to be open.
-function Uow:_queue1(sql, p1)
-    if self._failed then return nil, self._failed end
-    push(self, { sql, n = 1, p1 })
-    return true
-end
-
--- how many statements wait for the next send (BEGIN and the timeout not counted)
-function Uow:_queued()
-    return self._sends > 0 and self._n or self._n - self._head
-end
-
--- uow:_notify_after(channel): wake the channel's listeners once the transaction has committed
--- (see notify_stmt). A channel is notified once however often it is asked for.
-function Uow:_notify_after(channel)
-    check_open(self, 2)
-    local list = self._notify
-    if not list then
-        self._notify = { channel }
-        return
-    end
-    for i = 1, #list do
-        if list[i] == channel then return end
-    end
-    list[#list + 1] = channel
+    return self._tx:queue(sql, ...)
 end
 
 -- Sends whatever is queued now (e.g. to see a failure before doing more work).
 function Uow:flush()
     check_open(self, 2)
-    if self._n == 0 and self._sends > 0 then return true end
-    local ok, e = send(self, false)
-    if not ok then return nil, e end
-    return true
+    return self._tx:flush()
 end
 
 -- ---- aggregates and events ----------------------------------------------------------------
@@ -290,32 +158,6 @@ function Uow:record(ev)
     return ev
 end
 
--- For the event store: the events an aggregate just gave up (pull_events, a list no one else
--- holds), recorded as uow:record would, without the checks - record() made sure they are events,
--- and the store checked that the unit of work is open. The list itself becomes the queue of
--- loose events when there is none yet.
-function Uow:_record_list(evs)
-    local loose = self._loose
-    if not loose then
-        if evs[1] ~= nil then self._loose = evs end
-        return
-    end
-    local n = #loose
-    for i = 1, #evs do loose[n + i] = evs[i] end
-end
-
-function Uow:_stamp(ev)
-    local ctx = self.context
-    if ev.correlation_id == nil then ev.correlation_id = self.correlation_id end
-    -- the context first: a field an event lacks is looked up in its methods too
-    if ctx.causation_id ~= nil and ev.causation_id == nil then
-        ev.causation_id = ctx.causation_id
-    end
-    if ctx.tenant_id ~= nil and ev.tenant_id == nil then ev.tenant_id = ctx.tenant_id end
-    local actor = ctx.actor_id or ctx.user_id
-    if actor ~= nil and ev.actor_id == nil then ev.actor_id = tostring(actor) end
-end
-
 -- Drains tracked aggregates and loose events until handlers stop producing more; returns the
 -- integration events in the order they were recorded (nil when there are none).
 function Uow:_drain_and_dispatch()
@@ -337,7 +179,7 @@ function Uow:_drain_and_dispatch()
         if batch == nil or batch[1] == nil then return outgoing end
         for i = 1, #batch do
             local ev = batch[i]
-            self:_stamp(ev)
+            stamp(self, ev)
             if event.class_of(ev).integration then
                 outgoing = outgoing or {}
                 outgoing[#outgoing + 1] = ev
@@ -365,16 +207,18 @@ local function outbox_rows(events)
     return rows
 end
 
--- Up to OUTBOX_VALUES_MAX events go as INSERT ... VALUES (cheaper for the server than a JSON
--- array); more as the JSON array, so that the number of distinct statement texts stays small.
+-- Up to OUTBOX_VALUES_MAX events go as INSERT ... VALUES with nine parameters a row (less work
+-- for the server than taking one JSON array apart); more go as the JSON array, so that the
+-- number of distinct statement texts stays small.
 local OUTBOX_VALUES_MAX = 32
 local OUTBOX_VALUES_HEAD = "INSERT INTO qx_outbox_events (id, event_name, event_version, payload, "
     .. "occurred_at, correlation_id, causation_id, tenant_id, partition_key) VALUES "
 local outbox_values_sql = {}
 
-local function outbox_stmt(events)
+-- Queues the outbox insert of the integration events.
+local function queue_outbox(tx, events)
     local n = #events
-    if n > OUTBOX_VALUES_MAX then return stmt(OUTBOX_INSERT, outbox_rows(events)) end
+    if n > OUTBOX_VALUES_MAX then return tx:queue(OUTBOX_INSERT, outbox_rows(events)) end
     local sql = outbox_values_sql[n]
     if not sql then
         local rows = {}
@@ -387,23 +231,31 @@ local function outbox_stmt(events)
         sql = OUTBOX_VALUES_HEAD .. table.concat(rows, ", ")
         outbox_values_sql[n] = sql
     end
-    local s = { sql, n = 9 * n }
     local null = core.null
+    if n == 1 then
+        local ev = events[1]
+        local env = ev:envelope()
+        -- the whole envelope is the payload (JSON)
+        return tx:queue(sql, env.event_id, env.event_name, env.event_version, env,
+                        env.occurred_at, env.correlation_id, env.causation_id, env.tenant_id,
+                        partition_key(ev) or null)
+    end
+    local p = {}
     for i = 1, n do
         local ev = events[i]
         local env = ev:envelope()
-        local b = 9 * (i - 1) + 1 -- s[1] is the SQL text
-        s[b + 1] = env.event_id
-        s[b + 2] = env.event_name
-        s[b + 3] = env.event_version
-        s[b + 4] = env -- the whole envelope is the payload (JSON)
-        s[b + 5] = env.occurred_at
-        s[b + 6] = env.correlation_id
-        s[b + 7] = env.causation_id
-        s[b + 8] = env.tenant_id
-        s[b + 9] = partition_key(ev) or null
+        local b = 9 * (i - 1)
+        p[b + 1] = env.event_id
+        p[b + 2] = env.event_name
+        p[b + 3] = env.event_version
+        p[b + 4] = env
+        p[b + 5] = env.occurred_at
+        p[b + 6] = env.correlation_id
+        p[b + 7] = env.causation_id
+        p[b + 8] = env.tenant_id
+        p[b + 9] = partition_key(ev) or null
     end
-    return s
+    return tx:queue(sql, unpack(p, 1, 9 * n))
 end
 
 -- ---- bound views -------------------------------------------------------------------------
@@ -440,35 +292,23 @@ end
 function Uow:savepoint(fn)
     check_open(self, 2)
     if type(fn) ~= "function" then error("uow:savepoint: expected a function", 2) end
-    if self._failed then return nil, self._failed end
-    self._sp = self._sp + 1
-    local name = "qx_sp_" .. self._sp
-    local sends_before = self._sends
-    push(self, stmt("SAVEPOINT " .. name))
-    local queued_before = self._n - 1
+    local tx = self._tx
+    local ok, e = tx:savepoint()
+    if not ok then return nil, e end
     local loose_n = self._loose and #self._loose or 0
     local tracked_n = self._tracked and #self._tracked or 0
     local r = pack(xpcall(fn, err.handler, self))
-    if r[1] and not self._failed then
-        push(self, stmt("RELEASE SAVEPOINT " .. name))
-        return unpack(r, 2, r.n)
-    end
-    local cause = r[1] and self._failed or r[2]
-    if self._sends == sends_before then
-        -- nothing since the SAVEPOINT reached the server: forget what fn queued
-        self._n = queued_before
+    local cause
+    if r[1] then
+        ok, cause = tx:release()
+        if ok then return unpack(r, 2, r.n) end
     else
-        local failed = self._failed
-        self._failed = nil
-        self._n = 0
-        local ok, e = self.conn:send({ stmt("ROLLBACK TO SAVEPOINT " .. name) }, 1, 1)
-        if not ok then
-            -- no savepoint to go back to: what failed was queued before it, or its batch never
-            -- left (a parameter JSON cannot hold); the transaction is lost with that first error
-            self._failed = failed or e
-            return nil, self._failed
-        end
+        cause = r[2]
     end
+    -- back to the savepoint: what fn queued is dropped when none of it reached the server; a
+    -- failure after it is forgotten; one before it (or a pipeline that never left) stays
+    ok, e = tx:rollback_to()
+    if not ok then return nil, e end
     forget_after(self._loose, loose_n)
     local tracked = self._tracked
     if tracked then
@@ -514,29 +354,24 @@ local function committed(uow, ...)
             for i = 1, #more do outgoing[#outgoing + 1] = more[i] end
         end
     end
-    if uow._failed then error(uow._failed, 0) end
-
-    local begun = uow._sends > 0
-    if outgoing then
-        push(uow, outbox_stmt(outgoing))
-        uow:_notify_after(_M.OUTBOX_CHANNEL)
-    elseif not begun and uow._n == uow._head then
-        return ... -- nothing was done: no round trip at all
-    end
+    local tx = uow._tx
     local notify = uow._notify
-    -- savepoints and a few statements need a transaction block, and so does a wake-up (it goes
-    -- after the COMMIT); otherwise a unit of work that sends everything at commit needs neither
-    -- BEGIN nor COMMIT
-    local implicit = not begun and uow._sp == 0 and not uow._block and not notify
-    if not implicit then push(uow, COMMIT) end
-    if notify then push(uow, notify_stmt(notify)) end
-    local last = uow._n
-    local ok, e, at = send(uow, implicit)
-    if not ok then
-        if not (notify and at == last) then error(e, 0) end
+    if outgoing then
+        local ok, e = queue_outbox(tx, outgoing)
+        if not ok then error(e, 0) end
+        internal.notify_after(uow, _M.OUTBOX_CHANNEL)
+        notify = uow._notify
+    end
+    local ok, e
+    if notify then
+        ok, e = tx:commit(unpack(notify))
+    else
+        ok, e = tx:commit()
+    end
+    if not ok then error(e, 0) end
+    if e then
         -- the transaction committed; only the wake-up failed: listeners find the rows when they
         -- poll. Reported like a failed post_commit hook, not as a failed unit of work.
-        uow._failed = nil
         if uow.hooks.on_hook_error then
             pcall(uow.hooks.on_hook_error, e, "notify")
         else
@@ -548,9 +383,7 @@ local function committed(uow, ...)
 end
 
 local function rollback(uow)
-    if uow._sends > 0 and uow.conn:status() ~= "idle" then
-        uow.conn:send({ ROLLBACK }, 1, 1) -- release() would roll back too; this keeps order
-    end
+    uow._tx:rollback() -- release() would roll back too; this keeps order
 end
 
 -- fn, then the commit, in one protected call; fn's results pass through
@@ -562,6 +395,7 @@ local function finish(uow, ok, ...)
     local conn = uow.conn
     if ok then
         uow._state = "committed"
+        uow._tx:close()
         conn:release()
         if uow.hooks.post_commit then run_after_hook(uow, "post_commit") end
         -- fn returned nothing: success must not read as nil
@@ -576,6 +410,7 @@ local function finish(uow, ok, ...)
     end
     rollback(uow)
     uow._state = "rolled back"
+    uow._tx:close()
     conn:release()
     run_after_hook(uow, "post_rollback", cause)
     if not hok then cause.hook_error = he end
@@ -613,11 +448,10 @@ function _M.run(db, fn, opts)
     conn, e = db.pool:acquire()
     if not conn then return nil, e end
 
-    -- BEGIN, and SET LOCAL statement_timeout when the unit of work asks for another timeout
-    -- than the one every pooled connection has, lead the queue (see send). Made with room for
-    -- what a unit of work that writes once queues - BEGIN, the write, COMMIT, the wake-up - so
-    -- that it does not grow twice on the way (slots past _n are not part of the queue).
-    local q = { BEGIN, false, false, false }
+    -- SET LOCAL statement_timeout only when the unit of work asks for another timeout than the
+    -- one every pooled connection has
+    if timeout and timeout == (db.session_timeout_ms or 0) then timeout = nil end
+    local tx = core.tx(conn, timeout)
     local uow = setmetatable({
         db = db,
         conn = conn,
@@ -625,15 +459,9 @@ function _M.run(db, fn, opts)
         correlation_id = ctx.correlation_id or core.uuid(),
         dispatcher = opts.dispatcher or db.dispatcher,
         hooks = hooks, -- else the class's NO_HOOKS
-        _q = q,
-        _n = 1,
-        _sends = 0,
+        _tx = tx,
         _state = "active",
     }, Uow)
-    if timeout and timeout ~= (db.session_timeout_ms or 0) then
-        q[2] = timeout_stmt(timeout)
-        uow._n, uow._head = 2, 2
-    end
 
     return finish(uow, xpcall(body, err.handler, uow, fn))
 end

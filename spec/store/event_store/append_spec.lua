@@ -2,6 +2,7 @@
 -- input. Every test uses its own aggregate type and event names, so specs can share a database.
 local support = require "support"
 local qx = require "qx"
+local internal = require "qx.store.internal"
 
 describe("event store: append and load", function()
     local db
@@ -90,10 +91,10 @@ SELECT version, state FROM qx_aggregate_snapshots WHERE aggregate_type = $1 AND 
         local acc = assert(db:unit_of_work(function(uow)
             local es = uow:store(m.store)
             local a = assert(es:load(m.Account, id))
-            local before = uow._sends
+            local before = internal.round_trips(uow)
             assert.is_true(es:append(a))
-            assert.equal(0, uow:_queued())
-            sends = uow._sends - before
+            assert.equal(0, internal.queued(uow))
+            sends = internal.round_trips(uow) - before
             return a
         end))
         assert.equal(0, sends)
@@ -277,9 +278,9 @@ SELECT event_name, partition_key, payload FROM qx_outbox_events WHERE event_name
             local a, b = m.Account.new(a_id), m.Account.new(b_id)
             a:deposit(1); a:deposit(2)
             b:deposit(3)
-            local before = uow:_queued()
+            local before = internal.queued(uow)
             assert(es:append_batch({ a, b }))
-            sends = uow:_queued() - before
+            sends = internal.queued(uow) - before
             assert.equal(2, a.version)
             assert.equal(1, b.version)
             return true
@@ -311,7 +312,7 @@ SELECT event_name, partition_key, payload FROM qx_outbox_events WHERE event_name
             assert.matches("JSON", e.message)
             assert.equal(1, #acc:pending_events())
             assert.equal(0, acc.version)
-            assert.equal(0, uow:_queued())
+            assert.equal(0, internal.queued(uow))
             acc:pull_events()
             acc:record(m.Deposited{ amount = 1, meta = { f = print } })
             ok, e = es:append(acc)

@@ -1,6 +1,7 @@
 -- The repository's reads and writes against a real PostgreSQL: descriptions, the catalog,
 -- mapping, stamps, versions, soft and hard deletes, tenancy, events to the outbox, readers.
 local qx = require "qx"
+local internal = require "qx.store.internal"
 local support = require "support"
 local H = require "repository_support"
 
@@ -135,11 +136,11 @@ describe("qx.store.repository", function()
 
         it("sends queued adds with the next read, in one round trip", function()
             H.with(db, users, T, function(repo, uow)
-            local before = uow._sends
+            local before = internal.round_trips(uow)
             for i = 1, 5 do assert(repo:add(H.User.new{ email = "rt" .. i .. "@example.com" })) end
-            assert.equal(before, uow._sends)
+            assert.equal(before, internal.round_trips(uow))
             assert.equal(5, repo:count{ filters = {{ "email", "starts_with", "rt" }} })
-            assert.equal(before + 1, uow._sends)
+            assert.equal(before + 1, internal.round_trips(uow))
             return true
             end)
         end)
@@ -261,9 +262,9 @@ describe("qx.store.repository", function()
             local u = assert(repo:get(id))
             u.version = 5 -- stale
             u.name = "never"
-            local before = uow._sends
+            local before = internal.round_trips(uow)
             assert(repo:save(u, { defer = true }))
-            assert.equal(before, uow._sends) -- no round trip of its own
+            assert.equal(before, internal.round_trips(uow)) -- no round trip of its own
             return true
             end)
             assert.is_nil(r)

@@ -344,19 +344,28 @@ describe("keyset pages of one shape", function()
     -- SQL texts of the reads
     local function sent(t, fn)
         local texts = {}
-        local r, e = H.with(db, users, t, function(repo, uow)
-            local real = uow.conn
-            uow.conn = setmetatable({}, { __index = function(_, k)
-          return function(_, ...)
-              if k == "send" and select(4, ...) ~= nil then texts[#texts + 1] = select(5, ...) end
-              return real[k](real, ...)
-          end
-            end })
+        local tx_methods = debug.getregistry()["qx.tx"].__index
+        local saved = {}
+        for _, m in ipairs({ "query", "rows", "exec" }) do
+            local real = tx_methods[m]
+            saved[m] = real
+            tx_methods[m] = function(tx, sql, ...)
+                texts[#texts + 1] = sql
+                return real(tx, sql, ...)
+            end
+        end
+        local real_upto = tx_methods.rows_upto
+        saved.rows_upto = real_upto
+        tx_methods.rows_upto = function(tx, max, sql, ...)
+            texts[#texts + 1] = sql
+            return real_upto(tx, max, sql, ...)
+        end
+        local r, e = H.with(db, users, t, function(repo)
             local out, err = fn(repo)
-            uow.conn = real
             if out == nil then error(err, 0) end
             return out
         end)
+        for m, real in pairs(saved) do tx_methods[m] = real end
         if r == nil then return nil, e, texts end
         return r, texts
     end

@@ -1,6 +1,7 @@
 -- Listing with the repository: the 13 filter operators, allow-lists, sorting, offset pages,
 -- specifications (SQL and in memory), and streaming in constant memory.
 local qx = require "qx"
+local internal = require "qx.store.internal"
 local H = require "repository_support"
 local support = require "support"
 
@@ -227,12 +228,12 @@ describe("repository queries", function()
         it("streams every row in order, a batch at a time, and can stop early", function()
             local got = {}
             local n = assert(H.with(db, users, T, function(repo, uow)
-              local before = uow._sends
+              local before = internal.round_trips(uow)
               local count = assert(repo:each({ sort = { "email" }, batch_size = 3 }, function(u)
               got[#got + 1] = u.email
               end))
               -- 10 rows in batches of 3: 4 fetches
-              assert.equal(before + 4, uow._sends)
+              assert.equal(before + 4, internal.round_trips(uow))
               return count
             end))
             assert.equal(10, n)

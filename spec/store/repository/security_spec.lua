@@ -1,6 +1,7 @@
 -- Untrusted input never reaches SQL text: an injection corpus through filter values, `in`
 -- lists, field names, sort directions, ids and cursors; the tables are checked afterwards.
 local qx = require "qx"
+local internal = require "qx.store.internal"
 local support = require "support"
 local H = require "repository_support"
 
@@ -90,7 +91,7 @@ describe("repository and SQL injection", function()
 
     it("raises for hostile field names and sort directions before any SQL is built", function()
         H.with(db, users, T, function(repo, uow)
-            local sends = uow._sends
+            local sends = internal.round_trips(uow)
             for _, bad in ipairs(corpus()) do
           assert.is_not_nil(H.raised(function() repo:list{ filters = {{ bad, "eq", "x" }} } end), bad)
           assert.is_not_nil(H.raised(function() repo:list{ sort = { bad } } end), bad)
@@ -98,7 +99,7 @@ describe("repository and SQL injection", function()
           assert.is_not_nil(H.raised(function() repo:list{ filters = {{ "email", bad, "x" }} } end), bad)
           assert.is_not_nil(H.raised(function() repo:page{ sort = { "-" .. bad } } end), bad)
             end
-            assert.equal(sends, uow._sends) -- nothing reached the server
+            assert.equal(sends, internal.round_trips(uow)) -- nothing reached the server
             return true
         end)
         assert.equal(fingerprint, state())

@@ -6,6 +6,7 @@ local qx_error = require "qx.error"
 local event = require "qx.model.event"
 local aggregate = require "qx.model.aggregate"
 local es_class = require "qx.model.event_sourced"
+local internal = require "qx.store.internal"
 local sql = require "qx.store.event_store.sql"
 local reads = require "qx.store.event_store.reads"
 
@@ -59,7 +60,7 @@ local function check_bound(self, method)
         error("es:" .. method .. ": call as es:" .. method .. "(...)", 3)
     end
     local uow = self.uow
-    if uow._state ~= "active" then uow:_check_open() end -- raises, saying what state it is in
+    internal.check_open(uow, 3) -- raises, saying what state it is in
 end
 
 
@@ -159,8 +160,8 @@ end
 -- Checks one aggregate and stamps its events. Returns the aggregate type, the id as text, the
 -- version, the events to store (the pending list itself when none of them is an integration
 -- event), how many they are, and the snapshot row or nil | nil, err. Nothing is drained here.
--- The rows themselves are written by core.json_event_rows: each stored event is the event's own
--- fields, metadata and payload side by side, less the routing fields and "_" keys.
+-- The rows themselves are written by core.json_rows (EVENT_ROW): each stored event is the
+-- event's own fields, metadata and payload side by side, less the routing fields and "_" keys.
 local function prepare(store, uow, agg, opts)
     local class = es_class.class_of(agg)
     if class == nil then
@@ -188,7 +189,7 @@ local function prepare(store, uow, agg, opts)
     local n = 0
     for i = 1, #pending do
         local ev = pending[i]
-        uow:_stamp(ev)
+        internal.stamp(uow, ev)
         if event.class_of(ev).integration then
             if stored == pending then -- the first one: from here on the stored events are a list
                 stored = {}
@@ -227,7 +228,11 @@ local function prepare(store, uow, agg, opts)
     return agg_type, sid, version, stored, n, snap
 end
 
-local event_rows = core.json_event_rows
+-- the append rows: [{"type", "agg", "seq" (counting up), "event": less routing fields, "_" keys}]
+local EVENT_ROW = core.json_shape{ fields = { "type", "agg", "seq" }, item = "event",
+                                  omit = { "aggregate_type", "aggregate_id" }, omit_prefix = "_" }
+local json_rows = core.json_rows
+local function event_rows(...) return json_rows(EVENT_ROW, ...) end
 
 local function rows_invalid(e)
     return nil, new_error("invalid", "an event cannot be stored as JSON: " .. tostring(e.message))
@@ -244,14 +249,14 @@ end
 -- Queues the insert (and the snapshot upsert) and asks for the wake-up. Nothing failed before;
 -- the unit of work was found open (check_bound).
 local function queue_append(uow, store, rows_json, snaps_json)
-    local ok, e = uow:_queue1(APPEND, rows_json)
+    local ok, e = internal.queue(uow, APPEND, rows_json)
     if not ok then return nil, e end
     if snaps_json then
-        ok, e = uow:_queue1(SNAPSHOT, snaps_json)
+        ok, e = internal.queue(uow, SNAPSHOT, snaps_json)
         if not ok then return nil, e end
     end
     -- sent once per unit of work, after its COMMIT (see the unit of work)
-    if store.notify then uow:_notify_after(_M.CHANNEL) end
+    if store.notify then internal.notify_after(uow, _M.CHANNEL) end
     return true
 end
 
@@ -259,7 +264,7 @@ end
 local function drain(uow, agg, n)
     local evs = agg:pull_events()
     agg.version = rawget(agg, "version") + n
-    uow:_record_list(evs)
+    internal.record_list(uow, evs)
 end
 
 local function append_all(self, list, opts, method)

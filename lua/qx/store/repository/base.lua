@@ -105,7 +105,7 @@ function _M.check_id(self, c, id)
     return true
 end
 
--- a row read with _rows (its NULL columns are absent, so they read as nil) -> an entity
+-- a row read with rows (its NULL columns are absent, so they read as nil) -> an entity
 function _M.map_row(d, row)
     local from = d.from_row
     if from then return from(row) end

@@ -204,7 +204,7 @@ function Repo:page(opts)
         plan.sql[variant] = sql
     end
     -- one row more than the page tells whether another follows; it is not made into a table
-    local rows, count = self.t:_rows_upto(limit, sql, unpack(q.params, 1, q.n))
+    local rows, count = self.t:rows_upto(limit, sql, unpack(q.params, 1, q.n))
     if not rows then return nil, count end
     local out = { has_next = count > limit }
     if out.has_next then

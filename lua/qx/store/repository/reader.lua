@@ -17,22 +17,14 @@ function Reader:query(sql, ...)
     return self.db:query(sql, ...)
 end
 
--- rows without their NULL columns (as Uow:_rows); mode "sparse", or a number: only that many
--- rows made into tables, the second result counting them all (as Uow:_rows_upto)
-local function reader_rows(self, mode, sql, ...)
-    local conn, e = self.db.pool:acquire()
-    if not conn then return nil, e end
-    local rows, affected = conn:send(nil, 1, 0, mode, sql, ...)
-    conn:release()
-    return rows, affected
+-- rows without their NULL columns, all or only the first max made into tables (as uow:rows,
+-- uow:rows_upto)
+function Reader:rows(sql, ...)
+    return self.db:rows(sql, ...)
 end
 
-function Reader:_rows(sql, ...)
-    return reader_rows(self, "sparse", sql, ...)
-end
-
-function Reader:_rows_upto(max, sql, ...)
-    return reader_rows(self, max, sql, ...)
+function Reader:rows_upto(max, sql, ...)
+    return self.db:rows_upto(max, sql, ...)
 end
 
 -- description:reader(db[, context]) -> a repository that reads outside any transaction, one

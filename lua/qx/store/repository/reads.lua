@@ -41,9 +41,9 @@ function Repo:get(id, opts)
     end
     local rows
     if self.tenant ~= nil then
-        rows, e = self.t:_rows(sql, id, self.tenant)
+        rows, e = self.t:rows(sql, id, self.tenant)
     else
-        rows, e = self.t:_rows(sql, id)
+        rows, e = self.t:rows(sql, id)
     end
     if not rows then return nil, e end
     if rows[1] == nil then
@@ -121,7 +121,7 @@ function Repo:list(opts)
               .. order_by(c, keys, "p.")
     end
     local rows
-    rows, e = self.t:_rows(sql, unpack(q.params, 1, q.n))
+    rows, e = self.t:rows(sql, unpack(q.params, 1, q.n))
     if not rows then return nil, e end
     local out = { page = page, page_size = size }
     if with_total then

@@ -55,7 +55,7 @@ function Repo:each(opts, fn)
     local d, n = self.d, 0
     while true do
         local rows
-        rows, e = uow:_rows(fetch)
+        rows, e = uow:rows(fetch)
         if not rows then return nil, e end
         local got, stop = #rows, false
         for i = 1, got do
