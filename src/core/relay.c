@@ -1,22 +1,9 @@
 /*
- * The outbox relay: qx_outbox_events -> JetStream. This file runs the batches; the stages are
- * relay_claim.c, relay_publish.c and relay_mark.c (relay_internal.h holds the shared state).
- *
- * A batch is one transaction on the relay's own connection:
- *
- *   BEGIN; claim (FOR UPDATE SKIP LOCKED)     one round trip
- *   publish asynchronously, collect the acks  NATS, windowed
- *   mark published; mark failed; COMMIT       one round trip (with the next BEGIN and claim
- *                                             after a batch that found rows)
- *
- * Acks arrive on nats.c's threads (the JetStream context's ack handler). The handler only
- * records the outcome under a mutex and signals the relay's thread, which does everything
- * else; nothing of the caller runs there. At the end of a batch nothing is left pending in the
- * context (unacked messages are taken back), so a late ack can never reach a finished batch.
- *
- * A crash anywhere before COMMIT leaves the rows pending; the next claim publishes them again
- * with the same Nats-Msg-Id and JetStream drops the copies it already has (within its duplicate
- * window), so the stream holds each event once.
+ * The outbox relay: qx_outbox_events -> JetStream. This file runs the batches (claim, publish,
+ * mark and COMMIT, one transaction each, the mark of one overlapping the claim of the next); the
+ * stages are relay_claim.c, relay_publish.c and relay_mark.c, their shared state relay_internal.h.
+ * Acks arrive on nats.c's threads and are only recorded there, under a mutex; everything else
+ * runs on the relay's threads. Why this keeps order and loses nothing: docs/relay.md.
  */
 #define _GNU_SOURCE /* pipe2 */
 #include <errno.h>
