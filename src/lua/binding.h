@@ -59,6 +59,14 @@ typedef struct qx_type {
 /* Registers the metatable once per state: methods (and the close method) as __index, the
  * close function as __gc and __close, and __tostring: "name (description, address)". */
 void qx_register_type(lua_State *L, const qx_type *t);
+/* For the types whose methods run once per statement (connection, transaction): as
+ * qx_register_type, and each method is a closure over the metatable, so that qx_to_hot finds
+ * its self with one comparison; the metatable is also kept in the registry under key, for a
+ * constructor to set without interning the type name. */
+void qx_register_hot_type(lua_State *L, const qx_type *t, const void *key);
+/* The userdata at index 1 of a method registered by qx_register_hot_type (open or closed), or
+ * raises when it is not one of type tname (__gc and __close take the named check). */
+void *qx_to_hot(lua_State *L, const char *tname);
 /* Pushes a new userdata of size bytes, zeroed (closed), with the type's metatable. */
 void *qx_new_closed(lua_State *L, const qx_type *t, size_t size);
 /* The userdata of type t at idx, or raises (wrong type; closed_msg when closed). */

@@ -62,14 +62,7 @@ void qx_conn_unpush(lua_State *L, int idx)
  * is one comparison; __gc and __close have no upvalue and take the named check. */
 static lconn *to_conn(lua_State *L)
 {
-    lconn *lc = lua_touserdata(L, 1);
-    if (lc != NULL && lua_getmetatable(L, 1)) {
-        int same = lua_rawequal(L, -1, lua_upvalueindex(1));
-        lua_pop(L, 1);
-        if (same)
-            return lc;
-    }
-    return luaL_checkudata(L, 1, QX_CONN_MT);
+    return qx_to_hot(L, QX_CONN_MT);
 }
 
 static lconn *check_conn(lua_State *L)
@@ -349,20 +342,6 @@ static const qx_type conn_type = {
 
 int qx_open_conn(lua_State *L)
 {
-    const luaL_Reg *m;
-    qx_register_type(L, &conn_type);
-    luaL_getmetatable(L, QX_CONN_MT);
-    /* the methods again, as closures over the metatable (see to_conn) */
-    lua_getfield(L, -1, "__index");
-    for (m = methods; m->name != NULL; m++) {
-        lua_pushvalue(L, -2);
-        lua_pushcclosure(L, m->func, 1);
-        lua_setfield(L, -2, m->name);
-    }
-    lua_pop(L, 1);
-    lua_pushlightuserdata(L, (void *)&CONN_MT_KEY);
-    lua_pushvalue(L, -2);
-    lua_rawset(L, LUA_REGISTRYINDEX);
-    lua_pop(L, 1);
+    qx_register_hot_type(L, &conn_type, &CONN_MT_KEY);
     return 0;
 }

@@ -27,14 +27,7 @@ static void drop_conn_ref(lua_State *L, ltx *lt)
 
 static ltx *to_tx(lua_State *L)
 {
-    ltx *lt = lua_touserdata(L, 1);
-    if (lt != NULL && lua_getmetatable(L, 1)) {
-        int same = lua_rawequal(L, -1, lua_upvalueindex(1));
-        lua_pop(L, 1);
-        if (same)
-            return lt;
-    }
-    return luaL_checkudata(L, 1, QX_TX_MT);
+    return qx_to_hot(L, QX_TX_MT);
 }
 
 static ltx *check_tx(lua_State *L)
@@ -376,20 +369,7 @@ static const qx_type tx_type = {
 
 void qx_open_tx(lua_State *L)
 {
-    const luaL_Reg *m;
-    qx_register_type(L, &tx_type);
-    luaL_getmetatable(L, QX_TX_MT);
-    lua_getfield(L, -1, "__index");
-    for (m = methods; m->name != NULL; m++) {
-        lua_pushvalue(L, -2);
-        lua_pushcclosure(L, m->func, 1);
-        lua_setfield(L, -2, m->name);
-    }
-    lua_pop(L, 1);
-    lua_pushlightuserdata(L, (void *)&TX_MT_KEY);
-    lua_pushvalue(L, -2);
-    lua_rawset(L, LUA_REGISTRYINDEX);
-    lua_pop(L, 1);
+    qx_register_hot_type(L, &tx_type, &TX_MT_KEY);
     lua_pushcfunction(L, l_new);
     lua_setfield(L, -2, "tx");
 }

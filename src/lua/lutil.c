@@ -151,6 +151,36 @@ void qx_register_type(lua_State *L, const qx_type *t)
     lua_pop(L, 1);
 }
 
+void qx_register_hot_type(lua_State *L, const qx_type *t, const void *key)
+{
+    const luaL_Reg *m;
+    qx_register_type(L, t);
+    luaL_getmetatable(L, t->name);
+    lua_getfield(L, -1, "__index");
+    for (m = t->methods; m->name != NULL; m++) {
+        lua_pushvalue(L, -2);
+        lua_pushcclosure(L, m->func, 1);
+        lua_setfield(L, -2, m->name);
+    }
+    lua_pop(L, 1);
+    lua_pushlightuserdata(L, (void *)key);
+    lua_pushvalue(L, -2);
+    lua_rawset(L, LUA_REGISTRYINDEX);
+    lua_pop(L, 1);
+}
+
+void *qx_to_hot(lua_State *L, const char *tname)
+{
+    void *ud = lua_touserdata(L, 1);
+    if (ud != NULL && lua_getmetatable(L, 1)) {
+        int same = lua_rawequal(L, -1, lua_upvalueindex(1));
+        lua_pop(L, 1);
+        if (same)
+            return ud;
+    }
+    return luaL_checkudata(L, 1, tname);
+}
+
 void *qx_new_closed(lua_State *L, const qx_type *t, size_t size)
 {
     void *ud = lua_newuserdata(L, size);
