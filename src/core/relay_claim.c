@@ -7,50 +7,58 @@
 
 /* Claims pending rows of this shard in commit (seq) order, skipping rows another transaction
  * holds.
- *   held:    keys with a row waiting for its next attempt, and that row's seq: the key's later
- *            rows are held back and take no place in the batch (few such rows: a small index)
- *   claimed: the batch, locked
- *   gaps:    per key, the first pending row of this shard up to the batch's last seq that the
- *            batch does not hold (another transaction locks it, or it waits for a retry); found
- *            with one pass of the pending index, anti-joined with the batch by seq
- * A claimed row with a gap of its key before it is dropped from the batch: that earlier row
- * holds its key.
+ *   claimed: the batch, locked. A row whose key has an earlier row waiting for its next attempt
+ *            is held back and takes no place in the batch: one probe of the retry-key index
+ *            per row (few rows wait for a retry: at most about one per key)
+ *   checked: each claimed row with its key's pending row right before it (one descent of the
+ *            pending-key index per row; rows of $4 do not count) and its key's claimed row
+ *            right before it (lag over the batch sorted by key and seq). When the two differ, a
+ *            pending row the batch does not hold (another transaction locks it, or it waits for
+ *            a retry) comes before this row: a gap.
+ *   kept:    a claimed row is dropped when its key has a gap at or before it: that earlier row
+ *            holds its key.
  *   $4:      seqs of rows this relay has published and is marking in a transaction of its other
  *            connection right now: neither claimed nor gaps (see qx_relay_run). They are locked,
  *            and leaving them out by seq (a hashed <> ALL) before the lock is tried saves
- *            a failed row-lock attempt for each of them */
+ *            a failed row-lock attempt for each of them
+ * The cost does not depend on the planner's statistics: a LATERAL ... LIMIT 1 subquery per row
+ * (an index probe: a subquery with a LIMIT is never flattened into a join the planner could
+ * reorder) and two window functions over one sort of the batch. No step joins two sets whose
+ * sizes the planner must guess, which an unanalysed table turns into a nested loop over both
+ * (the batch times every pending row: tens of seconds at a few thousand rows). */
 static const char CLAIM_SQL[] =
-    "WITH held AS ("
-    " SELECT partition_key, min(seq) AS seq FROM qx_outbox_events"
-    " WHERE published_at IS NULL AND dead_at IS NULL AND partition_key IS NOT NULL"
-    "   AND next_attempt_at > now()"
-    " GROUP BY partition_key),"
-    " claimed AS ("
-    " SELECT ctid, id, seq, partition_key, event_name, event_version, payload, correlation_id,"
-    "        tenant_id, attempts"
-    " FROM qx_outbox_events o"
-    " WHERE published_at IS NULL AND dead_at IS NULL"
-    "   AND (next_attempt_at IS NULL OR next_attempt_at <= now())"
-    "   AND ($2::int = 1 OR mod(abs(hashtext(coalesce(partition_key, id::text))::bigint),"
+    "WITH claimed AS ("
+    " SELECT o.ctid, o.id, o.seq, o.partition_key, o.event_name, o.event_version, o.payload,"
+    "        o.correlation_id, o.tenant_id, o.attempts"
+    " FROM qx_outbox_events o LEFT JOIN LATERAL ("
+    "   SELECT 1 AS held FROM qx_outbox_events r"
+    "   WHERE r.partition_key = o.partition_key AND r.seq < o.seq"
+    "     AND r.published_at IS NULL AND r.dead_at IS NULL AND r.next_attempt_at > now()"
+    "   LIMIT 1) h ON true"
+    " WHERE o.published_at IS NULL AND o.dead_at IS NULL"
+    "   AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= now())"
+    "   AND ($2::int = 1 OR mod(abs(hashtext(coalesce(o.partition_key, o.id::text))::bigint),"
     "                           $2::int) = $3::int)"
     "   AND o.seq <> ALL ($4::int8[])"
-    "   AND NOT EXISTS (SELECT 1 FROM held h"
-    "                   WHERE h.partition_key = o.partition_key AND h.seq < o.seq)"
-    " ORDER BY seq LIMIT $1::int"
-    " FOR UPDATE SKIP LOCKED),"
-    " gaps AS ("
-    " SELECT p.partition_key, min(p.seq) AS seq FROM qx_outbox_events p"
-    " WHERE p.published_at IS NULL AND p.dead_at IS NULL AND p.partition_key IS NOT NULL"
-    "   AND p.seq <= (SELECT max(seq) FROM claimed)"
-    "   AND ($2::int = 1 OR mod(abs(hashtext(p.partition_key)::bigint), $2::int) = $3::int)"
-    "   AND p.seq <> ALL ($4::int8[])"
-    "   AND NOT EXISTS (SELECT 1 FROM claimed x WHERE x.seq = p.seq)"
-    " GROUP BY p.partition_key)"
+    "   AND h.held IS NULL"
+    " ORDER BY o.seq LIMIT $1::int"
+    " FOR UPDATE OF o SKIP LOCKED),"
+    " checked AS ("
+    " SELECT c.*, (b.seq IS NOT NULL AND b.seq IS DISTINCT FROM"
+    "              lag(c.seq) OVER (PARTITION BY c.partition_key ORDER BY c.seq)) AS gap"
+    " FROM claimed c LEFT JOIN LATERAL ("
+    "   SELECT p.seq FROM qx_outbox_events p"
+    "   WHERE p.partition_key = c.partition_key AND p.seq < c.seq"
+    "     AND p.published_at IS NULL AND p.dead_at IS NULL AND p.partition_key IS NOT NULL"
+    "     AND p.seq <> ALL ($4::int8[])"
+    "   ORDER BY p.seq DESC LIMIT 1) b ON true),"
+    " kept AS ("
+    " SELECT *, bool_or(gap) OVER (PARTITION BY partition_key ORDER BY seq) AS behind_gap"
+    " FROM checked)"
     " SELECT c.id::text, c.event_name, c.event_version::text, c.payload::text,"
     "        jsonb_typeof(c.payload), c.correlation_id::text, c.tenant_id::text,"
     "        c.partition_key, c.attempts::text, c.seq::text, c.ctid::text"
-    " FROM claimed c LEFT JOIN gaps g ON g.partition_key = c.partition_key"
-    " WHERE g.seq IS NULL OR g.seq > c.seq"
+    " FROM kept c WHERE NOT c.behind_gap"
     " ORDER BY c.seq";
 
 /* one lock per outbox (the schema it lives in) and shard */
