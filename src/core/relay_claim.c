@@ -8,24 +8,27 @@
 /* Claims pending rows of this shard in commit (seq) order, skipping rows another transaction
  * holds.
  *   claimed: the batch, locked. A row whose key has an earlier row waiting for its next attempt
- *            is held back and takes no place in the batch: one probe of the retry-key index
- *            per row (few rows wait for a retry: at most about one per key)
- *   checked: each claimed row with its key's pending row right before it (one descent of the
- *            pending-key index per row; rows of $4 do not count) and its key's claimed row
- *            right before it (lag over the batch sorted by key and seq). When the two differ, a
- *            pending row the batch does not hold (another transaction locks it, or it waits for
- *            a retry) comes before this row: a gap.
- *   kept:    a claimed row is dropped when its key has a gap at or before it: that earlier row
- *            holds its key.
+ *            is held back and takes no place in the batch: one probe of the retry-key index per
+ *            row (a LATERAL ... LIMIT 1)
+ *   pending: the batch, and every pending row of this shard with a key up to the batch's last
+ *            seq (one range of the pending index) with only its key and seq. Every claimed row
+ *            is among those pending rows too (one statement, one snapshot: the claim takes only
+ *            rows it saw pending), right after its claimed twin in (key, seq, claimed first)
+ *            order
+ *   counted: one window pass over that order. A claimed row's pending rows before it are its
+ *            earlier claimed rows' twins, and any pending row the batch does not hold (another
+ *            transaction locks it, or it waits for a retry): a gap. No gap before it <=> as many
+ *            pending rows before it as claimed rows before it. A claimed row after a gap of its
+ *            key is dropped from the batch: that earlier row holds its key.
  *   $4:      seqs of rows this relay has published and is marking in a transaction of its other
- *            connection right now: neither claimed nor gaps (see qx_relay_run). They are locked,
- *            and leaving them out by seq (a hashed <> ALL) before the lock is tried saves
- *            a failed row-lock attempt for each of them
- * The cost does not depend on the planner's statistics: a LATERAL ... LIMIT 1 subquery per row
- * (an index probe: a subquery with a LIMIT is never flattened into a join the planner could
- * reorder) and two window functions over one sort of the batch. No step joins two sets whose
- * sizes the planner must guess, which an unanalysed table turns into a nested loop over both
- * (the batch times every pending row: tens of seconds at a few thousand rows). */
+ *            connection right now: neither claimed nor pending (see qx_relay_run). They are
+ *            locked, and leaving them out by seq (a hashed <> ALL) before the lock is tried
+ *            saves a failed row-lock attempt for each of them
+ * The cost does not depend on the planner's statistics: an index probe per scanned row, one index
+ * range, and one sort of the batch with that range. No step joins two sets whose sizes the
+ * planner must guess: on an outbox never analysed it guessed one row each, and the anti-join of
+ * the batch with the pending rows it used before became a nested loop over both (tens of seconds
+ * at a few thousand rows, past the statement timeout, so nothing was published). */
 static const char CLAIM_SQL[] =
     "WITH claimed AS ("
     " SELECT o.ctid, o.id, o.seq, o.partition_key, o.event_name, o.event_version, o.payload,"
@@ -43,22 +46,25 @@ static const char CLAIM_SQL[] =
     "   AND h.held IS NULL"
     " ORDER BY o.seq LIMIT $1::int"
     " FOR UPDATE OF o SKIP LOCKED),"
-    " checked AS ("
-    " SELECT c.*, (b.seq IS NOT NULL AND b.seq IS DISTINCT FROM"
-    "              lag(c.seq) OVER (PARTITION BY c.partition_key ORDER BY c.seq)) AS gap"
-    " FROM claimed c LEFT JOIN LATERAL ("
-    "   SELECT p.seq FROM qx_outbox_events p"
-    "   WHERE p.partition_key = c.partition_key AND p.seq < c.seq"
-    "     AND p.published_at IS NULL AND p.dead_at IS NULL AND p.partition_key IS NOT NULL"
-    "     AND p.seq <> ALL ($4::int8[])"
-    "   ORDER BY p.seq DESC LIMIT 1) b ON true),"
-    " kept AS ("
-    " SELECT *, bool_or(gap) OVER (PARTITION BY partition_key ORDER BY seq) AS behind_gap"
-    " FROM checked)"
+    " pending AS ("
+    " SELECT c.*, true AS mine FROM claimed c"
+    " UNION ALL"
+    " SELECT NULL, NULL, p.seq, p.partition_key, NULL, NULL, NULL, NULL, NULL, NULL, false"
+    " FROM qx_outbox_events p"
+    " WHERE p.published_at IS NULL AND p.dead_at IS NULL AND p.partition_key IS NOT NULL"
+    "   AND p.seq <= (SELECT max(seq) FROM claimed)"
+    "   AND ($2::int = 1 OR mod(abs(hashtext(p.partition_key)::bigint), $2::int) = $3::int)"
+    "   AND p.seq <> ALL ($4::int8[])),"
+    " counted AS ("
+    " SELECT *, count(*) FILTER (WHERE NOT mine) OVER w AS pending_before,"
+    "        count(*) FILTER (WHERE mine) OVER w AS claimed_to"
+    " FROM pending WINDOW w AS (PARTITION BY partition_key ORDER BY seq, mine DESC"
+    "                           ROWS UNBOUNDED PRECEDING))"
     " SELECT c.id::text, c.event_name, c.event_version::text, c.payload::text,"
     "        jsonb_typeof(c.payload), c.correlation_id::text, c.tenant_id::text,"
     "        c.partition_key, c.attempts::text, c.seq::text, c.ctid::text"
-    " FROM kept c WHERE NOT c.behind_gap"
+    " FROM counted c WHERE c.mine"
+    "   AND (c.partition_key IS NULL OR c.pending_before = c.claimed_to - 1)"
     " ORDER BY c.seq";
 
 /* one lock per outbox (the schema it lives in) and shard */
