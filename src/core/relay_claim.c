@@ -9,7 +9,9 @@
  * holds.
  *   claimed: the batch, locked. A row whose key has an earlier row waiting for its next attempt
  *            is held back and takes no place in the batch: one probe of the retry-key index per
- *            row (a LATERAL ... LIMIT 1)
+ *            row (a LATERAL ... LIMIT 1). The shard test is a CASE: the planner takes a CASE to
+ *            keep half the rows, where it took `mod(...) = shard` to keep one in 200 and so
+ *            sorted every pending row of the shard to take the first batch
  *   pending: the batch, and every pending row of this shard with a key up to the batch's last
  *            seq (one range of the pending index) with only its key and seq. Every claimed row
  *            is among those pending rows too (one statement, one snapshot: the claim takes only
@@ -40,8 +42,8 @@ static const char CLAIM_SQL[] =
     "   LIMIT 1) h ON true"
     " WHERE o.published_at IS NULL AND o.dead_at IS NULL"
     "   AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= now())"
-    "   AND ($2::int = 1 OR mod(abs(hashtext(coalesce(o.partition_key, o.id::text))::bigint),"
-    "                           $2::int) = $3::int)"
+    "   AND ($2::int = 1 OR CASE WHEN mod(abs(hashtext(coalesce(o.partition_key, o.id::text))"
+    "                                    ::bigint), $2::int) = $3::int THEN true ELSE false END)"
     "   AND o.seq <> ALL ($4::int8[])"
     "   AND h.held IS NULL"
     " ORDER BY o.seq LIMIT $1::int"
