@@ -12,25 +12,26 @@
  *            row (a LATERAL ... LIMIT 1). The shard test is a CASE: the planner takes a CASE to
  *            keep half the rows, where it took `mod(...) = shard` to keep one in 200 and so
  *            sorted every pending row of the shard to take the first batch
- *   pending: the batch, and every pending row of this shard with a key up to the batch's last
- *            seq (one range of the pending index) with only its key and seq. Every claimed row
- *            is among those pending rows too (one statement, one snapshot: the claim takes only
- *            rows it saw pending), right after its claimed twin in (key, seq, claimed first)
- *            order
- *   counted: one window pass over that order. A claimed row's pending rows before it are its
+ *   lined_up: the batch's keys and seqs, and those of every pending row of this shard up to the
+ *            batch's last seq (one range of the pending index). Every claimed row is among those
+ *            pending rows too (one statement, one snapshot: the claim takes only rows it saw
+ *            pending), right after its claimed twin in (key, seq, claimed first) order
+ *   behind_gap: one window pass over that order. A claimed row's pending rows before it are its
  *            earlier claimed rows' twins, and any pending row the batch does not hold (another
  *            transaction locks it, or it waits for a retry): a gap. No gap before it <=> as many
  *            pending rows before it as claimed rows before it. A claimed row after a gap of its
- *            key is dropped from the batch: that earlier row holds its key.
+ *            key is left out of the batch (by seq: a <> ALL over those few seqs): that earlier
+ *            row holds its key.
  *   $4:      seqs of rows this relay has published and is marking in a transaction of its other
- *            connection right now: neither claimed nor pending (see qx_relay_run). They are
+ *            connection right now: neither claimed nor lined up (see qx_relay_run). They are
  *            locked, and leaving them out by seq (a hashed <> ALL) before the lock is tried
  *            saves a failed row-lock attempt for each of them
  * The cost does not depend on the planner's statistics: an index probe per scanned row, one index
- * range, and one sort of the batch with that range. No step joins two sets whose sizes the
- * planner must guess: on an outbox never analysed it guessed one row each, and the anti-join of
- * the batch with the pending rows it used before became a nested loop over both (tens of seconds
- * at a few thousand rows, past the statement timeout, so nothing was published). */
+ * range, one sort of the keys and seqs of the batch and that range, and a <> ALL over the few
+ * seqs left out. No step joins two sets whose sizes the planner must guess: on an outbox never
+ * analysed it guessed one row each, and the anti-join of the batch with the pending rows it used
+ * before became a nested loop over both (tens of seconds at a few thousand rows, past the
+ * statement timeout, so nothing was published). */
 static const char CLAIM_SQL[] =
     "WITH claimed AS ("
     " SELECT o.ctid, o.id, o.seq, o.partition_key, o.event_name, o.event_version, o.payload,"
@@ -48,25 +49,25 @@ static const char CLAIM_SQL[] =
     "   AND h.held IS NULL"
     " ORDER BY o.seq LIMIT $1::int"
     " FOR UPDATE OF o SKIP LOCKED),"
-    " pending AS ("
-    " SELECT c.*, true AS mine FROM claimed c"
+    " lined_up AS ("
+    " SELECT partition_key, seq, true AS mine FROM claimed WHERE partition_key IS NOT NULL"
     " UNION ALL"
-    " SELECT NULL, NULL, p.seq, p.partition_key, NULL, NULL, NULL, NULL, NULL, NULL, false"
-    " FROM qx_outbox_events p"
+    " SELECT p.partition_key, p.seq, false FROM qx_outbox_events p"
     " WHERE p.published_at IS NULL AND p.dead_at IS NULL AND p.partition_key IS NOT NULL"
     "   AND p.seq <= (SELECT max(seq) FROM claimed)"
     "   AND ($2::int = 1 OR mod(abs(hashtext(p.partition_key)::bigint), $2::int) = $3::int)"
     "   AND p.seq <> ALL ($4::int8[])),"
-    " counted AS ("
-    " SELECT *, count(*) FILTER (WHERE NOT mine) OVER w AS pending_before,"
-    "        count(*) FILTER (WHERE mine) OVER w AS claimed_to"
-    " FROM pending WINDOW w AS (PARTITION BY partition_key ORDER BY seq, mine DESC"
-    "                           ROWS UNBOUNDED PRECEDING))"
+    " behind_gap AS ("
+    " SELECT seq FROM ("
+    "   SELECT seq, mine, count(*) FILTER (WHERE NOT mine) OVER w AS pending_before,"
+    "          count(*) FILTER (WHERE mine) OVER w AS claimed_to"
+    "   FROM lined_up WINDOW w AS (PARTITION BY partition_key ORDER BY seq, mine DESC"
+    "                              ROWS UNBOUNDED PRECEDING)) x"
+    " WHERE mine AND pending_before <> claimed_to - 1)"
     " SELECT c.id::text, c.event_name, c.event_version::text, c.payload::text,"
     "        jsonb_typeof(c.payload), c.correlation_id::text, c.tenant_id::text,"
     "        c.partition_key, c.attempts::text, c.seq::text, c.ctid::text"
-    " FROM counted c WHERE c.mine"
-    "   AND (c.partition_key IS NULL OR c.pending_before = c.claimed_to - 1)"
+    " FROM claimed c WHERE c.seq <> ALL (ARRAY(SELECT seq FROM behind_gap))"
     " ORDER BY c.seq";
 
 /* one lock per outbox (the schema it lives in) and shard */
