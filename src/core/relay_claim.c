@@ -21,7 +21,11 @@
  *            transaction locks it, or it waits for a retry): a gap. No gap before it <=> as many
  *            pending rows before it as claimed rows before it. A claimed row after a gap of its
  *            key is left out of the batch (by seq: a <> ALL over those few seqs): that earlier
- *            row holds its key.
+ *            row holds its key. Keys compare bytewise (COLLATE "C"): only equality matters.
+ *            This runs only when the batch is not every pending row of this shard up to its
+ *            last seq (a count of that range, read anyway): as a rule it is, and then no row
+ *            can have a gap before it (an InitPlan runs when first needed, and the CASE does
+ *            not need it then)
  *   $4:      seqs of rows this relay has published and is marking in a transaction of its other
  *            connection right now: neither claimed nor lined up (see qx_relay_run). They are
  *            locked, and leaving them out by seq (a hashed <> ALL) before the lock is tried
@@ -61,13 +65,21 @@ static const char CLAIM_SQL[] =
     " SELECT seq FROM ("
     "   SELECT seq, mine, count(*) FILTER (WHERE NOT mine) OVER w AS pending_before,"
     "          count(*) FILTER (WHERE mine) OVER w AS claimed_to"
-    "   FROM lined_up WINDOW w AS (PARTITION BY partition_key ORDER BY seq, mine DESC"
+    "   FROM lined_up WINDOW w AS (PARTITION BY partition_key COLLATE \"C\" ORDER BY seq, mine DESC"
     "                              ROWS UNBOUNDED PRECEDING)) x"
     " WHERE mine AND pending_before <> claimed_to - 1)"
     " SELECT c.id::text, c.event_name, c.event_version::text, c.payload::text,"
     "        jsonb_typeof(c.payload), c.correlation_id::text, c.tenant_id::text,"
     "        c.partition_key, c.attempts::text, c.seq::text, c.ctid::text"
-    " FROM claimed c WHERE c.seq <> ALL (ARRAY(SELECT seq FROM behind_gap))"
+    " FROM claimed c"
+    " WHERE c.seq <> ALL (CASE WHEN (SELECT count(*) FROM claimed) = ("
+    "   SELECT count(*) FROM qx_outbox_events p"
+    "   WHERE p.published_at IS NULL AND p.dead_at IS NULL"
+    "     AND p.seq <= (SELECT max(seq) FROM claimed)"
+    "     AND ($2::int = 1 OR mod(abs(hashtext(coalesce(p.partition_key, p.id::text))::bigint),"
+    "                             $2::int) = $3::int)"
+    "     AND p.seq <> ALL ($4::int8[]))"
+    "   THEN '{}'::int8[] ELSE ARRAY(SELECT seq FROM behind_gap) END)"
     " ORDER BY c.seq";
 
 /* one lock per outbox (the schema it lives in) and shard */
