@@ -23,9 +23,9 @@
  *            key is left out of the batch (by seq: a <> ALL over those few seqs): that earlier
  *            row holds its key. Keys compare bytewise (COLLATE "C"): only equality matters.
  *            This runs only when the batch is not every pending row of this shard up to its
- *            last seq (a count of that range, read anyway): as a rule it is, and then no row
- *            can have a gap before it (an InitPlan runs when first needed, and the CASE does
- *            not need it then)
+ *            last seq (one count of that range): as a rule it is, and then no row can have a
+ *            gap before it (an InitPlan runs when first needed, and the CASE does not need it
+ *            then)
  *   $4:      seqs of rows this relay has published and is marking in a transaction of its other
  *            connection right now: neither claimed nor lined up (see qx_relay_run). They are
  *            locked, and leaving them out by seq (a hashed <> ALL) before the lock is tried
