@@ -9,9 +9,11 @@
  * holds.
  *   claimed: the batch, locked. A row whose key has an earlier row waiting for its next attempt
  *            is held back and takes no place in the batch: one probe of the retry-key index per
- *            row (a LATERAL ... LIMIT 1). The shard test is a CASE: the planner takes a CASE to
- *            keep half the rows, where it took `mod(...) = shard` to keep one in 200 and so
- *            sorted every pending row of the shard to take the first batch
+ *            row (a LATERAL ... LIMIT 1), skipped when no row waits at all (an uncorrelated
+ *            EXISTS: one probe, a one-time filter on every row's subquery). The shard test is a
+ *            CASE: the planner takes a CASE to keep half the rows, where it took
+ *            `mod(...) = shard` to keep one in 200 and so sorted every pending row of the shard
+ *            to take the first batch
  *   lined_up: the batch's keys and seqs, and those of every pending row of this shard up to the
  *            batch's last seq (one range of the pending index). Every claimed row is among those
  *            pending rows too (one statement, one snapshot: the claim takes only rows it saw
@@ -44,6 +46,8 @@ static const char CLAIM_SQL[] =
     "   SELECT 1 AS held FROM qx_outbox_events r"
     "   WHERE r.partition_key = o.partition_key AND r.seq < o.seq"
     "     AND r.published_at IS NULL AND r.dead_at IS NULL AND r.next_attempt_at > now()"
+    "     AND EXISTS (SELECT 1 FROM qx_outbox_events w WHERE w.published_at IS NULL"
+    "                 AND w.dead_at IS NULL AND w.next_attempt_at > now())"
     "   LIMIT 1) h ON true"
     " WHERE o.published_at IS NULL AND o.dead_at IS NULL"
     "   AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= now())"
