@@ -31,4 +31,40 @@ describe("outbox relay on a never-analysed outbox", function()
         H.check_stream(ctx, evs)
         support.assert_never_analysed(ctx.db, "qx_outbox_events")
     end)
+
+    it("drains a never-analysed outbox's 5,000-event backlog around a row another transaction"
+       .. " holds, within the statement timeout #slow", function()
+        local evs = H.commit_many(ctx, 5000, 16, 100)
+        support.assert_never_analysed(ctx.db, "qx_outbox_events")
+        local first_k3 -- the first event of key k3: held by another transaction, it holds k3 back
+        for _, ev in ipairs(evs) do
+            if ev.aggregate_id == "k3" then first_k3 = ev break end
+        end
+        local held = 0
+        for _, ev in ipairs(evs) do
+            if ev.aggregate_id == "k3" then held = held + 1 end
+        end
+        local other = assert(ctx.db:acquire())
+        assert(other:query("BEGIN"))
+        assert(other:query("SELECT id FROM qx_outbox_events WHERE id = $1 FOR UPDATE",
+                           first_k3.event_id))
+        local relay = assert(H.relay(ctx, { statement_timeout_ms = 3000 }))
+        local function drain()
+            local total = 0
+            for _ = 1, 20 do
+                local r, err = relay:run_once()
+                assert(r, "a claim failed: " .. tostring(err))
+                total = total + r.published
+                if r.published == 0 then break end
+            end
+            return total
+        end
+        assert.equal(5000 - held, drain())
+        assert(other:query("ROLLBACK"))
+        other:release()
+        assert.equal(held, drain())
+        relay:close()
+        H.check_stream(ctx, evs)
+        support.assert_never_analysed(ctx.db, "qx_outbox_events")
+    end)
 end)
