@@ -226,4 +226,28 @@ function M.fresh_databases(prefix)
     return self
 end
 
+-- ---- tables the planner has no statistics for ---------------------------------------------------
+
+--- Turns autovacuum off for `tbl` (a table name on db's search_path) right after it was made,
+-- so that no ANALYZE gives the planner statistics for it: the specs of hot statements on a
+-- fresh deployment's tables, whose plans must not depend on statistics.
+function M.never_analyse(db, tbl)
+    assert(tbl:match("^[%w_]+$"), "never_analyse: a plain table name")
+    assert(db:exec("ALTER TABLE " .. tbl .. " SET (autovacuum_enabled = false)"))
+end
+
+--- Asserts that `tbl` has never been analysed: no (auto)analyze on record and no row estimate
+-- (pg_class.reltuples -1, or 0 for a table emptied by VACUUM).
+function M.assert_never_analysed(db, tbl)
+    local r = assert(db:query([[
+SELECT c.reltuples::float8 AS reltuples, s.last_analyze IS NULL AS no_analyze,
+       s.last_autoanalyze IS NULL AS no_autoanalyze
+FROM pg_class c JOIN pg_stat_user_tables s ON s.relid = c.oid
+WHERE c.oid = to_regclass($1)]], tbl))[1]
+    assert(r, "assert_never_analysed: no table " .. tbl)
+    assert(r.no_analyze and r.no_autoanalyze, tbl .. " has been analysed")
+    assert(r.reltuples == -1 or r.reltuples == 0,
+           tbl .. " has a row estimate: " .. tostring(r.reltuples))
+end
+
 return M

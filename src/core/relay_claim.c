@@ -7,50 +7,83 @@
 
 /* Claims pending rows of this shard in commit (seq) order, skipping rows another transaction
  * holds.
- *   held:    keys with a row waiting for its next attempt, and that row's seq: the key's later
- *            rows are held back and take no place in the batch (few such rows: a small index)
- *   claimed: the batch, locked
- *   gaps:    per key, the first pending row of this shard up to the batch's last seq that the
- *            batch does not hold (another transaction locks it, or it waits for a retry); found
- *            with one pass of the pending index, anti-joined with the batch by seq
- * A claimed row with a gap of its key before it is dropped from the batch: that earlier row
- * holds its key.
+ *   claimed: the batch, locked. A row whose key has an earlier row waiting for its next attempt
+ *            is held back and takes no place in the batch: one probe of the retry-key index per
+ *            row (a LATERAL ... LIMIT 1), skipped when no row waits at all (an uncorrelated
+ *            EXISTS: one probe, a one-time filter on every row's subquery). The shard test is a
+ *            CASE: the planner takes a CASE to keep half the rows, where it took
+ *            `mod(...) = shard` to keep one in 200 and so sorted every pending row of the shard
+ *            to take the first batch
+ *   lined_up: the batch's keys and seqs, and those of every pending row of this shard up to the
+ *            batch's last seq (one range of the pending index). Every claimed row is among those
+ *            pending rows too (one statement, one snapshot: the claim takes only rows it saw
+ *            pending), right after its claimed twin in (key, seq, claimed first) order
+ *   behind_gap: one window pass over that order. A claimed row's pending rows before it are its
+ *            earlier claimed rows' twins, and any pending row the batch does not hold (another
+ *            transaction locks it, or it waits for a retry): a gap. No gap before it <=> as many
+ *            pending rows before it as claimed rows before it. A claimed row after a gap of its
+ *            key is left out of the batch (by seq: a <> ALL over those few seqs): that earlier
+ *            row holds its key. Keys compare bytewise (COLLATE "C"): only equality matters.
+ *            This runs only when the batch is not every pending row of this shard up to its
+ *            last seq (one count of that range): as a rule it is, and then no row can have a
+ *            gap before it (an InitPlan runs when first needed, and the CASE does not need it
+ *            then)
  *   $4:      seqs of rows this relay has published and is marking in a transaction of its other
- *            connection right now: neither claimed nor gaps (see qx_relay_run). They are locked,
- *            and leaving them out by seq (a hashed <> ALL) before the lock is tried saves
- *            a failed row-lock attempt for each of them */
+ *            connection right now: neither claimed nor lined up (see qx_relay_run). They are
+ *            locked, and leaving them out by seq (a hashed <> ALL) before the lock is tried
+ *            saves a failed row-lock attempt for each of them
+ * The cost does not depend on the planner's statistics: an index probe per scanned row, one index
+ * range, one sort of the keys and seqs of the batch and that range, and a <> ALL over the few
+ * seqs left out. No step joins two sets whose sizes the planner must guess: on an outbox never
+ * analysed it guessed one row each, and the anti-join of the batch with the pending rows it used
+ * before became a nested loop over both (tens of seconds at a few thousand rows, past the
+ * statement timeout, so nothing was published). */
 static const char CLAIM_SQL[] =
-    "WITH held AS ("
-    " SELECT partition_key, min(seq) AS seq FROM qx_outbox_events"
-    " WHERE published_at IS NULL AND dead_at IS NULL AND partition_key IS NOT NULL"
-    "   AND next_attempt_at > now()"
-    " GROUP BY partition_key),"
-    " claimed AS ("
-    " SELECT ctid, id, seq, partition_key, event_name, event_version, payload, correlation_id,"
-    "        tenant_id, attempts"
-    " FROM qx_outbox_events o"
-    " WHERE published_at IS NULL AND dead_at IS NULL"
-    "   AND (next_attempt_at IS NULL OR next_attempt_at <= now())"
-    "   AND ($2::int = 1 OR mod(abs(hashtext(coalesce(partition_key, id::text))::bigint),"
-    "                           $2::int) = $3::int)"
+    "WITH claimed AS ("
+    " SELECT o.ctid, o.id, o.seq, o.partition_key, o.event_name, o.event_version, o.payload,"
+    "        o.correlation_id, o.tenant_id, o.attempts"
+    " FROM qx_outbox_events o LEFT JOIN LATERAL ("
+    "   SELECT 1 AS held FROM qx_outbox_events r"
+    "   WHERE r.partition_key = o.partition_key AND r.seq < o.seq"
+    "     AND r.published_at IS NULL AND r.dead_at IS NULL AND r.next_attempt_at > now()"
+    "     AND EXISTS (SELECT 1 FROM qx_outbox_events w WHERE w.published_at IS NULL"
+    "                 AND w.dead_at IS NULL AND w.next_attempt_at > now())"
+    "   LIMIT 1) h ON true"
+    " WHERE o.published_at IS NULL AND o.dead_at IS NULL"
+    "   AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= now())"
+    "   AND ($2::int = 1 OR CASE WHEN mod(abs(hashtext(coalesce(o.partition_key, o.id::text))"
+    "                                    ::bigint), $2::int) = $3::int THEN true ELSE false END)"
     "   AND o.seq <> ALL ($4::int8[])"
-    "   AND NOT EXISTS (SELECT 1 FROM held h"
-    "                   WHERE h.partition_key = o.partition_key AND h.seq < o.seq)"
-    " ORDER BY seq LIMIT $1::int"
-    " FOR UPDATE SKIP LOCKED),"
-    " gaps AS ("
-    " SELECT p.partition_key, min(p.seq) AS seq FROM qx_outbox_events p"
+    "   AND h.held IS NULL"
+    " ORDER BY o.seq LIMIT $1::int"
+    " FOR UPDATE OF o SKIP LOCKED),"
+    " lined_up AS ("
+    " SELECT partition_key, seq, true AS mine FROM claimed WHERE partition_key IS NOT NULL"
+    " UNION ALL"
+    " SELECT p.partition_key, p.seq, false FROM qx_outbox_events p"
     " WHERE p.published_at IS NULL AND p.dead_at IS NULL AND p.partition_key IS NOT NULL"
     "   AND p.seq <= (SELECT max(seq) FROM claimed)"
     "   AND ($2::int = 1 OR mod(abs(hashtext(p.partition_key)::bigint), $2::int) = $3::int)"
-    "   AND p.seq <> ALL ($4::int8[])"
-    "   AND NOT EXISTS (SELECT 1 FROM claimed x WHERE x.seq = p.seq)"
-    " GROUP BY p.partition_key)"
+    "   AND p.seq <> ALL ($4::int8[])),"
+    " behind_gap AS ("
+    " SELECT seq FROM ("
+    "   SELECT seq, mine, count(*) FILTER (WHERE NOT mine) OVER w AS pending_before,"
+    "          count(*) FILTER (WHERE mine) OVER w AS claimed_to"
+    "   FROM lined_up WINDOW w AS (PARTITION BY partition_key COLLATE \"C\" ORDER BY seq, mine DESC"
+    "                              ROWS UNBOUNDED PRECEDING)) x"
+    " WHERE mine AND pending_before <> claimed_to - 1)"
     " SELECT c.id::text, c.event_name, c.event_version::text, c.payload::text,"
     "        jsonb_typeof(c.payload), c.correlation_id::text, c.tenant_id::text,"
     "        c.partition_key, c.attempts::text, c.seq::text, c.ctid::text"
-    " FROM claimed c LEFT JOIN gaps g ON g.partition_key = c.partition_key"
-    " WHERE g.seq IS NULL OR g.seq > c.seq"
+    " FROM claimed c"
+    " WHERE c.seq <> ALL (CASE WHEN (SELECT count(*) FROM claimed) = ("
+    "   SELECT count(*) FROM qx_outbox_events p"
+    "   WHERE p.published_at IS NULL AND p.dead_at IS NULL"
+    "     AND p.seq <= (SELECT max(seq) FROM claimed)"
+    "     AND ($2::int = 1 OR mod(abs(hashtext(coalesce(p.partition_key, p.id::text))::bigint),"
+    "                             $2::int) = $3::int)"
+    "     AND p.seq <> ALL ($4::int8[]))"
+    "   THEN '{}'::int8[] ELSE ARRAY(SELECT seq FROM behind_gap) END)"
     " ORDER BY c.seq";
 
 /* one lock per outbox (the schema it lives in) and shard */

@@ -37,7 +37,7 @@ local OPTIONS = {
     poll_interval_ms = true, idle_interval_seconds = true, idle_interval_ms = true,
     lock_retry_seconds = true, lock_retry_ms = true, ack_timeout_ms = true,
     base_delay_ms = true, max_delay_ms = true, subject_prefix = true, channel = true,
-    connect_timeout_ms = true, delete_published = true,
+    connect_timeout_ms = true, statement_timeout_ms = true, delete_published = true,
 }
 
 local bad, pick, ranged, boolean = settings.bad, settings.pick, settings.ranged, settings.boolean
@@ -89,7 +89,7 @@ function _M.settings(opts, getenv)
     end
     if out.lock_retry_ms < 1 then return nil, bad("lock_retry", "must be at least 1 ms") end
     for _, name in ipairs({ "ack_timeout_ms", "base_delay_ms", "max_delay_ms",
-                            "connect_timeout_ms" }) do
+                            "connect_timeout_ms", "statement_timeout_ms" }) do
         local v = opts[name]
         if v ~= nil and (type(v) ~= "number" or v ~= floor(v) or v < 0 or v > 2147483647) then
             return nil, bad(name, "expected an integer >= 0")
