@@ -49,6 +49,7 @@ build = {
         "src/core/relay_claim.c",
         "src/core/relay_mark.c",
         "src/core/relay_publish.c",
+        "src/core/signals.c",
         "src/core/uuid.c",
         "src/lua/compat.c",
         "src/lua/lconn.c",
