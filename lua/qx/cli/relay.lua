@@ -51,11 +51,12 @@ end
 
 -- Connects to NATS the way a running relay reconnects: an unreachable server is tried again
 -- every reconnect_wait, reconnect_attempts more times (-1: until it answers), each failure
--- logged. Call it with signals watched: a SIGTERM/SIGINT ends the waiting. -> conn | nil, err
-local function connect_nats(qx, core, opts)
+-- logged; with once, one attempt. Call it with signals watched: a SIGTERM/SIGINT ends the
+-- waiting. -> conn | nil, err
+local function connect_nats(qx, core, opts, once)
     local s, e = qx.nats.settings(opts)
     if not s then return nil, e end
-    local where, limit = servers_for_log(s.servers), s.reconnect_attempts
+    local where, limit = servers_for_log(s.servers), once and 0 or s.reconnect_attempts
     local attempt = 0
     while true do
         local conn
@@ -110,7 +111,7 @@ local function run(flags)
     -- from here until the relay runs (which handles them itself), SIGTERM/SIGINT set a flag
     core.signals_watch(true)
     local conn
-    conn, e = connect_nats(qx, core, { servers = flags.servers })
+    conn, e = connect_nats(qx, core, { servers = flags.servers }, flags.once)
     if core.signals_sleep(0) then
         log("stopped before NATS was reached")
         core.signals_watch(false)
