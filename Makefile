@@ -142,10 +142,9 @@ bench: deps
 	@$(MAKE) --no-print-directory all
 	@bash scripts/with-servers.sh $(BENCH_DIR) bash bench/run.sh
 
-# luarocks' builtin backend compiles next to the sources and links ./qx/core.so; tidy up after.
+# scripts/rock.sh builds in a copy: luarocks' builtin backend would leave ./qx/core.so here.
 rock: check-sources
-	luarocks --lua-version 5.4 make rockspec/qx-scm-1.rockspec --tree build/rocks; \
-	  rc=$$?; rm -f src/core/*.o src/lua/*.o qx/core.so; rmdir qx 2>/dev/null; exit $$rc
+	bash scripts/rock.sh 5.4 --tree build/rocks
 
 rockspec:
 	@bash scripts/rockspec.sh > rockspec/qx-scm-1.rockspec.tmp

@@ -12,7 +12,9 @@
 #   QX_NGINX_WORKERS      worker_processes (default 1)
 #   QX_NGINX_THREADS      threads of the "qx" thread pool (default 4; 0 leaves the
 #                         thread_pool directive out, to see that mistake reported)
-#   QX_NGINX_LUA_PATH     extra lua_package_path entries, each ending in ";"
+#   QX_NGINX_LUA_PATH     extra lua_package_path entries, each ending in ";" (the caller's
+#                         LUA_PATH and LUA_CPATH are not passed to nginx: they are usually
+#                         another Lua's)
 #   QX_NGINX_INCLUDE      a file of extra directives for the server block
 #   NGINX                 the nginx binary (default nginx); QX_NGINX_MODULES the folder of
 #                         ndk_http_module.so and ngx_http_lua_module.so (default
@@ -135,7 +137,10 @@ do_start() {
     port=${QX_HTTP_PORT:-$(pick_port)}
     render "$port"
     : >"$prefix/logs/error.log"
-    if out=$("$NGINX" -p "$prefix/" -c "$prefix/conf/nginx.conf" -e "$prefix/logs/error.log" 2>&1); then
+    # Without the caller's LUA_PATH/LUA_CPATH: ";;" in nginx.conf would bring them in, and they
+    # are usually another Lua's (`eval "$(luarocks path)"` for 5.4: its cjson breaks LuaJIT).
+    if out=$(env -u LUA_PATH -u LUA_CPATH \
+             "$NGINX" -p "$prefix/" -c "$prefix/conf/nginx.conf" -e "$prefix/logs/error.log" 2>&1); then
       local i
       for i in $(seq 1 100); do
         healthy "$port" && break

@@ -596,6 +596,45 @@ describe("qx.openresty in nginx #slow", function()
         assert.equal(orders, count("SELECT count(*) AS n FROM shop_orders"))
     end)
 
+    it("refuses a JSON body that is not an object with 400, before any command runs", function()
+        local before = count("SELECT count(*) AS n FROM shop_orders")
+        for _, text in ipairs({ "[1,2]", "[]", '"ann"', "42", "null", "true" }) do
+            local status, body = post_order(text)
+            assert.equal(400, status, text)
+            assert.equal("invalid", body.error.code, text)
+            assert.matches("not a JSON object", body.error.message, 1, true)
+        end
+        local status = post_order(" \n {}")
+        assert.equal(422, status) -- an object: the command then finds what it lacks
+        assert.equal(before, count("SELECT count(*) AS n FROM shop_orders"))
+    end)
+
+    it("answers a path that names no order, or nothing at all, with a JSON 404 not_found",
+       function()
+        for _, path in ipairs({ "/orders/nope", "/orders/" .. qx.uuid(),
+                                "/orders/" .. qx.uuid() .. "x", "/orders/nope/cancel",
+                                "/nothing/here" }) do
+            local status, body = http(nginx, "GET", path)
+            assert.equal(404, status, path)
+            assert.equal("table", type(body), path .. ": " .. tostring(body))
+            assert.equal("not_found", body.error.code, path)
+        end
+    end)
+
+    it("starts and serves whatever LUA_PATH/LUA_CPATH the caller has for another Lua", function()
+        -- what `eval "$(luarocks path)"` for Lua 5.4 leaves: modules nginx's LuaJIT cannot load
+        local other = RUN_DIR .. "/other-lua"
+        assert(run("mkdir -p " .. sh(other .. "/qx") .. " && : >" .. sh(other .. "/cjson.so")
+            .. " && echo 'error(\"the caller'\\''s Lua modules\")' >" .. sh(other .. "/qx/init.lua")))
+        local n = start_nginx("callers_paths", app_url, {
+            LUA_PATH = other .. "/?.lua;" .. other .. "/?/init.lua;;",
+            LUA_CPATH = other .. "/?.so;;",
+        })
+        finally(function() stop_nginx(n) end)
+        local status, body = http(n, "POST", "/orders", { customer = "eve", sku = "P-1", quantity = 1 })
+        assert.equal(201, status, tostring(body) .. error_log(n))
+    end)
+
     it("carries plain data and qx.null both ways", function()
         local status, body = http(nginx, "POST", "/spec/run", { module = "openresty_spec_handlers",
             func = "echo", command = { a = { 1, 2, { b = "c" } }, maybe = cjson.null, n = 2.5 },

@@ -65,6 +65,13 @@ void qx_iso8601_from_ns(char buf[QX_ISO8601_STRLEN + 1], int64_t ns);
 /* Monotonic clock in seconds. */
 double qx_clock(void);
 
+/* SIGTERM/SIGINT while a command waits outside the relay's loop: watch(1) makes a signal set a
+ * flag instead of ending the process (watch(0) puts the previous handlers back); sleep waits up
+ * to timeout_ms or until a signal; both tell whether one was caught since watch(1). */
+void qx_signals_watch(int on);
+int qx_signals_caught(void);
+int qx_signals_sleep(int timeout_ms);
+
 /* ---- results ----------------------------------------------------------------------------- */
 
 typedef struct qx_result qx_result;

@@ -77,11 +77,29 @@ static int l_clock(lua_State *L)
     return 1;
 }
 
+/* signals_watch(on): SIGTERM/SIGINT set a flag instead of ending the process (or no longer). */
+static int l_signals_watch(lua_State *L)
+{
+    qx_signals_watch(lua_toboolean(L, 1));
+    return 0;
+}
+
+/* signals_sleep(ms) -> whether SIGTERM/SIGINT came (before or during the sleep) */
+static int l_signals_sleep(lua_State *L)
+{
+    lua_Integer ms = luaL_checkinteger(L, 1);
+    luaL_argcheck(L, ms >= 0 && ms <= 2147483647, 1, "expected milliseconds >= 0");
+    lua_pushboolean(L, qx_signals_sleep((int)ms));
+    return 1;
+}
+
 static const luaL_Reg funcs[] = {
     { "uuid", l_uuid },
     { "is_uuid", l_is_uuid },
     { "now", l_now },
     { "clock", l_clock },
+    { "signals_watch", l_signals_watch },
+    { "signals_sleep", l_signals_sleep },
     { NULL, NULL }
 };
 

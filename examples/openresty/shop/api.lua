@@ -68,4 +68,12 @@ function _M.order(id, action)
     return openresty.respond(res, err)
 end
 
+-- Any other path: 404 not_found in JSON. An order id that is not a uuid (/orders/nope) names
+-- no order, as an unknown uuid does, so it is a 404 too, not a 422: the path is an address
+-- the client got wrong, not a field of a command.
+function _M.not_found()
+    local what = ngx.var.uri:find("^/orders/") and "no such order" or "no such resource"
+    return openresty.respond(nil, { code = "not_found", message = what })
+end
+
 return _M

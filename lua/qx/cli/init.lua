@@ -84,6 +84,17 @@ COMMANDS.migrate = {
     end,
 }
 
+COMMANDS.version = {
+    summary = "print qx's version and the Lua it runs on",
+    usage = "qx version",
+    run = function()
+        local qx = require "qx" -- loads the C module too: a broken install fails here
+        local jit = rawget(_G, "jit")
+        say("qx ", qx._VERSION, " on ", jit and jit.version or _VERSION)
+        return 0
+    end,
+}
+
 COMMANDS.relay = require "qx.cli.relay"
 COMMANDS.outbox = require "qx.cli.outbox"
 

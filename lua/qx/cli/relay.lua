@@ -44,6 +44,35 @@ local function write_file(path, text)
     return os.rename(tmp, path)
 end
 
+-- the servers as a log may show them: no user, password or token
+local function servers_for_log(servers)
+    return (servers:gsub("(%w+://)[^@/,]*@", "%1"))
+end
+
+-- Connects to NATS the way a running relay reconnects: an unreachable server is tried again
+-- every reconnect_wait, reconnect_attempts more times (-1: until it answers), each failure
+-- logged; with once, one attempt. Call it with signals watched: a SIGTERM/SIGINT ends the
+-- waiting. -> conn | nil, err
+local function connect_nats(qx, core, opts, once)
+    local s, e = qx.nats.settings(opts)
+    if not s then return nil, e end
+    local where, limit = servers_for_log(s.servers), once and 0 or s.reconnect_attempts
+    local attempt = 0
+    while true do
+        local conn
+        conn, e = qx.nats.connect(opts)
+        if conn or e.code ~= "connection" then return conn, e end
+        attempt = attempt + 1
+        local last = limit >= 0 and attempt > limit
+        log(("cannot connect to NATS at %s (attempt %d%s): %s%s"):format(where, attempt,
+            limit >= 0 and (" of " .. (limit + 1)) or "",
+            (tostring(e.message or e):gsub("^cannot connect to NATS: ", "")),
+            last and "; giving up"
+                or ("; trying again in %g s"):format(s.reconnect_wait_ms / 1000)))
+        if last or core.signals_sleep(s.reconnect_wait_ms) then return nil, e end
+    end
+end
+
 local function summary(r)
     return ("claimed %d, published %d (%d duplicates), failed %d, dead-lettered %d, held %d")
         :format(r.claimed, r.published, r.duplicates, r.failed, r.dead_lettered, r.held)
@@ -52,6 +81,7 @@ end
 local function run(flags)
     local cli = require "qx.cli"
     local qx = require "qx"
+    local core = require "qx.core"
 
     local opts = {}
     local e
@@ -78,10 +108,19 @@ local function run(flags)
 
     local db = cli.connect(flags)
     if not db then return 1 end
-    local nats_opts = { servers = flags.servers }
+    -- from here until the relay runs (which handles them itself), SIGTERM/SIGINT set a flag
+    core.signals_watch(true)
     local conn
-    conn, e = qx.nats.connect(nats_opts)
+    conn, e = connect_nats(qx, core, { servers = flags.servers }, flags.once)
+    if core.signals_sleep(0) then
+        log("stopped before NATS was reached")
+        core.signals_watch(false)
+        if conn then conn:close() end
+        db:close()
+        return 0
+    end
     if not conn then
+        core.signals_watch(false)
         cli.complain(tostring(e))
         db:close()
         return 1
@@ -103,6 +142,7 @@ local function run(flags)
 
     if flags.once then
         local r, re = relay:run_once()
+        core.signals_watch(false)
         relay:close()
         conn:close()
         db:close()
@@ -138,7 +178,10 @@ local function run(flags)
             if text then write_file(flags.metrics_file, text) end
         end
     end
-    relay:run{ on_batch = on_batch, handle_signals = true }
+    if not core.signals_sleep(0) then -- none came while it was being set up
+        relay:run{ on_batch = on_batch, handle_signals = true }
+    end
+    core.signals_watch(false)
     local st = relay:stats()
     log(("stopped: %d published, %d failed, %d dead-lettered in %d batches")
         :format(st.published, st.failed, st.dead_lettered, st.batches))

@@ -6,6 +6,7 @@ local plain = require "qx.openresty.plain"
 local type = type
 local tostring = tostring
 local floor = math.floor
+local find = string.find
 local check_plain, as_error = plain.check_plain, plain.as_error
 
 local _M = {}
@@ -92,7 +93,8 @@ function _M.respond(res, e, status)
 end
 
 -- read_json() -> table | nil, err: the request body as a JSON object. A missing, oversized
--- or malformed body is an "invalid" error with http_status 400 (413 when nginx spooled the
+-- or malformed body, or one that is JSON but not an object ([1,2], "x", 42, null), is an
+-- "invalid" error with http_status 400 (413 when nginx spooled the
 -- body to a file: raise client_body_buffer_size up to client_max_body_size to accept it).
 function _M.read_json()
     local ngx = ngx
@@ -106,7 +108,8 @@ function _M.read_json()
             { http_status = 400 })
     end
     local v, e = json().decode(body)
-    if type(v) ~= "table" then
+    -- an array decodes to a table too: only a text that opens with "{" is an object
+    if type(v) ~= "table" or not find(body, "^[ \t\r\n]*{") then
         return nil, qx_error.new("invalid", "request body is not a JSON object"
             .. (e and (": " .. tostring(e)) or ""), { http_status = 400 })
     end
