@@ -77,12 +77,13 @@ describe("strict options", function()
         local es = qx.event_store{ db = db }
         local repo = qx.repository{ table = "qx_outbox_events" }
         local errs = {}
-        db:unit_of_work(function(uow)
-            local b = es:bind(uow)
-            errs[1] = raised(function() b:load(qx.event_sourced(support.unique("Opt")), qx.uuid(), { snapshots = true }) end)
+        assert(db:unit_of_work(function(uow)
+            local b = uow:store(es)
+            local Opt = qx.event_sourced(support.unique("Opt"))
+            errs[1] = raised(function() b:load(Opt, qx.uuid(), { snapshots = true }) end)
             errs[2] = raised(function() b:append("x") end)
             errs[3] = raised(function() repo:bind(uow):add({ id = qx.uuid() }, { returning = true }) end)
-        end)
+        end))
         assert.matches(HERE .. "es:load: unknown option 'snapshots' %(known: snapshot%)", errs[1])
         assert.matches(HERE .. "es:append", errs[2])
         assert.matches(HERE .. "add: unknown option 'returning'", errs[3])
