@@ -217,19 +217,27 @@ local function strip_position(msg)
 end
 
 
--- Class.new(id | fields): an id alone (string or number) is the usual way to start a stream.
--- Returns a function that builds an instance: ok, instance | false, message.
+-- Class.new(id | fields): an id alone is the usual way to start a stream. The id is a string
+-- (the event store takes a uuid): a number would be stored as its text and load back as
+-- another value. Returns a function that builds an instance: ok, instance | false, message.
 local function make_builder(construct_new, class)
     return function(x)
         local tx = type(x)
-        if tx == "string" or tx == "number" then
+        if tx == "string" then
             -- an id alone, the usual start of a stream: nothing to check but its type, so the
             -- instance is made here rather than through the general constructor
             return true, setmetatable({ id = x, version = 0 }, class)
         end
+        if tx == "number" then
+            return false, class.aggregate_type .. ": id must be a string, got number"
+        end
         local ok, inst = pcall(construct_new, x)
         if not ok then
             return false, strip_position(inst)
+        end
+        if type(rawget(inst, "id")) ~= "string" then
+            return false, class.aggregate_type .. ": id must be a string, got "
+                          .. type(rawget(inst, "id"))
         end
         return true, inst
     end
@@ -301,7 +309,7 @@ function _M.define(name, opts)
     local build = make_builder(class.new, class)
     class.new = function(x)
         local tx = type(x)
-        if tx == "string" or tx == "number" then -- an id alone: what build does, without the call
+        if tx == "string" then -- an id alone: what build does, without the call
             return setmetatable({ id = x, version = 0 }, class)
         end
         local ok2, inst = build(x)

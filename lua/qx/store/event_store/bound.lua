@@ -91,6 +91,12 @@ function Bound:load(class, id, opts)
         raise("es:load: options must be a table")
     end
     options.check(opts, LOAD_OPTIONS, "es:load")
+    -- ids are uuids, as a repository's keys: an id from outside that is not one (a typo, a
+    -- path segment) must not read as an empty stream that load-or-new then starts
+    if not is_uuid(id) then
+        return nil, new_error("invalid", fmt("%s: id must be a uuid, got %q", class.aggregate_type,
+                                             tostring(id)))
+    end
     local use_snapshot = not (opts and opts.snapshot == false)
     local spec = es_class.spec(class)
     local rows, e = self.uow:query(LOAD, class.aggregate_type, tostring(id), use_snapshot,
@@ -174,13 +180,10 @@ local function prepare(store, uow, agg, opts)
         end
         agg_type = opts.aggregate_type
     end
-    local id = rawget(agg, "id")
-    local sid = id
-    if type(id) ~= "string" then
-        if type(id) ~= "number" then
-            return nil, new_error("invalid", tostring(agg) .. ": id must be a string or a number")
-        end
-        sid = tostring(id)
+    local sid = rawget(agg, "id")
+    if not is_uuid(sid) then
+        return nil, new_error("invalid", fmt("%s: id must be a uuid, got %q", tostring(agg),
+                                             tostring(sid)))
     end
     local pending = aggregate.pending_list(agg) -- not a copy: only read here
     local version = rawget(agg, "version")
