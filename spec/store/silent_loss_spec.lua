@@ -79,6 +79,24 @@ describe("no silent data loss", function()
         assert.has_error(function() H.users(tbl, { extra_fields = "drop" }) end)
     end)
 
+    it("a filter eq nil or eq qx.null means is_null, never SQL's = NULL that matches nothing", function()
+        local tbl = H.users_table(db)
+        local users = H.users(tbl)
+        local T = qx.uuid()
+        assert(H.with(db, users, T, function(repo)
+            assert(repo:add(H.User{ email = support.unique("n") .. "@x.io" }))
+            return repo:add(H.User{ email = support.unique("n") .. "@x.io", name = "B" })
+        end))
+        local a, b, c = H.with(db, users, T, function(repo)
+            return repo:count{ filters = { { "name", "eq", nil } } },
+                   repo:count{ filters = { { "name", "eq", qx.null } } },
+                   repo:count{ filters = { { "name", "neq", nil } } }
+        end)
+        assert.equal(1, a)
+        assert.equal(1, b)
+        assert.equal(1, c)
+    end)
+
     it("repo:save refuses an entity field that has no column", function()
         local tbl = H.users_table(db)
         local users = H.users(tbl)

@@ -10,6 +10,7 @@
 local aggregate = require "qx.model.aggregate"
 local event = require "qx.model.event"
 local qx_error = require "qx.error"
+local options = require "qx.options"
 
 local type = type
 local pairs = pairs
@@ -260,7 +261,7 @@ local function make_from_events(class)
 end
 
 
-local DEFINE_OPTS = { strict = true, snapshot_version = true }
+local DEFINE_OPTS = { "strict", "snapshot_version" }
 
 
 -- define(name[, { strict = false, snapshot_version = n }]) -> class
@@ -270,12 +271,7 @@ function _M.define(name, opts)
     elseif type(opts) ~= "table" then
         error("event_sourced: options must be a table, got " .. type(opts), 2)
     end
-    for k in pairs(opts) do
-        if not DEFINE_OPTS[k] then
-            error("event_sourced: unknown option '" .. tostring(k) .. "' (known: strict, "
-                  .. "snapshot_version)", 2)
-        end
-    end
+    options.check(opts, DEFINE_OPTS, "event_sourced")
     if opts.strict ~= nil and type(opts.strict) ~= "boolean" then
         error("event_sourced: strict must be a boolean", 2)
     end

@@ -6,6 +6,7 @@
 --   local ack = assert(conn:publish("qx.events.x", body, { ["qx.event_id"] = id }, id))
 local core = require "qx.core"
 local nats_settings = require "qx.messaging.nats.settings"
+local options = require "qx.options"
 
 local type = type
 local error = error
@@ -100,7 +101,7 @@ end
 -- For development and tests; deployments declare their streams.
 function Conn:ensure_stream(opts)
     if opts ~= nil and type(opts) ~= "table" then error("ensure_stream: expected a table", 2) end
-    opts = opts or {}
+    opts = options.check(opts, { "name", "subjects", "duplicate_window_ms" }, "ensure_stream")
     local subjects = opts.subjects or { self.settings.subject_prefix .. ".>" }
     if type(subjects) == "string" then subjects = { subjects } end
     return self.handle:ensure_stream{

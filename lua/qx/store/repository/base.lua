@@ -65,7 +65,7 @@ end
 -- bind(description, uow) -> repository bound to the unit of work (what uow:repo calls)
 function _M.bind(d, uow)
     if getmetatable(d) ~= Description then
-        error("uow:repo: expected a description made by qx.repository{...}", 3)
+        options.raise("uow:repo: expected a description made by qx.repository{...}")
     end
     return new_repo(d, uow, uow.db, uow.context or {}, uow)
 end

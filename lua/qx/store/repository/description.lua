@@ -3,6 +3,7 @@
 local cursor = require "qx.store.repository.cursor"
 local base = require "qx.store.repository.base"
 local query = require "qx.store.repository.query"
+local options = require "qx.options"
 
 local type = type
 local pairs = pairs
@@ -47,9 +48,9 @@ end
 -- new(opts) -> description (raises on a bad description; no I/O)
 function _M.new(opts)
     if type(opts) ~= "table" then error("qx.repository: expected a table of options", 2) end
+    options.check(opts, OPTIONS, "qx.repository")
     for k, v in pairs(opts) do
         local want = OPTIONS[k]
-        if not want then error("qx.repository: unknown option '" .. tostring(k) .. "'", 2) end
         if want ~= "any" and type(v) ~= want then
             error("qx.repository: " .. k .. " must be a " .. want .. ", got " .. type(v), 2)
         end
