@@ -73,6 +73,16 @@ describe("strict options", function()
                        raised(function() qx.publisher{ nat = {} } end))
     end)
 
+    it("store:each and projection:run refuse unknown options at the caller", function()
+        local es = qx.event_store{ db = db }
+        assert.matches(HERE .. "store:each: unknown option 'limit' %(known: after, batch,",
+                       raised(function() es:each{ limit = 5 } end))
+        local p = qx.projection{ name = support.unique("opt_proj"), db = db,
+                                handlers = { ["spec.opt.x"] = function() end } }
+        assert.matches(HERE .. "projection:run: unknown option 'poll' %(known: poll_ms, stop, max_seconds%)",
+                       raised(function() p:run{ poll = 5 } end))
+    end)
+
     it("es:load, es:append and the repository's methods raise at the caller inside a unit of work", function()
         local es = qx.event_store{ db = db }
         local repo = qx.repository{ table = "qx_outbox_events" }
