@@ -378,7 +378,7 @@ function Projection:run(opts)
     if opts ~= nil and type(opts) ~= "table" then
         error("projection:run: options must be a table", 2)
     end
-    opts = opts or {}
+    opts = options.check(opts, { "poll_ms", "stop", "max_seconds" }, "projection:run")
     local poll = opts.poll_ms or 1000
     if type(poll) ~= "number" or poll < 1 then
         error("projection:run: poll_ms must be a positive number", 2)

@@ -225,12 +225,15 @@ function Store:read_category(agg_type, opts)
 end
 
 
+local EACH_OPTS = { "after", "batch", "types", "aggregate_type", "tenant_id" }
+
 -- store:each{ after, batch = 500, types, aggregate_type, tenant_id } -> iterator
 -- for record, checkpoint in store:each{...} do ... end - reads batch by batch (constant
 -- memory); checkpoint is where to resume after that record. A read error raises.
 function Store:each(opts)
     check_store(self, "each")
     local db = need_db(self, "each")
+    options.check(opts, EACH_OPTS, "store:each")
     local o = {}
     for k, v in pairs(opts or {}) do
         if k == "batch" then o.limit = v else o[k] = v end
