@@ -11,6 +11,7 @@ local tostring = tostring
 local sort = table.sort
 local concat = table.concat
 local getinfo = debug.getinfo
+local setmetatable = setmetatable
 
 local _M = {}
 
@@ -48,12 +49,19 @@ local function names(known)
     return concat(list, ", ")
 end
 
-local function knows(known, k)
-    if known[1] == nil then return known[k] ~= nil end
-    for i = 1, #known do
-        if known[i] == k then return true end
+-- a long list's names as a set, made once per list (long lists are the callers' constants; a
+-- short one, perhaps made per call, is searched instead)
+local sets = setmetatable({}, { __mode = "k" })
+
+local function set_of(known)
+    if known[1] == nil or known[5] == nil then return nil end
+    local set = sets[known]
+    if set == nil then
+        set = {}
+        for i = 1, #known do set[known[i]] = true end
+        sets[known] = set
     end
-    return false
+    return set
 end
 
 -- check(opts, known, what) -> opts (a read-only empty table when opts is nil)
@@ -63,8 +71,16 @@ function _M.check(opts, known, what)
     if type(opts) ~= "table" then
         error(what .. ": options must be a table, got " .. type(opts), level_outside())
     end
+    local set = set_of(known) or known
+    local short = set == known and known[1] ~= nil
     for k in pairs(opts) do
-        if not knows(known, k) then
+        local ok
+        if short then
+            ok = k == known[1] or k == known[2] or k == known[3] or k == known[4]
+        else
+            ok = set[k] ~= nil
+        end
+        if not ok then
             error(what .. ": unknown option '" .. tostring(k) .. "' (known: " .. names(known)
                   .. ")", level_outside())
         end
