@@ -77,6 +77,12 @@ describe("bin/qx flags #slow", function()
         assert.matches("flag %-%-once takes no value", err)
     end)
 
+    it("prints a command's usage for --help and exits 0, doing nothing else", function()
+        local code, out = qx_cli({ "migrate", "--help" })
+        assert.equal(0, code)
+        assert.matches("usage: qx migrate", out)
+    end)
+
     it("refuses unknown flags of qx outbox", function()
         local code, _, err = qx_cli({ "outbox", "dead", "--limt", "5" })
         assert.equal(2, code, err)
