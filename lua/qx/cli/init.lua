@@ -120,7 +120,13 @@ function _M.main(args)
         return 2
     end
     local rest = {}
-    for i = 2, #args do rest[#rest + 1] = args[i] end
+    for i = 2, #args do
+        if args[i] == "--help" or args[i] == "-h" then
+            say("usage: ", c.usage) say(c.summary)
+            return 0
+        end
+        rest[#rest + 1] = args[i]
+    end
     local flags, pos = _M.parse(rest, c.switches, c.values)
     if not flags then
         complain(pos)
