@@ -94,6 +94,7 @@ build = {
     ["qx.openresty"] = "lua/qx/openresty/init.lua",
     ["qx.openresty.plain"] = "lua/qx/openresty/plain.lua",
     ["qx.openresty.threads"] = "lua/qx/openresty/threads.lua",
+    ["qx.options"] = "lua/qx/options.lua",
     ["qx.settings"] = "lua/qx/settings.lua",
     ["qx.store.db"] = "lua/qx/store/db.lua",
     ["qx.store.event_store.bound"] = "lua/qx/store/event_store/bound.lua",

@@ -33,9 +33,15 @@ function _M.fail(code, message, fields)
     return nil, _M.new(code, message, fields)
 end
 
--- Turns anything raised inside user code into the error shape; a qx error passes unchanged.
+-- Turns anything raised inside user code into the error shape; a qx error passes unchanged. A
+-- plain table with a string code (error({ code = "insufficient_funds", message = ... })) is a
+-- domain error: it becomes the error itself, every field kept, with the error metatable.
 function _M.from_raised(e, tb)
     if _M.is(e) then return e end
+    if type(e) == "table" and getmetatable(e) == nil and type(e.code) == "string" then
+        if e.message == nil then e.message = e.code end
+        return setmetatable(e, mt)
+    end
     local err = _M.new("error", type(e) == "string" and e or tostring(e))
     if type(e) ~= "string" and e ~= nil then err.value = e end
     err.traceback = tb

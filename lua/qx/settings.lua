@@ -7,9 +7,9 @@
 -- option or conflicting options raise. Messages never repeat the URL or the cursor key.
 
 local qx_error = require "qx.error"
+local options = require "qx.options"
 
 local type = type
-local pairs = pairs
 local error = error
 local tostring = tostring
 local tonumber = tonumber
@@ -19,8 +19,6 @@ local fmt = string.format
 local match = string.match
 local find = string.find
 local lower = string.lower
-local concat = table.concat
-local sort = table.sort
 local os_getenv = os.getenv
 
 
@@ -62,16 +60,6 @@ local DB_OPTIONS = {
     cursor_key = true,
 }
 _M.DB_OPTIONS = DB_OPTIONS
-
-
-local function option_list()
-    local names = {}
-    for k in pairs(DB_OPTIONS) do
-        names[#names + 1] = k
-    end
-    sort(names)
-    return concat(names, ", ")
-end
 
 
 -- the error for a bad value of `setting` (an option or a variable name)
@@ -231,12 +219,7 @@ function _M.db(opts, getenv)
     elseif type(getenv) ~= "function" then
         error("settings: getenv must be a function, got " .. type(getenv), 2)
     end
-    for k in pairs(opts) do
-        if not DB_OPTIONS[k] then
-            error("settings: unknown option '" .. tostring(k) .. "' (known: " .. option_list()
-                  .. ")", 2)
-        end
-    end
+    options.check(opts, DB_OPTIONS, "settings")
     if opts.pool_timeout_seconds ~= nil and opts.acquire_timeout_ms ~= nil then
         error("settings: pass pool_timeout_seconds or acquire_timeout_ms, not both", 2)
     end

@@ -104,7 +104,7 @@ describe("qx.model.event_sourced", function()
     it("Class.new takes an id or a table of fields, and Class(id) is the same", function()
         local Account = account_class()
         assert.equal("x", Account.new("x").id)
-        assert.equal(42, Account.new(42).id)
+        assert.has_error(function() Account.new(42) end, Account.aggregate_type .. ": id must be a string, got number")
         assert.equal("y", Account("y").id)
         local acc = Account.new{ id = "z", balance = 3 }
         assert.equal(3, acc.balance)

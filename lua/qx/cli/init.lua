@@ -1,7 +1,8 @@
--- The `qx` command line. Each command is a table { summary, usage, switches?, run(flags,
--- positional) -> exit code } in COMMANDS; main() parses `qx COMMAND [--flag value |
--- --flag=value | --switch] ...`. A command that lives in its own module is added here with one
--- line: COMMANDS.name = require "qx.cli_name".
+-- The `qx` command line. Each command is a table { summary, usage, switches?, values?,
+-- run(flags, positional) -> exit code } in COMMANDS (switches and values: sets of the flag names,
+-- with "_" for "-"); main() parses `qx COMMAND [--flag value | --flag=value | --switch] ...` and
+-- refuses any other flag with the command's usage and exit code 2. A command that lives in its
+-- own module is added here with one line: COMMANDS.name = require "qx.cli.name".
 local _M = { _VERSION = "0.1.0" }
 
 local ipairs = ipairs
@@ -16,30 +17,37 @@ local function say(...) stdout:write(...) stdout:write("\n") end
 local function complain(...) stderr:write("qx: ", ...) stderr:write("\n") end
 _M.say, _M.complain = say, complain
 
--- Parses flags: --name value, --name=value, --switch (true when followed by another flag or
--- nothing and listed in switches). Returns flags, positional.
-function _M.parse(args, switches)
+-- Parses flags strictly: a command knows its switches (booleans, which take no value) and its
+-- flags (which take one: --name value or --name=value); anything else is refused, so a misspelt
+-- flag cannot pass unnoticed or swallow the flag after it. A value that starts with "--" is
+-- taken for a forgotten value. Returns flags, positional | nil, message.
+function _M.parse(args, switches, values)
+    switches, values = switches or {}, values or {}
     local flags, pos = {}, {}
     local i = 1
     while i <= #args do
         local a = args[i]
-        local name, value = a:match("^%-%-([%w_-]+)=(.*)$")
+        local name, value = a:match("^%-%-([^=]+)=(.*)$")
+        if not name then name = a:match("^%-%-(.+)$") end
         if name then
-            flags[name:gsub("-", "_")] = value
-        else
-            name = a:match("^%-%-([%w_-]+)$")
-            if name then
-                local key = name:gsub("-", "_")
-                if switches and switches[key] then
-                    flags[key] = true
-                else
+            local key = name:gsub("-", "_")
+            if switches[key] then
+                if value then return nil, "flag --" .. name .. " takes no value" end
+                flags[key] = true
+            elseif values[key] then
+                if not value then
                     i = i + 1
-                    if args[i] == nil then return nil, "flag --" .. name .. " needs a value" end
-                    flags[key] = args[i]
+                    value = args[i]
+                    if value == nil or value:sub(1, 2) == "--" then
+                        return nil, "flag --" .. name .. " needs a value"
+                    end
                 end
+                flags[key] = value
             else
-                pos[#pos + 1] = a
+                return nil, "unknown flag --" .. name
             end
+        else
+            pos[#pos + 1] = a
         end
         i = i + 1
     end
@@ -61,6 +69,7 @@ COMMANDS.migrate = {
     summary = "create or upgrade the qx_* tables (idempotent)",
     usage = "qx migrate [--url URL] [--status]",
     switches = { status = true },
+    values = { url = true },
     run = function(flags)
         local db = _M.connect(flags)
         if not db then return 1 end
@@ -122,9 +131,19 @@ function _M.main(args)
         return 2
     end
     local rest = {}
-    for i = 2, #args do rest[#rest + 1] = args[i] end
-    local flags, pos = _M.parse(rest, c.switches)
-    if not flags then complain(pos) return 2 end
+    for i = 2, #args do
+        if args[i] == "--help" or args[i] == "-h" then
+            say("usage: ", c.usage) say(c.summary)
+            return 0
+        end
+        rest[#rest + 1] = args[i]
+    end
+    local flags, pos = _M.parse(rest, c.switches, c.values)
+    if not flags then
+        complain(pos)
+        stderr:write("usage: ", c.usage, "\n")
+        return 2
+    end
     return c.run(flags, pos)
 end
 

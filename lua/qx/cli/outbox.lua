@@ -108,5 +108,6 @@ return {
     summary = "outbox status (--metrics for Prometheus), dead letters, retry-dead, purge",
     usage = USAGE,
     switches = { metrics = true, all = true },
+    values = { url = true, limit = true, older_than = true, before = true },
     run = run,
 }

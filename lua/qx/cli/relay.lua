@@ -200,5 +200,9 @@ return {
         .. "[--metrics-file PATH [--metrics-interval S]] [--delete-published] [--ensure-stream] "
         .. "[--once] [--verbose]",
     switches = { once = true, verbose = true, ensure_stream = true, delete_published = true },
+    values = { url = true, servers = true, shard_id = true, shard_count = true, batch_size = true,
+               max_in_flight = true, max_attempts = true, poll_interval = true,
+               idle_interval = true, lock_retry = true, ack_timeout_ms = true,
+               subject_prefix = true, metrics_file = true, metrics_interval = true },
     run = run,
 }

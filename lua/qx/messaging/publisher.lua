@@ -11,6 +11,7 @@
 -- qx.correlation_id and qx.tenant_id (when set), and Nats-Msg-Id = event_id, so publishing the
 -- same event twice within the stream's duplicate window stores it once (ack.duplicate = true).
 local core = require "qx.core"
+local options = require "qx.options"
 local qx_error = require "qx.error"
 local nats = require "qx.messaging.nats"
 local event = require "qx.model.event"
@@ -30,11 +31,13 @@ _M.Publisher = Publisher
 
 -- new{ nats = conn | core handle | options (default: from QX_NATS__*), subject_prefix = } ->
 -- publisher | nil, err
+local PUBLISHER_OPTIONS = { "nats", "subject_prefix" }
+
 function _M.new(opts)
     if opts ~= nil and type(opts) ~= "table" then
         error("qx.publisher: options must be a table", 2)
     end
-    opts = opts or {}
+    opts = options.check(opts, PUBLISHER_OPTIONS, "qx.publisher")
     local conn, owned = nats.resolve(opts.nats)
     if not conn then return nil, owned end
     local prefix = opts.subject_prefix or conn.settings.subject_prefix

@@ -10,6 +10,7 @@
 local aggregate = require "qx.model.aggregate"
 local event = require "qx.model.event"
 local qx_error = require "qx.error"
+local options = require "qx.options"
 
 local type = type
 local pairs = pairs
@@ -217,19 +218,27 @@ local function strip_position(msg)
 end
 
 
--- Class.new(id | fields): an id alone (string or number) is the usual way to start a stream.
--- Returns a function that builds an instance: ok, instance | false, message.
+-- Class.new(id | fields): an id alone is the usual way to start a stream. The id is a string
+-- (the event store takes a uuid): a number would be stored as its text and load back as
+-- another value. Returns a function that builds an instance: ok, instance | false, message.
 local function make_builder(construct_new, class)
     return function(x)
         local tx = type(x)
-        if tx == "string" or tx == "number" then
+        if tx == "string" then
             -- an id alone, the usual start of a stream: nothing to check but its type, so the
             -- instance is made here rather than through the general constructor
             return true, setmetatable({ id = x, version = 0 }, class)
         end
+        if tx == "number" then
+            return false, class.aggregate_type .. ": id must be a string, got number"
+        end
         local ok, inst = pcall(construct_new, x)
         if not ok then
             return false, strip_position(inst)
+        end
+        if type(rawget(inst, "id")) ~= "string" then
+            return false, class.aggregate_type .. ": id must be a string, got "
+                          .. type(rawget(inst, "id"))
         end
         return true, inst
     end
@@ -252,7 +261,7 @@ local function make_from_events(class)
 end
 
 
-local DEFINE_OPTS = { strict = true, snapshot_version = true }
+local DEFINE_OPTS = { "strict", "snapshot_version" }
 
 
 -- define(name[, { strict = false, snapshot_version = n }]) -> class
@@ -262,12 +271,7 @@ function _M.define(name, opts)
     elseif type(opts) ~= "table" then
         error("event_sourced: options must be a table, got " .. type(opts), 2)
     end
-    for k in pairs(opts) do
-        if not DEFINE_OPTS[k] then
-            error("event_sourced: unknown option '" .. tostring(k) .. "' (known: strict, "
-                  .. "snapshot_version)", 2)
-        end
-    end
+    options.check(opts, DEFINE_OPTS, "event_sourced")
     if opts.strict ~= nil and type(opts.strict) ~= "boolean" then
         error("event_sourced: strict must be a boolean", 2)
     end
@@ -301,7 +305,7 @@ function _M.define(name, opts)
     local build = make_builder(class.new, class)
     class.new = function(x)
         local tx = type(x)
-        if tx == "string" or tx == "number" then -- an id alone: what build does, without the call
+        if tx == "string" then -- an id alone: what build does, without the call
             return setmetatable({ id = x, version = 0 }, class)
         end
         local ok2, inst = build(x)

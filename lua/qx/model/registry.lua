@@ -10,6 +10,7 @@ local cjson = require "cjson.safe"
 local core = require "qx.core"
 local err = require "qx.error"
 local event = require "qx.model.event"
+local options = require "qx.options"
 
 local type = type
 local pairs = pairs
@@ -173,6 +174,7 @@ function Registry:from_envelope(env, opts)
     if opts ~= nil and type(opts) ~= "table" then
         error("registry:from_envelope: options must be a table", 2)
     end
+    options.check(opts, { "latest" }, "registry:from_envelope")
     if type(env) ~= "table" then
         return nil, err.new("invalid", "envelope must be a JSON object, got " .. type(env))
     end

@@ -2,6 +2,7 @@
 -- VM; run() calls one from a request through ngx.run_worker_thread, at most `concurrency` calls
 -- of one pool at a time per worker. See docs/openresty.md.
 local qx_error = require "qx.error"
+local options = require "qx.options"
 local plain = require "qx.openresty.plain"
 
 local type = type
@@ -55,7 +56,7 @@ function _M.handlers(fns, opts)
     if opts ~= nil and type(opts) ~= "table" then
         error("qx.openresty.handlers: options must be a table", 2)
     end
-    opts = opts or {}
+    opts = options.check(opts, { "connect", "db" }, "qx.openresty.handlers")
     if opts.connect ~= nil and type(opts.connect) ~= "function" then
         error("qx.openresty.handlers: connect must be a function", 2)
     end
@@ -129,6 +130,7 @@ function _M.thread_pool(name, opts)
     if type(opts) ~= "table" then
         error("qx.openresty.thread_pool: expected { concurrency =, queue_timeout = }", 2)
     end
+    options.check(opts, { "concurrency", "queue_timeout" }, "qx.openresty.thread_pool")
     local c, q = opts.concurrency, opts.queue_timeout
     if c ~= nil and (type(c) ~= "number" or c < 1 or c ~= floor(c)) then
         error("qx.openresty.thread_pool: concurrency must be a positive integer", 2)

@@ -1,12 +1,12 @@
 -- qx.connect: a pool of PostgreSQL connections and the entry points that use it.
 local core = require "qx.core"
 local settings = require "qx.settings"
+local options = require "qx.options"
 
 local setmetatable = setmetatable
 local type = type
 local pairs = pairs
 local error = error
-local tostring = tostring
 
 local _M = { _VERSION = "0.1.0" }
 
@@ -14,7 +14,8 @@ local Db = {}
 Db.__index = Db
 
 -- options of qx.connect besides the settings of qx.settings
-local CONNECT_OPTIONS = { dispatcher = true }
+local KNOWN = { dispatcher = true }
+for k in pairs(settings.DB_OPTIONS) do KNOWN[k] = true end
 
 -- connect(opts) -> db | nil, err
 -- opts: url, pool_size, pool_timeout_seconds, pool_recycle_seconds, statement_timeout_ms,
@@ -25,13 +26,7 @@ function _M.connect(opts)
     if opts ~= nil and type(opts) ~= "table" then
         error("qx.connect: options must be a table", 2)
     end
-    opts = opts or {}
-    -- a misspelt option would otherwise be dropped without a word (pool_sise = 50)
-    for k in pairs(opts) do
-        if not (settings.DB_OPTIONS[k] or CONNECT_OPTIONS[k]) then
-            error("qx.connect: unknown option '" .. tostring(k) .. "'", 2)
-        end
-    end
+    opts = options.check(opts, KNOWN, "qx.connect")
     local db_opts = {}
     for k in pairs(settings.DB_OPTIONS) do db_opts[k] = opts[k] end
     local cfg, e = settings.db(db_opts)

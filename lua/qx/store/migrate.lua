@@ -2,6 +2,7 @@
 -- Idempotent, and safe when several processes run it at once: the whole run holds a
 -- transaction-scoped advisory lock, so a second runner waits and then finds nothing to do.
 local steps = require "qx.store.migrations"
+local options = require "qx.options"
 
 local ipairs = ipairs
 local type = type
@@ -51,8 +52,11 @@ CREATE TABLE IF NOT EXISTS qx_schema_migrations (
 end
 
 -- migrate(db[, opts]) -> { applied = { versions... }, current = n } | nil, err
+local MIGRATE_OPTIONS = { "steps" }
+
 function _M.run(db, opts)
-    local list = (opts and opts.steps) or steps
+    opts = options.check(opts, MIGRATE_OPTIONS, "qx.migrate")
+    local list = opts.steps or steps
     local current = 0
     for _, step in ipairs(list) do
         if type(step.version) ~= "number" or step.version <= current then

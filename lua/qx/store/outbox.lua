@@ -7,6 +7,7 @@
 -- back.
 local core = require "qx.core"
 local err = require "qx.error"
+local options = require "qx.options"
 
 local setmetatable = setmetatable
 local type = type
@@ -60,7 +61,7 @@ end
 -- get_unpublished{ limit = 100, offset = 0, include_scheduled = false } -> rows, oldest first.
 -- By default rows waiting for their next attempt are left out.
 function Outbox:get_unpublished(opts)
-    opts = opts or {}
+    opts = options.check(opts, { "limit", "offset", "include_scheduled" }, "get_unpublished")
     local limit = check_limit(opts.limit, "limit", 100, MAX_LIMIT)
     local offset = check_limit(opts.offset, "offset", 0)
     local sql = "SELECT " .. ROW_COLUMNS .. [[ FROM qx_outbox_events
@@ -91,7 +92,8 @@ end
 -- A retryable failure: attempts + 1, last_error kept, next attempt after an exponential backoff;
 -- with max_attempts, the row is dead-lettered once it has failed that many times.
 function Outbox:record_failure(id, message, opts)
-    opts = opts or {}
+    opts = options.check(opts, { "base_delay_ms", "max_delay_ms", "max_attempts" },
+                         "record_failure")
     if not is_uuid(id) then return nil, err.new("invalid", "id is not a uuid: " .. tostring(id)) end
     local base = check_limit(opts.base_delay_ms, "base_delay_ms", 500)
     local max = check_limit(opts.max_delay_ms, "max_delay_ms", 60000)
@@ -117,7 +119,7 @@ end
 
 -- get_dead{ limit, offset } -> dead letters, oldest first
 function Outbox:get_dead(opts)
-    opts = opts or {}
+    opts = options.check(opts, { "limit", "offset" }, "get_dead")
     local limit = check_limit(opts.limit, "limit", 100, MAX_LIMIT)
     local offset = check_limit(opts.offset, "offset", 0)
     return self.db:query("SELECT " .. ROW_COLUMNS ..
@@ -143,6 +145,7 @@ end
 -- Only published rows are purged; pending and dead rows stay.
 function Outbox:purge(opts)
     if type(opts) ~= "table" then error("purge: expected { published_before = ... }", 2) end
+    options.check(opts, { "published_before", "older_than_seconds" }, "purge")
     if opts.published_before ~= nil then
         if type(opts.published_before) ~= "string" then
             error("purge: published_before must be a timestamp string", 2)

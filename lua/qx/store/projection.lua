@@ -8,6 +8,7 @@
 -- Each batch is one unit of work that locks the checkpoint row, reads with the event store's
 -- gap-safe read, runs the handlers and moves the checkpoint. See docs/projections.md.
 local core = require "qx.core"
+local options = require "qx.options"
 local qx_error = require "qx.error"
 local event = require "qx.model.event"
 local aggregate = require "qx.model.aggregate"
@@ -119,15 +120,7 @@ function _M.new(opts)
     if type(opts) ~= "table" then
         error("qx.projection: expected a table of options", 2)
     end
-    for k in pairs(opts) do
-        if not OPTS[k] then
-            local known = {}
-            for o in pairs(OPTS) do known[#known + 1] = o end
-            sort(known)
-            error("qx.projection: unknown option '" .. tostring(k) .. "' (known: "
-                  .. table.concat(known, ", ") .. ")", 2)
-        end
-    end
+    options.check(opts, OPTS, "qx.projection")
     local name = opts.name
     if type(name) ~= "string" or name == "" or #name > MAX_NAME then
         error("qx.projection: name must be a non-empty string of at most " .. MAX_NAME
@@ -385,7 +378,7 @@ function Projection:run(opts)
     if opts ~= nil and type(opts) ~= "table" then
         error("projection:run: options must be a table", 2)
     end
-    opts = opts or {}
+    opts = options.check(opts, { "poll_ms", "stop", "max_seconds" }, "projection:run")
     local poll = opts.poll_ms or 1000
     if type(poll) ~= "number" or poll < 1 then
         error("projection:run: poll_ms must be a positive number", 2)

@@ -16,6 +16,7 @@ local err = require "qx.error"
 local event = require "qx.model.event"
 local aggregate = require "qx.model.aggregate"
 local internal = require "qx.store.internal"
+local options = require "qx.options"
 
 local setmetatable = setmetatable
 local type = type
@@ -418,6 +419,7 @@ local function finish(uow, ok, ...)
 end
 
 local NO_OPTIONS = {}
+local UOW_OPTIONS = { "context", "dispatcher", "statement_timeout_ms", unpack(HOOKS) }
 
 function _M.run(db, fn, opts)
     if type(fn) ~= "function" then error("unit_of_work: expected a function", 2) end
@@ -427,6 +429,7 @@ function _M.run(db, fn, opts)
         opts = NO_OPTIONS
     else
         if type(opts) ~= "table" then error("unit_of_work: options must be a table", 2) end
+        options.check(opts, UOW_OPTIONS, "unit_of_work")
         for i = 1, #HOOKS do
             local h = opts[HOOKS[i]]
             if h ~= nil then

@@ -22,7 +22,10 @@ describe("qx.store.repository", function()
     describe("descriptions", function()
         it("raises on an unknown option, a missing table or a bad allow-list", function()
             assert.has_error(function() qx.repository{ table = "x", filterabel = { "a" } } end,
-                             "qx.repository: unknown option 'filterabel'")
+                             "qx.repository: unknown option 'filterabel' (known: allow_cross_tenant, "
+                             .. "cursor_key, default_page_size, default_sort, entity, extra_fields, "
+                             .. "filterable, from_row, max_page_size, primary_key, readonly, schema, "
+                             .. "soft_delete, sortable, table, tenanted, to_row)")
             assert.has_error(function() qx.repository{} end)
             assert.has_error(function() qx.repository{ table = "x", filterable = { 1 } } end)
             assert.has_error(function() qx.repository{ table = "x", max_page_size = 0 } end)

@@ -3,6 +3,7 @@
 local core = require "qx.core"
 local err = require "qx.error"
 local base = require "qx.messaging.consumer.base"
+local options = require "qx.options"
 
 local type = type
 local ipairs = ipairs
@@ -23,6 +24,9 @@ end
 -- outlive the redeliveries of its message (max_deliver x (ack wait + backoff)); keep a margin.
 function Consumer:purge_inbox(opts)
     need_db(self, "purge_inbox")
+    if type(opts) == "table" then
+        options.check(opts, { "older_than_seconds" }, "consumer:purge_inbox")
+    end
     local s = type(opts) == "table" and opts.older_than_seconds
     if type(s) ~= "number" or s < 0 then
         error("consumer:purge_inbox: give { older_than_seconds = n }", 2)
@@ -36,7 +40,7 @@ end
 -- consumer:dead_letters{ limit = 100, offset = 0, include_replayed = false } -> rows, oldest first
 function Consumer:dead_letters(opts)
     need_db(self, "dead_letters")
-    opts = opts or {}
+    opts = options.check(opts, { "limit", "offset", "include_replayed" }, "consumer:dead_letters")
     local limit, offset = opts.limit or 100, opts.offset or 0
     if not is_int(limit, 0, 10000) or not is_int(offset, 0) then
         error("consumer:dead_letters: limit must be 0..10000 and offset >= 0", 2)

@@ -1,17 +1,14 @@
 -- Internal to qx.consumer: the consumer's options, checked and given their defaults.
 local registry_mod = require "qx.model.registry"
+local options = require "qx.options"
 local base = require "qx.messaging.consumer.base"
 
 local type = type
-local pairs = pairs
 local ipairs = ipairs
 local error = error
-local tostring = tostring
 local getmetatable = getmetatable
 local floor = math.floor
 local fmt = string.format
-local concat = table.concat
-local sort = table.sort
 local is_int, is_callable = base.is_int, base.is_callable
 
 local _M = {}
@@ -69,15 +66,7 @@ end
 
 function _M.check(opts)
     if type(opts) ~= "table" then error("qx.consumer: expected an options table", 3) end
-    for k in pairs(opts) do
-        if not OPTIONS[k] then
-            local names = {}
-            for n in pairs(OPTIONS) do names[#names + 1] = n end
-            sort(names)
-            error("qx.consumer: unknown option '" .. tostring(k) .. "' (known: "
-                  .. concat(names, ", ") .. ")", 3)
-        end
-    end
+    options.check(opts, OPTIONS, "qx.consumer")
     local o = {}
     o.stream = opt_string(opts, "stream")
     o.durable = opt_string(opts, "durable", true)

@@ -4,6 +4,7 @@ local core = require "qx.core"
 local err = require "qx.error"
 local metrics = require "qx.metrics"
 local base = require "qx.messaging.consumer.base"
+local options = require "qx.options"
 
 local type = type
 local pairs = pairs
@@ -217,7 +218,7 @@ function Consumer:run_once(handler, opts)
     self:_check_open(2)
     check_handler(handler)
     if opts ~= nil and type(opts) ~= "table" then error("run_once: options must be a table", 2) end
-    opts = opts or {}
+    opts = options.check(opts, { "timeout_ms", "batch" }, "run_once")
     local timeout = opts.timeout_ms or self.fetch_timeout_ms
     local batch = opts.batch or self.batch
     if not is_int(timeout, 1, 2147483647) then error("run_once: timeout_ms must be >= 1", 2) end
@@ -235,6 +236,8 @@ function Consumer:run_once(handler, opts)
     return counts
 end
 
+local RUN_OPTIONS = { "max_messages", "idle_timeout_ms" }
+
 -- consumer:run(handler[, { max_messages = n, idle_timeout_ms = n }]) -> totals | nil, err
 -- Fetches and handles until stop() (from a handler, a hook or a signal handler), finishing the
 -- batch in flight; or until max_messages were fetched, or nothing came for idle_timeout_ms.
@@ -244,7 +247,7 @@ function Consumer:run(handler, opts)
     self:_check_open(2)
     check_handler(handler)
     if opts ~= nil and type(opts) ~= "table" then error("run: options must be a table", 2) end
-    opts = opts or {}
+    opts = options.check(opts, RUN_OPTIONS, "run")
     local max_messages, idle = opts.max_messages, opts.idle_timeout_ms
     if max_messages ~= nil and not is_int(max_messages, 1) then
         error("run: max_messages must be an integer >= 1", 2)

@@ -6,11 +6,16 @@
 --   local ack = assert(conn:publish("qx.events.x", body, { ["qx.event_id"] = id }, id))
 local core = require "qx.core"
 local nats_settings = require "qx.messaging.nats.settings"
+local options = require "qx.options"
 
 local type = type
 local error = error
 local setmetatable = setmetatable
 local getmetatable = getmetatable
+local gmatch = string.gmatch
+local gsub = string.gsub
+local find = string.find
+local concat = table.concat
 
 
 local _M = {
@@ -48,8 +53,25 @@ function _M.connect(opts)
     if not s then return nil, e end
     local handle
     handle, e = core.nats(core_options(s))
-    if not handle then return nil, e end
+    if not handle then
+        -- "No server available" alone does not say where qx looked
+        if type(e) == "table" and e.code == "connection" and type(e.message) == "string" then
+            e.message = e.message .. " (tried " .. _M.shown_servers(s.servers) .. ")"
+        end
+        return nil, e
+    end
     return setmetatable({ handle = handle, settings = s }, Conn)
+end
+
+-- The servers (a comma-separated list) as they may be shown: user and password left out.
+function _M.shown_servers(servers)
+    local out = {}
+    for url in gmatch(servers, "[^,%s]+") do
+        local shown, n = gsub(url, "^([%a][%w+.-]*://)[^/@]*@", "%1")
+        if n == 0 and not find(url, "://", 1, true) then shown = gsub(url, "^[^/@]*@", "") end
+        out[#out + 1] = shown
+    end
+    return concat(out, ", ")
 end
 
 -- Accepts a Conn, a core NATS userdata or options; returns a Conn and whether it was opened
@@ -79,7 +101,7 @@ end
 -- For development and tests; deployments declare their streams.
 function Conn:ensure_stream(opts)
     if opts ~= nil and type(opts) ~= "table" then error("ensure_stream: expected a table", 2) end
-    opts = opts or {}
+    opts = options.check(opts, { "name", "subjects", "duplicate_window_ms" }, "ensure_stream")
     local subjects = opts.subjects or { self.settings.subject_prefix .. ".>" }
     if type(subjects) == "string" then subjects = { subjects } end
     return self.handle:ensure_stream{

@@ -4,11 +4,11 @@
 -- servers (urls may carry credentials), password or token.
 local core = require "qx.core"
 local settings = require "qx.settings"
+local raise = require("qx.options").raise
 
 local type = type
 local pairs = pairs
 local ipairs = ipairs
-local error = error
 local tostring = tostring
 local fmt = string.format
 local match = string.match
@@ -99,25 +99,25 @@ function _M.settings(opts, getenv)
     if opts == nil then
         opts = {}
     elseif type(opts) ~= "table" then
-        error("qx.nats: options must be a table, got " .. type(opts), 2)
+        raise("qx.nats: options must be a table, got " .. type(opts))
     end
     getenv = getenv or os_getenv
     local o = {}
     for k, v in pairs(opts) do
         local canon = OPTIONS[k]
         if not canon then
-            error("qx.nats: unknown option '" .. tostring(k) .. "' (known: " .. option_list()
-                  .. ")", 2)
+            raise("qx.nats: unknown option '" .. tostring(k) .. "' (known: " .. option_list()
+                  .. ")")
         end
         canon = canon == true and k or canon
-        if o[canon] ~= nil then error("qx.nats: pass " .. canon .. " once", 2) end
+        if o[canon] ~= nil then raise("qx.nats: pass " .. canon .. " once") end
         o[canon] = v
     end
     for _, pair in ipairs({ { "connect_timeout_seconds", "connect_timeout_ms" },
                             { "reconnect_wait_seconds", "reconnect_wait_ms" },
                             { "publish_timeout_seconds", "publish_timeout_ms" } }) do
         if o[pair[1]] ~= nil and o[pair[2]] ~= nil then
-            error("qx.nats: pass " .. pair[1] .. " or " .. pair[2] .. ", not both", 2)
+            raise("qx.nats: pass " .. pair[1] .. " or " .. pair[2] .. ", not both")
         end
     end
 

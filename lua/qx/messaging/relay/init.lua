@@ -14,11 +14,10 @@ local nats = require "qx.messaging.nats"
 local settings = require "qx.settings"
 local relay_settings = require "qx.messaging.relay.settings"
 local metrics = require "qx.metrics"
+local options = require "qx.options"
 
 local type = type
-local pairs = pairs
 local error = error
-local tostring = tostring
 local setmetatable = setmetatable
 
 local _M = {
@@ -36,9 +35,7 @@ _M.Relay = Relay
 -- new(opts) -> relay | nil, err
 function _M.new(opts)
     if type(opts) ~= "table" then error("qx.relay: expected a table of options", 2) end
-    for k in pairs(opts) do
-        if not OPTIONS[k] then error("qx.relay: unknown option '" .. tostring(k) .. "'", 2) end
-    end
+    options.check(opts, OPTIONS, "qx.relay")
     local url = opts.url
     if opts.db ~= nil then
         if type(opts.db) ~= "table" or not opts.db.settings then
@@ -74,8 +71,11 @@ end
 -- run{ on_batch = fn(result, err) -> false to stop, handle_signals = false } -> true
 -- Blocks until stop() (call it from on_batch), on_batch returning false, or with
 -- handle_signals SIGTERM/SIGINT; the batch in flight is finished first.
+local RUN_OPTIONS = { "on_batch", "handle_signals" }
+
 function Relay:run(opts)
     if opts ~= nil and type(opts) ~= "table" then error("relay:run: expected a table", 2) end
+    options.check(opts, RUN_OPTIONS, "relay:run")
     return self.handle:run(opts)
 end
 

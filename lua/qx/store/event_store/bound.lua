@@ -7,13 +7,13 @@ local event = require "qx.model.event"
 local aggregate = require "qx.model.aggregate"
 local es_class = require "qx.model.event_sourced"
 local internal = require "qx.store.internal"
+local options = require "qx.options"
+local raise = options.raise
 local sql = require "qx.store.event_store.sql"
 local reads = require "qx.store.event_store.reads"
 
 local type = type
-local pairs = pairs
 local ipairs = ipairs
-local error = error
 local tostring = tostring
 local setmetatable = setmetatable
 local getmetatable = getmetatable
@@ -49,7 +49,7 @@ _M.Bound = Bound
 -- bind(store, uow) -> the store's operations inside that transaction
 function _M.bind(store, uow)
     if getmetatable(store) ~= Store then
-        error("uow:store: expected a store made by qx.event_store{...}", 3)
+        raise("uow:store: expected a store made by qx.event_store{...}")
     end
     return setmetatable({ store = store, uow = uow }, Bound)
 end
@@ -57,7 +57,7 @@ end
 
 local function check_bound(self, method)
     if getmetatable(self) ~= Bound then
-        error("es:" .. method .. ": call as es:" .. method .. "(...)", 3)
+        raise("es:" .. method .. ": call as es:" .. method .. "(...)")
     end
     local uow = self.uow
     internal.check_open(uow, 3) -- raises, saying what state it is in
@@ -73,24 +73,29 @@ local function tenant_of(uow)
 end
 
 
+local LOAD_OPTIONS = { "snapshot" }
+local APPEND_OPTIONS = { "aggregate_type" }
+
 -- es:load(Class, id[, { snapshot = true }]) -> instance | nil (no events) | nil, err
 function Bound:load(class, id, opts)
     check_bound(self, "load")
     if not es_class.is_class(class) then
         local what = aggregate.is_class(class) and ("aggregate class " .. class.aggregate_type
             .. ", which is not event-sourced (use qx.event_sourced)") or type(class)
-        error("es:load: expected an event-sourced class, got " .. what, 2)
+        raise("es:load: expected an event-sourced class, got " .. what)
     end
     if type(id) ~= "string" and type(id) ~= "number" then
-        error("es:load: id must be a string or a number, got " .. type(id), 2)
+        raise("es:load: id must be a string or a number, got " .. type(id))
     end
     if opts ~= nil and type(opts) ~= "table" then
-        error("es:load: options must be a table", 2)
+        raise("es:load: options must be a table")
     end
-    for k in pairs(opts or {}) do
-        if k ~= "snapshot" then
-            error("es:load: unknown option '" .. tostring(k) .. "' (known: snapshot)", 2)
-        end
+    options.check(opts, LOAD_OPTIONS, "es:load")
+    -- ids are uuids, as a repository's keys: an id from outside that is not one (a typo, a
+    -- path segment) must not read as an empty stream that load-or-new then starts
+    if not is_uuid(id) then
+        return nil, new_error("invalid", fmt("%s: id must be a uuid, got %q", class.aggregate_type,
+                                             tostring(id)))
     end
     local use_snapshot = not (opts and opts.snapshot == false)
     local spec = es_class.spec(class)
@@ -165,23 +170,20 @@ end
 local function prepare(store, uow, agg, opts)
     local class = es_class.class_of(agg)
     if class == nil then
-        error("es:append: expected an event-sourced aggregate instance, got "
-              .. (aggregate.is_aggregate(agg) and tostring(agg) or type(agg)), 3)
+        raise("es:append: expected an event-sourced aggregate instance, got "
+              .. (aggregate.is_aggregate(agg) and tostring(agg) or type(agg)))
     end
     local agg_type = class.aggregate_type
     if opts and opts.aggregate_type ~= nil then
         if type(opts.aggregate_type) ~= "string" or opts.aggregate_type == "" then
-            error("es:append: aggregate_type must be a non-empty string", 3)
+            raise("es:append: aggregate_type must be a non-empty string")
         end
         agg_type = opts.aggregate_type
     end
-    local id = rawget(agg, "id")
-    local sid = id
-    if type(id) ~= "string" then
-        if type(id) ~= "number" then
-            return nil, new_error("invalid", tostring(agg) .. ": id must be a string or a number")
-        end
-        sid = tostring(id)
+    local sid = rawget(agg, "id")
+    if not is_uuid(sid) then
+        return nil, new_error("invalid", fmt("%s: id must be a uuid, got %q", tostring(agg),
+                                             tostring(sid)))
     end
     local pending = aggregate.pending_list(agg) -- not a copy: only read here
     local version = rawget(agg, "version")
@@ -270,8 +272,9 @@ end
 local function append_all(self, list, opts, method)
     local uow, store = self.uow, self.store
     if opts ~= nil and type(opts) ~= "table" then
-        error(method .. ": options must be a table", 3)
+        raise(method .. ": options must be a table")
     end
+    options.check(opts, APPEND_OPTIONS, method)
     local args, snaps, ns = {}, {}, {} -- args: type, id, first sequence, events, ... per aggregate
     local nargs, total = 0, 0
     for i, agg in ipairs(list) do
@@ -315,8 +318,9 @@ end
 function Bound:append(agg, opts)
     check_bound(self, "append")
     if opts ~= nil and type(opts) ~= "table" then
-        error("es:append: options must be a table", 2)
+        raise("es:append: options must be a table")
     end
+    options.check(opts, APPEND_OPTIONS, "es:append")
     local uow, store = self.uow, self.store
     local agg_type, sid, version, stored, n, snap = prepare(store, uow, agg, opts)
     if not agg_type then
@@ -343,12 +347,12 @@ end
 function Bound:append_batch(list, opts)
     check_bound(self, "append_batch")
     if type(list) ~= "table" or aggregate.is_aggregate(list) then
-        error("es:append_batch: expected a list of aggregates", 2)
+        raise("es:append_batch: expected a list of aggregates")
     end
     local seen = {}
     for i, agg in ipairs(list) do
         if seen[agg] then
-            error("es:append_batch: aggregate " .. i .. " is in the list twice", 2)
+            raise("es:append_batch: aggregate " .. i .. " is in the list twice")
         end
         seen[agg] = true
     end

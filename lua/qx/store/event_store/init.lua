@@ -15,11 +15,10 @@ local checkpoint = require "qx.store.event_store.checkpoint"
 local sql = require "qx.store.event_store.sql"
 local reads = require "qx.store.event_store.reads"
 local bound = require "qx.store.event_store.bound"
+local options = require "qx.options"
 
 local type = type
-local pairs = pairs
 local error = error
-local tostring = tostring
 local setmetatable = setmetatable
 local getmetatable = getmetatable
 local floor = math.floor
@@ -49,24 +48,17 @@ local _M = {
 
 local MAX_VERSION = 2147483647
 
-local STORE_OPTS = { db = true, snapshot_every = true, notify = true }
+local STORE_OPTS = { "db", "snapshot_every", "notify" }
 
 -- new{ db = db?, snapshot_every = n?, notify = true }
 -- db is needed for reads outside a unit of work (read_all, read_stream, stall).
 -- notify = false leaves out the wake-up of qx_events listeners (sent after the commit, outside
 -- the transaction: see the unit of work); projections then find events by polling.
 function _M.new(opts)
-    if opts == nil then
-        opts = {}
-    elseif type(opts) ~= "table" then
+    if opts ~= nil and type(opts) ~= "table" then
         error("qx.event_store: options must be a table", 2)
     end
-    for k in pairs(opts) do
-        if not STORE_OPTS[k] then
-            error("qx.event_store: unknown option '" .. tostring(k)
-                  .. "' (known: db, snapshot_every, notify)", 2)
-        end
-    end
+    opts = options.check(opts, STORE_OPTS, "qx.event_store")
     local n = opts.snapshot_every
     if n ~= nil and (type(n) ~= "number" or n ~= floor(n) or n < 0 or n > MAX_VERSION) then
         error("qx.event_store: snapshot_every must be a non-negative integer (0 = never)", 2)

@@ -6,6 +6,7 @@ local event = require "qx.model.event"
 local aggregate = require "qx.model.aggregate"
 local checkpoint = require "qx.store.event_store.checkpoint"
 local sql = require "qx.store.event_store.sql"
+local options = require "qx.options"
 
 local type = type
 local pairs = pairs
@@ -110,8 +111,7 @@ local function check_limit(method, v, dflt)
     return v
 end
 
-local READ_OPTS = { after = true, limit = true, types = true, aggregate_type = true,
-                    tenant_id = true }
+local READ_OPTS = { "after", "limit", "types", "aggregate_type", "tenant_id" }
 
 -- The global read, given something with :query (a db or a unit of work).
 -- -> records, next_checkpoint | nil, err
@@ -121,12 +121,7 @@ local function read_all(q, method, opts)
     elseif type(opts) ~= "table" then
         error(method .. ": options must be a table", 3)
     end
-    for k in pairs(opts) do
-        if not READ_OPTS[k] then
-            error(method .. ": unknown option '" .. tostring(k)
-                  .. "' (known: after, limit, types, aggregate_type, tenant_id)", 3)
-        end
-    end
+    options.check(opts, READ_OPTS, method)
     local limit = check_limit(method, opts.limit, 500)
     local types = name_list(method, "types", opts.types, event_name_of)
     local categories = name_list(method, "aggregate_type", opts.aggregate_type, aggregate_type_of)
@@ -166,6 +161,8 @@ end
 _M.read_all = read_all
 
 
+local STREAM_OPTS = { "after_sequence", "limit" }
+
 local function stream_args(method, agg_type, id, opts)
     local t = aggregate_type_of(agg_type)
     if t == nil then
@@ -178,13 +175,7 @@ local function stream_args(method, agg_type, id, opts)
     if opts ~= nil and type(opts) ~= "table" then
         error(method .. ": options must be a table", 3)
     end
-    opts = opts or {}
-    for k in pairs(opts) do
-        if k ~= "after_sequence" and k ~= "limit" then
-            error(method .. ": unknown option '" .. tostring(k)
-                  .. "' (known: after_sequence, limit)", 3)
-        end
-    end
+    opts = options.check(opts, STREAM_OPTS, method)
     local after = opts.after_sequence or 0
     if type(after) ~= "number" or after ~= floor(after) or after < 0 then
         error(method .. ": after_sequence must be a non-negative integer", 3)
@@ -234,12 +225,15 @@ function Store:read_category(agg_type, opts)
 end
 
 
+local EACH_OPTS = { "after", "batch", "types", "aggregate_type", "tenant_id" }
+
 -- store:each{ after, batch = 500, types, aggregate_type, tenant_id } -> iterator
 -- for record, checkpoint in store:each{...} do ... end - reads batch by batch (constant
 -- memory); checkpoint is where to resume after that record. A read error raises.
 function Store:each(opts)
     check_store(self, "each")
     local db = need_db(self, "each")
+    options.check(opts, EACH_OPTS, "store:each")
     local o = {}
     for k, v in pairs(opts or {}) do
         if k == "batch" then o.limit = v else o[k] = v end

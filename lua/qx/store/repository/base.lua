@@ -2,9 +2,9 @@
 -- folder add methods to, the limits, and the helpers they all use. Not part of the API.
 local core = require "qx.core"
 local qx_error = require "qx.error"
+local options = require "qx.options"
 
 local type = type
-local pairs = pairs
 local error = error
 local tostring = tostring
 local setmetatable = setmetatable
@@ -43,18 +43,8 @@ function _M.is_int(v, lo, hi)
     return type(v) == "number" and v % 1 == 0 and v >= lo and v <= hi
 end
 
-local NO_OPTIONS = setmetatable({}, { __newindex = function() error("read-only", 2) end })
-
-function _M.check_opts(opts, allowed, fname)
-    if opts == nil then return NO_OPTIONS end
-    if type(opts) ~= "table" then error(fname .. ": options must be a table", 3) end
-    for k in pairs(opts) do
-        if not allowed[k] then
-            error(fname .. ": unknown option '" .. tostring(k) .. "'", 3)
-        end
-    end
-    return opts
-end
+-- the one option checker (qx.options): raises at the caller's line, listing the known options
+_M.check_opts = options.check
 
 local function new_repo(d, target, db, ctx, uow)
     local self = setmetatable({ d = d, t = target, db = db, ctx = ctx, uow = uow,
@@ -75,7 +65,7 @@ end
 -- bind(description, uow) -> repository bound to the unit of work (what uow:repo calls)
 function _M.bind(d, uow)
     if getmetatable(d) ~= Description then
-        error("uow:repo: expected a description made by qx.repository{...}", 3)
+        options.raise("uow:repo: expected a description made by qx.repository{...}")
     end
     return new_repo(d, uow, uow.db, uow.context or {}, uow)
 end

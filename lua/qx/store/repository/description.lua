@@ -3,6 +3,7 @@
 local cursor = require "qx.store.repository.cursor"
 local base = require "qx.store.repository.base"
 local query = require "qx.store.repository.query"
+local options = require "qx.options"
 
 local type = type
 local pairs = pairs
@@ -26,7 +27,7 @@ local OPTIONS = {
     to_row = "function", filterable = "table", sortable = "table", default_sort = "table",
     tenanted = "boolean", allow_cross_tenant = "boolean", soft_delete = "boolean",
     default_page_size = "number", max_page_size = "number", cursor_key = "any",
-    primary_key = "string", readonly = "table",
+    primary_key = "string", readonly = "table", extra_fields = "string",
 }
 
 local function strings(list, what)
@@ -47,9 +48,9 @@ end
 -- new(opts) -> description (raises on a bad description; no I/O)
 function _M.new(opts)
     if type(opts) ~= "table" then error("qx.repository: expected a table of options", 2) end
+    options.check(opts, OPTIONS, "qx.repository")
     for k, v in pairs(opts) do
         local want = OPTIONS[k]
-        if not want then error("qx.repository: unknown option '" .. tostring(k) .. "'", 2) end
         if want ~= "any" and type(v) ~= want then
             error("qx.repository: " .. k .. " must be a " .. want .. ", got " .. type(v), 2)
         end
@@ -72,6 +73,11 @@ function _M.new(opts)
         max_page_size = opts.max_page_size or base.MAX_PAGE_SIZE,
         _by_db = setmetatable({}, { __mode = "k" }),
     }, Description)
+    if opts.extra_fields ~= nil and opts.extra_fields ~= "refuse" and opts.extra_fields ~= "ignore"
+    then
+        error("qx.repository: extra_fields must be \"refuse\" (the default) or \"ignore\"", 2)
+    end
+    d.ignore_extra_fields = opts.extra_fields == "ignore"
     d.what = (d.schema and (d.schema .. ".") or "") .. d.table
     if not is_int(d.max_page_size, 1, MAX_BATCH_SIZE) then
         error("qx.repository: max_page_size must be an integer from 1 to " .. MAX_BATCH_SIZE, 2)

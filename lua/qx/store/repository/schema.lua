@@ -8,8 +8,6 @@
 -- here too. id_column's default needs qx.migrate (step 2 defines qx_uuid_v7()); qx.uuid()
 -- makes the same kind of id in Lua.
 local type = type
-local pairs = pairs
-local tostring = tostring
 local error = error
 local concat = table.concat
 local find = string.find
@@ -43,12 +41,8 @@ function _M.audit_columns(opts)
     if opts ~= nil and type(opts) ~= "table" then
         error("qx.schema.audit_columns: options must be a table", 2)
     end
-    opts = opts or {}
-    for k in pairs(opts) do
-        if k ~= "tenanted" and k ~= "soft_delete" and k ~= "actor_type" then
-            error("qx.schema.audit_columns: unknown option '" .. tostring(k) .. "'", 2)
-        end
-    end
+    opts = require("qx.options").check(opts, { "tenanted", "soft_delete", "actor_type" },
+                                       "qx.schema.audit_columns")
     local actor = opts.actor_type or "text"
     if not ACTOR_TYPES[actor] then
         error("qx.schema.audit_columns: actor_type must be text, varchar(255) or uuid", 2)

@@ -14,6 +14,7 @@ local rawget = rawget
 local rawset = rawset
 local unpack = table.unpack or unpack
 local concat = table.concat
+local sort = table.sort
 local null = core.null
 local is_aggregate = aggregate.is_aggregate
 local fail, is_int, check_opts, ready = base.fail, base.is_int, base.check_opts, base.ready
@@ -44,6 +45,26 @@ local function row_of(self, c, entity)
         if v ~= nil then row[w[i]] = v end
     end
     return row
+end
+
+-- nil | nil, err naming the entity's fields that have no column (a field dropped without a word
+-- is data lost), unless the description says extra_fields = "ignore"; with to_row the row is
+-- checked instead (see row_of). version is the aggregate's own and may have no column.
+local function unmapped(self, c, entity)
+    if self.d.to_row or self.d.ignore_extra_fields then return nil end
+    local cols, extra = c.columns, nil
+    for k in pairs(entity) do
+        if not (type(k) == "string" and cols[k]) and k ~= "version" then
+            extra = extra or {}
+            extra[#extra + 1] = tostring(k)
+        end
+    end
+    if extra == nil then return nil end
+    sort(extra)
+    return fail("invalid", c.what .. ": no column for the entity's field"
+                .. (#extra > 1 and "s " or " ") .. concat(extra, ", ")
+                .. " (extra_fields = \"ignore\" in the description leaves them out)",
+                { fields = extra })
 end
 
 -- the id: to_row's row's (when given), else the entity's own field
@@ -95,6 +116,8 @@ function Repo:add(entity, opts)
     local c, e = ready(self)
     if not c then return nil, e end
     local d = self.d
+    local _, ue = unmapped(self, c, entity)
+    if ue then return nil, ue end
     local row = row_of(self, c, entity)
     local id = id_of(self, entity, row)
     if id == nil and c.pk_col.uuid then id = core.uuid() end
@@ -167,6 +190,8 @@ function Repo:save(entity, opts)
     local c, e = ready(self)
     if not c then return nil, e end
     local d = self.d
+    local _, ue = unmapped(self, c, entity)
+    if ue then return nil, ue end
     -- with the default mapping the row is the entity's own fields: they are read from it
     -- directly (rawget, as row_of does), without a copy
     local row = d.to_row and row_of(self, c, entity)
