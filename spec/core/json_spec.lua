@@ -173,10 +173,22 @@ describe("json numbers and depth", function()
 
     it("refuses text that is not JSON with an invalid error", function()
         for _, bad in ipairs({ "", "[1,]", "{\"a\"}", "[1] x", "01", "1.", ".5", "-", "+1", "\"\\x\"",
-                               "\"\\ud800\"", "[\"a\nb\"]", "tru", "nan", "{1:2}", "[", "\"abc" }) do
+                               "\"\\ud800\"", "[\"a\nb\"]", "tru", "nan", "{1:2}", "[", "\"abc", "\"",
+                               "\"\\", "\"\\u12" }) do
             local v, e = core.json_decode(bad)
             assert.is_nil(v, bad)
             assert.equal("invalid", e.code, bad)
+        end
+    end)
+
+    it("reads every prefix of a document as a value or refuses it with invalid (under ASan: no byte past the end)",
+       function()
+        local doc = assert(core.json_encode({ a = { 1, -2.5, 1e300, 'x\n"\\é', true, false, core.null, {} },
+                                              k = { z = { y = 12345678901234 } } }))
+            .. ' ["\\ud83d\\ude00\\u00e9\\/", -0.0, 0.5e-3, 18446744073709551616, 1E+2, 0e0]'
+        for i = 0, #doc do
+            local v, e = core.json_decode(doc:sub(1, i))
+            assert.is_true(v ~= nil or e.code == "invalid", doc:sub(1, i))
         end
     end)
 

@@ -50,7 +50,7 @@ static inline void skip_space(jdec *d)
 /* A scratch area of at least n bytes, kept on the stack at d->scratch_idx. */
 static char *scratch(jdec *d, lua_State *L, size_t n)
 {
-    if (n > d->scratch_cap) {
+    if (n > d->scratch_cap || d->scratch == NULL) {
         size_t cap = n < 256 ? 256 : n;
         d->scratch = lua_newuserdata(L, cap);
         d->scratch_cap = cap;
