@@ -182,6 +182,15 @@ describe("json values", function()
             end)
         end)
 
+        it("says which column holds a document deeper than qx reads, written by another writer, instead of its text",
+           function()
+            local ok, e = pcall(db.query, db, "SELECT (repeat('[', 1001) || repeat(']', 1001))::jsonb AS deep")
+            assert.is_false(ok)
+            assert.matches("column deep: .*nested deeper than 1000 levels", tostring(e))
+            -- the connection is fine afterwards
+            assert.equal(1, assert(db:query("SELECT 1 AS one"))[1].one)
+        end)
+
         it("refuses a repository JSON column nested too deep with invalid, or reads it back as a table",
            function()
             local repo = repo_table()
