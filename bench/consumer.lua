@@ -67,7 +67,7 @@ do
     while got < N do
         local msgs = assert(h:fetch(BATCH, 2000))
         assert(#msgs > 0, "stream ran dry at " .. got)
-        for i = 1, #msgs do assert(h:ack(i)) end
+        for i = 1, #msgs do assert(msgs[i]:ack()) end
         got = got + #msgs
     end
     report("raw fetch + ack", got, clock() - t)

@@ -119,3 +119,89 @@ describe("json encoding", function()
         assert.equal("[]", core.json_rows(shape))
     end)
 end)
+
+describe("json numbers and depth", function()
+    local values = require "json_values"
+
+    it("writes integral floats so that they read back as floats", function()
+        if math.type then
+            assert.equal("[150.0,-0.0,0.0,1000000000000000.0,-2.5,1e+300,100]",
+                         core.json_encode({ 150.0, -0.0, 0.0, 1e15, -2.5, 1e300, 100 }))
+        else -- LuaJIT: every number is a double; integral ones are written as integers
+            assert.equal("[150,0,1000000000000000,-2.5,1e+300]",
+                         core.json_encode({ 150.0, 0.0, 1e15, -2.5, 1e300 }))
+        end
+    end)
+
+    it("reads back what it writes: integers as integers, floats as floats", function()
+        local text = assert(core.json_encode(values.numbers()))
+        values.assert_same(values.numbers(), assert(core.json_decode(text)))
+        if math.type then
+            local negz = core.json_decode("-0.0")
+            assert.equal("float", math.type(negz))
+            assert.equal(-math.huge, 1 / negz)
+        end
+    end)
+
+    it("reads integers beyond 64 bits as floats, never as an error", function()
+        local t = assert(core.json_decode('[18446744073709551616,-9223372036854775809,'
+            .. '9223372036854775807,-9223372036854775808,1e2,123456789012345678901234567890]'))
+        assert.equal(2 ^ 64, t[1])
+        assert.equal(-2 ^ 63, t[2])
+        assert.equal(1.2345678901234568e29, t[6])
+        assert.equal(100, t[5])
+        if math.type then
+            assert.same({ "float", "float", "integer", "integer", "float", "float" },
+                        { math.type(t[1]), math.type(t[2]), math.type(t[3]), math.type(t[4]),
+                          math.type(t[5]), math.type(t[6]) })
+            assert.equal(math.maxinteger, t[3])
+            assert.equal(math.mininteger, t[4])
+        end
+    end)
+
+    it("reads strings, escapes, null and the shapes lua-cjson gives", function()
+        local t = assert(core.json_decode(
+            ' { "a" : [ 1 , "x\\n\\"\\\\\\/\\u00e9\\ud83d\\ude00\\u0000" , true , false , null ] , "" : {} ,'
+            .. ' "e" : [ ] } '))
+        assert.same({ a = { 1, 'x\n"\\/é😀\0', true, false, core.null }, [""] = {}, e = {} }, t)
+        assert.equal(core.null, t.a[5])
+        assert.equal("é", core.json_decode('"é"'))
+        for _, s in ipairs({ 0, "x", true }) do
+            assert.equal(s, core.json_decode(cjson.encode(s)))
+        end
+    end)
+
+    it("refuses text that is not JSON with an invalid error", function()
+        for _, bad in ipairs({ "", "[1,]", "{\"a\"}", "[1] x", "01", "1.", ".5", "-", "+1", "\"\\x\"",
+                               "\"\\ud800\"", "[\"a\nb\"]", "tru", "nan", "{1:2}", "[", "\"abc", "\"",
+                               "\"\\", "\"\\u12" }) do
+            local v, e = core.json_decode(bad)
+            assert.is_nil(v, bad)
+            assert.equal("invalid", e.code, bad)
+        end
+    end)
+
+    it("reads every prefix of a document as a value or refuses it with invalid (under ASan: no byte past the end)",
+       function()
+        local doc = assert(core.json_encode({ a = { 1, -2.5, 1e300, 'x\n"\\é', true, false, core.null, {} },
+                                              k = { z = { y = 12345678901234 } } }))
+            .. ' ["\\ud83d\\ude00\\u00e9\\/", -0.0, 0.5e-3, 18446744073709551616, 1E+2, 0e0]'
+        for i = 0, #doc do
+            local v, e = core.json_decode(doc:sub(1, i))
+            assert.is_true(v ~= nil or e.code == "invalid", doc:sub(1, i))
+        end
+    end)
+
+    it("writes and reads up to 1000 levels and refuses more with invalid naming the limit", function()
+        local ok = assert(core.json_encode(values.nest(1000)))
+        assert.equal(1000, values.depth(assert(core.json_decode(ok))))
+        local text, e = core.json_encode(values.nest(1001))
+        assert.is_nil(text)
+        assert.equal("invalid", e.code)
+        assert.matches("1000 levels", e.message)
+        local v, de = core.json_decode(string.rep("[", 1001) .. string.rep("]", 1001))
+        assert.is_nil(v)
+        assert.equal("invalid", de.code)
+        assert.matches("1000 levels", de.message)
+    end)
+end)

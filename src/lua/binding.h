@@ -72,13 +72,20 @@ void *qx_new_closed(lua_State *L, const qx_type *t, size_t size);
 /* The userdata of type t at idx, or raises (wrong type; closed_msg when closed). */
 void *qx_check_open(lua_State *L, int idx, const qx_type *t, const char *closed_msg);
 
+/* The most levels of arrays and objects in a JSON document that qx writes or reads. */
+#define QX_JSON_MAX_DEPTH 1000
+#define QX_JSON_MAX_DEPTH_TEXT "1000"
+
 /* Pushes the JSON text of the value at idx and returns 1; on a value JSON cannot hold pushes the
  * reason, points *error at it and returns 0. Numbers are exact (see ljson.c). */
 int qx_json_push(lua_State *L, int idx, const char **error);
 void qx_open_json(lua_State *L);
 
-/* The JSON decoder (a private lua-cjson instance), kept in the registry. */
-void qx_json_init(lua_State *L);
+/* Pushes the value of the JSON text (len bytes) and returns 1; on text that is not JSON, or
+ * nested deeper than QX_JSON_MAX_DEPTH, pushes the reason, points *error at it and returns 0.
+ * Integers stay integers on Lua 5.4 (see ljsondec.c). */
+int qx_json_decode(lua_State *L, const char *text, size_t len, const char **error);
+void qx_open_json_decode(lua_State *L);
 
 /* Parameters: converts the values at stack slots first..first+n-1 into text for libpq.
  * Pushes one anchor userdata/table that keeps the texts alive, nil when n is 0 (pop it when done).

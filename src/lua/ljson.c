@@ -1,15 +1,17 @@
 /*
  * JSON text from Lua values, with numbers kept exact.
  *
- * Decoding stays with lua-cjson. Encoding is here because the lua-cjson that distributions ship
- * (2.1.0) writes numbers with at most 14 significant digits: 2^53 becomes 9.007199254741e+15
- * and 0.1 + 0.2 becomes 0.3, silently, in every payload, envelope and cursor. This encoder writes
- * integers exactly and floats with the fewest digits that read back to the same double.
+ * The lua-cjson that distributions ship (2.1.0) writes numbers with at most 14 significant
+ * digits: 2^53 becomes 9.007199254741e+15 and 0.1 + 0.2 becomes 0.3, silently, in every payload,
+ * envelope and cursor. This encoder writes integers exactly and floats with the fewest digits
+ * that read back to the same double; on Lua 5.4 an integral float keeps a fraction (150.0,
+ * -0.0), so that the decoder (ljsondec.c) gives it back as a float, not as an integer.
  *
  * The shapes follow lua-cjson's: a table whose keys are exactly 1..n is an array, any other table
  * an object (number keys become strings), an empty table is {}; qx.null / cjson.null is null.
- * Functions, userdata, threads, NaN and infinities cannot be encoded, nor tables nested deeper
- * than QX_JSON_MAX_DEPTH (which also catches cycles). Nothing here raises a Lua error, so the
+ * Functions, userdata, threads, NaN and infinities cannot be encoded, nor documents of more than
+ * QX_JSON_MAX_DEPTH levels, counted from the root of the text written (which also catches
+ * cycles): the decoder reads as many, so whatever is written reads back. Nothing here raises a Lua error, so the
  * malloc'd buffer is always freed.
  */
 #include <math.h>
@@ -20,8 +22,6 @@
 
 #include "binding.h"
 #include "internal.h"
-
-#define QX_JSON_MAX_DEPTH 1000
 
 typedef struct jbuf {
     qx_buf out;            /* starts in inline_buf: most events and envelopes fit, no malloc */
@@ -165,9 +165,22 @@ static int put_number(jbuf *b, lua_State *L, int idx)
             b->error = "cannot encode NaN or infinity as JSON";
             return 0;
         }
+#if LUA_VERSION_NUM >= 503
+        /* a float stays a float: an integral one is written with a fraction, in full up to 2^63
+         * (PostgreSQL's jsonb writes 1e+15 back as 1000000000000000, an integer) */
+        if (d == floor(d)) {
+            if (fabs(d) < 9223372036854775808.0)
+                snprintf(num, sizeof num, "%.1f", d);
+            else
+                format_double(num, d); /* an exponent: beyond 64 bits, read as a float */
+            return put(b, num, strlen(num));
+        }
+        (void)iv;
+#else
         /* an integral double within 2^53 is written as an integer, as LuaJIT users expect */
         if (d == floor(d) && fabs(d) <= 9007199254740992.0 && qx_isinteger(L, idx, &iv))
             return put_int(b, iv);
+#endif
         format_double(num, d);
     }
     return put(b, num, strlen(num));
@@ -201,8 +214,8 @@ static int encode_table(jbuf *b, lua_State *L, int idx, int depth)
     long long n, i;
     int first = 1;
 
-    if (depth > QX_JSON_MAX_DEPTH) {
-        b->error = "tables nested too deep for JSON (a cycle?)";
+    if (depth >= QX_JSON_MAX_DEPTH) {
+        b->error = "nested deeper than " QX_JSON_MAX_DEPTH_TEXT " levels (a cycle?)";
         return 0;
     }
     if (!lua_checkstack(L, 4)) {
@@ -554,6 +567,7 @@ void qx_open_json(lua_State *L)
 {
     lua_pushcfunction(L, l_json_encode);
     lua_setfield(L, -2, "json_encode");
+    qx_open_json_decode(L);
     /* the shape metatable: known to json_rows as its upvalue, to json_shape by its key */
     lua_newtable(L);
     lua_pushliteral(L, "qx.json_shape");

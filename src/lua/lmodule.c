@@ -117,8 +117,6 @@ QX_EXPORT int luaopen_qx_core(lua_State *L)
     if (dladdr((void *)luaopen_qx_core, &self) != 0 && self.dli_fname != NULL)
         dlopen(self.dli_fname, RTLD_NOW | RTLD_NOLOAD | RTLD_NODELETE);
 
-    qx_json_init(L);
-
     if (luaL_newmetatable(L, QX_ERROR_MT)) {
         lua_pushcfunction(L, error_tostring);
         lua_setfield(L, -2, "__tostring");
@@ -134,7 +132,7 @@ QX_EXPORT int luaopen_qx_core(lua_State *L)
     qx_open_relay(L);
     qx_open_consumer(L);
     qx_open_tx(L);
-    lua_pushlightuserdata(L, NULL); /* the same value as cjson.null */
+    lua_pushlightuserdata(L, NULL); /* JSON null; the same value as cjson.null */
     lua_setfield(L, -2, "null");
     luaL_getmetatable(L, QX_ERROR_MT);
     lua_setfield(L, -2, "error_mt");

@@ -6,23 +6,6 @@
 
 #include "binding.h"
 
-static const char JSON_DECODE_KEY[] = "qx.json.decode";
-
-/* Decoding uses a private lua-cjson instance, so the application's own cjson settings do not
- * change ours. (Encoding is ljson.c's: exact numbers.) */
-void qx_json_init(lua_State *L)
-{
-    int top = lua_gettop(L);
-    lua_getglobal(L, "require");
-    lua_pushstring(L, "cjson");
-    lua_call(L, 1, 1);
-    lua_getfield(L, -1, "new");
-    lua_call(L, 0, 1);
-    lua_getfield(L, -1, "decode");
-    lua_setfield(L, LUA_REGISTRYINDEX, JSON_DECODE_KEY);
-    lua_settop(L, top);
-}
-
 /* Decimal text of v into buf (at least 21 bytes); returns the length. */
 static int format_int(char *buf, long long v)
 {
@@ -172,14 +155,14 @@ static void push_value(lua_State *L, const qx_result *r, int row, int col, unsig
         lua_pushboolean(L, v[0] == 't');
         break;
     case QX_OID_JSON:
-    case QX_OID_JSONB:
-        lua_getfield(L, LUA_REGISTRYINDEX, JSON_DECODE_KEY);
-        lua_pushlstring(L, v, (size_t)qx_result_length(r, row, col));
-        if (lua_pcall(L, 1, 1, 0) != 0) {
-            lua_pop(L, 1); /* the server sent it, so it parses; keep the text if not */
-            lua_pushlstring(L, v, (size_t)qx_result_length(r, row, col));
-        }
+    case QX_OID_JSONB: {
+        const char *why;
+        /* the server sent it, so it parses; only a document deeper than qx writes (another
+         * writer's) fails, and that is said, not handed over as its text */
+        if (!qx_json_decode(L, v, (size_t)qx_result_length(r, row, col), &why))
+            luaL_error(L, "column %s: %s", qx_result_colname(r, col), why);
         break;
+    }
     case QX_OID_BYTEA: {
         unsigned char *bytes = NULL;
         size_t len = 0;

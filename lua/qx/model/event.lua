@@ -440,7 +440,7 @@ end
 
 
 -- Rebuild an instance from a decoded envelope (a table as produced by ev:envelope() and
--- cjson.decode). Bad data is a runtime failure: nil and an "invalid" error. Extra top-level
+-- core.json_decode). Bad data is a runtime failure: nil and an "invalid" error. Extra top-level
 -- keys are ignored, except aggregate_type/aggregate_id, which are kept when present.
 function _M.from_envelope(class, env)
     if not is_class(class) then

@@ -6,7 +6,6 @@
 -- Keys are name + version: the same class again is a no-op, another class under a taken key
 -- raises (what a message turns into must not depend on registration order); an unknown name
 -- or version at run time is nil, { code = "not_found" }. See docs/model.md.
-local cjson = require "cjson.safe"
 local core = require "qx.core"
 local err = require "qx.error"
 local event = require "qx.model.event"
@@ -25,7 +24,7 @@ local floor = math.floor
 local fmt = string.format
 local sort = table.sort
 local is_class = event.is_class
-local decode = cjson.decode
+local decode = core.json_decode
 local null = core.null
 
 local _M = { _VERSION = "0.1.0" }
@@ -203,7 +202,7 @@ function Registry:decode(text, opts)
     end
     local env, jerr = decode(text)
     if env == nil then
-        return nil, err.new("invalid", "envelope is not JSON: " .. tostring(jerr))
+        return nil, err.new("invalid", "envelope is not JSON: " .. tostring(jerr.message))
     end
     return self:from_envelope(env, opts)
 end
