@@ -56,6 +56,7 @@ build = {
         "src/lua/lconsumer.c",
         "src/lua/lcrypto.c",
         "src/lua/ljson.c",
+        "src/lua/ljsondec.c",
         "src/lua/lmodule.c",
         "src/lua/lnats.c",
         "src/lua/lpool.c",
