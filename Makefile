@@ -13,8 +13,9 @@
 #   make demo            deps, build, servers, lua5.4 examples/demo.lua
 #   make bench           deps, build, servers, bench/run.sh
 #   make rock            luarocks make into build/rocks (offline check of the rockspec)
-#   make rockspec        regenerate the module lists of rockspec/qx-scm-1.rockspec
-#   make rockspec-check  fail when the rockspec misses (or lists stale) sources
+#   make rockspec        regenerate rockspec/qx-scm-1.rockspec and the release's
+#                        rockspec/qx-VERSION-1.rockspec (VERSION: lua/qx/version.lua)
+#   make rockspec-check  fail when a rockspec misses (or lists stale) sources
 #   make deps            apt-get what is missing (root)
 #   make servers-start / servers-stop / servers-status   (RUN_DIR, default .run), then
 #                        . .run/env && busted --lua=lua5.4   (or --lua=luajit --run=luajit)
@@ -147,9 +148,7 @@ rock: check-sources
 	bash scripts/rock.sh 5.4 --tree build/rocks
 
 rockspec:
-	@bash scripts/rockspec.sh > rockspec/qx-scm-1.rockspec.tmp
-	@mv rockspec/qx-scm-1.rockspec.tmp rockspec/qx-scm-1.rockspec
-	@echo "rockspec/qx-scm-1.rockspec regenerated"
+	@bash scripts/rockspec.sh --write
 
 rockspec-check:
 	@bash scripts/rockspec.sh --check
