@@ -154,7 +154,7 @@ busted_run() {
 }
 
 # --- deps and build -----------------------------------------------------------------------
-step deps bash scripts/deps.sh || finish
+step deps bash scripts/deps.sh test || finish
 
 targets="all"
 has_run asan && targets="$targets asan"
