@@ -10,12 +10,14 @@
 #   make test            deps, STRICT build, lint, servers, every spec on Lua 5.4 and LuaJIT
 #                        (~1.5 min each), ASan, valgrind (the longest: many minutes), and the
 #                        relay/consumer specs under TSan (spec/messaging, ~1 min); stops servers
-#   make demo            deps, build, servers, lua5.4 examples/demo.lua
-#   make bench           deps, build, servers, bench/run.sh
+#   make demo            the demo's packages (scripts/deps.sh demo), the Lua 5.4 build, servers,
+#                        lua5.4 examples/demo.lua; one line a step, the rest in .run/setup.log
+#   make bench           the bench's packages, build, servers, bench/run.sh
 #   make rock            luarocks make into build/rocks (offline check of the rockspec)
-#   make rockspec        regenerate the module lists of rockspec/qx-scm-1.rockspec
-#   make rockspec-check  fail when the rockspec misses (or lists stale) sources
-#   make deps            apt-get what is missing (root)
+#   make rockspec        regenerate rockspec/qx-scm-1.rockspec and the release's
+#                        rockspec/qx-VERSION-1.rockspec (VERSION: lua/qx/version.lua)
+#   make rockspec-check  fail when a rockspec misses (or lists stale) sources
+#   make deps            apt-get what is missing of every group (root; scripts/deps.sh)
 #   make servers-start / servers-stop / servers-status   (RUN_DIR, default .run), then
 #                        . .run/env && busted --lua=lua5.4   (or --lua=luajit --run=luajit)
 #   make clean
@@ -132,13 +134,13 @@ check: lua5.4
 test:
 	@MAKE='$(MAKE)' bash scripts/test.sh
 
-demo: deps
-	@$(MAKE) --no-print-directory all
-	@bash scripts/with-servers.sh $(DEMO_DIR) \
-	  env LUA_PATH='lua/?.lua;lua/?/init.lua;;' LUA_CPATH='build/lua5.4/?.so;;' \
-	  lua5.4 examples/demo.lua
+# The demo's set-up (its packages, the Lua 5.4 build, servers) prints one line a step; the
+# output goes to .run/setup.log (scripts/demo.sh).
+demo:
+	@MAKE='$(MAKE)' DEMO_DIR='$(DEMO_DIR)' bash scripts/demo.sh
 
-bench: deps
+bench:
+	@bash scripts/deps.sh bench
 	@$(MAKE) --no-print-directory all
 	@bash scripts/with-servers.sh $(BENCH_DIR) bash bench/run.sh
 
@@ -147,9 +149,7 @@ rock: check-sources
 	bash scripts/rock.sh 5.4 --tree build/rocks
 
 rockspec:
-	@bash scripts/rockspec.sh > rockspec/qx-scm-1.rockspec.tmp
-	@mv rockspec/qx-scm-1.rockspec.tmp rockspec/qx-scm-1.rockspec
-	@echo "rockspec/qx-scm-1.rockspec regenerated"
+	@bash scripts/rockspec.sh --write
 
 rockspec-check:
 	@bash scripts/rockspec.sh --check

@@ -157,14 +157,21 @@ function _M.run(db, say)
     say("withdrawing 10000 -> " .. tostring(err) .. " (nothing stored)")
 
     -- two commands on the same version: the second append is a conflict, run again
+    local next_version
     local conflict = select(2, db:unit_of_work(function(uow)
         local es = uow:store(store)
         local mine = assert(es:load(Account, id))
+        next_version = mine.version + 1
         assert(_M.deposit(db, store, id, 1)) -- another command commits first
         mine:deposit(5)
         assert(es:append(mine))
     end))
-    say("a stale append -> " .. tostring(conflict))
+    if conflict and conflict.code == "conflict" then
+        say(("a stale append -> conflict: another command appended version %d first; run it again")
+            :format(next_version))
+    else
+        say("a stale append -> " .. tostring(conflict))
+    end
 
     acc = assert(_M.deposit(db, store, id, 10))
     local snap = assert(db:query([[

@@ -3,30 +3,32 @@
 package.path = "examples/?.lua;" .. package.path
 local qx = require "qx"
 
-local function section(title)
+-- "== title (where it comes from) ====": each section names the example file it runs
+local function section(title, from)
+    title = title .. " (" .. from .. ")"
     print("")
-    print("== " .. title .. " " .. string.rep("=", 72 - #title))
+    print("== " .. title .. " " .. string.rep("=", math.max(3, 72 - #title)))
 end
 
 local db = assert(qx.connect())
-section("migrate")
+section("migrate qx's tables", "qx.migrate")
 local m = assert(qx.migrate(db))
 print(("schema at version %d (%d step(s) applied now)"):format(m.current, #m.applied))
 
-section("a command handler as a unit of work (transactional outbox)")
+section("register a user: a unit of work with the outbox", "examples/register_user.lua")
 require("register_user").run(db, print)
 
-section("the read side through a repository (filters, signed cursors, versions)")
+section("read users through a repository", "examples/users_read.lua")
 require("users_read").run(db, print)
 
-section("an event-sourced bank account with a balance projection")
+section("an event-sourced bank account and its projection", "examples/bank_account.lua")
 require("bank_account").run(db, print)
 
 local nats_url = os.getenv("QX_NATS__SERVERS") or os.getenv("QX_TEST_NATS_URL")
-section("the relay: committed outbox events to NATS JetStream")
+section("the relay publishes committed events to NATS", "examples/relay.lua")
 require("relay").run(db, nats_url, print)
 
-section("a consumer receives them (inbox: effectively once)")
+section("a consumer receives them, effectively once", "examples/consumer.lua")
 require("consumer").run(db, nats_url, print)
 
 db:close()

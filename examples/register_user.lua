@@ -103,7 +103,11 @@ FROM qx_outbox_events WHERE payload->'payload'->>'user_id' = $1]], id))
     -- The same email again: the unique constraint fails the unit of work; nothing is written,
     -- not even the outbox event.
     local again, err = _M.register_user(db, { email = email, name = "Ada again" }, ctx)
-    say(("registering %s again -> %s (%s)"):format(email, tostring(again), tostring(err)))
+    if again == nil and err.code == "conflict" then
+        say(("registering %s again -> conflict: that email is already registered"):format(email))
+    else
+        say(("registering %s again -> %s (%s)"):format(email, tostring(again), tostring(err)))
+    end
     local n = assert(db:query([[
 SELECT count(*) AS n FROM qx_outbox_events WHERE payload->'payload'->>'email' = $1]], email))
     say("outbox events for that email: " .. n[1].n .. " (the failed command left none)")

@@ -3,8 +3,10 @@
 --
 -- Install from a checkout with scripts/rock.sh (5.4 | luajit): it builds in a copy, leaving the
 -- checkout clean, and makes the LuaJIT rock's `qx` command run LuaJIT (see the README).
--- System dependencies (C): libpq, nats.c (libnats), OpenSSL libcrypto; (Lua): lua-cjson, which
--- Debian ships as a system package (lua-cjson) rather than as a rock, so it is not listed below.
+-- System dependencies (C): libpq, nats.c (libnats), OpenSSL libcrypto. lua-cjson comes from
+-- LuaRocks like any rock; where a distribution ships it as a system package (Debian's
+-- lua-cjson), declare it in the LuaRocks configuration (rocks_provided = { ["lua-cjson"] =
+-- "2.1.0-1" }) or install with --deps-mode=none; scripts/rock.sh does the former.
 rockspec_format = "3.0"
 package = "qx"
 version = "scm-1"
@@ -22,6 +24,7 @@ NATS JetStream. Transactions and all I/O run in a C core on libpq and nats.c.
 }
 dependencies = {
   "lua >= 5.1",
+  "lua-cjson >= 2.1",
 }
 external_dependencies = {
   -- Debian keeps libpq-fe.h in $(PQ_INCDIR)/postgresql, others in $(PQ_INCDIR): both are on
@@ -122,6 +125,7 @@ build = {
     ["qx.store.repository.stream"] = "lua/qx/store/repository/stream.lua",
     ["qx.store.repository.writes"] = "lua/qx/store/repository/writes.lua",
     ["qx.store.uow"] = "lua/qx/store/uow.lua",
+    ["qx.version"] = "lua/qx/version.lua",
   },
   install = {
     bin = { qx = "bin/qx" },

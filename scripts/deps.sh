@@ -1,37 +1,53 @@
 #!/usr/bin/env bash
-# Install the Debian 12 packages qx needs to build, test, demo and benchmark.
-# Fast when everything is present: each package is checked with dpkg first and
-# apt-get only runs (one update, one install) when something is missing.
+# Install the Debian 12 packages qx needs, by group, so that each make target asks only for its
+# own. Fast when everything is present: each package is checked with dpkg first and apt-get only
+# runs (one update, one install) when something is missing.
 #
-#   scripts/deps.sh            install what is missing (as root)
-#   scripts/deps.sh --check    only report what is missing; exit 1 if anything is
+#   scripts/deps.sh [--check] [GROUP...]
+#     demo     build the Lua 5.4 module, start PostgreSQL and NATS, run the examples (make demo)
+#     test     everything make test runs: LuaJIT, busted, luacheck, LuaRocks, nginx, valgrind...
+#     bench    the benchmarks: LuaJIT, LuaSQL, nginx, wrk, hyperfine (make bench)
+#     (none)   every group (make deps)
+#   --check    only report what is missing; exit 1 if anything is
 set -euo pipefail
 
-PACKAGES=(
-  # toolchain
+# demo: the C toolchain, Lua 5.4, the C libraries, the servers, cjson
+DEMO=(
   gcc make pkg-config curl
-  # Lua 5.4 and OpenResty's LuaJIT (luajit2, not the plain luajit: it conflicts
-  # with the lua-resty-core that lua-nginx-module needs)
-  liblua5.4-dev lua5.4 libluajit2-5.1-dev luajit2
-  # C libraries
+  liblua5.4-dev lua5.4
   libpq-dev libnats-dev libssl-dev
-  # servers for the specs (postgresql-15 ships initdb, pg_ctl, psql and pgbench
-  # under /usr/lib/postgresql/15/bin and provides postgresql-contrib-15)
+  # servers (postgresql-15 ships initdb, pg_ctl, psql and pgbench under
+  # /usr/lib/postgresql/15/bin and provides postgresql-contrib-15)
   postgresql-15 nats-server
-  # Lua tooling and libraries
-  lua-busted luarocks lua-cjson lua-sql-postgres lua-check
-  # OpenResty stand-in
-  nginx libnginx-mod-http-lua
-  # checking and measuring (systemd-analyze checks the relay's unit file)
-  valgrind wrk hyperfine systemd
+  lua-cjson
 )
+# OpenResty's LuaJIT (luajit2, not the plain luajit: it conflicts with the lua-resty-core that
+# lua-nginx-module needs) and the OpenResty stand-in
+LUAJIT=(libluajit2-5.1-dev luajit2)
+NGINX=(nginx libnginx-mod-http-lua)
+# test: busted, luacheck, LuaRocks (the install spec), valgrind, systemd (systemd-analyze checks
+# the relay's unit file)
+TEST=("${DEMO[@]}" "${LUAJIT[@]}" "${NGINX[@]}" lua-busted lua-check luarocks valgrind systemd)
+# bench: LuaSQL (the repository bench's baseline), wrk and hyperfine
+BENCH=("${DEMO[@]}" "${LUAJIT[@]}" "${NGINX[@]}" lua-sql-postgres wrk hyperfine)
 
 check_only=0
-case "${1:-}" in
-  --check) check_only=1 ;;
-  "") ;;
-  *) echo "usage: $0 [--check]" >&2; exit 2 ;;
-esac
+PACKAGES=()
+groups=()
+for arg in "$@"; do
+  case "$arg" in
+    --check) check_only=1 ;;
+    demo) PACKAGES+=("${DEMO[@]}"); groups+=(demo) ;;
+    test) PACKAGES+=("${TEST[@]}"); groups+=(test) ;;
+    bench) PACKAGES+=("${BENCH[@]}"); groups+=(bench) ;;
+    *) echo "usage: $0 [--check] [demo|test|bench]..." >&2; exit 2 ;;
+  esac
+done
+if [ ${#groups[@]} -eq 0 ]; then
+  PACKAGES=("${TEST[@]}" "${BENCH[@]}")
+fi
+# once each, in order
+mapfile -t PACKAGES < <(printf '%s\n' "${PACKAGES[@]}" | awk '!seen[$0]++')
 
 # One dpkg-query for all packages (a dpkg -s per package costs ~20 ms each).
 declare -A state=()

@@ -13,8 +13,10 @@
 #             thread); any report fails the run, in busted's process or in a relay process a
 #             spec starts (TEST_DIR/logs/tsan-report.PID; suppressions for libnats/libpq only:
 #             spec/tsan.supp)
-# The servers are stopped whatever happens. Each run prints one summary line; the last line
-# is "N passed, N failed" (every run added up; a run that fails without a failing spec — a
+# It says at its start how long it takes: about 5-8 minutes on two cores for the five runs, most
+# of it valgrind's. The servers are stopped whatever happens. Each run prints one summary line,
+# then the failing specs are named (busted's "file:line: test name", from each run's log) with
+# the logs' folder; the last line is "N passed, N failed" (every run added up; a run that fails without a failing spec — a
 # crash, a sanitizer or valgrind report, a timeout — counts as one failure, and so does a
 # failed step: deps, build, rockspec check, lint (luacheck lua spec bench), server start).
 # The exit code is the first failure's.
@@ -55,6 +57,7 @@ total_passed=0
 total_failed=0
 first_rc=0
 lines=()
+failing=()
 servers_up=0
 
 note_failure() { # rc
@@ -92,6 +95,11 @@ finish() {
   echo "=== summary"
   local l
   for l in "${lines[@]}"; do echo "$l"; done
+  if [ ${#failing[@]} -gt 0 ]; then
+    echo "failing specs:"
+    for l in "${failing[@]}"; do echo "  $l"; done
+  fi
+  echo "logs: $TEST_DIR/logs (a run's output in RUN.log, each test's time in RUN.progress)"
   echo "$total_passed passed, $total_failed failed" | tee "$summary_file"
   [ "$first_rc" -eq 0 ] && [ "$total_failed" -eq 0 ] && exit 0
   [ "$first_rc" -ne 0 ] && exit "$first_rc"
@@ -148,13 +156,28 @@ busted_run() {
     fi
   fi
   if [ $failed -ne 0 ]; then note_failure $rc; fi
+  # busted's failure headers: "Failure -> FILE @ LINE" (or "Error -> MESSAGE"), then the test's name
+  local where test
+  while IFS=$'\t' read -r where test; do
+    failing+=("$name: $where: $test")
+  done < <(awk '/^(Failure|Error) -> / {
+      w = $0; sub(/^(Failure|Error) -> /, "", w); sub(/ @ /, ":", w)
+      if ((getline n) <= 0) n = ""
+      print w "\t" n
+    }' "$log")
   total_passed=$((total_passed + s))
   total_failed=$((total_failed + failed))
   lines+=("$name: $s passed, $failed failed, $p pending, exit $rc, $((t1 - t0)) s$extra")
 }
 
+# --- how long ----------------------------------------------------------------------------------
+# Measured on two busy cores: lua5.4 and luajit about 1.5 min each, tsan about 1 min, asan a few
+# minutes, valgrind the longest; with deps, build and lint, 5-8 minutes for all five runs.
+echo "make test: runs $TEST_RUNS; all five take about 5-8 minutes on two cores (valgrind the"
+echo "longest), one run (e.g. TEST_RUNS=lua5.4) about 2 minutes; logs in $TEST_DIR/logs"
+
 # --- deps and build -----------------------------------------------------------------------
-step deps bash scripts/deps.sh || finish
+step deps bash scripts/deps.sh test || finish
 
 targets="all"
 has_run asan && targets="$targets asan"

@@ -11,7 +11,7 @@ local aggregate = require "qx.model.aggregate"
 local dispatcher = require "qx.model.dispatcher"
 local db = require "qx.store.db"
 
-local _M = { _VERSION = "0.1.0" }
+local _M = { _VERSION = require "qx.version" }
 
 _M.null = core.null       -- SQL NULL inside tables; the same value as cjson.null
 _M.uuid = core.uuid       -- UUID v7, time-ordered

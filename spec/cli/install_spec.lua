@@ -1,7 +1,11 @@
--- The README's install commands, run as written (into a temporary tree, offline: qx needs no other rock): the installed
--- `qx` runs the interpreter its rock was built for, and the checkout is left as it was.
+-- The README's install commands, run as written (into a temporary tree, offline): the installed
+-- `qx` runs the interpreter its rock was built for, and the checkout is left as it was. The rock
+-- depends on the lua-cjson rock, which is not installed as a rock here (Debian's lua-cjson is a
+-- system package): --deps-mode=one still installs, because scripts/rock.sh declares the cjson the
+-- interpreter loads as provided, and no network is needed.
 local support = require "support"
 local sh, slurp = support.sh, support.slurp
+local VERSION = require "qx.version"
 
 -- the commands of the README's "## Install" block: { lua = "5.4" | "luajit", command }
 local function readme_install_commands()
@@ -42,6 +46,14 @@ describe("the README's install commands #slow", function()
         assert.is_true(seen["5.4"] and seen.luajit, "commands: " .. #commands)
     end)
 
+    it("install the release rockspec, which depends on the lua-cjson rock", function()
+        for _, c in ipairs(commands) do
+            assert.truthy(c.command:find("rockspec/qx-" .. VERSION .. "-1.rockspec", 1, true), c.command)
+        end
+        assert.truthy(slurp("rockspec/qx-" .. VERSION .. "-1.rockspec")
+            :find('\n  "lua-cjson >= 2.1",\n', 1, true))
+    end)
+
     for _, c in ipairs(commands) do
         it(("install a qx that runs on %s and leave the checkout clean: %s"):format(
             c.lua == "luajit" and "LuaJIT" or "Lua 5.4", c.command), function()
@@ -55,8 +67,9 @@ describe("the README's install commands #slow", function()
             assert.equal(before, after, "the install left files in the checkout")
             -- the installed command with no module paths of ours: it finds its own tree
             local vcode, version = run("env -u LUA_PATH -u LUA_CPATH -u LUA_PATH_5_4"
-                .. " -u LUA_CPATH_5_4 " .. sh(tree .. "/bin/qx") .. " version")
+                .. " -u LUA_CPATH_5_4 " .. sh(tree .. "/bin/qx") .. " --version")
             assert.equal(0, vcode, version)
+            assert.truthy(version:find("qx " .. VERSION .. " on ", 1, true), version)
             if c.lua == "luajit" then
                 assert.truthy(version:find("LuaJIT", 1, true), version)
             else

@@ -95,7 +95,7 @@ COMMANDS.migrate = {
 
 COMMANDS.version = {
     summary = "print qx's version and the Lua it runs on",
-    usage = "qx version",
+    usage = "qx version (or qx --version)",
     run = function()
         local qx = require "qx" -- loads the C module too: a broken install fails here
         local jit = rawget(_G, "jit")
@@ -125,6 +125,7 @@ function _M.main(args)
         if c then say("usage: ", c.usage) say(c.summary) else usage() end
         return name == nil and 2 or 0
     end
+    if name == "--version" then name = "version" end
     local c = COMMANDS[name]
     if not c then
         complain("unknown command '", name, "' (try qx help)")
