@@ -79,10 +79,13 @@ local function leaf(field, op, value)
                 .. "' (known: eq neq in not_in gt gte lt lte contains starts_with ends_with"
                 .. " is_null is_not_null)", { field = field })
     end
-    if op == "eq" and is_null(value) then
-        op, value = "is_null", nil
-    elseif op == "neq" and is_null(value) then
-        op, value = "is_not_null", nil
+    if (op == "eq" or op == "neq") and is_null(value) then
+        -- { f, "eq", x } with x nil is the table { f, "eq" }: a forgotten value and a null one
+        -- look alike, so neither silently becomes IS NULL
+        local want = op == "eq" and "is_null" or "is_not_null"
+        invalid("operator " .. op .. " needs a value (field '" .. field .. "' got "
+                .. (value == nil and "nil" or "qx.null") .. "); for rows where it is null use { '"
+                .. field .. "', '" .. want .. "' }", { field = field })
     elseif op == "is_null" or op == "is_not_null" then
         if value ~= nil and value ~= true then
             invalid("operator " .. op .. " takes no value (field '" .. field .. "')",
