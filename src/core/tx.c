@@ -331,7 +331,7 @@ static qx_status send(qx_tx *tx, int implicit, const qx_stmt *tail, int ntail, q
                       int *tail_failed, qx_error *err)
 {
     int begun = tx->sends > 0, n = 0, nv = 0, i, k, failed = -1, first_tail;
-    size_t at;
+    size_t at[2];
     qx_status s;
     qx_error e;
 
@@ -368,16 +368,15 @@ static qx_status send(qx_tx *tx, int implicit, const qx_stmt *tail, int ntail, q
             tx->stmts[n++] = (qx_stmt){ TIMEOUT_SQL, 1, tx->values + nv, tx->lengths + nv };
         }
     }
-    /* the final statement's text is kept with the queue's, for qx_tx_last_sent */
-    if (out != NULL && ntail > 0) {
-        size_t len = strlen(tail[ntail - 1].sql);
+    /* the tail's texts are kept with the queue's, for qx_tx_last_sent (a caller may have made
+     * one on its stack) */
+    for (i = 0; i < ntail; i++) {
+        size_t len = strlen(tail[i].sql);
         if (!arena_reserve(tx, len + 1)) {
             qx_error_set(&e, QX_ERR_NOMEM, "out of memory");
             goto failed;
         }
-        at = arena_put(tx, tail[ntail - 1].sql, len);
-    } else {
-        at = (size_t)-1;
+        at[i] = arena_put(tx, tail[i].sql, len);
     }
     for (i = 0, k = 0; i < tx->nq; i++) {
         const entry *q = &tx->q[i];
@@ -403,10 +402,10 @@ static qx_status send(qx_tx *tx, int implicit, const qx_stmt *tail, int ntail, q
         }
     }
     first_tail = n;
-    for (i = 0; i < ntail; i++)
-        tx->stmts[n++] = tail[i];
-    if (at != (size_t)-1)
-        tx->stmts[n - 1].sql = tx->arena + at;
+    for (i = 0; i < ntail; i++) {
+        tx->stmts[n] = tail[i];
+        tx->stmts[n++].sql = tx->arena + at[i];
+    }
     tx->nq = 0;
     tx->reset_arena = 1;
     tx->nlast = n;
