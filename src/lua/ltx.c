@@ -262,7 +262,8 @@ static int l_rollback_to(lua_State *L)
 
 #define LOCAL_CHANNELS 8
 
-/* tx:commit(channel, ...) -> true | true, wake_err | nil, err */
+/* tx:commit(channel, ...) -> true | true, wake_err | nil, err (a lost reply: code
+ * "unknown_outcome", with xid and timeline when they were learned) */
 static int l_commit(lua_State *L)
 {
     ltx *lt = check_open(L);
@@ -273,8 +274,22 @@ static int l_commit(lua_State *L)
         channels = lua_newuserdata(L, sizeof *channels * (size_t)n);
     for (i = 0; i < n; i++)
         channels[i] = luaL_checkstring(L, i + 2);
-    if (qx_tx_commit(lt->tx, &wake_failed, channels, n, &err) != QX_OK)
-        return qx_push_error(L, &err);
+    if (qx_tx_commit(lt->tx, &wake_failed, channels, n, &err) != QX_OK) {
+        qx_push_error(L, &err);
+        if (err.status == QX_ERR_UNKNOWN_OUTCOME) {
+            /* what a fresh connection needs to ask what became of it ("": not learned) */
+            const char *xid = qx_tx_xid(lt->tx), *timeline = qx_tx_timeline(lt->tx);
+            if (xid[0] != '\0') {
+                lua_pushstring(L, xid);
+                lua_setfield(L, -2, "xid");
+            }
+            if (timeline[0] != '\0') {
+                lua_pushstring(L, timeline);
+                lua_setfield(L, -2, "timeline");
+            }
+        }
+        return 2;
+    }
     lua_pushboolean(L, 1);
     if (!wake_failed)
         return 1;

@@ -341,6 +341,42 @@ local function run_after_hook(uow, name, ...)
     end
 end
 
+-- A commit whose reply was lost: the transaction's id, learned before the COMMIT, tells a
+-- fresh connection what became of it. Returns nil when it committed (the listeners are woken
+-- then, from another connection), else the error to raise: "connection" when it aborted (the
+-- rollback path), e itself ("unknown_outcome") when no one can tell.
+local function resolve(uow, e, channels)
+    -- the lost connection goes back first: the pool closes it and never hands it out again
+    uow._lost = true
+    uow.conn:release()
+    if not e.xid then return e end
+    local db = uow.db
+    local status = db:xact_status(e.xid, e.timeline)
+    if status == "committed" then
+        if channels then
+            for i = 1, #channels do
+                local ok, we = db:query("SELECT pg_notify($1, '')", channels[i])
+                if not ok then
+                    -- listeners find the rows when they poll
+                    if uow.hooks.on_hook_error then
+                        pcall(uow.hooks.on_hook_error, we, "notify")
+                    else
+                        stderr:write("qx: waking listeners after commit failed: ",
+                                     tostring(we), "\n")
+                    end
+                    break
+                end
+            end
+        end
+        return nil
+    end
+    if status == "aborted" then
+        return err.new("connection", "the connection was lost before the reply to the commit "
+            .. "came; the transaction did not commit", { xid = e.xid })
+    end
+    return e
+end
+
 -- The commit, once fn has returned; fn's results pass through.
 local function committed(uow, ...)
     local outgoing
@@ -368,7 +404,12 @@ local function committed(uow, ...)
     else
         ok, e = tx:commit()
     end
-    if not ok then error(e, 0) end
+    if not ok then
+        if e.code ~= "unknown_outcome" then error(e, 0) end
+        local lost = resolve(uow, e, notify)
+        if lost then error(lost, 0) end
+        e = nil
+    end
     if e then
         -- the transaction committed; only the wake-up failed: listeners find the rows when they
         -- poll. Reported like a failed post_commit hook, not as a failed unit of work.
@@ -404,11 +445,17 @@ local function finish(uow, ok, ...)
     end
     local cause = ...
     if not err.is(cause) then cause = err.from_raised(cause) end
+    if cause.code == "unknown_outcome" and uow._lost then
+        -- neither committed nor rolled back as far as anyone can tell: no hook claims either
+        uow._state = "unknown"
+        uow._tx:close()
+        return nil, cause
+    end
     local hok, he = true, nil
     if uow.hooks.pre_rollback then
         hok, he = xpcall(run_hook, err.handler, uow, "pre_rollback", cause)
     end
-    rollback(uow)
+    if not uow._lost then rollback(uow) end -- a lost transaction was rolled back by the server
     uow._state = "rolled back"
     uow._tx:close()
     conn:release()
