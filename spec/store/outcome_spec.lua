@@ -5,6 +5,7 @@
 -- terminates the backend there, so the reply never comes.
 local qx = require "qx"
 local core = require "qx.core"
+local publisher = require "qx.messaging.publisher"
 
 local PG_BIN = os.getenv("QX_TEST_PG_BIN") or "/usr/lib/postgresql/15/bin"
 
@@ -197,5 +198,55 @@ describe("a lost commit reply #slow", function()
         assert.same({}, seen)
         assert.equal("committed", db:xact_status(e.xid))
         assert.equal("unknown", db:xact_status(e.xid, "7FFFFFFF"))
+    end)
+
+    it("resolves a lost reply of the event store's append the same way", function()
+        local Deposited = qx.event("outcome_spec.deposited")
+        local Account = qx.event_sourced("OutcomeAccount" .. SFX)
+        Account:on(Deposited, function(self, ev) self.balance = (self.balance or 0) + ev.amount end)
+        local store = qx.event_store{ db = db }
+        local id = core.uuid()
+        no_standby()
+        terminate_when("SyncRep", "")
+        local r, e = db:unit_of_work(function(uow)
+            local es = uow:store(store)
+            local acc = Account.new(id)
+            acc:record(Deposited{ amount = 5 })
+            assert(es:append(acc))
+            return acc
+        end)
+        standby_back()
+        assert.is_nil(e)
+        assert.equal(5, r.balance)
+        assert.equal(1, count("SELECT count(*) FROM qx_aggregate_events WHERE aggregate_id = '"
+            .. id .. "'"))
+    end)
+
+    it("acknowledges a consumed message whose handler's commit reply was lost, once it committed", function()
+        local nats_url = assert(read(dir .. "/env"):match("QX_TEST_NATS_URL=(%S+)"))
+        local conn = assert(qx.nats.connect{ servers = nats_url })
+        local name, prefix = "OUTCOME" .. SFX:upper(), "outcome" .. SFX
+        assert(conn:ensure_stream{ name = name, subjects = { prefix .. ".>" } })
+        local Ordered = qx.integration_event("outcome_spec.ordered")
+        local v = "consumed-" .. SFX
+        assert(publisher.new{ nats = conn, subject_prefix = prefix }:publish(Ordered{ v = v }))
+        local c = assert(qx.consumer{ nats = conn, stream = name, durable = "d" .. SFX,
+                                      registry = qx.registry{ Ordered }, db = db,
+                                      ack_sync = true })
+        no_standby()
+        terminate_when("SyncRep", "")
+        local runs = 0
+        local counts = assert(c:run_once(function(ev, uow)
+            runs = runs + 1
+            assert(uow:exec("INSERT INTO lost_rows (v) VALUES ($1)", ev.v))
+        end, { timeout_ms = 5000 }))
+        standby_back()
+        assert.same({ fetched = 1, handled = 1, failed = 0, termed = 0, duplicates = 0 }, counts)
+        assert.equal(1, runs)
+        assert.equal(0, assert(c:info()).num_ack_pending)
+        assert.equal(1, count("SELECT count(*) FROM lost_rows WHERE v = '" .. v .. "'"))
+        c:close()
+        conn:delete_stream(name)
+        conn:close()
     end)
 end)
