@@ -136,6 +136,18 @@ describe("qx.core transaction", function()
             tx:close()
         end)
 
+        it("reads the id with a queued statement that asks for it, and no statement of its own", function()
+            local v = "queue-id-" .. core.uuid()
+            local tx = core.tx(conn)
+            assert(tx:queue_id(insert_sql() .. " RETURNING " .. core.TX_ID_COLUMNS, v))
+            assert.is_true(tx:commit("tx_spec_id"))
+            assert.same({ "BEGIN", insert_sql() .. " RETURNING " .. core.TX_ID_COLUMNS, "COMMIT" },
+                        { unpack(tx:sent(), 1, 3) })
+            assert.equal(4, #tx:sent()) -- and the wake-up
+            assert.equal(1, count(v))
+            tx:close()
+        end)
+
         it("uses a block for LOCK, DECLARE, SAVEPOINT and RELEASE", function()
             local tx = core.tx(conn)
             assert(tx:queue("  lock TABLE " .. tbl .. " IN SHARE MODE"))

@@ -184,6 +184,13 @@ qx_status qx_tx_queue(qx_tx *tx, const qx_stmt *s, qx_error *err);
  * its error: the send that would carry it fails with it before any of its statements leaves,
  * unless a rollback to a savepoint queued before it drops it first. */
 qx_status qx_tx_queue_failure(qx_tx *tx, const qx_error *why);
+/* Queues a statement whose result's first row is the transaction's id and the server's timeline
+ * (text; QX_TX_ID_COLUMNS reads them, e.g. as RETURNING columns of a write): a commit whose
+ * pipeline carries it sends no statement of its own to learn them, one statement less. */
+#define QX_TX_ID_COLUMNS                                                                          \
+    "pg_current_xact_id()::text, CASE WHEN pg_is_in_recovery() THEN NULL "                       \
+    "ELSE substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) END"
+qx_status qx_tx_queue_id(qx_tx *tx, const qx_stmt *s, qx_error *err);
 /* Sends the queue and s in one round trip; *out receives s's result (free it). */
 qx_status qx_tx_query(qx_tx *tx, qx_result **out, const qx_stmt *s, qx_error *err);
 /* Sends the queue (begins the transaction when nothing was sent yet). */

@@ -67,7 +67,8 @@ struct qx_tx {
     char *notify_sql;
     size_t notify_cap;
 
-    int keep;             /* index in a send's tail of the result kept even on failure, -1 */
+    int keep;             /* a send keeps the id's result (tx->kept), also on failure */
+    int id_at;            /* index in the queue of a statement that reads the id, -1 */
     qx_result *kept;
     char xid[24];         /* learned by the commit: "" when unknown */
     char timeline[12];
@@ -148,7 +149,8 @@ qx_status qx_tx_new(qx_tx **out, qx_conn *c, const qx_tx_options *o, qx_error *e
     tx->nlast = 0;
     tx->notify_sql = NULL;
     tx->notify_cap = 0;
-    tx->keep = -1;
+    tx->keep = 0;
+    tx->id_at = -1;
     tx->kept = NULL;
     tx->xid[0] = tx->timeline[0] = '\0';
     *out = tx;
@@ -293,6 +295,17 @@ qx_status qx_tx_queue(qx_tx *tx, const qx_stmt *s, qx_error *err)
     return push(tx, s, err);
 }
 
+qx_status qx_tx_queue_id(qx_tx *tx, const qx_stmt *s, qx_error *err)
+{
+    qx_status st;
+    if (tx->state != QX_TXS_ACTIVE)
+        return refused(tx, err);
+    st = push(tx, s, err);
+    if (st == QX_OK)
+        tx->id_at = tx->nq - 1;
+    return st;
+}
+
 qx_status qx_tx_queue_failure(qx_tx *tx, const qx_error *why)
 {
     if (tx->state != QX_TXS_ACTIVE)
@@ -337,13 +350,13 @@ static int room(qx_tx *tx, int nstmts, int nvalues)
 /* Sends [BEGIN] [timeout] (the first time), the queue and tail[0..ntail-1] in one pipeline.
  * implicit: no BEGIN (the pipeline is the whole transaction). out: the last tail statement's
  * result. On failure, *tail_failed is the index in tail of the statement that failed (negative:
- * one before the tail; ntail: the failure is tied to none). With tx->keep >= 0, the result of
- * tail[keep] goes to tx->kept, also when a later statement failed. Any failure poisons the
- * transaction. */
+ * one before the tail; ntail: the failure is tied to none). With tx->keep, the result of the
+ * statement that reads the id (the queue's at id_at, else tail[0]) goes to tx->kept, also when a
+ * later statement failed. Any failure poisons the transaction. */
 static qx_status send(qx_tx *tx, int implicit, const qx_stmt *tail, int ntail, qx_result **out,
                       int *tail_failed, qx_error *err)
 {
-    int begun = tx->sends > 0, n = 0, nv = 0, i, k, failed = -1, first_tail;
+    int begun = tx->sends > 0, n = 0, nv = 0, i, k, failed = -1, first_tail, first_queued, kept;
     size_t at;
     qx_status s;
     qx_error e;
@@ -358,6 +371,7 @@ static qx_status send(qx_tx *tx, int implicit, const qx_stmt *tail, int ntail, q
         fail(tx, &tx->poison);
         tx->poison_at = -1;
         tx->nq = 0;
+        tx->id_at = -1;
         tx->reset_arena = 1;
         tx->nlast = 0;
         if (err != NULL)
@@ -392,6 +406,7 @@ static qx_status send(qx_tx *tx, int implicit, const qx_stmt *tail, int ntail, q
     } else {
         at = (size_t)-1;
     }
+    first_queued = n;
     for (i = 0, k = 0; i < tx->nq; i++) {
         const entry *q = &tx->q[i];
         const char *p = tx->arena + q->params;
@@ -420,19 +435,21 @@ static qx_status send(qx_tx *tx, int implicit, const qx_stmt *tail, int ntail, q
         tx->stmts[n++] = tail[i];
     if (at != (size_t)-1)
         tx->stmts[n - 1].sql = tx->arena + at;
+    kept = tx->id_at >= 0 ? first_queued + tx->id_at : first_tail;
     tx->nq = 0;
+    tx->id_at = -1;
     tx->reset_arena = 1;
     tx->nlast = n;
     tx->round_trips++;
-    if (tx->keep >= 0) {
+    if (tx->keep) {
         s = qx_conn_batch_keep(tx->c, tx->results, &failed, tx->stmts, n, &e);
-        tx->kept = tx->results[first_tail + tx->keep];
-        tx->results[first_tail + tx->keep] = NULL;
+        tx->kept = tx->results[kept];
+        tx->results[kept] = NULL;
     } else {
         s = qx_conn_batch(tx->c, tx->results, &failed, tx->stmts, n, &e);
     }
     if (s != QX_OK) {
-        if (tx->keep >= 0)
+        if (tx->keep)
             for (i = 0; i < n; i++)
                 qx_result_free(tx->results[i]);
         if (tail_failed != NULL)
@@ -449,6 +466,7 @@ static qx_status send(qx_tx *tx, int implicit, const qx_stmt *tail, int ntail, q
 
 failed:
     tx->nq = 0;
+    tx->id_at = -1;
     tx->reset_arena = 1;
     fail(tx, &e);
     if (err != NULL)
@@ -535,6 +553,8 @@ qx_status qx_tx_rollback_to(qx_tx *tx, qx_error *err)
         tx->nq = sp.queue_at;
         if (tx->poison_at >= tx->nq)
             tx->poison_at = -1;
+        if (tx->id_at >= tx->nq)
+            tx->id_at = -1;
         if (tx->state == QX_TXS_FAILED)
             return refused(tx, err);
         return QX_OK;
@@ -543,6 +563,7 @@ qx_status qx_tx_rollback_to(qx_tx *tx, qx_error *err)
     before = tx->failure;
     tx->state = QX_TXS_ACTIVE;
     tx->nq = 0;
+    tx->id_at = -1;
     tx->poison_at = -1;
     snprintf(sql, sizeof sql, "ROLLBACK TO SAVEPOINT qx_sp_%d", sp.number);
     if (send(tx, 0, &st, 1, NULL, NULL, &e) != QX_OK) {
@@ -585,14 +606,14 @@ static const char *notify_sql(qx_tx *tx, int nchannels)
 /* The transaction's id (NULL when it wrote nothing: none was assigned) and the server's
  * timeline (the first 8 hex digits of the current WAL file's name; NULL on a standby, where
  * pg_walfile_name fails), learned just before the COMMIT. */
-static const char XID_SQL[] =
+static const char XID_SQL[] = /* keep in step with QX_TX_ID_COLUMNS */
     "SELECT pg_current_xact_id_if_assigned()::text, CASE WHEN pg_is_in_recovery() THEN NULL "
     "ELSE substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) END";
 
 static void copy_column(char *dst, size_t size, const qx_result *r, int col)
 {
     dst[0] = '\0';
-    if (r != NULL && qx_result_nrows(r) == 1 && qx_result_ncols(r) > col &&
+    if (r != NULL && qx_result_nrows(r) >= 1 && qx_result_ncols(r) > col &&
         !qx_result_isnull(r, 0, col))
         snprintf(dst, size, "%s", qx_result_value(r, 0, col));
 }
@@ -601,7 +622,7 @@ qx_status qx_tx_commit(qx_tx *tx, int *wake_failed, const char *const *channels,
                        qx_error *err)
 {
     qx_stmt tail[3];
-    int ntail = 0, implicit, at = -1, broken_before, learned;
+    int ntail = 0, implicit, at = -1, broken_before, learned, commit_at;
     qx_status s;
     qx_error e;
 
@@ -616,8 +637,11 @@ qx_status qx_tx_commit(qx_tx *tx, int *wake_failed, const char *const *channels,
      * COMMIT); otherwise a transaction that sends everything now needs neither BEGIN nor COMMIT */
     implicit = tx->sends == 0 && !tx->block && nchannels == 0;
     /* the id and timeline go before the COMMIT (in the implicit transaction: after its last
-     * statement, inside it), in the same pipeline, so that a lost COMMIT reply can be resolved */
-    tail[ntail++] = (qx_stmt){ XID_SQL, 0, NULL, NULL };
+     * statement, inside it), in the same pipeline, so that a lost COMMIT reply can be resolved;
+     * a queued statement that reads them (qx_tx_queue_id) saves this one */
+    if (tx->id_at < 0)
+        tail[ntail++] = (qx_stmt){ XID_SQL, 0, NULL, NULL };
+    commit_at = ntail; /* the COMMIT's index in tail; implicit: the Sync commits */
     if (!implicit)
         tail[ntail++] = (qx_stmt){ COMMIT_SQL, 0, NULL, NULL };
     if (nchannels > 0) {
@@ -630,9 +654,9 @@ qx_status qx_tx_commit(qx_tx *tx, int *wake_failed, const char *const *channels,
         tail[ntail++] = (qx_stmt){ sql, nchannels, channels, NULL };
     }
     broken_before = qx_conn_is_broken(tx->c);
-    tx->keep = 0;
+    tx->keep = 1;
     s = send(tx, implicit, tail, ntail, NULL, &at, &e);
-    tx->keep = -1;
+    tx->keep = 0;
     learned = tx->kept != NULL;
     copy_column(tx->xid, sizeof tx->xid, tx->kept, 0);
     copy_column(tx->timeline, sizeof tx->timeline, tx->kept, 1);
@@ -646,7 +670,7 @@ qx_status qx_tx_commit(qx_tx *tx, int *wake_failed, const char *const *channels,
             if (err != NULL)
                 *err = e;
         } else if (s == QX_ERR_CONNECTION && !broken_before && !(learned && tx->xid[0] == '\0') &&
-                   !(e.sqlstate[0] != '\0' && at < 1)) {
+                   !(e.sqlstate[0] != '\0' && at < commit_at)) {
             /* The COMMIT (or, implicit, the Sync that commits) may have reached the server and
              * its reply was lost. Not when it was known broken before anything left, when the
              * transaction wrote nothing (no id), or when the server reported the failure of a
@@ -717,6 +741,7 @@ qx_status qx_tx_rollback(qx_tx *tx, qx_error *err)
     tx->nq = 0;
     tx->nsp = 0;
     tx->poison_at = -1;
+    tx->id_at = -1;
     if (tx->sends > 0 && qx_conn_tx_status(tx->c) != QX_TX_IDLE)
         s = send(tx, 0, &rollback, 1, NULL, NULL, err);
     tx->state = QX_TXS_ROLLED_BACK;

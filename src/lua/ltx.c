@@ -165,6 +165,23 @@ static int l_queue(lua_State *L)
     return 1;
 }
 
+/* tx:queue_id(sql, ...): as queue, for a statement whose first row is core.TX_ID_COLUMNS */
+static int l_queue_id(lua_State *L)
+{
+    ltx *lt = check_open(L);
+    params p;
+    qx_stmt s;
+    qx_error err;
+    if (!make_stmt(L, 2, &p, &s, &err)) {
+        qx_tx_queue_failure(lt->tx, &err);
+        return qx_push_error(L, &err);
+    }
+    if (qx_tx_queue_id(lt->tx, &s, &err) != QX_OK)
+        return qx_push_error(L, &err);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
 enum { AS_ROWS, AS_SPARSE, AS_COUNT };
 
 /* Sends the queue and the statement at sql_idx; pushes its rows (as) and the affected count. */
@@ -368,6 +385,7 @@ static void tx_describe(void *ud, char *buf, size_t size)
 
 static const luaL_Reg methods[] = {
     { "queue", l_queue },
+    { "queue_id", l_queue_id },
     { "query", l_query },
     { "rows", l_rows },
     { "rows_upto", l_rows_upto },
@@ -407,4 +425,6 @@ void qx_open_tx(lua_State *L)
     lua_pop(L, 1);
     lua_pushcfunction(L, l_new);
     lua_setfield(L, -2, "tx");
+    lua_pushstring(L, QX_TX_ID_COLUMNS);
+    lua_setfield(L, -2, "TX_ID_COLUMNS");
 }

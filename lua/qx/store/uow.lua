@@ -35,6 +35,7 @@ _M.OUTBOX_CHANNEL = "qx_outbox"
 local MAX_DISPATCH_ROUNDS = 100
 
 local OUTBOX_INSERT = [[
+WITH o AS (
 INSERT INTO qx_outbox_events (id, event_name, event_version, payload, occurred_at,
                               correlation_id, causation_id, tenant_id, partition_key)
 SELECT (e->'envelope'->>'event_id')::uuid, e->'envelope'->>'event_name',
@@ -42,7 +43,8 @@ SELECT (e->'envelope'->>'event_id')::uuid, e->'envelope'->>'event_name',
        (e->'envelope'->>'occurred_at')::timestamptz, (e->'envelope'->>'correlation_id')::uuid,
        (e->'envelope'->>'causation_id')::uuid, (e->'envelope'->>'tenant_id')::uuid,
        e->>'partition_key'
-FROM jsonb_array_elements($1::jsonb) AS e]]
+FROM jsonb_array_elements($1::jsonb) AS e)
+SELECT ]] .. core.TX_ID_COLUMNS
 
 local Uow = {}
 Uow.__index = Uow
@@ -218,7 +220,7 @@ local outbox_values_sql = {}
 -- Queues the outbox insert of the integration events.
 local function queue_outbox(tx, events)
     local n = #events
-    if n > OUTBOX_VALUES_MAX then return tx:queue(OUTBOX_INSERT, outbox_rows(events)) end
+    if n > OUTBOX_VALUES_MAX then return tx:queue_id(OUTBOX_INSERT, outbox_rows(events)) end
     local sql = outbox_values_sql[n]
     if not sql then
         local rows = {}
@@ -228,7 +230,8 @@ local function queue_outbox(tx, events)
                                         b + 1, b + 2, b + 3, b + 4, b + 5, b + 6, b + 7, b + 8,
                                         b + 9)
         end
-        sql = OUTBOX_VALUES_HEAD .. table.concat(rows, ", ")
+        -- each row returns the transaction's id: the commit needs no statement of its own
+        sql = OUTBOX_VALUES_HEAD .. table.concat(rows, ", ") .. " RETURNING " .. core.TX_ID_COLUMNS
         outbox_values_sql[n] = sql
     end
     local null = core.null
@@ -236,7 +239,7 @@ local function queue_outbox(tx, events)
         local ev = events[1]
         local env = ev:envelope()
         -- the whole envelope is the payload (JSON)
-        return tx:queue(sql, env.event_id, env.event_name, env.event_version, env,
+        return tx:queue_id(sql, env.event_id, env.event_name, env.event_version, env,
                         env.occurred_at, env.correlation_id, env.causation_id, env.tenant_id,
                         partition_key(ev) or null)
     end
@@ -255,7 +258,7 @@ local function queue_outbox(tx, events)
         p[b + 8] = env.tenant_id
         p[b + 9] = partition_key(ev) or null
     end
-    return tx:queue(sql, unpack(p, 1, 9 * n))
+    return tx:queue_id(sql, unpack(p, 1, 9 * n))
 end
 
 -- ---- bound views -------------------------------------------------------------------------
