@@ -5,6 +5,9 @@ local core = require "qx.core"
 
 local URL = assert(os.getenv("QX_DB__URL"), "QX_DB__URL is not set: source the servers' env file")
 local unpack = table.unpack or unpack
+-- what a commit sends before its COMMIT: the transaction's id and the server's timeline
+local XID_SQL = "SELECT pg_current_xact_id_if_assigned()::text, CASE WHEN pg_is_in_recovery() "
+    .. "THEN NULL ELSE substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) END"
 
 describe("qx.core transaction", function()
     local pool, conn
@@ -103,7 +106,7 @@ describe("qx.core transaction", function()
             assert.equal(1, tx:round_trips())
             assert.is_true(tx:commit())
             assert.equal(2, tx:round_trips())
-            assert.same({ "COMMIT" }, tx:sent())
+            assert.same({ XID_SQL, "COMMIT" }, tx:sent())
             tx:close()
         end)
 
@@ -114,7 +117,10 @@ describe("qx.core transaction", function()
             assert(tx:queue("UPDATE " .. tbl .. " SET j = $2 WHERE v = $1", v, { k = 1 }))
             assert.is_true(tx:commit())
             assert.equal(1, tx:round_trips())
-            assert.equal(2, #tx:sent())
+            -- the two statements and, inside the same implicit transaction, the one that learns
+            -- its id (a lost reply is resolved with it)
+            assert.same(XID_SQL, tx:sent()[3])
+            assert.equal(3, #tx:sent())
             assert.equal(1, count(v))
             tx:close()
             -- one implicit transaction: a later failure undoes the earlier statements
@@ -130,12 +136,25 @@ describe("qx.core transaction", function()
             tx:close()
         end)
 
+        it("reads the id with a queued statement that asks for it, and no statement of its own", function()
+            local v = "queue-id-" .. core.uuid()
+            local tx = core.tx(conn)
+            assert(tx:queue_id(insert_sql() .. " RETURNING " .. core.TX_ID_COLUMNS, v))
+            assert.is_true(tx:commit("tx_spec_id"))
+            assert.same({ "BEGIN", insert_sql() .. " RETURNING " .. core.TX_ID_COLUMNS, "COMMIT" },
+                        { unpack(tx:sent(), 1, 3) })
+            assert.equal(4, #tx:sent()) -- and the wake-up
+            assert.equal(1, count(v))
+            tx:close()
+        end)
+
         it("uses a block for LOCK, DECLARE, SAVEPOINT and RELEASE", function()
             local tx = core.tx(conn)
             assert(tx:queue("  lock TABLE " .. tbl .. " IN SHARE MODE"))
             assert.is_true(tx:commit())
             local sent = tx:sent()
-            assert.same({ "BEGIN", "  lock TABLE " .. tbl .. " IN SHARE MODE", "COMMIT" }, sent)
+            assert.same({ "BEGIN", "  lock TABLE " .. tbl .. " IN SHARE MODE", XID_SQL, "COMMIT" },
+                        sent)
             tx:close()
             tx = core.tx(conn)
             assert(tx:queue("LOCKED_OUT_IS_NOT_A_WORD_WE_KNOW")) -- not LOCK: no block

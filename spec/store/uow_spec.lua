@@ -901,7 +901,9 @@ describe("unit of work", function()
                     return true
           end))
             end)
-            assert.equal(2, #sent) -- the insert and the update
+            -- the insert, the update and the statement that learns the transaction's id
+            assert.equal(3, #sent)
+            assert.truthy(sent[3]:find("pg_current_xact_id_if_assigned", 1, true))
             for _, sql in ipairs(sent) do
           assert.is_nil(sql:find("^BEGIN"), sql)
           assert.is_nil(sql:find("^COMMIT"), sql)

@@ -417,8 +417,8 @@ static qx_status drain_to_sync(qx_conn *c, qx_status status, qx_error *err)
     }
 }
 
-qx_status qx_conn_batch(qx_conn *c, qx_result **results, int *failed, const qx_stmt *stmts,
-                        int n, qx_error *err)
+static qx_status batch(qx_conn *c, qx_result **results, int *failed, const qx_stmt *stmts,
+                       int n, int keep, qx_error *err)
 {
     sent_item local_items[32]; /* a unit of work's batch fits; larger ones allocate */
     sent_item *items = NULL;
@@ -593,7 +593,7 @@ qx_status qx_conn_batch(qx_conn *c, qx_result **results, int *failed, const qx_s
             err->status = QX_ERR_CONNECTION;
         status = QX_ERR_CONNECTION;
     }
-    if (status != QX_OK) {
+    if (status != QX_OK && !keep) {
         for (i = 0; i < n; i++) {
             qx_result_free(results[i]);
             results[i] = NULL;
@@ -602,6 +602,18 @@ qx_status qx_conn_batch(qx_conn *c, qx_result **results, int *failed, const qx_s
     if (items != local_items)
         free(items);
     return status;
+}
+
+qx_status qx_conn_batch(qx_conn *c, qx_result **results, int *failed, const qx_stmt *stmts,
+                        int n, qx_error *err)
+{
+    return batch(c, results, failed, stmts, n, 0, err);
+}
+
+qx_status qx_conn_batch_keep(qx_conn *c, qx_result **results, int *failed, const qx_stmt *stmts,
+                             int n, qx_error *err)
+{
+    return batch(c, results, failed, stmts, n, 1, err);
 }
 
 qx_status qx_conn_exec(qx_conn *c, qx_result **result, const char *sql, int nparams,

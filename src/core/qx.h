@@ -25,7 +25,8 @@ typedef enum qx_status {
     QX_ERR_TIMEOUT,    /* statement timeout, pool acquire timeout */
     QX_ERR_NATS,
     QX_ERR_NOMEM,
-    QX_ERR_CLOSED      /* the object was closed */
+    QX_ERR_CLOSED,     /* the object was closed */
+    QX_ERR_UNKNOWN_OUTCOME /* a COMMIT's reply was lost: committed or not, the server knows */
 } qx_status;
 
 #define QX_ERR_MESSAGE_MAX 1024
@@ -126,6 +127,10 @@ void qx_conn_close(qx_conn *c);
  * statements after the failed one did not run. */
 qx_status qx_conn_batch(qx_conn *c, qx_result **results, int *failed, const qx_stmt *stmts,
                         int n, qx_error *err);
+/* As qx_conn_batch, except that on failure the results of the statements that completed before
+ * it are kept in results[] (the caller frees them): what a lost COMMIT leaves to go on. */
+qx_status qx_conn_batch_keep(qx_conn *c, qx_result **results, int *failed, const qx_stmt *stmts,
+                             int n, qx_error *err);
 /* One statement (a batch of one). */
 qx_status qx_conn_exec(qx_conn *c, qx_result **result, const char *sql, int nparams,
                        const char *const *values, const int *lengths, qx_error *err);
@@ -186,6 +191,13 @@ qx_status qx_tx_queue(qx_tx *tx, const qx_stmt *s, qx_error *err);
  * its error: the send that would carry it fails with it before any of its statements leaves,
  * unless a rollback to a savepoint queued before it drops it first. */
 qx_status qx_tx_queue_failure(qx_tx *tx, const qx_error *why);
+/* Queues a statement whose result's first row is the transaction's id and the server's timeline
+ * (text; QX_TX_ID_COLUMNS reads them, e.g. as RETURNING columns of a write): a commit whose
+ * pipeline carries it sends no statement of its own to learn them, one statement less. */
+#define QX_TX_ID_COLUMNS                                                                          \
+    "pg_current_xact_id()::text, CASE WHEN pg_is_in_recovery() THEN NULL "                       \
+    "ELSE substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) END"
+qx_status qx_tx_queue_id(qx_tx *tx, const qx_stmt *s, qx_error *err);
 /* Sends the queue and s in one round trip; *out receives s's result (free it). */
 qx_status qx_tx_query(qx_tx *tx, qx_result **out, const qx_stmt *s, qx_error *err);
 /* Sends the queue (begins the transaction when nothing was sent yet). */
@@ -203,6 +215,27 @@ qx_status qx_tx_rollback_to(qx_tx *tx, qx_error *err);
  * = 1 and its error in err. */
 qx_status qx_tx_commit(qx_tx *tx, int *wake_failed, const char *const *channels, int nchannels,
                        qx_error *err);
+/* A COMMIT whose reply is lost (the connection failed after the COMMIT, or before its reply, may
+ * have reached the server) is QX_ERR_UNKNOWN_OUTCOME: the transaction's id and the server's
+ * timeline, learned in the same pipeline before the COMMIT, let a fresh connection ask
+ * (qx_xact_status). A transaction that wrote nothing has no id: its lost reply stays
+ * QX_ERR_CONNECTION (nothing was kept either way), and so does a failure the server reported
+ * on a statement before the COMMIT. */
+/* The id ("" when unknown: none assigned, or its reply lost too) and timeline ("" when unknown)
+ * of the transaction, learned by its commit. */
+const char *qx_tx_xid(const qx_tx *tx);
+const char *qx_tx_timeline(const qx_tx *tx);
+
+typedef enum qx_xact {
+    QX_XACT_COMMITTED, QX_XACT_ABORTED, QX_XACT_IN_PROGRESS, QX_XACT_UNKNOWN
+} qx_xact;
+/* What became of transaction xid (pg_xact_status), asked on connection c. timeline (NULL or ""
+ * for any) is where the id was learned: a server on another timeline (a promoted standby can
+ * hand the same id to another transaction) answers QX_XACT_UNKNOWN, and so does an id too old
+ * for the server to remember. */
+qx_status qx_xact_status(qx_xact *out, qx_conn *c, const char *xid, const char *timeline,
+                         qx_error *err);
+const char *qx_xact_name(qx_xact x);
 /* Rolls back what was sent (nothing when nothing was); the transaction is finished either way. */
 qx_status qx_tx_rollback(qx_tx *tx, qx_error *err);
 qx_tx_state qx_tx_state_of(const qx_tx *tx);

@@ -28,6 +28,9 @@ typedef struct entry {
     int nparams;
 } entry;
 
+/* statements a send adds after the queue, at most: the xid and timeline, COMMIT, the wake-up */
+#define TAIL_MAX 3
+
 typedef struct savepoint {
     int number;        /* qx_sp_<number> */
     int queue_at;      /* the queue's length before its SAVEPOINT */
@@ -66,6 +69,12 @@ struct qx_tx {
 
     char *notify_sql;
     size_t notify_cap;
+
+    int keep;             /* a send keeps the id's result (tx->kept), also on failure */
+    int id_at;            /* index in the queue of a statement that reads the id, -1 */
+    qx_result *kept;
+    char xid[24];         /* learned by the commit: "" when unknown */
+    char timeline[12];
 
     /* what most transactions need, without a malloc of its own */
     entry q_local[8];
@@ -143,6 +152,10 @@ qx_status qx_tx_new(qx_tx **out, qx_conn *c, const qx_tx_options *o, qx_error *e
     tx->nlast = 0;
     tx->notify_sql = NULL;
     tx->notify_cap = 0;
+    tx->keep = 0;
+    tx->id_at = -1;
+    tx->kept = NULL;
+    tx->xid[0] = tx->timeline[0] = '\0';
     *out = tx;
     return QX_OK;
 }
@@ -165,11 +178,14 @@ void qx_tx_free(qx_tx *tx)
         free(tx->lengths);
     free(tx->sp);
     free(tx->notify_sql);
+    qx_result_free(tx->kept);
     free(tx);
 }
 
 qx_tx_state qx_tx_state_of(const qx_tx *tx) { return tx->state; }
 int qx_tx_queued(const qx_tx *tx) { return tx->nq; }
+const char *qx_tx_xid(const qx_tx *tx) { return tx->xid; }
+const char *qx_tx_timeline(const qx_tx *tx) { return tx->timeline; }
 long long qx_tx_round_trips(const qx_tx *tx) { return tx->round_trips; }
 
 int qx_tx_last_sent(const qx_tx *tx, const char **texts, int max)
@@ -282,6 +298,17 @@ qx_status qx_tx_queue(qx_tx *tx, const qx_stmt *s, qx_error *err)
     return push(tx, s, err);
 }
 
+qx_status qx_tx_queue_id(qx_tx *tx, const qx_stmt *s, qx_error *err)
+{
+    qx_status st;
+    if (tx->state != QX_TXS_ACTIVE)
+        return refused(tx, err);
+    st = push(tx, s, err);
+    if (st == QX_OK)
+        tx->id_at = tx->nq - 1;
+    return st;
+}
+
 qx_status qx_tx_queue_failure(qx_tx *tx, const qx_error *why)
 {
     if (tx->state != QX_TXS_ACTIVE)
@@ -325,13 +352,15 @@ static int room(qx_tx *tx, int nstmts, int nvalues)
 
 /* Sends [BEGIN] [timeout] (the first time), the queue and tail[0..ntail-1] in one pipeline.
  * implicit: no BEGIN (the pipeline is the whole transaction). out: the last tail statement's
- * result. *tail_failed: the index in tail of the statement that failed, else -1. Any failure
- * poisons the transaction. */
+ * result. On failure, *tail_failed is the index in tail of the statement that failed (negative:
+ * one before the tail; ntail: the failure is tied to none). With tx->keep, the result of the
+ * statement that reads the id (the queue's at id_at, else tail[0]) goes to tx->kept, also when a
+ * later statement failed. Any failure poisons the transaction. */
 static qx_status send(qx_tx *tx, int implicit, const qx_stmt *tail, int ntail, qx_result **out,
                       int *tail_failed, qx_error *err)
 {
-    int begun = tx->sends > 0, n = 0, nv = 0, i, k, failed = -1, first_tail;
-    size_t at[2];
+    int begun = tx->sends > 0, n = 0, nv = 0, i, k, failed = -1, first_tail, first_queued, kept;
+    size_t at[TAIL_MAX];
     qx_status s;
     qx_error e;
 
@@ -345,6 +374,7 @@ static qx_status send(qx_tx *tx, int implicit, const qx_stmt *tail, int ntail, q
         fail(tx, &tx->poison);
         tx->poison_at = -1;
         tx->nq = 0;
+        tx->id_at = -1;
         tx->reset_arena = 1;
         tx->nlast = 0;
         if (err != NULL)
@@ -378,6 +408,7 @@ static qx_status send(qx_tx *tx, int implicit, const qx_stmt *tail, int ntail, q
         }
         at[i] = arena_put(tx, tail[i].sql, len);
     }
+    first_queued = n;
     for (i = 0, k = 0; i < tx->nq; i++) {
         const entry *q = &tx->q[i];
         const char *p = tx->arena + q->params;
@@ -406,14 +437,25 @@ static qx_status send(qx_tx *tx, int implicit, const qx_stmt *tail, int ntail, q
         tx->stmts[n] = tail[i];
         tx->stmts[n++].sql = tx->arena + at[i];
     }
+    kept = tx->id_at >= 0 ? first_queued + tx->id_at : first_tail;
     tx->nq = 0;
+    tx->id_at = -1;
     tx->reset_arena = 1;
     tx->nlast = n;
     tx->round_trips++;
-    s = qx_conn_batch(tx->c, tx->results, &failed, tx->stmts, n, &e);
+    if (tx->keep) {
+        s = qx_conn_batch_keep(tx->c, tx->results, &failed, tx->stmts, n, &e);
+        tx->kept = tx->results[kept];
+        tx->results[kept] = NULL;
+    } else {
+        s = qx_conn_batch(tx->c, tx->results, &failed, tx->stmts, n, &e);
+    }
     if (s != QX_OK) {
-        if (tail_failed != NULL && failed >= first_tail)
-            *tail_failed = failed - first_tail;
+        if (tx->keep)
+            for (i = 0; i < n; i++)
+                qx_result_free(tx->results[i]);
+        if (tail_failed != NULL)
+            *tail_failed = failed >= 0 ? failed - first_tail : ntail;
         goto failed;
     }
     for (i = 0; i < n - 1; i++)
@@ -426,6 +468,7 @@ static qx_status send(qx_tx *tx, int implicit, const qx_stmt *tail, int ntail, q
 
 failed:
     tx->nq = 0;
+    tx->id_at = -1;
     tx->reset_arena = 1;
     fail(tx, &e);
     if (err != NULL)
@@ -512,6 +555,8 @@ qx_status qx_tx_rollback_to(qx_tx *tx, qx_error *err)
         tx->nq = sp.queue_at;
         if (tx->poison_at >= tx->nq)
             tx->poison_at = -1;
+        if (tx->id_at >= tx->nq)
+            tx->id_at = -1;
         if (tx->state == QX_TXS_FAILED)
             return refused(tx, err);
         return QX_OK;
@@ -520,6 +565,7 @@ qx_status qx_tx_rollback_to(qx_tx *tx, qx_error *err)
     before = tx->failure;
     tx->state = QX_TXS_ACTIVE;
     tx->nq = 0;
+    tx->id_at = -1;
     tx->poison_at = -1;
     snprintf(sql, sizeof sql, "ROLLBACK TO SAVEPOINT qx_sp_%d", sp.number);
     if (send(tx, 0, &st, 1, NULL, NULL, &e) != QX_OK) {
@@ -559,12 +605,28 @@ static const char *notify_sql(qx_tx *tx, int nchannels)
     return tx->notify_sql;
 }
 
+/* The transaction's id (NULL when it wrote nothing: none was assigned) and the server's
+ * timeline (the first 8 hex digits of the current WAL file's name; NULL on a standby, where
+ * pg_walfile_name fails), learned just before the COMMIT. */
+static const char XID_SQL[] = /* keep in step with QX_TX_ID_COLUMNS */
+    "SELECT pg_current_xact_id_if_assigned()::text, CASE WHEN pg_is_in_recovery() THEN NULL "
+    "ELSE substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) END";
+
+static void copy_column(char *dst, size_t size, const qx_result *r, int col)
+{
+    dst[0] = '\0';
+    if (r != NULL && qx_result_nrows(r) >= 1 && qx_result_ncols(r) > col &&
+        !qx_result_isnull(r, 0, col))
+        snprintf(dst, size, "%s", qx_result_value(r, 0, col));
+}
+
 qx_status qx_tx_commit(qx_tx *tx, int *wake_failed, const char *const *channels, int nchannels,
                        qx_error *err)
 {
-    qx_stmt tail[2];
-    int ntail = 0, implicit, tail_failed = -1;
+    qx_stmt tail[TAIL_MAX];
+    int ntail = 0, implicit, at = -1, broken_before, learned, commit_at;
     qx_status s;
+    qx_error e;
 
     *wake_failed = 0;
     if (tx->state != QX_TXS_ACTIVE)
@@ -576,30 +638,100 @@ qx_status qx_tx_commit(qx_tx *tx, int *wake_failed, const char *const *channels,
     /* savepoints and a few statements need a block, and so does a wake-up (it follows the
      * COMMIT); otherwise a transaction that sends everything now needs neither BEGIN nor COMMIT */
     implicit = tx->sends == 0 && !tx->block && nchannels == 0;
-    /* A statement that learns the transaction's id (pg_current_xact_id()) goes here, before
-     * COMMIT and in the same pipeline, so that a lost COMMIT reply can be resolved later. */
+    /* the id and timeline go before the COMMIT (in the implicit transaction: after its last
+     * statement, inside it), in the same pipeline, so that a lost COMMIT reply can be resolved;
+     * a queued statement that reads them (qx_tx_queue_id) saves this one */
+    if (tx->id_at < 0)
+        tail[ntail++] = (qx_stmt){ XID_SQL, 0, NULL, NULL };
+    commit_at = ntail; /* the COMMIT's index in tail; implicit: the Sync commits */
     if (!implicit)
         tail[ntail++] = (qx_stmt){ COMMIT_SQL, 0, NULL, NULL };
     if (nchannels > 0) {
         const char *sql = notify_sql(tx, nchannels);
         if (sql == NULL) {
-            qx_error e;
             qx_error_set(&e, QX_ERR_NOMEM, "out of memory");
             fail(tx, &e);
             return refused(tx, err);
         }
         tail[ntail++] = (qx_stmt){ sql, nchannels, channels, NULL };
     }
-    s = send(tx, implicit, tail, ntail, NULL, &tail_failed, err);
+    broken_before = qx_conn_is_broken(tx->c);
+    tx->keep = 1;
+    s = send(tx, implicit, tail, ntail, NULL, &at, &e);
+    tx->keep = 0;
+    learned = tx->kept != NULL;
+    copy_column(tx->xid, sizeof tx->xid, tx->kept, 0);
+    copy_column(tx->timeline, sizeof tx->timeline, tx->kept, 1);
+    qx_result_free(tx->kept);
+    tx->kept = NULL;
     if (s != QX_OK) {
-        if (!(nchannels > 0 && tail_failed == ntail - 1))
+        if (nchannels > 0 && at == ntail - 1) {
+            /* the transaction committed; only the wake-up failed: listeners find the rows when
+             * they poll */
+            *wake_failed = 1;
+            if (err != NULL)
+                *err = e;
+        } else if (s == QX_ERR_CONNECTION && !broken_before && !(learned && tx->xid[0] == '\0') &&
+                   !(e.sqlstate[0] != '\0' && at < commit_at)) {
+            /* The COMMIT (or, implicit, the Sync that commits) may have reached the server and
+             * its reply was lost. Not when it was known broken before anything left, when the
+             * transaction wrote nothing (no id), or when the server reported the failure of a
+             * statement before the COMMIT: then it never got that far. */
+            qx_error u;
+            qx_error_set(&u, QX_ERR_UNKNOWN_OUTCOME,
+                         "the connection was lost before the reply to the commit came; "
+                         "the transaction may have committed: %.800s", e.message);
+            fail(tx, &u);
+            return refused(tx, err);
+        } else {
+            if (err != NULL)
+                *err = e;
             return s;
-        /* the transaction committed; only the wake-up failed: listeners find the rows when
-         * they poll */
-        *wake_failed = 1;
+        }
     }
     tx->state = QX_TXS_COMMITTED;
     return QX_OK;
+}
+
+static const char XACT_SQL[] =
+    "SELECT pg_xact_status($1::xid8), CASE WHEN pg_is_in_recovery() THEN NULL "
+    "ELSE substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) END";
+
+qx_status qx_xact_status(qx_xact *out, qx_conn *c, const char *xid, const char *timeline,
+                         qx_error *err)
+{
+    qx_result *r = NULL;
+    qx_status s;
+    char status[16], here[12];
+
+    *out = QX_XACT_UNKNOWN;
+    s = qx_conn_exec(c, &r, XACT_SQL, 1, &xid, NULL, err);
+    if (s != QX_OK)
+        return s;
+    copy_column(status, sizeof status, r, 0);
+    copy_column(here, sizeof here, r, 1);
+    qx_result_free(r);
+    /* an id means one transaction only on the timeline it was handed out on */
+    if (timeline != NULL && timeline[0] != '\0' && strcmp(here, timeline) != 0)
+        return QX_OK;
+    if (strcmp(status, "committed") == 0)
+        *out = QX_XACT_COMMITTED;
+    else if (strcmp(status, "aborted") == 0)
+        *out = QX_XACT_ABORTED;
+    else if (strcmp(status, "in progress") == 0)
+        *out = QX_XACT_IN_PROGRESS;
+    return QX_OK;
+}
+
+const char *qx_xact_name(qx_xact x)
+{
+    switch (x) {
+    case QX_XACT_COMMITTED: return "committed";
+    case QX_XACT_ABORTED: return "aborted";
+    case QX_XACT_IN_PROGRESS: return "in progress";
+    case QX_XACT_UNKNOWN: break;
+    }
+    return "unknown";
 }
 
 qx_status qx_tx_rollback(qx_tx *tx, qx_error *err)
@@ -611,6 +743,7 @@ qx_status qx_tx_rollback(qx_tx *tx, qx_error *err)
     tx->nq = 0;
     tx->nsp = 0;
     tx->poison_at = -1;
+    tx->id_at = -1;
     if (tx->sends > 0 && qx_conn_tx_status(tx->c) != QX_TX_IDLE)
         s = send(tx, 0, &rollback, 1, NULL, NULL, err);
     tx->state = QX_TXS_ROLLED_BACK;

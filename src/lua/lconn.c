@@ -300,6 +300,21 @@ static int l_pid(lua_State *L)
     return 1;
 }
 
+/* conn:xact_status(xid[, timeline]) -> "committed" | "aborted" | "in progress" | "unknown"
+ * | nil, err */
+static int l_xact_status(lua_State *L)
+{
+    lconn *lc = check_conn(L);
+    const char *xid = luaL_checkstring(L, 2);
+    const char *timeline = luaL_optstring(L, 3, NULL);
+    qx_xact x;
+    qx_error err;
+    if (qx_xact_status(&x, lc->c, xid, timeline, &err) != QX_OK)
+        return qx_push_error(L, &err);
+    lua_pushstring(L, qx_xact_name(x));
+    return 1;
+}
+
 /* release, __gc and __close: hand the connection back (see qx_type) */
 static void conn_release(lua_State *L, void *ud)
 {
@@ -333,6 +348,7 @@ static const luaL_Reg methods[] = {
     { "notifications", l_notifications },
     { "status", l_status },
     { "pid", l_pid },
+    { "xact_status", l_xact_status },
     { NULL, NULL }
 };
 

@@ -158,6 +158,23 @@ static int l_queue(lua_State *L)
     return 1;
 }
 
+/* tx:queue_id(sql, ...): as queue, for a statement whose first row is core.TX_ID_COLUMNS */
+static int l_queue_id(lua_State *L)
+{
+    ltx *lt = check_open(L);
+    params p;
+    qx_stmt s;
+    qx_error err;
+    if (!make_stmt(L, 2, &p, &s, &err)) {
+        qx_tx_queue_failure(lt->tx, &err);
+        return qx_push_error(L, &err);
+    }
+    if (qx_tx_queue_id(lt->tx, &s, &err) != QX_OK)
+        return qx_push_error(L, &err);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
 enum { AS_ROWS, AS_SPARSE, AS_COUNT };
 
 /* Sends the queue and the statement at sql_idx; pushes its rows (as) and the affected count. */
@@ -255,7 +272,8 @@ static int l_rollback_to(lua_State *L)
 
 #define LOCAL_CHANNELS 8
 
-/* tx:commit(channel, ...) -> true | true, wake_err | nil, err */
+/* tx:commit(channel, ...) -> true | true, wake_err | nil, err (a lost reply: code
+ * "unknown_outcome", with xid and timeline when they were learned) */
 static int l_commit(lua_State *L)
 {
     ltx *lt = check_open(L);
@@ -266,8 +284,22 @@ static int l_commit(lua_State *L)
         channels = lua_newuserdata(L, sizeof *channels * (size_t)n);
     for (i = 0; i < n; i++)
         channels[i] = luaL_checkstring(L, i + 2);
-    if (qx_tx_commit(lt->tx, &wake_failed, channels, n, &err) != QX_OK)
-        return qx_push_error(L, &err);
+    if (qx_tx_commit(lt->tx, &wake_failed, channels, n, &err) != QX_OK) {
+        qx_push_error(L, &err);
+        if (err.status == QX_ERR_UNKNOWN_OUTCOME) {
+            /* what a fresh connection needs to ask what became of it ("": not learned) */
+            const char *xid = qx_tx_xid(lt->tx), *timeline = qx_tx_timeline(lt->tx);
+            if (xid[0] != '\0') {
+                lua_pushstring(L, xid);
+                lua_setfield(L, -2, "xid");
+            }
+            if (timeline[0] != '\0') {
+                lua_pushstring(L, timeline);
+                lua_setfield(L, -2, "timeline");
+            }
+        }
+        return 2;
+    }
     lua_pushboolean(L, 1);
     if (!wake_failed)
         return 1;
@@ -346,6 +378,7 @@ static void tx_describe(void *ud, char *buf, size_t size)
 
 static const luaL_Reg methods[] = {
     { "queue", l_queue },
+    { "queue_id", l_queue_id },
     { "query", l_query },
     { "rows", l_rows },
     { "rows_upto", l_rows_upto },
@@ -372,4 +405,6 @@ void qx_open_tx(lua_State *L)
     qx_register_hot_type(L, &tx_type, &TX_MT_KEY);
     lua_pushcfunction(L, l_new);
     lua_setfield(L, -2, "tx");
+    lua_pushstring(L, QX_TX_ID_COLUMNS);
+    lua_setfield(L, -2, "TX_ID_COLUMNS");
 }

@@ -108,6 +108,23 @@ function Db:exec(sql, ...)
     return affected
 end
 
+-- db:xact_status(xid[, timeline]) -> "committed" | "aborted" | "in progress" | "unknown"
+-- | nil, err: what became of a transaction, asked on a connection of the pool (err.xid and
+-- err.timeline of an unknown_outcome). "unknown": the server no longer knows the id, or it is
+-- on another timeline than the one the id was learned on.
+function Db:xact_status(xid, timeline)
+    if type(xid) ~= "string" then error("db:xact_status: xid must be a string", 2) end
+    if timeline ~= nil and type(timeline) ~= "string" then
+        error("db:xact_status: timeline must be a string", 2)
+    end
+    local conn, e = self.pool:acquire()
+    if not conn then return nil, e end
+    local status
+    status, e = conn:xact_status(xid, timeline)
+    conn:release()
+    return status, e
+end
+
 local uow_run -- qx.uow, required on first use
 
 -- db:unit_of_work(fn, opts): see qx.uow

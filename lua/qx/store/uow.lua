@@ -36,6 +36,7 @@ _M.OUTBOX_CHANNEL = "qx_outbox"
 local MAX_DISPATCH_ROUNDS = 100
 
 local OUTBOX_INSERT = [[
+WITH o AS (
 INSERT INTO qx_outbox_events (id, event_name, event_version, payload, occurred_at,
                               correlation_id, causation_id, tenant_id, partition_key)
 SELECT (e->'envelope'->>'event_id')::uuid, e->'envelope'->>'event_name',
@@ -43,7 +44,8 @@ SELECT (e->'envelope'->>'event_id')::uuid, e->'envelope'->>'event_name',
        (e->'envelope'->>'occurred_at')::timestamptz, (e->'envelope'->>'correlation_id')::uuid,
        (e->'envelope'->>'causation_id')::uuid, (e->'envelope'->>'tenant_id')::uuid,
        e->>'partition_key'
-FROM jsonb_array_elements($1::jsonb) AS e]]
+FROM jsonb_array_elements($1::jsonb) AS e)
+SELECT ]] .. core.TX_ID_COLUMNS
 
 local Uow = {}
 Uow.__index = Uow
@@ -219,7 +221,7 @@ local outbox_values_sql = {}
 -- Queues the outbox insert of the integration events.
 local function queue_outbox(tx, events)
     local n = #events
-    if n > OUTBOX_VALUES_MAX then return tx:queue(OUTBOX_INSERT, outbox_rows(events)) end
+    if n > OUTBOX_VALUES_MAX then return tx:queue_id(OUTBOX_INSERT, outbox_rows(events)) end
     local sql = outbox_values_sql[n]
     if not sql then
         local rows = {}
@@ -229,7 +231,8 @@ local function queue_outbox(tx, events)
                                         b + 1, b + 2, b + 3, b + 4, b + 5, b + 6, b + 7, b + 8,
                                         b + 9)
         end
-        sql = OUTBOX_VALUES_HEAD .. table.concat(rows, ", ")
+        -- each row returns the transaction's id: the commit needs no statement of its own
+        sql = OUTBOX_VALUES_HEAD .. table.concat(rows, ", ") .. " RETURNING " .. core.TX_ID_COLUMNS
         outbox_values_sql[n] = sql
     end
     local null = core.null
@@ -237,7 +240,7 @@ local function queue_outbox(tx, events)
         local ev = events[1]
         local env = ev:envelope()
         -- the whole envelope is the payload (JSON)
-        return tx:queue(sql, env.event_id, env.event_name, env.event_version, env,
+        return tx:queue_id(sql, env.event_id, env.event_name, env.event_version, env,
                         env.occurred_at, env.correlation_id, env.causation_id, env.tenant_id,
                         partition_key(ev) or null)
     end
@@ -256,7 +259,7 @@ local function queue_outbox(tx, events)
         p[b + 8] = env.tenant_id
         p[b + 9] = partition_key(ev) or null
     end
-    return tx:queue(sql, unpack(p, 1, 9 * n))
+    return tx:queue_id(sql, unpack(p, 1, 9 * n))
 end
 
 -- ---- bound views -------------------------------------------------------------------------
@@ -342,6 +345,42 @@ local function run_after_hook(uow, name, ...)
     end
 end
 
+-- A commit whose reply was lost: the transaction's id, learned before the COMMIT, tells a
+-- fresh connection what became of it. Returns nil when it committed (the listeners are woken
+-- then, from another connection), else the error to raise: "connection" when it aborted (the
+-- rollback path), e itself ("unknown_outcome") when no one can tell.
+local function resolve(uow, e, channels)
+    -- the lost connection goes back first: the pool closes it and never hands it out again
+    uow._lost = true
+    uow.conn:release()
+    if not e.xid then return e end
+    local db = uow.db
+    local status = db:xact_status(e.xid, e.timeline)
+    if status == "committed" then
+        if channels then
+            for i = 1, #channels do
+                local ok, we = db:query("SELECT pg_notify($1, '')", channels[i])
+                if not ok then
+                    -- listeners find the rows when they poll
+                    if uow.hooks.on_hook_error then
+                        pcall(uow.hooks.on_hook_error, we, "notify")
+                    else
+                        stderr:write("qx: waking listeners after commit failed: ",
+                                     tostring(we), "\n")
+                    end
+                    break
+                end
+            end
+        end
+        return nil
+    end
+    if status == "aborted" then
+        return err.new("connection", "the connection was lost before the reply to the commit "
+            .. "came; the transaction did not commit", { xid = e.xid })
+    end
+    return e
+end
+
 -- The commit, once fn has returned; fn's results pass through.
 local function committed(uow, ...)
     local outgoing
@@ -369,7 +408,12 @@ local function committed(uow, ...)
     else
         ok, e = tx:commit()
     end
-    if not ok then error(e, 0) end
+    if not ok then
+        if e.code ~= "unknown_outcome" then error(e, 0) end
+        local lost = resolve(uow, e, notify)
+        if lost then error(lost, 0) end
+        e = nil
+    end
     if e then
         -- the transaction committed; only the wake-up failed: listeners find the rows when they
         -- poll. Reported like a failed post_commit hook, not as a failed unit of work.
@@ -405,11 +449,17 @@ local function finish(uow, ok, ...)
     end
     local cause = ...
     if not err.is(cause) then cause = err.from_raised(cause) end
+    if cause.code == "unknown_outcome" and uow._lost then
+        -- neither committed nor rolled back as far as anyone can tell: no hook claims either
+        uow._state = "unknown"
+        uow._tx:close()
+        return nil, cause
+    end
     local hok, he = true, nil
     if uow.hooks.pre_rollback then
         hok, he = xpcall(run_hook, err.handler, uow, "pre_rollback", cause)
     end
-    rollback(uow)
+    if not uow._lost then rollback(uow) end -- a lost transaction was rolled back by the server
     uow._state = "rolled back"
     uow._tx:close()
     conn:release()
