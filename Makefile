@@ -18,6 +18,7 @@
 #                        rockspec/qx-VERSION-1.rockspec (VERSION: lua/qx/version.lua)
 #   make rockspec-check  fail when a rockspec misses (or lists stale) sources
 #   make deps            apt-get what is missing of every group (root; scripts/deps.sh)
+#   make env             servers for your own code (RUN_DIR): eval "$(make -s env)" (docs/guide.md)
 #   make servers-start / servers-stop / servers-status   (RUN_DIR, default .run), then
 #                        . .run/env && busted --lua=lua5.4   (or --lua=luajit --run=luajit)
 #   make clean
@@ -60,7 +61,7 @@ VARIANTS := lua5.4 luajit asan tsan
 
 objs = $(patsubst %.c,build/$(1)/obj/%.o,$(SRCS))
 
-.PHONY: all lua5.4 luajit asan tsan lint check deps servers-start servers-stop servers-status test demo bench \
+.PHONY: all lua5.4 luajit asan tsan lint check deps servers-start servers-stop servers-status env test demo bench \
         rock rockspec rockspec-check clean check-sources FORCE
 
 all: lua5.4 luajit
@@ -123,6 +124,11 @@ servers-stop:
 
 servers-status:
 	@bash scripts/servers.sh status $(RUN_DIR)
+
+# Servers for your own code: starts them in RUN_DIR when they are not up and prints the export
+# lines (QX_DB__URL, QX_NATS__SERVERS, LUA_PATH_5_4/LUA_CPATH_5_4, PATH): eval "$(make -s env)"
+env: lua5.4
+	@bash scripts/servers.sh env $(RUN_DIR)
 
 # The quick loop: the specs not tagged #slow on Lua 5.4, on the servers running in CHECK_DIR
 # (default .run/dev) or on a pair started and stopped for it (scripts/check.sh).

@@ -4,11 +4,16 @@
 #   scripts/servers.sh start  [DIR]   start both (reuses them when DIR's servers are alive)
 #   scripts/servers.sh stop   [DIR]   stop both by PID and delete their data
 #   scripts/servers.sh status [DIR]   exit 0 when both are up
+#   scripts/servers.sh env    [DIR]   start them when they are not up, then print on stdout
+#                                     the export lines your own code needs (the env file, and
+#                                     LUA_PATH_5_4/LUA_CPATH_5_4 for this checkout's Lua 5.4
+#                                     build): eval "$(scripts/servers.sh env)"
 #
 # DIR defaults to .run. Both servers listen on free ports of 127.0.0.1 only. After start,
 # DIR/env is a sourceable shell file:
 #   QX_DB__URL              postgresql://postgres@127.0.0.1:PORT/postgres (trust auth)
-#   QX_TEST_NATS_URL        nats://127.0.0.1:PORT
+#   QX_NATS__SERVERS        nats://127.0.0.1:PORT (what qx.nats.connect() and `qx relay` read)
+#   QX_TEST_NATS_URL        the same, under the name the specs use
 #   QX_TEST_NATS_MONITOR    http://127.0.0.1:MONPORT
 #   QX_TEST_PG_BIN QX_TEST_PG_PORT QX_TEST_PG_DATA QX_TEST_PG_SOCKET QX_TEST_PG_LOG QX_TEST_PG_PID
 #   QX_TEST_NATS_PORT QX_TEST_NATS_MONITOR_PORT QX_TEST_NATS_STORE QX_TEST_NATS_LOG QX_TEST_NATS_PID
@@ -23,7 +28,7 @@ set -euo pipefail
 PG_BIN=${QX_PG_BIN:-/usr/lib/postgresql/15/bin}
 PG_USER=postgres
 
-usage() { echo "usage: $0 start|stop|status [DIR]" >&2; exit 2; }
+usage() { echo "usage: $0 start|stop|status|env [DIR]" >&2; exit 2; }
 
 cmd=${1:-}
 [ -n "$cmd" ] || usage
@@ -261,6 +266,7 @@ do_start() {
     cat >"$tmp" <<EOF
 # written by scripts/servers.sh start; source it
 export QX_DB__URL=postgresql://postgres@127.0.0.1:${PG_PORT:-0}/postgres
+export QX_NATS__SERVERS=nats://127.0.0.1:${NATS_PORT:-0}
 export QX_TEST_NATS_URL=nats://127.0.0.1:${NATS_PORT:-0}
 export QX_TEST_NATS_MONITOR=http://127.0.0.1:${NATS_MON:-0}
 export QX_TEST_PG_BIN=$PG_BIN
@@ -314,7 +320,21 @@ do_status() {
   return 1
 }
 
+# The servers' environment plus the module paths of this checkout, as export lines on stdout.
+# LUA_PATH_5_4/LUA_CPATH_5_4 are read by Lua 5.4 only, so a LuaJIT started from the same shell
+# is not handed the Lua 5.4 build; for LuaJIT set LUA_PATH/LUA_CPATH with build/luajit.
+do_env() {
+  do_status >/dev/null 2>&1 || do_start
+  local root
+  root=$(cd "$(dirname "$0")/.." && pwd)
+  grep '^export QX_DB__URL=\|^export QX_NATS__SERVERS=\|^export QX_TEST_NATS_URL=' "$dir/env"
+  echo "export LUA_PATH_5_4='$root/lua/?.lua;$root/lua/?/init.lua;;'"
+  echo "export LUA_CPATH_5_4='$root/build/lua5.4/?.so;;'"
+  echo "export PATH='$root/bin':\"\$PATH\""
+}
+
 case "$cmd" in
+  env) do_env ;;
   start) do_start ;;
   stop) do_stop ;;
   status) do_status ;;
