@@ -22,10 +22,12 @@ local _M = {
     MAX_PAGE = 1000000000,
 }
 
+---@class qx.RepositoryDescription a table described once (qx.repository)
 local Description = {}
 Description.__index = Description
 _M.Description = Description
 
+---@class qx.Repo a repository bound to a unit of work, or a reader bound to a database
 local Repo = {}
 Repo.__index = Repo
 _M.Repo = Repo
