@@ -10,9 +10,11 @@ local traceback = debug.traceback
 
 local _M = { _VERSION = "0.1.0" }
 
+--- The one error shape of qx, returned as the second result of a failure. Codes: conflict,
+-- invalid, not_found, timeout, connection, db, nats, config, error (a raised Lua error), or a
+-- domain error's own; README lists when each happens.
 ---@class qx.Error
----@field code string conflict, invalid, not_found, timeout, connection, db, nats, config,
--- error (a raised Lua error) or a domain error's own code
+---@field code string conflict, invalid, not_found, timeout, connection, db, nats, error, ...
 ---@field message string what happened; tostring(err) is "code: message"
 ---@field sqlstate string? the server's SQLSTATE, for database errors
 ---@field retryable boolean? true for a serialization failure or deadlock: run it again

@@ -25,6 +25,7 @@ local _M = { _VERSION = "0.1.0" }
 
 local null = core.null
 
+--- Publishes events straight to JetStream (qx.publisher).
 ---@class qx.Publisher
 local Publisher = {}
 Publisher.__index = Publisher

@@ -54,6 +54,7 @@ end
 _M.class_of = class_of
 
 
+--- Whether x is an instance of an aggregate class.
 ---@param x any
 ---@return boolean
 function _M.is_aggregate(x)

@@ -25,6 +25,8 @@ local class_of = event.class_of
 
 local _M = { _VERSION = "0.1.0" }
 
+--- An in-process dispatcher (qx.dispatcher): handlers by event name, called in order.
+---@class qx.Dispatcher
 local mt = { __index = _M }
 
 local ANY = "*"

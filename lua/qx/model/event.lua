@@ -117,6 +117,7 @@ end
 _M.class_of = class_of
 
 
+--- Whether x is an event (an instance of an event class).
 ---@param x any
 ---@return boolean
 function _M.is_event(x)

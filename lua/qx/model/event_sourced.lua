@@ -58,6 +58,7 @@ function _M.class_of(x)
 end
 
 
+--- Whether x is an event-sourced class.
 ---@param x any
 ---@return boolean
 function _M.is_class(x)

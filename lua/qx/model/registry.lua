@@ -29,7 +29,8 @@ local null = core.null
 
 local _M = { _VERSION = "0.1.0" }
 
----@class qx.Registry event name + version -> class
+--- Event name + version -> class, for consumers (qx.registry).
+---@class qx.Registry
 local Registry = {}
 Registry.__index = Registry
 _M.Registry = Registry
@@ -136,6 +137,7 @@ function Registry:get(name, version)
     return class
 end
 
+--- The highest version registered under the name.
 ---@param name string
 ---@return table|nil class the highest version
 ---@return qx.Error? err not_found
@@ -144,6 +146,7 @@ function Registry:latest(name)
     return self:get(name)
 end
 
+--- Whether the name (at that version) is registered.
 ---@param name string
 ---@param version integer|nil
 ---@return boolean
@@ -152,6 +155,7 @@ function Registry:has(name, version)
     return (self:get(name, version)) ~= nil
 end
 
+--- The registered event names.
 ---@return string[] names sorted
 function Registry:names()
     check_self(self, "names")
@@ -161,6 +165,7 @@ function Registry:names()
     return out
 end
 
+--- The versions registered under a name.
 ---@param name string
 ---@return integer[] versions sorted (empty when none)
 function Registry:versions(name)
@@ -171,6 +176,7 @@ function Registry:versions(name)
     return out
 end
 
+--- How many classes and names are registered.
 ---@return integer classes
 ---@return integer names
 function Registry:count()
@@ -228,6 +234,7 @@ function Registry:decode(text, opts)
     return self:from_envelope(env, opts)
 end
 
+--- A short description, for logs.
 ---@return string
 function Registry:__tostring()
     return fmt("qx.registry (%d classes, %d names)", self._count, self._count_names)

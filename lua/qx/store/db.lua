@@ -10,12 +10,14 @@ local error = error
 
 local _M = { _VERSION = "0.1.0" }
 
+--- A pool of PostgreSQL connections (qx.connect).
 ---@class qx.Db
 ---@field settings table the settings in use (durations in ms)
 ---@field dispatcher qx.Dispatcher? the default dispatcher of its units of work
 local Db = {}
 Db.__index = Db
 
+--- Options of qx.connect; left out: QX_DB__* variables, then defaults.
 ---@class qx.ConnectOptions
 ---@field url string? postgresql://... or a libpq conninfo (QX_DB__URL)
 ---@field pool_size integer? connections in the pool (QX_DB__POOL_SIZE, default 10)
@@ -143,7 +145,7 @@ local uow_run -- qx.uow, required on first use
 
 --- Runs fn(uow) in one transaction; see qx.store.uow and docs/unit-of-work.md. Any error rolls
 -- everything back.
----@param fn fun(uow: qx.Uow): ...
+---@param fn fun(uow: qx.Uow): any
 ---@param opts qx.UnitOfWorkOptions|nil
 ---@return any result what fn returned (true for nothing), or nil
 ---@return qx.Error? err conflict, invalid, timeout, connection, db, or error for a raised Lua error

@@ -19,6 +19,7 @@ local floor = math.floor
 
 local _M = { _VERSION = "0.1.0" }
 
+--- The outbox table (qx.outbox).
 ---@class qx.Outbox
 local Outbox = {}
 Outbox.__index = Outbox
@@ -78,6 +79,7 @@ WHERE published_at IS NULL AND dead_at IS NULL]] ..
     return self.db:query(sql, limit, offset)
 end
 
+--- How many rows are pending (scheduled ones included).
 ---@return integer|nil pending rows
 ---@return qx.Error? err
 function Outbox:count_unpublished()
@@ -190,8 +192,9 @@ WHERE published_at IS NOT NULL AND published_at < now() - make_interval(secs => 
     error("purge: give published_before or older_than_seconds", 2)
 end
 
----@return table|nil status { pending, scheduled, dead, published,
--- oldest_pending_age_seconds, max_attempts }
+--- Rows by state: { pending, scheduled, dead, published, oldest_pending_age_seconds,
+-- max_attempts }.
+---@return table|nil status
 ---@return qx.Error? err
 function Outbox:status()
     local rows, e = self.db:query([[

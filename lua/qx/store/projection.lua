@@ -37,6 +37,8 @@ local dec = store_mod.dec
 
 local _M = { _VERSION = "0.1.0" }
 
+--- Options of qx.projection. on_progress gets { name, applied, elapsed_seconds, rate,
+-- global_position, remaining } at most every progress_interval_seconds; false: no report.
 ---@class qx.ProjectionOptions
 ---@field name string the checkpoint's name (required)
 ---@field db qx.Db (required)
@@ -44,11 +46,10 @@ local _M = { _VERSION = "0.1.0" }
 ---@field aggregate_type string? only this aggregate type's events
 ---@field batch_size integer? events per unit of work (500)
 ---@field reset (fun(uow: qx.Uow))? empties the read model, for rebuild()
----@field on_progress (fun(info: table)|false)? during a long catch-up, at most every
--- progress_interval_seconds: { name, applied, elapsed_seconds, rate, global_position,
--- remaining } (default: a line on stderr; false: none)
+---@field on_progress (fun(info: table)|false)? long catch-ups: default a line on stderr
 ---@field progress_interval_seconds number? (5)
 
+--- A projection (qx.projection).
 ---@class qx.Projection
 local Projection = {}
 Projection.__index = Projection
@@ -489,9 +490,9 @@ function Projection:rebuild()
 end
 
 
---- behind counts the events with a handler not applied yet.
----@return table|nil status { name, checkpoint, global_position, events_applied,
--- updated_at, rebuilt_at, behind }
+--- { name, checkpoint, global_position, events_applied, updated_at, rebuilt_at, behind };
+-- behind counts the events with a handler not applied yet.
+---@return table|nil status
 ---@return qx.Error? err
 function Projection:status()
     check(self, "status")

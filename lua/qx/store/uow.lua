@@ -45,6 +45,7 @@ SELECT (e->'envelope'->>'event_id')::uuid, e->'envelope'->>'event_name',
        e->>'partition_key'
 FROM jsonb_array_elements($1::jsonb) AS e]]
 
+--- Options of db:unit_of_work.
 ---@class qx.UnitOfWorkOptions
 ---@field context table? { tenant_id, user_id, correlation_id, causation_id }: stamped on events
 ---@field dispatcher qx.Dispatcher? default: the db's
@@ -55,6 +56,7 @@ FROM jsonb_array_elements($1::jsonb) AS e]]
 ---@field post_rollback (fun(uow: qx.Uow, err: qx.Error))? after ROLLBACK
 ---@field on_hook_error (fun(err: qx.Error, name: string))? default: a line on stderr
 
+--- A unit of work: one transaction around a command handler.
 ---@class qx.Uow
 ---@field context table { tenant_id, user_id, correlation_id, causation_id }
 local Uow = {}
@@ -327,7 +329,7 @@ end
 -- goes on, and savepoint returns nil, err; otherwise it returns fn's results. Events recorded
 -- through uow:record inside fn are dropped with it (aggregates' own pending events live in the
 -- aggregates and are not rewound).
----@param fn fun(uow: qx.Uow): ...
+---@param fn fun(uow: qx.Uow): any
 ---@return any ... fn's results, or nil
 ---@return qx.Error? err
 function Uow:savepoint(fn)

@@ -19,6 +19,7 @@ local type = type
 local error = error
 local setmetatable = setmetatable
 local fmt = string.format
+--- A JetStream pull consumer (qx.consumer).
 ---@class qx.Consumer
 local Consumer = base.Consumer
 

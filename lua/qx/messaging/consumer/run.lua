@@ -25,8 +25,8 @@ local INBOX_INSERT, DEAD_LETTER_INSERT = base.INBOX_INSERT, base.DEAD_LETTER_INS
 local DUPLICATE = base.DUPLICATE
 local Consumer = base.Consumer
 
--- What a handler learns about the message besides the event.
----@class qx.MsgInfo what a handler learns about the message besides the event
+--- What a handler learns about the message besides the event (its third argument).
+---@class qx.MsgInfo
 ---@field subject string
 ---@field stream string
 ---@field consumer string

@@ -41,6 +41,7 @@ local function core_options(s)
 end
 
 
+--- A NATS connection (qx.nats.connect).
 ---@class qx.NatsConn
 ---@field handle userdata the core connection (for bindings that take a NATS connection)
 ---@field settings table the normalised settings (servers, stream, subject_prefix, ...)
@@ -142,6 +143,7 @@ function Conn:publish(subject, data, headers, msg_id)
     return self.handle:publish(subject, data, headers, msg_id, self.settings.publish_timeout_ms)
 end
 
+--- A stream's figures.
 ---@param name string|nil the stream (default: the settings' stream)
 ---@return table|nil info { messages, bytes, first_seq, last_seq, consumers, subjects }
 ---@return qx.Error? err
@@ -158,6 +160,7 @@ function Conn:stream_get(seq, name)
     return self.handle:stream_get(name or self.settings.stream, seq)
 end
 
+--- Deletes a stream (tests, tools).
 ---@param name string|nil the stream (default: the settings' stream)
 ---@return true|nil ok
 ---@return qx.Error? err
@@ -165,8 +168,10 @@ function Conn:delete_stream(name)
     return self.handle:delete_stream(name or self.settings.stream)
 end
 
+--- The connection's state.
 ---@return string state connected, connecting, reconnecting, disconnected or closed
 function Conn:state() return self.handle:state() end
+--- The connection's state, reconnect count and server url.
 ---@return table stats { state, reconnects, url, ... }
 function Conn:stats() return self.handle:stats() end
 

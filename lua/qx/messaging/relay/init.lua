@@ -28,6 +28,7 @@ local _M = {
 }
 local OPTIONS = relay_settings.OPTIONS
 
+--- The outbox relay (qx.relay).
 ---@class qx.Relay
 local Relay = {}
 Relay.__index = Relay

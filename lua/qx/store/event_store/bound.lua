@@ -42,7 +42,8 @@ local function encode(v)
     return text
 end
 
----@class qx.BoundEventStore the event store inside a unit of work (uow:store(store))
+--- The event store inside a unit of work (uow:store(store)).
+---@class qx.BoundEventStore
 local Bound = {}
 Bound.__index = Bound
 _M.Bound = Bound

@@ -77,6 +77,7 @@ function _M.new(opts)
     }, Store)
 end
 
+--- Whether x is an event store made by qx.event_store.
 ---@param x any
 ---@return boolean
 function _M.is_store(x)

@@ -27,6 +27,7 @@ local _M = {}
 local MAX_LIMIT = 100000
 local MAX_VERSION = 2147483647
 
+--- The event store (qx.event_store).
 ---@class qx.EventStore
 local Store = {}
 Store.__index = Store

@@ -17,7 +17,8 @@ local concat = table.concat
 local find = string.find
 local is_int = base.is_int
 local parse_sort = query.parse_sort
----@class qx.RepositoryOptions see docs/repository.md
+--- Options of qx.repository (docs/repository.md).
+---@class qx.RepositoryOptions
 ---@field table string the table (required)
 ---@field schema string? else the first match on the search_path
 ---@field entity table? class of the entities (setmetatable(row, entity), or entity.from_row)

@@ -13,6 +13,7 @@ local Description = base.Description
 -- A read-only target that runs each statement on its own pooled connection.
 local Reader = {}
 Reader.__index = Reader
+--- Runs a statement on a pooled connection of its own.
 ---@param sql string
 ---@param ... any the parameters
 ---@return table|nil rows

@@ -56,6 +56,7 @@ function Repo:get(id, opts)
     return map_row(self.d, rows[1])
 end
 
+--- Whether a row with that id exists (and is visible: tenant, soft delete).
 ---@param id any
 ---@param opts table|nil { include_deleted = false }
 ---@return boolean|nil exists
@@ -78,6 +79,7 @@ end
 
 local COUNT_OPTS = { filters = true, where = true, include_deleted = true }
 
+--- How many rows match.
 ---@param opts table|nil { filters = { col = value }, where = spec, include_deleted }
 ---@return integer|nil n
 ---@return qx.Error? err

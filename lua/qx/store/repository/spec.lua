@@ -48,7 +48,8 @@ local function invalid(msg, fields)
 end
 _M.invalid = invalid
 
----@class qx.Spec a specification: a filter that runs as SQL or in Lua
+--- A specification: a filter that runs as SQL (search) or in Lua (is_satisfied_by).
+---@class qx.Spec
 local Spec = {}
 Spec.__index = Spec
 _M.Spec = Spec
@@ -135,9 +136,9 @@ local function leaf(field, op, value)
     return setmetatable({ kind = "leaf", field = field, op = op, value = value }, Spec)
 end
 
+--- A specification on one field: field op value.
 ---@param field string a filterable column
----@param op string eq, neq, in, not_in, gt, gte, lt, lte, contains, starts_with, ends_with,
--- is_null, is_not_null
+---@param op string eq neq in not_in gt gte lt lte contains starts_with ends_with is_null ...
 ---@param value any
 ---@return qx.Spec
 function _M.where(field, op, value)
@@ -187,6 +188,7 @@ function _M.and_(...) return combine("and", ...) end
 ---@param ... qx.Spec
 ---@return qx.Spec
 function _M.or_(...) return combine("or", ...) end
+--- The negation of a specification.
 ---@param s qx.Spec
 ---@return qx.Spec
 function _M.not_(s) return setmetatable({ kind = "not", part = of(s) }, Spec) end
@@ -199,6 +201,7 @@ function Spec:and_(...) return combine("and", self, ...) end
 ---@param ... qx.Spec
 ---@return qx.Spec
 function Spec:or_(...) return combine("or", self, ...) end
+--- The negation of this specification.
 ---@return qx.Spec
 function Spec:not_() return _M.not_(self) end
 
