@@ -59,7 +59,7 @@ end
 --- Runs dead letters of this consumer (all, or the ids given) through the handler again, each in
 -- its own unit of work that also marks the row replayed, so a replay that commits is never
 -- repeated. A dead letter whose body is still not an event stays dead and counts as failed.
----@param handler fun(ev: table, uow: qx.Uow?, msg: table): any
+---@param handler fun(ev: table, uow: qx.Uow?, msg: qx.MsgInfo): any
 ---@param ids table|nil dead letter ids (default: all)
 ---@return table|nil counts { handled, failed, duplicates }
 ---@return qx.Error? err

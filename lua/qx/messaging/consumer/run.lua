@@ -36,6 +36,7 @@ local Consumer = base.Consumer
 ---@field pending integer
 ---@field published_at string
 ---@field headers table
+---@field replay boolean? true when consumer:replay_dead runs the handler
 local MsgInfo = {}
 MsgInfo.__index = MsgInfo
 
