@@ -106,7 +106,7 @@ end
 ---@param id string
 ---@param message string
 ---@param opts table|nil { base_delay_ms = 500, max_delay_ms = 60000, max_attempts = nil }
----@return table|nil row
+---@return integer|nil rows updated (0: no such pending row)
 ---@return qx.Error? err
 function Outbox:record_failure(id, message, opts)
     opts = options.check(opts, { "base_delay_ms", "max_delay_ms", "max_attempts" },

@@ -183,6 +183,7 @@ end
 --- An event that belongs to no aggregate, dispatched and (for integration events) written to the
 -- outbox at commit like the others.
 ---@param ev table an event
+---@return table ev
 function Uow:record(ev)
     check_open(self, 2)
     if not event.is_event(ev) then error("uow:record: expected an event", 2) end

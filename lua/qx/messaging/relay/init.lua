@@ -39,7 +39,7 @@ _M.Relay = Relay
 -- poll_interval_seconds = 0.5, ...).
 ---@param opts table
 ---@return qx.Relay|nil relay
----@return qx.Error? err config, connection, invalid
+---@return qx.Error? err connection, invalid
 function _M.new(opts)
     if type(opts) ~= "table" then error("qx.relay: expected a table of options", 2) end
     options.check(opts, OPTIONS, "qx.relay")

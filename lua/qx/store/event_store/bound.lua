@@ -81,7 +81,7 @@ local APPEND_OPTIONS = { "aggregate_type" }
 --- An aggregate from its snapshot and events; nil (and no error) when it has none.
 ---@param class table an event-sourced class
 ---@param id string
----@param opts table|nil { snapshot = true }
+---@param opts table|nil { snapshot = false } reads every event, not the snapshot
 ---@return table|nil instance
 ---@return qx.Error? err invalid for bad stored data
 function Bound:load(class, id, opts)
@@ -321,7 +321,8 @@ local function append_all(self, list, opts, method)
 end
 
 
---- Appends the aggregate's pending events at its version; a stale version is conflict at commit.
+--- Queues the insert of the aggregate's recorded events at sequences version+1...; a concurrent
+-- append of the same version is conflict at commit (or at uow:flush(), called right after).
 ---@param agg table
 ---@param opts table|nil { aggregate_type = name }
 ---@return true|nil ok
