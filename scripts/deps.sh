@@ -7,6 +7,7 @@
 #     demo     build the Lua 5.4 module, start PostgreSQL and NATS, run the examples (make demo)
 #     test     everything make test runs: LuaJIT, busted, luacheck, LuaRocks, nginx, valgrind...
 #     bench    the benchmarks: LuaJIT, LuaSQL, nginx, wrk, hyperfine (make bench)
+#     docs     LDoc, for the HTML API reference (make docs)
 #     (none)   every group (make deps)
 #   --check    only report what is missing; exit 1 if anything is
 set -euo pipefail
@@ -27,7 +28,9 @@ LUAJIT=(libluajit2-5.1-dev luajit2)
 NGINX=(nginx libnginx-mod-http-lua)
 # test: busted, luacheck, LuaRocks (the install spec), valgrind, systemd (systemd-analyze checks
 # the relay's unit file)
-TEST=("${DEMO[@]}" "${LUAJIT[@]}" "${NGINX[@]}" lua-busted lua-check luarocks valgrind systemd)
+# docs: LDoc (make docs builds the API reference; make test checks it still builds)
+DOCS=(lua5.4 lua-ldoc)
+TEST=("${DEMO[@]}" "${LUAJIT[@]}" "${NGINX[@]}" lua-busted lua-check luarocks valgrind systemd "${DOCS[@]}")
 # bench: LuaSQL (the repository bench's baseline), wrk and hyperfine
 BENCH=("${DEMO[@]}" "${LUAJIT[@]}" "${NGINX[@]}" lua-sql-postgres wrk hyperfine)
 
@@ -40,7 +43,8 @@ for arg in "$@"; do
     demo) PACKAGES+=("${DEMO[@]}"); groups+=(demo) ;;
     test) PACKAGES+=("${TEST[@]}"); groups+=(test) ;;
     bench) PACKAGES+=("${BENCH[@]}"); groups+=(bench) ;;
-    *) echo "usage: $0 [--check] [demo|test|bench]..." >&2; exit 2 ;;
+    docs) PACKAGES+=("${DOCS[@]}"); groups+=(docs) ;;
+    *) echo "usage: $0 [--check] [demo|test|bench|docs]..." >&2; exit 2 ;;
   esac
 done
 if [ ${#groups[@]} -eq 0 ]; then

@@ -18,7 +18,7 @@
 # then the failing specs are named (busted's "file:line: test name", from each run's log) with
 # the logs' folder; the last line is "N passed, N failed" (every run added up; a run that fails without a failing spec — a
 # crash, a sanitizer or valgrind report, a timeout — counts as one failure, and so does a
-# failed step: deps, build, rockspec check, lint (luacheck lua spec bench), server start).
+# failed step: deps, build, rockspec check, lint (luacheck lua spec bench), docs, server start).
 # The exit code is the first failure's.
 #
 # Environment (all optional):
@@ -188,6 +188,9 @@ step "build (STRICT=1 $targets)" $MAKE --no-print-directory -j"$(nproc 2>/dev/nu
 step "rockspec-check" bash scripts/rockspec.sh --check
 
 step "lint (luacheck lua spec bench)" luacheck --no-color -q lua spec bench
+
+# the API reference still builds (LDoc, no warning); spec/api_docs_spec.lua checks the comments
+step "docs (ldoc, build/docs)" bash scripts/docs.sh
 
 # --- servers --------------------------------------------------------------------------------
 servers_up=1

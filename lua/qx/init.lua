@@ -1,4 +1,4 @@
--- qx: the persistence half of CQRS/DDD for Lua on PostgreSQL and NATS JetStream.
+--- qx: the persistence half of CQRS/DDD for Lua on PostgreSQL and NATS JetStream.
 --
 --   local qx = require "qx"
 --   local db = assert(qx.connect{ url = ... })
@@ -21,10 +21,20 @@ _M.now = core.now         -- ISO-8601 UTC with microseconds
 _M.connect = db.connect
 _M.error = err
 
+--- Applies qx's own schema (outbox, event store, inbox, checkpoints) that the database lacks.
+-- Idempotent; concurrent runs wait on an advisory lock.
+---@param database qx.Db
+---@param opts table|nil { steps = list } replaces qx's steps (tests)
+---@return table|nil result { applied = { versions... }, current = n }
+---@return qx.Error? err
 function _M.migrate(database, opts)
     return require("qx.store.migrate").run(database, opts)
 end
 
+--- Defines a domain event class (dispatched in-process, not written to the outbox).
+---@param name string the event name, e.g. "user.registered"
+---@param opts table|nil { version = 1 }: see docs/model.md
+---@return table class call Class{ fields } or Class.new{ fields } for an event
 function _M.event(name, opts)
     local o = {}
     for k, v in pairs(opts or {}) do o[k] = v end
@@ -32,6 +42,11 @@ function _M.event(name, opts)
     return event.define(name, o)
 end
 
+--- Defines an integration event class: dispatched, and written to the outbox at commit for the
+-- relay to publish.
+---@param name string the event name, also the subject suffix
+---@param opts table|nil { version = 1 }: see docs/model.md
+---@return table class
 function _M.integration_event(name, opts)
     local o = {}
     for k, v in pairs(opts or {}) do o[k] = v end
@@ -42,6 +57,9 @@ end
 _M.aggregate = aggregate.define
 _M.dispatcher = dispatcher.new
 
+--- The outbox table as a repository: pending rows, dead letters, retries, purge, status.
+---@param database qx.Db
+---@return qx.Outbox
 function _M.outbox(database)
     return require("qx.store.outbox").new(database)
 end
@@ -60,12 +78,17 @@ _M.repository = require("qx.store.repository").new
 _M.spec = require "qx.store.repository.spec"      -- specifications: where, and_, or_, not_
 _M.schema = require "qx.store.repository.schema"   -- DDL fragments: id_column(), audit_columns()
 
--- qx.registry{ classes... }: event name + version -> class, for consumers
+--- A registry: event name + version -> class, for consumers.
+---@param classes table|nil a list of event classes
+---@return qx.Registry
 function _M.registry(classes)
     return require("qx.model.registry").new(classes)
 end
 
--- qx.consumer{ nats =, stream =, durable =, registry =, db =, ... }: a JetStream pull consumer
+--- A JetStream pull consumer (qx.messaging.consumer.new).
+---@param opts table { nats, stream, durable, registry, db, ... }: docs/consumer.md
+---@return qx.Consumer|nil consumer
+---@return qx.Error? err
 function _M.consumer(opts)
     return require("qx.messaging.consumer").new(opts)
 end
@@ -73,12 +96,18 @@ end
 -- qx.nats: NATS settings (QX_NATS__*) and connections: qx.nats.connect{ servers = ... }
 _M.nats = require "qx.messaging.nats"
 
--- qx.publisher{ nats = conn }: publishes one event straight to JetStream (no outbox)
+--- Publishes one event straight to JetStream, without the outbox (qx.messaging.publisher.new).
+---@param opts table|nil { nats = conn or NATS options }
+---@return qx.Publisher|nil publisher
+---@return qx.Error? err
 function _M.publisher(opts)
     return require("qx.messaging.publisher").new(opts)
 end
 
--- qx.relay{ db = db, nats = conn, shard_id =, shard_count =, ... }: the outbox relay
+--- The outbox relay (qx.messaging.relay.new).
+---@param opts table { db, nats, shard_id, shard_count, ... }: docs/relay.md
+---@return qx.Relay|nil relay
+---@return qx.Error? err
 function _M.relay(opts)
     return require("qx.messaging.relay").new(opts)
 end

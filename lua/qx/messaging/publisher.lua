@@ -1,4 +1,4 @@
--- qx.publisher{...}: publishes one integration event straight to JetStream and waits for its
+--- qx.publisher{...}: publishes one integration event straight to JetStream and waits for its
 -- ack, without the outbox. For events that need no transaction (or tools and tests); events a
 -- unit of work records go through the outbox and the relay.
 --
@@ -25,14 +25,19 @@ local _M = { _VERSION = "0.1.0" }
 
 local null = core.null
 
+--- Publishes events straight to JetStream (qx.publisher).
+---@class qx.Publisher
 local Publisher = {}
 Publisher.__index = Publisher
 _M.Publisher = Publisher
 
--- new{ nats = conn | core handle | options (default: from QX_NATS__*), subject_prefix = } ->
--- publisher | nil, err
 local PUBLISHER_OPTIONS = { "nats", "subject_prefix" }
 
+--- A publisher (qx.publisher). nats: a connection, a core handle or NATS options (default:
+-- from QX_NATS__*); subject_prefix: default the connection's.
+---@param opts table|nil { nats, subject_prefix }
+---@return qx.Publisher|nil publisher
+---@return qx.Error? err connection
 function _M.new(opts)
     if opts ~= nil and type(opts) ~= "table" then
         error("qx.publisher: options must be a table", 2)
@@ -53,7 +58,9 @@ local function text_or_nil(v)
     return tostring(v)
 end
 
--- headers_for(envelope) -> the qx.* headers of a message
+--- The qx.* headers of a message for an envelope.
+---@param env table
+---@return table headers
 function _M.headers(env)
     return {
         ["qx.event_name"] = env.event_name,
@@ -64,7 +71,10 @@ function _M.headers(env)
     }
 end
 
--- publish(event | envelope) -> ack | nil, err
+--- Publishes one event (or a decoded envelope) and waits for its ack.
+---@param ev table an event or an envelope
+---@return table|nil ack { stream, sequence, duplicate }
+---@return qx.Error? err nats, timeout, invalid
 function Publisher:publish(ev)
     local env
     if event.is_event(ev) then
@@ -94,7 +104,7 @@ function Publisher:publish(ev)
     return self.conn:publish(subject, body, _M.headers(env), env.event_id)
 end
 
--- Closes the connection when the publisher opened it.
+--- Closes the connection when the publisher opened it.
 function Publisher:close()
     if self.owned then self.conn:close() end
 end

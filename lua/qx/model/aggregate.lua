@@ -1,4 +1,4 @@
--- Aggregate classes: an instance is a plain table of its own fields whose metatable is its
+--- Aggregate classes: an instance is a plain table of its own fields whose metatable is its
 -- class; recorded events are kept outside it (a weak-keyed side table), so mapping its fields
 -- to a row never sees bookkeeping.
 --
@@ -54,12 +54,17 @@ end
 _M.class_of = class_of
 
 
+--- Whether x is an instance of an aggregate class.
+---@param x any
+---@return boolean
 function _M.is_aggregate(x)
     return class_of(x) ~= nil
 end
 
 
--- the aggregate type name of an instance or a class; nil for anything else
+--- The aggregate type name of an instance or a class; nil for anything else.
+---@param x any
+---@return string|nil
 function _M.type_of(x)
     local class = is_class(x) and x or class_of(x)
     if class == nil then
@@ -74,6 +79,10 @@ end
 local base = {}
 
 
+--- agg:record(ev): keeps an event to be drained at commit (event-sourced: applied too).
+---@param self table the aggregate
+---@param ev table
+---@return table ev
 function base.record(self, ev)
     local class = getmetatable(self) -- class_of(self), inline
     if class == nil or not classes[class] then
@@ -109,7 +118,9 @@ function base.record(self, ev)
 end
 
 
--- the recorded events, oldest first; the instance forgets them
+--- agg:pull_events(): the recorded events, oldest first; the instance forgets them.
+---@param self table the aggregate
+---@return table events
 function base.pull_events(self)
     local class = getmetatable(self) -- class_of(self), inline
     if class == nil or not classes[class] then
@@ -121,7 +132,9 @@ function base.pull_events(self)
 end
 
 
--- a copy of the recorded events, oldest first; the instance keeps them
+--- agg:pending_events(): a copy of the recorded events, oldest first; the instance keeps them.
+---@param self table the aggregate
+---@return table events
 function base.pending_events(self)
     if class_of(self) == nil then
         error("pending_events: call as aggregate:pending_events()", 2)
@@ -141,6 +154,10 @@ end
 -- store, which only reads them before it pulls them.
 local NONE = setmetatable({}, { __newindex = function() error("read-only table", 2) end })
 
+--- The recorded events as the instance keeps them, not a copy (for the event store, which only
+-- reads them before it pulls them).
+---@param self table the aggregate
+---@return table events read-only
 function _M.pending_list(self)
     return pending[self] or NONE
 end
@@ -231,6 +248,9 @@ local class_mt = {
 }
 
 
+--- An aggregate class (qx.aggregate): Class.new{ fields } or Class{ fields } make instances.
+---@param name string the aggregate type
+---@return table class
 function _M.define(name)
     local ok, why = valid_aggregate_type(name)
     if not ok then

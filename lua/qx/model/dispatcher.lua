@@ -1,4 +1,4 @@
--- In-process event dispatcher: handlers run synchronously, in registration order, keyed by
+--- In-process event dispatcher: handlers run synchronously, in registration order, keyed by
 -- event name ("*": every event).
 --
 --   local d = dispatcher.new()
@@ -25,6 +25,8 @@ local class_of = event.class_of
 
 local _M = { _VERSION = "0.1.0" }
 
+--- An in-process dispatcher (qx.dispatcher): handlers by event name, called in order.
+---@class qx.Dispatcher
 local mt = { __index = _M }
 
 local ANY = "*"
@@ -71,12 +73,18 @@ local function is_callable(f)
 end
 
 
+--- A new in-process dispatcher (qx.dispatcher).
+---@return qx.Dispatcher
 function _M.new()
     return setmetatable({ _handlers = {}, _seq = 0 }, mt)
 end
 
 
--- register `handler(ev, ctx)` for `target`; returns the dispatcher, for chaining
+--- Registers handler(ev, ctx) for target; returns the dispatcher, for chaining.
+---@param self qx.Dispatcher
+---@param target any an event name, an event class, or "*" for every event
+---@param handler fun(ev: table, ctx: table)
+---@return qx.Dispatcher
 function _M.on(self, target, handler)
     check_self(self, "on")
     local key = key_of("on", target, false)
@@ -95,8 +103,11 @@ function _M.on(self, target, handler)
 end
 
 
--- unregister `handler` for `target`, or every handler for `target` when `handler` is nil;
--- returns how many registrations were removed
+--- Unregisters handler for target, or every handler for target when handler is nil.
+---@param self qx.Dispatcher
+---@param target any
+---@param handler function|nil
+---@return integer removed
 function _M.off(self, target, handler)
     check_self(self, "off")
     local key = key_of("off", target, false)
@@ -146,8 +157,11 @@ local function entries_for(self, key)
 end
 
 
--- the handlers an event of that name reaches, in call order (a new table); `target` is an
--- event name, an event class, an event, or "*" (only the catch-all handlers)
+--- The handlers an event of that name reaches, in call order (a new table); target is an
+-- event name, an event class, an event, or "*" (only the catch-all handlers).
+---@param self qx.Dispatcher
+---@param target any
+---@return function[]
 function _M.handlers_for(self, target)
     check_self(self, "handlers_for")
     local key = key_of("handlers_for", target, true)
@@ -180,7 +194,11 @@ local function fail(err, ev, index, fn)
 end
 
 
--- call every handler for `ev` with (ev, ctx); returns how many ran
+--- Calls every handler for ev with (ev, ctx).
+---@param self qx.Dispatcher
+---@param ev table
+---@param ctx table|nil
+---@return integer ran
 function _M.publish(self, ev, ctx)
     check_self(self, "publish")
     if not is_event(ev) then

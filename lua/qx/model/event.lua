@@ -1,4 +1,4 @@
--- Event classes and event instances.
+--- Event classes and event instances.
 --
 --   local Deposited = event.define("account.money_deposited", { version = 1 })
 --   local ev = Deposited{ amount = 10 }       -- a plain table: metadata and payload side by side
@@ -117,6 +117,9 @@ end
 _M.class_of = class_of
 
 
+--- Whether x is an event (an instance of an event class).
+---@param x any
+---@return boolean
 function _M.is_event(x)
     local mt = getmetatable(x) -- class_of(x) ~= nil, without the call
     return mt ~= nil and class_by_instance_mt[mt] ~= nil
@@ -131,7 +134,9 @@ _M.is_class = is_class
 local instance_methods = {}
 
 
--- a new table with the payload fields only (shallow copy)
+--- ev:payload(): a new table with the payload fields only (shallow copy).
+---@param self table the event
+---@return table
 function instance_methods.payload(self)
     if class_of(self) == nil then
         error("payload: call as ev:payload()", 2)
@@ -146,7 +151,10 @@ function instance_methods.payload(self)
 end
 
 
--- the wire envelope: every metadata key present, absent optional ids as core.null
+--- ev:envelope(): the wire envelope; every metadata key present, absent optional ids as
+-- qx.null.
+---@param self table the event
+---@return table
 function instance_methods.envelope(self)
     if class_of(self) == nil then
         error("envelope: call as ev:envelope()", 2)
@@ -331,7 +339,10 @@ end
 local class_methods = {}
 
 
--- Class:is(x): x is an instance of exactly this class
+--- Class:is(x): x is an instance of exactly this class.
+---@param class table
+---@param x any
+---@return boolean
 function class_methods.is(class, x)
     if not is_class(class) then
         error("is: call as Class:is(ev)", 2)
@@ -374,6 +385,10 @@ class_mt = {
 local DEFINE_OPTS = { version = true, integration = true }
 
 
+--- An event class (qx.event, qx.integration_event). Raises on a bad name or option.
+---@param name string e.g. "account.money_deposited"
+---@param opts table|nil { version = 1, integration = false }
+---@return table class
 function _M.define(name, opts)
     local ok, why = valid_event_name(name)
     if not ok then
@@ -439,9 +454,12 @@ function _M.define(name, opts)
 end
 
 
--- Rebuild an instance from a decoded envelope (a table as produced by ev:envelope() and
--- core.json_decode). Bad data is a runtime failure: nil and an "invalid" error. Extra top-level
--- keys are ignored, except aggregate_type/aggregate_id, which are kept when present.
+--- Rebuilds an instance from a decoded envelope (as ev:envelope() and the JSON decoder make).
+-- Extra top-level keys are ignored, except aggregate_type/aggregate_id, kept when present.
+---@param class table
+---@param env table
+---@return table|nil event
+---@return qx.Error? err invalid for bad data
 function _M.from_envelope(class, env)
     if not is_class(class) then
         error("from_envelope: expected an event class, got " .. type(class), 2)

@@ -1,4 +1,4 @@
--- Event-sourced aggregates: the state of an instance is the fold of its events.
+--- Event-sourced aggregates: the state of an instance is the fold of its events.
 --
 --   local Account = qx.event_sourced("Account")             -- or ("Account", { strict = true })
 --   Account:on(Deposited, function(self, ev) self.balance = (self.balance or 0) + ev.amount end)
@@ -42,7 +42,9 @@ local function spec_of_instance(self)
 end
 
 
--- the class an instance or a class belongs to, when it is event-sourced
+--- The class an instance or a class belongs to, when it is event-sourced.
+---@param x any
+---@return table|nil class
 function _M.class_of(x)
     if specs[x] then
         return x
@@ -56,12 +58,17 @@ function _M.class_of(x)
 end
 
 
+--- Whether x is an event-sourced class.
+---@param x any
+---@return boolean
 function _M.is_class(x)
     return type(x) == "table" and specs[x] ~= nil
 end
 
 
--- what the event store needs to know about a class
+--- What the event store needs to know about a class.
+---@param class table
+---@return table
 function _M.spec(class)
     return specs[class]
 end
@@ -82,7 +89,11 @@ local function event_key(method, target)
 end
 
 
--- Class:on(EventClass | "event.name", fn(self, ev)) -> Class
+--- Class:on(EventClass | "event.name", fn(self, ev)): the handler that applies an event.
+---@param class table
+---@param target any an event class or name
+---@param fn fun(self: table, ev: table)
+---@return table class
 function methods.on(class, target, fn)
     local spec = specs[class]
     if spec == nil then
@@ -105,7 +116,10 @@ function methods.on(class, target, fn)
 end
 
 
--- Class:handles(EventClass | "event.name") -> boolean
+--- Class:handles(EventClass | "event.name").
+---@param class table
+---@param target any
+---@return boolean
 function methods.handles(class, target)
     local spec = specs[class]
     if spec == nil then
@@ -147,8 +161,13 @@ local function apply(self, spec, ev, stored)
 end
 
 
--- Internal replay used by the event store: applies each event without buffering, checking
--- that stored sequences follow the version. Returns true or nil, err (code "invalid").
+--- Internal replay used by the event store: applies each event without buffering, checking
+-- that stored sequences follow the version.
+---@param self table the instance
+---@param events table
+---@param sequences table
+---@return true|nil ok
+---@return qx.Error? err invalid
 function _M.replay_stored(self, events, sequences)
     local spec = spec_of_instance(self)
     for i = 1, #events do
@@ -167,8 +186,11 @@ function _M.replay_stored(self, events, sequences)
 end
 
 
--- instance:replay(events) -> instance. Applies without buffering; version + 1 per event.
--- Raises on an event that is not an event table, or (strict) one without a handler.
+--- instance:replay(events): applies without buffering; version + 1 per event. Raises on an
+-- event that is not an event table, or (strict) one without a handler.
+---@param self table the instance
+---@param events table
+---@return table instance
 function methods.replay(self, events)
     local spec = spec_of_instance(self)
     if spec == nil then
@@ -191,7 +213,9 @@ function methods.replay(self, events)
 end
 
 
--- instance:snapshot() -> state table (default: every field but id and version)
+--- instance:snapshot(): the state (default: every field but id and version).
+---@param self table the instance
+---@return table state
 function methods.snapshot(self)
     local state = {}
     for k, v in pairs(self) do
@@ -203,7 +227,9 @@ function methods.snapshot(self)
 end
 
 
--- instance:restore(state): puts a snapshot's state back (default: copies the fields)
+--- instance:restore(state): puts a snapshot's state back (default: copies the fields).
+---@param self table the instance
+---@param state table
 function methods.restore(self, state)
     for k, v in pairs(state) do
         if k ~= "id" and k ~= "version" then
@@ -264,7 +290,10 @@ end
 local DEFINE_OPTS = { "strict", "snapshot_version" }
 
 
--- define(name[, { strict = false, snapshot_version = n }]) -> class
+--- An event-sourced aggregate class (qx.event_sourced).
+---@param name string
+---@param opts table|nil { strict = false, snapshot_version = n }
+---@return table class
 function _M.define(name, opts)
     if opts == nil then
         opts = {}

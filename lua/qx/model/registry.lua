@@ -1,4 +1,4 @@
--- qx.registry: which event class a name and version on the wire stand for.
+--- qx.registry: which event class a name and version on the wire stand for.
 --
 --   local reg = qx.registry{ Deposited, Withdrawn }
 --   local ev, err = reg:decode(json_text)                 -- a message body -> an event
@@ -29,6 +29,8 @@ local null = core.null
 
 local _M = { _VERSION = "0.1.0" }
 
+--- Event name + version -> class, for consumers (qx.registry).
+---@class qx.Registry
 local Registry = {}
 Registry.__index = Registry
 _M.Registry = Registry
@@ -65,7 +67,9 @@ local function add(self, class)
     return class
 end
 
--- registry([classes]) -> a new registry holding the classes of the list
+--- A new registry holding the classes of the list (qx.registry).
+---@param classes table|nil event classes
+---@return qx.Registry
 function _M.new(classes)
     if classes ~= nil and type(classes) ~= "table" then
         error("qx.registry: expected a list of event classes, got " .. type(classes), 2)
@@ -82,7 +86,9 @@ function _M.new(classes)
     return self
 end
 
--- reg:register(Class, ...) -> the first class (so `local E = reg:register(qx.event(...))` reads)
+--- Registers classes; returns the first (so `local E = reg:register(qx.event(...))` reads).
+---@param ... table event classes
+---@return table class
 function Registry:register(...)
     check_self(self, "register")
     local n = select("#", ...)
@@ -101,8 +107,11 @@ local function check_version(version)
     return version
 end
 
--- reg:get(name[, version]) -> class | nil, err
--- Without a version: the highest version registered under the name.
+--- Without a version: the highest version registered under the name.
+---@param name string
+---@param version integer|nil
+---@return table|nil class
+---@return qx.Error? err not_found
 function Registry:get(name, version)
     check_self(self, "get")
     if type(name) ~= "string" then
@@ -128,19 +137,26 @@ function Registry:get(name, version)
     return class
 end
 
--- reg:latest(name) -> class | nil, err
+--- The highest version registered under the name.
+---@param name string
+---@return table|nil class the highest version
+---@return qx.Error? err not_found
 function Registry:latest(name)
     check_self(self, "latest")
     return self:get(name)
 end
 
--- reg:has(name[, version]) -> boolean
+--- Whether the name (at that version) is registered.
+---@param name string
+---@param version integer|nil
+---@return boolean
 function Registry:has(name, version)
     check_self(self, "has")
     return (self:get(name, version)) ~= nil
 end
 
--- reg:names() -> sorted list of registered event names
+--- The registered event names.
+---@return string[] names sorted
 function Registry:names()
     check_self(self, "names")
     local out = {}
@@ -149,7 +165,9 @@ function Registry:names()
     return out
 end
 
--- reg:versions(name) -> sorted list of the versions registered under name (empty when none)
+--- The versions registered under a name.
+---@param name string
+---@return integer[] versions sorted (empty when none)
 function Registry:versions(name)
     check_self(self, "versions")
     local out = {}
@@ -158,16 +176,21 @@ function Registry:versions(name)
     return out
 end
 
--- reg:count() -> number of classes registered, number of names
+--- How many classes and names are registered.
+---@return integer classes
+---@return integer names
 function Registry:count()
     check_self(self, "count")
     return self._count, self._count_names
 end
 
--- reg:from_envelope(env[, { latest = true }]) -> event | nil, err
--- The class is looked up by the envelope's event_name and event_version. With latest = true an
+--- The class is looked up by the envelope's event_name and event_version. With latest = true an
 -- envelope whose version is not registered is rebuilt with the highest registered version of
 -- its name (the event keeps the version it was published with).
+---@param env table a decoded envelope
+---@param opts table|nil { latest = false }
+---@return table|nil event
+---@return qx.Error? err not_found, invalid
 function Registry:from_envelope(env, opts)
     check_self(self, "from_envelope")
     if opts ~= nil and type(opts) ~= "table" then
@@ -194,7 +217,11 @@ function Registry:from_envelope(env, opts)
     return event.from_envelope(class, env)
 end
 
--- reg:decode(text[, opts]) -> event | nil, err   (a JSON envelope, e.g. a message body)
+--- An event from a JSON envelope (e.g. a message body).
+---@param text string
+---@param opts table|nil as from_envelope
+---@return table|nil event
+---@return qx.Error? err invalid, not_found
 function Registry:decode(text, opts)
     check_self(self, "decode")
     if type(text) ~= "string" then
@@ -207,6 +234,8 @@ function Registry:decode(text, opts)
     return self:from_envelope(env, opts)
 end
 
+--- A short description, for logs.
+---@return string
 function Registry:__tostring()
     return fmt("qx.registry (%d classes, %d names)", self._count, self._count_names)
 end

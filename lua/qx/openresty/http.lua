@@ -1,4 +1,4 @@
--- Internal to qx.openresty: the HTTP helpers of a request: error code -> status, the JSON
+--- Internal to qx.openresty: the HTTP helpers of a request: error code -> status, the JSON
 -- body of an error, respond() and read_json().
 local qx_error = require "qx.error"
 local plain = require "qx.openresty.plain"
@@ -20,6 +20,10 @@ _M.HTTP_STATUS = {
     timeout = 504,
 }
 
+--- The HTTP status of an error: conflict 409, invalid 422, not_found 404, timeout 504, else 500
+-- (err.http_status wins).
+---@param e any
+---@return integer
 function _M.http_status(e)
     if type(e) ~= "table" then return 500 end
     local s = e.http_status
@@ -31,8 +35,10 @@ end
 local SHOWN = { "sqlstate", "details", "field", "setting", "id", "expected_version",
                 "actual_version" }
 
--- The JSON body of an error: { error = { code, message, sqlstate?, details?, ... } }. A raised
--- Lua error (code "error") says only "internal error": its message may hold file paths and code.
+--- The JSON body of an error: { error = { code, message, sqlstate?, details?, ... } }. A raised
+-- Lua error (code "error") says only "internal error": its message may hold paths and code.
+---@param e any
+---@return table
 function _M.error_body(e)
     e = as_error(e)
     local body = { code = e.code, message = e.message }
@@ -74,9 +80,11 @@ local function send(status, body)
     return ngx.exit(ngx.status)
 end
 
--- respond(res, err[, status]): sends res as JSON with status (default 200; 204 when res is
--- nil), or the error with http_status(err) and error_body(err). 5xx errors are logged with
--- their full message and traceback.
+--- Sends res as JSON with status (default 200; 204 when res is nil), or the error with
+-- http_status(err) and error_body(err). 5xx errors are logged with message and traceback.
+---@param res any
+---@param e any|nil
+---@param status integer|nil
 function _M.respond(res, e, status)
     local ngx = ngx
     if e ~= nil then
@@ -92,10 +100,11 @@ function _M.respond(res, e, status)
     return send(status or 200, res)
 end
 
--- read_json() -> table | nil, err: the request body as a JSON object. A missing, oversized
--- or malformed body, or one that is JSON but not an object ([1,2], "x", 42, null), is an
--- "invalid" error with http_status 400 (413 when nginx spooled the
--- body to a file: raise client_body_buffer_size up to client_max_body_size to accept it).
+--- The request body as a JSON object. A missing, oversized or malformed body, or JSON that is
+-- not an object, is "invalid" with http_status 400 (413 when nginx spooled the body to a
+-- file: raise client_body_buffer_size up to client_max_body_size to accept it).
+---@return table|nil body
+---@return qx.Error? err invalid
 function _M.read_json()
     local ngx = ngx
     ngx.req.read_body()

@@ -1,4 +1,4 @@
--- Internal to qx.openresty: what may cross between Lua VMs (plain data), and errors made
+--- Internal to qx.openresty: what may cross between Lua VMs (plain data), and errors made
 -- plain for the crossing and back into the qx shape.
 local core = require "qx.core"
 local qx_error = require "qx.error"
@@ -59,7 +59,11 @@ local function check_plain(v, path, on_path, depth)
     return true
 end
 
--- is_plain(v[, name]) -> true | nil, why
+--- Whether v is plain data (what may cross to or from a worker thread).
+---@param v any
+---@param name string|nil how the value is named in the reason
+---@return true|nil ok
+---@return string? why
 function _M.is_plain(v, name)
     return check_plain(v, name or "value", {}, 0)
 end

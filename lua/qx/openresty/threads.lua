@@ -1,4 +1,4 @@
--- Internal to qx.openresty: the thread bridge. handlers() wraps command handlers in the thread
+--- Internal to qx.openresty: the thread bridge. handlers() wraps command handlers in the thread
 -- VM; run() calls one from a request through ngx.run_worker_thread, at most `concurrency` calls
 -- of one pool at a time per worker. See docs/openresty.md.
 local qx_error = require "qx.error"
@@ -34,16 +34,14 @@ local function pack(...)
     return { n = select("#", ...), ... }
 end
 
--- handlers(fns, opts) -> module table for ngx.run_worker_thread
---   fns:  { name = function(db, command, context) -> result | nil, err }
---   opts: db      = qx.connect options (default pool_size 2: a thread VM runs one call at a
---                   time; the second connection serves a nested unit of work)
---         connect = function() -> db | nil, err, instead of db (e.g. to set a dispatcher)
---         db = false: the handlers use no database (they get nil for db)
--- The returned table has one function per handler. Each connects on its first call in a VM
--- (a failed connect is retried by the next call), runs the handler, and returns MARK, true,
--- result or MARK, false, error. A raised error (a qx error or anything else) becomes an error
--- return; the result must be plain data.
+--- The module table for ngx.run_worker_thread: one function per handler. Each connects on its
+-- first call in a VM (a failed connect is retried by the next call), runs the handler, and
+-- returns MARK, true, result or MARK, false, error; a raised error becomes an error return;
+-- the result must be plain data. opts.db: qx.connect options (default pool_size 2), or false
+-- for no database; opts.connect: fn() -> db | nil, err instead of db.
+---@param fns table { name = function(db, command, context) -> result | nil, err }
+---@param opts table|nil { db, connect }
+---@return table module
 function _M.handlers(fns, opts)
     if type(fns) ~= "table" then
         error("qx.openresty.handlers: expected a table of functions", 2)
@@ -120,9 +118,10 @@ end
 local limits = {}  -- pool name -> { concurrency =, queue_timeout = }
 local gates = {}   -- pool name -> ngx.semaphore, per worker, made on first use
 
--- thread_pool(name, { concurrency = 8, queue_timeout = 30 }): how many calls of this pool one
--- worker runs at once and how long (seconds) a call waits for its turn. Call it in
--- init_by_lua (or before the first run of that pool in each worker).
+--- How many calls of this pool one worker runs at once and how long (seconds) a call waits for
+-- its turn. Call it in init_by_lua (or before the first run of that pool in each worker).
+---@param name string the nginx thread pool
+---@param opts table|nil { concurrency = 8, queue_timeout = 30 }
 function _M.thread_pool(name, opts)
     if type(name) ~= "string" or name == "" then
         error("qx.openresty.thread_pool: name must be a non-empty string", 2)
@@ -246,9 +245,15 @@ local function translate(msg, pool, module, func)
     return qx_error.new("error", fmt("handler %s.%s failed: %s", module, func, msg))
 end
 
--- run(pool, module, func, command[, context]) -> result | nil, err
--- Runs module.func(command, context) on a thread of the nginx thread pool `pool`. Call it
+--- Runs module.func(command, context) on a thread of the nginx thread pool `pool`. Call it
 -- where the request may yield (rewrite, access, content phases; ngx.timer callbacks).
+---@param pool string
+---@param module string the module name the thread requires
+---@param func string the handler's name
+---@param command any plain data
+---@param context table|nil plain data
+---@return any|nil result
+---@return qx.Error? err timeout when the queue wait runs out
 function _M.run(pool, module, func, command, context)
     if type(pool) ~= "string" or pool == "" then
         error("qx.openresty.run: pool must be a thread pool name", 2)
@@ -290,7 +295,8 @@ function _M.run(pool, module, func, command, context)
     return r[3]
 end
 
--- For the request side's own diagnostics: the calls in flight and waiting per pool.
+--- For the request side's own diagnostics: the calls in flight and waiting per pool.
+---@return table
 function _M.stats()
     local out = {}
     for name, gate in pairs(gates) do

@@ -1,4 +1,4 @@
--- qx.connect: a pool of PostgreSQL connections and the entry points that use it.
+--- qx.connect: a pool of PostgreSQL connections and the entry points that use it.
 local core = require "qx.core"
 local settings = require "qx.settings"
 local options = require "qx.options"
@@ -10,18 +10,34 @@ local error = error
 
 local _M = { _VERSION = "0.1.0" }
 
+--- A pool of PostgreSQL connections (qx.connect).
+---@class qx.Db
+---@field settings table the settings in use (durations in ms)
+---@field dispatcher qx.Dispatcher? the default dispatcher of its units of work
 local Db = {}
 Db.__index = Db
+
+--- Options of qx.connect; left out: QX_DB__* variables, then defaults.
+---@class qx.ConnectOptions
+---@field url string? postgresql://... or a libpq conninfo (QX_DB__URL)
+---@field pool_size integer? connections in the pool (QX_DB__POOL_SIZE, default 10)
+---@field pool_timeout_seconds number? wait for a free connection (default 30)
+---@field pool_recycle_seconds number? replace connections older than this (default 1800)
+---@field statement_timeout_ms integer? server-side statement timeout (default 10000; 0 none)
+---@field connect_timeout_seconds number? connection attempt timeout (default 10; 0 none)
+---@field cursor_key string? key that signs repository cursors (QX_CURSOR_KEY)
+---@field dispatcher qx.Dispatcher? default dispatcher of units of work
 
 -- options of qx.connect besides the settings of qx.settings
 local KNOWN = { dispatcher = true }
 for k in pairs(settings.DB_OPTIONS) do KNOWN[k] = true end
 
--- connect(opts) -> db | nil, err
--- opts: url, pool_size, pool_timeout_seconds, pool_recycle_seconds, statement_timeout_ms,
---       connect_timeout_seconds, dispatcher (default for units of work), cursor_key.
--- Options left out come from QX_DB__* variables, then defaults. The first connection is
--- opened at once, so a wrong url, refused connection or bad password is reported here.
+--- A pool of PostgreSQL connections (qx.connect). Options left out come from QX_DB__*
+-- variables, then defaults (docs/settings.md). The first connection is opened at once, so a
+-- wrong url, refused connection or bad password is reported here (connection, invalid).
+---@param opts qx.ConnectOptions|nil
+---@return qx.Db|nil db
+---@return qx.Error? err
 function _M.connect(opts)
     if opts ~= nil and type(opts) ~= "table" then
         error("qx.connect: options must be a table", 2)
@@ -61,13 +77,19 @@ function _M.connect(opts)
     }, Db)
 end
 
--- Leases a connection; the caller releases it (conn:release()). For code that needs one
--- connection for a while: LISTEN, a relay, a migration.
+--- Leases a connection; the caller releases it (conn:release()). For code that needs one
+-- connection for a while: LISTEN, a relay, a migration, conn:script(sql).
+---@return userdata|nil conn
+---@return qx.Error? err timeout when the pool stays busy
 function Db:acquire()
     return self.pool:acquire()
 end
 
--- db:query(sql, ...) -> rows | nil, err (its own connection, autocommit)
+--- Runs one statement on a connection of its own, autocommit. NULL columns read as qx.null.
+---@param sql string one statement, parameters as $1, $2, ...
+---@param ... any the parameters
+---@return table|nil rows
+---@return qx.Error|integer err the error, or the affected row count
 function Db:query(sql, ...)
     if type(sql) ~= "string" then error("db:query: sql must be a string", 2) end
     local conn, e = self.pool:acquire()
@@ -77,8 +99,11 @@ function Db:query(sql, ...)
     return rows, affected
 end
 
--- db:rows(sql, ...) -> rows, affected | nil, err: as db:query, with the NULL columns of a row
--- left out (they read as nil, not core.null)
+--- As db:query, with the NULL columns of a row left out (they read as nil, not qx.null).
+---@param sql string
+---@param ... any the parameters
+---@return table|nil rows
+---@return qx.Error|integer err the error, or the affected row count
 function Db:rows(sql, ...)
     if type(sql) ~= "string" then error("db:rows: sql must be a string", 2) end
     local conn, e = self.pool:acquire()
@@ -88,9 +113,13 @@ function Db:rows(sql, ...)
     return rows, affected
 end
 
--- db:rows_upto(max, sql, ...) -> rows, count | nil, err: db:rows with only the first max rows
--- made into tables; count is every row the statement returned (a page reads one row more than
--- it shows, to know whether another follows)
+--- db:rows with only the first max rows made into tables; count is every row the statement
+-- returned (a page reads one row more than it shows, to know whether another follows).
+---@param max integer
+---@param sql string
+---@param ... any the parameters
+---@return table|nil rows
+---@return qx.Error|integer err the error, or count
 function Db:rows_upto(max, sql, ...)
     if type(sql) ~= "string" then error("db:rows_upto: sql must be a string", 2) end
     local conn, e = self.pool:acquire()
@@ -100,7 +129,11 @@ function Db:rows_upto(max, sql, ...)
     return rows, count
 end
 
--- db:exec(sql, ...) -> affected row count | nil, err
+--- Runs one statement for its effect.
+---@param sql string
+---@param ... any the parameters
+---@return integer|nil affected row count
+---@return qx.Error? err
 function Db:exec(sql, ...)
     if type(sql) ~= "string" then error("db:exec: sql must be a string", 2) end
     local rows, affected = self:query(sql, ...)
@@ -108,10 +141,13 @@ function Db:exec(sql, ...)
     return affected
 end
 
--- db:xact_status(xid[, timeline]) -> "committed" | "aborted" | "in progress" | "unknown"
--- | nil, err: what became of a transaction, asked on a connection of the pool (err.xid and
--- err.timeline of an unknown_outcome). "unknown": the server no longer knows the id, or it is
--- on another timeline than the one the id was learned on.
+--- What became of a transaction (err.xid and err.timeline of an unknown_outcome), asked on a
+--- connection of the pool. "unknown": the server no longer knows the id, or it is on another
+--- timeline than the one the id was learned on.
+---@param xid string the transaction id
+---@param timeline string|nil the timeline the id was learned on
+---@return string|nil status "committed", "aborted", "in progress" or "unknown"
+---@return qx.Error? err
 function Db:xact_status(xid, timeline)
     if type(xid) ~= "string" then error("db:xact_status: xid must be a string", 2) end
     if timeline ~= nil and type(timeline) ~= "string" then
@@ -127,17 +163,24 @@ end
 
 local uow_run -- qx.uow, required on first use
 
--- db:unit_of_work(fn, opts): see qx.uow
+--- Runs fn(uow) in one transaction; see qx.store.uow and docs/unit-of-work.md. Any error rolls
+-- everything back.
+---@param fn fun(uow: qx.Uow): any
+---@param opts qx.UnitOfWorkOptions|nil
+---@return any result what fn returned (true for nothing), or nil
+---@return qx.Error? err conflict, invalid, timeout, connection, db, or error for a raised Lua error
 function Db:unit_of_work(fn, opts)
     if not uow_run then uow_run = require("qx.store.uow").run end
     return uow_run(self, fn, opts)
 end
 
+--- The pool's figures.
+---@return table stats { size, open, idle, in_use, waiting, created, replaced }
 function Db:stats()
     return self.pool:stats()
 end
 
--- Closes idle connections; connections still leased close when released.
+--- Closes idle connections; connections still leased close when released.
 function Db:close()
     self.pool:close()
 end

@@ -1,4 +1,4 @@
--- qx.migrate(db): applies the steps of qx.migrations that the database has not seen.
+--- qx.migrate(db): applies the steps of qx.migrations that the database has not seen.
 -- Idempotent, and safe when several processes run it at once: the whole run holds a
 -- transaction-scoped advisory lock, so a second runner waits and then finds nothing to do.
 local steps = require "qx.store.migrations"
@@ -51,9 +51,13 @@ CREATE TABLE IF NOT EXISTS qx_schema_migrations (
     return applied
 end
 
--- migrate(db[, opts]) -> { applied = { versions... }, current = n } | nil, err
 local MIGRATE_OPTIONS = { "steps" }
 
+--- Applies the steps of qx.migrations that the database has not seen (qx.migrate).
+---@param db qx.Db
+---@param opts table|nil { steps = list } instead of qx's own steps
+---@return table|nil result { applied = { versions... }, current = n }
+---@return qx.Error? err
 function _M.run(db, opts)
     opts = options.check(opts, MIGRATE_OPTIONS, "qx.migrate")
     local list = opts.steps or steps
@@ -74,7 +78,10 @@ function _M.run(db, opts)
     return { applied = applied, current = current }
 end
 
--- The versions applied so far, for `qx migrate --status`.
+--- The versions applied so far, for `qx migrate --status`.
+---@param db qx.Db
+---@return table|nil rows { { version, name, applied_at }... }
+---@return qx.Error? err
 function _M.status(db)
     local rows, e = db:query([[
 SELECT version, name, applied_at::text AS applied_at FROM qx_schema_migrations ORDER BY version]])

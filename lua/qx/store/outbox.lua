@@ -1,4 +1,4 @@
--- qx.outbox(db): the transactional outbox table as a repository (python-outbox-core's
+--- qx.outbox(db): the transactional outbox table as a repository (python-outbox-core's
 -- IOutboxRepository and more). Rows are written by units of work; a relay reads and marks them.
 --
 -- A row is pending while published_at and dead_at are both NULL. A failed attempt
@@ -19,6 +19,8 @@ local floor = math.floor
 
 local _M = { _VERSION = "0.1.0" }
 
+--- The outbox table (qx.outbox).
+---@class qx.Outbox
 local Outbox = {}
 Outbox.__index = Outbox
 
@@ -29,6 +31,9 @@ local ROW_COLUMNS = [[id::text AS id, event_name, event_version, payload,
     published_at::text AS published_at, attempts, last_error, seq, partition_key,
     next_attempt_at::text AS next_attempt_at, dead_at::text AS dead_at]]
 
+--- The outbox of a database (qx.outbox).
+---@param db qx.Db
+---@return qx.Outbox
 function _M.new(db)
     if type(db) ~= "table" or not db.pool then
         error("qx.outbox: expected a db from qx.connect", 2)
@@ -58,8 +63,10 @@ local function id_list(ids)
     return "{" .. table.concat(ids, ",") .. "}", #ids
 end
 
--- get_unpublished{ limit = 100, offset = 0, include_scheduled = false } -> rows, oldest first.
--- By default rows waiting for their next attempt are left out.
+--- Pending rows, oldest first. By default rows waiting for their next attempt are left out.
+---@param opts table|nil { limit = 100, offset = 0, include_scheduled = false }
+---@return table|nil rows
+---@return qx.Error? err
 function Outbox:get_unpublished(opts)
     opts = options.check(opts, { "limit", "offset", "include_scheduled" }, "get_unpublished")
     local limit = check_limit(opts.limit, "limit", 100, MAX_LIMIT)
@@ -72,6 +79,9 @@ WHERE published_at IS NULL AND dead_at IS NULL]] ..
     return self.db:query(sql, limit, offset)
 end
 
+--- How many rows are pending (scheduled ones included).
+---@return integer|nil pending rows
+---@return qx.Error? err
 function Outbox:count_unpublished()
     local rows, e = self.db:query(
         "SELECT count(*) AS n FROM qx_outbox_events WHERE published_at IS NULL AND dead_at IS NULL")
@@ -79,7 +89,10 @@ function Outbox:count_unpublished()
     return rows[1].n
 end
 
--- mark_published(id | { ids }) -> number of rows marked
+--- Marks rows published.
+---@param ids string|table an id or a list of ids
+---@return integer|nil number of rows marked
+---@return qx.Error? err
 function Outbox:mark_published(ids)
     local list, e = id_list(ids)
     if not list then return nil, e end
@@ -88,9 +101,13 @@ UPDATE qx_outbox_events SET published_at = now(), next_attempt_at = NULL
 WHERE id = ANY($1::uuid[]) AND published_at IS NULL]], list)
 end
 
--- record_failure(id, message[, { base_delay_ms = 500, max_delay_ms = 60000, max_attempts = nil }])
--- A retryable failure: attempts + 1, last_error kept, next attempt after an exponential backoff;
+--- A retryable failure: attempts + 1, last_error kept, next attempt after an exponential backoff;
 -- with max_attempts, the row is dead-lettered once it has failed that many times.
+---@param id string
+---@param message string
+---@param opts table|nil { base_delay_ms = 500, max_delay_ms = 60000, max_attempts = nil }
+---@return integer|nil rows updated (0: no such pending row)
+---@return qx.Error? err
 function Outbox:record_failure(id, message, opts)
     opts = options.check(opts, { "base_delay_ms", "max_delay_ms", "max_attempts" },
                          "record_failure")
@@ -109,7 +126,11 @@ WHERE id = $1 AND published_at IS NULL AND dead_at IS NULL]],
         id, tostring(message or ""), base, max, max_attempts)
 end
 
--- mark_failed(id, message): dead-letters the row now (it is no longer pending).
+--- Dead-letters the row now (it is no longer pending).
+---@param id string
+---@param message string
+---@return integer|nil rows marked
+---@return qx.Error? err
 function Outbox:mark_failed(id, message)
     if not is_uuid(id) then return nil, err.new("invalid", "id is not a uuid: " .. tostring(id)) end
     return self.db:exec([[
@@ -117,7 +138,10 @@ UPDATE qx_outbox_events SET attempts = attempts + 1, last_error = left($2, 2048)
 WHERE id = $1 AND published_at IS NULL AND dead_at IS NULL]], id, tostring(message or ""))
 end
 
--- get_dead{ limit, offset } -> dead letters, oldest first
+--- Dead letters, oldest first.
+---@param opts table|nil { limit = 100, offset = 0 }
+---@return table|nil rows
+---@return qx.Error? err
 function Outbox:get_dead(opts)
     opts = options.check(opts, { "limit", "offset" }, "get_dead")
     local limit = check_limit(opts.limit, "limit", 100, MAX_LIMIT)
@@ -127,7 +151,10 @@ function Outbox:get_dead(opts)
         limit, offset)
 end
 
--- retry_dead(id | { ids } | nil) -> rows made pending again (nil: every dead letter)
+--- Makes dead letters pending again.
+---@param ids string|table|nil an id, a list, or nil for every dead letter
+---@return integer|nil rows made pending
+---@return qx.Error? err
 function Outbox:retry_dead(ids)
     if ids == nil then
         return self.db:exec([[
@@ -141,8 +168,10 @@ UPDATE qx_outbox_events SET dead_at = NULL, next_attempt_at = NULL, attempts = 0
 WHERE dead_at IS NOT NULL AND id = ANY($1::uuid[])]], list)
 end
 
--- purge{ published_before = "2026-01-01T00:00:00Z" | older_than_seconds = n } -> rows deleted.
--- Only published rows are purged; pending and dead rows stay.
+--- Deletes published rows; pending and dead rows stay.
+---@param opts table { published_before = "2026-01-01T00:00:00Z" } or { older_than_seconds = n }
+---@return integer|nil rows deleted
+---@return qx.Error? err
 function Outbox:purge(opts)
     if type(opts) ~= "table" then error("purge: expected { published_before = ... }", 2) end
     options.check(opts, { "published_before", "older_than_seconds" }, "purge")
@@ -163,7 +192,10 @@ WHERE published_at IS NOT NULL AND published_at < now() - make_interval(secs => 
     error("purge: give published_before or older_than_seconds", 2)
 end
 
--- status() -> { pending, scheduled, dead, published, oldest_pending_age_seconds, max_attempts }
+--- Rows by state: { pending, scheduled, dead, published, oldest_pending_age_seconds,
+-- max_attempts }.
+---@return table|nil status
+---@return qx.Error? err
 function Outbox:status()
     local rows, e = self.db:query([[
 SELECT count(*) FILTER (WHERE published_at IS NULL AND dead_at IS NULL) AS pending,

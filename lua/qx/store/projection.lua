@@ -1,4 +1,4 @@
--- Projections: read models kept up to date from the event store, exactly once.
+--- Projections: read models kept up to date from the event store, exactly once.
 --
 --   local balances = qx.projection{ name = "account_balances", db = db,
 --       handlers = { [Deposited] = function(ev, uow) ... end },
@@ -37,6 +37,20 @@ local dec = store_mod.dec
 
 local _M = { _VERSION = "0.1.0" }
 
+--- Options of qx.projection. on_progress gets { name, applied, elapsed_seconds, rate,
+-- global_position, remaining } at most every progress_interval_seconds; false: no report.
+---@class qx.ProjectionOptions
+---@field name string the checkpoint's name (required)
+---@field db qx.Db (required)
+---@field handlers table { [EventClass or "event.name"] = fn(ev, uow) } (required)
+---@field aggregate_type string? only this aggregate type's events
+---@field batch_size integer? events per unit of work (500)
+---@field reset (fun(uow: qx.Uow))? empties the read model, for rebuild()
+---@field on_progress (fun(info: table)|false)? long catch-ups: default a line on stderr
+---@field progress_interval_seconds number? (5)
+
+--- A projection (qx.projection).
+---@class qx.Projection
 local Projection = {}
 Projection.__index = Projection
 _M.Projection = Projection
@@ -114,8 +128,10 @@ local OPTS = { name = true, db = true, handlers = true, aggregate_type = true, b
                reset = true, on_progress = true, progress_interval_seconds = true }
 
 
--- new{ name, db, handlers, aggregate_type?, batch_size = 500, reset?, on_progress?,
---      progress_interval_seconds = 5 }
+--- A projection: a read model fed from the event store, exactly once (qx.projection).
+-- Raises on bad options. See docs/projections.md.
+---@param opts qx.ProjectionOptions
+---@return qx.Projection
 function _M.new(opts)
     if type(opts) ~= "table" then
         error("qx.projection: expected a table of options", 2)
@@ -308,9 +324,10 @@ local function remaining(self)
 end
 
 
--- p:catch_up() -> events applied, { withheld = bool } | nil, err
--- Applies batches until one comes back short: everything readable now is applied. withheld
+--- Applies batches until one comes back short: everything readable now is applied. withheld
 -- is true when committed events wait behind an open transaction (store:stall() says which).
+---@return integer|nil applied events applied
+---@return table|qx.Error info { withheld = boolean }, or the error
 function Projection:catch_up()
     check(self, "catch_up")
     local ok, e = ensure(self)
@@ -359,20 +376,21 @@ function Projection:catch_up()
 end
 
 
--- p:stop(): a running run() or catch_up() returns after the current batch (call it from a
--- handler, on_progress, or the stop function given to run)
+--- A running run() or catch_up() returns after the current batch (call it from a handler,
+-- on_progress, or the stop function given to run).
 function Projection:stop()
     check(self, "stop")
     self._stopping = true
 end
 
 
--- p:run{ poll_ms = 1000, stop = fn() -> bool, max_seconds = n } -> events applied | nil, err
--- Catches up, then sleeps on LISTEN qx_events until an append commits (or poll_ms passes) and
+--- Catches up, then sleeps on LISTEN qx_events until an append commits (or poll_ms passes) and
 -- catches up again, until stop() returns true, p:stop() is called, or max_seconds pass. While
--- committed events are withheld behind an open transaction it polls sooner (10 ms, doubling
--- up to poll_ms), since that transaction's end sends no notification when it wrote no events.
--- A database error ends the run with nil, err; the checkpoint keeps what was applied.
+-- events are withheld behind an open transaction it polls sooner (10 ms, doubling up to
+-- poll_ms). A database error ends the run with nil, err; the checkpoint keeps what was applied.
+---@param opts table|nil { poll_ms = 1000, stop = fn() -> boolean, max_seconds = n }
+---@return integer|nil applied events applied
+---@return qx.Error? err
 function Projection:run(opts)
     check(self, "run")
     if opts ~= nil and type(opts) ~= "table" then
@@ -441,9 +459,10 @@ function Projection:run(opts)
 end
 
 
--- p:rebuild() -> events applied | nil, err
--- In one transaction: reset(uow) (when given) and the checkpoint back to the start; then a
+--- In one transaction: reset(uow) (when given) and the checkpoint back to the start; then a
 -- catch-up replays every event. Without reset, handlers replay over the read model as it is.
+---@return integer|nil applied events applied
+---@return qx.Error? err
 function Projection:rebuild()
     check(self, "rebuild")
     local ok, e = ensure(self)
@@ -471,8 +490,10 @@ function Projection:rebuild()
 end
 
 
--- p:status() -> { name, checkpoint, global_position, events_applied, updated_at, rebuilt_at,
---                 behind } | nil, err    (behind: events with a handler not applied yet)
+--- { name, checkpoint, global_position, events_applied, updated_at, rebuilt_at, behind };
+-- behind counts the events with a handler not applied yet.
+---@return table|nil status
+---@return qx.Error? err
 function Projection:status()
     check(self, "status")
     local ok, e = ensure(self)

@@ -1,4 +1,4 @@
--- The unit of work: one transaction around a command handler.
+--- The unit of work: one transaction around a command handler.
 --
 --   local result, err = db:unit_of_work(function(uow) ... return result end, {
 --       context = { tenant_id =, user_id =, correlation_id =, causation_id = },
@@ -47,6 +47,20 @@ SELECT (e->'envelope'->>'event_id')::uuid, e->'envelope'->>'event_name',
 FROM jsonb_array_elements($1::jsonb) AS e)
 SELECT ]] .. core.TX_ID_COLUMNS
 
+--- Options of db:unit_of_work.
+---@class qx.UnitOfWorkOptions
+---@field context table? { tenant_id, user_id, correlation_id, causation_id }: stamped on events
+---@field dispatcher qx.Dispatcher? default: the db's
+---@field statement_timeout_ms integer? SET LOCAL when it differs from the db's
+---@field pre_commit (fun(uow: qx.Uow))? before COMMIT; raising rolls back
+---@field post_commit (fun(uow: qx.Uow))? after COMMIT; errors go to on_hook_error
+---@field pre_rollback (fun(uow: qx.Uow, err: qx.Error))? before ROLLBACK
+---@field post_rollback (fun(uow: qx.Uow, err: qx.Error))? after ROLLBACK
+---@field on_hook_error (fun(err: qx.Error, name: string))? default: a line on stderr
+
+--- A unit of work: one transaction around a command handler.
+---@class qx.Uow
+---@field context table { tenant_id, user_id, correlation_id, causation_id }
 local Uow = {}
 Uow.__index = Uow
 _M.Uow = Uow
@@ -84,43 +98,62 @@ end
 local check_open = internal.check_open
 local stamp = internal.stamp
 
--- uow:query(sql, ...) -> rows, affected | nil, err   (sends the queue first, same round trip)
+--- Runs a statement in the transaction (the queue is sent first, in the same round trip).
+---@param sql string
+---@param ... any the parameters
+---@return table|nil rows
+---@return qx.Error|integer err the error, or the affected row count
 function Uow:query(sql, ...)
     check_open(self, 2)
     if type(sql) ~= "string" then error("uow:query: sql must be a string", 2) end
     return self._tx:query(sql, ...)
 end
 
--- uow:exec(sql, ...) -> affected | nil, err
+--- Runs a statement in the transaction for its effect.
+---@param sql string
+---@param ... any the parameters
+---@return integer|nil affected
+---@return qx.Error? err
 function Uow:exec(sql, ...)
     check_open(self, 2)
     if type(sql) ~= "string" then error("uow:exec: sql must be a string", 2) end
     return self._tx:exec(sql, ...)
 end
 
--- uow:rows(sql, ...) -> rows, affected | nil, err: as uow:query, with the NULL columns of a row
--- left out (they read as nil, not core.null) - what an entity wants, and fewer slots to fill.
+--- As uow:query, with the NULL columns of a row left out (they read as nil, not qx.null).
+---@param sql string
+---@param ... any the parameters
+---@return table|nil rows
+---@return qx.Error|integer err the error, or the affected row count
 function Uow:rows(sql, ...)
     check_open(self, 2)
     return self._tx:rows(sql, ...)
 end
 
--- uow:rows_upto(max, sql, ...) -> rows, count | nil, err: uow:rows with only the first max rows
--- made into tables; count is every row the statement returned (a page reads one more than it
--- shows to know whether another follows).
+--- uow:rows with only the first max rows made into tables; count is every row the statement
+-- returned (a page reads one more than it shows to know whether another follows).
+---@param max integer
+---@param sql string
+---@param ... any the parameters
+---@return table|nil rows
+---@return qx.Error|integer err the error, or count
 function Uow:rows_upto(max, sql, ...)
     check_open(self, 2)
     return self._tx:rows_upto(max, sql, ...)
 end
 
--- uow:queue(sql, ...): sent with the next read or at commit; a failure fails the unit of work.
+--- Queues a statement: sent with the next read or at commit; a failure fails the unit of work.
+---@param sql string
+---@param ... any the parameters
 function Uow:queue(sql, ...)
     check_open(self, 2)
     if type(sql) ~= "string" then error("uow:queue: sql must be a string", 2) end
     return self._tx:queue(sql, ...)
 end
 
--- Sends whatever is queued now (e.g. to see a failure before doing more work).
+--- Sends whatever is queued now (e.g. to see a failure before doing more work).
+---@return true|nil ok
+---@return qx.Error? err
 function Uow:flush()
     check_open(self, 2)
     return self._tx:flush()
@@ -128,8 +161,10 @@ end
 
 -- ---- aggregates and events ----------------------------------------------------------------
 
--- uow:track(aggregate): its events are drained and dispatched at commit. Tracking twice is a
--- no-op. Returns the aggregate.
+--- Tracks an aggregate: its events are drained and dispatched at commit. Tracking twice is a
+-- no-op.
+---@param agg table an aggregate instance
+---@return table agg the aggregate
 function Uow:track(agg)
     check_open(self, 2)
     if not aggregate.is_aggregate(agg) then
@@ -147,8 +182,10 @@ function Uow:track(agg)
     return agg
 end
 
--- uow:record(event): an event that belongs to no aggregate, dispatched and (for integration
--- events) written to the outbox at commit like the others.
+--- An event that belongs to no aggregate, dispatched and (for integration events) written to the
+-- outbox at commit like the others.
+---@param ev table an event
+---@return table ev
 function Uow:record(ev)
     check_open(self, 2)
     if not event.is_event(ev) then error("uow:record: expected an event", 2) end
@@ -266,15 +303,18 @@ end
 
 local repository_bind, event_store_bind -- required on first use: they require this module
 
--- uow:repo(description): the repository described by qx.repository{...}, bound to this
--- transaction.
+--- The repository described by qx.repository{...}, bound to this transaction.
+---@param description qx.RepositoryDescription
+---@return qx.Repo
 function Uow:repo(description)
     check_open(self, 2)
     if not repository_bind then repository_bind = require("qx.store.repository").bind end
     return repository_bind(description, self)
 end
 
--- uow:store(store): the event store made by qx.event_store{...}, bound to this transaction.
+--- The event store made by qx.event_store{...}, bound to this transaction.
+---@param store qx.EventStore
+---@return qx.BoundEventStore
 function Uow:store(store)
     check_open(self, 2)
     if not event_store_bind then event_store_bind = require("qx.store.event_store").bind end
@@ -289,10 +329,13 @@ local function forget_after(list, n)
     end
 end
 
--- uow:savepoint(fn): runs fn(uow) inside a savepoint. On an error the savepoint is rolled back,
--- the transaction goes on, and savepoint returns nil, err; otherwise it returns fn's results.
--- Events recorded through uow:record inside fn are dropped with it (aggregates' own pending
--- events live in the aggregates and are not rewound).
+--- Runs fn(uow) inside a savepoint. On an error the savepoint is rolled back, the transaction
+-- goes on, and savepoint returns nil, err; otherwise it returns fn's results. Events recorded
+-- through uow:record inside fn are dropped with it (aggregates' own pending events live in the
+-- aggregates and are not rewound).
+---@param fn fun(uow: qx.Uow): any
+---@return any ... fn's results, or nil
+---@return qx.Error? err
 function Uow:savepoint(fn)
     check_open(self, 2)
     if type(fn) ~= "function" then error("uow:savepoint: expected a function", 2) end

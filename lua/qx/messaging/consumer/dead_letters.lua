@@ -1,4 +1,4 @@
--- Internal to qx.consumer: the inbox and dead-letter administration of a consumer with a db
+--- Internal to qx.consumer: the inbox and dead-letter administration of a consumer with a db
 -- (purge_inbox, dead_letters, replay_dead).
 local core = require "qx.core"
 local err = require "qx.error"
@@ -20,8 +20,11 @@ local function need_db(self, method)
     if not self.db then error("consumer:" .. method .. ": the consumer has no db", 3) end
 end
 
--- consumer:purge_inbox{ older_than_seconds = n } -> rows deleted. An inbox row only has to
--- outlive the redeliveries of its message (max_deliver x (ack wait + backoff)); keep a margin.
+--- Deletes old inbox rows. An inbox row only has to outlive the redeliveries of its message
+-- (max_deliver x (ack wait + backoff)); keep a margin.
+---@param opts table { older_than_seconds = n }
+---@return integer|nil rows deleted
+---@return qx.Error? err
 function Consumer:purge_inbox(opts)
     need_db(self, "purge_inbox")
     if type(opts) == "table" then
@@ -37,7 +40,10 @@ WHERE consumer = $1 AND handled_at < now() - make_interval(secs => $2::float8)]]
         self.name, s)
 end
 
--- consumer:dead_letters{ limit = 100, offset = 0, include_replayed = false } -> rows, oldest first
+--- This consumer's dead letters, oldest first.
+---@param opts table|nil { limit = 100, offset = 0, include_replayed = false }
+---@return table|nil rows
+---@return qx.Error? err
 function Consumer:dead_letters(opts)
     need_db(self, "dead_letters")
     opts = options.check(opts, { "limit", "offset", "include_replayed" }, "consumer:dead_letters")
@@ -50,11 +56,13 @@ function Consumer:dead_letters(opts)
         .. " ORDER BY dead_at, id LIMIT $2 OFFSET $3", self.name, limit, offset)
 end
 
--- consumer:replay_dead(handler[, ids]) -> { handled, failed, duplicates } | nil, err
--- Runs dead letters of this consumer (all, or the ids given) through the handler again, each in
--- its own unit of work that also marks the row replayed (and, with the inbox, records the
--- event), so a replay that commits is never repeated. A dead letter whose body is still not an
--- event stays dead and counts as failed.
+--- Runs dead letters of this consumer (all, or the ids given) through the handler again, each in
+-- its own unit of work that also marks the row replayed, so a replay that commits is never
+-- repeated. A dead letter whose body is still not an event stays dead and counts as failed.
+---@param handler fun(ev: table, uow: qx.Uow?, msg: qx.MsgInfo): any
+---@param ids table|nil dead letter ids (default: all)
+---@return table|nil counts { handled, failed, duplicates }
+---@return qx.Error? err
 function Consumer:replay_dead(handler, ids)
     need_db(self, "replay_dead")
     check_handler(handler)

@@ -1,4 +1,4 @@
--- qx.consumer{...}: a JetStream pull consumer that turns messages back into events and hands
+--- qx.consumer{...}: a JetStream pull consumer that turns messages back into events and hands
 -- them to a handler, with an inbox for effectively-once handling and dead letters for what it
 -- gives up on.
 --
@@ -19,11 +19,19 @@ local type = type
 local error = error
 local setmetatable = setmetatable
 local fmt = string.format
+--- A JetStream pull consumer (qx.consumer).
+---@class qx.Consumer
 local Consumer = base.Consumer
 
 local _M = { _VERSION = "0.1.0", Consumer = Consumer, DEFAULTS = options.DEFAULTS }
 
--- new(opts) -> consumer | nil, err
+--- A pull consumer (qx.consumer); registry and durable are required. Options and defaults:
+-- docs/consumer.md (nats, stream, durable, bind, filter_subject, name, db, inbox,
+-- dead_letters, batch = 10, fetch_timeout_ms = 1000, max_deliver = 5, backoff, ack_wait_ms =
+-- 30000, max_ack_pending = 1000, ack_sync, latest_version, on_dead_letter, unit_of_work).
+---@param opts table
+---@return qx.Consumer|nil consumer
+---@return qx.Error? err connection, nats, invalid
 function _M.new(opts)
     local o = options.check(opts)
     if opts.nats ~= nil and opts.servers ~= nil then
@@ -61,8 +69,8 @@ function _M.new(opts)
     return setmetatable(o, Consumer)
 end
 
--- consumer:close(): drops the subscription (the durable consumer stays on the server; messages
--- fetched and not answered come back after the ack wait). Closing twice is harmless.
+--- Drops the subscription (the durable consumer stays on the server; messages fetched and not
+-- answered come back after the ack wait). Closing twice is harmless.
 function Consumer:close()
     if self.handle ~= nil then
         self.handle:close()

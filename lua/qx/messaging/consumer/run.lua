@@ -1,4 +1,4 @@
--- Internal to qx.consumer: the run loop. A fetch, and for each message: decode, the handler in
+--- Internal to qx.consumer: the run loop. A fetch, and for each message: decode, the handler in
 -- a unit of work with the inbox row, then ack, nak with backoff, or dead-letter and term.
 local core = require "qx.core"
 local err = require "qx.error"
@@ -25,11 +25,22 @@ local INBOX_INSERT, DEAD_LETTER_INSERT = base.INBOX_INSERT, base.DEAD_LETTER_INS
 local DUPLICATE = base.DUPLICATE
 local Consumer = base.Consumer
 
--- What a handler learns about the message besides the event.
+--- What a handler learns about the message besides the event (its third argument).
+---@class qx.MsgInfo
+---@field subject string
+---@field stream string
+---@field consumer string
+---@field stream_seq integer
+---@field consumer_seq integer
+---@field delivered integer deliveries so far (1 the first time)
+---@field pending integer
+---@field published_at string
+---@field headers table
+---@field replay boolean? true when consumer:replay_dead runs the handler
 local MsgInfo = {}
 MsgInfo.__index = MsgInfo
 
--- msg:in_progress(): tells the server the handler is still at work, restarting the ack wait.
+--- Tells the server the handler is still at work, restarting the ack wait.
 function MsgInfo:in_progress()
     return self._msg:in_progress()
 end
@@ -209,11 +220,13 @@ local function add(totals, counts)
     for k, v in pairs(counts) do totals[k] = (totals[k] or 0) + v end
 end
 
--- consumer:run_once(handler[, { timeout_ms = n, batch = n }])
---   -> { fetched, handled, failed, termed, duplicates } | nil, err
--- One fetch (waiting up to timeout_ms, default fetch_timeout_ms, for the first message) and
+--- One fetch (waiting up to timeout_ms, default fetch_timeout_ms, for the first message) and
 -- every message of it handled and answered. failed counts handler failures (and dead letters
 -- that could not be written); termed counts messages given up on.
+---@param handler fun(ev: table, uow: qx.Uow?, msg: qx.MsgInfo): any
+---@param opts table|nil { timeout_ms = n, batch = n }
+---@return table|nil counts { fetched, handled, failed, termed, duplicates }
+---@return qx.Error? err
 function Consumer:run_once(handler, opts)
     self:_check_open(2)
     check_handler(handler)
@@ -238,11 +251,14 @@ end
 
 local RUN_OPTIONS = { "max_messages", "idle_timeout_ms" }
 
--- consumer:run(handler[, { max_messages = n, idle_timeout_ms = n }]) -> totals | nil, err
--- Fetches and handles until stop() (from a handler, a hook or a signal handler), finishing the
--- batch in flight; or until max_messages were fetched, or nothing came for idle_timeout_ms.
--- A fetch error that is not a closed connection is retried on the next round (nats.c reconnects
--- in the background); a closed consumer or connection ends run with nil, err.
+--- Fetches and handles until stop() (from a handler, a hook or a signal handler), finishing
+-- the batch in flight; or until max_messages were fetched, or nothing came for
+-- idle_timeout_ms. A fetch error that is not a closed connection is retried on the next
+-- round; a closed consumer or connection ends run with nil, err.
+---@param handler fun(ev: table, uow: qx.Uow?, msg: qx.MsgInfo): any
+---@param opts table|nil { max_messages = n, idle_timeout_ms = n }
+---@return table|nil totals
+---@return qx.Error? err
 function Consumer:run(handler, opts)
     self:_check_open(2)
     check_handler(handler)
@@ -275,13 +291,14 @@ function Consumer:run(handler, opts)
     return self:stats()
 end
 
--- consumer:stop(): run() returns after the batch in flight.
+--- run() returns after the batch in flight.
 function Consumer:stop()
     self.stopped = true
 end
 
--- consumer:stats() -> totals since the consumer was made:
---   { fetched, handled, failed, termed, duplicates, dead_lettered, reply_errors, last_error }
+--- Totals since the consumer was made: { fetched, handled, failed, termed, duplicates,
+-- dead_lettered, reply_errors, last_error }.
+---@return table stats
 function Consumer:stats()
     local out = {}
     for k, v in pairs(self.totals) do out[k] = v end
@@ -289,16 +306,19 @@ function Consumer:stats()
     return out
 end
 
--- consumer:info() -> the server's view: { num_pending, num_ack_pending, num_redelivered,
---   num_waiting, delivered_stream_seq, ack_floor_stream_seq, max_deliver, ack_wait_ms,
---   max_ack_pending, stream, durable } | nil, err
+--- The server's view: { num_pending, num_ack_pending, num_redelivered, num_waiting,
+-- delivered_stream_seq, ack_floor_stream_seq, max_deliver, ack_wait_ms, max_ack_pending,
+-- stream, durable }.
+---@return table|nil info
+---@return qx.Error? err
 function Consumer:info()
     self:_check_open(2)
     return self.handle:info()
 end
 
 
--- Prometheus text exposition of stats() and the server's pending counts (when reachable).
+--- Prometheus text of stats() and the server's pending counts (when reachable).
+---@return string text
 function Consumer:metrics()
     self:_check_open(2)
     local t = self.totals

@@ -1,4 +1,4 @@
--- NATS connections: connect with the NATS settings, publish, streams.
+--- NATS connections: connect with the NATS settings, publish, streams.
 --
 --   local nats = require "qx.messaging.nats"
 --   local conn = assert(nats.connect{ servers = "nats://127.0.0.1:4222" })
@@ -41,13 +41,22 @@ local function core_options(s)
 end
 
 
+--- A NATS connection (qx.nats.connect).
+---@class qx.NatsConn
+---@field handle userdata the core connection (for bindings that take a NATS connection)
+---@field settings table the normalised settings (servers, stream, subject_prefix, ...)
 local Conn = {}
 Conn.__index = Conn
 _M.Conn = Conn
 
--- connect(opts?) -> conn | nil, err. Connects at once: an unreachable server is a
--- "connection" error within the connect timeout. conn.handle is the core userdata (for
--- bindings that take a NATS connection), conn.settings the normalised settings.
+--- Connects at once: an unreachable server is a "connection" error within the connect timeout.
+-- Options left out come from QX_NATS__* (docs/settings.md): servers, client_name,
+-- connect_timeout_seconds, reconnect_attempts, reconnect_wait_seconds, user, password, token,
+-- creds_file, tls, tls_ca, tls_cert, tls_key, send_asap, stream, subject_prefix,
+-- publish_timeout_seconds.
+---@param opts table|nil
+---@return qx.NatsConn|nil conn
+---@return qx.Error? err connection, invalid
 function _M.connect(opts)
     local s, e = _M.settings(opts)
     if not s then return nil, e end
@@ -63,7 +72,9 @@ function _M.connect(opts)
     return setmetatable({ handle = handle, settings = s }, Conn)
 end
 
--- The servers (a comma-separated list) as they may be shown: user and password left out.
+--- The servers (a comma-separated list) as they may be shown: user and password left out.
+---@param servers string
+---@return string
 function _M.shown_servers(servers)
     local out = {}
     for url in gmatch(servers, "[^,%s]+") do
@@ -74,8 +85,11 @@ function _M.shown_servers(servers)
     return concat(out, ", ")
 end
 
--- Accepts a Conn, a core NATS userdata or options; returns a Conn and whether it was opened
+--- Accepts a Conn, a core NATS userdata or options; returns a Conn and whether it was opened
 -- here (the caller closes what it opened).
+---@param x any
+---@return qx.NatsConn|nil conn
+---@return boolean|qx.Error owned, or the error
 function _M.resolve(x)
     if getmetatable(x) == Conn then return x, false end
     if core.is_nats(x) then
@@ -91,14 +105,19 @@ function _M.resolve(x)
     return c, true
 end
 
--- subject for an event name: prefix .. "." .. name
+--- The subject of an event name: prefix .. "." .. name.
+---@param event_name string
+---@return string
 function Conn:subject(event_name)
     return self.settings.subject_prefix .. "." .. event_name
 end
 
--- ensure_stream{ name = settings.stream, subjects = { prefix .. ".>" },
---                duplicate_window_ms = server default (2 minutes) } -> true | nil, err
--- For development and tests; deployments declare their streams.
+--- Creates or updates a stream. For development and tests; deployments declare their streams.
+-- opts: name = the settings' stream, subjects = { prefix .. ".>" }, duplicate_window_ms
+-- (server default: 2 minutes).
+---@param opts table|nil
+---@return true|nil ok
+---@return qx.Error? err nats
 function Conn:ensure_stream(opts)
     if opts ~= nil and type(opts) ~= "table" then error("ensure_stream: expected a table", 2) end
     opts = options.check(opts, { "name", "subjects", "duplicate_window_ms" }, "ensure_stream")
@@ -111,31 +130,52 @@ function Conn:ensure_stream(opts)
     }
 end
 
--- publish(subject, data, headers?, msg_id?) -> { stream, sequence, duplicate } | nil, err
+--- Publishes to JetStream and waits for the ack; msg_id is the Nats-Msg-Id (deduplication).
+---@param subject string
+---@param data string the body
+---@param headers table|nil { name = value }
+---@param msg_id string|nil
+---@return table|nil ack { stream, sequence, duplicate }
+---@return qx.Error? err nats, timeout
 function Conn:publish(subject, data, headers, msg_id)
     if type(subject) ~= "string" then error("publish: subject must be a string", 2) end
     if type(data) ~= "string" then error("publish: data must be a string", 2) end
     return self.handle:publish(subject, data, headers, msg_id, self.settings.publish_timeout_ms)
 end
 
--- stream_info(name?) -> { messages, bytes, first_seq, last_seq, consumers, subjects } | nil, err
+--- A stream's figures.
+---@param name string|nil the stream (default: the settings' stream)
+---@return table|nil info { messages, bytes, first_seq, last_seq, consumers, subjects }
+---@return qx.Error? err
 function Conn:stream_info(name)
     return self.handle:stream_info(name or self.settings.stream)
 end
 
--- stream_get(seq, name?) -> { sequence, subject, data, headers } | nil, err (not_found)
+--- One stored message.
+---@param seq integer the stream sequence
+---@param name string|nil the stream (default: the settings' stream)
+---@return table|nil msg { sequence, subject, data, headers }
+---@return qx.Error? err not_found
 function Conn:stream_get(seq, name)
     return self.handle:stream_get(name or self.settings.stream, seq)
 end
 
+--- Deletes a stream (tests, tools).
+---@param name string|nil the stream (default: the settings' stream)
+---@return true|nil ok
+---@return qx.Error? err
 function Conn:delete_stream(name)
     return self.handle:delete_stream(name or self.settings.stream)
 end
 
+--- The connection's state.
+---@return string state connected, connecting, reconnecting, disconnected or closed
 function Conn:state() return self.handle:state() end
+--- The connection's state, reconnect count and server url.
+---@return table stats { state, reconnects, url, ... }
 function Conn:stats() return self.handle:stats() end
 
--- Closes the connection (a relay or consumer still using it keeps it open until it is done).
+--- Closes the connection (a relay or consumer still using it keeps it open until it is done).
 function Conn:close() self.handle:close() end
 
 return _M

@@ -1,4 +1,4 @@
--- qx.relay{...}: the outbox relay, publishing committed integration events from
+--- qx.relay{...}: the outbox relay, publishing committed integration events from
 -- qx_outbox_events to NATS JetStream. The loop runs in C (src/core/relay.c); this module reads
 -- the settings, starts it and formats its figures.
 --
@@ -28,11 +28,18 @@ local _M = {
 }
 local OPTIONS = relay_settings.OPTIONS
 
+--- The outbox relay (qx.relay).
+---@class qx.Relay
 local Relay = {}
 Relay.__index = Relay
 _M.Relay = Relay
 
--- new(opts) -> relay | nil, err
+--- The relay (qx.relay). Options, their QX_RELAY__* variables and defaults: docs/relay.md
+-- (db or url, nats, shard_id = 0, shard_count = 1, batch_size = 1000, max_attempts = 10,
+-- poll_interval_seconds = 0.5, ...).
+---@param opts table
+---@return qx.Relay|nil relay
+---@return qx.Error? err connection, invalid
 function _M.new(opts)
     if type(opts) ~= "table" then error("qx.relay: expected a table of options", 2) end
     options.check(opts, OPTIONS, "qx.relay")
@@ -73,26 +80,36 @@ end
 -- handle_signals SIGTERM/SIGINT; the batch in flight is finished first.
 local RUN_OPTIONS = { "on_batch", "handle_signals" }
 
+--- Runs batches until relay:stop() or on_batch returns false, or, with handle_signals, a
+-- SIGTERM/SIGINT; the batch in flight is finished first.
+---@param opts table|nil { on_batch = fn(result, err) -> false to stop, handle_signals = false }
+---@return true ok
 function Relay:run(opts)
     if opts ~= nil and type(opts) ~= "table" then error("relay:run: expected a table", 2) end
     options.check(opts, RUN_OPTIONS, "relay:run")
     return self.handle:run(opts)
 end
 
--- run_once() -> { leader, claimed, published, duplicates, failed, dead_lettered, held } | nil, err
+--- One batch.
+---@return table|nil counts { leader, claimed, published, duplicates, failed, dead_lettered, held }
+---@return qx.Error? err
 function Relay:run_once() return self.handle:run_once() end
+--- run() returns after the batch in flight.
 function Relay:stop() return self.handle:stop() end
 
--- stats() -> { batches, claimed, published, duplicates, failed, dead_lettered, held, errors,
---              leader_changes, leader, running, last_batch_at, started_at, last_error?,
---              shard_id, shard_count, nats = { state, reconnects } }
+--- Counters since start: { batches, claimed, published, duplicates, failed, dead_lettered,
+-- held, errors, leader_changes, leader, running, last_batch_at, started_at, last_error,
+-- shard_id, shard_count, nats = { state, reconnects } }.
+---@return table stats
 function Relay:stats()
     local s = self.handle:stats()
     s.shard_id, s.shard_count = self.settings.shard_id, self.settings.shard_count
     return s
 end
 
--- outbox_metrics(status) -> Prometheus text for the figures of outbox:status()
+--- Prometheus text for the figures of outbox:status().
+---@param st table
+---@return string
 function _M.outbox_metrics(st)
     local m = metrics.new()
     m:add("qx_outbox_pending", "gauge", "Outbox rows waiting to be published.", st.pending)
@@ -107,7 +124,9 @@ function _M.outbox_metrics(st)
     return m:text()
 end
 
--- relay_metrics(stats) -> Prometheus text for relay:stats()
+--- Prometheus text for relay:stats().
+---@param s table
+---@return string
 function _M.relay_metrics(s)
     local m = metrics.new(metrics.labels("shard", s.shard_id or 0,
                                          "shard_count", s.shard_count or 1))
@@ -134,7 +153,9 @@ function _M.relay_metrics(s)
     return m:text()
 end
 
--- metrics() -> Prometheus text: the outbox figures and this relay's counters | nil, err
+--- Prometheus text: the outbox figures and this relay's counters.
+---@return string|nil text
+---@return qx.Error? err
 function Relay:metrics()
     local db = self.db
     local opened
@@ -150,7 +171,7 @@ function Relay:metrics()
     return _M.outbox_metrics(st) .. _M.relay_metrics(self:stats())
 end
 
--- Closes the relay: its database session ends (and with it its shard lock).
+--- Closes the relay: its database session ends (and with it its shard lock).
 function Relay:close() self.handle:close() end
 
 return _M

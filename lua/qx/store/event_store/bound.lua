@@ -1,4 +1,4 @@
--- Internal to qx.store.event_store: the store bound to a unit of work (uow:store(store)): load,
+--- Internal to qx.store.event_store: the store bound to a unit of work (uow:store(store)): load,
 -- append, append_batch and the reads inside that transaction. Appends are queued in the unit
 -- of work's pipeline; see docs/event-store.md for why.
 local core = require "qx.core"
@@ -42,6 +42,8 @@ local function encode(v)
     return text
 end
 
+--- The event store inside a unit of work (uow:store(store)).
+---@class qx.BoundEventStore
 local Bound = {}
 Bound.__index = Bound
 _M.Bound = Bound
@@ -76,7 +78,12 @@ end
 local LOAD_OPTIONS = { "snapshot" }
 local APPEND_OPTIONS = { "aggregate_type" }
 
--- es:load(Class, id[, { snapshot = true }]) -> instance | nil (no events) | nil, err
+--- An aggregate from its snapshot and events; nil (and no error) when it has none.
+---@param class table an event-sourced class
+---@param id string
+---@param opts table|nil { snapshot = false } reads every event, not the snapshot
+---@return table|nil instance
+---@return qx.Error? err invalid for bad stored data
 function Bound:load(class, id, opts)
     check_bound(self, "load")
     if not es_class.is_class(class) then
@@ -314,7 +321,12 @@ local function append_all(self, list, opts, method)
 end
 
 
--- es:append(aggregate[, { aggregate_type = name }]) -> true | nil, err
+--- Queues the insert of the aggregate's recorded events at sequences version+1...; a concurrent
+-- append of the same version is conflict at commit (or at uow:flush(), called right after).
+---@param agg table
+---@param opts table|nil { aggregate_type = name }
+---@return true|nil ok
+---@return qx.Error? err invalid, conflict
 function Bound:append(agg, opts)
     check_bound(self, "append")
     if opts ~= nil and type(opts) ~= "table" then
@@ -343,7 +355,11 @@ function Bound:append(agg, opts)
 end
 
 
--- es:append_batch({ aggregates... }[, opts]) -> true | nil, err: one insert for all
+--- Appends several aggregates in one insert.
+---@param list table aggregates
+---@param opts table|nil as append
+---@return true|nil ok
+---@return qx.Error? err
 function Bound:append_batch(list, opts)
     check_bound(self, "append_batch")
     if type(list) ~= "table" or aggregate.is_aggregate(list) then
@@ -360,15 +376,22 @@ function Bound:append_batch(list, opts)
 end
 
 
--- es:read_stream(aggregate_type, id, { after_sequence, limit }) -> records (in this
--- transaction; limited to the context's tenant when it has one)
+--- In this transaction; limited to the context's tenant when it has one.
+---@param agg_type string
+---@param id string
+---@param opts table|nil { after_sequence, limit }
+---@return table|nil records
+---@return qx.Error? err
 function Bound:read_stream(agg_type, id, opts)
     check_bound(self, "read_stream")
     return read_stream(self.uow, "es:read_stream", agg_type, id, opts, tenant_of(self.uow))
 end
 
 
--- es:read_all{...}: the global read inside this transaction (same rules as store:read_all)
+--- The global read inside this transaction (same rules as store:read_all).
+---@param opts table|nil
+---@return table|nil records
+---@return any next_checkpoint, or the error
 function Bound:read_all(opts)
     check_bound(self, "read_all")
     return read_all(self.uow, "es:read_all", opts)

@@ -1,4 +1,4 @@
--- qx.event_store{...}: event-sourced aggregates in qx_aggregate_events, snapshots in
+--- qx.event_store{...}: event-sourced aggregates in qx_aggregate_events, snapshots in
 -- qx_aggregate_snapshots, and gap-safe global reads.
 --
 --   local store = qx.event_store{ db = db, snapshot_every = 50 }
@@ -50,10 +50,11 @@ local MAX_VERSION = 2147483647
 
 local STORE_OPTS = { "db", "snapshot_every", "notify" }
 
--- new{ db = db?, snapshot_every = n?, notify = true }
--- db is needed for reads outside a unit of work (read_all, read_stream, stall).
--- notify = false leaves out the wake-up of qx_events listeners (sent after the commit, outside
--- the transaction: see the unit of work); projections then find events by polling.
+--- The event store (qx.event_store). db is needed for reads outside a unit of work (read_all,
+-- read_stream, stall). notify = false leaves out the wake-up of qx_events listeners;
+-- projections then find events by polling.
+---@param opts table|nil { db, snapshot_every = n, notify = true }
+---@return qx.EventStore
 function _M.new(opts)
     if opts ~= nil and type(opts) ~= "table" then
         error("qx.event_store: options must be a table", 2)
@@ -76,6 +77,9 @@ function _M.new(opts)
     }, Store)
 end
 
+--- Whether x is an event store made by qx.event_store.
+---@param x any
+---@return boolean
 function _M.is_store(x)
     return getmetatable(x) == Store
 end

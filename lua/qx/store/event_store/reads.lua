@@ -1,4 +1,4 @@
--- Internal to qx.store.event_store: records, and the reads of a store outside a unit of work
+--- Internal to qx.store.event_store: records, and the reads of a store outside a unit of work
 -- (read_all, read_category, each, read_stream, head, stall). The global read is gap-safe: see
 -- docs/event-store.md.
 local core = require "qx.core"
@@ -27,6 +27,8 @@ local _M = {}
 local MAX_LIMIT = 100000
 local MAX_VERSION = 2147483647
 
+--- The event store (qx.event_store).
+---@class qx.EventStore
 local Store = {}
 Store.__index = Store
 _M.Store = Store
@@ -201,15 +203,22 @@ local function read_stream(q, method, agg_type, id, opts, tenant)
 end
 
 
--- store:read_all{ after = checkpoint, limit = 500, types = {...}, aggregate_type = ...,
---                 tenant_id = ... } -> records, next_checkpoint | nil, err
+--- Events in a gap-safe global order (docs/event-store.md: records and checkpoints). opts:
+-- after = checkpoint, limit = 500, types = { names }, aggregate_type, tenant_id.
+---@param opts table|nil
+---@return table|nil records
+---@return any next_checkpoint, or the error
 function Store:read_all(opts)
     check_store(self, "read_all")
     return read_all(need_db(self, "read_all"), "store:read_all", opts)
 end
 
 
--- store:read_category(aggregate_type, { after, limit, types, tenant_id })
+--- read_all for one aggregate type.
+---@param agg_type string
+---@param opts table|nil { after, limit, types, tenant_id }
+---@return table|nil records
+---@return any next_checkpoint, or the error
 function Store:read_category(agg_type, opts)
     check_store(self, "read_category")
     if aggregate_type_of(agg_type) == nil then
@@ -227,9 +236,10 @@ end
 
 local EACH_OPTS = { "after", "batch", "types", "aggregate_type", "tenant_id" }
 
--- store:each{ after, batch = 500, types, aggregate_type, tenant_id } -> iterator
--- for record, checkpoint in store:each{...} do ... end - reads batch by batch (constant
+--- for record, checkpoint in store:each{...} do ... end - reads batch by batch (constant
 -- memory); checkpoint is where to resume after that record. A read error raises.
+---@param opts table|nil { after, batch = 500, types, aggregate_type, tenant_id }
+---@return function iterator
 function Store:each(opts)
     check_store(self, "each")
     local db = need_db(self, "each")
@@ -261,15 +271,22 @@ function Store:each(opts)
 end
 
 
--- store:read_stream(aggregate_type, id, { after_sequence = 0, limit }) -> records
+--- One aggregate's events, in order.
+---@param agg_type string
+---@param id string
+---@param opts table|nil { after_sequence = 0, limit }
+---@return table|nil records
+---@return qx.Error? err
 function Store:read_stream(agg_type, id, opts)
     check_store(self, "read_stream")
     return read_stream(need_db(self, "read_stream"), "store:read_stream", agg_type, id, opts)
 end
 
 
--- store:head() -> checkpoint at the horizon now: reading from it returns only events that
--- commit (or become readable) after this call. For a reader that wants only new events.
+--- The checkpoint at the horizon now: reading from it returns only events that commit (or
+-- become readable) after this call. For a reader that wants only new events.
+---@return any|nil checkpoint
+---@return qx.Error? err
 function Store:head()
     check_store(self, "head")
     local rows, e = need_db(self, "head"):query(
@@ -281,13 +298,13 @@ function Store:head()
 end
 
 
--- store:stall() -> report | nil, err
--- { stalled = bool, horizon = xid, withheld = n committed events not yet readable,
---   oldest_withheld_at = iso | nil,
---   holders = { { kind = "backend" | "prepared", pid, xid, gid, xact_start, age_seconds,
---                 state, wait_event, application_name, usename, client_addr, query } } }
--- Reading is held back when a transaction that has written (holds an xid) stays open; its
--- events and every event committed after it wait until it ends.
+--- Why reading is held back: a transaction that has written (holds an xid) stays open; its
+-- events and every event committed after it wait until it ends. The report: { stalled,
+-- horizon = xid, withheld = n committed events not yet readable, oldest_withheld_at,
+-- holders = { { kind = "backend" | "prepared", pid, xid, gid, xact_start, age_seconds,
+-- state, wait_event, application_name, usename, client_addr, query } } }.
+---@return table|nil report
+---@return qx.Error? err
 function Store:stall()
     check_store(self, "stall")
     local rows, e = need_db(self, "stall"):query(STALL)

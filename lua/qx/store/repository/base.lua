@@ -1,4 +1,4 @@
--- Internal to qx.store.repository: the two classes (Description, Repo) that the files of this
+--- Internal to qx.store.repository: the two classes (Description, Repo) that the files of this
 -- folder add methods to, the limits, and the helpers they all use. Not part of the API.
 local core = require "qx.core"
 local qx_error = require "qx.error"
@@ -22,10 +22,14 @@ local _M = {
     MAX_PAGE = 1000000000,
 }
 
+--- A table described once (qx.repository).
+---@class qx.RepositoryDescription
 local Description = {}
 Description.__index = Description
 _M.Description = Description
 
+--- A repository bound to a unit of work, or a reader bound to a database.
+---@class qx.Repo
 local Repo = {}
 Repo.__index = Repo
 _M.Repo = Repo

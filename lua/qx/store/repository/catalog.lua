@@ -1,4 +1,4 @@
--- Internal to qx.store.repository: the columns of a described table, read from the catalog
+--- Internal to qx.store.repository: the columns of a described table, read from the catalog
 -- once per database and table, and everything derived from them that statements reuse.
 local core = require "qx.core"
 local base = require "qx.store.repository.base"
@@ -107,8 +107,8 @@ local function build(d, rows)
     return c
 end
 
--- description:reset(): forget the columns read from the catalog (on every database), e.g.
--- after the table was altered while the process runs; the next use reads them again.
+--- Forgets the columns read from the catalog (on every database), e.g. after the table was
+-- altered while the process runs; the next use reads them again.
 function Description:reset()
     self._by_db = setmetatable({}, { __mode = "k" })
 end

@@ -1,4 +1,4 @@
--- Internal to qx.store.repository: qx.repository{...}, a table described once (options checked,
+--- Internal to qx.store.repository: qx.repository{...}, a table described once (options checked,
 -- no I/O). See docs/repository.md for the options.
 local cursor = require "qx.store.repository.cursor"
 local base = require "qx.store.repository.base"
@@ -17,6 +17,25 @@ local concat = table.concat
 local find = string.find
 local is_int = base.is_int
 local parse_sort = query.parse_sort
+--- Options of qx.repository (docs/repository.md).
+---@class qx.RepositoryOptions
+---@field table string the table (required)
+---@field schema string? else the first match on the search_path
+---@field entity table? class of the entities (setmetatable(row, entity), or entity.from_row)
+---@field from_row (fun(row: table): table)? takes precedence over the entity's
+---@field to_row (fun(entity: table): table)? takes precedence over the entity's
+---@field filterable string[]? columns filters and where may name
+---@field sortable string[]? columns sort may name (the primary key always is)
+---@field default_sort table? e.g. { { "created_at", "desc" } } (default: the primary key)
+---@field tenanted boolean? every read and write limited to context.tenant_id (false)
+---@field allow_cross_tenant boolean? with tenanted: no tenant_id reads across tenants (false)
+---@field soft_delete boolean? soft_delete stamps deleted_at; reads skip deleted rows (false)
+---@field default_page_size integer? (20)
+---@field max_page_size integer? (100)
+---@field cursor_key string|string[]? keyset cursor key(s) (default: the db's cursor_key)
+---@field primary_key string? ("id")
+---@field readonly string[]? columns never written (filled by the database)
+---@field extra_fields string? "refuse" (default) or "ignore" entity fields without a column
 local Description = base.Description
 local MAX_BATCH_SIZE = base.MAX_BATCH_SIZE
 
@@ -45,7 +64,9 @@ local function strings(list, what)
     return out, set
 end
 
--- new(opts) -> description (raises on a bad description; no I/O)
+--- A table described once (qx.repository). Raises on a bad description; no I/O.
+---@param opts qx.RepositoryOptions
+---@return qx.RepositoryDescription
 function _M.new(opts)
     if type(opts) ~= "table" then error("qx.repository: expected a table of options", 2) end
     options.check(opts, OPTIONS, "qx.repository")

@@ -1,4 +1,4 @@
--- qx.repository{...}: a table described once, bound to a unit of work (or to a database for
+--- qx.repository{...}: a table described once, bound to a unit of work (or to a database for
 -- reads) to load and store entities.
 --
 --   local users = qx.repository{ table = "users", entity = User,
@@ -35,11 +35,15 @@ _M.new = description.new
 -- bind(description, uow) -> repository bound to the unit of work (what uow:repo calls)
 _M.bind = base.bind
 
+--- The repository bound to a unit of work (what uow:repo calls).
+---@param uow qx.Uow
+---@return qx.Repo
 function base.Description:bind(uow)
     return base.bind(self, uow)
 end
 
--- the description this repository was bound from
+--- The description this repository was bound from.
+---@return qx.RepositoryDescription
 function base.Repo:description()
     return self.d
 end

@@ -1,4 +1,4 @@
--- Internal to qx.store.repository: repo:page{...}, keyset pages and their signed cursors.
+--- Internal to qx.store.repository: repo:page{...}, keyset pages and their signed cursors.
 -- A page reads one row more than it shows; the statement text is made once per listing shape.
 local core = require "qx.core"
 local S = require "qx.store.repository.spec"
@@ -169,9 +169,11 @@ end
 local PAGE_OPTS = { filters = true, where = true, sort = true, limit = true, after = true,
                     include_deleted = true }
 
--- page{ limit, after = cursor, sort, filters, where, include_deleted }
---   -> { items, next_cursor, has_next } | nil, err (invalid for a bad cursor)
--- next_cursor is nil on the last page. A cursor only fits the listing it came from.
+--- A keyset page. next_cursor is nil on the last page; a cursor only fits the listing it came
+-- from. opts: limit, after = cursor, sort, filters, where, include_deleted.
+---@param opts table|nil
+---@return table|nil page { items, next_cursor, has_next }
+---@return qx.Error? err invalid for a bad cursor
 function Repo:page(opts)
     opts = check_opts(opts, PAGE_OPTS, "page")
     local d = self.d

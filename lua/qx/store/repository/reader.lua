@@ -1,4 +1,4 @@
--- Internal to qx.store.repository: description:reader(db[, context]), a repository that reads
+--- Internal to qx.store.repository: description:reader(db[, context]), a repository that reads
 -- outside any transaction, each statement on its own pooled connection.
 local core = require "qx.core"
 local base = require "qx.store.repository.base"
@@ -13,22 +13,39 @@ local Description = base.Description
 -- A read-only target that runs each statement on its own pooled connection.
 local Reader = {}
 Reader.__index = Reader
+--- Runs a statement on a pooled connection of its own.
+---@param sql string
+---@param ... any the parameters
+---@return table|nil rows
+---@return qx.Error|integer err the error, or the affected row count
 function Reader:query(sql, ...)
     return self.db:query(sql, ...)
 end
 
--- rows without their NULL columns, all or only the first max made into tables (as uow:rows,
--- uow:rows_upto)
+--- Rows without their NULL columns (as uow:rows).
+---@param sql string
+---@param ... any the parameters
+---@return table|nil rows
+---@return qx.Error|integer err
 function Reader:rows(sql, ...)
     return self.db:rows(sql, ...)
 end
 
+--- Only the first max rows made into tables (as uow:rows_upto).
+---@param max integer
+---@param sql string
+---@param ... any the parameters
+---@return table|nil rows
+---@return qx.Error|integer err the error, or count
 function Reader:rows_upto(max, sql, ...)
     return self.db:rows_upto(max, sql, ...)
 end
 
--- description:reader(db[, context]) -> a repository that reads outside any transaction, one
--- pooled connection per statement; context gives tenant_id. Writes raise.
+--- A repository that reads outside any transaction, one pooled connection per statement.
+-- Writes raise.
+---@param db qx.Db
+---@param ctx table|nil the context: { tenant_id = ... } for a tenanted table
+---@return qx.Repo
 function Description:reader(db, ctx)
     if type(db) ~= "table" or db.pool == nil then
         error("reader: expected a db from qx.connect", 2)

@@ -1,4 +1,4 @@
--- Internal to qx.store.repository: get, exists, count, list (offset pages with their total)
+--- Internal to qx.store.repository: get, exists, count, list (offset pages with their total)
 -- and search.
 local S = require "qx.store.repository.spec"
 local base = require "qx.store.repository.base"
@@ -20,7 +20,11 @@ local Repo = base.Repo
 
 local GET_OPTS = { include_deleted = true, for_update = true }
 
--- get(id[, { include_deleted, for_update }]) -> entity | nil, err (not_found)
+--- One entity by id.
+---@param id any the primary key
+---@param opts table|nil { include_deleted = false, for_update = false }
+---@return table|nil entity
+---@return qx.Error? err not_found, invalid, ...
 function Repo:get(id, opts)
     opts = check_opts(opts, GET_OPTS, "get")
     local c, e = ready(self)
@@ -52,7 +56,11 @@ function Repo:get(id, opts)
     return map_row(self.d, rows[1])
 end
 
--- exists(id[, { include_deleted }]) -> boolean | nil, err
+--- Whether a row with that id exists (and is visible: tenant, soft delete).
+---@param id any
+---@param opts table|nil { include_deleted = false }
+---@return boolean|nil exists
+---@return qx.Error? err
 function Repo:exists(id, opts)
     opts = check_opts(opts, GET_OPTS, "exists")
     local c, e = ready(self)
@@ -71,7 +79,10 @@ end
 
 local COUNT_OPTS = { filters = true, where = true, include_deleted = true }
 
--- count{ filters, where, include_deleted } -> n | nil, err
+--- How many rows match.
+---@param opts table|nil { filters = { col = value }, where = spec, include_deleted }
+---@return integer|nil n
+---@return qx.Error? err
 function Repo:count(opts)
     opts = check_opts(opts, COUNT_OPTS, "count")
     local c, e = ready(self)
@@ -88,10 +99,13 @@ end
 local LIST_OPTS = { filters = true, where = true, sort = true, page = true, page_size = true,
                     include_deleted = true, with_total = true }
 
--- list{ filters, where, sort, page = 1, page_size, include_deleted, with_total = true }
---   -> { items, page, page_size, total, pages, has_next } | nil, err
--- One statement returns the page and the total, from one snapshot. with_total = false skips
--- the count (total, pages are nil; has_next is still right).
+--- One page and the total, from one snapshot in one statement. with_total = false skips the
+-- count (total and pages are nil; has_next is still right). opts: filters = { col = value },
+-- where = spec, sort = { { "col", "desc" } }, page = 1, page_size, include_deleted,
+-- with_total = true.
+---@param opts table|nil
+---@return table|nil page { items, page, page_size, total, pages, has_next }
+---@return qx.Error? err invalid for a bad filter, sort or page
 function Repo:list(opts)
     opts = check_opts(opts, LIST_OPTS, "list")
     local d = self.d
@@ -137,7 +151,11 @@ function Repo:list(opts)
     return out
 end
 
--- search(spec[, opts]) -> like list, for a specification (and whatever filters opts has)
+--- Like list, for a specification (and whatever filters opts has).
+---@param spec qx.Spec from qx.spec.where, and_, or_, not_
+---@param opts table|nil as list
+---@return table|nil page { items, page, page_size, total, pages, has_next }
+---@return qx.Error? err
 function Repo:search(spec, opts)
     if spec == nil then error("search: expected a specification", 2) end
     opts = check_opts(opts, LIST_OPTS, "search")

@@ -1,4 +1,4 @@
--- DDL fragments for users' own migrations: the id and audit columns a repository manages.
+--- DDL fragments for users' own migrations: the id and audit columns a repository manages.
 --
 --   local sql = "CREATE TABLE users (\n  " .. qx.schema.id_column() .. ",\n"
 --            .. "  email text NOT NULL,\n  " .. qx.schema.audit_columns() .. "\n)"
@@ -28,15 +28,18 @@ local function quote(name)
     return '"' .. gsub(name, '"', '""') .. '"'
 end
 
--- id_column([name]) -> 'id uuid PRIMARY KEY DEFAULT qx_uuid_v7()'
+--- A uuid primary key column definition: 'id uuid PRIMARY KEY DEFAULT qx_uuid_v7()'.
+---@param name string|nil the column name ("id")
+---@return string sql
 function _M.id_column(name)
     return quote(name or "id") .. " uuid PRIMARY KEY DEFAULT qx_uuid_v7()"
 end
 
--- audit_columns{ tenanted = true, soft_delete = true, actor_type = "text" } -> the column
--- definitions, comma-separated, one per line. tenanted = false leaves tenant_id out,
--- soft_delete = false leaves deleted_at and deleted_by out; actor_type is the type of the
--- *_by columns ("text", "varchar(255)" or "uuid").
+--- The audit column definitions, comma-separated, one per line. tenanted = false leaves
+-- tenant_id out, soft_delete = false leaves deleted_at and deleted_by out; actor_type is the
+-- type of the *_by columns ("text", "varchar(255)" or "uuid").
+---@param opts table|nil { tenanted = true, soft_delete = true, actor_type = "text" }
+---@return string sql
 function _M.audit_columns(opts)
     if opts ~= nil and type(opts) ~= "table" then
         error("qx.schema.audit_columns: options must be a table", 2)

@@ -1,4 +1,4 @@
--- Specifications: filters that compose with and_/or_/not_, turn into SQL for a repository, and
+--- Specifications: filters that compose with and_/or_/not_, turn into SQL for a repository, and
 -- can be checked against an entity in memory.
 --
 --   local S = qx.spec
@@ -48,6 +48,8 @@ local function invalid(msg, fields)
 end
 _M.invalid = invalid
 
+--- A specification: a filter that runs as SQL (search) or in Lua (is_satisfied_by).
+---@class qx.Spec
 local Spec = {}
 Spec.__index = Spec
 _M.Spec = Spec
@@ -134,7 +136,11 @@ local function leaf(field, op, value)
     return setmetatable({ kind = "leaf", field = field, op = op, value = value }, Spec)
 end
 
--- where(field, op, value) -> spec
+--- A specification on one field: field op value.
+---@param field string a filterable column
+---@param op string eq neq in not_in gt gte lt lte contains starts_with ends_with is_null ...
+---@param value any
+---@return qx.Spec
 function _M.where(field, op, value)
     return leaf(field, op, value)
 end
@@ -174,13 +180,29 @@ local function combine(kind, ...)
     return setmetatable({ kind = kind, parts = parts }, Spec)
 end
 
--- and_(a, b, ...) / or_(a, b, ...) / not_(a) -> spec; and_() is always true, or_() never
+--- All of the specs; and_() is always true.
+---@param ... qx.Spec
+---@return qx.Spec
 function _M.and_(...) return combine("and", ...) end
+--- Any of the specs; or_() is never true.
+---@param ... qx.Spec
+---@return qx.Spec
 function _M.or_(...) return combine("or", ...) end
+--- The negation of a specification.
+---@param s qx.Spec
+---@return qx.Spec
 function _M.not_(s) return setmetatable({ kind = "not", part = of(s) }, Spec) end
 
+--- This spec and the others.
+---@param ... qx.Spec
+---@return qx.Spec
 function Spec:and_(...) return combine("and", self, ...) end
+--- This spec or the others.
+---@param ... qx.Spec
+---@return qx.Spec
 function Spec:or_(...) return combine("or", self, ...) end
+--- The negation of this specification.
+---@return qx.Spec
 function Spec:not_() return _M.not_(self) end
 
 -- ---- in memory ----------------------------------------------------------------------------
@@ -237,8 +259,10 @@ local function eval(s, entity)
     return false
 end
 
--- spec:is_satisfied_by(entity) -> boolean. Strings compare as Lua strings (byte order, not the
--- database's collation) and a value of another type than the filter's never matches.
+--- Strings compare as Lua strings (byte order, not the database's collation) and a value of
+-- another type than the filter's never matches.
+---@param entity table
+---@return boolean
 function Spec:is_satisfied_by(entity)
     if type(entity) ~= "table" then
         error("is_satisfied_by: expected an entity table, got " .. type(entity), 2)

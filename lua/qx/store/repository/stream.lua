@@ -1,4 +1,4 @@
--- Internal to qx.store.repository: repo:each(opts, fn), every matching row in order through a
+--- Internal to qx.store.repository: repo:each(opts, fn), every matching row in order through a
 -- server-side cursor, holding one batch at a time.
 local base = require "qx.store.repository.base"
 local query = require "qx.store.repository.query"
@@ -17,10 +17,13 @@ local cursor_counter = setmetatable({}, { __mode = "k" })
 local EACH_OPTS = { filters = true, where = true, sort = true, include_deleted = true,
                     batch_size = true }
 
--- each(opts, fn) -> count | nil, err
--- Calls fn(entity) for every matching row, in order, holding at most batch_size rows (default
+--- Calls fn(entity) for every matching row, in order, holding at most batch_size rows (default
 -- 500) at a time: a server-side cursor inside the unit of work's transaction (a reader opens
 -- its own). fn returning false stops early.
+---@param opts table|nil { filters, where, sort, include_deleted, batch_size = 500 }
+---@param fn fun(entity: table): boolean?
+---@return integer|nil count
+---@return qx.Error? err
 function Repo:each(opts, fn)
     if type(opts) == "function" and fn == nil then opts, fn = nil, opts end
     if type(fn) ~= "function" then error("each: expected a function", 2) end

@@ -1,4 +1,4 @@
--- Internal to qx.store.repository: add, save, soft_delete, restore and hard_delete, queued in
+--- Internal to qx.store.repository: add, save, soft_delete, restore and hard_delete, queued in
 -- (or run on) the unit of work's transaction; the entities written are tracked for the outbox.
 local core = require "qx.core"
 local qx_error = require "qx.error"
@@ -104,11 +104,14 @@ end
 
 local ADD_OPTS = {}
 
--- add(entity) -> entity | nil, err
--- Queued in the unit of work's pipeline (a duplicate key fails the unit of work with
+--- Queued in the unit of work's pipeline (a duplicate key fails the unit of work with
 -- "conflict"); stamps created_at (server time), created_by, tenant_id and version = 1, and
 -- tracks the entity so its events reach the outbox. An entity without an id gets a UUID v7 (a
 -- uuid key) or the database's default, read back at once (any other key).
+---@param entity table
+---@param opts table|nil
+---@return table|nil entity
+---@return qx.Error? err invalid
 function Repo:add(entity, opts)
     need_uow(self, "add")
     check_entity(entity, "add")
@@ -176,13 +179,16 @@ end
 
 local SAVE_OPTS = { defer = true }
 
--- save(entity[, { defer = false }]) -> entity | nil, err
--- UPDATE ... WHERE id = $ AND version = $ (and the tenant, and not deleted): bumps version,
+--- UPDATE ... WHERE id = $ AND version = $ (and the tenant, and not deleted): bumps version,
 -- stamps updated_at/updated_by, writes every writable column (nil -> NULL). A stale version is
--- nil, { code = "conflict", expected_version, actual_version }; a missing row (or another
--- tenant's, or a deleted one) is nil, { code = "not_found" }. The unit of work goes on either
--- way. With defer = true the statement is queued instead (no round trip of its own): a stale
--- version or missing row then fails the unit of work at its next flush or commit.
+-- conflict (with expected_version, actual_version); a missing row (or another tenant's, or a
+-- deleted one) is not_found. The unit of work goes on either way. With defer = true the
+-- statement is queued: a stale version or missing row then fails the unit of work at its
+-- next flush or commit.
+---@param entity table
+---@param opts table|nil { defer = false }
+---@return table|nil entity
+---@return qx.Error? err conflict, not_found, invalid
 function Repo:save(entity, opts)
     need_uow(self, "save")
     check_entity(entity, "save")
@@ -353,11 +359,13 @@ local function change_where(self, c, q, id, version, live)
     return concat(where, " AND "), exists_where
 end
 
--- soft_delete(id_or_entity[, { missing_ok }]) -> true | nil, err
--- Queued: stamps deleted_at/deleted_by and bumps version. Given an entity, its version is
--- checked and it is tracked (so an event it recorded is published). A row that is missing,
--- already deleted or another tenant's fails the unit of work with not_found (a stale version
--- with conflict) unless missing_ok.
+--- Queued: stamps deleted_at/deleted_by and bumps version. Given an entity, its version is
+-- checked and it is tracked. A row that is missing, already deleted or another tenant's fails
+-- the unit of work with not_found (a stale version with conflict) unless missing_ok.
+---@param x any an id or an entity
+---@param opts table|nil { missing_ok = false }
+---@return true|nil ok
+---@return qx.Error? err
 function Repo:soft_delete(x, opts)
     need_uow(self, "soft_delete")
     if not self.d.soft_delete then
@@ -386,7 +394,11 @@ function Repo:soft_delete(x, opts)
     return true
 end
 
--- restore(id[, { missing_ok }]) -> true | nil, err: undoes a soft delete (queued)
+--- Undoes a soft delete (queued).
+---@param id any
+---@param opts table|nil { missing_ok = false }
+---@return true|nil ok
+---@return qx.Error? err
 function Repo:restore(id, opts)
     need_uow(self, "restore")
     if not self.d.soft_delete then
@@ -407,9 +419,12 @@ function Repo:restore(id, opts)
                         .. " WHERE " .. where, exists_where, id, opts)
 end
 
--- hard_delete(id_or_entity[, { missing_ok }]) -> true | nil, err
--- Queued DELETE (also of soft-deleted rows); like soft_delete for versions, tenants, missing
+--- Queued DELETE (also of soft-deleted rows); like soft_delete for versions, tenants, missing
 -- rows and tracking.
+---@param x any an id or an entity
+---@param opts table|nil { missing_ok = false }
+---@return true|nil ok
+---@return qx.Error? err
 function Repo:hard_delete(x, opts)
     need_uow(self, "hard_delete")
     opts = check_opts(opts, DELETE_OPTS, "hard_delete")
