@@ -253,6 +253,11 @@ void qx_pool_stats_get(qx_pool *p, qx_pool_stats *s);
 /* HMAC-SHA256 of data under key (OpenSSL libcrypto); out receives 32 bytes. */
 qx_status qx_hmac_sha256(unsigned char out[QX_HMAC_SHA256_LEN], const void *key, size_t keylen,
                          const void *data, size_t len, qx_error *err);
+#define QX_SHA256_LEN 32
+
+/* SHA-256 digest of data (OpenSSL libcrypto); out receives 32 bytes. Checksums of migration
+ * files. */
+qx_status qx_sha256(unsigned char out[QX_SHA256_LEN], const void *data, size_t len, qx_error *err);
 /* 1 when the len bytes at a and b are equal; the time taken does not depend on where they
  * differ. */
 int qx_equal_consttime(const void *a, const void *b, size_t len);
