@@ -21,9 +21,19 @@ _M.now = core.now         -- ISO-8601 UTC with microseconds
 _M.connect = db.connect
 _M.error = err
 
+--- Creates or upgrades qx's own tables, then, with `dir`, applies the application's migrations
+-- of that folder (docs/migrations.md). Idempotent; concurrent callers take turns.
+-- @tparam qx.Db db the pool (`qx.connect`)
+-- @tparam[opt] table opts `dir`: the folder of the application's migrations
+-- @treturn table `{ applied = { qx versions... }, current = n, app = { applied = { { version,
+--   name, file }... }, current = n } }` (`app` only with `dir`)
+-- @return nil, err
 function _M.migrate(database, opts)
     return require("qx.store.migrate").run(database, opts)
 end
+
+-- The application's migrations alone: apply(db, dir), status(db, dir) (docs/migrations.md)
+_M.migrations = require "qx.store.app_migrations"
 
 function _M.event(name, opts)
     local o = {}

@@ -246,6 +246,14 @@ typedef struct qx_pool_stats {
 } qx_pool_stats;
 void qx_pool_stats_get(qx_pool *p, qx_pool_stats *s);
 
+/* ---- folders (dir.c) --------------------------------------------------------------------- */
+
+/* The names of the regular files in the folder at path, in no order, without those that start
+ * with "."; free them with qx_dir_list_free. A missing folder is QX_ERR_NOT_FOUND, one that cannot
+ * be read QX_ERR_INVALID. */
+qx_status qx_dir_list(char ***names, size_t *count, const char *path, qx_error *err);
+void qx_dir_list_free(char **names, size_t count);
+
 /* ---- signing (crypto.c): cursors and other opaque tokens ------------------------------- */
 
 #define QX_HMAC_SHA256_LEN 32

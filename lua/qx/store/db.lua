@@ -108,6 +108,24 @@ function Db:exec(sql, ...)
     return affected
 end
 
+--- Runs a script of several SQL statements separated by semicolons (DDL, a seed), with the
+-- simple query protocol: no parameters, nothing returned. Unless it says BEGIN/COMMIT itself,
+-- PostgreSQL runs the whole script as one implicit transaction: a failing statement undoes the
+-- ones before it.
+-- @tparam string sql the statements
+-- @treturn boolean true
+-- @return nil, err (`db`, `invalid`, `conflict`, ...: the first statement that failed)
+function Db:script(sql)
+    if type(sql) ~= "string" then error("db:script: sql must be a string", 2) end
+    local conn, e = self.pool:acquire()
+    if not conn then return nil, e end
+    local ok
+    ok, e = conn:script(sql)
+    conn:release()
+    if not ok then return nil, e end
+    return true
+end
+
 local uow_run -- qx.uow, required on first use
 
 -- db:unit_of_work(fn, opts): see qx.uow

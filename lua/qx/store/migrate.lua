@@ -51,8 +51,10 @@ CREATE TABLE IF NOT EXISTS qx_schema_migrations (
     return applied
 end
 
--- migrate(db[, opts]) -> { applied = { versions... }, current = n } | nil, err
-local MIGRATE_OPTIONS = { "steps" }
+-- migrate(db[, opts]) -> { applied = { versions... }, current = n[, app = ...] } | nil, err
+-- opts.dir: the folder of the application's migrations, applied after qx's schema (see
+-- qx.store.app_migrations); opts.steps replaces qx's schema (specs only).
+local MIGRATE_OPTIONS = { "dir", "steps" }
 
 function _M.run(db, opts)
     opts = options.check(opts, MIGRATE_OPTIONS, "qx.migrate")
@@ -71,7 +73,12 @@ function _M.run(db, opts)
     applied, e = apply(conn, list)
     conn:release() -- rolls back whatever a failed step left open
     if not applied then return nil, e end
-    return { applied = applied, current = current }
+    local res = { applied = applied, current = current }
+    if opts.dir ~= nil then
+        res.app, e = require("qx.store.app_migrations").apply(db, opts.dir)
+        if not res.app then return nil, e end
+    end
+    return res
 end
 
 -- The versions applied so far, for `qx migrate --status`.
