@@ -62,6 +62,9 @@ void qx_now_iso8601(char buf[QX_ISO8601_STRLEN + 1]);
 /* The same for a time in nanoseconds since the epoch (a time before it, or after year 9999,
  * is written as the epoch). */
 void qx_iso8601_from_ns(char buf[QX_ISO8601_STRLEN + 1], int64_t ns);
+/* Reads an ISO-8601 time with its zone (YYYY-MM-DDTHH:MM:SS[.fraction](Z|+HH:MM|-HH:MM)) as
+ * nanoseconds since the epoch; anything else is QX_ERR_INVALID. */
+qx_status qx_iso8601_parse(int64_t *ns, const char *s, qx_error *err);
 /* Monotonic clock in seconds. */
 double qx_clock(void);
 
@@ -405,6 +408,13 @@ qx_status qx_nats_publish(qx_nats *n, qx_nats_ack *ack, const char *subject, con
 typedef struct qx_consumer qx_consumer;
 typedef struct qx_consumer_msg qx_consumer_msg;
 
+typedef enum qx_deliver {
+    QX_DELIVER_ALL = 0,       /* the whole stream */
+    QX_DELIVER_NEW,           /* only messages stored after the durable is created */
+    QX_DELIVER_FROM_SEQUENCE, /* from a stream sequence on */
+    QX_DELIVER_FROM_TIME      /* from the first message stored at or after a time */
+} qx_deliver;
+
 typedef struct qx_consumer_options {
     const char *stream;         /* required; the stream must exist */
     const char *durable;        /* required; the consumer's name (no '.', ' ', '*', '>') */
@@ -414,6 +424,10 @@ typedef struct qx_consumer_options {
     int max_ack_pending;        /* unanswered messages the server lets out (default 1000) */
     int create;                 /* 1 (default): create the durable, or update it to these
                                    options; 0: bind to a consumer the deployment declared */
+    qx_deliver deliver;         /* where a durable starts when it is created (default
+                                   QX_DELIVER_ALL); an existing durable keeps its position */
+    uint64_t start_sequence;    /* QX_DELIVER_FROM_SEQUENCE: the first stream sequence */
+    int64_t start_time_ns;      /* QX_DELIVER_FROM_TIME: nanoseconds since the epoch */
 } qx_consumer_options;
 
 void qx_consumer_options_init(qx_consumer_options *o);
