@@ -857,18 +857,20 @@ FROM qx_outbox_events WHERE event_name = 'spec.consumer.invoice_sent']]))
             local t3 = qx.now()
             pause(0.05)
             s.publish(Placed{ n = 3 })
-            local function first_seen(opts)
+            local function first_seen(opts, timeout_ms)
                 local o = { durable = support.unique("d") }
                 for k, v in pairs(opts) do o[k] = v end
                 local c = consumer(s, o)
                 local seen = {}
-                assert(c:run_once(function(ev) seen[#seen + 1] = ev.n end, { timeout_ms = 300 }))
+                -- one fetch returns what came by its timeout: wait long for what must come
+                assert(c:run_once(function(ev) seen[#seen + 1] = ev.n end,
+                                  { timeout_ms = timeout_ms or 3000, batch = 3 }))
                 c:close()
                 return seen
             end
             assert.same({ 1, 2, 3 }, first_seen{})
             assert.same({ 1, 2, 3 }, first_seen{ deliver = "all" })
-            assert.same({}, first_seen{ deliver = "new" })
+            assert.same({}, first_seen({ deliver = "new" }, 300))
             assert.same({ 2, 3 }, first_seen{ deliver = { from_sequence = second.sequence } })
             assert.same({ 3 }, first_seen{ deliver = { from_time = t3 } })
             assert.same({ 3 }, first_seen{ deliver = { from_time = (t3:gsub("Z$", "+00:00")) } })
