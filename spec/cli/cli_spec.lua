@@ -107,6 +107,7 @@ describe("bin/qx #slow", function()
         f = assert(io.open(dir .. "/0001_create_accounts.sql", "a"))
         f:write("-- edited\n")
         f:close()
+        local _
         code, _, err = qx_cli({ "migrate", "--url", url_for(name), "--dir", dir })
         assert.equal(1, code)
         assert.matches("0001_create_accounts.sql was edited", err, 1, true)

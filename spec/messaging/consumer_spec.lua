@@ -886,7 +886,8 @@ FROM qx_outbox_events WHERE event_name = 'spec.consumer.invoice_sent']]))
             assert.same({ 4 }, seen)
             c:close()
 
-            for _, bad in ipairs({ "last", { from_sequence = 0 }, { from_time = 5 }, { from_time = "x", from_sequence = 1 } }) do
+            for _, bad in ipairs({ "last", { from_sequence = 0 }, { from_time = 5 },
+                                   { from_time = "x", from_sequence = 1 } }) do
                 assert.has_error(function() consumer(s, { deliver = bad }) end)
             end
             local r, e = qx.consumer{ nats = conn, stream = s.name, durable = support.unique("d"),

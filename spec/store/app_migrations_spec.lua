@@ -51,7 +51,8 @@ describe("application migrations", function()
 return function(conn)
     return conn:query("INSERT INTO accounts (id, owner) VALUES ($1, $2)", "018f0000-0000-7000-8000-000000000001", "ann")
 end]],
-            ["0004_more.lua"] = [[return { "ALTER TABLE accounts ADD COLUMN note text", "UPDATE accounts SET note = 'x'" }]],
+            ["0004_more.lua"] = [[
+return { "ALTER TABLE accounts ADD COLUMN note text", "UPDATE accounts SET note = 'x'" }]],
             ["README.md"] = "# migrations\n",
             [".gitkeep"] = "",
         }
@@ -108,7 +109,8 @@ end]],
         assert.equal("invalid", e.code)
         assert.matches("0001_create_accounts.sql was edited", e.message, 1, true)
         assert.equal(1, #history(db))
-        assert.equal(0, #db:query("SELECT 1 FROM information_schema.columns WHERE table_name = 'accounts' AND column_name = 'balance'"))
+        assert.equal(0, #db:query("SELECT 1 FROM information_schema.columns WHERE table_name = 'accounts'"
+            .. " AND column_name = 'balance'"))
         assert.equal("edited", assert(qx.migrations.status(db, dir))[1].state)
         db:close()
         remove(dir)
@@ -118,7 +120,8 @@ end]],
         local db = fresh()
         local dir = folder{
             ["0001_create_accounts.sql"] = ACCOUNTS,
-            ["0002_index_concurrently.sql"] = "-- qx:no-transaction\nCREATE INDEX CONCURRENTLY accounts_id_owner ON accounts (id, owner)\n",
+            ["0002_index_concurrently.sql"] = "-- qx:no-transaction\n"
+                .. "CREATE INDEX CONCURRENTLY accounts_id_owner ON accounts (id, owner)\n",
         }
         local r = assert(qx.migrations.apply(db, dir))
         assert.equal(2, #r.applied)
@@ -147,7 +150,8 @@ end]],
         assert.equal("db", e.code)
         assert.matches("migration 0002_broken.sql: ", e.message, 1, true)
         assert.equal(1, #history(db)) -- the first file stays applied
-        assert.equal(0, #db:query("SELECT 1 FROM information_schema.columns WHERE table_name = 'accounts' AND column_name IN ('half', 'balance')"))
+        assert.equal(0, #db:query("SELECT 1 FROM information_schema.columns WHERE table_name = 'accounts'"
+            .. " AND column_name IN ('half', 'balance')"))
         -- a failing Lua migration stops the same way
         write(dir .. "/0002_broken.sql", BALANCE)
         os.remove(dir .. "/0003_add_balance.sql")

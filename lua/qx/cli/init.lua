@@ -104,7 +104,8 @@ COMMANDS.migrate = {
         end
         if res.app then
             for _, m in ipairs(res.app.applied) do say("applied ", flags.dir, "/", m.file) end
-            say(flags.dir, ": ", #res.app.applied == 0 and "up to date" or "applied " .. #res.app.applied,
+            local n = #res.app.applied
+            say(flags.dir, ": ", n == 0 and "up to date" or "applied " .. n,
                 " (version ", res.app.current, ")")
         end
         return 0

@@ -70,7 +70,9 @@ local function scan(dir)
             end
             local path = dir .. "/" .. file
             local text, re = read(path)
-            if not text then return fail("invalid", "cannot read migration " .. path .. ": " .. re) end
+            if not text then
+                return fail("invalid", "cannot read migration " .. path .. ": " .. re)
+            end
             local m = {
                 version = version, name = name, file = file, kind = ext,
                 checksum = hex(core.sha256(text)),
@@ -82,7 +84,9 @@ local function scan(dir)
                 local chunk, le = loadfile(path)
                 if not chunk then return fail("invalid", "migration " .. file .. ": " .. le) end
                 local ok, body = pcall(chunk)
-                if not ok then return fail("invalid", "migration " .. file .. ": " .. tostring(body)) end
+                if not ok then
+                    return fail("invalid", "migration " .. file .. ": " .. tostring(body))
+                end
                 if type(body) ~= "function" and type(body) ~= "table" then
                     return fail("invalid", "migration " .. file
                         .. " must return a function(conn) or a table of SQL statements")
@@ -97,7 +101,8 @@ local function scan(dir)
     for i, m in ipairs(list) do
         if m.version ~= i then
             return fail("invalid", "migration " .. m.file .. " should be number " .. i
-                .. (i == 1 and " (numbers start at 1)" or " (no gaps: " .. (i - 1) .. " is the last before it)"))
+                .. (i == 1 and " (numbers start at 1)"
+                    or " (no gaps: " .. (i - 1) .. " is the last before it)"))
         end
     end
     return list
@@ -150,7 +155,8 @@ end
 
 local function record(conn, m, started)
     return conn:query(
-        "INSERT INTO qx_app_migrations (version, name, checksum, duration_ms) VALUES ($1, $2, $3, $4)",
+        "INSERT INTO qx_app_migrations (version, name, checksum, duration_ms)"
+        .. " VALUES ($1, $2, $3, $4)",
         m.version, m.name, m.checksum, floor((core.clock() - started) * 1000 + 0.5))
 end
 

@@ -104,8 +104,10 @@ SELECT c.tx_id::text AS tx_id, c.global_position AS cp_pos, c.events_applied, c.
        to_char(c.rebuilt_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS rebuilt_at,
        coalesce((SELECT e.global_position FROM qx_aggregate_events e
                  WHERE (e.tx_id, e.global_position) <= (c.tx_id, c.global_position)
-                   AND ($2::jsonb IS NULL OR e.event_name IN (SELECT jsonb_array_elements_text($2::jsonb)))
-                   AND ($3::jsonb IS NULL OR e.aggregate_type IN (SELECT jsonb_array_elements_text($3::jsonb)))
+                   AND ($2::jsonb IS NULL
+                        OR e.event_name IN (SELECT jsonb_array_elements_text($2::jsonb)))
+                   AND ($3::jsonb IS NULL
+                        OR e.aggregate_type IN (SELECT jsonb_array_elements_text($3::jsonb)))
                  ORDER BY e.tx_id DESC, e.global_position DESC LIMIT 1), 0) AS global_position
 FROM qx_projection_checkpoints c WHERE c.projection_name = $1]]
 
