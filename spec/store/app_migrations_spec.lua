@@ -213,6 +213,12 @@ io.write("OK ", #r.applied, "\n")
         local _, e = qx.migrations.apply(db, "/nonexistent/migrations")
         assert.equal("not_found", e.code)
         assert.matches("migrations folder", e.message, 1, true)
+        -- qx.migrate with a wrong folder touches nothing, qx's own schema included
+        local r
+        r, e = qx.migrate(db, { dir = "/nonexistent/migrations" })
+        assert.is_nil(r)
+        assert.equal("not_found", e.code)
+        assert.is_nil(db:query("SELECT 1 FROM qx_schema_migrations"))
         assert.has_error(function() qx.migrations.apply(db, nil) end)
         assert.has_error(function() qx.migrate(db, { dir = 42 }) end)
 
@@ -227,8 +233,8 @@ io.write("OK ", #r.applied, "\n")
         }
         for _, c in ipairs(cases) do
             local dir = folder(c.files)
-            local r, err = qx.migrations.apply(db, dir)
-            assert.is_nil(r)
+            local res, err = qx.migrations.apply(db, dir)
+            assert.is_nil(res)
             assert.equal("invalid", err.code)
             assert.matches(c.says, err.message)
             remove(dir)

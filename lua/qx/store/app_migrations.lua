@@ -221,8 +221,13 @@ end
 function _M.apply(db, dir)
     local list, e = scan(dir)
     if not list then return nil, e end
-    local conn
-    conn, e = db:acquire()
+    return _M.apply_scanned(db, list)
+end
+
+-- apply_scanned(db, list): apply() of what scan(dir) returned (qx.migrate scans before it
+-- touches qx's schema, so a wrong folder changes nothing)
+function _M.apply_scanned(db, list)
+    local conn, e = db:acquire()
     if not conn then return nil, e end
     local applied
     applied, e = apply_all(db, conn, list)
@@ -269,6 +274,8 @@ function _M.status(db, dir)
     return out
 end
 
+-- scan(dir) -> the migrations of a folder, checked, for apply_scanned | nil, err
+_M.scan = scan
 _M.NO_TRANSACTION_MARK = NO_TX_MARK
 _M.LOCK_KEY = LOCK_KEY
 return _M

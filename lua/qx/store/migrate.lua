@@ -67,15 +67,23 @@ function _M.run(db, opts)
         end
         current = step.version
     end
-    local conn, e = db:acquire()
+    -- a folder that is wrong is refused before qx's schema is touched
+    local app, app_list, e
+    if opts.dir ~= nil then
+        app = require "qx.store.app_migrations"
+        app_list, e = app.scan(opts.dir)
+        if not app_list then return nil, e end
+    end
+    local conn
+    conn, e = db:acquire()
     if not conn then return nil, e end
     local applied
     applied, e = apply(conn, list)
     conn:release() -- rolls back whatever a failed step left open
     if not applied then return nil, e end
     local res = { applied = applied, current = current }
-    if opts.dir ~= nil then
-        res.app, e = require("qx.store.app_migrations").apply(db, opts.dir)
+    if app then
+        res.app, e = app.apply_scanned(db, app_list)
         if not res.app then return nil, e end
     end
     return res
