@@ -10,6 +10,7 @@ local PUBLIC = {
     ["lua/qx/store/db.lua"] = { "_M", "Db" },
     ["lua/qx/store/uow.lua"] = { "Uow" },
     ["lua/qx/store/migrate.lua"] = { "_M" },
+    ["lua/qx/store/app_migrations.lua"] = { "_M" },
     ["lua/qx/store/outbox.lua"] = { "_M", "Outbox" },
     ["lua/qx/store/projection.lua"] = { "_M", "Projection" },
     ["lua/qx/store/repository/init.lua"] = { "base.Description", "base.Repo" },

@@ -21,15 +21,19 @@ _M.now = core.now         -- ISO-8601 UTC with microseconds
 _M.connect = db.connect
 _M.error = err
 
---- Applies qx's own schema (outbox, event store, inbox, checkpoints) that the database lacks.
--- Idempotent; concurrent runs wait on an advisory lock.
+--- Creates or upgrades qx's own tables (outbox, event store, inbox, checkpoints), then, with
+-- `dir`, applies the application's migrations of that folder (docs/migrations.md). Idempotent;
+-- concurrent callers take turns on an advisory lock.
 ---@param database qx.Db
----@param opts table|nil { steps = list } replaces qx's steps (tests)
----@return table|nil result { applied = { versions... }, current = n }
+---@param opts table|nil { dir = the folder of the application's migrations }
+---@return table|nil result { applied = { versions... }, current = n, app = { applied, current }? }
 ---@return qx.Error? err
 function _M.migrate(database, opts)
     return require("qx.store.migrate").run(database, opts)
 end
+
+-- The application's migrations alone: apply(db, dir), status(db, dir) (docs/migrations.md)
+_M.migrations = require "qx.store.app_migrations"
 
 --- Defines a domain event class (dispatched in-process, not written to the outbox).
 ---@param name string the event name, e.g. "user.registered"

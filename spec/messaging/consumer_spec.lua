@@ -849,6 +849,54 @@ FROM qx_outbox_events WHERE event_name = 'spec.consumer.invoice_sent']]))
             c:close()
         end)
 
+        it("starts a new durable where deliver says: all (the default), new, from a sequence, from a time", function()
+            local s = new_stream()
+            s.publish(Placed{ n = 1 })
+            local second = s.publish(Placed{ n = 2 })
+            pause(0.05)
+            local t3 = qx.now()
+            pause(0.05)
+            s.publish(Placed{ n = 3 })
+            local function first_seen(opts, timeout_ms)
+                local o = { durable = support.unique("d") }
+                for k, v in pairs(opts) do o[k] = v end
+                local c = consumer(s, o)
+                local seen = {}
+                -- one fetch returns what came by its timeout: wait long for what must come
+                assert(c:run_once(function(ev) seen[#seen + 1] = ev.n end,
+                                  { timeout_ms = timeout_ms or 3000, batch = 3 }))
+                c:close()
+                return seen
+            end
+            assert.same({ 1, 2, 3 }, first_seen{})
+            assert.same({ 1, 2, 3 }, first_seen{ deliver = "all" })
+            assert.same({}, first_seen({ deliver = "new" }, 300))
+            assert.same({ 2, 3 }, first_seen{ deliver = { from_sequence = second.sequence } })
+            assert.same({ 3 }, first_seen{ deliver = { from_time = t3 } })
+            assert.same({ 3 }, first_seen{ deliver = { from_time = (t3:gsub("Z$", "+00:00")) } })
+
+            -- an existing durable keeps its position whatever deliver now says
+            local durable = support.unique("d")
+            local c = consumer(s, { durable = durable, deliver = "new" })
+            s.publish(Placed{ n = 4 })
+            c:close()
+            c = consumer(s, { durable = durable, deliver = "all", ack_wait = 10 })
+            local seen = {}
+            assert(c:run_once(function(ev) seen[#seen + 1] = ev.n end, { timeout_ms = 2000 }))
+            assert.same({ 4 }, seen)
+            c:close()
+
+            for _, bad in ipairs({ "last", { from_sequence = 0 }, { from_time = 5 },
+                                   { from_time = "x", from_sequence = 1 } }) do
+                assert.has_error(function() consumer(s, { deliver = bad }) end)
+            end
+            local r, e = qx.consumer{ nats = conn, stream = s.name, durable = support.unique("d"),
+                                      registry = qx.registry{ Placed }, deliver = { from_time = "yesterday" } }
+            assert.is_nil(r)
+            assert.equal("invalid", e.code)
+            assert.matches("ISO-8601", e.message, 1, true)
+        end)
+
         it("filters by subject", function()
             local s = new_stream()
             local Other = qx.integration_event("spec.consumer.other", { version = 1 })

@@ -82,6 +82,26 @@ describe("qx.store.projection", function()
         assert.is_string(st.checkpoint)
     end)
 
+    it("catch_up returns a second table, and status() reports the position of the last event applied", function()
+        local m = model()
+        local p = projection(m)
+        local n, info = p:catch_up()
+        assert.equal(0, n)
+        assert.same({ withheld = false }, info)
+        assert.equal(0, assert(p:status()).global_position)
+        local a = qx.uuid()
+        append(m, a, { m.Deposited{ amount = 1 }, m.Deposited{ amount = 2 } })
+        append(m, a, { m.Other{} }) -- no handler: not applied, not the position
+        n, info = p:catch_up()
+        assert.equal(2, n)
+        assert.is_false(info.withheld)
+        local last = assert(db:query("SELECT max(global_position) AS g FROM qx_aggregate_events "
+            .. "WHERE aggregate_id = $1 AND event_name = $2", a, m.Deposited.event_name))[1].g
+        local st = assert(p:status())
+        assert.equal(tonumber(last), tonumber(st.global_position)) -- it stayed 0 before
+        assert.is_true(tonumber(st.global_position) > 0)
+    end)
+
     it("a failing handler rolls back its whole batch and leaves the checkpoint", function()
         local m = model()
         local a = qx.uuid()

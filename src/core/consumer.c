@@ -68,7 +68,21 @@ static void config_from(jsConsumerConfig *cc, const qx_consumer_options *o)
     jsConsumerConfig_Init(cc);
     cc->Durable = o->durable;
     cc->AckPolicy = js_AckExplicit;
-    cc->DeliverPolicy = js_DeliverAll;
+    switch (o->deliver) {
+    case QX_DELIVER_NEW:
+        cc->DeliverPolicy = js_DeliverNew;
+        break;
+    case QX_DELIVER_FROM_SEQUENCE:
+        cc->DeliverPolicy = js_DeliverByStartSequence;
+        cc->OptStartSeq = o->start_sequence;
+        break;
+    case QX_DELIVER_FROM_TIME:
+        cc->DeliverPolicy = js_DeliverByStartTime;
+        cc->OptStartTime = o->start_time_ns;
+        break;
+    default:
+        cc->DeliverPolicy = js_DeliverAll;
+    }
     cc->AckWait = (int64_t)o->ack_wait_ms * 1000000;
     cc->MaxDeliver = o->max_deliver > 0 ? o->max_deliver : -1;
     cc->MaxAckPending = o->max_ack_pending;
@@ -109,6 +123,11 @@ static qx_status declare(jsCtx *js, const qx_consumer_options *o, qx_error *err)
             str_differ(have->FilterSubject, want.FilterSubject) ||
             have->AckPolicy != js_AckExplicit || (have->DeliverSubject != NULL &&
                                                   have->DeliverSubject[0] != '\0')) {
+            /* where a durable starts cannot change once it exists (the server refuses): it
+             * keeps its own, and its position */
+            want.DeliverPolicy = have != NULL ? have->DeliverPolicy : want.DeliverPolicy;
+            want.OptStartSeq = have != NULL ? have->OptStartSeq : want.OptStartSeq;
+            want.OptStartTime = have != NULL ? have->OptStartTime : want.OptStartTime;
             jsConsumerInfo_Destroy(ci);
             ci = NULL;
             s = js_UpdateConsumer(&ci, js, o->stream, &want, NULL, &jerr);

@@ -85,6 +85,14 @@ qx_status qx_hmac_sha256(unsigned char out[QX_HMAC_SHA256_LEN], const void *key,
     return QX_OK;
 }
 
+qx_status qx_sha256(unsigned char out[QX_SHA256_LEN], const void *data, size_t len, qx_error *err)
+{
+    unsigned int outlen = 0;
+    if (!EVP_Digest(data, len, out, &outlen, EVP_sha256(), NULL) || outlen != QX_SHA256_LEN)
+        return qx_error_set(err, QX_ERR_NOMEM, "SHA-256 failed");
+    return QX_OK;
+}
+
 int qx_equal_consttime(const void *a, const void *b, size_t len)
 {
     return CRYPTO_memcmp(a, b, len) == 0;

@@ -63,6 +63,9 @@ void qx_now_iso8601(char buf[QX_ISO8601_STRLEN + 1]);
 /* The same for a time in nanoseconds since the epoch (a time before it, or after year 9999,
  * is written as the epoch). */
 void qx_iso8601_from_ns(char buf[QX_ISO8601_STRLEN + 1], int64_t ns);
+/* Reads an ISO-8601 time with its zone (YYYY-MM-DDTHH:MM:SS[.fraction](Z|+HH:MM|-HH:MM)) as
+ * nanoseconds since the epoch; anything else is QX_ERR_INVALID. */
+qx_status qx_iso8601_parse(int64_t *ns, const char *s, qx_error *err);
 /* Monotonic clock in seconds. */
 double qx_clock(void);
 
@@ -279,6 +282,14 @@ typedef struct qx_pool_stats {
 } qx_pool_stats;
 void qx_pool_stats_get(qx_pool *p, qx_pool_stats *s);
 
+/* ---- folders (dir.c) --------------------------------------------------------------------- */
+
+/* The names of the regular files in the folder at path, in no order, without those that start
+ * with "."; free them with qx_dir_list_free. A missing folder is QX_ERR_NOT_FOUND, one that cannot
+ * be read QX_ERR_INVALID. */
+qx_status qx_dir_list(char ***names, size_t *count, const char *path, qx_error *err);
+void qx_dir_list_free(char **names, size_t count);
+
 /* ---- signing (crypto.c): cursors and other opaque tokens ------------------------------- */
 
 #define QX_HMAC_SHA256_LEN 32
@@ -286,6 +297,11 @@ void qx_pool_stats_get(qx_pool *p, qx_pool_stats *s);
 /* HMAC-SHA256 of data under key (OpenSSL libcrypto); out receives 32 bytes. */
 qx_status qx_hmac_sha256(unsigned char out[QX_HMAC_SHA256_LEN], const void *key, size_t keylen,
                          const void *data, size_t len, qx_error *err);
+#define QX_SHA256_LEN 32
+
+/* SHA-256 digest of data (OpenSSL libcrypto); out receives 32 bytes. Checksums of migration
+ * files. */
+qx_status qx_sha256(unsigned char out[QX_SHA256_LEN], const void *data, size_t len, qx_error *err);
 /* 1 when the len bytes at a and b are equal; the time taken does not depend on where they
  * differ. */
 int qx_equal_consttime(const void *a, const void *b, size_t len);
@@ -425,6 +441,13 @@ qx_status qx_nats_publish(qx_nats *n, qx_nats_ack *ack, const char *subject, con
 typedef struct qx_consumer qx_consumer;
 typedef struct qx_consumer_msg qx_consumer_msg;
 
+typedef enum qx_deliver {
+    QX_DELIVER_ALL = 0,       /* the whole stream */
+    QX_DELIVER_NEW,           /* only messages stored after the durable is created */
+    QX_DELIVER_FROM_SEQUENCE, /* from a stream sequence on */
+    QX_DELIVER_FROM_TIME      /* from the first message stored at or after a time */
+} qx_deliver;
+
 typedef struct qx_consumer_options {
     const char *stream;         /* required; the stream must exist */
     const char *durable;        /* required; the consumer's name (no '.', ' ', '*', '>') */
@@ -434,6 +457,10 @@ typedef struct qx_consumer_options {
     int max_ack_pending;        /* unanswered messages the server lets out (default 1000) */
     int create;                 /* 1 (default): create the durable, or update it to these
                                    options; 0: bind to a consumer the deployment declared */
+    qx_deliver deliver;         /* where a durable starts when it is created (default
+                                   QX_DELIVER_ALL); an existing durable keeps its position */
+    uint64_t start_sequence;    /* QX_DELIVER_FROM_SEQUENCE: the first stream sequence */
+    int64_t start_time_ns;      /* QX_DELIVER_FROM_TIME: nanoseconds since the epoch */
 } qx_consumer_options;
 
 void qx_consumer_options_init(qx_consumer_options *o);

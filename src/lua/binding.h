@@ -125,7 +125,7 @@ void qx_conn_unpush(lua_State *L, int idx);
 qx_conn **qx_check_conn_slot(lua_State *L, int idx);
 /* The transaction (ltx.c): registers the metatable and adds tx to the table at the top. */
 void qx_open_tx(lua_State *L);
-/* Adds hmac_sha256, equal_consttime, b64url_encode, b64url_decode to the table at the top. */
+/* Adds hmac_sha256, sha256, equal_consttime, b64url_encode, b64url_decode to the table at the top. */
 void qx_open_crypto(lua_State *L);
 
 /* NATS (lnats.c): the connection userdata. qx_check_nats returns the connection at idx or

@@ -108,11 +108,15 @@ static lconsumer *check_consumer(lua_State *L)
 
 static const char *const consumer_options[] = {
     "stream", "durable", "filter_subject", "max_deliver", "ack_wait_ms", "max_ack_pending",
-    "create", NULL
+    "create", "deliver", "start_sequence", "start_time", NULL
 };
 
+static const char *const deliver_names[] = { "all", "new", "from_sequence", "from_time", NULL };
+
 /* core.consumer(nats, { stream, durable, filter_subject, max_deliver, ack_wait_ms,
- *                       max_ack_pending, create }) -> consumer | nil, err */
+ *                       max_ack_pending, create, deliver = "all" | "new" | "from_sequence" |
+ *                       "from_time", start_sequence, start_time = ISO-8601 })
+ *   -> consumer | nil, err */
 static int l_consumer_new(lua_State *L)
 {
     static const char what[] = "core.consumer";
@@ -131,6 +135,25 @@ static int l_consumer_new(lua_State *L)
     o.max_ack_pending = (int)qx_opt_int(L, 2, what, "max_ack_pending", 1, 0x7fffffff,
                                         o.max_ack_pending);
     o.create = qx_opt_bool(L, 2, what, "create", o.create);
+    {
+        const char *deliver = qx_opt_string(L, 2, what, "deliver", "all", 0);
+        const char *start_time = qx_opt_string(L, 2, what, "start_time", NULL, 0);
+        int i;
+        for (i = 0; deliver_names[i] != NULL && strcmp(deliver_names[i], deliver) != 0; i++)
+            ;
+        if (deliver_names[i] == NULL)
+            return luaL_error(L, "%s: deliver must be all, new, from_sequence or from_time", what);
+        o.deliver = (qx_deliver)i;
+        o.start_sequence = (uint64_t)qx_opt_int(L, 2, what, "start_sequence", 1, LLONG_MAX, 0);
+        if (o.deliver == QX_DELIVER_FROM_SEQUENCE && o.start_sequence == 0)
+            return luaL_error(L, "%s: deliver = from_sequence needs start_sequence", what);
+        if (o.deliver == QX_DELIVER_FROM_TIME) {
+            if (start_time == NULL)
+                return luaL_error(L, "%s: deliver = from_time needs start_time", what);
+            if (qx_iso8601_parse(&o.start_time_ns, start_time, &err) != QX_OK)
+                return qx_push_error(L, &err);
+        }
+    }
 
     lc = qx_new_closed(L, &consumer_type, sizeof *lc);
     if (qx_consumer_new(&lc->c, n, &o, &err) != QX_OK)

@@ -1,4 +1,4 @@
-/* Signing functions of the module table: hmac_sha256, equal_consttime, b64url_encode/decode,
+/* Signing functions of the module table: hmac_sha256, sha256, equal_consttime, b64url_encode/decode,
  * cursor_seal/cursor_open. */
 #include "binding.h"
 
@@ -13,6 +13,19 @@ static int l_hmac_sha256(lua_State *L)
     if (qx_hmac_sha256(mac, key, klen, data, dlen, &err) != QX_OK)
         return luaL_error(L, "%s", err.message);
     lua_pushlstring(L, (const char *)mac, sizeof mac);
+    return 1;
+}
+
+/* core.sha256(data) -> 32 raw bytes */
+static int l_sha256(lua_State *L)
+{
+    size_t len;
+    const char *data = luaL_checklstring(L, 1, &len);
+    unsigned char md[QX_SHA256_LEN];
+    qx_error err;
+    if (qx_sha256(md, data, len, &err) != QX_OK)
+        return luaL_error(L, "%s", err.message);
+    lua_pushlstring(L, (const char *)md, sizeof md);
     return 1;
 }
 
@@ -148,6 +161,7 @@ static const luaL_Reg funcs[] = {
     { "cursor_seal", l_cursor_seal },
     { "cursor_open", l_cursor_open },
     { "hmac_sha256", l_hmac_sha256 },
+    { "sha256", l_sha256 },
     { "equal_consttime", l_equal_consttime },
     { "b64url_encode", l_b64url_encode },
     { "b64url_decode", l_b64url_decode },

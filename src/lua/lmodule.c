@@ -31,6 +31,24 @@ int qx_push_error(lua_State *L, const qx_error *err)
     return 2;
 }
 
+/* core.dir_list(path) -> { names... } | nil, err: the regular files of a folder, in no order */
+static int l_dir_list(lua_State *L)
+{
+    const char *path = luaL_checkstring(L, 1);
+    char **names;
+    size_t n, i;
+    qx_error err;
+    if (qx_dir_list(&names, &n, path, &err) != QX_OK)
+        return qx_push_error(L, &err);
+    lua_createtable(L, (int)n, 0);
+    for (i = 0; i < n; i++) {
+        lua_pushstring(L, names[i]);
+        lua_rawseti(L, -2, (int)i + 1);
+    }
+    qx_dir_list_free(names, n);
+    return 1;
+}
+
 static int error_tostring(lua_State *L)
 {
     luaL_checktype(L, 1, LUA_TTABLE);
@@ -98,6 +116,7 @@ static const luaL_Reg funcs[] = {
     { "is_uuid", l_is_uuid },
     { "now", l_now },
     { "clock", l_clock },
+    { "dir_list", l_dir_list },
     { "signals_watch", l_signals_watch },
     { "signals_sleep", l_signals_sleep },
     { NULL, NULL }

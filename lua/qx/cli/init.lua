@@ -66,28 +66,47 @@ function _M.connect(flags)
 end
 
 COMMANDS.migrate = {
-    summary = "create or upgrade the qx_* tables (idempotent)",
-    usage = "qx migrate [--url URL] [--status]",
+    summary = "create or upgrade the qx_* tables, then apply the migrations of --dir (idempotent)",
+    usage = "qx migrate [--url URL] [--dir DIR] [--status]",
     switches = { status = true },
-    values = { url = true },
+    values = { url = true, dir = true },
     run = function(flags)
         local db = _M.connect(flags)
         if not db then return 1 end
         local migrate = require "qx.store.migrate"
         if flags.status then
             local rows, e = migrate.status(db)
-            if not rows then complain(tostring(e)) return 1 end
+            if not rows then db:close() complain(tostring(e)) return 1 end
             for _, r in ipairs(rows) do say(r.version, "  ", r.name, "  ", r.applied_at) end
             if #rows == 0 then say("no migrations applied") end
+            if flags.dir then
+                rows, e = require("qx.store.app_migrations").status(db, flags.dir)
+                db:close()
+                if not rows then complain(tostring(e)) return 1 end
+                say(flags.dir, ":")
+                for _, r in ipairs(rows) do
+                    say(("  %-8s %s  %s"):format(r.state, r.file or (r.version .. " " .. r.name),
+                                                  r.applied_at or ""))
+                end
+                if #rows == 0 then say("  no migrations in the folder") end
+                return 0
+            end
+            db:close()
             return 0
         end
-        local res, e = migrate.run(db)
+        local res, e = migrate.run(db, { dir = flags.dir })
         db:close()
         if not res then complain("migration failed: ", tostring(e)) return 1 end
         if #res.applied == 0 then
             say("schema is up to date (version ", res.current, ")")
         else
             say("applied ", #res.applied, " migration(s); schema at version ", res.current)
+        end
+        if res.app then
+            for _, m in ipairs(res.app.applied) do say("applied ", flags.dir, "/", m.file) end
+            local n = #res.app.applied
+            say(flags.dir, ": ", n == 0 and "up to date" or "applied " .. n,
+                " (version ", res.app.current, ")")
         end
         return 0
     end,

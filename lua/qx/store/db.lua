@@ -161,6 +161,24 @@ function Db:xact_status(xid, timeline)
     return status, e
 end
 
+--- Runs a script of several SQL statements separated by semicolons (DDL, a seed), with the
+-- simple query protocol: no parameters, nothing returned. Unless it says BEGIN/COMMIT itself,
+-- PostgreSQL runs the whole script as one implicit transaction: a failing statement undoes the
+-- ones before it.
+---@param sql string the statements
+---@return boolean|nil ok true
+---@return qx.Error? err `db`, `invalid`, `conflict`, ...: the first statement that failed
+function Db:script(sql)
+    if type(sql) ~= "string" then error("db:script: sql must be a string", 2) end
+    local conn, e = self.pool:acquire()
+    if not conn then return nil, e end
+    local ok
+    ok, e = conn:script(sql)
+    conn:release()
+    if not ok then return nil, e end
+    return true
+end
+
 local uow_run -- qx.uow, required on first use
 
 --- Runs fn(uow) in one transaction; see qx.store.uow and docs/unit-of-work.md. Any error rolls

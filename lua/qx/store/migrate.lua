@@ -51,7 +51,7 @@ CREATE TABLE IF NOT EXISTS qx_schema_migrations (
     return applied
 end
 
-local MIGRATE_OPTIONS = { "steps" }
+local MIGRATE_OPTIONS = { "dir", "steps" }
 
 --- Applies the steps of qx.migrations that the database has not seen (qx.migrate).
 ---@param db qx.Db
@@ -69,13 +69,26 @@ function _M.run(db, opts)
         end
         current = step.version
     end
-    local conn, e = db:acquire()
+    -- a folder that is wrong is refused before qx's schema is touched
+    local app, app_list, e
+    if opts.dir ~= nil then
+        app = require "qx.store.app_migrations"
+        app_list, e = app.scan(opts.dir)
+        if not app_list then return nil, e end
+    end
+    local conn
+    conn, e = db:acquire()
     if not conn then return nil, e end
     local applied
     applied, e = apply(conn, list)
     conn:release() -- rolls back whatever a failed step left open
     if not applied then return nil, e end
-    return { applied = applied, current = current }
+    local res = { applied = applied, current = current }
+    if app then
+        res.app, e = app.apply_scanned(db, app_list)
+        if not res.app then return nil, e end
+    end
+    return res
 end
 
 --- The versions applied so far, for `qx migrate --status`.

@@ -110,11 +110,20 @@ WHERE c.projection_name = $1
   AND ($2::jsonb IS NULL OR e.event_name IN (SELECT jsonb_array_elements_text($2::jsonb)))
   AND ($3::jsonb IS NULL OR e.aggregate_type IN (SELECT jsonb_array_elements_text($3::jsonb)))]]
 
+-- global_position: that of the last event the projection applied, in its reading order. The
+-- checkpoint's own position is not it: a caught-up checkpoint is (horizon, 0).
 local STATUS = [[
-SELECT tx_id::text AS tx_id, global_position, events_applied, last_sequence,
-       to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS updated_at,
-       to_char(rebuilt_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS rebuilt_at
-FROM qx_projection_checkpoints WHERE projection_name = $1]]
+SELECT c.tx_id::text AS tx_id, c.global_position AS cp_pos, c.events_applied, c.last_sequence,
+       to_char(c.updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS updated_at,
+       to_char(c.rebuilt_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS rebuilt_at,
+       coalesce((SELECT e.global_position FROM qx_aggregate_events e
+                 WHERE (e.tx_id, e.global_position) <= (c.tx_id, c.global_position)
+                   AND ($2::jsonb IS NULL
+                        OR e.event_name IN (SELECT jsonb_array_elements_text($2::jsonb)))
+                   AND ($3::jsonb IS NULL
+                        OR e.aggregate_type IN (SELECT jsonb_array_elements_text($3::jsonb)))
+                 ORDER BY e.tx_id DESC, e.global_position DESC LIMIT 1), 0) AS global_position
+FROM qx_projection_checkpoints c WHERE c.projection_name = $1]]
 
 
 local function default_progress(info)
@@ -491,7 +500,8 @@ end
 
 
 --- { name, checkpoint, global_position, events_applied, updated_at, rebuilt_at, behind };
--- behind counts the events with a handler not applied yet.
+-- behind counts the events with a handler not applied yet; global_position is that of the last
+-- event applied (0 before the first).
 ---@return table|nil status
 ---@return qx.Error? err
 function Projection:status()
@@ -501,7 +511,7 @@ function Projection:status()
         return nil, e
     end
     local rows
-    rows, e = self.db:query(STATUS, self.name)
+    rows, e = self.db:query(STATUS, self.name, self.types, self.categories)
     if not rows then
         return nil, e
     end
@@ -512,7 +522,7 @@ function Projection:status()
     end
     return {
         name = self.name,
-        checkpoint = encode_checkpoint(r.tx_id, dec(r.global_position)),
+        checkpoint = encode_checkpoint(r.tx_id, dec(r.cp_pos)),
         global_position = r.global_position,
         events_applied = r.events_applied,
         updated_at = r.updated_at,

@@ -55,6 +55,9 @@ function _M.new(opts)
         ack_wait_ms = o.ack_wait_ms,
         max_ack_pending = o.max_ack_pending,
         create = not o.bind,
+        deliver = o.deliver,
+        start_sequence = o.start_sequence,
+        start_time = o.start_time,
     })
     if not handle then
         if owned then owned:close() end

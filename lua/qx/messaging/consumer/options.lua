@@ -5,6 +5,7 @@ local base = require "qx.messaging.consumer.base"
 
 local type = type
 local ipairs = ipairs
+local pairs = pairs
 local error = error
 local getmetatable = getmetatable
 local floor = math.floor
@@ -27,8 +28,28 @@ local OPTIONS = {
     name = true, registry = true, db = true, inbox = true, dead_letters = true, batch = true,
     max_deliver = true, ack_wait = true, ack_wait_ms = true, max_ack_pending = true,
     backoff = true, fetch_timeout_ms = true, latest_version = true, dispatcher = true,
-    on_dead_letter = true, ack_sync = true, bind = true, unit_of_work = true,
+    on_dead_letter = true, ack_sync = true, bind = true, unit_of_work = true, deliver = true,
 }
+
+-- deliver = "all" | "new" | { from_time = ISO-8601 } | { from_sequence = n }: where a new durable
+-- starts -> the core's deliver, start_sequence, start_time
+local function check_deliver(v)
+    if v == nil or v == "all" then return "all" end
+    if v == "new" then return "new" end
+    if type(v) == "table" then
+        local seq, time = v.from_sequence, v.from_time
+        local n = 0
+        for _ in pairs(v) do n = n + 1 end
+        if n == 1 and seq ~= nil and is_int(seq, 1, 9007199254740992) then
+            return "from_sequence", seq
+        end
+        if n == 1 and type(time) == "string" then
+            return "from_time", nil, time
+        end
+    end
+    error("qx.consumer: deliver must be \"all\", \"new\", { from_time = ISO-8601 } or"
+          .. " { from_sequence = n >= 1 }", 4)
+end
 
 local function opt_int(opts, name, dflt, lo, hi)
     local v = opts[name]
@@ -110,6 +131,7 @@ function _M.check(opts)
     o.fetch_timeout_ms = opt_int(opts, "fetch_timeout_ms", _M.DEFAULTS.fetch_timeout_ms, 1,
                                  2147483647)
     o.backoff = check_backoff(opts.backoff)
+    o.deliver, o.start_sequence, o.start_time = check_deliver(opts.deliver)
     if opts.on_dead_letter ~= nil and not is_callable(opts.on_dead_letter) then
         error("qx.consumer: on_dead_letter must be a function", 3)
     end
