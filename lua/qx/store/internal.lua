@@ -18,6 +18,12 @@ function _M.queue(uow, sql, ...)
     return uow._tx:queue(sql, ...)
 end
 
+-- As queue, for a statement whose first row is core.TX_ID_COLUMNS: the commit learns the
+-- transaction's id and timeline from it instead of sending a statement of its own.
+function _M.queue_id(uow, sql, ...)
+    return uow._tx:queue_id(sql, ...)
+end
+
 -- How many statements wait for the next send (BEGIN and the timeout not counted).
 function _M.queued(uow)
     return uow._tx:queued()

@@ -258,7 +258,7 @@ end
 -- Queues the insert (and the snapshot upsert) and asks for the wake-up. Nothing failed before;
 -- the unit of work was found open (check_bound).
 local function queue_append(uow, store, rows_json, snaps_json)
-    local ok, e = internal.queue(uow, APPEND, rows_json)
+    local ok, e = internal.queue_id(uow, APPEND, rows_json)
     if not ok then return nil, e end
     if snaps_json then
         ok, e = internal.queue(uow, SNAPSHOT, snaps_json)
