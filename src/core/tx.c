@@ -614,10 +614,15 @@ static const char XID_SQL[] = /* keep in step with QX_TX_ID_COLUMNS */
 
 static void copy_column(char *dst, size_t size, const qx_result *r, int col)
 {
-    dst[0] = '\0';
+    size_t n = 0;
     if (r != NULL && qx_result_nrows(r) >= 1 && qx_result_ncols(r) > col &&
-        !qx_result_isnull(r, 0, col))
-        snprintf(dst, size, "%s", qx_result_value(r, 0, col));
+        !qx_result_isnull(r, 0, col)) {
+        n = (size_t)qx_result_length(r, 0, col); /* a copy per commit: no snprintf */
+        if (n >= size)
+            n = size - 1;
+        memcpy(dst, qx_result_value(r, 0, col), n);
+    }
+    dst[n] = '\0';
 }
 
 qx_status qx_tx_commit(qx_tx *tx, int *wake_failed, const char *const *channels, int nchannels,
