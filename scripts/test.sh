@@ -13,7 +13,7 @@
 #             thread); any report fails the run, in busted's process or in a relay process a
 #             spec starts (TEST_DIR/logs/tsan-report.PID; suppressions for libnats/libpq only:
 #             spec/tsan.supp)
-# It says at its start how long it takes: about 5-8 minutes on two cores for the five runs, most
+# It says at its start how long it takes: about 9-11 minutes on two cores for the five runs, most
 # of it valgrind's. The servers are stopped whatever happens. Each run prints one summary line,
 # then the failing specs are named (busted's "file:line: test name", from each run's log) with
 # the logs' folder; the last line is "N passed, N failed" (every run added up; a run that fails without a failing spec — a
@@ -172,8 +172,8 @@ busted_run() {
 
 # --- how long ----------------------------------------------------------------------------------
 # Measured on two busy cores: lua5.4 and luajit about 1.5 min each, tsan about 1 min, asan a few
-# minutes, valgrind the longest; with deps, build and lint, 5-8 minutes for all five runs.
-echo "make test: runs $TEST_RUNS; all five take about 5-8 minutes on two cores (valgrind the"
+# minutes, valgrind the longest; with deps, build and lint, 9-11 minutes for all five runs.
+echo "make test: runs $TEST_RUNS; all five take about 9-11 minutes on two cores (valgrind the"
 echo "longest), one run (e.g. TEST_RUNS=lua5.4) about 2 minutes; logs in $TEST_DIR/logs"
 
 # --- deps and build -----------------------------------------------------------------------
