@@ -67,6 +67,11 @@ void qx_register_hot_type(lua_State *L, const qx_type *t, const void *key);
 /* The userdata at index 1 of a method registered by qx_register_hot_type (open or closed), or
  * raises when it is not one of type tname (__gc and __close take the named check). */
 void *qx_to_hot(lua_State *L, const char *tname);
+/* A userdata (at the top) that must keep its parent (at the absolute index parent) alive: as its
+ * user value on Lua 5.4 (returns LUA_NOREF), else by a registry reference (returned). qx_unhold
+ * lets go of it (the userdata at ud; *ref becomes LUA_NOREF); twice is harmless. */
+int qx_hold(lua_State *L, int parent);
+void qx_unhold(lua_State *L, int ud, int *ref);
 /* Pushes a new userdata of size bytes, zeroed (closed), with the type's metatable. */
 void *qx_new_closed(lua_State *L, const qx_type *t, size_t size);
 /* The userdata of type t at idx, or raises (wrong type; closed_msg when closed). */

@@ -38,12 +38,7 @@ qx_conn **qx_conn_push(lua_State *L, qx_pool *p, int pool_idx)
     lua_pushlightuserdata(L, (void *)&CONN_MT_KEY);
     lua_rawget(L, LUA_REGISTRYINDEX);
     lua_setmetatable(L, -2);
-    lua_pushvalue(L, pool_idx);
-#if LUA_VERSION_NUM >= 504
-    lua_setiuservalue(L, -2, 1);
-#else
-    lc->pool_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-#endif
+    lc->pool_ref = qx_hold(L, pool_idx);
     return &lc->c;
 }
 
@@ -52,10 +47,7 @@ qx_conn **qx_conn_push(lua_State *L, qx_pool *p, int pool_idx)
 void qx_conn_unpush(lua_State *L, int idx)
 {
     lconn *lc = lua_touserdata(L, idx);
-    if (lc->pool_ref != LUA_NOREF) {
-        luaL_unref(L, LUA_REGISTRYINDEX, lc->pool_ref);
-        lc->pool_ref = LUA_NOREF;
-    }
+    qx_unhold(L, idx, &lc->pool_ref);
 }
 
 /* The connection at index 1. The methods carry the metatable as upvalue 1, so the usual case
@@ -323,14 +315,7 @@ static void conn_release(lua_State *L, void *ud)
     free_held(lc);
     lc->c = NULL;
     qx_pool_release(lc->p, c);
-#if LUA_VERSION_NUM >= 504
-    lua_pushnil(L);
-    lua_setiuservalue(L, 1, 1);
-#endif
-    if (lc->pool_ref != LUA_NOREF) {
-        luaL_unref(L, LUA_REGISTRYINDEX, lc->pool_ref);
-        lc->pool_ref = LUA_NOREF;
-    }
+    qx_unhold(L, 1, &lc->pool_ref);
 }
 
 static void conn_describe(void *ud, char *buf, size_t size)

@@ -15,16 +15,7 @@ typedef struct ltx {
 
 static const char TX_MT_KEY = 't';
 
-/* The tx at index 1; methods carry the metatable as upvalue 1 (see to_conn in lconn.c). */
-/* Drops the userdata's hold on its connection (on LuaJIT a registry reference). */
-static void drop_conn_ref(lua_State *L, ltx *lt)
-{
-    if (lt->conn_ref != LUA_NOREF) {
-        luaL_unref(L, LUA_REGISTRYINDEX, lt->conn_ref);
-        lt->conn_ref = LUA_NOREF;
-    }
-}
-
+/* The tx at index 1; methods carry the metatable as upvalue 1 (see qx_to_hot). */
 static ltx *to_tx(lua_State *L)
 {
     return qx_to_hot(L, QX_TX_MT);
@@ -80,14 +71,9 @@ static int l_new(lua_State *L)
     lua_pushlightuserdata(L, (void *)&TX_MT_KEY);
     lua_rawget(L, LUA_REGISTRYINDEX);
     lua_setmetatable(L, -2);
-    lua_pushvalue(L, 1);
-#if LUA_VERSION_NUM >= 504
-    lua_setiuservalue(L, -2, 1);
-#else
-    lt->conn_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-#endif
+    lt->conn_ref = qx_hold(L, 1);
     if (qx_tx_new(&lt->tx, *slot, &o, &err) != QX_OK) {
-        drop_conn_ref(L, lt);
+        qx_unhold(L, -1, &lt->conn_ref);
         return luaL_error(L, "%s", err.message);
     }
     return 1;
@@ -363,11 +349,7 @@ static void tx_close(lua_State *L, void *ud)
     }
     qx_tx_free(lt->tx);
     lt->tx = NULL;
-#if LUA_VERSION_NUM >= 504
-    lua_pushnil(L);
-    lua_setiuservalue(L, 1, 1);
-#endif
-    drop_conn_ref(L, lt);
+    qx_unhold(L, 1, &lt->conn_ref);
 }
 
 static void tx_describe(void *ud, char *buf, size_t size)

@@ -181,6 +181,33 @@ void *qx_to_hot(lua_State *L, const char *tname)
     return luaL_checkudata(L, 1, tname);
 }
 
+int qx_hold(lua_State *L, int parent)
+{
+    lua_pushvalue(L, parent);
+#if LUA_VERSION_NUM >= 504
+    lua_setiuservalue(L, -2, 1);
+    return LUA_NOREF;
+#else
+    return luaL_ref(L, LUA_REGISTRYINDEX);
+#endif
+}
+
+void qx_unhold(lua_State *L, int ud, int *ref)
+{
+#if LUA_VERSION_NUM >= 504
+    if (ud < 0 && ud > LUA_REGISTRYINDEX)
+        ud = lua_gettop(L) + ud + 1;
+    lua_pushnil(L);
+    lua_setiuservalue(L, ud, 1);
+#else
+    (void)ud;
+#endif
+    if (*ref != LUA_NOREF) {
+        luaL_unref(L, LUA_REGISTRYINDEX, *ref);
+        *ref = LUA_NOREF;
+    }
+}
+
 void *qx_new_closed(lua_State *L, const qx_type *t, size_t size)
 {
     void *ud = lua_newuserdata(L, size);
