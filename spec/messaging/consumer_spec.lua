@@ -859,13 +859,10 @@ FROM qx_outbox_events WHERE event_name = 'spec.consumer.invoice_sent']]))
             s.publish(Placed{ n = 3 })
             -- what a new durable delivers: fetches until `want` messages came (or 5 s passed),
             -- then one more short fetch, so a message it must not deliver would show too
-            local function first_seen(opts, want)
-                local o = { durable = support.unique("d") }
-                for k, v in pairs(opts) do o[k] = v end
-                local c = consumer(s, o)
+            local function drain(c, want)
                 local seen = {}
                 local function take(ev) seen[#seen + 1] = ev.n end
-                local deadline = clock() + 5
+                local deadline = clock() + 10
                 while #seen < want and clock() < deadline do
                     assert(c:run_once(take, { timeout_ms = 1000, batch = 3 }))
                 end
@@ -873,12 +870,18 @@ FROM qx_outbox_events WHERE event_name = 'spec.consumer.invoice_sent']]))
                 c:close()
                 return seen
             end
-            assert.same({ 1, 2, 3 }, first_seen({}, 3))
-            assert.same({ 1, 2, 3 }, first_seen({ deliver = "all" }, 3))
-            assert.same({}, first_seen({ deliver = "new" }, 0))
-            assert.same({ 2, 3 }, first_seen({ deliver = { from_sequence = second.sequence } }, 2))
-            assert.same({ 3 }, first_seen({ deliver = { from_time = t3 } }, 1))
-            assert.same({ 3 }, first_seen({ deliver = { from_time = (t3:gsub("Z$", "+00:00")) } }, 1))
+            local function first_seen(opts, want)
+                local o = { durable = support.unique("d") }
+                for k, v in pairs(opts) do o[k] = v end
+                return drain(consumer(s, o), want)
+            end
+            assert.same({ 1, 2, 3 }, first_seen({}, 3), "default")
+            assert.same({ 1, 2, 3 }, first_seen({ deliver = "all" }, 3), "all")
+            assert.same({}, first_seen({ deliver = "new" }, 0), "new")
+            assert.same({ 2, 3 }, first_seen({ deliver = { from_sequence = second.sequence } }, 2), "from_sequence")
+            assert.same({ 3 }, first_seen({ deliver = { from_time = t3 } }, 1), "from_time")
+            assert.same({ 3 }, first_seen({ deliver = { from_time = (t3:gsub("Z$", "+00:00")) } }, 1),
+                        "from_time with an offset")
 
             -- an existing durable keeps its position whatever deliver now says
             local durable = support.unique("d")
@@ -886,10 +889,7 @@ FROM qx_outbox_events WHERE event_name = 'spec.consumer.invoice_sent']]))
             s.publish(Placed{ n = 4 })
             c:close()
             c = consumer(s, { durable = durable, deliver = "all", ack_wait = 10 })
-            local seen = {}
-            assert(c:run_once(function(ev) seen[#seen + 1] = ev.n end, { timeout_ms = 2000 }))
-            assert.same({ 4 }, seen)
-            c:close()
+            assert.same({ 4 }, drain(c, 1), "an existing durable")
 
             for _, bad in ipairs({ "last", { from_sequence = 0 }, { from_time = 5 },
                                    { from_time = "x", from_sequence = 1 } }) do
