@@ -92,6 +92,8 @@ void qx_nats_options_init(qx_nats_options *o)
     o->connect_timeout_ms = 2000;
     o->reconnect_attempts = -1;
     o->reconnect_wait_ms = 2000;
+    o->ping_interval_ms = 2000;
+    o->max_pings_out = 2;
     o->send_asap = 1;
 }
 
@@ -149,6 +151,10 @@ static qx_status build_options(natsOptions **out, const qx_nats_options *o, char
         return qx_error_set(err, QX_ERR_INVALID, "reconnect_attempts must be >= -1");
     if (o->reconnect_wait_ms < 0)
         return qx_error_set(err, QX_ERR_INVALID, "reconnect_wait_ms must be >= 0");
+    if (o->ping_interval_ms <= 0)
+        return qx_error_set(err, QX_ERR_INVALID, "ping_interval_ms must be > 0");
+    if (o->max_pings_out <= 0)
+        return qx_error_set(err, QX_ERR_INVALID, "max_pings_out must be > 0");
     if (!empty(o->password) && empty(o->user))
         return qx_error_set(err, QX_ERR_INVALID, "a password needs a user");
     if (empty(o->tls_cert) != empty(o->tls_key))
@@ -181,6 +187,12 @@ static qx_status build_options(natsOptions **out, const qx_nats_options *o, char
         s = natsOptions_SetMaxReconnect(opts, o->reconnect_attempts);
     if (s == NATS_OK)
         s = natsOptions_SetReconnectWait(opts, o->reconnect_wait_ms);
+    /* nats.c's default (a PING every 2 minutes, 2 unanswered) leaves a frozen server holding
+     * every publish and fetch for minutes while the rest of a cluster has moved on. */
+    if (s == NATS_OK)
+        s = natsOptions_SetPingInterval(opts, (int64_t)o->ping_interval_ms);
+    if (s == NATS_OK)
+        s = natsOptions_SetMaxPingsOut(opts, o->max_pings_out);
     /* By default nats.c's flusher waits up to 1 ms to gather writes: a publisher that waits for
      * each ack (one event of a key at a time, a consumer's acks) would wait that long for every
      * message. */

@@ -355,12 +355,16 @@ typedef struct qx_nats_options {
     int connect_timeout_ms;   /* per server, > 0 */
     int reconnect_attempts;   /* after a lost connection; -1 = forever, 0 = never */
     int reconnect_wait_ms;    /* between two attempts on the same server */
+    int ping_interval_ms;     /* a PING this often, > 0 */
+    int max_pings_out;        /* unanswered PINGs after which the server counts as gone, > 0:
+                               * a dead or frozen server is noticed within about
+                               * ping_interval_ms * (max_pings_out + 1) and the next is tried */
     int send_asap;            /* 1 (default): each message goes out at once; 0: nats.c gathers
                                * writes for up to 1 ms (bulk throughput, a millisecond later) */
 } qx_nats_options;
 
 /* Defaults: servers nats://127.0.0.1:4222, connect 2000 ms, reconnect forever every 2000 ms,
- * send_asap. */
+ * a PING every 2000 ms with at most 2 unanswered, send_asap. */
 void qx_nats_options_init(qx_nats_options *o);
 /* Connects; an unreachable server is QX_ERR_CONNECTION within the connect timeout. */
 qx_status qx_nats_open(qx_nats **out, const qx_nats_options *o, qx_error *err);

@@ -55,11 +55,13 @@ qx_nats *qx_check_nats(lua_State *L, int idx)
 
 static const char *const nats_options[] = {
     "servers", "name", "user", "password", "token", "creds_file", "tls", "tls_ca", "tls_cert",
-    "tls_key", "connect_timeout_ms", "reconnect_attempts", "reconnect_wait_ms", "send_asap", NULL
+    "tls_key", "connect_timeout_ms", "reconnect_attempts", "reconnect_wait_ms", "ping_interval_ms", "max_pings_out",
+    "send_asap", NULL
 };
 
 /* core.nats{ servers, name, user, password, token, creds_file, tls, tls_ca, tls_cert, tls_key,
- *            connect_timeout_ms, reconnect_attempts, reconnect_wait_ms, send_asap }
+ *            connect_timeout_ms, reconnect_attempts, reconnect_wait_ms, ping_interval_ms,
+ *            max_pings_out, send_asap }
  *   -> nats | nil, err */
 int qx_nats_new_lua(lua_State *L)
 {
@@ -87,6 +89,10 @@ int qx_nats_new_lua(lua_State *L)
                                            o.reconnect_attempts);
     o.reconnect_wait_ms = (int)qx_opt_int(L, 1, what, "reconnect_wait_ms", 0, 0x7fffffff,
                                           o.reconnect_wait_ms);
+    o.ping_interval_ms = (int)qx_opt_int(L, 1, what, "ping_interval_ms", 1, 0x7fffffff,
+                                         o.ping_interval_ms);
+    o.max_pings_out = (int)qx_opt_int(L, 1, what, "max_pings_out", 1, 0x7fffffff,
+                                      o.max_pings_out);
 
     ln = qx_new_closed(L, &nats_type, sizeof *ln);
     if (qx_nats_open(&ln->n, &o, &err) != QX_OK)

@@ -36,6 +36,8 @@ local function core_options(s)
         connect_timeout_ms = s.connect_timeout_ms,
         reconnect_attempts = s.reconnect_attempts,
         reconnect_wait_ms = s.reconnect_wait_ms,
+        ping_interval_ms = s.ping_interval_ms,
+        max_pings_out = s.max_pings_outstanding,
         send_asap = s.send_asap,
     }
 end
@@ -51,7 +53,8 @@ _M.Conn = Conn
 
 --- Connects at once: an unreachable server is a "connection" error within the connect timeout.
 -- Options left out come from QX_NATS__* (docs/settings.md): servers, client_name,
--- connect_timeout_seconds, reconnect_attempts, reconnect_wait_seconds, user, password, token,
+-- connect_timeout_seconds, reconnect_attempts, reconnect_wait_seconds, ping_interval_seconds,
+-- max_pings_outstanding, user, password, token,
 -- creds_file, tls, tls_ca, tls_cert, tls_key, send_asap, stream, subject_prefix,
 -- publish_timeout_seconds.
 ---@param opts table|nil

@@ -29,6 +29,8 @@ _M.ENV = {
     connect_timeout_seconds = "QX_NATS__CONNECT_TIMEOUT_SECONDS",
     reconnect_attempts = "QX_NATS__RECONNECT_ATTEMPTS",
     reconnect_wait_seconds = "QX_NATS__RECONNECT_WAIT_SECONDS",
+    ping_interval_seconds = "QX_NATS__PING_INTERVAL_SECONDS",
+    max_pings_outstanding = "QX_NATS__MAX_PINGS_OUTSTANDING",
     user = "QX_NATS__USER",
     password = "QX_NATS__PASSWORD",
     token = "QX_NATS__TOKEN",
@@ -49,6 +51,8 @@ _M.DEFAULTS = {
     connect_timeout_seconds = 2,
     reconnect_attempts = -1,
     reconnect_wait_seconds = 2,
+    ping_interval_seconds = 2,
+    max_pings_outstanding = 2,
     stream = "QX_EVENTS",
     subject_prefix = "qx.events",
     publish_timeout_seconds = 5,
@@ -60,6 +64,7 @@ local OPTIONS = {
     servers = true, client_name = true, name = "client_name",
     connect_timeout_seconds = true, connect_timeout_ms = true,
     reconnect_attempts = true, reconnect_wait_seconds = true, reconnect_wait_ms = true,
+    ping_interval_seconds = true, ping_interval_ms = true, max_pings_outstanding = true,
     user = true, password = true, token = true, creds_file = true,
     tls = true, tls_ca = true, tls_cert = true, tls_key = true, send_asap = true,
     stream = true, subject_prefix = true,
@@ -92,7 +97,8 @@ local function text(opts, getenv, name)
 end
 
 -- settings(opts?, getenv?) -> normalised table | nil, err
---   { servers, client_name, connect_timeout_ms, reconnect_attempts, reconnect_wait_ms, user,
+--   { servers, client_name, connect_timeout_ms, reconnect_attempts, reconnect_wait_ms,
+--     ping_interval_ms, max_pings_outstanding, user,
 --     password, token, creds_file, tls, tls_ca, tls_cert, tls_key, send_asap, stream,
 --     subject_prefix, publish_timeout_ms }
 function _M.settings(opts, getenv)
@@ -115,6 +121,7 @@ function _M.settings(opts, getenv)
     end
     for _, pair in ipairs({ { "connect_timeout_seconds", "connect_timeout_ms" },
                             { "reconnect_wait_seconds", "reconnect_wait_ms" },
+                            { "ping_interval_seconds", "ping_interval_ms" },
                             { "publish_timeout_seconds", "publish_timeout_ms" } }) do
         if o[pair[1]] ~= nil and o[pair[2]] ~= nil then
             raise("qx.nats: pass " .. pair[1] .. " or " .. pair[2] .. ", not both")
@@ -158,6 +165,17 @@ function _M.settings(opts, getenv)
     if not out.reconnect_wait_ms then return nil, e end
     out.publish_timeout_ms, e = duration(o, getenv, "publish_timeout", D.publish_timeout_seconds, 1)
     if not out.publish_timeout_ms then return nil, e end
+    out.ping_interval_ms, e = duration(o, getenv, "ping_interval", D.ping_interval_seconds, 1)
+    if not out.ping_interval_ms then return nil, e end
+
+    src = pick(o, getenv, "max_pings_outstanding", _M.ENV.max_pings_outstanding)
+    if src then
+        v, e = ranged(src, "int", 1, INT_MAX, 1)
+        if not v then return nil, e end
+        out.max_pings_outstanding = v
+    else
+        out.max_pings_outstanding = D.max_pings_outstanding
+    end
 
     src = pick(o, getenv, "reconnect_attempts", _M.ENV.reconnect_attempts)
     if src then
