@@ -17,7 +17,7 @@ H.sh = sh
 
 -- A fresh schema holding the qx tables, a db whose connections use it, a NATS connection with a
 -- subject prefix and a stream of its own. opts.subjects: the stream's subjects (default the
--- prefix's ">"); opts.duplicate_window_ms.
+-- prefix's ">"); opts.duplicate_window_ms; opts.max_msg_size.
 function H.setup(opts)
     opts = opts or {}
     local db, name, url = support.schema_db("relay")
@@ -30,7 +30,8 @@ function H.setup(opts)
     if subjects then
         for i, s in ipairs(subjects) do subjects[i] = prefix .. "." .. s end
     end
-    assert(conn:ensure_stream{ subjects = subjects, duplicate_window_ms = opts.duplicate_window_ms })
+    assert(conn:ensure_stream{ subjects = subjects, duplicate_window_ms = opts.duplicate_window_ms,
+                               max_msg_size = opts.max_msg_size })
     return { name = name, url = url, db = db, conn = conn, stream = stream, prefix = prefix,
              classes = {}, counters = {}, children = {} }
 end
@@ -59,7 +60,8 @@ local function class(ctx, name)
     return c
 end
 
--- Commits one unit of work recording events; each spec is { key = "k1" | nil, name = ... }.
+-- Commits one unit of work recording events; each spec is { key = "k1" | nil, name = ...,
+-- pad = bytes of padding in the payload | nil }.
 -- Payloads carry the key and a per-key counter, so order can be checked on the stream.
 -- Returns the events.
 function H.commit(ctx, specs)
@@ -69,7 +71,8 @@ function H.commit(ctx, specs)
             local key = s.key
             local n = (ctx.counters[key or ""] or 0) + 1
             ctx.counters[key or ""] = n
-            local ev = class(ctx, s.name or "thing.happened"){ key = key or "", n = n }
+            local ev = class(ctx, s.name or "thing.happened"){ key = key or "", n = n,
+                                                               pad = s.pad and ("x"):rep(s.pad) }
             if key then
                 ev.aggregate_type = "spec"
                 ev.aggregate_id = key

@@ -23,7 +23,7 @@ describe("outbox relay", function()
             local relay = assert(H.relay(ctx))
             local r = assert(relay:run_once())
             assert.same({ leader = true, claimed = 2, published = 2, duplicates = 0, failed = 0,
-                          dead_lettered = 0, held = 0 }, r)
+                          retried = 0, dead_lettered = 0, held = 0, failures = {} }, r)
             local msgs = H.check_stream(ctx, { ev, plain })
             local m = msgs[1]
             assert.equal(ctx.prefix .. ".order.placed", m.subject)
@@ -49,7 +49,7 @@ describe("outbox relay", function()
             local rows = H.sql(ctx, "SELECT count(*) AS n FROM qx_outbox_events WHERE published_at IS NOT NULL")
             assert.equal(2, rows[1].n)
             assert.same({ leader = true, claimed = 0, published = 0, duplicates = 0, failed = 0,
-                          dead_lettered = 0, held = 0 }, assert(relay:run_once()))
+                          retried = 0, dead_lettered = 0, held = 0, failures = {} }, assert(relay:run_once()))
             relay:close()
         end)
 
@@ -227,7 +227,9 @@ describe("outbox relay", function()
     describe("failures", function()
         local ctx
         -- the stream takes "ok.>" only: events named bad.* find no stream until it is widened
-        before_each(function() ctx = H.setup{ subjects = { "ok.>" } } end)
+        -- (a failure of the transport's: no responders); an event padded beyond 2 KB is too
+        -- large for the stream (the event's own failure)
+        before_each(function() ctx = H.setup{ subjects = { "ok.>" }, max_msg_size = 2048 } end)
         after_each(function() H.teardown(ctx) end)
 
         it("holds back later events of a key behind a failed one until it succeeds", function()
@@ -240,9 +242,10 @@ describe("outbox relay", function()
             assert.equal(2, r.published)
             assert.equal(1, r.failed)
             assert.equal(1, r.held)
+            assert.equal(1, r.retried)
             local row = H.sql(ctx, "SELECT attempts, last_error, next_attempt_at > now() AS later "
                 .. "FROM qx_outbox_events WHERE id = $1", e[2].event_id)[1]
-            assert.equal(1, row.attempts)
+            assert.equal(0, row.attempts) -- no stream answered: not the event's fault
             assert.truthy(row.last_error:find("no responders", 1, true) or row.last_error:find("nats", 1, true),
                           row.last_error)
             assert.is_true(row.later)
@@ -304,11 +307,15 @@ describe("outbox relay", function()
         end)
 
         it("dead-letters an event after max_attempts and lets its key go on", function()
-            local e = H.commit(ctx, { { key = "k", name = "bad.x" }, { key = "k", name = "ok.y" } })
+            local e = H.commit(ctx, { { key = "k", name = "ok.x", pad = 4096 }, { key = "k", name = "ok.y" } })
             local relay = assert(H.relay(ctx, { max_attempts = 2, base_delay_ms = 0, max_delay_ms = 0 }))
             local r = assert(relay:run_once())
             assert.equal(1, r.failed)
+            assert.equal(0, r.retried)
             assert.equal(1, r.held)
+            assert.same({ e[1].event_id, true, false },
+                        { r.failures[1].event_id, r.failures[1].counted, r.failures[1].dead })
+            assert.matches("maximum", r.failures[1].error)
             r = assert(relay:run_once())
             assert.equal(1, r.dead_lettered)
             r = assert(relay:run_once())
@@ -321,9 +328,31 @@ describe("outbox relay", function()
             relay:close()
         end)
 
+        it("never counts a failure of the transport toward max_attempts, however long it lasts", function()
+            local e = H.commit(ctx, { { key = "k", name = "bad.x" }, { key = "k", name = "ok.y" } })
+            local relay = assert(H.relay(ctx, { max_attempts = 2, base_delay_ms = 0, max_delay_ms = 0 }))
+            for _ = 1, 5 do
+                local r = assert(relay:run_once())
+                assert.same({ 1, 1, 0, 1 }, { r.failed, r.retried, r.dead_lettered, r.held })
+                assert.same({ e[1].event_id, false, false },
+                            { r.failures[1].event_id, r.failures[1].counted, r.failures[1].dead })
+            end
+            local row = H.sql(ctx, "SELECT attempts, dead_at IS NULL AS alive FROM qx_outbox_events"
+                .. " WHERE id = $1", e[1].event_id)[1]
+            assert.same({ 0, true }, { row.attempts, row.alive })
+            assert.equal(0, #assert(qx.outbox(ctx.db):get_dead()))
+            -- the outage ends: both go out, in order
+            assert(ctx.conn:ensure_stream{ subjects = { ctx.prefix .. ".ok.>", ctx.prefix .. ".bad.>" } })
+            local r = assert(relay:run_once())
+            assert.equal(2, r.published)
+            H.check_stream(ctx, e)
+            assert.equal(5, relay:stats().retried)
+            relay:close()
+        end)
+
         it("with delete_published, a failed row stays with its attempts and holds its key", function()
             local e = H.commit(ctx, {
-                { key = "k", name = "ok.a" }, { key = "k", name = "bad.b" }, { key = "k", name = "ok.c" },
+                { key = "k", name = "ok.a" }, { key = "k", name = "ok.b", pad = 4096 }, { key = "k", name = "ok.c" },
                 { key = "l", name = "ok.d" },
             })
             local relay = assert(H.relay(ctx, { base_delay_ms = 60000, delete_published = true }))

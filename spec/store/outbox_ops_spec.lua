@@ -10,12 +10,14 @@ end
 
 describe("outbox operations", function()
     local ctx
-    -- the stream takes "ok.>" only, so events named bad.* fail and can be dead-lettered
-    before_each(function() ctx = H.setup{ subjects = { "ok.>" } } end)
+    -- the stream takes messages up to 2 KB, so events padded beyond fail as their own fault
+    -- and can be dead-lettered
+    before_each(function() ctx = H.setup{ subjects = { "ok.>" }, max_msg_size = 2048 } end)
     after_each(function() H.teardown(ctx) end)
 
     local function dead_letter_two()
-        local evs = H.commit(ctx, { { key = "a", name = "bad.x" }, { key = "b", name = "bad.y" },
+        local evs = H.commit(ctx, { { key = "a", name = "ok.x", pad = 4096 },
+                                    { key = "b", name = "ok.y", pad = 4096 },
                                     { key = "c", name = "ok.z" } })
         local relay = assert(H.relay(ctx, { max_attempts = 1 }))
         local r = assert(relay:run_once())
@@ -60,12 +62,12 @@ describe("outbox operations", function()
         assert.equal(0, code, out)
         assert.truthy(out:find(evs[1].event_id, 1, true), out)
         assert.truthy(out:find(evs[2].event_id, 1, true), out)
-        assert.truthy(out:find("no JetStream stream", 1, true) or out:find("nats:", 1, true), out)
+        assert.truthy(out:find("exceeds maximum", 1, true), out)
     end)
 
     it("retry-dead makes chosen dead letters pending again, and the relay publishes them", function()
         local evs = dead_letter_two()
-        assert(ctx.conn:ensure_stream{ subjects = { ctx.prefix .. ".ok.>", ctx.prefix .. ".bad.>" } })
+        assert(ctx.conn:ensure_stream{ subjects = { ctx.prefix .. ".ok.>" } }) -- no size limit now
         local out, code = H.cli(ctx, "outbox retry-dead " .. evs[1].event_id)
         assert.equal(0, code, out)
         assert.truthy(out:find("1 dead letter", 1, true), out)
@@ -124,6 +126,16 @@ describe("outbox operations", function()
         out, code = H.cli(ctx, "relay --once")
         assert.equal(0, code, out)
         assert.truthy(out:find("claimed 0", 1, true), out)
+    end)
+
+    it("qx relay logs each failed publish on a line of its own, saying whether it counted", function()
+        local evs = H.commit(ctx, { { key = "a", name = "bad.x" }, { key = "b", name = "ok.y", pad = 4096 } })
+        local out, code = H.cli(ctx, "relay --once")
+        assert.equal(1, code, out)
+        assert.truthy(out:find("publish of event " .. evs[1].event_id
+                               .. " failed (not the event's fault, not counted; retried later)", 1, true), out)
+        assert.truthy(out:find("publish of event " .. evs[2].event_id
+                               .. " failed (counted toward max_attempts; retried later)", 1, true), out)
     end)
 
     it("qx relay --delete-published deletes what JetStream acked", function()

@@ -399,9 +399,11 @@ int qx_nats_subject_valid(const char *s)
 
 /* ---- streams ----------------------------------------------------------------------------- */
 
-qx_status qx_nats_ensure_stream(qx_nats *n, const char *name, const char *const *subjects,
-                                int nsubjects, int64_t duplicate_window_ms, qx_error *err)
+qx_status qx_nats_ensure_stream(qx_nats *n, const qx_nats_stream_options *o, qx_error *err)
 {
+    const char *name = o->name;
+    const char *const *subjects = o->subjects;
+    int nsubjects = o->nsubjects;
     jsStreamConfig cfg;
     jsStreamInfo *si = NULL;
     jsErrCode jerr = 0;
@@ -423,8 +425,12 @@ qx_status qx_nats_ensure_stream(qx_nats *n, const char *name, const char *const 
     cfg.Subjects = (const char **)subjects;
     cfg.SubjectsLen = nsubjects;
     cfg.Storage = js_FileStorage;
-    if (duplicate_window_ms > 0)
-        cfg.Duplicates = duplicate_window_ms * 1000000; /* nanoseconds */
+    if (o->duplicate_window_ms > 0)
+        cfg.Duplicates = o->duplicate_window_ms * 1000000; /* nanoseconds */
+    if (o->replicas > 0)
+        cfg.Replicas = o->replicas;
+    if (o->max_msg_size > 0)
+        cfg.MaxMsgSize = o->max_msg_size;
 
     s = js_AddStream(&si, n->js, &cfg, NULL, &jerr);
     if (s != NATS_OK && jerr == JSStreamNameExistErr) {

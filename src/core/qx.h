@@ -386,11 +386,19 @@ void qx_nats_connected_url(qx_nats *n, char *buf, size_t size);
  * printable characters without whitespace, no wildcard tokens. */
 int qx_nats_subject_valid(const char *s);
 
-/* Creates the file-backed stream, or updates its subjects and duplicate window when it exists
- * with others. duplicate_window_ms <= 0 keeps the server default (2 minutes). For development
- * and tests: deployments declare their streams. */
-qx_status qx_nats_ensure_stream(qx_nats *n, const char *name, const char *const *subjects,
-                                int nsubjects, int64_t duplicate_window_ms, qx_error *err);
+typedef struct qx_nats_stream_options {
+    const char *name;
+    const char *const *subjects;
+    int nsubjects;
+    int64_t duplicate_window_ms; /* <= 0: the server's default (2 minutes) */
+    int replicas;                /* <= 0: 1; more needs a JetStream cluster */
+    int32_t max_msg_size;        /* <= 0: no limit of the stream's own */
+} qx_nats_stream_options;
+
+/* Creates the file-backed stream, or updates its subjects, duplicate window and message size
+ * when it exists with others (a stream's replicas can change only where the server allows).
+ * For development and tests: deployments declare their streams. */
+qx_status qx_nats_ensure_stream(qx_nats *n, const qx_nats_stream_options *o, qx_error *err);
 
 typedef struct qx_nats_stream_info {
     uint64_t messages, bytes, first_seq, last_seq;
@@ -582,14 +590,28 @@ qx_status qx_relay_new(qx_relay **out, const qx_relay_options *o, qx_error *err)
 /* Closes its PostgreSQL connections (ending its leadership) and drops the NATS connection. */
 void qx_relay_free(qx_relay *r);
 
+/* One failed publish of a batch. */
+typedef struct qx_relay_failure {
+    char event_id[40];
+    char error[256];
+    int counted;       /* the message's own failure: counted toward max_attempts */
+    int dead;          /* dead-lettered by this failure */
+} qx_relay_failure;
+
+#define QX_RELAY_FAILURES_MAX 16
+
 typedef struct qx_relay_result {
     int leader;        /* 1 when this relay holds its shard's lock */
     int claimed;       /* rows the batch claimed */
     int published;     /* acked by JetStream (duplicates included) */
     int duplicates;    /* acked as duplicates: a previous attempt had reached the stream */
-    int failed;        /* attempts + 1, retried later */
+    int failed;        /* retried later after a backoff (retried included) */
+    int retried;       /* of those, failed for the transport's reason (no connection, a
+                        * timeout, no responders, no stream leader): attempts unchanged */
     int dead_lettered; /* dead-lettered: max_attempts reached, or a row that cannot be sent */
     int held;          /* claimed but held back behind an earlier failed row of their key */
+    int nfailures;     /* failures[0 .. nfailures): the batch's first failed publishes */
+    qx_relay_failure failures[QX_RELAY_FAILURES_MAX];
 } qx_relay_result;
 
 /* One batch. Takes the shard lock first when it does not hold it (res->leader = 0 and nothing
@@ -610,7 +632,8 @@ qx_status qx_relay_run(qx_relay *r, qx_relay_batch_fn fn, void *ud, int handle_s
 void qx_relay_stop(qx_relay *r);
 
 typedef struct qx_relay_stats {
-    long long batches, claimed, published, duplicates, failed, dead_lettered, held, errors;
+    long long batches, claimed, published, duplicates, failed, retried, dead_lettered, held,
+        errors;
     long long leader_changes;
     int leader;
     int running;

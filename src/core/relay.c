@@ -208,6 +208,7 @@ static void account(qx_relay *r, const qx_relay_result *o)
     r->stats.published += o->published;
     r->stats.duplicates += o->duplicates;
     r->stats.failed += o->failed;
+    r->stats.retried += o->retried;
     r->stats.dead_lettered += o->dead_lettered;
     r->stats.held += o->held;
     r->stats.last_batch_at = relay_wall_now();

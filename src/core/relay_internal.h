@@ -12,7 +12,10 @@
 enum { COL_ID, COL_NAME, COL_VERSION, COL_BODY, COL_KIND, COL_CORRELATION, COL_TENANT, COL_KEY,
        COL_ATTEMPTS, COL_SEQ, COL_CTID };
 
-enum row_state { ROW_WAITING, ROW_INFLIGHT, ROW_ACKED, ROW_FAILED, ROW_DEAD, ROW_HELD };
+/* ROW_FAILED: the message's own failure, counted toward max_attempts; ROW_RETRY: the
+ * transport's (no connection, a timeout, no responders, a stream without a leader): retried
+ * after the backoff, attempts unchanged, never dead-lettered for it */
+enum row_state { ROW_WAITING, ROW_INFLIGHT, ROW_ACKED, ROW_FAILED, ROW_RETRY, ROW_DEAD, ROW_HELD };
 
 #define ROW_ERROR_MAX 256
 
@@ -27,15 +30,16 @@ typedef struct row {
 typedef struct completion {
     int idx;
     int ok, duplicate;
+    int counts;      /* a failure that belongs to the message (see relay_failure_counts) */
     char error[ROW_ERROR_MAX];
 } completion;
 
 /* The statements that mark a batch's outcome and commit it, with what they point into; they may
  * be sent from another thread while the relay goes on with the next batch. */
 typedef struct marking {
-    qx_buf acked, ids, errors, dead; /* array literals */
+    qx_buf acked, ids, errors, dead, counts; /* array literals */
     char max_attempts[16], base[16], maxd[16];
-    const char *pub_params[1], *fail_params[6];
+    const char *pub_params[1], *fail_params[7];
     qx_stmt stmts[3];
     qx_result *results[3];
     int nstmts, failed_idx;

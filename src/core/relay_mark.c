@@ -17,17 +17,33 @@ static const char MARK_PUBLISHED_SQL[] =
 static const char DELETE_PUBLISHED_SQL[] =
     "DELETE FROM qx_outbox_events WHERE ctid = ANY($1::tid[]) AND published_at IS NULL";
 
-/* attempts + 1, the error, the next attempt after base * 2^attempts (at most max), and the
- * dead-letter time when the row cannot be sent or has failed max_attempts times */
+/* the error, the next attempt after base * 2^attempts (at most max), and, for a failure of the
+ * message's own (f.counts), attempts + 1 and the dead-letter time when the row cannot be sent
+ * or has failed max_attempts times; a failure of the transport counts nothing */
 static const char MARK_FAILED_SQL[] =
-    "UPDATE qx_outbox_events o SET attempts = o.attempts + 1, last_error = left(f.error, 2048),"
-    " next_attempt_at = CASE WHEN f.dead OR ($4::int > 0 AND o.attempts + 1 >= $4::int)"
+    "UPDATE qx_outbox_events o SET attempts = o.attempts + f.counts::int,"
+    " last_error = left(f.error, 2048),"
+    " next_attempt_at = CASE WHEN f.dead OR (f.counts AND $4::int > 0 AND o.attempts + 1 >= $4::int)"
     "   THEN NULL ELSE now() + make_interval(secs => least($6::float8,"
     "   $5::float8 * power(2, least(o.attempts, 30))) / 1000.0) END,"
-    " dead_at = CASE WHEN f.dead OR ($4::int > 0 AND o.attempts + 1 >= $4::int)"
+    " dead_at = CASE WHEN f.dead OR (f.counts AND $4::int > 0 AND o.attempts + 1 >= $4::int)"
     "   THEN now() END"
-    " FROM unnest($1::uuid[], $2::text[], $3::bool[]) AS f(id, error, dead)"
+    " FROM unnest($1::uuid[], $2::text[], $3::bool[], $7::bool[]) AS f(id, error, dead, counts)"
     " WHERE o.id = f.id AND o.published_at IS NULL AND o.dead_at IS NULL";
+
+/* The first QX_RELAY_FAILURES_MAX failures of a batch, for the log; the rest are counted. */
+static void relay_note_failure(qx_relay_result *out, const char *id, const char *error,
+                               int state)
+{
+    qx_relay_failure *f;
+    if (out->nfailures >= QX_RELAY_FAILURES_MAX)
+        return;
+    f = &out->failures[out->nfailures++];
+    snprintf(f->event_id, sizeof f->event_id, "%s", id);
+    snprintf(f->error, sizeof f->error, "%s", error);
+    f->counted = state != ROW_RETRY;
+    f->dead = state == ROW_DEAD;
+}
 
 void relay_marking_free(marking *mk)
 {
@@ -40,6 +56,7 @@ void relay_marking_free(marking *mk)
     qx_buf_free(&mk->ids);
     qx_buf_free(&mk->errors);
     qx_buf_free(&mk->dead);
+    qx_buf_free(&mk->counts);
     memset(mk, 0, sizeof *mk);
 }
 
@@ -53,11 +70,13 @@ qx_status relay_mark_prepare(qx_relay *r, batch *b, qx_error *err)
 
     memset(mk, 0, sizeof *mk);
     mk->failed_idx = -1;
-    out->published = out->failed = out->dead_lettered = out->held = 0; /* counted here */
+    out->published = out->failed = out->retried = out->dead_lettered = out->held = 0; /* here */
+    out->nfailures = 0;
     qx_buf_append_str(&mk->acked, "{");
     qx_buf_append_str(&mk->ids, "{");
     qx_buf_append_str(&mk->errors, "{");
     qx_buf_append_str(&mk->dead, "{");
+    qx_buf_append_str(&mk->counts, "{");
     for (i = 0; i < b->n; i++) {
         row *w = &b->rows[i];
         const char *id = qx_result_value(b->res, i, COL_ID);
@@ -69,20 +88,27 @@ qx_status relay_mark_prepare(qx_relay *r, batch *b, qx_error *err)
             out->published++;
             break;
         case ROW_FAILED:
+        case ROW_RETRY:
         case ROW_DEAD:
             if (nfailed++ > 0) {
                 qx_buf_append_str(&mk->ids, ",");
                 qx_buf_append_str(&mk->errors, ",");
                 qx_buf_append_str(&mk->dead, ",");
+                qx_buf_append_str(&mk->counts, ",");
             }
             qx_buf_append_str(&mk->ids, id);
             qx_buf_append_quoted(&mk->errors, w->error);
             qx_buf_append_str(&mk->dead, w->state == ROW_DEAD ? "t" : "f");
+            qx_buf_append_str(&mk->counts, w->state == ROW_RETRY ? "f" : "t");
             if (w->state == ROW_DEAD ||
-                (r->o.max_attempts > 0 && w->attempts + 1 >= r->o.max_attempts))
+                (w->state == ROW_FAILED && r->o.max_attempts > 0 &&
+                 w->attempts + 1 >= r->o.max_attempts))
                 out->dead_lettered++;
             else
                 out->failed++;
+            if (w->state == ROW_RETRY)
+                out->retried++;
+            relay_note_failure(out, id, w->error, w->state);
             break;
         default:
             out->held++;
@@ -93,7 +119,9 @@ qx_status relay_mark_prepare(qx_relay *r, batch *b, qx_error *err)
     qx_buf_append_str(&mk->ids, "}");
     qx_buf_append_str(&mk->errors, "}");
     qx_buf_append_str(&mk->dead, "}");
-    if (mk->acked.failed || mk->ids.failed || mk->errors.failed || mk->dead.failed) {
+    qx_buf_append_str(&mk->counts, "}");
+    if (mk->acked.failed || mk->ids.failed || mk->errors.failed || mk->dead.failed ||
+        mk->counts.failed) {
         relay_marking_free(mk);
         return qx_error_set(err, QX_ERR_NOMEM, "out of memory");
     }
@@ -113,7 +141,8 @@ qx_status relay_mark_prepare(qx_relay *r, batch *b, qx_error *err)
         mk->fail_params[3] = mk->max_attempts;
         mk->fail_params[4] = mk->base;
         mk->fail_params[5] = mk->maxd;
-        relay_set_stmt(&mk->stmts[mk->nstmts++], MARK_FAILED_SQL, 6, mk->fail_params);
+        mk->fail_params[6] = mk->counts.p;
+        relay_set_stmt(&mk->stmts[mk->nstmts++], MARK_FAILED_SQL, 7, mk->fail_params);
     }
     relay_set_stmt(&mk->stmts[mk->nstmts++], "COMMIT", 0, NULL);
     return QX_OK;

@@ -10,6 +10,17 @@
 
 #include "relay_internal.h"
 
+/* Whether a failed publish is the message's own fault, and counts toward max_attempts: it is
+ * too large for the server or the stream, or the server refused it as malformed. Everything
+ * else (no connection, a timeout, no responders, a stream without a leader or offline, storage
+ * or limits of the stream) is the transport's or the operator's: an outage of any length must
+ * not dead-letter an event that would have gone out once it was over. */
+static int relay_failure_counts(natsStatus s, jsErrCode code)
+{
+    return s == NATS_MAX_PAYLOAD || code == JSStreamMessageExceedsMaximumErr ||
+           code == JSBadRequestErr;
+}
+
 /* ---- the ack handler (nats.c thread) ----------------------------------------------------- */
 
 void relay_on_ack(jsCtx *js, natsMsg *msg, jsPubAck *pa, jsPubAckErr *pae, void *closure)
@@ -24,8 +35,16 @@ void relay_on_ack(jsCtx *js, natsMsg *msg, jsPubAck *pa, jsPubAckErr *pae, void 
         c->idx = idx;
         c->ok = pa != NULL;
         c->duplicate = pa != NULL && pa->Duplicate;
+        c->counts = pae != NULL && relay_failure_counts(pae->Err, pae->ErrCode);
         c->error[0] = '\0';
-        if (pa == NULL && pae != NULL) {
+        if (c->duplicate && pa->Sequence == 0) {
+            /* nats-server before 2.11 could stage an id whose message a stream leader change
+             * then dropped: its retries are "duplicates" of nothing. A true duplicate's ack
+             * names the stored message's sequence; this one is not published. */
+            c->ok = c->duplicate = 0;
+            snprintf(c->error, sizeof c->error,
+                     "nats: acked as a duplicate of no stored message (sequence 0): not published");
+        } else if (pa == NULL && pae != NULL) {
             const char *text = pae->ErrText != NULL ? pae->ErrText : natsStatus_GetText(pae->Err);
             if (pae->ErrCode != 0)
                 snprintf(c->error, sizeof c->error, "nats: %s (JetStream error %d)", text,
@@ -110,7 +129,7 @@ static int row_sendable(qx_relay *r, batch *b, int i, const char **subject)
     if (need > r->subject_cap) {
         char *p = realloc(r->subject, need);
         if (p == NULL) {
-            row_fail(w, ROW_FAILED, "nomem: out of memory");
+            row_fail(w, ROW_RETRY, "nomem: out of memory");
             return 0;
         }
         r->subject = p;
@@ -158,7 +177,9 @@ static int send_row(qx_relay *r, batch *b, int i)
         s = set_header(m, res, i, COL_TENANT, "qx.tenant_id");
     if (s != NATS_OK) {
         natsMsg_Destroy(m);
-        row_fail(w, ROW_FAILED, "nats: %s", natsStatus_GetText(s));
+        /* a header value nats.c refuses belongs to the row; memory does not */
+        row_fail(w, s == NATS_NO_MEMORY ? ROW_RETRY : ROW_FAILED, "nats: %s",
+                 natsStatus_GetText(s));
         return 0;
     }
     jsPubOptions_Init(&po);
@@ -179,7 +200,7 @@ static int send_row(qx_relay *r, batch *b, int i)
         if (s == NATS_MAX_PAYLOAD)
             row_fail(w, ROW_DEAD, "invalid: the message is larger than the server's max payload");
         else
-            row_fail(w, ROW_FAILED, "nats: %s",
+            row_fail(w, relay_failure_counts(s, 0) ? ROW_FAILED : ROW_RETRY, "nats: %s",
                      last == s && detail != NULL ? detail : natsStatus_GetText(s));
         return 0;
     }
@@ -277,7 +298,7 @@ static void apply_completion(batch *b, const completion *c)
         if (w->next >= 0)
             b->ready[b->nready++] = w->next;
     } else {
-        row_fail(w, ROW_FAILED, "%s", c->error);
+        row_fail(w, c->counts ? ROW_FAILED : ROW_RETRY, "%s", c->error);
         b->settled += hold_successors(b, c->idx);
     }
 }
@@ -331,7 +352,7 @@ void relay_publish_wait(qx_relay *r, batch *b)
         pthread_mutex_unlock(&r->mu);
         for (i = 0; i < b->n; i++) {
             if (b->rows[i].state == ROW_INFLIGHT) {
-                row_fail(&b->rows[i], ROW_FAILED, "timeout: no ack from JetStream within %d ms",
+                row_fail(&b->rows[i], ROW_RETRY, "timeout: no ack from JetStream within %d ms",
                          r->o.ack_timeout_ms);
                 hold_successors(b, i);
             }

@@ -100,22 +100,27 @@ int qx_nats_new_lua(lua_State *L)
     return 1;
 }
 
-/* nats:ensure_stream{ name =, subjects = { ... }, duplicate_window_ms = } -> true | nil, err */
+/* nats:ensure_stream{ name =, subjects = { ... }, duplicate_window_ms =, replicas =,
+ *                    max_msg_size = } -> true | nil, err */
 static int l_ensure_stream(lua_State *L)
 {
     static const char what[] = "nats:ensure_stream";
     static const char *const stream_options[] = {
-        "name", "subjects", "duplicate_window_ms", NULL
+        "name", "subjects", "duplicate_window_ms", "replicas", "max_msg_size", NULL
     };
     qx_nats *n = qx_check_nats(L, 1);
-    const char *name, **subjects;
-    long long window;
+    qx_nats_stream_options so;
+    const char **subjects;
     int i, count;
     qx_error err;
 
     qx_opt_check(L, 2, what, stream_options);
-    name = qx_opt_string(L, 2, what, "name", NULL, 1);
-    window = qx_opt_int(L, 2, what, "duplicate_window_ms", 0, 0x7fffffffffffLL, 0);
+    memset(&so, 0, sizeof so);
+    so.name = qx_opt_string(L, 2, what, "name", NULL, 1);
+    so.duplicate_window_ms = (int64_t)qx_opt_int(L, 2, what, "duplicate_window_ms", 0,
+                                                 0x7fffffffffffLL, 0);
+    so.replicas = (int)qx_opt_int(L, 2, what, "replicas", 1, 5, 1);
+    so.max_msg_size = (int32_t)qx_opt_int(L, 2, what, "max_msg_size", 1, 0x7fffffff, 0);
     lua_getfield(L, 2, "subjects");
     if (!lua_istable(L, -1))
         return luaL_error(L, "ensure_stream: subjects must be a list of strings");
@@ -128,7 +133,9 @@ static int l_ensure_stream(lua_State *L)
         subjects[i] = lua_tostring(L, -1); /* anchored by the subjects table */
         lua_pop(L, 1);
     }
-    if (qx_nats_ensure_stream(n, name, subjects, count, (int64_t)window, &err) != QX_OK)
+    so.subjects = subjects;
+    so.nsubjects = count;
+    if (qx_nats_ensure_stream(n, &so, &err) != QX_OK)
         return qx_push_error(L, &err);
     lua_pushboolean(L, 1);
     return 1;

@@ -108,7 +108,8 @@ static int l_new(lua_State *L)
 
 static void push_result(lua_State *L, const qx_relay_result *res)
 {
-    lua_createtable(L, 0, 7);
+    int i;
+    lua_createtable(L, 0, 9);
     lua_pushboolean(L, res->leader), lua_setfield(L, -2, "leader");
     lua_pushinteger(L, res->claimed), lua_setfield(L, -2, "claimed");
     lua_pushinteger(L, res->published), lua_setfield(L, -2, "published");
@@ -116,9 +117,22 @@ static void push_result(lua_State *L, const qx_relay_result *res)
     lua_pushinteger(L, res->failed), lua_setfield(L, -2, "failed");
     lua_pushinteger(L, res->dead_lettered), lua_setfield(L, -2, "dead_lettered");
     lua_pushinteger(L, res->held), lua_setfield(L, -2, "held");
+    lua_pushinteger(L, res->retried), lua_setfield(L, -2, "retried");
+    lua_createtable(L, res->nfailures, 0);
+    for (i = 0; i < res->nfailures; i++) {
+        const qx_relay_failure *f = &res->failures[i];
+        lua_createtable(L, 0, 4);
+        lua_pushstring(L, f->event_id), lua_setfield(L, -2, "event_id");
+        lua_pushstring(L, f->error), lua_setfield(L, -2, "error");
+        lua_pushboolean(L, f->counted), lua_setfield(L, -2, "counted");
+        lua_pushboolean(L, f->dead), lua_setfield(L, -2, "dead");
+        lua_rawseti(L, -2, i + 1);
+    }
+    lua_setfield(L, -2, "failures");
 }
 
-/* relay:run_once() -> { leader, claimed, published, duplicates, failed, dead_lettered, held }
+/* relay:run_once() -> { leader, claimed, published, duplicates, failed, retried, dead_lettered,
+ *                      held, failures = { { event_id, error, counted, dead }, ... } }
  *                   | nil, err */
 static int l_run_once(lua_State *L)
 {
@@ -223,6 +237,7 @@ static int l_stats(lua_State *L)
     qx_pushint64(L, s.published), lua_setfield(L, -2, "published");
     qx_pushint64(L, s.duplicates), lua_setfield(L, -2, "duplicates");
     qx_pushint64(L, s.failed), lua_setfield(L, -2, "failed");
+    qx_pushint64(L, s.retried), lua_setfield(L, -2, "retried");
     qx_pushint64(L, s.dead_lettered), lua_setfield(L, -2, "dead_lettered");
     qx_pushint64(L, s.held), lua_setfield(L, -2, "held");
     qx_pushint64(L, s.errors), lua_setfield(L, -2, "errors");

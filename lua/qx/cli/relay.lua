@@ -78,6 +78,19 @@ local function summary(r)
         :format(r.claimed, r.published, r.duplicates, r.failed, r.dead_lettered, r.held)
 end
 
+-- one line per failed publish of a batch (the first 16; the rest counted in one more line)
+local function log_failures(r)
+    local failures = r.failures or {}
+    for _, f in ipairs(failures) do
+        log(("publish of event %s failed (%s): %s"):format(f.event_id,
+            f.dead and "dead-lettered"
+                or f.counted and "counted toward max_attempts; retried later"
+                or "not the event's fault, not counted; retried later", f.error))
+    end
+    local more = r.failed + r.dead_lettered - #failures
+    if more > 0 then log(("... and %d more failed publishes in this batch"):format(more)) end
+end
+
 local function run(flags)
     local cli = require "qx.cli"
     local qx = require "qx"
@@ -147,6 +160,7 @@ local function run(flags)
         conn:close()
         db:close()
         if not r then cli.complain(tostring(re)) return 1 end
+        log_failures(r)
         cli.say(r.leader and summary(r) or "not the leader of this shard: nothing done")
         return (r.failed == 0 and r.dead_lettered == 0) and 0 or 1
     end
@@ -171,6 +185,7 @@ local function run(flags)
             log("recovered")
             last_error = nil
         end
+        log_failures(r)
         if flags.verbose and r.claimed > 0 then log(summary(r)) end
         if flags.metrics_file and os_time() - last_metrics >= metrics_every then
             last_metrics = os_time()

@@ -117,19 +117,23 @@ end
 
 --- Creates or updates a stream. For development and tests; deployments declare their streams.
 -- opts: name = the settings' stream, subjects = { prefix .. ".>" }, duplicate_window_ms
--- (server default: 2 minutes).
+-- (server default: 2 minutes), replicas (1; up to 5 on a JetStream cluster), max_msg_size
+-- (bytes; default: the server's max payload).
 ---@param opts table|nil
 ---@return true|nil ok
 ---@return qx.Error? err nats
 function Conn:ensure_stream(opts)
     if opts ~= nil and type(opts) ~= "table" then error("ensure_stream: expected a table", 2) end
-    opts = options.check(opts, { "name", "subjects", "duplicate_window_ms" }, "ensure_stream")
+    opts = options.check(opts, { "name", "subjects", "duplicate_window_ms", "replicas",
+                                 "max_msg_size" }, "ensure_stream")
     local subjects = opts.subjects or { self.settings.subject_prefix .. ".>" }
     if type(subjects) == "string" then subjects = { subjects } end
     return self.handle:ensure_stream{
         name = opts.name or self.settings.stream,
         subjects = subjects,
         duplicate_window_ms = opts.duplicate_window_ms,
+        replicas = opts.replicas,
+        max_msg_size = opts.max_msg_size,
     }
 end
 

@@ -91,7 +91,8 @@ function Relay:run(opts)
 end
 
 --- One batch.
----@return table|nil counts { leader, claimed, published, duplicates, failed, dead_lettered, held }
+---@return table|nil counts { leader, claimed, published, duplicates, failed, retried,
+---  dead_lettered, held, failures = { { event_id, error, counted, dead }, ... (the first 16) } }
 ---@return qx.Error? err
 function Relay:run_once() return self.handle:run_once() end
 --- run() returns after the batch in flight.
@@ -134,6 +135,9 @@ function _M.relay_metrics(s)
     m:add("qx_relay_duplicates_total", "counter",
           "Events JetStream already had (a retried publish).", s.duplicates)
     m:add("qx_relay_failed_total", "counter", "Failed publish attempts (retried later).", s.failed)
+    m:add("qx_relay_retried_total", "counter",
+          "Failed publish attempts that were the transport's (not counted toward max_attempts).",
+          s.retried)
     m:add("qx_relay_dead_lettered_total", "counter", "Events dead-lettered.", s.dead_lettered)
     m:add("qx_relay_held_total", "counter",
           "Claimed events held back behind a failed event of their key.", s.held)
