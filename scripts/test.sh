@@ -214,7 +214,7 @@ for run in $TEST_RUNS; do
       ;;
     luajit)
       busted_run luajit "$TEST_TIMEOUT" "$SPECS" \
-        luajit "$BUSTED" -o "$OUT" --cpath='build/luajit/?.so'
+        luajit "$BUSTED" -o "$OUT" --cpath='build/luajit/?.so' --exclude-tags=cluster
       ;;
     asan)
       busted_run asan "$TEST_TIMEOUT" "$SPECS" \
@@ -222,14 +222,14 @@ for run in $TEST_RUNS; do
             ASAN_OPTIONS="detect_leaks=$ASAN_LEAKS:halt_on_error=1:abort_on_error=0:detect_stack_use_after_return=0" \
             LSAN_OPTIONS="suppressions=$root/spec/lsan.supp:print_suppressions=0" \
             UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1" \
-        lua5.4 "$BUSTED" -o "$OUT" --cpath='build/asan/?.so'
+        lua5.4 "$BUSTED" -o "$OUT" --cpath='build/asan/?.so' --exclude-tags=cluster
       ;;
     valgrind)
       busted_run valgrind "$VALGRIND_TIMEOUT" "$VALGRIND_SPECS" \
         valgrind -q --error-exitcode=99 --num-callers=30 --keep-debuginfo=yes \
           --leak-check=full --show-leak-kinds=definite --errors-for-leak-kinds=definite \
           --suppressions="$root/spec/valgrind.supp" \
-        lua5.4 "$BUSTED" -o "$OUT" --cpath='build/lua5.4/?.so' --exclude-tags=novalgrind
+        lua5.4 "$BUSTED" -o "$OUT" --cpath='build/lua5.4/?.so' --exclude-tags=novalgrind,cluster
       ;;
     tsan)
       # Reports go to files, one per process (log_path adds the pid), so that those of the
@@ -241,7 +241,7 @@ for run in $TEST_RUNS; do
       busted_run tsan "$TEST_TIMEOUT" "$TSAN_SPECS" \
         env PATH="$root/build/tsan/bin:$PATH" \
             TSAN_OPTIONS="suppressions=$root/spec/tsan.supp:halt_on_error=0:exitcode=66:second_deadlock_stack=1:print_suppressions=0:log_path=$tsan_log" \
-        lua5.4 "$BUSTED" -o "$OUT" --cpath='build/tsan/?.so'
+        lua5.4 "$BUSTED" -o "$OUT" --cpath='build/tsan/?.so' --exclude-tags=cluster
       tsan_reports=$(ls "$tsan_log".* 2>/dev/null)
       if [ -n "$tsan_reports" ]; then
         # shellcheck disable=SC2086

@@ -1,11 +1,14 @@
--- Private nats-servers for specs that stop, freeze or kill one: a single server or a JetStream
--- cluster of several on 127.0.0.1, each in a folder of its own under one temporary folder, so
--- nothing they do disturbs the suite's shared server. Stop what you start: `set:stop_all()`.
+-- Private nats-servers for specs that kill, freeze or restart one: a JetStream cluster of
+-- several nodes on 127.0.0.1 (or servers standing alone), started with scripts/nats-cluster.sh
+-- in a temporary folder of their own, so nothing they do disturbs the suite's shared server.
+-- Stop what you start: `set:stop_all()`.
 local core = require "qx.core"
 
 local clock = core.clock
 
 local M = {}
+
+local SCRIPT = "scripts/nats-cluster.sh"
 
 local function sh(cmd)
     local p = assert(io.popen(cmd))
@@ -14,93 +17,34 @@ local function sh(cmd)
     return out
 end
 
-local function pause(seconds)
+-- runs the script; raises with its output when it fails
+local function script(...)
+    local args = table.concat({ ... }, " ")
+    local out = sh(("bash %s %s 2>&1; echo \"rc=$?\""):format(SCRIPT, args))
+    local rc = tonumber(out:match("rc=(%d+)%s*$"))
+    if rc ~= 0 then error("nats-cluster.sh " .. args .. " failed:\n" .. out, 2) end
+    return out
+end
+
+function M.pause(seconds)
     sh(("sleep %.3f"):format(seconds))
-end
-M.pause = pause
-
-local function slurp(path)
-    local f = io.open(path)
-    if not f then return "" end
-    local s = f:read("*a")
-    f:close()
-    return s
-end
-
--- ports handed out by this process, and the ones some socket has (/proc/net/tcp*)
-local given = {}
-local function port_used(port)
-    if given[port] then return true end
-    local hex = (":%04X "):format(port)
-    for _, path in ipairs({ "/proc/net/tcp", "/proc/net/tcp6" }) do
-        if slurp(path):find(hex, 1, true) then return true end
-    end
-    return false
-end
-
--- a free port below the ephemeral range (32768+)
-local seeded = false
-local function free_port()
-    if not seeded then
-        math.randomseed(math.floor(clock() * 1000) % 2147483647)
-        seeded = true
-    end
-    for _ = 1, 500 do
-        local p = math.random(20000, 32000)
-        if not port_used(p) then
-            given[p] = true
-            return p
-        end
-    end
-    error("no free port found")
 end
 
 local Node = {}
 Node.__index = Node
 
 function Node:url() return "nats://127.0.0.1:" .. self.port end
-
-function Node:running()
-    return self.pid ~= nil and sh("kill -0 " .. self.pid .. " 2>/dev/null && echo alive") ~= ""
-end
-
--- starts the node (again: same port, same store) and waits until it listens
-function Node:start()
-    assert(not self.pid, "node already started")
-    os.remove(self.dir .. "/log")
-    self.pid = tonumber(sh(("nats-server -c %s -l %s/log >/dev/null 2>&1 & echo $!")
-                           :format(self.conf, self.dir)):match("%d+"))
-    local deadline = clock() + 15
-    repeat
-        local log = slurp(self.dir .. "/log")
-        if log:match("Server is ready") then return self end
-        if not self:running() then break end
-        pause(0.05)
-    until clock() > deadline
-    error("nats-server " .. self.name .. " did not start:\n" .. slurp(self.dir .. "/log"))
-end
-
--- sends a signal and forgets the process when it is gone
-function Node:stop(signal)
-    if not self.pid then return end
-    if self.frozen then self:thaw() end
-    sh(("kill -%s %d 2>/dev/null"):format(signal or "TERM", self.pid))
-    local deadline = clock() + 10
-    while self:running() and clock() < deadline do pause(0.05) end
-    if self:running() then sh("kill -KILL " .. self.pid .. " 2>/dev/null") end
-    self.pid = nil
-end
-
-function Node:kill() self:stop("KILL") end
+function Node:kill() script("kill", self.set.root, self.name) end
+function Node:restart() script("restart", self.set.root, self.name) end
 
 -- SIGSTOP: the process keeps its sockets open and answers nothing, like a frozen host
 function Node:freeze()
-    sh("kill -STOP " .. self.pid)
+    script("freeze", self.set.root, self.name)
     self.frozen = true
 end
 
 function Node:thaw()
-    sh("kill -CONT " .. self.pid)
+    script("thaw", self.set.root, self.name)
     self.frozen = false
 end
 
@@ -113,71 +57,66 @@ function Set:urls()
     return table.concat(u, ",")
 end
 
+function Set:node(name)
+    for _, n in ipairs(self.nodes) do
+        if n.name == name then return n end
+    end
+end
+
 function Set:stop_all()
-    for _, n in ipairs(self.nodes) do n:stop() end
-    if self.root then sh("rm -rf " .. self.root) end
+    if not self.root then return end
+    script("stop", self.root)
+    sh("rm -rf " .. self.root)
     self.root = nil
 end
 
--- the node whose monitoring port says it leads `stream` (nil while none does)
+-- the node that leads `stream` as a node not frozen reports it (nil while none does)
 function Set:stream_leader(stream)
     for _, n in ipairs(self.nodes) do
-        if n.pid and not n.frozen then
-            local body = sh(("curl -s -m 2 'http://127.0.0.1:%d/jsz?streams=1' 2>/dev/null"):format(n.mport))
-            if body:find('"name":"' .. stream .. '"', 1, true) then
-                local cluster = body:match('"name":"' .. stream .. '".-"cluster":(%b{})')
-                local leader = cluster and cluster:match('"leader":"([^"]*)"')
-                if leader and leader ~= "" then
-                    for _, m in ipairs(self.nodes) do
-                        if m.name == leader then return m end
-                    end
-                end
-            end
+        if not n.frozen then
+            local body = sh(("curl -s -m 2 'http://127.0.0.1:%d/jsz?streams=1' 2>/dev/null")
+                            :format(n.mport)):gsub("%s+", "")
+            local at = body:find('"name":"' .. stream .. '"', 1, true)
+            local leader = at and body:match('"cluster":%b{}', at)
+            leader = leader and leader:match('"leader":"([^"]+)"')
+            if leader then return self:node(leader) end
         end
     end
 end
 
--- start{ nodes = 1 | 3, jetstream = true, cluster = nodes > 1 } -> a set of started nodes;
--- with cluster, the nodes form one (routes to each other), else each stands alone
+-- waits up to `seconds` for fn() to return a true value, which it returns
+function M.wait_until(fn, seconds)
+    local deadline = clock() + seconds
+    repeat
+        local v = fn()
+        if v then return v end
+        M.pause(0.05)
+    until clock() > deadline
+end
+
+-- start{ nodes = 3, cluster = true } -> a set of started nodes; with cluster = false the nodes
+-- stand alone
 function M.start(opts)
     opts = opts or {}
-    local count = opts.nodes or 1
+    local count = opts.nodes or 3
     local root = os.tmpname()
     os.remove(root)
-    sh("mkdir -p " .. root)
+    local env = opts.cluster == false and "QX_CLUSTER_STANDALONE=1 " or ""
+    local out = sh(("%sbash %s start %s %d 2>&1; echo \"rc=$?\""):format(env, SCRIPT, root, count))
+    if tonumber(out:match("rc=(%d+)%s*$")) ~= 0 then
+        sh(("bash %s stop %s >/dev/null 2>&1; rm -rf %s"):format(SCRIPT, root, root))
+        error("nats-cluster.sh start failed:\n" .. out)
+    end
+    local f = assert(io.open(root .. "/env"))
+    local text = f:read("*a")
+    f:close()
     local set = setmetatable({ root = root, nodes = {} }, Set)
-    local routes = {}
     for i = 1, count do
-        local n = setmetatable({ name = "n" .. i, dir = root .. "/n" .. i, port = free_port(),
-                                 mport = free_port(), cport = free_port() }, Node)
-        set.nodes[i] = n
-        routes[i] = "nats-route://127.0.0.1:" .. n.cport
-    end
-    for _, n in ipairs(set.nodes) do
-        sh("mkdir -p " .. n.dir)
-        n.conf = n.dir .. "/server.conf"
-        local lines = {
-            "server_name: " .. n.name,
-            "listen: 127.0.0.1:" .. n.port,
-            "http: 127.0.0.1:" .. n.mport,
-        }
-        if opts.jetstream ~= false then
-            lines[#lines + 1] = 'jetstream { store_dir: "' .. n.dir .. '/js" }'
-        end
-        if opts.cluster == nil and count > 1 or opts.cluster then
-            lines[#lines + 1] = "cluster { name: qxspec, listen: 127.0.0.1:" .. n.cport
-                                .. ", routes: [ " .. table.concat(routes, ", ") .. " ] }"
-        end
-        local f = assert(io.open(n.conf, "w"))
-        f:write(table.concat(lines, "\n"), "\n")
-        f:close()
-    end
-    local ok, err = pcall(function()
-        for _, n in ipairs(set.nodes) do n:start() end
-    end)
-    if not ok then
-        set:stop_all()
-        error(err, 0)
+        set.nodes[i] = setmetatable({
+            set = set, name = "n" .. i,
+            port = tonumber(text:match("QX_CLUSTER_N" .. i .. "_PORT=(%d+)")),
+            mport = tonumber(text:match("QX_CLUSTER_N" .. i .. "_MONITOR_PORT=(%d+)")),
+        }, Node)
     end
     return set
 end

@@ -17,22 +17,33 @@ H.sh = sh
 
 -- A fresh schema holding the qx tables, a db whose connections use it, a NATS connection with a
 -- subject prefix and a stream of its own. opts.subjects: the stream's subjects (default the
--- prefix's ">"); opts.duplicate_window_ms; opts.max_msg_size.
+-- prefix's ">"); opts.duplicate_window_ms; opts.max_msg_size; opts.servers (default the suite's
+-- nats-server) and opts.replicas, for a cluster.
 function H.setup(opts)
     opts = opts or {}
     local db, name, url = support.schema_db("relay")
     local prefix = "spec." .. name
     local stream = name:upper()
-    local conn = assert(qx.nats.connect{ servers = support.nats_url(), stream = stream,
+    local servers = opts.servers or support.nats_url()
+    local conn = assert(qx.nats.connect{ servers = servers, stream = stream,
                                          subject_prefix = prefix, publish_timeout_ms = 2000,
                                          reconnect_wait_ms = 200 })
     local subjects = opts.subjects
     if subjects then
         for i, s in ipairs(subjects) do subjects[i] = prefix .. "." .. s end
     end
-    assert(conn:ensure_stream{ subjects = subjects, duplicate_window_ms = opts.duplicate_window_ms,
-                               max_msg_size = opts.max_msg_size })
+    local stream_opts = { subjects = subjects, duplicate_window_ms = opts.duplicate_window_ms,
+                          max_msg_size = opts.max_msg_size, replicas = opts.replicas }
+    local ok, e = conn:ensure_stream(stream_opts)
+    -- a cluster just started may not know its peers' resources yet
+    local deadline = core.clock() + 15
+    while not ok and tostring(e):find("no suitable peers", 1, true) and core.clock() < deadline do
+        H.sleep(0.2)
+        ok, e = conn:ensure_stream(stream_opts)
+    end
+    assert(ok, e)
     return { name = name, url = url, db = db, conn = conn, stream = stream, prefix = prefix,
+             servers = servers,
              classes = {}, counters = {}, children = {} }
 end
 
@@ -105,7 +116,15 @@ function H.read_stream(ctx)
     local msgs = {}
     if info.messages == 0 then return msgs end
     for seq = info.first_seq, info.last_seq do
-        local m = ctx.conn:stream_get(seq)
+        local m, e = ctx.conn:stream_get(seq)
+        -- a cluster that just changed its stream leader may answer a read late: ask again
+        local tries = 0
+        while not m and e.code ~= "not_found" and tries < 60 do
+            H.sleep(0.25)
+            tries = tries + 1
+            m, e = ctx.conn:stream_get(seq)
+        end
+        assert(m or e.code == "not_found", "reading the stream: " .. tostring(e))
         if m then
             msgs[#msgs + 1] = { seq = m.sequence, subject = m.subject, headers = m.headers,
                                 env = cjson.decode(m.data) }
@@ -185,7 +204,7 @@ function H.spawn_relay(ctx, args)
     local log = os.tmpname()
     local envs = {
         "LUA_PATH=" .. sh(package.path), "LUA_CPATH=" .. sh(package.cpath),
-        "QX_DB__URL=" .. sh(ctx.url), "QX_NATS__SERVERS=" .. sh(support.nats_url()),
+        "QX_DB__URL=" .. sh(ctx.url), "QX_NATS__SERVERS=" .. sh(ctx.servers),
         "QX_NATS__STREAM=" .. sh(ctx.stream), "QX_NATS__SUBJECT_PREFIX=" .. sh(ctx.prefix),
         "QX_NATS__RECONNECT_WAIT_SECONDS=0.2", "ASAN_OPTIONS=detect_leaks=0",
     }
@@ -203,7 +222,7 @@ end
 function H.cli(ctx, args, extra_env)
     local envs = {
         "LUA_PATH=" .. sh(package.path), "LUA_CPATH=" .. sh(package.cpath),
-        "QX_DB__URL=" .. sh(ctx.url), "QX_NATS__SERVERS=" .. sh(support.nats_url()),
+        "QX_DB__URL=" .. sh(ctx.url), "QX_NATS__SERVERS=" .. sh(ctx.servers),
         "QX_NATS__STREAM=" .. sh(ctx.stream), "QX_NATS__SUBJECT_PREFIX=" .. sh(ctx.prefix),
         "ASAN_OPTIONS=detect_leaks=0", extra_env or "",
     }
