@@ -100,7 +100,8 @@ describe("a three-node JetStream cluster #cluster #slow #novalgrind", function()
         if #report > 0 then io.stderr:write("\ncluster: ", table.concat(report, "; "), "\n") end
     end)
 
-    it("the stream leader killed mid-load, then restarted: nothing lost or doubled, order kept, publishing again within seconds",
+    it("the stream leader killed mid-load, then restarted: nothing lost or doubled, order kept, "
+       .. "publishing again within seconds",
        function()
         local relay = H.spawn_relay(ctx, FAST)
         assert(H.wait_until(function() return H.log_of(ctx, relay):find("leader of its shard", 1, true) end, 15),
@@ -152,7 +153,8 @@ describe("a three-node JetStream cluster #cluster #slow #novalgrind", function()
         assert.equal(#all, consumer.until_all(#all, 60))
     end)
 
-    it("the relay's own server frozen for 60 s: publishing resumes through another node within seconds, nothing dead-lettered",
+    it("the relay's own server frozen for 60 s: publishing resumes through another node within seconds, "
+       .. "nothing dead-lettered",
        function()
         -- the relay tries the servers in the order given: it is connected to n1
         local relay = H.spawn_relay(ctx, FAST)

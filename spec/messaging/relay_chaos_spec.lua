@@ -144,7 +144,8 @@ describe("relay and a failing nats-server #novalgrind #slow", function()
         H.teardown(ctx)
     end)
 
-    it("nats-server stopped, then frozen, for seconds under load: failures retried uncounted, nothing lost, publishing resumes",
+    it("nats-server stopped, then frozen, for seconds under load: failures retried uncounted, nothing lost, "
+       .. "publishing resumes",
        function()
         local r = H.spawn_relay(ctx, FAST)
         assert(H.wait_until(function() return H.log_of(ctx, r):find("leader of its shard", 1, true) end, 10))
