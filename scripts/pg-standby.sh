@@ -109,9 +109,13 @@ EOF
   pg_start "$primary" "$p1"
   as_pg "$PG_BIN/pg_basebackup" -h 127.0.0.1 -p "$p1" -U postgres -D "$standby" -R -X stream \
     >"$dir/basebackup.log" 2>&1 || { cat "$dir/basebackup.log" >&2; die "pg_basebackup failed"; }
-  # the standby names itself, so that synchronous_standby_names can point at it
-  echo "primary_conninfo = 'host=127.0.0.1 port=$p1 user=postgres application_name=standby'" \
-    >>"$standby/postgresql.auto.conf"
+  # the standby names itself, so that synchronous_standby_names can point at it; once promoted
+  # it has no standby of its own, and a copied synchronous_standby_names would make every
+  # commit on it wait forever
+  {
+    echo "primary_conninfo = 'host=127.0.0.1 port=$p1 user=postgres application_name=standby'"
+    echo "synchronous_standby_names = ''"
+  } >>"$standby/postgresql.auto.conf"
   pg_start "$standby" "$p2"
   local i state=""
   for i in $(seq 1 100); do
