@@ -14,6 +14,7 @@ local base = require "qx.messaging.consumer.base"
 local options = require "qx.messaging.consumer.options"
 require "qx.messaging.consumer.run"
 require "qx.messaging.consumer.dead_letters"
+require "qx.messaging.consumer.batch"
 
 local type = type
 local error = error
@@ -67,7 +68,7 @@ function _M.new(opts)
     o.owned_nats = owned
     o.stopped = false
     o.totals = { fetched = 0, handled = 0, failed = 0, termed = 0, duplicates = 0,
-                 dead_lettered = 0, reply_errors = 0 }
+                 dead_lettered = 0, reply_errors = 0, held = 0, batch_commits = 0 }
     o.decode_opts = o.latest_version and { latest = true } or nil
     return setmetatable(o, Consumer)
 end
