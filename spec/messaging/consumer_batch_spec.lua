@@ -381,6 +381,26 @@ os.exit(1)
         c:close()
     end)
 
+    it("fails the whole batch when a handler breaks the transaction, then isolates that handler",
+       function()
+        local s = new_stream()
+        local c = consumer(s, { batch = 10 })
+        for i = 1, 3 do s.publish(Placed{ n = i }) end
+        stored(c, 3)
+        local r = run_until(c, function(ev, uow)
+            insert(ev, uow)
+            -- the connection dies under the batch: no savepoint can be rolled back to
+            if ev.n == 2 then uow:exec("SELECT pg_terminate_backend(pg_backend_pid())") end
+        end, 3)
+        assert.equal(2, r.handled)
+        assert.equal(1, r.failed)
+        local ns = {}
+        for i, row in ipairs(rows()) do ns[i] = row.n end
+        assert.same({ 1, 3 }, ns)
+        assert.equal(2, inbox_count(c))
+        c:close()
+    end)
+
     describe("bad options", function()
         local s
         before_each(function() s = new_stream() end)

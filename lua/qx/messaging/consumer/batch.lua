@@ -36,10 +36,6 @@ local INBOX_FORGET = [[
 DELETE FROM qx_inbox WHERE consumer = $1
 AND event_id IN (SELECT r.id FROM jsonb_to_recordset($2::jsonb) AS r(id uuid))]]
 
--- What the unit of work raises when the transaction cannot go on (a savepoint refused): the
--- whole batch fails, and nothing is reported as applied.
-local BROKEN = {}
-
 -- Screens the fetched messages as the per-message mode does (a body that is no event, an id the
 -- inbox cannot key on, a delivery past max_deliver: dead-lettered at once) and returns the rest
 -- as items { m, ev, key, delivered, info }.
@@ -126,7 +122,8 @@ function Consumer:_commit_items(handler, items, blocked)
                 if ok then
                     it.outcome = "handled"
                 elseif not ran then
-                    error(BROKEN, 0) -- the transaction cannot go on: he says why
+                    -- no savepoint: the transaction cannot go on, the whole batch fails
+                    error(he, 0)
                 else
                     if not err.is(he) then he = err.from_raised(he) end
                     it.outcome, it.err = "failed", he
@@ -148,10 +145,7 @@ function Consumer:_commit_items(handler, items, blocked)
         end
         return true
     end, uow_opts)
-    if r == nil then
-        if e == BROKEN then e = err.new("db", "the batch's transaction could not go on") end
-        return nil, e
-    end
+    if r == nil then return nil, e end
     self.totals.batch_commits = self.totals.batch_commits + 1
     return true
 end
