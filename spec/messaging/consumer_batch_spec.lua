@@ -279,6 +279,27 @@ describe("qx.consumer, commit = \"batch\"", function()
         c:close()
     end)
 
+    it("runs every copy of a message without the inbox, still in one commit", function()
+        local s = new_stream()
+        local c = consumer(s, { batch = 10, inbox = false })
+        local ev = Placed{ n = 1 }
+        s.publish(ev)
+        s.publish(ev)
+        s.publish(Placed{ n = 2 })
+        stored(c, 3)
+        local r = run_until(c, function(e, uow)
+            assert(uow:exec("INSERT INTO " .. tbl .. " (event_id, n) VALUES ($1, $2)",
+                            core.uuid(), e.n))
+        end, 3)
+        assert.equal(3, r.handled)
+        assert.equal(0, r.duplicates)
+        assert.equal(3, #rows())
+        assert.equal(1, distinct_xids())
+        assert.equal(0, inbox_count(c))
+        assert.matches("qx_consumer_batch_commits_total{[^}]*} 1", c:metrics())
+        c:close()
+    end)
+
     it("gives each message's recorded events that message's context, and its tenant to the repository",
        function()
         local s = new_stream()

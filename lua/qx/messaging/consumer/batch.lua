@@ -99,6 +99,7 @@ function Consumer:_commit_items(handler, items, blocked)
             for i = 1, #rows do new[rows[i].id] = true end
         end
         local stamped, unapplied = {}, nil
+        local batch_context, batch_correlation = uow.context, uow.correlation_id
         for i = 1, #items do
             local it = items[i]
             local ev = it.ev
@@ -138,7 +139,7 @@ function Consumer:_commit_items(handler, items, blocked)
             end
         end
         -- events a dispatcher records at commit carry no message's context
-        uow.context = {}
+        uow.context, uow.correlation_id = batch_context, batch_correlation
         if unapplied then
             local ok, fe = uow:queue(INBOX_FORGET, name, ids_json(unapplied))
             if not ok then error(fe, 0) end
