@@ -7,10 +7,12 @@
 --   uow       qx.consumer with a database, inbox off: one unit of work per message whose handler
 --             queues one INSERT
 --   inbox     the same with the inbox: the (consumer, event id) row first, then the handler
+--   batch     the same handler and inbox with commit = "batch": one unit of work per fetched
+--             batch of 100 (the inbox rows in one statement, a savepoint per message)
 --   and, for scale, the same unit of work per message without NATS (the database's share)
 --
 -- Environment: QX_DB__URL, QX_TEST_NATS_URL (or QX_NATS__SERVERS); QX_BENCH_CONSUMER_N messages
--- for raw/consumer (default 20000), QX_BENCH_CONSUMER_DB_N for uow/inbox (default 5000).
+-- for raw/consumer/batch (default 20000), QX_BENCH_CONSUMER_DB_N for uow/inbox (default 5000).
 local qx = require "qx"
 local core = require "qx.core"
 local cjson = require "cjson"
@@ -109,6 +111,17 @@ for _, mode in ipairs({ { "uow", false }, { "inbox", true } }) do
     c:close()
 end
 
+-- database, inbox, commit = "batch"
+do
+    assert(db:exec("TRUNCATE " .. effects)) -- inserts, as in the other modes, not conflicts
+    local c = consumer("batch", { db = db, commit = "batch" })
+    local t = clock()
+    local totals = assert(c:run(handler, { max_messages = N }))
+    assert(totals.handled == N, "handled " .. totals.handled)
+    report("qx.consumer + db, inbox, batch", N, clock() - t)
+    c:close()
+end
+
 local base = results[1].rate
 print(("consumer bench: %d messages (%d with a db), batch %d, body %d bytes, published at %.0f msg/s")
     :format(N, DB_N, BATCH, #sample, N / publish_s))
@@ -119,9 +132,13 @@ end
 local alone, uow_rate, inbox_rate = results[3].rate, results[4].rate, results[5].rate
 print(("  with a db: %.2fx the unit of work alone; the inbox keeps %.0f%% of the no-inbox rate")
     :format(uow_rate / alone, inbox_rate / uow_rate * 100))
+local batch_rate = results[6].rate
+print(("  commit = \"batch\" (batch %d): %.1fx one unit of work per message with the inbox,"
+       .. " %.2fx raw fetch + ack"):format(BATCH, batch_rate / inbox_rate, batch_rate / base))
 
 conn:delete_stream(stream)
 db:exec("DROP TABLE " .. effects)
 db:exec("DELETE FROM qx_inbox WHERE consumer = $1", "inbox_" .. tag)
+db:exec("DELETE FROM qx_inbox WHERE consumer = $1", "batch_" .. tag)
 conn:close()
 db:close()

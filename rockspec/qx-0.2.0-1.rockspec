@@ -81,6 +81,7 @@ build = {
     ["qx.cli.relay"] = "lua/qx/cli/relay.lua",
     ["qx.error"] = "lua/qx/error.lua",
     ["qx.messaging.consumer.base"] = "lua/qx/messaging/consumer/base.lua",
+    ["qx.messaging.consumer.batch"] = "lua/qx/messaging/consumer/batch.lua",
     ["qx.messaging.consumer.dead_letters"] = "lua/qx/messaging/consumer/dead_letters.lua",
     ["qx.messaging.consumer"] = "lua/qx/messaging/consumer/init.lua",
     ["qx.messaging.consumer.options"] = "lua/qx/messaging/consumer/options.lua",

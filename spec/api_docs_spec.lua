@@ -48,6 +48,7 @@ local PUBLIC = {
 local NOT_CHECKED = {
     "lua/qx/cli/init.lua", "lua/qx/cli/outbox.lua", "lua/qx/cli/relay.lua",
     "lua/qx/messaging/consumer/base.lua", "lua/qx/messaging/consumer/options.lua",
+    "lua/qx/messaging/consumer/batch.lua",
     "lua/qx/messaging/nats/settings.lua", "lua/qx/messaging/relay/settings.lua",
     "lua/qx/metrics.lua", "lua/qx/openresty/init.lua", "lua/qx/options.lua", "lua/qx/settings.lua",
     "lua/qx/store/event_store/checkpoint.lua", "lua/qx/store/event_store/sql.lua",

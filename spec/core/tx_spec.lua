@@ -318,6 +318,48 @@ describe("qx.core transaction", function()
             tx:close()
         end)
 
+        it("cost no statement when released before anything was sent, keeping what was queued inside",
+           function()
+            local a, b = "sp5-a-" .. core.uuid(), "sp5-b-" .. core.uuid()
+            local tx = core.tx(conn)
+            assert(tx:queue(insert_sql(), a))
+            for _ = 1, 3 do
+                assert(tx:savepoint())
+                assert(tx:savepoint()) -- nested, both unsent
+                assert(tx:release())
+                assert(tx:release())
+            end
+            assert(tx:savepoint())
+            assert(tx:queue(insert_sql(), b))
+            assert(tx:release())
+            assert.equal(2, tx:queued()) -- the two inserts; no SAVEPOINT, no RELEASE
+            assert.is_true(tx:commit())
+            for _, text in ipairs(tx:sent()) do
+                assert.is_nil(text:find("SAVEPOINT", 1, true))
+            end
+            assert.equal(1, count(a))
+            assert.equal(1, count(b))
+            tx:close()
+            -- a failure among its statements fails the transaction, as the RELEASE would have
+            tx = core.tx(conn)
+            assert(tx:savepoint())
+            assert(tx:queue(insert_sql(), a)) -- a exists: unique violation at the commit
+            assert(tx:release())
+            local ok, e = tx:commit()
+            assert.is_nil(ok)
+            assert.equal("conflict", e.code)
+            tx:rollback()
+            tx:close()
+            -- one whose SAVEPOINT was sent is released on the server
+            tx = core.tx(conn)
+            assert(tx:savepoint())
+            assert(tx:flush())
+            assert(tx:release())
+            assert.equal(1, tx:queued())
+            assert.is_true(tx:commit())
+            tx:close()
+        end)
+
         it("keep the first error when the failure was before the savepoint", function()
             local tx = core.tx(conn)
             assert(tx:queue("INSERT INTO " .. tbl .. " (id) VALUES ($1)", "nope"))

@@ -44,6 +44,10 @@ describe("outbox relay", function()
             assert.same({ total = 12.5, lines = { "a", "b" } }, env.payload)
             -- without a tenant, no tenant header (the envelope says null)
             assert.is_nil(msgs[2].headers["qx.tenant_id"])
+            -- the partition key the relay orders by, for consumers that keep it (no aggregate,
+            -- no key)
+            assert.is_nil(m.headers["qx.partition_key"])
+            assert.equal("spec:k1", msgs[2].headers["qx.partition_key"]) -- the helper prefixes keys
             assert.equal(null, msgs[2].env.tenant_id)
             -- the rows are marked
             local rows = H.sql(ctx, "SELECT count(*) AS n FROM qx_outbox_events WHERE published_at IS NOT NULL")

@@ -175,6 +175,8 @@ static int send_row(qx_relay *r, batch *b, int i)
         s = set_header(m, res, i, COL_CORRELATION, "qx.correlation_id");
     if (s == NATS_OK)
         s = set_header(m, res, i, COL_TENANT, "qx.tenant_id");
+    if (s == NATS_OK) /* the key the relay orders by: a consumer committing in batches keeps it */
+        s = set_header(m, res, i, COL_KEY, "qx.partition_key");
     if (s != NATS_OK) {
         natsMsg_Destroy(m);
         /* a header value nats.c refuses belongs to the row; memory does not */

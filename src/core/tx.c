@@ -529,12 +529,27 @@ qx_status qx_tx_savepoint(qx_tx *tx, qx_error *err)
 
 qx_status qx_tx_release(qx_tx *tx, qx_error *err)
 {
+    savepoint *sp;
     if (tx->state != QX_TXS_ACTIVE)
         return refused(tx, err);
     if (tx->nsp == 0)
         return qx_error_set(err, QX_ERR_INVALID, "no savepoint to release");
-    tx->nsp--;
-    return queue_text(tx, "RELEASE SAVEPOINT qx_sp_%d", tx->sp[tx->nsp].number, err);
+    sp = &tx->sp[--tx->nsp];
+    if (tx->sends == sp->sends_at) {
+        /* its SAVEPOINT never left: released before anything was sent, it can never be rolled
+         * back to, and a failure among its statements fails the transaction with or without
+         * it. So it goes, and no RELEASE follows (a savepoint per message of a batch is then
+         * free while the handlers only queue). */
+        memmove(&tx->q[sp->queue_at], &tx->q[sp->queue_at + 1],
+                sizeof *tx->q * (size_t)(tx->nq - sp->queue_at - 1));
+        tx->nq--;
+        if (tx->poison_at > sp->queue_at)
+            tx->poison_at--;
+        if (tx->id_at > sp->queue_at)
+            tx->id_at--;
+        return QX_OK;
+    }
+    return queue_text(tx, "RELEASE SAVEPOINT qx_sp_%d", sp->number, err);
 }
 
 qx_status qx_tx_rollback_to(qx_tx *tx, qx_error *err)

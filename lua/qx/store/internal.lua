@@ -1,6 +1,8 @@
 -- Shared by uow, repository and event_store; not public. What the repository and the event
 -- store do inside a unit of work beyond its public methods: its transaction (a core tx) and
 -- the events it drains at commit.
+local pending_list = require("qx.model.aggregate").pending_list
+
 local tostring = tostring
 local error = error
 
@@ -62,6 +64,36 @@ function _M.stamp(uow, ev)
     if ctx.tenant_id ~= nil and ev.tenant_id == nil then ev.tenant_id = ctx.tenant_id end
     local actor = ctx.actor_id or ctx.user_id
     if actor ~= nil and ev.actor_id == nil then ev.actor_id = tostring(actor) end
+end
+
+-- Stamps, from the unit of work's context as it is now, the events recorded so far (loose, and
+-- pending in tracked aggregates) that are not in done, and adds them to done (a table the caller
+-- keeps). For a unit of work whose context changes between parts of its work: a consumer that
+-- commits a batch of messages at once gives each message's events that message's context.
+function _M.stamp_recorded(uow, done)
+    local loose = uow._loose
+    if loose then
+        for i = 1, #loose do
+            local ev = loose[i]
+            if not done[ev] then
+                done[ev] = true
+                _M.stamp(uow, ev)
+            end
+        end
+    end
+    local tracked = uow._tracked
+    if tracked then
+        for i = 1, #tracked do
+            local list = pending_list(tracked[i])
+            for k = 1, #list do
+                local ev = list[k]
+                if not done[ev] then
+                    done[ev] = true
+                    _M.stamp(uow, ev)
+                end
+            end
+        end
+    end
 end
 
 -- The events an aggregate just gave up (pull_events, a list no one else holds), recorded as

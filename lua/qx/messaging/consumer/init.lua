@@ -7,13 +7,14 @@
 --   c:run(function(ev, uow, msg) ... end)   -- until c:stop()
 --   local counts = c:run_once(handler)       -- { handled, failed, termed, duplicates, fetched }
 --
--- The files of this folder: options.lua, run.lua (the loop), dead_letters.lua. Options and
--- what happens to each message: docs/consumer.md.
+-- The files of this folder: options.lua, run.lua (the loop), batch.lua (commit = "batch"),
+-- dead_letters.lua. Options and what happens to each message: docs/consumer.md.
 local core = require "qx.core"
 local base = require "qx.messaging.consumer.base"
 local options = require "qx.messaging.consumer.options"
 require "qx.messaging.consumer.run"
 require "qx.messaging.consumer.dead_letters"
+require "qx.messaging.consumer.batch"
 
 local type = type
 local error = error
@@ -28,7 +29,8 @@ local _M = { _VERSION = "0.1.0", Consumer = Consumer, DEFAULTS = options.DEFAULT
 --- A pull consumer (qx.consumer); registry and durable are required. Options and defaults:
 -- docs/consumer.md (nats, stream, durable, bind, filter_subject, name, db, inbox,
 -- dead_letters, batch = 10, fetch_timeout_ms = 1000, max_deliver = 5, backoff, ack_wait_ms =
--- 30000, max_ack_pending = 1000, ack_sync, latest_version, on_dead_letter, unit_of_work).
+-- 30000, max_ack_pending = 1000, ack_sync, latest_version, on_dead_letter, unit_of_work,
+-- commit = "message" | "batch").
 ---@param opts table
 ---@return qx.Consumer|nil consumer
 ---@return qx.Error? err connection, nats, invalid
@@ -67,7 +69,7 @@ function _M.new(opts)
     o.owned_nats = owned
     o.stopped = false
     o.totals = { fetched = 0, handled = 0, failed = 0, termed = 0, duplicates = 0,
-                 dead_lettered = 0, reply_errors = 0 }
+                 dead_lettered = 0, reply_errors = 0, held = 0, batch_commits = 0 }
     o.decode_opts = o.latest_version and { latest = true } or nil
     return setmetatable(o, Consumer)
 end

@@ -29,6 +29,7 @@ local OPTIONS = {
     max_deliver = true, ack_wait = true, ack_wait_ms = true, max_ack_pending = true,
     backoff = true, fetch_timeout_ms = true, latest_version = true, dispatcher = true,
     on_dead_letter = true, ack_sync = true, bind = true, unit_of_work = true, deliver = true,
+    commit = true,
 }
 
 -- deliver = "all" | "new" | { from_time = ISO-8601 } | { from_sequence = n }: where a new durable
@@ -140,6 +141,16 @@ function _M.check(opts)
         error("qx.consumer: unit_of_work must be a table of unit-of-work options", 3)
     end
     o.uow_opts = opts.unit_of_work
+    -- commit = "message" (a unit of work per message) or "batch" (one per fetched batch, a
+    -- savepoint per message): docs/consumer.md, "Committing a batch at once"
+    local commit = opts.commit
+    if commit ~= nil and commit ~= "message" and commit ~= "batch" then
+        error("qx.consumer: commit must be \"message\" or \"batch\"", 3)
+    end
+    if commit == "batch" and not o.db then
+        error("qx.consumer: commit = \"batch\" needs a db (it commits the batch's unit of work)", 3)
+    end
+    o.commit_batch = commit == "batch"
     o.dispatcher = opts.dispatcher
     return o
 end

@@ -80,6 +80,9 @@ local function call_handler(handler, ev, uow, info)
     return handler_outcome(xpcall(handler, err.handler, ev, uow, info))
 end
 
+-- what commit = "batch" (batch.lua) shares with the per-message path
+base.msg_info, base.call_handler = msg_info, call_handler
+
 -- Context of the unit of work: the event's ids (only valid uuids, the uow checks them).
 local function context_of(ev)
     local ctx = {}
@@ -89,6 +92,7 @@ local function context_of(ev)
     if ev.actor_id ~= nil then ctx.actor_id = ev.actor_id end
     return ctx
 end
+base.context_of = context_of
 
 -- Runs the handler for ev: in a unit of work when the consumer has a db, whose first statements
 -- are first(uow) (when given; it may return DUPLICATE) and the inbox row. Returns true and
@@ -242,8 +246,13 @@ function Consumer:run_once(handler, opts)
         return nil, e
     end
     local counts = { fetched = #msgs, handled = 0, failed = 0, termed = 0, duplicates = 0 }
-    for i = 1, #msgs do
-        self:_process(handler, msgs[i], counts)
+    if self.commit_batch then
+        counts.held = 0
+        if msgs[1] ~= nil then self:_process_batch(handler, msgs, counts) end
+    else
+        for i = 1, #msgs do
+            self:_process(handler, msgs[i], counts)
+        end
     end
     add(self.totals, counts)
     return counts
@@ -334,6 +343,12 @@ function Consumer:metrics()
     metric("messages_duplicate_total", "counter", "Redelivered messages the inbox had seen.",
            t.duplicates)
     metric("dead_letters_total", "counter", "Dead-letter rows written.", t.dead_lettered)
+    if self.commit_batch then
+        metric("messages_held_total", "counter",
+               "Messages held back behind a failed message of their partition key.", t.held)
+        metric("batch_commits_total", "counter", "Units of work committed for a fetched batch.",
+               t.batch_commits)
+    end
     local info = self.handle:info()
     if info then
         metric("pending_messages", "gauge",
