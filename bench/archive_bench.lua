@@ -8,7 +8,9 @@
 --   append    a unit of work that loads a live stream (20+ events), records one event, appends
 --   load      a unit of work that loads a live stream
 --   read      read_all of the last 500 events (the global read takes the union of both tables)
--- and once: the time store:archive takes per stream, the hot table's rows and size on disk.
+-- and once: the shared buffers each statement touches (EXPLAIN ANALYZE BUFFERS: the append's
+-- insert with its triggers, the load, the read), the time store:archive takes per stream, the
+-- hot table's rows and size on disk.
 -- Synchronous commit is off, so that the flush time of a shared disk does not count.
 --
 --   lua5.4 bench/archive_bench.lua   (QX_DB__URL; QX_BENCH_SECONDS per measure and schema,
@@ -75,12 +77,18 @@ local function fill(name, agg_type, streams)
     db:close()
 end
 
-local function ids_of(db, agg_type)
+-- the ids of the type's streams in the hot table, less those of `but` (a set)
+local function ids_of(db, agg_type, but)
     local rows = assert(db:query("SELECT DISTINCT aggregate_id FROM qx_aggregate_events "
                                  .. "WHERE aggregate_type = $1", agg_type))
-    local ids = {}
-    for i, r in ipairs(rows) do ids[i] = r.aggregate_id end
-    return ids
+    local ids, set = {}, {}
+    for _, r in ipairs(rows) do
+        if not (but and but[r.aggregate_id]) then
+            ids[#ids + 1] = r.aggregate_id
+            set[r.aggregate_id] = true
+        end
+    end
+    return ids, set
 end
 
 local function size(db, tbl)
@@ -109,11 +117,12 @@ for _, name in ipairs({ "base", "hot", "archived" }) do
         assert(db:exec("ALTER TABLE qx_aggregate_events "
                        .. "DISABLE TRIGGER qx_aggregate_events_archived_guard"))
     end
-    fill(sname, "BenchArchiveDead", DEAD)
+    -- dead and live streams are of one type, so that the statistics know it
+    fill(sname, "BenchArchiveAccount", DEAD)
+    local dead, dead_set = ids_of(db, "BenchArchiveAccount")
     if name == "archived" then
-        local dead = ids_of(db, "BenchArchiveDead")
         local t0 = clock()
-        for _, id in ipairs(dead) do assert(s.store:archive("BenchArchiveDead", id)) end
+        for _, id in ipairs(dead) do assert(s.store:archive("BenchArchiveAccount", id)) end
         archive_seconds, archived_streams = clock() - t0, #dead
     end
     -- VACUUM (as autovacuum would): the space the moved rows held is reused by new events
@@ -121,7 +130,7 @@ for _, name in ipairs({ "base", "hot", "archived" }) do
     assert(db:exec("VACUUM ANALYZE qx_aggregate_events_archive"))
     fill(sname, "BenchArchiveAccount", LIVE)
     assert(db:exec("VACUUM ANALYZE qx_aggregate_events"))
-    s.live = ids_of(db, "BenchArchiveAccount")
+    s.live = ids_of(db, "BenchArchiveAccount", dead_set)
     s.tail = tail_checkpoint(db)
     s.hot = size(db, "qx_aggregate_events")
     s.archive = size(db, "qx_aggregate_events_archive")
@@ -153,6 +162,53 @@ local function run(s, what)
         n = n + 1
     end
     return n / SECONDS
+end
+
+-- Shared buffers a statement touches (hit + read, triggers' included), from EXPLAIN (ANALYZE,
+-- BUFFERS): a figure the load of a shared machine does not move.
+local es_sql = require "qx.store.event_store.sql"
+local function buffers(db, sql, ...)
+    local rows = assert(db:query("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " .. sql, ...))
+    local top = rows[1]["QUERY PLAN"][1]
+    local plan = top.Plan
+    local n = plan["Shared Hit Blocks"] + plan["Shared Read Blocks"]
+    for _, t in ipairs(top.Triggers or {}) do
+        n = n + (t["Shared Hit Blocks"] or 0) + (t["Shared Read Blocks"] or 0)
+    end
+    return n
+end
+
+-- the append's insert of one event (in a transaction rolled back after)
+local function append_buffers(s, id)
+    local n
+    s.db:unit_of_work(function(uow)
+        local v = assert(uow:query("SELECT max(sequence) AS v FROM qx_aggregate_events "
+                                   .. "WHERE aggregate_type = $1 AND aggregate_id = $2",
+                                   "BenchArchiveAccount", id))[1].v
+        local rows = { { type = "BenchArchiveAccount", agg = id, seq = v + 1, event = {
+            event_id = qx.uuid(), event_name = "bench.archive_deposited", event_version = 1,
+            occurred_at = core.now(), amount = 1 } } }
+        local plan = assert(uow:query("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) "
+                                      .. es_sql.APPEND_SQL, assert(core.json_encode(rows))))
+        plan = plan[1]["QUERY PLAN"][1].Plan
+        n = plan["Shared Hit Blocks"] + plan["Shared Read Blocks"]
+        error({ code = "rolled_back", message = "measured only" })
+    end)
+    return n
+end
+
+-- the least of 5 (the first ones of a connection also read the catalogs)
+for _, s in ipairs(schemas) do
+    local id = s.live[1]
+    local tx, pos = es_mod.decode_checkpoint(s.tail)
+    s.append_buffers, s.load_buffers, s.read_buffers = math.huge, math.huge, math.huge
+    for _ = 1, 5 do
+        s.append_buffers = math.min(s.append_buffers, append_buffers(s, id))
+        s.load_buffers = math.min(s.load_buffers, buffers(s.db, es_sql.LOAD,
+            "BenchArchiveAccount", id, false, nil, nil))
+        s.read_buffers = math.min(s.read_buffers, buffers(s.db, es_sql.read_sql(nil, nil), tx,
+            pos, nil, nil, nil, 500))
+    end
 end
 
 local MEASURES = { "append", "load", "read" }
@@ -194,6 +250,12 @@ print("|---|---|---|---|---|")
 for _, s in ipairs(schemas) do
     print(fmt("| %s | %d | %.1f | %d | %.1f |", s.name, s.hot.n, s.hot.b / 1048576, s.archive.n,
               s.archive.b / 1048576))
+end
+print("")
+print("| schema | append of 1 event: buffers | load of a 20-event stream | read_all of 500 events |")
+print("|---|---|---|---|")
+for _, s in ipairs(schemas) do
+    print(fmt("| %s | %d | %d | %d |", s.name, s.append_buffers, s.load_buffers, s.read_buffers))
 end
 print("")
 print(fmt("store:archive: %d streams of %d events in %.1f s (%.2f ms a stream)", archived_streams,

@@ -404,8 +404,8 @@ end
 function Bound:archive(agg, id)
     check_bound(self, "archive")
     local agg_type, expected
-    local class = es_class.class_of(agg)
-    if class ~= nil then
+    local class = not es_class.is_class(agg) and es_class.class_of(agg)
+    if class then
         if id ~= nil then
             raise("es:archive: give an instance, or a type and an id, not both")
         end

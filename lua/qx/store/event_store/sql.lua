@@ -94,8 +94,6 @@ SELECT events, last_sequence, archived_at FROM qx_archive_stream($1, $2, $3::tex
 local EVENT_COLUMNS = "e.id, e.aggregate_type, e.aggregate_id, e.sequence, e.event_type, "
     .. "e.event_name, e.payload, e.occurred_at, e.tenant_id, e.global_position, e.tx_id"
 _M.EVENT_COLUMNS = EVENT_COLUMNS
-_M.HOT = "qx_aggregate_events"
-_M.ARCHIVE_TABLE = "qx_aggregate_events_archive"
 
 -- One stream's events after a sequence; the archive's too when $6 (archived = true) and the
 -- stream is archived. One row always comes back: archived says whether the stream is, the
