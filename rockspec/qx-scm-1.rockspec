@@ -78,6 +78,7 @@ build = {
     ["qx.cli"] = "lua/qx/cli/init.lua",
     ["qx.cli.outbox"] = "lua/qx/cli/outbox.lua",
     ["qx.cli.relay"] = "lua/qx/cli/relay.lua",
+    ["qx.cli.streams"] = "lua/qx/cli/streams.lua",
     ["qx.error"] = "lua/qx/error.lua",
     ["qx.messaging.consumer.base"] = "lua/qx/messaging/consumer/base.lua",
     ["qx.messaging.consumer.batch"] = "lua/qx/messaging/consumer/batch.lua",

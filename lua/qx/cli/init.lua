@@ -125,6 +125,7 @@ COMMANDS.version = {
 
 COMMANDS.relay = require "qx.cli.relay"
 COMMANDS.outbox = require "qx.cli.outbox"
+COMMANDS.streams = require "qx.cli.streams"
 
 local function usage()
     say("usage: qx COMMAND [flags]\n\ncommands:")

@@ -249,4 +249,144 @@ CREATE INDEX IF NOT EXISTS qx_dead_letters_pending
     ON qx_dead_letters (consumer, dead_at) WHERE replayed_at IS NULL;
 ]],
     },
+    {
+        version = 7,
+        name = "archived streams",
+        sql = [[
+-- Archived streams (docs/event-store.md, "Archived streams"): a closed stream's events move
+-- from the hot table to qx_aggregate_events_archive with their tx_id and global_position
+-- unchanged, so a global read of the union of both tables returns every event once, in the
+-- same order, whenever the move commits. qx_archived_streams names the closed streams.
+CREATE TABLE IF NOT EXISTS qx_archived_streams (
+    aggregate_type varchar(255) NOT NULL,
+    aggregate_id   varchar(255) NOT NULL,
+    last_sequence  integer NOT NULL,
+    events         integer NOT NULL,
+    tenant_id      varchar(255),
+    archived_at    timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (aggregate_type, aggregate_id)
+);
+-- the hot table's columns (no defaults: rows keep the values they were written with)
+CREATE TABLE IF NOT EXISTS qx_aggregate_events_archive (LIKE qx_aggregate_events);
+CREATE UNIQUE INDEX IF NOT EXISTS qx_aggregate_events_archive_id
+    ON qx_aggregate_events_archive (id);
+CREATE UNIQUE INDEX IF NOT EXISTS qx_aggregate_events_archive_aggregate
+    ON qx_aggregate_events_archive (aggregate_type, aggregate_id, sequence);
+CREATE UNIQUE INDEX IF NOT EXISTS qx_aggregate_events_archive_global
+    ON qx_aggregate_events_archive (tx_id, global_position);
+CREATE INDEX IF NOT EXISTS qx_aggregate_events_archive_name
+    ON qx_aggregate_events_archive (event_name, tx_id, global_position);
+CREATE INDEX IF NOT EXISTS qx_aggregate_events_archive_category
+    ON qx_aggregate_events_archive (aggregate_type, tx_id, global_position);
+
+-- The lock an append shares and an archive takes alone: one of 1024 per stream (a hash), so a
+-- transaction appending to many streams holds at most 1024 locks; two streams that share one
+-- only make an archive wait for the other's open appends.
+CREATE OR REPLACE FUNCTION qx_archive_lock_key(agg_type text, agg_id text) RETURNS integer
+LANGUAGE sql IMMUTABLE AS $$ SELECT hashtext(agg_type || '/' || agg_id) & 1023 $$;
+
+-- Every insert into the hot table, whoever writes it: refused (QX409, a conflict) when its
+-- stream is archived. The shared lock is taken before the check, so an archive that commits
+-- while this transaction waits is seen (READ COMMITTED: the check's snapshot is taken after
+-- the wait), and an archive that starts later waits for this transaction to end and then moves
+-- its rows too. Named to run before qx_aggregate_events_before_insert (triggers run in name
+-- order), so an append to an archived stream says so rather than "does not follow".
+CREATE OR REPLACE FUNCTION qx_aggregate_events_archived_guard() RETURNS trigger
+LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    PERFORM pg_advisory_xact_lock_shared(hashtext('qx_archived_streams'),
+                                         qx_archive_lock_key(NEW.aggregate_type, NEW.aggregate_id));
+    IF EXISTS (SELECT 1 FROM qx_archived_streams a
+               WHERE a.aggregate_type = NEW.aggregate_type
+                 AND a.aggregate_id = NEW.aggregate_id) THEN
+        RAISE EXCEPTION USING ERRCODE = 'QX409', MESSAGE = format(
+            'event store: %s %s: stream archived', NEW.aggregate_type, NEW.aggregate_id);
+    END IF;
+    RETURN NEW;
+END
+$$;
+DROP TRIGGER IF EXISTS qx_aggregate_events_archived_guard ON qx_aggregate_events;
+CREATE TRIGGER qx_aggregate_events_archived_guard BEFORE INSERT ON qx_aggregate_events
+    FOR EACH ROW EXECUTE FUNCTION qx_aggregate_events_archived_guard();
+
+-- Archives one stream: takes its lock alone (waiting for the open appends to it), then, in
+-- statements that see what those committed, moves every event to the archive, drops the
+-- snapshot and names the stream in qx_archived_streams. tenant (or NULL) limits it to that
+-- tenant's stream; expected (or NULL) is the version the caller saw. QX404 when there is no
+-- such stream, QX409 when it is archived already or has moved past expected, QX422 outside
+-- READ COMMITTED or when the archive table lacks a column of the hot table (a migration that
+-- adds a column to qx_aggregate_events must add it to qx_aggregate_events_archive too).
+CREATE OR REPLACE FUNCTION qx_archive_stream(agg_type text, agg_id text, tenant text,
+                                             expected integer)
+RETURNS TABLE (events integer, last_sequence integer, archived_at text)
+LANGUAGE plpgsql VOLATILE AS $$
+#variable_conflict use_column
+DECLARE
+    cols    text;
+    missing text;
+    n       integer;
+    last_seq integer;
+    other_tenant boolean;
+    stream_tenant text;
+    moved   integer;
+BEGIN
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION USING ERRCODE = 'QX422', MESSAGE = format(
+            'event store: archive runs in READ COMMITTED, not %s',
+            current_setting('transaction_isolation'));
+    END IF;
+    PERFORM pg_advisory_xact_lock(hashtext('qx_archived_streams'),
+                                  qx_archive_lock_key(agg_type, agg_id));
+    SELECT a.tenant_id INTO stream_tenant FROM qx_archived_streams a
+    WHERE a.aggregate_type = agg_type AND a.aggregate_id = agg_id;
+    IF FOUND AND (tenant IS NULL OR stream_tenant IS NOT DISTINCT FROM tenant) THEN
+        RAISE EXCEPTION USING ERRCODE = 'QX409', MESSAGE = format(
+            'event store: %s %s: stream archived already', agg_type, agg_id);
+    END IF;
+    SELECT count(*), max(e.sequence),
+           coalesce(bool_or(e.tenant_id IS DISTINCT FROM tenant), false), min(e.tenant_id)
+    INTO n, last_seq, other_tenant, stream_tenant
+    FROM qx_aggregate_events e
+    WHERE e.aggregate_type = agg_type AND e.aggregate_id = agg_id;
+    IF n = 0 OR (tenant IS NOT NULL AND other_tenant) THEN
+        RAISE EXCEPTION USING ERRCODE = 'QX404', MESSAGE = format(
+            'event store: %s %s: no such stream', agg_type, agg_id);
+    END IF;
+    IF expected IS NOT NULL AND last_seq <> expected THEN
+        RAISE EXCEPTION USING ERRCODE = 'QX409', MESSAGE = format(
+            'event store: %s %s: stream is at version %s, not %s; load it again',
+            agg_type, agg_id, last_seq, expected);
+    END IF;
+    SELECT string_agg(quote_ident(h.attname), ', ' ORDER BY h.attnum) INTO missing
+    FROM pg_attribute h
+    WHERE h.attrelid = 'qx_aggregate_events'::regclass AND h.attnum > 0 AND NOT h.attisdropped
+      AND NOT EXISTS (SELECT 1 FROM pg_attribute a
+                      WHERE a.attrelid = 'qx_aggregate_events_archive'::regclass
+                        AND a.attname = h.attname AND NOT a.attisdropped);
+    IF missing IS NOT NULL THEN
+        RAISE EXCEPTION USING ERRCODE = 'QX422', MESSAGE = format(
+            'event store: qx_aggregate_events_archive lacks column(s) %s of qx_aggregate_events',
+            missing);
+    END IF;
+    SELECT string_agg(quote_ident(a.attname), ', ' ORDER BY a.attnum) INTO cols
+    FROM pg_attribute a
+    WHERE a.attrelid = 'qx_aggregate_events_archive'::regclass AND a.attnum > 0
+      AND NOT a.attisdropped;
+    EXECUTE format('WITH m AS (DELETE FROM qx_aggregate_events '
+                   'WHERE aggregate_type = $1 AND aggregate_id = $2 RETURNING %s) '
+                   'INSERT INTO qx_aggregate_events_archive (%s) SELECT %s FROM m',
+                   cols, cols, cols)
+        USING agg_type, agg_id;
+    GET DIAGNOSTICS moved = ROW_COUNT;
+    DELETE FROM qx_aggregate_snapshots s
+    WHERE s.aggregate_type = agg_type AND s.aggregate_id = agg_id;
+    INSERT INTO qx_archived_streams AS a
+        (aggregate_type, aggregate_id, last_sequence, events, tenant_id)
+    VALUES (agg_type, agg_id, last_seq, moved, coalesce(tenant, stream_tenant));
+    RETURN QUERY SELECT moved, last_seq,
+        to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"');
+END
+$$;
+]],
+    },
 }

@@ -75,7 +75,9 @@ WITH cp AS (
     SELECT pg_snapshot_xmin(pg_current_snapshot()) AS horizon
 )
 SELECT cp.tx_id::text AS cp_tx, cp.global_position AS cp_pos, h.horizon::text AS horizon,
-       EXISTS (SELECT 1 FROM qx_aggregate_events w WHERE w.tx_id >= h.horizon) AS withheld,
+       (EXISTS (SELECT 1 FROM qx_aggregate_events w WHERE w.tx_id >= h.horizon)
+        OR EXISTS (SELECT 1 FROM qx_aggregate_events_archive w WHERE w.tx_id >= h.horizon))
+           AS withheld,
        ]] .. store_mod.RECORD_COLUMNS .. [[
 
 FROM cp CROSS JOIN h
@@ -104,7 +106,12 @@ local LOCK = [[
 SELECT 1 AS one FROM qx_projection_checkpoints WHERE projection_name = $1 FOR UPDATE]]
 
 local REMAINING = [[
-SELECT count(*) AS n FROM qx_aggregate_events e, qx_projection_checkpoints c
+SELECT count(*) AS n
+FROM (SELECT tx_id, global_position, event_name, aggregate_type FROM qx_aggregate_events
+      UNION ALL
+      SELECT tx_id, global_position, event_name, aggregate_type
+      FROM qx_aggregate_events_archive) e,
+     qx_projection_checkpoints c
 WHERE c.projection_name = $1
   AND (e.tx_id, e.global_position) > (c.tx_id, c.global_position)
   AND ($2::jsonb IS NULL OR e.event_name IN (SELECT jsonb_array_elements_text($2::jsonb)))
@@ -116,7 +123,12 @@ local STATUS = [[
 SELECT c.tx_id::text AS tx_id, c.global_position AS cp_pos, c.events_applied, c.last_sequence,
        to_char(c.updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS updated_at,
        to_char(c.rebuilt_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS rebuilt_at,
-       coalesce((SELECT e.global_position FROM qx_aggregate_events e
+       coalesce((SELECT e.global_position
+                 FROM (SELECT tx_id, global_position, event_name, aggregate_type
+                       FROM qx_aggregate_events
+                       UNION ALL
+                       SELECT tx_id, global_position, event_name, aggregate_type
+                       FROM qx_aggregate_events_archive) e
                  WHERE (e.tx_id, e.global_position) <= (c.tx_id, c.global_position)
                    AND ($2::jsonb IS NULL
                         OR e.event_name IN (SELECT jsonb_array_elements_text($2::jsonb)))

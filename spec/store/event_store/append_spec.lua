@@ -352,7 +352,7 @@ SELECT event_name, partition_key, payload FROM qx_outbox_events WHERE event_name
             assert.has_error(function() es:load({}, id) end)
             assert.has_error(function() es:load(m.Account, { id }) end)
             assert.has_error(function() es:load(m.Account, id, { snapshots = false }) end,
-            "es:load: unknown option 'snapshots' (known: snapshot)")
+            "es:load: unknown option 'snapshots' (known: snapshot, archived)")
             assert.has_error(function() es:append({}) end)
             got = es:load(Other, id)
             return true

@@ -24,7 +24,9 @@ local is_uuid = core.is_uuid
 local null = core.null
 local new_error = qx_error.new
 local APPEND, SNAPSHOT, LOAD = sql.APPEND, sql.SNAPSHOT, sql.LOAD
+local LOAD_ARCHIVED = sql.LOAD_ARCHIVED
 local read_all, read_stream = reads.read_all, reads.read_stream
+local archive_stream, archived_error = reads.archive_stream, reads.archived_error
 local Store = reads.Store
 
 local _M = {}
@@ -75,15 +77,15 @@ local function tenant_of(uow)
 end
 
 
-local LOAD_OPTIONS = { "snapshot" }
+local LOAD_OPTIONS = { "snapshot", "archived" }
 local APPEND_OPTIONS = { "aggregate_type" }
 
 --- An aggregate from its snapshot and events; nil (and no error) when it has none.
 ---@param class table an event-sourced class
 ---@param id string
----@param opts table|nil { snapshot = false } reads every event, not the snapshot
+---@param opts table|nil { snapshot = false }: every event; { archived = true }: archived too
 ---@return table|nil instance
----@return qx.Error? err invalid for bad stored data
+---@return qx.Error? err invalid (bad stored data), not_found + err.archived (archived stream)
 function Bound:load(class, id, opts)
     check_bound(self, "load")
     if not es_class.is_class(class) then
@@ -98,6 +100,9 @@ function Bound:load(class, id, opts)
         raise("es:load: options must be a table")
     end
     options.check(opts, LOAD_OPTIONS, "es:load")
+    if opts and opts.archived ~= nil and type(opts.archived) ~= "boolean" then
+        raise("es:load: archived must be a boolean")
+    end
     -- ids are uuids, as a repository's keys: an id from outside that is not one (a typo, a
     -- path segment) must not read as an empty stream that load-or-new then starts
     if not is_uuid(id) then
@@ -113,6 +118,17 @@ function Bound:load(class, id, opts)
     end
     if #rows == 0 then
         return nil
+    end
+    if rows[#rows].kind == 2 then
+        -- archived: its events are in the archive (the guard keeps the hot table free of them)
+        if not (opts and opts.archived) then
+            return nil, archived_error(class.aggregate_type, id)
+        end
+        rows, e = self.uow:query(LOAD_ARCHIVED, class.aggregate_type, tostring(id),
+                                 tenant_of(self.uow))
+        if not rows then
+            return nil, e
+        end
     end
 
     local self_ = class.new(id)
@@ -376,10 +392,46 @@ function Bound:append_batch(list, opts)
 end
 
 
+--- Closes a stream (docs/event-store.md, "Archived streams"): its events move to the archive,
+-- its snapshot is dropped, and later appends are conflict "stream archived". Given an
+-- instance, the stream must be at the instance's version and the instance must have no events
+-- left to append. Runs at once in this transaction (its lock is held until the commit); a
+-- failure aborts the unit of work, as every failed statement does (uow:savepoint to go on).
+---@param agg table|string an event-sourced instance, or an aggregate type (a name or a class)
+---@param id string|nil the id, when agg is a type
+---@return table|nil info { events = n moved, last_sequence = n, archived_at = ISO-8601 }
+---@return qx.Error? err not_found, conflict (archived already: err.archived; moved on), invalid
+function Bound:archive(agg, id)
+    check_bound(self, "archive")
+    local agg_type, expected
+    local class = not es_class.is_class(agg) and es_class.class_of(agg)
+    if class then
+        if id ~= nil then
+            raise("es:archive: give an instance, or a type and an id, not both")
+        end
+        agg_type, id, expected = class.aggregate_type, rawget(agg, "id"), rawget(agg, "version")
+        if #aggregate.pending_list(agg) > 0 then
+            return nil, new_error("invalid", tostring(agg) .. ": has recorded events not "
+                .. "appended; append them (or drop the instance) before archiving")
+        end
+    else
+        agg_type = reads.aggregate_type_of(agg)
+        if agg_type == nil then
+            raise("es:archive: expected an event-sourced instance, or an aggregate type (a name "
+                  .. "or a class) and an id, got " .. type(agg))
+        end
+        if type(id) ~= "string" then
+            raise("es:archive: id must be a string, got " .. type(id))
+        end
+    end
+    return archive_stream(self.uow, agg_type, id, tenant_of(self.uow), expected)
+end
+
+
 --- In this transaction; limited to the context's tenant when it has one.
 ---@param agg_type string
 ---@param id string
----@param opts table|nil { after_sequence, limit }
+---@param opts table|nil { after_sequence, limit, archived = true }
 ---@return table|nil records
 ---@return qx.Error? err
 function Bound:read_stream(agg_type, id, opts)

@@ -21,6 +21,8 @@ local dec, later = checkpoint.dec, checkpoint.later
 local encode_checkpoint = checkpoint.encode_checkpoint
 local decode_checkpoint = checkpoint.decode_checkpoint
 local READ_STREAM, STALL, read_sql = sql.READ_STREAM, sql.STALL, sql.read_sql
+local ARCHIVE = sql.ARCHIVE
+local new_error = require("qx.error").new
 
 local _M = {}
 
@@ -163,7 +165,7 @@ end
 _M.read_all = read_all
 
 
-local STREAM_OPTS = { "after_sequence", "limit" }
+local STREAM_OPTS = { "after_sequence", "limit", "archived" }
 
 local function stream_args(method, agg_type, id, opts)
     local t = aggregate_type_of(agg_type)
@@ -186,21 +188,60 @@ local function stream_args(method, agg_type, id, opts)
     if type(limit) ~= "number" or limit ~= floor(limit) or limit < 1 then
         error(method .. ": limit must be a positive integer", 3)
     end
-    return t, tostring(id), after, limit
+    if opts.archived ~= nil and type(opts.archived) ~= "boolean" then
+        error(method .. ": archived must be a boolean", 3)
+    end
+    return t, tostring(id), after, limit, opts.archived == true
 end
 
 
+-- The error of a read of an archived stream that did not ask for archived ones.
+local function archived_error(agg_type, id)
+    return new_error("not_found", fmt("%s %s: stream archived (read it with { archived = true })",
+                                      agg_type, tostring(id)), { archived = true })
+end
+
+_M.archived_error = archived_error
+
 local function read_stream(q, method, agg_type, id, opts, tenant)
-    local t, sid, after, limit = stream_args(method, agg_type, id, opts)
-    local rows, e = q:query(READ_STREAM, t, sid, after, tenant, limit)
+    local t, sid, after, limit, archived = stream_args(method, agg_type, id, opts)
+    local rows, e = q:query(READ_STREAM, t, sid, after, tenant, limit, archived)
     if not rows then
         return nil, e
     end
-    for i = 1, #rows do
-        rows[i] = to_record(rows[i])
+    if rows[1].archived and not archived then
+        return nil, archived_error(t, sid)
     end
-    return rows
+    local out = {}
+    for i = 1, #rows do
+        if rows[i].tx_id ~= null then
+            out[#out + 1] = to_record(rows[i])
+        end
+    end
+    return out
 end
+
+
+-- Archives one stream through q (a db or a unit of work): the events move to the archive in
+-- q's transaction (docs/event-store.md, "Archived streams"). -> info | nil, err
+local function archive_stream(q, agg_type, id, tenant, expected)
+    if not core.is_uuid(id) then
+        return nil, new_error("invalid", fmt("%s: id must be a uuid, got %q", agg_type,
+                                             tostring(id)))
+    end
+    local rows, e = q:query(ARCHIVE, agg_type, id, tenant, expected)
+    if not rows then
+        if e.code == "conflict" and tostring(e.message):find("stream archived", 1, true) then
+            e.archived = true
+        end
+        return nil, e
+    end
+    local r = rows[1]
+    return { aggregate_type = agg_type, aggregate_id = id, events = r.events,
+             last_sequence = r.last_sequence, archived_at = r.archived_at }
+end
+
+_M.archive_stream = archive_stream
 
 
 --- Events in a gap-safe global order (docs/event-store.md: records and checkpoints). opts:
@@ -271,15 +312,47 @@ function Store:each(opts)
 end
 
 
---- One aggregate's events, in order.
+--- One aggregate's events, in order. An archived stream is not_found (err.archived) unless
+-- opts.archived.
 ---@param agg_type string
 ---@param id string
----@param opts table|nil { after_sequence = 0, limit }
+---@param opts table|nil { after_sequence = 0, limit, archived = true }
 ---@return table|nil records
 ---@return qx.Error? err
 function Store:read_stream(agg_type, id, opts)
     check_store(self, "read_stream")
     return read_stream(need_db(self, "read_stream"), "store:read_stream", agg_type, id, opts)
+end
+
+
+local ARCHIVE_OPTS = { "tenant_id" }
+
+--- Closes a stream in a transaction of its own (es:archive inside a unit of work): its events
+-- move to the archive table, its snapshot is dropped, later appends are conflict "stream
+-- archived", loads not_found with err.archived. Global reads still return its events.
+---@param agg_type string|table an aggregate type (a name or a class)
+---@param id string the aggregate id (a uuid)
+---@param opts table|nil { tenant_id = t } archives only that tenant's stream
+---@return table|nil info { aggregate_type, aggregate_id, events, last_sequence, archived_at }
+---@return qx.Error? err not_found (no stream), conflict (archived already: err.archived), invalid
+function Store:archive(agg_type, id, opts)
+    check_store(self, "archive")
+    local t = aggregate_type_of(agg_type)
+    if t == nil then
+        error("store:archive: expected an aggregate type (a name or a class), got "
+              .. type(agg_type), 2)
+    end
+    if type(id) ~= "string" then
+        error("store:archive: id must be a string, got " .. type(id), 2)
+    end
+    if opts ~= nil and type(opts) ~= "table" then
+        error("store:archive: options must be a table", 2)
+    end
+    opts = options.check(opts, ARCHIVE_OPTS, "store:archive")
+    if opts.tenant_id ~= nil and type(opts.tenant_id) ~= "string" then
+        error("store:archive: tenant_id must be a string", 2)
+    end
+    return archive_stream(need_db(self, "archive"), t, id, opts.tenant_id)
 end
 
 

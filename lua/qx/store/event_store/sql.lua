@@ -62,16 +62,62 @@ FROM qx_aggregate_events e
 WHERE e.aggregate_type = $1 AND e.aggregate_id = $2
   AND e.sequence > coalesce((SELECT version FROM s), 0)
   AND ($5::text IS NULL OR e.tenant_id = $5::text)
+UNION ALL
+SELECT 2, a.last_sequence, NULL, NULL, NULL, NULL, NULL
+FROM qx_archived_streams a
+WHERE a.aggregate_type = $1 AND a.aggregate_id = $2
+  AND ($5::text IS NULL OR a.tenant_id = $5::text)
 ORDER BY 1, 2]]
 
-local READ_STREAM = [[
-SELECT ]] .. RECORD_COLUMNS .. [[
+-- An archived stream's events, for es:load(..., { archived = true }): no snapshot (archiving
+-- drops it), the rows of the same shape as LOAD's events.
+local LOAD_ARCHIVED = [[
+SELECT 1 AS kind, e.sequence, e.event_name, e.payload,
+       CASE WHEN e.payload ? 'event_id' THEN NULL ELSE e.id::text END AS row_id,
+       CASE WHEN e.payload ? 'occurred_at' THEN NULL
+            ELSE to_char(e.occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') END
+            AS row_occurred_at,
+       CASE WHEN e.payload ? 'tenant_id' THEN NULL ELSE e.tenant_id END AS row_tenant_id
+FROM qx_aggregate_events_archive e
+WHERE e.aggregate_type = $1 AND e.aggregate_id = $2
+  AND ($3::text IS NULL OR e.tenant_id = $3::text)
+ORDER BY e.sequence]]
 
-FROM qx_aggregate_events e
-WHERE e.aggregate_type = $1 AND e.aggregate_id = $2 AND e.sequence > $3
-  AND ($4::text IS NULL OR e.tenant_id = $4::text)
-ORDER BY e.sequence
-LIMIT $5]]
+-- Archives one stream (qx_archive_stream, migration "archived streams"): $1 type, $2 id,
+-- $3 tenant or NULL, $4 the expected version or NULL.
+local ARCHIVE = [[
+SELECT events, last_sequence, archived_at FROM qx_archive_stream($1, $2, $3::text, $4::int)]]
+
+-- The columns the reads take from either table: the union of the hot table and the archive is
+-- read by name, so a column only one of them has does not break it. A record column added to
+-- RECORD_COLUMNS must be added here (and to both tables).
+local EVENT_COLUMNS = "e.id, e.aggregate_type, e.aggregate_id, e.sequence, e.event_type, "
+    .. "e.event_name, e.payload, e.occurred_at, e.tenant_id, e.global_position, e.tx_id"
+_M.EVENT_COLUMNS = EVENT_COLUMNS
+
+-- One stream's events after a sequence; the archive's too when $6 (archived = true) and the
+-- stream is archived. One row always comes back: archived says whether the stream is, the
+-- event columns are NULL when there is no event.
+local READ_STREAM = [[
+SELECT a.archived, ]] .. RECORD_COLUMNS .. [[
+
+FROM (SELECT EXISTS (SELECT 1 FROM qx_archived_streams s
+                     WHERE s.aggregate_type = $1 AND s.aggregate_id = $2
+                       AND ($4::text IS NULL OR s.tenant_id = $4::text)) AS archived) a
+LEFT JOIN LATERAL (
+    (SELECT ]] .. EVENT_COLUMNS .. [[ FROM qx_aggregate_events e
+     WHERE e.aggregate_type = $1 AND e.aggregate_id = $2 AND e.sequence > $3
+       AND ($4::text IS NULL OR e.tenant_id = $4::text)
+     ORDER BY e.sequence LIMIT $5)
+    UNION ALL
+    (SELECT ]] .. EVENT_COLUMNS .. [[ FROM qx_aggregate_events_archive e
+     WHERE a.archived AND $6::boolean
+       AND e.aggregate_type = $1 AND e.aggregate_id = $2 AND e.sequence > $3
+       AND ($4::text IS NULL OR e.tenant_id = $4::text)
+     ORDER BY e.sequence LIMIT $5)
+    ORDER BY sequence LIMIT $5
+) e ON true
+ORDER BY e.sequence]]
 
 -- The events after a position and below the horizon, in (tx_id, global_position) order, at most
 -- `limit`, as a subquery: one index range scan, or one per event name (or aggregate type),
@@ -96,8 +142,14 @@ local function candidates(mode, x, k)
         return table.concat(f, "\n      AND ")
     end
     local order = "\n    ORDER BY e.tx_id, e.global_position\n    LIMIT " .. x.limit
+    -- the hot table and the archive, each one range scan of its own index (archived streams)
+    local function both(where)
+        return "    (SELECT " .. EVENT_COLUMNS .. " FROM qx_aggregate_events e\n    WHERE " .. where
+            .. order .. ")\n    UNION ALL\n    (SELECT " .. EVENT_COLUMNS
+            .. " FROM qx_aggregate_events_archive e\n    WHERE " .. where .. order .. ")"
+    end
     if mode == "all" then
-        return "    SELECT * FROM qx_aggregate_events e\n    WHERE " .. filters() .. order
+        return "    SELECT * FROM (\n" .. both(filters()) .. "\n    ) e" .. order
     end
     local key, list = "event_name", x.names
     if mode == "types" then
@@ -105,8 +157,8 @@ local function candidates(mode, x, k)
     end
     local branches = {}
     for i = 1, k do
-        branches[i] = "    (SELECT * FROM qx_aggregate_events e\n    WHERE e." .. key .. " = ("
-            .. list .. " ->> " .. (i - 1) .. ")\n      AND " .. filters(mode) .. order .. ")"
+        branches[i] = both("e." .. key .. " = (" .. list .. " ->> " .. (i - 1) .. ")\n      AND "
+                           .. filters(mode))
     end
     return "    SELECT * FROM (\n" .. table.concat(branches, "\n    UNION ALL\n")
         .. "\n    ) e" .. order
@@ -159,9 +211,15 @@ end
 local STALL = [[
 WITH h AS (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS horizon)
 SELECT h.horizon::text AS horizon,
-       (SELECT count(*) FROM qx_aggregate_events w WHERE w.tx_id >= h.horizon) AS withheld,
+       (SELECT count(*) FROM (SELECT 1 FROM qx_aggregate_events w WHERE w.tx_id >= h.horizon
+                              UNION ALL
+                              SELECT 1 FROM qx_aggregate_events_archive w
+                              WHERE w.tx_id >= h.horizon) w) AS withheld,
        (SELECT to_char(min(w.occurred_at) AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')
-        FROM qx_aggregate_events w WHERE w.tx_id >= h.horizon) AS oldest_withheld_at,
+        FROM (SELECT occurred_at FROM qx_aggregate_events w WHERE w.tx_id >= h.horizon
+              UNION ALL
+              SELECT occurred_at FROM qx_aggregate_events_archive w WHERE w.tx_id >= h.horizon) w)
+           AS oldest_withheld_at,
        k.kind, k.pid, k.xid, k.gid, k.xact_start, k.age_seconds, k.state, k.wait_event,
        k.application_name, k.usename, k.client_addr, k.query
 FROM h LEFT JOIN LATERAL (
@@ -184,6 +242,8 @@ FROM h LEFT JOIN LATERAL (
 
 _M.SNAPSHOT = SNAPSHOT
 _M.LOAD = LOAD
+_M.LOAD_ARCHIVED = LOAD_ARCHIVED
+_M.ARCHIVE = ARCHIVE
 _M.READ_STREAM = READ_STREAM
 _M.read_sql = read_sql
 _M.STALL = STALL
