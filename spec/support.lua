@@ -250,4 +250,35 @@ WHERE c.oid = to_regclass($1)]], tbl))[1]
            tbl .. " has a row estimate: " .. tostring(r.reltuples))
 end
 
+-- ---- Lua child processes -------------------------------------------------------------------
+
+-- the interpreter running the specs (lua5.4, luajit, or the ASan build of lua5.4)
+local function interpreter()
+    local i = -1
+    while arg and arg[i - 1] ~= nil do i = i - 1 end
+    return (arg and arg[i]) or (jit and "luajit" or "lua5.4")
+end
+
+--- Starts the Lua `code` in a child process of the spec's interpreter and module paths, with
+-- the variables `vars` set; it runs while the spec goes on. Returns a handle for collect().
+function M.spawn(code, vars)
+    local file = os.tmpname()
+    local f = assert(io.open(file, "w"))
+    f:write(("package.path = %q\npackage.cpath = %q\n"):format(package.path, package.cpath))
+    f:write(code)
+    f:close()
+    local parts = { "env ASAN_OPTIONS=detect_leaks=0" }
+    for k, v in pairs(vars or {}) do parts[#parts + 1] = k .. "=" .. sh(v) end
+    parts[#parts + 1] = sh(interpreter()) .. " " .. sh(file) .. " 2>&1"
+    return { pipe = assert(io.popen(table.concat(parts, " "), "r")), file = file }
+end
+
+--- Waits for a child of spawn() to end; returns everything it printed (stdout and stderr).
+function M.collect(child)
+    local out = child.pipe:read("*a") or ""
+    child.pipe:close()
+    os.remove(child.file)
+    return out
+end
+
 return M
