@@ -13,6 +13,7 @@ local PUBLIC = {
     ["lua/qx/store/app_migrations.lua"] = { "_M" },
     ["lua/qx/store/outbox.lua"] = { "_M", "Outbox" },
     ["lua/qx/store/projection/runner.lua"] = { "_M", "Projection" },
+    ["lua/qx/store/projection/versions.lua"] = { "_M", "Projection" },
     ["lua/qx/store/repository/init.lua"] = { "base.Description", "base.Repo" },
     ["lua/qx/store/repository/description.lua"] = { "_M" },
     ["lua/qx/store/repository/reader.lua"] = { "Reader", "Description" },
@@ -52,6 +53,7 @@ local NOT_CHECKED = {
     "lua/qx/metrics.lua", "lua/qx/openresty/init.lua", "lua/qx/options.lua", "lua/qx/settings.lua",
     "lua/qx/store/event_store/checkpoint.lua", "lua/qx/store/event_store/sql.lua",
     "lua/qx/store/internal.lua", "lua/qx/store/migrations.lua",
+    "lua/qx/store/projection/init.lua", "lua/qx/store/projection/rebuild_slots.lua",
     "lua/qx/store/repository/base.lua", "lua/qx/store/repository/cursor.lua",
     "lua/qx/store/repository/query.lua", "lua/qx/version.lua",
 }

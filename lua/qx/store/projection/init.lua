@@ -14,6 +14,6 @@ local _M = {
     drop = versions.drop,
 }
 
-versions.methods(runner.Projection, runner._ensure)
+versions._methods(runner.Projection, runner._ensure)
 
 return _M

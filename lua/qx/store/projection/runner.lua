@@ -226,7 +226,7 @@ function _M.new(opts)
     if type(every) ~= "number" or every <= 0 then
         error("qx.projection: progress_interval_seconds must be a positive number", 2)
     end
-    local versioned, verr = versions.parse(opts)
+    local versioned, verr = versions._parse(opts)
     if not versioned then
         error("qx.projection: " .. verr, 2)
     end
@@ -268,7 +268,7 @@ local function ensure(self)
         return true
     end
     if self.version then
-        local ok, e = versions.register(self)
+        local ok, e = versions._register(self)
         if not ok then
             return nil, e
         end

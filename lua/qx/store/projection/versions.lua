@@ -112,7 +112,7 @@ end
 
 -- The version options of qx.projection -> { version, key, tables, setup } ({} without a
 -- version) | nil, message.
-function _M.parse(opts)
+function _M._parse(opts)
     local v = opts.version
     if v == nil then
         if opts.tables ~= nil or opts.setup ~= nil then
@@ -253,7 +253,7 @@ end
 -- Registers the version of projection p when it is not (the first version of a name becomes
 -- live and gets its views), creates its checkpoint row and runs setup(uow, p) on the first
 -- registration -> true | nil, err (invalid when the stored version has other tables).
-function _M.register(p)
+function _M._register(p)
     return p.db:unit_of_work(function(uow)
         must(uow:query(LOCK_NAME, p.name))
         local rows = must(uow:query(ROWS, p.name))
@@ -423,7 +423,7 @@ end
 
 
 -- The methods versions add to qx.Projection; ensure registers the projection's version.
-function _M.methods(Projection, ensure)
+function _M._methods(Projection, ensure)
     local function check(self, method)
         if getmetatable(self) ~= Projection then
             error("projection:" .. method .. ": call as p:" .. method .. "(...)", 3)
