@@ -281,4 +281,27 @@ function M.collect(child)
     return out
 end
 
+--- Runs bin/qx as a user runs it, with the interpreter running the specs and their module
+-- paths; vars is a table of variables (false unsets one; QX_DB__URL is unset unless given).
+-- Returns exit code, stdout, stderr (the code goes through the output: LuaJIT's popen:close()
+-- does not report it).
+function M.qx_cli(args, vars)
+    local all = { LUA_PATH = package.path, LUA_CPATH = package.cpath, QX_DB__URL = false }
+    for k, v in pairs(vars or {}) do all[k] = v end
+    local unset, set = "", ""
+    for k, v in pairs(all) do
+        if v == false then unset = unset .. " -u " .. k else set = set .. " " .. k .. "=" .. sh(v) end
+    end
+    local words = {}
+    for i, a in ipairs(args) do words[i] = sh(a) end
+    local errf = os.tmpname()
+    local p = assert(io.popen("env" .. unset .. set .. " " .. (jit and "luajit" or "lua5.4")
+        .. " bin/qx " .. table.concat(words, " ") .. " 2>" .. sh(errf) .. "; echo \"exit=$?\""))
+    local out = p:read("*a")
+    p:close()
+    local err = M.slurp(errf)
+    os.remove(errf)
+    return tonumber(out:match("exit=(%d+)%s*$")), (out:gsub("exit=%d+%s*$", "")), err
+end
+
 return M
