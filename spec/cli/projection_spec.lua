@@ -168,6 +168,23 @@ describe("qx projection #slow", function()
         assert.truthy(err:find("\n$"), err)
     end)
 
+    it("draws the bar by itself when stderr is a terminal", function()
+        local m = model()
+        for i = 1, 3 do deposit(m, i) end
+        -- script(1) gives the command a terminal; everything it writes comes back on stdout
+        local vars = { "LUA_PATH=" .. sh(package.path), "LUA_CPATH=" .. sh(package.cpath) }
+        for k, v in pairs(m.env) do vars[#vars + 1] = k .. "=" .. sh(v) end
+        local cmd = "env " .. table.concat(vars, " ") .. " " .. (jit and "luajit" or "lua5.4")
+            .. " bin/qx projection rebuild " .. sh(m.name) .. " --version 1 --app " .. sh(app)
+            .. " --progress-interval 0.000001"
+        local p = assert(io.popen("script -qec " .. sh(cmd) .. " /dev/null"))
+        local out = p:read("*a")
+        p:close()
+        assert.truthy(out:find("\r" .. m.name .. " v1 [", 1, true), out)
+        assert.truthy(out:find("] 100% 3/3 events", 1, true), out)
+        assert.truthy(out:find("rebuilt: 3 event(s) applied", 1, true), out)
+    end)
+
     it("refuses bad input with exit 2 and a clear message, and writes nothing", function()
         local m = model()
         deposit(m, 1)

@@ -2,6 +2,7 @@
 -- holds one of max_rebuilds session advisory locks (pg_try_advisory_lock(key, slot)) on a
 -- connection of its own for as long as it runs; a process that dies gives its slot back with
 -- its session. Every process should use the same cap (QX_PROJECTION__MAX_REBUILDS).
+local core = require "qx.core"
 local settings = require "qx.settings"
 local qx_error = require "qx.error"
 
@@ -44,15 +45,25 @@ function Slot:release()
     if self.conn then
         self.conn:query(UNLOCK, self.n)
         self.conn:release()
-        self.conn = nil
+        self.pool:close()
+        self.conn, self.pool = nil, nil
     end
 end
 
 
 -- Takes a free slot of `cap` -> slot | nil, err (conflict when all are taken).
 function _M.acquire(db, cap, name)
-    local conn, e = db:acquire()
+    local cfg = db.settings
+    local pool, e = core.pool{ conninfo = cfg.url, size = 1,
+                               acquire_timeout_ms = cfg.acquire_timeout_ms,
+                               connect_timeout_ms = cfg.connect_timeout_ms }
+    if not pool then
+        return nil, e
+    end
+    local conn
+    conn, e = pool:acquire()
     if not conn then
+        pool:close()
         return nil, e
     end
     for n = 1, cap do
@@ -60,13 +71,15 @@ function _M.acquire(db, cap, name)
         rows, e = conn:query(TRY, n)
         if not rows then
             conn:release()
+            pool:close()
             return nil, e
         end
         if rows[1].got then
-            return setmetatable({ conn = conn, n = n }, Slot)
+            return setmetatable({ pool = pool, conn = conn, n = n }, Slot)
         end
     end
     conn:release()
+    pool:close()
     return nil, qx_error.new("conflict", fmt("cannot rebuild projection %s: %d rebuild(s) already "
         .. "run on this database (max_rebuilds)", name, cap), { max_rebuilds = cap })
 end

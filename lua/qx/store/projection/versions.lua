@@ -199,19 +199,18 @@ local function point_views(uow, tables, version, old)
     for _, t in ipairs(tables) do
         keep[t] = true
         local target = versioned_table(t, version)
-        local rows = must(uow:query(RELATION, t))
-        local view = rows[1]
+        local new = must(uow:query(RELATION, target))[1]
+        if not new then
+            error(qx_error.new("invalid", fmt("table %s does not exist (create it in setup)",
+                                              target)), 0)
+        end
+        local view = must(uow:query(RELATION, t))[1]
         local replace = true
         if view then
             if view.kind ~= "v" then
                 error(qx_error.new("invalid", fmt("%s is not a view (a %s relation): a versioned "
                     .. "projection's readers read through a view of that name; rename it away",
                     t, view.kind == "r" and "table" or view.kind)), 0)
-            end
-            local new = must(uow:query(RELATION, target))[1]
-            if not new then
-                error(qx_error.new("invalid", fmt("table %s does not exist (create it in setup)",
-                                                  target)), 0)
             end
             for i, col in ipairs(view.columns) do
                 local c = new.columns[i]
