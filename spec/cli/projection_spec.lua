@@ -117,11 +117,14 @@ describe("qx projection #slow", function()
         assert.matches(m.name .. "%s+1%s+live%s+1%s+5%s+" .. m.table, out)
         assert.matches(m.name .. "%s+2%s+standby%s+1%s+5%s+" .. m.table, out)
 
-        -- switch before version 2 caught up: refused, nothing changes
+        -- switch before version 2 caught up: refused, nothing changes (--wait: after trying again)
         code, out, err = cli(m, { "projection", "switch", m.name, "--version", "2" })
         assert.equal(1, code, out)
         assert.truthy(err:find("conflict: projection " .. m.name .. " version 2 is 1 event(s) behind",
                                1, true), err)
+        code, out, err = cli(m, { "projection", "switch", m.name, "--version", "2", "--wait", "0.2" })
+        assert.equal(1, code, out)
+        assert.truthy(err:find("1 event(s) behind", 1, true), err)
         assert.equal(15, total(m))
 
         code, out, err = cli(m, { "projection", "run", m.name, "--version", "2", "--app", app,
@@ -211,6 +214,8 @@ describe("qx projection #slow", function()
         refused({ "projection", "switch", m.name, "--version", "1", "--max-behind", "-1" },
                 "--max-behind must be an integer >= 0")
         refused({ "projection", "list", "--bogus" }, "unknown flag --bogus")
+        refused({ "projection", "switch", m.name, "--version", "1", "--wait", "soon" },
+                "--wait must be a number of seconds >= 0")
         -- nothing was registered or built
         local rows = assert(db:query("SELECT count(*) AS n FROM qx_projection_versions "
                                      .. "WHERE projection_name = $1", m.name))

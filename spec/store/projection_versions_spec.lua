@@ -158,6 +158,20 @@ describe("qx.store.projection versions", function()
         assert.equal(1, assert(v2:switch{ max_behind = 1 }).behind)
         -- switching to the live version again is harmless
         assert.same({ version = 2, behind = 0 }, assert(v2:switch()))
+        -- wait_seconds: the database alone waits for the version's runner (none here), the
+        -- projection catches up itself
+        deposit(m, id, 1)
+        assert(v2:catch_up())
+        local clock = require("qx.core").clock
+        local t = clock()
+        n, e = projection.switch(db, m.name, 1, { wait_seconds = 0.3 })
+        assert.is_nil(n)
+        assert.equal("conflict", e.code)
+        assert.is_true(clock() - t >= 0.25)
+        assert.same({ version = 1, previous = 2, behind = 0 }, assert(v1:switch{ wait_seconds = 5 }))
+        assert.same({ 5, 5 }, { read(m) })
+        assert.has_error(function() v1:switch{ wait_seconds = -1 } end,
+                         "projection switch: wait_seconds must be a number >= 0")
     end)
 
     it("a reader in a loop during switch never sees an error or a mix of versions #slow", function()
@@ -280,6 +294,9 @@ print("OK " .. wins)
         until n >= 24 or clock() > deadline
         local v2 = with_log(2)
         assert(v2:rebuild())
+        -- and goes live while they write: it catches up and tries again until a try finds it
+        -- caught up
+        assert.equal(1, assert(v2:switch{ wait_seconds = 30 }).previous)
         local running = true
         local rounds = 0
         while running and rounds < 2000 do

@@ -5,7 +5,7 @@
 --   qx projection run NAME [--version N] [--max-seconds S] [--poll-ms MS]
 --   qx projection rebuild NAME [--version N] [--progress bar|lines|none]
 --                                            [--progress-interval S]
---   qx projection switch NAME --version N [--max-behind N]
+--   qx projection switch NAME --version N [--max-behind N] [--wait S]
 --   qx projection drop NAME --version N
 --
 -- The projections come from --app MODULE: a Lua module (or a file path ending in .lua) that
@@ -26,7 +26,7 @@ local floor = math.floor
 local USAGE = "qx projection list | status NAME | run NAME | rebuild NAME | switch NAME "
     .. "--version N | drop NAME --version N   [--app MODULE] [--version N] [--url URL] "
     .. "[--max-seconds S] [--poll-ms MS] [--progress bar|lines|none] [--progress-interval S] "
-    .. "[--max-behind N]"
+    .. "[--max-behind N] [--wait S]"
 
 local NEEDS_APP = { list = false, status = true, run = true, rebuild = true, switch = false,
                     drop = false }
@@ -187,6 +187,10 @@ local function run(flags, pos)
     if mode ~= nil and mode ~= "bar" and mode ~= "lines" and mode ~= "none" then
         cli.complain("--progress must be bar, lines or none") return 2
     end
+    local wait = tonumber(flags.wait)
+    if flags.wait and (not wait or wait < 0) then
+        cli.complain("--wait must be a number of seconds >= 0") return 2
+    end
     local interval = tonumber(flags.progress_interval)
     if flags.progress_interval and (not interval or interval <= 0) then
         cli.complain("--progress-interval must be a number of seconds > 0") return 2
@@ -243,7 +247,8 @@ local function run(flags, pos)
     end
 
     if sub == "switch" then
-        local info, e = projection.switch(db, name, version, { max_behind = max_behind })
+        local info, e = projection.switch(db, name, version, { max_behind = max_behind,
+                                                               wait_seconds = wait })
         if not info then return fail(e) end
         db:close()
         if info.previous == nil then
@@ -309,6 +314,6 @@ return {
     summary = "projections of --app MODULE: list, status, run, rebuild, switch, drop versions",
     usage = USAGE,
     values = { url = true, app = true, version = true, max_seconds = true, poll_ms = true,
-               progress = true, progress_interval = true, max_behind = true },
+               progress = true, progress_interval = true, max_behind = true, wait = true },
     run = run,
 }

@@ -110,12 +110,19 @@ WHERE projection_name = $1]]
 local LOCK = [[
 SELECT 1 AS one FROM qx_projection_checkpoints WHERE projection_name = $1 FOR UPDATE]]
 
+-- one index range of qx_aggregate_events_name per event name: progress reports run it often,
+-- and a scan of every event after the checkpoint would read the other names' too
 local REMAINING = [[
-SELECT count(*) AS n FROM qx_aggregate_events e, qx_projection_checkpoints c
-WHERE c.projection_name = $1
-  AND (e.tx_id, e.global_position) > (c.tx_id, c.global_position)
-  AND ($2::jsonb IS NULL OR e.event_name IN (SELECT jsonb_array_elements_text($2::jsonb)))
-  AND ($3::jsonb IS NULL OR e.aggregate_type IN (SELECT jsonb_array_elements_text($3::jsonb)))]]
+SELECT coalesce(sum(k.n), 0)::bigint AS n
+FROM qx_projection_checkpoints c
+CROSS JOIN LATERAL jsonb_array_elements_text($2::jsonb) AS en(name)
+CROSS JOIN LATERAL (
+    SELECT count(*) AS n FROM qx_aggregate_events e
+    WHERE e.event_name = en.name
+      AND (e.tx_id, e.global_position) > (c.tx_id, c.global_position)
+      AND ($3::jsonb IS NULL OR e.aggregate_type IN (SELECT jsonb_array_elements_text($3::jsonb)))
+) k
+WHERE c.projection_name = $1]]
 
 -- global_position: that of the last event the projection applied, in its reading order. The
 -- checkpoint's own position is not it: a caught-up checkpoint is (horizon, 0).

@@ -4,19 +4,21 @@
 -- transaction once it has caught up; drop removes a version that is not live. The registry is
 -- qx_projection_versions. See docs/projections.md, "Versions".
 local qx_error = require "qx.error"
+local options = require "qx.options"
 local core = require "qx.core"
 
 local type = type
-local pairs = pairs
 local getmetatable = getmetatable
 local ipairs = ipairs
 local error = error
 local tostring = tostring
 local floor = math.floor
+local min = math.min
 local fmt = string.format
 local concat = table.concat
 local sort = table.sort
 local null = core.null
+local clock = core.clock
 
 local _M = {}
 
@@ -50,15 +52,23 @@ ON CONFLICT (projection_name) DO NOTHING]]
 local LOCK_CHECKPOINT = [[
 SELECT 1 AS one FROM qx_projection_checkpoints WHERE projection_name = $1 FOR UPDATE]]
 
--- the events with a handler of the version after its checkpoint, from what the registry keeps
-local BEHIND = [[
-SELECT count(e.*) AS n FROM qx_projection_versions v
+-- The events with a handler of version v after its checkpoint c, from what the registry keeps:
+-- one index range of qx_aggregate_events_name per event name (a scan of every event after the
+-- checkpoint would read all the others too).
+local BEHIND_OF = [[
+coalesce((SELECT sum(k.n) FROM jsonb_array_elements_text(v.event_names) AS en(name)
+          CROSS JOIN LATERAL (
+              SELECT count(*) AS n FROM qx_aggregate_events e
+              WHERE e.event_name = en.name
+                AND (e.tx_id, e.global_position) > (c.tx_id, c.global_position)
+                AND (v.aggregate_types IS NULL
+                     OR e.aggregate_type IN (SELECT jsonb_array_elements_text(v.aggregate_types)))
+          ) k), 0)::bigint]]
+
+local BEHIND = "SELECT " .. BEHIND_OF .. [[ AS n
+FROM qx_projection_versions v
 JOIN qx_projection_checkpoints c ON c.projection_name = v.checkpoint_name
-JOIN qx_aggregate_events e ON (e.tx_id, e.global_position) > (c.tx_id, c.global_position)
-WHERE v.projection_name = $1 AND v.version = $2
-  AND e.event_name IN (SELECT jsonb_array_elements_text(v.event_names))
-  AND (v.aggregate_types IS NULL
-       OR e.aggregate_type IN (SELECT jsonb_array_elements_text(v.aggregate_types)))]]
+WHERE v.projection_name = $1 AND v.version = $2]]
 
 local UNLIVE = [[
 UPDATE qx_projection_versions SET live = false WHERE projection_name = $1 AND live]]
@@ -88,7 +98,8 @@ local LIST = [[
 SELECT v.projection_name AS name, v.version, v.live, v.tables, v.checkpoint_name,
        to_char(v.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS created_at,
        to_char(v.switched_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS switched_at,
-       c.events_applied,
+       c.events_applied, CASE WHEN c.projection_name IS NOT NULL THEN ]] .. BEHIND_OF .. [[ END
+           AS behind,
        to_char(c.updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS updated_at
 FROM qx_projection_versions v
 LEFT JOIN qx_projection_checkpoints c ON c.projection_name = v.checkpoint_name
@@ -283,30 +294,8 @@ function _M._register(p)
 end
 
 
---- Makes version `version` of projection `name` live: in one transaction every view points at
--- its tables, once it is at most max_behind events behind. Needs only the database.
----@param db qx.Db
----@param name string the projection's name
----@param version integer the version to make live
----@param opts table|nil { max_behind = 0 }
----@return table|nil info { version, previous, behind } (previous nil when it was live already)
----@return qx.Error? err not_found (no such version), conflict (behind by more than max_behind)
-function _M.switch(db, name, version, opts)
-    if type(name) ~= "string" then error("projection switch: name must be a string", 2) end
-    if type(version) ~= "number" or version ~= floor(version) then
-        error("projection switch: version must be an integer", 2)
-    end
-    opts = opts or {}
-    if type(opts) ~= "table" then error("projection switch: options must be a table", 2) end
-    for k in pairs(opts) do
-        if k ~= "max_behind" then
-            error("projection switch: unknown option " .. tostring(k) .. " (known: max_behind)", 2)
-        end
-    end
-    local max_behind = opts.max_behind or 0
-    if type(max_behind) ~= "number" or max_behind < 0 or max_behind ~= floor(max_behind) then
-        error("projection switch: max_behind must be an integer >= 0", 2)
-    end
+-- One attempt at the switch -> info | nil, err
+local function switch_once(db, name, version, max_behind)
     local info
     local ok, e = db:unit_of_work(function(uow)
         must(uow:query(LOCK_NAME, name))
@@ -340,6 +329,65 @@ function _M.switch(db, name, version, opts)
         return nil, e
     end
     return info
+end
+
+
+local SWITCH_OPTIONS = { "max_behind", "wait_seconds" }
+
+-- The switch, tried again while the version is behind until wait_seconds pass; catch_up (when
+-- given: the version's own projection) runs before each try, else it waits 50 ms for the
+-- version's runner.
+local function switch(db, name, version, opts, catch_up, level)
+    opts = options.check(opts, SWITCH_OPTIONS, "projection switch")
+    local max_behind = opts.max_behind or 0
+    if type(max_behind) ~= "number" or max_behind < 0 or max_behind ~= floor(max_behind) then
+        error("projection switch: max_behind must be an integer >= 0", level)
+    end
+    local wait = opts.wait_seconds or 0
+    if type(wait) ~= "number" or wait < 0 then
+        error("projection switch: wait_seconds must be a number >= 0", level)
+    end
+    local deadline = clock() + wait
+    while true do
+        if catch_up then
+            local n, e = catch_up()
+            if not n then
+                return nil, e
+            end
+        end
+        local info, e = switch_once(db, name, version, max_behind)
+        if info or e.code ~= "conflict" or clock() >= deadline then
+            return info, e
+        end
+        if not catch_up then
+            local rows, se = db:query("SELECT pg_sleep($1::float8) IS NULL AS x",
+                                      min(0.05, deadline - clock()))
+            if not rows then
+                return nil, se
+            end
+        end
+    end
+end
+
+
+--- Makes version `version` of projection `name` live: in one transaction every view points at
+-- its tables, once it is at most max_behind events behind (tried again for wait_seconds while
+-- it is behind, for its runner to catch up). Needs only the database.
+---@param db qx.Db
+---@param name string the projection's name
+---@param version integer the version to make live
+---@param opts table|nil { max_behind = 0, wait_seconds = 0 }
+---@return table|nil info { version, previous, behind } (previous nil when it was live already)
+---@return qx.Error? err not_found (no such version), conflict (behind by more than max_behind)
+function _M.switch(db, name, version, opts)
+    if type(name) ~= "string" then error("projection switch: name must be a string", 2) end
+    if type(version) ~= "number" or version ~= floor(version) then
+        error("projection switch: version must be an integer", 2)
+    end
+    if opts ~= nil and type(opts) ~= "table" then
+        error("projection switch: options must be a table", 2)
+    end
+    return switch(db, name, version, opts, nil, 3)
 end
 
 
@@ -403,15 +451,10 @@ function _M.list(db, name)
     end
     local out = {}
     for i, r in ipairs(rows) do
-        local b
-        b, e = db:query(BEHIND, r.name, r.version)
-        if not b then
-            return nil, e
-        end
         out[i] = {
             name = r.name, version = r.version, live = r.live, tables = r.tables,
             events_applied = r.events_applied ~= null and r.events_applied or 0,
-            behind = b[1].n,
+            behind = r.behind ~= null and r.behind or 0,
             created_at = r.created_at,
             switched_at = r.switched_at ~= null and r.switched_at or nil,
             updated_at = r.updated_at ~= null and r.updated_at or nil,
@@ -448,17 +491,22 @@ function _M._methods(Projection, ensure)
     end
 
     --- Makes this version live (see qx.projection.switch): every view points at its tables, in
-    -- one transaction, when it is at most max_behind events behind.
-    ---@param opts table|nil { max_behind = 0 }
+    -- one transaction, when it is at most max_behind events behind. With wait_seconds, it
+    -- catches up and tries again while new events keep it behind.
+    ---@param opts table|nil { max_behind = 0, wait_seconds = 0 }
     ---@return table|nil info { version, previous, behind }
     ---@return qx.Error? err conflict when behind, not_found
     function Projection:switch(opts)
         check(self, "switch")
+        if opts ~= nil and type(opts) ~= "table" then
+            error("projection:switch: options must be a table", 2)
+        end
         local ok, e = ensure(self)
         if not ok then
             return nil, e
         end
-        return _M.switch(self.db, self.name, self.version, opts)
+        local catch_up = (opts and opts.wait_seconds) and function() return self:catch_up() end
+        return switch(self.db, self.name, self.version, opts, catch_up, 3)
     end
 
     --- Drops this version (see qx.projection.drop): refused while it is live.
