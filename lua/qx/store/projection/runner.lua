@@ -45,10 +45,10 @@ local _M = { _VERSION = "0.1.0" }
 ---@class qx.ProjectionOptions
 ---@field name string the checkpoint's name (required)
 ---@field db qx.Db (required)
----@field handlers table { [EventClass or "event.name"] = fn(ev, uow) } (required)
+---@field handlers table { [EventClass or "event.name"] = fn(ev, uow, p) } (required)
 ---@field aggregate_type string? only this aggregate type's events
 ---@field batch_size integer? events per unit of work (500)
----@field reset (fun(uow: qx.Uow))? empties the read model, for rebuild()
+---@field reset (fun(uow: qx.Uow, p: qx.Projection))? empties the read model, for rebuild()
 ---@field on_progress (fun(info: table)|false)? long catch-ups: default a line on stderr
 ---@field progress_interval_seconds number? (5)
 ---@field version integer? a blue/green version (1 or more): own tables and checkpoint
@@ -534,8 +534,9 @@ end
 
 
 --- In one transaction: reset(uow, p) (when given) and the checkpoint back to the start; then a
--- catch-up replays every event, reporting progress (and once more at the end). At most
--- max_rebuilds rebuilds run at once on a database: one more gets conflict at once.
+-- catch-up replays every event, reporting progress (and once more at the end). Without reset,
+-- handlers replay over the read model as it is. At most max_rebuilds rebuilds run at once on a
+-- database: one more gets conflict at once.
 ---@return integer|nil applied events applied
 ---@return qx.Error? err conflict when the cap is reached
 function Projection:rebuild()
