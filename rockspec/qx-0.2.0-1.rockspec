@@ -78,6 +78,7 @@ build = {
     qx = "lua/qx/init.lua",
     ["qx.cli"] = "lua/qx/cli/init.lua",
     ["qx.cli.outbox"] = "lua/qx/cli/outbox.lua",
+    ["qx.cli.projection"] = "lua/qx/cli/projection.lua",
     ["qx.cli.relay"] = "lua/qx/cli/relay.lua",
     ["qx.error"] = "lua/qx/error.lua",
     ["qx.messaging.consumer.base"] = "lua/qx/messaging/consumer/base.lua",
