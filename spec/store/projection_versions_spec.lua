@@ -335,6 +335,25 @@ print("OK " .. wins)
         assert(db:exec("DROP TABLE " .. applied))
     end)
 
+    it("a switch that must make a view anew under a view of the user's fails whole", function()
+        local m = model()
+        local v1, v2 = version(m, 1), version(m, 2)
+        deposit(m, qx.uuid(), 1)
+        assert(v1:catch_up())
+        assert(v2:catch_up())
+        assert(v2:switch())                       -- v2 adds a column: the view is replaced
+        local report = support.unique("report")
+        assert(db:exec("CREATE VIEW " .. report .. " AS SELECT unit FROM " .. m.balances))
+        local n, e = v1:switch()                  -- v1 lacks it: the view must be made anew
+        assert.is_nil(n)
+        assert.equal("db", e.code)
+        assert.is_true(assert(v2:status()).live)
+        assert.same({ 100, 100 }, { read(m) })
+        assert(db:exec("DROP VIEW " .. report))
+        assert.equal(2, assert(v1:switch()).previous)
+        assert.same({ 1, 1 }, { read(m) })
+    end)
+
     it("drop removes a version's tables and checkpoint; the live version is refused", function()
         local m = model()
         local v1, v2 = version(m, 1), version(m, 2)
@@ -460,6 +479,10 @@ print("OK " .. wins)
                                                handlers = { [m.Deposited] = function() end } })
         assert.is_false(ok)
         assert.truthy(tostring(err):find("give version", 1, true), tostring(err))
+        ok, err = pcall(qx.projection, { name = m.name .. "@v2", db = db,
+                                         handlers = { [m.Deposited] = function() end } })
+        assert.is_false(ok)
+        assert.truthy(tostring(err):find("is a version's checkpoint", 1, true), tostring(err))
         local v1 = version(m, 1)
         assert.has_error(function() v1:table("nope") end,
             "projection:table: projection " .. m.name .. " declares no table nope (tables: "

@@ -129,6 +129,9 @@ function _M._parse(opts)
         if opts.tables ~= nil or opts.setup ~= nil then
             return nil, "tables and setup belong to a versioned projection (give version)"
         end
+        if opts.name:find("@v%d+$") then
+            return nil, "a name ending in @v<N> is a version's checkpoint: give version instead"
+        end
         return {}
     end
     if type(v) ~= "number" or v ~= floor(v) or v < 1 or v > MAX_VERSION then
