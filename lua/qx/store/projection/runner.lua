@@ -143,9 +143,11 @@ FROM qx_projection_checkpoints c WHERE c.projection_name = $1]]
 
 
 local function default_progress(info)
-    stderr:write(fmt("qx projection %s: %d events applied in %.1f s (%.0f/s), at position %s%s\n",
-        info.name, info.applied, info.elapsed_seconds, info.rate, tostring(info.global_position),
-        info.remaining and (", about " .. info.remaining .. " to go") or ""))
+    stderr:write(fmt("qx projection %s%s: %d%s events applied in %.1f s (%.0f/s), at position "
+        .. "%s%s\n", info.name, info.version and (" version " .. info.version) or "", info.applied,
+        info.total and ("/" .. info.total) or "", info.elapsed_seconds, info.rate,
+        tostring(info.global_position),
+        info.eta_seconds and fmt(", about %.0f s to go", info.eta_seconds) or ""))
 end
 
 
