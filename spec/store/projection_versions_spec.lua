@@ -222,6 +222,7 @@ print(("READS %d V1 %d V2 %d ERRORS %d MIXES %d %s"):format(reads, v1, v2, error
         until rows[1].n > 0 or clock() > deadline
         for i = 1, 30 do
             assert(projection.switch(db, m.name, i % 2 == 1 and 2 or 1))
+            support.spin(0.005)                  -- the reader reads each version a while
         end
         assert(db:exec("INSERT INTO " .. done .. " VALUES (1)"))
         local out = support.collect(reader)
