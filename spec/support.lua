@@ -250,4 +250,58 @@ WHERE c.oid = to_regclass($1)]], tbl))[1]
            tbl .. " has a row estimate: " .. tostring(r.reltuples))
 end
 
+-- ---- Lua child processes -------------------------------------------------------------------
+
+-- the interpreter running the specs (lua5.4, luajit, or the ASan build of lua5.4)
+local function interpreter()
+    local i = -1
+    while arg and arg[i - 1] ~= nil do i = i - 1 end
+    return (arg and arg[i]) or (jit and "luajit" or "lua5.4")
+end
+
+--- Starts the Lua `code` in a child process of the spec's interpreter and module paths, with
+-- the variables `vars` set; it runs while the spec goes on. Returns a handle for collect().
+function M.spawn(code, vars)
+    local file = os.tmpname()
+    local f = assert(io.open(file, "w"))
+    f:write(("package.path = %q\npackage.cpath = %q\n"):format(package.path, package.cpath))
+    f:write(code)
+    f:close()
+    local parts = { "env ASAN_OPTIONS=detect_leaks=0" }
+    for k, v in pairs(vars or {}) do parts[#parts + 1] = k .. "=" .. sh(v) end
+    parts[#parts + 1] = sh(interpreter()) .. " " .. sh(file) .. " 2>&1"
+    return { pipe = assert(io.popen(table.concat(parts, " "), "r")), file = file }
+end
+
+--- Waits for a child of spawn() to end; returns everything it printed (stdout and stderr).
+function M.collect(child)
+    local out = child.pipe:read("*a") or ""
+    child.pipe:close()
+    os.remove(child.file)
+    return out
+end
+
+--- Runs bin/qx as a user runs it, with the interpreter running the specs and their module
+-- paths; vars is a table of variables (false unsets one; QX_DB__URL is unset unless given).
+-- Returns exit code, stdout, stderr (the code goes through the output: LuaJIT's popen:close()
+-- does not report it).
+function M.qx_cli(args, vars)
+    local all = { LUA_PATH = package.path, LUA_CPATH = package.cpath, QX_DB__URL = false }
+    for k, v in pairs(vars or {}) do all[k] = v end
+    local unset, set = "", ""
+    for k, v in pairs(all) do
+        if v == false then unset = unset .. " -u " .. k else set = set .. " " .. k .. "=" .. sh(v) end
+    end
+    local words = {}
+    for i, a in ipairs(args) do words[i] = sh(a) end
+    local errf = os.tmpname()
+    local p = assert(io.popen("env" .. unset .. set .. " " .. (jit and "luajit" or "lua5.4")
+        .. " bin/qx " .. table.concat(words, " ") .. " 2>" .. sh(errf) .. "; echo \"exit=$?\""))
+    local out = p:read("*a")
+    p:close()
+    local err = M.slurp(errf)
+    os.remove(errf)
+    return tonumber(out:match("exit=(%d+)%s*$")), (out:gsub("exit=%d+%s*$", "")), err
+end
+
 return M

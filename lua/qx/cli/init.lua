@@ -54,10 +54,11 @@ function _M.parse(args, switches, values)
     return flags, pos
 end
 
--- Connects with --url or QX_DB__URL (and the other QX_DB__* settings).
-function _M.connect(flags)
+-- Connects with --url or QX_DB__URL (and the other QX_DB__* settings); a pool of 2 unless
+-- the command needs more.
+function _M.connect(flags, pool_size)
     local qx = require "qx"
-    local db, e = qx.connect{ url = flags.url, pool_size = 2 }
+    local db, e = qx.connect{ url = flags.url, pool_size = pool_size or 2 }
     if not db then
         complain("cannot connect: ", tostring(e))
         return nil
@@ -126,6 +127,7 @@ COMMANDS.version = {
 COMMANDS.relay = require "qx.cli.relay"
 COMMANDS.outbox = require "qx.cli.outbox"
 COMMANDS.streams = require "qx.cli.streams"
+COMMANDS.projection = require "qx.cli.projection"
 
 local function usage()
     say("usage: qx COMMAND [flags]\n\ncommands:")

@@ -389,4 +389,28 @@ END
 $$;
 ]],
     },
+    {
+        version = 8,
+        name = "projection versions",
+        sql = [[
+-- Blue/green projections: the versions of a projection, each with its own checkpoint row and
+-- tables (<table>_v<N>); readers read views named <table> that point at the live version's
+-- tables. At most one live version per projection. What a version reads (its event names and
+-- aggregate types) is kept so that switch can tell how far behind it is without its code.
+CREATE TABLE IF NOT EXISTS qx_projection_versions (
+    projection_name varchar(255) NOT NULL,
+    version         integer NOT NULL CHECK (version >= 1),
+    checkpoint_name varchar(255) NOT NULL UNIQUE,
+    tables          jsonb NOT NULL DEFAULT '[]',
+    event_names     jsonb NOT NULL DEFAULT '[]',
+    aggregate_types jsonb,
+    live            boolean NOT NULL DEFAULT false,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    switched_at     timestamptz,
+    PRIMARY KEY (projection_name, version)
+);
+CREATE UNIQUE INDEX IF NOT EXISTS qx_projection_versions_live
+    ON qx_projection_versions (projection_name) WHERE live;
+]],
+    },
 }

@@ -5,34 +5,7 @@
 local support = require "support"
 local qx = require "qx"
 
--- the interpreter running this spec (lua5.4, luajit, or the ASan build of lua5.4)
-local function interpreter()
-    local i = -1
-    while arg and arg[i - 1] ~= nil do i = i - 1 end
-    return (arg and arg[i]) or (jit and "luajit" or "lua5.4")
-end
-
-local sh = support.sh
-
--- Starts `code` in a child process with `env` set; returns a handle to collect its output.
-local function spawn(code, env)
-    local file = os.tmpname()
-    local f = assert(io.open(file, "w"))
-    f:write(("package.path = %q\npackage.cpath = %q\n"):format(package.path, package.cpath))
-    f:write(code)
-    f:close()
-    local parts = { "env ASAN_OPTIONS=detect_leaks=0" }
-    for k, v in pairs(env) do parts[#parts + 1] = k .. "=" .. sh(v) end
-    parts[#parts + 1] = sh(interpreter()) .. " " .. sh(file) .. " 2>&1"
-    return { pipe = assert(io.popen(table.concat(parts, " "), "r")), file = file }
-end
-
-local function collect(child)
-    local out = child.pipe:read("*a") or ""
-    child.pipe:close()
-    os.remove(child.file)
-    return out
-end
+local spawn, collect = support.spawn, support.collect
 
 -- A writer: N commands, each on a random one of the ids, each a unit of work that loads the
 -- account, records one or two deposits, appends, and sleeps before COMMIT; a conflict is run

@@ -13,6 +13,8 @@ local qx_error = require "qx.error"
 local event = require "qx.model.event"
 local aggregate = require "qx.model.aggregate"
 local store_mod = require "qx.store.event_store"
+local slots = require "qx.store.projection.rebuild_slots"
+local versions = require "qx.store.projection.versions"
 
 local type = type
 local pairs = pairs
@@ -37,17 +39,22 @@ local dec = store_mod.dec
 
 local _M = { _VERSION = "0.1.0" }
 
---- Options of qx.projection. on_progress gets { name, applied, elapsed_seconds, rate,
--- global_position, remaining } at most every progress_interval_seconds; false: no report.
+--- Options of qx.projection. on_progress gets { name, version, applied (= done), total,
+-- remaining, elapsed_seconds, rate, eta_seconds, global_position } at most every
+-- progress_interval_seconds; false: no report.
 ---@class qx.ProjectionOptions
 ---@field name string the checkpoint's name (required)
 ---@field db qx.Db (required)
----@field handlers table { [EventClass or "event.name"] = fn(ev, uow) } (required)
+---@field handlers table { [EventClass or "event.name"] = fn(ev, uow, p) } (required)
 ---@field aggregate_type string? only this aggregate type's events
 ---@field batch_size integer? events per unit of work (500)
----@field reset (fun(uow: qx.Uow))? empties the read model, for rebuild()
+---@field reset (fun(uow: qx.Uow, p: qx.Projection))? empties the read model, for rebuild()
 ---@field on_progress (fun(info: table)|false)? long catch-ups: default a line on stderr
 ---@field progress_interval_seconds number? (5)
+---@field version integer? a blue/green version (1 or more): own tables and checkpoint
+---@field tables string[]? with version: the read model's tables, each read through a view
+---@field setup (fun(uow: qx.Uow, p: qx.Projection))? with version: creates its tables, once
+---@field max_rebuilds integer? rebuilds at once per database (QX_PROJECTION__MAX_REBUILDS, 2)
 
 --- A projection (qx.projection).
 ---@class qx.Projection
@@ -105,17 +112,25 @@ WHERE projection_name = $1]]
 local LOCK = [[
 SELECT 1 AS one FROM qx_projection_checkpoints WHERE projection_name = $1 FOR UPDATE]]
 
+-- one index range of qx_aggregate_events_name per event name: progress reports run it often,
+-- and a scan of every event after the checkpoint would read the other names' too
 local REMAINING = [[
-SELECT count(*) AS n
-FROM (SELECT tx_id, global_position, event_name, aggregate_type FROM qx_aggregate_events
-      UNION ALL
-      SELECT tx_id, global_position, event_name, aggregate_type
-      FROM qx_aggregate_events_archive) e,
-     qx_projection_checkpoints c
-WHERE c.projection_name = $1
-  AND (e.tx_id, e.global_position) > (c.tx_id, c.global_position)
-  AND ($2::jsonb IS NULL OR e.event_name IN (SELECT jsonb_array_elements_text($2::jsonb)))
-  AND ($3::jsonb IS NULL OR e.aggregate_type IN (SELECT jsonb_array_elements_text($3::jsonb)))]]
+SELECT coalesce(sum(k.n), 0)::bigint AS n
+FROM qx_projection_checkpoints c
+CROSS JOIN LATERAL jsonb_array_elements_text($2::jsonb) AS en(name)
+CROSS JOIN LATERAL (
+    SELECT (SELECT count(*) FROM qx_aggregate_events e
+            WHERE e.event_name = en.name
+              AND (e.tx_id, e.global_position) > (c.tx_id, c.global_position)
+              AND ($3::jsonb IS NULL
+                   OR e.aggregate_type IN (SELECT jsonb_array_elements_text($3::jsonb))))
+         + (SELECT count(*) FROM qx_aggregate_events_archive e
+            WHERE e.event_name = en.name
+              AND (e.tx_id, e.global_position) > (c.tx_id, c.global_position)
+              AND ($3::jsonb IS NULL
+                   OR e.aggregate_type IN (SELECT jsonb_array_elements_text($3::jsonb)))) AS n
+) k
+WHERE c.projection_name = $1]]
 
 -- global_position: that of the last event the projection applied, in its reading order. The
 -- checkpoint's own position is not it: a caught-up checkpoint is (horizon, 0).
@@ -134,19 +149,24 @@ SELECT c.tx_id::text AS tx_id, c.global_position AS cp_pos, c.events_applied, c.
                         OR e.event_name IN (SELECT jsonb_array_elements_text($2::jsonb)))
                    AND ($3::jsonb IS NULL
                         OR e.aggregate_type IN (SELECT jsonb_array_elements_text($3::jsonb)))
-                 ORDER BY e.tx_id DESC, e.global_position DESC LIMIT 1), 0) AS global_position
+                 ORDER BY e.tx_id DESC, e.global_position DESC LIMIT 1), 0) AS global_position,
+       (SELECT v.live FROM qx_projection_versions v
+        WHERE v.checkpoint_name = c.projection_name) AS live
 FROM qx_projection_checkpoints c WHERE c.projection_name = $1]]
 
 
 local function default_progress(info)
-    stderr:write(fmt("qx projection %s: %d events applied in %.1f s (%.0f/s), at position %s%s\n",
-        info.name, info.applied, info.elapsed_seconds, info.rate, tostring(info.global_position),
-        info.remaining and (", about " .. info.remaining .. " to go") or ""))
+    stderr:write(fmt("qx projection %s%s: %d%s events applied in %.1f s (%.0f/s), at position "
+        .. "%s%s\n", info.name, info.version and (" version " .. info.version) or "", info.applied,
+        info.total and ("/" .. info.total) or "", info.elapsed_seconds, info.rate,
+        tostring(info.global_position),
+        info.eta_seconds and fmt(", about %.0f s to go", info.eta_seconds) or ""))
 end
 
 
 local OPTS = { name = true, db = true, handlers = true, aggregate_type = true, batch_size = true,
-               reset = true, on_progress = true, progress_interval_seconds = true }
+               reset = true, on_progress = true, progress_interval_seconds = true,
+               version = true, tables = true, setup = true, max_rebuilds = true }
 
 
 --- A projection: a read model fed from the event store, exactly once (qx.projection).
@@ -228,8 +248,21 @@ function _M.new(opts)
     if type(every) ~= "number" or every <= 0 then
         error("qx.projection: progress_interval_seconds must be a positive number", 2)
     end
+    local versioned, verr = versions._parse(opts)
+    if not versioned then
+        error("qx.projection: " .. verr, 2)
+    end
+    local cap, cerr = slots.cap(opts)
+    if not cap then
+        error(cerr, 2)
+    end
     return setmetatable({
         name = name,
+        key = versioned.key or name,
+        version = versioned.version,
+        tables = versioned.tables,
+        setup = versioned.setup,
+        max_rebuilds = cap,
         db = opts.db,
         handlers = handlers,
         types = names,
@@ -256,7 +289,15 @@ local function ensure(self)
     if self._ready then
         return true
     end
-    local n, e = self.db:exec(ENSURE, self.name)
+    if self.version then
+        local ok, e = versions._register(self)
+        if not ok then
+            return nil, e
+        end
+        self._ready = true
+        return true
+    end
+    local n, e = self.db:exec(ENSURE, self.key)
     if not n then
         return nil, e
     end
@@ -265,10 +306,13 @@ local function ensure(self)
 end
 
 
+_M._ensure = ensure
+
+
 -- Runs one handler; a raised error or a nil/false, err return fails the batch, annotated with
 -- the event it was handling.
 local function apply(self, fn, rec, uow)
-    local ok, r1, r2 = xpcall(fn, qx_error.handler, rec, uow)
+    local ok, r1, r2 = xpcall(fn, qx_error.handler, rec, uow, self)
     local failure
     if not ok then
         failure = r1
@@ -292,7 +336,7 @@ end
 local function run_batch(self)
     local result
     local ok, e = self.db:unit_of_work(function(uow)
-        local rows, qe = uow:query(self._batch_sql, self.name, self.types, self.categories,
+        local rows, qe = uow:query(self._batch_sql, self.key, self.types, self.categories,
                                    self.batch_size)
         if not rows then
             error(qe, 0)
@@ -323,7 +367,7 @@ local function run_batch(self)
             new_tx, new_pos = later(new_tx, new_pos, head.horizon, "0")
         end
         if new_tx ~= tx or new_pos ~= pos then
-            local qok, ue = uow:queue(ADVANCE, self.name, new_tx, new_pos, n)
+            local qok, ue = uow:queue(ADVANCE, self.key, new_tx, new_pos, n)
             if not qok then
                 error(ue, 0)
             end
@@ -340,17 +384,31 @@ end
 
 
 local function remaining(self)
-    local rows = self.db:query(REMAINING, self.name, self.types, self.categories)
+    local rows = self.db:query(REMAINING, self.key, self.types, self.categories)
     return rows and rows[1] and rows[1].n or nil
 end
 
 
---- Applies batches until one comes back short: everything readable now is applied. withheld
--- is true when committed events wait behind an open transaction (store:stall() says which).
----@return integer|nil applied events applied
----@return table|qx.Error info { withheld = boolean }, or the error
-function Projection:catch_up()
-    check(self, "catch_up")
+local function progress_info(self, started, done, position, left)
+    local elapsed = clock() - started
+    local rate = elapsed > 0 and done / elapsed or 0
+    return {
+        name = self.name,
+        version = self.version,
+        applied = done,
+        done = done,
+        total = left and done + left or nil,
+        remaining = left,
+        elapsed_seconds = elapsed,
+        rate = rate,
+        eta_seconds = (left and rate > 0) and left / rate or nil,
+        global_position = position,
+    }
+end
+
+
+-- The catch-up loop; final: report once more when done (a rebuild's last line says 100%).
+local function catch_up(self, final)
     local ok, e = ensure(self)
     if not ok then
         return nil, e
@@ -367,6 +425,11 @@ function Projection:catch_up()
             return nil, e
         end
         if r.missing then
+            if self.version then
+                -- a dropped version stays dropped: its tables are gone
+                return nil, qx_error.new("not_found", fmt("projection %s version %d was dropped",
+                                                          self.name, self.version))
+            end
             -- the row went away (deleted by hand): create it again, start over
             self._ready = false
             ok, e = ensure(self)
@@ -379,21 +442,26 @@ function Projection:catch_up()
             local now = clock()
             if self.on_progress and now >= next_report and not r.caught_up then
                 next_report = now + self.progress_interval
-                local elapsed = now - started
-                self.on_progress({
-                    name = self.name,
-                    applied = total,
-                    elapsed_seconds = elapsed,
-                    rate = elapsed > 0 and total / elapsed or 0,
-                    global_position = position,
-                    remaining = remaining(self),
-                })
+                self.on_progress(progress_info(self, started, total, position, remaining(self)))
             end
             if r.caught_up or self._stopping then
+                if final and self.on_progress then
+                    self.on_progress(progress_info(self, started, total, position, 0))
+                end
                 return total, { withheld = r.withheld }
             end
         end
     end
+end
+
+
+--- Applies batches until one comes back short: everything readable now is applied. withheld
+-- is true when committed events wait behind an open transaction (store:stall() says which).
+---@return integer|nil applied events applied
+---@return table|qx.Error info { withheld = boolean }, or the error
+function Projection:catch_up()
+    check(self, "catch_up")
+    return catch_up(self, false)
 end
 
 
@@ -480,38 +548,54 @@ function Projection:run(opts)
 end
 
 
---- In one transaction: reset(uow) (when given) and the checkpoint back to the start; then a
--- catch-up replays every event. Without reset, handlers replay over the read model as it is.
+--- In one transaction: reset(uow, p) (when given) and the checkpoint back to the start; then a
+-- catch-up replays every event, reporting progress (and once more at the end). Without reset,
+-- handlers replay over the read model as it is. At most max_rebuilds rebuilds run at once on a
+-- database: one more gets conflict at once.
 ---@return integer|nil applied events applied
----@return qx.Error? err
+---@return qx.Error? err conflict when the cap is reached
 function Projection:rebuild()
     check(self, "rebuild")
     local ok, e = ensure(self)
     if not ok then
         return nil, e
     end
-    ok, e = self.db:unit_of_work(function(uow)
-        local rows, le = uow:query(LOCK, self.name)
-        if not rows then
-            error(le, 0)
-        end
-        if self.reset then
-            self.reset(uow)
-        end
-        local qok, qe = uow:queue(RESET, self.name)
-        if not qok then
-            error(qe, 0)
-        end
-        return true
-    end)
-    if not ok then
+    local slot
+    slot, e = slots.acquire(self.db, self.max_rebuilds, self.name)
+    if not slot then
         return nil, e
     end
-    return self:catch_up()
+    -- protected, so that the slot is given back whatever a handler or reset raises
+    local done, n, info = pcall(function()
+        local rok, re = self.db:unit_of_work(function(uow)
+            local rows, le = uow:query(LOCK, self.key)
+            if not rows then
+                error(le, 0)
+            end
+            if self.reset then
+                self.reset(uow, self)
+            end
+            local qok, qe = uow:queue(RESET, self.key)
+            if not qok then
+                error(qe, 0)
+            end
+            return true
+        end)
+        if not rok then
+            return nil, re
+        end
+        return catch_up(self, true)
+    end)
+    slot:release()
+    if not done then
+        error(n, 0)
+    end
+    return n, info
 end
 
 
---- { name, checkpoint, global_position, events_applied, updated_at, rebuilt_at, behind };
+--- { name, version, live, checkpoint, global_position, events_applied, updated_at, rebuilt_at,
+-- behind } (version and live for a versioned projection);
 -- behind counts the events with a handler not applied yet; global_position is that of the last
 -- event applied (0 before the first).
 ---@return table|nil status
@@ -523,7 +607,7 @@ function Projection:status()
         return nil, e
     end
     local rows
-    rows, e = self.db:query(STATUS, self.name, self.types, self.categories)
+    rows, e = self.db:query(STATUS, self.key, self.types, self.categories)
     if not rows then
         return nil, e
     end
@@ -532,8 +616,9 @@ function Projection:status()
         return nil, qx_error.new("not_found", "projection " .. self.name
                                  .. " has no checkpoint row")
     end
-    return {
+    local st = {
         name = self.name,
+        version = self.version,
         checkpoint = encode_checkpoint(r.tx_id, dec(r.cp_pos)),
         global_position = r.global_position,
         events_applied = r.events_applied,
@@ -541,6 +626,10 @@ function Projection:status()
         rebuilt_at = r.rebuilt_at ~= null and r.rebuilt_at or nil,
         behind = remaining(self),
     }
+    if r.live ~= null then
+        st.live = r.live
+    end
+    return st
 end
 
 
