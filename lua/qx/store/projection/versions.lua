@@ -64,8 +64,9 @@ local BEHIND_IN = [[
                      OR e.aggregate_type IN (SELECT jsonb_array_elements_text(v.aggregate_types)))]]
 local BEHIND_OF = [[
 coalesce((SELECT sum(k.n) FROM jsonb_array_elements_text(v.event_names) AS en(name)
-          CROSS JOIN LATERAL (SELECT (]] .. BEHIND_IN:format("qx_aggregate_events") .. [[)
-                                   + (]] .. BEHIND_IN:format("qx_aggregate_events_archive") .. [[) AS n
+          CROSS JOIN LATERAL (
+              SELECT (]] .. BEHIND_IN:format("qx_aggregate_events") .. [[)
+                   + (]] .. BEHIND_IN:format("qx_aggregate_events_archive") .. [[) AS n
           ) k), 0)::bigint]]
 
 local BEHIND = "SELECT " .. BEHIND_OF .. [[ AS n
