@@ -41,6 +41,146 @@ local function check_self(self, method)
     end
 end
 
+-- ---- evolution: a stored name and version read as the class that holds the name now ---------
+-- The one place stored data meets upcasters and aliases: the event store, projections and the
+-- consumer all come through here. See docs/evolution.md.
+
+local is_payload_key = event.is_payload_key
+local check_chain = event.check_chain
+local META = { "event_id", "event_name", "event_version", "occurred_at", "correlation_id",
+               "causation_id", "tenant_id", "actor_id", "aggregate_type", "aggregate_id" }
+
+-- What the class makes of a stored version: nil, it reads it as it is (its own version, or a
+-- class without upcasters); true, upcasters take it there; false and why not.
+local function path_of(class, version)
+    local cv = class.event_version
+    if version == cv then return nil end
+    if type(version) ~= "number" then
+        return false, fmt("stored version %s is not a number", tostring(version))
+    end
+    if version > cv then
+        return false, fmt("stored v%s is newer than the class (v%d): written by a newer deploy",
+                          tostring(version), cv)
+    end
+    local first = class.__first_step
+    if first == nil then return nil end
+    if version < first then
+        return false, fmt("no upcaster v%d -> v%d (the chain starts at v%d)", version,
+                          version + 1, first)
+    end
+    return true
+end
+
+local function unreadable(class, meta, why)
+    return err.new("invalid", fmt("event %s %s (stored as %s v%s): %s", class.event_name,
+                                  tostring(meta.event_id), tostring(meta.event_name),
+                                  tostring(meta.event_version), why),
+                   { event_id = meta.event_id, event_name = meta.event_name,
+                     event_version = meta.event_version })
+end
+
+-- Runs the steps from version up to the class's; the payload is the caller's copy.
+local function upcast(class, version, payload, meta)
+    local steps = class.__upcasters
+    for v = version, class.event_version - 1 do
+        local ok, out = pcall(steps[v], payload, meta)
+        local why
+        if not ok then
+            why = "raised: " .. tostring(type(out) == "table" and out.message or out)
+        elseif out == nil then
+            why = "returned nothing"
+        elseif type(out) ~= "table" then
+            why = "returned a " .. type(out) .. ", not a payload table"
+        else
+            for k in pairs(out) do
+                if not is_payload_key(k) then
+                    why = "returned the field " .. tostring(k) .. ", which is not a payload field"
+                    break
+                end
+            end
+        end
+        if why then
+            local e = unreadable(class, meta, fmt("upcaster v%d -> v%d %s", v, v + 1, why))
+            e.step = v
+            return nil, e
+        end
+        payload = out
+    end
+    return payload
+end
+
+--- Internal: a stored record (metadata and payload side by side, as the event store keeps
+-- them) read as `class`: renamed from an alias, upcast to the class's version. Changes rec only
+-- when every step succeeded. -> rec | nil, err invalid (no path, a newer version, a bad step)
+---@param class table the event class that reads the record's name
+---@param rec table
+---@return table|nil rec
+---@return qx.Error? err invalid
+function _M.evolve_record(class, rec)
+    local version = rec.event_version
+    if version == nil or version == null or version == class.event_version then
+        rec.event_name = class.event_name
+        return rec
+    end
+    local how, why = path_of(class, version)
+    if how == false then return nil, unreadable(class, rec, why) end
+    if how == nil then
+        rec.event_name = class.event_name
+        return rec
+    end
+    local meta, payload = {}, {}
+    for i = 1, #META do meta[META[i]] = rec[META[i]] end
+    for k, v in pairs(rec) do
+        if is_payload_key(k) then payload[k] = v end
+    end
+    local out, e = upcast(class, version, payload, meta)
+    if not out then return nil, e end
+    for k in pairs(payload) do rec[k] = nil end
+    for k, v in pairs(out) do rec[k] = v end
+    rec.event_name = class.event_name
+    rec.event_version = class.event_version
+    return rec
+end
+
+-- A decoded envelope read as `class` -> a new envelope of the class's name and version.
+local function evolve_envelope(class, env, version)
+    local how, why = path_of(class, version)
+    if how == false then return nil, unreadable(class, env, why) end
+    local out = {}
+    for k, v in pairs(env) do out[k] = v end
+    out.event_name = class.event_name
+    if how == nil or type(env.payload) ~= "table" then return out end
+    local meta, payload = {}, {}
+    for i = 1, #META do meta[META[i]] = env[META[i]] end
+    for k, v in pairs(env.payload) do payload[k] = v end
+    local p, e = upcast(class, version, payload, meta)
+    if not p then return nil, e end
+    out.payload = p
+    out.event_version = class.event_version
+    return out
+end
+
+--- Internal: whether `class` reads events stored at `version` (store:check): true, or false
+-- and why not.
+---@param class table
+---@param version integer|nil the stored version (nil: the class's own)
+---@return boolean ok
+---@return string? why
+function _M.readable(class, version)
+    if version == nil or version == null then return true end
+    local how, why = path_of(class, version)
+    if how == false then return false, why end
+    return true
+end
+
+--- Raises (at the caller's caller) when a class's upcasters leave a gap.
+---@param class table
+---@param who string what is being made, for the message
+function _M.check_chain(class, who)
+    local ok, why = check_chain(class)
+    if not ok then error(who .. ": " .. why, 3) end
+end
+
 -- name -> { [version] = class }, plus the highest version per name
 local function add(self, class)
     if not is_class(class) then
@@ -60,6 +200,18 @@ local function add(self, class)
         error(fmt("registry:register: %s v%d is already registered to another class",
                   name, version), 3)
     end
+    for _, alias in ipairs(class.aliases) do
+        local other = self._aliases[alias]
+        if (other ~= nil and other ~= class) or self._by_name[alias] then
+            error(fmt("registry:register: %s is an alias of %s and already stands for another "
+                      .. "class", alias, name), 3)
+        end
+    end
+    local owner = self._aliases[name]
+    if owner ~= nil and owner ~= class then
+        error(fmt("registry:register: %s is an alias of %s", name, owner.event_name), 3)
+    end
+    for _, alias in ipairs(class.aliases) do self._aliases[alias] = class end
     versions[version] = class
     local latest = self._latest[name]
     if latest == nil or version > latest then self._latest[name] = version end
@@ -74,7 +226,8 @@ function _M.new(classes)
     if classes ~= nil and type(classes) ~= "table" then
         error("qx.registry: expected a list of event classes, got " .. type(classes), 2)
     end
-    local self = setmetatable({ _by_name = {}, _latest = {}, _count = 0, _count_names = 0 },
+    local self = setmetatable({ _by_name = {}, _latest = {}, _aliases = {}, _count = 0,
+                                _count_names = 0 },
                               Registry)
     if classes ~= nil then
         if is_class(classes) then
@@ -123,18 +276,63 @@ function Registry:get(name, version)
                                            name, tostring(version)))
     end
     local versions = self._by_name[name]
-    if versions == nil then
+    local class = versions and versions[v]
+    if class then return class end
+    -- the class that holds the name now: the highest version under it, or the one it is an
+    -- alias of; it reads an older version through its upcasters, an alias as a rename
+    local current = versions and versions[self._latest[name]] or self._aliases[name]
+    if current == nil then
         return nil, err.new("not_found", fmt("unknown event %q", name), { event_name = name })
     end
-    if v == nil then v = self._latest[name] end
-    local class = versions[v]
-    if class == nil then
-        return nil, err.new("not_found",
-                            fmt("unknown version %d of event %q (registered up to v%d)",
-                                v, name, self._latest[name]),
+    if v == nil then return current end
+    local how, why = path_of(current, v)
+    if how or (how == nil and current.event_name ~= name) then return current end
+    if how == false and v < current.event_version then
+        return nil, err.new("invalid", fmt("event %s: stored as %s v%d: %s", current.event_name,
+                                           name, v, why), { event_name = name, event_version = v })
+    end
+    if versions == nil then
+        return nil, err.new("not_found", fmt("unknown version %d of event %q (read as %s v%d)",
+                                             v, name, current.event_name, current.event_version),
                             { event_name = name, event_version = v })
     end
-    return class
+    return nil, err.new("not_found", fmt("unknown version %d of event %q (registered up to v%d)",
+                                         v, name, self._latest[name]),
+                        { event_name = name, event_version = v })
+end
+
+--- Internal: the class a stored (name, version) is read as, or nil when the registry knows
+-- neither the name nor an alias of it (the record is then left as it is).
+---@param name string
+---@param version any
+---@return table|nil class
+function Registry:reader(name, version)
+    local versions = self._by_name[name]
+    local class = versions and versions[version]
+    if class then return class end
+    return versions and versions[self._latest[name]] or self._aliases[name]
+end
+
+--- Internal: every registered class, for chain checks and store:check().
+---@return table classes
+function Registry:classes()
+    local out = {}
+    for _, versions in pairs(self._by_name) do
+        for _, class in pairs(versions) do out[#out + 1] = class end
+    end
+    return out
+end
+
+--- Whether every registered class's upcasters form one chain (qx.event_store and qx.consumer
+-- raise when not): true, or false and what is missing.
+---@return boolean ok
+---@return string? missing
+function Registry:check_chains()
+    for _, class in ipairs(self:classes()) do
+        local ok, why = check_chain(class)
+        if not ok then return false, why end
+    end
+    return true
 end
 
 --- The highest version registered under the name.
@@ -213,6 +411,14 @@ function Registry:from_envelope(env, opts)
             class, e = self:get(name)
         end
         if not class then return nil, e end
+    end
+    -- read as the class that holds the name now: renamed from an alias, upcast when older
+    local newer = type(version) == "number" and version > class.event_version
+    if class.event_name ~= name
+       or (class.__first_step and version ~= class.event_version and not newer) then
+        local evolved, ee = evolve_envelope(class, env, version)
+        if not evolved then return nil, ee end
+        env = evolved
     end
     return event.from_envelope(class, env)
 end
