@@ -105,6 +105,7 @@ build = {
     ["qx.store.db"] = "lua/qx/store/db.lua",
     ["qx.store.event_store.bound"] = "lua/qx/store/event_store/bound.lua",
     ["qx.store.event_store.checkpoint"] = "lua/qx/store/event_store/checkpoint.lua",
+    ["qx.store.event_store.evolution"] = "lua/qx/store/event_store/evolution.lua",
     ["qx.store.event_store"] = "lua/qx/store/event_store/init.lua",
     ["qx.store.event_store.reads"] = "lua/qx/store/event_store/reads.lua",
     ["qx.store.event_store.sql"] = "lua/qx/store/event_store/sql.lua",

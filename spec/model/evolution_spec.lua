@@ -161,7 +161,7 @@ describe("event evolution", function()
             assert.has_error(function() qx.registry{ qx.event(old), A } end)
         end)
 
-        it("a version below the chain's start is invalid, naming the event, the version and the missing step", function()
+        it("a version below the chain's start is invalid, naming the event, version and missing step", function()
             local name = uname("nopath")
             local E = qx.event(name, { version = 3 })
             E:upcast(2, function(p) return p end)

@@ -135,7 +135,9 @@ function _M.evolve_record(class, rec)
     end
     local out, e = upcast(class, version, payload, meta)
     if not out then return nil, e end
-    for k in pairs(payload) do rec[k] = nil end
+    for k in pairs(rec) do
+        if is_payload_key(k) then rec[k] = nil end -- (clearing a field while traversing is allowed)
+    end
     for k, v in pairs(out) do rec[k] = v end
     rec.event_name = class.event_name
     rec.event_version = class.event_version
