@@ -125,6 +125,8 @@ COMMANDS.version = {
 
 COMMANDS.relay = require "qx.cli.relay"
 COMMANDS.outbox = require "qx.cli.outbox"
+COMMANDS.events = require "qx.cli.events"
+COMMANDS.snapshots = require "qx.cli.snapshots"
 
 local function usage()
     say("usage: qx COMMAND [flags]\n\ncommands:")
