@@ -54,6 +54,7 @@ end
 
 _M.METADATA = METADATA
 _M.ROUTING = ROUTING
+_M.RESERVED = RESERVED -- metadata, routing and method names: never payload fields
 
 
 local function as_integer(v)
@@ -454,6 +455,11 @@ function class_methods.upcast(class, from, fn)
                   v + 1), 2)
     end
     steps[v] = fn
+    -- the meta table is made only for a step that takes it (a second parameter, or ...)
+    local info = debug.getinfo(fn, "u")
+    if info.nparams == nil or info.nparams >= 2 or info.isvararg == true then
+        class.__any_meta = true
+    end
     class.__chain_ok = nil
     if class.__first_step == nil or v < class.__first_step then
         class.__first_step = v
@@ -530,6 +536,7 @@ function _M.define(name, opts)
         integration = integration,
         aliases = check_aliases(name, opts.aliases),
         __upcasters = {},     -- [from] = fn: stored payload of version from -> from + 1
+        __any_meta = false,   -- whether a step takes the meta argument
     }
 
     local mt = {

@@ -45,10 +45,41 @@ end
 -- The one place stored data meets upcasters and aliases: the event store, projections and the
 -- consumer all come through here. See docs/evolution.md.
 
-local is_payload_key = event.is_payload_key
 local check_chain = event.check_chain
-local META = { "event_id", "event_name", "event_version", "occurred_at", "correlation_id",
-               "causation_id", "tenant_id", "actor_id", "aggregate_type", "aggregate_id" }
+local RESERVED = event.RESERVED
+local byte = string.byte
+
+-- event.is_payload_key, remembered per key (events of one kind repeat their keys): it runs for
+-- every field of every upcast event. Bounded: a flood of distinct keys only restarts it.
+local payload_keys, payload_keys_n = {}, 0
+local function is_payload_key(k)
+    local yes = payload_keys[k]
+    if yes ~= nil then return yes end
+    yes = type(k) == "string" and not RESERVED[k] and byte(k, 1) ~= 95 -- "_"
+    if payload_keys_n >= 1000 then payload_keys, payload_keys_n = {}, 0 end
+    if k == k then -- (not NaN: a table key cannot be NaN anyway, but a returned one could be)
+        payload_keys[k] = yes
+        payload_keys_n = payload_keys_n + 1
+    end
+    return yes
+end
+
+-- The fields a stored record holds besides its payload (the envelope's metadata, the routing
+-- fields, the store's positions). An upcast record has them taken out while the steps run on
+-- what is left, its payload, and put back after: no copy of the payload, no second table.
+local HELD = { "event_id", "event_name", "event_version", "occurred_at", "correlation_id",
+               "causation_id", "tenant_id", "actor_id", "aggregate_type", "aggregate_id",
+               "_sequence", "_global_position", "_tx_id" }
+local NHELD = #HELD
+
+-- the meta an upcaster gets: the stored envelope's fields (the first ten held ones)
+local function meta_of(t)
+    return { event_id = t.event_id, event_name = t.event_name, event_version = t.event_version,
+             occurred_at = t.occurred_at, correlation_id = t.correlation_id,
+             causation_id = t.causation_id, tenant_id = t.tenant_id, actor_id = t.actor_id,
+             aggregate_type = t.aggregate_type, aggregate_id = t.aggregate_id }
+end
+
 
 -- What the class makes of a stored version: nil, it reads it as it is (its own version, or a
 -- class without upcasters); true, upcasters take it there; false and why not.
@@ -79,8 +110,24 @@ local function unreadable(class, meta, why)
                      event_version = meta.event_version })
 end
 
--- Runs the steps from version up to the class's; the payload is the caller's copy.
-local function upcast(class, version, payload, meta)
+-- A field of out that is not a payload field's, or nil: all of them (an envelope's payload), or
+-- only the held ones (a record's, whose other fields the steps saw as they were stored).
+local function foreign_field(out, held_only)
+    if held_only then
+        for i = 1, NHELD do
+            if out[HELD[i]] ~= nil then return HELD[i] end
+        end
+        return nil
+    end
+    for k in pairs(out) do
+        if not is_payload_key(k) then return k end
+    end
+    return nil
+end
+
+-- Runs the steps from version up to the class's on payload (meta: nil when no step takes it).
+-- -> the payload | nil, the step, why
+local function upcast(class, version, payload, meta, held_only)
     local steps = class.__upcasters
     for v = version, class.event_version - 1 do
         local ok, out = pcall(steps[v], payload, meta)
@@ -92,26 +139,22 @@ local function upcast(class, version, payload, meta)
         elseif type(out) ~= "table" then
             why = "returned a " .. type(out) .. ", not a payload table"
         else
-            for k in pairs(out) do
-                if not is_payload_key(k) then
-                    why = "returned the field " .. tostring(k) .. ", which is not a payload field"
-                    break
-                end
+            local k = foreign_field(out, held_only)
+            if k ~= nil then
+                why = "returned the field " .. tostring(k) .. ", which is not a payload field"
             end
         end
-        if why then
-            local e = unreadable(class, meta, fmt("upcaster v%d -> v%d %s", v, v + 1, why))
-            e.step = v
-            return nil, e
-        end
+        if why then return nil, v, fmt("upcaster v%d -> v%d %s", v, v + 1, why) end
         payload = out
     end
     return payload
 end
 
 --- Internal: a stored record (metadata and payload side by side, as the event store keeps
--- them) read as `class`: renamed from an alias, upcast to the class's version. Changes rec only
--- when every step succeeded. -> rec | nil, err invalid (no path, a newer version, a bad step)
+-- them) read as `class`: renamed from an alias, upcast to the class's version. The record is
+-- changed in place (a step that hands back a new table gets the record's other fields put into
+-- it), and is to be dropped when this fails. -> record | nil, err invalid (no path, a newer
+-- version, a bad step: err.step, err.event_id)
 ---@param class table the event class that reads the record's name
 ---@param rec table
 ---@return table|nil rec
@@ -128,20 +171,32 @@ function _M.evolve_record(class, rec)
         rec.event_name = class.event_name
         return rec
     end
-    local meta, payload = {}, {}
-    for i = 1, #META do meta[META[i]] = rec[META[i]] end
-    for k, v in pairs(rec) do
-        if is_payload_key(k) then payload[k] = v end
+    -- the held fields in locals (no table: this runs for every upcast event)
+    local id, name, at, corr, cause = rec.event_id, rec.event_name, rec.occurred_at,
+                                      rec.correlation_id, rec.causation_id
+    local tenant, actor, atype, aid = rec.tenant_id, rec.actor_id, rec.aggregate_type,
+                                      rec.aggregate_id
+    local seq, pos, tx = rec._sequence, rec._global_position, rec._tx_id
+    for i = 1, NHELD do rec[HELD[i]] = nil end
+    local meta
+    if class.__any_meta then
+        meta = { event_id = id, event_name = name, event_version = version, occurred_at = at,
+                 correlation_id = corr, causation_id = cause, tenant_id = tenant,
+                 actor_id = actor, aggregate_type = atype, aggregate_id = aid }
     end
-    local out, e = upcast(class, version, payload, meta)
-    if not out then return nil, e end
-    for k in pairs(rec) do
-        if is_payload_key(k) then rec[k] = nil end -- (clearing a field while traversing is allowed)
+    local out, step
+    out, step, why = upcast(class, version, rec, meta, true)
+    if not out then
+        local e = unreadable(class, { event_id = id, event_name = name, event_version = version },
+                             why)
+        e.step = step
+        return nil, e
     end
-    for k, v in pairs(out) do rec[k] = v end
-    rec.event_name = class.event_name
-    rec.event_version = class.event_version
-    return rec
+    out.event_id, out.event_name, out.event_version = id, class.event_name, class.event_version
+    out.occurred_at, out.correlation_id, out.causation_id = at, corr, cause
+    out.tenant_id, out.actor_id, out.aggregate_type, out.aggregate_id = tenant, actor, atype, aid
+    out._sequence, out._global_position, out._tx_id = seq, pos, tx
+    return out
 end
 
 -- A decoded envelope read as `class` -> a new envelope of the class's name and version.
@@ -152,11 +207,16 @@ local function evolve_envelope(class, env, version)
     for k, v in pairs(env) do out[k] = v end
     out.event_name = class.event_name
     if how == nil or type(env.payload) ~= "table" then return out end
-    local meta, payload = {}, {}
-    for i = 1, #META do meta[META[i]] = env[META[i]] end
+    local payload = {}
     for k, v in pairs(env.payload) do payload[k] = v end
-    local p, e = upcast(class, version, payload, meta)
-    if not p then return nil, e end
+    local p, step
+    p, step, why = upcast(class, version, payload, class.__any_meta and meta_of(env) or nil,
+                          false)
+    if not p then
+        local e = unreadable(class, env, why)
+        e.step = step
+        return nil, e
+    end
     out.payload = p
     out.event_version = class.event_version
     return out
