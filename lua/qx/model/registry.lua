@@ -125,26 +125,32 @@ local function foreign_field(out, held_only)
     return nil
 end
 
+-- Why a step's result (pcall's ok, res) is refused: raised, nothing, not a table, or a field
+-- that is not a payload field's (held_only: a record's held fields; else any).
+local function failure(v, ok, res, held_only)
+    local why
+    if not ok then
+        why = "raised: " .. tostring(type(res) == "table" and res.message or res)
+    elseif res == nil then
+        why = "returned nothing"
+    elseif type(res) ~= "table" then
+        why = "returned a " .. type(res) .. ", not a payload table"
+    else
+        why = "returned the field " .. tostring(foreign_field(res, held_only))
+              .. ", which is not a payload field"
+    end
+    return fmt("upcaster v%d -> v%d %s", v, v + 1, why)
+end
+
 -- Runs the steps from version up to the class's on payload (meta: nil when no step takes it).
 -- -> the payload | nil, the step, why
-local function upcast(class, version, payload, meta, held_only)
+local function upcast(class, version, payload, meta)
     local steps = class.__upcasters
     for v = version, class.event_version - 1 do
         local ok, out = pcall(steps[v], payload, meta)
-        local why
-        if not ok then
-            why = "raised: " .. tostring(type(out) == "table" and out.message or out)
-        elseif out == nil then
-            why = "returned nothing"
-        elseif type(out) ~= "table" then
-            why = "returned a " .. type(out) .. ", not a payload table"
-        else
-            local k = foreign_field(out, held_only)
-            if k ~= nil then
-                why = "returned the field " .. tostring(k) .. ", which is not a payload field"
-            end
+        if not ok or type(out) ~= "table" or foreign_field(out, false) ~= nil then
+            return nil, v, failure(v, ok, out, false)
         end
-        if why then return nil, v, fmt("upcaster v%d -> v%d %s", v, v + 1, why) end
         payload = out
     end
     return payload
@@ -160,15 +166,16 @@ end
 ---@return table|nil rec
 ---@return qx.Error? err invalid
 function _M.evolve_record(class, rec)
-    local version = rec.event_version
-    if version == nil or version == null or version == class.event_version then
+    local version, cv = rec.event_version, class.event_version
+    if version == nil or version == null or version == cv then
         rec.event_name = class.event_name
         return rec
     end
-    local how, why = path_of(class, version)
-    if how == false then return nil, unreadable(class, rec, why) end
-    if how == nil then
-        rec.event_name = class.event_name
+    local first = class.__first_step
+    if first == nil or type(version) ~= "number" or version < first or version > cv then
+        local how, why = path_of(class, version)
+        if how == false then return nil, unreadable(class, rec, why) end
+        rec.event_name = class.event_name -- a class without steps reads it as it is
         return rec
     end
     -- the held fields in locals (no table: this runs for every upcast event)
@@ -184,15 +191,25 @@ function _M.evolve_record(class, rec)
                  correlation_id = corr, causation_id = cause, tenant_id = tenant,
                  actor_id = actor, aggregate_type = atype, aggregate_id = aid }
     end
-    local out, step
-    out, step, why = upcast(class, version, rec, meta, true)
-    if not out then
-        local e = unreadable(class, { event_id = id, event_name = name, event_version = version },
-                             why)
-        e.step = step
-        return nil, e
+    local steps, out = class.__upcasters, rec
+    for v = version, cv - 1 do
+        local ok, res = pcall(steps[v], out, meta)
+        -- the usual case in one test; anything else is sorted out by upcast() for its message
+        if not (ok and type(res) == "table" and res.event_id == nil and res.event_name == nil
+                and res.event_version == nil and res.occurred_at == nil
+                and res.correlation_id == nil and res.causation_id == nil
+                and res.tenant_id == nil and res.actor_id == nil and res.aggregate_type == nil
+                and res.aggregate_id == nil and res._sequence == nil
+                and res._global_position == nil and res._tx_id == nil) then
+            local why = failure(v, ok, res, true)
+            local e = unreadable(class, { event_id = id, event_name = name,
+                                          event_version = version }, why)
+            e.step = v
+            return nil, e
+        end
+        out = res
     end
-    out.event_id, out.event_name, out.event_version = id, class.event_name, class.event_version
+    out.event_id, out.event_name, out.event_version = id, class.event_name, cv
     out.occurred_at, out.correlation_id, out.causation_id = at, corr, cause
     out.tenant_id, out.actor_id, out.aggregate_type, out.aggregate_id = tenant, actor, atype, aid
     out._sequence, out._global_position, out._tx_id = seq, pos, tx
@@ -210,8 +227,7 @@ local function evolve_envelope(class, env, version)
     local payload = {}
     for k, v in pairs(env.payload) do payload[k] = v end
     local p, step
-    p, step, why = upcast(class, version, payload, class.__any_meta and meta_of(env) or nil,
-                          false)
+    p, step, why = upcast(class, version, payload, class.__any_meta and meta_of(env) or nil)
     if not p then
         local e = unreadable(class, env, why)
         e.step = step
