@@ -173,7 +173,8 @@ describe("event evolution", function()
 
         it("a version above the class's is not read as the class (a newer deploy wrote it)", function()
             local name = deposited_v3(uname("newer")).event_name
-            local reg = qx.registry{ qx.event(name, { version = 3 }) }
+            local reg = qx.registry{ qx.event(name, { version = 3 }):upcast(1, function(p) return p end)
+                                                                   :upcast(2, function(p) return p end) }
             local ev, e = reg:from_envelope(old_envelope(name, 4, {}))
             assert.is_nil(ev)
             assert.equal("not_found", e.code)

@@ -253,6 +253,20 @@ WHERE aggregate_type = $1 ORDER BY sequence]], agg_type))
             E:upcast(2, function(p) return p end) -- the chain complete: other specs make stores
             assert.truthy(qx.event_store{ db = db })
         end)
+
+        it("a gap made after the store is refused by the first load of an aggregate handling it", function()
+            local name, agg_type, id = fixture()
+            local store = qx.event_store{ db = db }
+            local E = qx.event(name, { version = 3 })
+            E:upcast(1, function(p) return p end)
+            local A = qx.event_sourced(agg_type)
+            A:on(E, function() end)
+            local ok, r, e = pcall(db.unit_of_work, db, function(uow) return uow:store(store):load(A, id) end)
+            E:upcast(2, function(p) return p end) -- first: other specs make stores
+            assert.is_true(not ok or r == nil)
+            assert.matches("es:load: .*no upcaster v2 %-> v3", tostring(ok and e or r))
+            assert.truthy(assert(db:unit_of_work(function(uow) return uow:store(store):load(A, id) end)))
+        end)
     end)
 
     describe("store:check()", function()
