@@ -130,13 +130,6 @@ end
 _M.is_class = is_class
 
 
---- Whether k is a payload field's key (not metadata, routing, a method or an "_" key).
----@param k any
----@return boolean
-function _M.is_payload_key(k)
-    return type(k) == "string" and not RESERVED[k] and sub(k, 1, 1) ~= "_"
-end
-
 
 -- instance methods -----------------------------------------------------------
 

@@ -49,19 +49,9 @@ local check_chain = event.check_chain
 local RESERVED = event.RESERVED
 local byte = string.byte
 
--- event.is_payload_key, remembered per key (events of one kind repeat their keys): it runs for
--- every field of every upcast event. Bounded: a flood of distinct keys only restarts it.
-local payload_keys, payload_keys_n = {}, 0
+-- whether k is a payload field's key: a string, not metadata, routing or a method, no "_"
 local function is_payload_key(k)
-    local yes = payload_keys[k]
-    if yes ~= nil then return yes end
-    yes = type(k) == "string" and not RESERVED[k] and byte(k, 1) ~= 95 -- "_"
-    if payload_keys_n >= 1000 then payload_keys, payload_keys_n = {}, 0 end
-    if k == k then -- (not NaN: a table key cannot be NaN anyway, but a returned one could be)
-        payload_keys[k] = yes
-        payload_keys_n = payload_keys_n + 1
-    end
-    return yes
+    return type(k) == "string" and not RESERVED[k] and byte(k, 1) ~= 95 -- "_"
 end
 
 -- The fields a stored record holds besides its payload (the envelope's metadata, the routing
