@@ -199,6 +199,11 @@ function _M.evolve_record(class, rec)
         end
         out = res
     end
+    if out ~= rec then -- a table the step made, which it may keep (a constant): copied
+        local own = {}
+        for k, v in pairs(out) do own[k] = v end
+        out = own
+    end
     out.event_id, out.event_name, out.event_version = id, class.event_name, cv
     out.occurred_at, out.correlation_id, out.causation_id = at, corr, cause
     out.tenant_id, out.actor_id, out.aggregate_type, out.aggregate_id = tenant, actor, atype, aid

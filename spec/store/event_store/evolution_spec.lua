@@ -129,6 +129,19 @@ WHERE aggregate_type = $1 ORDER BY sequence]], agg_type))
         assert.equal(1, assert(plain:read_stream(agg_type, id))[1].amount)
     end)
 
+    it("a step that hands back a table of its own (even one it keeps) gives each record its own", function()
+        local name, agg_type, id = fixture()
+        local KEPT = { amount_cents = 1, currency = "XXX" }
+        local m = new_deploy(name, agg_type, { step1 = function() return KEPT end })
+        local recs = assert(m.store:read_stream(agg_type, id))
+        assert.equal(2, #recs)
+        assert.are_not.equal(recs[1], recs[2])
+        assert.same({ 1, 2 }, { recs[1]._sequence, recs[2]._sequence })
+        assert.equal("XXX", recs[2].currency)
+        assert.same({ amount_cents = 1, currency = "XXX" }, KEPT) -- no metadata put into it
+        assert.equal(2, assert(load(m, id)).cents)
+    end)
+
     it("a projection keyed by the class gets upcast records", function()
         local name, agg_type = fixture()
         local m = new_deploy(name, agg_type)
