@@ -37,7 +37,7 @@ _M.migrations = require "qx.store.app_migrations"
 
 --- Defines a domain event class (dispatched in-process, not written to the outbox).
 ---@param name string the event name, e.g. "user.registered"
----@param opts table|nil { version = 1 }: see docs/model.md
+---@param opts table|nil { version = 1, aliases = { old names } }: docs/model.md, docs/evolution.md
 ---@return table class call Class{ fields } or Class.new{ fields } for an event
 function _M.event(name, opts)
     local o = {}
@@ -49,7 +49,7 @@ end
 --- Defines an integration event class: dispatched, and written to the outbox at commit for the
 -- relay to publish.
 ---@param name string the event name, also the subject suffix
----@param opts table|nil { version = 1 }: see docs/model.md
+---@param opts table|nil { version = 1, aliases = { old names } }: docs/model.md, docs/evolution.md
 ---@return table class
 function _M.integration_event(name, opts)
     local o = {}

@@ -128,6 +128,8 @@ COMMANDS.relay = require "qx.cli.relay"
 COMMANDS.outbox = require "qx.cli.outbox"
 COMMANDS.streams = require "qx.cli.streams"
 COMMANDS.projection = require "qx.cli.projection"
+COMMANDS.events = require "qx.cli.events"
+COMMANDS.snapshots = require "qx.cli.snapshots"
 
 local function usage()
     say("usage: qx COMMAND [flags]\n\ncommands:")

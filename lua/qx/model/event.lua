@@ -54,6 +54,7 @@ end
 
 _M.METADATA = METADATA
 _M.ROUTING = ROUTING
+_M.RESERVED = RESERVED -- metadata, routing and method names: never payload fields
 
 
 local function as_integer(v)
@@ -127,6 +128,7 @@ end
 
 
 _M.is_class = is_class
+
 
 
 -- instance methods -----------------------------------------------------------
@@ -382,7 +384,103 @@ class_mt = {
 }
 
 
-local DEFINE_OPTS = { version = true, integration = true }
+local DEFINE_OPTS = { version = true, integration = true, aliases = true }
+
+
+-- opts.aliases -> a list of distinct valid names other than the class's own; raises at level 3
+local function check_aliases(name, aliases)
+    if aliases == nil then
+        return {}
+    end
+    if type(aliases) ~= "table" then
+        error("event option 'aliases' must be a list of event names, got " .. type(aliases), 3)
+    end
+    local out, seen = {}, { [name] = true }
+    for i = 1, #aliases do
+        local a = aliases[i]
+        local ok, why = valid_event_name(a)
+        if not ok then
+            error(fmt("event %s: alias %d %s", name, i, why), 3)
+        end
+        if seen[a] then
+            error(fmt("event %s: alias %q is its own name or listed twice", name, a), 3)
+        end
+        seen[a] = true
+        out[i] = a
+    end
+    for k in pairs(aliases) do
+        if type(k) ~= "number" or k < 1 or k > #out or k ~= floor(k) then
+            error("event " .. name .. ": aliases must be a list of names", 3)
+        end
+    end
+    return out
+end
+
+
+--- Class:upcast(from, fn): the step that turns a stored payload of version `from` into one of
+-- version from + 1. fn(payload, meta) returns the new payload; meta holds the stored envelope's
+-- fields (event_id, event_name, event_version as stored, occurred_at, aggregate ids, ...).
+-- Raises on a step defined twice or one that does not end at or below the class's version.
+---@param class table
+---@param from integer the stored version the step reads
+---@param fn fun(payload: table, meta: table): table
+---@return table class
+function class_methods.upcast(class, from, fn)
+    if not is_class(class) then
+        error("upcast: call as Class:upcast(from_version, fn)", 2)
+    end
+    local v = as_integer(from)
+    if v == nil or v < 1 then
+        error(fmt("%s: upcast: the step's version must be a positive integer, got %s",
+                  class.event_name, tostring(from)), 2)
+    end
+    if v >= class.event_version then
+        error(fmt("%s: upcast: a step from v%d would go beyond the class's version (v%d)",
+                  class.event_name, v, class.event_version), 2)
+    end
+    if type(fn) ~= "function" then
+        error(fmt("%s: upcast: the step from v%d must be a function, got %s", class.event_name,
+                  v, type(fn)), 2)
+    end
+    local steps = class.__upcasters
+    if steps[v] ~= nil then
+        error(fmt("%s: upcast: the step v%d -> v%d is defined twice", class.event_name, v,
+                  v + 1), 2)
+    end
+    steps[v] = fn
+    -- the meta table is made only for a step that takes it (a second parameter, or ...)
+    local info = debug.getinfo(fn, "u")
+    if info.nparams == nil or info.nparams >= 2 or info.isvararg == true then
+        class.__any_meta = true
+    end
+    class.__chain_ok = nil
+    if class.__first_step == nil or v < class.__first_step then
+        class.__first_step = v
+    end
+    return class
+end
+
+
+--- Whether the class's upcasters form one chain that ends at its version: true, or false and
+-- what is missing. A class without upcasters reads its stored versions as they are.
+---@param class table
+---@return boolean ok
+---@return string? missing
+function _M.check_chain(class)
+    local first = class.__first_step
+    if first == nil then
+        return true
+    end
+    local steps = class.__upcasters
+    for v = first, class.event_version - 1 do
+        if steps[v] == nil then
+            return false, fmt("event %s v%d: no upcaster v%d -> v%d, so v%d..v%d cannot reach v%d",
+                              class.event_name, class.event_version, v, v + 1, first, v,
+                              class.event_version)
+        end
+    end
+    return true
+end
 
 
 --- An event class (qx.event, qx.integration_event). Raises on a bad name or option.
@@ -429,6 +527,9 @@ function _M.define(name, opts)
         event_name = name,
         event_version = version,
         integration = integration,
+        aliases = check_aliases(name, opts.aliases),
+        __upcasters = {},     -- [from] = fn: stored payload of version from -> from + 1
+        __any_meta = false,   -- whether a step takes the meta argument
     }
 
     local mt = {

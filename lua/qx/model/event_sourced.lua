@@ -14,6 +14,7 @@ local options = require "qx.options"
 
 local type = type
 local pairs = pairs
+local ipairs = ipairs
 local error = error
 local tostring = tostring
 local setmetatable = setmetatable
@@ -74,6 +75,26 @@ function _M.spec(class)
 end
 
 
+--- The event classes the handlers of an event-sourced class were given (each once); without a
+-- class, those of every event-sourced class alive: what the event store checks when it is made.
+---@param class table|nil
+---@return table classes
+function _M.event_classes(class)
+    local out, seen = {}, {}
+    for c, spec in pairs(specs) do
+        if class == nil or c == class then
+            for _, h in pairs(spec.handlers) do
+                if h.class and not seen[h.class] then
+                    seen[h.class] = true
+                    out[#out + 1] = h.class
+                end
+            end
+        end
+    end
+    return out
+end
+
+
 local function event_key(method, target)
     if event.is_class(target) then
         return target.event_name, target
@@ -108,10 +129,16 @@ function methods.on(class, target, fn)
     if type(fn) ~= "function" then
         error("on: handler must be a function, got " .. type(fn), 2)
     end
-    if spec.handlers[name] then
-        error("on: " .. class.aggregate_type .. " already has a handler for " .. name, 2)
+    -- an event class answers to its old names too (aliases): their stored events are its own
+    local names = { name }
+    for _, alias in ipairs(ev_class and ev_class.aliases or {}) do names[#names + 1] = alias end
+    for _, n in ipairs(names) do
+        if spec.handlers[n] then
+            error("on: " .. class.aggregate_type .. " already has a handler for " .. n, 2)
+        end
     end
-    spec.handlers[name] = { fn = fn, class = ev_class }
+    local h = { fn = fn, class = ev_class }
+    for _, n in ipairs(names) do spec.handlers[n] = h end
     return class
 end
 

@@ -520,7 +520,7 @@ SELECT event_name, partition_key, payload FROM qx_outbox_events WHERE event_name
     it("raises on misuse of the store and its options", function()
         assert.has_error(function() qx.event_store{ snapshot_every = -1 } end)
         assert.has_error(function() qx.event_store{ nope = 1 } end,
-            "qx.event_store: unknown option 'nope' (known: db, snapshot_every, notify)")
+            "qx.event_store: unknown option 'nope' (known: db, snapshot_every, notify, registry)")
         assert.has_error(function() qx.event_store{ db = {} } end)
         assert.has_error(function() qx.event_store("x") end)
         local m = model()

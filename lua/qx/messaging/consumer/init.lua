@@ -36,6 +36,9 @@ local _M = { _VERSION = "0.1.0", Consumer = Consumer, DEFAULTS = options.DEFAULT
 ---@return qx.Error? err connection, nats, invalid
 function _M.new(opts)
     local o = options.check(opts)
+    -- a gap in an upcaster chain is a deploy's mistake: refused here, not at the first message
+    local ok, why = o.registry:check_chains()
+    if not ok then error("qx.consumer: " .. why, 2) end
     if opts.nats ~= nil and opts.servers ~= nil then
         error("qx.consumer: give nats (a connection or NATS options) or servers, not both", 2)
     end

@@ -11,6 +11,8 @@ local options = require "qx.options"
 local raise = options.raise
 local sql = require "qx.store.event_store.sql"
 local reads = require "qx.store.event_store.reads"
+local registry = require "qx.model.registry"
+local evolve_record = registry.evolve_record
 
 local type = type
 local ipairs = ipairs
@@ -159,6 +161,16 @@ function Bound:load(class, id, opts)
         local h = handlers[r.event_name]
         local ev = rec
         if h and h.class then
+            rec.aggregate_type = class.aggregate_type
+            rec.aggregate_id = id
+            local ec = h.class
+            if ec.__first_step and not ec.__chain_ok then -- upcasters added after the store
+                registry.check_chain(ec, "es:load")
+                ec.__chain_ok = true
+            end
+            local er
+            rec, er = evolve_record(ec, rec)
+            if not rec then return nil, er end
             -- rebuild the instance the handler was written for: the stored object holds the
             -- metadata and the payload side by side, as the fields of Class{...} do, and the
             -- constructor checks them (a stored value of the wrong kind is invalid data)
@@ -436,7 +448,8 @@ end
 ---@return qx.Error? err
 function Bound:read_stream(agg_type, id, opts)
     check_bound(self, "read_stream")
-    return read_stream(self.uow, "es:read_stream", agg_type, id, opts, tenant_of(self.uow))
+    return read_stream(self.uow, "es:read_stream", agg_type, id, opts, tenant_of(self.uow),
+                       self.store.registry)
 end
 
 
@@ -446,7 +459,7 @@ end
 ---@return any next_checkpoint, or the error
 function Bound:read_all(opts)
     check_bound(self, "read_all")
-    return read_all(self.uow, "es:read_all", opts)
+    return read_all(self.uow, "es:read_all", opts, self.store.registry)
 end
 
 

@@ -15,9 +15,13 @@ local checkpoint = require "qx.store.event_store.checkpoint"
 local sql = require "qx.store.event_store.sql"
 local reads = require "qx.store.event_store.reads"
 local bound = require "qx.store.event_store.bound"
+require "qx.store.event_store.evolution" -- store:check, store:rebuild_snapshots
 local options = require "qx.options"
+local registry_mod = require "qx.model.registry"
+local es_class = require "qx.model.event_sourced"
 
 local type = type
+local ipairs = ipairs
 local error = error
 local setmetatable = setmetatable
 local getmetatable = getmetatable
@@ -48,12 +52,14 @@ local _M = {
 
 local MAX_VERSION = 2147483647
 
-local STORE_OPTS = { "db", "snapshot_every", "notify" }
+local STORE_OPTS = { "db", "snapshot_every", "notify", "registry" }
 
 --- The event store (qx.event_store). db is needed for reads outside a unit of work (read_all,
 -- read_stream, stall). notify = false leaves out the wake-up of qx_events listeners;
--- projections then find events by polling.
----@param opts table|nil { db, snapshot_every = n, notify = true }
+-- projections then find events by polling. registry: the classes reads, read_all and check()
+-- read stored events as (renamed from aliases, upcast); their upcaster chains, and those of the
+-- event classes every event-sourced class handles, are checked here (docs/evolution.md).
+---@param opts table|nil { db, snapshot_every = n, notify = true, registry = qx.registry{...} }
 ---@return qx.EventStore
 function _M.new(opts)
     if opts ~= nil and type(opts) ~= "table" then
@@ -70,7 +76,19 @@ function _M.new(opts)
     if opts.notify ~= nil and type(opts.notify) ~= "boolean" then
         error("qx.event_store: notify must be a boolean", 2)
     end
+    local reg = opts.registry
+    if reg ~= nil and getmetatable(reg) ~= registry_mod.Registry then
+        error("qx.event_store: registry must be a qx.registry{...}", 2)
+    end
+    if reg then
+        local ok, why = reg:check_chains()
+        if not ok then error("qx.event_store: " .. why, 2) end
+    end
+    for _, class in ipairs(es_class.event_classes()) do
+        registry_mod.check_chain(class, "qx.event_store")
+    end
     return setmetatable({
+        registry = reg,
         db = opts.db,
         snapshot_every = n or 0,
         notify = opts.notify ~= false,

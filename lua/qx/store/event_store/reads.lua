@@ -7,6 +7,7 @@ local aggregate = require "qx.model.aggregate"
 local checkpoint = require "qx.store.event_store.checkpoint"
 local sql = require "qx.store.event_store.sql"
 local options = require "qx.options"
+local evolve_record = require("qx.model.registry").evolve_record
 
 local type = type
 local pairs = pairs
@@ -74,6 +75,17 @@ end
 
 _M.to_record = to_record
 
+-- A row -> a record read as the class the registry has for its name (upcast, renamed from an
+-- alias); a name it does not know stays as stored. -> record | nil, err invalid
+local function read_record(r, reg)
+    local rec = to_record(r)
+    local class = reg and reg:reader(rec.event_name, rec.event_version)
+    if class == nil then return rec end
+    return evolve_record(class, rec)
+end
+
+_M.read_record = read_record
+
 -- A list of names from a string, an event class / aggregate class, or a list of them.
 local function name_list(method, what, v, name_of)
     if v == nil then
@@ -101,6 +113,19 @@ local function event_name_of(x)
     return nil
 end
 
+-- the names a class's events are stored under: its own and its aliases
+local function with_aliases(names, list)
+    local out = {}
+    for i = 1, #names do
+        out[#out + 1] = names[i]
+        local x = list[i]
+        if type(x) == "table" and event.is_class(x) then
+            for _, alias in ipairs(x.aliases) do out[#out + 1] = alias end
+        end
+    end
+    return out
+end
+
 local function aggregate_type_of(x)
     if type(x) == "string" then return x end
     if aggregate.is_class(x) then return x.aggregate_type end
@@ -119,7 +144,7 @@ local READ_OPTS = { "after", "limit", "types", "aggregate_type", "tenant_id" }
 
 -- The global read, given something with :query (a db or a unit of work).
 -- -> records, next_checkpoint | nil, err
-local function read_all(q, method, opts)
+local function read_all(q, method, opts, reg)
     if opts == nil then
         opts = {}
     elseif type(opts) ~= "table" then
@@ -128,6 +153,10 @@ local function read_all(q, method, opts)
     options.check(opts, READ_OPTS, method)
     local limit = check_limit(method, opts.limit, 500)
     local types = name_list(method, "types", opts.types, event_name_of)
+    if types then
+        local t = opts.types
+        types = with_aliases(types, (type(t) == "table" and not event.is_class(t)) and t or { t })
+    end
     local categories = name_list(method, "aggregate_type", opts.aggregate_type, aggregate_type_of)
     local tenant = opts.tenant_id
     if tenant ~= nil and type(tenant) ~= "string" then
@@ -148,7 +177,9 @@ local function read_all(q, method, opts)
     for i = 1, #rows do
         local r = rows[i]
         if r.tx_id ~= null then
-            out[#out + 1] = to_record(r)
+            local rec, re = read_record(r, reg)
+            if not rec then return nil, re end
+            out[#out + 1] = rec
         end
     end
     local last = out[#out]
@@ -203,7 +234,7 @@ end
 
 _M.archived_error = archived_error
 
-local function read_stream(q, method, agg_type, id, opts, tenant)
+local function read_stream(q, method, agg_type, id, opts, tenant, reg)
     local t, sid, after, limit, archived = stream_args(method, agg_type, id, opts)
     local rows, e = q:query(READ_STREAM, t, sid, after, tenant, limit, archived)
     if not rows then
@@ -215,7 +246,9 @@ local function read_stream(q, method, agg_type, id, opts, tenant)
     local out = {}
     for i = 1, #rows do
         if rows[i].tx_id ~= null then
-            out[#out + 1] = to_record(rows[i])
+            local rec, re = read_record(rows[i], reg)
+            if not rec then return nil, re end
+            out[#out + 1] = rec
         end
     end
     return out
@@ -251,7 +284,7 @@ _M.archive_stream = archive_stream
 ---@return any next_checkpoint, or the error
 function Store:read_all(opts)
     check_store(self, "read_all")
-    return read_all(need_db(self, "read_all"), "store:read_all", opts)
+    return read_all(need_db(self, "read_all"), "store:read_all", opts, self.registry)
 end
 
 
@@ -271,7 +304,7 @@ function Store:read_category(agg_type, opts)
     local o = {}
     for k, v in pairs(opts or {}) do o[k] = v end
     o.aggregate_type = agg_type
-    return read_all(need_db(self, "read_category"), "store:read_category", o)
+    return read_all(need_db(self, "read_category"), "store:read_category", o, self.registry)
 end
 
 
@@ -299,7 +332,7 @@ function Store:each(opts)
                 return nil
             end
             o.after = after
-            local recs, cp = read_all(db, "store:each", o)
+            local recs, cp = read_all(db, "store:each", o, self.registry)
             if not recs then
                 error(cp, 0)
             end
@@ -321,7 +354,8 @@ end
 ---@return qx.Error? err
 function Store:read_stream(agg_type, id, opts)
     check_store(self, "read_stream")
-    return read_stream(need_db(self, "read_stream"), "store:read_stream", agg_type, id, opts)
+    return read_stream(need_db(self, "read_stream"), "store:read_stream", agg_type, id, opts,
+                       nil, self.registry)
 end
 
 

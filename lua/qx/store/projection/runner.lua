@@ -15,6 +15,7 @@ local aggregate = require "qx.model.aggregate"
 local store_mod = require "qx.store.event_store"
 local slots = require "qx.store.projection.rebuild_slots"
 local versions = require "qx.store.projection.versions"
+local registry_mod = require "qx.model.registry"
 
 local type = type
 local pairs = pairs
@@ -33,6 +34,7 @@ local clock = core.clock
 local null = core.null
 local stderr = io.stderr
 local to_record = store_mod.to_record
+local evolve_record = registry_mod.evolve_record
 local encode_checkpoint = store_mod.encode_checkpoint
 local later = store_mod.later
 local dec = store_mod.dec
@@ -189,11 +191,12 @@ function _M.new(opts)
     if type(opts.handlers) ~= "table" then
         error("qx.projection: handlers must be a table { [event name or class] = fn(ev, uow) }", 2)
     end
-    local handlers, names = {}, {}
+    local handlers, names, classes = {}, {}, {}
     for k, fn in pairs(opts.handlers) do
         local ename
         if event.is_class(k) then
             ename = k.event_name
+            registry_mod.check_chain(k, "qx.projection")
         elseif type(k) == "string" and event.valid_name(k) then
             ename = k
         else
@@ -208,6 +211,18 @@ function _M.new(opts)
         end
         handlers[ename] = fn
         names[#names + 1] = ename
+        -- a class also reads the events stored under its old names, as itself
+        if event.is_class(k) then
+            classes[ename] = k
+            for _, alias in ipairs(k.aliases) do
+                if handlers[alias] then
+                    error("qx.projection: two handlers for " .. alias .. " (an alias of "
+                          .. ename .. ")", 2)
+                end
+                handlers[alias], classes[alias] = fn, k
+                names[#names + 1] = alias
+            end
+        end
     end
     if #names == 0 then
         error("qx.projection: handlers is empty", 2)
@@ -265,6 +280,7 @@ function _M.new(opts)
         max_rebuilds = cap,
         db = opts.db,
         handlers = handlers,
+        classes = classes,
         types = names,
         categories = cats,
         batch_size = batch,
@@ -353,7 +369,18 @@ local function run_batch(self)
             local r = rows[i]
             if r.tx_id ~= null then
                 local rec = to_record(r)
-                apply(self, self.handlers[rec.event_name], rec, uow)
+                local fn = self.handlers[rec.event_name]
+                local class = self.classes[rec.event_name]
+                if class then
+                    local er
+                    rec, er = evolve_record(class, rec)
+                    if not rec then
+                        er.projection = self.name
+                        er.message = fmt("projection %s: %s", self.name, er.message)
+                        error(er, 0)
+                    end
+                end
+                apply(self, fn, rec, uow)
                 n = n + 1
                 last = rec
             end
