@@ -333,3 +333,52 @@ describe("consumer:run with metrics_listen", function()
         conn:delete_stream(name)
     end)
 end)
+
+describe("qx relay --metrics-listen #slow", function()
+    local ctx
+    before_each(function() ctx = H.setup() end)
+    after_each(function() H.teardown(ctx) end)
+
+    local FAST = "--poll-interval 0.05 --idle-interval 0.2 --lock-retry 0.1"
+
+    it("serves /metrics and /health while it runs, and stops serving on SIGTERM", function()
+        H.commit_many(ctx, 10, 2, 5)
+        local probe = assert(core.metrics_server{ listen = "127.0.0.1:0" })
+        local p = probe:port()
+        probe:close()
+        local r = H.spawn_relay(ctx, FAST .. " --metrics-listen 127.0.0.1:" .. p)
+        local text
+        assert(H.wait_until(function()
+            local code, body = http.get(url(p, "/metrics"), 1)
+            if code == 200 and (http.sample(body, "qx_relay_published_total") or 0) >= 10 then
+                text = body
+                return true
+            end
+        end, 15), "no figures: " .. H.log_of(ctx, r))
+        assert.is_not_nil(http.sample(text, "qx_outbox_pending"))
+        assert.equal(1, http.sample(text, "qx_relay_leader"))
+        local code, body = http.get(url(p, "/health"))
+        assert.equal(200, code, body)
+        H.kill(ctx, r, "TERM")
+        assert.equal(0, (http.get(url(p, "/health"), 2)))
+    end)
+
+    it("refuses to start on a bad address or one in use: exit 2, the reason, nothing published", function()
+        H.commit_many(ctx, 3, 1, 3)
+        local holder = assert(core.metrics_server{ listen = "127.0.0.1:0" })
+        for listen, says in pairs{
+            ["127.0.0.1:" .. holder:port()] = "Address already in use",
+            ["127.0.0.1:99999"] = "expected HOST:PORT",
+            ["nowhere.invalid:9464"] = "is not an IP address",
+            ["192.0.2.1:9464"] = "not an address of this machine",
+        } do
+            local out, code = H.cli(ctx, "relay --metrics-listen " .. listen)
+            assert.equal(2, code, listen .. ": " .. out)
+            assert.matches(says, out, 1, true)
+        end
+        local out, code = H.cli(ctx, "relay --once --metrics-listen 127.0.0.1:0")
+        assert.equal(2, code, out)
+        holder:close()
+        assert.equal(3, H.pending(ctx))
+    end)
+end)

@@ -125,6 +125,7 @@ COMMANDS.version = {
 
 COMMANDS.relay = require "qx.cli.relay"
 COMMANDS.outbox = require "qx.cli.outbox"
+COMMANDS.consumer = require "qx.cli.consumer"
 
 local function usage()
     say("usage: qx COMMAND [flags]\n\ncommands:")

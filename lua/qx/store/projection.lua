@@ -448,6 +448,7 @@ function Projection:run(opts)
         return nil, e
     end
     self._server = server
+    if server then server:tick(true) end -- listening: the loop is up
     self._stopping = false
     -- the loop runs protected so that the LISTEN connection goes back to the pool whatever
     -- happens in a handler or the stop function
