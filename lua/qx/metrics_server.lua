@@ -2,7 +2,7 @@
 -- starts when its run is given metrics_listen. The server is a thread of the C core
 -- (src/core/httpd.c); the runner's loop calls tick() once a turn, which hands over a heartbeat
 -- and, at most every refresh_seconds, a new Prometheus text. A scrape never waits for the loop
--- and the loop never waits for a scrape. See docs/metrics.md.
+-- and the loop never waits for a scrape. See docs/cli.md, "Metrics and health".
 local core = require "qx.core"
 local options = require "qx.options"
 
