@@ -276,8 +276,11 @@ function Consumer:run(handler, opts)
         error("run: max_messages must be an integer >= 1", 2)
     end
     if idle ~= nil and not is_int(idle, 1) then error("run: idle_timeout_ms must be >= 1", 2) end
+    local function text()
+        if self.handle then return self:metrics() end -- closed from a handler: keep the last
+    end
     local server, se = metrics_server.start(opts, "consumer:run", 5000 + self.fetch_timeout_ms,
-                                            function() return self:metrics() end)
+                                            text)
     if se then return nil, se end
     local ok, r1, r2 = pcall(self._loop, self, handler, max_messages, idle, server)
     if server then server:close() end
