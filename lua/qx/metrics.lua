@@ -2,6 +2,7 @@
 --
 --   local m = metrics.new(metrics.labels("stream", "ORDERS", "consumer", "billing"))
 --   m:add("qx_consumer_messages_handled_total", "counter", "Messages handled.", 12)
+--   m:add_histogram("qx_projection_batch_apply_seconds", "Apply time.", metrics.histogram(b))
 --   return m:text()
 local type = type
 local select = select
@@ -49,6 +50,41 @@ function Writer:add(name, kind, help, value)
     l[#l + 1] = "# HELP " .. name .. " " .. help
     l[#l + 1] = "# TYPE " .. name .. " " .. kind
     l[#l + 1] = name .. self.labels .. " " .. value_text(value)
+end
+
+-- histogram(bounds) -> a histogram of the upper bounds given (ascending; +Inf is added):
+-- h:observe(v) counts one value
+local Histogram = {}
+Histogram.__index = Histogram
+
+function _M.histogram(bounds)
+    local counts = {}
+    for i = 1, #bounds + 1 do counts[i] = 0 end
+    return setmetatable({ bounds = bounds, counts = counts, sum = 0, count = 0 }, Histogram)
+end
+
+function Histogram:observe(v)
+    local b, i = self.bounds, 1
+    while b[i] ~= nil and v > b[i] do i = i + 1 end
+    self.counts[i] = self.counts[i] + 1
+    self.sum = self.sum + v
+    self.count = self.count + 1
+end
+
+-- writer:add_histogram(name, help, h): the cumulative _bucket lines, _sum and _count
+function Writer:add_histogram(name, help, h)
+    local l, labels = self.lines, self.labels
+    local inner = labels == "" and "" or labels:sub(2, -2) .. ","
+    l[#l + 1] = "# HELP " .. name .. " " .. help
+    l[#l + 1] = "# TYPE " .. name .. " histogram"
+    local total = 0
+    for i = 1, #h.bounds + 1 do
+        total = total + h.counts[i]
+        local le = h.bounds[i] and value_text(h.bounds[i]) or "+Inf"
+        l[#l + 1] = name .. "_bucket{" .. inner .. 'le="' .. le .. '"} ' .. value_text(total)
+    end
+    l[#l + 1] = name .. "_sum" .. labels .. " " .. value_text(h.sum)
+    l[#l + 1] = name .. "_count" .. labels .. " " .. value_text(h.count)
 end
 
 function Writer:text()

@@ -645,6 +645,21 @@ typedef struct qx_relay_stats {
 } qx_relay_stats;
 void qx_relay_stats_get(qx_relay *r, qx_relay_stats *s);
 
+
+/* ---- metrics and health over HTTP ---------------------------------------------------------
+ * A runner's /metrics and /health, served by a thread of its own (httpd.c). The listener is
+ * bound by qx_httpd_new, so a bad address fails there: "HOST:PORT" or "[V6]:PORT", HOST an IP
+ * address or localhost, PORT 0 for any free one. /metrics answers the last text handed over;
+ * /health 200 "ok" while the last heartbeat is at most stale_ms old and said up, else 503 with
+ * the reason. The setters copy and never wait for a request being answered. */
+typedef struct qx_httpd qx_httpd;
+qx_status qx_httpd_new(qx_httpd **out, const char *address, int stale_ms, qx_error *err);
+void qx_httpd_free(qx_httpd *h);
+int qx_httpd_port(const qx_httpd *h);
+qx_status qx_httpd_set_metrics(qx_httpd *h, const char *text, size_t len, qx_error *err);
+/* The loop ran now; up: its connections are up, else why (copied; NULL: no reason). */
+void qx_httpd_beat(qx_httpd *h, int up, const char *why);
+
 #ifdef __cplusplus
 }
 #endif

@@ -148,4 +148,8 @@ void qx_open_consumer(lua_State *L);
 /* The outbox relay (lrelay.c): adds relay to the table at the top. */
 void qx_open_relay(lua_State *L);
 
+/* A runner's /metrics and /health server (lhttpd.c): adds metrics_server to the table at the
+ * top. */
+void qx_open_httpd(lua_State *L);
+
 #endif

@@ -149,6 +149,7 @@ QX_EXPORT int luaopen_qx_core(lua_State *L)
     qx_open_json(L);
     qx_open_nats(L);
     qx_open_relay(L);
+    qx_open_httpd(L);
     qx_open_consumer(L);
     qx_open_tx(L);
     lua_pushlightuserdata(L, NULL); /* JSON null; the same value as cjson.null */

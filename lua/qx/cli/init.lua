@@ -130,6 +130,7 @@ COMMANDS.streams = require "qx.cli.streams"
 COMMANDS.projection = require "qx.cli.projection"
 COMMANDS.events = require "qx.cli.events"
 COMMANDS.snapshots = require "qx.cli.snapshots"
+COMMANDS.consumer = require "qx.cli.consumer"
 
 local function usage()
     say("usage: qx COMMAND [flags]\n\ncommands:")

@@ -3,12 +3,14 @@
 --   qx relay [--url URL] [--servers NATS_URLS] [--shard-id N] [--shard-count N]
 --            [--batch-size N] [--max-in-flight N] [--max-attempts N] [--poll-interval S]
 --            [--idle-interval S] [--lock-retry S] [--ack-timeout-ms MS] [--subject-prefix P]
---            [--metrics-file PATH [--metrics-interval S]] [--delete-published] [--ensure-stream]
---            [--once] [--verbose]
+--            [--metrics-file PATH [--metrics-interval S]] [--metrics-listen HOST:PORT]
+--            [--delete-published] [--ensure-stream] [--once] [--verbose]
 --
 -- Flags override the environment (QX_DB__*, QX_NATS__*, QX_RELAY__*). --metrics-file writes the
 -- Prometheus text (outbox figures and relay counters) to PATH every --metrics-interval seconds
--- (default 15; the outbox figures count the table's rows), for a textfile collector. --once runs
+-- (default 15; the outbox figures count the table's rows), for a textfile collector.
+-- --metrics-listen serves the same text on /metrics and the relay's health on /health over HTTP
+-- (docs/relay.md); an address that cannot be bound stops it before it connects. --once runs
 -- one batch, prints its figures and exits (0 when nothing failed). --delete-published deletes a
 -- row once JetStream has acked it instead of setting published_at. --ensure-stream creates the
 -- stream first (development).
@@ -118,6 +120,15 @@ local function run(flags)
         cli.complain("--metrics-interval must be a number of seconds > 0") return 2
     end
     metrics_every = metrics_every or 15
+    if flags.metrics_listen ~= nil then
+        if flags.once then
+            cli.complain("--metrics-listen serves while the relay runs: not with --once") return 2
+        end
+        -- bound and let go at once: a bad address is said before anything is connected
+        local probe, pe = core.metrics_server{ listen = flags.metrics_listen }
+        if not probe then cli.complain(tostring(pe)) return 2 end
+        probe:close()
+    end
 
     local db = cli.connect(flags)
     if not db then return 1 end
@@ -194,7 +205,16 @@ local function run(flags)
         end
     end
     if not core.signals_sleep(0) then -- none came while it was being set up
-        relay:run{ on_batch = on_batch, handle_signals = true }
+        local ok, re = relay:run{ on_batch = on_batch, handle_signals = true,
+                                  metrics_listen = flags.metrics_listen }
+        if not ok then
+            core.signals_watch(false)
+            cli.complain(tostring(re))
+            relay:close()
+            conn:close()
+            db:close()
+            return 2
+        end
     end
     core.signals_watch(false)
     local st = relay:stats()
@@ -212,12 +232,13 @@ return {
     usage = "qx relay [--url URL] [--servers NATS_URLS] [--shard-id N] [--shard-count N] "
         .. "[--batch-size N] [--max-in-flight N] [--max-attempts N] [--poll-interval S] "
         .. "[--idle-interval S] [--lock-retry S] [--ack-timeout-ms MS] [--subject-prefix P] "
-        .. "[--metrics-file PATH [--metrics-interval S]] [--delete-published] [--ensure-stream] "
-        .. "[--once] [--verbose]",
+        .. "[--metrics-file PATH [--metrics-interval S]] [--metrics-listen HOST:PORT] "
+        .. "[--delete-published] [--ensure-stream] [--once] [--verbose]",
     switches = { once = true, verbose = true, ensure_stream = true, delete_published = true },
     values = { url = true, servers = true, shard_id = true, shard_count = true, batch_size = true,
                max_in_flight = true, max_attempts = true, poll_interval = true,
                idle_interval = true, lock_retry = true, ack_timeout_ms = true,
-               subject_prefix = true, metrics_file = true, metrics_interval = true },
+               subject_prefix = true, metrics_file = true, metrics_interval = true,
+               metrics_listen = true },
     run = run,
 }

@@ -1,5 +1,6 @@
 --- Internal to qx.consumer: the inbox and dead-letter administration of a consumer with a db
--- (purge_inbox, dead_letters, replay_dead).
+-- (purge_inbox, dead_letters, replay_dead, republish_dead). The functions of the module take a
+-- db and the consumer's name, so that `qx consumer` can run them without a NATS subscription.
 local core = require "qx.core"
 local err = require "qx.error"
 local base = require "qx.messaging.consumer.base"
@@ -15,6 +16,9 @@ local is_uuid = core.is_uuid
 local is_int, check_handler = base.is_int, base.check_handler
 local DEAD_COLUMNS, DUPLICATE = base.DEAD_COLUMNS, base.DUPLICATE
 local Consumer = base.Consumer
+local pairs = pairs
+
+local _M = {}
 
 local function need_db(self, method)
     if not self.db then error("consumer:" .. method .. ": the consumer has no db", 3) end
@@ -27,17 +31,27 @@ end
 ---@return qx.Error? err
 function Consumer:purge_inbox(opts)
     need_db(self, "purge_inbox")
+    return _M.purge_inbox(self.db, self.name, opts)
+end
+
+--- purge_inbox for the consumer named name (its inbox name: the durable unless given).
+---@param db qx.Db
+---@param name string
+---@param opts table { older_than_seconds = n }
+---@return integer|nil rows deleted
+---@return qx.Error? err
+function _M.purge_inbox(db, name, opts)
     if type(opts) == "table" then
         options.check(opts, { "older_than_seconds" }, "consumer:purge_inbox")
     end
     local s = type(opts) == "table" and opts.older_than_seconds
-    if type(s) ~= "number" or s < 0 then
-        error("consumer:purge_inbox: give { older_than_seconds = n }", 2)
+    if type(s) ~= "number" or s < 0 or s ~= s or s == math.huge then
+        options.raise("consumer:purge_inbox: give { older_than_seconds = n >= 0 }")
     end
-    return self.db:exec([[
+    return db:exec([[
 DELETE FROM qx_inbox
 WHERE consumer = $1 AND handled_at < now() - make_interval(secs => $2::float8)]],
-        self.name, s)
+        name, s)
 end
 
 --- This consumer's dead letters, oldest first.
@@ -46,14 +60,81 @@ end
 ---@return qx.Error? err
 function Consumer:dead_letters(opts)
     need_db(self, "dead_letters")
+    return _M.dead_letters(self.db, self.name, opts)
+end
+
+--- dead_letters for the consumer named name.
+---@param db qx.Db
+---@param name string
+---@param opts table|nil { limit = 100, offset = 0, include_replayed = false }
+---@return table|nil rows
+---@return qx.Error? err
+function _M.dead_letters(db, name, opts)
     opts = options.check(opts, { "limit", "offset", "include_replayed" }, "consumer:dead_letters")
     local limit, offset = opts.limit or 100, opts.offset or 0
     if not is_int(limit, 0, 10000) or not is_int(offset, 0) then
-        error("consumer:dead_letters: limit must be 0..10000 and offset >= 0", 2)
+        options.raise("consumer:dead_letters: limit must be 0..10000 and offset >= 0")
     end
-    return self.db:query("SELECT " .. DEAD_COLUMNS .. " FROM qx_dead_letters WHERE consumer = $1"
+    return db:query("SELECT " .. DEAD_COLUMNS .. " FROM qx_dead_letters WHERE consumer = $1"
         .. (opts.include_replayed and "" or " AND replayed_at IS NULL")
-        .. " ORDER BY dead_at, id LIMIT $2 OFFSET $3", self.name, limit, offset)
+        .. " ORDER BY dead_at, id LIMIT $2 OFFSET $3", name, limit, offset)
+end
+
+-- the dead letters not replayed yet of the consumer: all, or the ids given -> rows | nil, err
+local function pending_dead(db, name, ids, what)
+    if ids == nil then
+        return db:query("SELECT " .. DEAD_COLUMNS .. [[ FROM qx_dead_letters
+WHERE consumer = $1 AND replayed_at IS NULL ORDER BY dead_at, id]], name)
+    end
+    if type(ids) == "string" then ids = { ids } end
+    if type(ids) ~= "table" then options.raise(what .. ": ids must be a list") end
+    for i, id in ipairs(ids) do
+        if not is_uuid(id) then
+            return nil, err.new("invalid", "id " .. i .. " is not a uuid: " .. tostring(id))
+        end
+    end
+    return db:query("SELECT " .. DEAD_COLUMNS .. [[ FROM qx_dead_letters
+WHERE consumer = $1 AND replayed_at IS NULL AND id = ANY($2::uuid[]) ORDER BY dead_at, id]],
+        name, "{" .. concat(ids, ",") .. "}")
+end
+
+--- Publishes dead letters of the consumer named name (all, or the ids given) to their subject
+-- again, with their body and headers, for the consumer to fetch and handle anew; each is marked
+-- replayed once JetStream acked it. The message id is the event's (or the dead letter's) id
+-- and the dead letter's, so a republish that is repeated within the stream's duplicate window
+-- is dropped; other consumers of the subject skip the event by their inbox.
+---@param db qx.Db
+---@param conn table a connection from qx.nats.connect
+---@param name string
+---@param ids table|nil dead letter ids (default: all not replayed yet)
+---@return table|nil counts { republished, failed, errors = { [id] = err } }
+---@return qx.Error? err
+function _M.republish_dead(db, conn, name, ids)
+    local rows, e = pending_dead(db, name, ids, "consumer:republish_dead")
+    if not rows then return nil, e end
+    local counts = { republished = 0, failed = 0, errors = {} }
+    for _, row in ipairs(rows) do
+        local headers = {}
+        if type(row.headers) == "table" then
+            for k, v in pairs(row.headers) do
+                if k ~= "Nats-Msg-Id" and type(v) == "string" then headers[k] = v end
+            end
+        end
+        local event_id = type(row.event_id) == "string" and row.event_id or row.id
+        local ok, pe = conn:publish(row.subject, row.data, headers,
+                                    event_id .. ":replay:" .. row.id)
+        if ok then
+            ok, pe = db:exec("UPDATE qx_dead_letters SET replayed_at = now() "
+                             .. "WHERE id = $1 AND replayed_at IS NULL", row.id)
+        end
+        if ok then
+            counts.republished = counts.republished + 1
+        else
+            counts.failed = counts.failed + 1
+            counts.errors[row.id] = pe
+        end
+    end
+    return counts
 end
 
 --- Runs dead letters of this consumer (all, or the ids given) through the handler again, each in
@@ -66,22 +147,7 @@ end
 function Consumer:replay_dead(handler, ids)
     need_db(self, "replay_dead")
     check_handler(handler)
-    local rows, e
-    if ids == nil then
-        rows, e = self.db:query("SELECT " .. DEAD_COLUMNS .. [[ FROM qx_dead_letters
-WHERE consumer = $1 AND replayed_at IS NULL ORDER BY dead_at, id]], self.name)
-    else
-        if type(ids) == "string" then ids = { ids } end
-        if type(ids) ~= "table" then error("consumer:replay_dead: ids must be a list", 2) end
-        for i, id in ipairs(ids) do
-            if not is_uuid(id) then
-                return nil, err.new("invalid", "id " .. i .. " is not a uuid: " .. tostring(id))
-            end
-        end
-        rows, e = self.db:query("SELECT " .. DEAD_COLUMNS .. [[ FROM qx_dead_letters
-WHERE consumer = $1 AND replayed_at IS NULL AND id = ANY($2::uuid[]) ORDER BY dead_at, id]],
-            self.name, "{" .. concat(ids, ",") .. "}")
-    end
+    local rows, e = pending_dead(self.db, self.name, ids, "consumer:replay_dead")
     if not rows then return nil, e end
     local counts = { handled = 0, failed = 0, duplicates = 0 }
     local function replay_info() return true end
@@ -120,3 +186,5 @@ WHERE consumer = $1 AND replayed_at IS NULL AND id = ANY($2::uuid[]) ORDER BY de
     end
     return counts
 end
+
+return _M

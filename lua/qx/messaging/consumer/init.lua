@@ -72,7 +72,8 @@ function _M.new(opts)
     o.owned_nats = owned
     o.stopped = false
     o.totals = { fetched = 0, handled = 0, failed = 0, termed = 0, duplicates = 0,
-                 dead_lettered = 0, reply_errors = 0, held = 0, batch_commits = 0 }
+                 dead_lettered = 0, reply_errors = 0, held = 0, batch_commits = 0,
+                 redelivered = 0 }
     o.decode_opts = o.latest_version and { latest = true } or nil
     return setmetatable(o, Consumer)
 end

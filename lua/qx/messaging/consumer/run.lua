@@ -5,6 +5,7 @@ local err = require "qx.error"
 local metrics = require "qx.metrics"
 local base = require "qx.messaging.consumer.base"
 local options = require "qx.options"
+local metrics_server = require "qx.metrics_server"
 
 local type = type
 local pairs = pairs
@@ -246,6 +247,10 @@ function Consumer:run_once(handler, opts)
         return nil, e
     end
     local counts = { fetched = #msgs, handled = 0, failed = 0, termed = 0, duplicates = 0 }
+    local totals = self.totals
+    for i = 1, #msgs do
+        if (tonumber(msgs[i].delivered) or 1) > 1 then totals.redelivered = totals.redelivered + 1 end
+    end
     if self.commit_batch then
         counts.held = 0
         if msgs[1] ~= nil then self:_process_batch(handler, msgs, counts) end
@@ -258,14 +263,17 @@ function Consumer:run_once(handler, opts)
     return counts
 end
 
-local RUN_OPTIONS = { "max_messages", "idle_timeout_ms" }
+local RUN_OPTIONS = { "max_messages", "idle_timeout_ms", "metrics_listen", "health_stale_ms" }
 
 --- Fetches and handles until stop() (from a handler, a hook or a signal handler), finishing
 -- the batch in flight; or until max_messages were fetched, or nothing came for
 -- idle_timeout_ms. A fetch error that is not a closed connection is retried on the next
--- round; a closed consumer or connection ends run with nil, err.
+-- round; a closed consumer or connection ends run with nil, err. With metrics_listen =
+-- "HOST:PORT" it serves /metrics (consumer:metrics()) and /health there while it runs; /health
+-- is 503 after a failed fetch or when no fetch ended for health_stale_ms (default 5000 +
+-- fetch_timeout_ms): docs/consumer.md. An address that cannot be bound: nil, err at once.
 ---@param handler fun(ev: table, uow: qx.Uow?, msg: qx.MsgInfo): any
----@param opts table|nil { max_messages = n, idle_timeout_ms = n }
+---@param opts table|nil { max_messages, idle_timeout_ms, metrics_listen, health_stale_ms }
 ---@return table|nil totals
 ---@return qx.Error? err
 function Consumer:run(handler, opts)
@@ -278,6 +286,19 @@ function Consumer:run(handler, opts)
         error("run: max_messages must be an integer >= 1", 2)
     end
     if idle ~= nil and not is_int(idle, 1) then error("run: idle_timeout_ms must be >= 1", 2) end
+    local function text()
+        if self.handle then return self:metrics() end -- closed from a handler: keep the last
+    end
+    local server, se = metrics_server.start(opts, "consumer:run", 5000 + self.fetch_timeout_ms,
+                                            text)
+    if se then return nil, se end
+    local ok, r1, r2 = pcall(self._loop, self, handler, max_messages, idle, server)
+    if server then server:close() end
+    if not ok then error(r1, 0) end
+    return r1, r2
+end
+
+function Consumer:_loop(handler, max_messages, idle, server)
     self.stopped = false
     local fetched, last_seen = 0, clock()
     local errors_in_a_row = 0
@@ -285,6 +306,9 @@ function Consumer:run(handler, opts)
         local batch = self.batch
         if max_messages then batch = min(batch, max_messages - fetched) end
         local counts, e = self:run_once(handler, { batch = batch })
+        if server then
+            server:tick(counts ~= nil, counts == nil and ("the last fetch failed: " .. tostring(e)))
+        end
         if not counts then
             if e.code == "closed" then return nil, e end
             errors_in_a_row = errors_in_a_row + 1
@@ -306,7 +330,7 @@ function Consumer:stop()
 end
 
 --- Totals since the consumer was made: { fetched, handled, failed, termed, duplicates,
--- dead_lettered, reply_errors, last_error }.
+-- dead_lettered, reply_errors, redelivered, last_error }.
 ---@return table stats
 function Consumer:stats()
     local out = {}
@@ -343,6 +367,8 @@ function Consumer:metrics()
     metric("messages_duplicate_total", "counter", "Redelivered messages the inbox had seen.",
            t.duplicates)
     metric("dead_letters_total", "counter", "Dead-letter rows written.", t.dead_lettered)
+    metric("messages_redelivered_total", "counter",
+           "Messages fetched again after an earlier delivery.", t.redelivered)
     if self.commit_batch then
         metric("messages_held_total", "counter",
                "Messages held back behind a failed message of their partition key.", t.held)
@@ -355,6 +381,8 @@ function Consumer:metrics()
                "Messages on the stream not yet delivered to this consumer.", info.num_pending)
         metric("ack_pending_messages", "gauge", "Messages delivered and not yet answered.",
                info.num_ack_pending)
+        metric("redelivered_messages", "gauge",
+               "Messages delivered more than once and not yet answered.", info.num_redelivered)
     end
     return m:text()
 end

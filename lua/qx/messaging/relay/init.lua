@@ -15,10 +15,14 @@ local settings = require "qx.settings"
 local relay_settings = require "qx.messaging.relay.settings"
 local metrics = require "qx.metrics"
 local options = require "qx.options"
+local metrics_server = require "qx.metrics_server"
 
 local type = type
 local error = error
 local setmetatable = setmetatable
+local tostring = tostring
+local max = math.max
+local clock = core.clock
 
 local _M = {
     _VERSION = "0.1.0",
@@ -78,16 +82,65 @@ end
 -- run{ on_batch = fn(result, err) -> false to stop, handle_signals = false } -> true
 -- Blocks until stop() (call it from on_batch), on_batch returning false, or with
 -- handle_signals SIGTERM/SIGINT; the batch in flight is finished first.
-local RUN_OPTIONS = { "on_batch", "handle_signals" }
+local RUN_OPTIONS = { "on_batch", "handle_signals", "metrics_listen", "health_stale_ms" }
+
+-- the outbox figures count the table's rows: read again at most this often while serving
+local OUTBOX_REFRESH_SECONDS = 15
 
 --- Runs batches until relay:stop() or on_batch returns false, or, with handle_signals, a
--- SIGTERM/SIGINT; the batch in flight is finished first.
----@param opts table|nil { on_batch = fn(result, err) -> false to stop, handle_signals = false }
----@return true ok
+-- SIGTERM/SIGINT; the batch in flight is finished first. With metrics_listen = "HOST:PORT" it
+-- serves /metrics (relay:metrics()) and /health there while it runs; /health is 503 after a
+-- failed batch, with NATS down, or when no batch ran for health_stale_ms (default 5000 plus
+-- the longest wait of the loop): docs/relay.md. An address that cannot be bound: nil, err.
+---@param opts table|nil { on_batch, handle_signals, metrics_listen, health_stale_ms }
+---@return true|nil ok
+---@return qx.Error? err invalid (metrics_listen)
 function Relay:run(opts)
     if opts ~= nil and type(opts) ~= "table" then error("relay:run: expected a table", 2) end
-    options.check(opts, RUN_OPTIONS, "relay:run")
-    return self.handle:run(opts)
+    opts = options.check(opts, RUN_OPTIONS, "relay:run")
+    if opts.metrics_listen == nil then
+        return self.handle:run(opts)
+    end
+    local s = self.settings
+    local outbox_text, outbox_at = "", -OUTBOX_REFRESH_SECONDS
+    local server, e = metrics_server.start(opts, "relay:run",
+        5000 + max(s.idle_interval_ms, s.poll_interval_ms, s.lock_retry_ms), function()
+            if clock() - outbox_at >= OUTBOX_REFRESH_SECONDS then
+                outbox_at = clock()
+                local db = self.db or self:_db()
+                local st = db and require("qx.store.outbox").new(db):status()
+                if st then outbox_text = _M.outbox_metrics(st) end
+            end
+            return outbox_text .. _M.relay_metrics(self:stats())
+        end)
+    if not server then return nil, e end
+    local on_batch = opts.on_batch
+    local ok, r = pcall(self.handle.run, self.handle, {
+        handle_signals = opts.handle_signals,
+        on_batch = function(res, err)
+            local nats_state = self.handle:stats().nats.state
+            if err then
+                server:tick(false, "the last batch failed: " .. tostring(err))
+            elseif nats_state ~= "connected" then
+                server:tick(false, "NATS is " .. tostring(nats_state))
+            else
+                server:tick(true)
+            end
+            if on_batch then return on_batch(res, err) end
+        end,
+    })
+    server:close()
+    if self._own_db then self._own_db:close() self._own_db = nil end
+    if not ok then error(r, 0) end
+    return r
+end
+
+-- a pool of one for the outbox figures of a relay made with a url (nil while it cannot be made)
+function Relay:_db()
+    if not self._own_db then
+        self._own_db = require("qx.store.db").connect{ url = self.url, pool_size = 1 }
+    end
+    return self._own_db
 end
 
 --- One batch.

@@ -16,6 +16,8 @@ local store_mod = require "qx.store.event_store"
 local slots = require "qx.store.projection.rebuild_slots"
 local versions = require "qx.store.projection.versions"
 local registry_mod = require "qx.model.registry"
+local metrics_server = require "qx.metrics_server"
+local pmetrics = require "qx.store.projection.metrics"
 
 local type = type
 local pairs = pairs
@@ -157,6 +159,8 @@ SELECT c.tx_id::text AS tx_id, c.global_position AS cp_pos, c.events_applied, c.
 FROM qx_projection_checkpoints c WHERE c.projection_name = $1]]
 
 
+local RUN_OPTIONS = { "poll_ms", "stop", "max_seconds", "metrics_listen", "health_stale_ms" }
+
 local function default_progress(info)
     stderr:write(fmt("qx projection %s%s: %d%s events applied in %.1f s (%.0f/s), at position "
         .. "%s%s\n", info.name, info.version and (" version " .. info.version) or "", info.applied,
@@ -290,6 +294,7 @@ function _M.new(opts)
         progress_interval = every,
         _ready = false,
         _stopping = false,
+        _counters = pmetrics.counters(),
     }, Projection)
 end
 
@@ -447,10 +452,13 @@ local function catch_up(self, final)
     local position
     while true do
         local r
+        local t0 = clock()
         r, e = run_batch(self)
         if not r then
             return nil, e
         end
+        if r.n and r.n > 0 then pmetrics.observe(self._counters, clock() - t0, r.n) end
+        if self._server then self._server:tick(true) end
         if r.missing then
             if self.version then
                 -- a dropped version stays dropped: its tables are gone
@@ -504,7 +512,10 @@ end
 -- catches up again, until stop() returns true, p:stop() is called, or max_seconds pass. While
 -- events are withheld behind an open transaction it polls sooner (10 ms, doubling up to
 -- poll_ms). A database error ends the run with nil, err; the checkpoint keeps what was applied.
----@param opts table|nil { poll_ms = 1000, stop = fn() -> boolean, max_seconds = n }
+-- With metrics_listen = "HOST:PORT" it serves /metrics (Projection:metrics()) and /health there
+-- while it runs, /health stale after health_stale_ms (default 5000 + poll_ms): see
+-- docs/projections.md; an address that cannot be bound: nil, err at once.
+---@param opts table|nil { poll_ms, stop, max_seconds, metrics_listen, health_stale_ms }
 ---@return integer|nil applied events applied
 ---@return qx.Error? err
 function Projection:run(opts)
@@ -512,7 +523,7 @@ function Projection:run(opts)
     if opts ~= nil and type(opts) ~= "table" then
         error("projection:run: options must be a table", 2)
     end
-    opts = options.check(opts, { "poll_ms", "stop", "max_seconds" }, "projection:run")
+    opts = options.check(opts, RUN_OPTIONS, "projection:run")
     local poll = opts.poll_ms or 1000
     if type(poll) ~= "number" or poll < 1 then
         error("projection:run: poll_ms must be a positive number", 2)
@@ -524,18 +535,27 @@ function Projection:run(opts)
         error("projection:run: max_seconds must be a non-negative number", 2)
     end
     local deadline = opts.max_seconds and clock() + opts.max_seconds
+    local server, se = metrics_server.start(opts, "projection:run", 5000 + floor(poll),
+                                            function() return pmetrics.text(self) end)
+    if se then
+        return nil, se
+    end
 
     -- listen first, so that an append committing during the first catch-up still wakes us
     local conn, e = self.db:acquire()
     if not conn then
+        if server then server:close() end
         return nil, e
     end
     local ok
     ok, e = conn:listen(store_mod.CHANNEL)
     if not ok then
         conn:release()
+        if server then server:close() end
         return nil, e
     end
+    self._server = server
+    if server then server:tick(true) end -- listening: the loop is up
     self._stopping = false
     -- the loop runs protected so that the LISTEN connection goes back to the pool whatever
     -- happens in a handler or the stop function
@@ -561,6 +581,7 @@ function Projection:run(opts)
             if deadline then
                 wait = max(0, min(wait, (deadline - clock()) * 1000))
             end
+            if server then server:tick(conn:status() ~= "bad", "the LISTEN connection is lost") end
             local notes, ne = conn:notifications(floor(wait))
             if not notes then
                 return nil, ne
@@ -568,10 +589,26 @@ function Projection:run(opts)
         end
     end)
     conn:release()
+    self._server = nil
+    if server then server:close() end
     if not done then
         error(total, 0)
     end
     return total, failure
+end
+
+
+--- Prometheus text: lag in events and seconds (the age of the oldest event not applied yet),
+-- events applied and batches by this process, and the batch apply time as a histogram.
+---@return string|nil text
+---@return qx.Error? err
+function Projection:metrics()
+    check(self, "metrics")
+    local ok, e = ensure(self)
+    if not ok then
+        return nil, e
+    end
+    return pmetrics.text(self)
 end
 
 
