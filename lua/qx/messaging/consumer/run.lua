@@ -249,7 +249,9 @@ function Consumer:run_once(handler, opts)
     local counts = { fetched = #msgs, handled = 0, failed = 0, termed = 0, duplicates = 0 }
     local totals = self.totals
     for i = 1, #msgs do
-        if (tonumber(msgs[i].delivered) or 1) > 1 then totals.redelivered = totals.redelivered + 1 end
+        if (tonumber(msgs[i].delivered) or 1) > 1 then
+            totals.redelivered = totals.redelivered + 1
+        end
     end
     if self.commit_batch then
         counts.held = 0
