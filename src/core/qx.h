@@ -586,6 +586,9 @@ typedef struct qx_relay_result {
     int failed;        /* attempts + 1, retried later */
     int dead_lettered; /* dead-lettered: max_attempts reached, or a row that cannot be sent */
     int held;          /* claimed but held back behind an earlier failed row of their key */
+    int database;      /* 1 when the relay's lock session is connected to PostgreSQL */
+    int lock_lost;     /* 1 when the shard lock was found gone since the last report (its
+                        * session ended): publishing stopped, nothing marked under it */
 } qx_relay_result;
 
 /* One batch. Takes the shard lock first when it does not hold it (res->leader = 0 and nothing

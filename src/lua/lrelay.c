@@ -108,8 +108,10 @@ static int l_new(lua_State *L)
 
 static void push_result(lua_State *L, const qx_relay_result *res)
 {
-    lua_createtable(L, 0, 7);
+    lua_createtable(L, 0, 9);
     lua_pushboolean(L, res->leader), lua_setfield(L, -2, "leader");
+    lua_pushboolean(L, res->database), lua_setfield(L, -2, "database");
+    lua_pushboolean(L, res->lock_lost), lua_setfield(L, -2, "lock_lost");
     lua_pushinteger(L, res->claimed), lua_setfield(L, -2, "claimed");
     lua_pushinteger(L, res->published), lua_setfield(L, -2, "published");
     lua_pushinteger(L, res->duplicates), lua_setfield(L, -2, "duplicates");
