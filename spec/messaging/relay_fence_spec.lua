@@ -35,7 +35,8 @@ describe("relay fencing #slow", function()
     before_each(function() ctx = H.setup() end)
     after_each(function() H.teardown(ctx) end)
 
-    it("lock session terminated mid-batch while another session takes the lock: nothing more is marked, publishing stops, nothing lost", function()
+    it("lock session terminated mid-batch while another takes the lock: nothing more marked, nothing lost",
+       function()
         local app = "qx-fence-spec-" .. core.uuid():sub(-12)
         local evs = H.commit_many(ctx, 1500, 80, 150)
         local relay = assert(qx.relay{ url = ctx.url .. "&application_name=" .. app,
@@ -86,7 +87,8 @@ describe("relay fencing #slow", function()
         H.check_stream(ctx, evs)
     end)
 
-    it("leader's lock session terminated mid-batch while a standby process waits: one publisher at a time, nothing lost, order per key kept", function()
+    it("leader's lock session terminated mid-batch, a standby waiting: one publisher at a time, all in order",
+       function()
         local app_a = "qx-fence-a-" .. core.uuid():sub(-12)
         local a = H.spawn_relay(ctx, FAST, "QX_DB__URL=" .. H.sh(ctx.url .. "&application_name=" .. app_a))
         assert(H.wait_until(function() return H.log_of(ctx, a):find("leader of its shard", 1, true) end, 20))

@@ -28,6 +28,7 @@ local max = math.max
 local fmt = string.format
 local sort = table.sort
 local clock = core.clock
+local signals_watch, signals_sleep = core.signals_watch, core.signals_sleep
 local null = core.null
 local stderr = io.stderr
 local to_record = store_mod.to_record
@@ -377,7 +378,7 @@ function Projection:catch_up()
                     remaining = remaining(self),
                 })
             end
-            if r.caught_up or self._stopping then
+            if r.caught_up or self._stopping or (self._signals and signals_sleep(0)) then
                 return total, { withheld = r.withheld }
             end
         end
@@ -393,11 +394,29 @@ function Projection:stop()
 end
 
 
+-- Waits up to ms for a NOTIFY; watching signals, in slices, so that one ends the wait soon.
+local function wait_for_append(conn, ms, signals)
+    if not signals then
+        return conn:notifications(floor(ms))
+    end
+    local deadline = clock() + ms / 1000
+    repeat
+        local notes, e = conn:notifications(floor(max(0, min(100, (deadline - clock()) * 1000))))
+        if not notes or #notes > 0 then
+            return notes, e
+        end
+    until signals_sleep(0) or clock() >= deadline
+    return {}
+end
+
+
 --- Catches up, then sleeps on LISTEN qx_events until an append commits (or poll_ms passes) and
 -- catches up again, until stop() returns true, p:stop() is called, or max_seconds pass. While
 -- events are withheld behind an open transaction it polls sooner (10 ms, doubling up to
 -- poll_ms). A database error ends the run with nil, err; the checkpoint keeps what was applied.
----@param opts table|nil { poll_ms = 1000, stop = fn() -> boolean, max_seconds = n }
+-- With handle_signals, SIGTERM and SIGINT stop it too, after the batch in flight commits (they
+-- no longer end the process while it runs; the handlers before it come back when it returns).
+---@param opts table|nil { poll_ms = 1000, stop = fn() -> boolean, max_seconds, handle_signals }
 ---@return integer|nil applied events applied
 ---@return qx.Error? err
 function Projection:run(opts)
@@ -405,7 +424,8 @@ function Projection:run(opts)
     if opts ~= nil and type(opts) ~= "table" then
         error("projection:run: options must be a table", 2)
     end
-    opts = options.check(opts, { "poll_ms", "stop", "max_seconds" }, "projection:run")
+    opts = options.check(opts, { "poll_ms", "stop", "max_seconds", "handle_signals" },
+                         "projection:run")
     local poll = opts.poll_ms or 1000
     if type(poll) ~= "number" or poll < 1 then
         error("projection:run: poll_ms must be a positive number", 2)
@@ -416,6 +436,10 @@ function Projection:run(opts)
     if opts.max_seconds ~= nil and (type(opts.max_seconds) ~= "number" or opts.max_seconds < 0) then
         error("projection:run: max_seconds must be a non-negative number", 2)
     end
+    if opts.handle_signals ~= nil and type(opts.handle_signals) ~= "boolean" then
+        error("projection:run: handle_signals must be a boolean", 2)
+    end
+    local signals = opts.handle_signals == true
     local deadline = opts.max_seconds and clock() + opts.max_seconds
 
     -- listen first, so that an append committing during the first catch-up still wakes us
@@ -430,6 +454,10 @@ function Projection:run(opts)
         return nil, e
     end
     self._stopping = false
+    if signals then
+        signals_watch(true)
+        self._signals = true
+    end
     -- the loop runs protected so that the LISTEN connection goes back to the pool whatever
     -- happens in a handler or the stop function
     local done, total, failure = pcall(function()
@@ -441,7 +469,7 @@ function Projection:run(opts)
             end
             sum = sum + n
             if self._stopping or (opts.stop and opts.stop())
-               or (deadline and clock() >= deadline) then
+               or (deadline and clock() >= deadline) or (signals and signals_sleep(0)) then
                 return sum
             end
             local wait = poll
@@ -454,13 +482,17 @@ function Projection:run(opts)
             if deadline then
                 wait = max(0, min(wait, (deadline - clock()) * 1000))
             end
-            local notes, ne = conn:notifications(floor(wait))
+            local notes, ne = wait_for_append(conn, wait, signals)
             if not notes then
                 return nil, ne
             end
         end
     end)
     conn:release()
+    if signals then
+        self._signals = nil
+        signals_watch(false)
+    end
     if not done then
         error(total, 0)
     end

@@ -20,6 +20,7 @@ local byte = string.byte
 local gsub = string.gsub
 local is_uuid = core.is_uuid
 local clock = core.clock
+local signals_watch, signals_sleep = core.signals_watch, core.signals_sleep
 local is_int, is_callable, check_handler = base.is_int, base.is_callable, base.check_handler
 local INBOX_INSERT, DEAD_LETTER_INSERT = base.INBOX_INSERT, base.DEAD_LETTER_INSERT
 local DUPLICATE = base.DUPLICATE
@@ -249,33 +250,19 @@ function Consumer:run_once(handler, opts)
     return counts
 end
 
-local RUN_OPTIONS = { "max_messages", "idle_timeout_ms" }
+local RUN_OPTIONS = { "max_messages", "idle_timeout_ms", "handle_signals" }
 
---- Fetches and handles until stop() (from a handler, a hook or a signal handler), finishing
--- the batch in flight; or until max_messages were fetched, or nothing came for
--- idle_timeout_ms. A fetch error that is not a closed connection is retried on the next
--- round; a closed consumer or connection ends run with nil, err.
----@param handler fun(ev: table, uow: qx.Uow?, msg: qx.MsgInfo): any
----@param opts table|nil { max_messages = n, idle_timeout_ms = n }
----@return table|nil totals
----@return qx.Error? err
-function Consumer:run(handler, opts)
-    self:_check_open(2)
-    check_handler(handler)
-    if opts ~= nil and type(opts) ~= "table" then error("run: options must be a table", 2) end
-    opts = options.check(opts, RUN_OPTIONS, "run")
-    local max_messages, idle = opts.max_messages, opts.idle_timeout_ms
-    if max_messages ~= nil and not is_int(max_messages, 1) then
-        error("run: max_messages must be an integer >= 1", 2)
-    end
-    if idle ~= nil and not is_int(idle, 1) then error("run: idle_timeout_ms must be >= 1", 2) end
-    self.stopped = false
+-- a fetch waits at most this long while signals are watched: one then ends the wait soon
+local SIGNAL_FETCH_MS = 250
+
+local function run_loop(self, handler, max_messages, idle, signals)
     local fetched, last_seen = 0, clock()
     local errors_in_a_row = 0
-    while not self.stopped do
+    local timeout = signals and min(self.fetch_timeout_ms, SIGNAL_FETCH_MS) or nil
+    while not self.stopped and not (signals and signals_sleep(0)) do
         local batch = self.batch
         if max_messages then batch = min(batch, max_messages - fetched) end
-        local counts, e = self:run_once(handler, { batch = batch })
+        local counts, e = self:run_once(handler, { batch = batch, timeout_ms = timeout })
         if not counts then
             if e.code == "closed" then return nil, e end
             errors_in_a_row = errors_in_a_row + 1
@@ -289,6 +276,40 @@ function Consumer:run(handler, opts)
         end
     end
     return self:stats()
+end
+
+--- Fetches and handles until stop() (from a handler, a hook or a signal handler), finishing
+-- the batch in flight; or until max_messages were fetched, or nothing came for
+-- idle_timeout_ms. A fetch error that is not a closed connection is retried on the next
+-- round; a closed consumer or connection ends run with nil, err. With handle_signals, SIGTERM
+-- and SIGINT stop it too, after the batch in flight is handled and answered (they no longer end
+-- the process while it runs; the handlers before it come back when it returns).
+---@param handler fun(ev: table, uow: qx.Uow?, msg: qx.MsgInfo): any
+---@param opts table|nil { max_messages = n, idle_timeout_ms = n, handle_signals = false }
+---@return table|nil totals
+---@return qx.Error? err
+function Consumer:run(handler, opts)
+    self:_check_open(2)
+    check_handler(handler)
+    if opts ~= nil and type(opts) ~= "table" then error("run: options must be a table", 2) end
+    opts = options.check(opts, RUN_OPTIONS, "run")
+    local max_messages, idle = opts.max_messages, opts.idle_timeout_ms
+    if max_messages ~= nil and not is_int(max_messages, 1) then
+        error("run: max_messages must be an integer >= 1", 2)
+    end
+    if idle ~= nil and not is_int(idle, 1) then error("run: idle_timeout_ms must be >= 1", 2) end
+    if opts.handle_signals ~= nil and type(opts.handle_signals) ~= "boolean" then
+        error("run: handle_signals must be a boolean", 2)
+    end
+    self.stopped = false
+    if not opts.handle_signals then
+        return run_loop(self, handler, max_messages, idle, false)
+    end
+    signals_watch(true)
+    local ok, r1, r2 = pcall(run_loop, self, handler, max_messages, idle, true)
+    signals_watch(false)
+    if not ok then error(r1, 0) end
+    return r1, r2
 end
 
 --- run() returns after the batch in flight.
