@@ -197,7 +197,7 @@ void qx_relay_stop(qx_relay *r)
 void qx_relay_stats_get(qx_relay *r, qx_relay_stats *s)
 {
     *s = r->stats;
-    s->leader = r->leader;
+    s->leader = r->leader && !r->lock_lost;
     s->nats_state = qx_nats_get_state(r->nats);
     s->nats_reconnects = qx_nats_reconnects(r->nats);
 }

@@ -120,8 +120,8 @@ static void push_result(lua_State *L, const qx_relay_result *res)
     lua_pushinteger(L, res->held), lua_setfield(L, -2, "held");
 }
 
-/* relay:run_once() -> { leader, claimed, published, duplicates, failed, dead_lettered, held }
- *                   | nil, err */
+/* relay:run_once() -> { leader, database, lock_lost, claimed, published, duplicates, failed,
+ *                      dead_lettered, held } | nil, err */
 static int l_run_once(lua_State *L)
 {
     lrelay *lr = check_relay(L);

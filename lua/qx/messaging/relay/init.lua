@@ -91,7 +91,7 @@ function Relay:run(opts)
 end
 
 --- One batch.
----@return table|nil counts { leader, claimed, published, duplicates, failed, dead_lettered, held }
+---@return table|nil counts { leader, database, lock_lost, claimed, published, failed, ... }
 ---@return qx.Error? err
 function Relay:run_once() return self.handle:run_once() end
 --- run() returns after the batch in flight.
