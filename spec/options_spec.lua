@@ -79,7 +79,8 @@ describe("strict options", function()
                        raised(function() es:each{ limit = 5 } end))
         local p = qx.projection{ name = support.unique("opt_proj"), db = db,
                                 handlers = { ["spec.opt.x"] = function() end } }
-        assert.matches(HERE .. "projection:run: unknown option 'poll' %(known: poll_ms, stop, max_seconds%)",
+        assert.matches(HERE .. "projection:run: unknown option 'poll' "
+                       .. "%(known: poll_ms, stop, max_seconds, handle_signals%)",
                        raised(function() p:run{ poll = 5 } end))
     end)
 
