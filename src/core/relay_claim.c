@@ -283,6 +283,13 @@ qx_status relay_claim(qx_relay *r, batch *b, const char *seqs, qx_error *err)
     b->n = 0;
     if (r->lock_lost)
         return relay_lock_gone(r, err);
+    if (b->ci == 0 && (!r->leader || r->conns[0] == NULL || qx_conn_is_broken(r->conns[0]))) {
+        /* a new session there would not hold the lock: relay_ensure_leader takes it first */
+        if (r->conns[0] != NULL)
+            relay_drop_connection(r, 0);
+        return qx_error_set(err, QX_ERR_CONNECTION,
+                            "relay: the lock session's connection is lost");
+    }
     if ((q = ensure_connection(r, b->ci, err)) != QX_OK)
         return q;
     claim_params_init(r, &p, seqs);
