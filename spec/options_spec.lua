@@ -80,7 +80,7 @@ describe("strict options", function()
         local p = qx.projection{ name = support.unique("opt_proj"), db = db,
                                 handlers = { ["spec.opt.x"] = function() end } }
         assert.matches(HERE .. "projection:run: unknown option 'poll' %(known: poll_ms, stop, max_seconds, "
-                       .. "metrics_listen, health_stale_ms%)",
+                       .. "metrics_listen, health_stale_ms, handle_signals%)",
                        raised(function() p:run{ poll = 5 } end))
     end)
 

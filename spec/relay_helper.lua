@@ -199,14 +199,15 @@ function H.pending(ctx)
 end
 
 -- Starts `qx relay ARGS` in the background against this spec's outbox and stream; returns its
--- pid. Its output goes to ctx.name .. ".log" in the system temp folder.
-function H.spawn_relay(ctx, args)
+-- pid. Its output goes to ctx.name .. ".log" in the system temp folder. extra_env: more
+-- NAME=value words for env (a later one wins: QX_DB__URL=... to connect otherwise).
+function H.spawn_relay(ctx, args, extra_env)
     local log = os.tmpname()
     local envs = {
         "LUA_PATH=" .. sh(package.path), "LUA_CPATH=" .. sh(package.cpath),
         "QX_DB__URL=" .. sh(ctx.url), "QX_NATS__SERVERS=" .. sh(ctx.servers),
         "QX_NATS__STREAM=" .. sh(ctx.stream), "QX_NATS__SUBJECT_PREFIX=" .. sh(ctx.prefix),
-        "QX_NATS__RECONNECT_WAIT_SECONDS=0.2", "ASAN_OPTIONS=detect_leaks=0",
+        "QX_NATS__RECONNECT_WAIT_SECONDS=0.2", "ASAN_OPTIONS=detect_leaks=0", extra_env or "",
     }
     local cmd = "env " .. table.concat(envs, " ") .. " " .. H.LUA .. " bin/qx relay " .. (args or "")
         .. " >" .. sh(log) .. " 2>&1 & echo $!"

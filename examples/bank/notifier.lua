@@ -22,9 +22,15 @@ local function notify(ev, uow)
 end
 
 -- handle_waiting(consumer) -> totals { fetched, handled, failed, termed, duplicates }: runs
--- until no message came for a second. A service calls consumer:run(notify) and consumer:stop().
+-- until no message came for a second.
 function M.handle_waiting(consumer)
     return consumer:run(notify, { idle_timeout_ms = 1000 })
+end
+
+-- run(consumer) -> totals | nil, err: the service's loop (run_notifier.lua), until SIGTERM or
+-- SIGINT, after the batch in flight.
+function M.run(consumer)
+    return consumer:run(notify, { handle_signals = true })
 end
 
 return M

@@ -793,6 +793,19 @@ FROM qx_outbox_events WHERE event_name = 'spec.consumer.invoice_sent']]))
             assert.has_error(function() qx.consumer{ nats = 42, stream = "S", durable = "d", registry = reg } end)
         end)
 
+        it("run refuses a handle_signals that is not a boolean, before fetching anything", function()
+            local s = new_stream()
+            s.publish(Placed{ order = "A-1" })
+            local c = consumer(s)
+            local called = false
+            assert.error_matches(function()
+                c:run(function() called = true end, { handle_signals = 1 })
+            end, "handle_signals must be a boolean", 1, true)
+            assert.is_false(called)
+            assert.equal(1, assert(c:info()).num_pending)
+            c:close()
+        end)
+
         it("returns not_found for a stream that does not exist", function()
             local c, e = qx.consumer{ nats = conn, stream = support.unique("MISSING"):upper(),
                                       durable = "d", registry = qx.registry{ Placed } }

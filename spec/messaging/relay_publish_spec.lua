@@ -22,8 +22,9 @@ describe("outbox relay", function()
             local plain = H.commit(ctx, { { key = "k1" } })[1]
             local relay = assert(H.relay(ctx))
             local r = assert(relay:run_once())
-            assert.same({ leader = true, claimed = 2, published = 2, duplicates = 0, failed = 0,
-                          retried = 0, dead_lettered = 0, held = 0, failures = {} }, r)
+            assert.same({ leader = true, database = true, lock_lost = false, claimed = 2,
+                          published = 2, duplicates = 0, failed = 0, retried = 0, dead_lettered = 0,
+                          held = 0, failures = {} }, r)
             local msgs = H.check_stream(ctx, { ev, plain })
             local m = msgs[1]
             assert.equal(ctx.prefix .. ".order.placed", m.subject)
@@ -52,8 +53,9 @@ describe("outbox relay", function()
             -- the rows are marked
             local rows = H.sql(ctx, "SELECT count(*) AS n FROM qx_outbox_events WHERE published_at IS NOT NULL")
             assert.equal(2, rows[1].n)
-            assert.same({ leader = true, claimed = 0, published = 0, duplicates = 0, failed = 0,
-                          retried = 0, dead_lettered = 0, held = 0, failures = {} }, assert(relay:run_once()))
+            assert.same({ leader = true, database = true, lock_lost = false, claimed = 0,
+                          published = 0, duplicates = 0, failed = 0, retried = 0, dead_lettered = 0,
+                          held = 0, failures = {} }, assert(relay:run_once()))
             relay:close()
         end)
 

@@ -292,6 +292,8 @@ describe("qx.store.projection", function()
         assert.has_error(function() qx.projection{ name = string.rep("x", 256), db = db, handlers = ok_h } end)
         local p = qx.projection{ name = "x", db = db, handlers = ok_h }
         assert.has_error(function() p:run{ poll_ms = 0 } end)
+        assert.error_matches(function() p:run{ handle_signals = "yes" } end,
+                             "handle_signals must be a boolean", 1, true)
         assert.has_error(function() p.catch_up({}) end)
     end)
 end)

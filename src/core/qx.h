@@ -610,6 +610,9 @@ typedef struct qx_relay_result {
                         * timeout, no responders, no stream leader): attempts unchanged */
     int dead_lettered; /* dead-lettered: max_attempts reached, or a row that cannot be sent */
     int held;          /* claimed but held back behind an earlier failed row of their key */
+    int database;      /* 1 when the relay's lock session is connected to PostgreSQL */
+    int lock_lost;     /* 1 when the shard lock was found gone since the last report (its
+                        * session ended): publishing stopped, nothing marked under it */
     int nfailures;     /* failures[0 .. nfailures): the batch's first failed publishes */
     qx_relay_failure failures[QX_RELAY_FAILURES_MAX];
 } qx_relay_result;

@@ -101,6 +101,7 @@ qx_status qx_relay_new(qx_relay **out, const qx_relay_options *o, qx_error *err)
         return qx_error_set(err, QX_ERR_NOMEM, "out of memory");
     r->o = *o;
     r->wake[0] = r->wake[1] = -1;
+    r->lock_fd = -1;
     pthread_mutex_init(&r->mu, NULL);
     pthread_cond_init(&r->cond, NULL);
     n = o->batch_size;
@@ -196,7 +197,7 @@ void qx_relay_stop(qx_relay *r)
 void qx_relay_stats_get(qx_relay *r, qx_relay_stats *s)
 {
     *s = r->stats;
-    s->leader = r->leader;
+    s->leader = r->leader && !r->lock_lost;
     s->nats_state = qx_nats_get_state(r->nats);
     s->nats_reconnects = qx_nats_reconnects(r->nats);
 }
@@ -213,6 +214,16 @@ static void account(qx_relay *r, const qx_relay_result *o)
     r->stats.held += o->held;
     r->stats.last_batch_at = relay_wall_now();
     r->stats.last_error[0] = '\0';
+}
+
+/* What the relay's state is, for a report: whether its lock session is connected, and whether
+ * the lock was found gone since the last report. */
+static void report_state(qx_relay *r, qx_relay_result *o)
+{
+    o->leader = r->leader && !r->lock_lost;
+    o->database = r->conns[0] != NULL && !qx_conn_is_broken(r->conns[0]);
+    o->lock_lost = r->lock_lost_unreported;
+    r->lock_lost_unreported = 0;
 }
 
 /* Leadership and NATS before a claim: QX_OK with r->leader = 0 when another relay leads. */
@@ -236,8 +247,10 @@ qx_status qx_relay_run_once(qx_relay *r, qx_relay_result *out, qx_error *err)
     memset(out, 0, sizeof *out);
     qx_error_clear(err);
     q = ready_to_claim(r, err);
-    if (q == QX_OK && !r->leader)
+    if (q == QX_OK && !r->leader) {
+        report_state(r, out);
         return QX_OK;
+    }
     if (q == QX_OK)
         q = relay_claim(r, b, NULL, err);
     if (q == QX_OK) {
@@ -248,7 +261,7 @@ qx_status qx_relay_run_once(qx_relay *r, qx_relay_result *out, qx_error *err)
         q = relay_finish(r, b, err);
         *out = b->out;
     }
-    out->leader = r->leader;
+    report_state(r, out);
     if (q != QX_OK) {
         relay_note_error(r, err);
         return q;
@@ -343,6 +356,7 @@ static int settle(qx_relay *r, batch *b, qx_status q, const qx_error *e, qx_rela
         account(r, &b->out);
     else
         relay_note_error(r, e);
+    report_state(r, &b->out);
     return fn != NULL && fn(ud, &b->out, q == QX_OK ? NULL : e) != 0;
 }
 
@@ -350,7 +364,7 @@ static int settle(qx_relay *r, batch *b, qx_status q, const qx_error *e, qx_rela
  * of a batch that found rows, with NATS up, when no one asked to stop. */
 static int may_overlap(qx_relay *r, const batch *cur, int stop, int handle_signals)
 {
-    return cur->n > 0 && !stop && !stopping(r, handle_signals) && r->leader &&
+    return cur->n > 0 && !stop && !stopping(r, handle_signals) && r->leader && !r->lock_lost &&
            r->conns[0] != NULL && !qx_conn_is_broken(r->conns[0]) &&
            qx_nats_get_state(r->nats) == QX_NATS_CONNECTED;
 }
@@ -417,7 +431,7 @@ qx_status qx_relay_run(qx_relay *r, qx_relay_batch_fn fn, void *ud, int handle_s
                     cur = NULL;
             }
             if (cur == NULL) {
-                idle.leader = r->leader;
+                report_state(r, &idle);
                 if (q != QX_OK)
                     relay_note_error(r, &e);
                 if (fn != NULL && fn(ud, &idle, q == QX_OK ? NULL : &e))
@@ -479,6 +493,16 @@ qx_status qx_relay_run(qx_relay *r, qx_relay_batch_fn fn, void *ud, int handle_s
         q = relay_mark_complete(r, cur, &e);
         if (settle(r, cur, q, &e, fn, ud))
             stop_asked = 1;
+        if (next_q == QX_OK && r->lock_lost) {
+            /* the mark found the lock gone: this relay leads no more; give the next batch back
+             * (send_ready has stopped its publishing) */
+            if (started)
+                relay_publish_wait(r, next);
+            relay_abort_batch(r, next);
+            started = 0;
+            cur = NULL;
+            continue;
+        }
         if (next_q != QX_OK) {
             relay_note_error(r, &ne); /* relay_claim() has given the rows back */
             cur = NULL;

@@ -1,4 +1,6 @@
 /* The relay's claim stage: its PostgreSQL connections, the shard lock, and BEGIN + claim. */
+#define _GNU_SOURCE /* POLLRDHUP */
+#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -86,16 +88,67 @@ static const char CLAIM_SQL[] =
     "   THEN '{}'::int8[] ELSE ARRAY(SELECT seq FROM behind_gap) END)"
     " ORDER BY c.seq";
 
-/* one lock per outbox (the schema it lives in) and shard */
+/* one lock per outbox (the schema it lives in) and shard; the session's pid for the fence */
 static const char LOCK_SQL[] =
     "SELECT pg_try_advisory_lock(hashtext('qx_relay'),"
-    "                            hashtext(current_schema() || ' ' || $1))::text";
+    "                            hashtext(current_schema() || ' ' || $1))::text,"
+    "       pg_backend_pid()::text";
+
+/* The fence: a transaction of the relay's other connection goes on only while the lock session
+ * ($1, its backend pid) holds the shard's lock ($2, the lock's name), as the server sees it: a
+ * session that ended has released it, and a standby may hold it already. Otherwise the
+ * statement fails (a text that is not an integer), and the transaction with it: nothing is
+ * claimed or marked under a lock this relay no longer holds. */
+const char relay_fence_sql[] =
+    "SELECT CASE WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_locks"
+    "   WHERE locktype = 'advisory' AND granted AND pid = $1::int AND objsubid = 2"
+    "     AND classid = hashtext('qx_relay')::oid"
+    "     AND objid = hashtext(current_schema() || ' ' || $2)::oid)"
+    " THEN 1 ELSE set_config('qx.relay_fence', 'the shard lock is gone', true)::int END";
+
+qx_status relay_lock_gone(qx_relay *r, qx_error *err)
+{
+    if (!r->lock_lost)
+        r->lock_lost_unreported = 1;
+    r->lock_lost = 1;
+    return qx_error_set(err, QX_ERR_CONFLICT,
+                        "relay: the shard lock is gone (its database session ended): nothing"
+                        " of this batch is marked; its rows go again");
+}
+
+int relay_fence_failed(const qx_error *err)
+{
+    return strcmp(err->sqlstate, "22P02") == 0 && strstr(err->message, "shard lock") != NULL;
+}
+
+int relay_lock_session_gone(qx_relay *r)
+{
+    struct pollfd p;
+    if (r->lock_lost || r->lock_fd < 0)
+        return 1;
+    p.fd = r->lock_fd;
+    p.events = POLLRDHUP;
+    p.revents = 0;
+    if (poll(&p, 1, 0) > 0 && (p.revents & (POLLRDHUP | POLLHUP | POLLERR | POLLNVAL))) {
+        if (!r->lock_lost)
+            r->lock_lost_unreported = 1;
+        r->lock_lost = 1;
+        return 1;
+    }
+    return 0;
+}
 
 void relay_drop_connection(qx_relay *r, int k)
 {
-    if (k == 0 && r->leader) {
-        r->stats.leader_changes++;
+    if (k == 0) {
+        if (r->leader) {
+            r->stats.leader_changes++;
+            if (!r->lock_lost) /* else told already */
+                r->lock_lost_unreported = 1; /* the session that held the lock is gone */
+        }
         r->leader = 0;
+        r->lock_fd = -1;
+        r->lock_pid[0] = '\0';
     }
     qx_conn_close(r->conns[k]);
     r->conns[k] = NULL;
@@ -139,6 +192,8 @@ qx_status relay_ensure_leader(qx_relay *r, qx_error *err)
     const char *params[1];
     qx_status q;
 
+    if (r->lock_lost && r->conns[0] != NULL)
+        relay_drop_connection(r, 0); /* whatever is left of the session that held the lock */
     if ((q = ensure_connection(r, 0, err)) != QX_OK)
         return q;
     if (r->leader)
@@ -151,9 +206,15 @@ qx_status relay_ensure_leader(qx_relay *r, qx_error *err)
         return q;
     }
     r->leader = qx_result_nrows(res) == 1 && strcmp(qx_result_value(res, 0, 0), "true") == 0;
-    qx_result_free(res);
-    if (r->leader)
+    if (r->leader) {
+        snprintf(r->lock_pid, sizeof r->lock_pid, "%s", qx_result_value(res, 0, 1));
+        r->lock_fd = qx_conn_socket(r->conns[0]);
+        r->lock_lost = r->lock_lost_unreported = 0;
         r->stats.leader_changes++;
+    } else {
+        r->lock_lost = 0; /* a standby now: nothing to fence */
+    }
+    qx_result_free(res);
     return QX_OK;
 }
 
@@ -211,25 +272,44 @@ static void claimed(batch *b, qx_result *res)
 
 qx_status relay_claim(qx_relay *r, batch *b, const char *seqs, qx_error *err)
 {
-    qx_stmt stmts[2];
-    qx_result *results[2] = { NULL, NULL };
+    qx_stmt stmts[3];
+    qx_result *results[3] = { NULL, NULL, NULL };
+    const char *fence[2];
     claim_params p;
-    int failed = -1;
+    int failed = -1, n = 0, i;
     qx_status q;
 
     memset(&b->out, 0, sizeof b->out);
     b->n = 0;
+    if (r->lock_lost)
+        return relay_lock_gone(r, err);
+    if (b->ci == 0 && (!r->leader || r->conns[0] == NULL || qx_conn_is_broken(r->conns[0]))) {
+        /* a new session there would not hold the lock: relay_ensure_leader takes it first */
+        if (r->conns[0] != NULL)
+            relay_drop_connection(r, 0);
+        return qx_error_set(err, QX_ERR_CONNECTION,
+                            "relay: the lock session's connection is lost");
+    }
     if ((q = ensure_connection(r, b->ci, err)) != QX_OK)
         return q;
     claim_params_init(r, &p, seqs);
-    relay_set_stmt(&stmts[0], "BEGIN", 0, NULL);
-    relay_set_stmt(&stmts[1], CLAIM_SQL, 4, p.values);
-    q = qx_conn_batch(r->conns[b->ci], results, &failed, stmts, 2, err);
+    relay_set_stmt(&stmts[n++], "BEGIN", 0, NULL);
+    if (b->ci != 0) {
+        /* conns[0]'s own claims need no fence: that session holds the lock while it lives */
+        fence[0] = r->lock_pid;
+        fence[1] = r->lock_name;
+        relay_set_stmt(&stmts[n++], relay_fence_sql, 2, fence);
+    }
+    relay_set_stmt(&stmts[n++], CLAIM_SQL, 4, p.values);
+    q = qx_conn_batch(r->conns[b->ci], results, &failed, stmts, n, err);
     if (q != QX_OK) {
         relay_abort_batch(r, b);
+        if (b->ci != 0 && failed == 1 && relay_fence_failed(err))
+            q = relay_lock_gone(r, err);
         return q;
     }
-    qx_result_free(results[0]);
-    claimed(b, results[1]);
+    for (i = 0; i < n - 1; i++)
+        qx_result_free(results[i]);
+    claimed(b, results[n - 1]);
     return QX_OK;
 }

@@ -38,11 +38,12 @@ typedef struct completion {
  * be sent from another thread while the relay goes on with the next batch. */
 typedef struct marking {
     qx_buf acked, ids, errors, dead, counts; /* array literals */
-    char max_attempts[16], base[16], maxd[16];
-    const char *pub_params[1], *fail_params[7];
-    qx_stmt stmts[3];
-    qx_result *results[3];
+    char max_attempts[16], base[16], maxd[16], lock_pid[16];
+    const char *pub_params[1], *fail_params[7], *fence_params[2];
+    qx_stmt stmts[4];
+    qx_result *results[4];
     int nstmts, failed_idx;
+    int fence_idx;      /* the statement that checks the shard lock, or -1 */
     qx_status q;
     qx_error err;
 } marking;
@@ -71,6 +72,13 @@ struct qx_relay {
     double bulk_retry_at; /* after a failed attempt to open it, not before this (wall_now) */
     qx_conn *conns[2];  /* conns[0] holds the shard lock and LISTENs; both run batches */
     int leader;
+    /* Fencing (docs/relay.md, "Fencing"): the lock session's backend pid, which the other
+     * connection's claims and marks check in pg_locks; its socket, watched while publishing; and
+     * whether the lock was found gone (set and read on the relay's own thread only) */
+    char lock_pid[16];
+    int lock_fd;
+    int lock_lost;
+    int lock_lost_unreported;
     batch slot[2];      /* the batch being published and the one being marked */
     qx_strmap keys;     /* per batch: partition key -> its last row so far */
     char *subject;
@@ -100,8 +108,20 @@ QX_INTERNAL void relay_note_error(qx_relay *r, const qx_error *err);
 QX_INTERNAL void relay_set_stmt(qx_stmt *st, const char *sql, int n, const char *const *values);
 /* Closes connection k; closing conns[0] ends the shard lock. */
 QX_INTERNAL void relay_drop_connection(qx_relay *r, int k);
-/* Takes the shard's advisory lock when this relay does not hold it. */
+/* Takes the shard's advisory lock when this relay does not hold it (first closing the lock
+ * session when the lock was found gone). */
 QX_INTERNAL qx_status relay_ensure_leader(qx_relay *r, qx_error *err);
+/* The statement that fails a transaction of conns[1] unless the lock session still holds the
+ * shard lock; its parameters are r->lock_pid and r->lock_name. */
+QX_INTERNAL extern const char relay_fence_sql[];
+/* 1 when err is the fence's failure. */
+QX_INTERNAL int relay_fence_failed(const qx_error *err);
+/* Notes that the shard lock is gone and sets err to say so. */
+QX_INTERNAL qx_status relay_lock_gone(qx_relay *r, qx_error *err);
+/* 1 when the lock session's server closed its end (terminated, restarted) or the lock was
+ * found gone: publishing must stop. A poll of its socket; no libpq call, so safe while another
+ * thread uses that connection. */
+QX_INTERNAL int relay_lock_session_gone(qx_relay *r);
 /* Rolls the open transaction back (its rows stay pending) and frees the batch. */
 QX_INTERNAL void relay_abort_batch(qx_relay *r, batch *b);
 /* BEGIN and claim, in one round trip, on the batch's connection. seqs: an array literal of the

@@ -70,6 +70,7 @@ qx_status relay_mark_prepare(qx_relay *r, batch *b, qx_error *err)
 
     memset(mk, 0, sizeof *mk);
     mk->failed_idx = -1;
+    mk->fence_idx = -1;
     out->published = out->failed = out->retried = out->dead_lettered = out->held = 0; /* here */
     out->nfailures = 0;
     qx_buf_append_str(&mk->acked, "{");
@@ -125,6 +126,15 @@ qx_status relay_mark_prepare(qx_relay *r, batch *b, qx_error *err)
         relay_marking_free(mk);
         return qx_error_set(err, QX_ERR_NOMEM, "out of memory");
     }
+    if (b->ci != 0) {
+        /* first, in the same transaction: is the lock still held? (copied: the relay's thread
+         * may close the lock session while this is sent from another) */
+        snprintf(mk->lock_pid, sizeof mk->lock_pid, "%s", r->lock_pid);
+        mk->fence_params[0] = mk->lock_pid;
+        mk->fence_params[1] = r->lock_name;
+        mk->fence_idx = mk->nstmts;
+        relay_set_stmt(&mk->stmts[mk->nstmts++], relay_fence_sql, 2, mk->fence_params);
+    }
     if (nacked > 0) {
         mk->pub_params[0] = mk->acked.p;
         relay_set_stmt(&mk->stmts[mk->nstmts++],
@@ -169,6 +179,8 @@ qx_status relay_mark_complete(qx_relay *r, batch *b, qx_error *err)
     } else {
         *err = mk->err;
         relay_abort_batch(r, b);
+        if (mk->fence_idx >= 0 && mk->failed_idx == mk->fence_idx && relay_fence_failed(err))
+            q = relay_lock_gone(r, err);
     }
     relay_marking_free(mk);
     if (q != QX_OK) {

@@ -212,6 +212,10 @@ static int send_row(qx_relay *r, batch *b, int i)
 /* Sends what is ready, up to the window. */
 static void send_ready(qx_relay *r, batch *b)
 {
+    /* nothing more once the lock session is gone: a standby may be taking over; what is not
+     * sent stays pending (held) and the batch's marks are fenced off */
+    if (b->head < b->nready && relay_lock_session_gone(r))
+        return;
     while (b->head < b->nready && b->inflight < r->o.max_in_flight) {
         int i = b->ready[b->head++];
         if (send_row(r, b, i)) {

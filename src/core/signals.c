@@ -1,7 +1,8 @@
 /* SIGTERM/SIGINT for a command that waits outside the relay's loop (`qx relay` before NATS is
- * reached): while watched, a signal sets a flag instead of ending the process, and a sleep
- * returns early, so the command can stop as cleanly as the loop does. The relay's loop installs
- * its own handlers for its run and restores these afterwards. */
+ * reached) and for the projection and consumer runners (run with handle_signals): while
+ * watched, a signal sets a flag instead of ending the process, and a sleep returns early, so
+ * the command can stop as cleanly as the loop does. The relay's loop installs its own handlers
+ * for its run and restores these afterwards. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <signal.h>

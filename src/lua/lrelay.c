@@ -111,6 +111,8 @@ static void push_result(lua_State *L, const qx_relay_result *res)
     int i;
     lua_createtable(L, 0, 9);
     lua_pushboolean(L, res->leader), lua_setfield(L, -2, "leader");
+    lua_pushboolean(L, res->database), lua_setfield(L, -2, "database");
+    lua_pushboolean(L, res->lock_lost), lua_setfield(L, -2, "lock_lost");
     lua_pushinteger(L, res->claimed), lua_setfield(L, -2, "claimed");
     lua_pushinteger(L, res->published), lua_setfield(L, -2, "published");
     lua_pushinteger(L, res->duplicates), lua_setfield(L, -2, "duplicates");
@@ -131,9 +133,9 @@ static void push_result(lua_State *L, const qx_relay_result *res)
     lua_setfield(L, -2, "failures");
 }
 
-/* relay:run_once() -> { leader, claimed, published, duplicates, failed, retried, dead_lettered,
- *                      held, failures = { { event_id, error, counted, dead }, ... } }
- *                   | nil, err */
+/* relay:run_once() -> { leader, database, lock_lost, claimed, published, duplicates, failed,
+ *                      retried, dead_lettered, held,
+ *                      failures = { { event_id, error, counted, dead }, ... } } | nil, err */
 static int l_run_once(lua_State *L)
 {
     lrelay *lr = check_relay(L);

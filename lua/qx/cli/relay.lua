@@ -178,21 +178,36 @@ local function run(flags)
 
     log(("starting: shard %d of %d, batch %d, window %d, stream subjects %s.>")
         :format(s.shard_id, s.shard_count, s.batch_size, s.max_in_flight, s.subject_prefix))
-    local was_leader, last_error, last_error_at, last_metrics = nil, nil, 0, 0
+    local last_error, last_error_at, last_metrics = nil, 0, 0
+    local state -- "leader", "standby" or "no database": each change is one line saying which
+    local retry = ("%g s"):format(s.lock_retry_ms / 1000)
     local function on_batch(r, err)
-        if r.leader ~= was_leader then
-            log(r.leader and "leader of its shard: publishing"
-                or "standby: another relay holds this shard; retrying the lock")
-            was_leader = r.leader
+        local now = r.leader and "leader" or r.database and "standby" or "no database"
+        local said -- the line that tells the change says what err says
+        if r.lock_lost then
+            log("shard lock lost: its database session ended; stopped publishing, nothing more "
+                .. "is marked under it (the rows in flight go again)")
+            said, state = true, "lost" -- what comes next (standby, leader again) is a line too
+        elseif now ~= state then
+            if now == "leader" then
+                log("leader of its shard: took the shard lock; publishing")
+            elseif now == "standby" then
+                log("standby: another relay holds this shard; trying for its lock every ", retry)
+            else
+                log("database lost", state == "leader" and " (stopped publishing)" or "", ": ",
+                    err and tostring(err) or "no connection", "; reconnecting every ", retry)
+                said = true
+            end
+            state = now
         end
-        if err then
+        if err and not said then
             local msg = tostring(err)
             -- the same error again is logged at most every 30 s
             if msg ~= last_error or os_time() - last_error_at >= 30 then
                 log("batch failed: ", msg)
                 last_error, last_error_at = msg, os_time()
             end
-        elseif last_error then
+        elseif not err and last_error then
             log("recovered")
             last_error = nil
         end

@@ -21,6 +21,7 @@ local byte = string.byte
 local gsub = string.gsub
 local is_uuid = core.is_uuid
 local clock = core.clock
+local signals_watch, signals_sleep = core.signals_watch, core.signals_sleep
 local is_int, is_callable, check_handler = base.is_int, base.is_callable, base.check_handler
 local INBOX_INSERT, DEAD_LETTER_INSERT = base.INBOX_INSERT, base.DEAD_LETTER_INSERT
 local DUPLICATE = base.DUPLICATE
@@ -265,49 +266,20 @@ function Consumer:run_once(handler, opts)
     return counts
 end
 
-local RUN_OPTIONS = { "max_messages", "idle_timeout_ms", "metrics_listen", "health_stale_ms" }
+local RUN_OPTIONS = { "max_messages", "idle_timeout_ms", "metrics_listen", "health_stale_ms",
+                      "handle_signals" }
 
---- Fetches and handles until stop() (from a handler, a hook or a signal handler), finishing
--- the batch in flight; or until max_messages were fetched, or nothing came for
--- idle_timeout_ms. A fetch error that is not a closed connection is retried on the next
--- round; a closed consumer or connection ends run with nil, err. With metrics_listen =
--- "HOST:PORT" it serves /metrics (consumer:metrics()) and /health there while it runs; /health
--- is 503 after a failed fetch or when no fetch ended for health_stale_ms (default 5000 +
--- fetch_timeout_ms): docs/consumer.md. An address that cannot be bound: nil, err at once.
----@param handler fun(ev: table, uow: qx.Uow?, msg: qx.MsgInfo): any
----@param opts table|nil { max_messages, idle_timeout_ms, metrics_listen, health_stale_ms }
----@return table|nil totals
----@return qx.Error? err
-function Consumer:run(handler, opts)
-    self:_check_open(2)
-    check_handler(handler)
-    if opts ~= nil and type(opts) ~= "table" then error("run: options must be a table", 2) end
-    opts = options.check(opts, RUN_OPTIONS, "run")
-    local max_messages, idle = opts.max_messages, opts.idle_timeout_ms
-    if max_messages ~= nil and not is_int(max_messages, 1) then
-        error("run: max_messages must be an integer >= 1", 2)
-    end
-    if idle ~= nil and not is_int(idle, 1) then error("run: idle_timeout_ms must be >= 1", 2) end
-    local function text()
-        if self.handle then return self:metrics() end -- closed from a handler: keep the last
-    end
-    local server, se = metrics_server.start(opts, "consumer:run", 5000 + self.fetch_timeout_ms,
-                                            text)
-    if se then return nil, se end
-    local ok, r1, r2 = pcall(self._loop, self, handler, max_messages, idle, server)
-    if server then server:close() end
-    if not ok then error(r1, 0) end
-    return r1, r2
-end
+-- a fetch waits at most this long while signals are watched: one then ends the wait soon
+local SIGNAL_FETCH_MS = 250
 
-function Consumer:_loop(handler, max_messages, idle, server)
-    self.stopped = false
+local function run_loop(self, handler, max_messages, idle, server, signals)
     local fetched, last_seen = 0, clock()
     local errors_in_a_row = 0
-    while not self.stopped do
+    local timeout = signals and min(self.fetch_timeout_ms, SIGNAL_FETCH_MS) or nil
+    while not self.stopped and not (signals and signals_sleep(0)) do
         local batch = self.batch
         if max_messages then batch = min(batch, max_messages - fetched) end
-        local counts, e = self:run_once(handler, { batch = batch })
+        local counts, e = self:run_once(handler, { batch = batch, timeout_ms = timeout })
         if server then
             server:tick(counts ~= nil, counts == nil and ("the last fetch failed: " .. tostring(e)))
         end
@@ -324,6 +296,50 @@ function Consumer:_loop(handler, max_messages, idle, server)
         end
     end
     return self:stats()
+end
+
+--- Fetches and handles until stop() (from a handler, a hook or a signal handler), finishing
+-- the batch in flight; or until max_messages were fetched, or nothing came for
+-- idle_timeout_ms. A fetch error that is not a closed connection is retried on the next
+-- round; a closed consumer or connection ends run with nil, err. With handle_signals, SIGTERM
+-- and SIGINT stop it too, after the batch in flight is handled and answered (they no longer end
+-- the process while it runs; the handlers before it come back when it returns). With
+-- metrics_listen = "HOST:PORT" it serves /metrics (consumer:metrics()) and /health there while
+-- it runs; /health is 503 after a failed fetch or when no fetch ended for health_stale_ms
+-- (default 5000 + fetch_timeout_ms): docs/consumer.md. An address that cannot be bound:
+-- nil, err at once.
+---@param handler fun(ev: table, uow: qx.Uow?, msg: qx.MsgInfo): any
+---@param opts table|nil { max_messages, idle_timeout_ms, metrics_listen, health_stale_ms,
+---  handle_signals = false }
+---@return table|nil totals
+---@return qx.Error? err
+function Consumer:run(handler, opts)
+    self:_check_open(2)
+    check_handler(handler)
+    if opts ~= nil and type(opts) ~= "table" then error("run: options must be a table", 2) end
+    opts = options.check(opts, RUN_OPTIONS, "run")
+    local max_messages, idle = opts.max_messages, opts.idle_timeout_ms
+    if max_messages ~= nil and not is_int(max_messages, 1) then
+        error("run: max_messages must be an integer >= 1", 2)
+    end
+    if idle ~= nil and not is_int(idle, 1) then error("run: idle_timeout_ms must be >= 1", 2) end
+    if opts.handle_signals ~= nil and type(opts.handle_signals) ~= "boolean" then
+        error("run: handle_signals must be a boolean", 2)
+    end
+    local function text()
+        if self.handle then return self:metrics() end -- closed from a handler: keep the last
+    end
+    local server, se = metrics_server.start(opts, "consumer:run", 5000 + self.fetch_timeout_ms,
+                                            text)
+    if se then return nil, se end
+    self.stopped = false
+    local signals = opts.handle_signals == true
+    if signals then signals_watch(true) end
+    local ok, r1, r2 = pcall(run_loop, self, handler, max_messages, idle, server, signals)
+    if signals then signals_watch(false) end
+    if server then server:close() end
+    if not ok then error(r1, 0) end
+    return r1, r2
 end
 
 --- run() returns after the batch in flight.

@@ -144,8 +144,9 @@ function Relay:_db()
 end
 
 --- One batch.
----@return table|nil counts { leader, claimed, published, duplicates, failed, retried,
----  dead_lettered, held, failures = { { event_id, error, counted, dead }, ... (the first 16) } }
+---@return table|nil counts { leader, database, lock_lost, claimed, published, duplicates, failed,
+---  retried, dead_lettered, held, failures = { { event_id, error, counted, dead }, ... (the first
+---  16) } }
 ---@return qx.Error? err
 function Relay:run_once() return self.handle:run_once() end
 --- run() returns after the batch in flight.

@@ -33,6 +33,7 @@ local max = math.max
 local fmt = string.format
 local sort = table.sort
 local clock = core.clock
+local signals_watch, signals_sleep = core.signals_watch, core.signals_sleep
 local null = core.null
 local stderr = io.stderr
 local to_record = store_mod.to_record
@@ -159,7 +160,8 @@ SELECT c.tx_id::text AS tx_id, c.global_position AS cp_pos, c.events_applied, c.
 FROM qx_projection_checkpoints c WHERE c.projection_name = $1]]
 
 
-local RUN_OPTIONS = { "poll_ms", "stop", "max_seconds", "metrics_listen", "health_stale_ms" }
+local RUN_OPTIONS = { "poll_ms", "stop", "max_seconds", "metrics_listen", "health_stale_ms",
+                      "handle_signals" }
 
 local function default_progress(info)
     stderr:write(fmt("qx projection %s%s: %d%s events applied in %.1f s (%.0f/s), at position "
@@ -479,7 +481,7 @@ local function catch_up(self, final)
                 next_report = now + self.progress_interval
                 self.on_progress(progress_info(self, started, total, position, remaining(self)))
             end
-            if r.caught_up or self._stopping then
+            if r.caught_up or self._stopping or (self._signals and signals_sleep(0)) then
                 if final and self.on_progress then
                     self.on_progress(progress_info(self, started, total, position, 0))
                 end
@@ -508,14 +510,33 @@ function Projection:stop()
 end
 
 
+-- Waits up to ms for a NOTIFY; watching signals, in slices, so that one ends the wait soon.
+local function wait_for_append(conn, ms, signals)
+    if not signals then
+        return conn:notifications(floor(ms))
+    end
+    local deadline = clock() + ms / 1000
+    repeat
+        local notes, e = conn:notifications(floor(max(0, min(100, (deadline - clock()) * 1000))))
+        if not notes or #notes > 0 then
+            return notes, e
+        end
+    until signals_sleep(0) or clock() >= deadline
+    return {}
+end
+
+
 --- Catches up, then sleeps on LISTEN qx_events until an append commits (or poll_ms passes) and
 -- catches up again, until stop() returns true, p:stop() is called, or max_seconds pass. While
 -- events are withheld behind an open transaction it polls sooner (10 ms, doubling up to
 -- poll_ms). A database error ends the run with nil, err; the checkpoint keeps what was applied.
+-- With handle_signals, SIGTERM and SIGINT stop it too, after the batch in flight commits (they
+-- no longer end the process while it runs; the handlers before it come back when it returns).
 -- With metrics_listen = "HOST:PORT" it serves /metrics (Projection:metrics()) and /health there
 -- while it runs, /health stale after health_stale_ms (default 5000 + poll_ms): see
 -- docs/projections.md; an address that cannot be bound: nil, err at once.
----@param opts table|nil { poll_ms, stop, max_seconds, metrics_listen, health_stale_ms }
+---@param opts table|nil { poll_ms = 1000, stop = fn() -> boolean, max_seconds, metrics_listen,
+---  health_stale_ms, handle_signals }
 ---@return integer|nil applied events applied
 ---@return qx.Error? err
 function Projection:run(opts)
@@ -534,6 +555,10 @@ function Projection:run(opts)
     if opts.max_seconds ~= nil and (type(opts.max_seconds) ~= "number" or opts.max_seconds < 0) then
         error("projection:run: max_seconds must be a non-negative number", 2)
     end
+    if opts.handle_signals ~= nil and type(opts.handle_signals) ~= "boolean" then
+        error("projection:run: handle_signals must be a boolean", 2)
+    end
+    local signals = opts.handle_signals == true
     local deadline = opts.max_seconds and clock() + opts.max_seconds
     local server, se = metrics_server.start(opts, "projection:run", 5000 + floor(poll),
                                             function() return pmetrics.text(self) end)
@@ -557,6 +582,10 @@ function Projection:run(opts)
     self._server = server
     if server then server:tick(true) end -- listening: the loop is up
     self._stopping = false
+    if signals then
+        signals_watch(true)
+        self._signals = true
+    end
     -- the loop runs protected so that the LISTEN connection goes back to the pool whatever
     -- happens in a handler or the stop function
     local done, total, failure = pcall(function()
@@ -568,7 +597,7 @@ function Projection:run(opts)
             end
             sum = sum + n
             if self._stopping or (opts.stop and opts.stop())
-               or (deadline and clock() >= deadline) then
+               or (deadline and clock() >= deadline) or (signals and signals_sleep(0)) then
                 return sum
             end
             local wait = poll
@@ -582,7 +611,7 @@ function Projection:run(opts)
                 wait = max(0, min(wait, (deadline - clock()) * 1000))
             end
             if server then server:tick(conn:status() ~= "bad", "the LISTEN connection is lost") end
-            local notes, ne = conn:notifications(floor(wait))
+            local notes, ne = wait_for_append(conn, wait, signals)
             if not notes then
                 return nil, ne
             end
@@ -591,6 +620,10 @@ function Projection:run(opts)
     conn:release()
     self._server = nil
     if server then server:close() end
+    if signals then
+        self._signals = nil
+        signals_watch(false)
+    end
     if not done then
         error(total, 0)
     end
