@@ -156,6 +156,11 @@ static int send_row(qx_relay *r, batch *b, int i)
         s = set_header(m, res, i, COL_CORRELATION, "qx.correlation_id");
     if (s == NATS_OK)
         s = set_header(m, res, i, COL_TENANT, "qx.tenant_id");
+    /* W3C Trace Context of the unit of work that wrote the row (NULL, and no header, without) */
+    if (s == NATS_OK)
+        s = set_header(m, res, i, COL_TRACEPARENT, "traceparent");
+    if (s == NATS_OK)
+        s = set_header(m, res, i, COL_TRACESTATE, "tracestate");
     if (s != NATS_OK) {
         natsMsg_Destroy(m);
         row_fail(w, ROW_FAILED, "nats: %s", natsStatus_GetText(s));

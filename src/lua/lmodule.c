@@ -95,6 +95,12 @@ static int l_clock(lua_State *L)
     return 1;
 }
 
+static int l_time(lua_State *L)
+{
+    lua_pushnumber(L, (lua_Number)qx_time());
+    return 1;
+}
+
 /* signals_watch(on): SIGTERM/SIGINT set a flag instead of ending the process (or no longer). */
 static int l_signals_watch(lua_State *L)
 {
@@ -116,6 +122,7 @@ static const luaL_Reg funcs[] = {
     { "is_uuid", l_is_uuid },
     { "now", l_now },
     { "clock", l_clock },
+    { "time", l_time },
     { "dir_list", l_dir_list },
     { "signals_watch", l_signals_watch },
     { "signals_sleep", l_signals_sleep },

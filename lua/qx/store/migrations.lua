@@ -249,4 +249,17 @@ CREATE INDEX IF NOT EXISTS qx_dead_letters_pending
     ON qx_dead_letters (consumer, dead_at) WHERE replayed_at IS NULL;
 ]],
     },
+    {
+        version = 7,
+        name = "trace context on outbox rows and stored events",
+        sql = [[
+-- W3C Trace Context of the unit of work that wrote the row (NULL when it had none): the relay
+-- sends it as the traceparent and tracestate headers, projections read it with the event.
+-- Nullable and without a default: adding them rewrites nothing.
+ALTER TABLE qx_outbox_events ADD COLUMN IF NOT EXISTS traceparent text;
+ALTER TABLE qx_outbox_events ADD COLUMN IF NOT EXISTS tracestate text;
+ALTER TABLE qx_aggregate_events ADD COLUMN IF NOT EXISTS traceparent text;
+ALTER TABLE qx_aggregate_events ADD COLUMN IF NOT EXISTS tracestate text;
+]],
+    },
 }

@@ -13,6 +13,7 @@ local qx_error = require "qx.error"
 local event = require "qx.model.event"
 local aggregate = require "qx.model.aggregate"
 local store_mod = require "qx.store.event_store"
+local tracing = require "qx.tracing"
 
 local type = type
 local pairs = pairs
@@ -256,7 +257,16 @@ end
 -- Runs one handler; a raised error or a nil/false, err return fails the batch, annotated with
 -- the event it was handling.
 local function apply(self, fn, rec, uow)
+    local start = rec._traceparent and tracing._spans_wanted() and tracing._time()
     local ok, r1, r2 = xpcall(fn, qx_error.handler, rec, uow)
+    if start then
+        tracing._span("qx.projection.apply", start, rec._traceparent, rec._tracestate, {
+            ["qx.projection"] = self.name, ["qx.event_name"] = rec.event_name,
+            ["qx.event_id"] = rec.event_id, ["qx.global_position"] = rec._global_position,
+            ["qx.outcome"] = (not ok or ((r1 == nil or r1 == false) and r2 ~= nil))
+                and "failed" or "applied",
+        })
+    end
     local failure
     if not ok then
         failure = r1
