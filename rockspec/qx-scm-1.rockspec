@@ -127,6 +127,7 @@ build = {
     ["qx.store.repository.stream"] = "lua/qx/store/repository/stream.lua",
     ["qx.store.repository.writes"] = "lua/qx/store/repository/writes.lua",
     ["qx.store.uow"] = "lua/qx/store/uow.lua",
+    ["qx.tracing"] = "lua/qx/tracing.lua",
     ["qx.version"] = "lua/qx/version.lua",
   },
   install = {
