@@ -386,7 +386,10 @@ local ok, failure = pcall(function()
         local results = {}
         for round = 1, ROUNDS do
             for _, clients in ipairs(CLIENTS) do
-                for _, ct in ipairs(CONTENDERS) do
+                -- each round starts with another contender: a load that rises or falls during
+                -- a round (a shared machine) does not always favour the same one
+                for j = 1, #CONTENDERS do
+                    local ct = CONTENDERS[(j + round - 2) % #CONTENDERS + 1]
                     reset()
                     local s0 = cluster_cpu()
                     local tps, client_cpu = ct.run(clients)

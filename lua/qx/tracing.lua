@@ -19,6 +19,7 @@ local sub = string.sub
 local gsub = string.gsub
 local fmt = string.format
 local gmatch = string.gmatch
+local match = string.match
 local now = core.time
 local new_uuid = core.uuid
 local stderr = io.stderr
@@ -62,22 +63,18 @@ end
 
 local valid_traceparent = _M.valid_traceparent
 
--- key: simple-key or tenant@system; value: up to 256 printable ASCII, no ',' or '=', not ending
--- in a space
-local KEY_CHARS = "[a-z0-9_%-%*/]"
+-- key: simple-key or tenant@system; value: 1 to 256 printable ASCII but ',' and '=' (a value's
+-- trailing spaces are the list's, trimmed before). Each check is one pattern, no table made.
+local SIMPLE_KEY = "^[a-z][a-z0-9_%-%*/]*$"
+local TENANT_KEY = "^([a-z0-9][a-z0-9_%-%*/]*)@([a-z][a-z0-9_%-%*/]*)$"
 local function valid_key(k)
-    local at = find(k, "@", 1, true)
-    if not at then
-        return #k <= 256 and find(k, "^[a-z]" .. KEY_CHARS .. "*$") ~= nil
-    end
-    local tenant, system = sub(k, 1, at - 1), sub(k, at + 1)
-    return #tenant >= 1 and #tenant <= 241 and find(tenant, "^[a-z0-9]" .. KEY_CHARS .. "*$")
-        and #system >= 1 and #system <= 14 and find(system, "^[a-z]" .. KEY_CHARS .. "*$") ~= nil
+    if find(k, SIMPLE_KEY) then return #k <= 256 end
+    local tenant, system = match(k, TENANT_KEY)
+    return tenant ~= nil and #tenant <= 241 and #system <= 14
 end
 
 local function valid_value(v)
-    return #v >= 1 and #v <= 256 and find(v, "^[\32-\43\45-\60\62-\126]*[\33-\43\45-\60\62-\126]$")
-        ~= nil
+    return v ~= "" and #v <= 256 and not find(v, "[^\32-\43\45-\60\62-\126]")
 end
 
 --- Whether v is a valid W3C tracestate: comma-separated key=value list members (empty ones and
@@ -87,25 +84,34 @@ end
 ---@return string? reason why not
 function _M.valid_tracestate(v)
     if type(v) ~= "string" then return false, "not a string" end
-    local n, seen = 0, {}
-    for member in gmatch(v .. ",", "([^,]*),") do
-        member = gsub(gsub(member, "^[ \t]+", ""), "[ \t]+$", "")
-        if member ~= "" then
+    local n, first, seen = 0, nil, nil
+    for member in gmatch(v, "[^,]+") do
+        local key, value = match(member, "^[ \t]*([^=]*)=(.*)$")
+        if value ~= nil and find(value, "[ \t]$") then value = match(value, "^(.-)[ \t]+$") end
+        if key == nil then
+            if find(member, "[^ \t]") then
+                return false, "list member " .. (n + 1) .. " is not key=value"
+            end
+        else
             n = n + 1
             if n > MAX_MEMBERS then
                 return false, "more than " .. MAX_MEMBERS .. " list members"
             end
-            local eq = find(member, "=", 1, true)
-            if not eq then return false, "list member " .. n .. " is not key=value" end
-            local key, value = sub(member, 1, eq - 1), sub(member, eq + 1)
             if not valid_key(key) then
                 return false, "list member " .. n .. " has an invalid key"
             end
             if not valid_value(value) then
                 return false, "list member " .. n .. " has an invalid value"
             end
-            if seen[key] then return false, "key " .. key .. " appears twice" end
-            seen[key] = true
+            -- each key once: the first one is kept aside, a set is made only for a third
+            if n == 1 then
+                first = key
+            elseif key == first or (seen and seen[key]) then
+                return false, "key " .. key .. " appears twice"
+            else
+                seen = seen or {}
+                seen[key] = true
+            end
         end
     end
     return true
