@@ -53,6 +53,7 @@ build = {
         "src/core/relay_mark.c",
         "src/core/relay_publish.c",
         "src/core/signals.c",
+        "src/core/trace.c",
         "src/core/tx.c",
         "src/core/uuid.c",
         "src/lua/compat.c",

@@ -44,6 +44,10 @@ describe("qx.tracing", function()
             ["a trailing newline"] = TP .. "\n",
             ["a one-digit version"] = "0-" .. TRACE .. "-" .. PARENT .. "-01",
             ["the empty string"] = "",
+            ["a NUL byte after it"] = TP .. "\0",
+            ["a NUL byte inside it"] = "00-" .. TRACE:sub(1, 31) .. "\0-" .. PARENT .. "-01",
+            ["a later version with a NUL byte after the flags"] = "01-" .. TRACE .. "-" .. PARENT
+                .. "-01\0",
         }
         for what, v in pairs(bad) do
             it("refuses " .. what, function()
@@ -93,6 +97,9 @@ describe("qx.tracing", function()
             ["a key given twice"] = "rojo=1,congo=2,rojo=3",
             ["a system id of 15 characters"] = "t@" .. ("s"):rep(15) .. "=v",
             ["an empty tenant id"] = "@sys=v",
+            ["two '@' in a key"] = "a@b@c=v",
+            ["a value ending in a NUL byte"] = "rojo=1\0",
+            ["a key with a NUL byte"] = "ro\0jo=1",
         }
         for what, v in pairs(bad) do
             it("refuses " .. what, function()
