@@ -153,6 +153,30 @@ describe("trace context", function()
         assert.equal(TS, recs[1]._tracestate)
     end)
 
+    it("gives a replayed dead letter's handler the trace context of its stored headers",
+       function()
+        place({ traceparent = TP, tracestate = TS })
+        relay_all()
+        local c = assert(qx.consumer{ nats = ctx.conn, stream = ctx.stream,
+                                      durable = support.unique("trace"), db = ctx.db,
+                                      max_deliver = 1, registry = qx.registry{ Placed },
+                                      filter_subject = ctx.prefix .. "." .. Placed.event_name })
+        local termed, deadline = 0, core.clock() + 10
+        while termed < 1 and core.clock() < deadline do
+            termed = termed + assert(c:run_once(function() error("down") end,
+                                                { timeout_ms = 500 })).termed
+        end
+        assert.equal(1, termed)
+        local seen = {}
+        local counts = assert(c:replay_dead(handler_that_records(seen)))
+        c:close()
+        assert.equal(1, counts.handled)
+        assert.same({ { msg_traceparent = TP, msg_tracestate = TS, uow_traceparent = TP,
+                        uow_tracestate = TS, header = TP } }, seen)
+        assert.same({ event_name = Shipped.event_name, traceparent = TP, tracestate = TS },
+                    outbox_rows()[2])
+    end)
+
     it("stores the trace context with every outbox row however many a unit of work writes",
        function()
         for _, n in ipairs({ 2, 32, 33, 40 }) do
