@@ -51,7 +51,9 @@ local function timed(n, start_at, clock, one)
     io.write(string.format("RESULT %d %.6f %.6f %.6f\n", n, t0, t1, c1 - c0))
 end
 
-local function qx_client(url, n, start_at)
+-- traced: the unit of work's context carries a W3C traceparent and tracestate, which go with
+-- the outbox row (the "qx ... traced" contenders: what the trace columns cost)
+local function qx_client(url, n, start_at, traced)
     local qx = require "qx"
     local core = require "qx.core"
     local db = assert(qx.connect{ url = url, pool_size = 1 })
@@ -59,6 +61,10 @@ local function qx_client(url, n, start_at)
     local User = qx.aggregate("BenchUser")
     local INSERT = "INSERT INTO uow_bench_users (id, name, email) VALUES ($1, $2, $3)"
     local opts = { context = { tenant_id = qx.uuid() } }
+    if traced then
+        opts.context.traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        opts.context.tracestate = "rojo=00f067aa0ba902b7,congo=t61rcWkgMzE"
+    end
     local fmt = string.format
     local function one(i)
         local id, err = db:unit_of_work(function(uow)
@@ -121,8 +127,8 @@ end
 
 if MODE == "client" then
     local kind, url, n, start_at = arg[2], arg[3], tonumber(arg[4]), tonumber(arg[5])
-    if kind == "qx" then
-        qx_client(url, n, start_at)
+    if kind == "qx" or kind == "qx_traced" then
+        qx_client(url, n, start_at, kind == "qx_traced")
     elseif kind == "luasql" then
         luasql_client(url, n, start_at)
     else
@@ -304,6 +310,10 @@ end
 local CONTENDERS = {
     { key = "qx_54", label = "qx, Lua 5.4", run = function(c) return run_lua("lua5.4", "qx", c) end },
     { key = "qx_jit", label = "qx, LuaJIT", run = function(c) return run_lua("luajit", "qx", c) end },
+    { key = "qx_54_traced", label = "qx, Lua 5.4, traceparent",
+      run = function(c) return run_lua("lua5.4", "qx_traced", c) end },
+    { key = "qx_jit_traced", label = "qx, LuaJIT, traceparent",
+      run = function(c) return run_lua("luajit", "qx_traced", c) end },
     { key = "pgb_simple", label = "pgbench (simple protocol)", run = function(c) return run_pgbench("simple", c) end },
     { key = "pgb_prepared", label = "pgbench -M prepared", run = function(c) return run_pgbench("prepared", c) end },
     { key = "luasql_54", label = "LuaSQL, Lua 5.4", run = function(c) return run_lua("lua5.4", "luasql", c) end },
@@ -344,6 +354,8 @@ local function report(results, sync)
         { "qx LuaJIT / pgbench -M prepared", "qx_jit", "pgb_prepared", "0.9" },
         { "qx Lua 5.4 / LuaSQL Lua 5.4", "qx_54", "luasql_54", "1.5" },
         { "qx LuaJIT / LuaSQL LuaJIT", "qx_jit", "luasql_jit", "1.5" },
+        { "qx Lua 5.4 with / without a traceparent", "qx_54_traced", "qx_54", "0.97" },
+        { "qx LuaJIT with / without a traceparent", "qx_jit_traced", "qx_jit", "0.97" },
     }
     for _, r in ipairs(ratios) do
         if results[r[2] .. ":" .. CLIENTS[1]] and results[r[3] .. ":" .. CLIENTS[1]] then
@@ -374,7 +386,10 @@ local ok, failure = pcall(function()
         local results = {}
         for round = 1, ROUNDS do
             for _, clients in ipairs(CLIENTS) do
-                for _, ct in ipairs(CONTENDERS) do
+                -- each round starts with another contender: a load that rises or falls during
+                -- a round (a shared machine) does not always favour the same one
+                for j = 1, #CONTENDERS do
+                    local ct = CONTENDERS[(j + round - 2) % #CONTENDERS + 1]
                     reset()
                     local s0 = cluster_cpu()
                     local tps, client_cpu = ct.run(clients)

@@ -54,6 +54,7 @@ build = {
         "src/core/relay_mark.c",
         "src/core/relay_publish.c",
         "src/core/signals.c",
+        "src/core/trace.c",
         "src/core/tx.c",
         "src/core/uuid.c",
         "src/lua/compat.c",
@@ -142,6 +143,7 @@ build = {
     ["qx.store.repository.stream"] = "lua/qx/store/repository/stream.lua",
     ["qx.store.repository.writes"] = "lua/qx/store/repository/writes.lua",
     ["qx.store.uow"] = "lua/qx/store/uow.lua",
+    ["qx.tracing"] = "lua/qx/tracing.lua",
     ["qx.version"] = "lua/qx/version.lua",
   },
   install = {

@@ -9,6 +9,7 @@ local PUBLIC = {
     ["lua/qx/error.lua"] = { "_M" },
     ["lua/qx/store/db.lua"] = { "_M", "Db" },
     ["lua/qx/store/uow.lua"] = { "Uow" },
+    ["lua/qx/tracing.lua"] = { "_M" },
     ["lua/qx/store/migrate.lua"] = { "_M" },
     ["lua/qx/store/app_migrations.lua"] = { "_M" },
     ["lua/qx/store/outbox.lua"] = { "_M", "Outbox" },

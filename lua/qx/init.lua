@@ -97,6 +97,9 @@ function _M.consumer(opts)
     return require("qx.messaging.consumer").new(opts)
 end
 
+-- qx.tracing: W3C Trace Context (traceparent, tracestate) and the span and warning hooks
+_M.tracing = require "qx.tracing"
+
 -- qx.nats: NATS settings (QX_NATS__*) and connections: qx.nats.connect{ servers = ... }
 _M.nats = require "qx.messaging.nats"
 

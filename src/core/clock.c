@@ -123,6 +123,13 @@ bad:
                         "'%s' is not an ISO-8601 time with a zone (2026-12-07T10:00:00Z)", s);
 }
 
+double qx_time(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
 double qx_clock(void)
 {
     struct timespec ts;

@@ -68,6 +68,14 @@ void qx_iso8601_from_ns(char buf[QX_ISO8601_STRLEN + 1], int64_t ns);
 qx_status qx_iso8601_parse(int64_t *ns, const char *s, qx_error *err);
 /* Monotonic clock in seconds. */
 double qx_clock(void);
+/* Wall clock: seconds since the Unix epoch, with the fraction (span times). */
+double qx_time(void);
+
+/* W3C Trace Context syntax (trace.c): 1 when s[0, n) is a valid traceparent (version 00, or a
+ * later one by the specification's rules) or tracestate (at most 32 key=value members, each
+ * key once), else 0 and *why says what is wrong (a static string). */
+int qx_traceparent_check(const char *s, size_t n, const char **why);
+int qx_tracestate_check(const char *s, size_t n, const char **why);
 
 /* SIGTERM/SIGINT while a command waits outside the relay's loop: watch(1) makes a signal set a
  * flag instead of ending the process (watch(0) puts the previous handlers back); sleep waits up

@@ -43,7 +43,7 @@
 static const char CLAIM_SQL[] =
     "WITH claimed AS ("
     " SELECT o.ctid, o.id, o.seq, o.partition_key, o.event_name, o.event_version, o.payload,"
-    "        o.correlation_id, o.tenant_id, o.attempts"
+    "        o.correlation_id, o.tenant_id, o.attempts, o.traceparent, o.tracestate"
     " FROM qx_outbox_events o LEFT JOIN LATERAL ("
     "   SELECT 1 AS held FROM qx_outbox_events r"
     "   WHERE r.partition_key = o.partition_key AND r.seq < o.seq"
@@ -76,7 +76,8 @@ static const char CLAIM_SQL[] =
     " WHERE mine AND pending_before <> claimed_to - 1)"
     " SELECT c.id::text, c.event_name, c.event_version::text, c.payload::text,"
     "        jsonb_typeof(c.payload), c.correlation_id::text, c.tenant_id::text,"
-    "        c.partition_key, c.attempts::text, c.seq::text, c.ctid::text"
+    "        c.partition_key, c.attempts::text, c.seq::text, c.ctid::text, c.traceparent,"
+    "        c.tracestate"
     " FROM claimed c"
     " WHERE c.seq <> ALL (CASE WHEN (SELECT count(*) FROM claimed) = ("
     "   SELECT count(*) FROM qx_outbox_events p"

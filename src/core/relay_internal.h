@@ -10,7 +10,7 @@
 
 /* The columns of the claim's result (relay_claim.c). */
 enum { COL_ID, COL_NAME, COL_VERSION, COL_BODY, COL_KIND, COL_CORRELATION, COL_TENANT, COL_KEY,
-       COL_ATTEMPTS, COL_SEQ, COL_CTID };
+       COL_ATTEMPTS, COL_SEQ, COL_CTID, COL_TRACEPARENT, COL_TRACESTATE };
 
 /* ROW_FAILED: the message's own failure, counted toward max_attempts; ROW_RETRY: the
  * transport's (no connection, a timeout, no responders, a stream without a leader): retried

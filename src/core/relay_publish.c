@@ -177,6 +177,11 @@ static int send_row(qx_relay *r, batch *b, int i)
         s = set_header(m, res, i, COL_TENANT, "qx.tenant_id");
     if (s == NATS_OK) /* the key the relay orders by: a consumer committing in batches keeps it */
         s = set_header(m, res, i, COL_KEY, "qx.partition_key");
+    /* W3C Trace Context of the unit of work that wrote the row (NULL, and no header, without) */
+    if (s == NATS_OK)
+        s = set_header(m, res, i, COL_TRACEPARENT, "traceparent");
+    if (s == NATS_OK)
+        s = set_header(m, res, i, COL_TRACESTATE, "tracestate");
     if (s != NATS_OK) {
         natsMsg_Destroy(m);
         /* a header value nats.c refuses belongs to the row; memory does not */

@@ -95,6 +95,40 @@ static int l_clock(lua_State *L)
     return 1;
 }
 
+static int l_time(lua_State *L)
+{
+    lua_pushnumber(L, (lua_Number)qx_time());
+    return 1;
+}
+
+/* traceparent_check(s), tracestate_check(s) -> true | false, why (W3C Trace Context syntax) */
+static int trace_check_result(lua_State *L, int ok, const char *why)
+{
+    lua_pushboolean(L, ok);
+    if (ok)
+        return 1;
+    lua_pushstring(L, why);
+    return 2;
+}
+
+static int l_traceparent_check(lua_State *L)
+{
+    size_t n;
+    const char *s = luaL_checklstring(L, 1, &n);
+    const char *why = NULL;
+    int ok = qx_traceparent_check(s, n, &why); /* before why is read */
+    return trace_check_result(L, ok, why);
+}
+
+static int l_tracestate_check(lua_State *L)
+{
+    size_t n;
+    const char *s = luaL_checklstring(L, 1, &n);
+    const char *why = NULL;
+    int ok = qx_tracestate_check(s, n, &why); /* before why is read */
+    return trace_check_result(L, ok, why);
+}
+
 /* signals_watch(on): SIGTERM/SIGINT set a flag instead of ending the process (or no longer). */
 static int l_signals_watch(lua_State *L)
 {
@@ -116,6 +150,9 @@ static const luaL_Reg funcs[] = {
     { "is_uuid", l_is_uuid },
     { "now", l_now },
     { "clock", l_clock },
+    { "time", l_time },
+    { "traceparent_check", l_traceparent_check },
+    { "tracestate_check", l_tracestate_check },
     { "dir_list", l_dir_list },
     { "signals_watch", l_signals_watch },
     { "signals_sleep", l_signals_sleep },

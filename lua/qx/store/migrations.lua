@@ -413,4 +413,20 @@ CREATE UNIQUE INDEX IF NOT EXISTS qx_projection_versions_live
     ON qx_projection_versions (projection_name) WHERE live;
 ]],
     },
+    {
+        version = 9,
+        name = "trace context on outbox rows and stored events",
+        sql = [[
+-- W3C Trace Context of the unit of work that wrote the row (NULL when it had none): the relay
+-- sends it as the traceparent and tracestate headers, projections read it with the event.
+-- Nullable and without a default: adding them rewrites nothing.
+ALTER TABLE qx_outbox_events ADD COLUMN IF NOT EXISTS traceparent text;
+ALTER TABLE qx_outbox_events ADD COLUMN IF NOT EXISTS tracestate text;
+ALTER TABLE qx_aggregate_events ADD COLUMN IF NOT EXISTS traceparent text;
+ALTER TABLE qx_aggregate_events ADD COLUMN IF NOT EXISTS tracestate text;
+-- archived events keep theirs (the archive has every column of the hot table)
+ALTER TABLE qx_aggregate_events_archive ADD COLUMN IF NOT EXISTS traceparent text;
+ALTER TABLE qx_aggregate_events_archive ADD COLUMN IF NOT EXISTS tracestate text;
+]],
+    },
 }

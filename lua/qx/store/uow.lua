@@ -1,7 +1,8 @@
 --- The unit of work: one transaction around a command handler.
 --
 --   local result, err = db:unit_of_work(function(uow) ... return result end, {
---       context = { tenant_id =, user_id =, correlation_id =, causation_id = },
+--       context = { tenant_id =, user_id =, correlation_id =, causation_id =,
+--                   traceparent =, tracestate = },
 --       dispatcher = d, statement_timeout_ms = n,
 --       pre_commit = fn(uow), post_commit = fn(uow), pre_rollback = fn(uow, err),
 --       post_rollback = fn(uow, err), on_hook_error = fn(err, name) })
@@ -17,6 +18,7 @@ local event = require "qx.model.event"
 local aggregate = require "qx.model.aggregate"
 local internal = require "qx.store.internal"
 local options = require "qx.options"
+local tracing = require "qx.tracing"
 
 local setmetatable = setmetatable
 local type = type
@@ -35,21 +37,26 @@ local _M = { _VERSION = "0.1.0" }
 _M.OUTBOX_CHANNEL = "qx_outbox"
 local MAX_DISPATCH_ROUNDS = 100
 
-local OUTBOX_INSERT = [[
+-- the insert of more than OUTBOX_VALUES_MAX events; %s: the trace columns and their values
+-- when the unit of work has a trace context ($2, $3), else nothing
+local OUTBOX_INSERT_SHAPE = [[
 WITH o AS (
 INSERT INTO qx_outbox_events (id, event_name, event_version, payload, occurred_at,
-                              correlation_id, causation_id, tenant_id, partition_key)
+                              correlation_id, causation_id, tenant_id, partition_key%s)
 SELECT (e->'envelope'->>'event_id')::uuid, e->'envelope'->>'event_name',
        (e->'envelope'->>'event_version')::int, e->'envelope',
        (e->'envelope'->>'occurred_at')::timestamptz, (e->'envelope'->>'correlation_id')::uuid,
        (e->'envelope'->>'causation_id')::uuid, (e->'envelope'->>'tenant_id')::uuid,
-       e->>'partition_key'
+       e->>'partition_key'%s
 FROM jsonb_array_elements($1::jsonb) AS e)
 SELECT ]] .. core.TX_ID_COLUMNS
+local OUTBOX_INSERT = string.format(OUTBOX_INSERT_SHAPE, "", "")
+local OUTBOX_INSERT_TRACED = string.format(OUTBOX_INSERT_SHAPE, ", traceparent, tracestate",
+                                           ", $2::text, $3::text")
 
 --- Options of db:unit_of_work.
 ---@class qx.UnitOfWorkOptions
----@field context table? { tenant_id, user_id, correlation_id, causation_id }: stamped on events
+---@field context table? ids stamped on events, and the W3C trace context (docs/tracing.md)
 ---@field dispatcher qx.Dispatcher? default: the db's
 ---@field statement_timeout_ms integer? SET LOCAL when it differs from the db's
 ---@field pre_commit (fun(uow: qx.Uow))? before COMMIT; raising rolls back
@@ -60,7 +67,9 @@ SELECT ]] .. core.TX_ID_COLUMNS
 
 --- A unit of work: one transaction around a command handler.
 ---@class qx.Uow
----@field context table { tenant_id, user_id, correlation_id, causation_id }
+---@field context table { tenant_id, user_id, correlation_id, causation_id, traceparent, ... }
+---@field traceparent string? the context's traceparent when it is valid W3C syntax
+---@field tracestate string? the context's tracestate when it and the traceparent are valid
 local Uow = {}
 Uow.__index = Uow
 _M.Uow = Uow
@@ -255,28 +264,56 @@ local OUTBOX_VALUES_HEAD = "INSERT INTO qx_outbox_events (id, event_name, event_
     .. "occurred_at, correlation_id, causation_id, tenant_id, partition_key) VALUES "
 local outbox_values_sql = {}
 
--- Queues the outbox insert of the integration events.
-local function queue_outbox(tx, events)
-    local n = #events
-    if n > OUTBOX_VALUES_MAX then return tx:queue_id(OUTBOX_INSERT, outbox_rows(events)) end
-    local sql = outbox_values_sql[n]
-    if not sql then
-        local rows = {}
-        for i = 0, n - 1 do
-            local b = 9 * i
-            rows[i + 1] = string.format("($%d, $%d, $%d, $%d, $%d, $%d, $%d, $%d, $%d)",
-                                        b + 1, b + 2, b + 3, b + 4, b + 5, b + 6, b + 7, b + 8,
-                                        b + 9)
-        end
-        -- each row returns the transaction's id: the commit needs no statement of its own
-        sql = OUTBOX_VALUES_HEAD .. table.concat(rows, ", ") .. " RETURNING " .. core.TX_ID_COLUMNS
-        outbox_values_sql[n] = sql
+-- The same with the trace columns: every row takes the last two parameters (the unit of work's
+-- traceparent and tracestate). A unit of work without them sends the text above, unchanged.
+local OUTBOX_VALUES_TRACED_HEAD = "INSERT INTO qx_outbox_events (id, event_name, event_version, "
+    .. "payload, occurred_at, correlation_id, causation_id, tenant_id, partition_key, "
+    .. "traceparent, tracestate) VALUES "
+local outbox_values_traced_sql = {}
+
+local function outbox_values(n, traced)
+    local cache = traced and outbox_values_traced_sql or outbox_values_sql
+    local sql = cache[n]
+    if sql then return sql end
+    local rows = {}
+    local t1, t2 = 9 * n + 1, 9 * n + 2
+    for i = 0, n - 1 do
+        local b = 9 * i
+        local row = string.format("($%d, $%d, $%d, $%d, $%d, $%d, $%d, $%d, $%d", b + 1, b + 2,
+                                  b + 3, b + 4, b + 5, b + 6, b + 7, b + 8, b + 9)
+        if traced then row = row .. string.format(", $%d, $%d", t1, t2) end
+        rows[i + 1] = row .. ")"
     end
+    -- each row returns the transaction's id: the commit needs no statement of its own
+    sql = (traced and OUTBOX_VALUES_TRACED_HEAD or OUTBOX_VALUES_HEAD)
+        .. table.concat(rows, ", ") .. " RETURNING " .. core.TX_ID_COLUMNS
+    cache[n] = sql
+    return sql
+end
+
+-- Queues the outbox insert of the integration events, with the unit of work's trace context
+-- when it has one.
+local function queue_outbox(tx, events, traceparent, tracestate)
+    local n = #events
     local null = core.null
+    if n > OUTBOX_VALUES_MAX then
+        if traceparent then
+            return tx:queue_id(OUTBOX_INSERT_TRACED, outbox_rows(events), traceparent,
+                               tracestate or null)
+        end
+        return tx:queue_id(OUTBOX_INSERT, outbox_rows(events))
+    end
+    local sql = outbox_values(n, traceparent ~= nil)
     if n == 1 then
         local ev = events[1]
         local env = ev:envelope()
         -- the whole envelope is the payload (JSON)
+        if traceparent then
+            return tx:queue_id(sql, env.event_id, env.event_name, env.event_version, env,
+                               env.occurred_at, env.correlation_id, env.causation_id,
+                               env.tenant_id, partition_key(ev) or null, traceparent,
+                               tracestate or null)
+        end
         return tx:queue_id(sql, env.event_id, env.event_name, env.event_version, env,
                         env.occurred_at, env.correlation_id, env.causation_id, env.tenant_id,
                         partition_key(ev) or null)
@@ -295,6 +332,10 @@ local function queue_outbox(tx, events)
         p[b + 7] = env.causation_id
         p[b + 8] = env.tenant_id
         p[b + 9] = partition_key(ev) or null
+    end
+    if traceparent then
+        p[9 * n + 1], p[9 * n + 2] = traceparent, tracestate or null
+        return tx:queue_id(sql, unpack(p, 1, 9 * n + 2))
     end
     return tx:queue_id(sql, unpack(p, 1, 9 * n))
 end
@@ -440,7 +481,7 @@ local function committed(uow, ...)
     local tx = uow._tx
     local notify = uow._notify
     if outgoing then
-        local ok, e = queue_outbox(tx, outgoing)
+        local ok, e = queue_outbox(tx, outgoing, uow.traceparent, uow.tracestate)
         if not ok then error(e, 0) end
         internal.notify_after(uow, _M.OUTBOX_CHANNEL)
         notify = uow._notify
@@ -511,6 +552,17 @@ local function finish(uow, ok, ...)
     return nil, cause
 end
 
+local trace_context = tracing._context
+
+-- Reports the unit of work's span once it has finished; its results pass through.
+local function traced(uow, start, ...)
+    local attributes = { ["qx.outcome"] = uow._state, ["qx.outbox.events"] = #uow.published }
+    local r1, r2 = ...
+    if r1 == nil and err.is(r2) then attributes["qx.error.code"] = r2.code end
+    tracing._span("qx.unit_of_work", start, uow.traceparent, uow.tracestate, attributes)
+    return ...
+end
+
 local NO_OPTIONS = {}
 local UOW_OPTIONS = { "context", "dispatcher", "statement_timeout_ms", unpack(HOOKS) }
 
@@ -539,7 +591,14 @@ function _M.run(db, fn, opts)
     end
     local ctx, e = check_context(opts.context)
     if not ctx then return nil, e end
+    local traceparent, tracestate
+    if ctx.traceparent ~= nil then
+        traceparent, tracestate = trace_context(ctx.traceparent, ctx.tracestate, "unit_of_work")
+    end
 
+    -- the span (only of a traced unit of work, and only when someone takes spans) counts the
+    -- wait for a connection too
+    local start = traceparent and tracing._spans_wanted() and tracing._time()
     local conn
     conn, e = db.pool:acquire()
     if not conn then return nil, e end
@@ -555,10 +614,15 @@ function _M.run(db, fn, opts)
         correlation_id = ctx.correlation_id or core.uuid(),
         dispatcher = opts.dispatcher or db.dispatcher,
         hooks = hooks, -- else the class's NO_HOOKS
+        traceparent = traceparent,
+        tracestate = tracestate,
         _tx = tx,
         _state = "active",
     }, Uow)
 
+    if start then
+        return traced(uow, start, finish(uow, xpcall(body, err.handler, uow, fn)))
+    end
     return finish(uow, xpcall(body, err.handler, uow, fn))
 end
 

@@ -109,7 +109,7 @@ function Consumer:_commit_items(handler, items, blocked)
                 it.outcome, it.delay = "held", blocked[it.key]
             else
                 -- the message's own context, as its unit of work would have in the other mode
-                local ctx = base.context_of(ev)
+                local ctx = base.context_of(ev, it.info)
                 uow.context = ctx
                 uow.correlation_id = ctx.correlation_id or core.uuid()
                 local ran = false

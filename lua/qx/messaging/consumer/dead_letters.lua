@@ -5,6 +5,7 @@ local core = require "qx.core"
 local err = require "qx.error"
 local base = require "qx.messaging.consumer.base"
 local options = require "qx.options"
+local tracing = require "qx.tracing"
 
 local type = type
 local ipairs = ipairs
@@ -165,6 +166,11 @@ function Consumer:replay_dead(handler, ids)
                 stream_seq = row.stream_seq, delivered = row.deliveries,
                 published_at = row.published_at, headers = row.headers, replay = true,
             }, { __index = { in_progress = replay_info } })
+            local h = row.headers
+            if type(h) == "table" and h.traceparent ~= nil then
+                info.traceparent, info.tracestate = tracing._context(h.traceparent, h.tracestate,
+                    "consumer " .. self.name)
+            end
             local id = row.id
             local ok, r = self:_handle(handler, ev, info, function(uow)
                 local n, me = uow:exec(

@@ -6,6 +6,7 @@ local metrics = require "qx.metrics"
 local base = require "qx.messaging.consumer.base"
 local options = require "qx.options"
 local metrics_server = require "qx.metrics_server"
+local tracing = require "qx.tracing"
 
 local type = type
 local pairs = pairs
@@ -38,6 +39,8 @@ local Consumer = base.Consumer
 ---@field pending integer
 ---@field published_at string
 ---@field headers table
+---@field traceparent string? the message's traceparent header when it is valid W3C syntax
+---@field tracestate string? its tracestate header when that and the traceparent are valid
 ---@field replay boolean? true when consumer:replay_dead runs the handler
 local MsgInfo = {}
 MsgInfo.__index = MsgInfo
@@ -48,6 +51,12 @@ function MsgInfo:in_progress()
 end
 
 local function msg_info(self, m)
+    local headers = m.headers
+    local traceparent, tracestate
+    if headers.traceparent ~= nil then
+        traceparent, tracestate = tracing._context(headers.traceparent, headers.tracestate,
+                                                  "consumer " .. self.name)
+    end
     return setmetatable({
         subject = m.subject,
         stream = m.stream,
@@ -57,7 +66,9 @@ local function msg_info(self, m)
         delivered = m.delivered,
         pending = m.pending,
         published_at = m.published_at,
-        headers = m.headers,
+        headers = headers,
+        traceparent = traceparent,
+        tracestate = tracestate,
         _msg = m,
     }, MsgInfo)
 end
@@ -85,9 +96,10 @@ end
 -- what commit = "batch" (batch.lua) shares with the per-message path
 base.msg_info, base.call_handler = msg_info, call_handler
 
--- Context of the unit of work: the event's ids (only valid uuids, the uow checks them).
-local function context_of(ev)
-    local ctx = {}
+-- Context of the unit of work: the event's ids (only valid uuids, the uow checks them) and the
+-- message's trace context (checked already), so that what the handler records carries it on.
+local function context_of(ev, info)
+    local ctx = { traceparent = info.traceparent, tracestate = info.tracestate }
     if is_uuid(ev.correlation_id) then ctx.correlation_id = ev.correlation_id end
     if is_uuid(ev.event_id) then ctx.causation_id = ev.event_id end
     if is_uuid(ev.tenant_id) then ctx.tenant_id = ev.tenant_id end
@@ -103,7 +115,7 @@ function Consumer:_handle(handler, ev, info, first)
     if not self.db then
         return call_handler(handler, ev, nil, info)
     end
-    local uow_opts = { context = context_of(ev), dispatcher = self.dispatcher }
+    local uow_opts = { context = context_of(ev, info), dispatcher = self.dispatcher }
     if self.uow_opts then
         for k, v in pairs(self.uow_opts) do
             if k ~= "context" then uow_opts[k] = v end
@@ -203,7 +215,17 @@ function Consumer:_process(handler, m, counts)
         return self:_dead(m, "max_deliver", err.new("error", fmt(
             "delivery %d: no reply within %d deliveries", delivered, self.max_deliver)), counts, ev)
     end
-    local ok, r = self:_handle(handler, ev, msg_info(self, m))
+    local info = msg_info(self, m)
+    local start = info.traceparent and tracing._spans_wanted() and tracing._time()
+    local ok, r = self:_handle(handler, ev, info)
+    if start then
+        tracing._span("qx.consumer.handle", start, info.traceparent, info.tracestate, {
+            ["messaging.system"] = "nats", ["messaging.destination.name"] = m.subject,
+            ["qx.consumer"] = self.name, ["qx.event_name"] = ev.event_name,
+            ["qx.event_id"] = ev.event_id, ["qx.delivered"] = delivered,
+            ["qx.outcome"] = not ok and "failed" or r and "duplicate" or "handled",
+        })
+    end
     if ok then
         if r then
             counts.duplicates = counts.duplicates + 1

@@ -25,7 +25,7 @@ local fmt = string.format
 local is_uuid = core.is_uuid
 local null = core.null
 local new_error = qx_error.new
-local APPEND, SNAPSHOT, LOAD = sql.APPEND, sql.SNAPSHOT, sql.LOAD
+local APPEND, APPEND_TRACED, SNAPSHOT, LOAD = sql.APPEND, sql.APPEND_TRACED, sql.SNAPSHOT, sql.LOAD
 local LOAD_ARCHIVED = sql.LOAD_ARCHIVED
 local read_all, read_stream = reads.read_all, reads.read_stream
 local archive_stream, archived_error = reads.archive_stream, reads.archived_error
@@ -286,7 +286,13 @@ end
 -- Queues the insert (and the snapshot upsert) and asks for the wake-up. Nothing failed before;
 -- the unit of work was found open (check_bound).
 local function queue_append(uow, store, rows_json, snaps_json)
-    local ok, e = internal.queue_id(uow, APPEND, rows_json)
+    local ok, e
+    if uow.traceparent then -- the unit of work's trace context goes with each stored event
+        ok, e = internal.queue_id(uow, APPEND_TRACED, rows_json, uow.traceparent,
+                                  uow.tracestate or null)
+    else
+        ok, e = internal.queue_id(uow, APPEND, rows_json)
+    end
     if not ok then return nil, e end
     if snaps_json then
         ok, e = internal.queue(uow, SNAPSHOT, snaps_json)

@@ -70,6 +70,12 @@ local function to_record(r)
     rec._sequence = r.sequence
     rec._global_position = r.global_position
     rec._tx_id = r.tx_id
+    v = r.traceparent -- the W3C trace context of the unit of work that appended it
+    if v ~= nil and v ~= null then
+        rec._traceparent = v
+        v = r.tracestate
+        if v ~= nil and v ~= null then rec._tracestate = v end
+    end
     return rec
 end
 

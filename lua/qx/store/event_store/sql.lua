@@ -4,19 +4,26 @@ local core = require "qx.core"
 
 local _M = {}
 
-local APPEND = [[
+-- %s: the trace columns and their values ($2, $3) for a unit of work with a trace context
+local APPEND_SHAPE = [[
 INSERT INTO qx_aggregate_events
     (id, aggregate_type, aggregate_id, sequence, event_type, event_name, payload, occurred_at,
-     tenant_id)
+     tenant_id%s)
 SELECT (r->'event'->>'event_id')::uuid, r->>'type', r->>'agg', (r->>'seq')::int,
        r->'event'->>'event_name', r->'event'->>'event_name', r->'event',
-       (r->'event'->>'occurred_at')::timestamptz, r->'event'->>'tenant_id'
+       (r->'event'->>'occurred_at')::timestamptz, r->'event'->>'tenant_id'%s
 FROM jsonb_array_elements($1::jsonb) WITH ORDINALITY AS x(r, i)
 ORDER BY i]]
+local APPEND = APPEND_SHAPE:format("", "")
 _M.APPEND_SQL = APPEND -- the insert alone (the bench's baseline runs it)
 -- the insert as queued by a unit of work: it also reads the transaction's id and timeline, so
 -- the commit sends no statement of its own to learn them (tx:queue_id)
 _M.APPEND = "WITH a AS (" .. APPEND .. ")\nSELECT " .. core.TX_ID_COLUMNS
+-- the same for a unit of work with a trace context: every row takes $2 and $3 (traceparent,
+-- tracestate); one without it sends the text above, unchanged
+_M.APPEND_TRACED = "WITH a AS (" .. APPEND_SHAPE:format(", traceparent, tracestate",
+                                                       ", $2::text, $3::text")
+    .. ")\nSELECT " .. core.TX_ID_COLUMNS
 
 local SNAPSHOT = [[
 INSERT INTO qx_aggregate_snapshots
@@ -38,7 +45,8 @@ CASE WHEN e.payload ? 'event_id' THEN NULL ELSE e.id::text END AS row_id,
 CASE WHEN e.payload ? 'occurred_at' THEN NULL
      ELSE to_char(e.occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') END
      AS row_occurred_at,
-CASE WHEN e.payload ? 'tenant_id' THEN NULL ELSE e.tenant_id END AS row_tenant_id]]
+CASE WHEN e.payload ? 'tenant_id' THEN NULL ELSE e.tenant_id END AS row_tenant_id,
+e.traceparent, e.tracestate]]
 _M.RECORD_COLUMNS = RECORD_COLUMNS
 
 -- snapshot (when wanted and of the class's state_version) + the events after it, one query
@@ -92,7 +100,8 @@ SELECT events, last_sequence, archived_at FROM qx_archive_stream($1, $2, $3::tex
 -- read by name, so a column only one of them has does not break it. A record column added to
 -- RECORD_COLUMNS must be added here (and to both tables).
 local EVENT_COLUMNS = "e.id, e.aggregate_type, e.aggregate_id, e.sequence, e.event_type, "
-    .. "e.event_name, e.payload, e.occurred_at, e.tenant_id, e.global_position, e.tx_id"
+    .. "e.event_name, e.payload, e.occurred_at, e.tenant_id, e.global_position, e.tx_id, "
+    .. "e.traceparent, e.tracestate"
 _M.EVENT_COLUMNS = EVENT_COLUMNS
 
 -- One stream's events after a sequence; the archive's too when $6 (archived = true) and the

@@ -18,6 +18,7 @@ local versions = require "qx.store.projection.versions"
 local registry_mod = require "qx.model.registry"
 local metrics_server = require "qx.metrics_server"
 local pmetrics = require "qx.store.projection.metrics"
+local tracing = require "qx.tracing"
 
 local type = type
 local pairs = pairs
@@ -335,7 +336,16 @@ _M._ensure = ensure
 -- Runs one handler; a raised error or a nil/false, err return fails the batch, annotated with
 -- the event it was handling.
 local function apply(self, fn, rec, uow)
+    local start = rec._traceparent and tracing._spans_wanted() and tracing._time()
     local ok, r1, r2 = xpcall(fn, qx_error.handler, rec, uow, self)
+    if start then
+        tracing._span("qx.projection.apply", start, rec._traceparent, rec._tracestate, {
+            ["qx.projection"] = self.name, ["qx.event_name"] = rec.event_name,
+            ["qx.event_id"] = rec.event_id, ["qx.global_position"] = rec._global_position,
+            ["qx.outcome"] = (not ok or ((r1 == nil or r1 == false) and r2 ~= nil))
+                and "failed" or "applied",
+        })
+    end
     local failure
     if not ok then
         failure = r1
