@@ -70,29 +70,21 @@ end
 -- pending in tracked aggregates) that are not in done, and adds them to done (a table the caller
 -- keeps). For a unit of work whose context changes between parts of its work: a consumer that
 -- commits a batch of messages at once gives each message's events that message's context.
-function _M.stamp_recorded(uow, done)
-    local loose = uow._loose
-    if loose then
-        for i = 1, #loose do
-            local ev = loose[i]
-            if not done[ev] then
-                done[ev] = true
-                _M.stamp(uow, ev)
-            end
+local function stamp_new(uow, list, done)
+    for i = 1, #list do
+        local ev = list[i]
+        if not done[ev] then
+            done[ev] = true
+            _M.stamp(uow, ev)
         end
     end
+end
+
+function _M.stamp_recorded(uow, done)
+    if uow._loose then stamp_new(uow, uow._loose, done) end
     local tracked = uow._tracked
     if tracked then
-        for i = 1, #tracked do
-            local list = pending_list(tracked[i])
-            for k = 1, #list do
-                local ev = list[k]
-                if not done[ev] then
-                    done[ev] = true
-                    _M.stamp(uow, ev)
-                end
-            end
-        end
+        for i = 1, #tracked do stamp_new(uow, pending_list(tracked[i]), done) end
     end
 end
 
