@@ -249,4 +249,57 @@ CREATE INDEX IF NOT EXISTS qx_dead_letters_pending
     ON qx_dead_letters (consumer, dead_at) WHERE replayed_at IS NULL;
 ]],
     },
+    {
+        version = 7,
+        name = "personal data keys (erasure)",
+        sql = [[
+-- One AES-256 key per data subject; forgetting the subject deletes its key and leaves the row
+-- as a tombstone (key NULL, forgotten_at set), which refuses new personal data of that subject.
+CREATE TABLE IF NOT EXISTS qx_subject_keys (
+    subject_id   uuid PRIMARY KEY,
+    key          bytea,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    forgotten_at timestamptz,
+    CONSTRAINT qx_subject_keys_tombstone CHECK ((key IS NULL) = (forgotten_at IS NOT NULL)),
+    CONSTRAINT qx_subject_keys_length CHECK (key IS NULL OR length(key) = 32)
+);
+
+-- The event-store streams that hold a subject's personal data, so that forgetting it can drop
+-- those streams' snapshots (a snapshot is the aggregate's own state, in clear).
+CREATE TABLE IF NOT EXISTS qx_subject_streams (
+    subject_id     uuid NOT NULL,
+    aggregate_type text NOT NULL,
+    aggregate_id   text NOT NULL,
+    PRIMARY KEY (subject_id, aggregate_type, aggregate_id)
+);
+
+-- Called in the transaction that writes sealed values, with [[subject, type|null, id|null], ...]:
+-- holds each subject's key (FOR SHARE, until the commit: a forget waits for this transaction,
+-- and this one sees a forget that committed first), refuses a forgotten subject (22023, which
+-- qx reports as invalid) and notes the streams.
+CREATE OR REPLACE FUNCTION qx_subject_keys_hold(pairs jsonb) RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    gone text;
+BEGIN
+    PERFORM 1 FROM qx_subject_keys k
+     WHERE k.subject_id IN (SELECT (p->>0)::uuid FROM jsonb_array_elements(pairs) p)
+     ORDER BY k.subject_id FOR SHARE;
+    SELECT p->>0 INTO gone FROM jsonb_array_elements(pairs) p
+     WHERE NOT EXISTS (SELECT 1 FROM qx_subject_keys k
+                        WHERE k.subject_id = (p->>0)::uuid AND k.key IS NOT NULL)
+     LIMIT 1;
+    IF gone IS NOT NULL THEN
+        RAISE EXCEPTION 'data subject % is forgotten: no personal data of it is recorded', gone
+            USING ERRCODE = '22023';
+    END IF;
+    INSERT INTO qx_subject_streams (subject_id, aggregate_type, aggregate_id)
+    SELECT DISTINCT (p->>0)::uuid, p->>1, p->>2 FROM jsonb_array_elements(pairs) p
+     WHERE p->>1 IS NOT NULL
+    ON CONFLICT DO NOTHING;
+    RETURN jsonb_array_length(pairs);
+END
+$$;
+]],
+    },
 }

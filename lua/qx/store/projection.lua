@@ -13,6 +13,8 @@ local qx_error = require "qx.error"
 local event = require "qx.model.event"
 local aggregate = require "qx.model.aggregate"
 local store_mod = require "qx.store.event_store"
+local personal = require "qx.store.personal"
+local forget = require "qx.store.forget"
 
 local type = type
 local pairs = pairs
@@ -48,6 +50,7 @@ local _M = { _VERSION = "0.1.0" }
 ---@field reset (fun(uow: qx.Uow))? empties the read model, for rebuild()
 ---@field on_progress (fun(info: table)|false)? long catch-ups: default a line on stderr
 ---@field progress_interval_seconds number? (5)
+---@field on_forget (fun(subject_id: string, uow: qx.Uow))? erases a forgotten subject (erasure.md)
 
 --- A projection (qx.projection).
 ---@class qx.Projection
@@ -134,7 +137,8 @@ end
 
 
 local OPTS = { name = true, db = true, handlers = true, aggregate_type = true, batch_size = true,
-               reset = true, on_progress = true, progress_interval_seconds = true }
+               reset = true, on_progress = true, progress_interval_seconds = true,
+               on_forget = true }
 
 
 --- A projection: a read model fed from the event store, exactly once (qx.projection).
@@ -206,6 +210,9 @@ function _M.new(opts)
     if opts.reset ~= nil and type(opts.reset) ~= "function" then
         error("qx.projection: reset must be a function(uow)", 2)
     end
+    if opts.on_forget ~= nil and type(opts.on_forget) ~= "function" then
+        error("qx.projection: on_forget must be a function(subject_id, uow)", 2)
+    end
     local progress = opts.on_progress
     if progress == nil then
         progress = default_progress
@@ -216,9 +223,10 @@ function _M.new(opts)
     if type(every) ~= "number" or every <= 0 then
         error("qx.projection: progress_interval_seconds must be a positive number", 2)
     end
-    return setmetatable({
+    local self = setmetatable({
         name = name,
         db = opts.db,
+        on_forget = opts.on_forget,
         handlers = handlers,
         types = names,
         categories = cats,
@@ -230,6 +238,8 @@ function _M.new(opts)
         _ready = false,
         _stopping = false,
     }, Projection)
+    if self.on_forget then forget.register(self.db, self) end
+    return self
 end
 
 
@@ -291,16 +301,20 @@ local function run_batch(self)
             return true
         end
         local tx, pos = head.cp_tx, dec(head.cp_pos)
-        local n = 0
-        local last
+        local recs = {}
         for i = 1, #rows do
             local r = rows[i]
-            if r.tx_id ~= null then
-                local rec = to_record(r)
-                apply(self, self.handlers[rec.event_name], rec, uow)
-                n = n + 1
-                last = rec
-            end
+            if r.tx_id ~= null then recs[#recs + 1] = to_record(r) end
+        end
+        -- the subjects' keys are held until this batch commits: a concurrent forget waits
+        -- and then runs on_forget over what the batch wrote
+        local opened, pe = personal.open_all(uow, recs)
+        if not opened then error(pe, 0) end
+        local n = #recs
+        local last = recs[n]
+        for i = 1, n do
+            local rec = recs[i]
+            apply(self, self.handlers[rec.event_name], rec, uow)
         end
         local new_tx, new_pos = tx, pos
         if last then

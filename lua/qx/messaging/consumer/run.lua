@@ -5,6 +5,7 @@ local err = require "qx.error"
 local metrics = require "qx.metrics"
 local base = require "qx.messaging.consumer.base"
 local options = require "qx.options"
+local personal = require "qx.store.personal"
 
 local type = type
 local pairs = pairs
@@ -93,6 +94,18 @@ end
 -- Runs the handler for ev: in a unit of work when the consumer has a db, whose first statements
 -- are first(uow) (when given; it may return DUPLICATE) and the inbox row. Returns true and
 -- whether it was a duplicate, or false and the error.
+-- Whether the consumer's database has qx's key table (asked once): a consumer whose database
+-- has none hands sealed personal fields to its handler as they came.
+function Consumer:_keys_reachable()
+    local r = self._keys_table
+    if r == nil then
+        local rows = self.db:query("SELECT to_regclass('qx_subject_keys') IS NOT NULL AS here")
+        r = rows ~= nil and rows[1].here == true
+        if rows ~= nil then self._keys_table = r end
+    end
+    return r
+end
+
 function Consumer:_handle(handler, ev, info, first)
     if not self.db then
         return call_handler(handler, ev, nil, info)
@@ -110,6 +123,15 @@ function Consumer:_handle(handler, ev, info, first)
             local n, ie = uow:exec(INBOX_INSERT, name, ev.event_id, ev.event_name)
             if not n then error(ie, 0) end
             if n == 0 then return DUPLICATE end
+        end
+        if self:_keys_reachable() then
+            -- sealed personal fields opened in the handler's transaction (the keys held until
+            -- it commits); a forgotten subject's read qx.forgotten
+            local opened, pe = personal.open_all(uow, { ev })
+            if not opened then
+                if pe.code == "invalid" then pe.unopenable = true end
+                error(pe, 0)
+            end
         end
         local ok, he = call_handler(handler, ev, uow, info)
         if not ok then error(he, 0) end
@@ -206,6 +228,10 @@ function Consumer:_process(handler, m, counts)
         end
         self:_reply("ack", m)
         return
+    end
+    -- tampered, or sealed under no key of this database: no redelivery makes it better
+    if type(r) == "table" and r.unopenable then
+        return self:_dead(m, "invalid_message", r, counts, ev)
     end
     counts.failed = counts.failed + 1
     self.last_error = r

@@ -11,6 +11,7 @@ local options = require "qx.options"
 local raise = options.raise
 local sql = require "qx.store.event_store.sql"
 local reads = require "qx.store.event_store.reads"
+local personal = require "qx.store.personal"
 
 local type = type
 local ipairs = ipairs
@@ -122,9 +123,24 @@ function Bound:load(class, id, opts)
         if type(state) ~= "table" then
             return nil, new_error("invalid", tostring(self_) .. ": snapshot state is not an object")
         end
-        self_:restore(state)
+        self_:restore(personal.snapshot_in(state))
         self_.version = rows[1].sequence
         first = 2
+    end
+
+    -- sealed personal fields opened (or qx.forgotten) before any handler sees them
+    local recs, ids = {}, {}
+    for i = first, #rows do
+        local rec = rows[i].payload
+        if type(rec) == "table" then
+            local n = #recs + 1
+            recs[n] = rec
+            ids[n] = rows[i].row_id ~= null and rows[i].row_id or rec.event_id
+        end
+    end
+    local opened, pe = personal.open_all(self.uow, recs, ids)
+    if not opened then
+        return nil, pe
     end
 
     local events, sequences = {}, {}
@@ -166,6 +182,42 @@ function Bound:load(class, id, opts)
         return nil, perr
     end
     return self_
+end
+
+
+-- The stored events with their personal fields sealed (a new list of copies where there are
+-- any; stored itself when there are none) | nil, err (invalid: a bad subject, a forgotten one).
+-- The events themselves keep their values: the aggregate and the handlers read them.
+local function seal_stored(uow, stored, agg_type, sid)
+    local subjects, pairs_, of
+    for i = 1, #stored do
+        local ev = stored[i]
+        local subject, e = personal.subject_of(ev)
+        if subject == nil then return nil, e end
+        if subject then
+            if subjects == nil then subjects, pairs_, of = {}, {}, {} end
+            if not subjects[subject] then
+                subjects[subject] = true
+                pairs_[#pairs_ + 1] = { subject, agg_type, sid }
+            end
+            of[i] = subject
+        end
+    end
+    if subjects == nil then return stored end
+    local keys, e = personal.keys_for_write(uow, subjects, pairs_)
+    if not keys then return nil, e end
+    local out = {}
+    for i = 1, #stored do
+        local ev, subject = stored[i], of[i]
+        if subject then
+            local copy, se = personal.sealed_copy(ev, keys[subject], subject)
+            if not copy then return nil, se end
+            out[i] = copy
+        else
+            out[i] = ev
+        end
+    end
+    return out
 end
 
 
@@ -216,6 +268,9 @@ local function prepare(store, uow, agg, opts)
     if version + n > MAX_VERSION then
         return nil, new_error("invalid", tostring(agg) .. ": version would pass " .. MAX_VERSION)
     end
+    local e
+    stored, e = seal_stored(uow, stored, agg_type, sid)
+    if not stored then return nil, e end
     local snap
     local every = store.snapshot_every
     if every > 0 and n > 0 and floor((version + n) / every) > floor(version / every) then
@@ -223,6 +278,7 @@ local function prepare(store, uow, agg, opts)
         if type(state) ~= "table" then
             return nil, new_error("invalid", tostring(agg) .. ": snapshot() must return a table")
         end
+        state = personal.snapshot_out(state)
         local tenant = tenant_of(uow)
         snap = {
             id = core.uuid(),

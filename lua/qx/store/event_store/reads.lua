@@ -7,6 +7,7 @@ local aggregate = require "qx.model.aggregate"
 local checkpoint = require "qx.store.event_store.checkpoint"
 local sql = require "qx.store.event_store.sql"
 local options = require "qx.options"
+local personal = require "qx.store.personal"
 
 local type = type
 local pairs = pairs
@@ -149,6 +150,8 @@ local function read_all(q, method, opts)
             out[#out + 1] = to_record(r)
         end
     end
+    local ok, pe = personal.open_all(q, out)
+    if not ok then return nil, pe end
     local last = out[#out]
     if last then
         tx, pos = last._tx_id, dec(last._global_position)
@@ -199,6 +202,8 @@ local function read_stream(q, method, agg_type, id, opts, tenant)
     for i = 1, #rows do
         rows[i] = to_record(rows[i])
     end
+    local ok, pe = personal.open_all(q, rows)
+    if not ok then return nil, pe end
     return rows
 end
 

@@ -1,0 +1,384 @@
+--- Personal fields sealed per data subject, and forgetting a subject (crypto-shredding).
+--
+--   local Registered = qx.event("user.registered", { personal = { "email" }, subject = "user_id" })
+--   qx.forget(db, user_id)    -- the subject's key is deleted: its sealed fields read qx.forgotten
+--
+-- A personal field is stored as the text "qx:sealed:1:<subject id>:<base64url(nonce, AES-256-GCM
+-- ciphertext of the value's JSON, tag)>", with the event's id and the field's name as the
+-- additional authenticated data. The record paths (event store append, outbox insert) call
+-- seal_*, the read paths (records, load, projections, the consumer) call open_*. The contract,
+-- the key cache and the costs are argued in docs/erasure.md.
+local core = require "qx.core"
+local qx_error = require "qx.error"
+local event = require "qx.model.event"
+
+local type = type
+local pairs = pairs
+local tostring = tostring
+local setmetatable = setmetatable
+local byte = string.byte
+local sub = string.sub
+local fmt = string.format
+local sort = table.sort
+local is_uuid = core.is_uuid
+local null = core.null
+local json_encode, json_decode = core.json_encode, core.json_decode
+local seal, open = core.aead_seal, core.aead_open
+local b64_encode, b64_decode = core.b64url_encode, core.b64url_decode
+local new_error = qx_error.new
+local class_of = event.class_of
+
+local _M = {}
+
+local PREFIX = "qx:sealed:1:"
+local PREFIX_LEN = #PREFIX
+local Q = byte("q")
+local AAD_HEAD = "qx.personal.1\n"
+_M.PREFIX = PREFIX
+
+--- What a personal field reads once its subject is forgotten (qx.forgotten). Compare with ==.
+_M.forgotten = setmetatable({}, {
+    __tostring = function() return "qx.forgotten" end,
+    __newindex = function() error("qx.forgotten is read-only", 2) end,
+    __metatable = "qx.forgotten",
+})
+local forgotten = _M.forgotten
+
+local function is_sealed(v)
+    return type(v) == "string" and byte(v, 1) == Q and sub(v, 1, PREFIX_LEN) == PREFIX
+end
+_M.is_sealed = is_sealed
+
+local function aad(event_id, field)
+    return AAD_HEAD .. event_id .. "\n" .. field
+end
+
+-- ---- the write side ---------------------------------------------------------------------
+
+-- Keys a process has read or made, per database handle: subject -> key. An entry is only a
+-- shortcut for writing: the transaction that uses it also runs qx_subject_keys_hold, which
+-- refuses the write when the subject was forgotten since. Reads never use it.
+local write_caches = setmetatable({}, { __mode = "k" })
+local CACHE_MAX = 10000
+
+local function cache_of(db)
+    local c = write_caches[db]
+    if c == nil then
+        c = { n = 0, keys = {} }
+        write_caches[db] = c
+    end
+    return c
+end
+
+--- Drops the keys this process keeps for writing (all databases); for tests and key rotation.
+function _M.clear_cache()
+    write_caches = setmetatable({}, { __mode = "k" })
+end
+
+-- Checks an event about to be recorded: its subject (when a personal field has a value) and
+-- that no other field looks sealed. -> subject id | false (nothing to seal) | nil, err
+local function subject_of(ev)
+    local class = class_of(ev)
+    local personal = class.personal
+    local pset
+    if personal then
+        pset = class._personal_set
+        if pset == nil then
+            pset = {}
+            for i = 1, #personal do pset[personal[i]] = true end
+            class._personal_set = pset
+        end
+    end
+    local any = false
+    for k, v in pairs(ev) do
+        if pset and pset[k] then
+            if v ~= null then
+                if v == forgotten then
+                    return nil, new_error("invalid", fmt("%s: field '%s' holds qx.forgotten, "
+                        .. "which cannot be recorded", class.event_name, k))
+                end
+                any = true
+            end
+        elseif is_sealed(v) then
+            return nil, new_error("invalid", fmt("%s: field '%s' is not personal but holds a "
+                .. "sealed value", class.event_name, tostring(k)))
+        end
+    end
+    if not any then return false end
+    local subject = ev[class.subject]
+    if not is_uuid(subject) then
+        return nil, new_error("invalid", fmt("%s: personal fields need the data subject's id, a "
+            .. "uuid, in field '%s', got %s", class.event_name, class.subject,
+            type(subject) == "string" and fmt("%q", subject) or type(subject)))
+    end
+    return subject:lower()
+end
+_M.subject_of = subject_of
+
+local UPSERT = [[
+INSERT INTO qx_subject_keys (subject_id, key)
+SELECT e.key::uuid, decode(e.value, 'hex') FROM jsonb_each_text($1::jsonb) e
+ORDER BY 1
+ON CONFLICT (subject_id) DO UPDATE SET subject_id = EXCLUDED.subject_id
+RETURNING subject_id::text AS subject_id, key]]
+
+local HOLD = "SELECT qx_subject_keys_hold($1::jsonb)"
+
+local function hex(s)
+    return (s:gsub(".", function(c) return fmt("%02x", byte(c)) end))
+end
+
+local function forgotten_error(subject)
+    return new_error("invalid", "data subject " .. subject
+        .. " is forgotten: no personal data of it is recorded")
+end
+
+-- The keys of the subjects (a set) for writing in the unit of work: from the cache, or made
+-- (the first writer's key wins: two first writers end with one key) in one round trip. Queues
+-- the hold of every key with the streams (pairs: { subject, aggregate_type|null,
+-- aggregate_id|null }). -> { subject = key } | nil, err (invalid: a forgotten subject)
+function _M.keys_for_write(uow, subjects, pairs_)
+    local cache = cache_of(uow.db)
+    local keys, missing, nmissing = {}, nil, 0
+    for s in pairs(subjects) do
+        local k = cache.keys[s]
+        if k then
+            keys[s] = k
+        else
+            missing = missing or {}
+            missing[s] = hex(core.random_bytes(32))
+            nmissing = nmissing + 1
+        end
+    end
+    if missing then
+        local rows, e = uow:query(UPSERT, missing)
+        if not rows then return nil, e end
+        if cache.n + nmissing > CACHE_MAX then
+            cache.keys, cache.n = {}, 0
+        end
+        for i = 1, #rows do
+            local r = rows[i]
+            if r.key == null then return nil, forgotten_error(r.subject_id) end
+            keys[r.subject_id] = r.key
+            cache.keys[r.subject_id] = r.key
+            cache.n = cache.n + 1
+        end
+    end
+    local ok, e = uow:queue(HOLD, pairs_)
+    if not ok then return nil, e end
+    return keys
+end
+
+local function seal_value(key, subject, event_id, field, v)
+    local text, e = json_encode(v)
+    if not text then
+        return nil, new_error("invalid", fmt("personal field '%s' cannot be stored as JSON: %s",
+                                             field, tostring(e.message)))
+    end
+    return PREFIX .. subject .. ":" .. b64_encode(seal(key, aad(event_id, field), text))
+end
+
+-- Replaces the personal fields of target (a copy of ev's fields, or its envelope's payload)
+-- by their sealed text. -> true | nil, err
+local function seal_into(target, ev, key, subject)
+    local class = class_of(ev)
+    local personal = class.personal
+    local id = ev.event_id
+    for i = 1, #personal do
+        local f = personal[i]
+        local v = target[f]
+        if v ~= nil and v ~= null then
+            local text, e = seal_value(key, subject, id, f, v)
+            if not text then return nil, e end
+            target[f] = text
+        end
+    end
+    return true
+end
+
+--- A plain copy of ev's fields with its personal fields sealed (the event store's row).
+---@param ev table the event
+---@param key string the subject's key
+---@param subject string the subject's id
+---@return table|nil copy
+---@return qx.Error? err invalid
+function _M.sealed_copy(ev, key, subject)
+    local copy = {}
+    for k, v in pairs(ev) do copy[k] = v end
+    local ok, e = seal_into(copy, ev, key, subject)
+    if not ok then return nil, e end
+    return copy
+end
+
+--- ev:envelope() with the payload's personal fields sealed (the outbox row).
+---@param ev table the event
+---@param key string the subject's key
+---@param subject string the subject's id
+---@return table|nil envelope
+---@return qx.Error? err invalid
+function _M.sealed_envelope(ev, key, subject)
+    local env = ev:envelope()
+    local ok, e = seal_into(env.payload, ev, key, subject)
+    if not ok then return nil, e end
+    return env
+end
+
+-- ---- snapshots ----------------------------------------------------------------------------
+
+-- An aggregate's state may hold qx.forgotten (it replayed a forgotten subject's events); JSON
+-- has no such value, so a snapshot stores it as this text and a load gives it back.
+local FORGOTTEN_TEXT = "qx:forgotten"
+_M.FORGOTTEN_TEXT = FORGOTTEN_TEXT
+
+-- t with every value equal to from replaced by to, at any depth; t itself when there is none
+-- (copies only the tables on the way to one)
+local function replaced(t, from, to, depth)
+    if depth > 1000 then return t end
+    local out
+    for k, v in pairs(t) do
+        local nv = v
+        if v == from then
+            nv = to
+        elseif type(v) == "table" and v ~= forgotten then
+            nv = replaced(v, from, to, depth + 1)
+        end
+        if nv ~= v then
+            if out == nil then
+                out = {}
+                for k2, v2 in pairs(t) do out[k2] = v2 end
+            end
+            out[k] = nv
+        end
+    end
+    return out or t
+end
+
+--- A snapshot's state as stored: qx.forgotten as the text "qx:forgotten".
+---@param state table
+---@return table
+function _M.snapshot_out(state)
+    return replaced(state, forgotten, FORGOTTEN_TEXT, 0)
+end
+
+--- A stored snapshot's state as restored: the text "qx:forgotten" as qx.forgotten.
+---@param state table
+---@return table
+function _M.snapshot_in(state)
+    return replaced(state, FORGOTTEN_TEXT, forgotten, 0)
+end
+
+-- ---- the read side ----------------------------------------------------------------------
+
+local KEYS = [[
+SELECT subject_id::text AS subject_id, key FROM qx_subject_keys
+ WHERE subject_id IN (SELECT jsonb_array_elements_text($1::jsonb)::uuid)]]
+-- inside a unit of work the keys are held until its commit: a forget waits for it (and then
+-- erases what it wrote), or went first and is seen
+local KEYS_HELD = KEYS .. " ORDER BY subject_id FOR SHARE"
+
+-- The keys of the subjects (a list) -> { subject = key | false (forgotten) } | nil, err
+local function keys_for_read(q, list)
+    sort(list)
+    local rows, e = q:query(q._tx and KEYS_HELD or KEYS, list)
+    if not rows then return nil, e end
+    local keys = {}
+    for i = 1, #rows do
+        local r = rows[i]
+        keys[r.subject_id] = r.key ~= null and r.key or false
+    end
+    return keys
+end
+
+local function open_value(keys, event_id, field, text)
+    local subject = sub(text, PREFIX_LEN + 1, PREFIX_LEN + 36)
+    if byte(text, PREFIX_LEN + 37) ~= 58 or not is_uuid(subject) then -- 58: ':'
+        return nil, new_error("invalid", fmt("field '%s' of event %s: malformed sealed value",
+                                             field, tostring(event_id)))
+    end
+    local key = keys[subject:lower()]
+    if key == false then return forgotten end
+    if key == nil then
+        return nil, new_error("invalid", fmt("field '%s' of event %s: no key for data subject %s",
+                                             field, tostring(event_id), subject))
+    end
+    local bytes = b64_decode(sub(text, PREFIX_LEN + 38))
+    local plain, e
+    if bytes then
+        plain, e = open(key, aad(tostring(event_id), field), bytes)
+    end
+    if not plain then
+        return nil, new_error("invalid", fmt("field '%s' of event %s does not open: %s", field,
+            tostring(event_id), e and e.message or "not base64url"))
+    end
+    local v
+    v, e = json_decode(plain)
+    if v == nil then
+        return nil, new_error("invalid", fmt("field '%s' of event %s: %s", field,
+                                             tostring(event_id), tostring(e.message)))
+    end
+    return v
+end
+
+--- Opens the sealed fields of tables in place: tables[i] holds event ids[i]'s fields side by
+-- side (a record, an event, an envelope's payload). One query for the keys of every subject
+-- met, none when nothing is sealed. A forgotten subject's fields become qx.forgotten.
+---@param q table a db or a unit of work (then the keys are held until its commit)
+---@param tables table list of field tables
+---@param ids table list of event ids (nil: tables[i].event_id)
+---@return true|nil ok
+---@return qx.Error? err invalid (tampered, or no key), or the query's
+function _M.open_all(q, tables, ids)
+    local subjects, list
+    for i = 1, #tables do
+        for _, v in pairs(tables[i]) do
+            if is_sealed(v) then
+                local s = sub(v, PREFIX_LEN + 1, PREFIX_LEN + 36):lower()
+                subjects = subjects or {}
+                if not subjects[s] and is_uuid(s) then
+                    subjects[s] = true
+                    list = list or {}
+                    list[#list + 1] = s
+                end
+            end
+        end
+    end
+    if subjects == nil then return true end
+    local keys = {}
+    if list then
+        local e
+        keys, e = keys_for_read(q, list)
+        if not keys then return nil, e end
+    end
+    for i = 1, #tables do
+        local t = tables[i]
+        local id = ids and ids[i] or t.event_id
+        local fields
+        for k, v in pairs(t) do
+            if is_sealed(v) then
+                fields = fields or {}
+                fields[#fields + 1] = k
+            end
+        end
+        if fields then
+            for j = 1, #fields do
+                local k = fields[j]
+                local v, oe = open_value(keys, id, k, t[k])
+                if v == nil then return nil, oe end
+                t[k] = v
+            end
+        end
+    end
+    return true
+end
+
+--- Whether a table holds a sealed value (one level).
+---@param t table
+---@return boolean
+function _M.has_sealed(t)
+    for _, v in pairs(t) do
+        if is_sealed(v) then return true end
+    end
+    return false
+end
+
+return _M
