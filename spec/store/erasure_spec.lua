@@ -410,6 +410,119 @@ print(qx.forget(db, os.getenv("E_ID")) and "OK")
     end)
 end)
 
+describe("personal fields in projections", function()
+    local db
+
+    setup(function()
+        db = support.migrated_db{ pool_size = 4 }
+    end)
+
+    teardown(function()
+        if db then db:close() end
+    end)
+
+    -- a projection of e-mail addresses into a table of its own, erased by its on_forget hook
+    local function setup_model()
+        local m = { table = support.unique("emails") }
+        m.type = support.unique("User")
+        m.Registered = qx.event(support.unique("user.registered"), { personal = { "email" }, subject = "user_id" })
+        m.store = qx.event_store{ db = db }
+        assert(db:exec("CREATE TABLE " .. m.table .. " (user_id uuid PRIMARY KEY, email text)"))
+        m.handler = function(ev, uow)
+            local email = ev.email
+            if email == qx.forgotten then email = nil end
+            assert(uow:exec("INSERT INTO " .. m.table .. " VALUES ($1, $2)", ev.user_id, email))
+        end
+        m.on_forget = function(subject, uow)
+            assert(uow:exec("DELETE FROM " .. m.table .. " WHERE user_id = $1", subject))
+        end
+        m.projection = qx.projection{ name = support.unique("emails"), db = db, on_progress = false,
+                                      handlers = { [m.Registered] = m.handler }, on_forget = m.on_forget }
+        return m
+    end
+
+    local function append(m, id)
+        assert(db:unit_of_work(function(uow)
+            local ev = m.Registered{ user_id = id, email = id:sub(1, 8) .. "@example.org" }
+            ev.aggregate_type, ev.aggregate_id = m.type, id
+            local User = qx.event_sourced(m.type)
+            User:on(m.Registered, function() end)
+            local u = User.new(id)
+            u:record(ev)
+            assert(uow:store(m.store):append(u))
+        end))
+    end
+
+    local function emails(m)
+        local out = {}
+        for _, r in ipairs(assert(db:query("SELECT user_id::text AS id, email FROM " .. m.table))) do
+            out[r.id] = r.email
+        end
+        return out
+    end
+
+    it("see the values, and on_forget erases them in the transaction of forget", function()
+        local m = setup_model()
+        local a, b = qx.uuid(), qx.uuid()
+        append(m, a)
+        append(m, b)
+        assert.equal(2, assert(m.projection:catch_up()))
+        assert.same({ [a] = a:sub(1, 8) .. "@example.org", [b] = b:sub(1, 8) .. "@example.org" }, emails(m))
+        assert(qx.forget(db, a))
+        assert.same({ [b] = b:sub(1, 8) .. "@example.org" }, emails(m))
+        -- a rebuild replays the forgotten event: the handler gets qx.forgotten
+        assert(db:exec("TRUNCATE " .. m.table))
+        local again = qx.projection{ name = support.unique("emails"), db = db, on_progress = false,
+                                     handlers = { [m.Registered] = m.handler } }
+        assert.equal(2, assert(again:catch_up()))
+        assert.same({ [a] = qx.null, [b] = b:sub(1, 8) .. "@example.org" }, emails(m))
+    end)
+
+    it("a failing on_forget rolls the forget back: the key stays and the error says which projection", function()
+        local m = setup_model()
+        local id = qx.uuid()
+        append(m, id)
+        local failing = qx.projection{ name = "failing_" .. support.unique("p"), db = db,
+                                       handlers = { [m.Registered] = m.handler },
+                                       on_forget = function() return nil, "read model is locked" end }
+        local ok, e = qx.forget(db, id, { projections = { failing } })
+        assert.is_nil(ok)
+        assert.matches("failing_", e.message)
+        assert.matches("read model is locked", e.message)
+        assert.equal(id:sub(1, 8) .. "@example.org", assert(m.store:read_stream(m.type, id))[1].email)
+        -- the hook is registered with the db: forget runs it without being told
+        local _, e2 = qx.forget(db, id)
+        assert.matches("failing_", e2.message)
+        failing.on_forget = function() return true end
+        assert(qx.forget(db, id))
+    end)
+
+    it("a forget that comes during a projection's batch waits for it, then erases what it wrote", function()
+        local m = setup_model()
+        local id = qx.uuid()
+        append(m, id)
+        local child
+        local p = qx.projection{ name = support.unique("emails"), db = db, on_progress = false,
+            handlers = { [m.Registered] = function(ev, uow)
+                -- the batch has read (and holds) the key: a forget from another process waits
+                child = spawn([[
+local qx = require "qx"
+local db = assert(qx.connect{ url = os.getenv("QX_DB__URL"), pool_size = 1 })
+local T = os.getenv("E_TABLE")
+local p = qx.projection{ name = "child", db = db, handlers = { ["x.y"] = function() end },
+  on_forget = function(subject, uow) assert(uow:exec("DELETE FROM " .. T .. " WHERE user_id = $1", subject)) end }
+print(qx.forget(db, os.getenv("E_ID"), { projections = { p } }) and "OK")
+]], { E_ID = id, E_TABLE = m.table })
+                assert.is_true(lock_waiter_seen(db))
+                m.handler(ev, uow)
+            end } }
+        assert.equal(1, assert(p:catch_up()))
+        assert.equal("OK\n", wait(child))
+        assert.same({}, emails(m))
+        assert.equal(qx.forgotten, assert(m.store:read_stream(m.type, id))[1].email)
+    end)
+end)
+
 describe("qx.event personal option", function()
     it("keeps the list and the subject on the class", function()
         local E = qx.event(support.unique("p.ok"), { personal = { "email", "phone" }, subject = "uid" })
