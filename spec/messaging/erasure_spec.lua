@@ -2,7 +2,6 @@
 -- PostgreSQL and nats-server: sealed in every row and message, opened by a consumer that
 -- reaches the key table, qx.forgotten once the subject is forgotten, a tampered message
 -- dead-lettered. See docs/erasure.md.
-local support = require "support"
 local H = require "relay_helper"
 local qx = require "qx"
 

@@ -170,7 +170,7 @@ SELECT length(key) AS n, forgotten_at FROM qx_subject_keys WHERE subject_id = $1
         assert.same({}, assert(db:query("SELECT 1 FROM qx_subject_keys WHERE subject_id = $1", id)))
     end)
 
-    it("read qx.forgotten after forget, while load, replay and read_all keep working and no row is rewritten", function()
+    it("read qx.forgotten after forget, while load, replay and read_all keep working, no row rewritten", function()
         local m, id, other = model(), qx.uuid(), qx.uuid()
         assert(register(m, id))
         assert(register(m, other, { email = "bob@example.org" }))
@@ -283,7 +283,7 @@ UPDATE qx_aggregate_events SET payload = jsonb_set(payload, '{age}', '"qx:sealed
  WHERE aggregate_type = $1 AND sequence = 1]], "malformed")
     end)
 
-    it("of a forgotten subject are refused as invalid later, from a cached key or not, and nothing is written", function()
+    it("of a forgotten subject are refused as invalid later, cached key or not, nothing written", function()
         local m, id = model(), qx.uuid()
         assert(register(m, id))
         assert(qx.forget(db, id))
