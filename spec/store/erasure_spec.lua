@@ -226,6 +226,35 @@ SELECT state::text AS s FROM qx_aggregate_snapshots WHERE aggregate_type = $1 AN
         assert.equal("team", u.plan)
     end)
 
+    it("a forget during a load from a snapshot waits, then drops the snapshot the load's append wrote", function()
+        local m, id = model{ snapshot_every = 2 }, qx.uuid()
+        assert(register(m, id))
+        assert(command(m, id, function(u) u:record(m.Upgraded{ plan = "team" }) end)) -- snapshot at 2
+        local child
+        assert(db:unit_of_work(function(uow)
+            local es = uow:store(m.store)
+            local u = assert(es:load(m.User, id))
+            assert.equal("ada@example.org", u.email) -- from the snapshot, in clear
+            child = spawn([[
+local qx = require "qx"
+local db = assert(qx.connect{ url = os.getenv("QX_DB__URL"), pool_size = 1 })
+print(qx.forget(db, os.getenv("E_ID")) and "OK")
+]], { E_ID = id })
+            assert.is_true(lock_waiter_seen(db))
+            u:record(m.Upgraded{ plan = "free" })
+            u:record(m.Upgraded{ plan = "pro" })  -- a new snapshot at 4, of the state in clear
+            assert(es:append(u))
+        end))
+        assert.equal("OK\n", wait(child))
+        assert.same({}, assert(db:query([[
+SELECT 1 FROM qx_aggregate_snapshots WHERE aggregate_type = $1 AND aggregate_id = $2]],
+            m.type, id)))
+        local u = assert(load(m, id))
+        assert.equal(qx.forgotten, u.email)
+        assert.equal("pro", u.plan)
+        assert.equal(4, u.version)
+    end)
+
     it("refuse a changed sealed value, or one moved to another event or field, as invalid", function()
         local m, id = model(), qx.uuid()
         assert(register(m, id))

@@ -272,24 +272,37 @@ CREATE TABLE IF NOT EXISTS qx_subject_streams (
     aggregate_id   text NOT NULL,
     PRIMARY KEY (subject_id, aggregate_type, aggregate_id)
 );
+CREATE INDEX IF NOT EXISTS qx_subject_streams_stream
+    ON qx_subject_streams (aggregate_type, aggregate_id);
 
--- Called in the transaction that writes sealed values, with [[subject, type|null, id|null], ...]:
--- holds each subject's key (FOR SHARE, until the commit: a forget waits for this transaction,
--- and this one sees a forget that committed first), refuses a forgotten subject (22023, which
--- qx reports as invalid) and notes the streams.
-CREATE OR REPLACE FUNCTION qx_subject_keys_hold(pairs jsonb) RETURNS integer
+-- Called in the transaction that writes sealed values, with [[subject, type|null, id|null], ...]
+-- (the subjects, and the streams that now hold their personal data): refuses a forgotten subject
+-- (22023, which qx reports as invalid) and notes the streams. With hold, the keys are locked FOR
+-- SHARE until the commit, so a forget waits for this transaction and then drops the snapshot it
+-- writes (an append that takes a snapshot asks for it; without a snapshot, a forget committed
+-- between this check and the commit only leaves values sealed under a deleted key).
+CREATE OR REPLACE FUNCTION qx_subject_keys_hold(pairs jsonb, hold boolean) RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE
-    gone text;
+    ids  uuid[] := ARRAY(SELECT DISTINCT (p->>0)::uuid FROM jsonb_array_elements(pairs) p
+                         ORDER BY 1);
+    n    integer;
+    gone uuid;
 BEGIN
-    PERFORM 1 FROM qx_subject_keys k
-     WHERE k.subject_id IN (SELECT (p->>0)::uuid FROM jsonb_array_elements(pairs) p)
-     ORDER BY k.subject_id FOR SHARE;
-    SELECT p->>0 INTO gone FROM jsonb_array_elements(pairs) p
-     WHERE NOT EXISTS (SELECT 1 FROM qx_subject_keys k
-                        WHERE k.subject_id = (p->>0)::uuid AND k.key IS NOT NULL)
-     LIMIT 1;
-    IF gone IS NOT NULL THEN
+    IF hold THEN
+        SELECT count(*) INTO n FROM (
+            SELECT 1 FROM qx_subject_keys
+             WHERE subject_id = ANY (ids) AND key IS NOT NULL
+             ORDER BY subject_id FOR SHARE) AS held;
+    ELSE
+        SELECT count(*) INTO n FROM qx_subject_keys
+         WHERE subject_id = ANY (ids) AND key IS NOT NULL;
+    END IF;
+    IF n < cardinality(ids) THEN
+        SELECT i INTO gone FROM unnest(ids) AS i
+         WHERE NOT EXISTS (SELECT 1 FROM qx_subject_keys k
+                            WHERE k.subject_id = i AND k.key IS NOT NULL)
+         LIMIT 1;
         RAISE EXCEPTION 'data subject % is forgotten: no personal data of it is recorded', gone
             USING ERRCODE = '22023';
     END IF;
@@ -297,7 +310,7 @@ BEGIN
     SELECT DISTINCT (p->>0)::uuid, p->>1, p->>2 FROM jsonb_array_elements(pairs) p
      WHERE p->>1 IS NOT NULL
     ON CONFLICT DO NOTHING;
-    RETURN jsonb_array_length(pairs);
+    RETURN n;
 END
 $$;
 ]],

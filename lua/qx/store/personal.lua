@@ -122,7 +122,7 @@ ORDER BY 1
 ON CONFLICT (subject_id) DO UPDATE SET subject_id = EXCLUDED.subject_id
 RETURNING subject_id::text AS subject_id, key]]
 
-local HOLD = "SELECT qx_subject_keys_hold($1::jsonb)"
+local HOLD = "SELECT qx_subject_keys_hold($1::jsonb, $2)"
 
 local function hex(s)
     return (s:gsub(".", function(c) return fmt("%02x", byte(c)) end))
@@ -135,9 +135,10 @@ end
 
 -- The keys of the subjects (a set) for writing in the unit of work: from the cache, or made
 -- (the first writer's key wins: two first writers end with one key) in one round trip. Queues
--- the hold of every key with the streams (pairs: { subject, aggregate_type|null,
--- aggregate_id|null }). -> { subject = key } | nil, err (invalid: a forgotten subject)
-function _M.keys_for_write(uow, subjects, pairs_)
+-- qx_subject_keys_hold of the subjects with the streams (pairs: { subject, aggregate_type|null,
+-- aggregate_id|null }), locking the keys until the commit when hold is true (a snapshot is
+-- written). -> { subject = key } | nil, err (invalid: a forgotten subject)
+function _M.keys_for_write(uow, subjects, pairs_, hold)
     local cache = cache_of(uow.db)
     local keys, missing, nmissing = {}, nil, 0
     for s in pairs(subjects) do
@@ -164,7 +165,7 @@ function _M.keys_for_write(uow, subjects, pairs_)
             cache.n = cache.n + 1
         end
     end
-    local ok, e = uow:queue(HOLD, pairs_)
+    local ok, e = uow:queue(HOLD, pairs_, hold == true)
     if not ok then return nil, e end
     return keys
 end
@@ -221,6 +222,25 @@ function _M.sealed_envelope(ev, key, subject)
     local ok, e = seal_into(env.payload, ev, key, subject)
     if not ok then return nil, e end
     return env
+end
+
+-- Queued ahead of a load (same round trip): the keys of the subjects whose personal data the
+-- stream holds are locked until the commit, so a snapshot this transaction writes from the
+-- state it loads (in clear) is dropped by a forget that comes meanwhile, which waits for it.
+local HOLD_STREAM = [[
+SELECT count(*) FROM (
+  SELECT 1 FROM qx_subject_keys k JOIN qx_subject_streams m ON m.subject_id = k.subject_id
+   WHERE m.aggregate_type = $1 AND m.aggregate_id = $2 AND k.key IS NOT NULL
+   ORDER BY k.subject_id FOR SHARE OF k) AS held]]
+
+--- Queues the lock of the keys of the subjects of a stream (before a load in a unit of work).
+---@param uow table the unit of work
+---@param agg_type string
+---@param id string
+---@return true|nil ok
+---@return qx.Error? err
+function _M.hold_stream(uow, agg_type, id)
+    return uow:queue(HOLD_STREAM, agg_type, id)
 end
 
 -- ---- snapshots ----------------------------------------------------------------------------

@@ -107,6 +107,10 @@ function Bound:load(class, id, opts)
     end
     local use_snapshot = not (opts and opts.snapshot == false)
     local spec = es_class.spec(class)
+    local held, he = personal.hold_stream(self.uow, class.aggregate_type, tostring(id))
+    if not held then
+        return nil, he
+    end
     local rows, e = self.uow:query(LOAD, class.aggregate_type, tostring(id), use_snapshot,
                                    spec.snapshot_version, tenant_of(self.uow))
     if not rows then
@@ -188,7 +192,7 @@ end
 -- The stored events with their personal fields sealed (a new list of copies where there are
 -- any; stored itself when there are none) | nil, err (invalid: a bad subject, a forgotten one).
 -- The events themselves keep their values: the aggregate and the handlers read them.
-local function seal_stored(uow, stored, agg_type, sid)
+local function seal_stored(uow, stored, agg_type, sid, hold)
     local subjects, pairs_, of
     for i = 1, #stored do
         local ev = stored[i]
@@ -204,7 +208,7 @@ local function seal_stored(uow, stored, agg_type, sid)
         end
     end
     if subjects == nil then return stored end
-    local keys, e = personal.keys_for_write(uow, subjects, pairs_)
+    local keys, e = personal.keys_for_write(uow, subjects, pairs_, hold)
     if not keys then return nil, e end
     local out = {}
     for i = 1, #stored do
@@ -268,9 +272,6 @@ local function prepare(store, uow, agg, opts)
     if version + n > MAX_VERSION then
         return nil, new_error("invalid", tostring(agg) .. ": version would pass " .. MAX_VERSION)
     end
-    local e
-    stored, e = seal_stored(uow, stored, agg_type, sid)
-    if not stored then return nil, e end
     local snap
     local every = store.snapshot_every
     if every > 0 and n > 0 and floor((version + n) / every) > floor(version / every) then
@@ -290,6 +291,10 @@ local function prepare(store, uow, agg, opts)
             state_version = es_class.spec(class).snapshot_version,
         }
     end
+    -- sealed last: with a snapshot, the subjects' keys are held until the commit
+    local e
+    stored, e = seal_stored(uow, stored, agg_type, sid, snap ~= nil)
+    if not stored then return nil, e end
     return agg_type, sid, version, stored, n, snap
 end
 
