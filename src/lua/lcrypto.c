@@ -1,5 +1,6 @@
 /* Signing functions of the module table: hmac_sha256, sha256, equal_consttime, b64url_encode/decode,
- * cursor_seal/cursor_open; sealing: random_bytes, aead_seal/aead_open (AES-256-GCM). */
+ * cursor_seal/cursor_open; sealing: random_bytes, aead_seal/aead_open (AES-256-GCM) and their
+ * base64url forms aead_seal_b64/aead_open_b64. */
 #include "binding.h"
 
 /* core.hmac_sha256(key, data) -> 32 raw bytes */
@@ -120,6 +121,55 @@ static int l_aead_open(lua_State *L)
     return 1;
 }
 
+/* core.aead_open_b64(key, aad, text[, start]) -> plain | nil, err: as aead_open of the
+ * base64url text from byte start (default 1) to its end, decoded and opened in one call */
+static int l_aead_open_b64(lua_State *L)
+{
+    size_t alen, tlen, blen = 0, outlen = 0;
+    const unsigned char *key = aead_key(L, 1);
+    const char *aad = luaL_checklstring(L, 2, &alen);
+    const char *text = luaL_checklstring(L, 3, &tlen);
+    lua_Integer start = luaL_optinteger(L, 4, 1);
+    unsigned char *bytes, *out;
+    qx_error err;
+    luaL_argcheck(L, start >= 1 && (size_t)start <= tlen + 1, 4, "start out of range");
+    text += start - 1;
+    tlen -= (size_t)(start - 1);
+    bytes = lua_newuserdata(L, tlen / 4 * 3 + 3);
+    if (qx_b64url_decode(bytes, &blen, text, tlen, &err) != QX_OK)
+        return qx_push_error(L, &err);
+    out = lua_newuserdata(L, blen > QX_AEAD_OVERHEAD ? blen - QX_AEAD_OVERHEAD : 1);
+    if (qx_aead_open(out, &outlen, key, aad, alen, bytes, blen, &err) != QX_OK) {
+        if (err.status != QX_ERR_INVALID)
+            return luaL_error(L, "%s", err.message);
+        return qx_push_error(L, &err);
+    }
+    lua_pushlstring(L, (const char *)out, outlen);
+    return 1;
+}
+
+/* core.aead_seal_b64(key, aad, plain) -> base64url(aead_seal(key, aad, plain)) */
+static int l_aead_seal_b64(lua_State *L)
+{
+    size_t alen, plen, n, tlen;
+    const unsigned char *key = aead_key(L, 1);
+    const char *aad = luaL_checklstring(L, 2, &alen);
+    const char *plain = luaL_checklstring(L, 3, &plen);
+    unsigned char *sealed;
+    char *text;
+    qx_error err;
+    luaL_argcheck(L, plen <= (size_t)0x3fffff00, 3, "value too long");
+    n = plen + QX_AEAD_OVERHEAD;
+    tlen = qx_b64url_encoded_len(n);
+    sealed = lua_newuserdata(L, n);
+    text = lua_newuserdata(L, tlen + 1);
+    if (qx_aead_seal(sealed, key, aad, alen, plain, plen, &err) != QX_OK)
+        return luaL_error(L, "%s", err.message);
+    qx_b64url_encode(text, sealed, n);
+    lua_pushlstring(L, text, tlen);
+    return 1;
+}
+
 /* the values[1..n] of a cursor: strings, or nil / core.null for a null */
 static int cursor_values(lua_State *L, int idx, int n, qx_cursor_value *v)
 {
@@ -224,6 +274,8 @@ static const luaL_Reg funcs[] = {
     { "random_bytes", l_random_bytes },
     { "aead_seal", l_aead_seal },
     { "aead_open", l_aead_open },
+    { "aead_seal_b64", l_aead_seal_b64 },
+    { "aead_open_b64", l_aead_open_b64 },
     { NULL, NULL }
 };
 

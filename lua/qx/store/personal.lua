@@ -23,8 +23,7 @@ local sort = table.sort
 local is_uuid = core.is_uuid
 local null = core.null
 local json_encode, json_decode = core.json_encode, core.json_decode
-local seal, open = core.aead_seal, core.aead_open
-local b64_encode, b64_decode = core.b64url_encode, core.b64url_decode
+local seal_b64, open_b64 = core.aead_seal_b64, core.aead_open_b64
 local new_error = qx_error.new
 local class_of = event.class_of
 
@@ -32,6 +31,7 @@ local _M = {}
 
 local PREFIX = "qx:sealed:1:"
 local PREFIX_LEN = #PREFIX
+local BODY_AT = PREFIX_LEN + 38 -- the prefix, the subject (36) and ":"
 local Q = byte("q")
 local AAD_HEAD = "qx.personal.1\n"
 _M.PREFIX = PREFIX
@@ -176,7 +176,7 @@ local function seal_value(key, subject, event_id, field, v)
         return nil, new_error("invalid", fmt("personal field '%s' cannot be stored as JSON: %s",
                                              field, tostring(e.message)))
     end
-    return PREFIX .. subject .. ":" .. b64_encode(seal(key, aad(event_id, field), text))
+    return PREFIX .. subject .. ":" .. seal_b64(key, aad(event_id, field), text)
 end
 
 -- Replaces the personal fields of target (a copy of ev's fields, or its envelope's payload)
@@ -309,26 +309,18 @@ local function keys_for_read(q, list)
     return keys
 end
 
-local function open_value(keys, event_id, field, text)
-    local subject = sub(text, PREFIX_LEN + 1, PREFIX_LEN + 36)
-    if byte(text, PREFIX_LEN + 37) ~= 58 or not is_uuid(subject) then -- 58: ':'
-        return nil, new_error("invalid", fmt("field '%s' of event %s: malformed sealed value",
-                                             field, tostring(event_id)))
-    end
-    local key = keys[subject:lower()]
+-- The value of one sealed text under keys (subject -> key | false) | nil, err
+local function open_value(keys, event_id, field, text, subject)
+    local key = keys[subject]
     if key == false then return forgotten end
     if key == nil then
         return nil, new_error("invalid", fmt("field '%s' of event %s: no key for data subject %s",
                                              field, tostring(event_id), subject))
     end
-    local bytes = b64_decode(sub(text, PREFIX_LEN + 38))
-    local plain, e
-    if bytes then
-        plain, e = open(key, aad(tostring(event_id), field), bytes)
-    end
+    local plain, e = open_b64(key, AAD_HEAD .. tostring(event_id) .. "\n" .. field, text, BODY_AT)
     if not plain then
         return nil, new_error("invalid", fmt("field '%s' of event %s does not open: %s", field,
-            tostring(event_id), e and e.message or "not base64url"))
+            tostring(event_id), e.message))
     end
     local v
     v, e = json_decode(plain)
@@ -344,49 +336,40 @@ end
 -- met, none when nothing is sealed. A forgotten subject's fields become qx.forgotten.
 ---@param q table a db or a unit of work (then the keys are held until its commit)
 ---@param tables table list of field tables
----@param ids table list of event ids (nil: tables[i].event_id)
+---@param ids table|nil list of event ids (nil: tables[i].event_id)
 ---@return true|nil ok
 ---@return qx.Error? err invalid (tampered, or no key), or the query's
 function _M.open_all(q, tables, ids)
-    local subjects, list
+    -- one pass: where the sealed values are (table index, field, subject), and the subjects
+    local found, nfound, subjects, list = nil, 0, nil, nil
     for i = 1, #tables do
-        for _, v in pairs(tables[i]) do
-            if is_sealed(v) then
-                local s = sub(v, PREFIX_LEN + 1, PREFIX_LEN + 36):lower()
-                subjects = subjects or {}
-                if not subjects[s] and is_uuid(s) then
+        for k, v in pairs(tables[i]) do
+            if type(v) == "string" and byte(v, 1) == Q and sub(v, 1, PREFIX_LEN) == PREFIX then
+                local s = sub(v, PREFIX_LEN + 1, PREFIX_LEN + 36)
+                if byte(v, PREFIX_LEN + 37) ~= 58 or not is_uuid(s) then -- 58: ':'
+                    local id = ids and ids[i] or tables[i].event_id
+                    return nil, new_error("invalid", fmt("field '%s' of event %s: malformed "
+                        .. "sealed value", tostring(k), tostring(id)))
+                end
+                if found == nil then found, subjects, list = {}, {}, {} end
+                found[nfound + 1], found[nfound + 2], found[nfound + 3] = i, k, s
+                nfound = nfound + 3
+                if not subjects[s] then
                     subjects[s] = true
-                    list = list or {}
                     list[#list + 1] = s
                 end
             end
         end
     end
-    if subjects == nil then return true end
-    local keys = {}
-    if list then
-        local e
-        keys, e = keys_for_read(q, list)
-        if not keys then return nil, e end
-    end
-    for i = 1, #tables do
+    if found == nil then return true end
+    local keys, e = keys_for_read(q, list)
+    if not keys then return nil, e end
+    for j = 1, nfound, 3 do
+        local i, k, s = found[j], found[j + 1], found[j + 2]
         local t = tables[i]
-        local id = ids and ids[i] or t.event_id
-        local fields
-        for k, v in pairs(t) do
-            if is_sealed(v) then
-                fields = fields or {}
-                fields[#fields + 1] = k
-            end
-        end
-        if fields then
-            for j = 1, #fields do
-                local k = fields[j]
-                local v, oe = open_value(keys, id, k, t[k])
-                if v == nil then return nil, oe end
-                t[k] = v
-            end
-        end
+        local v, oe = open_value(keys, ids and ids[i] or t.event_id, k, t[k], s)
+        if v == nil then return nil, oe end
+        t[k] = v
     end
     return true
 end
