@@ -58,6 +58,7 @@ describe("personal fields of integration events", function()
         assert.equal("qx:sealed:1:" .. id .. ":", msgs[1].env.payload.email:sub(1, 49))
         assert.equal(id, msgs[1].env.payload.user_id)
         assert.equal("pro", msgs[1].env.payload.plan)
+        assert.equal(id, msgs[1].headers["qx.key_id"]) -- the key the sealed fields need
 
         local got, counts = consume("with_db", { db = ctx.db })
         assert.equal(1, counts.handled)
@@ -71,6 +72,14 @@ describe("personal fields of integration events", function()
         -- a consumer that cannot reach the keys sees the sealed text
         local blind = consume("no_db")
         assert.equal(msgs[1].env.payload.email, blind[1].email)
+    end)
+
+    it("an integration event without personal fields gets no qx.key_id header", function()
+        local Plain = qx.integration_event("spec.erasure.plain")
+        assert(ctx.db:unit_of_work(function(uow) uow:record(Plain{ note = "qx:sealed:1 in a note" }) end))
+        assert.equal(1, relay_all().published)
+        local msgs = H.read_stream(ctx)
+        assert.is_nil(msgs[1].headers["qx.key_id"])
     end)
 
     it("read qx.forgotten at the consumer once the subject is forgotten", function()
