@@ -133,11 +133,16 @@ local function forgotten_error(subject)
         .. " is forgotten: no personal data of it is recorded")
 end
 
--- The keys of the subjects (a set) for writing in the unit of work: from the cache, or made
--- (the first writer's key wins: two first writers end with one key) in one round trip. Queues
--- qx_subject_keys_hold of the subjects with the streams (pairs: { subject, aggregate_type|null,
--- aggregate_id|null }), locking the keys until the commit when hold is true (a snapshot is
--- written). -> { subject = key } | nil, err (invalid: a forgotten subject)
+--- The keys of the subjects for writing in the unit of work: from the cache, or made (the
+-- first writer's key wins: two first writers end with one key) in one round trip. Queues
+-- qx_subject_keys_hold of the subjects with the streams, locking the keys until the commit
+-- when hold is true (a snapshot is written).
+---@param uow table the unit of work
+---@param subjects table set of subject ids
+---@param pairs_ table list of { subject, aggregate_type|null, aggregate_id|null }
+---@param hold boolean|nil lock the keys until the commit
+---@return table|nil keys { subject = key }
+---@return qx.Error? err invalid (a forgotten subject), or the database's
 function _M.keys_for_write(uow, subjects, pairs_, hold)
     local cache = cache_of(uow.db)
     local keys, missing, nmissing = {}, nil, 0
