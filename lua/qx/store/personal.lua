@@ -294,9 +294,11 @@ end
 
 -- ---- the read side ----------------------------------------------------------------------
 
+-- (= ANY of an array, not IN of a set: the planner looks each key up by its index instead of
+-- hashing the whole table)
 local KEYS = [[
 SELECT subject_id::text AS subject_id, key FROM qx_subject_keys
- WHERE subject_id IN (SELECT jsonb_array_elements_text($1::jsonb)::uuid)]]
+ WHERE subject_id = ANY (ARRAY(SELECT jsonb_array_elements_text($1::jsonb)::uuid))]]
 -- inside a unit of work the keys are held until its commit: a forget waits for it (and then
 -- erases what it wrote), or went first and is seen
 local KEYS_HELD = KEYS .. " ORDER BY subject_id FOR SHARE"
