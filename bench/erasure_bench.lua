@@ -7,7 +7,8 @@
 -- Rounds alternate between the two sides so that the machine's load falls on both alike.
 --
 --   lua5.4 bench/erasure_bench.lua   (QX_DB__URL; QX_BENCH_SECONDS per append round, default
---   2; QX_BENCH_ROUNDS, default 5; QX_BENCH_EVENTS read per round, default 5000)
+--   2; QX_BENCH_ROUNDS, default 5; QX_BENCH_EVENTS read per round, default 5000;
+--   QX_BENCH_ONLY=append or read for one of the two)
 package.path = (arg[0]:match("^(.*)/[^/]*$") or ".") .. "/?.lua;" .. package.path
 local B = require "bench_support"
 local qx = require "qx"
@@ -21,6 +22,7 @@ local median = B.median
 local SECONDS = tonumber(env("QX_BENCH_SECONDS") or "2")
 local ROUNDS = tonumber(env("QX_BENCH_ROUNDS") or "5")
 local EVENTS = tonumber(env("QX_BENCH_EVENTS") or "5000")
+local ONLY = env("QX_BENCH_ONLY")
 
 local db = assert(qx.connect{ pool_size = 2 })
 assert(qx.migrate(db))
@@ -83,7 +85,7 @@ local interp = B.interpreter()
 line(fmt("interpreter %s, %d rounds of %ss", interp, ROUNDS, SECONDS))
 
 local plain, cached, fresh = {}, {}, {}
-for r = 1, ROUNDS do
+for r = 1, ONLY == "read" and 1 or ROUNDS do
     plain[r] = append_loop(Plain, SECONDS, false, "BenchPlain_" .. run_tag)
     cached[r] = append_loop(Personal, SECONDS, false, "BenchPersonal_" .. run_tag)
     fresh[r] = append_loop(Personal, SECONDS, true, "BenchFresh_" .. run_tag)
@@ -93,6 +95,10 @@ line(fmt("append plain          %8.0f tx/s", mp))
 line(fmt("append personal, key known   %8.0f tx/s  plain/personal %.2fx", mc, mp / mc))
 line(fmt("append personal, new subject %8.0f tx/s  plain/personal %.2fx", mf, mp / mf))
 
+if ONLY == "append" then
+    db:close()
+    return
+end
 local rp, rc = {}, {}
 for r = 1, ROUNDS do
     rp[r] = read_loop("BenchPlain_" .. run_tag)
