@@ -82,6 +82,17 @@ describe("personal fields of integration events", function()
         assert.is_nil(msgs[1].headers["qx.key_id"])
     end)
 
+    it("qx.publisher refuses an event with personal values (only the outbox seals them)", function()
+        local pub = assert(qx.publisher{ nats = ctx.conn })
+        local ack, e = pub:publish(SignedUp{ user_id = qx.uuid(), email = "direct@example.org" })
+        assert.is_nil(ack)
+        assert.equal("invalid", e.code)
+        assert.matches("outbox", e.message)
+        assert(pub:publish(SignedUp{ user_id = qx.uuid(), plan = "free" })) -- none: fine
+        assert.equal(1, #H.read_stream(ctx))
+        pub:close()
+    end)
+
     it("read qx.forgotten at the consumer once the subject is forgotten", function()
         local id = qx.uuid()
         sign_up(id, "mallory@example.org")
