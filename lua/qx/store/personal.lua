@@ -238,6 +238,18 @@ SELECT count(*) FROM (
    WHERE m.aggregate_type = $1 AND m.aggregate_id = $2 AND k.key IS NOT NULL
    ORDER BY k.subject_id FOR SHARE OF k) AS held]]
 
+--- Whether an aggregate with these handlers (event name -> { class = event class? }) may hold
+-- personal data: one of its events has personal fields, or is handled by name only (its class
+-- unknown). An aggregate none of whose events is personal needs no lock on load.
+---@param handlers table the event-sourced class's handlers
+---@return boolean
+function _M.may_hold(handlers)
+    for _, h in pairs(handlers) do
+        if h.class == nil or h.class.personal then return true end
+    end
+    return false
+end
+
 --- Queues the lock of the keys of the subjects of a stream (before a load in a unit of work).
 ---@param uow table the unit of work
 ---@param agg_type string

@@ -107,9 +107,11 @@ function Bound:load(class, id, opts)
     end
     local use_snapshot = not (opts and opts.snapshot == false)
     local spec = es_class.spec(class)
-    local held, he = personal.hold_stream(self.uow, class.aggregate_type, tostring(id))
-    if not held then
-        return nil, he
+    if personal.may_hold(spec.handlers) then
+        local held, he = personal.hold_stream(self.uow, class.aggregate_type, tostring(id))
+        if not held then
+            return nil, he
+        end
     end
     local rows, e = self.uow:query(LOAD, class.aggregate_type, tostring(id), use_snapshot,
                                    spec.snapshot_version, tenant_of(self.uow))
