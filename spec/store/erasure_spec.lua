@@ -157,6 +157,34 @@ SELECT length(key) AS n, forgotten_at FROM qx_subject_keys WHERE subject_id = $1
         if math.type then assert.equal("integer", math.type(all[1].age)) end
     end)
 
+    it("are sealed by append_batch, and opened by the reads inside a unit of work", function()
+        local m, a, b = model(), qx.uuid(), qx.uuid()
+        assert(db:unit_of_work(function(uow)
+            local ua, ub = m.User.new(a), m.User.new(b)
+            ua:record(m.Registered{ user_id = a, email = "a@example.org" })
+            ub:record(m.Registered{ user_id = b, email = "b@example.org" })
+            ub:record(m.Renamed{ user_id = b, name = "Bea" })
+            assert(uow:store(m.store):append_batch({ ua, ub }))
+        end))
+        for _, text in ipairs(stored_texts(m)) do
+            assert.is_nil(text:find("@example.org", 1, true))
+            assert.is_nil(text:find("Bea", 1, true))
+        end
+        assert(db:unit_of_work(function(uow)
+            local es = uow:store(m.store)
+            local recs = assert(es:read_stream(m.type, b))
+            assert.equal("b@example.org", recs[1].email)
+            assert.equal("Bea", recs[2].name)
+            local all = assert(es:read_all{ aggregate_type = m.type })
+            assert.equal(3, #all)
+        end))
+        -- the same key serves a subject's later events
+        assert(command(m, a, function(u) u:record(m.Renamed{ user_id = a, name = "Al" }) end))
+        assert.equal("Al", assert(load(m, a)).name)
+        assert.equal(2, #assert(db:query(
+            "SELECT 1 FROM qx_subject_keys WHERE subject_id = ANY (ARRAY[$1::uuid, $2::uuid])", a, b)))
+    end)
+
     it("that are absent or null are fine: nothing to seal, and no key is made", function()
         local m, id = model(), qx.uuid()
         assert(db:unit_of_work(function(uow)
