@@ -450,8 +450,10 @@ print(ok and "OK" or tostring(e))
     it("no key is served from a cache after a forget committed in another process", function()
         local m, id = model(), qx.uuid()
         assert(register(m, id))
-        -- warm: this process has the key (writing) and read the data
+        -- warm: this process has the key for writing, and for reading outside a unit of work
         assert.equal("ada@example.org", assert(load(m, id)).email)
+        assert.equal("ada@example.org", assert(m.store:read_stream(m.type, id))[1].email)
+        assert.equal("ada@example.org", assert(m.store:read_all{ aggregate_type = m.type })[1].email)
         local out = wait(spawn([[
 local qx = require "qx"
 local db = assert(qx.connect{ url = os.getenv("QX_DB__URL"), pool_size = 1 })
@@ -460,6 +462,7 @@ print(qx.forget(db, os.getenv("E_ID")) and "OK")
         assert.equal("OK\n", out)
         assert.equal(qx.forgotten, assert(load(m, id)).email)
         assert.equal(qx.forgotten, assert(m.store:read_stream(m.type, id))[1].email)
+        assert.equal(qx.forgotten, assert(m.store:read_all{ aggregate_type = m.type })[1].email)
         local r, e = command(m, id, function(u) u:record(m.Renamed{ user_id = id, name = "N" }) end)
         assert.is_nil(r)
         assert.equal("invalid", e.code)

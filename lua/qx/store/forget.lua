@@ -24,6 +24,8 @@ INSERT INTO qx_subject_keys (subject_id, key, forgotten_at) VALUES ($1::uuid, NU
 ON CONFLICT (subject_id) DO UPDATE
    SET key = NULL, forgotten_at = COALESCE(qx_subject_keys.forgotten_at, now())]]
 
+local BUMP = "UPDATE qx_subject_keys_generation SET n = n + 1"
+
 local DROP_SNAPSHOTS = [[
 DELETE FROM qx_aggregate_snapshots s USING qx_subject_streams m
  WHERE m.subject_id = $1::uuid AND s.aggregate_type = m.aggregate_type
@@ -106,6 +108,9 @@ function _M.forget(db, subject_id, opts)
         if not n then error(e, 0) end
         n, e = uow:exec(DROP_SNAPSHOTS, subject)
         if not n then error(e, 0) end
+        -- readers' kept keys are dropped once this commits (docs/erasure.md)
+        local ok, qe = uow:queue(BUMP)
+        if not ok then error(qe, 0) end
         for i = 1, #list do run_hook(list[i], subject, uow) end
         return true
     end)

@@ -275,6 +275,14 @@ CREATE TABLE IF NOT EXISTS qx_subject_streams (
 CREATE INDEX IF NOT EXISTS qx_subject_streams_stream
     ON qx_subject_streams (aggregate_type, aggregate_id);
 
+-- Bumped by every forget, in its transaction: a reader that keeps keys between reads asks for
+-- it with each read and drops what it keeps when it moved.
+CREATE TABLE IF NOT EXISTS qx_subject_keys_generation (
+    one boolean PRIMARY KEY DEFAULT true CHECK (one),
+    n   bigint NOT NULL
+);
+INSERT INTO qx_subject_keys_generation (one, n) VALUES (true, 0) ON CONFLICT DO NOTHING;
+
 -- Called in the transaction that writes sealed values, with [[subject, type|null, id|null], ...]
 -- (the subjects, and the streams that now hold their personal data): refuses a forgotten subject
 -- (22023, which qx reports as invalid) and notes the streams. With hold, the keys are locked FOR

@@ -16,6 +16,7 @@ local type = type
 local pairs = pairs
 local tostring = tostring
 local setmetatable = setmetatable
+local select = select
 local byte = string.byte
 local sub = string.sub
 local fmt = string.format
@@ -315,15 +316,88 @@ SELECT subject_id::text AS subject_id, key FROM qx_subject_keys
 -- erases what it wrote), or went first and is seen
 local KEYS_HELD = KEYS .. " ORDER BY subject_id FOR SHARE"
 
--- The keys of the subjects (a list) -> { subject = key | false (forgotten) } | nil, err
-local function keys_for_read(q, list)
-    sort(list)
-    local rows, e = q:query(q._tx and KEYS_HELD or KEYS, list)
-    if not rows then return nil, e end
-    local keys = {}
-    for i = 1, #rows do
-        local r = rows[i]
-        keys[r.subject_id] = r.key ~= null and r.key or false
+-- the keys and, in the same statement (one snapshot), the generation they are valid for
+local KEYS_GEN = [[
+SELECT g.n AS gen, k.subject_id::text AS subject_id, k.key
+  FROM qx_subject_keys_generation g
+  LEFT JOIN qx_subject_keys k
+    ON k.subject_id = ANY (ARRAY(SELECT jsonb_array_elements_text($1::jsonb)::uuid))]]
+local GEN = "SELECT n AS gen FROM qx_subject_keys_generation"
+
+-- Keys kept for reads outside a unit of work, per db handle: { gen, keys = { subject = key |
+-- false }, n }. Valid while the generation that every such read asks for, in the same round
+-- trip as its rows and after them, has not moved: a forget bumps it in its transaction, so no
+-- key is served by a read that began after the forget committed.
+local read_caches = setmetatable({}, { __mode = "k" })
+
+--- A read outside a unit of work, with the keys' generation in the same round trip.
+---@param q table a db or a unit of work (then only q:query, and no generation)
+---@param sql string the read
+---@param ... any its parameters
+---@return table|nil rows
+---@return qx.Error|nil err
+---@return integer|nil gen the generation read after the rows (db only)
+function _M.read(q, sql, ...)
+    if q._tx or not q.pool then return q:query(sql, ...) end
+    local conn, e = q.pool:acquire()
+    if not conn then return nil, e end
+    local st = { sql, ... }
+    st.n = select("#", ...)
+    local results, be = conn:batch({ st, { GEN, n = 0 } })
+    conn:release()
+    if not results then return nil, be end
+    local g = results[2].rows[1]
+    return results[1].rows, nil, g and g.gen
+end
+
+-- The keys of the subjects (a list) -> { subject = key | false (forgotten) } | nil, err. With
+-- gen (a read outside a unit of work) through the db's kept keys.
+local function keys_for_read(q, list, gen)
+    if gen == nil then
+        sort(list)
+        local rows, e = q:query(q._tx and KEYS_HELD or KEYS, list)
+        if not rows then return nil, e end
+        local keys = {}
+        for i = 1, #rows do
+            local r = rows[i]
+            keys[r.subject_id] = r.key ~= null and r.key or false
+        end
+        return keys
+    end
+    local cache = read_caches[q]
+    if cache == nil or cache.gen ~= gen then
+        cache = { gen = gen, keys = {}, n = 0 }
+        read_caches[q] = cache
+    end
+    local keys = cache.keys
+    local missing
+    for i = 1, #list do
+        if keys[list[i]] == nil then
+            missing = missing or {}
+            missing[#missing + 1] = list[i]
+        end
+    end
+    if missing then
+        sort(missing)
+        local rows, e = q:query(KEYS_GEN, missing)
+        if not rows then return nil, e end
+        local now = rows[1] and rows[1].gen
+        if now ~= cache.gen or cache.n + #missing > CACHE_MAX then
+            cache = { gen = now, keys = {}, n = 0 }
+            read_caches[q] = cache
+            keys = cache.keys
+            -- what this read already had from the cache is asked again, under the new gen
+            if now ~= gen then
+                sort(list)
+                return keys_for_read(q, list, now)
+            end
+        end
+        -- (a subject without any row stays unknown: its values are invalid, and asked again)
+        for i = 1, #rows do
+            local r = rows[i]
+            if r.subject_id ~= null then keys[r.subject_id] = r.key ~= null and r.key or false end
+        end
+        cache.n = cache.n + #missing
     end
     return keys
 end
@@ -356,9 +430,10 @@ end
 ---@param q table a db or a unit of work (then the keys are held until its commit)
 ---@param tables table list of field tables
 ---@param ids table|nil list of event ids (nil: tables[i].event_id)
+---@param gen integer|nil the generation _M.read returned (a read outside a unit of work)
 ---@return true|nil ok
 ---@return qx.Error? err invalid (tampered, or no key), or the query's
-function _M.open_all(q, tables, ids)
+function _M.open_all(q, tables, ids, gen)
     -- one pass: where the sealed values are (table index, field, subject), and the subjects
     local found, nfound, subjects, list = nil, 0, nil, nil
     for i = 1, #tables do
@@ -381,7 +456,7 @@ function _M.open_all(q, tables, ids)
         end
     end
     if found == nil then return true end
-    local keys, e = keys_for_read(q, list)
+    local keys, e = keys_for_read(q, list, gen)
     if not keys then return nil, e end
     for j = 1, nfound, 3 do
         local i, k, s = found[j], found[j + 1], found[j + 2]

@@ -137,8 +137,9 @@ local function read_all(q, method, opts)
         return nil, pos
     end
 
-    local rows, e = q:query(read_sql(types, categories), tx, pos, types, categories, tenant,
-                            limit)
+    -- (personal.read: q:query, and outside a unit of work the keys' generation with the rows)
+    local rows, e, gen = personal.read(q, read_sql(types, categories), tx, pos, types, categories,
+                                       tenant, limit)
     if not rows then
         return nil, e
     end
@@ -150,7 +151,7 @@ local function read_all(q, method, opts)
             out[#out + 1] = to_record(r)
         end
     end
-    local ok, pe = personal.open_all(q, out)
+    local ok, pe = personal.open_all(q, out, nil, gen)
     if not ok then return nil, pe end
     local last = out[#out]
     if last then
@@ -195,14 +196,14 @@ end
 
 local function read_stream(q, method, agg_type, id, opts, tenant)
     local t, sid, after, limit = stream_args(method, agg_type, id, opts)
-    local rows, e = q:query(READ_STREAM, t, sid, after, tenant, limit)
+    local rows, e, gen = personal.read(q, READ_STREAM, t, sid, after, tenant, limit)
     if not rows then
         return nil, e
     end
     for i = 1, #rows do
         rows[i] = to_record(rows[i])
     end
-    local ok, pe = personal.open_all(q, rows)
+    local ok, pe = personal.open_all(q, rows, nil, gen)
     if not ok then return nil, pe end
     return rows
 end
