@@ -1,7 +1,8 @@
 -- Personal fields on the way out (outbox, relay, JetStream) and in (qx.consumer) against a real
 -- PostgreSQL and nats-server: sealed in every row and message, opened by a consumer that
--- reaches the key table, qx.forgotten once the subject is forgotten, a tampered message
--- dead-lettered. See docs/erasure.md.
+-- reaches the key table (per message and commit = "batch"), before its upcasters run,
+-- qx.forgotten once the subject is forgotten, a tampered message dead-lettered. See
+-- docs/erasure.md.
 local H = require "relay_helper"
 local qx = require "qx"
 
@@ -141,5 +142,95 @@ UPDATE qx_outbox_events
         assert.matches("does not open", dead[1].error)
         assert.is_nil(dead[1].data:find("trent@", 1, true))
         assert.truthy(dead[1].data:find("qx:sealed:1:", 1, true))
+    end)
+    it("a consumer in commit = \"batch\" mode opens them, and dead-letters a message that does not open", function()
+        local good, bad = qx.uuid(), qx.uuid()
+        sign_up(good, "bob@example.org")
+        sign_up(bad, "carol@example.org")
+        -- the second message's age holds its email's sealed text (bound to another field)
+        H.sql(ctx, [[
+UPDATE qx_outbox_events
+   SET payload = jsonb_set(payload, '{payload,age}', payload->'payload'->'email')
+ WHERE payload->'payload'->>'user_id' = $1]], bad)
+        assert.equal(2, relay_all().published)
+        local got, counts = consume("batch", { db = ctx.db, commit = "batch" })
+        assert.equal(1, counts.handled)
+        assert.equal(1, counts.termed)
+        assert.equal(0, counts.failed)
+        assert.equal(1, #got)
+        assert.equal("bob@example.org", got[1].email)
+        assert.equal(41, got[1].age)
+        local dead = H.sql(ctx, "SELECT reason, error, data FROM qx_dead_letters")
+        assert.equal(1, #dead)
+        assert.equal("invalid_message", dead[1].reason)
+        assert.matches("does not open", dead[1].error)
+        assert.truthy(dead[1].data:find(bad, 1, true))
+        assert.is_nil(dead[1].data:find("carol@", 1, true))
+        -- the handled message's inbox row committed; the dead one's went with its savepoint
+        local inbox = H.sql(ctx, "SELECT event_id::text AS id FROM qx_inbox")
+        assert.equal(1, #inbox)
+        assert.equal(got[1].event_id, inbox[1].id)
+    end)
+
+    it("a consumer in commit = \"batch\" mode gives qx.forgotten for a forgotten subject", function()
+        local id = qx.uuid()
+        sign_up(id, "frank@example.org")
+        assert.equal(1, relay_all().published)
+        assert(qx.forget(ctx.db, id))
+        local got, counts = consume("batch_forgotten", { db = ctx.db, commit = "batch" })
+        assert.equal(1, counts.handled)
+        assert.equal(qx.forgotten, got[1].email)
+        assert.equal(qx.forgotten, got[1].age)
+        assert.equal("pro", got[1].plan)
+    end)
+
+    it("are opened before the consumer's upcasters run, which see the values", function()
+        -- yesterday's deploy published v1 { mail }; today's class is v2 { email } and its step
+        -- renames the personal field: the sealed text is bound to the stored field's name
+        local name = "spec.erasure.contact"
+        local V1 = qx.integration_event(name, { personal = { "mail" }, subject = "user_id" })
+        local id = qx.uuid()
+        assert(ctx.db:unit_of_work(function(uow)
+            assert(uow:record(V1{ user_id = id, mail = "dan@example.org" }))
+        end))
+        assert.equal(1, relay_all().published)
+        local V2 = qx.integration_event(name, { version = 2, personal = { "email" },
+                                                subject = "user_id" })
+        local seen = {}
+        V2:upcast(1, function(p)
+            seen[#seen + 1] = p.mail
+            p.email, p.mail = p.mail, nil
+            return p
+        end)
+        for _, mode in ipairs({ "message", "batch" }) do
+            local got, counts = consume("contact_" .. mode, { db = ctx.db, commit = mode,
+                                                              registry = qx.registry{ V2 } })
+            assert.equal(1, counts.handled, mode)
+            assert.is_true(V2:is(got[1]), mode)
+            assert.equal("dan@example.org", got[1].email, mode)
+            assert.is_nil(got[1].mail, mode)
+        end
+        assert.same({ "dan@example.org", "dan@example.org" }, seen)
+        -- once forgotten, the step sees qx.forgotten, never the sealed text
+        assert(qx.forget(ctx.db, id))
+        local got = consume("contact_after", { db = ctx.db, registry = qx.registry{ V2 } })
+        assert.equal(qx.forgotten, got[1].email)
+        assert.equal(qx.forgotten, seen[3])
+    end)
+
+    it("a dead letter with sealed fields is replayed with them opened", function()
+        local id = qx.uuid()
+        sign_up(id, "grace@example.org")
+        assert.equal(1, relay_all().published)
+        local c = assert(qx.consumer{ nats = ctx.conn, durable = "replayed", db = ctx.db,
+                                      registry = qx.registry{ SignedUp }, max_deliver = 1 })
+        local counts = assert(c:run_once(function() error("not now") end, { timeout_ms = 5000 }))
+        assert.equal(1, counts.termed)
+        local got = {}
+        local r = assert(c:replay_dead(function(ev) got[#got + 1] = ev end))
+        c:close()
+        assert.equal(1, r.handled)
+        assert.equal("grace@example.org", got[1].email)
+        assert.equal(41, got[1].age)
     end)
 end)
