@@ -17,14 +17,17 @@ local Consumer = base.Consumer
 
 local MARK = '"' .. personal.PREFIX
 
--- Whether the consumer's database has qx's key table (asked once): a consumer whose database
--- has none hands sealed personal fields to its handler as they came.
+-- Whether the consumer's database has qx's key table (asked once, when a message first holds
+-- a sealed value): a consumer whose database has none hands sealed personal fields to its
+-- handler as they came. A failed question counts as yes: the unit of work then fails on the
+-- database too, and the message comes back, rather than reach the handler sealed.
 function Consumer:_keys_reachable()
     local r = self._keys_table
     if r == nil then
         local rows = self.db:query("SELECT to_regclass('qx_subject_keys') IS NOT NULL AS here")
-        r = rows ~= nil and rows[1].here == true
-        if rows ~= nil then self._keys_table = r end
+        if rows == nil then return true end
+        r = rows[1].here == true
+        self._keys_table = r
     end
     return r
 end
@@ -67,7 +70,7 @@ function Consumer:_read_sealed(uow, ev, env)
         if not read then error(unopenable(re), 0) end
         return read
     end
-    if self:_keys_reachable() then
+    if personal.has_sealed(ev) and self:_keys_reachable() then
         local opened, pe = personal.open_all(uow, { ev })
         if not opened then error(unopenable(pe), 0) end
     end
