@@ -890,4 +890,29 @@ SELECT 1 FROM qx_outbox_events WHERE payload->'payload'->>'user_id' = $1]], id))
         assert.same({}, assert(db:query("SELECT 1 FROM " .. v2:table(tbl)
                                         .. " WHERE email IS NOT NULL")))
     end)
+
+    it("a version that cannot be registered before its hook fails the forget, naming it; nothing forgotten", function()
+        local Registered = qx.event(support.unique("user.registered"),
+                                    { personal = { "email" }, subject = "user_id" })
+        local m = user_model(Registered)
+        local id = qx.uuid()
+        assert(append(m, id, { Registered{ user_id = id, email = "h@example.org" } }))
+        -- made on a db handle of its own, so that its hook is not registered with this one's
+        local other = support.migrated_db{ pool_size = 1 }
+        local name = support.unique("broken_bg")
+        local broken = qx.projection{
+            name = name, version = 1, db = other, on_progress = false,
+            tables = { support.unique("t") },
+            setup = function() error("no room for the table") end,
+            handlers = { [Registered] = function() end },
+            on_forget = function() error("must not run") end,
+        }
+        local ok, e = qx.forget(db, id, { projections = { broken } })
+        assert.is_nil(ok)
+        assert.matches(name, e.message, 1, true)
+        assert.matches("no room for the table", e.message, 1, true)
+        assert.equal(name, e.projection)
+        assert.equal("h@example.org", assert(m.store:read_stream(m.type, id))[1].email)
+        other:close()
+    end)
 end)

@@ -114,7 +114,13 @@ function _M.forget(db, subject_id, opts)
         local prepare = prepares[list[i]]
         if prepare then
             local ok, e = prepare(list[i])
-            if not ok then return nil, e end
+            if not ok then
+                if not qx_error.is(e) then e = new_error("error", tostring(e)) end
+                e.projection = list[i].name
+                e.message = "projection " .. tostring(list[i].name) .. ", before on_forget: "
+                    .. tostring(e.message)
+                return nil, e
+            end
         end
     end
     local subject = subject_id:lower()
