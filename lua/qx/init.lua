@@ -75,6 +75,10 @@ end
 _M.event_sourced = require("qx.model.event_sourced").define
 _M.event_store = require("qx.store.event_store").new
 _M.projection = require("qx.store.projection").new
+-- qx.forget(db, subject_id): personal fields (qx.event(name, { personal =, subject = })) of
+-- that subject read qx.forgotten from then on (docs/erasure.md)
+_M.forget = require("qx.store.forget").forget
+_M.forgotten = require("qx.store.personal").forgotten
 
 -- qx.repository{ table =, entity =, filterable =, sortable =, tenanted =, soft_delete =, ... }:
 -- a table described once; uow:repo(description) binds it, description:reader(db, ctx) reads

@@ -61,7 +61,8 @@ describe("qx.model.event", function()
 
         it("rejects unknown options, a non-table opts and a non-boolean integration flag", function()
             assert.has_error(function() event.define("x", { versoin = 2 }) end,
-                "unknown event option 'versoin' (known: aliases, integration, version)")
+                "unknown event option 'versoin' (known: aliases, integration, personal, subject, "
+                .. "version)")
             assert.has_error(function() event.define("x", 2) end,
                 "event options must be a table, got number")
             assert.has_error(function() event.define("x", { integration = "yes" }) end,

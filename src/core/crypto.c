@@ -16,6 +16,7 @@
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
 #include <openssl/params.h>
+#include <openssl/rand.h>
 
 #include "qx.h"
 
@@ -90,6 +91,90 @@ qx_status qx_sha256(unsigned char out[QX_SHA256_LEN], const void *data, size_t l
     unsigned int outlen = 0;
     if (!EVP_Digest(data, len, out, &outlen, EVP_sha256(), NULL) || outlen != QX_SHA256_LEN)
         return qx_error_set(err, QX_ERR_NOMEM, "SHA-256 failed");
+    return QX_OK;
+}
+
+qx_status qx_random_bytes(unsigned char *out, size_t n, qx_error *err)
+{
+    if (n > INT_MAX || RAND_bytes(out, (int)n) != 1)
+        return qx_error_set(err, QX_ERR_NOMEM, "no random bytes to be had");
+    return QX_OK;
+}
+
+/* AES-256-GCM, fetched once: the implicit fetch of EVP_aes_256_gcm() looks it up on every init */
+static pthread_once_t gcm_once = PTHREAD_ONCE_INIT;
+static EVP_CIPHER *gcm_alg;
+
+static void gcm_fetch(void)
+{
+    gcm_alg = EVP_CIPHER_fetch(NULL, "AES-256-GCM", NULL);
+}
+
+static const EVP_CIPHER *gcm(void)
+{
+    pthread_once(&gcm_once, gcm_fetch);
+    return gcm_alg;
+}
+
+qx_status qx_aead_seal(unsigned char *out, const unsigned char key[QX_AEAD_KEY_LEN],
+                       const void *aad, size_t aadlen, const void *plain, size_t len,
+                       qx_error *err)
+{
+    const EVP_CIPHER *alg = gcm();
+    EVP_CIPHER_CTX *ctx = NULL;
+    unsigned char *nonce = out, *body = out + QX_AEAD_NONCE_LEN, *tag = body + len;
+    int n = 0, fin = 0, ok;
+
+    if (len > INT_MAX - 64 || aadlen > INT_MAX)
+        return qx_error_set(err, QX_ERR_INVALID, "value too long to seal");
+    if (alg == NULL || (ctx = EVP_CIPHER_CTX_new()) == NULL)
+        return qx_error_set(err, QX_ERR_NOMEM, "AES-256-GCM is not available");
+    ok = RAND_bytes(nonce, QX_AEAD_NONCE_LEN) == 1 &&
+         EVP_EncryptInit_ex2(ctx, alg, key, nonce, NULL) &&
+         (aadlen == 0 || EVP_EncryptUpdate(ctx, NULL, &n, aad, (int)aadlen)) &&
+         (len == 0 || EVP_EncryptUpdate(ctx, body, &n, plain, (int)len)) &&
+         EVP_EncryptFinal_ex(ctx, body + (len == 0 ? 0 : n), &fin) &&
+         EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_GET_TAG, QX_AEAD_TAG_LEN, tag);
+    EVP_CIPHER_CTX_free(ctx);
+    if (!ok)
+        return qx_error_set(err, QX_ERR_NOMEM, "AES-256-GCM sealing failed");
+    return QX_OK;
+}
+
+qx_status qx_aead_open(unsigned char *out, size_t *outlen,
+                       const unsigned char key[QX_AEAD_KEY_LEN], const void *aad, size_t aadlen,
+                       const void *sealed, size_t len, qx_error *err)
+{
+    const EVP_CIPHER *alg = gcm();
+    const unsigned char *nonce = sealed, *body = nonce + QX_AEAD_NONCE_LEN;
+    unsigned char tag[QX_AEAD_TAG_LEN];
+    EVP_CIPHER_CTX *ctx = NULL;
+    size_t blen;
+    int n = 0, fin = 0, ok;
+
+    *outlen = 0;
+    if (len < QX_AEAD_OVERHEAD)
+        return qx_error_set(err, QX_ERR_INVALID, "sealed value is too short");
+    if (len > INT_MAX || aadlen > INT_MAX)
+        return qx_error_set(err, QX_ERR_INVALID, "sealed value is too long");
+    blen = len - QX_AEAD_OVERHEAD;
+    memcpy(tag, body + blen, QX_AEAD_TAG_LEN); /* the ctrl takes a non-const pointer */
+    if (alg == NULL || (ctx = EVP_CIPHER_CTX_new()) == NULL)
+        return qx_error_set(err, QX_ERR_NOMEM, "AES-256-GCM is not available");
+    ok = EVP_DecryptInit_ex2(ctx, alg, key, nonce, NULL) &&
+         (aadlen == 0 || EVP_DecryptUpdate(ctx, NULL, &n, aad, (int)aadlen)) &&
+         (blen == 0 || EVP_DecryptUpdate(ctx, out, &n, body, (int)blen)) &&
+         EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_SET_TAG, QX_AEAD_TAG_LEN, tag);
+    if (ok && EVP_DecryptFinal_ex(ctx, out + (blen == 0 ? 0 : n), &fin) <= 0) {
+        EVP_CIPHER_CTX_free(ctx);
+        OPENSSL_cleanse(out, blen);
+        return qx_error_set(err, QX_ERR_INVALID,
+                            "sealed value does not open: wrong key, wrong context or altered");
+    }
+    EVP_CIPHER_CTX_free(ctx);
+    if (!ok)
+        return qx_error_set(err, QX_ERR_NOMEM, "AES-256-GCM opening failed");
+    *outlen = blen;
     return QX_OK;
 }
 

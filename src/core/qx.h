@@ -321,6 +321,26 @@ void qx_b64url_encode(char *out, const unsigned char *in, size_t n);
 qx_status qx_b64url_decode(unsigned char *out, size_t *outlen, const char *in, size_t n,
                            qx_error *err);
 
+/* ---- sealing (crypto.c): AES-256-GCM ------------------------------------------------------
+ * A sealed value is nonce (12 random bytes) || ciphertext || tag (16 bytes); the additional
+ * authenticated data (aad) is bound to it: opening under another aad fails. */
+#define QX_AEAD_KEY_LEN 32
+#define QX_AEAD_NONCE_LEN 12
+#define QX_AEAD_TAG_LEN 16
+#define QX_AEAD_OVERHEAD (QX_AEAD_NONCE_LEN + QX_AEAD_TAG_LEN)
+/* n random bytes from OpenSSL's generator (RAND_bytes). */
+qx_status qx_random_bytes(unsigned char *out, size_t n, qx_error *err);
+/* Writes len + QX_AEAD_OVERHEAD bytes to out: a fresh nonce, the ciphertext and the tag. */
+qx_status qx_aead_seal(unsigned char *out, const unsigned char key[QX_AEAD_KEY_LEN],
+                       const void *aad, size_t aadlen, const void *plain, size_t len,
+                       qx_error *err);
+/* Writes len - QX_AEAD_OVERHEAD bytes to out and sets *outlen. QX_ERR_INVALID when the sealed
+ * bytes are too short, or were not sealed under this key and aad, or were changed: nothing of
+ * them is trusted then (out may hold garbage and must not be used). */
+qx_status qx_aead_open(unsigned char *out, size_t *outlen,
+                       const unsigned char key[QX_AEAD_KEY_LEN], const void *aad, size_t aadlen,
+                       const void *sealed, size_t len, qx_error *err);
+
 /* Keyset cursors: token = base64url(frame) "." base64url(HMAC-SHA256(key, QX_CURSOR_DOMAIN
  * context "\n" base64url(frame))), the frame holding the values one after another, each the
  * byte 0 (null) or the byte 1, a 4-byte big-endian length and the bytes. The context names the

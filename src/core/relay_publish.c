@@ -1,6 +1,7 @@
 /* The relay's publish stage: a claimed batch goes out asynchronously within the window of
  * max_in_flight unacked messages, each key's next row as soon as its previous one is acked.
  * The ack handler runs on nats.c's threads and only records the outcome under r->mu. */
+#define _GNU_SOURCE /* memmem */
 #include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -151,6 +152,26 @@ static natsStatus set_header(natsMsg *m, const qx_result *res, int row, int col,
     return natsMsgHeader_Set(m, key, qx_result_value(res, row, col));
 }
 
+/* The data subject whose key sealed the body's personal fields (values "qx:sealed:1:<uuid>:...",
+ * docs/erasure.md) as the qx.key_id header: a reader that cannot reach the key table learns
+ * which key the message needs. An event has one subject; a body without one gets no header. */
+static natsStatus set_key_header(natsMsg *m, const char *body, int len)
+{
+    static const char mark[] = "\"qx:sealed:1:";
+    const char *p = len > 0 ? memmem(body, (size_t)len, mark, sizeof mark - 1) : NULL;
+    char id[37];
+    if (p == NULL)
+        return NATS_OK;
+    p += sizeof mark - 1;
+    if (body + len - p < 37 || p[36] != ':')
+        return NATS_OK;
+    memcpy(id, p, 36);
+    id[36] = '\0';
+    if (!qx_uuid_valid(id, 36))
+        return NATS_OK;
+    return natsMsgHeader_Set(m, "qx.key_id", id);
+}
+
 /* Sends row i; returns 1 when it is in flight, 0 when it failed at once. */
 static int send_row(qx_relay *r, batch *b, int i)
 {
@@ -182,6 +203,9 @@ static int send_row(qx_relay *r, batch *b, int i)
         s = set_header(m, res, i, COL_TRACEPARENT, "traceparent");
     if (s == NATS_OK)
         s = set_header(m, res, i, COL_TRACESTATE, "tracestate");
+    if (s == NATS_OK) /* the subject whose key opens the body's sealed fields, if any */
+        s = set_key_header(m, qx_result_value(res, i, COL_BODY),
+                           qx_result_length(res, i, COL_BODY));
     if (s != NATS_OK) {
         natsMsg_Destroy(m);
         /* a header value nats.c refuses belongs to the row; memory does not */

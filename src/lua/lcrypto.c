@@ -1,5 +1,6 @@
 /* Signing functions of the module table: hmac_sha256, sha256, equal_consttime, b64url_encode/decode,
- * cursor_seal/cursor_open. */
+ * cursor_seal/cursor_open; sealing: random_bytes, aead_seal/aead_open (AES-256-GCM) and their
+ * base64url forms aead_seal_b64/aead_open_b64. */
 #include "binding.h"
 
 /* core.hmac_sha256(key, data) -> 32 raw bytes */
@@ -61,6 +62,111 @@ static int l_b64url_decode(lua_State *L)
     if (qx_b64url_decode(out, &outlen, in, n, &err) != QX_OK)
         return qx_push_error(L, &err);
     lua_pushlstring(L, (const char *)out, outlen);
+    return 1;
+}
+
+/* core.random_bytes(n) -> n random bytes (1 <= n <= 1024) */
+static int l_random_bytes(lua_State *L)
+{
+    lua_Integer n = luaL_checkinteger(L, 1);
+    unsigned char buf[1024];
+    qx_error err;
+    luaL_argcheck(L, n >= 1 && n <= (lua_Integer)sizeof buf, 1, "expected 1 to 1024 bytes");
+    if (qx_random_bytes(buf, (size_t)n, &err) != QX_OK)
+        return luaL_error(L, "%s", err.message);
+    lua_pushlstring(L, (const char *)buf, (size_t)n);
+    return 1;
+}
+
+static const unsigned char *aead_key(lua_State *L, int idx)
+{
+    size_t klen;
+    const char *key = luaL_checklstring(L, idx, &klen);
+    luaL_argcheck(L, klen == QX_AEAD_KEY_LEN, idx, "key must be 32 bytes");
+    return (const unsigned char *)key;
+}
+
+/* core.aead_seal(key, aad, plain) -> nonce .. ciphertext .. tag (AES-256-GCM, 32-byte key) */
+static int l_aead_seal(lua_State *L)
+{
+    size_t alen, plen;
+    const unsigned char *key = aead_key(L, 1);
+    const char *aad = luaL_checklstring(L, 2, &alen);
+    const char *plain = luaL_checklstring(L, 3, &plen);
+    unsigned char *out;
+    qx_error err;
+    luaL_argcheck(L, plen <= (size_t)0x7fffff00, 3, "value too long");
+    out = lua_newuserdata(L, plen + QX_AEAD_OVERHEAD);
+    if (qx_aead_seal(out, key, aad, alen, plain, plen, &err) != QX_OK)
+        return luaL_error(L, "%s", err.message);
+    lua_pushlstring(L, (const char *)out, plen + QX_AEAD_OVERHEAD);
+    return 1;
+}
+
+/* core.aead_open(key, aad, sealed) -> plain | nil, err (invalid: altered, or another key/aad) */
+static int l_aead_open(lua_State *L)
+{
+    size_t alen, slen, outlen = 0;
+    const unsigned char *key = aead_key(L, 1);
+    const char *aad = luaL_checklstring(L, 2, &alen);
+    const char *sealed = luaL_checklstring(L, 3, &slen);
+    unsigned char *out = lua_newuserdata(L, slen > QX_AEAD_OVERHEAD ? slen - QX_AEAD_OVERHEAD : 1);
+    qx_error err;
+    if (qx_aead_open(out, &outlen, key, aad, alen, sealed, slen, &err) != QX_OK) {
+        if (err.status != QX_ERR_INVALID)
+            return luaL_error(L, "%s", err.message);
+        return qx_push_error(L, &err);
+    }
+    lua_pushlstring(L, (const char *)out, outlen);
+    return 1;
+}
+
+/* core.aead_open_b64(key, aad, text[, start]) -> plain | nil, err: as aead_open of the
+ * base64url text from byte start (default 1) to its end, decoded and opened in one call */
+static int l_aead_open_b64(lua_State *L)
+{
+    size_t alen, tlen, blen = 0, outlen = 0;
+    const unsigned char *key = aead_key(L, 1);
+    const char *aad = luaL_checklstring(L, 2, &alen);
+    const char *text = luaL_checklstring(L, 3, &tlen);
+    lua_Integer start = luaL_optinteger(L, 4, 1);
+    unsigned char *bytes, *out;
+    qx_error err;
+    luaL_argcheck(L, start >= 1 && (size_t)start <= tlen + 1, 4, "start out of range");
+    text += start - 1;
+    tlen -= (size_t)(start - 1);
+    bytes = lua_newuserdata(L, tlen / 4 * 3 + 3);
+    if (qx_b64url_decode(bytes, &blen, text, tlen, &err) != QX_OK)
+        return qx_push_error(L, &err);
+    out = lua_newuserdata(L, blen > QX_AEAD_OVERHEAD ? blen - QX_AEAD_OVERHEAD : 1);
+    if (qx_aead_open(out, &outlen, key, aad, alen, bytes, blen, &err) != QX_OK) {
+        if (err.status != QX_ERR_INVALID)
+            return luaL_error(L, "%s", err.message);
+        return qx_push_error(L, &err);
+    }
+    lua_pushlstring(L, (const char *)out, outlen);
+    return 1;
+}
+
+/* core.aead_seal_b64(key, aad, plain) -> base64url(aead_seal(key, aad, plain)) */
+static int l_aead_seal_b64(lua_State *L)
+{
+    size_t alen, plen, n, tlen;
+    const unsigned char *key = aead_key(L, 1);
+    const char *aad = luaL_checklstring(L, 2, &alen);
+    const char *plain = luaL_checklstring(L, 3, &plen);
+    unsigned char *sealed;
+    char *text;
+    qx_error err;
+    luaL_argcheck(L, plen <= (size_t)0x3fffff00, 3, "value too long");
+    n = plen + QX_AEAD_OVERHEAD;
+    tlen = qx_b64url_encoded_len(n);
+    sealed = lua_newuserdata(L, n);
+    text = lua_newuserdata(L, tlen + 1);
+    if (qx_aead_seal(sealed, key, aad, alen, plain, plen, &err) != QX_OK)
+        return luaL_error(L, "%s", err.message);
+    qx_b64url_encode(text, sealed, n);
+    lua_pushlstring(L, text, tlen);
     return 1;
 }
 
@@ -165,6 +271,11 @@ static const luaL_Reg funcs[] = {
     { "equal_consttime", l_equal_consttime },
     { "b64url_encode", l_b64url_encode },
     { "b64url_decode", l_b64url_decode },
+    { "random_bytes", l_random_bytes },
+    { "aead_seal", l_aead_seal },
+    { "aead_open", l_aead_open },
+    { "aead_seal_b64", l_aead_seal_b64 },
+    { "aead_open_b64", l_aead_open_b64 },
     { NULL, NULL }
 };
 

@@ -15,6 +15,7 @@ local options = require "qx.options"
 local qx_error = require "qx.error"
 local nats = require "qx.messaging.nats"
 local event = require "qx.model.event"
+local personal = require "qx.store.personal"
 
 local type = type
 local error = error
@@ -74,10 +75,19 @@ end
 --- Publishes one event (or a decoded envelope) and waits for its ack.
 ---@param ev table an event or an envelope
 ---@return table|nil ack { stream, sequence, duplicate }
----@return qx.Error? err nats, timeout, invalid
+---@return qx.Error? err nats, timeout, invalid (also: personal values, which need the outbox)
 function Publisher:publish(ev)
     local env
     if event.is_event(ev) then
+        if event.class_of(ev).personal then
+            -- sealing needs the key table: only the outbox seals (docs/erasure.md)
+            local subject, pe = personal.subject_of(ev)
+            if subject == nil then return nil, pe end
+            if subject then
+                return nil, qx_error.new("invalid", ev.event_name .. ": an event with personal "
+                    .. "values is published through the outbox (uow:record), which seals them")
+            end
+        end
         env = ev:envelope()
     elseif type(ev) == "table" then
         env = ev

@@ -384,9 +384,6 @@ class_mt = {
 }
 
 
-local DEFINE_OPTS = { version = true, integration = true, aliases = true }
-
-
 -- opts.aliases -> a list of distinct valid names other than the class's own; raises at level 3
 local function check_aliases(name, aliases)
     if aliases == nil then
@@ -483,9 +480,61 @@ function _M.check_chain(class)
 end
 
 
+local DEFINE_OPTS = { version = true, integration = true, aliases = true, personal = true,
+                      subject = true }
+
+
+-- personal = { field names }, subject = the field naming the data subject (docs/erasure.md):
+-- checked here, at class definition, so that a wrong list raises where it is written
+local function personal_option(opts)
+    local personal, subject = opts.personal, opts.subject
+    if personal == nil then
+        if subject ~= nil then
+            error("event option 'subject' is given without 'personal'", 3)
+        end
+        return nil
+    end
+    if type(personal) ~= "table" or getmetatable(personal) ~= nil then
+        error("event option 'personal' must be a list of field names, got " .. type(personal), 3)
+    end
+    local list, seen, n = {}, {}, 0
+    for _ in pairs(personal) do n = n + 1 end
+    if n == 0 then
+        error("event option 'personal' is empty", 3)
+    end
+    for i = 1, n do
+        local f = personal[i]
+        if type(f) ~= "string" then
+            error("event option 'personal' must be a list of field names (item " .. i .. " is a "
+                  .. type(f) .. ")", 3)
+        end
+        if key_kind(f) ~= "payload" then
+            error("event option 'personal': '" .. f .. "' cannot be a payload field", 3)
+        end
+        if seen[f] then
+            error("event option 'personal' names '" .. f .. "' twice", 3)
+        end
+        seen[f] = true
+        list[i] = f
+    end
+    if subject == nil then
+        error("event option 'subject' (the field holding the data subject's id) is required "
+              .. "with 'personal'", 3)
+    end
+    if type(subject) ~= "string" or key_kind(subject) ~= "payload" then
+        error("event option 'subject' must name a payload field, got " .. tostring(subject), 3)
+    end
+    if seen[subject] then
+        error("event option 'subject' names the personal field '" .. subject
+              .. "': the subject's id must stay readable to find its key", 3)
+    end
+    return list, subject
+end
+
+
 --- An event class (qx.event, qx.integration_event). Raises on a bad name or option.
 ---@param name string e.g. "account.money_deposited"
----@param opts table|nil { version = 1, integration = false }
+---@param opts table|nil { version = 1, integration = false, personal = { fields }, subject = f }
 ---@return table class
 function _M.define(name, opts)
     local ok, why = valid_event_name(name)
@@ -523,6 +572,8 @@ function _M.define(name, opts)
         error("event option 'integration' must be a boolean, got " .. type(integration), 2)
     end
 
+    local personal, subject = personal_option(opts)
+
     local class = {
         event_name = name,
         event_version = version,
@@ -530,6 +581,8 @@ function _M.define(name, opts)
         aliases = check_aliases(name, opts.aliases),
         __upcasters = {},     -- [from] = fn: stored payload of version from -> from + 1
         __any_meta = false,   -- whether a step takes the meta argument
+        personal = personal,   -- nil, or the fields stored sealed under the subject's key
+        subject = subject,
     }
 
     local mt = {

@@ -455,19 +455,8 @@ function Registry:count()
     return self._count, self._count_names
 end
 
---- The class is looked up by the envelope's event_name and event_version. With latest = true an
--- envelope whose version is not registered is rebuilt with the highest registered version of
--- its name (the event keeps the version it was published with).
----@param env table a decoded envelope
----@param opts table|nil { latest = false }
----@return table|nil event
----@return qx.Error? err not_found, invalid
-function Registry:from_envelope(env, opts)
-    check_self(self, "from_envelope")
-    if opts ~= nil and type(opts) ~= "table" then
-        error("registry:from_envelope: options must be a table", 2)
-    end
-    options.check(opts, { "latest" }, "registry:from_envelope")
+-- The class that reads a decoded envelope -> class | nil, err not_found, invalid
+local function envelope_class(self, env, opts)
     if type(env) ~= "table" then
         return nil, err.new("invalid", "envelope must be a JSON object, got " .. type(env))
     end
@@ -485,6 +474,35 @@ function Registry:from_envelope(env, opts)
         end
         if not class then return nil, e end
     end
+    return class
+end
+
+--- Internal: the class from_envelope(env, opts) reads env as, without reading it (a consumer
+-- opens sealed personal fields before the upcasters run).
+---@param env table a decoded envelope
+---@param opts table|nil as from_envelope
+---@return table|nil class
+---@return qx.Error? err not_found, invalid
+function Registry:_class_of(env, opts)
+    return envelope_class(self, env, opts)
+end
+
+--- The class is looked up by the envelope's event_name and event_version. With latest = true an
+-- envelope whose version is not registered is rebuilt with the highest registered version of
+-- its name (the event keeps the version it was published with).
+---@param env table a decoded envelope
+---@param opts table|nil { latest = false }
+---@return table|nil event
+---@return qx.Error? err not_found, invalid
+function Registry:from_envelope(env, opts)
+    check_self(self, "from_envelope")
+    if opts ~= nil and type(opts) ~= "table" then
+        error("registry:from_envelope: options must be a table", 2)
+    end
+    options.check(opts, { "latest" }, "registry:from_envelope")
+    local class, e = envelope_class(self, env, opts)
+    if not class then return nil, e end
+    local name, version = env.event_name, env.event_version
     -- read as the class that holds the name now: renamed from an alias, upcast when older
     local newer = type(version) == "number" and version > class.event_version
     if class.event_name ~= name

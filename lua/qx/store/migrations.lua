@@ -429,4 +429,78 @@ ALTER TABLE qx_aggregate_events_archive ADD COLUMN IF NOT EXISTS traceparent tex
 ALTER TABLE qx_aggregate_events_archive ADD COLUMN IF NOT EXISTS tracestate text;
 ]],
     },
+    {
+        version = 10,
+        name = "personal data keys (erasure)",
+        sql = [[
+-- One AES-256 key per data subject; forgetting the subject deletes its key and leaves the row
+-- as a tombstone (key NULL, forgotten_at set), which refuses new personal data of that subject.
+CREATE TABLE IF NOT EXISTS qx_subject_keys (
+    subject_id   uuid PRIMARY KEY,
+    key          bytea,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    forgotten_at timestamptz,
+    CONSTRAINT qx_subject_keys_tombstone CHECK ((key IS NULL) = (forgotten_at IS NOT NULL)),
+    CONSTRAINT qx_subject_keys_length CHECK (key IS NULL OR length(key) = 32)
+);
+
+-- The event-store streams that hold a subject's personal data, so that forgetting it can drop
+-- those streams' snapshots (a snapshot is the aggregate's own state, in clear).
+CREATE TABLE IF NOT EXISTS qx_subject_streams (
+    subject_id     uuid NOT NULL,
+    aggregate_type text NOT NULL,
+    aggregate_id   text NOT NULL,
+    PRIMARY KEY (subject_id, aggregate_type, aggregate_id)
+);
+CREATE INDEX IF NOT EXISTS qx_subject_streams_stream
+    ON qx_subject_streams (aggregate_type, aggregate_id);
+
+-- Bumped by every forget, in its transaction: a reader that keeps keys between reads asks for
+-- it with each read and drops what it keeps when it moved.
+CREATE TABLE IF NOT EXISTS qx_subject_keys_generation (
+    one boolean PRIMARY KEY DEFAULT true CHECK (one),
+    n   bigint NOT NULL
+);
+INSERT INTO qx_subject_keys_generation (one, n) VALUES (true, 0) ON CONFLICT DO NOTHING;
+
+-- Called in the transaction that writes sealed values, with [[subject, type|null, id|null], ...]
+-- (the subjects, and the streams that now hold their personal data): refuses a forgotten subject
+-- (22023, which qx reports as invalid) and notes the streams. With hold, the keys are locked FOR
+-- SHARE until the commit, so a forget waits for this transaction and then drops the snapshot it
+-- writes (an append that takes a snapshot asks for it; without a snapshot, a forget committed
+-- between this check and the commit only leaves values sealed under a deleted key).
+CREATE OR REPLACE FUNCTION qx_subject_keys_hold(pairs jsonb, hold boolean) RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    ids  uuid[] := ARRAY(SELECT DISTINCT (p->>0)::uuid FROM jsonb_array_elements(pairs) p
+                         ORDER BY 1);
+    n    integer;
+    gone uuid;
+BEGIN
+    IF hold THEN
+        SELECT count(*) INTO n FROM (
+            SELECT 1 FROM qx_subject_keys
+             WHERE subject_id = ANY (ids) AND key IS NOT NULL
+             ORDER BY subject_id FOR SHARE) AS held;
+    ELSE
+        SELECT count(*) INTO n FROM qx_subject_keys
+         WHERE subject_id = ANY (ids) AND key IS NOT NULL;
+    END IF;
+    IF n < cardinality(ids) THEN
+        SELECT i INTO gone FROM unnest(ids) AS i
+         WHERE NOT EXISTS (SELECT 1 FROM qx_subject_keys k
+                            WHERE k.subject_id = i AND k.key IS NOT NULL)
+         LIMIT 1;
+        RAISE EXCEPTION 'data subject % is forgotten: no personal data of it is recorded', gone
+            USING ERRCODE = '22023';
+    END IF;
+    INSERT INTO qx_subject_streams (subject_id, aggregate_type, aggregate_id)
+    SELECT DISTINCT (p->>0)::uuid, p->>1, p->>2 FROM jsonb_array_elements(pairs) p
+     WHERE p->>1 IS NOT NULL
+    ON CONFLICT DO NOTHING;
+    RETURN n;
+END
+$$;
+]],
+    },
 }

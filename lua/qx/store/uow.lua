@@ -19,10 +19,12 @@ local aggregate = require "qx.model.aggregate"
 local internal = require "qx.store.internal"
 local options = require "qx.options"
 local tracing = require "qx.tracing"
+local personal = require "qx.store.personal"
 
 local setmetatable = setmetatable
 local type = type
 local ipairs = ipairs
+local pairs = pairs
 local select = select
 local error = error
 local xpcall = xpcall
@@ -194,10 +196,15 @@ end
 --- An event that belongs to no aggregate, dispatched and (for integration events) written to the
 -- outbox at commit like the others.
 ---@param ev table an event
----@return table ev
+---@return table|nil ev
+---@return qx.Error? err invalid: personal fields without a uuid subject (nothing recorded)
 function Uow:record(ev)
     check_open(self, 2)
     if not event.is_event(ev) then error("uow:record: expected an event", 2) end
+    if event.class_of(ev).personal then
+        local subject, e = personal.subject_of(ev)
+        if subject == nil then return nil, e end
+    end
     local loose = self._loose
     if not loose then
         loose = {}
@@ -248,12 +255,42 @@ local function partition_key(ev)
     return nil
 end
 
-local function outbox_rows(events)
+local function outbox_rows(events, sealed)
     local rows = {}
     for i, ev in ipairs(events) do
-        rows[i] = { envelope = ev:envelope(), partition_key = partition_key(ev) or core.null }
+        rows[i] = { envelope = sealed and sealed[i] or ev:envelope(),
+                    partition_key = partition_key(ev) or core.null }
     end
     return rows
+end
+
+-- The envelopes of the events with personal fields, those fields sealed under their subject's
+-- key: { [i] = envelope } | false (none has any) | nil, err. An outbox row never holds a
+-- personal field in clear.
+local function sealed_envelopes(uow, events)
+    local subjects, pairs_, of
+    for i = 1, #events do
+        local subject, e = personal.subject_of(events[i])
+        if subject == nil then return nil, e end
+        if subject then
+            if subjects == nil then subjects, pairs_, of = {}, {}, {} end
+            if not subjects[subject] then
+                subjects[subject] = true
+                pairs_[#pairs_ + 1] = { subject }
+            end
+            of[i] = subject
+        end
+    end
+    if subjects == nil then return false end
+    local keys, e = personal.keys_for_write(uow, subjects, pairs_)
+    if not keys then return nil, e end
+    local out = {}
+    for i, subject in pairs(of) do
+        local env, se = personal.sealed_envelope(events[i], keys[subject], subject)
+        if not env then return nil, se end
+        out[i] = env
+    end
+    return out
 end
 
 -- Up to OUTBOX_VALUES_MAX events go as INSERT ... VALUES with nine parameters a row (less work
@@ -291,22 +328,24 @@ local function outbox_values(n, traced)
     return sql
 end
 
--- Queues the outbox insert of the integration events, with the unit of work's trace context
--- when it has one.
-local function queue_outbox(tx, events, traceparent, tracestate)
+-- Queues the outbox insert of the integration events, their personal fields sealed, with the
+-- unit of work's trace context when it has one.
+local function queue_outbox(uow, tx, events, traceparent, tracestate)
+    local sealed, se = sealed_envelopes(uow, events)
+    if sealed == nil then return nil, se end
     local n = #events
     local null = core.null
     if n > OUTBOX_VALUES_MAX then
         if traceparent then
-            return tx:queue_id(OUTBOX_INSERT_TRACED, outbox_rows(events), traceparent,
+            return tx:queue_id(OUTBOX_INSERT_TRACED, outbox_rows(events, sealed), traceparent,
                                tracestate or null)
         end
-        return tx:queue_id(OUTBOX_INSERT, outbox_rows(events))
+        return tx:queue_id(OUTBOX_INSERT, outbox_rows(events, sealed))
     end
     local sql = outbox_values(n, traceparent ~= nil)
     if n == 1 then
         local ev = events[1]
-        local env = ev:envelope()
+        local env = sealed and sealed[1] or ev:envelope()
         -- the whole envelope is the payload (JSON)
         if traceparent then
             return tx:queue_id(sql, env.event_id, env.event_name, env.event_version, env,
@@ -321,7 +360,7 @@ local function queue_outbox(tx, events, traceparent, tracestate)
     local p = {}
     for i = 1, n do
         local ev = events[i]
-        local env = ev:envelope()
+        local env = sealed and sealed[i] or ev:envelope()
         local b = 9 * (i - 1)
         p[b + 1] = env.event_id
         p[b + 2] = env.event_name
@@ -481,7 +520,7 @@ local function committed(uow, ...)
     local tx = uow._tx
     local notify = uow._notify
     if outgoing then
-        local ok, e = queue_outbox(tx, outgoing, uow.traceparent, uow.tracestate)
+        local ok, e = queue_outbox(uow, tx, outgoing, uow.traceparent, uow.tracestate)
         if not ok then error(e, 0) end
         internal.notify_after(uow, _M.OUTBOX_CHANNEL)
         notify = uow._notify

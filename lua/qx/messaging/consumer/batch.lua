@@ -38,12 +38,14 @@ AND event_id IN (SELECT r.id FROM jsonb_to_recordset($2::jsonb) AS r(id uuid))]]
 
 -- Screens the fetched messages as the per-message mode does (a body that is no event, an id the
 -- inbox cannot key on, a delivery past max_deliver: dead-lettered at once) and returns the rest
--- as items { m, ev, key, delivered, info }.
+-- as items { m, ev, env, key, delivered, info }.
 function Consumer:_batch_items(msgs, counts)
     local items = {}
     for i = 1, #msgs do
         local m = msgs[i]
-        local ev, e = self.registry:decode(m.data, self.decode_opts)
+        -- (env: an envelope whose sealed fields the savepoint opens before reading it)
+        local ev, env = self:_decode(m.data)
+        local e = not ev and env or nil
         local delivered = tonumber(m.delivered) or 1
         if not ev then
             self:_dead(m, e.code == "not_found" and "unknown_event" or "invalid_message", e, counts)
@@ -58,16 +60,18 @@ function Consumer:_batch_items(msgs, counts)
             local h = m.headers
             local key = h and h[KEY_HEADER]
             if key == "" then key = nil end
-            items[#items + 1] = { m = m, ev = ev, key = key, delivered = delivered,
+            items[#items + 1] = { m = m, ev = ev, env = env, key = key, delivered = delivered,
                                   info = base.msg_info(self, m) }
         end
     end
     return items
 end
 
--- The delay a failed message is negatively acknowledged with, or nil when it is dead-lettered.
+-- The delay a failed message is negatively acknowledged with, or nil when it is dead-lettered
+-- (its deliveries are spent, or it cannot be read: sealed.lua).
 local function retry_delay(self, item)
     if item.delivered >= self.max_deliver then return nil end
+    if item.err and item.err.unopenable then return nil end
     local b = self.backoff
     return b[min(item.delivered, #b)]
 end
@@ -115,7 +119,10 @@ function Consumer:_commit_items(handler, items, blocked)
                 local ran = false
                 local ok, he = uow:savepoint(function(u)
                     ran = true
-                    local hok, herr = base.call_handler(handler, ev, u, it.info)
+                    -- sealed personal fields opened in the savepoint (the keys held until the
+                    -- batch commits); one that does not open fails this message alone
+                    local read = self:_read_sealed(u, ev, it.env)
+                    local hok, herr = base.call_handler(handler, read, u, it.info)
                     if not hok then error(herr, 0) end
                     stamp_recorded(u, stamped)
                     return true
@@ -163,6 +170,9 @@ function Consumer:_answer_item(it, counts)
     elseif o == "held" then
         counts.held = counts.held + 1
         self:_reply("nak", it.m, it.delay)
+    elseif it.err and it.err.unopenable then
+        -- it cannot be read (sealed.lua): dead-lettered at once, as in the per-message path
+        self:_dead(it.m, "invalid_message", it.err, counts, it.ev)
     else
         counts.failed = counts.failed + 1
         self.last_error = it.err

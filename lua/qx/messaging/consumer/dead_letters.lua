@@ -153,7 +153,8 @@ function Consumer:replay_dead(handler, ids)
     local counts = { handled = 0, failed = 0, duplicates = 0 }
     local function replay_info() return true end
     for _, row in ipairs(rows) do
-        local ev, de = self.registry:decode(row.data, self.decode_opts)
+        local ev, de = self:_decode(row.data)
+        local env = ev and de or nil
         if ev and self.inbox and not is_uuid(ev.event_id) then
             ev, de = nil, err.new("invalid", "event_id is not a uuid (the inbox keys on it)")
         end
@@ -179,7 +180,7 @@ function Consumer:replay_dead(handler, ids)
                     id)
                 if not n then error(me, 0) end
                 if n == 0 then return DUPLICATE end -- replayed meanwhile elsewhere
-            end)
+            end, env)
             if not ok then
                 counts.failed = counts.failed + 1
                 self.last_error = r

@@ -8,10 +8,12 @@
 --   local counts = c:run_once(handler)       -- { handled, failed, termed, duplicates, fetched }
 --
 -- The files of this folder: options.lua, run.lua (the loop), batch.lua (commit = "batch"),
--- dead_letters.lua. Options and what happens to each message: docs/consumer.md.
+-- dead_letters.lua, sealed.lua (personal fields). Options and what happens to each message:
+-- docs/consumer.md.
 local core = require "qx.core"
 local base = require "qx.messaging.consumer.base"
 local options = require "qx.messaging.consumer.options"
+require "qx.messaging.consumer.sealed"
 require "qx.messaging.consumer.run"
 require "qx.messaging.consumer.dead_letters"
 require "qx.messaging.consumer.batch"

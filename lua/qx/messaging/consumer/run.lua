@@ -109,9 +109,10 @@ end
 base.context_of = context_of
 
 -- Runs the handler for ev: in a unit of work when the consumer has a db, whose first statements
--- are first(uow) (when given; it may return DUPLICATE) and the inbox row. Returns true and
--- whether it was a duplicate, or false and the error.
-function Consumer:_handle(handler, ev, info, first)
+-- are first(uow) (when given; it may return DUPLICATE) and the inbox row; sealed personal fields
+-- are opened there (env: a message _decode left to open and read, sealed.lua). Returns true and
+-- whether it was a duplicate, or false and the error (err.unopenable: dead-letter it).
+function Consumer:_handle(handler, ev, info, first, env)
     if not self.db then
         return call_handler(handler, ev, nil, info)
     end
@@ -129,7 +130,10 @@ function Consumer:_handle(handler, ev, info, first)
             if not n then error(ie, 0) end
             if n == 0 then return DUPLICATE end
         end
-        local ok, he = call_handler(handler, ev, uow, info)
+        -- sealed personal fields opened in the handler's transaction (the keys held until it
+        -- commits); a forgotten subject's read qx.forgotten
+        local read = self:_read_sealed(uow, ev, env)
+        local ok, he = call_handler(handler, read, uow, info)
         if not ok then error(he, 0) end
         return true
     end, uow_opts)
@@ -199,10 +203,11 @@ function Consumer:_reply(kind, m, delay)
 end
 
 function Consumer:_process(handler, m, counts)
-    local ev, e = self.registry:decode(m.data, self.decode_opts)
+    -- (env: an envelope whose sealed fields the unit of work opens before reading it)
+    local ev, env = self:_decode(m.data)
     if not ev then
-        return self:_dead(m, e.code == "not_found" and "unknown_event" or "invalid_message",
-                          e, counts)
+        return self:_dead(m, env.code == "not_found" and "unknown_event" or "invalid_message",
+                          env, counts)
     end
     if self.inbox and not is_uuid(ev.event_id) then
         return self:_dead(m, "invalid_message", err.new("invalid",
@@ -217,7 +222,7 @@ function Consumer:_process(handler, m, counts)
     end
     local info = msg_info(self, m)
     local start = info.traceparent and tracing._spans_wanted() and tracing._time()
-    local ok, r = self:_handle(handler, ev, info)
+    local ok, r = self:_handle(handler, ev, info, nil, env)
     if start then
         tracing._span("qx.consumer.handle", start, info.traceparent, info.tracestate, {
             ["messaging.system"] = "nats", ["messaging.destination.name"] = m.subject,
@@ -234,6 +239,10 @@ function Consumer:_process(handler, m, counts)
         end
         self:_reply("ack", m)
         return
+    end
+    -- tampered, or sealed under no key of this database: no redelivery makes it better
+    if type(r) == "table" and r.unopenable then
+        return self:_dead(m, "invalid_message", r, counts, ev)
     end
     counts.failed = counts.failed + 1
     self.last_error = r

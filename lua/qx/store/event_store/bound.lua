@@ -13,6 +13,7 @@ local sql = require "qx.store.event_store.sql"
 local reads = require "qx.store.event_store.reads"
 local registry = require "qx.model.registry"
 local evolve_record = registry.evolve_record
+local personal = require "qx.store.personal"
 
 local type = type
 local ipairs = ipairs
@@ -113,6 +114,12 @@ function Bound:load(class, id, opts)
     end
     local use_snapshot = not (opts and opts.snapshot == false)
     local spec = es_class.spec(class)
+    if personal.may_hold(spec.handlers) then
+        local held, he = personal.hold_stream(self.uow, class.aggregate_type, tostring(id))
+        if not held then
+            return nil, he
+        end
+    end
     local rows, e = self.uow:query(LOAD, class.aggregate_type, tostring(id), use_snapshot,
                                    spec.snapshot_version, tenant_of(self.uow))
     if not rows then
@@ -140,9 +147,24 @@ function Bound:load(class, id, opts)
         if type(state) ~= "table" then
             return nil, new_error("invalid", tostring(self_) .. ": snapshot state is not an object")
         end
-        self_:restore(state)
+        self_:restore(personal.snapshot_in(state))
         self_.version = rows[1].sequence
         first = 2
+    end
+
+    -- sealed personal fields opened (or qx.forgotten) before any handler sees them
+    local recs, ids = {}, {}
+    for i = first, #rows do
+        local rec = rows[i].payload
+        if type(rec) == "table" then
+            local n = #recs + 1
+            recs[n] = rec
+            ids[n] = rows[i].row_id ~= null and rows[i].row_id or rec.event_id
+        end
+    end
+    local opened, pe = personal.open_all(self.uow, recs, ids)
+    if not opened then
+        return nil, pe
     end
 
     local events, sequences = {}, {}
@@ -194,6 +216,42 @@ function Bound:load(class, id, opts)
         return nil, perr
     end
     return self_
+end
+
+
+-- The stored events with their personal fields sealed (a new list of copies where there are
+-- any; stored itself when there are none) | nil, err (invalid: a bad subject, a forgotten one).
+-- The events themselves keep their values: the aggregate and the handlers read them.
+local function seal_stored(uow, stored, agg_type, sid, hold)
+    local subjects, pairs_, of
+    for i = 1, #stored do
+        local ev = stored[i]
+        local subject, e = personal.subject_of(ev)
+        if subject == nil then return nil, e end
+        if subject then
+            if subjects == nil then subjects, pairs_, of = {}, {}, {} end
+            if not subjects[subject] then
+                subjects[subject] = true
+                pairs_[#pairs_ + 1] = { subject, agg_type, sid }
+            end
+            of[i] = subject
+        end
+    end
+    if subjects == nil then return stored end
+    local keys, e = personal.keys_for_write(uow, subjects, pairs_, hold)
+    if not keys then return nil, e end
+    local out = {}
+    for i = 1, #stored do
+        local ev, subject = stored[i], of[i]
+        if subject then
+            local copy, se = personal.sealed_copy(ev, keys[subject], subject)
+            if not copy then return nil, se end
+            out[i] = copy
+        else
+            out[i] = ev
+        end
+    end
+    return out
 end
 
 
@@ -251,6 +309,7 @@ local function prepare(store, uow, agg, opts)
         if type(state) ~= "table" then
             return nil, new_error("invalid", tostring(agg) .. ": snapshot() must return a table")
         end
+        state = personal.snapshot_out(state)
         local tenant = tenant_of(uow)
         snap = {
             id = core.uuid(),
@@ -262,6 +321,10 @@ local function prepare(store, uow, agg, opts)
             state_version = es_class.spec(class).snapshot_version,
         }
     end
+    -- sealed last: with a snapshot, the subjects' keys are held until the commit
+    local e
+    stored, e = seal_stored(uow, stored, agg_type, sid, snap ~= nil)
+    if not stored then return nil, e end
     return agg_type, sid, version, stored, n, snap
 end
 

@@ -95,6 +95,22 @@ function _M.new(opts)
     }, Store)
 end
 
+--- Forgets a data subject (qx.forget on the store's db): its personal fields read
+-- qx.forgotten from then on, and the snapshots of its streams are dropped.
+---@param subject_id string the subject's uuid
+---@param opts table|nil as qx.forget
+---@return true|nil ok
+---@return qx.Error? err invalid, or as qx.forget
+function Store:forget(subject_id, opts)
+    if getmetatable(self) ~= Store then
+        error("store:forget: call as store:forget(subject_id)", 2)
+    end
+    if not self.db then
+        error("store:forget: this store has no db (qx.event_store{ db = db })", 2)
+    end
+    return require("qx.store.forget").forget(self.db, subject_id, opts)
+end
+
 --- Whether x is an event store made by qx.event_store.
 ---@param x any
 ---@return boolean

@@ -8,6 +8,7 @@ local checkpoint = require "qx.store.event_store.checkpoint"
 local sql = require "qx.store.event_store.sql"
 local options = require "qx.options"
 local evolve_record = require("qx.model.registry").evolve_record
+local personal = require "qx.store.personal"
 
 local type = type
 local pairs = pairs
@@ -81,16 +82,34 @@ end
 
 _M.to_record = to_record
 
--- A row -> a record read as the class the registry has for its name (upcast, renamed from an
--- alias); a name it does not know stays as stored. -> record | nil, err invalid
-local function read_record(r, reg)
-    local rec = to_record(r)
-    local class = reg and reg:reader(rec.event_name, rec.event_version)
-    if class == nil then return rec end
-    return evolve_record(class, rec)
+-- The rows of a read (q and gen as personal.read gave them) -> records | nil, err. Sealed
+-- personal fields are opened first, as stored: their ciphertext is bound to the event's id and
+-- the stored field's name, which an upcaster may rename; then each record is read as its
+-- registry class (upcast, renamed from an alias). Rows without a tx_id (markers) are skipped.
+local function read_records(q, rows, reg, gen)
+    local out = {}
+    for i = 1, #rows do
+        local r = rows[i]
+        if r.tx_id ~= null then out[#out + 1] = to_record(r) end
+    end
+    local ok, pe = personal.open_all(q, out, nil, gen)
+    if not ok then return nil, pe end
+    if reg then
+        for i = 1, #out do
+            local rec = out[i]
+            local class = reg:reader(rec.event_name, rec.event_version)
+            if class ~= nil then
+                local er
+                rec, er = evolve_record(class, rec)
+                if not rec then return nil, er end
+                out[i] = rec
+            end
+        end
+    end
+    return out
 end
 
-_M.read_record = read_record
+_M.read_records = read_records
 
 -- A list of names from a string, an event class / aggregate class, or a list of them.
 local function name_list(method, what, v, name_of)
@@ -173,21 +192,15 @@ local function read_all(q, method, opts, reg)
         return nil, pos
     end
 
-    local rows, e = q:query(read_sql(types, categories), tx, pos, types, categories, tenant,
-                            limit)
+    -- (personal.read: q:query, and outside a unit of work the keys' generation with the rows)
+    local rows, e, gen = personal.read(q, read_sql(types, categories), tx, pos, types, categories,
+                                       tenant, limit)
     if not rows then
         return nil, e
     end
-    local out = {}
     local horizon = rows[1] and rows[1].horizon or "0"
-    for i = 1, #rows do
-        local r = rows[i]
-        if r.tx_id ~= null then
-            local rec, re = read_record(r, reg)
-            if not rec then return nil, re end
-            out[#out + 1] = rec
-        end
-    end
+    local out, re = read_records(q, rows, reg, gen)
+    if not out then return nil, re end
     local last = out[#out]
     if last then
         tx, pos = last._tx_id, dec(last._global_position)
@@ -242,22 +255,14 @@ _M.archived_error = archived_error
 
 local function read_stream(q, method, agg_type, id, opts, tenant, reg)
     local t, sid, after, limit, archived = stream_args(method, agg_type, id, opts)
-    local rows, e = q:query(READ_STREAM, t, sid, after, tenant, limit, archived)
+    local rows, e, gen = personal.read(q, READ_STREAM, t, sid, after, tenant, limit, archived)
     if not rows then
         return nil, e
     end
     if rows[1].archived and not archived then
         return nil, archived_error(t, sid)
     end
-    local out = {}
-    for i = 1, #rows do
-        if rows[i].tx_id ~= null then
-            local rec, re = read_record(rows[i], reg)
-            if not rec then return nil, re end
-            out[#out + 1] = rec
-        end
-    end
-    return out
+    return read_records(q, rows, reg, gen)
 end
 
 

@@ -19,6 +19,8 @@ local registry_mod = require "qx.model.registry"
 local metrics_server = require "qx.metrics_server"
 local pmetrics = require "qx.store.projection.metrics"
 local tracing = require "qx.tracing"
+local personal = require "qx.store.personal"
+local forget = require "qx.store.forget"
 
 local type = type
 local pairs = pairs
@@ -61,6 +63,8 @@ local _M = { _VERSION = "0.1.0" }
 ---@field tables string[]? with version: the read model's tables, each read through a view
 ---@field setup (fun(uow: qx.Uow, p: qx.Projection))? with version: creates its tables, once
 ---@field max_rebuilds integer? rebuilds at once per database (QX_PROJECTION__MAX_REBUILDS, 2)
+---@field on_forget (fun(subject_id: string, uow: qx.Uow, p: qx.Projection))? erases a
+--- forgotten subject from the read model (docs/erasure.md)
 
 --- A projection (qx.projection).
 ---@class qx.Projection
@@ -175,7 +179,8 @@ end
 
 local OPTS = { name = true, db = true, handlers = true, aggregate_type = true, batch_size = true,
                reset = true, on_progress = true, progress_interval_seconds = true,
-               version = true, tables = true, setup = true, max_rebuilds = true }
+               version = true, tables = true, setup = true, max_rebuilds = true,
+               on_forget = true }
 
 
 --- A projection: a read model fed from the event store, exactly once (qx.projection).
@@ -260,6 +265,9 @@ function _M.new(opts)
     if opts.reset ~= nil and type(opts.reset) ~= "function" then
         error("qx.projection: reset must be a function(uow)", 2)
     end
+    if opts.on_forget ~= nil and type(opts.on_forget) ~= "function" then
+        error("qx.projection: on_forget must be a function(subject_id, uow, p)", 2)
+    end
     local progress = opts.on_progress
     if progress == nil then
         progress = default_progress
@@ -278,7 +286,7 @@ function _M.new(opts)
     if not cap then
         error(cerr, 2)
     end
-    return setmetatable({
+    local self = setmetatable({
         name = name,
         key = versioned.key or name,
         version = versioned.version,
@@ -286,6 +294,7 @@ function _M.new(opts)
         setup = versioned.setup,
         max_rebuilds = cap,
         db = opts.db,
+        on_forget = opts.on_forget,
         handlers = handlers,
         classes = classes,
         types = names,
@@ -299,6 +308,9 @@ function _M.new(opts)
         _stopping = false,
         _counters = pmetrics.counters(),
     }, Projection)
+    -- (a version's tables are made at its registration: forget ensures it before its hook)
+    if self.on_forget then forget.register(self.db, self, _M._ensure) end
+    return self
 end
 
 
@@ -380,27 +392,35 @@ local function run_batch(self)
             return true
         end
         local tx, pos = head.cp_tx, dec(head.cp_pos)
-        local n = 0
-        local last
+        local recs = {}
         for i = 1, #rows do
             local r = rows[i]
-            if r.tx_id ~= null then
-                local rec = to_record(r)
-                local fn = self.handlers[rec.event_name]
-                local class = self.classes[rec.event_name]
-                if class then
-                    local er
-                    rec, er = evolve_record(class, rec)
-                    if not rec then
-                        er.projection = self.name
-                        er.message = fmt("projection %s: %s", self.name, er.message)
-                        error(er, 0)
-                    end
+            if r.tx_id ~= null then recs[#recs + 1] = to_record(r) end
+        end
+        -- opened as stored (the ciphertext is bound to the stored field names), then upcast;
+        -- the subjects' keys are held until this batch commits: a concurrent forget waits and
+        -- then runs on_forget over what the batch wrote
+        local opened, pe = personal.open_all(uow, recs)
+        if not opened then
+            pe.projection = self.name
+            pe.message = fmt("projection %s: %s", self.name, pe.message)
+            error(pe, 0)
+        end
+        local n = #recs
+        local last = recs[n]
+        for i = 1, n do
+            local rec = recs[i]
+            local class = self.classes[rec.event_name]
+            if class then
+                local er
+                rec, er = evolve_record(class, rec)
+                if not rec then
+                    er.projection = self.name
+                    er.message = fmt("projection %s: %s", self.name, er.message)
+                    error(er, 0)
                 end
-                apply(self, fn, rec, uow)
-                n = n + 1
-                last = rec
             end
+            apply(self, self.handlers[rec.event_name], rec, uow)
         end
         local new_tx, new_pos = tx, pos
         if last then

@@ -1,0 +1,481 @@
+--- Personal fields sealed per data subject, and forgetting a subject (crypto-shredding).
+--
+--   local Registered = qx.event("user.registered", { personal = { "email" }, subject = "user_id" })
+--   qx.forget(db, user_id)    -- the subject's key is deleted: its sealed fields read qx.forgotten
+--
+-- A personal field is stored as the text "qx:sealed:1:<subject id>:<base64url(nonce, AES-256-GCM
+-- ciphertext of the value's JSON, tag)>", with the event's id and the field's name as the
+-- additional authenticated data. The record paths (event store append, outbox insert) call
+-- seal_*, the read paths (records, load, projections, the consumer) call open_*. The contract,
+-- the key cache and the costs are argued in docs/erasure.md.
+local core = require "qx.core"
+local qx_error = require "qx.error"
+local event = require "qx.model.event"
+
+local type = type
+local pairs = pairs
+local tostring = tostring
+local setmetatable = setmetatable
+local select = select
+local byte = string.byte
+local sub = string.sub
+local fmt = string.format
+local sort = table.sort
+local is_uuid = core.is_uuid
+local null = core.null
+local json_encode, json_decode = core.json_encode, core.json_decode
+local seal_b64, open_b64 = core.aead_seal_b64, core.aead_open_b64
+local new_error = qx_error.new
+local class_of = event.class_of
+
+local _M = {}
+
+local PREFIX = "qx:sealed:1:"
+local PREFIX_LEN = #PREFIX
+local BODY_AT = PREFIX_LEN + 38 -- the prefix, the subject (36) and ":"
+local Q = byte("q")
+local AAD_HEAD = "qx.personal.1\n"
+_M.PREFIX = PREFIX
+
+--- What a personal field reads once its subject is forgotten (qx.forgotten). Compare with ==.
+_M.forgotten = setmetatable({}, {
+    __tostring = function() return "qx.forgotten" end,
+    __newindex = function() error("qx.forgotten is read-only", 2) end,
+    __metatable = "qx.forgotten",
+})
+local forgotten = _M.forgotten
+
+local function is_sealed(v)
+    return type(v) == "string" and byte(v, 1) == Q and sub(v, 1, PREFIX_LEN) == PREFIX
+end
+_M.is_sealed = is_sealed
+
+local function aad(event_id, field)
+    return AAD_HEAD .. event_id .. "\n" .. field
+end
+
+-- ---- the write side ---------------------------------------------------------------------
+
+-- Keys a process has read or made, per database handle: subject -> key. An entry is only a
+-- shortcut for writing: the transaction that uses it also runs qx_subject_keys_hold, which
+-- refuses the write when the subject was forgotten since. Reads never use it.
+local write_caches = setmetatable({}, { __mode = "k" })
+local CACHE_MAX = 10000
+
+local function cache_of(db)
+    local c = write_caches[db]
+    if c == nil then
+        c = { n = 0, keys = {} }
+        write_caches[db] = c
+    end
+    return c
+end
+
+--- Drops the keys this process keeps for writing (all databases); for tests and key rotation.
+function _M.clear_cache()
+    write_caches = setmetatable({}, { __mode = "k" })
+end
+
+-- Checks an event about to be recorded: its subject (when a personal field has a value) and
+-- that no other field looks sealed. -> subject id | false (nothing to seal) | nil, err
+local function subject_of(ev)
+    local class = class_of(ev)
+    local personal = class.personal
+    local pset
+    if personal then
+        pset = class._personal_set
+        if pset == nil then
+            pset = {}
+            for i = 1, #personal do pset[personal[i]] = true end
+            class._personal_set = pset
+        end
+    end
+    local any = false
+    for k, v in pairs(ev) do
+        if pset and pset[k] then
+            if v ~= null then
+                if v == forgotten then
+                    return nil, new_error("invalid", fmt("%s: field '%s' holds qx.forgotten, "
+                        .. "which cannot be recorded", class.event_name, k))
+                end
+                any = true
+            end
+        elseif is_sealed(v) then
+            return nil, new_error("invalid", fmt("%s: field '%s' is not personal but holds a "
+                .. "sealed value", class.event_name, tostring(k)))
+        end
+    end
+    if not any then return false end
+    local subject = ev[class.subject]
+    if not is_uuid(subject) then
+        return nil, new_error("invalid", fmt("%s: personal fields need the data subject's id, a "
+            .. "uuid, in field '%s', got %s", class.event_name, class.subject,
+            type(subject) == "string" and fmt("%q", subject) or type(subject)))
+    end
+    return subject:lower()
+end
+_M.subject_of = subject_of
+
+local UPSERT = [[
+INSERT INTO qx_subject_keys (subject_id, key)
+SELECT e.key::uuid, decode(e.value, 'hex') FROM jsonb_each_text($1::jsonb) e
+ORDER BY 1
+ON CONFLICT (subject_id) DO UPDATE SET subject_id = EXCLUDED.subject_id
+RETURNING subject_id::text AS subject_id, key]]
+
+local HOLD = "SELECT qx_subject_keys_hold($1::jsonb, $2)"
+
+local function hex(s)
+    return (s:gsub(".", function(c) return fmt("%02x", byte(c)) end))
+end
+
+local function forgotten_error(subject)
+    return new_error("invalid", "data subject " .. subject
+        .. " is forgotten: no personal data of it is recorded")
+end
+
+--- The keys of the subjects for writing in the unit of work: from the cache, or made (the
+-- first writer's key wins: two first writers end with one key) in one round trip. Queues
+-- qx_subject_keys_hold of the subjects with the streams, locking the keys until the commit
+-- when hold is true (a snapshot is written).
+---@param uow table the unit of work
+---@param subjects table set of subject ids
+---@param pairs_ table list of { subject, aggregate_type|null, aggregate_id|null }
+---@param hold boolean|nil lock the keys until the commit
+---@return table|nil keys { subject = key }
+---@return qx.Error? err invalid (a forgotten subject), or the database's
+function _M.keys_for_write(uow, subjects, pairs_, hold)
+    local cache = cache_of(uow.db)
+    local keys, missing, nmissing = {}, nil, 0
+    for s in pairs(subjects) do
+        local k = cache.keys[s]
+        if k then
+            keys[s] = k
+        else
+            missing = missing or {}
+            missing[s] = hex(core.random_bytes(32))
+            nmissing = nmissing + 1
+        end
+    end
+    if missing then
+        local rows, e = uow:query(UPSERT, missing)
+        if not rows then return nil, e end
+        if cache.n + nmissing > CACHE_MAX then
+            cache.keys, cache.n = {}, 0
+        end
+        for i = 1, #rows do
+            local r = rows[i]
+            if r.key == null then return nil, forgotten_error(r.subject_id) end
+            keys[r.subject_id] = r.key
+            cache.keys[r.subject_id] = r.key
+            cache.n = cache.n + 1
+        end
+    end
+    local ok, e = uow:queue(HOLD, pairs_, hold == true)
+    if not ok then return nil, e end
+    return keys
+end
+
+local function seal_value(key, subject, event_id, field, v)
+    local text, e = json_encode(v)
+    if not text then
+        return nil, new_error("invalid", fmt("personal field '%s' cannot be stored as JSON: %s",
+                                             field, tostring(e.message)))
+    end
+    return PREFIX .. subject .. ":" .. seal_b64(key, aad(event_id, field), text)
+end
+
+-- Replaces the personal fields of target (a copy of ev's fields, or its envelope's payload)
+-- by their sealed text. -> true | nil, err
+local function seal_into(target, ev, key, subject)
+    local class = class_of(ev)
+    local personal = class.personal
+    local id = ev.event_id
+    for i = 1, #personal do
+        local f = personal[i]
+        local v = target[f]
+        if v ~= nil and v ~= null then
+            local text, e = seal_value(key, subject, id, f, v)
+            if not text then return nil, e end
+            target[f] = text
+        end
+    end
+    return true
+end
+
+--- A plain copy of ev's fields with its personal fields sealed (the event store's row).
+---@param ev table the event
+---@param key string the subject's key
+---@param subject string the subject's id
+---@return table|nil copy
+---@return qx.Error? err invalid
+function _M.sealed_copy(ev, key, subject)
+    local copy = {}
+    for k, v in pairs(ev) do copy[k] = v end
+    local ok, e = seal_into(copy, ev, key, subject)
+    if not ok then return nil, e end
+    return copy
+end
+
+--- ev:envelope() with the payload's personal fields sealed (the outbox row).
+---@param ev table the event
+---@param key string the subject's key
+---@param subject string the subject's id
+---@return table|nil envelope
+---@return qx.Error? err invalid
+function _M.sealed_envelope(ev, key, subject)
+    local env = ev:envelope()
+    local ok, e = seal_into(env.payload, ev, key, subject)
+    if not ok then return nil, e end
+    return env
+end
+
+-- Queued ahead of a load (same round trip): the keys of the subjects whose personal data the
+-- stream holds are locked until the commit, so a snapshot this transaction writes from the
+-- state it loads (in clear) is dropped by a forget that comes meanwhile, which waits for it.
+local HOLD_STREAM = [[
+SELECT count(*) FROM (
+  SELECT 1 FROM qx_subject_keys k JOIN qx_subject_streams m ON m.subject_id = k.subject_id
+   WHERE m.aggregate_type = $1 AND m.aggregate_id = $2 AND k.key IS NOT NULL
+   ORDER BY k.subject_id FOR SHARE OF k) AS held]]
+
+--- Whether an aggregate with these handlers (event name -> { class = event class? }) may hold
+-- personal data: one of its events has personal fields, or is handled by name only (its class
+-- unknown). An aggregate none of whose events is personal needs no lock on load.
+---@param handlers table the event-sourced class's handlers
+---@return boolean
+function _M.may_hold(handlers)
+    for _, h in pairs(handlers) do
+        if h.class == nil or h.class.personal then return true end
+    end
+    return false
+end
+
+--- Queues the lock of the keys of the subjects of a stream (before a load in a unit of work).
+---@param uow table the unit of work
+---@param agg_type string
+---@param id string
+---@return true|nil ok
+---@return qx.Error? err
+function _M.hold_stream(uow, agg_type, id)
+    return uow:queue(HOLD_STREAM, agg_type, id)
+end
+
+-- ---- snapshots ----------------------------------------------------------------------------
+
+-- An aggregate's state may hold qx.forgotten (it replayed a forgotten subject's events); JSON
+-- has no such value, so a snapshot stores it as this text and a load gives it back.
+local FORGOTTEN_TEXT = "qx:forgotten"
+_M.FORGOTTEN_TEXT = FORGOTTEN_TEXT
+
+-- t with every value equal to from replaced by to, at any depth; t itself when there is none
+-- (copies only the tables on the way to one)
+local function replaced(t, from, to, depth)
+    if depth > 1000 then return t end
+    local out
+    for k, v in pairs(t) do
+        local nv = v
+        if v == from then
+            nv = to
+        elseif type(v) == "table" and v ~= forgotten then
+            nv = replaced(v, from, to, depth + 1)
+        end
+        if nv ~= v then
+            if out == nil then
+                out = {}
+                for k2, v2 in pairs(t) do out[k2] = v2 end
+            end
+            out[k] = nv
+        end
+    end
+    return out or t
+end
+
+--- A snapshot's state as stored: qx.forgotten as the text "qx:forgotten".
+---@param state table
+---@return table
+function _M.snapshot_out(state)
+    return replaced(state, forgotten, FORGOTTEN_TEXT, 0)
+end
+
+--- A stored snapshot's state as restored: the text "qx:forgotten" as qx.forgotten.
+---@param state table
+---@return table
+function _M.snapshot_in(state)
+    return replaced(state, FORGOTTEN_TEXT, forgotten, 0)
+end
+
+-- ---- the read side ----------------------------------------------------------------------
+
+-- (= ANY of an array, not IN of a set: the planner looks each key up by its index instead of
+-- hashing the whole table)
+local KEYS = [[
+SELECT subject_id::text AS subject_id, key FROM qx_subject_keys
+ WHERE subject_id = ANY (ARRAY(SELECT jsonb_array_elements_text($1::jsonb)::uuid))]]
+-- inside a unit of work the keys are held until its commit: a forget waits for it (and then
+-- erases what it wrote), or went first and is seen
+local KEYS_HELD = KEYS .. " ORDER BY subject_id FOR SHARE"
+
+-- the keys and, in the same statement (one snapshot), the generation they are valid for
+local KEYS_GEN = [[
+SELECT g.n AS gen, k.subject_id::text AS subject_id, k.key
+  FROM qx_subject_keys_generation g
+  LEFT JOIN qx_subject_keys k
+    ON k.subject_id = ANY (ARRAY(SELECT jsonb_array_elements_text($1::jsonb)::uuid))]]
+local GEN = "SELECT n AS gen FROM qx_subject_keys_generation"
+
+-- Keys kept for reads outside a unit of work, per db handle: { gen, keys = { subject = key |
+-- false }, n }. Valid while the generation that every such read asks for, in the same round
+-- trip as its rows and after them, has not moved: a forget bumps it in its transaction, so no
+-- key is served by a read that began after the forget committed.
+local read_caches = setmetatable({}, { __mode = "k" })
+
+--- A read outside a unit of work, with the keys' generation in the same round trip.
+---@param q table a db or a unit of work (then only q:query, and no generation)
+---@param sql string the read
+---@param ... any its parameters
+---@return table|nil rows
+---@return qx.Error|nil err
+---@return integer|nil gen the generation read after the rows (db only)
+function _M.read(q, sql, ...)
+    if q._tx or not q.pool then return q:query(sql, ...) end
+    local conn, e = q.pool:acquire()
+    if not conn then return nil, e end
+    local st = { sql, ... }
+    st.n = select("#", ...)
+    local results, be = conn:batch({ st, { GEN, n = 0 } })
+    conn:release()
+    if not results then return nil, be end
+    local g = results[2].rows[1]
+    return results[1].rows, nil, g and g.gen
+end
+
+-- The keys of the subjects (a list) -> { subject = key | false (forgotten) } | nil, err. With
+-- gen (a read outside a unit of work) through the db's kept keys.
+local function keys_for_read(q, list, gen)
+    if gen == nil then
+        sort(list)
+        local rows, e = q:query(q._tx and KEYS_HELD or KEYS, list)
+        if not rows then return nil, e end
+        local keys = {}
+        for i = 1, #rows do
+            local r = rows[i]
+            keys[r.subject_id] = r.key ~= null and r.key or false
+        end
+        return keys
+    end
+    local cache = read_caches[q]
+    if cache == nil or cache.gen ~= gen then
+        cache = { gen = gen, keys = {}, n = 0 }
+        read_caches[q] = cache
+    end
+    local keys = cache.keys
+    local missing
+    for i = 1, #list do
+        if keys[list[i]] == nil then
+            missing = missing or {}
+            missing[#missing + 1] = list[i]
+        end
+    end
+    if missing then
+        sort(missing)
+        local rows, e = q:query(KEYS_GEN, missing)
+        if not rows then return nil, e end
+        local now = rows[1] and rows[1].gen
+        if now ~= cache.gen or cache.n + #missing > CACHE_MAX then
+            cache = { gen = now, keys = {}, n = 0 }
+            read_caches[q] = cache
+            keys = cache.keys
+            -- what this read already had from the cache is asked again, under the new gen
+            if now ~= gen then
+                sort(list)
+                return keys_for_read(q, list, now)
+            end
+        end
+        -- (a subject without any row stays unknown: its values are invalid, and asked again)
+        for i = 1, #rows do
+            local r = rows[i]
+            if r.subject_id ~= null then keys[r.subject_id] = r.key ~= null and r.key or false end
+        end
+        cache.n = cache.n + #missing
+    end
+    return keys
+end
+
+-- The value of one sealed text under keys (subject -> key | false) | nil, err
+local function open_value(keys, event_id, field, text, subject)
+    local key = keys[subject]
+    if key == false then return forgotten end
+    if key == nil then
+        return nil, new_error("invalid", fmt("field '%s' of event %s: no key for data subject %s",
+                                             field, tostring(event_id), subject))
+    end
+    local plain, e = open_b64(key, AAD_HEAD .. tostring(event_id) .. "\n" .. field, text, BODY_AT)
+    if not plain then
+        return nil, new_error("invalid", fmt("field '%s' of event %s does not open: %s", field,
+            tostring(event_id), e.message))
+    end
+    local v
+    v, e = json_decode(plain)
+    if v == nil then
+        return nil, new_error("invalid", fmt("field '%s' of event %s: %s", field,
+                                             tostring(event_id), tostring(e.message)))
+    end
+    return v
+end
+
+--- Opens the sealed fields of tables in place: tables[i] holds event ids[i]'s fields side by
+-- side (a record, an event, an envelope's payload). One query for the keys of every subject
+-- met, none when nothing is sealed. A forgotten subject's fields become qx.forgotten.
+---@param q table a db or a unit of work (then the keys are held until its commit)
+---@param tables table list of field tables
+---@param ids table|nil list of event ids (nil: tables[i].event_id)
+---@param gen integer|nil the generation _M.read returned (a read outside a unit of work)
+---@return true|nil ok
+---@return qx.Error? err invalid (tampered, or no key), or the query's
+function _M.open_all(q, tables, ids, gen)
+    -- one pass: where the sealed values are (table index, field, subject), and the subjects
+    local found, nfound, subjects, list = nil, 0, nil, nil
+    for i = 1, #tables do
+        for k, v in pairs(tables[i]) do
+            if type(v) == "string" and byte(v, 1) == Q and sub(v, 1, PREFIX_LEN) == PREFIX then
+                local s = sub(v, PREFIX_LEN + 1, PREFIX_LEN + 36)
+                if byte(v, PREFIX_LEN + 37) ~= 58 or not is_uuid(s) then -- 58: ':'
+                    local id = ids and ids[i] or tables[i].event_id
+                    return nil, new_error("invalid", fmt("field '%s' of event %s: malformed "
+                        .. "sealed value", tostring(k), tostring(id)))
+                end
+                if found == nil then found, subjects, list = {}, {}, {} end
+                found[nfound + 1], found[nfound + 2], found[nfound + 3] = i, k, s
+                nfound = nfound + 3
+                if not subjects[s] then
+                    subjects[s] = true
+                    list[#list + 1] = s
+                end
+            end
+        end
+    end
+    if found == nil then return true end
+    local keys, e = keys_for_read(q, list, gen)
+    if not keys then return nil, e end
+    for j = 1, nfound, 3 do
+        local i, k, s = found[j], found[j + 1], found[j + 2]
+        local t = tables[i]
+        local v, oe = open_value(keys, ids and ids[i] or t.event_id, k, t[k], s)
+        if v == nil then return nil, oe end
+        t[k] = v
+    end
+    return true
+end
+
+--- Whether a table holds a sealed value (one level).
+---@param t table
+---@return boolean
+function _M.has_sealed(t)
+    for _, v in pairs(t) do
+        if is_sealed(v) then return true end
+    end
+    return false
+end
+
+return _M
