@@ -1,4 +1,4 @@
---- Internal to qx.consumer: messages whose payload holds sealed personal fields
+-- Internal to qx.consumer: messages whose payload holds sealed personal fields
 -- (docs/erasure.md). A consumer whose database has qx's key table opens them in the handler's
 -- unit of work, with the keys held until it commits, and reads the event as its class only
 -- then: upcasters and aliases see the values, as on the event store's reads (the ciphertext is

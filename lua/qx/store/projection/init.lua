@@ -1,4 +1,4 @@
---- qx.projection: read models kept up to date from the event store, exactly once. runner.lua
+-- qx.projection: read models kept up to date from the event store, exactly once. runner.lua
 -- runs one projection (batches, catch_up, run, rebuild, status); versions.lua builds versions
 -- beside each other and switches readers between them; rebuild_slots.lua caps rebuilds per
 -- database. This file assembles them; docs/projections.md has the contract.

@@ -1,4 +1,4 @@
---- Internal to qx.projection: what a projection counts for its metrics (batch apply times, events
+-- Internal to qx.projection: what a projection counts for its metrics (batch apply times, events
 -- applied by this process) and its Prometheus text, lag included. See docs/projections.md.
 local metrics = require "qx.metrics"
 

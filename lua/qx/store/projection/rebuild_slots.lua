@@ -40,7 +40,7 @@ end
 local Slot = {}
 Slot.__index = Slot
 
---- Gives the slot back (also when the connection broke: its session, and the lock, are gone).
+-- Gives the slot back (also when the connection broke: its session, and the lock, are gone).
 function Slot:release()
     if self.conn then
         self.conn:query(UNLOCK, self.n)
