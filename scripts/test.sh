@@ -6,7 +6,8 @@
 #             on PATH so child `lua5.4`s are sanitized too) with the ASan+UBSan
 #             build/asan/qx/core.so; LeakSanitizer on (spec/lsan.supp)
 #   valgrind  valgrind memcheck of lua5.4 with build/lua5.4/qx/core.so; definite leaks are errors
-#             (spec/valgrind.supp); specs tagged #novalgrind are skipped in this run
+#             (spec/valgrind.supp); specs tagged #novalgrind or #slow are skipped in this run
+#             (the slow ones drive the same C paths as the others, for longer; ASan runs them)
 #   tsan      build/tsan/bin/lua5.4 (Lua 5.4 with the ThreadSanitizer runtime linked in, first on
 #             PATH) with the TSan build/tsan/qx/core.so, on the specs whose C code runs on other
 #             threads (TSAN_SPECS: the relay's ack handler on nats.c's threads, its marking
@@ -171,10 +172,11 @@ busted_run() {
 }
 
 # --- how long ----------------------------------------------------------------------------------
-# Measured on two busy cores: lua5.4 and luajit about 1.5 min each, tsan about 1 min, asan a few
-# minutes, valgrind the longest; with deps, build and lint, 9-11 minutes for all five runs.
-echo "make test: runs $TEST_RUNS; all five take about 9-11 minutes on two cores (valgrind the"
-echo "longest), one run (e.g. TEST_RUNS=lua5.4) about 2 minutes; logs in $TEST_DIR/logs"
+# Measured on two busy cores: lua5.4 about 5.5 min (with the #cluster specs, about 3 of it),
+# luajit about 2.5, asan about 4, valgrind the longest, tsan 1.5; with deps, build and lint,
+# 20-25 minutes for all five runs.
+echo "make test: runs $TEST_RUNS; all five take about 20-25 minutes on two cores (valgrind the"
+echo "longest), one run (e.g. TEST_RUNS=luajit) about 3 minutes; logs in $TEST_DIR/logs"
 
 # --- deps and build -----------------------------------------------------------------------
 step deps bash scripts/deps.sh test || finish
@@ -229,7 +231,7 @@ for run in $TEST_RUNS; do
         valgrind -q --error-exitcode=99 --num-callers=30 --keep-debuginfo=yes \
           --leak-check=full --show-leak-kinds=definite --errors-for-leak-kinds=definite \
           --suppressions="$root/spec/valgrind.supp" \
-        lua5.4 "$BUSTED" -o "$OUT" --cpath='build/lua5.4/?.so' --exclude-tags=novalgrind,cluster
+        lua5.4 "$BUSTED" -o "$OUT" --cpath='build/lua5.4/?.so' --exclude-tags=novalgrind,cluster,slow
       ;;
     tsan)
       # Reports go to files, one per process (log_path adds the pid), so that those of the
