@@ -81,7 +81,11 @@ cleanup() {
 trap cleanup EXIT
 psql -c "CREATE DATABASE $dbname"
 
-mkdir -p "$work/lua"
+# a copy of qx, so that edits and rebuilds in the tree during the bench do not reach it
+mkdir -p "$work/lua" "$work/qx/build/luajit/qx"
+cp -r "$root/lua" "$root/examples" "$work/qx/"
+cp "$root/build/luajit/qx/core.so" "$work/qx/build/luajit/qx/"
+src=$work/qx
 # The pgmoon side, run in the worker (content_by_lua).
 cat >"$work/lua/bench_pgmoon.lua" <<EOF
 local pgmoon = require "pgmoon"
@@ -99,11 +103,15 @@ local function connect()
 end
 
 local function fail(status, message)
+    if status >= 500 then ngx.log(ngx.ERR, "pgmoon: ", tostring(message)) end
     ngx.status = status
     ngx.header["Content-Type"] = "application/json"
     ngx.print(cjson.encode({ error = { code = "error", message = message } }), "\n")
     return ngx.exit(status)
 end
+
+-- every nginx of the run starts LuaJIT's generator at the same seed otherwise
+math.randomseed(ngx.now() * 1000 + ngx.worker.pid())
 
 local function random_uuid()
     -- a v4 id from the worker's PRNG: less than qx does (v7 from getrandom)
@@ -192,8 +200,8 @@ http {
     client_body_buffer_size 64k;
     lua_worker_thread_vm_pool_size $((t * 2 + 4));
     lua_socket_log_errors off;
-    lua_package_path "$work/lua/?.lua;$pgmoon_dir/?.lua;$pgmoon_dir/?/init.lua;$root/examples/openresty/?.lua;$root/lua/?.lua;$root/lua/?/init.lua;;";
-    lua_package_cpath "$root/build/luajit/?.so;;";
+    lua_package_path "$work/lua/?.lua;$pgmoon_dir/?.lua;$pgmoon_dir/?/init.lua;$src/examples/openresty/?.lua;$src/lua/?.lua;$src/lua/?/init.lua;;";
+    lua_package_cpath "$src/build/luajit/?.so;;";
     init_by_lua_block {
         require("shop.setup").run()
         require("qx.openresty").thread_pool("qx", { concurrency = $t, queue_timeout = 30 })
@@ -339,6 +347,12 @@ done
 bad=$(awk '{ n += $7 } END { print n + 0 }' "$work/results")
 echo
 echo "non-2xx responses over all runs: $bad"
+if [ "$bad" != 0 ]; then
+  for t in $threads_list; do
+    echo "error log of the nginx of $t threads (last lines):"
+    grep -v "^$" "$work/nginx-$t/logs/error.log" | tail -n 5 || true
+  done
+fi
 echo "PostgreSQL connections to the bench database at the end: $("$pg_bin/psql" -X -A -t -d "$admin_url" -c \
   "SELECT count(*) FROM pg_stat_activity WHERE datname = '$dbname'")"
 echo "load $(cut -d' ' -f1-3 /proc/loadavg) at end"
