@@ -261,6 +261,15 @@ return require("qx.openresty").handlers({
   ping = function(db) return db:query("SELECT 1") end,
 }, { db = { url = "postgresql://postgres@127.0.0.1:1/nowhere", connect_timeout_seconds = 2 } })
 ]],
+    -- every thread VM of the worker on one shared pool of one connection
+    openresty_spec_shared = [[
+return require("qx.openresty").handlers({
+  backend = function(db)
+    local rows = assert(db:query("SELECT pg_backend_pid() AS pid, pg_sleep(0.2)::text AS slept"))
+    return { pid = rows[1].pid }
+  end,
+}, { db = { pool_size = 1, shared_pool = "openresty_spec_shared" } })
+]],
     openresty_spec_broken = "return {\n",
     openresty_spec_number = "return 42\n",
 }
@@ -816,7 +825,7 @@ describe("qx.openresty in nginx #slow", function()
         assert.is_true(t > 0.2, string.format("/health took only %.1f ms", t * 1000))
     end)
 
-    it("keeps each thread VM's pool over many requests: the same backends serve them all", function()
+    it("keeps the worker's pools over many requests: the same backends serve them all", function()
         local cfg = RUN_DIR .. "/many.cfg"
         local function burst(n)
             local lines = { "silent", 'header = "content-type: application/json"',
@@ -841,8 +850,29 @@ describe("qx.openresty in nginx #slow", function()
         end
         local after = nginx_backends()
         assert.same(before, after)
-        -- one pool per thread VM and handler module, at most THREADS VMs in this worker
+        -- the shop's handlers share one pool per worker (at most THREADS connections in use at
+        -- once); the spec's own handler module has a pool per thread VM (at most THREADS VMs)
         assert.is_true(#after <= 2 * THREADS, #after .. " backends")
+    end)
+
+    it("serves every thread VM of a worker from one shared pool (shared_pool)", function()
+        local pids, waits = {}, {}
+        for round = 1, 2 do
+            for i = 1, 2 * THREADS do
+                waits[i] = http_async(nginx, "/spec/run", { module = "openresty_spec_shared",
+                    func = "backend", command = { round = round } })
+            end
+            for i = 1, #waits do
+                local status, body = waits[i]()
+                assert.equal(200, status, cjson.encode(body))
+                pids[body.pid] = true
+            end
+        end
+        local distinct = 0
+        for _ in pairs(pids) do distinct = distinct + 1 end
+        -- the calls overlapped on THREADS threads, each in a VM of its own; one connection
+        -- served them all
+        assert.equal(1, distinct)
     end)
 
     it("gives a call's thread slot back when its client goes away mid-command", function()
