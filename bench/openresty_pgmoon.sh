@@ -11,7 +11,9 @@
 #   ceiling  pgbench sending the write's two INSERTs as one simple query, T connections.
 #
 # T = 4, 8 and 16 (QX_BENCH_THREADS), one nginx worker each, wrk with QX_BENCH_CONNECTIONS (16)
-# connections. Both sides hold T PostgreSQL connections.
+# connections. Both sides hold T PostgreSQL connections: qx's thread VMs share one pool of T
+# (shared_pool, QX_DB__POOL_SIZE), and each worker sends up to QX_BENCH_QUEUE (default 2) calls
+# per thread at once, so that a thread finds the next call queued when it finishes one.
 #
 #   bash bench/openresty_pgmoon.sh       (needs QX_DB__URL and `make`)
 #
@@ -28,6 +30,7 @@ seconds=${QX_BENCH_SECONDS:-8}
 conns=${QX_BENCH_CONNECTIONS:-16}
 rounds=${QX_BENCH_ROUNDS:-3}
 threads_list=${QX_BENCH_THREADS:-4 8 16}
+queue=${QX_BENCH_QUEUE:-2}
 pg_bin=${QX_TEST_PG_BIN:-/usr/lib/postgresql/15/bin}
 modules=${QX_NGINX_MODULES:-/usr/lib/nginx/modules}
 # PGMOON_DIR, else shared/anchors/pgmoon beside the checkout (or beside a folder above it,
@@ -185,6 +188,7 @@ pid logs/nginx.pid;
 error_log logs/error.log warn;
 env QX_DB__URL=$bench_url;
 env QX_BENCH_POOL=$t;
+env QX_DB__POOL_SIZE=$t;
 load_module $modules/ndk_http_module.so;
 load_module $modules/ngx_http_lua_module.so;
 thread_pool qx threads=$t max_queue=4096;
@@ -204,7 +208,7 @@ http {
     lua_package_cpath "$src/build/luajit/?.so;;";
     init_by_lua_block {
         require("shop.setup").run()
-        require("qx.openresty").thread_pool("qx", { concurrency = $t, queue_timeout = 30 })
+        require("qx.openresty").thread_pool("qx", { concurrency = $((t * queue)), queue_timeout = 30 })
     }
     server {
         listen 127.0.0.1:$port;
@@ -293,7 +297,7 @@ ceiling() {
     "$bench_url" 2>/dev/null | awk '/^tps/ { printf "%.0f 0 0\n", $3 }'
 }
 
-echo "openresty-pgmoon bench: $rounds rounds of ${seconds}s, threads $threads_list, $conns wrk connections"
+echo "openresty-pgmoon bench: $rounds rounds of ${seconds}s, threads $threads_list, $queue calls per thread, $conns wrk connections"
 echo "  $(nproc) cores ($(sed -n 's/^model name[^:]*: //p' /proc/cpuinfo | head -1)), load $(cut -d' ' -f1-3 /proc/loadavg) at start"
 : >"$work/results"
 for round in $(seq 1 "$rounds"); do
@@ -353,8 +357,8 @@ if [ "$bad" != 0 ]; then
     grep -v "^$" "$work/nginx-$t/logs/error.log" | tail -n 5 || true
   done
 fi
-echo "PostgreSQL connections to the bench database at the end: $("$pg_bin/psql" -X -A -t -d "$admin_url" -c \
-  "SELECT count(*) FROM pg_stat_activity WHERE datname = '$dbname'")"
+echo "PostgreSQL connections to the bench database at the end, by client (all nginx of the run): $("$pg_bin/psql" -X -A -t -F= -d "$admin_url" -c \
+  "SELECT application_name, count(*) FROM pg_stat_activity WHERE datname = '$dbname' GROUP BY 1 ORDER BY 1" | tr '\n' ' ')"
 echo "load $(cut -d' ' -f1-3 /proc/loadavg) at end"
 echo
 echo "every run (round T kind side req/s p99_ms non2xx):"

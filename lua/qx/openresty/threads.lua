@@ -56,7 +56,8 @@ end
 --- The module table for ngx.run_worker_thread: one function per handler. Each connects on its
 -- first call in a VM (a failed connect is retried by the next call), runs the handler, and
 -- returns MARK, true, result or MARK, false, error; a raised error becomes an error return;
--- the result must be plain data. opts.db: qx.connect options (default pool_size 2), or false
+-- the result must be plain data. opts.db: qx.connect options (default pool_size 2 per VM; with
+-- shared_pool, one pool for every VM of the process, of qx.connect's default size), or false
 -- for no database; opts.connect: fn() -> db | nil, err instead of db.
 ---@param fns table { name = function(db, command, context) -> result | nil, err }
 ---@param opts table|nil { db, connect }
@@ -88,8 +89,11 @@ function _M.handlers(fns, opts)
     if opts.db == false then
         connect = function() return false end
     elseif not connect then
-        local db_opts = { pool_size = 2 }
+        local db_opts = {}
         for k, v in pairs(opts.db or {}) do db_opts[k] = v end
+        -- a pool per VM serves one call at a time; a shared pool keeps qx.connect's default
+        -- (QX_DB__POOL_SIZE, else 10)
+        if db_opts.shared_pool == nil and db_opts.pool_size == nil then db_opts.pool_size = 2 end
         connect = function() return require("qx").connect(db_opts) end
     end
 
