@@ -323,7 +323,7 @@ describe("qx.core pool", function()
         assert.has_error(function() qx.connect{ url = URL, pool_sise = 50 } end,
                          "qx.connect: unknown option 'pool_sise' (known: acquire_timeout_ms, connect_timeout_ms, "
                          .. "connect_timeout_seconds, cursor_key, dispatcher, pool_recycle_seconds, pool_size, "
-                         .. "pool_timeout_seconds, statement_timeout_ms, url)")
+                         .. "pool_timeout_seconds, shared_pool, statement_timeout_ms, url)")
         local ok, e = pcall(function() qx.connect{ url = URL, [1] = "x" } end)
         assert.is_false(ok)
         assert.matches("pool_spec.lua:%d+: qx.connect: unknown option '1' %(known: acquire_timeout_ms, ", e)
@@ -384,5 +384,68 @@ describe("qx.core pool", function()
         assert.equal(1, assert(a:query("SELECT 1 AS one"))[1].one)
         a:release()
         p:close() -- twice is harmless
+    end)
+
+    it("shares one pool by name: its size holds for every handle, each close drops one hold",
+       function()
+        local name = "spec-shared-" .. suffix()
+        local a = assert(core.pool{ conninfo = URL, size = 2, acquire_timeout_ms = 100,
+                                    shared = name })
+        local b = assert(core.pool{ conninfo = URL, size = 2, acquire_timeout_ms = 100,
+                                    shared = name })
+        local c1, c2 = assert(a:acquire()), assert(b:acquire())
+        local none, e = b:acquire()
+        assert.is_nil(none)
+        assert.equal("timeout", e.code)
+        assert.same({ size = 2, open = 2, idle = 0, in_use = 2 },
+            { size = a:stats().size, open = a:stats().open, idle = a:stats().idle,
+              in_use = b:stats().in_use })
+        local pid = c1:pid()
+        c1:release()
+        local again = assert(b:acquire())
+        assert.equal(pid, again:pid()) -- the connection a released serves b
+        again:release()
+        c2:release()
+
+        a:close()
+        local c3 = assert(b:acquire()) -- b still holds the pool and its connections
+        assert.equal(2, b:stats().open)
+        c3:release()
+        b:close()
+        local fresh = assert(core.pool{ conninfo = URL, size = 2, shared = name })
+        assert.equal(0, fresh:stats().open) -- the last close closed it; the name makes a new one
+        fresh:close()
+    end)
+
+    it("refuses a shared name taken with another url or size, and an empty name", function()
+        local name = "spec-shared-" .. suffix()
+        local a = assert(core.pool{ conninfo = URL, size = 2, shared = name })
+        local p, e = core.pool{ conninfo = URL, size = 3, shared = name }
+        assert.is_nil(p)
+        assert.equal("invalid", e.code)
+        assert.matches("exists with another url or size", e.message, 1, true)
+        p, e = core.pool{ conninfo = URL .. "?application_name=other", size = 2, shared = name }
+        assert.is_nil(p)
+        assert.equal("invalid", e.code)
+        p, e = core.pool{ conninfo = URL, size = 2, shared = "" }
+        assert.is_nil(p)
+        assert.equal("invalid", e.code)
+        assert.equal(0, a:stats().in_use)
+        a:close()
+    end)
+
+    it("makes qx.connect share a pool by name (shared_pool)", function()
+        local name = "spec-shared-" .. suffix()
+        local d1 = assert(qx.connect{ url = URL, pool_size = 1, shared_pool = name })
+        local d2 = assert(qx.connect{ url = URL, pool_size = 1, shared_pool = name })
+        local p1 = assert(d1:query("SELECT pg_backend_pid() AS pid"))[1].pid
+        local p2 = assert(d2:query("SELECT pg_backend_pid() AS pid"))[1].pid
+        assert.equal(p1, p2)
+        assert.equal(1, d2.pool:stats().open)
+        d1:close()
+        assert.equal(p1, assert(d2:query("SELECT pg_backend_pid() AS pid"))[1].pid)
+        d2:close()
+        assert.has_error(function() qx.connect{ url = URL, shared_pool = "" } end,
+            "qx.connect: shared_pool must be a non-empty name")
     end)
 end)

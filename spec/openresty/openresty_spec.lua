@@ -261,6 +261,15 @@ return require("qx.openresty").handlers({
   ping = function(db) return db:query("SELECT 1") end,
 }, { db = { url = "postgresql://postgres@127.0.0.1:1/nowhere", connect_timeout_seconds = 2 } })
 ]],
+    -- every thread VM of the worker on one shared pool of one connection
+    openresty_spec_shared = [[
+return require("qx.openresty").handlers({
+  backend = function(db)
+    local rows = assert(db:query("SELECT pg_backend_pid() AS pid, pg_sleep(0.2)::text AS slept"))
+    return { pid = rows[1].pid }
+  end,
+}, { db = { pool_size = 1, shared_pool = "openresty_spec_shared" } })
+]],
     openresty_spec_broken = "return {\n",
     openresty_spec_number = "return 42\n",
 }
@@ -273,6 +282,16 @@ location = /spec/run {
         local b = assert(openresty.read_json())
         local res, err = openresty.run(b.pool or "qx", b.module, b.func, b.command, b.context)
         openresty.respond(res, err)
+    }
+}
+location = /spec/run_json {
+    content_by_lua_block {
+        local openresty = require "qx.openresty"
+        local a = ngx.req.get_uri_args()
+        local body, err = openresty.read_body()
+        local res
+        if body then res, err = openresty.run_json("qx", a.module, a.func, body) end
+        openresty.respond_json(res, err, 201)
     }
 }
 location = /spec/abortable {
@@ -388,6 +407,73 @@ describe("qx.openresty outside nginx", function()
             e.message, 1, true)
         assert.is_true(openresty.is_plain(e))
         m.__qx_db():close()
+    end)
+
+    it("decodes a JSON command and encodes the result in the thread for run_json", function()
+        local seen
+        local m = openresty.handlers({
+            echo = function(_, cmd, context)
+                seen = cmd
+                return { got = cmd, ctx = context, big = 9007199254740993 }
+            end,
+            nothing = function() end,
+            leaks = function() return { f = print } end,
+        }, { db = false })
+        local _
+        local mark, ok, text = m.echo('{"a":[1,2,{"b":null}],"n":2.5,"s":"x\\"y"}', { t = 1 }, "json")
+        assert.equal(openresty.MARK, mark)
+        assert.is_true(ok)
+        assert.equal("string", type(text))
+        assert.equal(qx.null, seen.a[3].b)
+        local back = cjson.decode(text)
+        assert.same({ a = { 1, 2, { b = cjson.null } }, n = 2.5, s = 'x"y' }, back.got)
+        assert.same({ t = 1 }, back.ctx)
+        if math.type then
+            assert.matches('"big":9007199254740993', text, 1, true) -- exact on 5.4
+        end
+        -- a table command passes as it is; the result is still JSON text
+        _, ok, text = m.echo({ k = "v" }, nil, "json")
+        assert.is_true(ok)
+        assert.same({ k = "v" }, cjson.decode(text).got)
+        _, ok, text = m.nothing("{}", nil, "json")
+        assert.is_true(ok)
+        assert.is_nil(text)
+        local e
+        _, ok, e = m.leaks("{}", nil, "json")
+        assert.is_false(ok)
+        assert.matches("handler 'leaks' returned data that JSON cannot hold", e.message, 1, true)
+    end)
+
+    it("refuses a run_json body that is not a JSON object before the handler runs", function()
+        local calls = 0
+        local m = openresty.handlers({ count = function() calls = calls + 1 return {} end },
+            { db = false })
+        for _, text in ipairs({ "[1,2]", "[]", '"ann"', "42", "null", "true", "{bad", "", " " }) do
+            local _, ok, e = m.count(text, nil, "json")
+            assert.is_false(ok, text)
+            assert.equal("invalid", e.code, text)
+            assert.equal(400, e.http_status, text)
+            assert.matches("not a JSON object", e.message, 1, true)
+        end
+        local _, ok, e = m.count(nil, nil, "json")
+        assert.is_false(ok)
+        assert.equal(400, e.http_status)
+        assert.equal(0, calls)
+        _, ok = m.count(" \n {}", nil, "json")
+        assert.is_true(ok)
+        assert.equal(1, calls)
+    end)
+
+    it("raises a clear misuse error for run_json's arguments", function()
+        assert.has_error(function() openresty.run_json("qx", "m", "f", "{}") end,
+            "qx.openresty.run_json: needs nginx with lua-nginx-module 0.10.23 or later "
+            .. "(ngx.run_worker_thread)")
+        assert.has_error(function() openresty.run_json("qx", "m", "f", 42) end,
+            "qx.openresty.run_json: body must be the JSON text of the command or a table")
+        assert.has_error(function() openresty.run_json("qx", "m", "f", "{}", { f = print }) end,
+            "qx.openresty.run_json: context.f is a function; only plain data crosses into a thread")
+        assert.has_error(function() openresty.run_json("qx", "m", "f", { f = print }) end,
+            "qx.openresty.run_json: command.f is a function; only plain data crosses into a thread")
     end)
 
     it("retries a failed connect on the next call and reports it as a connection error", function()
@@ -652,6 +738,44 @@ describe("qx.openresty in nginx #slow", function()
         assert.same({ error = { code = "conflict", message = "that name is taken" } }, body)
     end)
 
+    it("passes a JSON body to the thread and its JSON result back with run_json", function()
+        local text = '{"a":[1,2,{"b":"c"}],"maybe":null,"n":2.5}'
+        local status, body = http(nginx, "POST",
+            "/spec/run_json?module=openresty_spec_handlers&func=echo", text)
+        assert.equal(201, status, tostring(body))
+        assert.same({ command = { a = { 1, 2, { b = "c" } }, maybe = cjson.null, n = 2.5 },
+            null = true }, body)
+        status, body = http(nginx, "POST", "/spec/run_json?module=openresty_spec_handlers&func=boom",
+            "{}")
+        assert.equal(500, status)
+        assert.same({ error = { code = "error", message = "internal error" } }, body)
+        status = http(nginx, "POST",
+            "/spec/run_json?module=openresty_spec_handlers&func=returns_function", "{}")
+        assert.equal(500, status)
+        assert.matches("JSON cannot hold", error_log(nginx), 1, true)
+        -- a module not made by handlers() is refused: it cannot decode or encode
+        status, body = http(nginx, "POST", "/spec/run_json?module=openresty_spec_plain&func=hello",
+            '{"name":"eve"}')
+        assert.equal(500, status)
+        assert.equal("config", body.error.code)
+        assert.matches("not made by qx.openresty.handlers", body.error.message, 1, true)
+    end)
+
+    it("refuses a run_json body that is not a JSON object with 400 and runs nothing", function()
+        local tag = support.unique("nojson")
+        local before = count("SELECT count(*) AS n FROM spec_slow")
+        for _, text in ipairs({ "[1]", "{bad", '"x"', "null" }) do
+            local status, body = http(nginx, "POST",
+                "/spec/run_json?module=openresty_spec_handlers&func=slow", text)
+            assert.equal(400, status, text)
+            assert.equal("invalid", body.error.code, text)
+        end
+        local status = http(nginx, "POST", "/spec/run_json?module=openresty_spec_handlers&func=slow",
+            cjson.encode({ tag = tag, seconds = 0 }))
+        assert.equal(201, status)
+        assert.equal(before + 1, count("SELECT count(*) AS n FROM spec_slow"))
+    end)
+
     it("keeps /health fast on the one worker while slow commands hold transactions", function()
         local tag = support.unique("slow")
         local waits = {}
@@ -701,7 +825,7 @@ describe("qx.openresty in nginx #slow", function()
         assert.is_true(t > 0.2, string.format("/health took only %.1f ms", t * 1000))
     end)
 
-    it("keeps each thread VM's pool over many requests: the same backends serve them all", function()
+    it("keeps the worker's pools over many requests: the same backends serve them all", function()
         local cfg = RUN_DIR .. "/many.cfg"
         local function burst(n)
             local lines = { "silent", 'header = "content-type: application/json"',
@@ -726,8 +850,29 @@ describe("qx.openresty in nginx #slow", function()
         end
         local after = nginx_backends()
         assert.same(before, after)
-        -- one pool per thread VM and handler module, at most THREADS VMs in this worker
+        -- the shop's handlers share one pool per worker (at most THREADS connections in use at
+        -- once); the spec's own handler module has a pool per thread VM (at most THREADS VMs)
         assert.is_true(#after <= 2 * THREADS, #after .. " backends")
+    end)
+
+    it("serves every thread VM of a worker from one shared pool (shared_pool)", function()
+        local pids, waits = {}, {}
+        for round = 1, 2 do
+            for i = 1, 2 * THREADS do
+                waits[i] = http_async(nginx, "/spec/run", { module = "openresty_spec_shared",
+                    func = "backend", command = { round = round } })
+            end
+            for i = 1, #waits do
+                local status, body = waits[i]()
+                assert.equal(200, status, cjson.encode(body))
+                pids[body.pid] = true
+            end
+        end
+        local distinct = 0
+        for _ in pairs(pids) do distinct = distinct + 1 end
+        -- the calls overlapped on THREADS threads, each in a VM of its own; one connection
+        -- served them all
+        assert.equal(1, distinct)
     end)
 
     it("gives a call's thread slot back when its client goes away mid-command", function()

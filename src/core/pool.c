@@ -6,6 +6,11 @@
  * reused first. Connections are opened lazily, up to size. On acquire, a connection that is
  * broken (the server went away, or it failed during use) or older than recycle_ms is closed and
  * replaced.
+ *
+ * A pool may also be shared by name (qx_pool_shared): every Lua state of the process that asks
+ * for that name gets the same pool, counted, and the last to free it closes it. nginx's worker
+ * threads run one Lua state per call in flight; sharing keeps their connections to the pool's
+ * size however many states there are.
  */
 #include <errno.h>
 #include <pthread.h>
@@ -29,7 +34,14 @@ struct qx_pool {
     int closed;
     int free_when_returned;
     long long created, replaced;
+    char *shared_name; /* NULL: not shared */
+    int refs;          /* holders of a shared pool (under shared_mu) */
+    qx_pool *shared_next;
 };
+
+/* the shared pools of the process, by name */
+static pthread_mutex_t shared_mu = PTHREAD_MUTEX_INITIALIZER;
+static qx_pool *shared_head;
 
 void qx_pool_options_init(qx_pool_options *o)
 {
@@ -87,6 +99,7 @@ static void pool_destroy(qx_pool *p)
     free(p->conninfo);
     free(p->init_sql);
     free(p->idle);
+    free(p->shared_name);
     free(p);
 }
 
@@ -111,10 +124,73 @@ void qx_pool_close(qx_pool *p)
     free(idle);
 }
 
+qx_status qx_pool_shared(qx_pool **out, const char *name, const qx_pool_options *o,
+                         qx_error *err)
+{
+    qx_pool *p;
+    qx_status s;
+    *out = NULL;
+    if (name == NULL || *name == '\0')
+        return qx_error_set(err, QX_ERR_INVALID, "a shared pool needs a name");
+    pthread_mutex_lock(&shared_mu);
+    for (p = shared_head; p != NULL; p = p->shared_next)
+        if (strcmp(p->shared_name, name) == 0)
+            break;
+    if (p != NULL) {
+        if (o->conninfo == NULL || strcmp(p->conninfo, o->conninfo) != 0 || p->size != o->size) {
+            pthread_mutex_unlock(&shared_mu);
+            return qx_error_set(err, QX_ERR_INVALID,
+                                "shared pool '%s' exists with another url or size (%d)", name,
+                                p->size);
+        }
+        p->refs++;
+        pthread_mutex_unlock(&shared_mu);
+        *out = p;
+        return QX_OK;
+    }
+    s = qx_pool_new(&p, o, err);
+    if (s == QX_OK) {
+        p->shared_name = strdup(name);
+        if (p->shared_name == NULL) {
+            qx_pool_free(p);
+            s = qx_error_set(err, QX_ERR_NOMEM, "out of memory");
+        } else {
+            p->refs = 1;
+            p->shared_next = shared_head;
+            shared_head = p;
+            *out = p;
+        }
+    }
+    pthread_mutex_unlock(&shared_mu);
+    return s;
+}
+
+/* Drops one holder of a shared pool; 1 when it was the last (the pool is then no longer
+ * found by name). */
+static int unshare(qx_pool *p)
+{
+    qx_pool **pp;
+    int last;
+    pthread_mutex_lock(&shared_mu);
+    last = --p->refs == 0;
+    if (last) {
+        for (pp = &shared_head; *pp != NULL; pp = &(*pp)->shared_next) {
+            if (*pp == p) {
+                *pp = p->shared_next;
+                break;
+            }
+        }
+    }
+    pthread_mutex_unlock(&shared_mu);
+    return last;
+}
+
 void qx_pool_free(qx_pool *p)
 {
     int destroy;
     if (p == NULL)
+        return;
+    if (p->shared_name != NULL && !unshare(p))
         return;
     qx_pool_close(p);
     pthread_mutex_lock(&p->mu);

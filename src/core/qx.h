@@ -273,9 +273,16 @@ typedef struct qx_pool_options {
 void qx_pool_options_init(qx_pool_options *o);
 /* Opens no connection yet; checks the options. */
 qx_status qx_pool_new(qx_pool **out, const qx_pool_options *o, qx_error *err);
+/* The pool of the process shared under name: made by the first call, the same pool (counted)
+ * for every later one with the same conninfo and size (other values are QX_ERR_INVALID).
+ * Each holder frees it with qx_pool_free; the last one closes it. Never call qx_pool_close
+ * on a shared pool: it would close it for every holder. */
+qx_status qx_pool_shared(qx_pool **out, const char *name, const qx_pool_options *o,
+                         qx_error *err);
 /* Closes idle connections; leased ones are closed when released. Safe to call twice. */
 void qx_pool_close(qx_pool *p);
-/* Frees the pool once it is closed and nothing is leased; call after qx_pool_close. */
+/* Frees the pool once it is closed and nothing is leased (closing it first); for a shared
+ * pool, drops this holder, and only the last one closes and frees it. */
 void qx_pool_free(qx_pool *p);
 /* Leases a connection: an idle healthy one, else a new one while under size, else waits up to
  * acquire_timeout_ms. Broken and over-age connections are replaced. */

@@ -1,4 +1,6 @@
-/* The pool userdata: core.pool{...}, pool:acquire(), pool:stats(), pool:close(). */
+/* The pool userdata: core.pool{...}, pool:acquire(), pool:stats(), pool:close(). With
+ * shared = name, the pool is the process's pool of that name (src/core/pool.c) and close drops
+ * only this state's hold on it. */
 #include "binding.h"
 
 typedef struct lpool {
@@ -37,7 +39,8 @@ static lpool *check_pool(lua_State *L)
 }
 
 static const char *const pool_options[] = {
-    "conninfo", "size", "acquire_timeout_ms", "recycle_ms", "connect_timeout_ms", "init_sql", NULL
+    "conninfo", "size", "acquire_timeout_ms", "recycle_ms", "connect_timeout_ms", "init_sql",
+    "shared", NULL
 };
 
 int qx_pool_new_lua(lua_State *L)
@@ -46,6 +49,7 @@ int qx_pool_new_lua(lua_State *L)
     qx_pool_options o;
     qx_error err;
     lpool *lp;
+    const char *shared;
 
     qx_opt_check(L, 1, what, pool_options);
     qx_pool_options_init(&o);
@@ -57,9 +61,11 @@ int qx_pool_new_lua(lua_State *L)
     o.connect_timeout_ms = (int)qx_opt_int(L, 1, what, "connect_timeout_ms", 0, 0x7fffffff,
                                            o.connect_timeout_ms);
     o.init_sql = qx_opt_string(L, 1, what, "init_sql", NULL, 0);
+    shared = qx_opt_string(L, 1, what, "shared", NULL, 0);
 
     lp = qx_new_closed(L, &pool_type, sizeof *lp);
-    if (qx_pool_new(&lp->p, &o, &err) != QX_OK)
+    if ((shared != NULL ? qx_pool_shared(&lp->p, shared, &o, &err)
+                        : qx_pool_new(&lp->p, &o, &err)) != QX_OK)
         return qx_push_error(L, &err);
     return 1;
 }

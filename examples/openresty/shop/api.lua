@@ -40,11 +40,13 @@ function _M.orders()
         return openresty.respond(res, err)
     end
     if method ~= "POST" then return method_not_allowed("GET, HEAD, POST") end
-    local cmd, err = openresty.read_json()
-    if not cmd then return openresty.respond(nil, err) end
+    -- the body goes to the thread as it came and the result comes back as JSON text: the
+    -- worker decodes and encodes nothing (qx.openresty.run_json)
+    local body, err = openresty.read_body()
+    if not body then return openresty.respond(nil, err) end
     local res
-    res, err = openresty.run(POOL, HANDLERS, "place_order", cmd, context())
-    return openresty.respond(res, err, 201)
+    res, err = openresty.run_json(POOL, HANDLERS, "place_order", body, context())
+    return openresty.respond_json(res, err, 201)
 end
 
 -- GET /orders/{id}                                  -> 200 the order | 404
@@ -53,8 +55,8 @@ function _M.order(id, action)
     local method = ngx.req.get_method()
     if action == nil then
         if method ~= "GET" and method ~= "HEAD" then return method_not_allowed("GET, HEAD") end
-        local res, err = openresty.run(POOL, HANDLERS, "get_order", { id = id })
-        return openresty.respond(res, err)
+        local res, err = openresty.run_json(POOL, HANDLERS, "get_order", { id = id })
+        return openresty.respond_json(res, err)
     end
     if action ~= "cancel" then
         return openresty.respond(nil, { code = "not_found", message = "no such action" })

@@ -1,6 +1,6 @@
 -- The shop's command and query handlers. They run in nginx worker threads (qx.openresty), never
 -- in the event loop: nginx requires this module once in each thread VM, and the first call in a
--- VM opens that VM's connection pool, which every later call in the VM reuses.
+-- VM takes a hold on the worker's shared connection pool, which every later call reuses.
 --
 -- Nothing here may block at require time (nginx requires the module on the event loop), and
 -- nothing here may use ngx.* request APIs: a thread VM has no request.
@@ -67,4 +67,7 @@ function _M.list_orders(db, query)
     return page
 end
 
-return openresty.handlers(_M, { db = { pool_size = 2 } })
+-- Every thread VM of an nginx worker shares one pool: a worker holds at most as many
+-- connections as calls run at once (QX_DB__POOL_SIZE caps it, default 10), however many VMs
+-- nginx makes.
+return openresty.handlers(_M, { db = { shared_pool = "shop" } })

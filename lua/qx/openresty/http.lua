@@ -100,12 +100,12 @@ function _M.respond(res, e, status)
     return send(status or 200, res)
 end
 
---- The request body as a JSON object. A missing, oversized or malformed body, or JSON that is
--- not an object, is "invalid" with http_status 400 (413 when nginx spooled the body to a
--- file: raise client_body_buffer_size up to client_max_body_size to accept it).
----@return table|nil body
+--- The request body as text, as nginx holds it in memory. A missing or oversized body is
+-- "invalid" with http_status 400 (413 when nginx spooled the body to a file: raise
+-- client_body_buffer_size up to client_max_body_size to accept it).
+---@return string|nil body
 ---@return qx.Error? err invalid
-function _M.read_json()
+function _M.read_body()
     local ngx = ngx
     ngx.req.read_body()
     local body = ngx.req.get_body_data()
@@ -116,6 +116,17 @@ function _M.read_json()
         return nil, qx_error.new("invalid", "request body is empty: expected a JSON object",
             { http_status = 400 })
     end
+    return body
+end
+
+--- The request body as a JSON object. A missing, oversized or malformed body, or JSON that is
+-- not an object, is "invalid" with http_status 400 (413 when nginx spooled the body to a
+-- file: raise client_body_buffer_size up to client_max_body_size to accept it).
+---@return table|nil body
+---@return qx.Error? err invalid
+function _M.read_json()
+    local body, be = _M.read_body()
+    if not body then return nil, be end
     local v, e = json().decode(body)
     -- an array decodes to a table too: only a text that opens with "{" is an object
     if type(v) ~= "table" or not find(body, "^[ \t\r\n]*{") then
@@ -123,6 +134,23 @@ function _M.read_json()
             .. (e and (": " .. tostring(e)) or ""), { http_status = 400 })
     end
     return v
+end
+
+--- As respond(), for a result that is JSON text already (run_json's): sends it as it is.
+---@param text string|nil the JSON text
+---@param e any|nil
+---@param status integer|nil
+function _M.respond_json(text, e, status)
+    if e ~= nil or text == nil then return _M.respond(nil, e, status) end
+    if type(text) ~= "string" then
+        error("qx.openresty.respond_json: expected JSON text, got a " .. type(text), 2)
+    end
+    local ngx = ngx
+    local st = status or 200
+    ngx.status = st
+    ngx.header["Content-Type"] = "application/json"
+    ngx.print(text, "\n")
+    return ngx.exit(st)
 end
 
 return _M

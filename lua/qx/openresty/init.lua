@@ -10,6 +10,13 @@
 --   local res, err = openresty.run("qx", "app.commands", "place_order", cmd, context)
 --   openresty.respond(res, err, 201)
 --
+-- For the fewest copies, the request's body goes to the thread as it is and the result comes
+-- back as JSON text:
+--   local body, err = openresty.read_body()
+--   local text
+--   if body then text, err = openresty.run_json("qx", "app.commands", "place_order", body) end
+--   openresty.respond_json(text, err, 201)
+--
 -- threads.lua is the bridge, http.lua the helpers, plain.lua what may cross; see
 -- docs/openresty.md for why worker threads and what crosses.
 local plain = require "qx.openresty.plain"
@@ -23,10 +30,13 @@ return {
     handlers = threads.handlers,
     thread_pool = threads.thread_pool,
     run = threads.run,
+    run_json = threads.run_json,
     stats = threads.stats,
     HTTP_STATUS = http.HTTP_STATUS,
     http_status = http.http_status,
     error_body = http.error_body,
     respond = http.respond,
     read_json = http.read_json,
+    read_body = http.read_body,
+    respond_json = http.respond_json,
 }

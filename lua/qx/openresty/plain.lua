@@ -17,46 +17,57 @@ local _M = {}
 -- lua-nginx-module copies at most 100 levels of nested tables between VMs.
 local MAX_DEPTH = 90
 
--- Checks that v can cross between Lua VMs: nil, booleans, numbers, strings, qx.null, and
--- tables of those with string, number or boolean keys, no cycles, at most MAX_DEPTH deep.
--- Metatables are not carried across (nginx copies raw fields). Returns true, or nil and why.
-local function check_plain(v, path, on_path, depth)
-    local t = type(v)
-    if t == "nil" or t == "boolean" or t == "number" or t == "string" then
-        return true
+local function key_path(k)
+    if type(k) == "string" then
+        return find(k, "^[%a_][%w_]*$") and ("." .. k) or fmt("[%q]", k)
     end
-    if v == NULL then
+    return "[" .. tostring(k) .. "]"
+end
+
+-- true, or nil, the path below v to what is wrong, and what is wrong (the path is only made
+-- on the way out of a failure: a command that crosses builds no strings)
+local function check(v, on_path, depth)
+    local t = type(v)
+    if t == "string" or t == "number" or t == "boolean" or t == "nil" or v == NULL then
         return true
     end
     if t ~= "table" then
-        return nil, fmt("%s is a %s", path, t)
+        return nil, "", "is a " .. t
     end
     if depth >= MAX_DEPTH then
-        return nil, fmt("%s nests deeper than %d tables", path, MAX_DEPTH)
+        return nil, "", fmt("nests deeper than %d tables", MAX_DEPTH)
     end
     if on_path[v] then
-        return nil, fmt("%s refers back to a table that contains it", path)
+        return nil, "", "refers back to a table that contains it"
     end
     on_path[v] = true
     for k, x in pairs(v) do
         local kt = type(k)
-        local kpath
-        if kt == "string" then
-            kpath = find(k, "^[%a_][%w_]*$") and (path .. "." .. k) or fmt("%s[%q]", path, k)
-        elseif kt == "number" or kt == "boolean" then
-            kpath = path .. "[" .. tostring(k) .. "]"
-        else
+        if kt ~= "string" and kt ~= "number" and kt ~= "boolean" then
             on_path[v] = nil
-            return nil, fmt("%s has a %s key", path, kt)
+            return nil, "", "has a " .. kt .. " key"
         end
-        local ok, why = check_plain(x, kpath, on_path, depth + 1)
-        if not ok then
-            on_path[v] = nil
-            return nil, why
+        local xt = type(x)
+        if xt ~= "string" and xt ~= "number" and xt ~= "boolean" then
+            local ok, below, why = check(x, on_path, depth + 1)
+            if not ok then
+                on_path[v] = nil
+                return nil, key_path(k) .. below, why
+            end
         end
     end
     on_path[v] = nil
     return true
+end
+
+-- Checks that v can cross between Lua VMs: nil, booleans, numbers, strings, qx.null, and
+-- tables of those with string, number or boolean keys, no cycles, at most MAX_DEPTH deep.
+-- Metatables are not carried across (nginx copies raw fields). Returns true, or nil and why
+-- (naming the value by path).
+local function check_plain(v, path, on_path, depth)
+    local ok, below, why = check(v, on_path, depth)
+    if ok then return true end
+    return nil, path .. below .. " " .. why
 end
 
 --- Whether v is plain data (what may cross to or from a worker thread).

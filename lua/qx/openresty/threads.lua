@@ -1,6 +1,7 @@
 --- Internal to qx.openresty: the thread bridge. handlers() wraps command handlers in the thread
 -- VM; run() calls one from a request through ngx.run_worker_thread, at most `concurrency` calls
 -- of one pool at a time per worker. See docs/openresty.md.
+local core = require "qx.core"
 local qx_error = require "qx.error"
 local options = require "qx.options"
 local plain = require "qx.openresty.plain"
@@ -19,6 +20,7 @@ local find = string.find
 local fmt = string.format
 local newproxy = newproxy
 local check_plain, plain_error = plain.check_plain, plain.plain_error
+local json_encode, json_decode = core.json_encode, core.json_decode
 local on_raise, as_error = plain.on_raise, plain.as_error
 
 local _M = {}
@@ -26,6 +28,23 @@ local _M = {}
 -- The first value a wrapped handler returns, so run() can tell wrapped from plain functions.
 local MARK = "qx.openresty/1"
 _M.MARK = MARK
+
+-- run_json's mode, the third value a wrapped handler is passed
+local JSON = "json"
+
+-- The request's JSON text as a table, as read_json() does it in the request: only an object.
+local function decode_object(text)
+    if type(text) ~= "string" then
+        return nil, qx_error.new("invalid", "request body is empty: expected a JSON object",
+            { http_status = 400 })
+    end
+    local v, e = json_decode(text)
+    if type(v) ~= "table" or not find(text, "^[ \t\r\n]*{") then
+        return nil, qx_error.new("invalid", "request body is not a JSON object"
+            .. (e and (": " .. tostring(e.message or e)) or ""), { http_status = 400 })
+    end
+    return v
+end
 
 local DEFAULT_CONCURRENCY = 8
 local DEFAULT_QUEUE_TIMEOUT = 30 -- seconds
@@ -37,7 +56,8 @@ end
 --- The module table for ngx.run_worker_thread: one function per handler. Each connects on its
 -- first call in a VM (a failed connect is retried by the next call), runs the handler, and
 -- returns MARK, true, result or MARK, false, error; a raised error becomes an error return;
--- the result must be plain data. opts.db: qx.connect options (default pool_size 2), or false
+-- the result must be plain data. opts.db: qx.connect options (default pool_size 2 per VM; with
+-- shared_pool, one pool for every VM of the process, of qx.connect's default size), or false
 -- for no database; opts.connect: fn() -> db | nil, err instead of db.
 ---@param fns table { name = function(db, command, context) -> result | nil, err }
 ---@param opts table|nil { db, connect }
@@ -69,8 +89,11 @@ function _M.handlers(fns, opts)
     if opts.db == false then
         connect = function() return false end
     elseif not connect then
-        local db_opts = { pool_size = 2 }
+        local db_opts = {}
         for k, v in pairs(opts.db or {}) do db_opts[k] = v end
+        -- a pool per VM serves one call at a time; a shared pool keeps qx.connect's default
+        -- (QX_DB__POOL_SIZE, else 10)
+        if db_opts.shared_pool == nil and db_opts.pool_size == nil then db_opts.pool_size = 2 end
         connect = function() return require("qx").connect(db_opts) end
     end
 
@@ -92,13 +115,28 @@ function _M.handlers(fns, opts)
 
     local module = {}
     for name, fn in pairs(fns) do
-        module[name] = function(command, context)
+        module[name] = function(command, context, mode)
             local d, e = get_db()
             if d == nil then return MARK, false, plain_error(e) end
+            if mode == JSON and type(command) ~= "table" then
+                -- run_json: the command arrives as the request's JSON text
+                command, e = decode_object(command)
+                if command == nil then return MARK, false, plain_error(e) end
+            end
             local r = pack(xpcall(fn, on_raise, d or nil, command, context))
             if not r[1] then return MARK, false, plain_error(r[2]) end
             local res, rerr = r[2], r[3]
             if res == nil and rerr ~= nil then return MARK, false, plain_error(rerr) end
+            if mode == JSON then
+                if res == nil then return MARK, true, nil end
+                local text, why = json_encode(res)
+                if not text then
+                    return MARK, false, plain_error(qx_error.new("error", "handler '" .. name
+                        .. "' returned data that JSON cannot hold: " .. tostring(why and why.message
+                        or why) .. " (return plain tables, strings, numbers, booleans)"))
+                end
+                return MARK, true, text
+            end
             local ok, why = check_plain(res, "result", {}, 0)
             if not ok then
                 return MARK, false, plain_error(qx_error.new("error", "handler '" .. name
@@ -245,6 +283,39 @@ local function translate(msg, pool, module, func)
     return qx_error.new("error", fmt("handler %s.%s failed: %s", module, func, msg))
 end
 
+local function check_names(what, pool, module, func)
+    if type(pool) ~= "string" or pool == "" then
+        error(what .. ": pool must be a thread pool name", 3)
+    end
+    if type(module) ~= "string" or module == "" then
+        error(what .. ": module must be a module name", 3)
+    end
+    if type(func) ~= "string" or func == "" then
+        error(what .. ": func must be a function name", 3)
+    end
+end
+
+local function check_nginx(what)
+    local ngx = ngx
+    if type(ngx) ~= "table" or type(ngx.run_worker_thread) ~= "function" then
+        error(what .. ": needs nginx with lua-nginx-module 0.10.23 or later "
+            .. "(ngx.run_worker_thread)", 3)
+    end
+end
+
+-- One call through the pool's gate: pcall's results of ngx.run_worker_thread, or nil, err.
+local function call(what, pool, module, func, command, context, mode)
+    local slot, gate = acquire(pool)
+    if not slot then return nil, gate end
+    local r = pack(pcall(ngx.run_worker_thread, pool, module, func, command, context, mode))
+    release(slot, gate)
+    if not r[1] then
+        -- raised: e.g. called from a phase that cannot yield
+        error(what .. ": " .. tostring(r[2]), 3)
+    end
+    return r
+end
+
 --- Runs module.func(command, context) on a thread of the nginx thread pool `pool`. Call it
 -- where the request may yield (rewrite, access, content phases; ngx.timer callbacks).
 ---@param pool string
@@ -255,34 +326,15 @@ end
 ---@return any|nil result
 ---@return qx.Error? err timeout when the queue wait runs out
 function _M.run(pool, module, func, command, context)
-    if type(pool) ~= "string" or pool == "" then
-        error("qx.openresty.run: pool must be a thread pool name", 2)
-    end
-    if type(module) ~= "string" or module == "" then
-        error("qx.openresty.run: module must be a module name", 2)
-    end
-    if type(func) ~= "string" or func == "" then
-        error("qx.openresty.run: func must be a function name", 2)
-    end
+    check_names("qx.openresty.run", pool, module, func)
     local ok, why = check_plain(command, "command", {}, 0)
     if ok then ok, why = check_plain(context, "context", {}, 0) end
     if not ok then
         error("qx.openresty.run: " .. why .. "; only plain data crosses into a thread", 2)
     end
-    local ngx = ngx
-    if type(ngx) ~= "table" or type(ngx.run_worker_thread) ~= "function" then
-        error("qx.openresty.run: needs nginx with lua-nginx-module 0.10.23 or later "
-            .. "(ngx.run_worker_thread)", 2)
-    end
-
-    local slot, gate = acquire(pool)
-    if not slot then return nil, gate end
-    local r = pack(pcall(ngx.run_worker_thread, pool, module, func, command, context))
-    release(slot, gate)
-    if not r[1] then
-        -- raised: e.g. called from a phase that cannot yield
-        error("qx.openresty.run: " .. tostring(r[2]), 2)
-    end
+    check_nginx("qx.openresty.run")
+    local r, e = call("qx.openresty.run", pool, module, func, command, context)
+    if not r then return nil, e end
     if not r[2] then
         return nil, translate(r[3], pool, module, func)
     end
@@ -293,6 +345,47 @@ function _M.run(pool, module, func, command, context)
     -- a function not made by handlers(): the usual result | nil, err
     if r[3] == nil and r[4] ~= nil then return nil, as_error(r[4]) end
     return r[3]
+end
+
+--- As run(), with the command as JSON text (the request body as read: read_body()) and the
+-- result as JSON text (for respond_json()): the thread decodes and encodes, so the worker
+-- copies two strings and touches no table of the command or the result. A body that is not a
+-- JSON object is "invalid" with http_status 400 and the handler does not run. The command may
+-- also be plain data (a table), passed as run() passes it. Only handlers made by handlers()
+-- can be called this way (another function would be passed the text and refused after).
+---@param pool string
+---@param module string the module name the thread requires
+---@param func string the handler's name
+---@param body string|table the command: a JSON object's text, or plain data
+---@param context table|nil plain data
+---@return string|nil json the result as JSON text (nil when the handler returned nothing)
+---@return qx.Error? err as run(); invalid (400) for a body that is not a JSON object
+function _M.run_json(pool, module, func, body, context)
+    check_names("qx.openresty.run_json", pool, module, func)
+    local ok, why = true, nil
+    if type(body) ~= "string" then
+        if type(body) ~= "table" then
+            error("qx.openresty.run_json: body must be the JSON text of the command or a table", 2)
+        end
+        ok, why = check_plain(body, "command", {}, 0)
+    end
+    if ok then ok, why = check_plain(context, "context", {}, 0) end
+    if not ok then
+        error("qx.openresty.run_json: " .. why .. "; only plain data crosses into a thread", 2)
+    end
+    check_nginx("qx.openresty.run_json")
+    local r, e = call("qx.openresty.run_json", pool, module, func, body, context, JSON)
+    if not r then return nil, e end
+    if not r[2] then
+        return nil, translate(r[3], pool, module, func)
+    end
+    if r[3] ~= MARK then
+        return nil, config_error(fmt("handler module '%s' was not made by "
+            .. "qx.openresty.handlers: run_json needs its wrapper to decode and encode JSON",
+            module))
+    end
+    if r[4] then return r[5] end
+    return nil, as_error(r[5])
 end
 
 --- For the request side's own diagnostics: the calls in flight and waiting per pool.

@@ -27,9 +27,10 @@ Db.__index = Db
 ---@field connect_timeout_seconds number? connection attempt timeout (default 10; 0 none)
 ---@field cursor_key string? key that signs repository cursors (QX_CURSOR_KEY)
 ---@field dispatcher qx.Dispatcher? default dispatcher of units of work
+---@field shared_pool string? one pool of this name per process, for all its Lua states (nginx)
 
 -- options of qx.connect besides the settings of qx.settings
-local KNOWN = { dispatcher = true }
+local KNOWN = { dispatcher = true, shared_pool = true }
 for k in pairs(settings.DB_OPTIONS) do KNOWN[k] = true end
 
 --- A pool of PostgreSQL connections (qx.connect). Options left out come from QX_DB__*
@@ -43,6 +44,10 @@ function _M.connect(opts)
         error("qx.connect: options must be a table", 2)
     end
     opts = options.check(opts, KNOWN, "qx.connect")
+    local shared = opts.shared_pool
+    if shared ~= nil and (type(shared) ~= "string" or shared == "") then
+        error("qx.connect: shared_pool must be a non-empty name", 2)
+    end
     local db_opts = {}
     for k in pairs(settings.DB_OPTIONS) do db_opts[k] = opts[k] end
     local cfg, e = settings.db(db_opts)
@@ -59,6 +64,7 @@ function _M.connect(opts)
         recycle_ms = cfg.recycle_ms,
         connect_timeout_ms = cfg.connect_timeout_ms,
         init_sql = timeout > 0 and string.format("SET statement_timeout = %d", timeout) or nil,
+        shared = opts.shared_pool,
     }
     if not pool then return nil, e end
     local conn

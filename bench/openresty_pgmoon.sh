@@ -1,0 +1,365 @@
+#!/usr/bin/env bash
+# qx in nginx against pgmoon, the pure-Lua PostgreSQL driver on nginx cosockets, in the same
+# nginx, on the same tables, with the same work, rounds alternating:
+#
+#   write  POST /orders: one order row and one outbox row in one durable transaction.
+#          qx: the shop example's place_order (a unit of work: v7 id, the full envelope) through
+#          qx.openresty.run on a thread pool of T threads (concurrency T);
+#          pgmoon: the same two rows as one multi-statement simple query over a kept-alive
+#          cosocket, its pool limited to T connections (pool_size = T, a backlog behind it).
+#   read   GET /orders/{id}: qx's reader (get_order) against pgmoon's SELECT of the same row.
+#   ceiling  pgbench sending the write's two INSERTs as one simple query, T connections.
+#
+# T = 4, 8 and 16 (QX_BENCH_THREADS), one nginx worker each, wrk with QX_BENCH_CONNECTIONS (16)
+# connections. Both sides hold T PostgreSQL connections: qx's thread VMs share one pool of T
+# (shared_pool, QX_DB__POOL_SIZE), and each worker sends up to QX_BENCH_QUEUE (default 2) calls
+# per thread at once, so that a thread finds the next call queued when it finishes one.
+#
+#   bash bench/openresty_pgmoon.sh       (needs QX_DB__URL and `make`)
+#
+# pgmoon is not part of qx: it is loaded at run time from PGMOON_DIR (default
+# ../shared/anchors/pgmoon beside the checkout, the folder holding pgmoon.lua).
+# Environment: QX_BENCH_SECONDS (default 8) per run, QX_BENCH_ROUNDS (default 3),
+# QX_BENCH_THREADS (default "4 8 16"), QX_BENCH_CONNECTIONS (default 16).
+# A database of its own (synchronous_commit on: every commit waits for its WAL flush),
+# dropped at the end.
+set -euo pipefail
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+seconds=${QX_BENCH_SECONDS:-8}
+conns=${QX_BENCH_CONNECTIONS:-16}
+rounds=${QX_BENCH_ROUNDS:-3}
+threads_list=${QX_BENCH_THREADS:-4 8 16}
+queue=${QX_BENCH_QUEUE:-2}
+pg_bin=${QX_TEST_PG_BIN:-/usr/lib/postgresql/15/bin}
+modules=${QX_NGINX_MODULES:-/usr/lib/nginx/modules}
+# PGMOON_DIR, else shared/anchors/pgmoon beside the checkout (or beside a folder above it,
+# for a checkout kept in a folder of worktrees)
+pgmoon_dir=${PGMOON_DIR:-}
+if [ -z "$pgmoon_dir" ]; then
+  pgmoon_dir=$root/../shared/anchors/pgmoon
+  d=$root/..
+  while [ "$(cd "$d" && pwd)" != / ]; do
+    [ -f "$d/shared/anchors/pgmoon/pgmoon/init.lua" ] && { pgmoon_dir=$d/shared/anchors/pgmoon; break; }
+    d=$d/..
+  done
+fi
+
+die() { echo "openresty-pgmoon bench: $*" >&2; exit 1; }
+[ -n "${QX_DB__URL:-}" ] || die "set QX_DB__URL (make bench does)"
+for tool in wrk nginx curl; do command -v "$tool" >/dev/null || die "no $tool (scripts/deps.sh)"; done
+[ -x "$pg_bin/pgbench" ] || die "no $pg_bin/pgbench"
+[ -f "$root/build/luajit/qx/core.so" ] || die "run make first"
+[ -f "$pgmoon_dir/pgmoon/init.lua" ] ||
+  die "pgmoon not found in $pgmoon_dir (set PGMOON_DIR to the folder that holds pgmoon/init.lua)"
+pgmoon_dir=$(cd "$pgmoon_dir" && pwd)
+
+# host and port for pgmoon, from the URL
+case "$QX_DB__URL" in
+  postgres*://*) ;;
+  *) die "QX_DB__URL must be a postgresql:// URL here" ;;
+esac
+hostport=${QX_DB__URL#*://}; hostport=${hostport#*@}; hostport=${hostport%%/*}
+pg_host=${hostport%%:*}; pg_port=${hostport##*:}
+[ "$pg_port" != "$hostport" ] || pg_port=5432
+pg_user=${QX_DB__URL#*://}; pg_user=${pg_user%%@*}; pg_user=${pg_user%%:*}
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/qx-pgmoon-bench.XXXXXX")
+chmod 755 "$work"
+dbname=qx_pgmoon_bench_$$
+admin_url=$QX_DB__URL
+base=${admin_url%%\?*}; base=${base%/*}; bench_url=$base/$dbname
+psql() { "$pg_bin/psql" -X -q -v ON_ERROR_STOP=1 -d "$admin_url" "$@"; }
+
+pids=()
+cleanup() {
+  local p
+  for p in "${pids[@]}"; do
+    [ "$(cat "/proc/$p/comm" 2>/dev/null || true)" = nginx ] && kill -QUIT "$p" 2>/dev/null || true
+  done
+  sleep 0.5
+  psql -c "DROP DATABASE IF EXISTS $dbname WITH (FORCE)" >/dev/null 2>&1 || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+psql -c "CREATE DATABASE $dbname"
+
+# a copy of qx, so that edits and rebuilds in the tree during the bench do not reach it
+mkdir -p "$work/lua" "$work/qx/build/luajit/qx"
+cp -r "$root/lua" "$root/examples" "$work/qx/"
+cp "$root/build/luajit/qx/core.so" "$work/qx/build/luajit/qx/"
+src=$work/qx
+# The pgmoon side, run in the worker (content_by_lua).
+cat >"$work/lua/bench_pgmoon.lua" <<EOF
+local pgmoon = require "pgmoon"
+local cjson = require "cjson.safe"
+local ngx = ngx
+local _M = {}
+local config = { host = "$pg_host", port = "$pg_port", database = "$dbname", user = "$pg_user",
+                 pool_size = tonumber(os.getenv("QX_BENCH_POOL")), backlog = 4096 }
+
+local function connect()
+    local pg = pgmoon.new(config)
+    local ok, err = pg:connect()
+    if not ok then return nil, err end
+    return pg
+end
+
+local function fail(status, message)
+    if status >= 500 then ngx.log(ngx.ERR, "pgmoon: ", tostring(message)) end
+    ngx.status = status
+    ngx.header["Content-Type"] = "application/json"
+    ngx.print(cjson.encode({ error = { code = "error", message = message } }), "\n")
+    return ngx.exit(status)
+end
+
+-- every nginx of the run starts LuaJIT's generator at the same seed otherwise
+math.randomseed(ngx.now() * 1000 + ngx.worker.pid())
+
+local function random_uuid()
+    -- a v4 id from the worker's PRNG: less than qx does (v7 from getrandom)
+    local r = math.random
+    return string.format("%08x-%04x-4%03x-%04x-%04x%08x", r(0, 0xffffffff), r(0, 0xffff),
+        r(0, 0xfff), 0x8000 + r(0, 0x3fff), r(0, 0xffff), r(0, 0xffffffff))
+end
+
+function _M.post_order()
+    ngx.req.read_body()
+    local cmd = cjson.decode(ngx.req.get_body_data() or "")
+    if type(cmd) ~= "table" or type(cmd.customer) ~= "string" or type(cmd.sku) ~= "string"
+       or type(cmd.quantity) ~= "number" then
+        return fail(400, "bad command")
+    end
+    local pg, err = connect()
+    if not pg then return fail(500, err) end
+    local id, eid = random_uuid(), random_uuid()
+    local now = ngx.utctime()
+    local payload = cjson.encode({ event_id = eid, event_name = "shop.order.placed",
+        event_version = 1, occurred_at = now, payload = { order_id = id, customer = cmd.customer,
+        sku = cmd.sku, quantity = cmd.quantity } })
+    local q = pg.escape_literal
+    local sql = "INSERT INTO shop_orders (id, customer, sku, quantity, status, version) VALUES ("
+        .. q(pg, id) .. ", " .. q(pg, cmd.customer) .. ", " .. q(pg, cmd.sku) .. ", "
+        .. q(pg, cmd.quantity) .. ", 'placed', 1); "
+        .. "INSERT INTO qx_outbox_events (id, event_name, event_version, payload, occurred_at) "
+        .. "VALUES (" .. q(pg, eid) .. ", 'shop.order.placed', 1, " .. q(pg, payload) .. ", "
+        .. q(pg, now) .. ")"
+    local res
+    res, err = pg:query(sql)
+    if not res then pg:disconnect(); return fail(500, err) end
+    pg:keepalive(60000, config.pool_size)
+    ngx.status = 201
+    ngx.header["Content-Type"] = "application/json"
+    ngx.print(cjson.encode({ id = id, version = 1 }), "\n")
+    return ngx.exit(201)
+end
+
+function _M.get_order(id)
+    local pg, err = connect()
+    if not pg then return fail(500, err) end
+    local rows
+    rows, err = pg:query("SELECT id, customer, sku, quantity, status, reason, version, "
+        .. "created_at, updated_at FROM shop_orders WHERE id = " .. pg:escape_literal(id))
+    if not rows then pg:disconnect(); return fail(500, err) end
+    pg:keepalive(60000, config.pool_size)
+    if not rows[1] then return fail(404, "no order") end
+    ngx.header["Content-Type"] = "application/json"
+    ngx.print(cjson.encode(rows[1]), "\n")
+    return ngx.exit(200)
+end
+
+return _M
+EOF
+
+cat >"$work/post.lua" <<'EOF'
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = '{"customer":"bench","sku":"B-1","quantity":1}'
+EOF
+
+# nginx for T threads: the shop example's locations (qx) and /pgmoon/... beside them
+render() {
+  local t=$1 port=$2 prefix=$3
+  mkdir -p "$prefix/conf" "$prefix/logs" "$prefix/temp"
+  cat >"$prefix/conf/nginx.conf" <<EOF
+$([ "$(id -u)" = 0 ] && echo "user root;")
+worker_processes 1;
+pid logs/nginx.pid;
+error_log logs/error.log warn;
+env QX_DB__URL=$bench_url;
+env QX_BENCH_POOL=$t;
+env QX_DB__POOL_SIZE=$t;
+load_module $modules/ndk_http_module.so;
+load_module $modules/ngx_http_lua_module.so;
+thread_pool qx threads=$t max_queue=4096;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    client_body_temp_path temp/client_body;
+    proxy_temp_path temp/proxy;
+    fastcgi_temp_path temp/fastcgi;
+    uwsgi_temp_path temp/uwsgi;
+    scgi_temp_path temp/scgi;
+    client_max_body_size 64k;
+    client_body_buffer_size 64k;
+    lua_worker_thread_vm_pool_size $((t * 2 + 4));
+    lua_socket_log_errors off;
+    lua_package_path "$work/lua/?.lua;$pgmoon_dir/?.lua;$pgmoon_dir/?/init.lua;$src/examples/openresty/?.lua;$src/lua/?.lua;$src/lua/?/init.lua;;";
+    lua_package_cpath "$src/build/luajit/?.so;;";
+    init_by_lua_block {
+        require("shop.setup").run()
+        require("qx.openresty").thread_pool("qx", { concurrency = $((t * queue)), queue_timeout = 30 })
+    }
+    server {
+        listen 127.0.0.1:$port;
+        default_type application/json;
+        location = /health { content_by_lua_block { ngx.say("ok") } }
+        location = /orders { content_by_lua_block { require("shop.api").orders() } }
+        location ~ "^/orders/([0-9a-fA-F-]{36})\$" {
+            content_by_lua_block { require("shop.api").order(ngx.var[1]) }
+        }
+        location = /pgmoon/orders { content_by_lua_block { require("bench_pgmoon").post_order() } }
+        location ~ "^/pgmoon/orders/([0-9a-fA-F-]{36})\$" {
+            content_by_lua_block { require("bench_pgmoon").get_order(ngx.var[1]) }
+        }
+    }
+}
+EOF
+}
+
+free_port() {
+  local p
+  while :; do
+    p=$((20000 + RANDOM % 12000))
+    (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null || { echo "$p"; return; }
+  done
+}
+
+declare -A url
+for t in $threads_list; do
+  prefix=$work/nginx-$t
+  port=$(free_port)
+  render "$t" "$port" "$prefix"
+  env -u LUA_PATH -u LUA_CPATH nginx -p "$prefix/" -c "$prefix/conf/nginx.conf" \
+    -e "$prefix/logs/error.log" || die "nginx for $t threads did not start"
+  pids+=("$(cat "$prefix/logs/nginx.pid")")
+  url[$t]=http://127.0.0.1:$port
+  for i in $(seq 1 50); do curl -sf "${url[$t]}/health" >/dev/null 2>&1 && break; sleep 0.1; done
+done
+
+# the read side's rows: 200 orders, GET asks for them in turn
+first=${threads_list%% *}
+for i in $(seq 1 200); do
+  curl -sf -X POST -H 'Content-Type: application/json' \
+    -d '{"customer":"reader","sku":"R-1","quantity":2}' "${url[$first]}/orders"
+done | sed -n 's/.*"id":"\([0-9a-f-]*\)".*/\1/p' >"$work/ids"
+[ "$(wc -l <"$work/ids")" = 200 ] || die "could not make the orders to read"
+{
+  echo 'local ids, i = {}, 0'
+  echo 'for l in io.lines("'"$work/ids"'") do ids[#ids + 1] = l end'
+  echo 'prefix = os.getenv("QX_BENCH_PREFIX") or "/orders/"'
+  echo 'function request() i = i % #ids + 1; return wrk.format("GET", prefix .. ids[i]) end'
+} >"$work/get.lua"
+
+cat >"$work/pgbench.sql" <<'EOF'
+INSERT INTO shop_orders (id, customer, sku, quantity, status, version) VALUES (gen_random_uuid(), 'bench', 'B-1', 1, 'placed', 1) \; INSERT INTO qx_outbox_events (id, event_name, event_version, payload, occurred_at) VALUES (gen_random_uuid(), 'shop.order.placed', 1, '{"event_name":"shop.order.placed","payload":{"customer":"bench","sku":"B-1","quantity":1}}', now())
+EOF
+
+# warm every VM and connection
+for t in $threads_list; do
+  wrk -t1 -c"$conns" -d2s -s "$work/post.lua" "${url[$t]}/orders" >/dev/null
+  wrk -t1 -c"$conns" -d2s -s "$work/post.lua" "${url[$t]}/pgmoon/orders" >/dev/null
+done
+
+# wrk's summary as "req/s p99_ms non2xx"
+summarise() {
+  awk '
+    function ms(v,  u) { u = v; sub(/^[0-9.]+/, "", u); v += 0
+                         if (u == "us") v /= 1000; else if (u == "s") v *= 1000; return v }
+    /Requests\/sec:/ { rps = $2 }
+    /^ +99%/ { p99 = ms($2) }
+    /Non-2xx or 3xx responses:/ { bad = $5 }
+    END { printf "%s %.2f %s\n", rps, p99, (bad == "" ? 0 : bad) }' "$1"
+}
+load() { # kind side t -> line
+  local kind=$1 side=$2 t=$3 path
+  [ "$side" = qx ] && path=/orders || path=/pgmoon/orders
+  if [ "$kind" = write ]; then
+    wrk -t1 -c"$conns" -d"${seconds}s" --latency -s "$work/post.lua" "${url[$t]}$path" >"$work/out"
+  else
+    QX_BENCH_PREFIX=$path/ wrk -t1 -c"$conns" -d"${seconds}s" --latency -s "$work/get.lua" \
+      "${url[$t]}" >"$work/out"
+  fi
+  summarise "$work/out"
+}
+ceiling() {
+  PGOPTIONS= "$pg_bin/pgbench" -n -M simple -c "$1" -j 1 -T "$seconds" -f "$work/pgbench.sql" \
+    "$bench_url" 2>/dev/null | awk '/^tps/ { printf "%.0f 0 0\n", $3 }'
+}
+
+echo "openresty-pgmoon bench: $rounds rounds of ${seconds}s, threads $threads_list, $queue calls per thread, $conns wrk connections"
+echo "  $(nproc) cores ($(sed -n 's/^model name[^:]*: //p' /proc/cpuinfo | head -1)), load $(cut -d' ' -f1-3 /proc/loadavg) at start"
+: >"$work/results"
+for round in $(seq 1 "$rounds"); do
+  for t in $threads_list; do
+    if [ $((round % 2)) = 1 ]; then sides="qx pgmoon"; else sides="pgmoon qx"; fi
+    for kind in write read; do
+      for side in $sides; do
+        echo "$round $t $kind $side $(load "$kind" "$side" "$t")" >>"$work/results"
+      done
+    done
+    echo "$round $t ceiling pgbench $(ceiling "$t")" >>"$work/results"
+  done
+done
+
+median() { sort -g | awk '{ a[NR] = $1 } END { if (NR) print a[int((NR + 1) / 2)]; else print "-" }'; }
+range() { sort -g | awk 'NR == 1 { lo = $1 } { hi = $1 } END { printf "%s-%s", lo, hi }'; }
+col() { awk -v t="$1" -v k="$2" -v s="$3" -v c="$4" '$2 == t && $3 == k && $4 == s { print $c }' "$work/results"; }
+# per-round ratio qx / other
+ratio() {
+  awk -v t="$1" -v k="$2" -v s="$3" -v c="$4" '
+    $2 == t && $3 == k && $4 == "qx" { q[$1] = $c }
+    $2 == t && $3 == ($5 == "" ? k : k) && $4 == s { o[$1] = $c }
+    END { for (r in q) if (o[r] > 0) printf "%.2f\n", q[r] / o[r] }' "$work/results"
+}
+ratio_ceiling() {
+  awk -v t="$1" '$2 == t && $3 == "write" && $4 == "qx" { q[$1] = $5 }
+                 $2 == t && $3 == "ceiling" { o[$1] = $5 }
+                 END { for (r in q) if (o[r] > 0) printf "%.2f\n", q[r] / o[r] }' "$work/results"
+}
+
+echo
+echo "medians of $rounds rounds (range in brackets); ratios are per round, qx / pgmoon"
+for kind in write read; do
+  echo
+  echo "$kind: T = threads of qx's pool = pgmoon's pool_size = PostgreSQL connections of each"
+  printf '| T | qx req/s | pgmoon req/s | qx / pgmoon | p99 qx / pgmoon ms |%s\n' \
+    "$([ "$kind" = write ] && echo ' pgbench tps (ceiling) | qx / ceiling |')"
+  printf '| --- | ---: | ---: | ---: | ---: |%s\n' "$([ "$kind" = write ] && echo ' ---: | ---: |')"
+  for t in $threads_list; do
+    extra=
+    if [ "$kind" = write ]; then
+      extra=" $(col "$t" ceiling pgbench 5 | median) ($(col "$t" ceiling pgbench 5 | range)) | $(ratio_ceiling "$t" | median) |"
+    fi
+    printf '| %s | %s (%s) | %s (%s) | %s (%s) | %s / %s |%s\n' "$t" \
+      "$(col "$t" "$kind" qx 5 | median)" "$(col "$t" "$kind" qx 5 | range)" \
+      "$(col "$t" "$kind" pgmoon 5 | median)" "$(col "$t" "$kind" pgmoon 5 | range)" \
+      "$(ratio "$t" "$kind" pgmoon 5 | median)" "$(ratio "$t" "$kind" pgmoon 5 | range)" \
+      "$(col "$t" "$kind" qx 6 | median)" "$(col "$t" "$kind" pgmoon 6 | median)" "$extra"
+  done
+done
+bad=$(awk '{ n += $7 } END { print n + 0 }' "$work/results")
+echo
+echo "non-2xx responses over all runs: $bad"
+if [ "$bad" != 0 ]; then
+  for t in $threads_list; do
+    echo "error log of the nginx of $t threads (last lines):"
+    grep -v "^$" "$work/nginx-$t/logs/error.log" | tail -n 5 || true
+  done
+fi
+echo "PostgreSQL connections to the bench database at the end, by client (all nginx of the run): $("$pg_bin/psql" -X -A -t -F= -d "$admin_url" -c \
+  "SELECT application_name, count(*) FROM pg_stat_activity WHERE datname = '$dbname' GROUP BY 1 ORDER BY 1" | tr '\n' ' ')"
+echo "load $(cut -d' ' -f1-3 /proc/loadavg) at end"
+echo
+echo "every run (round T kind side req/s p99_ms non2xx):"
+cat "$work/results"
