@@ -915,6 +915,39 @@ FROM qx_outbox_events WHERE event_name = 'spec.consumer.invoice_sent']]))
             assert.matches("ISO-8601", e.message, 1, true)
         end)
 
+        it("starts a new durable at a from_time just past a whole second exactly, not a tenth later",
+           function()
+            -- nats.c writes a start time's fraction without its leading zeros (.05 s as ".5"):
+            -- such a time goes to the server as its whole second, and the consumer skips what
+            -- was stored between that second and the time asked for
+            local s = new_stream()
+            local function wait_fraction(lo) -- until the wall clock's fraction is in [lo, lo+0.02)
+                local deadline = clock() + 5
+                repeat
+                    local f = core.time() % 1
+                    if f >= lo and f < lo + 0.02 then return end
+                until clock() > deadline
+                error("the clock never showed a fraction of " .. lo)
+            end
+            wait_fraction(0.90)
+            s.publish(Placed{ n = 1 })       -- the second before
+            wait_fraction(0.01)
+            s.publish(Placed{ n = 2 })       -- after the whole second, before the start
+            wait_fraction(0.05)
+            local t = qx.now()
+            pause(0.01)
+            s.publish(Placed{ n = 3 })
+            local c = consumer(s, { durable = support.unique("d"), deliver = { from_time = t } })
+            local seen = {}
+            local deadline = clock() + 10
+            while #seen < 1 and clock() < deadline do
+                assert(c:run_once(function(ev) seen[#seen + 1] = ev.n end, { timeout_ms = 1000 }))
+            end
+            assert(c:run_once(function(ev) seen[#seen + 1] = ev.n end, { timeout_ms = 300 }))
+            c:close()
+            assert.same({ 3 }, seen, "from_time " .. t)
+        end)
+
         it("filters by subject", function()
             local s = new_stream()
             local Other = qx.integration_event("spec.consumer.other", { version = 1 })
