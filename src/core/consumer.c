@@ -28,6 +28,8 @@ struct qx_consumer {
     jsCtx *js;
     char *stream;
     char *durable;
+    int64_t skip_before_ns;  /* deliver = from_time: messages stored before it are acked, not
+                              * handed over (see start_time_for_server) */
 };
 
 struct qx_consumer_msg {
@@ -62,6 +64,17 @@ static int name_ok(const char *s)
     return strpbrk(s, ". *>\t\r\n") == NULL;
 }
 
+/* nats.c (3.4) writes a start time's fraction of a second without its leading zeros (.045 s
+ * goes out as ".45"), so the server would start up to 0.9 s late and skip messages. A time whose
+ * fraction is under 0.1 s goes out as its whole second instead, which the encoder writes
+ * exactly; the consumer then acks, without handing them over, the messages stored between that
+ * second and the time asked for (qx_consumer_fetch). */
+static int64_t start_time_for_server(int64_t ns)
+{
+    int64_t frac = ns % 1000000000;
+    return frac > 0 && frac < 100000000 ? ns - frac : ns;
+}
+
 /* The consumer as the options describe it; the fields qx manages (see qx.h). */
 static void config_from(jsConsumerConfig *cc, const qx_consumer_options *o)
 {
@@ -78,7 +91,7 @@ static void config_from(jsConsumerConfig *cc, const qx_consumer_options *o)
         break;
     case QX_DELIVER_FROM_TIME:
         cc->DeliverPolicy = js_DeliverByStartTime;
-        cc->OptStartTime = o->start_time_ns;
+        cc->OptStartTime = start_time_for_server(o->start_time_ns);
         break;
     default:
         cc->DeliverPolicy = js_DeliverAll;
@@ -178,6 +191,7 @@ qx_status qx_consumer_new(qx_consumer **out, qx_nats *nats, const qx_consumer_op
     c->js = js;
     c->stream = strdup(o->stream);
     c->durable = strdup(o->durable);
+    c->skip_before_ns = o->deliver == QX_DELIVER_FROM_TIME ? o->start_time_ns : 0;
     if (c->stream == NULL || c->durable == NULL) {
         qx_consumer_free(c);
         return qx_error_set(err, QX_ERR_NOMEM, "consumer: out of memory");
@@ -320,6 +334,25 @@ qx_status qx_consumer_fetch(qx_consumer *c, qx_consumer_msg ***msgs, int *count,
             qx_consumer_msg_free(out[i]);
         free(out);
         return st;
+    }
+    if (c->skip_before_ns > 0) {
+        /* stored before the time the consumer starts at: acked here, never handed over (an ack
+         * that fails leaves the message to come back, and be skipped, again) */
+        int kept = 0;
+        for (i = 0; i < n; i++) {
+            if (out[i]->meta->Timestamp < c->skip_before_ns) {
+                natsMsg_Ack(out[i]->m, NULL);
+                out[i]->replied = 1;
+                qx_consumer_msg_free(out[i]);
+            } else {
+                out[kept++] = out[i];
+            }
+        }
+        n = kept;
+        if (n == 0) {
+            free(out);
+            out = NULL;
+        }
     }
     *msgs = out;
     *count = n;
