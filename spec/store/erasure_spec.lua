@@ -284,6 +284,59 @@ SELECT 1 FROM qx_aggregate_snapshots WHERE aggregate_type = $1 AND aggregate_id 
         assert.equal(4, u.version)
     end)
 
+    local function noted(m, id)
+        local rows = assert(db:query([[
+SELECT subject_id::text AS s FROM qx_subject_streams
+ WHERE aggregate_type = $1 AND aggregate_id = $2 ORDER BY 1]], m.type, id))
+        local out = {}
+        for i, r in ipairs(rows) do out[i] = r.s end
+        return out
+    end
+
+    local function snapshot_count(m, id)
+        return assert(db:query([[
+SELECT count(*)::int AS n FROM qx_aggregate_snapshots
+ WHERE aggregate_type = $1 AND aggregate_id = $2]], m.type, id))[1].n
+    end
+
+    it("an append without a snapshot notes no stream; a snapshot notes every subject it folds", function()
+        local m, id, other = model{ snapshot_every = 3 }, qx.uuid(), qx.uuid()
+        assert(register(m, id))                                     -- 1: no snapshot
+        assert(command(m, id, function(u) u:record(m.Renamed{ user_id = other, name = "Bob" }) end))
+        assert.same({}, noted(m, id))
+        assert.equal(0, snapshot_count(m, id))
+        assert(command(m, id, function(u) u:record(m.Upgraded{ plan = "team" }) end)) -- 3: snapshot
+        local both = { id:lower(), other:lower() }
+        table.sort(both)
+        assert.same(both, noted(m, id))
+        -- the subject of an event folded before the snapshot, never in an append with one
+        assert(qx.forget(db, other))
+        assert.equal(0, snapshot_count(m, id))
+        local u = assert(load(m, id))
+        assert.equal(qx.forgotten, u.name)
+        assert.equal("ada@example.org", u.email)
+    end)
+
+    it("a later snapshot notes the subjects of the events since the one it replaces, and forget drops it", function()
+        local m, id, later = model{ snapshot_every = 2 }, qx.uuid(), qx.uuid()
+        assert(register(m, id))
+        assert(command(m, id, function(u) u:record(m.Upgraded{ plan = "team" }) end)) -- snapshot at 2
+        assert.same({ id:lower() }, noted(m, id))
+        assert(command(m, id, function(u) u:record(m.Renamed{ user_id = later, name = "Eve" }) end))
+        assert.same({ id:lower() }, noted(m, id))              -- 3: no snapshot, nothing noted
+        assert(command(m, id, function(u) u:record(m.Upgraded{ plan = "pro" }) end)) -- 4: replaced
+        local snap = assert(db:query([[
+SELECT state, version FROM qx_aggregate_snapshots WHERE aggregate_type = $1 AND aggregate_id = $2]],
+            m.type, id))
+        assert.equal(4, snap[1].version)
+        assert.equal("Eve", snap[1].state.name)
+        assert(qx.forget(db, later))
+        assert.equal(0, snapshot_count(m, id))
+        local u = assert(load(m, id))
+        assert.equal(qx.forgotten, u.name)
+        assert.equal("pro", u.plan)
+    end)
+
     it("refuse a changed sealed value, or one moved to another event or field, as invalid", function()
         local m, id = model(), qx.uuid()
         assert(register(m, id))
@@ -676,10 +729,10 @@ SELECT 1 FROM qx_aggregate_events WHERE aggregate_type = $1 AND aggregate_id = $
         assert.equal(2, #stored)
         assert.is_nil(stored[1]:find("ada@", 1, true))
         assert.truthy(stored[1]:find("qx:sealed:1:" .. id, 1, true))
-        -- the stream is still known as the subject's, so that forget finds it
-        assert.same({ { n = 1 } }, assert(db:query([[
-SELECT count(*)::int AS n FROM qx_subject_streams
- WHERE subject_id = $1 AND aggregate_type = $2 AND aggregate_id = $3]], id, m.type, id)))
+        -- no snapshot of it is left in clear: archiving dropped it
+        assert.same({ { n = 0 } }, assert(db:query([[
+SELECT count(*)::int AS n FROM qx_aggregate_snapshots
+ WHERE aggregate_type = $1 AND aggregate_id = $2]], m.type, id)))
 
         -- before the forget: the archived stream's personal fields open like a hot one's
         local u = assert(load(m, id, { archived = true }))

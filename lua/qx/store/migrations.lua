@@ -503,4 +503,66 @@ END
 $$;
 ]],
     },
+    {
+        version = 11,
+        name = "erasure: the append without the per-stream row",
+        sql = [[
+-- The check an append of personal data queues in its commit's round trip, in place of
+-- qx_subject_keys_hold: refuses a forgotten subject (22023, which qx reports as invalid); with
+-- hold, the keys are locked FOR SHARE until the commit (an append that writes a snapshot). It
+-- writes nothing: which streams' snapshots hold a subject's data is noted when a snapshot is
+-- written (below), not on every append. ids are distinct.
+CREATE OR REPLACE FUNCTION qx_subject_keys_alive(ids uuid[], hold boolean) RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    n    integer;
+    gone uuid;
+BEGIN
+    IF hold THEN
+        SELECT count(*) INTO n FROM (
+            SELECT 1 FROM qx_subject_keys
+             WHERE subject_id = ANY (ids) AND key IS NOT NULL
+             ORDER BY subject_id FOR SHARE) AS held;
+    ELSE
+        SELECT count(*) INTO n FROM qx_subject_keys
+         WHERE subject_id = ANY (ids) AND key IS NOT NULL;
+    END IF;
+    IF n < cardinality(ids) THEN
+        SELECT i INTO gone FROM unnest(ids) AS i
+         WHERE NOT EXISTS (SELECT 1 FROM qx_subject_keys k
+                            WHERE k.subject_id = i AND k.key IS NOT NULL)
+         LIMIT 1;
+        RAISE EXCEPTION 'data subject % is forgotten: no personal data of it is recorded', gone
+            USING ERRCODE = '22023';
+    END IF;
+    RETURN n;
+END
+$$;
+
+-- A snapshot written (by any writer: an append, a rebuild) notes in qx_subject_streams the
+-- subjects whose sealed values are in the events it folds and the snapshot before it did not:
+-- those of sequences (old version, new version]. forget drops the snapshots of the streams
+-- noted for its subject. A sealed value is "qx:sealed:1:<subject>:..." in a top-level field of
+-- the payload. Rows noted before (by appends, before this step) stay: a superset is safe.
+CREATE OR REPLACE FUNCTION qx_snapshot_subjects() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO qx_subject_streams (subject_id, aggregate_type, aggregate_id)
+    SELECT DISTINCT substr(v.value, 13, 36)::uuid, NEW.aggregate_type, NEW.aggregate_id
+      FROM qx_aggregate_events e
+     CROSS JOIN LATERAL jsonb_each_text(CASE WHEN jsonb_typeof(e.payload) = 'object'
+                                             THEN e.payload ELSE '{}' END) AS v
+     WHERE e.aggregate_type = NEW.aggregate_type AND e.aggregate_id = NEW.aggregate_id
+       AND e.sequence > (CASE WHEN TG_OP = 'UPDATE' THEN OLD.version ELSE 0 END)
+       AND e.sequence <= NEW.version
+       AND v.value ~ '^qx:sealed:1:[0-9A-Fa-f-]{36}:'
+    ON CONFLICT DO NOTHING;
+    RETURN NULL;
+END
+$$;
+DROP TRIGGER IF EXISTS qx_snapshot_subjects ON qx_aggregate_snapshots;
+CREATE TRIGGER qx_snapshot_subjects AFTER INSERT OR UPDATE ON qx_aggregate_snapshots
+    FOR EACH ROW EXECUTE FUNCTION qx_snapshot_subjects();
+]],
+    },
 }

@@ -21,6 +21,7 @@ local byte = string.byte
 local sub = string.sub
 local fmt = string.format
 local sort = table.sort
+local concat = table.concat
 local is_uuid = core.is_uuid
 local null = core.null
 local json_encode, json_decode = core.json_encode, core.json_decode
@@ -57,7 +58,7 @@ end
 -- ---- the write side ---------------------------------------------------------------------
 
 -- Keys a process has read or made, per database handle: subject -> key. An entry is only a
--- shortcut for writing: the transaction that uses it also runs qx_subject_keys_hold, which
+-- shortcut for writing: the transaction that uses it also runs qx_subject_keys_alive, which
 -- refuses the write when the subject was forgotten since. Reads never use it.
 local write_caches = setmetatable({}, { __mode = "k" })
 local CACHE_MAX = 10000
@@ -123,7 +124,8 @@ ORDER BY 1
 ON CONFLICT (subject_id) DO UPDATE SET subject_id = EXCLUDED.subject_id
 RETURNING subject_id::text AS subject_id, key]]
 
-local HOLD = "SELECT qx_subject_keys_hold($1::jsonb, $2)"
+-- the tombstone check in the commit's round trip (migration 11): a check, no row written
+local ALIVE = "SELECT qx_subject_keys_alive($1::uuid[], $2)"
 
 local function hex(s)
     return (s:gsub(".", function(c) return fmt("%02x", byte(c)) end))
@@ -136,18 +138,20 @@ end
 
 --- The keys of the subjects for writing in the unit of work: from the cache, or made (the
 -- first writer's key wins: two first writers end with one key) in one round trip. Queues
--- qx_subject_keys_hold of the subjects with the streams, locking the keys until the commit
--- when hold is true (a snapshot is written).
+-- qx_subject_keys_alive of the subjects, which refuses a forgotten one at the commit and locks
+-- the keys until then when hold is true (a snapshot is written).
 ---@param uow table the unit of work
 ---@param subjects table set of subject ids
----@param pairs_ table list of { subject, aggregate_type|null, aggregate_id|null }
 ---@param hold boolean|nil lock the keys until the commit
 ---@return table|nil keys { subject = key }
 ---@return qx.Error? err invalid (a forgotten subject), or the database's
-function _M.keys_for_write(uow, subjects, pairs_, hold)
+function _M.keys_for_write(uow, subjects, hold)
     local cache = cache_of(uow.db)
     local keys, missing, nmissing = {}, nil, 0
+    local ids, nids = {}, 0
     for s in pairs(subjects) do
+        nids = nids + 1
+        ids[nids] = s
         local k = cache.keys[s]
         if k then
             keys[s] = k
@@ -171,7 +175,7 @@ function _M.keys_for_write(uow, subjects, pairs_, hold)
             cache.n = cache.n + 1
         end
     end
-    local ok, e = uow:queue(HOLD, pairs_, hold == true)
+    local ok, e = uow:queue(ALIVE, "{" .. concat(ids, ",") .. "}", hold == true)
     if not ok then return nil, e end
     return keys
 end
@@ -230,9 +234,11 @@ function _M.sealed_envelope(ev, key, subject)
     return env
 end
 
--- Queued ahead of a load (same round trip): the keys of the subjects whose personal data the
--- stream holds are locked until the commit, so a snapshot this transaction writes from the
--- state it loads (in clear) is dropped by a forget that comes meanwhile, which waits for it.
+-- Queued ahead of a load (same round trip): the keys of the subjects noted for the stream (those
+-- of the events its snapshots folded, noted as they were written) are locked until the commit;
+-- the events after the snapshot lock their own subjects' keys as they are opened. So a snapshot
+-- this transaction writes from the state it loads (in clear) is dropped by a forget that comes
+-- meanwhile, which waits for it.
 local HOLD_STREAM = [[
 SELECT count(*) FROM (
   SELECT 1 FROM qx_subject_keys k JOIN qx_subject_streams m ON m.subject_id = k.subject_id

@@ -268,21 +268,18 @@ end
 -- key: { [i] = envelope } | false (none has any) | nil, err. An outbox row never holds a
 -- personal field in clear.
 local function sealed_envelopes(uow, events)
-    local subjects, pairs_, of
+    local subjects, of
     for i = 1, #events do
         local subject, e = personal.subject_of(events[i])
         if subject == nil then return nil, e end
         if subject then
-            if subjects == nil then subjects, pairs_, of = {}, {}, {} end
-            if not subjects[subject] then
-                subjects[subject] = true
-                pairs_[#pairs_ + 1] = { subject }
-            end
+            if subjects == nil then subjects, of = {}, {} end
+            subjects[subject] = true
             of[i] = subject
         end
     end
     if subjects == nil then return false end
-    local keys, e = personal.keys_for_write(uow, subjects, pairs_)
+    local keys, e = personal.keys_for_write(uow, subjects)
     if not keys then return nil, e end
     local out = {}
     for i, subject in pairs(of) do

@@ -222,23 +222,20 @@ end
 -- The stored events with their personal fields sealed (a new list of copies where there are
 -- any; stored itself when there are none) | nil, err (invalid: a bad subject, a forgotten one).
 -- The events themselves keep their values: the aggregate and the handlers read them.
-local function seal_stored(uow, stored, agg_type, sid, hold)
-    local subjects, pairs_, of
+local function seal_stored(uow, stored, hold)
+    local subjects, of
     for i = 1, #stored do
         local ev = stored[i]
         local subject, e = personal.subject_of(ev)
         if subject == nil then return nil, e end
         if subject then
-            if subjects == nil then subjects, pairs_, of = {}, {}, {} end
-            if not subjects[subject] then
-                subjects[subject] = true
-                pairs_[#pairs_ + 1] = { subject, agg_type, sid }
-            end
+            if subjects == nil then subjects, of = {}, {} end
+            subjects[subject] = true
             of[i] = subject
         end
     end
     if subjects == nil then return stored end
-    local keys, e = personal.keys_for_write(uow, subjects, pairs_, hold)
+    local keys, e = personal.keys_for_write(uow, subjects, hold)
     if not keys then return nil, e end
     local out = {}
     for i = 1, #stored do
@@ -323,7 +320,7 @@ local function prepare(store, uow, agg, opts)
     end
     -- sealed last: with a snapshot, the subjects' keys are held until the commit
     local e
-    stored, e = seal_stored(uow, stored, agg_type, sid, snap ~= nil)
+    stored, e = seal_stored(uow, stored, snap ~= nil)
     if not stored then return nil, e end
     return agg_type, sid, version, stored, n, snap
 end
