@@ -33,8 +33,7 @@ threads_list=${QX_BENCH_THREADS:-4 8 16}
 queue=${QX_BENCH_QUEUE:-2}
 pg_bin=${QX_TEST_PG_BIN:-/usr/lib/postgresql/15/bin}
 modules=${QX_NGINX_MODULES:-/usr/lib/nginx/modules}
-# PGMOON_DIR, else shared/anchors/pgmoon beside the checkout (or beside a folder above it,
-# for a checkout kept in a folder of worktrees)
+# PGMOON_DIR, else shared/anchors/pgmoon beside the checkout or beside a folder above it
 pgmoon_dir=${PGMOON_DIR:-}
 if [ -z "$pgmoon_dir" ]; then
   pgmoon_dir=$root/../shared/anchors/pgmoon
