@@ -127,6 +127,7 @@ build = {
     ["qx.store.migrations"] = "lua/qx/store/migrations.lua",
     ["qx.store.outbox"] = "lua/qx/store/outbox.lua",
     ["qx.store.personal"] = "lua/qx/store/personal.lua",
+    ["qx.store.projection.definition"] = "lua/qx/store/projection/definition.lua",
     ["qx.store.projection"] = "lua/qx/store/projection/init.lua",
     ["qx.store.projection.metrics"] = "lua/qx/store/projection/metrics.lua",
     ["qx.store.projection.rebuild_slots"] = "lua/qx/store/projection/rebuild_slots.lua",

@@ -64,6 +64,7 @@ local NOT_CHECKED = {
     "lua/qx/store/event_store/checkpoint.lua", "lua/qx/store/event_store/sql.lua",
     "lua/qx/store/internal.lua", "lua/qx/store/migrations.lua",
     "lua/qx/store/projection/init.lua", "lua/qx/store/projection/rebuild_slots.lua",
+    "lua/qx/store/projection/definition.lua",
     "lua/qx/store/repository/base.lua", "lua/qx/store/repository/cursor.lua",
     "lua/qx/store/repository/query.lua", "lua/qx/version.lua",
 }

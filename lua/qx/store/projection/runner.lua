@@ -10,11 +10,10 @@
 local core = require "qx.core"
 local options = require "qx.options"
 local qx_error = require "qx.error"
-local event = require "qx.model.event"
-local aggregate = require "qx.model.aggregate"
 local store_mod = require "qx.store.event_store"
 local slots = require "qx.store.projection.rebuild_slots"
 local versions = require "qx.store.projection.versions"
+local definition = require "qx.store.projection.definition"
 local registry_mod = require "qx.model.registry"
 local metrics_server = require "qx.metrics_server"
 local pmetrics = require "qx.store.projection.metrics"
@@ -23,8 +22,6 @@ local personal = require "qx.store.personal"
 local forget = require "qx.store.forget"
 
 local type = type
-local pairs = pairs
-local ipairs = ipairs
 local error = error
 local tostring = tostring
 local setmetatable = setmetatable
@@ -34,11 +31,9 @@ local floor = math.floor
 local min = math.min
 local max = math.max
 local fmt = string.format
-local sort = table.sort
 local clock = core.clock
 local signals_watch, signals_sleep = core.signals_watch, core.signals_sleep
 local null = core.null
-local stderr = io.stderr
 local to_record = store_mod.to_record
 local evolve_record = registry_mod.evolve_record
 local encode_checkpoint = store_mod.encode_checkpoint
@@ -72,8 +67,6 @@ local Projection = {}
 Projection.__index = Projection
 _M.Projection = Projection
 
-local MAX_NAME = 255
-local MAX_BATCH = 100000
 
 local ENSURE = [[
 INSERT INTO qx_projection_checkpoints (projection_name) VALUES ($1)
@@ -168,19 +161,8 @@ FROM qx_projection_checkpoints c WHERE c.projection_name = $1]]
 local RUN_OPTIONS = { "poll_ms", "stop", "max_seconds", "metrics_listen", "health_stale_ms",
                       "handle_signals" }
 
-local function default_progress(info)
-    stderr:write(fmt("qx projection %s%s: %d%s events applied in %.1f s (%.0f/s), at position "
-        .. "%s%s\n", info.name, info.version and (" version " .. info.version) or "", info.applied,
-        info.total and ("/" .. info.total) or "", info.elapsed_seconds, info.rate,
-        tostring(info.global_position),
-        info.eta_seconds and fmt(", about %.0f s to go", info.eta_seconds) or ""))
-end
 
 
-local OPTS = { name = true, db = true, handlers = true, aggregate_type = true, batch_size = true,
-               reset = true, on_progress = true, progress_interval_seconds = true,
-               version = true, tables = true, setup = true, max_rebuilds = true,
-               on_forget = true }
 
 
 --- A projection: a read model fed from the event store, exactly once (qx.projection).
@@ -188,122 +170,25 @@ local OPTS = { name = true, db = true, handlers = true, aggregate_type = true, b
 ---@param opts qx.ProjectionOptions
 ---@return qx.Projection
 function _M.new(opts)
-    if type(opts) ~= "table" then
-        error("qx.projection: expected a table of options", 2)
-    end
-    options.check(opts, OPTS, "qx.projection")
-    local name = opts.name
-    if type(name) ~= "string" or name == "" or #name > MAX_NAME then
-        error("qx.projection: name must be a non-empty string of at most " .. MAX_NAME
-              .. " bytes", 2)
-    end
-    if type(opts.db) ~= "table" or not opts.db.pool then
-        error("qx.projection: db must come from qx.connect", 2)
-    end
-    if type(opts.handlers) ~= "table" then
-        error("qx.projection: handlers must be a table { [event name or class] = fn(ev, uow) }", 2)
-    end
-    local handlers, names, classes = {}, {}, {}
-    for k, fn in pairs(opts.handlers) do
-        local ename
-        if event.is_class(k) then
-            ename = k.event_name
-            registry_mod.check_chain(k, "qx.projection")
-        elseif type(k) == "string" and event.valid_name(k) then
-            ename = k
-        else
-            error("qx.projection: handler keys must be event names or event classes, got "
-                  .. (type(k) == "string" and fmt("%q", k) or type(k)), 2)
-        end
-        if type(fn) ~= "function" then
-            error("qx.projection: the handler for " .. ename .. " must be a function", 2)
-        end
-        if handlers[ename] then
-            error("qx.projection: two handlers for " .. ename, 2)
-        end
-        handlers[ename] = fn
-        names[#names + 1] = ename
-        -- a class also reads the events stored under its old names, as itself
-        if event.is_class(k) then
-            classes[ename] = k
-            for _, alias in ipairs(k.aliases) do
-                if handlers[alias] then
-                    error("qx.projection: two handlers for " .. alias .. " (an alias of "
-                          .. ename .. ")", 2)
-                end
-                handlers[alias], classes[alias] = fn, k
-                names[#names + 1] = alias
-            end
-        end
-    end
-    if #names == 0 then
-        error("qx.projection: handlers is empty", 2)
-    end
-    sort(names)
-    local cats
-    local at = opts.aggregate_type
-    if at ~= nil then
-        local list = (type(at) == "table" and not aggregate.is_class(at)) and at or { at }
-        cats = {}
-        for i, v in ipairs(list) do
-            if aggregate.is_class(v) then
-                v = v.aggregate_type
-            end
-            if type(v) ~= "string" then
-                error("qx.projection: aggregate_type must be names or aggregate classes", 2)
-            end
-            cats[i] = v
-        end
-        if #cats == 0 then
-            error("qx.projection: aggregate_type is empty", 2)
-        end
-    end
-    local batch = opts.batch_size or 500
-    if type(batch) ~= "number" or batch ~= floor(batch) or batch < 1 or batch > MAX_BATCH then
-        error("qx.projection: batch_size must be an integer between 1 and " .. MAX_BATCH, 2)
-    end
-    if opts.reset ~= nil and type(opts.reset) ~= "function" then
-        error("qx.projection: reset must be a function(uow)", 2)
-    end
-    if opts.on_forget ~= nil and type(opts.on_forget) ~= "function" then
-        error("qx.projection: on_forget must be a function(subject_id, uow, p)", 2)
-    end
-    local progress = opts.on_progress
-    if progress == nil then
-        progress = default_progress
-    elseif progress ~= false and type(progress) ~= "function" then
-        error("qx.projection: on_progress must be a function or false", 2)
-    end
-    local every = opts.progress_interval_seconds or 5
-    if type(every) ~= "number" or every <= 0 then
-        error("qx.projection: progress_interval_seconds must be a positive number", 2)
-    end
-    local versioned, verr = versions._parse(opts)
-    if not versioned then
-        error("qx.projection: " .. verr, 2)
-    end
-    local cap, cerr = slots.cap(opts)
-    if not cap then
-        error(cerr, 2)
-    end
+    local d = definition.parse(opts)
     local self = setmetatable({
-        name = name,
-        key = versioned.key or name,
-        version = versioned.version,
-        tables = versioned.tables,
-        setup = versioned.setup,
-        max_rebuilds = cap,
+        name = d.name,
+        key = d.key,
+        version = d.version,
+        tables = d.tables,
+        setup = d.setup,
+        max_rebuilds = d.max_rebuilds,
         db = opts.db,
         on_forget = opts.on_forget,
-        handlers = handlers,
-        classes = classes,
-        types = names,
-        categories = cats,
-        batch_size = batch,
+        handlers = d.handlers,
+        classes = d.classes,
+        types = d.types,
+        categories = d.categories,
+        batch_size = d.batch_size,
         reset = opts.reset,
-        _batch_sql = batch_sql(names, cats),
-        on_progress = progress or nil,
-        progress_interval = every,
+        _batch_sql = batch_sql(d.types, d.categories),
+        on_progress = d.on_progress,
+        progress_interval = d.progress_interval,
         _ready = false,
         _stopping = false,
         _counters = pmetrics.counters(),
