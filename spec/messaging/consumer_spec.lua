@@ -6,6 +6,7 @@ local qx = require "qx"
 local core = require "qx.core"
 local nats = require "qx.messaging.nats"
 local publisher = require "qx.messaging.publisher"
+local nats_servers = require "nats_servers"
 
 local clock = core.clock
 
@@ -677,60 +678,19 @@ FROM qx_outbox_events WHERE event_name = 'spec.consumer.invoice_sent']]))
     end)
 
     describe("server outage", function()
-        -- a nats-server of this test's own, so stopping it disturbs no other spec
-        local dir, pid, port
-
-        local function sh(cmd)
-            local p = assert(io.popen(cmd))
-            local out = p:read("*a")
-            p:close()
-            return out
-        end
-
-        local function start_server()
-            pid = tonumber(sh(("nats-server -js -a 127.0.0.1 -p %s -sd %s -l %s/log >/dev/null 2>&1 & echo $!")
-          :format(port or "-1", dir, dir)):match("%d+"))
-            local deadline = clock() + 10
-            repeat
-          local f = io.open(dir .. "/log")
-          local log = f and f:read("*a") or ""
-          if f then f:close() end
-          local p = log:match("Listening for client connections on 127%.0%.0%.1:(%d+)")
-          if p and (port == nil or p == tostring(port)) and log:match("Server is ready") then
-                port = tonumber(p)
-                return
-          end
-          pause(0.05)
-            until clock() > deadline
-            error("private nats-server did not start")
-        end
-
-        local function stop_server()
-            if not pid then return end
-            sh("kill " .. pid .. " 2>/dev/null")
-            local deadline = clock() + 10
-            while sh("kill -0 " .. pid .. " 2>/dev/null && echo alive") ~= "" and clock() < deadline do
-          pause(0.05)
-            end
-            pid = nil
-            os.remove(dir .. "/log") -- the next start writes a fresh log
-        end
+        -- a nats-server of this test's own (spec/nats_servers.lua), so stopping it disturbs no
+        -- other spec
+        local set, node
 
         before_each(function()
-            dir = os.tmpname()
-            os.remove(dir)
-            sh("mkdir -p " .. dir)
-            port = nil
-            start_server()
+            set = nats_servers.start{ nodes = 1 }
+            node = set.nodes[1]
         end)
 
-        after_each(function()
-            stop_server()
-            sh("rm -rf " .. dir)
-        end)
+        after_each(function() set:stop_all() end)
 
         it("keeps consuming across a nats-server restart without losing or repeating a message #slow", function()
-            local own = assert(nats.connect{ servers = "nats://127.0.0.1:" .. port, reconnect_wait_ms = 100 })
+            local own = assert(nats.connect{ servers = node:url(), reconnect_wait_ms = 100 })
             local name = support.unique("OUTAGE"):upper()
             local prefix = support.unique("outage")
             assert(own:ensure_stream{ name = name, subjects = { prefix .. ".>" } })
@@ -742,7 +702,7 @@ FROM qx_outbox_events WHERE event_name = 'spec.consumer.invoice_sent']]))
             assert(pub:publish(Placed{ n = 1 }))
             assert.equal(1, assert(c:run_once(h, { timeout_ms = 5000 })).handled)
 
-            stop_server()
+            node:kill()
             -- while the server is away, a round returns (nothing, or an error) instead of raising
             -- or spinning
             local t0 = clock()
@@ -750,7 +710,7 @@ FROM qx_outbox_events WHERE event_name = 'spec.consumer.invoice_sent']]))
             assert.is_true(r == nil or r.fetched == 0)
             assert.is_true(clock() - t0 >= 0.2)
 
-            start_server() -- same port, same store: the stream and the durable come back
+            node:restart() -- same port, same store: the stream and the durable come back
             local deadline = clock() + 15
             local published = false
             while #seen < 2 and clock() < deadline do

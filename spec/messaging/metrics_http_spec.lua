@@ -8,6 +8,7 @@ local qx = require "qx"
 local core = require "qx.core"
 local nats = require "qx.messaging.nats"
 local publisher = require "qx.messaging.publisher"
+local nats_servers = require "nats_servers"
 
 local clock = core.clock
 
@@ -197,44 +198,22 @@ describe("relay:run with metrics_listen", function()
 end)
 
 describe("relay:run with metrics_listen and a nats-server that goes away #slow", function()
-    local ctx, dir, pid, port
-
-    local function sh(cmd)
-        local f = assert(io.popen(cmd))
-        local out = f:read("*a")
-        f:close()
-        return out
-    end
-
-    local function start_server()
-        pid = tonumber(sh(("nats-server -js -a 127.0.0.1 -p -1 -sd %s -l %s/log >/dev/null 2>&1 & echo $!")
-            :format(dir, dir)):match("%d+"))
-        local deadline = clock() + 10
-        repeat
-            local log = support.slurp(dir .. "/log") or ""
-            local p = log:match("Listening for client connections on 127%.0%.0%.1:(%d+)")
-            if p and log:match("Server is ready") then port = tonumber(p) return end
-            pause(0.05)
-        until clock() > deadline
-        error("private nats-server did not start")
-    end
+    -- a nats-server of this test's own (spec/nats_servers.lua), killed mid-run
+    local ctx, set, node
 
     before_each(function()
         ctx = H.setup()
-        dir = os.tmpname()
-        os.remove(dir)
-        sh("mkdir -p " .. dir)
-        start_server()
+        set = nats_servers.start{ nodes = 1 }
+        node = set.nodes[1]
     end)
 
     after_each(function()
-        if pid then sh("kill " .. pid .. " 2>/dev/null") end
-        sh("rm -rf " .. dir)
+        set:stop_all()
         H.teardown(ctx)
     end)
 
     it("answers /health 503 naming NATS while the connection is down, 200 before", function()
-        local own = assert(nats.connect{ servers = "nats://127.0.0.1:" .. port, stream = ctx.stream,
+        local own = assert(nats.connect{ servers = node:url(), stream = ctx.stream,
                                          subject_prefix = ctx.prefix, reconnect_wait_ms = 100,
                                          publish_timeout_ms = 500 })
         assert(own:ensure_stream())
@@ -247,8 +226,7 @@ describe("relay:run with metrics_listen and a nats-server that goes away #slow",
         assert(relay:run{ metrics_listen = "127.0.0.1:" .. p, on_batch = function()
             if not before then
                 before = { http.get(url(p, "/health")) }
-                sh("kill " .. pid)
-                pid = nil
+                node:kill()
                 return
             end
             local code, body = http.get(url(p, "/health"))
