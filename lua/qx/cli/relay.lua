@@ -76,6 +76,11 @@ local function connect_nats(qx, core, opts, once)
 end
 
 local function summary(r)
+    if r.lock_lost then
+        -- its marks were fenced: what JetStream acked is not marked, and goes again
+        return ("claimed %d, %d acked by JetStream before the shard lock was found lost: none "
+                .. "marked, they go again"):format(r.claimed, r.published)
+    end
     return ("claimed %d, published %d (%d duplicates), failed %d, dead-lettered %d, held %d")
         :format(r.claimed, r.published, r.duplicates, r.failed, r.dead_lettered, r.held)
 end
