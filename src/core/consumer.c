@@ -221,8 +221,7 @@ void qx_consumer_free(qx_consumer *c)
         return;
     if (c->sub != NULL) {
         /* the durable consumer stays on the server; only this client's interest goes */
-        natsSubscription_Unsubscribe(c->sub);
-        natsSubscription_Destroy(c->sub);
+        qx_nats_drop_subscription(c->nats, c->sub);
         c->sub = NULL;
     }
     qx_nats_close(c->nats);

@@ -15,13 +15,22 @@
 
 #define MAX_SERVERS 32
 
+/* A subscription or JetStream context dropped while the connection lives, kept until the
+ * connection closes (see qx_nats_drop_subscription). */
+typedef struct grave {
+    struct grave *next;
+    natsSubscription *sub;
+    jsCtx *js;
+} grave;
+
 struct qx_nats {
     natsConnection *nc;
     jsCtx *js;
     int refs; /* changed with atomics: a relay may drop its reference from another thread */
     natsOptions *opts;   /* what it was opened with, for qx_nats_open_gathering */
     int send_asap;
-    pthread_mutex_t mu;  /* guards opts */
+    pthread_mutex_t mu;  /* guards opts and graves */
+    grave *graves;
 };
 
 /* ---- errors ------------------------------------------------------------------------------ */
@@ -310,12 +319,68 @@ void qx_nats_close(qx_nats *n)
         return;
     if (__atomic_sub_fetch(&n->refs, 1, __ATOMIC_ACQ_REL) > 0)
         return;
+    natsConnection_Close(n->nc); /* flushes what is buffered, then closes; joins its threads */
+    while (n->graves != NULL) {
+        grave *g = n->graves;
+        n->graves = g->next;
+        natsSubscription_Destroy(g->sub);
+        jsCtx_Destroy(g->js);
+        free(g);
+    }
     jsCtx_Destroy(n->js);
-    natsConnection_Close(n->nc); /* flushes what is buffered, then closes */
     natsConnection_Destroy(n->nc);
     natsOptions_Destroy(n->opts);
     pthread_mutex_destroy(&n->mu);
     free(n);
+}
+
+/* ---- dropping subscriptions --------------------------------------------------------------- */
+
+/* nats.c before 3.10 (Debian 12 ships 3.4) looks a message's subscription up and then, holding
+ * no reference to it, queues the message on it: a subscription destroyed in between is freed
+ * under the reading thread, which then locks a freed mutex and can wait on it for ever, leaving
+ * the connection deaf (every request times out, closing it hangs). So nothing is destroyed
+ * while a message for it may be in that thread. */
+static void bury(qx_nats *n, natsSubscription *sub, jsCtx *js)
+{
+    grave *g = calloc(1, sizeof *g);
+    if (g == NULL)
+        return; /* leaked rather than freed under the reading thread */
+    g->sub = sub;
+    g->js = js;
+    pthread_mutex_lock(&n->mu);
+    g->next = n->graves;
+    n->graves = g;
+    pthread_mutex_unlock(&n->mu);
+}
+
+/* The server sends nothing more to an unsubscribed subject, and answers a PING only after what
+ * it sent before it; the reading thread handles the PONG after those messages. */
+static int reader_is_past(qx_nats *n)
+{
+    return natsConnection_Status(n->nc) == NATS_CONN_STATUS_CONNECTED &&
+           natsConnection_FlushTimeout(n->nc, 2000) == NATS_OK;
+}
+
+void qx_nats_drop_subscription(qx_nats *n, natsSubscription *sub)
+{
+    if (sub == NULL)
+        return;
+    natsSubscription_Unsubscribe(sub);
+    if (reader_is_past(n))
+        natsSubscription_Destroy(sub);
+    else
+        bury(n, sub, NULL);
+}
+
+void qx_nats_drop_context(qx_nats *n, jsCtx *js, int acks_may_come)
+{
+    if (js == NULL)
+        return;
+    if (!acks_may_come && reader_is_past(n))
+        jsCtx_Destroy(js);
+    else
+        bury(n, NULL, js);
 }
 
 natsConnection *qx_nats_conn(qx_nats *n) { return n->nc; }

@@ -158,8 +158,10 @@ void qx_relay_free(qx_relay *r)
     if (r == NULL)
         return;
     /* nothing is pending in the contexts between batches, so no ack handler runs after this */
-    jsCtx_Destroy(r->js);
-    jsCtx_Destroy(r->bulk_js);
+    if (r->bulk_js != NULL)
+        qx_nats_drop_context(r->bulk, r->bulk_js, r->late_acks);
+    if (r->js != NULL)
+        qx_nats_drop_context(r->nats, r->js, r->late_acks);
     qx_nats_close(r->bulk);
     for (k = 0; k < 2; k++) {
         qx_conn_close(r->conns[k]); /* an open transaction rolls back */

@@ -70,6 +70,8 @@ struct qx_relay {
     qx_nats *bulk;      /* a connection that gathers writes, for batches of many keys ... */
     jsCtx *bulk_js;     /* ... and its context (also on_ack) */
     double bulk_retry_at; /* after a failed attempt to open it, not before this (wall_now) */
+    int late_acks;      /* messages were taken back after an ack timeout: their acks may come
+                         * late, so the contexts are kept until their connections close */
     qx_conn *conns[2];  /* conns[0] holds the shard lock and LISTENs; both run batches */
     int leader;
     /* Fencing (docs/relay.md, "Fencing"): the lock session's backend pid, which the other

@@ -377,6 +377,7 @@ void relay_publish_wait(qx_relay *r, batch *b)
     if (timed_out) {
         /* take the unacked messages back: a late ack then finds nothing to report to */
         natsMsgList pending = { NULL, 0 };
+        r->late_acks = 1;
         if (js_PublishAsyncGetPendingList(&pending, b->js) == NATS_OK)
             natsMsgList_Destroy(&pending);
         pthread_mutex_lock(&r->mu);
