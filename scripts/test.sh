@@ -113,6 +113,25 @@ trap 'echo "terminated" >&2; exit 143' TERM
 
 has_run() { case " $TEST_RUNS " in *" $1 "*) return 0 ;; esac; return 1; }
 
+# What a run that died or was killed leaves to explain itself, since busted printed no failure
+# details: the failures spec/qx_output.lua wrote to the progress file as they happened, the
+# free disk, and the ends of the shared servers' logs.
+run_died_report() {
+  local name=$1 progress=$2
+  if grep -q '^failed ' "$progress" 2>/dev/null; then
+    echo "$name: the failures before it ended:"
+    awk '/^failed / { on = 1; print; next } /^  / { if (on) print; next } { on = 0 }' "$progress" |
+      head -n 200
+  fi
+  echo "$name: free disk: $(df -h "$TEST_DIR" 2>/dev/null | awk 'NR == 2 { print $4 " of " $2 }')"
+  local f
+  for f in "${QX_TEST_NATS_LOG:-}" "${QX_TEST_PG_LOG:-}"; do
+    [ -n "$f" ] && [ -f "$f" ] || continue
+    echo "$name: the last lines of $f:"
+    tail -n 15 "$f" | sed 's/^/  /'
+  done
+}
+
 # One busted run: NAME TIMEOUT SPECS COMMAND...; the summary line of busted's plainTerminal
 # ("N successes / N failures / N errors / N pending : T seconds", printed by
 # spec/qx_output.lua) gives the counts.
@@ -155,6 +174,7 @@ busted_run() {
       echo
       echo "$name: the last test started was $last"
     fi
+    run_died_report "$name" "$progress"
   fi
   if [ $failed -ne 0 ]; then note_failure $rc; fi
   # busted's failure headers: "Failure -> FILE @ LINE" (or "Error -> MESSAGE"), then the test's name

@@ -60,5 +60,25 @@ return function(options)
         return nil, true
     end)
 
+    -- "failed file:line: name" and the message's first lines, as soon as a test fails or
+    -- errors: a run killed by its time limit prints no summary, and these are then all that
+    -- says why its tests failed (scripts/test.sh prints them)
+    local function failed(element, _, message)
+        if progress and element.descriptor == 'it' then
+            local text = type(message) == 'string' and message or tostring(message)
+            local lines, n = {}, 0
+            for line in (text .. '\n'):gmatch('([^\n]*)\n') do
+                n = n + 1
+                if n > 12 then break end
+                lines[n] = '  ' .. line
+            end
+            progress:write('failed ', where(element), '\n', table.concat(lines, '\n'), '\n')
+            progress:flush()
+        end
+        return nil, true
+    end
+    busted.subscribe({ 'failure', 'it' }, failed)
+    busted.subscribe({ 'error', 'it' }, failed)
+
     return handler
 end
