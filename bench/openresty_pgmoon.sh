@@ -9,6 +9,8 @@
 #          cosocket, its pool limited to T connections (pool_size = T, a backlog behind it).
 #   read   GET /orders/{id}: qx's reader (get_order) against pgmoon's SELECT of the same row.
 #   ceiling  pgbench sending the write's two INSERTs as one simple query, T connections.
+#   hop    GET /hop: qx.openresty.run_json to a handler that does nothing and has no database,
+#          the thread hand-off alone: the most any call through the thread pool can reach.
 #
 # T = 4, 8 and 16 (QX_BENCH_THREADS), one nginx worker each, wrk with QX_BENCH_CONNECTIONS (16)
 # connections. Both sides hold T PostgreSQL connections: qx's thread VMs share one pool of T
@@ -170,6 +172,12 @@ end
 return _M
 EOF
 
+# The thread hop alone: a handler with no database that hands its command back.
+cat >"$work/lua/bench_hop.lua" <<'EOF'
+return require("qx.openresty").handlers({ noop = function(_, command) return command end },
+    { db = false })
+EOF
+
 cat >"$work/post.lua" <<'EOF'
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
@@ -216,6 +224,13 @@ http {
         location = /orders { content_by_lua_block { require("shop.api").orders() } }
         location ~ "^/orders/([0-9a-fA-F-]{36})\$" {
             content_by_lua_block { require("shop.api").order(ngx.var[1]) }
+        }
+        location = /hop {
+            content_by_lua_block {
+                local openresty = require "qx.openresty"
+                local res, err = openresty.run_json("qx", "bench_hop", "noop", '{"n":1}')
+                return openresty.respond_json(res, err)
+            }
         }
         location = /pgmoon/orders { content_by_lua_block { require("bench_pgmoon").post_order() } }
         location ~ "^/pgmoon/orders/([0-9a-fA-F-]{36})\$" {
@@ -283,7 +298,9 @@ summarise() {
 load() { # kind side t -> line
   local kind=$1 side=$2 t=$3 path
   [ "$side" = qx ] && path=/orders || path=/pgmoon/orders
-  if [ "$kind" = write ]; then
+  if [ "$kind" = hop ]; then
+    wrk -t1 -c"$conns" -d"${seconds}s" --latency "${url[$t]}/hop" >"$work/out"
+  elif [ "$kind" = write ]; then
     wrk -t1 -c"$conns" -d"${seconds}s" --latency -s "$work/post.lua" "${url[$t]}$path" >"$work/out"
   else
     QX_BENCH_PREFIX=$path/ wrk -t1 -c"$conns" -d"${seconds}s" --latency -s "$work/get.lua" \
@@ -308,6 +325,7 @@ for round in $(seq 1 "$rounds"); do
       done
     done
     echo "$round $t ceiling pgbench $(ceiling "$t")" >>"$work/results"
+    echo "$round $t hop qx $(load hop qx "$t")" >>"$work/results"
   done
 done
 
@@ -346,6 +364,22 @@ for kind in write read; do
       "$(ratio "$t" "$kind" pgmoon 5 | median)" "$(ratio "$t" "$kind" pgmoon 5 | range)" \
       "$(col "$t" "$kind" qx 6 | median)" "$(col "$t" "$kind" pgmoon 6 | median)" "$extra"
   done
+done
+# per-round ratio of the hop to pgmoon's rate of a kind
+ratio_hop() {
+  awk -v t="$1" -v k="$2" '$2 == t && $3 == "hop" { q[$1] = $5 }
+                           $2 == t && $3 == k && $4 == "pgmoon" { o[$1] = $5 }
+                           END { for (r in q) if (o[r] > 0) printf "%.2f\n", q[r] / o[r] }' "$work/results"
+}
+echo
+echo "the thread hop alone (run_json to a handler that does nothing, no database): the most a call"
+echo "through the thread pool reaches; below 1.0 against pgmoon, no work in the thread can win"
+echo "| T | hop req/s | p99 ms | hop / pgmoon write | hop / pgmoon read |"
+echo "| --- | ---: | ---: | ---: | ---: |"
+for t in $threads_list; do
+  printf '| %s | %s (%s) | %s | %s | %s |\n' "$t" "$(col "$t" hop qx 5 | median)" \
+    "$(col "$t" hop qx 5 | range)" "$(col "$t" hop qx 6 | median)" \
+    "$(ratio_hop "$t" write | median)" "$(ratio_hop "$t" read | median)"
 done
 bad=$(awk '{ n += $7 } END { print n + 0 }' "$work/results")
 echo
