@@ -40,6 +40,16 @@ describe("strict options", function()
         assert.matches(HERE .. "qx.migrate: unknown option 'dry_run' %(known: dir, steps%)", e)
     end)
 
+    it("qx.event and qx.integration_event refuse 'integration' at the caller: the function says which", function()
+        -- qx.event(name, { integration = true }) made a domain event: nothing went to the outbox
+        assert.matches(HERE .. "qx.event: 'integration' is not an option here.*qx.integration_event",
+                       raised(function() qx.event(support.unique("spec.notice"), { integration = true }) end))
+        assert.matches(HERE .. "qx.integration_event: 'integration' is not an option here",
+                       raised(function() qx.integration_event(support.unique("spec.notice"), { integration = false }) end))
+        assert.is_false(qx.event(support.unique("spec.notice"), { version = 2 }).integration)
+        assert.is_true(qx.integration_event(support.unique("spec.notice"), { version = 2 }).integration)
+    end)
+
     it("qx.connect lists the known options", function()
         local e = raised(function() qx.connect{ urll = support.db_url() } end)
         assert.matches(HERE .. "qx.connect: unknown option 'urll' %(known: [^)]*url", e)
