@@ -40,6 +40,10 @@ _M.migrations = require "qx.store.app_migrations"
 ---@param opts table|nil { version = 1, aliases = { old names } }: docs/model.md, docs/evolution.md
 ---@return table class call Class{ fields } or Class.new{ fields } for an event
 function _M.event(name, opts)
+    if type(opts) == "table" and opts.integration ~= nil then
+        error("qx.event: 'integration' is not an option here: qx.event defines a domain event; "
+              .. "qx.integration_event defines one that is written to the outbox", 2)
+    end
     local o = {}
     for k, v in pairs(opts or {}) do o[k] = v end
     o.integration = false
@@ -52,6 +56,10 @@ end
 ---@param opts table|nil { version = 1, aliases = { old names } }: docs/model.md, docs/evolution.md
 ---@return table class
 function _M.integration_event(name, opts)
+    if type(opts) == "table" and opts.integration ~= nil then
+        error("qx.integration_event: 'integration' is not an option here: it always defines an "
+              .. "integration event (qx.event defines a domain event)", 2)
+    end
     local o = {}
     for k, v in pairs(opts or {}) do o[k] = v end
     o.integration = true
