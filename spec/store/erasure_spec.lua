@@ -449,6 +449,19 @@ UPDATE qx_aggregate_events SET payload = jsonb_set(payload, '{age}', '"qx:sealed
         assert.is_nil(r)
         assert.equal("invalid", e.code)
         assert.matches("sealed", e.message)
+        -- the same in a personal event's other fields, and in an event bound for the outbox
+        r, e = register(m, qx.uuid(), { plan = "qx:sealed:1:whatever" })
+        assert.is_nil(r)
+        assert.equal("invalid", e.code)
+        assert.matches("field 'plan' is not personal", e.message, 1, true)
+        local Notice = qx.integration_event(support.unique("user.notice"))
+        r, e = db:unit_of_work(function(uow) uow:record(Notice{ text = "qx:sealed:1:whatever" }) end)
+        assert.is_nil(r)
+        assert.equal("invalid", e.code)
+        assert.matches("field 'text' is not personal", e.message, 1, true)
+        local n = assert(db:query("SELECT count(*)::int AS n FROM qx_outbox_events WHERE event_name = $1",
+                                  Notice.event_name))
+        assert.equal(0, n[1].n)
         -- qx.forgotten cannot be recorded
         r, e = register(m, qx.uuid(), { email = qx.forgotten })
         assert.is_nil(r)

@@ -129,6 +129,46 @@ static int l_tracestate_check(lua_State *L)
     return trace_check_result(L, ok, why);
 }
 
+/* prefixed_key(t, prefix[, skip]) -> the first key of t (raw, in lua_next order) whose value is
+ * a string that begins with prefix, leaving out the keys that skip (a table) maps to a true
+ * value; nil when there is none. One C pass where a Lua loop would call type, byte and sub for
+ * every field. */
+static int l_prefixed_key(lua_State *L)
+{
+    size_t plen;
+    const char *prefix;
+    int skip;
+    luaL_checktype(L, 1, LUA_TTABLE);
+    prefix = luaL_checklstring(L, 2, &plen);
+    skip = !lua_isnoneornil(L, 3);
+    if (skip)
+        luaL_checktype(L, 3, LUA_TTABLE);
+    lua_settop(L, 3);
+    lua_pushnil(L);
+    while (lua_next(L, 1) != 0) {
+        if (lua_type(L, -1) == LUA_TSTRING) {
+            size_t n;
+            const char *s = lua_tolstring(L, -1, &n);
+            if (n >= plen && memcmp(s, prefix, plen) == 0) {
+                int left_out = 0;
+                if (skip) {
+                    lua_pushvalue(L, -2);
+                    lua_rawget(L, 3);
+                    left_out = lua_toboolean(L, -1);
+                    lua_pop(L, 1);
+                }
+                if (!left_out) {
+                    lua_pop(L, 1);
+                    return 1; /* the key */
+                }
+            }
+        }
+        lua_pop(L, 1);
+    }
+    lua_pushnil(L);
+    return 1;
+}
+
 /* signals_watch(on): SIGTERM/SIGINT set a flag instead of ending the process (or no longer). */
 static int l_signals_watch(lua_State *L)
 {
@@ -153,6 +193,7 @@ static const luaL_Reg funcs[] = {
     { "time", l_time },
     { "traceparent_check", l_traceparent_check },
     { "tracestate_check", l_tracestate_check },
+    { "prefixed_key", l_prefixed_key },
     { "dir_list", l_dir_list },
     { "signals_watch", l_signals_watch },
     { "signals_sleep", l_signals_sleep },

@@ -16,6 +16,7 @@ local type = type
 local pairs = pairs
 local tostring = tostring
 local setmetatable = setmetatable
+local rawget = rawget
 local select = select
 local byte = string.byte
 local sub = string.sub
@@ -26,6 +27,7 @@ local is_uuid = core.is_uuid
 local null = core.null
 local json_encode, json_decode = core.json_encode, core.json_decode
 local seal_b64, open_b64 = core.aead_seal_b64, core.aead_open_b64
+local prefixed_key = core.prefixed_key
 local new_error = qx_error.new
 local class_of = event.class_of
 
@@ -91,19 +93,22 @@ local function subject_of(ev)
             class._personal_set = pset
         end
     end
+    local k = prefixed_key(ev, PREFIX, pset)
+    if k ~= nil then
+        return nil, new_error("invalid", fmt("%s: field '%s' is not personal but holds a "
+            .. "sealed value", class.event_name, tostring(k)))
+    end
+    if not personal then return false end
     local any = false
-    for k, v in pairs(ev) do
-        if pset and pset[k] then
-            if v ~= null then
-                if v == forgotten then
-                    return nil, new_error("invalid", fmt("%s: field '%s' holds qx.forgotten, "
-                        .. "which cannot be recorded", class.event_name, k))
-                end
-                any = true
+    for i = 1, #personal do
+        local f = personal[i]
+        local v = rawget(ev, f)
+        if v ~= nil and v ~= null then
+            if v == forgotten then
+                return nil, new_error("invalid", fmt("%s: field '%s' holds qx.forgotten, "
+                    .. "which cannot be recorded", class.event_name, f))
             end
-        elseif is_sealed(v) then
-            return nil, new_error("invalid", fmt("%s: field '%s' is not personal but holds a "
-                .. "sealed value", class.event_name, tostring(k)))
+            any = true
         end
     end
     if not any then return false end
@@ -443,20 +448,24 @@ function _M.open_all(q, tables, ids, gen)
     -- one pass: where the sealed values are (table index, field, subject), and the subjects
     local found, nfound, subjects, list = nil, 0, nil, nil
     for i = 1, #tables do
-        for k, v in pairs(tables[i]) do
-            if type(v) == "string" and byte(v, 1) == Q and sub(v, 1, PREFIX_LEN) == PREFIX then
-                local s = sub(v, PREFIX_LEN + 1, PREFIX_LEN + 36)
-                if byte(v, PREFIX_LEN + 37) ~= 58 or not is_uuid(s) then -- 58: ':'
-                    local id = ids and ids[i] or tables[i].event_id
-                    return nil, new_error("invalid", fmt("field '%s' of event %s: malformed "
-                        .. "sealed value", tostring(k), tostring(id)))
-                end
-                if found == nil then found, subjects, list = {}, {}, {} end
-                found[nfound + 1], found[nfound + 2], found[nfound + 3] = i, k, s
-                nfound = nfound + 3
-                if not subjects[s] then
-                    subjects[s] = true
-                    list[#list + 1] = s
+        local t = tables[i]
+        -- most records hold no sealed value: one C pass tells, the loop is for the others
+        if prefixed_key(t, PREFIX) ~= nil then
+            for k, v in pairs(t) do
+                if type(v) == "string" and byte(v, 1) == Q and sub(v, 1, PREFIX_LEN) == PREFIX then
+                    local s = sub(v, PREFIX_LEN + 1, PREFIX_LEN + 36)
+                    if byte(v, PREFIX_LEN + 37) ~= 58 or not is_uuid(s) then -- 58: ':'
+                        local id = ids and ids[i] or t.event_id
+                        return nil, new_error("invalid", fmt("field '%s' of event %s: malformed "
+                            .. "sealed value", tostring(k), tostring(id)))
+                    end
+                    if found == nil then found, subjects, list = {}, {}, {} end
+                    found[nfound + 1], found[nfound + 2], found[nfound + 3] = i, k, s
+                    nfound = nfound + 3
+                    if not subjects[s] then
+                        subjects[s] = true
+                        list[#list + 1] = s
+                    end
                 end
             end
         end
@@ -478,10 +487,7 @@ end
 ---@param t table
 ---@return boolean
 function _M.has_sealed(t)
-    for _, v in pairs(t) do
-        if is_sealed(v) then return true end
-    end
-    return false
+    return prefixed_key(t, PREFIX) ~= nil
 end
 
 return _M
