@@ -45,7 +45,9 @@ describe("strict options", function()
         assert.matches(HERE .. "qx.event: 'integration' is not an option here.*qx.integration_event",
                        raised(function() qx.event(support.unique("spec.notice"), { integration = true }) end))
         assert.matches(HERE .. "qx.integration_event: 'integration' is not an option here",
-                       raised(function() qx.integration_event(support.unique("spec.notice"), { integration = false }) end))
+                       raised(function()
+                           qx.integration_event(support.unique("spec.notice"), { integration = false })
+                       end))
         assert.is_false(qx.event(support.unique("spec.notice"), { version = 2 }).integration)
         assert.is_true(qx.integration_event(support.unique("spec.notice"), { version = 2 }).integration)
     end)
