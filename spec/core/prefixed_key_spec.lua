@@ -31,6 +31,23 @@ describe("core.prefixed_key", function()
         assert.equal("note", core.prefixed_key(t, P, { email = true }))
     end)
 
+    it("goes on after a given key, so a loop visits each matching field once", function()
+        local t = { a = P .. "1", b = "plain", c = P .. "2", d = 4, e = P .. "3" }
+        for i = 1, 20 do t["x" .. i] = "x" end
+        local seen, n = {}, 0
+        local k = core.prefixed_key(t, P)
+        while k ~= nil do
+            assert.is_nil(seen[k], "visited twice: " .. k)
+            seen[k] = true
+            n = n + 1
+            t[k] = "opened " .. k -- assigning an existing field keeps the traversal valid
+            k = core.prefixed_key(t, P, nil, k)
+        end
+        assert.equal(3, n)
+        assert.same({ a = true, c = true, e = true }, seen)
+        assert.has_error(function() core.prefixed_key({ a = 1 }, P, nil, "no such key") end)
+    end)
+
     it("reads the table raw: no __index or __pairs", function()
         local t = setmetatable({}, { __index = function() return P end,
                                      __pairs = function() error("not called") end })

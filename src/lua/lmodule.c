@@ -129,10 +129,11 @@ static int l_tracestate_check(lua_State *L)
     return trace_check_result(L, ok, why);
 }
 
-/* prefixed_key(t, prefix[, skip]) -> the first key of t (raw, in lua_next order) whose value is
- * a string that begins with prefix, leaving out the keys that skip (a table) maps to a true
- * value; nil when there is none. One C pass where a Lua loop would call type, byte and sub for
- * every field. */
+/* prefixed_key(t, prefix[, skip[, after]]) -> the first key of t (raw, in lua_next order) whose
+ * value is a string that begins with prefix, leaving out the keys that skip (a table) maps to a
+ * true value; nil when there is none. Given after (a key of t), the search goes on after it, so
+ * a loop visits only the fields that match. One C pass where a Lua loop would call type, byte
+ * and sub for every field. */
 static int l_prefixed_key(lua_State *L)
 {
     size_t plen;
@@ -143,8 +144,7 @@ static int l_prefixed_key(lua_State *L)
     skip = !lua_isnoneornil(L, 3);
     if (skip)
         luaL_checktype(L, 3, LUA_TTABLE);
-    lua_settop(L, 3);
-    lua_pushnil(L);
+    lua_settop(L, 4); /* after (or nil) on top: where lua_next starts */
     while (lua_next(L, 1) != 0) {
         if (lua_type(L, -1) == LUA_TSTRING) {
             size_t n;

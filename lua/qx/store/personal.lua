@@ -449,25 +449,24 @@ function _M.open_all(q, tables, ids, gen)
     local found, nfound, subjects, list = nil, 0, nil, nil
     for i = 1, #tables do
         local t = tables[i]
-        -- most records hold no sealed value: one C pass tells, the loop is for the others
-        if prefixed_key(t, PREFIX) ~= nil then
-            for k, v in pairs(t) do
-                if type(v) == "string" and byte(v, 1) == Q and sub(v, 1, PREFIX_LEN) == PREFIX then
-                    local s = sub(v, PREFIX_LEN + 1, PREFIX_LEN + 36)
-                    if byte(v, PREFIX_LEN + 37) ~= 58 or not is_uuid(s) then -- 58: ':'
-                        local id = ids and ids[i] or t.event_id
-                        return nil, new_error("invalid", fmt("field '%s' of event %s: malformed "
-                            .. "sealed value", tostring(k), tostring(id)))
-                    end
-                    if found == nil then found, subjects, list = {}, {}, {} end
-                    found[nfound + 1], found[nfound + 2], found[nfound + 3] = i, k, s
-                    nfound = nfound + 3
-                    if not subjects[s] then
-                        subjects[s] = true
-                        list[#list + 1] = s
-                    end
-                end
+        -- the fields holding a sealed value, found in C (most records hold none)
+        local k = prefixed_key(t, PREFIX)
+        while k ~= nil do
+            local v = rawget(t, k)
+            local s = sub(v, PREFIX_LEN + 1, PREFIX_LEN + 36)
+            if byte(v, PREFIX_LEN + 37) ~= 58 or not is_uuid(s) then -- 58: ':'
+                local id = ids and ids[i] or t.event_id
+                return nil, new_error("invalid", fmt("field '%s' of event %s: malformed "
+                    .. "sealed value", tostring(k), tostring(id)))
             end
+            if found == nil then found, subjects, list = {}, {}, {} end
+            found[nfound + 1], found[nfound + 2], found[nfound + 3] = i, k, s
+            nfound = nfound + 3
+            if not subjects[s] then
+                subjects[s] = true
+                list[#list + 1] = s
+            end
+            k = prefixed_key(t, PREFIX, nil, k)
         end
     end
     if found == nil then return true end
