@@ -7,13 +7,17 @@
 --   lua5.4 bench/compare.lua setup ADMIN_URL DBNAME
 --       run with a tree's LUA_PATH/LUA_CPATH: makes that tree's database (migrated, with the
 --       repository bench's table) and prints what the repository bench's worker needs
+--   lua5.4 bench/compare.lua relay_drain N
+--       run with a tree's LUA_PATH/LUA_CPATH (QX_DB__URL, QX_TEST_NATS_URL): that tree's
+--       qx.relay drains N pre-filled outbox rows; prints its rate and its process CPU per event
 --
 -- Each tree runs its own bench scripts with its own lua/ and build/lua5.4, in a database of its
 -- own, with the same knobs (environment, defaults in brackets):
 --   QX_CMP_UOW_N          unit-of-work transactions per run (8000)
 --   QX_CMP_SECONDS        seconds of each append and keyset-page run (3)
 --   QX_CMP_RELAY_EVENTS   outbox rows per relay run (20000; the run also makes its baselines: ~10 s)
---   QX_CMP_ONLY           some of the measures, e.g. "uow,relay" (all: uow, append, keyset, relay)
+--   QX_CMP_ONLY           some of the measures, e.g. "uow,relay" (all: uow, append, keyset, relay,
+--                         relay_cpu)
 -- The driver needs no qx of its own: it only starts processes and reads what they print.
 local fmt = string.format
 local MODE = arg[1]
@@ -61,6 +65,60 @@ if MODE == "setup" then
     end
     print(table.concat({ "REPO", tbl, tenant, id_of(1234), id_of(11), id_of(12) }, " "))
     db:close()
+    os.exit(0)
+end
+
+-- ---- relay_drain: one tree's relay over a pre-filled outbox, its CPU per event ---------------
+
+-- The relay's rate moves 0.6-1.4x between identical runs on two cores shared with nats-server
+-- and PostgreSQL; the CPU its process spends per event (every thread, os.clock) moves far less.
+if MODE == "relay_drain" then
+    local n = assert(tonumber(arg[2]), "relay_drain: N")
+    local qx = require "qx"
+    local db_url, nats_url = os.getenv("QX_DB__URL"), os.getenv("QX_TEST_NATS_URL")
+    local admin = assert(qx.connect{ url = db_url, pool_size = 1 })
+    local name = "cmp_relay_" .. qx.uuid():gsub("-", ""):sub(-10)
+    assert(admin:exec("CREATE SCHEMA " .. name))
+    local sep = db_url:find("?", 1, true) and "&" or "?"
+    local db = assert(qx.connect{ url = db_url .. sep .. "options=-csearch_path%3D" .. name,
+                                  pool_size = 2 })
+    assert(qx.migrate(db))
+    local conn = assert(qx.nats.connect{ servers = nats_url, stream = name:upper(),
+                                         subject_prefix = "cmp." .. name })
+    assert(conn:ensure_stream())
+    -- rows like relay_bench.lua's: about 400 bytes each, 16 partition keys
+    assert(db:exec([[
+INSERT INTO qx_outbox_events (id, event_name, event_version, payload, occurred_at, correlation_id,
+                              partition_key)
+SELECT u.id, 'bench.thing_happened', 1,
+       jsonb_build_object('event_id', u.id, 'event_name', 'bench.thing_happened',
+           'event_version', 1, 'occurred_at', now(), 'correlation_id', u.c, 'causation_id', null,
+           'tenant_id', null, 'actor_id', 'bench',
+           'payload', jsonb_build_object('n', g, 'key', 'k' || (g % 16), 'note', repeat('x', 80))),
+       now(), u.c, 'bench:k' || (g % 16)
+FROM generate_series(1, $1) AS g,
+     LATERAL (SELECT gen_random_uuid() AS id, gen_random_uuid() AS c WHERE g > 0) AS u]], n))
+    assert(db:exec("ANALYZE qx_outbox_events"))
+    local function pending()
+        return db:query("SELECT count(*) AS n FROM qx_outbox_events WHERE published_at IS NULL")[1].n
+    end
+    local relay = assert(qx.relay{ db = db, nats = conn })
+    local clock = require("qx.core").clock
+    local c0, t0 = os.clock(), clock()
+    relay:run{ on_batch = function(r, e)
+        assert(not e, tostring(e))
+        if r.claimed < relay.settings.batch_size then return false end
+    end }
+    while pending() > 0 do assert(relay:run_once()) end
+    local dt, dc = clock() - t0, os.clock() - c0
+    assert(conn:stream_info().messages == n, "the stream does not hold every event")
+    relay:close()
+    print(fmt("RELAY %.1f %.2f", n / dt, dc / n * 1e6))
+    conn:delete_stream()
+    conn:close()
+    db:close()
+    assert(admin:exec("DROP SCHEMA " .. name .. " CASCADE"))
+    admin:close()
     os.exit(0)
 end
 
@@ -139,8 +197,8 @@ for _, t in ipairs(trees) do
 end
 
 -- Each measure runs one tree's bench script. parse(out, cpu) -> the rate, and the client's CPU
--- microseconds per operation where the bench lets us know it (nil for the relay, whose run does
--- more than the relay).
+-- microseconds per operation where the bench lets us know it (nil for the relay's throughput
+-- round, whose run does more than the relay; relay_cpu has it).
 local MEASURES = {
     { key = "uow", label = "unit of work", unit = "tx/s", script = "uow_bench.lua",
       -- qx on Lua 5.4 alone, 1 client, one round; synchronous_commit off, so the figure is the
@@ -184,6 +242,14 @@ local MEASURES = {
               .. sh(file) .. " throughput"
       end,
       parse = function(out) return out:match("round 1: raw [%d.]+/s%s+relay ([%d.]+)/s") end },
+    { key = "relay_cpu", label = "relay drain", unit = "events/s", here = true,
+      -- this tree's driver (relay_drain above) run with each tree's qx: the relay's rate over a
+      -- pre-filled outbox and the CPU its process spent per event
+      cmd = function(t, file)
+          return t.env .. " QX_TEST_NATS_URL=" .. sh(os.getenv("QX_TEST_NATS_URL") or "") .. " lua5.4 "
+              .. sh(file) .. " relay_drain " .. RELAY_EVENTS
+      end,
+      parse = function(out) return out:match("RELAY ([%d.]+) ([%d.]+)") end },
 }
 
 if os.getenv("QX_CMP_ONLY") then
@@ -193,20 +259,21 @@ if os.getenv("QX_CMP_ONLY") then
         if not keep[MEASURES[i].key] then table.remove(MEASURES, i) end
     end
     if #MEASURES == 0 then
-        io.stderr:write("compare: QX_CMP_ONLY names none of uow, append, keyset, relay\n")
+        io.stderr:write("compare: QX_CMP_ONLY names none of uow, append, keyset, relay, relay_cpu\n")
         os.exit(2)
     end
 end
 
 local function measure(m, t)
-    local file, why = bench_file(t, m.script)
+    local file, why
+    if m.here then file = HERE .. "/compare.lua" else file, why = bench_file(t, m.script) end
     if not file then return nil, why end
     local out, ok, cpu = run(m.cmd(t, file))
     local rate, per_op
     if ok then rate, per_op = m.parse(out, cpu) end
     if not tonumber(rate) then
-        return nil, fmt("%s on the %s tree printed no rate (its interface may differ):\n%s", m.script,
-                        t.key, tail(out, 15))
+        return nil, fmt("%s on the %s tree printed no rate (its interface may differ):\n%s",
+                        m.script or m.key, t.key, tail(out, 15))
     end
     return tonumber(rate), tonumber(per_op)
 end
@@ -304,8 +371,8 @@ local function table_of(data, unit_of, ratio, head, skip_empty)
         local med = median(sorted)
         if #sorted > 0 or not skip_empty then
             print(fmt("| %s (%s) | %s | %s | %s | %s | %s |", m.label, unit_of(m),
-                list(d.old, function(v) return fmt("%.0f", v) end),
-                list(d.new, function(v) return fmt("%.0f", v) end),
+                list(d.old, function(v) return fmt(v < 100 and "%.1f" or "%.0f", v) end),
+                list(d.new, function(v) return fmt(v < 100 and "%.1f" or "%.0f", v) end),
                 list(ratios, function(v) return fmt("%.3f", v) end),
                 med and fmt("**%.3f**", med) or "-",
                 #sorted > 0 and fmt("%.3f-%.3f", sorted[1], sorted[#sorted]) or "-"))
