@@ -254,7 +254,7 @@ local MEASURES = {
 
 if os.getenv("QX_CMP_ONLY") then
     local keep = {}
-    for k in os.getenv("QX_CMP_ONLY"):gmatch("%w+") do keep[k] = true end
+    for k in os.getenv("QX_CMP_ONLY"):gmatch("[%w_]+") do keep[k] = true end
     for i = #MEASURES, 1, -1 do
         if not keep[MEASURES[i].key] then table.remove(MEASURES, i) end
     end
