@@ -36,7 +36,6 @@ local _M = {}
 local PREFIX = "qx:sealed:1:"
 local PREFIX_LEN = #PREFIX
 local BODY_AT = PREFIX_LEN + 38 -- the prefix, the subject (36) and ":"
-local Q = byte("q")
 local AAD_HEAD = "qx.personal.1\n"
 _M.PREFIX = PREFIX
 
@@ -47,11 +46,6 @@ _M.forgotten = setmetatable({}, {
     __metatable = "qx.forgotten",
 })
 local forgotten = _M.forgotten
-
-local function is_sealed(v)
-    return type(v) == "string" and byte(v, 1) == Q and sub(v, 1, PREFIX_LEN) == PREFIX
-end
-_M.is_sealed = is_sealed
 
 local function aad(event_id, field)
     return AAD_HEAD .. event_id .. "\n" .. field
