@@ -1,5 +1,5 @@
 -- What the benchmarks share: quoting for the shell, the running interpreter, a command's output,
--- and the median of a run's rounds. A benchmark finds it next to itself:
+-- the median of a run's rounds, and a pre-filled outbox for the relay's. A benchmark finds it next to itself:
 --   package.path = (arg[0]:match("^(.*)/[^/]*$") or ".") .. "/?.lua;" .. package.path
 --   local B = require "bench_support"
 local M = {}
@@ -34,6 +34,23 @@ function M.median(t)
     if n == 0 then return 0 end
     if n % 2 == 1 then return s[(n + 1) / 2] end
     return (s[n / 2] + s[n / 2 + 1]) / 2
+end
+
+-- Fills db's outbox with n envelopes like a unit of work writes (about 400 bytes each) over
+-- `keys` partition keys, and analyses it (a relay bench's starting point).
+function M.fill_outbox(db, n, keys)
+    assert(db:exec([[
+INSERT INTO qx_outbox_events (id, event_name, event_version, payload, occurred_at, correlation_id,
+                              partition_key)
+SELECT u.id, 'bench.thing_happened', 1,
+       jsonb_build_object('event_id', u.id, 'event_name', 'bench.thing_happened',
+           'event_version', 1, 'occurred_at', now(), 'correlation_id', u.c, 'causation_id', null,
+           'tenant_id', null, 'actor_id', 'bench',
+           'payload', jsonb_build_object('n', g, 'key', 'k' || (g % $2), 'note', repeat('x', 80))),
+       now(), u.c, 'bench:k' || (g % $2)
+FROM generate_series(1, $1) AS g,
+     LATERAL (SELECT gen_random_uuid() AS id, gen_random_uuid() AS c WHERE g > 0) AS u]], n, keys))
+    assert(db:exec("ANALYZE qx_outbox_events"))
 end
 
 return M

@@ -86,19 +86,9 @@ if MODE == "relay_drain" then
     local conn = assert(qx.nats.connect{ servers = nats_url, stream = name:upper(),
                                          subject_prefix = "cmp." .. name })
     assert(conn:ensure_stream())
-    -- rows like relay_bench.lua's: about 400 bytes each, 16 partition keys
-    assert(db:exec([[
-INSERT INTO qx_outbox_events (id, event_name, event_version, payload, occurred_at, correlation_id,
-                              partition_key)
-SELECT u.id, 'bench.thing_happened', 1,
-       jsonb_build_object('event_id', u.id, 'event_name', 'bench.thing_happened',
-           'event_version', 1, 'occurred_at', now(), 'correlation_id', u.c, 'causation_id', null,
-           'tenant_id', null, 'actor_id', 'bench',
-           'payload', jsonb_build_object('n', g, 'key', 'k' || (g % 16), 'note', repeat('x', 80))),
-       now(), u.c, 'bench:k' || (g % 16)
-FROM generate_series(1, $1) AS g,
-     LATERAL (SELECT gen_random_uuid() AS id, gen_random_uuid() AS c WHERE g > 0) AS u]], n))
-    assert(db:exec("ANALYZE qx_outbox_events"))
+    -- rows like relay_bench.lua's, from the bench's shared helper beside this script
+    package.path = (arg[0]:match("^(.*)/[^/]*$") or ".") .. "/?.lua;" .. package.path
+    require("bench_support").fill_outbox(db, n, 16)
     local function pending()
         return db:query("SELECT count(*) AS n FROM qx_outbox_events WHERE published_at IS NULL")[1].n
     end

@@ -70,20 +70,9 @@ local function drop(ctx)
     admin:exec("DROP SCHEMA " .. ctx.name .. " CASCADE")
 end
 
--- n envelopes like a unit of work writes (about 400 bytes each), over `keys` partition keys
+-- n envelopes over `keys` partition keys (bench_support.fill_outbox)
 local function fill(ctx, n, keys)
-    assert(ctx.db:exec([[
-INSERT INTO qx_outbox_events (id, event_name, event_version, payload, occurred_at, correlation_id,
-                              partition_key)
-SELECT u.id, 'bench.thing_happened', 1,
-       jsonb_build_object('event_id', u.id, 'event_name', 'bench.thing_happened',
-           'event_version', 1, 'occurred_at', now(), 'correlation_id', u.c, 'causation_id', null,
-           'tenant_id', null, 'actor_id', 'bench',
-           'payload', jsonb_build_object('n', g, 'key', 'k' || (g % $2), 'note', repeat('x', 80))),
-       now(), u.c, 'bench:k' || (g % $2)
-FROM generate_series(1, $1) AS g,
-     LATERAL (SELECT gen_random_uuid() AS id, gen_random_uuid() AS c WHERE g > 0) AS u]], n, keys))
-    assert(ctx.db:exec("ANALYZE qx_outbox_events"))
+    B.fill_outbox(ctx.db, n, keys)
 end
 
 local function pending(ctx)
