@@ -75,6 +75,28 @@ describe("qx.uuid", function()
         assert.equal(40, n)
     end)
 
+    it("is_uuid takes the 8-4-4-4-12 hex form in either case and refuses any other text", function()
+        local good = "0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b"
+        assert.is_true(qx.is_uuid(good))
+        assert.is_true(qx.is_uuid(good:upper()))
+        assert.is_true(qx.is_uuid("ABCDEF01-2345-6789-abcd-ef0123456789"))
+        for i = 1, 36 do
+            local dash = i == 9 or i == 14 or i == 19 or i == 24
+            local subs = dash and { "0", "a", "_", " " }
+                              or { "-", "g", "G", "/", ":", "@", "`", "\0", "\255" }
+            for _, c in ipairs(subs) do
+                local bad = good:sub(1, i - 1) .. c .. good:sub(i + 1)
+                assert.is_false(qx.is_uuid(bad), ("%q"):format(bad))
+            end
+        end
+        for _, bad in ipairs{ "", good:sub(2), good .. "0", good:gsub("-", ""), "{" .. good .. "}",
+                              " " .. good:sub(2) } do
+            assert.is_false(qx.is_uuid(bad), ("%q"):format(bad))
+        end
+        assert.is_false(qx.is_uuid(nil))
+        assert.is_false(qx.is_uuid(12))
+    end)
+
     it("sorts the same way in PostgreSQL", function()
         local url = os.getenv("QX_DB__URL")
         if not url then pending("needs QX_DB__URL") return end

@@ -137,20 +137,41 @@ qx_status qx_uuid7(char out[QX_UUID_STRLEN + 1], qx_error *err)
     return QX_OK;
 }
 
+/* 1 for the bytes that are hexadecimal digits (either case). */
+static const unsigned char HEX_DIGIT[256] = {
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0,
+    0, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    0, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+};
+
 int qx_uuid_valid(const char *s, size_t len)
 {
+    const unsigned char *p = (const unsigned char *)s;
+    unsigned ok = 1;
     size_t i;
     if (len != QX_UUID_STRLEN)
         return 0;
-    for (i = 0; i < len; i++) {
-        char ch = s[i];
-        if (i == 8 || i == 13 || i == 18 || i == 23) {
-            if (ch != '-')
-                return 0;
-        } else if (!((ch >= '0' && ch <= '9') || (ch >= 'a' && ch <= 'f') ||
-                     (ch >= 'A' && ch <= 'F'))) {
-            return 0;
-        }
-    }
-    return 1;
+    /* 8-4-4-4-12 digits: the dashes at 8, 13, 18, 23, every other byte a digit */
+    if (p[8] != '-' || p[13] != '-' || p[18] != '-' || p[23] != '-')
+        return 0;
+    for (i = 0; i < 8; i++)
+        ok &= HEX_DIGIT[p[i]];
+    for (i = 9; i < 13; i++)
+        ok &= HEX_DIGIT[p[i]] & HEX_DIGIT[p[i + 5]] & HEX_DIGIT[p[i + 10]];
+    for (i = 24; i < 36; i++)
+        ok &= HEX_DIGIT[p[i]];
+    return (int)ok;
 }
