@@ -69,6 +69,7 @@ build = {
         "src/lua/lnats.c",
         "src/lua/lpool.c",
         "src/lua/lrelay.c",
+        "src/lua/lsealed.c",
         "src/lua/ltx.c",
         "src/lua/lutil.c",
         "src/lua/lvalue.c",

@@ -141,14 +141,14 @@ qx_status qx_aead_seal(unsigned char *out, const unsigned char key[QX_AEAD_KEY_L
     return QX_OK;
 }
 
-qx_status qx_aead_open(unsigned char *out, size_t *outlen,
-                       const unsigned char key[QX_AEAD_KEY_LEN], const void *aad, size_t aadlen,
-                       const void *sealed, size_t len, qx_error *err)
+/* Opens sealed under the key ctx holds; alg and key NULL: ctx is already keyed and only the
+ * nonce is set, which keeps its key schedule. See qx_aead_open. */
+static qx_status gcm_open(EVP_CIPHER_CTX *ctx, const EVP_CIPHER *alg, const unsigned char *key,
+                          unsigned char *out, size_t *outlen, const void *aad, size_t aadlen,
+                          const void *sealed, size_t len, qx_error *err)
 {
-    const EVP_CIPHER *alg = gcm();
     const unsigned char *nonce = sealed, *body = nonce + QX_AEAD_NONCE_LEN;
     unsigned char tag[QX_AEAD_TAG_LEN];
-    EVP_CIPHER_CTX *ctx = NULL;
     size_t blen;
     int n = 0, fin = 0, ok;
 
@@ -159,23 +159,72 @@ qx_status qx_aead_open(unsigned char *out, size_t *outlen,
         return qx_error_set(err, QX_ERR_INVALID, "sealed value is too long");
     blen = len - QX_AEAD_OVERHEAD;
     memcpy(tag, body + blen, QX_AEAD_TAG_LEN); /* the ctrl takes a non-const pointer */
-    if (alg == NULL || (ctx = EVP_CIPHER_CTX_new()) == NULL)
-        return qx_error_set(err, QX_ERR_NOMEM, "AES-256-GCM is not available");
     ok = EVP_DecryptInit_ex2(ctx, alg, key, nonce, NULL) &&
          (aadlen == 0 || EVP_DecryptUpdate(ctx, NULL, &n, aad, (int)aadlen)) &&
          (blen == 0 || EVP_DecryptUpdate(ctx, out, &n, body, (int)blen)) &&
          EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_SET_TAG, QX_AEAD_TAG_LEN, tag);
     if (ok && EVP_DecryptFinal_ex(ctx, out + (blen == 0 ? 0 : n), &fin) <= 0) {
-        EVP_CIPHER_CTX_free(ctx);
         OPENSSL_cleanse(out, blen);
         return qx_error_set(err, QX_ERR_INVALID,
                             "sealed value does not open: wrong key, wrong context or altered");
     }
-    EVP_CIPHER_CTX_free(ctx);
     if (!ok)
         return qx_error_set(err, QX_ERR_NOMEM, "AES-256-GCM opening failed");
     *outlen = blen;
     return QX_OK;
+}
+
+qx_status qx_aead_open(unsigned char *out, size_t *outlen,
+                       const unsigned char key[QX_AEAD_KEY_LEN], const void *aad, size_t aadlen,
+                       const void *sealed, size_t len, qx_error *err)
+{
+    const EVP_CIPHER *alg = gcm();
+    EVP_CIPHER_CTX *ctx;
+    qx_status s;
+    *outlen = 0;
+    if (alg == NULL || (ctx = EVP_CIPHER_CTX_new()) == NULL)
+        return qx_error_set(err, QX_ERR_NOMEM, "AES-256-GCM is not available");
+    s = gcm_open(ctx, alg, key, out, outlen, aad, aadlen, sealed, len, err);
+    EVP_CIPHER_CTX_free(ctx);
+    return s;
+}
+
+/* Most of opening a short value under a fresh context is the context's setup and the key
+ * schedule (AES's round keys, GCM's hash key); a key object does them once. */
+struct qx_aead_key {
+    EVP_CIPHER_CTX *ctx; /* keyed for opening */
+};
+
+qx_aead_key *qx_aead_key_new(const unsigned char key[QX_AEAD_KEY_LEN], qx_error *err)
+{
+    const EVP_CIPHER *alg = gcm();
+    qx_aead_key *k = malloc(sizeof *k);
+    if (k == NULL) {
+        qx_error_set(err, QX_ERR_NOMEM, "out of memory");
+        return NULL;
+    }
+    k->ctx = alg != NULL ? EVP_CIPHER_CTX_new() : NULL;
+    if (k->ctx == NULL || !EVP_DecryptInit_ex2(k->ctx, alg, key, NULL, NULL)) {
+        EVP_CIPHER_CTX_free(k->ctx);
+        free(k);
+        qx_error_set(err, QX_ERR_NOMEM, "AES-256-GCM is not available");
+        return NULL;
+    }
+    return k;
+}
+
+qx_status qx_aead_key_open(qx_aead_key *k, unsigned char *out, size_t *outlen, const void *aad,
+                           size_t aadlen, const void *sealed, size_t len, qx_error *err)
+{
+    return gcm_open(k->ctx, NULL, NULL, out, outlen, aad, aadlen, sealed, len, err);
+}
+
+void qx_aead_key_free(qx_aead_key *k)
+{
+    if (k == NULL)
+        return;
+    EVP_CIPHER_CTX_free(k->ctx); /* cleanses the key schedule */
+    free(k);
 }
 
 int qx_equal_consttime(const void *a, const void *b, size_t len)
@@ -214,47 +263,64 @@ void qx_b64url_encode(char *out, const unsigned char *in, size_t n)
     *out = '\0';
 }
 
-static int b64url_value(unsigned char c)
-{
-    if (c >= 'A' && c <= 'Z')
-        return c - 'A';
-    if (c >= 'a' && c <= 'z')
-        return c - 'a' + 26;
-    if (c >= '0' && c <= '9')
-        return c - '0' + 52;
-    if (c == '-')
-        return 62;
-    if (c == '_')
-        return 63;
-    return -1;
-}
+/* The value of each byte in the alphabet; 64 for a byte outside it. */
+static const unsigned char B64URL_VALUE[256] = {
+    64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64,
+    64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64,
+    64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 62, 64, 64,
+    52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 64, 64, 64, 64, 64, 64,
+    64,  0,  1,  2,  3,  4,  5,  6,  7,  8,  9, 10, 11, 12, 13, 14,
+    15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 64, 64, 64, 64, 63,
+    64, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40,
+    41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 64, 64, 64, 64, 64,
+    64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64,
+    64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64,
+    64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64,
+    64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64,
+    64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64,
+    64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64,
+    64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64,
+    64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64,
+};
 
 qx_status qx_b64url_decode(unsigned char *out, size_t *outlen, const char *in, size_t n,
                            qx_error *err)
 {
-    size_t i, o = 0;
-    unsigned long acc = 0;
-    int bits = 0;
+    const unsigned char *p = (const unsigned char *)in;
+    size_t i = 0, o = 0, rest = n % 4;
+    unsigned a, b, c, d;
 
     *outlen = 0;
-    if (n % 4 == 1)
+    if (rest == 1)
         return qx_error_set(err, QX_ERR_INVALID, "base64url text has an impossible length");
-    for (i = 0; i < n; i++) {
-        int v = b64url_value((unsigned char)in[i]);
-        if (v < 0)
-            return qx_error_set(err, QX_ERR_INVALID,
-                                "base64url text has a character outside its alphabet");
-        acc = (acc << 6) | (unsigned long)v;
-        bits += 6;
-        if (bits >= 8) {
-            bits -= 8;
-            out[o++] = (unsigned char)((acc >> bits) & 0xff);
-        }
+    for (; i + 4 <= n; i += 4) {
+        a = B64URL_VALUE[p[i]];
+        b = B64URL_VALUE[p[i + 1]];
+        c = B64URL_VALUE[p[i + 2]];
+        d = B64URL_VALUE[p[i + 3]];
+        if ((a | b | c | d) & 64)
+            goto outside;
+        out[o++] = (unsigned char)(a << 2 | b >> 4);
+        out[o++] = (unsigned char)((b & 15) << 4 | c >> 2);
+        out[o++] = (unsigned char)((c & 3) << 6 | d);
     }
-    if (bits > 0 && (acc & ((1ul << bits) - 1)) != 0)
-        return qx_error_set(err, QX_ERR_INVALID, "base64url text is not in canonical form");
+    if (rest > 0) {
+        /* 2 characters: one byte, the second's low 4 bits unused; 3: two bytes, 2 bits unused */
+        a = B64URL_VALUE[p[i]];
+        b = B64URL_VALUE[p[i + 1]];
+        c = rest == 3 ? B64URL_VALUE[p[i + 2]] : 0;
+        if ((a | b | c) & 64)
+            goto outside;
+        if (rest == 2 ? (b & 15) != 0 : (c & 3) != 0)
+            return qx_error_set(err, QX_ERR_INVALID, "base64url text is not in canonical form");
+        out[o++] = (unsigned char)(a << 2 | b >> 4);
+        if (rest == 3)
+            out[o++] = (unsigned char)((b & 15) << 4 | c >> 2);
+    }
     *outlen = o;
     return QX_OK;
+outside:
+    return qx_error_set(err, QX_ERR_INVALID, "base64url text has a character outside its alphabet");
 }
 
 /* ---- cursors ------------------------------------------------------------------------------ */

@@ -347,6 +347,13 @@ qx_status qx_aead_seal(unsigned char *out, const unsigned char key[QX_AEAD_KEY_L
 qx_status qx_aead_open(unsigned char *out, size_t *outlen,
                        const unsigned char key[QX_AEAD_KEY_LEN], const void *aad, size_t aadlen,
                        const void *sealed, size_t len, qx_error *err);
+/* A key made ready for opening many values (its context and key schedule set up once): one
+ * thread at a time. qx_aead_key_open is qx_aead_open under it; free cleanses it. */
+typedef struct qx_aead_key qx_aead_key;
+qx_aead_key *qx_aead_key_new(const unsigned char key[QX_AEAD_KEY_LEN], qx_error *err);
+qx_status qx_aead_key_open(qx_aead_key *k, unsigned char *out, size_t *outlen, const void *aad,
+                           size_t aadlen, const void *sealed, size_t len, qx_error *err);
+void qx_aead_key_free(qx_aead_key *k);
 
 /* Keyset cursors: token = base64url(frame) "." base64url(HMAC-SHA256(key, QX_CURSOR_DOMAIN
  * context "\n" base64url(frame))), the frame holding the values one after another, each the

@@ -110,10 +110,61 @@ int qx_params_from_stack(lua_State *L, qx_params *out, int first, int n);
 int qx_param_text(lua_State *L, int idx, int pos, const char **value, int *length, char *num,
                   int *pushed, char *msg, size_t msgsize);
 
+/* ---- opening sealed values as rows are read (lsealed.c) ------------------------------------
+ * For a read of the event store's rows: the top-level string members of one JSON column that
+ * are sealed values ("<prefix><subject id>:<base64url>") are opened as the decoder meets them
+ * (at the end of the object, once its event id is known: the id column's, else its member
+ * event_id), with the key objects of a keys table (subject -> key object | false: forgotten);
+ * so no sealed text becomes a Lua string. A value it cannot open here (no key kept for its
+ * subject, no event id, altered) is left as its text, and its place noted for the caller to
+ * open (or report) the slow way; one it cannot even place (malformed, escaped) asks the caller
+ * to scan the rows. */
+#define QX_SEALED_PENDING 32
+typedef struct qx_sealed_opener {
+    const char *prefix, *head;   /* the format's prefix and AAD head */
+    size_t plen, hlen;
+    int column, id_column;       /* the result's columns: the JSON one, the event id's */
+    int slots;                   /* the first of the stack slots it uses (see lsealed.c) */
+    const char *subject;         /* the text of the last subject met (a slot keeps it) */
+    const char *id;              /* the current row's id column, or NULL */
+    size_t idlen;
+    unsigned char *buf;          /* scratch, cap bytes (a slot keeps it) */
+    size_t cap;
+    int row, nfound, nsubjects, scan, npending;
+    struct {
+        const char *text;        /* in the result, valid while the row is read */
+        size_t len;
+    } pending[QX_SEALED_PENDING]; /* the current object's sealed members, their keys in a slot */
+} qx_sealed_opener;
+/* Sets op up for the result r from the spec table at the absolute index spec ({ keys,
+ * forgotten, prefix, aad_head, column, id_column }), raising on a malformed spec, and pushes
+ * its slots; returns 0, pushing nothing, when r has no such columns. */
+int qx_sealed_opener_init(lua_State *L, qx_sealed_opener *op, int spec, const qx_result *r);
+/* The row about to be read (0-based): its id column. */
+void qx_sealed_opener_row(qx_sealed_opener *op, const qx_result *r, int row);
+/* A top-level string member, its key at the top of the stack and its text (len bytes, without
+ * escapes) beginning with the prefix: 1 when it is put off to the object's end (a placeholder
+ * pushed as its value), 0 when the decoder is to read it (nothing pushed). */
+int qx_sealed_defer(qx_sealed_opener *op, lua_State *L, const char *text, size_t len);
+/* The top-level object (at the top of the stack) is read: its put-off members are opened and
+ * set, or set to their text and noted. */
+void qx_sealed_object_end(qx_sealed_opener *op, lua_State *L);
+/* Sets the field sealed of the table at the absolute index t: true when every sealed value was
+ * opened, { found = { row, key, ... }, subjects = { ... } } for the ones left (rows 1-based),
+ * false when the rows must be scanned; and pops the slots. */
+void qx_sealed_opener_finish(lua_State *L, qx_sealed_opener *op, int t);
+
+/* Pushes the value of the JSON text as qx_json_decode does, opening the sealed values among the
+ * top-level object's string members with op. */
+int qx_json_decode_sealed(lua_State *L, const char *text, size_t len, qx_sealed_opener *op,
+                          const char **error);
+
 /* Pushes the rows of a result as an array of { column = value } tables; NULL is core.null, or
  * with skip_nulls the column is left out of the row (it reads as nil). max_rows >= 0: only the
- * first max_rows rows are made into tables (the rest are left in the result). */
-void qx_push_rows(lua_State *L, const qx_result *r, int skip_nulls, int max_rows);
+ * first max_rows rows are made into tables (the rest are left in the result). op: NULL, or the
+ * opener of the sealed values of its JSON column. */
+void qx_push_rows(lua_State *L, const qx_result *r, int skip_nulls, int max_rows,
+                  qx_sealed_opener *op);
 
 int qx_open_pool(lua_State *L);
 /* core.pool{ conninfo, size, acquire_timeout_ms, recycle_ms, connect_timeout_ms } */
@@ -132,6 +183,8 @@ qx_conn **qx_check_conn_slot(lua_State *L, int idx);
 void qx_open_tx(lua_State *L);
 /* Adds hmac_sha256, sha256, equal_consttime, b64url_encode, b64url_decode to the table at the top. */
 void qx_open_crypto(lua_State *L);
+/* Adds aead_key, sealed_find and open_sealed (lsealed.c) to the table at the top. */
+void qx_open_sealed(lua_State *L);
 
 /* NATS (lnats.c): the connection userdata. qx_check_nats returns the connection at idx or
  * raises (not a NATS connection, or closed); a binding that keeps it past the call retains it

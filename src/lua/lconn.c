@@ -104,7 +104,7 @@ static int run_read(lua_State *L, lconn *lc, int sql_idx, int skip_nulls, int ma
     if (qx_conn_exec(lc->c, &res, sql, n, params.values, params.lengths, &err) != QX_OK)
         return qx_push_error(L, &err);
     lc->held = res; /* freed on release should making the rows raise */
-    qx_push_rows(L, res, skip_nulls, max_rows);
+    qx_push_rows(L, res, skip_nulls, max_rows, NULL);
     qx_pushint64(L, qx_result_affected(res));
     lc->held = NULL;
     qx_result_free(res);
@@ -135,7 +135,9 @@ static int l_rows_upto(lua_State *L)
 }
 
 /* conn:batch({ { sql, n = k, p1, ..., pk }, ... }[, first]) -> results | nil, err, failed_index
- * Rows are made for the results from index first (default 1) on; earlier ones are true. */
+ * Rows are made for the results from index first (default 1) on; earlier ones are true. A
+ * statement with open_sealed (see qx_sealed_opener_init) has its sealed values opened as its
+ * rows are made, and its result says which were left (field sealed). */
 static int l_batch(lua_State *L)
 {
     lconn *lc = check_conn(L);
@@ -222,9 +224,21 @@ static int l_batch(lua_State *L)
             results[i] = NULL;
             continue;
         }
-        lua_createtable(L, 0, 2);
-        qx_push_rows(L, results[i], 0, -1);
-        lua_setfield(L, -2, "rows");
+        lua_createtable(L, 0, 3);
+        {
+            /* a statement's open_sealed: its rows' sealed values are opened as they are read */
+            int t = lua_gettop(L), opening = 0;
+            qx_sealed_opener op;
+            lua_rawgeti(L, 2, i + 1);
+            lua_getfield(L, -1, "open_sealed");
+            if (!lua_isnil(L, -1))
+                opening = qx_sealed_opener_init(L, &op, t + 2, results[i]);
+            qx_push_rows(L, results[i], 0, -1, opening ? &op : NULL);
+            lua_setfield(L, t, "rows");
+            if (opening)
+                qx_sealed_opener_finish(L, &op, t);
+            lua_settop(L, t);
+        }
         qx_pushint64(L, qx_result_affected(results[i]));
         lua_setfield(L, -2, "affected");
         lua_rawseti(L, -2, i + 1);

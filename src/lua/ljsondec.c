@@ -30,6 +30,7 @@ typedef struct jdec {
     int scratch_idx;       /* stack slot of the scratch userdata (nil until an escape is met) */
     char *scratch;         /* its bytes, scratch_cap of them */
     size_t scratch_cap;
+    qx_sealed_opener *op;  /* opens the top-level object's sealed members, or NULL */
 } jdec;
 
 static int fail(jdec *d, const char *why)
@@ -108,12 +109,9 @@ static char *put_utf8(char *o, unsigned cp)
     return o;
 }
 
-/* d->p at the opening quote; pushes the string. */
-static int parse_string(jdec *d, lua_State *L)
+/* The end of the plain run from q: the first '"', '\\' or control character, or end. */
+static inline const char *plain_run(const char *q, const char *end)
 {
-    const char *s = d->p + 1, *q = s, *end = d->end;
-    char *out, *o;
-
     while (q + 8 <= end) {
         uint64_t w;
         memcpy(&w, q, 8);
@@ -123,6 +121,15 @@ static int parse_string(jdec *d, lua_State *L)
     }
     while (q < end && *q != '"' && *q != '\\' && (unsigned char)*q >= 0x20)
         q++;
+    return q;
+}
+
+/* d->p at the opening quote; pushes the string. */
+static int parse_string(jdec *d, lua_State *L)
+{
+    const char *s = d->p + 1, *end = d->end, *q = plain_run(s, end);
+    char *out, *o;
+
     if (q < end && *q == '"') { /* no escape: the text itself */
         lua_pushlstring(L, s, (size_t)(q - s));
         d->p = q + 1;
@@ -297,6 +304,32 @@ static int parse_number(jdec *d, lua_State *L)
 
 static int parse_value(jdec *d, lua_State *L, int depth);
 
+/* d->p at a member's value of the top-level object, its key at the top of the stack. Pushes
+ * the value: a sealed one put off by d->op (a placeholder), or read as any other; a string
+ * that begins with the prefix yet was not put off asks the caller to scan. */
+static int top_member(jdec *d, lua_State *L)
+{
+    qx_sealed_opener *op = d->op;
+    const char *text = d->p + 1, *q, *s;
+    size_t len;
+    if (d->p < d->end && *d->p == '"' && (size_t)(d->end - text) >= op->plen &&
+        memcmp(text, op->prefix, op->plen) == 0) {
+        q = plain_run(text, d->end);
+        if (q < d->end && *q == '"' && qx_sealed_defer(op, L, text, (size_t)(q - text))) {
+            d->p = q + 1;
+            return 1;
+        }
+    }
+    if (!parse_value(d, L, 1))
+        return 0;
+    if (lua_type(L, -1) == LUA_TSTRING) {
+        s = lua_tolstring(L, -1, &len);
+        if (len >= op->plen && memcmp(s, op->prefix, op->plen) == 0)
+            op->scan = 1;
+    }
+    return 1;
+}
+
 static int parse_container(jdec *d, lua_State *L, int depth)
 {
     int object = *d->p == '{';
@@ -325,7 +358,7 @@ static int parse_container(jdec *d, lua_State *L, int depth)
                 return fail(d, "expected ':'");
             d->p++;
             skip_space(d);
-            if (!parse_value(d, L, depth + 1))
+            if (!(depth == 0 && d->op != NULL ? top_member(d, L) : parse_value(d, L, depth + 1)))
                 return 0;
             lua_rawset(L, -3);
         } else {
@@ -341,6 +374,8 @@ static int parse_container(jdec *d, lua_State *L, int depth)
         }
         if (d->p < d->end && *d->p == close) {
             d->p++;
+            if (depth == 0 && object && d->op != NULL)
+                qx_sealed_object_end(d->op, L);
             return 1;
         }
         return fail(d, object ? "expected ',' or '}'" : "expected ',' or ']'");
@@ -388,16 +423,24 @@ static int parse_value(jdec *d, lua_State *L, int depth)
     }
 }
 
-int qx_json_decode(lua_State *L, const char *text, size_t len, const char **error)
+static int decode(lua_State *L, const char *text, size_t len, qx_sealed_opener *op,
+                  const char **error)
 {
     jdec d;
     int top = lua_gettop(L), ok;
+    /* a lone string without escapes (a sealed field's value, often): the text itself */
+    if (len >= 2 && text[0] == '"' && text[len - 1] == '"' &&
+        plain_run(text + 1, text + len - 1) == text + len - 1) {
+        lua_pushlstring(L, text + 1, len - 2);
+        return 1;
+    }
     luaL_checkstack(L, 8, "JSON decoding");
     d.start = d.p = text;
     d.end = text + len;
     d.error = NULL;
     d.scratch = NULL;
     d.scratch_cap = 0;
+    d.op = op;
     lua_pushnil(L); /* the scratch slot */
     d.scratch_idx = top + 1;
     skip_space(&d);
@@ -416,6 +459,17 @@ int qx_json_decode(lua_State *L, const char *text, size_t len, const char **erro
                     d.error != NULL ? d.error : "bad text");
     *error = lua_tostring(L, -1);
     return 0;
+}
+
+int qx_json_decode(lua_State *L, const char *text, size_t len, const char **error)
+{
+    return decode(L, text, len, NULL, error);
+}
+
+int qx_json_decode_sealed(lua_State *L, const char *text, size_t len, qx_sealed_opener *op,
+                          const char **error)
+{
+    return decode(L, text, len, op, error);
 }
 
 /* core.json_decode(text) -> value | nil, err */

@@ -224,6 +224,7 @@ QX_EXPORT int luaopen_qx_core(lua_State *L)
 
     qx_newlib(L, funcs);
     qx_open_crypto(L);
+    qx_open_sealed(L);
     qx_open_json(L);
     qx_open_nats(L);
     qx_open_relay(L);

@@ -182,7 +182,7 @@ static int send_read(lua_State *L, ltx *lt, int sql_idx, int as, int max_rows)
     if (as == AS_COUNT)
         lua_pushboolean(L, 1);
     else
-        qx_push_rows(L, res, as == AS_SPARSE, max_rows);
+        qx_push_rows(L, res, as == AS_SPARSE, max_rows, NULL);
     qx_pushint64(L, qx_result_affected(res));
     lt->held = NULL;
     qx_result_free(res);

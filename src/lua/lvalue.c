@@ -180,7 +180,8 @@ static void push_value(lua_State *L, const qx_result *r, int row, int col, unsig
     }
 }
 
-void qx_push_rows(lua_State *L, const qx_result *r, int skip_nulls, int max_rows)
+void qx_push_rows(lua_State *L, const qx_result *r, int skip_nulls, int max_rows,
+                  qx_sealed_opener *op)
 {
     int nrows = qx_result_nrows(r), ncols = qx_result_ncols(r), row, col;
     int base = lua_gettop(L), names;
@@ -199,12 +200,21 @@ void qx_push_rows(lua_State *L, const qx_result *r, int skip_nulls, int max_rows
     lua_createtable(L, nrows, 0);
     for (row = 0; row < nrows; row++) {
         lua_createtable(L, 0, ncols);
+        if (op != NULL)
+            qx_sealed_opener_row(op, r, row);
         for (col = 0; col < ncols; col++) {
             if (qx_result_isnull(r, row, col)) {
                 if (skip_nulls)
                     continue;
                 lua_pushvalue(L, names + col);
                 lua_pushlightuserdata(L, NULL);
+            } else if (op != NULL && col == op->column &&
+                       (typ[col] == QX_OID_JSON || typ[col] == QX_OID_JSONB)) {
+                const char *why;
+                lua_pushvalue(L, names + col);
+                if (!qx_json_decode_sealed(L, qx_result_value(r, row, col),
+                                           (size_t)qx_result_length(r, row, col), op, &why))
+                    luaL_error(L, "column %s: %s", qx_result_colname(r, col), why);
             } else {
                 lua_pushvalue(L, names + col);
                 push_value(L, r, row, col, typ[col]);

@@ -19,14 +19,14 @@ local setmetatable = setmetatable
 local rawget = rawget
 local select = select
 local byte = string.byte
-local sub = string.sub
 local fmt = string.format
 local sort = table.sort
 local concat = table.concat
 local is_uuid = core.is_uuid
 local null = core.null
-local json_encode, json_decode = core.json_encode, core.json_decode
-local seal_b64, open_b64 = core.aead_seal_b64, core.aead_open_b64
+local json_encode = core.json_encode
+local seal_b64 = core.aead_seal_b64
+local aead_key, sealed_find, open_sealed = core.aead_key, core.sealed_find, core.open_sealed
 local prefixed_key = core.prefixed_key
 local new_error = qx_error.new
 local class_of = event.class_of
@@ -34,8 +34,6 @@ local class_of = event.class_of
 local _M = {}
 
 local PREFIX = "qx:sealed:1:"
-local PREFIX_LEN = #PREFIX
-local BODY_AT = PREFIX_LEN + 38 -- the prefix, the subject (36) and ":"
 local AAD_HEAD = "qx.personal.1\n"
 _M.PREFIX = PREFIX
 
@@ -66,11 +64,6 @@ local function cache_of(db)
         write_caches[db] = c
     end
     return c
-end
-
---- Drops the keys this process keeps for writing (all databases); for tests and key rotation.
-function _M.clear_cache()
-    write_caches = setmetatable({}, { __mode = "k" })
 end
 
 -- Checks an event about to be recorded: its subject (when a personal field has a value) and
@@ -329,30 +322,63 @@ SELECT g.n AS gen, k.subject_id::text AS subject_id, k.key
     ON k.subject_id = ANY (ARRAY(SELECT jsonb_array_elements_text($1::jsonb)::uuid))]]
 local GEN = "SELECT n AS gen FROM qx_subject_keys_generation"
 
--- Keys kept for reads outside a unit of work, per db handle: { gen, keys = { subject = key |
--- false }, n }. Valid while the generation that every such read asks for, in the same round
--- trip as its rows and after them, has not moved: a forget bumps it in its transaction, so no
--- key is served by a read that began after the forget committed.
+-- Keys kept for reads outside a unit of work, per db handle: { gen, keys = { subject = key
+-- object (core.aead_key) | false }, n }. Valid while the generation that every such read asks
+-- for, in the same round trip as its rows and after them, has not moved: a forget bumps it in
+-- its transaction, so no key is served by a read that began after the forget committed.
 local read_caches = setmetatable({}, { __mode = "k" })
 
---- A read outside a unit of work, with the keys' generation in the same round trip.
+--- Drops the keys this process keeps, for writing and for reading (all databases); for tests
+-- and key rotation.
+function _M.clear_cache()
+    write_caches = setmetatable({}, { __mode = "k" })
+    read_caches = setmetatable({}, { __mode = "k" })
+end
+
+--- A read of event store rows (their payload and row_id columns) outside a unit of work, with
+-- the keys' generation in the same round trip. With keys kept from earlier reads, the rows'
+-- sealed values are opened as they are decoded (core: open_sealed of conn:batch); when the
+-- generation read with them is not the one those keys were valid for, the rows are read again
+-- without them.
 ---@param q table a db or a unit of work (then only q:query, and no generation)
 ---@param sql string the read
 ---@param ... any its parameters
 ---@return table|nil rows
 ---@return qx.Error|nil err
 ---@return integer|nil gen the generation read after the rows (db only)
+---@return boolean|table|nil sealed what was opened: true (all), { found, subjects } (those
+---   left), false or nil (the rows' sealed values are to be found)
 function _M.read(q, sql, ...)
     if q._tx or not q.pool then return q:query(sql, ...) end
     local conn, e = q.pool:acquire()
     if not conn then return nil, e end
     local st = { sql, ... }
     st.n = select("#", ...)
-    local results, be = conn:batch({ st, { GEN, n = 0 } })
+    local cache = read_caches[q]
+    if cache then
+        st.open_sealed = { keys = cache.keys, forgotten = forgotten, prefix = PREFIX,
+                           aad_head = AAD_HEAD, column = "payload", id_column = "row_id" }
+    end
+    local stmts = { st, { GEN, n = 0 } }
+    local results, be = conn:batch(stmts)
+    if results and cache then
+        local g = results[2].rows[1]
+        if (g and g.gen) ~= cache.gen then
+            -- a forget committed since those keys were read: none of them is used
+            read_caches[q] = nil
+            st.open_sealed = nil
+            results, be = conn:batch(stmts)
+        end
+    end
     conn:release()
     if not results then return nil, be end
     local g = results[2].rows[1]
-    return results[1].rows, nil, g and g.gen
+    g = g and g.gen
+    if read_caches[q] == nil and g ~= nil then
+        -- no keys yet, but the next read has the generation to open (or pass over) values with
+        read_caches[q] = { gen = g, keys = {}, n = 0 }
+    end
+    return results[1].rows, nil, g, results[1].sealed
 end
 
 -- The keys of the subjects (a list) -> { subject = key | false (forgotten) } | nil, err. With
@@ -365,7 +391,7 @@ local function keys_for_read(q, list, gen)
         local keys = {}
         for i = 1, #rows do
             local r = rows[i]
-            keys[r.subject_id] = r.key ~= null and r.key or false
+            keys[r.subject_id] = r.key ~= null and aead_key(r.key) or false
         end
         return keys
     end
@@ -400,38 +426,30 @@ local function keys_for_read(q, list, gen)
         -- (a subject without any row stays unknown: its values are invalid, and asked again)
         for i = 1, #rows do
             local r = rows[i]
-            if r.subject_id ~= null then keys[r.subject_id] = r.key ~= null and r.key or false end
+            if r.subject_id ~= null then
+                keys[r.subject_id] = r.key ~= null and aead_key(r.key) or false
+            end
         end
         cache.n = cache.n + #missing
     end
     return keys
 end
 
--- The value of one sealed text under keys (subject -> key | false) | nil, err
-local function open_value(keys, event_id, field, text, subject)
-    local key = keys[subject]
-    if key == false then return forgotten end
-    if key == nil then
-        return nil, new_error("invalid", fmt("field '%s' of event %s: no key for data subject %s",
-                                             field, tostring(event_id), subject))
-    end
-    local plain, e = open_b64(key, AAD_HEAD .. tostring(event_id) .. "\n" .. field, text, BODY_AT)
-    if not plain then
-        return nil, new_error("invalid", fmt("field '%s' of event %s does not open: %s", field,
-            tostring(event_id), e.message))
-    end
-    local v
-    v, e = json_decode(plain)
-    if v == nil then
-        return nil, new_error("invalid", fmt("field '%s' of event %s: %s", field,
-                                             tostring(event_id), tostring(e.message)))
-    end
-    return v
+-- Opens the values that found (table index, field, ...) points at in tables, with the keys of
+-- subjects (a list).
+local function open_found(q, tables, ids, gen, found, subjects)
+    local keys, e = keys_for_read(q, subjects, gen)
+    if not keys then return nil, e end
+    local ok, why = open_sealed(tables, found, ids, keys, forgotten, AAD_HEAD, PREFIX)
+    if not ok then return nil, new_error("invalid", why) end
+    return true
 end
 
 --- Opens the sealed fields of tables in place: tables[i] holds event ids[i]'s fields side by
 -- side (a record, an event, an envelope's payload). One query for the keys of every subject
--- met, none when nothing is sealed. A forgotten subject's fields become qx.forgotten.
+-- met, none when nothing is sealed; the values are found and opened in C (core.sealed_find,
+-- core.open_sealed), under key objects that keep their key schedule. A forgotten subject's
+-- fields become qx.forgotten.
 ---@param q table a db or a unit of work (then the keys are held until its commit)
 ---@param tables table list of field tables
 ---@param ids table|nil list of event ids (nil: tables[i].event_id)
@@ -439,41 +457,41 @@ end
 ---@return true|nil ok
 ---@return qx.Error? err invalid (tampered, or no key), or the query's
 function _M.open_all(q, tables, ids, gen)
-    -- one pass: where the sealed values are (table index, field, subject), and the subjects
-    local found, nfound, subjects, list = nil, 0, nil, nil
-    for i = 1, #tables do
-        local t = tables[i]
-        -- the fields holding a sealed value, found in C (most records hold none)
-        local k = prefixed_key(t, PREFIX)
-        while k ~= nil do
-            local v = rawget(t, k)
-            local s = sub(v, PREFIX_LEN + 1, PREFIX_LEN + 36)
-            if byte(v, PREFIX_LEN + 37) ~= 58 or not is_uuid(s) then -- 58: ':'
-                local id = ids and ids[i] or t.event_id
-                return nil, new_error("invalid", fmt("field '%s' of event %s: malformed "
-                    .. "sealed value", tostring(k), tostring(id)))
+    local list, found, k = sealed_find(tables, PREFIX)
+    if list == nil then return true end
+    if list == false then
+        local i = found
+        return nil, new_error("invalid", fmt("field '%s' of event %s: malformed sealed value",
+            tostring(k), tostring(ids and ids[i] or tables[i].event_id)))
+    end
+    return open_found(q, tables, ids, gen, found, list)
+end
+
+--- Opens what _M.read left sealed in the records made of its rows (all of them, when it did not
+-- say what it left).
+---@param q table the db
+---@param records table
+---@param gen integer the generation _M.read returned
+---@param sealed boolean|table|nil what _M.read returned about them
+---@param record_of table|nil row index -> record index, when they differ
+---@return true|nil ok
+---@return qx.Error? err
+function _M.open_read(q, records, gen, sealed, record_of)
+    if sealed == true then return true end
+    if type(sealed) ~= "table" then return _M.open_all(q, records, nil, gen) end
+    local found = sealed.found
+    if record_of then
+        local out, n = {}, 0
+        for j = 1, #found, 2 do
+            local i = record_of[found[j]]
+            if i then
+                out[n + 1], out[n + 2] = i, found[j + 1]
+                n = n + 2
             end
-            if found == nil then found, subjects, list = {}, {}, {} end
-            found[nfound + 1], found[nfound + 2], found[nfound + 3] = i, k, s
-            nfound = nfound + 3
-            if not subjects[s] then
-                subjects[s] = true
-                list[#list + 1] = s
-            end
-            k = prefixed_key(t, PREFIX, nil, k)
         end
+        found = out
     end
-    if found == nil then return true end
-    local keys, e = keys_for_read(q, list, gen)
-    if not keys then return nil, e end
-    for j = 1, nfound, 3 do
-        local i, k, s = found[j], found[j + 1], found[j + 2]
-        local t = tables[i]
-        local v, oe = open_value(keys, ids and ids[i] or t.event_id, k, t[k], s)
-        if v == nil then return nil, oe end
-        t[k] = v
-    end
-    return true
+    return open_found(q, records, nil, gen, found, sealed.subjects)
 end
 
 --- Whether a table holds a sealed value (one level).

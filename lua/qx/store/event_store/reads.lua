@@ -82,17 +82,29 @@ end
 
 _M.to_record = to_record
 
--- The rows of a read (q and gen as personal.read gave them) -> records | nil, err. Sealed
--- personal fields are opened first, as stored: their ciphertext is bound to the event's id and
--- the stored field's name, which an upcaster may rename; then each record is read as its
--- registry class (upcast, renamed from an alias). Rows without a tx_id (markers) are skipped.
-local function read_records(q, rows, reg, gen)
-    local out = {}
+-- The rows of a read (q, gen and sealed as personal.read gave them) -> records | nil, err.
+-- Sealed personal fields are opened first (those personal.read did not), as stored: their
+-- ciphertext is bound to the event's id and the stored field's name, which an upcaster may
+-- rename; then each record is read as its registry class (upcast, renamed from an alias). Rows
+-- without a tx_id (markers) are skipped.
+local function read_records(q, rows, reg, gen, sealed)
+    local out, record_of = {}, nil
     for i = 1, #rows do
         local r = rows[i]
-        if r.tx_id ~= null then out[#out + 1] = to_record(r) end
+        if r.tx_id ~= null then
+            out[#out + 1] = to_record(r)
+            if record_of then record_of[i] = #out end
+        elseif record_of == nil and type(sealed) == "table" then
+            record_of = {}
+            for j = 1, #out do record_of[j] = j end
+        end
     end
-    local ok, pe = personal.open_all(q, out, nil, gen)
+    local ok, pe
+    if gen == nil then
+        ok, pe = personal.open_all(q, out, nil, gen)
+    else
+        ok, pe = personal.open_read(q, out, gen, sealed, record_of)
+    end
     if not ok then return nil, pe end
     if reg then
         for i = 1, #out do
@@ -193,13 +205,13 @@ local function read_all(q, method, opts, reg)
     end
 
     -- (personal.read: q:query, and outside a unit of work the keys' generation with the rows)
-    local rows, e, gen = personal.read(q, read_sql(types, categories), tx, pos, types, categories,
-                                       tenant, limit)
+    local rows, e, gen, sealed = personal.read(q, read_sql(types, categories), tx, pos, types,
+                                               categories, tenant, limit)
     if not rows then
         return nil, e
     end
     local horizon = rows[1] and rows[1].horizon or "0"
-    local out, re = read_records(q, rows, reg, gen)
+    local out, re = read_records(q, rows, reg, gen, sealed)
     if not out then return nil, re end
     local last = out[#out]
     if last then
@@ -255,14 +267,15 @@ _M.archived_error = archived_error
 
 local function read_stream(q, method, agg_type, id, opts, tenant, reg)
     local t, sid, after, limit, archived = stream_args(method, agg_type, id, opts)
-    local rows, e, gen = personal.read(q, READ_STREAM, t, sid, after, tenant, limit, archived)
+    local rows, e, gen, sealed = personal.read(q, READ_STREAM, t, sid, after, tenant, limit,
+                                               archived)
     if not rows then
         return nil, e
     end
     if rows[1].archived and not archived then
         return nil, archived_error(t, sid)
     end
-    return read_records(q, rows, reg, gen)
+    return read_records(q, rows, reg, gen, sealed)
 end
 
 
