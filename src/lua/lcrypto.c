@@ -1,6 +1,6 @@
 /* Signing functions of the module table: hmac_sha256, sha256, equal_consttime, b64url_encode/decode,
- * cursor_seal/cursor_open; sealing: random_bytes, aead_seal/aead_open (AES-256-GCM) and their
- * base64url forms aead_seal_b64/aead_open_b64. */
+ * cursor_seal/cursor_open; sealing: random_bytes, aead_seal/aead_open (AES-256-GCM) and
+ * aead_seal_b64 (sealed and base64url-encoded in one call; lsealed.c opens). */
 #include "binding.h"
 
 /* core.hmac_sha256(key, data) -> 32 raw bytes */
@@ -113,33 +113,6 @@ static int l_aead_open(lua_State *L)
     unsigned char *out = lua_newuserdata(L, slen > QX_AEAD_OVERHEAD ? slen - QX_AEAD_OVERHEAD : 1);
     qx_error err;
     if (qx_aead_open(out, &outlen, key, aad, alen, sealed, slen, &err) != QX_OK) {
-        if (err.status != QX_ERR_INVALID)
-            return luaL_error(L, "%s", err.message);
-        return qx_push_error(L, &err);
-    }
-    lua_pushlstring(L, (const char *)out, outlen);
-    return 1;
-}
-
-/* core.aead_open_b64(key, aad, text[, start]) -> plain | nil, err: as aead_open of the
- * base64url text from byte start (default 1) to its end, decoded and opened in one call */
-static int l_aead_open_b64(lua_State *L)
-{
-    size_t alen, tlen, blen = 0, outlen = 0;
-    const unsigned char *key = aead_key(L, 1);
-    const char *aad = luaL_checklstring(L, 2, &alen);
-    const char *text = luaL_checklstring(L, 3, &tlen);
-    lua_Integer start = luaL_optinteger(L, 4, 1);
-    unsigned char *bytes, *out;
-    qx_error err;
-    luaL_argcheck(L, start >= 1 && (size_t)start <= tlen + 1, 4, "start out of range");
-    text += start - 1;
-    tlen -= (size_t)(start - 1);
-    bytes = lua_newuserdata(L, tlen / 4 * 3 + 3);
-    if (qx_b64url_decode(bytes, &blen, text, tlen, &err) != QX_OK)
-        return qx_push_error(L, &err);
-    out = lua_newuserdata(L, blen > QX_AEAD_OVERHEAD ? blen - QX_AEAD_OVERHEAD : 1);
-    if (qx_aead_open(out, &outlen, key, aad, alen, bytes, blen, &err) != QX_OK) {
         if (err.status != QX_ERR_INVALID)
             return luaL_error(L, "%s", err.message);
         return qx_push_error(L, &err);
@@ -275,7 +248,6 @@ static const luaL_Reg funcs[] = {
     { "aead_seal", l_aead_seal },
     { "aead_open", l_aead_open },
     { "aead_seal_b64", l_aead_seal_b64 },
-    { "aead_open_b64", l_aead_open_b64 },
     { NULL, NULL }
 };
 

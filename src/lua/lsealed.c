@@ -100,6 +100,72 @@ static int sealed_kind(const char *s, size_t n, const char *prefix, size_t plen,
     return 1;
 }
 
+/* Makes slot hold the subject id at text (SUBJECT_LEN bytes), *last being the slot's text (NULL
+ * while it holds none): 1 when it changed, 0 when it held that subject already (an event's
+ * fields share theirs, so most lookups are saved). */
+static int same_subject_else_set(lua_State *L, const char **last, const char *text, int slot)
+{
+    if (*last != NULL && memcmp(*last, text, SUBJECT_LEN) == 0)
+        return 0;
+    lua_pushlstring(L, text, SUBJECT_LEN);
+    lua_replace(L, slot);
+    *last = lua_tostring(L, slot);
+    return 1;
+}
+
+/* A buffer kept as a userdata at a stack slot, grown as needed. */
+typedef struct scratch {
+    int slot;
+    unsigned char *p;
+    size_t cap;
+} scratch;
+
+static unsigned char *scratch_get(lua_State *L, scratch *s, size_t n)
+{
+    if (n > s->cap) {
+        s->cap = n < 512 ? 512 : n;
+        s->p = lua_newuserdata(L, s->cap);
+        lua_replace(L, s->slot);
+    }
+    return s->p;
+}
+
+enum { OPENED, NOT_OPENED, NOT_JSON };
+
+/* Opens a sealed value's base64url text (tlen bytes at body) under lk with the AAD
+ * head .. id .. "\n" .. field, and decodes its JSON. OPENED: the value is pushed. NOT_OPENED:
+ * err says why (nothing pushed). NOT_JSON: the decoder's message is pushed. */
+static int open_text(lua_State *L, scratch *sc, laead_key *lk, const char *head, size_t hlen,
+                     const char *id, size_t idlen, const char *field, size_t klen,
+                     const char *body, size_t tlen, qx_error *err)
+{
+    size_t blen = tlen / 4 * 3 + 3, aadlen = hlen + idlen + 1 + klen, plain_len;
+    unsigned char *aad = scratch_get(L, sc, aadlen + 2 * blen), *bytes, *plain;
+    const char *why = NULL;
+    memcpy(aad, head, hlen);
+    memcpy(aad + hlen, id, idlen);
+    aad[hlen + idlen] = '\n';
+    memcpy(aad + hlen + idlen + 1, field, klen);
+    bytes = aad + aadlen;
+    plain = bytes + blen;
+    if (qx_b64url_decode(bytes, &blen, body, tlen, err) != QX_OK ||
+        qx_aead_key_open(lk->k, plain, &plain_len, aad, aadlen, bytes, blen, err) != QX_OK)
+        return NOT_OPENED;
+    return qx_json_decode(L, (const char *)plain, plain_len, &why) ? OPENED : NOT_JSON;
+}
+
+/* The key object at idx (a userdata whose metatable is the one at mt), or NULL. */
+static laead_key *key_at(lua_State *L, int idx, int mt)
+{
+    laead_key *lk = lua_touserdata(L, idx);
+    int same;
+    if (lk == NULL || !lua_getmetatable(L, idx))
+        return NULL;
+    same = lua_rawequal(L, -1, mt);
+    lua_pop(L, 1);
+    return same && lk->k != NULL ? lk : NULL;
+}
+
 /* core.sealed_find(tables, prefix) -> subjects, found | nil | false, i, key
  * The sealed values of tables[1..n]: subjects, the distinct subject ids (a list), and found,
  * where they are: i, key for each, one after another. nil when none is sealed;
@@ -151,11 +217,7 @@ static int l_sealed_find(lua_State *L)
                 lua_rawseti(L, 5, ++nfound);
                 lua_pushvalue(L, 8);
                 lua_rawseti(L, 5, ++nfound);
-                if (last == NULL || memcmp(last, s + plen, SUBJECT_LEN) != 0) {
-                    /* a subject other than the last one's (an event's fields share theirs) */
-                    lua_pushlstring(L, s + plen, SUBJECT_LEN);
-                    lua_replace(L, 6);
-                    last = lua_tostring(L, 6);
+                if (same_subject_else_set(L, &last, s + plen, 6)) {
                     lua_pushvalue(L, 6);
                     lua_rawget(L, 3);
                     if (lua_isnil(L, -1)) {
@@ -179,25 +241,6 @@ static int l_sealed_find(lua_State *L)
     lua_pushvalue(L, 4);
     lua_pushvalue(L, 5);
     return 2;
-}
-
-/* A buffer kept as a userdata at stack slot idx, grown as needed. */
-typedef struct scratch {
-    lua_State *L;
-    int idx;
-    unsigned char *p;
-    size_t cap;
-} scratch;
-
-static unsigned char *scratch_get(scratch *s, size_t n)
-{
-    if (n > s->cap) {
-        size_t cap = n < 512 ? 512 : n;
-        s->p = lua_newuserdata(s->L, cap);
-        lua_replace(s->L, s->idx);
-        s->cap = cap;
-    }
-    return s->p;
 }
 
 /* Pushes the event id of tables[i]: ids[i] (ids at slot 3), or else the field event_id of the
@@ -254,14 +297,12 @@ static int l_open_sealed(lua_State *L)
     lua_pushnil(L);                       /* 11: its event id's text */
     lua_pushnil(L);                       /* 12: the last subject */
     lua_pushnil(L);                       /* 13: its key */
-    sc.L = L;
-    sc.idx = 8;
+    sc.slot = 8;
     sc.p = NULL;
     sc.cap = 0;
     for (j = 1; j + 1 <= nfound; j += 2) {
-        size_t len, klen, idlen, tlen, blen, plain_len, aadlen;
-        const char *s, *ktext, *idtext, *why = NULL;
-        unsigned char *aad, *bytes, *plain;
+        size_t len, klen, idlen;
+        const char *s, *ktext, *idtext;
         laead_key *lk;
         qx_error err;
         int i;
@@ -285,11 +326,7 @@ static int l_open_sealed(lua_State *L)
         if (lua_type(L, 15) != LUA_TSTRING ||
             (s = lua_tolstring(L, 15, &len), sealed_kind(s, len, prefix, plen, 0) <= 0))
             return fail_field(L, 14, 11, ": %s", "malformed sealed value");
-        if (subject == NULL || memcmp(subject, s + plen, SUBJECT_LEN) != 0) {
-            /* another subject than the last value's (an event's fields share theirs) */
-            lua_pushlstring(L, s + plen, SUBJECT_LEN);
-            lua_replace(L, 12);
-            subject = lua_tostring(L, 12);
+        if (same_subject_else_set(L, &subject, s + plen, 12)) {
             lua_pushvalue(L, 12);
             lua_rawget(L, 4);
             lua_replace(L, 13);
@@ -302,34 +339,24 @@ static int l_open_sealed(lua_State *L)
         }
         if (lua_isnil(L, 13))
             return fail_field(L, 14, 11, ": no key for data subject %s", subject);
-        lk = lua_touserdata(L, 13);
-        if (lk == NULL || !lua_getmetatable(L, 13) || !lua_rawequal(L, -1, 9) || lk->k == NULL)
+        lk = key_at(L, 13, 9);
+        if (lk == NULL)
             return luaL_argerror(L, 4, "expected subject ids mapped to core.aead_key objects "
                                        "or false");
-        lua_pop(L, 1);
         ktext = lua_type(L, 14) == LUA_TSTRING ? lua_tolstring(L, 14, &klen)
                                                 : (push_text(L, 14), lua_tolstring(L, -1, &klen));
         idtext = lua_tolstring(L, 11, &idlen);
-        tlen = len - plen - SUBJECT_LEN - 1;
-        blen = tlen / 4 * 3 + 3;
-        aadlen = hlen + idlen + 1 + klen;
-        aad = scratch_get(&sc, aadlen + 2 * blen);
-        memcpy(aad, head, hlen);
-        memcpy(aad + hlen, idtext, idlen);
-        aad[hlen + idlen] = '\n';
-        memcpy(aad + hlen + idlen + 1, ktext, klen);
-        bytes = aad + aadlen;
-        plain = bytes + blen;
-        if (qx_b64url_decode(bytes, &blen, s + plen + SUBJECT_LEN + 1, tlen, &err) != QX_OK ||
-            qx_aead_key_open(lk->k, plain, &plain_len, aad, aadlen, bytes, blen, &err) !=
-                QX_OK) {
+        switch (open_text(L, &sc, lk, head, hlen, idtext, idlen, ktext, klen,
+                          s + plen + SUBJECT_LEN + 1, len - plen - SUBJECT_LEN - 1, &err)) {
+        case NOT_OPENED:
             if (err.status != QX_ERR_INVALID)
                 return luaL_error(L, "%s", err.message);
             return fail_field(L, 14, 11, " does not open: %s", err.message);
+        case NOT_JSON:
+            return fail_field(L, 14, 11, ": %s", lua_tostring(L, -1));
         }
-        lua_settop(L, 14);
-        if (!qx_json_decode(L, (const char *)plain, plain_len, &why))
-            return fail_field(L, 14, 11, ": %s", why);
+        lua_replace(L, 15);
+        lua_settop(L, 15);
         lua_rawset(L, 10); /* the field (14) gets the value (15) */
     }
     lua_pushboolean(L, 1);
@@ -420,15 +447,11 @@ void qx_sealed_opener_row(qx_sealed_opener *op, const qx_result *r, int row)
 static void set_subject(qx_sealed_opener *op, lua_State *L, const char *text)
 {
     int s0 = op->slots;
-    const char *subject = text + op->plen;
-    if (op->subject != NULL && memcmp(op->subject, subject, SUBJECT_LEN) == 0)
-        return; /* the last value's (an event's fields share theirs) */
-    lua_pushlstring(L, subject, SUBJECT_LEN);
-    lua_replace(L, s0 + OP_SUBJECT);
-    op->subject = lua_tostring(L, s0 + OP_SUBJECT);
-    lua_pushvalue(L, s0 + OP_SUBJECT);
-    lua_rawget(L, s0 + OP_KEYS);
-    lua_replace(L, s0 + OP_KEY);
+    if (same_subject_else_set(L, &op->subject, text + op->plen, s0 + OP_SUBJECT)) {
+        lua_pushvalue(L, s0 + OP_SUBJECT);
+        lua_rawget(L, s0 + OP_KEYS);
+        lua_replace(L, s0 + OP_KEY);
+    }
 }
 
 static void leave(qx_sealed_opener *op, lua_State *L, const char *text, size_t len);
@@ -486,11 +509,11 @@ static void leave(qx_sealed_opener *op, lua_State *L, const char *text, size_t l
 static void open_member(qx_sealed_opener *op, lua_State *L, const char *text, size_t len,
                         const char *id, size_t idlen)
 {
-    int s0 = op->slots;
-    size_t plen = op->plen, klen, tlen, blen, plain_len, aadlen;
-    const char *field, *why = NULL;
-    unsigned char *aad, *bytes, *plain;
+    int s0 = op->slots, done;
+    size_t plen = op->plen, klen;
+    const char *field;
     laead_key *lk;
+    scratch sc;
     qx_error err;
 
     if (sealed_kind(text, len, op->prefix, plen, 1) <= 0) {
@@ -503,44 +526,25 @@ static void open_member(qx_sealed_opener *op, lua_State *L, const char *text, si
         lua_pushvalue(L, s0 + OP_FORGOTTEN);
         return;
     }
-    lk = lua_touserdata(L, s0 + OP_KEY);
-    if (id == NULL || lk == NULL || lua_type(L, -1) != LUA_TSTRING ||
-        !lua_getmetatable(L, s0 + OP_KEY)) {
+    lk = key_at(L, s0 + OP_KEY, s0 + OP_KEY_MT);
+    if (id == NULL || lk == NULL || lua_type(L, -1) != LUA_TSTRING) {
         leave(op, L, text, len);
         return;
     }
-    if (!lua_rawequal(L, -1, s0 + OP_KEY_MT) || lk->k == NULL) {
-        lua_pop(L, 1);
-        leave(op, L, text, len);
-        return;
-    }
-    lua_pop(L, 1);
     field = lua_tolstring(L, -1, &klen);
-    tlen = len - plen - SUBJECT_LEN - 1;
-    blen = tlen / 4 * 3 + 3;
-    aadlen = op->hlen + idlen + 1 + klen;
-    if (aadlen + 2 * blen > op->cap) {
-        op->cap = aadlen + 2 * blen < 512 ? 512 : aadlen + 2 * blen;
-        op->buf = lua_newuserdata(L, op->cap);
-        lua_replace(L, s0 + OP_SCRATCH);
-    }
-    aad = op->buf;
-    memcpy(aad, op->head, op->hlen);
-    memcpy(aad + op->hlen, id, idlen);
-    aad[op->hlen + idlen] = '\n';
-    memcpy(aad + op->hlen + idlen + 1, field, klen);
-    bytes = aad + aadlen;
-    plain = bytes + blen;
-    /* what does not open here is opened (and reported) by the slow path */
-    if (qx_b64url_decode(bytes, &blen, text + plen + SUBJECT_LEN + 1, tlen, &err) != QX_OK ||
-        qx_aead_key_open(lk->k, plain, &plain_len, aad, aadlen, bytes, blen, &err) != QX_OK) {
-        leave(op, L, text, len);
+    sc.slot = s0 + OP_SCRATCH;
+    sc.p = op->buf;
+    sc.cap = op->cap;
+    done = open_text(L, &sc, lk, op->head, op->hlen, id, idlen, field, klen,
+                     text + plen + SUBJECT_LEN + 1, len - plen - SUBJECT_LEN - 1, &err);
+    op->buf = sc.p;
+    op->cap = sc.cap;
+    if (done == OPENED)
         return;
-    }
-    if (!qx_json_decode(L, (const char *)plain, plain_len, &why)) {
+    /* what does not open here is opened (and reported) by the slow path */
+    if (done == NOT_JSON)
         lua_pop(L, 1);
-        leave(op, L, text, len);
-    }
+    leave(op, L, text, len);
 }
 
 void qx_sealed_object_end(qx_sealed_opener *op, lua_State *L)
