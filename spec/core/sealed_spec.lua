@@ -47,6 +47,18 @@ describe("core.aead_key", function()
         assert.equal("secret", k:open("aad", sealed))
     end)
 
+    it("refuses to open once closed (a to-be-closed variable), and says so", function()
+        local k = core.aead_key(KEY)
+        getmetatable(k).__close(k)
+        assert.error_matches(function() k:open("aad", core.aead_seal(KEY, "aad", "x")) end, "closed")
+        assert.matches("closed", tostring(k))
+        local t = { { f = seal(KEY, S1, "e", "f", '"x"'), event_id = "e" } }
+        local _, found = core.sealed_find(t, P)
+        assert.has_error(function()
+            core.open_sealed(t, found, nil, { [S1] = k }, FORGOTTEN, HEAD, P)
+        end)
+    end)
+
     it("raises on a key that is not 32 bytes", function()
         assert.has_error(function() core.aead_key(("k"):rep(31)) end)
         assert.has_error(function() core.aead_key(nil) end)
@@ -264,6 +276,7 @@ SELECT r->>0 AS row_id, r->1 AS payload FROM jsonb_array_elements($1::jsonb) r]]
               id_column = "row_id" },
             { keys = {}, forgotten = FORGOTTEN, prefix = "", aad_head = HEAD, column = "payload",
               id_column = "row_id" },
+            { keys = {}, prefix = P, aad_head = HEAD, column = "payload", id_column = "row_id" },
             "spec",
         }) do
             assert.has_error(function() read({ { "e1", { a = 1 } } }, bad) end)

@@ -1,9 +1,10 @@
 /* Opening the sealed personal fields of records, in C (lua/qx/store/personal.lua owns the
  * format, "<prefix><subject id>:<base64url(nonce, ciphertext, tag)>", and passes its prefix and
- * AAD head): the key object (core.aead_key), the sealed values of a list of records and the
- * subjects they need keys for (core.sealed_find), and their opening (core.open_sealed). A Lua loop made, per sealed
- * value, a substring, an AAD string, a fresh cipher context with its key schedule and the
- * opened text; here the key schedule is made once per key and the rest stays in one buffer. */
+ * AAD head): the key object (core.aead_key); the sealed values of a list of records and the
+ * subjects they need keys for (core.sealed_find) and their opening (core.open_sealed); and the
+ * opener of a read's rows (qx_sealed_opener, binding.h), which opens them as the JSON decoder
+ * meets them. A key object makes its key schedule once; a value's AAD, ciphertext and clear
+ * text stay in one buffer, and only its value becomes a Lua value. */
 #include <string.h>
 
 #include "binding.h"
@@ -30,8 +31,11 @@ static int l_key_open(lua_State *L)
     size_t alen, slen, outlen = 0;
     const char *aad = luaL_checklstring(L, 2, &alen);
     const char *sealed = luaL_checklstring(L, 3, &slen);
-    unsigned char *out = lua_newuserdata(L, slen > QX_AEAD_OVERHEAD ? slen - QX_AEAD_OVERHEAD : 1);
+    unsigned char *out;
     qx_error err;
+    if (lk->k == NULL)
+        return luaL_error(L, "key object is closed");
+    out = lua_newuserdata(L, slen > QX_AEAD_OVERHEAD ? slen - QX_AEAD_OVERHEAD : 1);
     if (qx_aead_key_open(lk->k, out, &outlen, aad, alen, sealed, slen, &err) != QX_OK) {
         if (err.status != QX_ERR_INVALID)
             return luaL_error(L, "%s", err.message);
@@ -46,10 +50,12 @@ static const luaL_Reg key_methods[] = {
     { NULL, NULL }
 };
 
-/* no close method: a key object lives until it is collected (the key schedule is cleansed) */
+/* no close method: a key object lives until it is collected (the key schedule is cleansed), or
+ * until a to-be-closed variable holding it goes out of scope */
 static const qx_type key_type = {
     QX_AEAD_KEY_MT, key_methods, NULL, key_close, NULL, "closed", NULL
 };
+
 
 /* core.aead_key(key) -> a key object (32 bytes), for open_sealed and key:open */
 static int l_aead_key(lua_State *L)
@@ -66,8 +72,8 @@ static int l_aead_key(lua_State *L)
     return 1;
 }
 
-/* The value at idx as text, pushed (a copy: a key under lua_next is never converted in place):
- * what tostring gives for strings, numbers, booleans and nil, else the type's name. */
+/* The value at idx as text, pushed (a copy: a number is not converted in its slot): what
+ * tostring gives for strings, numbers, booleans and nil, else the type's name. */
 static const char *push_text(lua_State *L, int idx)
 {
     switch (lua_type(L, idx)) {
@@ -423,6 +429,8 @@ int qx_sealed_opener_init(lua_State *L, qx_sealed_opener *op, int spec, const qx
     if (lua_type(L, -1) != LUA_TTABLE)
         luaL_error(L, "open_sealed: keys must be a table");
     lua_getfield(L, spec, "forgotten");
+    if (lua_isnil(L, -1))
+        luaL_error(L, "open_sealed: forgotten must be a value");
     luaL_getmetatable(L, QX_AEAD_KEY_MT);
     lua_createtable(L, 4, 0);
     for (i = OP_SCRATCH; i < OP_NSLOTS; i++)
