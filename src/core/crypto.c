@@ -1,7 +1,8 @@
 /*
  * Signing of opaque tokens (pagination cursors): HMAC-SHA256 from OpenSSL's libcrypto, a
  * constant-time comparison, unpadded base64url (RFC 4648 section 5), and the cursor token made
- * of them (qx_cursor_seal / qx_cursor_open).
+ * of them (qx_cursor_seal / qx_cursor_open); AES-256-GCM sealing, key objects that keep their
+ * key schedule, and the sealed values of personal fields (qx_sealed_kind / qx_sealed_open).
  *
  * The decoder is strict: only the url-safe alphabet, no padding, no whitespace, and the unused
  * low bits of the last character must be zero, so every byte string has exactly one encoding and
@@ -225,6 +226,40 @@ void qx_aead_key_free(qx_aead_key *k)
         return;
     EVP_CIPHER_CTX_free(k->ctx); /* cleanses the key schedule */
     free(k);
+}
+
+int qx_sealed_kind(const char *s, size_t n, const char *prefix, size_t plen, int check_subject)
+{
+    if (n < plen || memcmp(s, prefix, plen) != 0)
+        return 0;
+    if (n < plen + QX_SEALED_SUBJECT_LEN + 1 || s[plen + QX_SEALED_SUBJECT_LEN] != ':' ||
+        (check_subject && !qx_uuid_valid(s + plen, QX_SEALED_SUBJECT_LEN)))
+        return -1;
+    return 1;
+}
+
+size_t qx_sealed_buf_len(size_t hlen, size_t idlen, size_t klen, size_t n)
+{
+    return hlen + idlen + 1 + klen + 2 * (n / 4 * 3 + 3);
+}
+
+qx_status qx_sealed_open(qx_aead_key *k, const char *head, size_t hlen, const char *id,
+                         size_t idlen, const char *field, size_t klen, const char *text, size_t n,
+                         size_t plen, unsigned char *buf, const unsigned char **plain,
+                         size_t *plain_len, qx_error *err)
+{
+    size_t skip = plen + QX_SEALED_SUBJECT_LEN + 1, tlen = n - skip;
+    size_t aadlen = hlen + idlen + 1 + klen, blen = n / 4 * 3 + 3;
+    unsigned char *aad = buf, *bytes = buf + aadlen, *out = bytes + blen;
+    memcpy(aad, head, hlen);
+    memcpy(aad + hlen, id, idlen);
+    aad[hlen + idlen] = '\n';
+    memcpy(aad + hlen + idlen + 1, field, klen);
+    if (qx_b64url_decode(bytes, &blen, text + skip, tlen, err) != QX_OK ||
+        qx_aead_key_open(k, out, plain_len, aad, aadlen, bytes, blen, err) != QX_OK)
+        return err->status;
+    *plain = out;
+    return QX_OK;
 }
 
 int qx_equal_consttime(const void *a, const void *b, size_t len)

@@ -354,6 +354,20 @@ qx_aead_key *qx_aead_key_new(const unsigned char key[QX_AEAD_KEY_LEN], qx_error 
 qx_status qx_aead_key_open(qx_aead_key *k, unsigned char *out, size_t *outlen, const void *aad,
                            size_t aadlen, const void *sealed, size_t len, qx_error *err);
 void qx_aead_key_free(qx_aead_key *k);
+/* Sealed values (personal fields): "<prefix><subject id>:<base64url(sealed bytes)>", sealed
+ * under the AAD head .. id .. "\n" .. field (lua/qx/store/personal.lua names the prefix and
+ * head). qx_sealed_kind: 0 when s (n bytes) does not begin with prefix, 1 when a subject id (a
+ * uuid, checked when check_subject) and ':' follow it, -1 when they do not (malformed). */
+#define QX_SEALED_SUBJECT_LEN 36
+int qx_sealed_kind(const char *s, size_t n, const char *prefix, size_t plen, int check_subject);
+/* The bytes of scratch qx_sealed_open needs for a sealed text of n bytes. */
+size_t qx_sealed_buf_len(size_t hlen, size_t idlen, size_t klen, size_t n);
+/* Opens the sealed text (n bytes, of kind 1 under a prefix of plen bytes) under k, bound to
+ * head .. id .. "\n" .. field, in buf (qx_sealed_buf_len bytes): *plain points into buf. */
+qx_status qx_sealed_open(qx_aead_key *k, const char *head, size_t hlen, const char *id,
+                         size_t idlen, const char *field, size_t klen, const char *text, size_t n,
+                         size_t plen, unsigned char *buf, const unsigned char **plain,
+                         size_t *plain_len, qx_error *err);
 
 /* Keyset cursors: token = base64url(frame) "." base64url(HMAC-SHA256(key, QX_CURSOR_DOMAIN
  * context "\n" base64url(frame))), the frame holding the values one after another, each the

@@ -1,16 +1,14 @@
-/* Opening the sealed personal fields of records, in C (lua/qx/store/personal.lua owns the
- * format, "<prefix><subject id>:<base64url(nonce, ciphertext, tag)>", and passes its prefix and
- * AAD head): the key object (core.aead_key); the sealed values of a list of records and the
- * subjects they need keys for (core.sealed_find) and their opening (core.open_sealed); and the
- * opener of a read's rows (qx_sealed_opener, binding.h), which opens them as the JSON decoder
- * meets them. A key object makes its key schedule once; a value's AAD, ciphertext and clear
- * text stay in one buffer, and only its value becomes a Lua value. */
+/* Opening the sealed personal fields of records from Lua (a sealed value's layout and its
+ * opening are the core's: qx_sealed_kind, qx_sealed_open; lua/qx/store/personal.lua passes the
+ * prefix and AAD head): the key object (core.aead_key); the sealed values of a list of records
+ * and the subjects they need keys for (core.sealed_find) and their opening (core.open_sealed);
+ * and the opener of a read's rows (qx_sealed_opener, binding.h), which opens them as the JSON
+ * decoder meets them. Only a value's opened value becomes a Lua value. */
 #include <string.h>
 
 #include "binding.h"
 
 #define QX_AEAD_KEY_MT "qx.aead_key"
-#define SUBJECT_LEN 36 /* a uuid's text */
 
 typedef struct laead_key {
     qx_aead_key *k;
@@ -93,27 +91,14 @@ static const char *push_text(lua_State *L, int idx)
     }
 }
 
-/* Whether the string s (n bytes) is a sealed value under prefix with a well-formed subject
- * (a uuid, checked when check_subject): 0 not sealed, 1 sealed, -1 sealed but malformed. */
-static int sealed_kind(const char *s, size_t n, const char *prefix, size_t plen,
-                       int check_subject)
-{
-    if (n < plen || memcmp(s, prefix, plen) != 0)
-        return 0;
-    if (n < plen + SUBJECT_LEN + 1 || s[plen + SUBJECT_LEN] != ':' ||
-        (check_subject && !qx_uuid_valid(s + plen, SUBJECT_LEN)))
-        return -1;
-    return 1;
-}
-
-/* Makes slot hold the subject id at text (SUBJECT_LEN bytes), *last being the slot's text (NULL
- * while it holds none): 1 when it changed, 0 when it held that subject already (an event's
- * fields share theirs, so most lookups are saved). */
+/* Makes slot hold the subject id at text (QX_SEALED_SUBJECT_LEN bytes), *last being the slot's
+ * text (NULL while it holds none): 1 when it changed, 0 when it held that subject already (an
+ * event's fields share theirs, so most lookups are saved). */
 static int same_subject_else_set(lua_State *L, const char **last, const char *text, int slot)
 {
-    if (*last != NULL && memcmp(*last, text, SUBJECT_LEN) == 0)
+    if (*last != NULL && memcmp(*last, text, QX_SEALED_SUBJECT_LEN) == 0)
         return 0;
-    lua_pushlstring(L, text, SUBJECT_LEN);
+    lua_pushlstring(L, text, QX_SEALED_SUBJECT_LEN);
     lua_replace(L, slot);
     *last = lua_tostring(L, slot);
     return 1;
@@ -138,24 +123,19 @@ static unsigned char *scratch_get(lua_State *L, scratch *s, size_t n)
 
 enum { OPENED, NOT_OPENED, NOT_JSON };
 
-/* Opens a sealed value's base64url text (tlen bytes at body) under lk with the AAD
+/* Opens the sealed text (len bytes, of kind 1 under a prefix of plen bytes) under lk, bound to
  * head .. id .. "\n" .. field, and decodes its JSON. OPENED: the value is pushed. NOT_OPENED:
  * err says why (nothing pushed). NOT_JSON: the decoder's message is pushed. */
 static int open_text(lua_State *L, scratch *sc, laead_key *lk, const char *head, size_t hlen,
                      const char *id, size_t idlen, const char *field, size_t klen,
-                     const char *body, size_t tlen, qx_error *err)
+                     const char *text, size_t len, size_t plen, qx_error *err)
 {
-    size_t blen = tlen / 4 * 3 + 3, aadlen = hlen + idlen + 1 + klen, plain_len;
-    unsigned char *aad = scratch_get(L, sc, aadlen + 2 * blen), *bytes, *plain;
+    unsigned char *buf = scratch_get(L, sc, qx_sealed_buf_len(hlen, idlen, klen, len));
+    const unsigned char *plain;
+    size_t plain_len;
     const char *why = NULL;
-    memcpy(aad, head, hlen);
-    memcpy(aad + hlen, id, idlen);
-    aad[hlen + idlen] = '\n';
-    memcpy(aad + hlen + idlen + 1, field, klen);
-    bytes = aad + aadlen;
-    plain = bytes + blen;
-    if (qx_b64url_decode(bytes, &blen, body, tlen, err) != QX_OK ||
-        qx_aead_key_open(lk->k, plain, &plain_len, aad, aadlen, bytes, blen, err) != QX_OK)
+    if (qx_sealed_open(lk->k, head, hlen, id, idlen, field, klen, text, len, plen, buf, &plain,
+                       &plain_len, err) != QX_OK)
         return NOT_OPENED;
     return qx_json_decode(L, (const char *)plain, plain_len, &why) ? OPENED : NOT_JSON;
 }
@@ -203,7 +183,7 @@ static int l_sealed_find(lua_State *L)
                 continue;
             }
             s = lua_tolstring(L, 9, &len);
-            kind = sealed_kind(s, len, prefix, plen, 1);
+            kind = qx_sealed_kind(s, len, prefix, plen, 1);
             if (kind < 0) {
                 lua_pushboolean(L, 0);
                 lua_pushinteger(L, i);
@@ -330,7 +310,7 @@ static int l_open_sealed(lua_State *L)
         lua_pushvalue(L, 14);
         lua_rawget(L, 10);        /* 15: its sealed text */
         if (lua_type(L, 15) != LUA_TSTRING ||
-            (s = lua_tolstring(L, 15, &len), sealed_kind(s, len, prefix, plen, 0) <= 0))
+            (s = lua_tolstring(L, 15, &len), qx_sealed_kind(s, len, prefix, plen, 0) <= 0))
             return fail_field(L, 14, 11, ": %s", "malformed sealed value");
         if (same_subject_else_set(L, &subject, s + plen, 12)) {
             lua_pushvalue(L, 12);
@@ -352,8 +332,8 @@ static int l_open_sealed(lua_State *L)
         ktext = lua_type(L, 14) == LUA_TSTRING ? lua_tolstring(L, 14, &klen)
                                                 : (push_text(L, 14), lua_tolstring(L, -1, &klen));
         idtext = lua_tolstring(L, 11, &idlen);
-        switch (open_text(L, &sc, lk, head, hlen, idtext, idlen, ktext, klen,
-                          s + plen + SUBJECT_LEN + 1, len - plen - SUBJECT_LEN - 1, &err)) {
+        switch (open_text(L, &sc, lk, head, hlen, idtext, idlen, ktext, klen, s, len, plen,
+                          &err)) {
         case NOT_OPENED:
             if (err.status != QX_ERR_INVALID)
                 return luaL_error(L, "%s", err.message);
@@ -468,7 +448,7 @@ int qx_sealed_defer(qx_sealed_opener *op, lua_State *L, const char *text, size_t
 {
     if (op->npending == QX_SEALED_PENDING) {
         /* more than an object's worth: this one is left for the slow path */
-        if (sealed_kind(text, len, op->prefix, op->plen, 1) <= 0)
+        if (qx_sealed_kind(text, len, op->prefix, op->plen, 1) <= 0)
             return 0; /* read as text, which asks for a scan */
         set_subject(op, L, text);
         leave(op, L, text, len);
@@ -524,7 +504,7 @@ static void open_member(qx_sealed_opener *op, lua_State *L, const char *text, si
     scratch sc;
     qx_error err;
 
-    if (sealed_kind(text, len, op->prefix, plen, 1) <= 0) {
+    if (qx_sealed_kind(text, len, op->prefix, plen, 1) <= 0) {
         op->scan = 1; /* malformed: the scan reports it */
         lua_pushlstring(L, text, len);
         return;
@@ -543,8 +523,8 @@ static void open_member(qx_sealed_opener *op, lua_State *L, const char *text, si
     sc.slot = s0 + OP_SCRATCH;
     sc.p = op->buf;
     sc.cap = op->cap;
-    done = open_text(L, &sc, lk, op->head, op->hlen, id, idlen, field, klen,
-                     text + plen + SUBJECT_LEN + 1, len - plen - SUBJECT_LEN - 1, &err);
+    done = open_text(L, &sc, lk, op->head, op->hlen, id, idlen, field, klen, text, len, plen,
+                     &err);
     op->buf = sc.p;
     op->cap = sc.cap;
     if (done == OPENED)
