@@ -172,6 +172,62 @@ void qx_notify_free(qx_notify *n, int count);
  * when the connection never listened. The pool does it before taking a connection back. */
 qx_status qx_conn_unlisten(qx_conn *c, qx_error *err);
 
+/* ---- the wire codec (wire.c): PostgreSQL's protocol without I/O of its own -------------------
+ *
+ * For event loops that own the socket (nginx cosockets), where libpq cannot be driven: the codec
+ * turns start-up and batches into bytes to send and the bytes received into results, and the
+ * caller moves the bytes. A batch runs as qx_conn_batch runs it (the extended protocol, each
+ * distinct SQL text prepared once per connection, one Sync), so a qx_tx runs over either.
+ * Authentication: trust, password (cleartext), md5 and SCRAM-SHA-256 (no channel binding); no
+ * TLS (sslmode disable, allow or prefer; require and stronger are refused).
+ *
+ * The conversation: qx_wire_start queues the startup message; the caller sends qx_wire_output,
+ * calls qx_wire_sent, receives, and passes what came to qx_wire_feed, sending any output the feed
+ * queued (authentication answers), until the feed says done. A batch is the same: qx_wire_batch
+ * queues it, the caller moves bytes until done, qx_wire_batch_end gives its outcome. */
+typedef struct qx_wire qx_wire;
+
+/* conninfo: a libpq URL or key=value string; what it leaves out comes from libpq's defaults and
+ * environment (PGUSER, PGPASSWORD, PGDATABASE, ...). Nothing is sent. */
+qx_status qx_wire_new(qx_wire **out, const char *conninfo, qx_error *err);
+void qx_wire_free(qx_wire *w);
+/* Where to connect: a host name or address, or (beginning with '/') the directory of a Unix
+ * socket, whose file is .s.PGSQL.<port>. */
+const char *qx_wire_host(const qx_wire *w);
+int qx_wire_port(const qx_wire *w);
+/* Begins the conversation on a new socket: forgets the statements prepared on an earlier one,
+ * drops pending output and queues the startup message. */
+void qx_wire_start(qx_wire *w);
+/* The bytes to send (NULL and 0 when none); all of them, then qx_wire_sent. */
+const char *qx_wire_output(const qx_wire *w, size_t *len);
+void qx_wire_sent(qx_wire *w);
+/* Bytes received, any amount (a message may span calls). *done is 1 once what was awaited has
+ * come: the end of start-up, or the ReadyForQuery that ends a batch. A failed start-up
+ * (authentication refused, a method not supported, the server's error) or a protocol violation
+ * returns its error and leaves the codec broken. */
+qx_status qx_wire_feed(qx_wire *w, const char *data, size_t len, int *done, qx_error *err);
+/* The caller's I/O failed (closed, timed out, reset): the codec is broken; a batch in progress
+ * ends with QX_ERR_CONNECTION and why. */
+void qx_wire_lost(qx_wire *w, const char *why);
+/* Queues a batch (the texts are copied: the caller keeps nothing but results, which receives
+ * one result per statement when it ends). keep: as qx_conn_batch_keep. QX_ERR_CONNECTION when
+ * broken, QX_ERR_INVALID when start-up is not done or another batch is in progress. */
+qx_status qx_wire_batch(qx_wire *w, qx_result **results, const qx_stmt *stmts, int n, int keep,
+                        qx_error *err);
+/* Once the feed said done, or after qx_wire_lost: the batch's outcome, as qx_conn_batch or
+ * qx_conn_batch_keep reports it (same statuses, messages, *failed and freeing of results). */
+qx_status qx_wire_batch_end(qx_wire *w, int *failed, qx_error *err);
+/* 1 while a batch waits for its end (queued, sent or partly answered). */
+int qx_wire_busy(const qx_wire *w);
+int qx_wire_is_broken(const qx_wire *w);
+/* 1 once start-up is done and the codec is neither broken nor busy. */
+int qx_wire_ready(const qx_wire *w);
+/* From the last ReadyForQuery; QX_TX_BAD when broken, QX_TX_ACTIVE while busy. */
+qx_tx_status qx_wire_tx_status(const qx_wire *w);
+int qx_wire_pid(const qx_wire *w);
+/* "trust", "password", "md5" or "scram-sha-256" once start-up is done; "" before. */
+const char *qx_wire_auth(const qx_wire *w);
+
 /* ---- transactions (tx.c) ------------------------------------------------------------------ */
 
 /* One transaction on a leased connection, sent as few round trips as it can be: statements are
