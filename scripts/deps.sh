@@ -26,11 +26,11 @@ DEMO=(
 # lua-nginx-module needs) and the OpenResty stand-in
 LUAJIT=(libluajit2-5.1-dev luajit2)
 NGINX=(nginx libnginx-mod-http-lua)
-# test: busted, luacheck, LuaRocks (the install spec), valgrind, systemd (systemd-analyze checks
+# test: busted, luacheck, LuaSocket (the wire codec's specs drive it over a socket), LuaRocks (the install spec), valgrind, systemd (systemd-analyze checks
 # the relay's unit file)
 # docs: LDoc (make docs builds the API reference; make test checks it still builds)
 DOCS=(lua5.4 lua-ldoc)
-TEST=("${DEMO[@]}" "${LUAJIT[@]}" "${NGINX[@]}" lua-busted lua-check luarocks valgrind systemd "${DOCS[@]}")
+TEST=("${DEMO[@]}" "${LUAJIT[@]}" "${NGINX[@]}" lua-busted lua-check lua-socket luarocks valgrind systemd "${DOCS[@]}")
 # bench: LuaSQL (the repository bench's baseline), wrk and hyperfine
 BENCH=("${DEMO[@]}" "${LUAJIT[@]}" "${NGINX[@]}" lua-sql-postgres wrk hyperfine)
 

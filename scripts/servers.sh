@@ -128,6 +128,23 @@ start_pg() {
       echo "full_page_writes = off"
     fi
   } >>"$data/postgresql.conf"
+  # Trust for everyone, as initdb -A trust writes it, after a line per role of the wire codec's
+  # specs (spec/core/wire_spec.lua), which log in with each password method (and one refused).
+  # The first line that matches decides, so theirs come first.
+  cat >"$data/pg_hba.conf" <<'HBA'
+# qx throwaway cluster
+# TYPE  DATABASE     USER              ADDRESS        METHOD
+host    all          qx_wire_password  127.0.0.1/32   password
+host    all          qx_wire_md5       127.0.0.1/32   md5
+host    all          qx_wire_scram     127.0.0.1/32   scram-sha-256
+host    all          qx_wire_reject    127.0.0.1/32   reject
+local   all          all                              trust
+host    all          all               127.0.0.1/32   trust
+host    all          all               ::1/128        trust
+local   replication  all                              trust
+host    replication  all               127.0.0.1/32   trust
+host    replication  all               ::1/128        trust
+HBA
   for attempt in 1 2 3 4 5; do
     port=$(pick_port "$@")
     if as_pg "$PG_BIN/pg_ctl" -D "$data" -l "$logf" -w -t 30 -o "-p $port" start >/dev/null 2>&1; then

@@ -35,7 +35,7 @@ describe("documented modules", function()
     it("qx.core has the binding's documented functions", function()
         local core = require "qx.core"
         has_functions(core, { "uuid", "now", "clock", "json_encode", "json_shape", "json_rows", "pool",
-                               "tx" },
+                               "tx", "wire" },
                       "qx.core")
         assert.equal("userdata", type(core.null))
         assert.equal("table", type(core.error_mt))

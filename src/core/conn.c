@@ -15,6 +15,7 @@
 
 #include <libpq-fe.h>
 
+#include "internal.h"
 #include "qx.h"
 
 #define STMT_CACHE_SLOTS 512 /* power of two; at most 3/4 used */
@@ -42,24 +43,100 @@ struct qx_conn {
 
 /* ---- results ----------------------------------------------------------------------------- */
 
-#define RES(r) ((const PGresult *)(const void *)(r))
+/* A result: libpq's, from a batch here or made by the wire codec from the protocol's messages,
+ * and the rows it touched when that is known without asking libpq (the codec's, read from the
+ * CommandComplete tag). */
+struct qx_result {
+    PGresult *pg;
+    long long affected; /* < 0: PQcmdTuples tells */
+};
 
-int qx_result_nrows(const qx_result *r) { return PQntuples(RES(r)); }
-int qx_result_ncols(const qx_result *r) { return PQnfields(RES(r)); }
-const char *qx_result_colname(const qx_result *r, int col) { return PQfname(RES(r), col); }
-unsigned int qx_result_coltype(const qx_result *r, int col) { return PQftype(RES(r), col); }
-int qx_result_isnull(const qx_result *r, int row, int col) { return PQgetisnull(RES(r), row, col); }
+/* Wraps a PGresult; clears it and returns NULL when memory ran out. */
+static qx_result *wrap_result(PGresult *pg)
+{
+    qx_result *r = malloc(sizeof *r);
+    if (r == NULL) {
+        PQclear(pg);
+        return NULL;
+    }
+    r->pg = pg;
+    r->affected = -1;
+    return r;
+}
+
+int qx_result_nrows(const qx_result *r) { return PQntuples(r->pg); }
+int qx_result_ncols(const qx_result *r) { return PQnfields(r->pg); }
+const char *qx_result_colname(const qx_result *r, int col) { return PQfname(r->pg, col); }
+unsigned int qx_result_coltype(const qx_result *r, int col) { return PQftype(r->pg, col); }
+int qx_result_isnull(const qx_result *r, int row, int col) { return PQgetisnull(r->pg, row, col); }
 const char *qx_result_value(const qx_result *r, int row, int col)
 {
-    return PQgetvalue(RES(r), row, col);
+    return PQgetvalue(r->pg, row, col);
 }
-int qx_result_length(const qx_result *r, int row, int col) { return PQgetlength(RES(r), row, col); }
+int qx_result_length(const qx_result *r, int row, int col) { return PQgetlength(r->pg, row, col); }
 long long qx_result_affected(const qx_result *r)
 {
-    const char *n = PQcmdTuples((PGresult *)(void *)r);
+    const char *n;
+    if (r->affected >= 0)
+        return r->affected;
+    n = PQcmdTuples(r->pg);
     return (n != NULL && *n != '\0') ? atoll(n) : 0;
 }
-void qx_result_free(qx_result *r) { PQclear((PGresult *)(void *)r); }
+void qx_result_free(qx_result *r)
+{
+    if (r == NULL)
+        return;
+    PQclear(r->pg);
+    free(r);
+}
+
+/* ---- results made from the protocol's messages (the wire codec) ------------------------- */
+
+qx_result *qx_result_make(int rows, int ncols, char *const *names, const unsigned int *types)
+{
+    PGresAttDesc local[16], *attrs = local;
+    PGresult *pg = PQmakeEmptyPGresult(NULL, rows ? PGRES_TUPLES_OK : PGRES_COMMAND_OK);
+    qx_result *r;
+    int i, ok = 1;
+
+    if (pg == NULL)
+        return NULL;
+    if (ncols > 0) {
+        if (ncols > (int)(sizeof local / sizeof local[0]) &&
+            (attrs = malloc(sizeof *attrs * (size_t)ncols)) == NULL) {
+            PQclear(pg);
+            return NULL;
+        }
+        for (i = 0; i < ncols; i++) {
+            attrs[i].name = names[i];
+            attrs[i].tableid = 0;
+            attrs[i].columnid = 0;
+            attrs[i].format = 0;
+            attrs[i].typid = types[i];
+            attrs[i].typlen = -1;
+            attrs[i].atttypmod = -1;
+        }
+        ok = PQsetResultAttrs(pg, ncols, attrs);
+        if (attrs != local)
+            free(attrs);
+        if (!ok) {
+            PQclear(pg);
+            return NULL;
+        }
+    }
+    if ((r = wrap_result(pg)) != NULL)
+        r->affected = 0;
+    return r;
+}
+
+int qx_result_set(qx_result *r, int row, int col, const char *value, int len)
+{
+    /* PQsetvalue takes a NULL value (or length -1) as SQL NULL, and copies the bytes */
+    return PQsetvalue(r->pg, row, col, len < 0 ? NULL : (char *)(uintptr_t)value,
+                      len < 0 ? -1 : len);
+}
+
+void qx_result_set_affected(qx_result *r, long long n) { r->affected = n; }
 
 void qx_free(void *p) { PQfreemem(p); }
 
@@ -99,16 +176,16 @@ static qx_status result_error(qx_conn *c, const PGresult *res, qx_error *err)
         s = QX_ERR_DB;
     }
     if (err != NULL) {
-        if (primary != NULL && detail != NULL)
-            qx_error_set(err, s, "%s (%s)", primary, detail);
-        else if (primary != NULL)
-            qx_error_set(err, s, "%s", primary);
-        else
+        if (primary != NULL) {
+            qx_error_server(err, st, primary, detail);
+            err->status = s; /* a lost connection wins over the SQLSTATE */
+        } else {
             qx_error_set(err, s, "%s", PQerrorMessage(c->pg));
-        trim_newline(err->message);
+            trim_newline(err->message);
+            if (st != NULL)
+                snprintf(err->sqlstate, sizeof err->sqlstate, "%s", st);
+        }
         err->retryable = retryable;
-        if (st != NULL)
-            snprintf(err->sqlstate, sizeof err->sqlstate, "%s", st);
     }
     return s;
 }
@@ -555,7 +632,11 @@ static qx_status batch(qx_conn *c, qx_result **results, int *failed, const qx_st
             PQclear(res);
         } else if (st == PGRES_TUPLES_OK || st == PGRES_COMMAND_OK || st == PGRES_EMPTY_QUERY) {
             /* an empty statement did nothing, and the server went on with the batch */
-            results[it->stmt] = (qx_result *)(void *)res;
+            results[it->stmt] = wrap_result(res);
+            if (results[it->stmt] == NULL && status == QX_OK) {
+                status = qx_error_set(err, QX_ERR_NOMEM, "out of memory");
+                *failed = it->stmt;
+            }
         } else {
             if (st != PGRES_PIPELINE_ABORTED && status == QX_OK) {
                 status = result_error(c, res, err);

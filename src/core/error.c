@@ -3,6 +3,7 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "internal.h"
 #include "qx.h"
 
 const char *qx_status_name(qx_status s)
@@ -78,4 +79,25 @@ qx_status qx_status_from_sqlstate(const char *st, int *retryable)
     if (strncmp(st, "22", 2) == 0 || strncmp(st, "23", 2) == 0)
         return QX_ERR_INVALID; /* data exception, other integrity constraint violations */
     return QX_ERR_DB;
+}
+
+qx_status qx_error_server(qx_error *err, const char *sqlstate, const char *primary,
+                          const char *detail)
+{
+    int retryable = 0;
+    qx_status s = sqlstate != NULL ? qx_status_from_sqlstate(sqlstate, &retryable) : QX_ERR_DB;
+    size_t n;
+    if (err == NULL)
+        return s;
+    if (primary != NULL && detail != NULL)
+        qx_error_set(err, s, "%s (%s)", primary, detail);
+    else
+        qx_error_set(err, s, "%s", primary != NULL ? primary : "unknown server error");
+    n = strlen(err->message);
+    while (n > 0 && (err->message[n - 1] == '\n' || err->message[n - 1] == ' '))
+        err->message[--n] = '\0';
+    err->retryable = retryable;
+    if (sqlstate != NULL)
+        snprintf(err->sqlstate, sizeof err->sqlstate, "%s", sqlstate);
+    return s;
 }

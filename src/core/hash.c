@@ -112,3 +112,16 @@ int qx_strmap_swap(qx_strmap *m, const char *key, int val)
         i = (i + 1) & mask;
     }
 }
+
+int qx_strmap_get(const qx_strmap *m, const char *key)
+{
+    unsigned int mask = (unsigned int)(m->cap - 1);
+    unsigned int i = qx_hash_str(key) & mask;
+    for (;;) {
+        if (m->keys[i] == NULL)
+            return -1;
+        if (strcmp(m->keys[i], key) == 0)
+            return m->vals[i];
+        i = (i + 1) & mask;
+    }
+}

@@ -7,6 +7,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "qx.h"
+
 /* Symbols shared between the core's files but not exported from the module. */
 #define QX_INTERNAL __attribute__((visibility("hidden")))
 
@@ -105,5 +107,46 @@ QX_INTERNAL void qx_strmap_free(qx_strmap *m);
 QX_INTERNAL void qx_strmap_clear(qx_strmap *m);
 /* Sets key to val and returns the value it had, or -1 when it was not there. */
 QX_INTERNAL int qx_strmap_swap(qx_strmap *m, const char *key, int val);
+/* The value of key, or -1 when it is not there. */
+QX_INTERNAL int qx_strmap_get(const qx_strmap *m, const char *key);
+
+/* ---- results made from the protocol's messages (conn.c, for wire.c) ------------------------ */
+
+/* A result of ncols columns (names and type OIDs; both copied), with rows (a statement that
+ * returns rows, none yet) or not (a command); its affected count is 0 until set. NULL when
+ * memory ran out. */
+QX_INTERNAL qx_result *qx_result_make(int rows, int ncols, char *const *names,
+                                      const unsigned int *types);
+/* Sets a value of row (at most one past the last: that adds the row), copying len bytes; len
+ * -1 is SQL NULL. 0 when memory ran out. */
+QX_INTERNAL int qx_result_set(qx_result *r, int row, int col, const char *value, int len);
+QX_INTERNAL void qx_result_set_affected(qx_result *r, long long n);
+
+
+/* ---- server errors (error.c) ------------------------------------------------------------ */
+
+/* Fills err (if not NULL) from a server error's fields, as every error from PostgreSQL is
+ * reported: the status from the SQLSTATE (QX_ERR_DB without one), the message "primary
+ * (detail)" or "primary", the SQLSTATE, retryable. Returns the status. */
+QX_INTERNAL qx_status qx_error_server(qx_error *err, const char *sqlstate, const char *primary,
+                                      const char *detail);
+
+/* ---- the wire codec's password exchanges (wire_auth.c) ---------------------------------- */
+
+/* md5: "md5" followed by md5hex(md5hex(password user) salt), 35 characters and a NUL. */
+QX_INTERNAL int qx_md5_password(char out[36], const char *password, const char *user,
+                                const unsigned char salt[4]);
+/* SCRAM-SHA-256, no channel binding: first appends the client-first-message to first; continue
+ * reads the server-first-message (len bytes) and appends the client-final-message to final;
+ * final checks the server-final-message's signature (a wrong one is an error). */
+typedef struct qx_scram qx_scram;
+QX_INTERNAL qx_status qx_scram_first(qx_scram **out, qx_buf *first, qx_error *err);
+QX_INTERNAL qx_status qx_scram_continue(qx_scram *s, const char *password, const char *msg,
+                                        size_t len, qx_buf *final, qx_error *err);
+QX_INTERNAL qx_status qx_scram_final(qx_scram *s, const char *msg, size_t len, qx_error *err);
+/* 1 once the server's signature was checked. */
+QX_INTERNAL int qx_scram_verified(const qx_scram *s);
+/* Wipes and frees; NULL is harmless. */
+QX_INTERNAL void qx_scram_free(qx_scram *s);
 
 #endif

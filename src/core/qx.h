@@ -188,7 +188,10 @@ qx_status qx_conn_unlisten(qx_conn *c, qx_error *err);
 typedef struct qx_wire qx_wire;
 
 /* conninfo: a libpq URL or key=value string; what it leaves out comes from libpq's defaults and
- * environment (PGUSER, PGPASSWORD, PGDATABASE, ...). Nothing is sent. */
+ * environment (PGUSER, PGPASSWORD, PGDATABASE, ...; no password file is read). Of several hosts
+ * and ports the first is taken (hostaddr before host); no host is libpq's default socket
+ * directory. application_name defaults to "qx", as for qx_conn_open. A string libpq cannot
+ * read, or sslmode require, verify-ca or verify-full, is QX_ERR_INVALID. Nothing is sent. */
 qx_status qx_wire_new(qx_wire **out, const char *conninfo, qx_error *err);
 void qx_wire_free(qx_wire *w);
 /* Where to connect: a host name or address, or (beginning with '/') the directory of a Unix
@@ -204,29 +207,44 @@ void qx_wire_sent(qx_wire *w);
 /* Bytes received, any amount (a message may span calls). *done is 1 once what was awaited has
  * come: the end of start-up, or the ReadyForQuery that ends a batch. A failed start-up
  * (authentication refused, a method not supported, the server's error) or a protocol violation
- * returns its error and leaves the codec broken. */
+ * returns its error and leaves the codec broken; during a batch a protocol violation also ends
+ * the batch (*done is 1 and qx_wire_batch_end reports it too). What only ends the batch (the
+ * server's FATAL, COPY FROM STDIN, which also leave the codec broken) is said by
+ * qx_wire_batch_end alone: the feed returns QX_OK and done. Bytes after the message that ends
+ * what was awaited are kept for the next feed. */
 qx_status qx_wire_feed(qx_wire *w, const char *data, size_t len, int *done, qx_error *err);
 /* The caller's I/O failed (closed, timed out, reset): the codec is broken; a batch in progress
  * ends with QX_ERR_CONNECTION and why. */
 void qx_wire_lost(qx_wire *w, const char *why);
 /* Queues a batch (the texts are copied: the caller keeps nothing but results, which receives
  * one result per statement when it ends). keep: as qx_conn_batch_keep. QX_ERR_CONNECTION when
- * broken, QX_ERR_INVALID when start-up is not done or another batch is in progress. */
+ * broken, QX_ERR_INVALID when start-up is not done or another batch is in progress (one whose
+ * qx_wire_batch_end has not been called). A batch of no statements is a Sync alone: a round
+ * trip all the same. Freeing the codec before qx_wire_batch_end frees the results it made (the
+ * results array must still be there). */
 qx_status qx_wire_batch(qx_wire *w, qx_result **results, const qx_stmt *stmts, int n, int keep,
                         qx_error *err);
 /* Once the feed said done, or after qx_wire_lost: the batch's outcome, as qx_conn_batch or
  * qx_conn_batch_keep reports it (same statuses, messages, *failed and freeing of results). */
 qx_status qx_wire_batch_end(qx_wire *w, int *failed, qx_error *err);
-/* 1 while a batch waits for its end (queued, sent or partly answered). */
+/* 1 while a batch waits for its end (queued, sent or partly answered), and after it until
+ * qx_wire_batch_end. */
 int qx_wire_busy(const qx_wire *w);
+/* 1 once the batch in progress has ended (its reply came, or the conversation was lost):
+ * qx_wire_batch_end may be called. */
+int qx_wire_batch_done(const qx_wire *w);
 int qx_wire_is_broken(const qx_wire *w);
 /* 1 once start-up is done and the codec is neither broken nor busy. */
 int qx_wire_ready(const qx_wire *w);
-/* From the last ReadyForQuery; QX_TX_BAD when broken, QX_TX_ACTIVE while busy. */
+/* From the last ReadyForQuery (QX_TX_UNKNOWN before one); QX_TX_BAD when broken,
+ * QX_TX_ACTIVE while a batch awaits its end. */
 qx_tx_status qx_wire_tx_status(const qx_wire *w);
 int qx_wire_pid(const qx_wire *w);
 /* "trust", "password", "md5" or "scram-sha-256" once start-up is done; "" before. */
 const char *qx_wire_auth(const qx_wire *w);
+/* The last value the server reported for a run-time parameter (ParameterStatus: server_version,
+ * client_encoding, TimeZone, ...), or NULL. */
+const char *qx_wire_parameter(const qx_wire *w, const char *name);
 
 /* ---- transactions (tx.c) ------------------------------------------------------------------ */
 

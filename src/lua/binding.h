@@ -166,6 +166,17 @@ int qx_json_decode_sealed(lua_State *L, const char *text, size_t len, qx_sealed_
 void qx_push_rows(lua_State *L, const qx_result *r, int skip_nulls, int max_rows,
                   qx_sealed_opener *op);
 
+/* A batch's statements (lbatch.c), as conn:batch and wire:batch take them: the list at the
+ * absolute index list, of n tables { sql, p1, ..., pk[, n = k] }, into stmts. Pushes one anchor
+ * per statement that keeps its texts alive (pop them when done) and returns 1; on a parameter
+ * that cannot be sent pushes nil, err, the statement's index (1-based) and returns 0. Raises
+ * on a malformed list. */
+int qx_batch_stmts(lua_State *L, int list, int n, qx_stmt *stmts);
+/* Pushes the results table of a batch: { rows, affected } per statement, made from index first
+ * on (earlier ones are true; a NULL result false), each freed (and set to NULL) as it is made.
+ * list: the absolute index of the statement list (a statement's open_sealed), or 0. */
+void qx_push_batch_results(lua_State *L, qx_result **results, int n, int first, int list);
+
 int qx_open_pool(lua_State *L);
 /* core.pool{ conninfo, size, acquire_timeout_ms, recycle_ms, connect_timeout_ms } */
 int qx_pool_new_lua(lua_State *L);
@@ -200,6 +211,16 @@ void qx_open_consumer(lua_State *L);
 
 /* The outbox relay (lrelay.c): adds relay to the table at the top. */
 void qx_open_relay(lua_State *L);
+
+/* The wire codec (lwire.c): registers the metatable and adds wire to the table at the top.
+ * qx_check_wire returns the open codec at idx or raises; qx_test_wire returns NULL when the
+ * value at idx is not an open codec. */
+#define QX_WIRE_MT "qx.wire"
+void qx_open_wire(lua_State *L);
+qx_wire *qx_check_wire(lua_State *L, int idx);
+qx_wire *qx_test_wire(lua_State *L, int idx);
+/* The wire codec userdata's slot at idx (NULL there once closed), or NULL when idx holds none. */
+qx_wire **qx_test_wire_slot(lua_State *L, int idx);
 
 /* A runner's /metrics and /health server (lhttpd.c): adds metrics_server to the table at the
  * top. */

@@ -141,7 +141,7 @@ static int l_rows_upto(lua_State *L)
 static int l_batch(lua_State *L)
 {
     lconn *lc = check_conn(L);
-    int n, i, base, failed = -1, first;
+    int n, failed = -1, first;
     qx_stmt *stmts;
     qx_result **results;
     qx_error err;
@@ -156,55 +156,13 @@ static int l_batch(lua_State *L)
     }
     stmts = lua_newuserdata(L, sizeof *stmts * (size_t)n);
     free_held(lc);
+    if (!qx_batch_stmts(L, 2, n, stmts))
+        return 3;
     results = calloc((size_t)n, sizeof *results);
     if (results == NULL)
         return luaL_error(L, "out of memory");
     lc->held_list = results; /* freed on release should making the rows raise */
     lc->nheld = n;
-    base = lua_gettop(L);
-    for (i = 0; i < n; i++) {
-        int k, np, t;
-        long long v;
-        qx_params params;
-
-        lua_rawgeti(L, 2, i + 1);
-        t = lua_gettop(L);
-        if (!lua_istable(L, t)) {
-            free_held(lc);
-            return luaL_error(L, "batch statement %d is not a table", i + 1);
-        }
-        lua_rawgeti(L, t, 1);
-        if (lua_type(L, -1) != LUA_TSTRING) {
-            free_held(lc);
-            return luaL_error(L, "batch statement %d has no SQL text", i + 1);
-        }
-        stmts[i].sql = lua_tostring(L, -1); /* anchored by the statement table */
-        lua_pop(L, 1);
-        lua_getfield(L, t, "n");
-        if (lua_isnil(L, -1))
-            np = (int)qx_rawlen(L, t) - 1;
-        else if (qx_isinteger(L, -1, &v) && v >= 0 && v < 65536)
-            np = (int)v;
-        else {
-            free_held(lc);
-            return luaL_error(L, "batch statement %d: n must be a parameter count", i + 1);
-        }
-        lua_pop(L, 1);
-        luaL_checkstack(L, np + 4, "too many parameters");
-        for (k = 0; k < np; k++)
-            lua_rawgeti(L, t, k + 2);
-        if (!qx_params_from_stack(L, &params, t + 1, np)) {
-            free_held(lc);
-            lua_pushinteger(L, i + 1);
-            return 3;
-        }
-        /* keep the anchor, drop the statement table and the copied values */
-        lua_replace(L, t);
-        lua_settop(L, t);
-        stmts[i].nparams = np;
-        stmts[i].values = params.values;
-        stmts[i].lengths = params.lengths;
-    }
     s = qx_conn_batch(lc->c, results, &failed, stmts, n, &err);
     if (s != QX_OK) {
         free_held(lc);
@@ -215,37 +173,7 @@ static int l_batch(lua_State *L)
             lua_pushnil(L);
         return 3;
     }
-    lua_createtable(L, n, 0);
-    for (i = 0; i < n; i++) {
-        if (i + 1 < first) {
-            lua_pushboolean(L, 1);
-            lua_rawseti(L, -2, i + 1);
-            qx_result_free(results[i]);
-            results[i] = NULL;
-            continue;
-        }
-        lua_createtable(L, 0, 3);
-        {
-            /* a statement's open_sealed: its rows' sealed values are opened as they are read */
-            int t = lua_gettop(L), opening = 0;
-            qx_sealed_opener op;
-            lua_rawgeti(L, 2, i + 1);
-            lua_getfield(L, -1, "open_sealed");
-            if (!lua_isnil(L, -1))
-                opening = qx_sealed_opener_init(L, &op, t + 2, results[i]);
-            qx_push_rows(L, results[i], 0, -1, opening ? &op : NULL);
-            lua_setfield(L, t, "rows");
-            if (opening)
-                qx_sealed_opener_finish(L, &op, t);
-            lua_settop(L, t);
-        }
-        qx_pushint64(L, qx_result_affected(results[i]));
-        lua_setfield(L, -2, "affected");
-        lua_rawseti(L, -2, i + 1);
-        qx_result_free(results[i]);
-        results[i] = NULL;
-    }
-    (void)base;
+    qx_push_batch_results(L, results, n, first, 2);
     free_held(lc);
     return 1;
 }

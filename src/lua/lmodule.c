@@ -231,6 +231,7 @@ QX_EXPORT int luaopen_qx_core(lua_State *L)
     qx_open_httpd(L);
     qx_open_consumer(L);
     qx_open_tx(L);
+    qx_open_wire(L);
     lua_pushlightuserdata(L, NULL); /* JSON null; the same value as cjson.null */
     lua_setfield(L, -2, "null");
     luaL_getmetatable(L, QX_ERROR_MT);
