@@ -20,6 +20,7 @@ const char *qx_status_name(qx_status s)
     case QX_ERR_NOMEM: return "nomem";
     case QX_ERR_CLOSED: return "closed";
     case QX_ERR_UNKNOWN_OUTCOME: return "unknown_outcome";
+    case QX_PENDING: return "pending";
     }
     return "error";
 }

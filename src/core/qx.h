@@ -26,7 +26,9 @@ typedef enum qx_status {
     QX_ERR_NATS,
     QX_ERR_NOMEM,
     QX_ERR_CLOSED,     /* the object was closed */
-    QX_ERR_UNKNOWN_OUTCOME /* a COMMIT's reply was lost: committed or not, the server knows */
+    QX_ERR_UNKNOWN_OUTCOME, /* a COMMIT's reply was lost: committed or not, the server knows */
+    QX_PENDING         /* not an error: a transaction over a wire codec waits for the caller to
+                        * move its bytes, then for qx_tx_resume */
 } qx_status;
 
 #define QX_ERR_MESSAGE_MAX 1024
@@ -269,6 +271,19 @@ typedef enum qx_tx_state {
 
 void qx_tx_options_init(qx_tx_options *o);
 qx_status qx_tx_new(qx_tx **out, qx_conn *c, const qx_tx_options *o, qx_error *err);
+/* The same transaction over a wire codec (the caller owns the socket): every call that would
+ * make a round trip queues its pipeline in the codec and returns QX_PENDING instead; the caller
+ * moves the bytes until the codec is done (or lost), then qx_tx_resume finishes the call and
+ * gives what it would have given. Until then every other call is QX_ERR_INVALID. */
+qx_status qx_tx_new_wire(qx_tx **out, qx_wire *w, const qx_tx_options *o, qx_error *err);
+/* Finishes the call that returned QX_PENDING: its status, and *out (qx_tx_query's result) and
+ * *wake_failed (qx_tx_commit's) where that call has them (either may be NULL otherwise). */
+qx_status qx_tx_resume(qx_tx *tx, qx_result **out, int *wake_failed, qx_error *err);
+/* 1 while a call waits for qx_tx_resume. */
+int qx_tx_pending(const qx_tx *tx);
+/* The connection or codec under tx was closed (qx_wire_free frees a pending batch's results):
+ * the tx forgets it and any call waiting on it, so that qx_tx_free touches neither. */
+void qx_tx_forget_connection(qx_tx *tx);
 void qx_tx_free(qx_tx *tx);
 /* Queues a statement (no round trip). */
 qx_status qx_tx_queue(qx_tx *tx, const qx_stmt *s, qx_error *err);

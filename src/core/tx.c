@@ -37,8 +37,24 @@ typedef struct savepoint {
     long long sends_at; /* sends made before it */
 } savepoint;
 
+/* A call whose pipeline waits in the wire codec (QX_PENDING): what finishing it needs. */
+enum { OP_NONE, OP_QUERY, OP_FLUSH, OP_ROLLBACK_TO, OP_COMMIT, OP_ROLLBACK };
+
+typedef struct pending {
+    int op;
+    int kept, first_tail, ntail; /* of the send (see send_end) */
+    int tail_failed;             /* the send's failing tail index, for the call */
+    /* the commit's */
+    int nchannels, commit_at, broken_before;
+    /* rollback_to's */
+    int had_failure;
+    qx_error before;
+} pending;
+
 struct qx_tx {
-    qx_conn *c;
+    qx_conn *c;       /* the connection, or NULL over a wire codec */
+    qx_wire *w;
+    pending pend;
     qx_tx_state state;
     qx_error failure;     /* the first failure, while state is QX_TXS_FAILED */
     int block;            /* needs BEGIN ... COMMIT */
@@ -127,6 +143,8 @@ qx_status qx_tx_new(qx_tx **out, qx_conn *c, const qx_tx_options *o, qx_error *e
     if (tx == NULL)
         return qx_error_set(err, QX_ERR_NOMEM, "out of memory");
     tx->c = c;
+    tx->w = NULL;
+    tx->pend.op = OP_NONE;
     tx->state = QX_TXS_ACTIVE;
     tx->block = 0;
     tx->sends = tx->round_trips = 0;
@@ -160,10 +178,44 @@ qx_status qx_tx_new(qx_tx **out, qx_conn *c, const qx_tx_options *o, qx_error *e
     return QX_OK;
 }
 
+qx_status qx_tx_new_wire(qx_tx **out, qx_wire *w, const qx_tx_options *o, qx_error *err)
+{
+    qx_status s;
+    *out = NULL;
+    if (w == NULL)
+        return qx_error_set(err, QX_ERR_CLOSED, "connection is closed");
+    /* a non-NULL stand-in: qx_tx_new checks for a connection */
+    s = qx_tx_new(out, (qx_conn *)(void *)w, o, err);
+    if (s == QX_OK) {
+        (*out)->c = NULL;
+        (*out)->w = w;
+    }
+    return s;
+}
+
+static int conn_broken(const qx_tx *tx)
+{
+    return tx->w != NULL ? qx_wire_is_broken(tx->w) : qx_conn_is_broken(tx->c);
+}
+
+static qx_tx_status conn_status(const qx_tx *tx)
+{
+    return tx->w != NULL ? qx_wire_tx_status(tx->w) : qx_conn_tx_status(tx->c);
+}
+
 void qx_tx_free(qx_tx *tx)
 {
     if (tx == NULL)
         return;
+    if (tx->pend.op != OP_NONE) {
+        /* the codec writes into results: end its batch before they go */
+        int failed, i;
+        qx_wire_lost(tx->w, "the transaction was closed while waiting for its reply");
+        qx_wire_batch_end(tx->w, &failed, NULL);
+        if (tx->pend.op == OP_COMMIT)
+            for (i = 0; i < tx->nlast; i++)
+                qx_result_free(tx->results[i]);
+    }
     if (tx->q != tx->q_local)
         free(tx->q);
     if (tx->arena != tx->arena_local)
@@ -184,6 +236,14 @@ void qx_tx_free(qx_tx *tx)
 
 qx_tx_state qx_tx_state_of(const qx_tx *tx) { return tx->state; }
 int qx_tx_queued(const qx_tx *tx) { return tx->nq; }
+int qx_tx_pending(const qx_tx *tx) { return tx->pend.op != OP_NONE; }
+
+void qx_tx_forget_connection(qx_tx *tx)
+{
+    tx->pend.op = OP_NONE;
+    tx->w = NULL;
+    tx->c = NULL;
+}
 const char *qx_tx_xid(const qx_tx *tx) { return tx->xid; }
 const char *qx_tx_timeline(const qx_tx *tx) { return tx->timeline; }
 long long qx_tx_round_trips(const qx_tx *tx) { return tx->round_trips; }
@@ -199,6 +259,9 @@ int qx_tx_last_sent(const qx_tx *tx, const char **texts, int max)
 /* The error a finished or failed transaction answers every call with. */
 static qx_status refused(const qx_tx *tx, qx_error *err)
 {
+    if (tx->pend.op != OP_NONE)
+        return qx_error_set(err, QX_ERR_INVALID,
+                            "the transaction waits for its reply (qx_tx_resume first)");
     if (tx->state == QX_TXS_FAILED) {
         if (err != NULL)
             *err = tx->failure;
@@ -293,7 +356,7 @@ static qx_status push(qx_tx *tx, const qx_stmt *s, qx_error *err)
 
 qx_status qx_tx_queue(qx_tx *tx, const qx_stmt *s, qx_error *err)
 {
-    if (tx->state != QX_TXS_ACTIVE)
+    if (tx->state != QX_TXS_ACTIVE || tx->pend.op != OP_NONE)
         return refused(tx, err);
     return push(tx, s, err);
 }
@@ -301,7 +364,7 @@ qx_status qx_tx_queue(qx_tx *tx, const qx_stmt *s, qx_error *err)
 qx_status qx_tx_queue_id(qx_tx *tx, const qx_stmt *s, qx_error *err)
 {
     qx_status st;
-    if (tx->state != QX_TXS_ACTIVE)
+    if (tx->state != QX_TXS_ACTIVE || tx->pend.op != OP_NONE)
         return refused(tx, err);
     st = push(tx, s, err);
     if (st == QX_OK)
@@ -311,7 +374,7 @@ qx_status qx_tx_queue_id(qx_tx *tx, const qx_stmt *s, qx_error *err)
 
 qx_status qx_tx_queue_failure(qx_tx *tx, const qx_error *why)
 {
-    if (tx->state != QX_TXS_ACTIVE)
+    if (tx->state != QX_TXS_ACTIVE || tx->pend.op != OP_NONE)
         return refused(tx, NULL);
     if (tx->poison_at < 0) {
         tx->poison_at = tx->nq;
@@ -355,11 +418,15 @@ static int room(qx_tx *tx, int nstmts, int nvalues)
  * result. On failure, *tail_failed is the index in tail of the statement that failed (negative:
  * one before the tail; ntail: the failure is tied to none). With tx->keep, the result of the
  * statement that reads the id (the queue's at id_at, else tail[0]) goes to tx->kept, also when a
- * later statement failed. Any failure poisons the transaction. */
-static qx_status send(qx_tx *tx, int implicit, const qx_stmt *tail, int ntail, qx_result **out,
-                      int *tail_failed, qx_error *err)
+ * later statement failed. Any failure poisons the transaction. Over a wire codec the pipeline is
+ * queued there and this returns QX_PENDING (op: the call to finish); send_end finishes it. */
+static qx_status send_end(qx_tx *tx, qx_status s, int failed, qx_error *e, qx_result **out,
+                          int *tail_failed, qx_error *err);
+
+static qx_status send(qx_tx *tx, int op, int implicit, const qx_stmt *tail, int ntail,
+                      qx_result **out, int *tail_failed, qx_error *err)
 {
-    int begun = tx->sends > 0, n = 0, nv = 0, i, k, failed = -1, first_tail, first_queued, kept;
+    int begun = tx->sends > 0, n = 0, nv = 0, i, k, failed = -1, first_queued;
     size_t at[TAIL_MAX];
     qx_status s;
     qx_error e;
@@ -432,39 +499,32 @@ static qx_status send(qx_tx *tx, int implicit, const qx_stmt *tail, int ntail, q
             }
         }
     }
-    first_tail = n;
+    tx->pend.first_tail = n;
+    tx->pend.ntail = ntail;
     for (i = 0; i < ntail; i++) {
         tx->stmts[n] = tail[i];
         tx->stmts[n++].sql = tx->arena + at[i];
     }
-    kept = tx->id_at >= 0 ? first_queued + tx->id_at : first_tail;
+    tx->pend.kept = tx->id_at >= 0 ? first_queued + tx->id_at : tx->pend.first_tail;
     tx->nq = 0;
     tx->id_at = -1;
     tx->reset_arena = 1;
     tx->nlast = n;
     tx->round_trips++;
-    if (tx->keep) {
+    if (tx->w != NULL) {
+        for (i = 0; i < n; i++)
+            tx->results[i] = NULL;
+        s = qx_wire_batch(tx->w, tx->results, tx->stmts, n, tx->keep, &e);
+        if (s == QX_OK) {
+            tx->pend.op = op;
+            return QX_PENDING;
+        }
+    } else if (tx->keep) {
         s = qx_conn_batch_keep(tx->c, tx->results, &failed, tx->stmts, n, &e);
-        tx->kept = tx->results[kept];
-        tx->results[kept] = NULL;
     } else {
         s = qx_conn_batch(tx->c, tx->results, &failed, tx->stmts, n, &e);
     }
-    if (s != QX_OK) {
-        if (tx->keep)
-            for (i = 0; i < n; i++)
-                qx_result_free(tx->results[i]);
-        if (tail_failed != NULL)
-            *tail_failed = failed >= 0 ? failed - first_tail : ntail;
-        goto failed;
-    }
-    for (i = 0; i < n - 1; i++)
-        qx_result_free(tx->results[i]);
-    if (out != NULL)
-        *out = tx->results[n - 1];
-    else
-        qx_result_free(tx->results[n - 1]);
-    return QX_OK;
+    return send_end(tx, s, failed, &e, out, tail_failed, err);
 
 failed:
     tx->nq = 0;
@@ -476,21 +536,50 @@ failed:
     return e.status;
 }
 
+/* What follows the batch of a send: its status s, the failing statement and error e. */
+static qx_status send_end(qx_tx *tx, qx_status s, int failed, qx_error *e, qx_result **out,
+                          int *tail_failed, qx_error *err)
+{
+    int n = tx->nlast, i;
+    if (tx->keep) {
+        tx->kept = tx->results[tx->pend.kept];
+        tx->results[tx->pend.kept] = NULL;
+    }
+    if (s != QX_OK) {
+        if (tx->keep)
+            for (i = 0; i < n; i++)
+                qx_result_free(tx->results[i]);
+        if (tail_failed != NULL)
+            *tail_failed = failed >= 0 ? failed - tx->pend.first_tail : tx->pend.ntail;
+        fail(tx, e);
+        if (err != NULL)
+            *err = *e;
+        return e->status;
+    }
+    for (i = 0; i < n - 1; i++)
+        qx_result_free(tx->results[i]);
+    if (out != NULL)
+        *out = tx->results[n - 1];
+    else
+        qx_result_free(tx->results[n - 1]);
+    return QX_OK;
+}
+
 qx_status qx_tx_query(qx_tx *tx, qx_result **out, const qx_stmt *s, qx_error *err)
 {
     *out = NULL;
-    if (tx->state != QX_TXS_ACTIVE)
+    if (tx->state != QX_TXS_ACTIVE || tx->pend.op != OP_NONE)
         return refused(tx, err);
-    return send(tx, 0, s, 1, out, NULL, err);
+    return send(tx, OP_QUERY, 0, s, 1, out, NULL, err);
 }
 
 qx_status qx_tx_flush(qx_tx *tx, qx_error *err)
 {
-    if (tx->state != QX_TXS_ACTIVE)
+    if (tx->state != QX_TXS_ACTIVE || tx->pend.op != OP_NONE)
         return refused(tx, err);
     if (tx->nq == 0 && tx->sends > 0 && tx->poison_at < 0)
         return QX_OK;
-    return send(tx, 0, NULL, 0, NULL, NULL, err);
+    return send(tx, OP_FLUSH, 0, NULL, 0, NULL, NULL, err);
 }
 
 /* ---- savepoints -------------------------------------------------------------------------- */
@@ -507,7 +596,7 @@ qx_status qx_tx_savepoint(qx_tx *tx, qx_error *err)
 {
     savepoint *sp;
     qx_status s;
-    if (tx->state != QX_TXS_ACTIVE)
+    if (tx->state != QX_TXS_ACTIVE || tx->pend.op != OP_NONE)
         return refused(tx, err);
     if (tx->nsp == tx->capsp) {
         int cap = tx->capsp ? tx->capsp * 2 : 4;
@@ -530,7 +619,7 @@ qx_status qx_tx_savepoint(qx_tx *tx, qx_error *err)
 qx_status qx_tx_release(qx_tx *tx, qx_error *err)
 {
     savepoint *sp;
-    if (tx->state != QX_TXS_ACTIVE)
+    if (tx->state != QX_TXS_ACTIVE || tx->pend.op != OP_NONE)
         return refused(tx, err);
     if (tx->nsp == 0)
         return qx_error_set(err, QX_ERR_INVALID, "no savepoint to release");
@@ -552,15 +641,27 @@ qx_status qx_tx_release(qx_tx *tx, qx_error *err)
     return queue_text(tx, "RELEASE SAVEPOINT qx_sp_%d", sp->number, err);
 }
 
+static qx_status rollback_to_end(qx_tx *tx, qx_status s, qx_error *err)
+{
+    if (s != QX_OK) {
+        /* no savepoint to go back to: what failed was queued before it, or its pipeline never
+         * left; the transaction is lost with that first error */
+        if (tx->pend.had_failure)
+            tx->failure = tx->pend.before;
+        return refused(tx, err);
+    }
+    return QX_OK;
+}
+
 qx_status qx_tx_rollback_to(qx_tx *tx, qx_error *err)
 {
     savepoint sp;
-    qx_error before, e;
-    int had_failure;
+    qx_error e;
+    qx_status s;
     char sql[64];
     qx_stmt st = { sql, 0, NULL, NULL };
 
-    if (tx->state != QX_TXS_ACTIVE && tx->state != QX_TXS_FAILED)
+    if ((tx->state != QX_TXS_ACTIVE && tx->state != QX_TXS_FAILED) || tx->pend.op != OP_NONE)
         return refused(tx, err);
     if (tx->nsp == 0)
         return qx_error_set(err, QX_ERR_INVALID, "no savepoint to roll back to");
@@ -576,21 +677,17 @@ qx_status qx_tx_rollback_to(qx_tx *tx, qx_error *err)
             return refused(tx, err);
         return QX_OK;
     }
-    had_failure = tx->state == QX_TXS_FAILED;
-    before = tx->failure;
+    tx->pend.had_failure = tx->state == QX_TXS_FAILED;
+    tx->pend.before = tx->failure;
     tx->state = QX_TXS_ACTIVE;
     tx->nq = 0;
     tx->id_at = -1;
     tx->poison_at = -1;
     snprintf(sql, sizeof sql, "ROLLBACK TO SAVEPOINT qx_sp_%d", sp.number);
-    if (send(tx, 0, &st, 1, NULL, NULL, &e) != QX_OK) {
-        /* no savepoint to go back to: what failed was queued before it, or its pipeline never
-         * left; the transaction is lost with that first error */
-        if (had_failure)
-            tx->failure = before;
-        return refused(tx, err);
-    }
-    return QX_OK;
+    s = send(tx, OP_ROLLBACK_TO, 0, &st, 1, NULL, NULL, &e);
+    if (s == QX_PENDING)
+        return s;
+    return rollback_to_end(tx, s, err);
 }
 
 /* ---- the end ----------------------------------------------------------------------------- */
@@ -640,16 +737,56 @@ static void copy_column(char *dst, size_t size, const qx_result *r, int col)
     dst[n] = '\0';
 }
 
+/* What follows the commit's send: s and e its outcome, at the failing tail index. */
+static qx_status commit_end(qx_tx *tx, qx_status s, int at, qx_error *e, int *wake_failed,
+                            qx_error *err)
+{
+    int learned = tx->kept != NULL, ntail = tx->pend.ntail;
+    tx->keep = 0;
+    copy_column(tx->xid, sizeof tx->xid, tx->kept, 0);
+    copy_column(tx->timeline, sizeof tx->timeline, tx->kept, 1);
+    qx_result_free(tx->kept);
+    tx->kept = NULL;
+    if (s != QX_OK) {
+        if (tx->pend.nchannels > 0 && at == ntail - 1) {
+            /* the transaction committed; only the wake-up failed: listeners find the rows when
+             * they poll */
+            *wake_failed = 1;
+            if (err != NULL)
+                *err = *e;
+        } else if (s == QX_ERR_CONNECTION && !tx->pend.broken_before &&
+                   !(learned && tx->xid[0] == '\0') &&
+                   !(e->sqlstate[0] != '\0' && at < tx->pend.commit_at)) {
+            /* The COMMIT (or, implicit, the Sync that commits) may have reached the server and
+             * its reply was lost. Not when it was known broken before anything left, when the
+             * transaction wrote nothing (no id), or when the server reported the failure of a
+             * statement before the COMMIT: then it never got that far. */
+            qx_error u;
+            qx_error_set(&u, QX_ERR_UNKNOWN_OUTCOME,
+                         "the connection was lost before the reply to the commit came; "
+                         "the transaction may have committed: %.800s", e->message);
+            fail(tx, &u);
+            return refused(tx, err);
+        } else {
+            if (err != NULL)
+                *err = *e;
+            return s;
+        }
+    }
+    tx->state = QX_TXS_COMMITTED;
+    return QX_OK;
+}
+
 qx_status qx_tx_commit(qx_tx *tx, int *wake_failed, const char *const *channels, int nchannels,
                        qx_error *err)
 {
     qx_stmt tail[TAIL_MAX];
-    int ntail = 0, implicit, at = -1, broken_before, learned, commit_at;
+    int ntail = 0, implicit, at = -1;
     qx_status s;
     qx_error e;
 
     *wake_failed = 0;
-    if (tx->state != QX_TXS_ACTIVE)
+    if (tx->state != QX_TXS_ACTIVE || tx->pend.op != OP_NONE)
         return refused(tx, err);
     if (tx->sends == 0 && tx->nq == 0 && tx->poison_at < 0) {
         tx->state = QX_TXS_COMMITTED; /* nothing was done: no round trip at all */
@@ -663,7 +800,7 @@ qx_status qx_tx_commit(qx_tx *tx, int *wake_failed, const char *const *channels,
      * a queued statement that reads them (qx_tx_queue_id) saves this one */
     if (tx->id_at < 0)
         tail[ntail++] = (qx_stmt){ XID_SQL, 0, NULL, NULL };
-    commit_at = ntail; /* the COMMIT's index in tail; implicit: the Sync commits */
+    tx->pend.commit_at = ntail; /* the COMMIT's index in tail; implicit: the Sync commits */
     if (!implicit)
         tail[ntail++] = (qx_stmt){ COMMIT_SQL, 0, NULL, NULL };
     if (nchannels > 0) {
@@ -675,42 +812,15 @@ qx_status qx_tx_commit(qx_tx *tx, int *wake_failed, const char *const *channels,
         }
         tail[ntail++] = (qx_stmt){ sql, nchannels, channels, NULL };
     }
-    broken_before = qx_conn_is_broken(tx->c);
+    tx->pend.nchannels = nchannels;
+    tx->pend.broken_before = conn_broken(tx);
     tx->keep = 1;
-    s = send(tx, implicit, tail, ntail, NULL, &at, &e);
-    tx->keep = 0;
-    learned = tx->kept != NULL;
-    copy_column(tx->xid, sizeof tx->xid, tx->kept, 0);
-    copy_column(tx->timeline, sizeof tx->timeline, tx->kept, 1);
-    qx_result_free(tx->kept);
-    tx->kept = NULL;
-    if (s != QX_OK) {
-        if (nchannels > 0 && at == ntail - 1) {
-            /* the transaction committed; only the wake-up failed: listeners find the rows when
-             * they poll */
-            *wake_failed = 1;
-            if (err != NULL)
-                *err = e;
-        } else if (s == QX_ERR_CONNECTION && !broken_before && !(learned && tx->xid[0] == '\0') &&
-                   !(e.sqlstate[0] != '\0' && at < commit_at)) {
-            /* The COMMIT (or, implicit, the Sync that commits) may have reached the server and
-             * its reply was lost. Not when it was known broken before anything left, when the
-             * transaction wrote nothing (no id), or when the server reported the failure of a
-             * statement before the COMMIT: then it never got that far. */
-            qx_error u;
-            qx_error_set(&u, QX_ERR_UNKNOWN_OUTCOME,
-                         "the connection was lost before the reply to the commit came; "
-                         "the transaction may have committed: %.800s", e.message);
-            fail(tx, &u);
-            return refused(tx, err);
-        } else {
-            if (err != NULL)
-                *err = e;
-            return s;
-        }
-    }
-    tx->state = QX_TXS_COMMITTED;
-    return QX_OK;
+    s = send(tx, OP_COMMIT, implicit, tail, ntail, NULL, &at, &e);
+    if (s == QX_PENDING)
+        return s;
+    /* a send refused before its batch (poisoned, out of memory) read no tail */
+    tx->pend.ntail = ntail;
+    return commit_end(tx, s, at, &e, wake_failed, err);
 }
 
 static const char XACT_SQL[] =
@@ -754,18 +864,64 @@ const char *qx_xact_name(qx_xact x)
     return "unknown";
 }
 
+static qx_status rollback_end(qx_tx *tx, qx_status s)
+{
+    tx->state = QX_TXS_ROLLED_BACK;
+    return s;
+}
+
 qx_status qx_tx_rollback(qx_tx *tx, qx_error *err)
 {
     static const qx_stmt rollback = { ROLLBACK_SQL, 0, NULL, NULL };
     qx_status s = QX_OK;
+    if (tx->pend.op != OP_NONE)
+        return refused(tx, err);
     if (tx->state == QX_TXS_COMMITTED || tx->state == QX_TXS_ROLLED_BACK)
         return QX_OK;
     tx->nq = 0;
     tx->nsp = 0;
     tx->poison_at = -1;
     tx->id_at = -1;
-    if (tx->sends > 0 && qx_conn_tx_status(tx->c) != QX_TX_IDLE)
-        s = send(tx, 0, &rollback, 1, NULL, NULL, err);
-    tx->state = QX_TXS_ROLLED_BACK;
-    return s;
+    if (tx->sends > 0 && conn_status(tx) != QX_TX_IDLE) {
+        s = send(tx, OP_ROLLBACK, 0, &rollback, 1, NULL, NULL, err);
+        if (s == QX_PENDING)
+            return s;
+    }
+    return rollback_end(tx, s);
+}
+
+qx_status qx_tx_resume(qx_tx *tx, qx_result **out, int *wake_failed, qx_error *err)
+{
+    int op = tx->pend.op, failed = -1, at = -1;
+    qx_status s;
+    qx_error e;
+
+    if (out != NULL)
+        *out = NULL;
+    if (wake_failed != NULL)
+        *wake_failed = 0;
+    if (op == OP_NONE)
+        return qx_error_set(err, QX_ERR_INVALID, "no call waits for its reply");
+    if (!qx_wire_batch_done(tx->w))
+        return qx_error_set(err, QX_ERR_INVALID, "the reply has not come yet");
+    tx->pend.op = OP_NONE;
+    s = qx_wire_batch_end(tx->w, &failed, &e);
+    switch (op) {
+    case OP_QUERY:
+        return send_end(tx, s, failed, &e, out, NULL, err);
+    case OP_FLUSH:
+        return send_end(tx, s, failed, &e, NULL, NULL, err);
+    case OP_ROLLBACK_TO:
+        return rollback_to_end(tx, send_end(tx, s, failed, &e, NULL, NULL, NULL), err);
+    case OP_COMMIT: {
+        int wf = 0;
+        s = send_end(tx, s, failed, &e, NULL, &at, NULL);
+        s = commit_end(tx, s, at, &e, &wf, err);
+        if (wake_failed != NULL)
+            *wake_failed = wf;
+        return s;
+    }
+    default:
+        return rollback_end(tx, send_end(tx, s, failed, &e, NULL, NULL, err));
+    }
 }

@@ -1,19 +1,35 @@
-/* The transaction userdata: core.tx(conn[, timeout_ms]) and its methods (see qx_tx in qx.h). */
+/* The transaction userdata: core.tx(conn[, timeout_ms]) and its methods (see qx_tx in qx.h).
+ * Over a wire codec (core.tx(wire[, timeout_ms])) a call that needs a round trip returns
+ * core.PENDING instead of its results; once the caller has moved the codec's bytes,
+ * tx:resume() returns what the call would have returned. */
 #include <limits.h>
 
 #include <stdio.h>
 
 #include "binding.h"
 
+/* what tx:resume() pushes: the results of the call that returned core.PENDING */
+enum { PEND_NONE, PEND_ROWS, PEND_SPARSE, PEND_COUNT, PEND_EXEC, PEND_STATUS, PEND_COMMIT };
+
 typedef struct ltx {
     qx_tx *tx;       /* NULL once closed */
-    qx_conn **conn;  /* the connection userdata's slot; NULL there once it was released */
+    void **conn;     /* the connection's (or wire's) userdata slot; NULL there once released */
+    int pend;        /* PEND_*: a call waits for tx:resume() */
+    int pend_max;    /* its row limit (rows_upto), -1 none */
     qx_result *held; /* a result being turned into Lua values: freed by close if that raises */
     int conn_ref;    /* LuaJIT: registry reference that keeps the connection userdata alive
                       * (Lua 5.4 keeps it as the user value) */
 } ltx;
 
 static const char TX_MT_KEY = 't';
+static const char PENDING_KEY = 'p';
+
+static int push_pending(lua_State *L, ltx *lt, int pend)
+{
+    lt->pend = pend;
+    lua_pushlightuserdata(L, (void *)&PENDING_KEY);
+    return 1;
+}
 
 /* The tx at index 1; methods carry the metatable as upvalue 1 (see qx_to_hot). */
 static ltx *to_tx(lua_State *L)
@@ -35,6 +51,8 @@ static ltx *check_tx(lua_State *L)
 static ltx *check_open(lua_State *L)
 {
     ltx *lt = check_tx(L);
+    if (lt->pend != PEND_NONE)
+        luaL_error(L, "transaction waits for its reply (tx:resume() first)");
     qx_tx_state s = qx_tx_state_of(lt->tx);
     if (s == QX_TXS_COMMITTED)
         luaL_error(L, "transaction is committed");
@@ -43,10 +61,11 @@ static ltx *check_open(lua_State *L)
     return lt;
 }
 
-/* core.tx(conn[, timeout_ms]) -> tx */
+/* core.tx(conn | wire[, timeout_ms]) -> tx */
 static int l_new(lua_State *L)
 {
-    qx_conn **slot = qx_check_conn_slot(L, 1);
+    qx_wire **wslot = qx_test_wire_slot(L, 1);
+    void **slot = wslot != NULL ? (void **)wslot : (void **)qx_check_conn_slot(L, 1);
     qx_tx_options o;
     qx_error err;
     ltx *lt;
@@ -66,13 +85,18 @@ static int l_new(lua_State *L)
 #endif
     lt->tx = NULL;
     lt->conn = slot;
+    lt->pend = PEND_NONE;
+    lt->pend_max = -1;
     lt->held = NULL;
     lt->conn_ref = LUA_NOREF;
     lua_pushlightuserdata(L, (void *)&TX_MT_KEY);
     lua_rawget(L, LUA_REGISTRYINDEX);
     lua_setmetatable(L, -2);
     lt->conn_ref = qx_hold(L, 1);
-    if (qx_tx_new(&lt->tx, *slot, &o, &err) != QX_OK) {
+    if (*slot == NULL)
+        return luaL_argerror(L, 1, "connection is closed");
+    if ((wslot != NULL ? qx_tx_new_wire(&lt->tx, *wslot, &o, &err)
+                       : qx_tx_new(&lt->tx, (qx_conn *)*slot, &o, &err)) != QX_OK) {
         qx_unhold(L, -1, &lt->conn_ref);
         return luaL_error(L, "%s", err.message);
     }
@@ -163,6 +187,8 @@ static int l_queue_id(lua_State *L)
 
 enum { AS_ROWS, AS_SPARSE, AS_COUNT };
 
+static int push_read(lua_State *L, ltx *lt, qx_result *res, int as, int max_rows);
+
 /* Sends the queue and the statement at sql_idx; pushes its rows (as) and the affected count. */
 static int send_read(lua_State *L, ltx *lt, int sql_idx, int as, int max_rows)
 {
@@ -176,8 +202,20 @@ static int send_read(lua_State *L, ltx *lt, int sql_idx, int as, int max_rows)
         qx_tx_flush(lt->tx, &err);
         return qx_push_error(L, &err);
     }
-    if (qx_tx_query(lt->tx, &res, &s, &err) != QX_OK)
-        return qx_push_error(L, &err);
+    switch (qx_tx_query(lt->tx, &res, &s, &err)) {
+    case QX_OK: break;
+    case QX_PENDING:
+        lt->pend_max = max_rows;
+        return push_pending(L, lt, as == AS_ROWS ? PEND_ROWS : as == AS_SPARSE ? PEND_SPARSE
+                                                                                : PEND_COUNT);
+    default: return qx_push_error(L, &err);
+    }
+    return push_read(L, lt, res, as, max_rows);
+}
+
+/* A read's rows (as) and affected count; frees res. */
+static int push_read(lua_State *L, ltx *lt, qx_result *res, int as, int max_rows)
+{
     lt->held = res; /* freed by close should making the rows raise */
     if (as == AS_COUNT)
         lua_pushboolean(L, 1);
@@ -214,7 +252,12 @@ static int l_rows_upto(lua_State *L)
 /* tx:exec(sql, ...) -> affected | nil, err */
 static int l_exec(lua_State *L)
 {
-    int n = send_read(L, check_open(L), 2, AS_COUNT, -1);
+    ltx *lt = check_open(L);
+    int n = send_read(L, lt, 2, AS_COUNT, -1);
+    if (lt->pend != PEND_NONE) {
+        lt->pend = PEND_EXEC;
+        return n;
+    }
     if (lua_isnil(L, -2))
         return n;
     return 1;
@@ -222,6 +265,8 @@ static int l_exec(lua_State *L)
 
 static int status_result(lua_State *L, qx_status s, const qx_error *err)
 {
+    if (s == QX_PENDING)
+        return push_pending(L, to_tx(L), PEND_STATUS);
     if (s != QX_OK)
         return qx_push_error(L, err);
     lua_pushboolean(L, 1);
@@ -258,6 +303,8 @@ static int l_rollback_to(lua_State *L)
 
 #define LOCAL_CHANNELS 8
 
+static int push_commit(lua_State *L, ltx *lt, qx_status s, int wake_failed, qx_error *e);
+
 /* tx:commit(channel, ...) -> true | true, wake_err | nil, err (a lost reply: code
  * "unknown_outcome", with xid and timeline when they were learned) */
 static int l_commit(lua_State *L)
@@ -265,14 +312,23 @@ static int l_commit(lua_State *L)
     ltx *lt = check_open(L);
     int n = lua_gettop(L) - 1, i, wake_failed = 0;
     const char *local[LOCAL_CHANNELS], **channels = local;
+    qx_status s;
     qx_error err;
     if (n > LOCAL_CHANNELS)
         channels = lua_newuserdata(L, sizeof *channels * (size_t)n);
     for (i = 0; i < n; i++)
         channels[i] = luaL_checkstring(L, i + 2);
-    if (qx_tx_commit(lt->tx, &wake_failed, channels, n, &err) != QX_OK) {
-        qx_push_error(L, &err);
-        if (err.status == QX_ERR_UNKNOWN_OUTCOME) {
+    s = qx_tx_commit(lt->tx, &wake_failed, channels, n, &err);
+    if (s == QX_PENDING)
+        return push_pending(L, lt, PEND_COMMIT);
+    return push_commit(L, lt, s, wake_failed, &err);
+}
+
+static int push_commit(lua_State *L, ltx *lt, qx_status s, int wake_failed, qx_error *e)
+{
+    if (s != QX_OK) {
+        qx_push_error(L, e);
+        if (e->status == QX_ERR_UNKNOWN_OUTCOME) {
             /* what a fresh connection needs to ask what became of it ("": not learned) */
             const char *xid = qx_tx_xid(lt->tx), *timeline = qx_tx_timeline(lt->tx);
             if (xid[0] != '\0') {
@@ -289,14 +345,50 @@ static int l_commit(lua_State *L)
     lua_pushboolean(L, 1);
     if (!wake_failed)
         return 1;
-    qx_push_error(L, &err); /* nil, err */
+    qx_push_error(L, e); /* nil, err */
     lua_remove(L, -2);
     return 2;
+}
+
+/* tx:resume() -> what the call that returned core.PENDING returns */
+static int l_resume(lua_State *L)
+{
+    ltx *lt = check_tx(L);
+    int pend = lt->pend, wake_failed = 0, n;
+    qx_result *res = NULL;
+    qx_error err;
+    qx_status s;
+    if (pend == PEND_NONE)
+        return luaL_error(L, "no call waits for its reply");
+    s = qx_tx_resume(lt->tx, &res, &wake_failed, &err);
+    if (qx_tx_pending(lt->tx))
+        return luaL_error(L, "%s", err.message); /* its reply has not come yet */
+    lt->pend = PEND_NONE;
+    switch (pend) {
+    case PEND_COMMIT: return push_commit(L, lt, s, wake_failed, &err);
+    case PEND_STATUS: return status_result(L, s, &err);
+    default: break;
+    }
+    if (s != QX_OK)
+        return qx_push_error(L, &err);
+    n = push_read(L, lt, res, pend == PEND_ROWS ? AS_ROWS : pend == PEND_SPARSE ? AS_SPARSE
+                                                                                 : AS_COUNT,
+                  lt->pend_max);
+    return pend == PEND_EXEC ? 1 : n;
+}
+
+static int l_pending(lua_State *L)
+{
+    ltx *lt = to_tx(L);
+    lua_pushboolean(L, lt->tx != NULL && lt->pend != PEND_NONE);
+    return 1;
 }
 
 static int l_rollback(lua_State *L)
 {
     ltx *lt = check_tx(L);
+    if (lt->pend != PEND_NONE)
+        return luaL_error(L, "transaction waits for its reply (tx:resume() first)");
     qx_error err;
     return status_result(L, qx_tx_rollback(lt->tx, &err), &err);
 }
@@ -347,6 +439,8 @@ static void tx_close(lua_State *L, void *ud)
         qx_result_free(lt->held);
         lt->held = NULL;
     }
+    if (lt->tx != NULL && *lt->conn == NULL)
+        qx_tx_forget_connection(lt->tx); /* closed under it: nothing of it may be touched */
     qx_tx_free(lt->tx);
     lt->tx = NULL;
     qx_unhold(L, 1, &lt->conn_ref);
@@ -371,6 +465,8 @@ static const luaL_Reg methods[] = {
     { "rollback_to", l_rollback_to },
     { "commit", l_commit },
     { "rollback", l_rollback },
+    { "resume", l_resume },
+    { "pending", l_pending },
     { "queued", l_queued },
     { "status", l_status },
     { "round_trips", l_round_trips },
@@ -389,4 +485,6 @@ void qx_open_tx(lua_State *L)
     lua_setfield(L, -2, "tx");
     lua_pushstring(L, QX_TX_ID_COLUMNS);
     lua_setfield(L, -2, "TX_ID_COLUMNS");
+    lua_pushlightuserdata(L, (void *)&PENDING_KEY);
+    lua_setfield(L, -2, "PENDING");
 }
