@@ -45,6 +45,7 @@ local PUBLIC = {
     ["lua/qx/openresty/threads.lua"] = { "_M" },
     ["lua/qx/openresty/http.lua"] = { "_M" },
     ["lua/qx/openresty/plain.lua"] = { "_M" },
+    ["lua/qx/openresty/cosocket.lua"] = { "_M" },
 }
 
 -- The other files of lua/qx: internal to a folder, or not part of the Lua API the README
@@ -67,6 +68,7 @@ local NOT_CHECKED = {
     "lua/qx/store/projection/definition.lua",
     "lua/qx/store/repository/base.lua", "lua/qx/store/repository/cursor.lua",
     "lua/qx/store/repository/query.lua", "lua/qx/version.lua",
+    "lua/qx/store/wire/init.lua", "lua/qx/store/wire/conn.lua", "lua/qx/store/wire/pool.lua",
 }
 
 local function read_lines(path)

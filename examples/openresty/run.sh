@@ -16,6 +16,8 @@
 #                         LUA_PATH and LUA_CPATH are not passed to nginx: they are usually
 #                         another Lua's)
 #   QX_NGINX_INCLUDE      a file of extra directives for the server block
+#   QX_OPENRESTY_MODE     where the shop's commands run: "threads" (default: the thread pool,
+#                         on libpq) or "worker" (the worker itself, on cosockets)
 #   NGINX                 the nginx binary (default nginx); QX_NGINX_MODULES the folder of
 #                         ndk_http_module.so and ngx_http_lua_module.so (default
 #                         /usr/lib/nginx/modules)
@@ -74,12 +76,17 @@ pick_port() {
   die "no free port found"
 }
 
+case "${QX_OPENRESTY_MODE:-threads}" in
+  threads|worker) ;;
+  *) die "QX_OPENRESTY_MODE must be threads or worker, not '$QX_OPENRESTY_MODE'" ;;
+esac
+
 # As root, nginx runs its workers as nobody; they must be able to read the Lua files.
 user_line() {
   [ "$(id -u)" -eq 0 ] || { echo "# not root: workers run as the current user"; return; }
   local f ok=1
   for f in "$root/lua/qx/openresty/init.lua" "$root/build/luajit/qx/core.so" \
-           "$here/shop/commands.lua" ${QX_NGINX_INCLUDE:+"$QX_NGINX_INCLUDE"}; do
+           "$here/shop/commands.lua" "$here/shop/handlers.lua" ${QX_NGINX_INCLUDE:+"$QX_NGINX_INCLUDE"}; do
     runuser -u nobody -- test -r "$f" 2>/dev/null || ok=0
   done
   if [ "$ok" = 1 ]; then
@@ -113,6 +120,7 @@ render() {
       -e "s|@ROOT@|$root|g" \
       -e "s|@PORT@|$port|" \
       -e "s|@INCLUDE_LINE@|$inc|" \
+      -e "s|@MODE@|${QX_OPENRESTY_MODE:-threads}|" \
       "$here/nginx.conf" >"$prefix/conf/nginx.conf"
 }
 

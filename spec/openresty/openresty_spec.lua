@@ -270,6 +270,25 @@ return require("qx.openresty").handlers({
   end,
 }, { db = { pool_size = 1, shared_pool = "openresty_spec_shared" } })
 ]],
+    -- raw handlers for the worker itself (qx.openresty.connect): fn(db, cmd) -> res | nil, err
+    openresty_spec_worker = [[
+local M = {}
+function M.slow(db, cmd)
+  return db:unit_of_work(function(uow)
+    assert(uow:exec("INSERT INTO spec_slow (tag) VALUES ($1)", cmd.tag))
+    assert(uow:query("SELECT pg_sleep($1)", cmd.seconds))
+    return { tag = cmd.tag }
+  end)
+end
+function M.backend(db)
+  local rows = assert(db:query("SELECT pg_backend_pid() AS pid"))
+  return { pid = rows[1].pid }
+end
+function M.boom()
+  error("the secret detail of a bug")
+end
+return M
+]],
     openresty_spec_broken = "return {\n",
     openresty_spec_number = "return 42\n",
 }
@@ -308,6 +327,28 @@ location = /spec/stats {
         ngx.say(require("cjson").encode(require("qx.openresty").stats()))
     }
 }
+# a raw handler run in the worker itself, on the worker's cosocket connections
+location = /spec/worker {
+    content_by_lua_block {
+        local openresty = require "qx.openresty"
+        local db = package.loaded.openresty_spec_worker_db
+        if not db then
+            -- an application_name of its own: the thread pools' backends are counted apart
+            local url = os.getenv("QX_DB__URL")
+            url = url .. (url:find("?", 1, true) and "&" or "?") .. "application_name=qx-spec-worker"
+            db = assert(openresty.connect{ url = url, pool_size = tonumber(ngx.var.arg_pool) or 4 })
+            package.loaded.openresty_spec_worker_db = db
+        end
+        local b = assert(openresty.read_json())
+        local m = require "openresty_spec_worker"
+        local ok, res, err = xpcall(m[b.func], debug.traceback, db, b.command)
+        if not ok then
+            ngx.log(ngx.ERR, "worker handler raised: ", res)
+            return openresty.respond(nil, { code = "error", message = "internal error" })
+        end
+        openresty.respond(res, err)
+    }
+}
 # what qx.openresty exists to prevent: a blocking call on the event loop
 location = /spec/blocking {
     content_by_lua_block {
@@ -322,6 +363,14 @@ location = /spec/blocking {
 -- ---- outside nginx ----------------------------------------------------------------------------
 
 describe("qx.openresty outside nginx", function()
+    it("refuses connect outside nginx, and options that are not qx.connect's", function()
+        assert.has_error(function() openresty.connect() end,
+            "qx.openresty.connect: needs nginx's Lua module (ngx.socket.tcp)")
+        assert.has_error(function() openresty.connect("url") end,
+            "qx.openresty.connect: options must be a table")
+        assert.has_error(function() openresty.connect{ shared_pool = "x" } end)
+    end)
+
     it("maps error codes to HTTP statuses", function()
         local s = openresty.http_status
         assert.equal(409, s(qx.error.new("conflict", "x")))
@@ -535,6 +584,16 @@ describe("qx.openresty in nginx #slow", function()
         return http(nginx, "POST", "/orders", cmd, headers)
     end
 
+    -- the example with its commands in the worker itself (QX_OPENRESTY_MODE=worker)
+    local worker
+    local function worker_nginx()
+        if not worker then
+            worker = start_nginx("worker", url_for(dbname, "qx-worker"),
+                { QX_OPENRESTY_MODE = "worker" })
+        end
+        return worker
+    end
+
     setup(function()
         assert(run("command -v nginx"), "nginx is not installed: run scripts/deps.sh")
         assert(run("test -f /usr/lib/nginx/modules/ngx_http_lua_module.so"),
@@ -568,6 +627,7 @@ describe("qx.openresty in nginx #slow", function()
         end
         stop_nginx(nginx)
         stop_nginx(bare)
+        stop_nginx(worker)
         if db then db:close() end
         if admin and dbname then
             admin:exec('DROP DATABASE IF EXISTS "' .. dbname .. '" WITH (FORCE)')
@@ -810,6 +870,89 @@ describe("qx.openresty in nginx #slow", function()
         assert.equal(2 * THREADS, count("SELECT count(*) AS n FROM spec_slow WHERE tag = $1", tag))
         -- THREADS at a time: two rounds
         assert.is_true(clock() - t0 >= 2 * SLOW_SECONDS - 0.1)
+    end)
+
+    it("keeps /health fast while commands in the worker itself (cosockets) hold transactions",
+       function()
+        local tag = support.unique("wslow")
+        local waits = {}
+        for i = 1, 2 * THREADS do
+            waits[i] = http_async(nginx, "/spec/worker?pool=" .. THREADS, { func = "slow",
+                command = { tag = tag, seconds = SLOW_SECONDS } })
+        end
+        local deadline = os.time() + 20
+        while sleeping() < THREADS do
+            assert(os.time() < deadline, "the slow commands did not start")
+            sleep(0.02)
+        end
+        local times = sample(nginx, "/health", 300)
+        local still = sleeping()
+        assert.is_true(still >= 1, "the samples outlasted the slow commands; nothing was measured")
+        assert.is_true(still <= THREADS, "more commands ran at once than the pool has connections")
+        local median, p95 = quantile(times, 0.5), quantile(times, 0.95)
+        local summary = string.format("/health while %d commands slept: median %.2f ms, p95 %.2f ms",
+            THREADS, median * 1000, p95 * 1000)
+        assert.is_true(median < 0.050, summary)
+        assert.is_true(p95 < 0.250, summary)
+        for i = 1, #waits do
+            local status, body = waits[i]()
+            assert.equal(200, status, cjson.encode(body))
+            assert.same({ tag = tag }, body)
+        end
+        assert.equal(2 * THREADS, count("SELECT count(*) AS n FROM spec_slow WHERE tag = $1", tag))
+    end)
+
+    it("keeps the worker's cosocket connections between requests: the same backends serve them",
+       function()
+        local pids = {}
+        for _ = 1, 40 do
+            local status, body = http(nginx, "POST", "/spec/worker?pool=" .. THREADS,
+                { func = "backend" })
+            assert.equal(200, status, cjson.encode(body))
+            pids[body.pid] = true
+        end
+        local n = 0
+        for _ in pairs(pids) do n = n + 1 end
+        -- one request at a time: the connection released last is the one taken next
+        assert.equal(1, n)
+    end)
+
+    it("answers a handler raised in the worker with a 500 that hides the detail, and logs it",
+       function()
+        local status, body = http(nginx, "POST", "/spec/worker", { func = "boom" })
+        assert.equal(500, status)
+        assert.is_nil(cjson.encode(body):find("secret detail", 1, true))
+        assert.matches("the secret detail of a bug", error_log(nginx), 1, true)
+    end)
+
+    it("runs the shop in the worker itself ($qx_mode worker): place, read, cancel, conflict",
+       function()
+        local w = worker_nginx()
+        local status, body = http(w, "POST", "/orders", { customer = "wan", sku = "W-1",
+            quantity = 3 })
+        assert.equal(201, status, cjson.encode(body))
+        assert.equal(1, count("SELECT count(*) AS n FROM qx_outbox_events "
+            .. "WHERE payload->'payload'->>'order_id' = $1", body.id))
+        local got
+        status, got = http(w, "GET", "/orders/" .. body.id)
+        assert.equal(200, status)
+        assert.equal("placed", got.status)
+        assert.equal(3, got.quantity)
+        status = http(w, "POST", "/orders/" .. body.id .. "/cancel", { version = 1 })
+        assert.equal(200, status)
+        status = http(w, "POST", "/orders/" .. body.id .. "/cancel", { version = 1 })
+        assert.equal(409, status)
+        status = http(w, "POST", "/orders", { customer = "wan", sku = "W-1", quantity = 3,
+            id = body.id })
+        assert.equal(409, status)
+        status = http(w, "POST", "/orders", { customer = "", sku = "W-1", quantity = 0 })
+        assert.equal(422, status)
+        status = http(w, "GET", "/orders/" .. qx.uuid())
+        assert.equal(404, status)
+        -- the worker's own connections, not the thread pool's
+        local rows = assert(admin:query([[SELECT count(*) AS n FROM pg_stat_activity
+      WHERE datname = $1 AND application_name = 'qx-worker']], dbname))
+        assert.is_true(rows[1].n >= 1)
     end)
 
     it("stalls /health when a handler blocks the worker itself, which the threads prevent",

@@ -1,13 +1,48 @@
--- The shop's HTTP API, run by nginx's Lua module in the request (content_by_lua). It never
--- touches the database itself: every command and query goes to a thread of the "qx" thread
--- pool through qx.openresty.run, so the worker's event loop keeps serving other requests
--- while PostgreSQL works.
+-- The shop's HTTP API, run by nginx's Lua module in the request (content_by_lua). Its commands
+-- and queries (shop.handlers) run one of two ways, chosen per location by the nginx variable
+-- $qx_mode:
+--   "worker"   in the worker itself, on the worker's own PostgreSQL connections (nginx
+--              cosockets through qx.openresty.connect): no thread, no hand-off; while
+--              PostgreSQL works, the request's coroutine waits and the event loop serves others.
+--   otherwise  in a thread of the "qx" thread pool through qx.openresty.run, on libpq.
+-- Either way the event loop never waits for PostgreSQL. docs/openresty.md says which to use when.
 local openresty = require "qx.openresty"
+local handlers = require "shop.handlers"
 
 local ngx = ngx
+local xpcall = xpcall
+local traceback = debug.traceback
 
 local POOL = "qx"               -- thread_pool qx ... in nginx.conf
 local HANDLERS = "shop.commands"
+
+-- the worker's db, made on its first use (one per nginx worker: cosockets live in a worker)
+local worker_db
+
+local function in_worker()
+    return ngx.var.qx_mode == "worker"
+end
+
+-- A handler in the worker itself. A raised error is logged with its traceback and answered as
+-- a 500 without its detail, as qx.openresty.run does for a thread.
+local function call(name, cmd, context)
+    if not worker_db then
+        local db, e = openresty.connect()
+        if not db then return nil, e end
+        worker_db = db
+    end
+    local ok, res, err = xpcall(handlers[name], traceback, worker_db, cmd, context)
+    if not ok then
+        ngx.log(ngx.ERR, "handler '", name, "' raised: ", res)
+        return nil, { code = "error", message = "internal error" }
+    end
+    return res, err
+end
+
+local function run(name, cmd, context)
+    if in_worker() then return call(name, cmd, context) end
+    return openresty.run(POOL, HANDLERS, name, cmd, context)
+end
 
 local _M = {}
 
@@ -36,10 +71,17 @@ function _M.orders()
         local query = { page = tonumber(args.page) or 1 }
         if type(args.customer) == "string" then query.customer = args.customer end
         if type(args.status) == "string" then query.status = args.status end
-        local res, err = openresty.run(POOL, HANDLERS, "list_orders", query)
+        local res, err = run("list_orders", query)
         return openresty.respond(res, err)
     end
     if method ~= "POST" then return method_not_allowed("GET, HEAD, POST") end
+    if in_worker() then
+        local cmd, err = openresty.read_json()
+        if not cmd then return openresty.respond(nil, err) end
+        local res
+        res, err = call("place_order", cmd, context())
+        return openresty.respond(res, err, 201)
+    end
     -- the body goes to the thread as it came and the result comes back as JSON text: the
     -- worker decodes and encodes nothing (qx.openresty.run_json)
     local body, err = openresty.read_body()
@@ -55,6 +97,7 @@ function _M.order(id, action)
     local method = ngx.req.get_method()
     if action == nil then
         if method ~= "GET" and method ~= "HEAD" then return method_not_allowed("GET, HEAD") end
+        if in_worker() then return openresty.respond(call("get_order", { id = id })) end
         local res, err = openresty.run_json(POOL, HANDLERS, "get_order", { id = id })
         return openresty.respond_json(res, err)
     end
@@ -66,7 +109,7 @@ function _M.order(id, action)
     if not cmd then return openresty.respond(nil, err) end
     cmd.id = id
     local res
-    res, err = openresty.run(POOL, HANDLERS, "cancel_order", cmd, context())
+    res, err = run("cancel_order", cmd, context())
     return openresty.respond(res, err)
 end
 

@@ -17,16 +17,23 @@
 --   if body then text, err = openresty.run_json("qx", "app.commands", "place_order", body) end
 --   openresty.respond_json(text, err, 201)
 --
--- threads.lua is the bridge, http.lua the helpers, plain.lua what may cross; see
--- docs/openresty.md for why worker threads and what crosses.
+-- Or, without threads, in the worker itself through cosockets (qx.openresty.connect): the
+-- handlers take that db and run in the request:
+--   local db = openresty.connect()            -- once per worker, at module level
+--   local res, err = commands.place_order(db, cmd, context)
+--
+-- threads.lua is the bridge, http.lua the helpers, plain.lua what may cross, cosocket.lua the
+-- worker's own connections; see docs/openresty.md for which to use when.
 local plain = require "qx.openresty.plain"
 local threads = require "qx.openresty.threads"
 local http = require "qx.openresty.http"
+local cosocket = require "qx.openresty.cosocket"
 
 return {
     _VERSION = "0.1.0",
     MARK = threads.MARK,
     is_plain = plain.is_plain,
+    connect = cosocket.connect,
     handlers = threads.handlers,
     thread_pool = threads.thread_pool,
     run = threads.run,

@@ -74,12 +74,24 @@ function _M.connect(opts)
         return nil, e
     end
     conn:release()
+    return _M.over(pool, cfg, opts.dispatcher)
+end
+
+--- A db over a pool of another kind (the wire codec's, qx.openresty.connect): pool:acquire()
+-- gives connections with the methods of core.pool's (query, rows, rows_upto, batch,
+-- xact_status, tx, release) and pool:close() closes them.
+---@param pool table the pool
+---@param cfg table the settings in use (settings.db's table)
+---@param dispatcher qx.Dispatcher? the default dispatcher of its units of work
+---@return qx.Db db
+function _M.over(pool, cfg, dispatcher)
     return setmetatable({
         pool = pool,
         settings = cfg,
-        dispatcher = opts.dispatcher,
+        dispatcher = dispatcher,
         statement_timeout_ms = cfg.statement_timeout_ms,
-        session_timeout_ms = timeout, -- what every pooled connection has (0: the server's own)
+        -- what every pooled connection has (0: the server's own)
+        session_timeout_ms = cfg.statement_timeout_ms or 0,
     }, Db)
 end
 

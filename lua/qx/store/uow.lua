@@ -642,7 +642,8 @@ function _M.run(db, fn, opts)
     -- SET LOCAL statement_timeout only when the unit of work asks for another timeout than the
     -- one every pooled connection has
     if timeout and timeout == (db.session_timeout_ms or 0) then timeout = nil end
-    local tx = core.tx(conn, timeout)
+    -- a connection of another kind (the wire codec's) makes its own
+    local tx = conn.tx and conn:tx(timeout) or core.tx(conn, timeout)
     local uow = setmetatable({
         db = db,
         conn = conn,

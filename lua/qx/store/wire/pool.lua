@@ -1,0 +1,142 @@
+--- Internal to qx: a pool of wire-codec connections (qx.store.wire.conn) over sockets that a
+-- `sockets` table makes, so the same pool serves nginx cosockets (qx.openresty.connect) and
+-- any other socket library:
+--   sockets.connect(host, port, name) -> sock, reused | nil, err
+--       host: a name or address, or (beginning with "/") a Unix socket's directory; name: the
+--       connection's own name, for socket libraries that keep idle sockets by name (nginx);
+--       reused: the socket is this connection's own, kept since its last release
+--   sockets.keep(sock) -> true | nil, err   (optional) keep the idle socket; the conn forgets it
+--   sockets.wait(seconds) -> true | nil, err, sockets.post()   (optional) a free slot of size;
+--       without them, an acquire beyond the size fails at once
+local core = require "qx.core"
+local err = require "qx.error"
+local wire_conn = require "qx.store.wire.conn"
+
+local setmetatable = setmetatable
+local tostring = tostring
+local fmt = string.format
+
+local _M = {}
+
+local Pool = {}
+Pool.__index = Pool
+
+--- opts: { url, size, acquire_timeout_ms, init_sql, sockets }. The url is checked here (a bad
+-- one is nil, err); nothing connects before the first acquire.
+function _M.new(opts)
+    local w, e = core.wire(opts.url)
+    if not w then return nil, e end
+    w:close()
+    return setmetatable({
+        url = opts.url,
+        size = opts.size,
+        acquire_timeout_ms = opts.acquire_timeout_ms,
+        init_sql = opts.init_sql,
+        sockets = opts.sockets,
+        idle = {},   -- released connections, the most recent last
+        busy = 0,    -- leased now
+        made = 0,    -- connections made, for their names
+        closed = false,
+    }, Pool)
+end
+
+local function give_back_slot(self)
+    self.busy = self.busy - 1
+    local post = self.sockets.post
+    if post then post() end
+end
+
+local function timeout_error(self)
+    return err.new("timeout", fmt("no free connection within %d ms (pool size %d)",
+        self.acquire_timeout_ms, self.size))
+end
+
+--- pool:acquire() -> conn | nil, err ("timeout" when the pool stays busy, "connection" when
+-- the server cannot be reached or refuses the start-up)
+function Pool:acquire()
+    if self.closed then return nil, err.new("closed", "pool is closed") end
+    local sockets = self.sockets
+    if sockets.wait then
+        local ok = sockets.wait(self.acquire_timeout_ms / 1000)
+        if not ok then return nil, timeout_error(self) end
+    elseif self.busy >= self.size then
+        return nil, timeout_error(self)
+    end
+    self.busy = self.busy + 1
+    local idle = self.idle
+    local kept = idle[#idle]
+    local conn
+    if kept then
+        idle[#idle] = nil
+        -- a lease of its own, as a core.pool connection is: a stale holder's release is a no-op
+        conn = wire_conn.new(self, kept.w, kept.name, kept.sock)
+    else
+        local w, e = core.wire(self.url)
+        if not w then
+            give_back_slot(self)
+            return nil, e
+        end
+        self.made = self.made + 1
+        conn = wire_conn.new(self, w, "qx-wire:" .. tostring(self) .. ":" .. self.made, false)
+    end
+    if conn.sock then return conn end
+    local w = conn.w
+    local sock, reused = sockets.connect(w:host(), w:port(), conn.name)
+    if not sock then
+        conn:close()
+        give_back_slot(self)
+        return nil, err.new("connection", "could not connect to the server: " .. tostring(reused))
+    end
+    if reused and w:ready() then
+        conn.sock = sock
+        return conn
+    end
+    local ok, e = conn:start(sock, self.init_sql)
+    if not ok then
+        conn:close()
+        give_back_slot(self)
+        return nil, e
+    end
+    return conn
+end
+
+-- conn:release(): kept when sound and idle (no transaction open), else closed
+function Pool:_release(conn)
+    local w = conn.w
+    if not self.closed and w:ready() and w:tx_status() == "idle" then
+        local sock = conn.sock
+        local keep = self.sockets.keep
+        local ok = true
+        if keep then
+            ok = keep(sock)
+            sock = false
+        end
+        if ok then
+            self.idle[#self.idle + 1] = { w = w, name = conn.name, sock = sock }
+        else
+            w:close()
+        end
+    else
+        conn:close()
+    end
+    give_back_slot(self)
+end
+
+--- pool:stats() -> { size, busy, idle }
+function Pool:stats()
+    return { size = self.size, busy = self.busy, idle = #self.idle }
+end
+
+--- Closes the idle connections; leased ones close when released.
+function Pool:close()
+    self.closed = true
+    local idle = self.idle
+    for i = #idle, 1, -1 do
+        local kept = idle[i]
+        idle[i] = nil
+        if kept.sock then kept.sock:close() end
+        kept.w:close()
+    end
+end
+
+return _M

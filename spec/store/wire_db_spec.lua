@@ -1,0 +1,285 @@
+-- A db over the core's wire codec (qx.store.wire: the connections qx.openresty.connect makes on
+-- cosockets), here on LuaSocket's sockets against the real PostgreSQL: units of work, readers
+-- and plain queries behave as on libpq's connections; the pool keeps, reuses and closes its
+-- connections; a reply lost mid-commit is resolved as on libpq.
+local qx = require "qx"
+local core = require "qx.core"
+local settings = require "qx.settings"
+local wire = require "qx.store.wire"
+local wire_sockets = require "wire_sockets"
+
+local URL = assert(os.getenv("QX_DB__URL"), "QX_DB__URL is not set: source the servers' env file")
+local SFX = core.uuid():gsub("-", ""):sub(-12)
+local ITEMS = "wire_db_spec_items_" .. SFX
+
+-- as assert, raising the error itself (busted's assert raises its text)
+local function must(ok, e, ...)
+    if not ok then error(e, 0) end
+    return ok, e, ...
+end
+
+local function wire_db(opts, sockets_opts)
+    local cfg = assert(settings.db(opts or { url = URL, pool_size = 2 }))
+    return assert(wire.db(cfg, wire_sockets.sockets(sockets_opts)))
+end
+
+describe("a db over the wire codec", function()
+    local admin
+
+    setup(function()
+        admin = assert(qx.connect{ url = URL, pool_size = 2 })
+        assert(admin:exec("CREATE TABLE " .. ITEMS .. " (id int PRIMARY KEY, name text, "
+            .. "note text)"))
+    end)
+
+    teardown(function()
+        if admin then
+            admin:exec("DROP TABLE IF EXISTS " .. ITEMS)
+            admin:close()
+        end
+    end)
+
+    before_each(function()
+        assert(admin:exec("TRUNCATE " .. ITEMS))
+    end)
+
+    it("runs a unit of work whose writes commit together, and reads them back", function()
+        local db = wire_db()
+        local res, e = db:unit_of_work(function(uow)
+            assert(uow:exec("INSERT INTO " .. ITEMS .. " (id, name) VALUES ($1, $2)", 1, "one"))
+            assert(uow:queue("INSERT INTO " .. ITEMS .. " (id, name) VALUES ($1, $2)", 2, "two"))
+            local rows = assert(uow:query("SELECT count(*)::int AS n FROM " .. ITEMS))
+            return rows[1].n
+        end)
+        assert.is_nil(e)
+        assert.equals(2, res)
+        assert.same({ { id = 1, name = "one", note = qx.null }, { id = 2, name = "two",
+            note = qx.null } }, admin:query("SELECT * FROM " .. ITEMS .. " ORDER BY id"))
+        db:close()
+    end)
+
+    it("rolls back every write of a unit of work whose statement fails, naming the error",
+       function()
+        local db = wire_db()
+        assert(admin:exec("INSERT INTO " .. ITEMS .. " (id, name) VALUES (1, 'taken')"))
+        local res, e = db:unit_of_work(function(uow)
+            assert(uow:exec("INSERT INTO " .. ITEMS .. " (id, name) VALUES (2, 'new')"))
+            must(uow:exec("INSERT INTO " .. ITEMS .. " (id, name) VALUES (1, 'again')"))
+            return "not reached"
+        end)
+        assert.is_nil(res)
+        assert.equals("conflict", e.code, e.message)
+        assert.equals("23505", e.sqlstate)
+        assert.same({ { id = 1 } }, admin:query("SELECT id FROM " .. ITEMS))
+        -- the connection went back sound: the next unit of work runs
+        assert(db:unit_of_work(function(uow)
+            return uow:exec("INSERT INTO " .. ITEMS .. " (id) VALUES (3)")
+        end))
+        db:close()
+    end)
+
+    it("goes back to a savepoint over the wire and keeps what came before it", function()
+        local db = wire_db()
+        assert(db:unit_of_work(function(uow)
+            assert(uow:exec("INSERT INTO " .. ITEMS .. " (id) VALUES (1)"))
+            local ok, e = uow:savepoint(function(u)
+                assert(u:exec("INSERT INTO " .. ITEMS .. " (id) VALUES (2)"))
+                must(u:exec("INSERT INTO " .. ITEMS .. " (id) VALUES (1)"))
+            end)
+            assert.is_nil(ok)
+            assert.equals("conflict", e.code)
+            assert(uow:exec("INSERT INTO " .. ITEMS .. " (id) VALUES (3)"))
+        end))
+        assert.same({ { id = 1 }, { id = 3 } }, admin:query("SELECT id FROM " .. ITEMS
+            .. " ORDER BY id"))
+        db:close()
+    end)
+
+    it("answers db:query, db:rows and db:rows_upto as a libpq db does", function()
+        local db = wire_db()
+        assert(admin:exec("INSERT INTO " .. ITEMS .. " (id, name) SELECT g, 'n' || g "
+            .. "FROM generate_series(1, 5) g"))
+        local sql = "SELECT id, name, note FROM " .. ITEMS .. " WHERE id <= $1 ORDER BY id"
+        assert.same({ admin:query(sql, 3) }, { db:query(sql, 3) })
+        assert.same({ admin:rows(sql, 3) }, { db:rows(sql, 3) })
+        assert.same({ admin:rows_upto(2, sql, 5) }, { db:rows_upto(2, sql, 5) })
+        local n, e = db:exec("UPDATE " .. ITEMS .. " SET note = 'x' WHERE id > $1", 2)
+        assert.is_nil(e)
+        assert.equals(3, n)
+        local rows, qe = db:query("SELECT nope FROM " .. ITEMS)
+        assert.is_nil(rows)
+        assert.equals("db", qe.code)
+        assert.equals("42703", qe.sqlstate)
+        db:close()
+    end)
+
+    it("reuses a released connection: the same backend serves the next call", function()
+        local made = {}
+        local db = wire_db(nil, { made = made })
+        local a = db:query("SELECT pg_backend_pid() AS pid")[1].pid
+        local b = db:query("SELECT pg_backend_pid() AS pid")[1].pid
+        assert.equals(a, b)
+        assert.equals(1, #made)
+        db:close()
+    end)
+
+    it("closes a connection released inside a transaction instead of keeping it", function()
+        local made = {}
+        local db = wire_db(nil, { made = made })
+        local conn = assert(db:acquire())
+        assert(conn:query("BEGIN"))
+        conn:release()
+        assert.same({ size = 2, busy = 0, idle = 0 }, db.pool:stats())
+        assert(db:query("SELECT 1"))
+        assert.equals(2, #made)
+        db:close()
+    end)
+
+    it("ends a lease at its release: a second release does nothing, any other call raises",
+       function()
+        local db = wire_db()
+        local conn = assert(db:acquire())
+        conn:release()
+        conn:release()
+        assert.same({ size = 2, busy = 0, idle = 1 }, db.pool:stats())
+        assert.has_error(function() conn:query("SELECT 1") end, "connection was released")
+        -- the next lease of the same connection is not the stale holder's to release
+        local again = assert(db:acquire())
+        conn:release()
+        assert.same({ size = 2, busy = 1, idle = 0 }, db.pool:stats())
+        again:release()
+        db:close()
+    end)
+
+    it("times out an acquire when every connection is leased, and serves again after", function()
+        local db = wire_db{ url = URL, pool_size = 1, acquire_timeout_ms = 100 }
+        local conn = assert(db:acquire())
+        local none, e = db:acquire()
+        assert.is_nil(none)
+        assert.equals("timeout", e.code)
+        conn:release()
+        assert(db:query("SELECT 1"))
+        db:close()
+    end)
+
+    it("reports a server that cannot be reached as a connection error at first use", function()
+        local db = wire_db{ url = "postgresql://postgres@127.0.0.1:1/postgres", pool_size = 1 }
+        local rows, e = db:query("SELECT 1")
+        assert.is_nil(rows)
+        assert.equals("connection", e.code)
+        assert.same({ size = 1, busy = 0, idle = 0 }, db.pool:stats())
+    end)
+
+    it("refuses a url the codec cannot use", function()
+        local cfg = assert(settings.db{ url = "postgresql://127.0.0.1/x?sslmode=require" })
+        local db, e = wire.db(cfg, wire_sockets.sockets())
+        assert.is_nil(db)
+        assert.equals("invalid", e.code)
+        assert.matches("TLS", e.message)
+    end)
+
+    it("sets the session's statement timeout on each new connection", function()
+        local db = wire_db{ url = URL, pool_size = 1, statement_timeout_ms = 1234 }
+        assert.equals("1234ms", db:query("SHOW statement_timeout")[1].statement_timeout)
+        local rows, e = db:query("SELECT pg_sleep(2)")
+        assert.is_nil(rows)
+        assert.equals("timeout", e.code)
+        db:close()
+    end)
+
+    it("resolves a commit whose reply was lost: committed, the unit of work succeeds", function()
+        local made = {}
+        local db = wire_db(nil, { made = made })
+        local res, e = db:unit_of_work(function(uow)
+            assert(uow:exec("INSERT INTO " .. ITEMS .. " (id) VALUES (7)"))
+            -- the commit's reply comes but for its last 18 bytes: the COMMIT's CommandComplete
+            -- (12) and the ReadyForQuery (6); the transaction's id before them has come
+            made[1].drop_tail = 18
+            return "done"
+        end)
+        assert.is_nil(e)
+        assert.equals("done", res)
+        assert.same({ { id = 7 } }, admin:query("SELECT id FROM " .. ITEMS))
+        -- the lost connection was closed, not kept
+        assert.same({ size = 2, busy = 0, idle = 1 }, db.pool:stats())
+        db:close()
+    end)
+
+    it("reports a commit whose whole reply was lost as unknown_outcome, and closes the connection",
+       function()
+        local made = {}
+        local db = wire_db(nil, { made = made })
+        local res, e = db:unit_of_work(function(uow)
+            assert(uow:exec("INSERT INTO " .. ITEMS .. " (id) VALUES (9)"))
+            made[1].fail_at = made[1].receives + 1
+        end)
+        assert.is_nil(res)
+        assert.equals("unknown_outcome", e.code)
+        assert.same({ size = 2, busy = 0, idle = 0 }, db.pool:stats())
+        db:close()
+    end)
+
+    it("reports a connection lost before the commit as a connection error, nothing written",
+       function()
+        local made = {}
+        local db = wire_db(nil, { made = made })
+        local res, e = db:unit_of_work(function(uow)
+            made[1].fail_at = made[1].receives + 1
+            must(uow:exec("INSERT INTO " .. ITEMS .. " (id) VALUES (8)"))
+        end)
+        assert.is_nil(res)
+        assert.equals("connection", e.code)
+        assert.same({}, admin:query("SELECT id FROM " .. ITEMS))
+        db:close()
+    end)
+end)
+
+describe("core.tx over a wire codec", function()
+    local function ready_wire()
+        local w = assert(core.wire(URL))
+        local sockets = wire_sockets.sockets()
+        local sock = assert(sockets.connect(w:host(), w:port()))
+        local conn = require("qx.store.wire.conn").new({}, w, "spec")
+        assert(conn:start(sock))
+        return w, sock, conn
+    end
+
+    it("returns core.PENDING for a call that needs a round trip, and its results on resume",
+       function()
+        local w, sock, conn = ready_wire()
+        local tx = core.tx(w)
+        assert.is_true(tx:queue("SELECT 1"))
+        local first = tx:query("SELECT $1::int AS n", 5)
+        assert.equals(core.PENDING, first)
+        assert.is_true(tx:pending())
+        assert.has_error(function() tx:queue("SELECT 2") end,
+            "transaction waits for its reply (tx:resume() first)")
+        assert.has_error(function() tx:resume() end)
+        require("qx.store.wire.conn").exchange(sock, w)
+        local rows, affected = tx:resume()
+        assert.same({ { n = 5 } }, rows)
+        assert.equals(1, affected)
+        assert.is_false(tx:pending())
+        assert.equals(core.PENDING, tx:commit())
+        require("qx.store.wire.conn").exchange(sock, w)
+        assert.is_true(tx:resume())
+        assert.equals("committed", tx:status())
+        tx:close()
+        conn:close()
+    end)
+
+    it("ends a pending call cleanly when its transaction is closed before the reply", function()
+        local w, _, conn = ready_wire()
+        local tx = core.tx(w)
+        assert.equals(core.PENDING, tx:query("SELECT 1 AS n"))
+        tx:close()
+        assert.is_true(w:broken())
+        conn:close()
+    end)
+
+    it("refuses a closed wire", function()
+        local w = assert(core.wire(URL))
+        w:close()
+        assert.has_error(function() core.tx(w) end)
+    end)
+end)
