@@ -955,6 +955,23 @@ describe("qx.openresty in nginx #slow", function()
         assert.is_true(rows[1].n >= 1)
     end)
 
+    it("wakes the outbox's listeners after a command in the worker itself commits", function()
+        local w = worker_nginx()
+        local listener = assert(db:acquire())
+        assert(listener:listen("qx_outbox"))
+        local status, body = http(w, "POST", "/orders", { customer = "wake", sku = "W-2",
+            quantity = 1 })
+        assert.equal(201, status, cjson.encode(body))
+        local woken = {}
+        local deadline = os.time() + 5
+        while #woken == 0 and os.time() < deadline do
+            woken = assert(listener:notifications(200))
+        end
+        listener:release()
+        assert.is_true(#woken >= 1, "no wake-up came")
+        assert.equal("qx_outbox", woken[1].channel)
+    end)
+
     it("stalls /health when a handler blocks the worker itself, which the threads prevent",
        function()
         local wait = http_async(nginx, "/spec/blocking?seconds=" .. SLOW_SECONDS / 2, {})

@@ -7,6 +7,7 @@ local core = require "qx.core"
 local settings = require "qx.settings"
 local wire = require "qx.store.wire"
 local wire_sockets = require "wire_sockets"
+local internal = require "qx.store.internal"
 
 local URL = assert(os.getenv("QX_DB__URL"), "QX_DB__URL is not set: source the servers' env file")
 local SFX = core.uuid():gsub("-", ""):sub(-12)
@@ -230,6 +231,93 @@ describe("a db over the wire codec", function()
         assert.is_nil(res)
         assert.equals("connection", e.code)
         assert.same({}, admin:query("SELECT id FROM " .. ITEMS))
+        db:close()
+    end)
+end)
+
+describe("wake-ups over the wire codec", function()
+    local admin, listener
+    local CHANNEL = "wire_db_spec_" .. SFX
+
+    setup(function()
+        admin = assert(qx.connect{ url = URL, pool_size = 2 })
+        listener = assert(admin:acquire())
+        assert(listener:listen(CHANNEL))
+    end)
+
+    teardown(function()
+        if listener then listener:release() end
+        if admin then admin:close() end
+    end)
+
+    local function commit_waking(db)
+        assert(db:unit_of_work(function(uow)
+            assert(uow:query("SELECT 1"))
+            internal.notify_after(uow, CHANNEL)
+        end))
+    end
+
+    local function notifications()
+        local got = assert(listener:notifications(300))
+        local n = 0
+        for _, note in ipairs(got) do
+            if note.channel == CHANNEL then n = n + 1 end
+        end
+        return n
+    end
+
+    it("wakes the listeners in the commit's own pipeline when the pool has no defer", function()
+        local db = wire_db()
+        commit_waking(db)
+        commit_waking(db)
+        assert.equals(2, notifications())
+        db:close()
+    end)
+
+    it("coalesces wake-ups when the pool defers them: one sent after every commit that asked",
+       function()
+        local deferred = {}
+        local sockets = wire_sockets.sockets()
+        sockets.defer = function(fn, ...)
+            deferred[#deferred + 1] = { fn, ... }
+            return true
+        end
+        local db = assert(wire.db(assert(settings.db{ url = URL, pool_size = 2 }), sockets))
+        for _ = 1, 3 do commit_waking(db) end
+        -- nothing sent yet: the first commit asked for a wake-up, the others for one more
+        assert.equals(0, notifications())
+        assert.equals(1, #deferred)
+        local d = table.remove(deferred, 1)
+        d[1](d[2], d[3], d[4])
+        -- one wake-up, sent after all three commits
+        assert.equals(1, notifications())
+        assert.equals(0, #deferred)
+        -- a later commit asks for a new one
+        commit_waking(db)
+        assert.equals(1, #deferred)
+        d = table.remove(deferred, 1)
+        d[1](d[2], d[3], d[4])
+        assert.equals(1, notifications())
+        db:close()
+    end)
+
+    it("reports a wake-up that cannot be deferred and wakes again on the next commit", function()
+        local logged = {}
+        local sockets = wire_sockets.sockets()
+        local refuse = true
+        sockets.defer = function(fn, ...)
+            if refuse then return nil, "too many pending timers" end
+            fn(...)
+            return true
+        end
+        sockets.log = function(message) logged[#logged + 1] = message end
+        local db = assert(wire.db(assert(settings.db{ url = URL, pool_size = 2 }), sockets))
+        commit_waking(db)
+        assert.equals(1, #logged)
+        assert.matches("too many pending timers", logged[1], 1, true)
+        refuse = false
+        commit_waking(db)
+        assert.equals(1, notifications())
         db:close()
     end)
 end)

@@ -56,6 +56,15 @@ local function sockets(cfg)
         post = function()
             sema:post(1)
         end,
+        defer = function(fn, ...)
+            return ngx.timer.at(0, function(premature, ...)
+                -- nginx is exiting: the listeners find the rows when they poll
+                if not premature then fn(...) end
+            end, ...)
+        end,
+        log = function(message)
+            ngx.log(ngx.ERR, message)
+        end,
     }
 end
 

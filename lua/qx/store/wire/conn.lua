@@ -188,12 +188,25 @@ local function finish(self, first, ...)
     return self.tx:resume()
 end
 
-for _, name in pairs { "query", "rows", "rows_upto", "exec", "flush", "rollback_to", "commit",
+for _, name in pairs { "query", "rows", "rows_upto", "exec", "flush", "rollback_to",
                        "rollback" } do
     Tx[name] = function(self, ...)
         local tx = self.tx
         return finish(self, tx[name](tx, ...))
     end
+end
+
+--- tx:commit(channel, ...): when the pool coalesces wake-ups (nginx), the commit goes without
+-- them (with nothing sent before, as one implicit transaction) and the pool wakes the channels'
+-- listeners once it has committed; otherwise they go in its pipeline, as over libpq.
+function Tx:commit(...)
+    local tx = self.tx
+    local n = select("#", ...)
+    local pool = self.conn.pool
+    if n == 0 or not pool:_coalesces() then return finish(self, tx:commit(...)) end
+    local ok, e = finish(self, tx:commit())
+    if ok then pool:_wake({ ... }) end
+    return ok, e
 end
 
 for _, name in pairs { "queue", "queue_id", "savepoint", "release", "queued", "status",

@@ -8,12 +8,18 @@
 --   sockets.keep(sock) -> true | nil, err   (optional) keep the idle socket; the conn forgets it
 --   sockets.wait(seconds) -> true | nil, err, sockets.post()   (optional) a free slot of size;
 --       without them, an acquire beyond the size fails at once
+--   sockets.defer(fn, ...) -> true | nil, err   (optional) runs fn(...) soon, in a
+--       context of its own that may use sockets (nginx: a zero-delay timer); with it, the
+--       wake-up of listeners after a commit is sent by the pool, coalesced (Pool:_wake),
+--       instead of in each commit's pipeline
+--   sockets.log(message)   (optional) where a failed wake-up is reported (else stderr)
 local core = require "qx.core"
 local err = require "qx.error"
 local wire_conn = require "qx.store.wire.conn"
 
 local setmetatable = setmetatable
 local tostring = tostring
+local stderr = io.stderr
 local fmt = string.format
 
 local _M = {}
@@ -36,6 +42,7 @@ function _M.new(opts)
         idle = {},   -- released connections, the most recent last
         busy = 0,    -- leased now
         made = 0,    -- connections made, for their names
+        wakes = {},  -- channel -> { busy, again }: its wake-up in flight, and one more wanted
         closed = false,
     }, Pool)
 end
@@ -120,6 +127,69 @@ function Pool:_release(conn)
         conn:close()
     end
     give_back_slot(self)
+end
+
+-- As the pipelined wake-up of qx_tx_commit (tx.c): pg_notify in a transaction of its own that
+-- does not wait for its commit record to reach the disk.
+local WAKE_SQL = "SELECT FROM (SELECT set_config('synchronous_commit', 'off', true), "
+    .. "pg_notify($1, '') OFFSET 1) AS s"
+
+local function wake_failed(self, channel, e)
+    local msg = "qx: waking listeners of " .. channel .. " after commit failed (they find the "
+        .. "rows when they poll): " .. tostring(e)
+    local log = self.sockets.log
+    if log then log(msg) else stderr:write(msg, "\n") end
+end
+
+-- Sends the channel's wake-up, and again while commits came during the one in flight.
+local function send_wake(self, channel, st)
+    repeat
+        st.again = false
+        if self.closed then break end
+        local conn, e = self:acquire()
+        if conn then
+            local rows
+            rows, e = conn:query(WAKE_SQL, channel)
+            conn:release()
+            if rows then e = nil end
+        end
+        if e then
+            wake_failed(self, channel, e)
+            break
+        end
+    until not st.again
+    st.busy = false
+end
+
+--- Whether commits leave their wake-up to the pool (sockets.defer given).
+function Pool:_coalesces()
+    return self.sockets.defer ~= nil
+end
+
+-- The listeners of channels are woken once the commit that calls this has committed: by a
+-- wake-up sent from now on. One wake-up per channel is in flight at a time; commits that
+-- come meanwhile ask for one more after it, so under load many commits share one pg_notify
+-- (a transaction of its own on the server) instead of sending one each.
+function Pool:_wake(channels)
+    local wakes = self.wakes
+    for i = 1, #channels do
+        local channel = channels[i]
+        local st = wakes[channel]
+        if not st then
+            st = { busy = false, again = false }
+            wakes[channel] = st
+        end
+        if st.busy then
+            st.again = true
+        else
+            st.busy = true
+            local ok, e = self.sockets.defer(send_wake, self, channel, st)
+            if not ok then
+                st.busy = false
+                wake_failed(self, channel, e)
+            end
+        end
+    end
 end
 
 --- pool:stats() -> { size, busy, idle }
