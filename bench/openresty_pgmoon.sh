@@ -3,11 +3,13 @@
 # nginx, on the same tables, with the same work, rounds alternating:
 #
 #   write  POST /orders: one order row and one outbox row in one durable transaction.
-#          qx: the shop example's place_order (a unit of work: v7 id, the full envelope) through
-#          qx.openresty.run on a thread pool of T threads (concurrency T);
+#          qx, two ways: the shop example's place_order (a unit of work: v7 id, the full
+#          envelope) in the worker itself on T cosocket connections (qx.openresty.connect,
+#          "worker"), and through qx.openresty.run on a thread pool of T threads ("threads");
 #          pgmoon: the same two rows as one multi-statement simple query over a kept-alive
 #          cosocket, its pool limited to T connections (pool_size = T, a backlog behind it).
-#   read   GET /orders/{id}: qx's reader (get_order) against pgmoon's SELECT of the same row.
+#   read   GET /orders/{id}: qx's reader (get_order), both ways, against pgmoon's SELECT of the
+#          same row.
 #   ceiling  pgbench sending the write's two INSERTs as one simple query, T connections.
 #   hop    GET /hop: qx.openresty.run_json to a handler that does nothing and has no database,
 #          the thread hand-off alone: the most any call through the thread pool can reach.
@@ -232,6 +234,14 @@ http {
                 return openresty.respond_json(res, err)
             }
         }
+        location = /worker/orders {
+            set \$qx_mode worker;
+            content_by_lua_block { require("shop.api").orders() }
+        }
+        location ~ "^/worker/orders/([0-9a-fA-F-]{36})\$" {
+            set \$qx_mode worker;
+            content_by_lua_block { require("shop.api").order(ngx.var[1]) }
+        }
         location = /pgmoon/orders { content_by_lua_block { require("bench_pgmoon").post_order() } }
         location ~ "^/pgmoon/orders/([0-9a-fA-F-]{36})\$" {
             content_by_lua_block { require("bench_pgmoon").get_order(ngx.var[1]) }
@@ -282,6 +292,7 @@ EOF
 # warm every VM and connection
 for t in $threads_list; do
   wrk -t1 -c"$conns" -d2s -s "$work/post.lua" "${url[$t]}/orders" >/dev/null
+  wrk -t1 -c"$conns" -d2s -s "$work/post.lua" "${url[$t]}/worker/orders" >/dev/null
   wrk -t1 -c"$conns" -d2s -s "$work/post.lua" "${url[$t]}/pgmoon/orders" >/dev/null
 done
 
@@ -297,7 +308,11 @@ summarise() {
 }
 load() { # kind side t -> line
   local kind=$1 side=$2 t=$3 path
-  [ "$side" = qx ] && path=/orders || path=/pgmoon/orders
+  case "$side" in
+    qx) path=/orders ;;
+    worker) path=/worker/orders ;;
+    *) path=/pgmoon/orders ;;
+  esac
   if [ "$kind" = hop ]; then
     wrk -t1 -c"$conns" -d"${seconds}s" --latency "${url[$t]}/hop" >"$work/out"
   elif [ "$kind" = write ]; then
@@ -313,12 +328,23 @@ ceiling() {
     "$bench_url" 2>/dev/null | awk '/^tps/ { printf "%.0f 0 0\n", $3 }'
 }
 
+# QX_BENCH_HOLD=SECONDS: after the warm-up, wait that long with every nginx up (their URLs
+# printed), to profile one side by hand; then go on.
+if [ -n "${QX_BENCH_HOLD:-}" ]; then
+  for t in $threads_list; do echo "T=$t: ${url[$t]} (nginx master $(cat "$work/nginx-$t/logs/nginx.pid"))"; done
+  sleep "$QX_BENCH_HOLD"
+fi
+
 echo "openresty-pgmoon bench: $rounds rounds of ${seconds}s, threads $threads_list, $queue calls per thread, $conns wrk connections"
 echo "  $(nproc) cores ($(sed -n 's/^model name[^:]*: //p' /proc/cpuinfo | head -1)), load $(cut -d' ' -f1-3 /proc/loadavg) at start"
 : >"$work/results"
 for round in $(seq 1 "$rounds"); do
   for t in $threads_list; do
-    if [ $((round % 2)) = 1 ]; then sides="qx pgmoon"; else sides="pgmoon qx"; fi
+    case $((round % 3)) in
+      1) sides="worker qx pgmoon" ;;
+      2) sides="pgmoon worker qx" ;;
+      *) sides="qx pgmoon worker" ;;
+    esac
     for kind in write read; do
       for side in $sides; do
         echo "$round $t $kind $side $(load "$kind" "$side" "$t")" >>"$work/results"
@@ -334,35 +360,39 @@ range() { sort -g | awk 'NR == 1 { lo = $1 } { hi = $1 } END { printf "%s-%s", l
 col() { awk -v t="$1" -v k="$2" -v s="$3" -v c="$4" '$2 == t && $3 == k && $4 == s { print $c }' "$work/results"; }
 # per-round ratio qx / other
 ratio() {
-  awk -v t="$1" -v k="$2" -v s="$3" -v c="$4" '
-    $2 == t && $3 == k && $4 == "qx" { q[$1] = $c }
+  awk -v t="$1" -v k="$2" -v s="$3" -v c="$4" -v me="${5:-qx}" '
+    $2 == t && $3 == k && $4 == me { q[$1] = $c }
     $2 == t && $3 == ($5 == "" ? k : k) && $4 == s { o[$1] = $c }
     END { for (r in q) if (o[r] > 0) printf "%.2f\n", q[r] / o[r] }' "$work/results"
 }
 ratio_ceiling() {
-  awk -v t="$1" '$2 == t && $3 == "write" && $4 == "qx" { q[$1] = $5 }
+  awk -v t="$1" -v me="${2:-qx}" '$2 == t && $3 == "write" && $4 == me { q[$1] = $5 }
                  $2 == t && $3 == "ceiling" { o[$1] = $5 }
                  END { for (r in q) if (o[r] > 0) printf "%.2f\n", q[r] / o[r] }' "$work/results"
 }
 
 echo
 echo "medians of $rounds rounds (range in brackets); ratios are per round, qx / pgmoon"
+echo "worker: qx in the nginx worker on cosockets (qx.openresty.connect); threads: qx.openresty.run"
 for kind in write read; do
   echo
-  echo "$kind: T = threads of qx's pool = pgmoon's pool_size = PostgreSQL connections of each"
-  printf '| T | qx req/s | pgmoon req/s | qx / pgmoon | p99 qx / pgmoon ms |%s\n' \
-    "$([ "$kind" = write ] && echo ' pgbench tps (ceiling) | qx / ceiling |')"
-  printf '| --- | ---: | ---: | ---: | ---: |%s\n' "$([ "$kind" = write ] && echo ' ---: | ---: |')"
+  echo "$kind: T = qx's connections (worker: pool_size; threads: threads and shared pool) = pgmoon's pool_size"
+  printf '| T | worker req/s | threads req/s | pgmoon req/s | worker / pgmoon | threads / pgmoon | p99 worker / threads / pgmoon ms |%s\n' \
+    "$([ "$kind" = write ] && echo ' pgbench tps (ceiling) | worker / ceiling |')"
+  printf '| --- | ---: | ---: | ---: | ---: | ---: | ---: |%s\n' "$([ "$kind" = write ] && echo ' ---: | ---: |')"
   for t in $threads_list; do
     extra=
     if [ "$kind" = write ]; then
-      extra=" $(col "$t" ceiling pgbench 5 | median) ($(col "$t" ceiling pgbench 5 | range)) | $(ratio_ceiling "$t" | median) |"
+      extra=" $(col "$t" ceiling pgbench 5 | median) ($(col "$t" ceiling pgbench 5 | range)) | $(ratio_ceiling "$t" worker | median) |"
     fi
-    printf '| %s | %s (%s) | %s (%s) | %s (%s) | %s / %s |%s\n' "$t" \
+    printf '| %s | %s (%s) | %s (%s) | %s (%s) | %s (%s) | %s (%s) | %s / %s / %s |%s\n' "$t" \
+      "$(col "$t" "$kind" worker 5 | median)" "$(col "$t" "$kind" worker 5 | range)" \
       "$(col "$t" "$kind" qx 5 | median)" "$(col "$t" "$kind" qx 5 | range)" \
       "$(col "$t" "$kind" pgmoon 5 | median)" "$(col "$t" "$kind" pgmoon 5 | range)" \
+      "$(ratio "$t" "$kind" pgmoon 5 worker | median)" "$(ratio "$t" "$kind" pgmoon 5 worker | range)" \
       "$(ratio "$t" "$kind" pgmoon 5 | median)" "$(ratio "$t" "$kind" pgmoon 5 | range)" \
-      "$(col "$t" "$kind" qx 6 | median)" "$(col "$t" "$kind" pgmoon 6 | median)" "$extra"
+      "$(col "$t" "$kind" worker 6 | median)" "$(col "$t" "$kind" qx 6 | median)" \
+      "$(col "$t" "$kind" pgmoon 6 | median)" "$extra"
   done
 done
 # per-round ratio of the hop to pgmoon's rate of a kind

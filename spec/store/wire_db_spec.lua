@@ -171,6 +171,17 @@ describe("a db over the wire codec", function()
         assert.same({ size = 1, busy = 0, idle = 0 }, db.pool:stats())
     end)
 
+    it("refuses what a wire connection cannot do: scripts and LISTEN", function()
+        local db = wire_db()
+        local conn = assert(db:acquire())
+        assert.has_error(function() conn:script("SELECT 1") end,
+            "conn:script: not over the wire codec (run migrations with qx.connect)")
+        assert.has_error(function() conn:listen("x") end)
+        assert.has_error(function() conn:notifications(0) end)
+        conn:release()
+        db:close()
+    end)
+
     it("refuses a url the codec cannot use", function()
         local cfg = assert(settings.db{ url = "postgresql://127.0.0.1/x?sslmode=require" })
         local db, e = wire.db(cfg, wire_sockets.sockets())

@@ -34,18 +34,27 @@ local function sockets(cfg)
         io_ms = cfg.statement_timeout_ms + IO_MARGIN_MS
     end
     local tcp = ngx.socket.tcp
+    local pools = {} -- name -> the connect options naming its keepalive pool, made once
     return {
         connect = function(host, port, name)
             local sock = tcp()
             sock:settimeouts(connect_ms, io_ms, io_ms)
+            local popts = pools[name]
+            if not popts then
+                popts = { pool = name }
+                pools[name] = popts
+            end
             local ok, e
             if host:sub(1, 1) == "/" then
-                ok, e = sock:connect("unix:" .. host .. "/.s.PGSQL." .. port, { pool = name })
+                ok, e = sock:connect("unix:" .. host .. "/.s.PGSQL." .. port, popts)
             else
-                ok, e = sock:connect(host, port, { pool = name })
+                ok, e = sock:connect(host, port, popts)
             end
             if not ok then return nil, e end
             return sock, sock:getreusedtimes() > 0
+        end,
+        forget = function(name)
+            pools[name] = nil
         end,
         keep = function(sock)
             return sock:setkeepalive(KEEPALIVE_MS, 1)

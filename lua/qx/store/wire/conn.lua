@@ -173,6 +173,12 @@ function Conn.script()
     error("conn:script: not over the wire codec (run migrations with qx.connect)", 2)
 end
 
+function Conn.listen()
+    error("conn:listen: not over the wire codec (LISTEN with qx.connect, in a thread or a "
+        .. "process of its own)", 2)
+end
+Conn.notifications = Conn.listen
+
 --- The transaction of a unit of work (core.tx over the codec), its round trips driven here.
 local Tx = {}
 Tx.__index = Tx

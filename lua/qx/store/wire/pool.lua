@@ -13,6 +13,7 @@
 --       wake-up of listeners after a commit is sent by the pool, coalesced (Pool:_wake),
 --       instead of in each commit's pipeline
 --   sockets.log(message)   (optional) where a failed wake-up is reported (else stderr)
+--   sockets.forget(name)   (optional) the connection of that name is gone
 local core = require "qx.core"
 local err = require "qx.error"
 local wire_conn = require "qx.store.wire.conn"
@@ -32,9 +33,12 @@ Pool.__index = Pool
 function _M.new(opts)
     local w, e = core.wire(opts.url)
     if not w then return nil, e end
+    local host, port = w:host(), w:port()
     w:close()
     return setmetatable({
         url = opts.url,
+        host = host,
+        port = port,
         size = opts.size,
         acquire_timeout_ms = opts.acquire_timeout_ms,
         init_sql = opts.init_sql,
@@ -51,6 +55,13 @@ local function give_back_slot(self)
     self.busy = self.busy - 1
     local post = self.sockets.post
     if post then post() end
+end
+
+-- A connection that goes: its socket and codec closed, its name forgotten by the sockets.
+local function drop(self, conn)
+    local forget = self.sockets.forget
+    if forget then forget(conn.name) end
+    conn:close()
 end
 
 local function timeout_error(self)
@@ -88,9 +99,9 @@ function Pool:acquire()
     end
     if conn.sock then return conn end
     local w = conn.w
-    local sock, reused = sockets.connect(w:host(), w:port(), conn.name)
+    local sock, reused = sockets.connect(self.host, self.port, conn.name)
     if not sock then
-        conn:close()
+        drop(self, conn)
         give_back_slot(self)
         return nil, err.new("connection", "could not connect to the server: " .. tostring(reused))
     end
@@ -100,7 +111,7 @@ function Pool:acquire()
     end
     local ok, e = conn:start(sock, self.init_sql)
     if not ok then
-        conn:close()
+        drop(self, conn)
         give_back_slot(self)
         return nil, e
     end
@@ -121,10 +132,10 @@ function Pool:_release(conn)
         if ok then
             self.idle[#self.idle + 1] = { w = w, name = conn.name, sock = sock }
         else
-            w:close()
+            drop(self, conn)
         end
     else
-        conn:close()
+        drop(self, conn)
     end
     give_back_slot(self)
 end
@@ -204,6 +215,8 @@ function Pool:close()
     for i = #idle, 1, -1 do
         local kept = idle[i]
         idle[i] = nil
+        local forget = self.sockets.forget
+        if forget then forget(kept.name) end
         if kept.sock then kept.sock:close() end
         kept.w:close()
     end
