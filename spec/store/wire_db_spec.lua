@@ -152,6 +152,19 @@ describe("a db over the wire codec", function()
         db:close()
     end)
 
+    it("gives a lease's slot back when its holder drops it unreleased", function()
+        local db = wire_db{ url = URL, pool_size = 1, acquire_timeout_ms = 100 }
+        do
+            local conn = assert(db:acquire())
+            assert(conn:query("SELECT 1"))
+        end
+        collectgarbage()
+        collectgarbage()
+        assert.same({ size = 1, busy = 0, idle = 0 }, db.pool:stats())
+        assert(db:query("SELECT 1"))
+        db:close()
+    end)
+
     it("times out an acquire when every connection is leased, and serves again after", function()
         local db = wire_db{ url = URL, pool_size = 1, acquire_timeout_ms = 100 }
         local conn = assert(db:acquire())

@@ -22,33 +22,31 @@ local _M = {}
 
 local RECEIVE_MAX = 65536
 
+-- The socket failed: the conversation is over (a batch in progress ends with the reason).
+local function lost(w, e)
+    e = tostring(e)
+    w:lost(e)
+    return false, e
+end
+
 --- Moves the codec's bytes until what it awaits has come: its output out, the socket's input
--- in. An I/O failure ends the conversation (w:lost): the codec reports it. Returns true, or
+-- in. Returns true; false and the reason when the socket failed (w:lost: a batch reports it);
 -- nil and the codec's error when the feed refused what came (start-up, protocol).
 local function exchange(sock, w)
     local out = w:output()
     if out then
         local ok, e = sock:send(out)
-        if not ok then
-            w:lost(tostring(e))
-            return true
-        end
+        if not ok then return lost(w, e) end
     end
     while true do
         local data, e = sock:receiveany(RECEIVE_MAX)
-        if not data then
-            w:lost(tostring(e))
-            return true
-        end
+        if not data then return lost(w, e) end
         local done, fe = w:feed(data)
         if done == nil then return nil, fe end
         out = w:output()
         if out then
             local ok, se = sock:send(out)
-            if not ok then
-                w:lost(tostring(se))
-                return true
-            end
+            if not ok then return lost(w, se) end
         end
         if done then return true end
     end
@@ -79,9 +77,10 @@ function Conn:start(sock, init_sql)
     self.sock = sock
     w:start()
     local ok, e = exchange(sock, w)
-    if not ok then return nil, e end
-    if not w:ready() then
-        return nil, err.new("connection", "the server closed the connection during start-up")
+    if ok == nil then return nil, e end
+    if not ok or not w:ready() then
+        return nil, err.new("connection", "the connection was lost during start-up: "
+            .. tostring(e or "closed by the server"))
     end
     if init_sql then
         local rows, ie = self:query(init_sql)

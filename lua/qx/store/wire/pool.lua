@@ -19,6 +19,8 @@ local err = require "qx.error"
 local wire_conn = require "qx.store.wire.conn"
 
 local setmetatable = setmetatable
+local getmetatable = getmetatable
+local newproxy = newproxy
 local tostring = tostring
 local stderr = io.stderr
 local fmt = string.format
@@ -57,8 +59,33 @@ local function give_back_slot(self)
     if post then post() end
 end
 
+-- A lease's guard: should its holder drop it unreleased (nginx killed the request's coroutine:
+-- lua_check_client_abort, ngx.exit from another light thread), its finaliser gives the slot
+-- back and closes the codec; nginx closes the request's socket itself. Without it the slot
+-- would be lost for the life of the worker.
+local function guard(self, w, name)
+    local g = { held = true }
+    local function on_gc()
+        if g.held then
+            g.held = false
+            local forget = self.sockets.forget
+            if forget then forget(name) end
+            w:close()
+            give_back_slot(self)
+        end
+    end
+    if newproxy then
+        g.proxy = newproxy(true)
+        getmetatable(g.proxy).__gc = on_gc
+    else
+        g.proxy = setmetatable({}, { __gc = on_gc })
+    end
+    return g
+end
+
 -- A connection that goes: its socket and codec closed, its name forgotten by the sockets.
 local function drop(self, conn)
+    if conn._guard then conn._guard.held = false end
     local forget = self.sockets.forget
     if forget then forget(conn.name) end
     conn:close()
@@ -97,6 +124,7 @@ function Pool:acquire()
         self.made = self.made + 1
         conn = wire_conn.new(self, w, "qx-wire:" .. tostring(self) .. ":" .. self.made, false)
     end
+    conn._guard = guard(self, conn.w, conn.name)
     if conn.sock then return conn end
     local w = conn.w
     local sock, reused = sockets.connect(self.host, self.port, conn.name)
@@ -120,6 +148,7 @@ end
 
 -- conn:release(): kept when sound and idle (no transaction open), else closed
 function Pool:_release(conn)
+    conn._guard.held = false
     local w = conn.w
     if not self.closed and w:ready() and w:tx_status() == "idle" then
         local sock = conn.sock
