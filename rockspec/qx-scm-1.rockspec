@@ -59,6 +59,7 @@ build = {
         "src/core/uuid.c",
         "src/core/wire.c",
         "src/core/wire_auth.c",
+        "src/core/wire_batch.c",
         "src/lua/compat.c",
         "src/lua/lbatch.c",
         "src/lua/lconn.c",

@@ -110,7 +110,7 @@ QX_INTERNAL int qx_strmap_swap(qx_strmap *m, const char *key, int val);
 /* The value of key, or -1 when it is not there. */
 QX_INTERNAL int qx_strmap_get(const qx_strmap *m, const char *key);
 
-/* ---- results made from the protocol's messages (conn.c, for wire.c) ------------------------ */
+/* ---- results made from the protocol's messages (conn.c, for wire_batch.c) ------------------ */
 
 /* A result of ncols columns (names and type OIDs; both copied), with rows (a statement that
  * returns rows, none yet) or not (a command); its affected count is 0 until set. NULL when

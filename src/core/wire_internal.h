@@ -1,5 +1,6 @@
-/* What the wire codec's files (wire.c, wire_auth.c) share: the codec's state and the message
- * helpers. Not part of the public header. */
+/* What the wire codec's files (wire.c, wire_batch.c, wire_auth.c) share: the codec's state, the
+ * message helpers, and what the connection and its batches call of each other. Not part of the
+ * public header. */
 #ifndef QX_WIRE_INTERNAL_H
 #define QX_WIRE_INTERNAL_H
 
@@ -109,5 +110,35 @@ static inline int get_i16(const char *p)
  * not prove it knows the password). */
 QX_INTERNAL qx_status qx_wire_authenticate(qx_wire *w, const char *body, size_t len,
                                            qx_error *err);
+
+/* ---- the connection (wire.c) ------------------------------------------------------------- */
+
+/* An ErrorResponse's fields (pointing into its body); severity is the non-localized one when
+ * the server sends it. */
+typedef struct server_error {
+    const char *severity, *sqlstate, *primary, *detail;
+} server_error;
+
+/* Reads an ErrorResponse's body; 0 when it is malformed. */
+QX_INTERNAL int qx_wire_parse_error(const char *body, size_t len, server_error *e);
+/* 1 for a FATAL or PANIC: the server closes the connection. */
+QX_INTERNAL int qx_wire_is_fatal(const server_error *e);
+/* Keeps a ParameterStatus (QX_ERR_CONNECTION: malformed; QX_ERR_NOMEM). */
+QX_INTERNAL qx_status qx_wire_parameter_status(qx_wire *w, const char *body, size_t len);
+/* The codec cannot go on: broken, the batch (if one is running) ends with the error, fmt
+ * formatting what; *done is set when the batch or the start-up ended. Returns s. */
+QX_INTERNAL qx_status qx_wire_violation(qx_wire *w, int *done, qx_error *err, qx_status s,
+                                        const char *fmt, const char *what);
+
+/* ---- batches (wire_batch.c) -------------------------------------------------------------- */
+
+/* Ends the running batch with the error fmt formatting why (unless it failed already), the
+ * codec broken: its statements not yet parsed leave the cache. */
+QX_INTERNAL void qx_wire_end_batch_lost(qx_wire *w, qx_status s, const char *fmt,
+                                        const char *why);
+/* A message while a batch runs: its replies; *done once it ended (ReadyForQuery, or a failure
+ * that breaks the codec). */
+QX_INTERNAL qx_status qx_wire_batch_message(qx_wire *w, char type, const char *body, size_t len,
+                                            int *done, qx_error *err);
 
 #endif
