@@ -218,24 +218,11 @@ end
 
 -- Handler modules, written into RUN_DIR/lua (first on lua_package_path).
 local MODULES = {
+    -- slow, backend and boom as the worker's (below), and more, for the thread VMs
     openresty_spec_handlers = [[
 local openresty = require "qx.openresty"
 local M = {}
--- holds a transaction open for cmd.seconds, having written a row
-function M.slow(db, cmd)
-  return db:unit_of_work(function(uow)
-    assert(uow:exec("INSERT INTO spec_slow (tag) VALUES ($1)", cmd.tag))
-    assert(uow:query("SELECT pg_sleep($1)", cmd.seconds))
-    return { tag = cmd.tag }
-  end)
-end
-function M.backend(db)
-  local rows = assert(db:query("SELECT pg_backend_pid() AS pid"))
-  return { pid = rows[1].pid }
-end
-function M.boom()
-  error("the secret detail of a bug")
-end
+for name, fn in pairs(require "openresty_spec_worker") do M[name] = fn end
 function M.returns_function()
   return { f = function() end }
 end
@@ -270,9 +257,11 @@ return require("qx.openresty").handlers({
   end,
 }, { db = { pool_size = 1, shared_pool = "openresty_spec_shared" } })
 ]],
-    -- raw handlers for the worker itself (qx.openresty.connect): fn(db, cmd) -> res | nil, err
+    -- raw handlers, for the worker itself (qx.openresty.connect) and, wrapped, for the threads:
+    -- fn(db, cmd) -> res | nil, err
     openresty_spec_worker = [[
 local M = {}
+-- holds a transaction open for cmd.seconds, having written a row
 function M.slow(db, cmd)
   return db:unit_of_work(function(uow)
     assert(uow:exec("INSERT INTO spec_slow (tag) VALUES ($1)", cmd.tag))
