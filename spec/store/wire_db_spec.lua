@@ -401,6 +401,17 @@ describe("core.tx over a wire codec", function()
         conn:close()
     end)
 
+    it("frees a reply that came when its transaction is closed before tx:resume()", function()
+        local w, sock, conn = ready_wire()
+        local tx = core.tx(w)
+        assert.equals(core.PENDING, tx:query("SELECT g AS n FROM generate_series(1, 50) g"))
+        require("qx.store.wire.conn").exchange(sock, w)
+        tx:close()
+        -- the connection is given up: what it was in the middle of is unknown to its owner
+        assert.is_true(w:broken())
+        conn:close()
+    end)
+
     it("refuses a closed wire", function()
         local w = assert(core.wire(URL))
         w:close()

@@ -43,7 +43,6 @@ enum { OP_NONE, OP_QUERY, OP_FLUSH, OP_ROLLBACK_TO, OP_COMMIT, OP_ROLLBACK };
 typedef struct pending {
     int op;
     int kept, first_tail, ntail; /* of the send (see send_end) */
-    int tail_failed;             /* the send's failing tail index, for the call */
     /* the commit's */
     int nchannels, commit_at, broken_before;
     /* rollback_to's */
@@ -208,13 +207,13 @@ void qx_tx_free(qx_tx *tx)
     if (tx == NULL)
         return;
     if (tx->pend.op != OP_NONE) {
-        /* the codec writes into results: end its batch before they go */
+        /* the codec writes into results: end its batch before they go, and free what it made
+         * (all of it when the reply had come, what completed when it is kept) */
         int failed, i;
         qx_wire_lost(tx->w, "the transaction was closed while waiting for its reply");
         qx_wire_batch_end(tx->w, &failed, NULL);
-        if (tx->pend.op == OP_COMMIT)
-            for (i = 0; i < tx->nlast; i++)
-                qx_result_free(tx->results[i]);
+        for (i = 0; i < tx->nlast; i++)
+            qx_result_free(tx->results[i]);
     }
     if (tx->q != tx->q_local)
         free(tx->q);
