@@ -335,6 +335,16 @@ typedef enum qx_xact {
  * for the server to remember. */
 qx_status qx_xact_status(qx_xact *out, qx_conn *c, const char *xid, const char *timeline,
                          qx_error *err);
+/* What qx_xact_status asks ($1: the id as text): the status and the server's timeline, columns
+ * status and timeline, for a connection that asks itself (the wire codec's). */
+#define QX_XACT_STATUS_SQL                                                                        \
+    "SELECT pg_xact_status($1::xid8) AS status, CASE WHEN pg_is_in_recovery() THEN NULL "        \
+    "ELSE substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) END AS timeline"
+/* The wake-up a commit sends after its COMMIT: QX_WAKE_SQL_HEAD, ", pg_notify($n, '')" per
+ * channel, QX_WAKE_SQL_TAIL (synchronous_commit off: it does not wait for its commit record to
+ * reach the disk; the statement returns no row and no column). */
+#define QX_WAKE_SQL_HEAD "SELECT FROM (SELECT set_config('synchronous_commit', 'off', true)"
+#define QX_WAKE_SQL_TAIL " OFFSET 1) AS s"
 const char *qx_xact_name(qx_xact x);
 /* Rolls back what was sent (nothing when nothing was); the transaction is finished either way. */
 qx_status qx_tx_rollback(qx_tx *tx, qx_error *err);

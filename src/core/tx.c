@@ -697,8 +697,8 @@ qx_status qx_tx_rollback_to(qx_tx *tx, qx_error *err)
  * row and no column - nothing for the client to parse. */
 static const char *notify_sql(qx_tx *tx, int nchannels)
 {
-    static const char head[] = "SELECT FROM (SELECT set_config('synchronous_commit', 'off', true)";
-    static const char end[] = " OFFSET 1) AS s";
+    static const char head[] = QX_WAKE_SQL_HEAD;
+    static const char end[] = QX_WAKE_SQL_TAIL;
     size_t need = sizeof head + sizeof end + (size_t)nchannels * 32, len;
     int i;
     if (need > tx->notify_cap) {
@@ -822,10 +822,6 @@ qx_status qx_tx_commit(qx_tx *tx, int *wake_failed, const char *const *channels,
     return commit_end(tx, s, at, &e, wake_failed, err);
 }
 
-static const char XACT_SQL[] =
-    "SELECT pg_xact_status($1::xid8), CASE WHEN pg_is_in_recovery() THEN NULL "
-    "ELSE substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) END";
-
 qx_status qx_xact_status(qx_xact *out, qx_conn *c, const char *xid, const char *timeline,
                          qx_error *err)
 {
@@ -834,7 +830,7 @@ qx_status qx_xact_status(qx_xact *out, qx_conn *c, const char *xid, const char *
     char status[16], here[12];
 
     *out = QX_XACT_UNKNOWN;
-    s = qx_conn_exec(c, &r, XACT_SQL, 1, &xid, NULL, err);
+    s = qx_conn_exec(c, &r, QX_XACT_STATUS_SQL, 1, &xid, NULL, err);
     if (s != QX_OK)
         return s;
     copy_column(status, sizeof status, r, 0);

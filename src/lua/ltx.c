@@ -485,6 +485,10 @@ void qx_open_tx(lua_State *L)
     lua_setfield(L, -2, "tx");
     lua_pushstring(L, QX_TX_ID_COLUMNS);
     lua_setfield(L, -2, "TX_ID_COLUMNS");
+    lua_pushstring(L, QX_XACT_STATUS_SQL);
+    lua_setfield(L, -2, "XACT_STATUS_SQL");
+    lua_pushstring(L, QX_WAKE_SQL_HEAD ", pg_notify($1, '')" QX_WAKE_SQL_TAIL);
+    lua_setfield(L, -2, "WAKE_SQL");
     lua_pushlightuserdata(L, (void *)&PENDING_KEY);
     lua_setfield(L, -2, "PENDING");
 }

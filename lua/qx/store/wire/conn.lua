@@ -149,9 +149,8 @@ function Conn:batch(stmts)
     return run(self, stmts)
 end
 
--- as qx_xact_status in the core (tx.c): what became of a transaction, by its id and timeline
-local XACT_SQL = "SELECT pg_xact_status($1::xid8) AS status, CASE WHEN pg_is_in_recovery() "
-    .. "THEN NULL ELSE substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) END AS timeline"
+-- what qx_xact_status asks in the core (tx.c)
+local XACT_SQL = core.XACT_STATUS_SQL
 
 --- conn:xact_status(xid[, timeline]) -> "committed" | "aborted" | "in progress" | "unknown"
 function Conn:xact_status(xid, timeline)

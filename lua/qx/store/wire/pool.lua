@@ -169,10 +169,9 @@ function Pool:_release(conn)
     give_back_slot(self)
 end
 
--- As the pipelined wake-up of qx_tx_commit (tx.c): pg_notify in a transaction of its own that
--- does not wait for its commit record to reach the disk.
-local WAKE_SQL = "SELECT FROM (SELECT set_config('synchronous_commit', 'off', true), "
-    .. "pg_notify($1, '') OFFSET 1) AS s"
+-- the pipelined wake-up of qx_tx_commit (tx.c), for one channel: pg_notify in a transaction of
+-- its own that does not wait for its commit record to reach the disk
+local WAKE_SQL = core.WAKE_SQL
 
 local function wake_failed(self, channel, e)
     local msg = "qx: waking listeners of " .. channel .. " after commit failed (they find the "
