@@ -337,6 +337,45 @@ describe("wake-ups over the wire codec", function()
         db:close()
     end)
 
+    it("pauses between back-to-back wake-ups of a channel when the sockets can sleep", function()
+        local deferred, slept, made = {}, {}, {}
+        local sockets = wire_sockets.sockets{ made = made }
+        sockets.defer = function(fn, ...)
+            deferred[#deferred + 1] = { fn, ... }
+            return true
+        end
+        sockets.sleep = function(seconds) slept[#slept + 1] = seconds end
+        local db = assert(wire.db(assert(settings.db{ url = URL, pool_size = 2 }), sockets))
+        commit_waking(db)
+        assert.equals(1, #deferred)
+        -- a commit that comes while the wake-up is on its way asks for one more
+        local during = 0
+        for _, sock in ipairs(made) do
+            local send = sock.send
+            sock.send = function(s, data)
+                if during == 0 and data:find("pg_notify", 1, true) then
+                    during = 1
+                    db.pool:_wake{ channel }
+                end
+                return send(s, data)
+            end
+        end
+        local d = table.remove(deferred, 1)
+        d[1](d[2], d[3], d[4])
+        assert.equals(1, during)
+        -- two wake-ups, the gap between them, and none deferred anew: the one in flight sent both
+        assert.same({ require("qx.store.wire.pool").WAKE_GAP_SECONDS }, slept)
+        assert.equals(0, #deferred)
+        assert.equals(2, notifications(2))
+        -- a lone commit's wake-up goes without a pause
+        commit_waking(db)
+        d = table.remove(deferred, 1)
+        d[1](d[2], d[3], d[4])
+        assert.equals(1, #slept)
+        assert.equals(1, notifications(1))
+        db:close()
+    end)
+
     it("reports a wake-up that cannot be deferred and wakes again on the next commit", function()
         local logged = {}
         local sockets = wire_sockets.sockets()

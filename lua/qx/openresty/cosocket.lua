@@ -71,6 +71,9 @@ local function sockets(cfg)
                 if not premature then fn(...) end
             end, ...)
         end,
+        sleep = function(seconds)
+            return ngx.sleep(seconds)
+        end,
         log = function(message)
             ngx.log(ngx.ERR, message)
         end,

@@ -12,6 +12,8 @@
 --       context of its own that may use sockets (nginx: a zero-delay timer); with it, the
 --       wake-up of listeners after a commit is sent by the pool, coalesced (Pool:_wake),
 --       instead of in each commit's pipeline
+--   sockets.sleep(seconds)   (optional) waits without blocking others (nginx: ngx.sleep); with
+--       it, back-to-back wake-ups of a channel are WAKE_GAP_SECONDS apart
 --   sockets.log(message)   (optional) where a failed wake-up is reported (else stderr)
 --   sockets.forget(name)   (optional) the connection of that name is gone
 local core = require "qx.core"
@@ -26,6 +28,11 @@ local stderr = io.stderr
 local fmt = string.format
 
 local _M = {}
+
+-- Under load, the pause between one wake-up of a channel and the next for the commits that
+-- came meanwhile: each is a transaction on the server, and without a pause they go back to
+-- back (one per round trip). A listener learns of a commit at most this much later.
+_M.WAKE_GAP_SECONDS = 0.002
 
 local Pool = {}
 Pool.__index = Pool
@@ -180,8 +187,10 @@ local function wake_failed(self, channel, e)
     if log then log(msg) else stderr:write(msg, "\n") end
 end
 
--- Sends the channel's wake-up, and again while commits came during the one in flight.
+-- Sends the channel's wake-up, and again while commits came during the one in flight (after a
+-- pause, when the sockets can sleep: the commits of the pause share the next one).
 local function send_wake(self, channel, st)
+    local sleep = self.sockets.sleep
     repeat
         st.again = false
         if self.closed then break end
@@ -196,6 +205,7 @@ local function send_wake(self, channel, st)
             wake_failed(self, channel, e)
             break
         end
+        if st.again and sleep then sleep(_M.WAKE_GAP_SECONDS) end
     until not st.again
     st.busy = false
 end
@@ -207,8 +217,9 @@ end
 
 -- The listeners of channels are woken once the commit that calls this has committed: by a
 -- wake-up sent from now on. One wake-up per channel is in flight at a time; commits that
--- come meanwhile ask for one more after it, so under load many commits share one pg_notify
--- (a transaction of its own on the server) instead of sending one each.
+-- come meanwhile ask for one more after it (WAKE_GAP_SECONDS after it, with sockets.sleep), so
+-- under load many commits share one pg_notify (a transaction of its own on the server)
+-- instead of sending one each.
 function Pool:_wake(channels)
     local wakes = self.wakes
     for i = 1, #channels do
