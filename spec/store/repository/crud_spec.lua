@@ -109,6 +109,47 @@ describe("qx.store.repository", function()
             assert.is_true(got.is_active)   -- the column default applied
         end)
 
+        it("writes each add's own fields, whichever fields and actor the adds before had",
+           function()
+            -- the INSERT's text is kept per set of columns: sets that differ must not mix
+            local made = {
+                { fields = { email = "f1@example.com", name = "One", score = 7 }, user = "ann" },
+                { fields = { email = "f2@example.com" } },
+                { fields = { email = "f3@example.com", score = 3, is_active = false },
+                  user = "bob" },
+                { fields = { email = "f4@example.com", name = "Four", score = 7 } },
+                { fields = { email = "f5@example.com", name = "Five", score = 8 }, user = "cy" },
+            }
+            local ids = {}
+            for i, m in ipairs(made) do
+                -- no user_id in the context: no actor, so no created_by column
+                ids[i] = assert(db:unit_of_work(function(uow)
+                    return assert(uow:repo(users):add(H.User.new(m.fields))).id
+                end, { context = { tenant_id = T, user_id = m.user } }))
+            end
+            -- and in one unit of work, queued together
+            local together = assert(H.with(db, users, T, function(repo)
+                local a = assert(repo:add(H.User.new{ email = "f6@example.com", score = 1 }))
+                local b = assert(repo:add(H.User.new{ email = "f7@example.com", name = "Seven" }))
+                return { a.id, b.id }
+            end, "dee"))
+            for i, m in ipairs(made) do
+                local got = assert(H.with(db, users, T, function(repo) return repo:get(ids[i]) end))
+                assert.equal(m.fields.email, got.email)
+                assert.equal(m.fields.name, got.name)
+                assert.equal(m.fields.score, got.score)
+                assert.equal(m.fields.is_active ~= false, got.is_active)
+                assert.equal(m.user, got.created_by)
+                assert.equal(T, got.tenant_id)
+                assert.equal(1, got.version)
+            end
+            local a = assert(H.with(db, users, T, function(repo) return repo:get(together[1]) end))
+            local b = assert(H.with(db, users, T, function(repo) return repo:get(together[2]) end))
+            assert.same({ "f6@example.com", nil, 1, "dee" }, { a.email, a.name, a.score, a.created_by })
+            assert.same({ "f7@example.com", "Seven", nil, "dee" },
+                        { b.email, b.name, b.score, b.created_by })
+        end)
+
         it("returns not_found for a missing id and invalid for an id that is no uuid", function()
             H.with(db, users, T, function(repo)
             local x, e = repo:get(qx.uuid())

@@ -104,6 +104,44 @@ end
 
 local ADD_OPTS = {}
 
+-- Repo:add's INSERT texts are made once per set of columns given: c.inserts is a tree whose
+-- steps are the writable columns' positions present (and these three), its nodes' sql the text.
+local PK_STEP, ACTOR_STEP, TENANT_STEP = -1, -2, -3
+
+local function step(node, key)
+    local next_node = node[key]
+    if next_node == nil then
+        next_node = {}
+        node[key] = next_node
+    end
+    return next_node
+end
+
+-- INSERT INTO t (the id's column when given, the row's columns, the stamps) VALUES ($1, ...)
+local function insert_sql(self, c, with_id, row, actor, tenanted)
+    local cols, vals = {}, {}
+    local function put(name, v)
+        cols[#cols + 1] = c.columns[name].qname
+        vals[#vals + 1] = v
+    end
+    local n = 0
+    local function param()
+        n = n + 1
+        return "$" .. n
+    end
+    if with_id then put(self.d.pk, param()) end
+    local w = c.writable
+    for i = 1, #w do
+        if row[w[i]] ~= nil then put(w[i], param()) end
+    end
+    if c.has.created_at then put("created_at", "now()") end
+    if actor then put("created_by", param()) end
+    if c.has.version then put("version", "1") end
+    if tenanted then put("tenant_id", param()) end
+    return "INSERT INTO " .. c.qtable .. " (" .. concat(cols, ", ") .. ") VALUES ("
+           .. concat(vals, ", ") .. ")"
+end
+
 --- Queued in the unit of work's pipeline (a duplicate key fails the unit of work with
 -- "conflict"); stamps created_at (server time), created_by, tenant_id and version = 1, and
 -- tracks the entity so its events reach the outbox. An entity without an id gets a UUID v7 (a
@@ -140,33 +178,49 @@ function Repo:add(entity, opts)
             return fail("invalid", c.what .. ": the entity belongs to another tenant")
         end
     end
-    local q = new_query(self, c)
-    local cols, vals = {}, {}
-    local function put(name, v)
-        cols[#cols + 1] = c.columns[name].qname
-        vals[#vals + 1] = v
+    -- the parameters in the order of the columns, and the INSERT for that set of columns
+    local params, n = {}, 0
+    local node = c.inserts
+    local with_id = id ~= nil and not c.pk_col.generated
+    if with_id then
+        n = 1
+        params[1] = id
+        node = step(node, PK_STEP)
     end
-    if id ~= nil and not c.pk_col.generated then put(d.pk, q:param(id)) end
     local w = c.writable
     for i = 1, #w do
         local v = row[w[i]]
-        if v ~= nil then put(w[i], q:param(v)) end
+        if v ~= nil then
+            n = n + 1
+            params[n] = v
+            node = step(node, i)
+        end
     end
-    if c.has.created_at then put("created_at", "now()") end
-    if c.has.created_by and self.actor then put("created_by", q:param(self.actor)) end
-    if c.has.version then put("version", "1") end
-    if c.has.tenant_id and tenant ~= nil then put("tenant_id", q:param(tenant)) end
-    local sql = "INSERT INTO " .. c.qtable .. " (" .. concat(cols, ", ") .. ") VALUES ("
-                .. concat(vals, ", ") .. ")"
-    if id == nil or c.pk_col.generated then
+    local has = c.has
+    local actor = has.created_by and self.actor or nil
+    if actor then
+        n = n + 1
+        params[n] = actor
+        node = step(node, ACTOR_STEP)
+    end
+    if has.tenant_id and tenant ~= nil then
+        n = n + 1
+        params[n] = tenant
+        node = step(node, TENANT_STEP)
+    end
+    local sql = node.sql
+    if sql == nil then
+        sql = insert_sql(self, c, with_id, row, actor, has.tenant_id and tenant ~= nil)
+        node.sql = sql
+    end
+    if not with_id then
         local rows
-        rows, e = self.uow:query(sql .. " RETURNING " .. c.pkq .. " AS id",
-                                 unpack(q.params, 1, q.n))
+        rows, e = self.uow:query(sql .. " RETURNING " .. c.pkq .. " AS id", unpack(params, 1, n))
         if not rows then return nil, e end
         id = rows[1].id
     else
         local ok
-        ok, e = self.uow:queue(sql, unpack(q.params, 1, q.n))
+        ok, e = self.uow:queue(sql, unpack(params, 1, n))
         if not ok then return nil, e end
     end
     rawset(entity, d.pk, id)
