@@ -69,25 +69,40 @@ end
 -- A lease's guard: should its holder drop it unreleased (nginx killed the request's coroutine:
 -- lua_check_client_abort, ngx.exit from another light thread), its finaliser gives the slot
 -- back and closes the codec; nginx closes the request's socket itself. Without it the slot
--- would be lost for the life of the worker.
-local function guard(self, w, name)
-    local g = { held = true }
-    local function on_gc()
-        if g.held then
-            g.held = false
-            local forget = self.sockets.forget
-            if forget then forget(name) end
-            w:close()
-            give_back_slot(self)
-        end
+-- would be lost for the life of the worker. g = { held, pool, w, name }.
+local function on_gc(g)
+    if g.held then
+        g.held = false
+        local pool = g.pool
+        local forget = pool.sockets.forget
+        if forget then forget(g.name) end
+        g.w:close()
+        give_back_slot(pool)
     end
-    if newproxy then
-        g.proxy = newproxy(true)
-        getmetatable(g.proxy).__gc = on_gc
-    else
-        g.proxy = setmetatable({}, { __gc = on_gc })
+end
+
+-- guard(g) -> what the lease holds to keep g's finaliser from running. One metatable for all
+-- (no closure per lease): LuaJIT finalises only userdata, so there a proxy of a shared
+-- metatable stands for g, found in a weak-keyed table (an object being finalised keeps its
+-- entries until its finaliser has run); Lua 5.4 finalises g itself.
+local guard
+if newproxy then
+    local states = setmetatable({}, { __mode = "k" })
+    local proto = newproxy(true)
+    getmetatable(proto).__gc = function(proxy)
+        local g = states[proxy]
+        if g then on_gc(g) end
     end
-    return g
+    guard = function(g)
+        local proxy = newproxy(proto)
+        states[proxy] = g
+        return proxy
+    end
+else
+    local GUARD = { __gc = on_gc }
+    guard = function(g)
+        return setmetatable(g, GUARD)
+    end
 end
 
 -- A connection that goes: its socket and codec closed, its name forgotten by the sockets.
@@ -131,7 +146,8 @@ function Pool:acquire()
         self.made = self.made + 1
         conn = wire_conn.new(self, w, "qx-wire:" .. tostring(self) .. ":" .. self.made, false)
     end
-    conn._guard = guard(self, conn.w, conn.name)
+    local g = { held = true, pool = self, w = conn.w, name = conn.name }
+    conn._guard, conn._guard_holder = g, guard(g)
     if conn.sock then return conn end
     local w = conn.w
     local sock, reused = sockets.connect(self.host, self.port, conn.name)
