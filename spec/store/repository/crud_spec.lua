@@ -150,6 +150,38 @@ describe("qx.store.repository", function()
                         { b.email, b.name, b.score, b.created_by })
         end)
 
+        it("writes each add's own fields past the number of column sets it keeps texts for",
+           function()
+            -- nine optional columns: 300 adds, each with its own subset of them
+            local t = support.unique("spec_sets")
+            local cols = {}
+            for b = 1, 9 do cols[b] = "c" .. b .. " integer" end
+            assert(db:exec("CREATE TABLE " .. t .. " (" .. qx.schema.id_column() .. ", "
+                           .. table.concat(cols, ", ") .. ")"))
+            local sets = qx.repository{ table = t }
+            local function fields_of(i)
+                local f = {}
+                for b = 1, 9 do
+                    if math.floor(i / 2 ^ (b - 1)) % 2 == 1 then f["c" .. b] = i * 10 + b end
+                end
+                return f
+            end
+            local ids = {}
+            assert(db:unit_of_work(function(uow)
+                local repo = uow:repo(sets)
+                for i = 1, 300 do ids[i] = assert(repo:add(fields_of(i))).id end
+            end))
+            local rows = assert(db:rows("SELECT * FROM " .. t))
+            assert.equal(300, #rows)
+            local by_id = {}
+            for _, r in ipairs(rows) do by_id[r.id] = r end
+            for i = 1, 300 do
+                local r = by_id[ids[i]]
+                local want = fields_of(i)
+                for b = 1, 9 do assert.equal(want["c" .. b], r["c" .. b]) end
+            end
+        end)
+
         it("returns not_found for a missing id and invalid for an id that is no uuid", function()
             H.with(db, users, T, function(repo)
             local x, e = repo:get(qx.uuid())

@@ -29,7 +29,7 @@ local MANAGED = { "version", "created_at", "created_by", "updated_at", "updated_
 
 local function build(d, rows)
     local c = { what = d.what, get_sql = {}, save_sql = {}, save_params = {}, scope_sql = {},
-                inserts = {}, -- Repo:add's texts (writes.lua)
+                inserts = {}, ninserts = 0, -- Repo:add's texts (writes.lua)
                 sorts = {}, multi_sorts = {}, nsorts = 0,
                 page_plans = setmetatable({}, { __mode = "k" }), nplans = 0,
                 columns = {}, order = {},

@@ -106,7 +106,9 @@ local ADD_OPTS = {}
 
 -- Repo:add's INSERT texts are made once per set of columns given: c.inserts is a tree whose
 -- steps are the writable columns' positions present (and these three), its nodes' sql the text.
+-- Bounded: past INSERTS_MAX texts (entities whose optional fields vary widely) it starts over.
 local PK_STEP, ACTOR_STEP, TENANT_STEP = -1, -2, -3
+local INSERTS_MAX = 256
 
 local function step(node, key)
     local next_node = node[key]
@@ -211,7 +213,12 @@ function Repo:add(entity, opts)
     local sql = node.sql
     if sql == nil then
         sql = insert_sql(self, c, with_id, row, actor, has.tenant_id and tenant ~= nil)
-        node.sql = sql
+        if c.ninserts >= INSERTS_MAX then
+            c.inserts, c.ninserts = {}, 0 -- this text is not kept: node hangs off the old tree
+        else
+            node.sql = sql
+            c.ninserts = c.ninserts + 1
+        end
     end
     if not with_id then
         local rows
