@@ -122,7 +122,7 @@ describe("qx.store.repository", function()
             }
             local ids = {}
             for i, m in ipairs(made) do
-                -- no user_id in the context: no actor, so no created_by column
+                -- an add without a user has no actor: no created_by column in its INSERT
                 ids[i] = assert(db:unit_of_work(function(uow)
                     return assert(uow:repo(users):add(H.User.new(m.fields))).id
                 end, { context = { tenant_id = T, user_id = m.user } }))
