@@ -284,6 +284,13 @@ qx_tx_status qx_conn_tx_status(const qx_conn *c)
     }
 }
 
+const char *qx_tx_status_name(qx_tx_status s)
+{
+    static const char *const names[] = { "idle", "active", "intrans", "inerror", "unknown",
+                                         "bad" };
+    return (unsigned)s < sizeof names / sizeof names[0] ? names[s] : "unknown";
+}
+
 int qx_conn_pid(const qx_conn *c) { return PQbackendPID(c->pg); }
 int qx_conn_socket(const qx_conn *c) { return PQsocket(c->pg); }
 int qx_conn_is_broken(const qx_conn *c) { return c->broken || PQstatus(c->pg) != CONNECTION_OK; }

@@ -126,6 +126,8 @@ typedef struct qx_stmt {
 typedef enum qx_tx_status {
     QX_TX_IDLE, QX_TX_ACTIVE, QX_TX_INTRANS, QX_TX_INERROR, QX_TX_UNKNOWN, QX_TX_BAD
 } qx_tx_status;
+/* "idle", "active", "intrans", "inerror", "unknown", "bad" (conn:status, wire:tx_status) */
+const char *qx_tx_status_name(qx_tx_status s);
 
 /* Opens a connection from a libpq conninfo string or URL. connect_timeout_ms > 0 bounds the
  * attempt (libpq counts whole seconds, at least 2). */

@@ -220,10 +220,8 @@ static int l_notifications(lua_State *L)
 
 static int l_status(lua_State *L)
 {
-    static const char *const names[] = { "idle", "active", "intrans", "inerror", "unknown",
-                                         "bad" };
     lconn *lc = check_conn(L);
-    lua_pushstring(L, names[qx_conn_tx_status(lc->c)]);
+    lua_pushstring(L, qx_tx_status_name(qx_conn_tx_status(lc->c)));
     return 1;
 }
 

@@ -200,9 +200,7 @@ static int l_busy(lua_State *L)
 /* the names conn:status gives a connection's */
 static int l_tx_status(lua_State *L)
 {
-    static const char *const names[] = { "idle", "active", "intrans", "inerror", "unknown",
-                                         "bad" };
-    lua_pushstring(L, names[qx_wire_tx_status(check(L)->w)]);
+    lua_pushstring(L, qx_tx_status_name(qx_wire_tx_status(check(L)->w)));
     return 1;
 }
 
