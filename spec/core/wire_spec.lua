@@ -288,6 +288,27 @@ describe("qx.core wire codec", function()
             assert.equal(again[3].rows[1].n + 1, names[1].rows[1].n)
         end)
 
+        it("keeps texts apart that differ only in their last bytes or their length", function()
+            -- lengths around the cache's eight-byte hashing steps, each a prefix of the next,
+            -- and pairs that differ in one byte of their partial last word
+            local stmts = {}
+            for pad = 0, 17 do
+                stmts[#stmts + 1] = { "SELECT " .. pad .. " AS v" .. string.rep(" ", pad) }
+            end
+            for _, tail in ipairs { "a", "b", "ab", "ba", "abcdefg", "abcdefh" } do
+                stmts[#stmts + 1] = { "SELECT '" .. tail .. "'::text AS v" }
+            end
+            for round = 1, 2 do
+                local res = assert(h.batch(w, sock, stmts))
+                for pad = 0, 17 do
+                    assert.equal(pad, res[pad + 1].rows[1].v, "round " .. round)
+                end
+                assert.same({ "a", "b", "ab", "ba", "abcdefg", "abcdefh" },
+                            { res[19].rows[1].v, res[20].rows[1].v, res[21].rows[1].v,
+                              res[22].rows[1].v, res[23].rows[1].v, res[24].rows[1].v })
+            end
+        end)
+
         it("stops at an error in the middle: its index, SQLSTATE, nothing after it, nothing kept", function()
             local stmts = {
                 { "INSERT INTO " .. tbl .. " (id, v) VALUES (10, 'x')" },
