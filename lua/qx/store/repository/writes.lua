@@ -120,7 +120,8 @@ local function step(node, key)
 end
 
 -- INSERT INTO t (the id's column when given, the row's columns, the stamps) VALUES ($1, ...)
-local function insert_sql(self, c, with_id, row, actor, tenanted)
+-- (row: to_row's, else false and the entity's own fields)
+local function insert_sql(self, c, with_id, row, entity, actor, tenanted)
     local cols, vals = {}, {}
     local function put(name, v)
         cols[#cols + 1] = c.columns[name].qname
@@ -134,7 +135,9 @@ local function insert_sql(self, c, with_id, row, actor, tenanted)
     if with_id then put(self.d.pk, param()) end
     local w = c.writable
     for i = 1, #w do
-        if row[w[i]] ~= nil then put(w[i], param()) end
+        local v
+        if row then v = row[w[i]] else v = rawget(entity, w[i]) end
+        if v ~= nil then put(w[i], param()) end
     end
     if c.has.created_at then put("created_at", "now()") end
     if actor then put("created_by", param()) end
@@ -161,7 +164,8 @@ function Repo:add(entity, opts)
     local d = self.d
     local _, ue = unmapped(self, c, entity)
     if ue then return nil, ue end
-    local row = row_of(self, c, entity)
+    -- with the default mapping the row is the entity's own fields, read from it directly
+    local row = d.to_row and row_of(self, c, entity)
     local id = id_of(self, entity, row)
     if id == nil and c.pk_col.uuid then id = core.uuid() end
     if id ~= nil then
@@ -191,7 +195,8 @@ function Repo:add(entity, opts)
     end
     local w = c.writable
     for i = 1, #w do
-        local v = row[w[i]]
+        local v
+        if row then v = row[w[i]] else v = rawget(entity, w[i]) end
         if v ~= nil then
             n = n + 1
             params[n] = v
@@ -212,7 +217,7 @@ function Repo:add(entity, opts)
     end
     local sql = node.sql
     if sql == nil then
-        sql = insert_sql(self, c, with_id, row, actor, has.tenant_id and tenant ~= nil)
+        sql = insert_sql(self, c, with_id, row, entity, actor, has.tenant_id and tenant ~= nil)
         if c.ninserts >= INSERTS_MAX then
             c.inserts, c.ninserts = {}, 0 -- this text is not kept: node hangs off the old tree
         else
