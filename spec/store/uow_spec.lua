@@ -765,6 +765,52 @@ describe("unit of work", function()
         end)
     end)
 
+    describe("tracking", function()
+        -- the names of the outbox rows written for names, in the order the unit of work wrote them
+        local function outbox_names(prefix)
+            local rows = assert(db:query("SELECT payload->'payload'->>'name' AS name FROM qx_outbox_events"
+                .. " WHERE payload->'payload'->>'name' LIKE $1 ORDER BY seq", prefix .. "%"))
+            local out = {}
+            for i, r in ipairs(rows) do out[i] = r.name end
+            return out
+        end
+
+        it("writes each tracked aggregate's events once, however often it is tracked, in the order of tracking", function()
+            local p = "trk-" .. SFX .. "-"
+            assert(db:unit_of_work(function(uow)
+                local a, b, c = User.new{ name = "a" }, User.new{ name = "b" }, User.new{ name = "c" }
+                a:record(Welcomed{ name = p .. "a" })
+                b:record(Welcomed{ name = p .. "b" })
+                c:record(Welcomed{ name = p .. "c" })
+                for _, agg in ipairs { a, a, b, a, c, b, c, a } do
+                    assert.equal(agg, uow:track(agg))
+                end
+                return true
+            end))
+            assert.same({ p .. "a", p .. "b", p .. "c" }, outbox_names(p))
+        end)
+
+        it("forgets what a rolled-back savepoint tracked, and tracks it again after", function()
+            local p = "trk-sp-" .. SFX .. "-"
+            assert(db:unit_of_work(function(uow)
+                local a, b = User.new{ name = "a" }, User.new{ name = "b" }
+                a:record(Welcomed{ name = p .. "a" })
+                b:record(Welcomed{ name = p .. "b" })
+                uow:track(a)
+                assert.is_nil(uow:savepoint(function()
+                    uow:track(b)
+                    uow:track(a)
+                    error("inner scope fails")
+                end))
+                uow:track(b)
+                uow:track(b)
+                return true
+            end))
+            -- b's events stay in b (a savepoint rewinds the tracking, not the aggregate): once
+            assert.same({ p .. "a", p .. "b" }, outbox_names(p))
+        end)
+    end)
+
     describe("savepoints", function()
         it("roll back only the inner scope on error, and the transaction goes on", function()
             local outer, inner = "sp-outer-" .. SFX, "sp-inner-" .. SFX

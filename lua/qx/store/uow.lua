@@ -183,11 +183,19 @@ function Uow:track(agg)
     end
     local tracked = self._tracked
     if not tracked then
-        tracked = {}
-        self._tracked, self._tracked_set = tracked, {}
+        -- the usual unit of work tracks one aggregate: its list is all it needs
+        self._tracked = { agg }
+        return agg
     end
-    if not self._tracked_set[agg] then
-        self._tracked_set[agg] = true
+    local set = self._tracked_set
+    if not set then
+        if tracked[1] == agg then return agg end -- (without the set it holds at most one)
+        set = {}
+        for i = 1, #tracked do set[tracked[i]] = true end
+        self._tracked_set = set
+    end
+    if not set[agg] then
+        set[agg] = true
         tracked[#tracked + 1] = agg
     end
     return agg
@@ -437,7 +445,7 @@ function Uow:savepoint(fn)
     local tracked = self._tracked
     if tracked then
         for i = #tracked, tracked_n + 1, -1 do
-            self._tracked_set[tracked[i]] = nil
+            if self._tracked_set then self._tracked_set[tracked[i]] = nil end
             tracked[i] = nil
         end
     end
