@@ -235,8 +235,11 @@ function Uow:_drain_and_dispatch()
             for i = 1, #tracked do
                 local evs = tracked[i]:pull_events()
                 if evs[1] ~= nil then
-                    batch = batch or {}
-                    for k = 1, #evs do batch[#batch + 1] = evs[k] end
+                    if batch == nil then
+                        batch = evs -- the aggregate gave its list up: no one else holds it
+                    else
+                        for k = 1, #evs do batch[#batch + 1] = evs[k] end
+                    end
                 end
             end
         end
