@@ -34,7 +34,7 @@ describe("documented modules", function()
 
     it("qx.core has the binding's documented functions", function()
         local core = require "qx.core"
-        has_functions(core, { "uuid", "now", "clock", "json_encode", "json_shape", "json_rows", "pool",
+        has_functions(core, { "uuid", "now", "clock", "json_encode", "json_shape", "json_rows", "json_object", "pool",
                                "tx", "wire" },
                       "qx.core")
         assert.equal("userdata", type(core.null))

@@ -118,6 +118,22 @@ describe("json encoding", function()
         assert.same({ { n = 10, it = { a = 1, _b = 2 } } }, cjson.decode(text))
         assert.equal("[]", core.json_rows(shape))
     end)
+
+    it("writes one object from a table itself: its named fields (absent: null), then the rest as the item", function()
+        local shape = core.json_shape{ fields = { "id", "name", "gone" }, item = "rest",
+                                       omit = { "id", "name", "gone", "skip" }, omit_prefix = "_" }
+        local t = { id = "x1", name = "n", gone = core.null, a = 1, nested = { 1, { b = "c" } },
+                    skip = true, _hidden = 2, [1] = "positional" }
+        assert.same({ id = "x1", name = "n", gone = cjson.null,
+                      rest = { a = 1, nested = { 1, { b = "c" } } } }, cjson.decode(core.json_object(shape, t)))
+        assert.same({ id = cjson.null, name = cjson.null, gone = cjson.null, rest = {} },
+                    cjson.decode(core.json_object(shape, {})))
+        local text, e = core.json_object(shape, { a = { [false] = 1 } })
+        assert.is_nil(text)
+        assert.equal("invalid", e.code)
+        assert.has_error(function() core.json_object({}, {}) end)
+        assert.has_error(function() core.json_object(shape, "not a table") end)
+    end)
 end)
 
 describe("json numbers and depth", function()

@@ -252,6 +252,34 @@ describe("qx.model.event", function()
             assert.is_nil(env.aggregate_id)
         end)
 
+        it("is written as JSON by envelope_json, equal to what envelope gives", function()
+            local evs = {
+                Deposited{ amount = 10, tenant_id = "t1", aggregate_id = "a1", aggregate_type = "Account" },
+                Deposited{},
+                Registered{ name = "ann", tags = { "a", "b" }, address = { city = "Oslo", zip = core.null },
+                            ratio = 0.25, big = 9007199254740991, yes = true, no = false,
+                            text = "quote \" backslash \\ newline \n tab \t é",
+                            correlation_id = "c1", causation_id = "c2", actor_id = "u1" },
+            }
+            -- set after construction: never payload (reserved names and '_' keys are left out)
+            evs[2]._private = "hidden"
+            evs[2].amount = 3
+            for i, ev in ipairs(evs) do
+                local text = assert(event.envelope_json(ev))
+                assert.same(ev:envelope(), core.json_decode(text), "event " .. i)
+            end
+        end)
+
+        it("refuses in envelope_json what JSON cannot hold, without raising", function()
+            local cycle = {}
+            cycle.self = cycle
+            for _, v in ipairs { cycle, { [true] = 1 } } do
+                local text, e = event.envelope_json(Deposited{ v = v })
+                assert.is_nil(text)
+                assert.equal("invalid", e.code)
+            end
+        end)
+
         it("encodes to JSON with nulls for absent ids", function()
             local ok, cjson = pcall(require, "cjson")
             if not ok then return end

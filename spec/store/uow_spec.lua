@@ -453,6 +453,27 @@ describe("unit of work", function()
     end)
 
     describe("failure", function()
+        it("fails as invalid when an integration event cannot be JSON, and writes nothing", function()
+            local name = "unjson-" .. SFX
+            local cycle = {}
+            cycle.self = cycle
+            -- alone (the one-event insert) and after another event (the many-event one)
+            for _, case in ipairs { { cycle, false }, { { [true] = 1 }, false }, { cycle, true },
+                                    { { [true] = 1 }, true } } do
+                local res, e = db:unit_of_work(function(uow)
+                    assert(uow:queue("INSERT INTO " .. USERS .. " (id, name) VALUES ($1, $2)", qx.uuid(), name))
+                    if case[2] then uow:record(Welcomed{ name = name }) end
+                    uow:record(Registered{ name = name, bad = case[1] })
+                    return true
+                end)
+                assert.is_nil(res)
+                assert.equal("invalid", e.code)
+                assert.matches("uow_spec.user.registered cannot be sent as JSON", e.message, 1, true)
+            end
+            assert.equal(0, count_users(name))
+            assert.equal(0, outbox_count_named(name))
+        end)
+
         local function assert_rolled_back(name, ok, err, code)
             assert.is_nil(ok)
             assert.equal(code, err.code)
@@ -775,7 +796,7 @@ describe("unit of work", function()
             return out
         end
 
-        it("writes each tracked aggregate's events once, however often it is tracked, in the order of tracking", function()
+        it("writes each tracked aggregate's events once, in the order of tracking, however often tracked", function()
             local p = "trk-" .. SFX .. "-"
             assert(db:unit_of_work(function(uow)
                 local a, b, c = User.new{ name = "a" }, User.new{ name = "b" }, User.new{ name = "c" }

@@ -323,6 +323,7 @@ typedef struct row_shape {
     int nfields;
     char keys[MAX_ROW_FIELDS + 1][MAX_ROW_KEY]; /* "name": of each field, then of the item */
     size_t keylen[MAX_ROW_FIELDS + 1];
+    char names[MAX_ROW_FIELDS][MAX_ROW_KEY];    /* each field's name itself (json_object) */
     int nomit;
     char omit[MAX_ROW_OMIT][MAX_ROW_KEY];       /* item keys left out */
     size_t omitlen[MAX_ROW_OMIT];
@@ -461,6 +462,8 @@ static int l_json_shape(lua_State *L)
         lua_rawgeti(L, -1, k + 1);
         if (!shape_key(L, -1, sh->keys[k], &sh->keylen[k]))
             return luaL_error(L, "json_shape: fields must be a list of short names");
+        /* shape_key took it: a string shorter than MAX_ROW_KEY */
+        snprintf(sh->names[k], MAX_ROW_KEY, "%s", lua_tostring(L, -1));
         lua_pop(L, 1);
     }
     lua_pop(L, 1);
@@ -502,6 +505,32 @@ static int l_json_shape(lua_State *L)
     return 1;
 }
 
+/* What json_rows and json_object return: the text written (ok), else nil and the reason as an
+ * "invalid" error; the buffer freed either way. */
+static int push_text(lua_State *L, jbuf *b, int ok)
+{
+    if (ok)
+        lua_pushlstring(L, b->out.p, b->out.len);
+    else
+        lua_pushstring(L, b->error != NULL ? b->error : "cannot encode as JSON");
+    qx_buf_free(&b->out);
+    if (ok)
+        return 1;
+    return qx_push_error_msg(L, "invalid", lua_tostring(L, -1));
+}
+
+/* The shape at idx, when it is one made by json_shape (its metatable the upvalue), else NULL. */
+static const row_shape *check_shape(lua_State *L, int idx)
+{
+    const row_shape *sh = lua_touserdata(L, idx);
+    int same = 0;
+    if (sh != NULL && lua_getmetatable(L, idx)) {
+        same = lua_rawequal(L, -1, lua_upvalueindex(1));
+        lua_pop(L, 1);
+    }
+    return same ? sh : NULL;
+}
+
 /* core.json_rows(shape, v1, ..., vk, items, ...) or core.json_rows(shape, list) with the same
  * values in one array -> text | nil, err
  * The JSON array of one object per item of each group: the group's k fields of the shape (the
@@ -510,15 +539,11 @@ static int l_json_shape(lua_State *L)
  * for it in Lua. */
 static int l_json_rows(lua_State *L)
 {
-    int nargs, listed, first = 1, ok, g, group, k, same = 0;
-    const row_shape *sh = lua_touserdata(L, 1);
+    int nargs, listed, first = 1, ok, g, group, k;
+    const row_shape *sh = check_shape(L, 1);
     jbuf b;
 
-    if (sh != NULL && lua_getmetatable(L, 1)) {
-        same = lua_rawequal(L, -1, lua_upvalueindex(1));
-        lua_pop(L, 1);
-    }
-    if (!same)
+    if (sh == NULL)
         return luaL_argerror(L, 1, "a shape made by json_shape expected");
     listed = lua_gettop(L) == 2 && lua_type(L, 2) == LUA_TTABLE;
     nargs = listed ? (int)qx_rawlen(L, 2) : lua_gettop(L) - 1;
@@ -542,14 +567,40 @@ static int l_json_rows(lua_State *L)
         }
     }
     ok = ok && PUTS(&b, "]");
-    if (ok)
-        lua_pushlstring(L, b.out.p, b.out.len);
-    else
-        lua_pushstring(L, b.error != NULL ? b.error : "cannot encode as JSON");
-    qx_buf_free(&b.out);
-    if (ok)
-        return 1;
-    return qx_push_error_msg(L, "invalid", lua_tostring(L, -1));
+    return push_text(L, &b, ok);
+}
+
+/* core.json_object(shape, t) -> text | nil, err
+ * One object written from the table t itself: the shape's fields, each t's own value of that
+ * name (absent or qx.null: null), then the item: t's string keys less those the shape leaves
+ * out. An event's envelope is this (its metadata, then its payload fields), encoded without the
+ * envelope's and the payload's tables. */
+static int l_json_object(lua_State *L)
+{
+    const row_shape *sh = check_shape(L, 1);
+    int f, ok;
+    jbuf b;
+    if (sh == NULL)
+        return luaL_argerror(L, 1, "a shape made by json_shape expected");
+    luaL_checktype(L, 2, LUA_TTABLE);
+    lua_settop(L, 2);
+    /* the names go on the stack before the buffer is made: nothing after may raise and leave it */
+    luaL_checkstack(L, sh->nfields + 16, "json_object");
+    for (f = 0; f < sh->nfields; f++)
+        lua_pushstring(L, sh->names[f]);
+    jbuf_init(&b);
+    ok = PUTS(&b, "{");
+    for (f = 0; ok && f < sh->nfields; f++) {
+        lua_pushvalue(L, 3 + f);
+        lua_rawget(L, 2);
+        ok = (f == 0 || PUTS(&b, ",")) && put(&b, sh->keys[f], sh->keylen[f]) &&
+             encode(&b, L, lua_gettop(L), 1);
+        lua_pop(L, 1);
+    }
+    f = sh->nfields;
+    ok = ok && (f == 0 || PUTS(&b, ",")) && put(&b, sh->keys[f], sh->keylen[f]) &&
+         put_item(&b, L, 2, 1, sh) && PUTS(&b, "}");
+    return push_text(L, &b, ok);
 }
 
 /* core.json_encode(value) -> text | nil, err */
@@ -575,8 +626,11 @@ void qx_open_json(lua_State *L)
     lua_pushlightuserdata(L, (void *)&SHAPE_MT_KEY);
     lua_pushvalue(L, -2);
     lua_rawset(L, LUA_REGISTRYINDEX);
+    lua_pushvalue(L, -1);
     lua_pushcclosure(L, l_json_rows, 1);
-    lua_setfield(L, -2, "json_rows");
+    lua_setfield(L, -3, "json_rows");
+    lua_pushcclosure(L, l_json_object, 1);
+    lua_setfield(L, -2, "json_object");
     lua_pushcfunction(L, l_json_shape);
     lua_setfield(L, -2, "json_shape");
 }

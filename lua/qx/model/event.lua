@@ -181,6 +181,25 @@ function instance_methods.envelope(self)
 end
 
 
+-- the shape of an envelope written by the core: the metadata, then the payload (the string keys
+-- that are neither reserved nor '_'-prefixed)
+local omit = {}
+for k in pairs(RESERVED) do omit[#omit + 1] = k end
+sort(omit)
+local ENVELOPE = core.json_shape{ fields = METADATA, item = "payload", omit = omit,
+                                  omit_prefix = "_" }
+local json_object = core.json_object
+
+--- ev:envelope() as JSON text, written by the core from the event itself, without the
+-- envelope's and the payload's tables: what the outbox stores.
+---@param ev table the event
+---@return string|nil text
+---@return qx.Error? err invalid: a payload value JSON cannot hold (a cycle, a key not a string)
+function _M.envelope_json(ev)
+    return json_object(ENVELOPE, ev)
+end
+
+
 local function instance_tostring(self)
     return fmt("event %s v%s %s", tostring(rawget(self, "event_name")),
                tostring(rawget(self, "event_version")), tostring(rawget(self, "event_id")))

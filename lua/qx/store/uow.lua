@@ -336,6 +336,14 @@ local function outbox_values(n, traced)
     return sql
 end
 
+local envelope_json = event.envelope_json
+
+-- the error of an event whose envelope cannot be JSON (a cycle, a key JSON cannot hold)
+local function unsendable(ev, e)
+    return err.new("invalid", "event " .. tostring(ev.event_name) .. " cannot be sent as JSON: "
+                   .. tostring(e and e.message or e))
+end
+
 -- Queues the outbox insert of the integration events, their personal fields sealed, with the
 -- unit of work's trace context when it has one.
 local function queue_outbox(uow, tx, events, traceparent, tracestate)
@@ -351,33 +359,47 @@ local function queue_outbox(uow, tx, events, traceparent, tracestate)
         return tx:queue_id(OUTBOX_INSERT, outbox_rows(events, sealed))
     end
     local sql = outbox_values(n, traceparent ~= nil)
-    if n == 1 then
+    if n == 1 and not sealed then
+        -- the whole envelope is the payload: its JSON written from the event by the core
         local ev = events[1]
-        local env = sealed and sealed[1] or ev:envelope()
-        -- the whole envelope is the payload (JSON)
+        local text, je = envelope_json(ev)
+        if not text then return nil, unsendable(ev, je) end
         if traceparent then
-            return tx:queue_id(sql, env.event_id, env.event_name, env.event_version, env,
-                               env.occurred_at, env.correlation_id, env.causation_id,
-                               env.tenant_id, partition_key(ev) or null, traceparent,
-                               tracestate or null)
+            return tx:queue_id(sql, ev.event_id, ev.event_name, ev.event_version, text,
+                               ev.occurred_at, ev.correlation_id or null,
+                               ev.causation_id or null, ev.tenant_id or null,
+                               partition_key(ev) or null, traceparent, tracestate or null)
         end
-        return tx:queue_id(sql, env.event_id, env.event_name, env.event_version, env,
-                        env.occurred_at, env.correlation_id, env.causation_id, env.tenant_id,
-                        partition_key(ev) or null)
+        return tx:queue_id(sql, ev.event_id, ev.event_name, ev.event_version, text,
+                           ev.occurred_at, ev.correlation_id or null, ev.causation_id or null,
+                           ev.tenant_id or null, partition_key(ev) or null)
     end
     local p = {}
     for i = 1, n do
         local ev = events[i]
-        local env = sealed and sealed[i] or ev:envelope()
+        local env = sealed and sealed[i]
         local b = 9 * (i - 1)
-        p[b + 1] = env.event_id
-        p[b + 2] = env.event_name
-        p[b + 3] = env.event_version
-        p[b + 4] = env
-        p[b + 5] = env.occurred_at
-        p[b + 6] = env.correlation_id
-        p[b + 7] = env.causation_id
-        p[b + 8] = env.tenant_id
+        if env then
+            p[b + 1] = env.event_id
+            p[b + 2] = env.event_name
+            p[b + 3] = env.event_version
+            p[b + 4] = env
+            p[b + 5] = env.occurred_at
+            p[b + 6] = env.correlation_id
+            p[b + 7] = env.causation_id
+            p[b + 8] = env.tenant_id
+        else
+            local text, je = envelope_json(ev)
+            if not text then return nil, unsendable(ev, je) end
+            p[b + 1] = ev.event_id
+            p[b + 2] = ev.event_name
+            p[b + 3] = ev.event_version
+            p[b + 4] = text
+            p[b + 5] = ev.occurred_at
+            p[b + 6] = ev.correlation_id or null
+            p[b + 7] = ev.causation_id or null
+            p[b + 8] = ev.tenant_id or null
+        end
         p[b + 9] = partition_key(ev) or null
     end
     if traceparent then
