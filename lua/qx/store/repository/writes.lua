@@ -120,7 +120,7 @@ local function step(node, key)
 end
 
 -- INSERT INTO t (the id's column when given, the row's columns, the stamps) VALUES ($1, ...)
--- (row: to_row's, else false and the entity's own fields)
+-- (row: to_row's row, or nil: the entity's own fields are read in place)
 local function insert_sql(self, c, with_id, row, entity, actor, tenanted)
     local cols, vals = {}, {}
     local function put(name, v)
