@@ -341,7 +341,7 @@ local envelope_json = event.envelope_json
 -- the error of an event whose envelope cannot be JSON (a cycle, a key JSON cannot hold)
 local function unsendable(ev, e)
     return err.new("invalid", "event " .. tostring(ev.event_name) .. " cannot be sent as JSON: "
-                   .. tostring(e and e.message or e))
+                   .. e.message)
 end
 
 -- Queues the outbox insert of the integration events, their personal fields sealed, with the
