@@ -39,6 +39,7 @@ local function child(kind, units)
     local live = require "wire_sockets"
     local wire = require "qx.store.wire"
     local qx = require "qx"
+    local core = require "qx.core"
     local model = require "shop.model"
     local handlers = require "shop.handlers"
 
@@ -82,7 +83,7 @@ local function child(kind, units)
         .. "created_at) VALUES ($1, $2, $3, $4, $5, $6, now())"
     local OUTBOX = "INSERT INTO qx_outbox_events (id, event_name, event_version, payload, "
         .. "occurred_at, correlation_id, causation_id, tenant_id, partition_key) VALUES "
-        .. "($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING pg_current_xact_id()::text"
+        .. "($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING " .. core.TX_ID_COLUMNS
     local cmd = { customer = "c-1", sku = "SKU-1", quantity = 2 }
     local null = qx.null
 
@@ -90,7 +91,8 @@ local function child(kind, units)
         local id, eid = qx.uuid(), qx.uuid()
         local at_ = qx.now()
         tx:queue(ORDER, id, cmd.customer, cmd.sku, cmd.quantity, "placed", 1)
-        tx:queue(OUTBOX, eid, "shop.order.placed", 1, {
+        -- as the unit of work queues its outbox row: the transaction's id comes back with it
+        tx:queue_id(OUTBOX, eid, "shop.order.placed", 1, {
             event_id = eid, event_name = "shop.order.placed", event_version = 1,
             occurred_at = at_, correlation_id = qx.uuid(), causation_id = null,
             tenant_id = null, actor_id = null,
