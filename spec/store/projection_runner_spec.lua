@@ -76,9 +76,19 @@ describe("projection runner processes #slow", function()
     it("SIGTERM mid-batch: the batch in flight commits, exit 0, nothing lost or doubled", function()
         local ids = append(300, 50)
         local batch = 20
-        local child = R.spawn(SCRIPT, { QX_DB__URL = url, RUNNER_ID = "a", RUNNER_DELAY = 0.01,
-                                        RUNNER_BATCH = batch })
+        local app = "qx-pjrun-t-" .. core.uuid():sub(-12)
+        local child = R.spawn(SCRIPT, { QX_DB__URL = url .. "&application_name=" .. app, RUNNER_ID = "a",
+                                        RUNNER_DELAY = 0.01, RUNNER_BATCH = batch })
         assert(wait_until(function() return applied() >= batch end, 30), R.log(child))
+        -- the signal lands mid-batch: after one batch committed, while the runner's transaction is
+        -- applying events and began less than 100 ms ago (a batch sleeps at least 200 ms)
+        assert(wait_until(function()
+            return q1([[
+SELECT count(*) AS n FROM pg_stat_activity
+WHERE application_name = $1 AND xact_start IS NOT NULL
+  AND clock_timestamp() - xact_start < interval '100 milliseconds'
+  AND (query LIKE '%pg_sleep%' OR query LIKE 'INSERT INTO applied%')]], app).n > 0
+        end, 30), R.log(child))
         local before = applied()
         R.signal(child, "TERM")
         local code, log = R.finish(child, 20, wait_until)
