@@ -16,10 +16,11 @@
 #             spec/tsan.supp)
 # It says at its start how long it takes: about 9-11 minutes on two cores for the five runs, most
 # of it valgrind's. The servers are stopped whatever happens. Each run prints one summary line,
-# then the failing specs are named (busted's "file:line: test name", from each run's log) with
-# the logs' folder; the last line is "N passed, N failed" (every run added up; a run that fails without a failing spec — a
-# crash, a sanitizer or valgrind report, a timeout — counts as one failure, and so does a
-# failed step: deps, build, rockspec check, lint (luacheck lua spec bench), docs, server start).
+# then the failing specs are named (busted's "file:line: test name", from each run's log), with
+# the first lines of why each failed and the logs' folder; the last line is "N passed, N failed"
+# (every run added up; a run that fails without a failing spec — a crash, a sanitizer or
+# valgrind report, a timeout — counts as one failure, and so does a failed step: deps, build,
+# rockspec check, lint (luacheck lua spec bench), docs, server start).
 # The exit code is the first failure's.
 #
 # Environment (all optional):
@@ -59,6 +60,7 @@ total_failed=0
 first_rc=0
 lines=()
 failing=()
+failing_why=()
 servers_up=0
 
 note_failure() { # rc
@@ -99,6 +101,10 @@ finish() {
   if [ ${#failing[@]} -gt 0 ]; then
     echo "failing specs:"
     for l in "${failing[@]}"; do echo "  $l"; done
+  fi
+  if [ ${#failing_why[@]} -gt 0 ]; then
+    echo "why (each failure's first lines):"
+    for l in "${failing_why[@]}"; do echo "  $l"; done
   fi
   echo "logs: $TEST_DIR/logs (a run's output in RUN.log, each test's time in RUN.progress)"
   echo "$total_passed passed, $total_failed failed" | tee "$summary_file"
@@ -186,6 +192,15 @@ busted_run() {
       if ((getline n) <= 0) n = ""
       print w "\t" n
     }' "$log")
+  # and why: the first lines of each failure's message, as spec/qx_output.lua wrote them to the
+  # progress file (the summary is often all of a run's output that is kept)
+  if [ $failed -ne 0 ] && [ -f "$progress" ]; then
+    local why
+    while IFS= read -r why; do
+      failing_why+=("$why")
+    done < <(awk -v run="$name" '/^failed / { on = 1; n = 0; print run ": " substr($0, 1, 300); next }
+        /^  / { if (on && ++n <= 4) print "  " substr($0, 1, 300); next } { on = 0 }' "$progress")
+  fi
   total_passed=$((total_passed + s))
   total_failed=$((total_failed + failed))
   lines+=("$name: $s passed, $failed failed, $p pending, exit $rc, $((t1 - t0)) s$extra")
