@@ -18,6 +18,12 @@ local function drained(ctx, seconds)
     return H.wait_until(function() return H.pending(ctx) == 0 end, seconds)
 end
 
+-- How long a drain after a fault may take. nats-server before 2.11 can drop a message whose id
+-- a leader change had staged, and ack its retries as duplicates of nothing; the relay retries
+-- such a row until the stream stores it, at the latest when the duplicate window (2 minutes)
+-- has passed (docs/relay.md). A quiet drain takes seconds.
+local AFTER_FAULT = 150
+
 -- seconds until an event committed now is published (nil: not within `limit`)
 local function time_to_publish(ctx, limit)
     local t0 = clock()
@@ -39,13 +45,20 @@ local function consumer_of(ctx)
     local c = assert(qx.consumer{ nats = conn, stream = ctx.stream, durable = "cluster",
                                   db = ctx.db, registry = qx.registry(classes), ack_wait = 5 })
     local seen, last, count = {}, {}, 0
+    local broken = {} -- the first violations, for the message of a count that falls short
+    local function check(ok, why)
+        if not ok then
+            if #broken < 5 then broken[#broken + 1] = why end
+            error(why)
+        end
+    end
     local function handle(ev)
-        assert(not seen[ev.event_id], "event " .. ev.event_id .. " handled twice")
+        check(not seen[ev.event_id], "event " .. ev.event_id .. " handled twice")
         seen[ev.event_id] = true
         count = count + 1
         local key, n = ev.key, ev.n
         if key ~= "" and key ~= "probe" then
-            assert(n > (last[key] or 0), ("key %s: %d after %d"):format(key, n, last[key] or 0))
+            check(n > (last[key] or 0), ("key %s: %d after %d"):format(key, n, last[key] or 0))
             last[key] = n
         end
     end
@@ -57,6 +70,7 @@ local function consumer_of(ctx)
         until clock() > deadline
     end
     function self.count() return count end
+    function self.broken() return #broken == 0 and "none broken" or table.concat(broken, "; ") end
     function self.until_all(n, seconds)
         local deadline = clock() + seconds
         while count < n and clock() < deadline do
@@ -123,11 +137,11 @@ describe("a three-node JetStream cluster #cluster #slow #novalgrind", function()
         end
         leader:restart()
         for _, ev in ipairs(H.commit_many(ctx, 100, 13, 20)) do all[#all + 1] = ev end
-        assert(drained(ctx, 60), H.pending(ctx) .. " pending\n" .. H.log_of(ctx, relay))
+        assert(drained(ctx, AFTER_FAULT), H.pending(ctx) .. " pending\n" .. H.log_of(ctx, relay))
         H.kill(ctx, relay, "TERM")
         H.check_stream(ctx, all)
         check_nothing_counted(ctx)
-        assert.equal(#all, consumer.until_all(#all, 60))
+        assert.equal(#all, consumer.until_all(#all, 60), consumer.broken())
     end)
 
     it("the stream leader frozen for 10 s under load behaves like a slow network", function()
@@ -146,11 +160,11 @@ describe("a three-node JetStream cluster #cluster #slow #novalgrind", function()
         end
         leader:thaw()
         assert(servers.wait_until(function() return set:stream_leader(ctx.stream) end, 20))
-        assert(drained(ctx, 60), H.pending(ctx) .. " pending\n" .. H.log_of(ctx, relay))
+        assert(drained(ctx, AFTER_FAULT), H.pending(ctx) .. " pending\n" .. H.log_of(ctx, relay))
         H.kill(ctx, relay, "TERM")
         H.check_stream(ctx, all)
         check_nothing_counted(ctx)
-        assert.equal(#all, consumer.until_all(#all, 60))
+        assert.equal(#all, consumer.until_all(#all, 60), consumer.broken())
     end)
 
     it("the relay's own server frozen for 60 s: publishing resumes through another node within seconds, "
@@ -174,14 +188,14 @@ describe("a three-node JetStream cluster #cluster #slow #novalgrind", function()
             for _, ev in ipairs(H.commit_many(ctx, 50, 13, 10)) do all[#all + 1] = ev end
             H.sleep(1)
         end
-        assert(drained(ctx, 30), H.pending(ctx) .. " pending while n1 is frozen\n" .. H.log_of(ctx, relay))
+        assert(drained(ctx, AFTER_FAULT), H.pending(ctx) .. " pending while n1 is frozen\n" .. H.log_of(ctx, relay))
         n1:thaw()
         -- n1 rejoins (its replica catches up, leaderships may move): as after the frozen leader
         -- above, the stream has a leader again, then what was committed meanwhile goes out
         for _, ev in ipairs(H.commit_many(ctx, 50, 13, 10)) do all[#all + 1] = ev end
         assert(servers.wait_until(function() return set:stream_leader(ctx.stream) end, 20),
                "no stream leader within 20 s of the thaw")
-        assert(drained(ctx, 60), H.pending(ctx) .. " pending after the thaw\n" .. H.log_of(ctx, relay))
+        assert(drained(ctx, AFTER_FAULT), H.pending(ctx) .. " pending after the thaw\n" .. H.log_of(ctx, relay))
         local log = H.kill(ctx, relay, "TERM")
         H.check_stream(ctx, all)
         check_nothing_counted(ctx)
