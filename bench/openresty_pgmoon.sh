@@ -10,6 +10,10 @@
 #          cosocket, its pool limited to T connections (pool_size = T, a backlog behind it).
 #   read   GET /orders/{id}: qx's reader (get_order), both ways, against pgmoon's SELECT of the
 #          same row.
+#   floor  POST /floor/orders: the transport alone, in the worker: the unit of work's two
+#          INSERTs and its wake-up on a leased connection of qx.openresty.connect's pool,
+#          without the unit of work, the model or the repository (bench_floor below);
+#          "nowake" the same without the wake-up (listeners would learn of nothing).
 #   ceiling  pgbench sending the write's two INSERTs as one simple query, T connections.
 #   hop    GET /hop: qx.openresty.run_json to a handler that does nothing and has no database,
 #          the thread hand-off alone: the most any call through the thread pool can reach.
@@ -23,6 +27,9 @@
 #
 # pgmoon is not part of qx: it is loaded at run time from PGMOON_DIR (default
 # ../shared/anchors/pgmoon beside the checkout, the folder holding pgmoon.lua).
+# Each run also takes the CPU a request costs the nginx worker, the PostgreSQL server and wrk
+# (from /proc), and the summary says how many writes a second the machine's cores would allow
+# at that cost.
 # Environment: QX_BENCH_SECONDS (default 8) per run, QX_BENCH_ROUNDS (default 3),
 # QX_BENCH_THREADS (default "4 8 16"), QX_BENCH_CONNECTIONS (default 16).
 # A database of its own (synchronous_commit on: every commit waits for its WAL flush),
@@ -174,6 +181,59 @@ end
 return _M
 EOF
 
+# The transport's floor in the worker: the same two INSERTs as the unit of work sends (the
+# order row, the outbox row with its envelope and the transaction's id back), queued on a leased
+# connection of qx.openresty.connect's pool and committed with the outbox's wake-up, without
+# the unit of work, the model or the repository. It reaches into the pool (db.pool, conn:tx),
+# which is not public API: a probe of what the codec, the pool and the cosockets cost. With
+# $floor_wake "off" the commit wakes no one: what the wake-up costs.
+cat >"$work/lua/bench_floor.lua" <<'EOF'
+local openresty = require "qx.openresty"
+local qx = require "qx"
+local core = require "qx.core"
+local cjson = require "cjson.safe"
+local _M = {}
+local db
+local null = qx.null
+local CHANNEL = require("qx.store.uow").OUTBOX_CHANNEL
+local ORDER = "INSERT INTO shop_orders (id, customer, sku, quantity, status, version, "
+    .. "created_at) VALUES ($1, $2, $3, $4, $5, $6, now())"
+local OUTBOX = "INSERT INTO qx_outbox_events (id, event_name, event_version, payload, "
+    .. "occurred_at, correlation_id, causation_id, tenant_id, partition_key) VALUES "
+    .. "($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING " .. core.TX_ID_COLUMNS
+
+function _M.post_order()
+    local cmd, err = openresty.read_json()
+    if type(cmd) ~= "table" or type(cmd.customer) ~= "string" or type(cmd.sku) ~= "string"
+       or type(cmd.quantity) ~= "number" then
+        return openresty.respond(nil, err or { code = "invalid", message = "bad command" })
+    end
+    if not db then db = assert(openresty.connect()) end
+    local conn
+    conn, err = db.pool:acquire()
+    if not conn then return openresty.respond(nil, err) end
+    local tx = conn:tx(nil)
+    local id, eid, at, cid = qx.uuid(), qx.uuid(), qx.now(), qx.uuid()
+    tx:queue(ORDER, id, cmd.customer, cmd.sku, cmd.quantity, "placed", 1)
+    tx:queue_id(OUTBOX, eid, "shop.order.placed", 1, cjson.encode({
+        event_id = eid, event_name = "shop.order.placed", event_version = 1, occurred_at = at,
+        correlation_id = cid, payload = { order_id = id, customer = cmd.customer,
+        sku = cmd.sku, quantity = cmd.quantity } }), at, cid, null, null, "Order:" .. id)
+    local ok
+    if ngx.var.floor_wake == "off" then
+        ok, err = tx:commit()
+    else
+        ok, err = tx:commit(CHANNEL)
+    end
+    tx:close()
+    conn:release()
+    if not ok then return openresty.respond(nil, err) end
+    return openresty.respond({ id = id, version = 1 }, nil, 201)
+end
+
+return _M
+EOF
+
 # The thread hop alone: a handler with no database that hands its command back.
 cat >"$work/lua/bench_hop.lua" <<'EOF'
 return require("qx.openresty").handlers({ noop = function(_, command) return command end },
@@ -243,6 +303,11 @@ http {
             content_by_lua_block { require("shop.api").order(ngx.var[1]) }
         }
         location = /pgmoon/orders { content_by_lua_block { require("bench_pgmoon").post_order() } }
+        location = /floor/orders { content_by_lua_block { require("bench_floor").post_order() } }
+        location = /nowake/orders {
+            set \$floor_wake off;
+            content_by_lua_block { require("bench_floor").post_order() }
+        }
         location ~ "^/pgmoon/orders/([0-9a-fA-F-]{36})\$" {
             content_by_lua_block { require("bench_pgmoon").get_order(ngx.var[1]) }
         }
@@ -294,34 +359,73 @@ for t in $threads_list; do
   wrk -t1 -c"$conns" -d2s -s "$work/post.lua" "${url[$t]}/orders" >/dev/null
   wrk -t1 -c"$conns" -d2s -s "$work/post.lua" "${url[$t]}/worker/orders" >/dev/null
   wrk -t1 -c"$conns" -d2s -s "$work/post.lua" "${url[$t]}/pgmoon/orders" >/dev/null
+  wrk -t1 -c"$conns" -d2s -s "$work/post.lua" "${url[$t]}/floor/orders" >/dev/null
+  wrk -t1 -c"$conns" -d2s -s "$work/post.lua" "${url[$t]}/nowake/orders" >/dev/null
 done
 
-# wrk's summary as "req/s p99_ms non2xx"
+# CPU per request, from /proc: the nginx worker's (its threads included), the PostgreSQL
+# server's (the postmaster's own, its children's that ended and were reaped, and its live
+# children's: backends, WAL writer, ...) and wrk's. The server's folder comes from the server
+# itself (SHOW data_directory); when it cannot be read, its column is "-". Everything the
+# server does in a run counts: nothing else may use it then.
+clk_tck=$(getconf CLK_TCK)
+pg_dir=$("$pg_bin/psql" -X -A -t -d "$admin_url" -c "SHOW data_directory" 2>/dev/null || true)
+stat_of() { local p; for p in "$@"; do cat "/proc/$p/stat" 2>/dev/null || true; done; }
+ticks() { # utime + stime of the pids, in clock ticks
+  # shellcheck disable=SC2016
+  stat_of "$@" | awk '{ sub(/^.*\) /, ""); s += $12 + $13 } END { print s + 0 }'
+}
+pg_ticks() { # the server's, reaped children included ("" when its folder cannot be read)
+  local pm
+  pm=$(head -n 1 "$pg_dir/postmaster.pid" 2>/dev/null) || return 0
+  [ -n "$pm" ] || return 0
+  # shellcheck disable=SC2046
+  echo $(( $(stat_of "$pm" | awk '{ sub(/^.*\) /, ""); print $12 + $13 + $14 + $15 }') \
+           + $(ticks $(pgrep -P "$pm")) ))
+}
+
+# wrk's summary as "req/s p99_ms non2xx nginx_us pg_us wrk_us" (the CPU a request, from the
+# ticks before and after: $2 nginx, $3 server, $4 wrk)
 summarise() {
-  awk '
+  awk -v ng="$2" -v pg="$3" -v wk="$4" -v hz="$clk_tck" '
     function ms(v,  u) { u = v; sub(/^[0-9.]+/, "", u); v += 0
                          if (u == "us") v /= 1000; else if (u == "s") v *= 1000; return v }
+    function per(t) { return (t == "" || n == 0) ? "-" : sprintf("%.0f", t * 1e6 / hz / n) }
+    / requests in / { n = $1 }
     /Requests\/sec:/ { rps = $2 }
     /^ +99%/ { p99 = ms($2) }
     /Non-2xx or 3xx responses:/ { bad = $5 }
-    END { printf "%s %.2f %s\n", rps, p99, (bad == "" ? 0 : bad) }' "$1"
+    END { printf "%s %.2f %s %s %s %s\n", rps, p99, (bad == "" ? 0 : bad), per(ng), per(pg), per(wk) }' "$1"
 }
 load() { # kind side t -> line
-  local kind=$1 side=$2 t=$3 path
+  local kind=$1 side=$2 t=$3 path ng0 pg0 ng1 pg1 wk pg=
+  local workers
+  workers=$(pgrep -P "$(cat "$work/nginx-$t/logs/nginx.pid")" | tr '\n' ' ')
   case "$side" in
     qx) path=/orders ;;
     worker) path=/worker/orders ;;
+    floor) path=/floor/orders ;;
+    nowake) path=/nowake/orders ;;
     *) path=/pgmoon/orders ;;
   esac
-  if [ "$kind" = hop ]; then
-    wrk -t1 -c"$conns" -d"${seconds}s" --latency "${url[$t]}/hop" >"$work/out"
-  elif [ "$kind" = write ]; then
-    wrk -t1 -c"$conns" -d"${seconds}s" --latency -s "$work/post.lua" "${url[$t]}$path" >"$work/out"
-  else
-    QX_BENCH_PREFIX=$path/ wrk -t1 -c"$conns" -d"${seconds}s" --latency -s "$work/get.lua" \
-      "${url[$t]}" >"$work/out"
-  fi
-  summarise "$work/out"
+  # shellcheck disable=SC2086
+  { ng0=$(ticks $workers); pg0=$(pg_ticks); }
+  # wrk's CPU: what the subshell's waited-for children used (cutime + cstime)
+  wk=$(
+    if [ "$kind" = hop ]; then
+      wrk -t1 -c"$conns" -d"${seconds}s" --latency "${url[$t]}/hop" >"$work/out"
+    elif [ "$kind" = write ]; then
+      wrk -t1 -c"$conns" -d"${seconds}s" --latency -s "$work/post.lua" "${url[$t]}$path" >"$work/out"
+    else
+      QX_BENCH_PREFIX=$path/ wrk -t1 -c"$conns" -d"${seconds}s" --latency -s "$work/get.lua" \
+        "${url[$t]}" >"$work/out"
+    fi
+    awk '{ sub(/^.*\) /, ""); print $14 + $15 }' "/proc/$BASHPID/stat"
+  )
+  # shellcheck disable=SC2086
+  { ng1=$(ticks $workers); pg1=$(pg_ticks); }
+  [ -n "$pg0" ] && [ -n "$pg1" ] && pg=$((pg1 - pg0))
+  summarise "$work/out" "$((ng1 - ng0))" "$pg" "$wk"
 }
 ceiling() {
   PGOPTIONS= "$pg_bin/pgbench" -n -M simple -c "$1" -j 1 -T "$seconds" -f "$work/pgbench.sql" \
@@ -341,14 +445,15 @@ echo "  $(nproc) cores ($(sed -n 's/^model name[^:]*: //p' /proc/cpuinfo | head 
 for round in $(seq 1 "$rounds"); do
   for t in $threads_list; do
     case $((round % 3)) in
-      1) sides="worker qx pgmoon" ;;
-      2) sides="pgmoon worker qx" ;;
-      *) sides="qx pgmoon worker" ;;
+      1) sides="worker qx pgmoon" writers="worker floor qx pgmoon nowake" ;;
+      2) sides="pgmoon worker qx" writers="pgmoon nowake worker floor qx" ;;
+      *) sides="qx pgmoon worker" writers="floor qx nowake pgmoon worker" ;;
     esac
-    for kind in write read; do
-      for side in $sides; do
-        echo "$round $t $kind $side $(load "$kind" "$side" "$t")" >>"$work/results"
-      done
+    for side in $writers; do
+      echo "$round $t write $side $(load write "$side" "$t")" >>"$work/results"
+    done
+    for side in $sides; do
+      echo "$round $t read $side $(load read "$side" "$t")" >>"$work/results"
     done
     echo "$round $t ceiling pgbench $(ceiling "$t")" >>"$work/results"
     echo "$round $t hop qx $(load hop qx "$t")" >>"$work/results"
@@ -411,6 +516,36 @@ for t in $threads_list; do
     "$(col "$t" hop qx 5 | range)" "$(col "$t" hop qx 6 | median)" \
     "$(ratio_hop "$t" write | median)" "$(ratio_hop "$t" read | median)"
 done
+echo
+echo "the transport's floor: the worker's codec, pool and cosockets sending the unit of work's two"
+echo "INSERTs and its wake-up, without the unit of work (bench_floor above); nowake: the same"
+echo "without the wake-up"
+echo "| T | floor req/s | floor / pgmoon | nowake req/s | nowake / pgmoon | worker / floor |"
+echo "| --- | ---: | ---: | ---: | ---: | ---: |"
+for t in $threads_list; do
+  printf '| %s | %s (%s) | %s (%s) | %s (%s) | %s (%s) | %s |\n' "$t" \
+    "$(col "$t" write floor 5 | median)" "$(col "$t" write floor 5 | range)" \
+    "$(ratio "$t" write pgmoon 5 floor | median)" "$(ratio "$t" write pgmoon 5 floor | range)" \
+    "$(col "$t" write nowake 5 | median)" "$(col "$t" write nowake 5 | range)" \
+    "$(ratio "$t" write pgmoon 5 nowake | median)" "$(ratio "$t" write pgmoon 5 nowake | range)" \
+    "$(ratio "$t" write floor 5 worker | median)"
+done
+echo
+echo "CPU a write, us (medians): the nginx worker / PostgreSQL's processes / wrk, and the writes a"
+echo "second that $(nproc) cores allow at that cost (cores / the sum)"
+echo "| T | worker | floor | nowake | threads | pgmoon | allowed: worker / floor / nowake / threads / pgmoon |"
+echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+for t in $threads_list; do
+  row="| $t |" allowed=
+  for side in worker floor nowake qx pgmoon; do
+    ng=$(col "$t" write "$side" 8 | median) pg=$(col "$t" write "$side" 9 | median)
+    wk=$(col "$t" write "$side" 10 | median)
+    row="$row $ng / $pg / $wk |"
+    allowed="$allowed${allowed:+ / }$(awk -v a="$ng" -v b="$pg" -v c="$wk" -v n="$(nproc)" \
+      'BEGIN { s = a + b + c; if (a == "-" || b == "-" || c == "-" || s <= 0) print "-"; else printf "%.0f", n * 1e6 / s }')"
+  done
+  echo "$row $allowed |"
+done
 bad=$(awk '{ n += $7 } END { print n + 0 }' "$work/results")
 echo
 echo "non-2xx responses over all runs: $bad"
@@ -424,5 +559,5 @@ echo "PostgreSQL connections to the bench database at the end, by client (all ng
   "SELECT application_name, count(*) FROM pg_stat_activity WHERE datname = '$dbname' GROUP BY 1 ORDER BY 1" | tr '\n' ' ')"
 echo "load $(cut -d' ' -f1-3 /proc/loadavg) at end"
 echo
-echo "every run (round T kind side req/s p99_ms non2xx):"
+echo "every run (round T kind side req/s p99_ms non2xx, then the CPU a request in us: nginx pg wrk):"
 cat "$work/results"
