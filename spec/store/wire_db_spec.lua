@@ -310,88 +310,139 @@ describe("wake-ups over the wire codec", function()
         db:close()
     end)
 
-    it("coalesces wake-ups when the pool defers them: one sent after every commit that asked",
-       function()
+    -- A db whose pool coalesces wake-ups, as in nginx: what it defers waits in `deferred` until
+    -- the test runs it (run); sockets_opts as for wire_sockets.sockets.
+    local function deferring(sockets_opts)
         local deferred = {}
-        local sockets = wire_sockets.sockets()
+        local sockets = wire_sockets.sockets(sockets_opts)
         sockets.defer = function(fn, ...)
             deferred[#deferred + 1] = { fn, ... }
             return true
         end
         local db = assert(wire.db(assert(settings.db{ url = URL, pool_size = 2 }), sockets))
-        for _ = 1, 3 do commit_waking(db) end
-        -- nothing sent yet: the first commit asked for a wake-up, the others for one more
-        assert.equals(0, notifications(0))
-        assert.equals(1, #deferred)
-        local d = table.remove(deferred, 1)
-        d[1](d[2], d[3], d[4])
-        -- one wake-up, sent after all three commits
-        assert.equals(1, notifications(1))
-        assert.equals(0, #deferred)
-        -- a later commit asks for a new one
+        return db, deferred, sockets
+    end
+    local function run(d) d[1](d[2], d[3], d[4]) end
+
+    -- the least time between two wake-ups of a channel, set by a test
+    local wire_pool = require "qx.store.wire.pool"
+    local GAP = wire_pool.WAKE_GAP_SECONDS
+    after_each(function() wire_pool.WAKE_GAP_SECONDS = GAP end)
+
+    it("carries the wake-up in the commit's own pipeline when the channel's last one went a gap ago",
+       function()
+        local db, deferred = deferring()
         commit_waking(db)
-        assert.equals(1, #deferred)
-        d = table.remove(deferred, 1)
-        d[1](d[2], d[3], d[4])
+        assert.equals(0, #deferred)
         assert.equals(1, notifications(1))
         db:close()
     end)
 
-    it("pauses between back-to-back wake-ups of a channel when the sockets can sleep", function()
-        local deferred, slept, made = {}, {}, {}
-        local sockets = wire_sockets.sockets{ made = made }
-        sockets.defer = function(fn, ...)
-            deferred[#deferred + 1] = { fn, ... }
-            return true
-        end
-        sockets.sleep = function(seconds) slept[#slept + 1] = seconds end
-        local db = assert(wire.db(assert(settings.db{ url = URL, pool_size = 2 }), sockets))
+    it("leaves the wake-ups of commits within the gap to one deferred wake-up, sent after them all",
+       function()
+        wire_pool.WAKE_GAP_SECONDS = 3600
+        local db, deferred = deferring()
+        commit_waking(db) -- carries its own
+        assert.equals(1, notifications(1))
+        for _ = 1, 3 do commit_waking(db) end
+        -- nothing sent yet: the three are owed one wake-up
+        assert.equals(0, notifications(0))
+        assert.equals(1, #deferred)
+        run(table.remove(deferred, 1)) -- (these sockets cannot sleep: it goes at once)
+        assert.equals(1, notifications(1))
+        assert.equals(0, #deferred)
+        -- a later commit within the gap is owed a new one
         commit_waking(db)
         assert.equals(1, #deferred)
-        -- a commit that comes while the wake-up is on its way asks for one more
+        run(table.remove(deferred, 1))
+        assert.equals(1, notifications(1))
+        db:close()
+    end)
+
+    it("lets a commit after the gap carry what was owed: the deferred wake-up then sends nothing",
+       function()
+        wire_pool.WAKE_GAP_SECONDS = 3600
+        local db, deferred = deferring()
+        commit_waking(db) -- carries
+        commit_waking(db) -- owed
+        assert.equals(1, #deferred)
+        wire_pool.WAKE_GAP_SECONDS = 0
+        commit_waking(db) -- carries, after the one owed
+        assert.equals(2, notifications(2))
+        run(table.remove(deferred, 1))
+        assert.equals(0, notifications(0))
+        assert.equals(0, #deferred)
+        db:close()
+    end)
+
+    it("leaves what a failed commit was to carry to the deferred wake-up", function()
+        wire_pool.WAKE_GAP_SECONDS = 3600
+        local db, deferred = deferring()
+        commit_waking(db) -- carries
+        commit_waking(db) -- owed
+        assert.equals(1, notifications(1))
+        wire_pool.WAKE_GAP_SECONDS = 0
+        -- this commit would carry the wake-up owed, but it fails
+        local ok, e = db:unit_of_work(function(uow)
+            internal.notify_after(uow, channel)
+            uow:queue("SELECT 1 / 0")
+        end)
+        assert.is_nil(ok)
+        assert.matches("division by zero", tostring(e), 1, true)
+        assert.equals(0, notifications(0))
+        assert.equals(1, #deferred)
+        run(table.remove(deferred, 1))
+        assert.equals(1, notifications(1))
+        db:close()
+    end)
+
+    it("waits out the gap before a deferred wake-up, and goes again for commits meanwhile",
+       function()
+        local made, slept = {}, {}
+        local db, deferred, sockets = deferring{ made = made }
+        sockets.sleep = function(seconds) slept[#slept + 1] = seconds end
+        wire_pool.WAKE_GAP_SECONDS = 3600
+        commit_waking(db) -- carries
+        commit_waking(db) -- owed
+        assert.equals(1, notifications(1))
+        assert.equals(1, #deferred)
+        -- a commit that comes while the deferred wake-up is on its way is owed another (the
+        -- wake-up's statement is prepared by now: its bytes name the channel, not pg_notify)
         local during = 0
         for _, sock in ipairs(made) do
             local send = sock.send
-            sock.send = function(s, data)
-                if during == 0 and data:find("pg_notify", 1, true) then
+            sock.send = function(sk, data)
+                if during == 0 and data:find(channel, 1, true) then
                     during = 1
                     db.pool:_wake{ channel }
                 end
-                return send(s, data)
+                return send(sk, data)
             end
         end
-        local d = table.remove(deferred, 1)
-        d[1](d[2], d[3], d[4])
+        run(table.remove(deferred, 1))
         assert.equals(1, during)
-        -- two wake-ups, the gap between them, and none deferred anew: the one in flight sent both
-        assert.same({ require("qx.store.wire.pool").WAKE_GAP_SECONDS }, slept)
+        -- two wake-ups, each after the rest of the gap since the one before, none deferred anew
+        assert.equals(2, #slept)
+        assert.is_true(slept[1] > 3500 and slept[2] > 3500, table.concat(slept, ", "))
         assert.equals(0, #deferred)
         assert.equals(2, notifications(2))
-        -- a lone commit's wake-up goes without a pause
-        commit_waking(db)
-        d = table.remove(deferred, 1)
-        d[1](d[2], d[3], d[4])
-        assert.equals(1, #slept)
-        assert.equals(1, notifications(1))
         db:close()
     end)
 
-    it("reports a wake-up that cannot be deferred and wakes again on the next commit", function()
+    it("reports a wake-up that cannot be deferred and wakes again with a later commit", function()
         local logged = {}
         local sockets = wire_sockets.sockets()
-        local refuse = true
-        sockets.defer = function(fn, ...)
-            if refuse then return nil, "too many pending timers" end
-            fn(...)
-            return true
-        end
+        sockets.defer = function() return nil, "too many pending timers" end
         sockets.log = function(message) logged[#logged + 1] = message end
         local db = assert(wire.db(assert(settings.db{ url = URL, pool_size = 2 }), sockets))
-        commit_waking(db)
+        wire_pool.WAKE_GAP_SECONDS = 3600
+        commit_waking(db) -- carries
+        assert.equals(1, notifications(1))
+        commit_waking(db) -- owed, and the deferral refused
         assert.equals(1, #logged)
         assert.matches("too many pending timers", logged[1], 1, true)
-        refuse = false
-        commit_waking(db)
+        wire_pool.WAKE_GAP_SECONDS = 0
+        commit_waking(db) -- carries
         assert.equals(1, notifications(1))
         db:close()
     end)

@@ -10,6 +10,7 @@ local err = require "qx.error"
 
 local setmetatable = setmetatable
 local select = select
+local unpack = table.unpack or unpack
 local type = type
 local pairs = pairs
 local tostring = tostring
@@ -200,16 +201,25 @@ for _, name in pairs { "query", "rows", "rows_upto", "exec", "flush", "rollback_
     end
 end
 
---- tx:commit(channel, ...): when the pool coalesces wake-ups (nginx), the commit goes without
--- them (with nothing sent before, as one implicit transaction) and the pool wakes the channels'
--- listeners once it has committed; otherwise they go in its pipeline, as over libpq.
+--- tx:commit(channel, ...): the channels' wake-ups go in the commit's pipeline, as over libpq;
+-- when the pool coalesces them (nginx), only those of channels whose last wake-up went
+-- WAKE_GAP_SECONDS ago or more do (Pool:_carry), and the pool wakes the others' listeners
+-- after the commit (a commit that carries none goes with nothing sent before, as one implicit
+-- transaction).
 function Tx:commit(...)
     local tx = self.tx
     local n = select("#", ...)
     local pool = self.conn.pool
     if n == 0 or not pool:_coalesces() then return finish(self, tx:commit(...)) end
-    local ok, e = finish(self, tx:commit())
-    if ok then pool:_wake({ ... }) end
+    local carry, rest = pool:_carry({ ... })
+    local ok, e
+    if carry then
+        ok, e = finish(self, tx:commit(unpack(carry)))
+        pool:_carried(carry, ok and e == nil)
+    else
+        ok, e = finish(self, tx:commit())
+    end
+    if ok and rest then pool:_wake(rest) end
     return ok, e
 end
 

@@ -10,10 +10,10 @@
 --       without them, an acquire beyond the size fails at once
 --   sockets.defer(fn, ...) -> true | nil, err   (optional) runs fn(...) soon, in a
 --       context of its own that may use sockets (nginx: a zero-delay timer); with it, the
---       wake-up of listeners after a commit is sent by the pool, coalesced (Pool:_wake),
---       instead of in each commit's pipeline
+--       wake-ups of listeners after commits are coalesced (Pool:_carry, Pool:_wake) instead
+--       of going in each commit's pipeline
 --   sockets.sleep(seconds)   (optional) waits without blocking others (nginx: ngx.sleep); with
---       it, back-to-back wake-ups of a channel are WAKE_GAP_SECONDS apart
+--       it, a deferred wake-up of a channel waits until WAKE_GAP_SECONDS after the last one
 --   sockets.log(message)   (optional) where a failed wake-up is reported (else stderr)
 --   sockets.forget(name)   (optional) the connection of that name is gone
 local core = require "qx.core"
@@ -22,6 +22,8 @@ local wire_conn = require "qx.store.wire.conn"
 
 local setmetatable = setmetatable
 local getmetatable = getmetatable
+local clock = core.clock
+local huge = math.huge
 local newproxy = newproxy
 local tostring = tostring
 local stderr = io.stderr
@@ -29,9 +31,9 @@ local fmt = string.format
 
 local _M = {}
 
--- Under load, the pause between one wake-up of a channel and the next for the commits that
--- came meanwhile: each is a transaction on the server, and without a pause they go back to
--- back (one per round trip). A listener learns of a commit at most this much later.
+-- Under load, the least time between two wake-ups of a channel: each is a transaction on the
+-- server, and without a pause they would go one per commit. A listener learns of a commit at
+-- most this much later (and a round trip). Read at each use.
 _M.WAKE_GAP_SECONDS = 0.002
 
 local Pool = {}
@@ -203,13 +205,32 @@ local function wake_failed(self, channel, e)
     if log then log(msg) else stderr:write(msg, "\n") end
 end
 
--- Sends the channel's wake-up, and again while commits came during the one in flight (after a
--- pause, when the sockets can sleep: the commits of the pause share the next one).
+-- A channel's wake-ups: { last, owed, timer }. last: when the last one was sent (clock);
+-- owed: a commit has committed that no wake-up sent after it covers yet; timer: a deferred
+-- wake-up (send_wake) is pending, and will cover what is owed. Every commit that asks is
+-- followed by a wake-up the server runs after it: its own pipeline's (Pool:_carry), a later
+-- commit's, or the deferred one's; at most one per WAKE_GAP_SECONDS is sent.
+local function channel_state(self, channel)
+    local st = self.wakes[channel]
+    if not st then
+        st = { last = -huge, owed = false, timer = false }
+        self.wakes[channel] = st
+    end
+    return st
+end
+
+-- The deferred wake-up of a channel: once WAKE_GAP_SECONDS have passed since the last one
+-- (when the sockets can sleep), sent on a connection of its own, as long as something is owed
+-- (commits that come while it is on its way are owed again: it goes once more after them).
 local function send_wake(self, channel, st)
     local sleep = self.sockets.sleep
-    repeat
-        st.again = false
-        if self.closed then break end
+    while st.owed and not self.closed do
+        local wait = st.last + _M.WAKE_GAP_SECONDS - clock()
+        if wait > 0 and sleep then sleep(wait) end
+        -- a commit that carried a wake-up meanwhile has covered it
+        if not st.owed or self.closed then break end
+        st.owed = false
+        st.last = clock()
         local conn, e = self:acquire()
         if conn then
             local rows
@@ -221,9 +242,19 @@ local function send_wake(self, channel, st)
             wake_failed(self, channel, e)
             break
         end
-        if st.again and sleep then sleep(_M.WAKE_GAP_SECONDS) end
-    until not st.again
-    st.busy = false
+    end
+    st.timer = false
+end
+
+-- Makes sure a deferred wake-up will cover what a channel owes.
+local function defer_wake(self, channel, st)
+    if st.timer then return end
+    st.timer = true
+    local ok, e = self.sockets.defer(send_wake, self, channel, st)
+    if not ok then
+        st.timer = false
+        wake_failed(self, channel, e)
+    end
 end
 
 --- Whether commits leave their wake-up to the pool (sockets.defer given).
@@ -231,30 +262,48 @@ function Pool:_coalesces()
     return self.sockets.defer ~= nil
 end
 
--- The listeners of channels are woken once the commit that calls this has committed: by a
--- wake-up sent from now on. One wake-up per channel is in flight at a time; commits that
--- come meanwhile ask for one more after it (WAKE_GAP_SECONDS after it, with sockets.sleep), so
--- under load many commits share one pg_notify (a transaction of its own on the server)
--- instead of sending one each.
-function Pool:_wake(channels)
-    local wakes = self.wakes
+-- The channels whose wake-up the commit about to be sent should carry in its own pipeline
+-- (after its COMMIT, in a transaction of its own), or nil: those whose last wake-up went
+-- WAKE_GAP_SECONDS ago or more. What they owed is covered by it from now on. The caller
+-- reports the outcome with Pool:_carried, and the others with Pool:_wake once committed.
+function Pool:_carry(channels)
+    local now, gap = clock(), _M.WAKE_GAP_SECONDS
+    local carry, rest
     for i = 1, #channels do
         local channel = channels[i]
-        local st = wakes[channel]
-        if not st then
-            st = { busy = false, again = false }
-            wakes[channel] = st
-        end
-        if st.busy then
-            st.again = true
+        local st = channel_state(self, channel)
+        if now - st.last >= gap then
+            st.last = now
+            st.owed = false
+            carry = carry or {}
+            carry[#carry + 1] = channel
         else
-            st.busy = true
-            local ok, e = self.sockets.defer(send_wake, self, channel, st)
-            if not ok then
-                st.busy = false
-                wake_failed(self, channel, e)
-            end
+            rest = rest or {}
+            rest[#rest + 1] = channel
         end
+    end
+    return carry, rest
+end
+
+-- After a commit that carried the wake-ups of channels: when the wake-up did not run (the
+-- commit failed, or it did and the wake-up failed), what the channels owed before is owed
+-- again, to a deferred wake-up.
+function Pool:_carried(channels, woken)
+    if woken then return end
+    for i = 1, #channels do
+        local st = channel_state(self, channels[i])
+        st.owed = true
+        defer_wake(self, channels[i], st)
+    end
+end
+
+-- The listeners of channels are woken once the commit that calls this has committed: by a
+-- wake-up sent from now on, a later commit's carried one or a deferred one.
+function Pool:_wake(channels)
+    for i = 1, #channels do
+        local st = channel_state(self, channels[i])
+        st.owed = true
+        defer_wake(self, channels[i], st)
     end
 end
 
