@@ -289,12 +289,7 @@ end
 -- commit failed, or it did and the wake-up failed), what the channels owed before is owed
 -- again, to a deferred wake-up.
 function Pool:_carried(channels, woken)
-    if woken then return end
-    for i = 1, #channels do
-        local st = channel_state(self, channels[i])
-        st.owed = true
-        defer_wake(self, channels[i], st)
-    end
+    if not woken then self:_wake(channels) end
 end
 
 -- The listeners of channels are woken once the commit that calls this has committed: by a
